@@ -1,0 +1,202 @@
+"""The model bundle: a directory with `manifest.json` and `weights.safetensors`. No pickle.
+
+Weights are stored per scale as `<p>.teacher.<param>` (one network) and `<p>.students.<param>`
+(the M students fused along the output-channel axis, see patchnet.merge). All statistics, the
+threshold, training settings, data fingerprint and evaluation results live in the manifest.
+
+Writes are atomic: a bundle is assembled in a hidden sibling directory and renamed into place, and a
+manifest update goes through a temporary file and os.replace, so a crash or Ctrl-C never leaves a
+half-written bundle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import AnomalyModel
+from .patchnet import PatchNet
+
+FORMAT = "ustudents-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message names the file and what to do."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def expected_shapes(scales: list[int], students: int) -> dict[str, list[int]]:
+    """Every tensor name a bundle of this shape must hold, with its shape."""
+    shapes = {}
+    for p in scales:
+        for role, n in (("teacher", 1), ("students", students)):
+            for name, t in PatchNet(p, n).state_dict().items():
+                shapes[f"{p}.{role}.{name}"] = list(t.shape)
+    return shapes
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def scales(self) -> list[int]:
+        return list(self.manifest["scales"])
+
+    @property
+    def students(self) -> int:
+        return int(self.manifest["students"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["image_size"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest["threshold"]["value"])
+
+    def network_state(self, p: int, role: str) -> dict[str, torch.Tensor]:
+        prefix = f"{p}.{role}."
+        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def model(self) -> AnomalyModel:
+        """The fused inference module with statistics loaded, in eval mode."""
+        model = AnomalyModel(self.scales, self.students)
+        for ens in model.ensembles:
+            teacher, students = self.network_state(ens.p, "teacher"), self.network_state(ens.p, "students")
+            ens.net.load_state_dict({k: torch.cat([teacher[k], students[k]]) for k in teacher})
+            st = self.manifest["statistics"][str(ens.p)]
+            ens.desc_mean.copy_(torch.tensor(st["desc_mean"]))
+            ens.desc_std.copy_(torch.tensor(st["desc_std"]))
+            ens.score_stats.copy_(torch.tensor([st["e_mu"], st["e_sigma"], st["v_mu"], st["v_sigma"]]))
+        return model.eval()
+
+
+def write_bundle(out: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write a complete bundle to `out` atomically, replacing an existing bundle there."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes 0700; a bundle is read by other users (e.g. a worker container)
+        weights = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
+        save_file(weights, str(tmp / WEIGHTS))
+        manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
+        manifest["weights"] = {
+            "file": WEIGHTS,
+            "sha256": sha256_file(tmp / WEIGHTS),
+            "tensors": {k: list(v.shape) for k, v in sorted(weights.items())},
+        }
+        _write_json(tmp / MANIFEST, manifest)
+        for f in (WEIGHTS, MANIFEST):
+            (tmp / f).chmod(0o644)
+        _fsync_dir(tmp)
+        if out.exists():
+            # Swap: the old bundle is moved aside first, so `out` is at every instant either the
+            # old complete bundle, absent for one rename, or the new complete bundle.
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def update_manifest(path: Path, **fields: Any) -> dict[str, Any]:
+    """Replace top-level manifest fields of an existing (verified) bundle atomically."""
+    bundle = load_bundle(path)
+    manifest = dict(bundle.manifest, **fields)
+    tmp = Path(path) / f".{MANIFEST}.partial"
+    _write_json(tmp, manifest)
+    tmp.chmod(0o644)
+    os.replace(tmp, Path(path) / MANIFEST)
+    return manifest
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Load and verify a bundle: format version, checksum, tensor names and shapes."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"{path}: not a model bundle directory; pass the --out directory of `ustudents-train`")
+    if not mpath.is_file():
+        raise BundleError(f"{mpath}: missing; {path} is not a model bundle (retrain with `ustudents-train`)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{mpath}: damaged ({err}); restore the bundle from a copy or retrain") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{mpath}: not a ustudents bundle manifest; retrain with `ustudents-train`")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{mpath}: bundle format version {version}, but this ustudents reads version {FORMAT_VERSION}; "
+            "retrain the model with this version or use the ustudents release that wrote it")
+    try:
+        wmeta = manifest["weights"]
+        wpath = path / wmeta["file"]
+        scales, students = [int(p) for p in manifest["scales"]], int(manifest["students"])
+        stats = manifest["statistics"]
+        for p in scales:
+            for key in ("desc_mean", "desc_std", "e_mu", "e_sigma", "v_mu", "v_sigma"):
+                stats[str(p)][key]
+        manifest["threshold"]["value"]
+        int(manifest["image_size"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"{mpath}: incomplete manifest (missing {err}); retrain or restore the bundle") from None
+    if not wpath.is_file():
+        raise BundleError(f"{wpath}: weights file missing; restore the bundle from a copy or retrain")
+    if sha256_file(wpath) != wmeta["sha256"]:
+        raise BundleError(f"{wpath}: checksum mismatch, the weights are damaged; restore the bundle or retrain")
+    try:
+        tensors = load_file(str(wpath))
+    except Exception as err:  # safetensors raises its own error types for malformed files
+        raise BundleError(f"{wpath}: unreadable safetensors file ({err}); restore the bundle or retrain") from None
+    want = expected_shapes(scales, students)
+    got = {k: list(v.shape) for k, v in tensors.items()}
+    if got != want:
+        bad = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
+        raise BundleError(f"{wpath}: tensors do not match scales {scales} with {students} students "
+                          f"(first mismatch: {bad[0]}); the bundle is damaged or from another build")
+    return Bundle(path=path, manifest=manifest, tensors=tensors)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

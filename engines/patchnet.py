@@ -1,0 +1,142 @@
+"""Patch networks of Uninformed Students (Bergmann et al. 2020, Table 4-6) and their dense form.
+
+A `PatchNet` holds `n` networks of one architecture fused into one module: the first convolution
+reads the shared image and writes n*C channels; every later layer is a grouped convolution with
+groups=n. n=1 is a single teacher, n=M the students of a scale, n=M+1 teacher and students in one
+pass. The parameters of the fused module are the per-network parameters concatenated along the
+output-channel axis, so `split`/`merge` convert between the two without touching numbers.
+
+Two forwards share the weights:
+- `forward(patches)`: the patch network on p x p inputs, max pooling with stride 2; one descriptor
+  per patch (the form used to distil the teacher).
+- `dense(image)`: Fast Dense Feature Extraction. Every stride-2 max pool becomes a stride-1 2x2 max
+  whose taps are spaced by the stride accumulated so far, and every later convolution is dilated by
+  that stride ("a trous"). The output at pixel (r, c) is then exactly the patch network applied to
+  the p x p patch of the padded image whose top-left corner is (r, c).
+  Why this form: it is built only from plain convolutions (dilated), slices and an elementwise max,
+  which ONNX export and TensorRT handle natively. A dilated max pool is written as two elementwise
+  maxima of shifted slices because TensorRT's pooling layer has no dilation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+DESCRIPTOR_DIM = 128  # d in the paper
+LEAKY_SLOPE = 5e-3  # LeakyReLU slope from the paper
+
+# (kind, kernel, out_channels); "pool" is a 2x2 max pool with stride 2. No activation after the
+# last layer (the descriptor is linear).
+ARCHITECTURES: dict[int, list[tuple[str, int, int]]] = {
+    65: [("conv", 5, 128), ("pool", 2, 0), ("conv", 5, 128), ("pool", 2, 0), ("conv", 5, 128),
+         ("pool", 2, 0), ("conv", 4, 256), ("conv", 1, 128)],
+    33: [("conv", 5, 128), ("pool", 2, 0), ("conv", 5, 256), ("pool", 2, 0), ("conv", 2, 256),
+         ("conv", 4, 128)],
+    17: [("conv", 6, 128), ("conv", 5, 256), ("conv", 5, 256), ("conv", 4, 128)],
+}
+SCALES = tuple(sorted(ARCHITECTURES))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the dense output of a scale sits relative to the image.
+
+    `rf` is the extent of input that one output really depends on. It is smaller than p for p=65
+    (60) and p=33 (32): the paper's stride-2 pools floor odd sizes and drop the last row. Padding the
+    image by `pad_before` above/left and `pad_after` below/right makes the dense output exactly the
+    image's size, with pixel (r, c) described by the p x p patch centred on it.
+    """
+
+    p: int
+    rf: int
+
+    @property
+    def pad_before(self) -> int:
+        return self.p // 2
+
+    @property
+    def pad_after(self) -> int:
+        return self.rf - 1 - self.p // 2
+
+
+def geometry(p: int) -> Geometry:
+    if p not in ARCHITECTURES:
+        raise ValueError(f"no patch network for p={p}; choose one of {SCALES}")
+    # Walk back from one output pixel: a conv of kernel k needs k-1 more inputs, a stride-2 pool
+    # doubles what it needs.
+    need = 1
+    for kind, k, _ in reversed(ARCHITECTURES[p]):
+        need = need + k - 1 if kind == "conv" else need * 2
+    return Geometry(p=p, rf=need)
+
+
+class PatchNet(nn.Module):
+    """`n` patch networks with receptive field `p`, fused by grouped convolutions."""
+
+    def __init__(self, p: int, n: int = 1, in_channels: int = 3):
+        super().__init__()
+        self.p, self.n, self.in_channels = p, n, in_channels
+        self.geometry = geometry(p)
+        convs = []
+        c_in, first = in_channels, True
+        for kind, k, c_out in ARCHITECTURES[p]:
+            if kind == "conv":
+                # The first layer reads the shared image (no groups); later layers stay in their group.
+                convs.append(nn.Conv2d(c_in if first else c_in * n, c_out * n, k, groups=1 if first else n))
+                c_in, first = c_out, False
+        self.convs = nn.ModuleList(convs)
+
+    def _run(self, x: torch.Tensor, dense: bool) -> torch.Tensor:
+        step, i = 1, 0  # step: the stride accumulated by the pools so far
+        layers = ARCHITECTURES[self.p]
+        for j, (kind, _, _) in enumerate(layers):
+            if kind == "pool":
+                if dense:
+                    # 2x2 max with taps `step` apart, stride 1: a dilated max pool, as two maxima.
+                    x = torch.maximum(x[:, :, :-step], x[:, :, step:])
+                    x = torch.maximum(x[:, :, :, :-step], x[:, :, :, step:])
+                else:
+                    x = F.max_pool2d(x, 2)
+                step *= 2
+                continue
+            conv = self.convs[i]
+            i += 1
+            if dense and step > 1:
+                x = F.conv2d(x, conv.weight, conv.bias, dilation=step, groups=conv.groups)
+            else:
+                x = conv(x)
+            if j < len(layers) - 1:
+                x = F.leaky_relu(x, LEAKY_SLOPE)
+        return x
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, C, p, p) patches -> (B, n, 128) descriptors."""
+        y = self._run(patches, dense=False)
+        return y.reshape(y.shape[0], self.n, DESCRIPTOR_DIM)
+
+    def dense(self, padded: torch.Tensor) -> torch.Tensor:
+        """(B, C, H + rf - 1, W + rf - 1) padded image -> (B, n, 128, H, W) descriptors."""
+        y = self._run(padded, dense=True)
+        return y.reshape(y.shape[0], self.n, DESCRIPTOR_DIM, y.shape[-2], y.shape[-1])
+
+    def pad(self, image: torch.Tensor, mode: str = "reflect") -> torch.Tensor:
+        """Pad a (B, C, H, W) image so that `dense` returns (B, n, 128, H, W)."""
+        g = self.geometry
+        return F.pad(image, (g.pad_before, g.pad_after, g.pad_before, g.pad_after), mode=mode)
+
+    def dense_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Descriptors of every pixel of an unpadded (B, C, H, W) image: (B, n, 128, H, W)."""
+        return self.dense(self.pad(image))
+
+
+def split(state: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    """State dict of a fused PatchNet(n) -> n state dicts of PatchNet(1)."""
+    return [{k: v.chunk(n, dim=0)[i].clone() for k, v in state.items()} for i in range(n)]
+
+
+def merge(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """n state dicts of PatchNet(1) -> the state dict of the fused PatchNet(n)."""
+    return {k: torch.cat([s[k] for s in states], dim=0) for k in states[0]}

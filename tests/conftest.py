@@ -1,0 +1,112 @@
+"""Shared fixtures for the whole test suite.
+
+`tiny_mvtec` writes a small MVTec-AD-layout dataset once per session; tests must treat it as
+read-only (copy it with shutil.copytree to tmp_path before changing anything).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+TINY_CATEGORY = "tiles"
+
+
+def write_image(path: str | Path, array: np.ndarray) -> Path:
+    """Write a uint8 gray (H, W) or RGB (H, W, 3) array; the format follows the suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(path.suffix, img)
+    assert ok, f"cannot encode {path}"
+    buf.tofile(path)
+    return path
+
+
+def _texture(rng: np.random.Generator, h: int, w: int, color: bool) -> np.ndarray:
+    """A smooth defect-free texture: low-pass-filtered noise plus a sine stripe pattern."""
+    noise = cv2.GaussianBlur(rng.normal(0.0, 1.0, (h, w)).astype(np.float32), (0, 0), 3.0)
+    noise /= noise.std() + 1e-6
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle, period = rng.uniform(0.6, 0.9), 9.0
+    stripes = np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
+    gray = np.clip(125 + 18 * noise + 25 * stripes, 40, 210)
+    if not color:
+        return gray.astype(np.uint8)
+    tint = np.array([1.05, 0.95, 0.85], np.float32)  # a warm, tile-like colour
+    return np.clip(gray[..., None] * tint, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_mvtec(tmp_path_factory) -> Path:
+    """ROOT/tiles/{train/good (16), test/good (4), test/scratch (4), test/spot (4)} with
+    ROOT/tiles/ground_truth/{scratch,spot}/NNN_mask.png. Images are 48..64 px per side
+    (not square), even indices gray PNG, odd indices colour JPEG. Returns ROOT."""
+    root = tmp_path_factory.mktemp("mvtec")
+    cat = root / TINY_CATEGORY
+    rng = np.random.default_rng(1234)
+
+    def image(i: int) -> tuple[np.ndarray, str]:
+        h, w = (int(v) for v in rng.integers(48, 65, size=2))
+        color = i % 2 == 1
+        return _texture(rng, h, w, color), (".jpg" if color else ".png")
+
+    for i in range(16):
+        img, suffix = image(i)
+        write_image(cat / "train" / "good" / f"{i:03d}{suffix}", img)
+    for i in range(4):
+        img, suffix = image(i)
+        write_image(cat / "test" / "good" / f"{i:03d}{suffix}", img)
+    for defect in ("scratch", "spot"):
+        for i in range(4):
+            img, suffix = image(i)
+            h, w = img.shape[:2]
+            mask = np.zeros((h, w), np.uint8)
+            value = 255 if defect == "scratch" else 20
+            if defect == "scratch":  # a bright line
+                p0 = (int(rng.integers(2, w // 3)), int(rng.integers(2, h - 2)))
+                p1 = (int(rng.integers(2 * w // 3, w - 2)), int(rng.integers(2, h - 2)))
+                cv2.line(img, p0, p1, (value,) * 3, 2)
+                cv2.line(mask, p0, p1, 255, 2)
+            else:  # a dark filled circle
+                c = (int(rng.integers(12, w - 12)), int(rng.integers(12, h - 12)))
+                r = int(rng.integers(4, 9))
+                cv2.circle(img, c, r, (value,) * 3, -1)
+                cv2.circle(mask, c, r, 255, -1)
+            write_image(cat / "test" / defect / f"{i:03d}{suffix}", img)
+            write_image(cat / "ground_truth" / defect / f"{i:03d}_mask.png", mask)
+    return root
+
+
+@pytest.fixture(scope="session")
+def random_teachers(tmp_path_factory) -> Path:
+    """A folder of random-init teachers for p=17 and p=33 (no distillation: fast, for CLI tests)."""
+    import torch
+
+    from ustudents.engines.patchnet import PatchNet
+    from ustudents.train.teacher_files import save_teacher
+
+    folder = tmp_path_factory.mktemp("teachers")
+    for p in (17, 33):
+        torch.manual_seed(p)
+        save_teacher(folder, p, PatchNet(p).state_dict(), {"config": {"random_init": True}})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_mvtec, random_teachers) -> Path:
+    """A bundle trained by `ustudents train` on tiny_mvtec (1 epoch, 64 px, scales 17,33, M=2).
+    Read-only: copy it with shutil.copytree before changing anything."""
+    from click.testing import CliRunner
+
+    from ustudents.cli import main
+
+    out = tmp_path_factory.mktemp("bundle") / "tiles-model"
+    result = CliRunner().invoke(main, [
+        "train", "--data-root", str(tiny_mvtec), TINY_CATEGORY, "--out", str(out), "--scales", "17,33",
+        "--students", "2", "--epochs", "1", "--image-size", "64", "--teachers", str(random_teachers),
+        "--no-evaluate", "--amp", "off", "--seed", "0"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out

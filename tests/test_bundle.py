@@ -1,0 +1,89 @@
+"""The bundle format: round trip, atomic replacement, and refusal of damaged bundles."""
+import json
+
+import pytest
+import torch
+
+from ustudents.engines.bundle import BundleError, load_bundle, update_manifest, write_bundle
+from ustudents.engines.patchnet import PatchNet
+
+
+def make_bundle(path, scales=(17,), students=2, seed=0):
+    torch.manual_seed(seed)
+    tensors = {}
+    for p in scales:
+        tensors.update({f"{p}.teacher.{k}": v for k, v in PatchNet(p).state_dict().items()})
+        tensors.update({f"{p}.students.{k}": v for k, v in PatchNet(p, students).state_dict().items()})
+    stats = {str(p): {"desc_mean": [0.5] * 128, "desc_std": [2.0] * 128, "e_mu": 1.0, "e_sigma": 2.0,
+                      "v_mu": 0.1, "v_sigma": 0.2} for p in scales}
+    manifest = {"id": f"t-{seed}", "category": "t", "image_size": 64, "scales": list(scales), "students": students,
+                "statistics": stats, "threshold": {"value": 3.0}, "evaluation": None}
+    return write_bundle(path, manifest, tensors), tensors
+
+
+def test_round_trip_restores_weights_and_statistics(tmp_path):
+    path, tensors = make_bundle(tmp_path / "b")
+    bundle = load_bundle(path)
+    assert all(torch.equal(bundle.tensors[k], v) for k, v in tensors.items())
+    model = bundle.model()
+    ens = model.ensembles[0]
+    # group 0 of the fused network is the teacher, groups 1.. the students
+    assert torch.equal(ens.net.convs[0].weight[:128], tensors["17.teacher.convs.0.weight"])
+    assert torch.equal(ens.net.convs[0].weight[128:], tensors["17.students.convs.0.weight"])
+    assert ens.desc_std.tolist() == [2.0] * 128
+    assert ens.score_stats.tolist() == pytest.approx([1.0, 2.0, 0.1, 0.2])
+    fused, per_scale = model(torch.rand(1, 3, 64, 64))
+    assert fused.shape == (1, 64, 64) and per_scale.shape == (1, 1, 64, 64)
+
+
+def test_rewrite_replaces_whole_bundle_and_leaves_no_temporaries(tmp_path):
+    make_bundle(tmp_path / "b", seed=0)
+    make_bundle(tmp_path / "b", seed=1)
+    assert load_bundle(tmp_path / "b").manifest["id"] == "t-1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_failed_write_leaves_previous_bundle_intact(tmp_path):
+    make_bundle(tmp_path / "b", seed=0)
+    with pytest.raises(TypeError):
+        write_bundle(tmp_path / "b", {"x": object()}, {"a": torch.zeros(1)})  # manifest not serializable
+    assert load_bundle(tmp_path / "b").manifest["id"] == "t-0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_damaged_bundles_are_refused_with_the_reason(tmp_path):
+    path, _ = make_bundle(tmp_path / "b")
+    weights = path / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="checksum"):
+        load_bundle(path)
+    weights.unlink()
+    with pytest.raises(BundleError, match="weights file missing"):
+        load_bundle(path)
+
+
+def test_other_format_version_is_refused(tmp_path):
+    path, _ = make_bundle(tmp_path / "b")
+    m = json.loads((path / "manifest.json").read_text())
+    m["format_version"] = 99
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="format version 99"):
+        load_bundle(path)
+
+
+def test_manifest_claiming_other_shapes_is_refused(tmp_path):
+    path, _ = make_bundle(tmp_path / "b")
+    m = json.loads((path / "manifest.json").read_text())
+    m["students"] = 3
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="do not match"):
+        load_bundle(path)
+
+
+def test_update_manifest_keeps_weights(tmp_path):
+    path, _ = make_bundle(tmp_path / "b")
+    update_manifest(path, evaluation={"au_pro_30": 0.5})
+    bundle = load_bundle(path)
+    assert bundle.manifest["evaluation"] == {"au_pro_30": 0.5}

@@ -1,0 +1,258 @@
+"""The MVTec AD dataset layer: discovery, loading, splitting, fingerprinting, and clear errors."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_CATEGORY, write_image
+
+from ustudents.train.dataset import (
+    DatasetError,
+    Sample,
+    fingerprint,
+    load_images,
+    load_masks,
+    split_train_val,
+    test_samples,
+    train_samples,
+)
+
+CAT = TINY_CATEGORY
+
+
+@pytest.fixture
+def mvtec(tiny_mvtec, tmp_path) -> Path:
+    """A private, writable copy of the tiny dataset, for tests that break it."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_mvtec, root)
+    return root
+
+
+def _raises_naming(path: Path, fn, *args):
+    with pytest.raises(DatasetError) as info:
+        fn(*args)
+    msg = str(info.value)
+    assert str(path) in msg, msg
+    assert "\n" not in msg
+    return msg
+
+
+# --- discovery -------------------------------------------------------------------------------
+
+def test_train_samples_are_sorted_good_images(tiny_mvtec):
+    samples = train_samples(tiny_mvtec, CAT)
+    assert [s.path.name for s in samples] == [f"{i:03d}{'.jpg' if i % 2 else '.png'}" for i in range(16)]
+    assert all(s.defect == "good" and s.mask_path is None for s in samples)
+
+
+def test_test_samples_good_first_then_types_sorted_with_masks(tiny_mvtec):
+    samples = test_samples(tiny_mvtec, CAT)
+    assert [s.defect for s in samples] == ["good"] * 4 + ["scratch"] * 4 + ["spot"] * 4
+    for s in samples:
+        if s.defect == "good":
+            assert s.mask_path is None
+        else:
+            assert s.mask_path == tiny_mvtec / CAT / "ground_truth" / s.defect / f"{s.path.stem}_mask.png"
+    names = [s.path.name for s in samples if s.defect == "spot"]
+    assert names == sorted(names)
+
+
+def test_discovery_ignores_hidden_and_non_image_files_and_any_suffix_case(mvtec):
+    good = mvtec / CAT / "train" / "good"
+    (good / "._000.png").write_bytes(b"macOS resource fork")
+    (good / "notes.txt").write_text("not an image")
+    shutil.copy(good / "000.png", good / "100.PNG")
+    names = [s.path.name for s in train_samples(mvtec, CAT)]
+    assert "._000.png" not in names and "notes.txt" not in names
+    assert "100.PNG" in names and len(names) == 17
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def test_gray_and_colour_images_load_as_rgb_uint8(tiny_mvtec):
+    samples = train_samples(tiny_mvtec, CAT)
+    images = load_images(samples, 32, desc="train")
+    assert images.shape == (16, 32, 32, 3) and images.dtype == np.uint8
+    gray, colour = images[0], images[1]  # 000.png is gray, 001.jpg colour
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    assert not (colour[..., 0] == colour[..., 2]).all()
+    assert images.std() > 5  # a texture, not a constant
+
+
+def test_masks_load_aligned_with_their_images(tiny_mvtec):
+    samples = test_samples(tiny_mvtec, CAT)
+    size = 64
+    images = load_images(samples, size, desc="test").astype(int).mean(axis=3)
+    masks = load_masks(samples, size)
+    assert masks.shape == (12, size, size) and masks.dtype == bool
+    for s, img, m in zip(samples, images, masks):
+        if s.defect == "good":
+            assert not m.any()
+            continue
+        assert 0 < m.mean() < 0.25
+        inside, outside = img[m].mean(), img[~m].mean()
+        if s.defect == "scratch":  # bright line
+            assert inside > outside + 40, s.path
+        else:  # dark spot
+            assert inside < outside - 40, s.path
+
+
+def test_load_empty_list():
+    assert load_images([], 16, desc="x").shape == (0, 16, 16, 3)
+    assert load_masks([], 16).shape == (0, 16, 16)
+
+
+# --- split -----------------------------------------------------------------------------------
+
+def test_split_is_deterministic_and_disjoint(tiny_mvtec):
+    samples = train_samples(tiny_mvtec, CAT)
+    train, val = split_train_val(samples, 0.25, seed=0)
+    again = split_train_val(samples, 0.25, seed=0)
+    assert (train, val) == again
+    assert train and val and len(train) + len(val) == 16
+    assert {s.path for s in train}.isdisjoint(s.path for s in val)
+    other = split_train_val(samples, 0.25, seed=1)
+    assert [s.path for s in other[1]] != [s.path for s in val]
+
+
+def test_split_is_stable_when_an_image_is_added(mvtec):
+    before = split_train_val(train_samples(mvtec, CAT), 0.25, seed=7)
+    good = mvtec / CAT / "train" / "good"
+    shutil.copy(good / "003.jpg", good / "016.jpg")
+    after_train, after_val = split_train_val(train_samples(mvtec, CAT), 0.25, seed=7)
+    old_val = {s.path.name for s in before[1]}
+    new_val = {s.path.name for s in after_val}
+    assert new_val - {"016.jpg"} == old_val
+    assert {s.path.name for s in after_train} - {"016.jpg"} == {s.path.name for s in before[0]}
+
+
+def test_split_keeps_one_on_each_side_for_tiny_sets(tiny_mvtec):
+    two = train_samples(tiny_mvtec, CAT)[:2]
+    for frac in (0.01, 0.5, 0.99):
+        train, val = split_train_val(two, frac, seed=0)
+        assert len(train) == 1 and len(val) == 1
+    train, val = split_train_val(two, 0.0, seed=0)
+    assert len(train) == 2 and val == []
+
+
+def test_split_needs_two_images(tiny_mvtec):
+    one = train_samples(tiny_mvtec, CAT)[:1]
+    _raises_naming(one[0].path.parent, split_train_val, one, 0.2, 0)
+    with pytest.raises(DatasetError):
+        split_train_val(train_samples(tiny_mvtec, CAT), 1.0, 0)
+
+
+# --- fingerprint -----------------------------------------------------------------------------
+
+def test_fingerprint_depends_on_content_only(tiny_mvtec, mvtec):
+    ref = fingerprint(test_samples(tiny_mvtec, CAT))
+    assert len(ref) == 64 and int(ref, 16) >= 0
+    # same files under another root, with new timestamps: same fingerprint
+    assert fingerprint(test_samples(mvtec, CAT)) == ref
+    assert fingerprint(list(reversed(test_samples(mvtec, CAT)))) == ref
+    assert fingerprint(train_samples(mvtec, CAT)) != ref
+
+    # one byte of one image changed: different
+    target = mvtec / CAT / "test" / "spot" / "002.png"
+    data = bytearray(target.read_bytes())
+    data[-20] ^= 0x01
+    target.write_bytes(bytes(data))
+    changed = fingerprint(test_samples(mvtec, CAT))
+    assert changed != ref
+    data[-20] ^= 0x01
+    target.write_bytes(bytes(data))
+    assert fingerprint(test_samples(mvtec, CAT)) == ref
+
+
+def test_fingerprint_covers_masks(mvtec):
+    ref = fingerprint(test_samples(mvtec, CAT))
+    mask = mvtec / CAT / "ground_truth" / "scratch" / "001_mask.png"
+    mask.write_bytes(mask.read_bytes() + b"\0")
+    assert fingerprint(test_samples(mvtec, CAT)) != ref
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+def test_missing_root(tmp_path):
+    root = tmp_path / "nope"
+    msg = _raises_naming(root, train_samples, root, CAT)
+    assert "--data-root" in msg
+    _raises_naming(root, test_samples, root, CAT)
+
+
+def test_missing_category_lists_the_ones_found(tiny_mvtec):
+    msg = _raises_naming(tiny_mvtec / "bottle", train_samples, tiny_mvtec, "bottle")
+    assert CAT in msg
+
+
+def test_missing_train_folder(mvtec):
+    shutil.rmtree(mvtec / CAT / "train")
+    _raises_naming(mvtec / CAT / "train" / "good", train_samples, mvtec, CAT)
+
+
+def test_empty_train_good(mvtec):
+    good = mvtec / CAT / "train" / "good"
+    shutil.rmtree(good)
+    good.mkdir()
+    (good / "readme.txt").write_text("no images here")
+    msg = _raises_naming(good, train_samples, mvtec, CAT)
+    assert "no images" in msg and ".png" in msg
+
+
+def test_empty_test_type_folder(mvtec):
+    empty = mvtec / CAT / "test" / "crack"
+    empty.mkdir()
+    _raises_naming(empty, test_samples, mvtec, CAT)
+
+
+def test_missing_test_folder(mvtec):
+    shutil.rmtree(mvtec / CAT / "test")
+    _raises_naming(mvtec / CAT / "test", test_samples, mvtec, CAT)
+
+
+def test_corrupt_image(mvtec):
+    bad = mvtec / CAT / "train" / "good" / "004.png"
+    bad.write_bytes(b"this is not a png" * 10)
+    samples = train_samples(mvtec, CAT)
+    _raises_naming(bad, load_images, samples, 32, "train")
+
+
+def test_zero_byte_image(mvtec):
+    bad = mvtec / CAT / "train" / "good" / "005.jpg"
+    bad.write_bytes(b"")
+    msg = _raises_naming(bad, load_images, train_samples(mvtec, CAT), 32, "train")
+    assert "empty" in msg
+
+
+def test_missing_mask(mvtec):
+    mask = mvtec / CAT / "ground_truth" / "scratch" / "001_mask.png"
+    mask.unlink()
+    msg = _raises_naming(mask, test_samples, mvtec, CAT)
+    assert str(mvtec / CAT / "test" / "scratch" / "001.jpg") in msg
+
+
+def test_missing_ground_truth_folder(mvtec):
+    shutil.rmtree(mvtec / CAT / "ground_truth" / "spot")
+    _raises_naming(mvtec / CAT / "ground_truth" / "spot" / "000_mask.png", test_samples, mvtec, CAT)
+
+
+def test_mask_of_wrong_size(mvtec):
+    mask = mvtec / CAT / "ground_truth" / "spot" / "003_mask.png"
+    image = mvtec / CAT / "test" / "spot" / "003.jpg"
+    write_image(mask, np.zeros((10, 12), np.uint8))
+    msg = _raises_naming(mask, load_masks, test_samples(mvtec, CAT), 32)
+    assert str(image) in msg and "12x10" in msg
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage bytes, not a png"])
+def test_unreadable_mask(mvtec, content):
+    mask = mvtec / CAT / "ground_truth" / "scratch" / "000_mask.png"
+    mask.write_bytes(content)
+    _raises_naming(mask, load_masks, test_samples(mvtec, CAT), 32)
+
+
+def test_sample_is_a_plain_dataclass(tmp_path):
+    s = Sample(tmp_path / "a.png", "good", None)
+    assert s == Sample(tmp_path / "a.png", "good", None)

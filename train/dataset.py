@@ -1,0 +1,194 @@
+"""The MVTec AD folder layout: finding, splitting, loading and fingerprinting its images.
+
+    ROOT/CATEGORY/train/good/*                       defect-free training images
+    ROOT/CATEGORY/test/<type>/*                      test images; type "good" = defect-free
+    ROOT/CATEGORY/ground_truth/<type>/<stem>_mask.png  defect masks (not needed for "good")
+
+Images may be any of IMAGE_SUFFIXES (any letter case), gray or colour. Files whose names start
+with "." (e.g. macOS "._000.png" resource forks) and files of other types are ignored.
+Every problem raises DatasetError with one line naming the file or folder and what to do.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ustudents.engines.images import (
+    IMAGE_SUFFIXES,
+    ImageError,
+    read_image,
+    read_mask,
+    resize,
+    resize_mask,
+)
+
+GOOD = "good"
+_SUFFIX_LIST = "/".join(IMAGE_SUFFIXES)
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message names the file or folder and the fix."""
+
+
+@dataclass
+class Sample:
+    path: Path
+    defect: str  # "good" for defect-free
+    mask_path: Path | None = None
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _require_dir(folder: Path, what: str) -> None:
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: folder not found; {what}")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """The image files directly in `folder`, sorted by name; an error if there are none."""
+    images = sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
+    if not images:
+        raise DatasetError(f"{folder}: no images ({_SUFFIX_LIST}) in this folder; add some or remove the folder")
+    return images
+
+
+def _category_dir(root: str | Path, category: str) -> Path:
+    root = Path(root)
+    _require_dir(root, "--data-root must be an MVTec AD root containing CATEGORY/train/good")
+    cat = root / category
+    if not cat.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise DatasetError(
+            f"{cat}: category folder not found; categories under {root}: {', '.join(found) or 'none'}"
+        )
+    return cat
+
+
+def train_samples(root: str | Path, category: str) -> list[Sample]:
+    """The defect-free training images of one category, sorted by file name."""
+    folder = _category_dir(root, category) / "train" / GOOD
+    _require_dir(folder, "--data-root must be an MVTec AD root containing CATEGORY/train/good")
+    return [Sample(p, GOOD, None) for p in _images_in(folder)]
+
+
+def _find_mask(gt_dir: Path, image: Path) -> Path:
+    wanted = f"{image.stem}_mask"
+    if gt_dir.is_dir():
+        for p in sorted(gt_dir.iterdir(), key=lambda p: p.name):
+            if _is_image(p) and p.stem == wanted:
+                return p
+    raise DatasetError(f"{gt_dir / (wanted + '.png')}: missing mask for test image {image}; add it")
+
+
+def test_samples(root: str | Path, category: str) -> list[Sample]:
+    """All test images of one category: type "good" first, then the defect types sorted by name;
+    within a type sorted by file name. Every non-good image must have a mask."""
+    cat = _category_dir(root, category)
+    test_dir = cat / "test"
+    _require_dir(test_dir, "an MVTec AD category needs CATEGORY/test/<type>/ folders (type 'good' = defect-free)")
+    types = sorted((p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                   key=lambda t: (t != GOOD, t))
+    if not types:
+        raise DatasetError(f"{test_dir}: no test type folders; add e.g. test/good/ and test/<defect>/")
+    samples = []
+    for defect in types:
+        for image in _images_in(test_dir / defect):
+            mask = None if defect == GOOD else _find_mask(cat / "ground_truth" / defect, image)
+            samples.append(Sample(image, defect, mask))
+    return samples
+
+
+test_samples.__test__ = False  # not a pytest test, though its name starts with "test_"
+
+
+def _unit_hash(seed: int, name: str) -> float:
+    """A number in [0, 1) that depends only on (seed, file name)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_train_val(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split training samples into (train, val) by a hash of each file name, so adding images
+    never moves the others. With val_fraction > 0 each side gets at least one sample.
+    Both lists keep the input order."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DatasetError(f"val_fraction={val_fraction}: must be in [0, 1)")
+    folder = samples[0].path.parent if samples else "training set"
+    if len(samples) < 2:
+        raise DatasetError(f"{folder}: {len(samples)} training image(s); at least 2 are needed, add more images")
+    u = [_unit_hash(seed, s.path.name) for s in samples]
+    val_idx = {i for i, x in enumerate(u) if x < val_fraction}
+    if val_fraction > 0 and not val_idx:  # tiny sets: the lowest-hash sample goes to val
+        val_idx = {min(range(len(u)), key=u.__getitem__)}
+    if len(val_idx) == len(samples):  # the highest-hash sample stays in train
+        val_idx.discard(max(range(len(u)), key=u.__getitem__))
+    train = [s for i, s in enumerate(samples) if i not in val_idx]
+    val = [s for i, s in enumerate(samples) if i in val_idx]
+    return train, val
+
+
+def load_images(samples: list[Sample], size: int, desc: str = "images") -> np.ndarray:
+    """Read and resize images to uint8 (N, size, size, 3) RGB; gray files become 3 channels."""
+    out = np.empty((len(samples), size, size, 3), np.uint8)
+    for i, s in enumerate(tqdm(samples, desc=desc, unit="img", disable=None)):
+        try:
+            out[i] = resize(read_image(s.path), size)
+        except ImageError as e:
+            raise DatasetError(str(e)) from None
+        except OSError as e:  # e.g. no read permission
+            raise DatasetError(f"{s.path}: cannot be read ({e.strerror or e}); fix its permissions") from None
+    return out
+
+
+def load_masks(samples: list[Sample], size: int) -> np.ndarray:
+    """Ground-truth masks as bool (N, size, size); all False for good samples. Each mask must have
+    its image's original size."""
+    out = np.zeros((len(samples), size, size), bool)
+    for i, s in enumerate(samples):
+        if s.defect == GOOD or s.mask_path is None:
+            if s.defect != GOOD:
+                raise DatasetError(f"{s.path}: defect test image '{s.defect}' has no mask; add it")
+            continue
+        try:
+            mask = read_mask(s.mask_path)
+            ih, iw = read_image(s.path).shape[:2]
+        except ImageError as e:
+            raise DatasetError(str(e)) from None
+        except OSError as e:
+            raise DatasetError(f"{e.filename}: cannot be read ({e.strerror or e}); fix its permissions") from None
+        mh, mw = mask.shape
+        if (mh, mw) != (ih, iw):
+            raise DatasetError(
+                f"mask {s.mask_path} is {mw}x{mh} but its image {s.path} is {iw}x{ih}; "
+                "masks must have the image's size"
+            )
+        out[i] = resize_mask(mask, size)
+    return out
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            n += len(chunk)
+    return n, h.hexdigest()
+
+
+def fingerprint(samples: list[Sample]) -> str:
+    """sha256 hex over (name, size in bytes, sha256 of content) of every image and mask file.
+    Names are relative to the category folder (e.g. "test/crack/001.png"), so identical
+    files give the same fingerprint on any machine and under any root."""
+    h = hashlib.sha256()
+    files = [s.path for s in samples] + [s.mask_path for s in samples if s.mask_path is not None]
+    for name, path in sorted(("/".join(Path(p).parts[-3:]), Path(p)) for p in files):
+        size, digest = _file_digest(path)
+        h.update(f"{name}\t{size}\t{digest}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,130 @@
+"""`ustudents evaluate` and `ustudents predict`: metrics on the category's test set, and verdicts,
+masks and overlays for single images."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from ustudents.engines.bundle import Bundle, update_manifest
+from ustudents.engines.images import read_image
+from ustudents.engines.inference import anomaly_maps, heatmap_overlay, predict_frames
+
+from . import dataset
+from .metrics import au_pro, image_auroc, pixel_auroc
+
+
+def image_scores(maps: np.ndarray) -> np.ndarray:
+    """The image score: the maximum of its anomaly map (N, H, W) -> (N,)."""
+    return maps.reshape(len(maps), -1).max(axis=1)
+
+
+def metrics_for(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> dict:
+    return {"image_auroc": image_auroc(image_scores(maps), labels),
+            "pixel_auroc": pixel_auroc(maps, masks),
+            "au_pro_30": au_pro(maps, masks, fpr_limit=0.3)}
+
+
+def at_threshold(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
+    """What the bundle's threshold does on the test set: image-level rates and pixel FPR."""
+    flagged = image_scores(maps) >= threshold
+    over = maps >= threshold
+    return {"threshold": threshold,
+            "image_tpr": float(flagged[labels].mean()) if labels.any() else None,
+            "image_fpr": float(flagged[~labels].mean()) if (~labels).any() else None,
+            "pixel_fpr": float(over[~masks].mean()),
+            "pixel_tpr": float(over[masks].mean()) if masks.any() else None}
+
+
+def evaluate(bundle: Bundle, data_root: Path, device: torch.device, overlays: Path | None = None,
+             batch: int = 4, bf16: bool = False, log=print) -> dict:
+    """Evaluate on DATA_ROOT/<category>/test; returns the results and stores them in the manifest."""
+    t0 = time.time()
+    category, size = bundle.manifest["category"], bundle.image_size
+    samples = dataset.test_samples(data_root, category)
+    labels = np.array([s.defect != dataset.GOOD for s in samples])
+    if labels.all() or not labels.any():
+        raise dataset.DatasetError(f"{Path(data_root) / category / 'test'}: needs both good and defective "
+                                   "images to compute AUROC")
+    masks = dataset.load_masks(samples, size)
+    images = dataset.load_images(samples, size, desc="loading test images")
+    fused, per_scale = anomaly_maps(bundle.model(), images, device, batch, desc="evaluating", bf16=bf16)
+    results = {"category": category, "bundle": bundle.manifest["id"], "test_images": len(samples),
+               "image_size": size, "image_score": "max of the anomaly map",
+               "precision": "bf16" if bf16 else "fp32",
+               **metrics_for(fused, masks, labels)}
+    results["per_scale"] = {str(p): metrics_for(per_scale[:, k], masks, labels) for k, p in enumerate(bundle.scales)}
+    good = ~labels
+    results["per_defect"] = {}
+    for defect in sorted({s.defect for s in samples} - {dataset.GOOD}):
+        sel = good | np.array([s.defect == defect for s in samples])
+        results["per_defect"][defect] = {"images": int((sel & labels).sum()),
+                                         **metrics_for(fused[sel], masks[sel], labels[sel])}
+    results["at_threshold"] = at_threshold(fused, masks, labels, bundle.threshold)
+    results["wall_s"] = round(time.time() - t0, 1)
+    if overlays is not None:
+        write_overlays(overlays, samples, fused, bundle.threshold)
+    update_manifest(bundle.path, evaluation=results)
+    return results
+
+
+def write_overlays(folder: Path, samples: list[dataset.Sample], maps: np.ndarray, threshold: float) -> None:
+    for s, m in zip(samples, maps):
+        frame = read_image(s.path)
+        h, w = frame.shape[:2]
+        full = cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)
+        out = folder / s.defect / f"{s.path.stem}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_png(out, heatmap_overlay(frame, full, threshold, full >= threshold))
+
+
+def format_table(results: dict) -> str:
+    """The evaluation as a fixed-width text table: fused, each scale, each defect type."""
+    rows = [("fused", results)] + [(f"p={p}", r) for p, r in results["per_scale"].items()] + \
+           [(d, r) for d, r in results["per_defect"].items()]
+    lines = [f"{'':<12}{'image_auroc':>12}{'pixel_auroc':>12}{'au_pro_30':>11}"]
+    for name, r in rows:
+        lines.append(f"{name:<12}{r['image_auroc']:>12.3f}{r['pixel_auroc']:>12.3f}{r['au_pro_30']:>11.3f}")
+    t = results["at_threshold"]
+    lines.append(f"at threshold {t['threshold']:.3f}: image TPR {t['image_tpr']:.3f}, image FPR {t['image_fpr']:.3f}, "
+                 f"pixel FPR {t['pixel_fpr']:.4f}")
+    return "\n".join(lines)
+
+
+def predict(bundle: Bundle, paths: list[Path], out: Path, device: torch.device) -> list[dict]:
+    """Score images; write <out>/<stem>_mask.png, <stem>_overlay.png and results.json."""
+    frames = [read_image(p) for p in paths]
+    preds = predict_frames(bundle.model(), frames, bundle.image_size, bundle.threshold, device)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path, frame, pr in zip(paths, frames, preds):
+        mask_file = out / f"{path.stem}_mask.png"
+        overlay_file = out / f"{path.stem}_overlay.png"
+        write_png(mask_file, pr.mask.astype(np.uint8) * 255)
+        write_png(overlay_file, heatmap_overlay(frame, pr.anomaly_map, bundle.threshold, pr.mask))
+        results.append({"image": str(path), "score": pr.score, "anomalous": bool(pr.anomalous),
+                        "threshold": bundle.threshold, "mask": str(mask_file), "overlay": str(overlay_file)})
+    write_json(out / "results.json", results)
+    return results
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Write a PNG atomically (temporary file + rename); RGB arrays are converted for OpenCV."""
+    ok, data = cv2.imencode(".png", image[:, :, ::-1] if image.ndim == 3 else image)
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_bytes(data.tobytes())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

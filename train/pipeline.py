@@ -1,0 +1,119 @@
+"""`ustudents-train CATEGORY`: images -> students per scale -> calibration -> model bundle."""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import ustudents
+from ustudents.engines.bundle import write_bundle
+from ustudents.engines.model import INPUT_MEAN, INPUT_STD, AnomalyModel
+from ustudents.engines.patchnet import SCALES
+
+from . import dataset
+from .calibrate import DEFAULT_TARGET_FPR, calibrate
+from .students import StudentConfig, train_students
+from .teacher_files import DEFAULT_DIR, load_teacher, read_records
+
+MIN_IMAGE_SIZE = 64
+
+
+@dataclass
+class TrainConfig:
+    category: str
+    data_root: Path
+    out: Path
+    scales: list[int] = field(default_factory=lambda: list(SCALES))
+    image_size: int = 256
+    val_fraction: float = 0.2
+    target_fpr: float = DEFAULT_TARGET_FPR
+    teachers: Path = DEFAULT_DIR
+    device: str = "auto"
+    student: StudentConfig = field(default_factory=StudentConfig)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    return torch.device(name)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    bad = [p for p in cfg.scales if p not in SCALES]
+    if bad or not cfg.scales:
+        raise ValueError(f"--scales {','.join(map(str, cfg.scales))}: each scale must be one of {SCALES}")
+    if cfg.image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"--image-size {cfg.image_size}: must be at least {MIN_IMAGE_SIZE} pixels")
+    if cfg.student.students < 2:
+        raise ValueError("--students must be at least 2: the predictive variance needs an ensemble")
+
+
+def environment() -> dict:
+    return {"ustudents": ustudents.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+def train(cfg: TrainConfig, log=print) -> Path:
+    """Train every scale, calibrate, write the bundle atomically to cfg.out and return its path."""
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    t0 = time.time()
+    # Check everything that can be checked before hours of training.
+    train_all = dataset.train_samples(cfg.data_root, cfg.category)
+    fit, val = dataset.split_train_val(train_all, cfg.val_fraction, cfg.student.seed)
+    teachers = {p: load_teacher(cfg.teachers, p) for p in cfg.scales}
+    log(f"{cfg.category}: {len(fit)} training and {len(val)} validation images (of train/good), "
+        f"scales {cfg.scales}, M={cfg.student.students}, {cfg.image_size}px, device {device}")
+    fit_images = dataset.load_images(fit, cfg.image_size, desc="loading training images")
+    val_images = dataset.load_images(val, cfg.image_size, desc="loading validation images")
+
+    model = AnomalyModel(cfg.scales, cfg.student.students)
+    tensors, records = {}, {}
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    for ens in model.ensembles:
+        p = ens.p
+        students, desc_mean, desc_std, record = train_students(
+            p, teachers[p], fit_images, cfg.student, device, workdir=cfg.out.parent)
+        ens.net.load_state_dict({k: torch.cat([teachers[p][k], students[k]]) for k in students})
+        ens.desc_mean.copy_(desc_mean)
+        ens.desc_std.copy_(desc_std)
+        tensors.update({f"{p}.teacher.{k}": v for k, v in teachers[p].items()})
+        tensors.update({f"{p}.students.{k}": v for k, v in students.items()})
+        records[str(p)] = record
+        log(f"p={p}: students trained in {record['wall_s']:.0f} s, final loss per student "
+            f"{record['loss_per_student_by_epoch'][-1]:.3f}")
+
+    stats, threshold = calibrate(model, val_images, device, cfg.target_fpr, bf16=cfg.student.amp)
+    statistics = {str(ens.p): {"desc_mean": ens.desc_mean.tolist(), "desc_std": ens.desc_std.tolist(),
+                               **asdict(stats[ens.p])} for ens in model.ensembles}
+    created = datetime.now(timezone.utc)
+    manifest = {
+        "id": f"{cfg.category}-{created.strftime('%Y%m%dT%H%M%SZ')}",
+        "created": created.isoformat(timespec="seconds"),
+        "category": cfg.category,
+        "image_size": cfg.image_size,
+        "scales": cfg.scales,
+        "students": cfg.student.students,
+        "input": {"channels": "RGB", "range": [0, 1], "mean": list(INPUT_MEAN), "std": list(INPUT_STD),
+                  "resize": "square, area when shrinking", "padding": "reflect"},
+        "statistics": statistics,
+        "threshold": threshold,
+        "training": {"student": asdict(cfg.student), "val_fraction": cfg.val_fraction, "device": str(device),
+                     "teachers": {p: read_records(cfg.teachers).get(str(p), {}).get("config", {})
+                                  for p in map(str, cfg.scales)},
+                     "per_scale": records, "wall_s": round(time.time() - t0, 1), "environment": environment()},
+        "data": {"root": str(cfg.data_root), "train_images": len(fit), "validation_images": len(val),
+                 "validation_files": [s.path.name for s in val],
+                 "fingerprint": dataset.fingerprint(train_all)},
+        "evaluation": None,
+    }
+    path = write_bundle(cfg.out, manifest, tensors)
+    log(f"bundle written to {path} (threshold {threshold['value']:.3f} at pixel FPR {cfg.target_fpr}) "
+        f"in {time.time() - t0:.0f} s")
+    return path

@@ -1,0 +1,125 @@
+"""Student training (paper Sec. 3.2): M students per scale regress the teacher's standardized dense
+descriptors on defect-free images.
+
+CPU economy, by construction:
+- the teacher's dense descriptors of every training image are computed once per scale and kept (in
+  float16, on disk as a memory map, so the page cache decides what stays in RAM);
+- the M students of a scale are one fused PatchNet(M) (grouped convolutions): one pass trains all;
+- with `crop`, a step trains on a random crop of the dense output; because a dense output pixel
+  depends only on its own patch, the crop's targets are an exact slice of the cached descriptors.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ustudents.engines.images import to_tensor
+from ustudents.engines.model import normalize_input
+from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet
+from ustudents.engines.scoring import standardize
+
+
+@dataclass
+class StudentConfig:
+    students: int = 3  # M
+    epochs: int = 100  # paper: 100 epochs, batch 1, Adam lr 1e-4, weight decay 1e-5
+    batch: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    crop: int = 0  # side of the random training crop of the dense output; 0 = whole image
+    amp: bool = True  # bfloat16 autocast for the students' forward/backward
+    seed: int = 0
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def dense_descriptors(net: PatchNet, images: np.ndarray, device: torch.device, out: np.ndarray,
+                      batch: int = 4, desc: str = "descriptors", bf16: bool = False) -> None:
+    """Write the dense descriptors of uint8 images (N, S, S, 3) into `out` (N, n, 128, S, S)."""
+    for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch", leave=False):
+        x = normalize_input(to_tensor(images[i:i + batch]).to(device))
+        with autocast(device, bf16):
+            out[i:i + batch] = net.dense_image(x).float().cpu().numpy()
+
+
+def descriptor_stats(desc: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of teacher descriptors (N, 1, 128, S, S) over all pixels, in float64."""
+    s = np.zeros(DESCRIPTOR_DIM)
+    ss = np.zeros(DESCRIPTOR_DIM)
+    count = 0
+    for d in desc:
+        d = d[0].reshape(DESCRIPTOR_DIM, -1).astype(np.float64)
+        s += d.sum(1)
+        ss += np.square(d).sum(1)
+        count += d.shape[1]
+    mean = s / count
+    std = np.sqrt(np.maximum(ss / count - mean**2, 0))
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(np.maximum(std, 1e-6), dtype=torch.float32)
+
+
+def student_loss(mu: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Eq. 5, summed over the M independent students: sum_i mean_pixels || mu_i - y ||^2.
+    mu: (B, M, 128, H, W), y: (B, 128, H, W)."""
+    return (mu - y[:, None]).square().sum(dim=2).mean(dim=(0, 2, 3)).sum()
+
+
+def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.ndarray, cfg: StudentConfig,
+                   device: torch.device, workdir: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict]:
+    """Train the M students of scale p on uint8 images (N, S, S, 3).
+
+    Returns the fused students' state dict, the teacher descriptor mean and std, and a record."""
+    t0 = time.time()
+    torch.manual_seed(cfg.seed * 1000 + p)
+    gen = np.random.default_rng(cfg.seed * 1000 + p)
+    teacher = PatchNet(p, 1).to(device).eval()
+    teacher.load_state_dict(teacher_state)
+    n, size = len(images), images.shape[1]
+    with tempfile.TemporaryDirectory(prefix=f"targets-p{p}-", dir=workdir) as tmp:
+        # Teacher targets once (under the same autocast as training), stored as float16 (N, 1, 128, S, S).
+        targets = np.lib.format.open_memmap(Path(tmp) / "t.npy", mode="w+", dtype=np.float16,
+                                            shape=(n, 1, DESCRIPTOR_DIM, size, size))
+        dense_descriptors(teacher, images, device, targets, desc=f"teacher p={p}", bf16=cfg.amp)
+        desc_mean, desc_std = descriptor_stats(targets)
+        del teacher
+
+        students = PatchNet(p, cfg.students).to(device).train()
+        opt = torch.optim.Adam(students.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        padded = students.pad(normalize_input(to_tensor(images)))  # (N, 3, S + rf - 1, ...), kept on CPU
+        rf = students.geometry.rf
+        crop = cfg.crop if 0 < cfg.crop < size else size
+        steps_per_epoch = math.ceil(n / cfg.batch)
+        mean_d, std_d = desc_mean.to(device), desc_std.to(device)
+        history = []
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"students p={p}", unit="step")
+        for epoch in range(cfg.epochs):
+            order = gen.permutation(n)
+            total = 0.0
+            for s in range(steps_per_epoch):
+                idx = np.sort(order[s * cfg.batch:(s + 1) * cfg.batch])
+                r, c = (int(v) for v in gen.integers(0, size - crop + 1, size=2))
+                x = padded[idx, :, r:r + crop + rf - 1, c:c + crop + rf - 1].to(device)
+                t = torch.from_numpy(targets[idx, 0, :, r:r + crop, c:c + crop].astype(np.float32)).to(device)
+                y = standardize(t, mean_d, std_d)
+                with autocast(device, cfg.amp):
+                    mu = students.dense(x)
+                loss = student_loss(mu.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item()
+                bar.update()
+            history.append(round(total / steps_per_epoch / cfg.students, 5))
+            bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.3f}")
+        bar.close()
+    record = {"loss_per_student_by_epoch": history, "wall_s": round(time.time() - t0, 1), "crop": crop}
+    return {k: v.cpu() for k, v in students.state_dict().items()}, desc_mean, desc_std, record

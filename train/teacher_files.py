@@ -1,0 +1,63 @@
+"""Teacher weights on disk: one safetensors file per scale plus `teachers.json` with the record of
+how each was made. The package ships a default set in `default_teachers/` (see its MODEL_CARD.md),
+so `ustudents-train` works without pretraining anything."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ustudents.engines.patchnet import PatchNet
+
+DEFAULT_DIR = Path(__file__).parent / "default_teachers"
+RECORDS = "teachers.json"
+
+
+class TeacherFileError(ValueError):
+    pass
+
+
+def teacher_path(folder: Path, p: int) -> Path:
+    return Path(folder) / f"teacher_p{p}.safetensors"
+
+
+def save_teacher(folder: Path, p: int, state: dict[str, torch.Tensor], record: dict) -> Path:
+    """Write one teacher and merge its record into teachers.json (each file replaced atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = teacher_path(folder, p)
+    tmp = path.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+    records = read_records(folder)
+    records[str(p)] = record
+    tmp = folder / f".{RECORDS}.partial"
+    tmp.write_text(json.dumps(records, indent=2) + "\n")
+    os.replace(tmp, folder / RECORDS)
+    return path
+
+
+def read_records(folder: Path) -> dict:
+    path = Path(folder) / RECORDS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_teacher(folder: Path, p: int) -> dict[str, torch.Tensor]:
+    """The PatchNet(p) state dict of a teacher, checked against the architecture."""
+    path = teacher_path(folder, p)
+    if not path.is_file():
+        raise TeacherFileError(f"{path}: no teacher for p={p}; make one with "
+                               f"`ustudents teacher --scales {p} --out {folder}` or pass --teachers DIR")
+    try:
+        state = load_file(str(path))
+    except Exception as err:
+        raise TeacherFileError(f"{path}: unreadable teacher weights ({err}); re-create them with "
+                               f"`ustudents teacher --scales {p} --out {folder}`") from None
+    want = {k: v.shape for k, v in PatchNet(p).state_dict().items()}
+    if {k: v.shape for k, v in state.items()} != want:
+        raise TeacherFileError(f"{path}: not a p={p} teacher (tensor names or shapes differ); "
+                               f"re-create it with `ustudents teacher --scales {p} --out {folder}`")
+    return state

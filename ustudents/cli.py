@@ -1,0 +1,22 @@
+"""`ustudents`: one Click group holding every command of every room."""
+from __future__ import annotations
+
+import click
+
+from ustudents import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="ustudents")
+def main() -> None:
+    """Student-teacher anomaly detection (Uninformed Students, CVPR 2020) for visual inspection."""
+
+
+def _register() -> None:
+    from ustudents.train.cli import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register()
