@@ -92,9 +92,24 @@ class Bundle:
         return model.eval()
 
 
+def check_writable(out: Path) -> None:
+    """`out` must be absent, an empty folder, or a bundle (which will be replaced): never anything
+    else, which replacing would delete."""
+    out = Path(out)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    try:
+        is_bundle = json.loads((out / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        is_bundle = False
+    if not is_bundle:
+        raise BundleError(f"{out}: exists and is not a model bundle; choose another --out (it would be replaced)")
+
+
 def write_bundle(out: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Write a complete bundle to `out` atomically, replacing an existing bundle there."""
     out = Path(out)
+    check_writable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:

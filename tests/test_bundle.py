@@ -87,3 +87,12 @@ def test_update_manifest_keeps_weights(tmp_path):
     update_manifest(path, evaluation={"au_pro_30": 0.5})
     bundle = load_bundle(path)
     assert bundle.manifest["evaluation"] == {"au_pro_30": 0.5}
+
+
+def test_a_folder_that_is_not_a_bundle_is_never_replaced(tmp_path):
+    precious = tmp_path / "data"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("x")
+    with pytest.raises(BundleError, match="not a model bundle"):
+        make_bundle(precious)
+    assert (precious / "keep.txt").read_text() == "x"

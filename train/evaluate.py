@@ -97,14 +97,18 @@ def format_table(results: dict) -> str:
 
 
 def predict(bundle: Bundle, paths: list[Path], out: Path, device: torch.device) -> list[dict]:
-    """Score images; write <out>/<stem>_mask.png, <stem>_overlay.png and results.json."""
+    """Score images; write <out>/<stem>_mask.png, <stem>_overlay.png and results.json (names are
+    prefixed with index and folder when two images share a file name)."""
     frames = [read_image(p) for p in paths]
     preds = predict_frames(bundle.model(), frames, bundle.image_size, bundle.threshold, device)
     out.mkdir(parents=True, exist_ok=True)
+    names = [p.stem for p in paths]
+    if len(set(names)) < len(names):  # e.g. good/000.png and crack/000.png: keep every output apart
+        names = [f"{i:04d}_{p.parent.name}_{p.stem}" for i, p in enumerate(paths)]
     results = []
-    for path, frame, pr in zip(paths, frames, preds):
-        mask_file = out / f"{path.stem}_mask.png"
-        overlay_file = out / f"{path.stem}_overlay.png"
+    for path, name, frame, pr in zip(paths, names, frames, preds):
+        mask_file = out / f"{name}_mask.png"
+        overlay_file = out / f"{name}_overlay.png"
         write_png(mask_file, pr.mask.astype(np.uint8) * 255)
         write_png(overlay_file, heatmap_overlay(frame, pr.anomaly_map, bundle.threshold, pr.mask))
         results.append({"image": str(path), "score": pr.score, "anomalous": bool(pr.anomalous),

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import ustudents
-from ustudents.engines.bundle import write_bundle
+from ustudents.engines.bundle import check_writable, write_bundle
 from ustudents.engines.model import INPUT_MEAN, INPUT_STD, AnomalyModel
 from ustudents.engines.patchnet import SCALES
 
@@ -65,6 +65,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     device = resolve_device(cfg.device)
     t0 = time.time()
     # Check everything that can be checked before hours of training.
+    check_writable(cfg.out)
     train_all = dataset.train_samples(cfg.data_root, cfg.category)
     fit, val = dataset.split_train_val(train_all, cfg.val_fraction, cfg.student.seed)
     teachers = {p: load_teacher(cfg.teachers, p) for p in cfg.scales}

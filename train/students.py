@@ -79,6 +79,9 @@ def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.nd
 
     Returns the fused students' state dict, the teacher descriptor mean and std, and a record."""
     t0 = time.time()
+    # Adam's second moments of tiny gradients become float32 denormals, which x86 CPUs compute
+    # tens of times slower (measured: Adam's step alone went from 0.02 s to 0.26 s on 9M parameters).
+    torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed * 1000 + p)
     gen = np.random.default_rng(cfg.seed * 1000 + p)
     teacher = PatchNet(p, 1).to(device).eval()

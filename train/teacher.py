@@ -161,6 +161,7 @@ def backbone_descriptors(backbone: nn.Module, patches: torch.Tensor, size: int, 
 def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """Distil one teacher. Returns its PatchNet(1) state dict and a record for the model card."""
     t0 = time.time()
+    torch.set_flush_denormal(True)  # see students.train_students: denormals make CPU Adam crawl
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)

@@ -1,0 +1,369 @@
+"""The command line as a user meets it: `ustudents train/evaluate/predict/calibrate` and
+`ustudents-train`, through click's CliRunner on tiny data.
+
+CPU economy: the session fixture `tiny_bundle` is trained once; commands that run the networks on
+whole images (evaluate, calibrate, re-training) get the smallest data that still exercises them. Tests that need a trained bundle are marked `slow`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import click
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import TINY_CATEGORY, write_image
+from ustudents.cli import main
+from ustudents.engines.bundle import MANIFEST, WEIGHTS, load_bundle, sha256_file, update_manifest
+from ustudents.train import dataset
+from ustudents.train.cli import train_cmd
+
+# ----------------------------------------------------------------------------------------- helpers
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def manifest_of(bundle: Path) -> dict:
+    return json.loads((bundle / MANIFEST).read_text())
+
+
+def assert_ok(result):
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+
+def assert_input_error(result, *needles: str) -> str:
+    """Exit code 2, no traceback, and the error as the last line, one line holding every needle."""
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("Error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    for needle in needles:
+        assert str(needle) in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def copy_dataset(root: Path, dest: Path, keep_train: int | None = None, keep_test: int | None = None) -> Path:
+    """A copy of the tiny dataset; optionally only the first N images of train/good and of each
+    test type (their masks stay). Returns the new root."""
+    shutil.copytree(root, dest)
+    cat = dest / TINY_CATEGORY
+    folders = ([(cat / "train" / "good", keep_train)] +
+               [(d, keep_test) for d in sorted((cat / "test").iterdir())])
+    for folder, keep in folders:
+        if keep is not None:
+            for f in sorted(folder.iterdir())[keep:]:
+                f.unlink()
+    return dest
+
+
+def no_hidden_leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.endswith(".partial")
+            or p.name.startswith("targets-p")]
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+
+
+@pytest.fixture(scope="module")
+def eval_root(tiny_mvtec, tmp_path_factory) -> Path:
+    """The test set cut to one image per type (good, scratch, spot): evaluation still sees every
+    defect type and both labels, at a quarter of the forward passes."""
+    return copy_dataset(tiny_mvtec, tmp_path_factory.mktemp("eval") / "root", keep_test=1)
+
+
+# ----------------------------------------------------------------------------------------- train
+
+@pytest.mark.slow
+def test_train_writes_a_complete_loadable_bundle(tiny_bundle, tiny_mvtec):
+    m = manifest_of(tiny_bundle)
+    assert m["category"] == TINY_CATEGORY
+    assert m["image_size"] == 64
+    assert m["scales"] == [17, 33]
+    assert m["students"] == 2
+    assert set(m["statistics"]) == {"17", "33"}
+    for p, st in m["statistics"].items():
+        assert len(st["desc_mean"]) == 128 and len(st["desc_std"]) == 128, p
+        assert all(s > 0 for s in st["desc_std"]), p
+        assert st["e_sigma"] > 0 and st["v_sigma"] > 0, p
+    assert math.isfinite(m["threshold"]["value"])
+    assert m["threshold"]["target_pixel_fpr"] == pytest.approx(1e-3)
+
+    train_good = tiny_mvtec / TINY_CATEGORY / "train" / "good"
+    data = m["data"]
+    assert data["fingerprint"] == dataset.fingerprint(dataset.train_samples(tiny_mvtec, TINY_CATEGORY))
+    val = data["validation_files"]
+    assert val and len(val) == data["validation_images"] and len(set(val)) == len(val)
+    assert data["train_images"] + data["validation_images"] == len(list(train_good.iterdir()))
+    # calibration never looks at the test set: every validation file is a train/good file
+    assert all((train_good / name).is_file() for name in val)
+
+    assert m["weights"]["sha256"] == sha256_file(tiny_bundle / WEIGHTS)
+    assert m["evaluation"] is None  # --no-evaluate
+    bundle = load_bundle(tiny_bundle)
+    assert bundle.scales == [17, 33] and bundle.students == 2
+    maps, per_scale = bundle.model()(torch.rand(1, 3, 64, 64))
+    assert maps.shape == (1, 64, 64) and per_scale.shape == (1, 2, 64, 64)
+
+    # exactly the bundle's files, and nothing left beside it (partial dirs, target caches)
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == sorted([MANIFEST, WEIGHTS])
+    assert [p.name for p in tiny_bundle.parent.iterdir()] == [tiny_bundle.name]
+
+
+def test_ustudents_train_help_lists_every_default():
+    result = CliRunner().invoke(train_cmd, ["--help"], prog_name="ustudents-train")
+    assert_ok(result)
+    assert result.output.startswith("Usage: ustudents-train [OPTIONS] CATEGORY")
+    text = " ".join(result.output.split())  # help text wraps at the terminal width
+    for shown in ("[default: 100]", "[default: 17,33,65]", "[default: 256]", "[default: 3]",
+                  "[default: 0.0001]", "[default: 0.2]", "[default: auto]", "[default: evaluate]",
+                  "[default: models/CATEGORY]", "[default: the shipped teachers]"):
+        assert shown in text, shown
+    ctx = click.Context(train_cmd)
+    for param in train_cmd.params:
+        if isinstance(param, click.Option) and not param.required:
+            names, help_text = param.get_help_record(ctx)
+            assert "[default:" in help_text, names
+
+
+# -------------------------------------------------------------------------------------- evaluate
+
+@pytest.mark.slow
+def test_evaluate_writes_metrics_overlays_and_manifest(bundle_copy, eval_root, tmp_path):
+    report, overlays = tmp_path / "out" / "results.json", tmp_path / "overlays"
+    result = invoke("evaluate", bundle_copy, "--data-root", eval_root, "--json", report, "--overlays", overlays)
+    assert_ok(result)
+    assert "image_auroc" in result.stdout  # the table
+
+    results = json.loads(report.read_text())
+    for key in ("image_auroc", "pixel_auroc", "au_pro_30"):
+        assert 0.0 <= results[key] <= 1.0, key
+    assert set(results["per_scale"]) == {"17", "33"}
+    assert set(results["per_defect"]) == {"scratch", "spot"}
+    for r in [*results["per_scale"].values(), *results["per_defect"].values()]:
+        assert all(0.0 <= r[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "au_pro_30"))
+    assert results["at_threshold"]["threshold"] == pytest.approx(manifest_of(bundle_copy)["threshold"]["value"])
+
+    samples = dataset.test_samples(eval_root, TINY_CATEGORY)
+    assert results["test_images"] == len(samples) == 3
+    for s in samples:
+        png = overlays / s.defect / f"{s.path.stem}.png"
+        img = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+        assert img is not None and img.shape == (*cv2.imread(str(s.path)).shape[:2], 3), png
+
+    assert manifest_of(bundle_copy)["evaluation"] == results
+    load_bundle(bundle_copy)  # the manifest update kept the bundle valid
+    assert no_hidden_leftovers(bundle_copy) == [] and no_hidden_leftovers(report.parent) == []
+
+
+# --------------------------------------------------------------------------------------- predict
+
+@pytest.mark.slow
+def test_predict_writes_masks_overlays_and_results(tiny_bundle, tiny_mvtec, tmp_path):
+    cat = tiny_mvtec / TINY_CATEGORY
+    images = [cat / "test" / "good" / "000.png", cat / "test" / "scratch" / "001.jpg"]
+    out = tmp_path / "pred"
+    result = invoke("predict", tiny_bundle, *images, "--out", out)
+    assert_ok(result)
+
+    threshold = manifest_of(tiny_bundle)["threshold"]["value"]
+    records = json.loads((out / "results.json").read_text())
+    assert [r["image"] for r in records] == [str(p) for p in images]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == len(images)
+    for image, r, line in zip(images, records, lines):
+        assert line.startswith(str(image)) and f"score {r['score']:.3f}" in line
+        assert ("ANOMALOUS" in line) == r["anomalous"]
+        assert r["anomalous"] == (r["score"] >= threshold)
+        assert r["threshold"] == pytest.approx(threshold)
+
+        h, w = cv2.imread(str(image)).shape[:2]
+        assert (h, w) != (64, 64)  # so "original size" is not the model's size by accident
+        mask = cv2.imread(r["mask"], cv2.IMREAD_UNCHANGED)
+        assert Path(r["mask"]).parent == out and mask.shape == (h, w) and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 255}
+        if not r["anomalous"]:
+            assert not mask.any(), "a mask on an image judged ok"
+        overlay = cv2.imread(r["overlay"], cv2.IMREAD_UNCHANGED)
+        assert overlay.shape == (h, w, 3)
+    assert no_hidden_leftovers(out) == []
+
+
+# ------------------------------------------------------------------------------------- calibrate
+
+@pytest.mark.slow
+def test_calibrate_changes_threshold_and_statistics_only(bundle_copy, tiny_mvtec, tmp_path):
+    update_manifest(bundle_copy, evaluation={"image_auroc": 0.5})  # pretend it was evaluated
+    before = manifest_of(bundle_copy)
+    weights_sha = sha256_file(bundle_copy / WEIGHTS)
+    good = tmp_path / "new-camera"
+    good.mkdir()
+    for f in sorted((tiny_mvtec / TINY_CATEGORY / "test" / "good").iterdir())[:2]:
+        shutil.copy(f, good)
+
+    result = invoke("calibrate", bundle_copy, "--images", good, "--target-fpr", "0.01")
+    assert_ok(result)
+    after = manifest_of(bundle_copy)
+    assert after["threshold"]["target_pixel_fpr"] == 0.01
+    assert after["threshold"]["value"] != before["threshold"]["value"]
+    assert after["threshold"]["source"] == str(good)
+    assert after["evaluation"] is None  # it described the old calibration
+    for p in ("17", "33"):  # the students' targets are not re-estimated
+        assert after["statistics"][p]["desc_mean"] == before["statistics"][p]["desc_mean"]
+        assert after["statistics"][p]["e_sigma"] > 0 and after["statistics"][p]["v_sigma"] > 0
+    assert sha256_file(bundle_copy / WEIGHTS) == weights_sha == after["weights"]["sha256"]
+    assert load_bundle(bundle_copy).threshold == after["threshold"]["value"]
+    assert no_hidden_leftovers(bundle_copy) == []
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+def train_args(root, out, teachers, *extra):
+    return ("train", "--data-root", root, TINY_CATEGORY, "--out", out, "--scales", "17,33", "--students", "2",
+            "--epochs", "1", "--image-size", "64", "--teachers", teachers, "--no-evaluate", "--amp", "off",
+            "--crop", "8", "--batch", "16", *extra)
+
+
+def test_train_missing_data_root(tmp_path, random_teachers):
+    missing = tmp_path / "no-such-root"
+    assert_input_error(invoke(*train_args(missing, tmp_path / "m", random_teachers)), missing)
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_missing_category(tmp_path, tiny_mvtec, random_teachers):
+    result = invoke("train", "--data-root", tiny_mvtec, "cables", "--out", tmp_path / "m",
+                    "--teachers", random_teachers, "--epochs", "1")
+    assert_input_error(result, tiny_mvtec / "cables", "tiles")  # names what is there
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_empty_train_folder(tmp_path, tiny_mvtec, random_teachers):
+    root = copy_dataset(tiny_mvtec, tmp_path / "root", keep_train=0)
+    good = root / TINY_CATEGORY / "train" / "good"
+    assert good.is_dir() and not any(good.iterdir())
+    assert_input_error(invoke(*train_args(root, tmp_path / "m", random_teachers)), good, "no images")
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_corrupt_image_fails_before_writing_anything(tmp_path, tiny_mvtec, random_teachers):
+    root = copy_dataset(tiny_mvtec, tmp_path / "root")
+    bad = root / TINY_CATEGORY / "train" / "good" / "007.jpg"
+    bad.write_bytes(b"\x00garbage, not a JPEG" * 20)
+    models = tmp_path / "models"
+    models.mkdir()
+    assert_input_error(invoke(*train_args(root, models / "tiles", random_teachers)), bad)
+    assert list(models.iterdir()) == []  # no bundle, no hidden partial directory
+
+
+@pytest.mark.slow
+def test_evaluate_mask_of_wrong_size(bundle_copy, tiny_mvtec, tmp_path):
+    root = copy_dataset(tiny_mvtec, tmp_path / "root", keep_test=1)
+    mask = root / TINY_CATEGORY / "ground_truth" / "spot" / "000_mask.png"
+    write_image(mask, np.zeros((10, 12), np.uint8))
+    manifest = (bundle_copy / MANIFEST).read_bytes()
+    overlays = tmp_path / "overlays"
+    result = invoke("evaluate", bundle_copy, "--data-root", root, "--overlays", overlays,
+                    "--json", tmp_path / "r.json")
+    assert_input_error(result, mask)
+    assert (bundle_copy / MANIFEST).read_bytes() == manifest
+    assert not overlays.exists() and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.slow
+def test_bundle_of_another_format_version(bundle_copy, eval_root):
+    m = manifest_of(bundle_copy)
+    m["format_version"] = 99
+    (bundle_copy / MANIFEST).write_text(json.dumps(m))
+    result = invoke("evaluate", bundle_copy, "--data-root", eval_root)
+    assert_input_error(result, bundle_copy / MANIFEST, "format version")
+
+
+@pytest.mark.slow
+def test_bundle_with_damaged_weights(bundle_copy, eval_root, tmp_path):
+    weights = bundle_copy / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    line = assert_input_error(invoke("evaluate", bundle_copy, "--data-root", eval_root), weights)
+    assert "checksum" in line
+    image = eval_root / TINY_CATEGORY / "test" / "good" / "000.png"
+    assert_input_error(invoke("predict", bundle_copy, image, "--out", tmp_path / "p"), weights, "checksum")
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.slow
+def test_bundle_with_missing_weights(bundle_copy, eval_root):
+    (bundle_copy / WEIGHTS).unlink()
+    assert_input_error(invoke("evaluate", bundle_copy, "--data-root", eval_root), bundle_copy / WEIGHTS, "missing")
+
+
+@pytest.mark.slow
+def test_predict_on_a_non_image_file(tiny_bundle, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image\n")
+    out = tmp_path / "pred"
+    assert_input_error(invoke("predict", tiny_bundle, notes, "--out", out), notes)
+    assert not out.exists()
+
+
+def test_unknown_scale_is_a_usage_error(tmp_path, tiny_mvtec, random_teachers):
+    result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", tmp_path / "m",
+                    "--scales", "17,20", "--teachers", random_teachers)
+    assert_input_error(result, "--scales", "17,20")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_gpu(tmp_path, tiny_mvtec, random_teachers, tiny_bundle, eval_root):
+    result = invoke(*train_args(tiny_mvtec, tmp_path / "m", random_teachers, "--device", "cuda"))
+    assert_input_error(result, "--device cuda")
+    assert not (tmp_path / "m").exists()
+    result = invoke("evaluate", tiny_bundle, "--data-root", eval_root, "--device", "cuda")
+    assert_input_error(result, "--device cuda")
+
+
+# ------------------------------------------------------------------------------------- re-train
+
+@pytest.mark.slow
+def test_retraining_replaces_the_bundle_atomically(tmp_path, tiny_mvtec, random_teachers):
+    # 3 training images (2 fit, 1 validation) and one scale: the smallest real training run
+    root = copy_dataset(tiny_mvtec, tmp_path / "root", keep_train=3)
+    models = tmp_path / "models"
+    out = models / "tiles"
+    args = ("train", "--data-root", root, TINY_CATEGORY, "--out", out, "--scales", "17", "--students", "2",
+            "--epochs", "1", "--image-size", "64", "--teachers", random_teachers, "--no-evaluate",
+            "--amp", "off", "--crop", "8", "--batch", "4")
+    assert_ok(invoke(*args, "--seed", "0"))
+    first = manifest_of(out)
+    (out / "notes.txt").write_text("left by a user in the old bundle\n")
+
+    assert_ok(invoke(*args, "--seed", "1"))
+    second = manifest_of(out)
+    assert second["training"]["student"]["seed"] == 1
+    assert second["weights"]["sha256"] != first["weights"]["sha256"]
+    assert (second["id"], second["created"]) != (first["id"], first["created"]) or \
+        second["weights"]["sha256"] != first["weights"]["sha256"]
+    # the directory is the new bundle as a whole, not the new files written over the old ones
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, WEIGHTS])
+    assert load_bundle(out).manifest["weights"]["sha256"] == sha256_file(out / WEIGHTS)
+    assert [p.name for p in models.iterdir()] == ["tiles"]  # no .old-*/.partial leftovers
+
+
+def test_predict_keeps_outputs_of_images_sharing_a_file_name_apart(tiny_bundle, tiny_mvtec, tmp_path):
+    good, bad = tiny_mvtec / "tiles" / "test" / "good" / "000.png", tiny_mvtec / "tiles" / "test" / "scratch" / "000.png"
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(main, ["predict", str(tiny_bundle), str(good), str(bad), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records = json.loads((out / "results.json").read_text())
+    assert len({r["mask"] for r in records}) == 2 and all(Path(r["mask"]).is_file() for r in records)
