@@ -41,22 +41,23 @@ def machine(device: torch.device) -> dict:
 @click.option("--data-root", type=click.Path(path_type=Path), default=REPO.parent / "shared" / "datasets", show_default=True)
 @click.option("--category", default="magnetic_tile", show_default=True)
 @click.option("--image-size", default=128, show_default=True)
-@click.option("--epochs", default=3, show_default=True)
+@click.option("--epochs", default=5, show_default=True)
 @click.option("--crop", default=32, show_default=True)
+@click.option("--batch", default=8, show_default=True)
 @click.option("--students", default=3, show_default=True)
 @click.option("--scales", default="17,33,65", show_default=True)
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=REPO / "runs" / "magnetic_tile", show_default=True)
 @click.option("--name", default="magnetic_tile_cpu", show_default=True, help="Result file name under benchmarks/results.")
-def main(data_root, category, image_size, epochs, crop, students, scales, precision, device, out, name):
+def main(data_root, category, image_size, epochs, crop, batch, students, scales, precision, device, out, name):
     if not (data_root / category / "train" / "good").is_dir():
         raise click.ClickException(f"{data_root / category}: dataset not found; pass --data-root (skipped)")
     dev = resolve_device(device)
     bf16 = precision == "bf16"
     cfg = TrainConfig(category=category, data_root=data_root, out=out, scales=[int(s) for s in scales.split(",")],
                       image_size=image_size, device=str(dev),
-                      student=StudentConfig(students=students, epochs=epochs, crop=crop, amp=bf16))
+                      student=StudentConfig(students=students, epochs=epochs, crop=crop, batch=batch, amp=bf16))
     t0 = time.time()
     path = train(cfg, log=click.echo)
     train_s = time.time() - t0
@@ -66,12 +67,12 @@ def main(data_root, category, image_size, epochs, crop, students, scales, precis
     record = {
         "summary": {"dataset": category, "au_pro_30": results["au_pro_30"], "image_auroc": results["image_auroc"],
                     "pixel_auroc": results["pixel_auroc"], "device": machine(dev).get("gpu", machine(dev)["cpu"])},
-        "settings": {"image_size": image_size, "epochs": epochs, "crop": crop, "students": students,
+        "settings": {"image_size": image_size, "epochs": epochs, "crop": crop, "batch": batch, "students": students,
                      "scales": cfg.scales, "precision": precision, "teachers": "shipped defaults"},
         "machine": machine(dev),
         "wall_s": {"train_and_calibrate": round(train_s, 1), "evaluate": results["wall_s"]},
         "command": f"python benchmarks/train_magnetic_tile.py --image-size {image_size} --epochs {epochs} "
-                   f"--crop {crop} --students {students} --scales {scales} --precision {precision} --name {name}",
+                   f"--crop {crop} --batch {batch} --students {students} --scales {scales} --precision {precision} --name {name}",
         "evaluation": results,
         "training": load_bundle(path).manifest["training"],
     }

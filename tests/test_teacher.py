@@ -52,3 +52,23 @@ def test_resnet18_loads_a_torchvision_format_file(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(BackboneError, match="not torchvision ResNet-18"):
         build_backbone("resnet18", str(path))
+
+
+def test_shipped_default_teachers_load_for_every_scale():
+    # `ustudents-train` must work without pretraining: the package carries a teacher per scale,
+    # with the record of how it was made.
+    from ustudents.engines.patchnet import SCALES
+    from ustudents.train.teacher_files import DEFAULT_DIR, load_teacher, read_records
+
+    records = read_records(DEFAULT_DIR)
+    for p in SCALES:
+        assert load_teacher(DEFAULT_DIR, p)
+        assert records[str(p)]["config"]["backbone"] == "efficientnet-lite0"
+    assert (DEFAULT_DIR / "MODEL_CARD.md").is_file()
+
+
+def test_missing_teacher_names_the_file_and_the_command(tmp_path):
+    from ustudents.train.teacher_files import TeacherFileError, load_teacher
+
+    with pytest.raises(TeacherFileError, match="ustudents teacher --scales 33"):
+        load_teacher(tmp_path, 33)

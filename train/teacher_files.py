@@ -31,6 +31,7 @@ def save_teacher(folder: Path, p: int, state: dict[str, torch.Tensor], record: d
     path = teacher_path(folder, p)
     tmp = path.with_suffix(".partial")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    tmp.chmod(0o644)  # safetensors writes 0600; teachers are read by other users too
     os.replace(tmp, path)
     records = read_records(folder)
     records[str(p)] = record
