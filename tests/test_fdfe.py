@@ -56,3 +56,18 @@ def test_fused_networks_equal_their_parts(p):
 def test_unknown_scale_is_refused():
     with pytest.raises(ValueError, match="p=20"):
         PatchNet(20)
+
+
+@pytest.mark.parametrize("p", SCALES)
+def test_training_crop_targets_are_an_exact_slice_of_the_dense_output(p):
+    # Student training runs the dense network on a window of the padded image and regresses the
+    # matching slice of the cached full-image teacher descriptors; the two must line up exactly.
+    torch.manual_seed(1)
+    net = PatchNet(p).eval()
+    image = torch.randn(1, 3, 72, 72)
+    padded = net.pad(image)
+    rf, crop, r, c = net.geometry.rf, 16, 30, 5
+    with torch.no_grad():
+        full = net.dense(padded)
+        window = net.dense(padded[:, :, r:r + crop + rf - 1, c:c + crop + rf - 1])
+    assert (window - full[..., r:r + crop, c:c + crop]).abs().max() <= 1e-4

@@ -1,0 +1,29 @@
+"""ONNX export of the whole multi-scale model: networks and scoring head in one graph.
+
+Static spatial size (the bundle's image size), dynamic batch. Exported with PyTorch's TorchScript
+exporter (`dynamo=False`): it needs no extra packages and maps our FDFE ops one to one onto ONNX
+Conv (with dilations), Slice, Max, Pad (reflect) and reductions, all of which TensorRT imports.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from .model import AnomalyModel
+
+INPUT = "images"  # float32 (B, 3, S, S) in [0, 1]
+OUTPUTS = ("anomaly_map", "scale_maps")  # (B, S, S) and (B, n_scales, S, S)
+OPSET = 17
+
+
+def export_onnx(model: AnomalyModel, image_size: int, path: Path) -> Path:
+    model = model.eval().float()
+    example = torch.rand(1, 3, image_size, image_size)
+    dynamic = {name: {0: "batch"} for name in (INPUT, *OUTPUTS)}
+    with warnings.catch_warnings():  # the legacy exporter's deprecation and constant-folding notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), input_names=[INPUT], output_names=list(OUTPUTS),
+                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
+    return Path(path)
