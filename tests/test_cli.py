@@ -367,3 +367,38 @@ def test_predict_keeps_outputs_of_images_sharing_a_file_name_apart(tiny_bundle, 
     assert result.exit_code == 0, result.output
     records = json.loads((out / "results.json").read_text())
     assert len({r["mask"] for r in records}) == 2 and all(Path(r["mask"]).is_file() for r in records)
+
+
+def test_ctrl_c_during_training_leaves_no_bundle_and_no_temporaries(tmp_path, tiny_mvtec, random_teachers, monkeypatch):
+    import ustudents.train.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C after the students were trained
+
+    monkeypatch.setattr(pipeline, "calibrate", interrupted)
+    out = tmp_path / "models" / "tiles"
+    result = CliRunner().invoke(main, train_args(tiny_mvtec, out, random_teachers, "--scales", "17", "--crop", "8",
+                                                 "--batch", "16"))
+    assert result.exit_code != 0
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []  # the cached teacher targets went too
+
+
+def test_teacher_command_distils_from_a_folder_of_images(tmp_path, tiny_mvtec):
+    out = tmp_path / "teachers"
+    images = tiny_mvtec / TINY_CATEGORY / "train" / "good"
+    result = invoke("teacher", "--scales", "17", "--images", images, "--patches", 64, "--steps", 3, "--batch", 16,
+                    "--backbone-input", 32, "--lambda-m", 1, "--out", out, "--amp", "off")
+    assert_ok(result)
+    from ustudents.train.teacher_files import load_teacher, read_records
+
+    assert load_teacher(out, 17)
+    record = read_records(out)["17"]
+    assert record["config"]["images"] == str(images) and record["config"]["lambda_m"] == 1.0
+    assert len(record["loss_history"]) >= 1
+
+
+def test_teacher_command_refuses_a_folder_without_images(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_input_error(invoke("teacher", "--scales", "17", "--images", empty, "--out", tmp_path / "t"), str(empty))
