@@ -10,31 +10,19 @@ of the fused model) and a markdown summary beside it, with the machine and the w
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
 import click
-import torch
 
+from common import device_label, machine, write_result
 from ustudents.engines.bundle import load_bundle
+from ustudents.engines.runtime import load_engine, resolve_device
 from ustudents.train.evaluate import evaluate, format_table
-from ustudents.train.pipeline import TrainConfig, resolve_device, train
+from ustudents.train.pipeline import TrainConfig, train
 from ustudents.train.students import StudentConfig
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 @click.command()
@@ -61,12 +49,13 @@ def main(data_root, category, image_size, epochs, crop, batch, students, scales,
     t0 = time.time()
     path = train(cfg, log=click.echo)
     train_s = time.time() - t0
-    results = evaluate(load_bundle(path), data_root, dev, bf16=bf16, log=click.echo)
+    engine = load_engine(path, backend="torch", device=dev, precision=precision, max_batch=4)
+    results = evaluate(engine, data_root, log=click.echo)
     table = format_table(results)
     click.echo(table)
     record = {
         "summary": {"dataset": category, "au_pro_30": results["au_pro_30"], "image_auroc": results["image_auroc"],
-                    "pixel_auroc": results["pixel_auroc"], "device": machine(dev).get("gpu", machine(dev)["cpu"])},
+                    "pixel_auroc": results["pixel_auroc"], "device": device_label(machine(dev))},
         "settings": {"image_size": image_size, "epochs": epochs, "crop": crop, "batch": batch, "students": students,
                      "scales": cfg.scales, "precision": precision, "teachers": "shipped defaults"},
         "machine": machine(dev),
@@ -76,15 +65,12 @@ def main(data_root, category, image_size, epochs, crop, batch, students, scales,
         "evaluation": results,
         "training": load_bundle(path).manifest["training"],
     }
-    dest = REPO / "benchmarks" / "results"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (dest / f"{name}.md").write_text(
+    path = write_result(name, record,
         f"# {category}: {name}\n\nMachine: {record['machine']['cpu']} ({record['machine']['cores']} threads), "
         f"device {dev}.\nSettings: {json.dumps(record['settings'])}.\n"
         f"Wall time: train+calibrate {train_s / 60:.1f} min, evaluate {results['wall_s'] / 60:.1f} min.\n\n"
         f"```\n{table}\n```\n\nReproduce: `{record['command']}`\n")
-    click.echo(f"wrote {dest / name}.json and .md")
+    click.echo(f"wrote {path} and .md")
 
 
 if __name__ == "__main__":

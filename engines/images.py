@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -54,11 +55,33 @@ def read_mask(path: str | Path) -> np.ndarray:
     return img > 0
 
 
+def frame_tensor(frame: np.ndarray) -> torch.Tensor:
+    """A decoded camera frame, uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), as uint8 RGB (3, H, W)."""
+    arr = np.asarray(frame)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)) \
+            or arr.size == 0:
+        raise ImageError(f"frame of dtype {arr.dtype} and shape {arr.shape}: expected a non-empty uint8 image "
+                         "(H, W) gray or (H, W, 3) RGB, as decode_image returns")
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+    return t[:3].expand(3, -1, -1) if t.shape[0] == 1 else t[:3]
+
+
+def resize_tensor(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize float (N, C, H, W) to `size` (a square side or (h, w)): bilinear with antialiasing,
+    so shrinking averages like area interpolation. The one resize used everywhere (training,
+    calibration, every engine, on whatever device holds the tensor), so that scores measured in
+    calibration hold in production."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(images.shape[-2:]) == size:
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize an (H, W, 3) uint8 image to (size, size); area averaging when shrinking."""
-    h, w = image.shape[:2]
-    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interp)
+    """Resize an (H, W, 3) uint8 image to (size, size) uint8 with `resize_tensor`."""
+    x = resize_tensor(frame_tensor(image)[None].float(), size)
+    return x[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

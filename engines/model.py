@@ -40,7 +40,9 @@ class ScaleEnsemble(nn.Module):
         """Normalized input (B, 3, H, W) -> e, v, each (B, H, W)."""
         # float32 from here on: under bfloat16 autocast only the networks run in reduced precision,
         # the sums of squares over 128 channels do not.
-        out = self.net.dense_image(x).float()  # (B, M+1, 128, H, W)
+        # The input takes the networks' dtype, so a half-precision copy of the networks (the fp16
+        # engine export) runs in fp16 while the scoring head stays float32.
+        out = self.net.dense_image(x.to(self.net.convs[0].weight.dtype)).float()  # (B, M+1, 128, H, W)
         y = standardize(out[:, 0], self.desc_mean, self.desc_std)
         mu = out[:, 1:]
         return regression_error(mu, y), predictive_variance(mu)

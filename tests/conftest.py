@@ -5,6 +5,7 @@ read-only (copy it with shutil.copytree to tmp_path before changing anything).
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -113,3 +114,15 @@ def tiny_bundle(tmp_path_factory, tiny_mvtec, random_teachers) -> Path:
         "--crop", "8", "--batch", "16", "--val-fraction", "0.1"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """tiny_bundle served at 32 px (a copy with image_size 32): the same networks and statistics at
+    a quarter of the CPU time, for tests of what surrounds the networks. Read-only."""
+    from ustudents.engines.bundle import update_manifest
+
+    path = tmp_path_factory.mktemp("small-bundle") / "tiles-32"
+    shutil.copytree(tiny_bundle, path)
+    update_manifest(path, image_size=32)
+    return path

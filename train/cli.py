@@ -5,14 +5,15 @@ naming the file and the fix, with exit code 2; tracebacks are left for bugs.
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
 import torch
 
 from ustudents.engines.bundle import BundleError, load_bundle, update_manifest
+from ustudents.engines.cli import InputError, engine_options, user_errors_for
 from ustudents.engines.images import ImageError, IMAGE_SUFFIXES
+from ustudents.engines.runtime import EngineError, native_bf16, resolve_device
 from ustudents.engines.patchnet import SCALES
 
 from .backbones import BACKBONES, BackboneError
@@ -22,23 +23,10 @@ from .teacher import SKIMAGE_SOURCE, TeacherConfig, TeacherError
 from .teacher_files import DEFAULT_DIR, TeacherFileError
 
 INPUT_ERRORS = (DatasetError, BundleError, ImageError, BackboneError, CalibrationError, TeacherError,
-                TeacherFileError, ValueError, FileNotFoundError, PermissionError)
+                TeacherFileError, EngineError, ValueError, FileNotFoundError, PermissionError)
 
 
-class InputError(click.ClickException):
-    """Bad input from the user: printed as one line, exit code 2."""
-
-    exit_code = 2
-
-
-def user_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except INPUT_ERRORS as err:
-            raise InputError(str(err)) from None
-    return wrapper
+user_errors = user_errors_for(INPUT_ERRORS)
 
 
 def parse_scales(ctx, param, value: str) -> list[int]:
@@ -51,14 +39,8 @@ def parse_scales(ctx, param, value: str) -> list[int]:
     return scales
 
 
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def resolve_amp(amp: str, device: torch.device) -> bool:
-    return bf16_supported(device) if amp == "auto" else amp == "on"
+    return native_bf16(device) if amp == "auto" else amp == "on"
 
 
 scales_option = click.option("--scales", default="17,33,65", show_default=True, callback=parse_scales,
@@ -101,7 +83,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
               weight_decay, crop, val_fraction, target_fpr, teachers, amp, evaluate):
     """Train the student ensembles of CATEGORY and write a calibrated model bundle."""
     from .evaluate import evaluate as run_evaluation, format_table
-    from .pipeline import TrainConfig, resolve_device, train
+    from .pipeline import TrainConfig, train
     from .students import StudentConfig
 
     dev = resolve_device(device)
@@ -112,7 +94,9 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
                                             weight_decay=weight_decay, crop=crop, amp=resolve_amp(amp, dev), seed=seed))
     path = train(cfg, log=click.echo)
     if evaluate:
-        results = run_evaluation(load_bundle(path), data_root, dev, bf16=cfg.student.amp, log=click.echo)
+        from ustudents.engines.runtime import load_engine
+        engine = load_engine(path, backend="torch", device=dev, precision="bf16" if cfg.student.amp else "fp32")
+        results = run_evaluation(engine, data_root, log=click.echo)
         click.echo(format_table(results))
 
 
@@ -143,7 +127,6 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
 def teacher_cmd(scales, out, backbone, backbone_weights, backbone_input, images, patches, steps, batch, lr,
                 weight_decay, lambda_k, lambda_c, lambda_m, margin, seed, device, amp):
     """Distil teacher patch networks from a pretrained ImageNet CNN."""
-    from .pipeline import resolve_device
     from .teacher import train_teacher
     from .teacher_files import save_teacher
 
@@ -171,7 +154,6 @@ def calibrate_cmd(model, images, target_fpr, device):
     """Re-estimate e/v statistics and the threshold of MODEL on new good images, without retraining."""
     from .calibrate import calibrate
     from .dataset import Sample, load_images
-    from .pipeline import resolve_device
 
     bundle = load_bundle(model)
     files = sorted(f for f in Path(images).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if Path(images).is_dir() else []
@@ -184,10 +166,14 @@ def calibrate_cmd(model, images, target_fpr, device):
     for p, s in stats.items():
         statistics[str(p)].update(e_mu=s.e_mu, e_sigma=s.e_sigma, v_mu=s.v_mu, v_sigma=s.v_sigma)
     threshold["source"] = str(images)
-    # The stored evaluation described the old calibration; it no longer applies.
-    update_manifest(model, statistics=statistics, threshold=threshold, evaluation=None)
+    # The stored evaluation described the old calibration, and built engines bake the old statistics
+    # in: neither applies any more.
+    update_manifest(model, statistics=statistics, threshold=threshold, evaluation=None, engines=[])
     click.echo(f"{model}: recalibrated on {len(files)} images; threshold {threshold['value']:.4f} "
                f"(pixel FPR {fpr}; flags {threshold['validation_image_fpr']:.1%} of these images)")
+    if bundle.manifest.get("engines"):
+        click.echo(f"{model}: its built engines held the old statistics and were dropped; rebuild with "
+                   f"`ustudents build-engines {model}`")
 
 
 @click.command("evaluate")
@@ -196,17 +182,17 @@ def calibrate_cmd(model, images, target_fpr, device):
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 @click.option("--overlays", type=click.Path(path_type=Path), default=None, help="Write a heatmap overlay per test image here.")
 @click.option("--batch", default=4, show_default=True, help="Images per forward pass.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16 runs the networks under bfloat16 autocast (scores stay float32).")
-@device_option
+@engine_options
 @user_errors
-def evaluate_cmd(model, data_root, json_file, overlays, batch, precision, device):
+def evaluate_cmd(model, data_root, json_file, overlays, batch, backend, precision, device):
     """Image AUROC, pixel AUROC and AU-PRO (FPR <= 0.3) of MODEL on its category's test set."""
-    from .evaluate import evaluate, format_table, write_json
-    from .pipeline import resolve_device
+    from ustudents.engines.runtime import load_engine
 
-    results = evaluate(load_bundle(model), data_root, resolve_device(device), overlays, batch,
-                       bf16=precision == "bf16", log=click.echo)
+    from .evaluate import evaluate, format_table, write_json
+
+    engine = load_engine(model, backend, device, precision, max_batch=batch)
+    click.echo(f"engine: {engine.describe()}")
+    results = evaluate(engine, data_root, overlays, log=click.echo)
     click.echo(format_table(results))
     if json_file:
         write_json(json_file, results)
@@ -216,14 +202,15 @@ def evaluate_cmd(model, data_root, json_file, overlays, batch, precision, device
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for masks, overlays and results.json.")
-@device_option
+@engine_options
 @user_errors
-def predict_cmd(model, images, out, device):
+def predict_cmd(model, images, out, backend, precision, device):
     """Score IMAGE files: per image its score, verdict, mask PNG and heatmap overlay PNG."""
-    from .evaluate import predict
-    from .pipeline import resolve_device
+    from ustudents.engines.runtime import load_engine
 
-    for r in predict(load_bundle(model), list(images), out, resolve_device(device)):
+    from .evaluate import predict
+
+    for r in predict(load_engine(model, backend, device, precision), list(images), out):
         verdict = "ANOMALOUS" if r["anomalous"] else "ok"
         click.echo(f"{r['image']}\tscore {r['score']:.3f}\t{verdict}\tmask {r['mask']}")
 

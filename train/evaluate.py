@@ -10,10 +10,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from ustudents.engines.bundle import Bundle, update_manifest
+from ustudents.engines.bundle import update_manifest
 from ustudents.engines.images import read_image
-from ustudents.engines.inference import anomaly_maps, heatmap_overlay, predict_frames
+from ustudents.engines.overlay import heatmap_overlay
+from ustudents.engines.runtime import Engine, map_to_frame
 
 from . import dataset
 from .metrics import au_pro, image_auroc, pixel_auroc
@@ -41,10 +43,22 @@ def at_threshold(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, thresh
             "pixel_tpr": float(over[masks].mean()) if masks.any() else None}
 
 
-def evaluate(bundle: Bundle, data_root: Path, device: torch.device, overlays: Path | None = None,
-             batch: int = 4, bf16: bool = False, log=print) -> dict:
-    """Evaluate on DATA_ROOT/<category>/test; returns the results and stores them in the manifest."""
+def engine_maps(engine: Engine, images: np.ndarray, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, S, S, 3) -> fused (N, S, S) and per-scale (N, n_scales, S, S) maps, float32."""
+    fused, scales = [], []
+    step = engine.max_batch
+    for i in tqdm(range(0, len(images), step), desc=desc, unit="batch", leave=False, disable=desc is None):
+        f, s = engine.maps(list(images[i:i + step]))
+        fused.append(f.cpu().numpy())
+        scales.append(s.cpu().numpy())
+    return np.concatenate(fused), np.concatenate(scales)
+
+
+def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=print) -> dict:
+    """Evaluate the engine's bundle on DATA_ROOT/<category>/test; returns the results and stores them
+    in the bundle's manifest."""
     t0 = time.time()
+    bundle = engine.bundle
     category, size = bundle.manifest["category"], bundle.image_size
     samples = dataset.test_samples(data_root, category)
     labels = np.array([s.defect != dataset.GOOD for s in samples])
@@ -53,10 +67,10 @@ def evaluate(bundle: Bundle, data_root: Path, device: torch.device, overlays: Pa
                                    "images to compute AUROC")
     masks = dataset.load_masks(samples, size)
     images = dataset.load_images(samples, size, desc="loading test images")
-    fused, per_scale = anomaly_maps(bundle.model(), images, device, batch, desc="evaluating", bf16=bf16)
+    fused, per_scale = engine_maps(engine, images, desc="evaluating")
     results = {"category": category, "bundle": bundle.manifest["id"], "test_images": len(samples),
                "image_size": size, "image_score": "max of the anomaly map",
-               "precision": "bf16" if bf16 else "fp32",
+               "backend": engine.backend, "precision": engine.precision, "device": engine.describe(),
                **metrics_for(fused, masks, labels)}
     results["per_scale"] = {str(p): metrics_for(per_scale[:, k], masks, labels) for k, p in enumerate(bundle.scales)}
     good = ~labels
@@ -76,8 +90,7 @@ def evaluate(bundle: Bundle, data_root: Path, device: torch.device, overlays: Pa
 def write_overlays(folder: Path, samples: list[dataset.Sample], maps: np.ndarray, threshold: float) -> None:
     for s, m in zip(samples, maps):
         frame = read_image(s.path)
-        h, w = frame.shape[:2]
-        full = cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)
+        full = map_to_frame(torch.from_numpy(m), frame.shape[:2]).numpy()
         out = folder / s.defect / f"{s.path.stem}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         write_png(out, heatmap_overlay(frame, full, threshold, full >= threshold))
@@ -96,11 +109,12 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def predict(bundle: Bundle, paths: list[Path], out: Path, device: torch.device) -> list[dict]:
+def predict(engine: Engine, paths: list[Path], out: Path) -> list[dict]:
     """Score images; write <out>/<stem>_mask.png, <stem>_overlay.png and results.json (names are
     prefixed with index and folder when two images share a file name)."""
+    bundle = engine.bundle
     frames = [read_image(p) for p in paths]
-    preds = predict_frames(bundle.model(), frames, bundle.image_size, bundle.threshold, device)
+    preds = engine.predict(frames)
     out.mkdir(parents=True, exist_ok=True)
     names = [p.stem for p in paths]
     if len(set(names)) < len(names):  # e.g. good/000.png and crack/000.png: keep every output apart

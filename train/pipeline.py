@@ -13,6 +13,7 @@ import ustudents
 from ustudents.engines.bundle import check_writable, write_bundle
 from ustudents.engines.model import INPUT_MEAN, INPUT_STD, AnomalyModel
 from ustudents.engines.patchnet import SCALES
+from ustudents.engines.runtime import resolve_device
 
 from . import dataset
 from .calibrate import DEFAULT_TARGET_FPR, calibrate
@@ -34,14 +35,6 @@ class TrainConfig:
     teachers: Path = DEFAULT_DIR
     device: str = "auto"
     student: StudentConfig = field(default_factory=StudentConfig)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
-    return torch.device(name)
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -102,7 +95,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         "scales": cfg.scales,
         "students": cfg.student.students,
         "input": {"channels": "RGB", "range": [0, 1], "mean": list(INPUT_MEAN), "std": list(INPUT_STD),
-                  "resize": "square, area when shrinking", "padding": "reflect"},
+                  "resize": "square, bilinear with antialiasing (images.resize_tensor)", "padding": "reflect"},
         "statistics": statistics,
         "threshold": threshold,
         "training": {"student": asdict(cfg.student), "val_fraction": cfg.val_fraction, "device": str(device),

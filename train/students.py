@@ -67,6 +67,22 @@ def descriptor_stats(desc: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(np.maximum(std, 1e-6), dtype=torch.float32)
 
 
+def crop_window(gen: np.random.Generator, size: int, crop: int) -> tuple[int, slice]:
+    """A random training window along an axis of `size` pixels: (start of the `crop`-pixel window
+    computed, slice of it that is trained on).
+
+    The window is drawn as if it could hang over the image's edge (start in [-(crop-1), size-1]),
+    computed where it fits inside, and trained only on the pixels the drawn window covers. Every
+    pixel is then trained on equally often, border pixels included; with starts drawn in
+    [0, size - crop] a border pixel would be trained on `crop` times less often than a central one,
+    and its regression error, hence the image score, would be highest there."""
+    if crop >= size:  # whole images (the paper's setting)
+        return 0, slice(0, size)
+    drawn = int(gen.integers(-(crop - 1), size))
+    start = min(max(drawn, 0), size - crop)
+    return start, slice(max(drawn, 0) - start, min(drawn + crop, size) - start)
+
+
 def student_loss(mu: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Eq. 5, summed over the M independent students: sum_i mean_pixels || mu_i - y ||^2.
     mu: (B, M, 128, H, W), y: (B, 128, H, W)."""
@@ -109,13 +125,13 @@ def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.nd
             total = 0.0
             for s in range(steps_per_epoch):
                 idx = np.sort(order[s * cfg.batch:(s + 1) * cfg.batch])
-                r, c = (int(v) for v in gen.integers(0, size - crop + 1, size=2))
+                (r, rows), (c, cols) = crop_window(gen, size, crop), crop_window(gen, size, crop)
                 x = padded[idx, :, r:r + crop + rf - 1, c:c + crop + rf - 1].to(device)
-                t = torch.from_numpy(targets[idx, 0, :, r:r + crop, c:c + crop].astype(np.float32)).to(device)
-                y = standardize(t, mean_d, std_d)
+                t = torch.from_numpy(targets[idx, 0, :, r:r + crop, c:c + crop][..., rows, cols].astype(np.float32))
+                y = standardize(t.to(device), mean_d, std_d)
                 with autocast(device, cfg.amp):
                     mu = students.dense(x)
-                loss = student_loss(mu.float(), y)
+                loss = student_loss(mu.float()[..., rows, cols], y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

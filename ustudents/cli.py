@@ -12,11 +12,16 @@ def main() -> None:
     """Student-teacher anomaly detection (Uninformed Students, CVPR 2020) for visual inspection."""
 
 
-def _register() -> None:
-    from ustudents.train.cli import COMMANDS
+# Each room's cli module exports COMMANDS; the group gathers them.
+ROOMS = ("ustudents.train.cli", "ustudents.engines.cli", "ustudents.worker.cli", "ustudents.demo")
 
-    for command in COMMANDS:
-        main.add_command(command)
+
+def _register() -> None:
+    import importlib
+
+    for room in ROOMS:
+        for command in importlib.import_module(room).COMMANDS:
+            main.add_command(command)
 
 
 _register()

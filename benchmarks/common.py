@@ -1,0 +1,56 @@
+"""What every benchmark shares: a description of the machine it ran on, and latency percentiles."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def machine(device: torch.device) -> dict:
+    """CPU model and core count, instruction sets that decide CPU speed, GPU name, software."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "cpu_features": sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16",
+                                                             "avx512_vnni", "avx_vnni"}),
+           "torch": torch.__version__, "device": str(device),
+           "python": platform.python_version(), "os": platform.platform()}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def device_label(info: dict) -> str:
+    """The `summary.device` string: the GPU name, else the CPU model and its core count."""
+    return info.get("gpu") or f"{info['cpu']} ({info['cores']} cores)"
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    a = np.asarray(values)
+    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "n": int(a.size)}
+
+
+def write_result(name: str, record: dict, markdown: str) -> Path:
+    """benchmarks/results/<name>.json (the record) and <name>.md (the summary); returns the JSON path."""
+    import json
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)
+    return RESULTS / f"{name}.json"

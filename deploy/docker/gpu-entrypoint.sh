@@ -1,0 +1,11 @@
+#!/bin/sh
+# GPU image entrypoint: TensorRT plans for this GPU first (built once into the engine cache when a
+# bundle has none), then the worker, with USTUDENTS_MODEL pointing at bundles that have them.
+set -eu
+if [ -z "${USTUDENTS_MODEL:-}" ]; then
+    echo "USTUDENTS_MODEL is not set: give the bundle directory (or several, comma-separated), e.g. /models/magnetic_tile" >&2
+    exit 2
+fi
+USTUDENTS_MODEL="$(python /opt/ustudents/prepare_engines.py)"
+export USTUDENTS_MODEL
+exec ustudents-worker "$@"

@@ -1,0 +1,97 @@
+"""Command-line commands of the engines room (`build-engines`), and the backend options that
+`evaluate` and `predict` share with it."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from .bundle import BundleError, load_bundle
+from .images import IMAGE_SUFFIXES, ImageError, read_image
+from .runtime import BACKENDS, PRECISIONS, EngineError
+
+
+class InputError(click.ClickException):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+    exit_code = 2
+
+
+def user_errors_for(errors: tuple[type[Exception], ...]):
+    """A decorator turning the expected failures `errors` into InputError (one line, exit 2);
+    anything else is a bug and keeps its traceback."""
+    def decorator(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except errors as err:
+                raise InputError(str(err)) from None
+        return wrapper
+    return decorator
+
+
+user_errors = user_errors_for((BundleError, EngineError, ImageError, ValueError, FileNotFoundError, PermissionError))
+
+
+def engine_options(fn):
+    """--backend, --precision and --device, as `load_engine` takes them."""
+    fn = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                      help="auto = cuda when PyTorch sees a GPU, else cpu.")(fn)
+    fn = click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+                      help="Network precision.  [default: fp32 for torch; for built engines, the one built]")(fn)
+    fn = click.option("--backend", type=click.Choice(("auto",) + BACKENDS), default="auto", show_default=True,
+                      help="auto = the fastest present: tensorrt on a GPU with a plan for it; onnxruntime on CPU "
+                           "with an fp32 ONNX engine; else torch. onnxruntime and tensorrt need "
+                           "`ustudents build-engines` first.")(fn)
+    return fn
+
+
+def good_frames(folder: Path | None, limit: int = 8) -> list:
+    """Up to `limit` images from a folder, for parity checks on real images."""
+    if folder is None:
+        return []
+    files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if Path(folder).is_dir() else []
+    if not files:
+        raise InputError(f"{folder}: no images ({'/'.join(IMAGE_SUFFIXES)}); give a folder of good images")
+    return [read_image(f) for f in files[:limit]]
+
+
+@click.command("build-engines")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
+              help="onnx: an ONNX Runtime engine (any machine); tensorrt: a plan for this machine's GPU.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16 exports the networks in half precision with the scoring head in fp32.")
+@click.option("--max-batch", default=8, show_default=True, help="Largest batch the engine serves.")
+@click.option("--check-images", type=click.Path(path_type=Path), default=None,
+              help="Good images for the parity check against PyTorch.  [default: random noise images]")
+@user_errors
+def build_engines_cmd(model, backend, precision, max_batch, check_images):
+    """Export MODEL's fused ensemble to ONNX, check it against PyTorch and store it in the bundle;
+    with --backend tensorrt, also build a TensorRT plan for this GPU."""
+    from .onnx_engine import ParityError, build_onnx
+
+    if max_batch < 1:
+        raise InputError(f"--max-batch {max_batch}: must be at least 1")
+    bundle = load_bundle(model)
+    if backend == "tensorrt":
+        from .tensorrt_build import require_tensorrt
+        require_tensorrt()
+    frames = good_frames(check_images)
+    try:
+        entry = build_onnx(bundle, precision, max_batch, frames)
+    except ParityError as err:
+        raise click.ClickException(str(err)) from None
+    p = entry["parity"]
+    click.echo(f"{bundle.path / entry['file']}: ONNX Runtime vs PyTorch on {p['images']} {p['on']}: max |diff| "
+               f"{p['max_abs_diff']:.2e} (tolerance {p['tolerance']}), masks agree on {p['mask_agreement']:.4%} of pixels")
+    if backend == "tensorrt":
+        from .tensorrt_build import build_tensorrt
+        entry = build_tensorrt(bundle, precision, max_batch)
+        click.echo(f"{bundle.path / entry['file']}: TensorRT {entry['tensorrt_version']} {precision} plan for "
+                   f"{entry['gpu']}, batch 1..{max_batch}")
+
+
+COMMANDS = (build_engines_cmd,)

@@ -1,0 +1,135 @@
+"""ONNX engines: export the fused multi-scale model into the bundle, check it under ONNX Runtime
+against PyTorch, and run it.
+
+An engine file is `<bundle>/engines/model-<precision>.onnx`, listed in the manifest's `engines`
+with its checksum, batch limit and the parity measured when it was built:
+
+    {"backend": "onnx", "precision": "fp32", "file": "engines/model-fp32.onnx", "sha256": ...,
+     "max_batch": 8, "image_size": 256, "parity": {"max_abs_diff": ..., "tolerance": ..., ...}}
+
+Precisions: fp32, and fp16 as a mixed-precision graph (networks in fp16, the scoring head in fp32),
+the form a strongly typed TensorRT network builds from unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bundle import Bundle, sha256_file, update_manifest
+from .export import INPUT, export_onnx
+from .model import AnomalyModel
+
+ENGINE_DIR = "engines"
+ONNX_PRECISIONS = ("fp32", "fp16")
+# Largest allowed |map difference| against PyTorch fp32, in the anomaly map's units (standard
+# deviations of the validation scores). fp32: kernel order only. fp16: 10-bit mantissa through
+# four layers and a squared difference of 128 channels.
+TOLERANCE = {"fp32": 1e-3, "fp16": 0.25}
+
+
+class ParityError(RuntimeError):
+    """The exported engine does not reproduce the PyTorch model within tolerance."""
+
+
+def onnx_file(precision: str) -> str:
+    return f"{ENGINE_DIR}/model-{precision}.onnx"
+
+
+def model_for_export(model: AnomalyModel, precision: str) -> AnomalyModel:
+    """fp32: the model as is. fp16: the networks cast to half; inputs and scoring stay float32
+    (ScaleEnsemble casts its input to the network's dtype and the output back to float32)."""
+    model = copy.deepcopy(model).float().eval()
+    if precision == "fp16":
+        for ens in model.ensembles:
+            ens.net.half()
+    return model
+
+
+def onnxruntime_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_runner(path: Path, threads: int | None = None):
+    """A runner (float (B, 3, S, S) CPU tensor -> fused, per-scale maps) over an ONNX file."""
+    session = onnxruntime_session(path, threads)
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fused, scales = session.run(None, {INPUT: x.cpu().numpy()})
+        return torch.from_numpy(fused), torch.from_numpy(scales)
+    return run
+
+
+def parity(reference: AnomalyModel, runner, images: torch.Tensor, threshold: float, precision: str) -> dict:
+    """Compare a runner's maps with the PyTorch fp32 model on `images` (N, 3, S, S) in [0, 1].
+
+    Masks must agree at every pixel whose reference score is farther than the tolerance from the
+    threshold (pixels closer than that may legitimately fall either side)."""
+    with torch.no_grad():
+        ref_fused, ref_scales = reference.float().eval()(images)
+        fused, scales = runner(images)
+    diff = float(max((fused - ref_fused).abs().max(), (scales - ref_scales).abs().max()))
+    tol = TOLERANCE[precision]
+    decided = (ref_fused - threshold).abs() > tol
+    flips = int(((fused >= threshold) != (ref_fused >= threshold))[decided].sum())
+    mask_agreement = float(((fused >= threshold) == (ref_fused >= threshold)).float().mean())
+    return {"images": int(len(images)), "max_abs_diff": diff, "tolerance": tol,
+            "mask_agreement": mask_agreement, "mask_flips_beyond_tolerance": flips,
+            "ok": diff <= tol and flips == 0}
+
+
+def check_images(bundle: Bundle, frames: list[np.ndarray] | None, count: int = 4, seed: int = 0) -> torch.Tensor:
+    """Images for the parity check: the given frames (real images) or, without any, uniform noise."""
+    from .runtime import preprocess
+
+    if frames:
+        return preprocess(frames, bundle.image_size, torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(count, 3, bundle.image_size, bundle.image_size, generator=g)
+
+
+def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
+               frames: list[np.ndarray] | None = None) -> dict:
+    """Export, check under ONNX Runtime, and record the engine in the bundle's manifest.
+    Raises ParityError (and keeps nothing) when the check fails."""
+    if precision not in ONNX_PRECISIONS:
+        raise ValueError(f"--precision {precision}: ONNX engines are built in {' or '.join(ONNX_PRECISIONS)}")
+    reference = bundle.model()
+    rel = onnx_file(precision)
+    final = bundle.path / rel
+    final.parent.mkdir(exist_ok=True)
+    tmp = final.with_name(f".{final.name}.partial")
+    try:
+        export_onnx(model_for_export(reference, precision), bundle.image_size, tmp)
+        images = check_images(bundle, frames)
+        result = parity(reference, onnxruntime_runner(tmp), images, bundle.threshold, precision)
+        if not result["ok"]:
+            raise ParityError(f"{final}: ONNX Runtime differs from PyTorch by {result['max_abs_diff']:.3g} "
+                              f"(tolerance {result['tolerance']}), {result['mask_flips_beyond_tolerance']} mask "
+                              f"pixels flipped; not stored. Report this with the bundle and precision.")
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    from .runtime import model_digest
+    entry = {"backend": "onnx", "precision": precision, "file": rel, "sha256": sha256_file(final),
+             "model_digest": model_digest(bundle), "max_batch": max_batch, "image_size": bundle.image_size, "opset": 17,
+             "parity": {**result, "against": "pytorch fp32",
+                        "on": "real images" if frames else "uniform noise"}}
+    record_engine(bundle, entry)
+    return entry
+
+
+def record_engine(bundle: Bundle, entry: dict) -> None:
+    """Add or replace (same backend, precision and GPU) the engine entry in the manifest."""
+    def same(e: dict) -> bool:
+        return (e["backend"], e["precision"], e.get("gpu")) == (entry["backend"], entry["precision"], entry.get("gpu"))
+    engines = [e for e in bundle.manifest.get("engines", []) if not same(e)] + [entry]
+    bundle.manifest = update_manifest(bundle.path, engines=engines)

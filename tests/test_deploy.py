@@ -1,0 +1,498 @@
+"""The deploy room (deploy/): Prometheus config and alert rules (promtool), the Grafana dashboard,
+compose and Dockerfiles, Kubernetes manifests (offline schemas), the GPU image's engine step, and
+the generated settings table. Every check here reads files; none builds images or needs a cluster."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+PROM = DEPLOY / "prometheus"
+K8S = DEPLOY / "k8s"
+WORKER_JOB = "ustudents-worker"
+
+PROMTOOL = shutil.which("promtool")
+# Skipped where promtool is missing, except in CI, which installs it (.ci/run) and must run these.
+needs_promtool = pytest.mark.skipif(PROMTOOL is None and not os.environ.get("CI"),
+                                    reason="promtool not installed (Debian: apt-get install prometheus); .ci/run installs it")
+
+
+def load_yaml_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    assert PROMTOOL, "promtool is required in CI (.ci/run installs Debian's prometheus package)"
+    return subprocess.run([PROMTOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def alert_rules() -> list[dict]:
+    return [r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"] if "alert" in r]
+
+
+def dashboard() -> dict:
+    return json.loads((DEPLOY / "grafana" / "dashboards" / "ustudents.json").read_text())
+
+
+def dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in dashboard()["panels"] for t in p.get("targets", [])]
+
+
+# -- Prometheus ----------------------------------------------------------------------------------
+@needs_promtool
+def test_promtool_accepts_the_compose_config_and_rules():
+    done = promtool("check", "config", str(PROM / "prometheus.yml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "7 rules found" in done.stdout
+    done = promtool("check", "rules", str(PROM / "alerts.yml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_promtool
+def test_alert_unit_tests_pass():
+    done = promtool("test", "rules", str(PROM / "tests" / "alerts_test.yml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+
+
+@needs_promtool
+def test_alert_unit_tests_catch_a_wrong_threshold(tmp_path):
+    """The unit tests are not vacuous: the lag alert with its threshold raised tenfold fails them."""
+    (tmp_path / "tests").mkdir()
+    shutil.copy(PROM / "tests" / "alerts_test.yml", tmp_path / "tests" / "alerts_test.yml")
+    rules = (PROM / "alerts.yml").read_text()
+    assert "(ustudents_consumer_lag_entries) > 100" in rules
+    (tmp_path / "alerts.yml").write_text(rules.replace("(ustudents_consumer_lag_entries) > 100",
+                                                       "(ustudents_consumer_lag_entries) > 1000"))
+    done = promtool("test", "rules", str(tmp_path / "tests" / "alerts_test.yml"))
+    assert done.returncode != 0
+    assert "UstudentsLagGrowing" in done.stdout + done.stderr
+
+
+@needs_promtool
+def test_k8s_scrape_config_is_valid_prometheus_config(tmp_path):
+    """promtool checks everything but the discovery block: Debian's promtool is built without
+    Kubernetes service discovery, so that block is checked here and swapped for a static target."""
+    (cm,) = load_yaml_docs(K8S / "prometheus-scrape.yaml")
+    config = yaml.safe_load(cm["data"]["prometheus.yml"])
+    assert config["rule_files"] == ["/etc/prometheus/rules/alerts.yml"]
+    config["rule_files"] = [str(PROM / "alerts.yml")]  # where `kubectl create configmap` takes it from
+    (job,) = config["scrape_configs"]
+    assert job.pop("kubernetes_sd_configs") == [{"role": "endpoints"}]
+    labels = {lab for r in job["relabel_configs"] for lab in r.get("source_labels", [])}
+    assert all(lab.startswith("__meta_kubernetes_") for lab in labels)
+    job["static_configs"] = [{"targets": ["worker:9108"]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    done = promtool("check", "config", str(tmp_path / "prometheus.yml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_alert_has_a_unit_test_that_fires_it_and_a_runbook_entry():
+    names = [r["alert"] for r in alert_rules()]
+    assert {"UstudentsWorkerDown", "UstudentsLagGrowing", "UstudentsDeadLetterRate", "UstudentsAnomalyRateSpike",
+            "UstudentsLatencyObjectiveBreached"} <= set(names)
+    tests = yaml.safe_load((PROM / "tests" / "alerts_test.yml").read_text())["tests"]
+    fired = {c["alertname"] for t in tests for c in t["alert_rule_test"] if c.get("exp_alerts")}
+    quiet = {c["alertname"] for t in tests for c in t["alert_rule_test"] if not c.get("exp_alerts")}
+    assert set(names) == fired, f"alerts without a firing unit test: {set(names) - fired}"
+    assert set(names) <= quiet, f"alerts without a not-firing case: {set(names) - quiet}"
+    section = (ROOT / "README.md").read_text()
+    headings = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.+)$", section, re.M)}
+    for rule in alert_rules():
+        assert rule["labels"]["severity"] in ("critical", "warning")
+        anchor = rule["annotations"]["runbook"].split("#")[1]
+        assert anchor in headings, f"{rule['alert']}: runbook anchor #{anchor} is not a heading of README.md"
+
+
+def test_worker_job_name_is_the_one_the_alerts_select():
+    assert f'up{{job="{WORKER_JOB}"}}' in (PROM / "alerts.yml").read_text()
+    jobs = [j["job_name"] for j in yaml.safe_load((PROM / "prometheus.yml").read_text())["scrape_configs"]]
+    assert WORKER_JOB in jobs
+    (cm,) = load_yaml_docs(K8S / "prometheus-scrape.yaml")
+    assert [j["job_name"] for j in yaml.safe_load(cm["data"]["prometheus.yml"])["scrape_configs"]] == [WORKER_JOB]
+    assert any('up{job="ustudents-worker"}' in e for e in dashboard_exprs())
+
+
+# -- metric names ----------------------------------------------------------------------------------
+METRIC_RE = re.compile(r"\bustudents_[a-z0-9_]+\b")
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def referenced_metrics(exprs: list[str]) -> set[str]:
+    return {m for e in exprs for m in METRIC_RE.findall(e)}
+
+
+def unknown_metrics(names: set[str], exported: set[str]) -> set[str]:
+    def known(n: str) -> bool:
+        return n in exported or any(n.endswith(s) and n[: -len(s)] in exported for s in HISTOGRAM_SUFFIXES)
+    return {n for n in names if not known(n)}
+
+
+def test_every_metric_in_the_dashboard_and_the_rules_is_exported_by_the_worker():
+    from ustudents.worker.metrics import METRIC_NAMES, WorkerMetrics
+
+    rules = referenced_metrics([r["expr"] for r in alert_rules()])
+    dash = referenced_metrics(dashboard_exprs() + [dashboard()["templating"]["list"][0]["definition"]])
+    assert len(rules) >= 6 and len(dash) >= 10
+    assert unknown_metrics(rules | dash, set(METRIC_NAMES)) == set()
+    # and the worker's live registry exposes them under those names (histograms as _bucket/_sum/_count)
+    metrics = WorkerMetrics("line1", "ustudents", [1.0])
+    metrics.processed.labels("line1", "tiles").inc()
+    metrics.dead_lettered.labels("line1", "decode_error").inc()
+    metrics.anomalies.labels("line1", "tiles").inc()
+    for hist in (metrics.inference, metrics.end_to_end, metrics.batch_size):
+        hist.labels("line1").observe(1)
+    metrics.score.labels("line1", "tiles").observe(1)
+    metrics.lag.labels("line1", "ustudents").set(0)
+    metrics.pending.labels("line1", "ustudents").set(0)
+    metrics.gpu_memory.labels("line1", "cuda:0", "used").set(0)
+    metrics.model_info.labels("line1", "tiles-1", "0.1.0", "tiles", "torch", "fp32", "cpu").set(1)
+    exposed = {line.split("{")[0].split(" ")[0] for line in metrics.exposition().decode().splitlines()
+               if line and not line.startswith("#")}
+    missing = {n for n in rules | dash if n not in exposed}
+    assert missing == set(), f"named in dashboard/rules but not exposed by WorkerMetrics: {missing}"
+
+
+def test_the_name_check_catches_an_unknown_metric():
+    from ustudents.worker.metrics import METRIC_NAMES
+
+    names = referenced_metrics(['rate(ustudents_frames_procesed_total[5m])',
+                                'histogram_quantile(0.99, rate(ustudents_inference_seconds_bucket[5m]))'])
+    assert unknown_metrics(names, set(METRIC_NAMES)) == {"ustudents_frames_procesed_total"}
+
+
+def test_dashboard_has_the_panels_operations_needs():
+    panels = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in dashboard()["panels"]}
+    wanted = {
+        "Frames/s per line": "ustudents_frames_processed_total",
+        "Latency p50 / p99": "ustudents_end_to_end_seconds_bucket",
+        "Anomaly rate": "ustudents_anomalies_total",
+        "Score distribution": "ustudents_anomaly_score_bucket",
+        "Lag and pending": "ustudents_pending_entries",
+        "Dead letters by reason": "ustudents_frames_dead_lettered_total",
+        "GPU memory": "ustudents_gpu_memory_bytes",
+        "Worker up": "ustudents_ready",
+    }
+    for title, metric in wanted.items():
+        assert metric in panels.get(title, ""), f"panel {title!r} missing or not on {metric}"
+    assert "0.99" in panels["Latency p50 / p99"] and "0.5," in panels["Latency p50 / p99"]
+    assert "ustudents_consumer_lag_entries" in panels["Lag and pending"]
+    assert "by (stream, reason)" in panels["Dead letters by reason"]
+    ids = [p["id"] for p in dashboard()["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_grafana_provisioning_matches_the_dashboard_and_compose():
+    prov = DEPLOY / "grafana" / "provisioning"
+    (ds,) = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
+    uids = {p["datasource"]["uid"] for p in dashboard()["panels"]} | \
+           {t["datasource"]["uid"] for p in dashboard()["panels"] for t in p["targets"]}
+    assert uids == {ds["uid"]}
+    (provider,) = yaml.safe_load((prov / "dashboards" / "ustudents.yml").read_text())["providers"]
+    grafana = compose()["services"]["grafana"]
+    mounts = dict(v.split(":")[:2][::-1] for v in grafana["volumes"])
+    assert mounts[provider["options"]["path"]] == "./grafana/dashboards"
+    assert mounts["/etc/grafana/provisioning"] == "./grafana/provisioning"
+
+
+# -- compose and Dockerfiles ----------------------------------------------------------------------
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def worker_settings_env() -> set[str]:
+    from ustudents.worker.settings import ENV_PREFIX, WorkerSettings
+
+    return {ENV_PREFIX + n.upper() for n in WorkerSettings.model_fields}
+
+
+GPU_IMAGE_ENV = {"USTUDENTS_ENGINE_CACHE", "USTUDENTS_ENGINE_PRECISION"}  # deploy/docker/prepare_engines.py
+
+
+def test_compose_redis_persists_and_is_capped():
+    redis = compose()["services"]["redis"]
+    cmd = " ".join(redis["command"])
+    assert "--appendonly yes" in cmd and "--appendfsync everysec" in cmd
+    assert re.search(r"--maxmemory \$\{REDIS_MAXMEMORY:-\d+[kmg]b\}", cmd)
+    assert "--maxmemory-policy noeviction" in cmd  # never evict stream keys
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+    assert "redis-cli" in redis["healthcheck"]["test"]
+
+
+def test_compose_workers_are_non_root_read_only_and_health_checked():
+    services = compose()["services"]
+    assert services["worker-gpu"]["profiles"] == ["gpu"] and services["worker-cpu"]["profiles"] == ["cpu"]
+    for name in ("worker-gpu", "worker-cpu"):
+        w = services[name]
+        env = w["environment"]
+        port = env["USTUDENTS_METRICS_PORT"]
+        assert f"127.0.0.1:{port}/healthz" in " ".join(w["healthcheck"]["test"])
+        assert any(v.endswith(":/models:ro") for v in w["volumes"]), f"{name}: bundles must be mounted read-only"
+        assert w["read_only"] is True and w["user"].split(":")[0] not in ("0", "root")
+        assert env["USTUDENTS_MODEL"].startswith("/models/") and env["USTUDENTS_REDIS_URL"] == "redis://redis:6379/0"
+        assert w["depends_on"]["redis"]["condition"] == "service_healthy"
+        unknown = set(env) - worker_settings_env() - GPU_IMAGE_ENV
+        assert unknown == set(), f"{name}: not worker settings: {unknown}"
+        assert (ROOT / w["build"]["dockerfile"]).is_file()
+    gpu = services["worker-gpu"]
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+    assert any(v.endswith(":/var/cache/ustudents/engines") and not v.endswith(":ro") for v in gpu["volumes"])
+
+
+def test_compose_demo_line_and_monitoring():
+    services = compose()["services"]
+    pub = services["publisher"]
+    assert pub["profiles"] == ["demo"] and pub["command"][0] == "publish" and "--loop" in pub["command"]
+    assert services["demo-model"]["command"][:2] == ["demo", "--train-only"]
+    prom = services["prometheus"]
+    for v in prom["volumes"]:
+        src = v.split(":")[0]
+        if src.startswith("./"):
+            assert (DEPLOY / src).exists(), v
+    assert any(v.endswith("/etc/prometheus/alerts.yml:ro") for v in prom["volumes"])
+    dns = yaml.safe_load((PROM / "prometheus.yml").read_text())["scrape_configs"][0]["dns_sd_configs"][0]
+    assert set(dns["names"]) == {"worker-gpu", "worker-cpu"} and str(dns["port"]) == "9108"
+
+
+def dockerfile_final_stage(name: str) -> list[str]:
+    text = (DEPLOY / "docker" / name).read_text()
+    lines = re.sub(r"\\\n", " ", text).splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("FROM ")]
+    return lines[starts[-1]:]
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_dockerfiles(name):
+    text = (DEPLOY / "docker" / name).read_text()
+    final = dockerfile_final_stage(name)
+    users = [ln.split()[1] for ln in final if ln.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    assert not any(ln.startswith("RUN ") for ln in final[final.index(next(ln for ln in final if ln.startswith("USER "))):]), \
+        "nothing may run as root after USER"
+    health = next(ln for ln in final if ln.startswith("HEALTHCHECK"))
+    assert "/healthz" in health and "USTUDENTS_METRICS_PORT" in health
+    assert any(ln.startswith("VOLUME") and "/models" in ln for ln in final)
+    for ln in text.splitlines():  # every COPY from the build context exists
+        m = re.match(r"COPY (?!--from)(\S+) ", ln)
+        if m:
+            assert (ROOT / m.group(1)).exists(), ln
+    if name == "Dockerfile.gpu":
+        assert re.search(r"^ARG TENSORRT_IMAGE=nvcr\.io/nvidia/tensorrt:\S+-py3$", text, re.M)
+        assert 'ENTRYPOINT ["/opt/ustudents/gpu-entrypoint.sh"]' in text
+        assert "[worker,onnx,tensorrt]" in text
+    else:
+        assert 'ENTRYPOINT ["ustudents-worker"]' in text
+        assert "download.pytorch.org/whl/cpu" in text
+
+
+def test_gpu_entrypoint_is_valid_sh_and_needs_a_model(tmp_path):
+    script = DEPLOY / "docker" / "gpu-entrypoint.sh"
+    assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("USTUDENTS_")}
+    done = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "USTUDENTS_MODEL is not set" in done.stderr
+
+
+# -- the GPU image's engine step --------------------------------------------------------------------
+def prepare_module():
+    sys.path.insert(0, str(DEPLOY / "docker"))
+    try:
+        import prepare_engines
+    finally:
+        sys.path.pop(0)
+    return prepare_engines
+
+
+def fake_bundle(folder: Path, ident: str = "tiles-20250101T000000Z", threshold: float = 1.0) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"id": ident, "threshold": {"value": threshold}}))
+    (folder / "weights.safetensors").write_bytes(b"weights")
+    return folder
+
+
+def test_prepare_engines_builds_once_into_the_cache_and_never_touches_the_mount(tmp_path):
+    pe = prepare_module()
+    src = fake_bundle(tmp_path / "models" / "tiles")
+    for f in (src, *src.iterdir()):
+        f.chmod(0o555 if f.is_dir() else 0o444)  # as mounted read-only
+    built: list[tuple[Path, str, int]] = []
+
+    def build(path, precision, batch):
+        built.append((path, precision, batch))
+        (path / "plan.engine").write_bytes(b"plan")
+
+    def has_plan(path):
+        return (path / "plan.engine").exists()
+
+    kw = dict(has_plan=has_plan, tag=lambda: "NVIDIA H100 80GB HBM3-sm90-trt10.3.0", build=build)
+    try:
+        (served,) = pe.prepare([src], tmp_path / "cache", "fp16", 8, **kw)
+        assert served.parent == tmp_path / "cache" and served.name.startswith("tiles-20250101T000000Z--NVIDIA-H100")
+        assert has_plan(served) and not has_plan(src) and sorted(p.name for p in src.iterdir()) == ["manifest.json",
+                                                                                                   "weights.safetensors"]
+        assert built == [(tmp_path / "cache" / f".{served.name}.partial", "fp16", 8)]
+        # a restart reuses the plan
+        assert pe.prepare([src], tmp_path / "cache", "fp16", 8, **kw) == [served] and len(built) == 1
+        # a recalibrated bundle (same id, new manifest) gets a new plan; the old copy goes
+        for f in src.iterdir():
+            f.chmod(0o644)
+        (src / "manifest.json").write_text(json.dumps({"id": "tiles-20250101T000000Z", "threshold": {"value": 2.0}}))
+        (served2,) = pe.prepare([src], tmp_path / "cache", "fp16", 8, **kw)
+        assert served2 != served and len(built) == 2 and not served.exists()
+        # a bundle that has a plan for this GPU is served as it is
+        other = fake_bundle(tmp_path / "models" / "other", "other-1")
+        (other / "plan.engine").write_bytes(b"plan")
+        assert pe.prepare([other], tmp_path / "cache", "fp16", 8, **kw) == [other] and len(built) == 2
+    finally:
+        for f in (src, *src.iterdir()):
+            f.chmod(0o755 if f.is_dir() else 0o644)
+
+
+def test_prepare_engines_one_line_errors(tmp_path, capsys):
+    pe = prepare_module()
+    src = fake_bundle(tmp_path / "tiles")
+
+    def failing_build(path, precision, batch):
+        raise pe.PrepareError(f"{path}: `ustudents build-engines` failed (exit 1)")
+    with pytest.raises(pe.PrepareError, match="failed"):
+        pe.prepare([src], tmp_path / "cache", "fp16", 8, has_plan=lambda p: False, tag=lambda: "gpu",
+                   build=failing_build)
+    with pytest.raises(pe.PrepareError, match="not a model bundle"):
+        pe.prepare([tmp_path], tmp_path / "cache", "fp16", 8, has_plan=lambda p: False, tag=lambda: "gpu")
+    with pytest.raises(pe.PrepareError, match="choose one of fp32, fp16"):
+        pe.prepare([src], tmp_path / "cache", "bf16", 8, has_plan=lambda p: False, tag=lambda: "gpu")
+    env = {**os.environ, "USTUDENTS_MODEL": str(tmp_path / "missing")}
+    done = subprocess.run([sys.executable, str(DEPLOY / "docker" / "prepare_engines.py")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().count("\n") == 0 and "no such bundle directory" in done.stderr
+
+
+# -- Kubernetes -------------------------------------------------------------------------------------
+K8S_VERSION = "1.30"
+
+
+def k8s_docs() -> list[tuple[str, dict]]:
+    return [(f.name, d) for f in sorted(K8S.glob("*.yaml")) for d in load_yaml_docs(f)]
+
+
+def validate_k8s(doc: dict) -> None:
+    """Kubernetes kinds against kubernetes-validate's schemas (strict); KEDA's against deploy/k8s/schemas."""
+    if doc["apiVersion"].startswith("keda.sh/"):
+        import jsonschema
+
+        schema = json.loads((K8S / "schemas" / "keda.sh_v1alpha1_scaledobject.json").read_text())
+        assert doc["kind"] == "ScaledObject"
+        jsonschema.Draft202012Validator(schema).validate(doc)
+    else:
+        import kubernetes_validate
+
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_k8s_manifests_validate_offline():
+    import jsonschema
+    import kubernetes_validate
+
+    kinds = [d["kind"] for _, d in k8s_docs()]
+    assert sorted(kinds) == ["ConfigMap", "ConfigMap", "Deployment", "PersistentVolumeClaim", "ScaledObject", "Service"]
+    for name, doc in k8s_docs():
+        validate_k8s(doc)
+    # the validation is strict: a misspelt field fails
+    dep = next(d for _, d in k8s_docs() if d["kind"] == "Deployment")
+    dep["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = "/readyz"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_k8s(dep)
+    so = next(d for _, d in k8s_docs() if d["kind"] == "ScaledObject")
+    so["spec"]["triggers"][0]["metadata"]["pendingEntries"] = "5"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_k8s(so)
+
+
+def test_k8s_worker_scaled_object_service_and_scrape_fit_together():
+    docs = {(d["kind"], d["metadata"]["name"]): d for _, d in k8s_docs()}
+    dep = docs[("Deployment", "ustudents-worker-line1")]
+    pod = dep["spec"]["template"]
+    (c,) = pod["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    config = docs[("ConfigMap", "ustudents-worker")]["data"]
+    # a GPU per worker, non-root, read-only
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1" and c["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    models = next(m for m in c["volumeMounts"] if m["mountPath"] == "/models")
+    assert models["readOnly"] is True
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    port = next(p for p in c["ports"] if p["name"] == "metrics")["containerPort"]
+    assert str(port) == config["USTUDENTS_METRICS_PORT"]
+    # settings are worker settings (or the GPU image's)
+    names = set(config) | {n for n in env if n.startswith("USTUDENTS_")}
+    assert names - worker_settings_env() - GPU_IMAGE_ENV == set()
+    # KEDA scales this Deployment on this stream and group, with env the pod has
+    so = docs[("ScaledObject", "ustudents-worker-line1")]
+    assert so["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    assert so["spec"]["minReplicaCount"] >= 1
+    triggers = so["spec"]["triggers"]
+    assert any("pendingEntriesCount" in t["metadata"] for t in triggers)
+    for t in triggers:
+        m = t["metadata"]
+        assert t["type"] == "redis-streams"
+        assert m["stream"] == env["USTUDENTS_STREAM"]["value"] and m["consumerGroup"] == config["USTUDENTS_GROUP"]
+        assert m["addressFromEnv"] in env and m["passwordFromEnv"] in env
+    assert env["USTUDENTS_REDIS_URL"]["value"] == f"redis://$({so['spec']['triggers'][0]['metadata']['addressFromEnv']})/0"
+    # the Service selects the pods on the port the scrape config keeps
+    svc = docs[("Service", "ustudents-worker")]
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert svc["spec"]["ports"][0]["name"] == "metrics" and svc["spec"]["ports"][0]["port"] == port
+    scrape = yaml.safe_load(docs[("ConfigMap", "ustudents-prometheus")]["data"]["prometheus.yml"])
+    keep = scrape["scrape_configs"][0]["relabel_configs"][0]
+    assert keep["action"] == "keep" and keep["regex"] == f"{svc['metadata']['name']};metrics"
+    pvc = docs[("PersistentVolumeClaim", "ustudents-models")]
+    claim = next(v for v in pod["spec"]["volumes"] if v["name"] == models["name"])["persistentVolumeClaim"]
+    assert claim["claimName"] == pvc["metadata"]["name"] and claim["readOnly"] is True
+
+
+# -- settings table ---------------------------------------------------------------------------------
+def gen_module():
+    sys.path.insert(0, str(DEPLOY))
+    try:
+        import gen_settings_table
+    finally:
+        sys.path.pop(0)
+    return gen_settings_table
+
+
+def test_settings_table_is_generated_from_the_settings_class():
+    from ustudents.worker.settings import WorkerSettings
+
+    gen = gen_module()
+    table = gen.table()
+    for name, field in WorkerSettings.model_fields.items():
+        assert f"`USTUDENTS_{name.upper()}`" in table
+    assert "| `USTUDENTS_STREAM` | `--stream` | **required** |" in table
+    assert "| `USTUDENTS_METRICS_PORT` | `--metrics-port` | `9108` |" in table
+    readme = ROOT / "README.md"
+    assert gen.main(["--check", str(readme)]) == 0, f"run python deploy/gen_settings_table.py --write {readme}"
+
+
+def test_settings_table_check_fails_on_a_stale_table(tmp_path, capsys):
+    gen = gen_module()
+    stale = tmp_path / "README.md"
+    stale.write_text((ROOT / "README.md").read_text().replace("`9108`", "`9100`"))
+    assert gen.main(["--check", str(stale)]) == 1
+    assert "out of date" in capsys.readouterr().err
+    assert gen.main(["--write", str(stale)]) == 0 and gen.main(["--check", str(stale)]) == 0
+    (tmp_path / "none.md").write_text("no markers\n")
+    assert gen.main(["--check", str(tmp_path / "none.md")]) == 2

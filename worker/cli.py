@@ -1,0 +1,182 @@
+"""Commands of the worker room: `ustudents worker` (= `ustudents-worker`), `publish`, `results`.
+
+Every expected failure (no such model, damaged bundle, bad setting, malformed Redis URL, metrics
+port taken) is one line naming what and how to fix it, exit code 2. Redis being unreachable is not
+one of them for the worker: it retries with backoff and reports not-ready meanwhile.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import click
+import redis
+from pydantic import ValidationError
+
+from ustudents.engines.cli import InputError
+from ustudents.engines.cli import user_errors as engine_errors
+from ustudents.engines.runtime import BACKENDS, PRECISIONS
+
+from .settings import ENV_PREFIX, ToolSettings, WorkerSettings, flag_name
+
+
+def user_errors(fn):
+    """The engines room's one-line errors (bundle, engine, image, value errors), plus bad settings."""
+    @functools.wraps(fn)
+    def settings_errors(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ValidationError as err:
+            raise InputError(settings_error(err)) from None
+    return engine_errors(settings_errors)
+
+
+def settings_error(err: ValidationError) -> str:
+    """Pydantic's report as one line: which flag/variable, and what is wrong with it."""
+    parts = []
+    for e in err.errors():
+        field = str(e["loc"][0]) if e["loc"] else "settings"
+        msg = "required" if e["type"] == "missing" else e["msg"].removeprefix("Value error, ")
+        parts.append(f"{flag_name(field)}: {msg}")
+    return "; ".join(parts)
+
+
+def tool_client(redis_url: str | None) -> redis.Redis:
+    """A checked client for publish/results: Redis must answer now (one-line error otherwise)."""
+    from .connection import connect
+
+    settings = ToolSettings(**({"redis_url": redis_url} if redis_url else {}))
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    client = connect(settings.redis_url, password)
+    try:
+        client.ping()
+    except redis.AuthenticationError as err:
+        raise InputError(f"Redis at {settings.redis_url}: {err}; give the password in the URL or "
+                         f"{ENV_PREFIX}REDIS_PASSWORD") from None
+    except redis.RedisError as err:
+        raise InputError(f"cannot reach Redis at {settings.redis_url} ({err}); start it or pass --redis-url") from None
+    return client
+
+
+redis_url_option = click.option("--redis-url", default=None,
+                                help=f"redis://HOST:PORT/DB, rediss://... or unix://PATH.  [default: {ENV_PREFIX}REDIS_URL or "
+                                     "redis://127.0.0.1:6379/0]")
+
+
+@click.command("worker")
+@click.option("--stream", default=None, help="Input stream, e.g. line1 (results: <stream>:results).")
+@click.option("--model", multiple=True, type=click.Path(path_type=Path),
+              help="Model bundle directory; repeat to serve several categories (chosen by each frame's `category`).")
+@redis_url_option
+@click.option("--group", default=None, help="Consumer group shared by the workers of a stream.  [default: ustudents]")
+@click.option("--consumer", default=None, help="This worker's name in the group.  [default: HOSTNAME-PID]")
+@click.option("--batch", type=int, default=None, help="Frames per micro-batch.  [default: 8]")
+@click.option("--backend", type=click.Choice(("auto",) + BACKENDS), default=None, help="Inference backend.  [default: auto]")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="[default: the backend's]")
+@click.option("--metrics-port", type=int, default=None, help="Port of /metrics, /healthz, /readyz; 0 = off.  [default: 9108]")
+@click.option("--claim-idle-ms", type=int, default=None,
+              help="Claim entries pending this long on a silent consumer.  [default: 60000]")
+@click.option("--max-deliveries", type=int, default=None, help="Dead-letter an entry failing this often.  [default: 3]")
+@click.option("--max-frame-bytes", type=int, default=None, help="Dead-letter larger encoded frames.  [default: 32 MiB]")
+@click.option("--results-maxlen", type=int, default=None, help="MAXLEN ~ of <stream>:results.  [default: 100000]")
+@click.option("--shutdown-timeout-s", type=float, default=None,
+              help="SIGTERM: time to finish and publish the batches in flight.  [default: 30]")
+@click.option("--heatmap/--no-heatmap", default=None, help="Add a heatmap overlay PNG to each result.  [default: off]")
+@click.option("--log-json/--no-log-json", default=None, help="One JSON object per log line.  [default: off]")
+@click.option("--env-file", type=click.Path(path_type=Path), default=None,
+              help=f"Read {ENV_PREFIX}* settings from this file.  [default: ./.env]")
+@click.pass_context
+@user_errors
+def worker_cmd(ctx, env_file, **flags):
+    """Serve model bundles on a Redis stream: frames in; scores, masks and dead letters out.
+
+    Every setting can also come from an environment variable USTUDENTS_<NAME> (e.g.
+    USTUDENTS_CLAIM_IDLE_MS) or a .env file; flags win. Settings without a flag: redis_password,
+    block_ms, dead_maxlen, dedupe_ttl_s, backoff_max_s, decode_threads, queue_batches, metrics_host,
+    stats_interval_s, log_interval_s, log_level.
+    """
+    from .logs import setup_logging
+    from .service import Worker, load_engines
+
+    values = {k: v for k, v in flags.items() if v is not None and v != ()}
+    if "model" in values:
+        values["model"] = ",".join(str(p) for p in values["model"])
+    settings = WorkerSettings(_env_file=env_file or ".env", **values)
+    setup_logging(settings.log_level, settings.log_json)
+    worker = Worker(settings, load_engines(settings))
+    try:
+        worker.start_server()
+    except OSError as err:
+        raise InputError(f"--metrics-port {settings.metrics_port}: cannot listen on {settings.metrics_host}:"
+                         f"{settings.metrics_port} ({err.strerror or err}); choose a free port, or 0 for no metrics") from None
+    ctx.exit(worker.run())
+
+
+@click.command("publish")
+@click.argument("source")
+@click.option("--stream", required=True, help="Stream to write, e.g. line1.")
+@click.option("--fps", type=float, default=10.0, show_default=True, help="Frames per second; 0 = as fast as possible.")
+@click.option("--loop", is_flag=True, help="Start the folder or video again at its end.")
+@click.option("--count", type=int, default=0, show_default=True, help="Stop after this many frames; 0 = all.")
+@click.option("--camera", default=None, help="`camera` field.  [default: the source's name]")
+@click.option("--category", default=None, help="`category` field: the model, where a worker serves several.")
+@click.option("--format", "fmt", type=click.Choice(["png", "jpg"]), default="png", show_default=True,
+              help="Encoding of video and camera frames (image files are sent as they are).")
+@click.option("--maxlen", type=int, default=10_000, show_default=True,
+              help="MAXLEN ~ of the input stream; keep it above the largest backlog workers may have. 0 = no cap.")
+@click.option("--inline-max", type=int, default=1 << 20, show_default=True,
+              help="Larger frames go under their own key (image_key) instead of inline.")
+@click.option("--key-ttl-s", type=int, default=3600, show_default=True, help="TTL of those keys.")
+@redis_url_option
+@user_errors
+def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen, inline_max, key_ttl_s, redis_url):
+    """Camera stand-in: write frames from SOURCE (image folder, video file or camera index) to a stream."""
+    from .publish import FramePublisher, frames_from, publish
+
+    frames = frames_from(source, fmt, loop)
+    client = tool_client(redis_url)
+    name = camera or (f"camera{source}" if source.isdigit() else Path(source).stem or "camera")
+    publisher = FramePublisher(client, stream, camera=name, category=category, maxlen=maxlen,
+                               inline_max=inline_max, key_ttl_s=key_ttl_s)
+    start = time.monotonic()
+    n = 0
+    try:
+        n = publish(frames, publisher, fps=fps, count=count,
+                    progress=lambda k, t: click.echo(f"{k} frames in {t:.0f} s ({k / t:.1f}/s)", err=True))
+    except KeyboardInterrupt:
+        pass
+    except redis.RedisError as err:
+        raise InputError(f"stream {stream}: Redis stopped taking frames ({err})") from None
+    elapsed = time.monotonic() - start
+    click.echo(f"published {n} frames to {stream} in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.1f}/s)")
+
+
+@click.command("results")
+@click.option("--stream", required=True, help="Input stream whose results to follow, e.g. line1.")
+@click.option("--save", "save_to", type=click.Path(path_type=Path), default=None,
+              help="Write <frame>_mask.png and <frame>_overlay.png here.")
+@click.option("--from-start", is_flag=True, help="Begin with the oldest kept result instead of new ones.")
+@click.option("--count", type=int, default=0, show_default=True, help="Exit after this many frames; 0 = follow forever.")
+@redis_url_option
+@user_errors
+def results_cmd(stream, save_to, from_start, count, redis_url):
+    """Follow <stream>:results and <stream>:dead: one line per frame."""
+    from .results import follow
+
+    client = tool_client(redis_url)
+    try:
+        follow(client, stream, click.echo, from_start=from_start, count=count, save_to=save_to)
+    except KeyboardInterrupt:
+        pass
+    except redis.RedisError as err:
+        raise InputError(f"stream {stream}: lost Redis ({err}); run the command again") from None
+
+
+COMMANDS = (worker_cmd, publish_cmd, results_cmd)
+
+
+def worker_main() -> None:
+    """`ustudents-worker` = `ustudents worker`."""
+    worker_cmd(prog_name="ustudents-worker")

@@ -1,0 +1,58 @@
+"""Frames in and pictures out: checking an entry's image payload, decoding it, encoding PNGs."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from ustudents.engines.images import ImageError, decode_image
+from ustudents.engines.overlay import heatmap_overlay
+
+from .schema import EMPTY, IMAGE, IMAGE_KEY, MISSING_IMAGE, TOO_LARGE, DeadLetter
+
+
+def payload(fields: dict[bytes, bytes], fetched: bytes | int | None, max_bytes: int) -> bytes | DeadLetter:
+    """The encoded image of an entry, or why there is none. `fetched` is what its `image_key` held
+    (see StreamIO.fetch_images) when the entry names one instead of carrying `image`."""
+    data = fields.get(IMAGE.encode())
+    where = "image"
+    if data is None:
+        key = fields.get(IMAGE_KEY.encode())
+        if key is None:
+            return DeadLetter(MISSING_IMAGE, "the entry has neither an `image` nor an `image_key` field")
+        where = f"image_key {key.decode('utf-8', 'replace')!r}"
+        if fetched is None:
+            return DeadLetter(MISSING_IMAGE, f"{where} holds no image (expired, deleted or not a string)")
+        if isinstance(fetched, int):
+            return DeadLetter(TOO_LARGE, f"{where} holds {fetched} bytes, more than max_frame_bytes={max_bytes}")
+        data = fetched
+    if len(data) == 0:
+        return DeadLetter(EMPTY, f"{where} is empty (0 bytes)")
+    if len(data) > max_bytes:
+        return DeadLetter(TOO_LARGE, f"{where} has {len(data)} bytes, more than max_frame_bytes={max_bytes}")
+    return data
+
+
+def decode(data: bytes, source: str) -> np.ndarray:
+    """Encoded bytes -> uint8 RGB (H, W, 3); ImageError when they are not an image."""
+    try:
+        return decode_image(data, source)
+    except cv2.error as err:  # OpenCV rejects some malformed headers by raising
+        raise ImageError(f"{source}: cannot be decoded as an image ({str(err).strip().splitlines()[-1]})") from None
+
+
+def png(image: np.ndarray) -> bytes:
+    """PNG bytes of a gray (H, W) or RGB (H, W, 3) uint8 image."""
+    ok, buf = cv2.imencode(".png", image[:, :, ::-1] if image.ndim == 3 else image)
+    if not ok:
+        raise ValueError(f"PNG encoding of a {image.shape} image failed")
+    return buf.tobytes()
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """The binary mask as a gray PNG: 255 = anomalous pixel, 0 = good (as `ustudents predict` writes)."""
+    return png(mask.astype(np.uint8) * 255)
+
+
+def heatmap_png(frame: np.ndarray, anomaly_map: np.ndarray, threshold: float, mask: np.ndarray) -> bytes:
+    """The frame with the anomaly map in colour and the mask outlined (`ustudents predict`'s overlay)."""
+    return png(heatmap_overlay(frame, anomaly_map, threshold, mask))

@@ -1,0 +1,90 @@
+"""Reaching Redis: the client, retry with backoff, and whether Redis is reachable now.
+
+The client does no retrying of its own (redis-py's implicit retries would re-send a MULTI/EXEC
+whose reply was lost); every caller retries through `Backoff` and reports to `RedisState`, which
+drives readiness and counts reconnections.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Callable
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .settings import check_redis_url
+
+log = logging.getLogger("ustudents.worker")
+
+# What "Redis is not there (now)" looks like; anything else from Redis is a bug or a bad setup.
+UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
+
+
+def connect(url: str, password: str | None = None, read_timeout_s: float = 10.0) -> redis.Redis:
+    """A client for `url` (redis://, rediss:// with TLS, unix://; a password in the URL or given
+    here). Raises ValueError for a malformed URL; connecting happens on first use."""
+    check_redis_url(url)
+    kwargs = {"password": password} if password else {}
+    if not url.startswith("unix://"):  # TCP keepalive notices a dead peer; redis-py refuses it on unix sockets
+        kwargs["socket_keepalive"] = True
+    try:
+        return redis.Redis.from_url(url, socket_timeout=read_timeout_s, socket_connect_timeout=5.0,
+                                    retry=Retry(NoBackoff(), 0), **kwargs)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{url!r}: {err}") from None
+
+
+class Backoff:
+    """Exponential backoff with jitter: 0.1 s, 0.2 s, ... up to `cap` (each delay drawn from its upper half)."""
+
+    def __init__(self, cap: float = 5.0, base: float = 0.1):
+        self.cap, self.base, self.attempt = cap, base, 0
+
+    def delay(self) -> float:
+        d = min(self.cap, self.base * 2 ** self.attempt)
+        self.attempt = min(self.attempt + 1, 30)
+        return d / 2 + random.uniform(0, d / 2)
+
+    def wait(self, interrupt: threading.Event) -> bool:
+        """Sleep the next delay; True if `interrupt` was set meanwhile."""
+        return interrupt.wait(self.delay())
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class RedisState:
+    """Reachable or not, as last seen by any thread; logs each transition once (no per-retry spam)."""
+
+    def __init__(self, on_change: Callable[[bool], None] = lambda up: None,
+                 on_reconnect: Callable[[], None] = lambda: None):
+        self._lock = threading.Lock()
+        self.up: bool | None = None  # None: not tried yet
+        self.down_since = 0.0
+        self._on_change, self._on_reconnect = on_change, on_reconnect
+
+    def ok(self) -> None:
+        if self.up is True:
+            return
+        with self._lock:
+            was, self.up = self.up, True
+        if was is False:
+            self._on_reconnect()
+            log.info("redis reachable again after %.1f s", time.monotonic() - self.down_since,
+                     extra={"event": "redis_up", "down_s": round(time.monotonic() - self.down_since, 3)})
+        elif was is None:
+            log.info("redis reachable", extra={"event": "redis_up"})
+        self._on_change(True)
+
+    def failed(self, err: BaseException) -> None:
+        if self.up is False:
+            return
+        with self._lock:
+            self.up, self.down_since = False, time.monotonic()
+        log.warning("redis unreachable (%s); not ready, retrying with backoff", err,
+                    extra={"event": "redis_down", "error": str(err)})
+        self._on_change(False)

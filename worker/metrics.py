@@ -1,0 +1,127 @@
+"""Prometheus metrics of the worker and the HTTP server of /metrics, /healthz and /readyz.
+
+Names follow Prometheus conventions (base units, `_total` counters, `_seconds`); METRIC_NAMES is
+the list dashboards and alerts may use. Every metric carries the `stream` label.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger("ustudents.worker")
+
+METRIC_NAMES = (
+    "ustudents_frames_processed_total",  # {stream, category} frames scored and published
+    "ustudents_frames_dead_lettered_total",  # {stream, reason} frames sent to <stream>:dead
+    "ustudents_frame_failures_total",  # {stream} processing attempts that raised (entry retried later)
+    "ustudents_anomalies_total",  # {stream, category} published results with anomalous=1
+    "ustudents_inference_seconds",  # histogram {stream}: Engine.predict per batch
+    "ustudents_end_to_end_seconds",  # histogram {stream}: publish time - the frame's `ts`
+    "ustudents_batch_size",  # histogram {stream}: frames per inference batch
+    "ustudents_anomaly_score",  # histogram {stream, category}: image scores (drift)
+    "ustudents_consumer_lag_entries",  # gauge {stream, group}: entries not yet delivered to the group
+    "ustudents_pending_entries",  # gauge {stream, group}: delivered, not yet acknowledged
+    "ustudents_redis_reconnects_total",  # {stream} Redis came back after being unreachable
+    "ustudents_model_info",  # gauge = 1 {stream, model, version, category, backend, precision, device}
+    "ustudents_gpu_memory_bytes",  # gauge {stream, device, kind=used|reserved}; only on a GPU
+    "ustudents_ready",  # gauge {stream}: 1 when the model is loaded and Redis reachable
+)
+
+SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+E2E_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# anomaly-score buckets as multiples of each served model's threshold: drift shows as mass moving
+# towards 1.0 x threshold before frames start being flagged
+SCORE_MULTIPLES = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
+
+
+class WorkerMetrics:
+    def __init__(self, stream: str, group: str, thresholds: list[float], registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.stream, self.group = stream, group
+        r = self.registry
+        self.processed = Counter("ustudents_frames_processed", "Frames scored and published.",
+                                 ["stream", "category"], registry=r)
+        self.dead_lettered = Counter("ustudents_frames_dead_lettered", "Frames sent to the dead-letter stream.",
+                                     ["stream", "reason"], registry=r)
+        self.failures = Counter("ustudents_frame_failures", "Processing attempts that raised; the entry is retried.",
+                                ["stream"], registry=r)
+        self.anomalies = Counter("ustudents_anomalies", "Published results with anomalous=1.",
+                                 ["stream", "category"], registry=r)
+        self.inference = Histogram("ustudents_inference_seconds", "Engine.predict time per batch.",
+                                   ["stream"], buckets=SECONDS, registry=r)
+        self.end_to_end = Histogram("ustudents_end_to_end_seconds", "From the frame's capture time `ts` to its result.",
+                                    ["stream"], buckets=E2E_SECONDS, registry=r)
+        self.batch_size = Histogram("ustudents_batch_size", "Frames per inference batch.",
+                                    ["stream"], buckets=BATCH_SIZES, registry=r)
+        buckets = sorted({round(m * t, 6) for t in thresholds for m in SCORE_MULTIPLES}) or [1.0]
+        self.score = Histogram("ustudents_anomaly_score", "Image anomaly scores (buckets: multiples of the threshold).",
+                               ["stream", "category"], buckets=buckets, registry=r)
+        self.lag = Gauge("ustudents_consumer_lag_entries", "Entries of the stream not yet delivered to the group.",
+                         ["stream", "group"], registry=r)
+        self.pending = Gauge("ustudents_pending_entries", "Entries delivered to the group and not yet acknowledged.",
+                             ["stream", "group"], registry=r)
+        self.reconnects = Counter("ustudents_redis_reconnects", "Times Redis became reachable again after an outage.",
+                                  ["stream"], registry=r)
+        self.model_info = Gauge("ustudents_model_info", "The served model (value 1).",
+                                ["stream", "model", "version", "category", "backend", "precision", "device"], registry=r)
+        self.gpu_memory = Gauge("ustudents_gpu_memory_bytes", "GPU memory: used on the device, reserved by PyTorch.",
+                                ["stream", "device", "kind"], registry=r)
+        self.ready = Gauge("ustudents_ready", "1 when the model is loaded and Redis reachable.", ["stream"], registry=r)
+        self.ready.labels(stream).set(0)
+        self.reconnects.labels(stream)
+        self.failures.labels(stream)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+Check = Callable[[], tuple[bool, str]]
+
+
+class HealthServer:
+    """GET /metrics (Prometheus text format), /healthz (200 while the worker's threads live),
+    /readyz (200 when the model is loaded and Redis reachable, else 503 with the reason)."""
+
+    def __init__(self, metrics: WorkerMetrics, host: str, port: int, alive: Check, ready: Check):
+        routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
+            "/metrics": lambda: (200, CONTENT_TYPE_LATEST, metrics.exposition()),
+            "/healthz": lambda: _check(alive),
+            "/readyz": lambda: _check(ready),
+        }
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                route = routes.get(self.path.split("?")[0])
+                status, ctype, body = route() if route else (404, "text/plain", b"not found\n")
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # probes every few seconds: no access log
+                pass
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _check(check: Check) -> tuple[int, str, bytes]:
+    ok, reason = check()
+    body = json.dumps({"ok": ok, "reason": reason}).encode() + b"\n"
+    return (200 if ok else 503), "application/json", body

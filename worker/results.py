@@ -1,0 +1,110 @@
+"""`ustudents results`: follow `<stream>:results` and `<stream>:dead`, one line per frame, and
+optionally save each frame's mask and an overlay picture."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import redis
+
+from . import codec, schema
+from .streams import replies
+
+
+def last_id(client: redis.Redis, key: str) -> str:
+    """The id of the newest entry of `key`, '0-0' if it has none: start here to see only new ones."""
+    try:
+        return client.xinfo_stream(key)["last-generated-id"].decode()
+    except redis.ResponseError:  # no such key yet
+        return "0-0"
+
+
+def describe(fields: dict[str, bytes], dead: bool) -> str:
+    """The line printed for one result or dead letter."""
+    get = lambda k: fields.get(k, b"").decode("utf-8", "replace")  # noqa: E731
+    frame = get(schema.FRAME_ID) or get(schema.ENTRY_ID)
+    if dead:
+        return f"{frame}\tDEAD {get(schema.REASON)}: {get(schema.ERROR)}"
+    verdict = "ANOMALOUS" if get(schema.ANOMALOUS) == "1" else "ok"
+    return (f"{frame}\tscore {float(get(schema.SCORE)):.3f}\t{verdict}\tthreshold {float(get(schema.THRESHOLD)):.3f}"
+            f"\t{float(get(schema.LATENCY_MS)):.1f} ms\t{get(schema.MODEL)}")
+
+
+def safe_name(frame_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", frame_id) or "frame"
+
+
+def write_file(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def mask_overlay(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The frame with anomalous pixels tinted red and the mask outlined."""
+    out = frame.copy()
+    out[mask] = (0.5 * out[mask] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(out, contours, -1, (255, 0, 0), 1)
+    return out
+
+
+def input_frame(client: redis.Redis, stream: str, entry_id: str) -> np.ndarray | None:
+    """The decoded input frame of a result, while its entry (and image_key) still exist."""
+    found = client.xrange(stream, entry_id, entry_id, count=1)
+    if not found:
+        return None
+    fields = found[0][1]
+    data = fields.get(schema.IMAGE.encode())
+    if data is None and schema.IMAGE_KEY.encode() in fields:
+        data = client.get(fields[schema.IMAGE_KEY.encode()])
+    try:
+        return codec.decode(data, entry_id) if data else None
+    except ValueError:
+        return None
+
+
+def save(client: redis.Redis, stream: str, fields: dict[str, bytes], folder: Path) -> str:
+    """Write <frame>_mask.png and <frame>_overlay.png; returns what was written, for the line."""
+    frame_id = (fields.get(schema.FRAME_ID) or fields[schema.ENTRY_ID]).decode("utf-8", "replace")
+    mask_file = folder / f"{safe_name(frame_id)}_mask.png"
+    write_file(mask_file, fields[schema.MASK])
+    overlay_file = folder / f"{safe_name(frame_id)}_overlay.png"
+    if schema.HEATMAP in fields:
+        write_file(overlay_file, fields[schema.HEATMAP])
+    else:
+        frame = input_frame(client, stream, fields[schema.ENTRY_ID].decode())
+        if frame is None:
+            return f"mask {mask_file} (no overlay: the input frame has left the stream)"
+        mask = codec.decode(fields[schema.MASK], str(mask_file))[:, :, 0] > 0
+        write_file(overlay_file, codec.png(mask_overlay(frame, mask)))
+    return f"mask {mask_file}, overlay {overlay_file}"
+
+
+def follow(client: redis.Redis, stream: str, echo: Callable[[str], None], *, from_start: bool = False,
+           count: int = 0, save_to: Path | None = None, block_ms: int = 1000) -> int:
+    """Print one line per result and dead letter as they arrive (only new ones unless
+    `from_start`); stop after `count` lines (0: never). Returns the number of lines."""
+    keys = {schema.results_stream(stream): False, schema.dead_stream(stream): True}
+    ids = {k: ("0-0" if from_start else last_id(client, k)) for k in keys}
+    if save_to is not None:
+        save_to.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while not count or n < count:
+        for key, entries in replies(client.xread(ids, count=100, block=block_ms)):
+            key = key.decode()
+            for eid, raw in entries:
+                ids[key] = eid.decode()
+                fields = schema.decode_fields(raw)
+                line = describe(fields, dead=keys[key])
+                if save_to is not None and not keys[key]:
+                    line += "\t" + save(client, stream, fields, save_to)
+                echo(line)
+                n += 1
+                if count and n >= count:
+                    return n
+    return n

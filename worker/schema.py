@@ -1,0 +1,109 @@
+"""The stream contract, version SCHEMA_VERSION: field names of input, result and dead-letter
+entries, the derived key names, and the encoding of values.
+
+Input (stream `<stream>`), written by a camera or frame grabber:
+    image      encoded PNG/JPEG bytes            } exactly one of the two
+    image_key  a Redis key holding those bytes   } (the producer sets the key's TTL)
+    frame_id   the producer's id of the frame (the entry id stands in when absent)
+    camera     optional
+    ts         optional capture time, Unix seconds (float)
+    category   optional: which model, where a worker serves several
+
+Result (stream `<stream>:results`), one per input entry that was scored:
+    schema, frame_id, entry_id, score, anomalous (0/1), threshold, mask (PNG, 0/255 at the frame's
+    size), model (bundle id), latency_ms, consumer; camera, ts, category when the input had them;
+    heatmap (PNG) when the worker's `heatmap` setting is on.
+
+Dead letter (stream `<stream>:dead`): the input's fields plus schema, entry_id, reason, error
+(without `image` when the reason is too_large: a copy would defeat the limit; `image_bytes` then
+gives its size).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+
+# input
+IMAGE, IMAGE_KEY, FRAME_ID, CAMERA, TS, CATEGORY = "image", "image_key", "frame_id", "camera", "ts", "category"
+PASSED_THROUGH = (CAMERA, TS, CATEGORY)
+# result
+SCHEMA, ENTRY_ID, SCORE, ANOMALOUS, THRESHOLD, MASK, MODEL, LATENCY_MS, CONSUMER, HEATMAP = (
+    "schema", "entry_id", "score", "anomalous", "threshold", "mask", "model", "latency_ms", "consumer", "heatmap")
+RESULT_FIELDS = (SCHEMA, FRAME_ID, ENTRY_ID, SCORE, ANOMALOUS, THRESHOLD, MASK, MODEL, LATENCY_MS, CONSUMER)
+# dead letter
+REASON, ERROR, IMAGE_BYTES = "reason", "error", "image_bytes"
+
+# Dead-letter reasons: each is also the `reason` label of ustudents_frames_dead_lettered_total.
+DECODE_ERROR = "decode_error"  # the bytes are not a PNG/JPEG/... image
+EMPTY = "empty"  # zero bytes
+TOO_LARGE = "too_large"  # more than max_frame_bytes
+MISSING_IMAGE = "missing_image"  # neither image nor image_key, or image_key holds nothing (expired)
+UNKNOWN_CATEGORY = "unknown_category"  # no model served here for the entry's category
+MAX_DELIVERIES = "max_deliveries"  # failed, or its worker died, on each of max_deliveries deliveries
+TRIMMED = "trimmed"  # the entry left the input stream (MAXLEN) before it was processed
+REASONS = (DECODE_ERROR, EMPTY, TOO_LARGE, MISSING_IMAGE, UNKNOWN_CATEGORY, MAX_DELIVERIES, TRIMMED)
+
+
+def results_stream(stream: str) -> str:
+    return f"{stream}:results"
+
+
+def dead_stream(stream: str) -> str:
+    return f"{stream}:dead"
+
+
+def done_key(stream: str, entry_id: str) -> str:
+    """Marker set in the same transaction as an entry's result or dead letter (see streams.publish)."""
+    return f"{stream}:done:{entry_id}"
+
+
+def text(fields: dict[bytes, bytes], name: str) -> str | None:
+    value = fields.get(name.encode())
+    return None if value is None else value.decode("utf-8", "replace")
+
+
+def capture_time(fields: dict[bytes, bytes]) -> float | None:
+    """The `ts` field as Unix seconds, or None when absent or not a finite number."""
+    value = text(fields, TS)
+    try:
+        ts = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return ts if ts is not None and math.isfinite(ts) else None
+
+
+@dataclass
+class DeadLetter:
+    reason: str
+    error: str
+
+
+def result_entry(entry_id: str, fields: dict[bytes, bytes], *, score: float, anomalous: bool, threshold: float,
+                 mask_png: bytes, model: str, latency_ms: float, consumer: str,
+                 heatmap_png: bytes | None = None) -> dict[str, bytes | str]:
+    out: dict[str, bytes | str] = {
+        SCHEMA: str(SCHEMA_VERSION), FRAME_ID: text(fields, FRAME_ID) or entry_id, ENTRY_ID: entry_id,
+        SCORE: repr(float(score)), ANOMALOUS: "1" if anomalous else "0", THRESHOLD: repr(float(threshold)),
+        MASK: mask_png, MODEL: model, LATENCY_MS: f"{latency_ms:.3f}", CONSUMER: consumer}
+    for name in PASSED_THROUGH:
+        value = fields.get(name.encode())
+        if value is not None:
+            out[name] = value
+    if heatmap_png is not None:
+        out[HEATMAP] = heatmap_png
+    return out
+
+
+def dead_entry(entry_id: str, fields: dict[bytes, bytes], dead: DeadLetter) -> dict[bytes | str, bytes | str]:
+    out: dict[bytes | str, bytes | str] = dict(fields)
+    if dead.reason == TOO_LARGE and IMAGE.encode() in out:
+        out[IMAGE_BYTES] = str(len(out.pop(IMAGE.encode())))
+    out.update({SCHEMA: str(SCHEMA_VERSION), ENTRY_ID: entry_id, REASON: dead.reason, ERROR: dead.error})
+    return out
+
+
+def decode_fields(fields: dict[bytes, bytes]) -> dict[str, bytes]:
+    """A stream entry's fields with str names (values stay bytes)."""
+    return {k.decode("utf-8", "replace"): v for k, v in fields.items()}

@@ -1,0 +1,538 @@
+"""The worker process: Redis stream in, one result (or dead letter) per frame out.
+
+Three stages, each a thread, joined by bounded queues, so decoding the next batch and encoding and
+publishing the previous one overlap inference, and memory stays bounded (at most
+`2 * queue_batches + 3` batches in flight):
+
+    reader ──(decode pool)──► [decoded] ──► inference ──► [scored] ──► publisher
+    XREADGROUP / XAUTOCLAIM                 Engine.predict            PNG, MULTI/EXEC publish + XACK
+
+The reader first re-reads this consumer's own pending entries (id 0), then new ones (`>`); every
+`claim_idle_ms / 2` it claims entries that silent consumers left pending (XAUTOCLAIM). Every
+Redis call retries with backoff while Redis is away (not ready meanwhile); nothing is acknowledged
+except together with its result (streams.publish). SIGTERM/SIGINT stop the reader; the batches
+already read are finished and published within `shutdown_timeout_s`, then the process exits 0.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from ustudents import __version__
+from ustudents.engines.images import ImageError
+from ustudents.engines.runtime import Engine, Prediction, load_engine
+
+from . import codec, schema
+from .connection import UNAVAILABLE, Backoff, RedisState, connect
+from .logs import Throttled
+from .metrics import HealthServer, WorkerMetrics
+from .settings import WorkerSettings
+from .streams import Entry, Record, StreamIO
+
+log = logging.getLogger("ustudents.worker")
+
+STOP = object()  # end of a queue
+
+
+def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
+    """One engine per served bundle, keyed by the bundle's category, each warmed up with one frame
+    (so the first real batch is not the slow one). Raises BundleError/EngineError/ValueError."""
+    engines: dict[str, Engine] = {}
+    for path in settings.model_dirs:
+        engine = load_engine(path, backend=settings.backend, device=settings.device,
+                             precision=settings.precision, max_batch=settings.batch)
+        category = engine.info["category"]
+        if category in engines:
+            raise ValueError(f"{path}: a second model for category {category!r} (also {engines[category].bundle.path}); "
+                             "serve one model per category")
+        engine.predict([np.zeros((engine.image_size, engine.image_size, 3), np.uint8)])
+        engines[category] = engine
+    return engines
+
+
+@dataclass
+class Work:
+    """A micro-batch on its way: per entry, its decoding (Future of the frame), a dead letter, or
+    None (already published: acknowledge only); and the category of the engine to use."""
+    entries: list[Entry]
+    prepared: list[Future | schema.DeadLetter | None]
+    categories: list[str | None]
+
+
+@dataclass
+class Outcome:
+    kind: str  # "ack" | "dead" | "scored" | "failed"
+    dead: schema.DeadLetter | None = None
+    frame: np.ndarray | None = None
+    prediction: Prediction | None = None
+    category: str | None = None
+    error: str = ""
+
+
+@dataclass
+class Totals:
+    """Counts for the periodic summary line."""
+    processed: int = 0
+    anomalies: int = 0
+    dead: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, engines: dict[str, Engine], client: redis.Redis | None = None):
+        if not engines:
+            raise ValueError("a worker needs at least one model")
+        self.s, self.engines = settings, engines
+        self.single = next(iter(engines)) if len(engines) == 1 else None
+        s = settings
+        self.metrics = WorkerMetrics(s.stream, s.group, [e.threshold for e in engines.values()])
+        for engine in engines.values():
+            info = engine.info
+            self.metrics.model_info.labels(s.stream, info["model"], __version__, info["category"], info["backend"],
+                                           info["precision"], info["device"]).set(1)
+        self.redis_state = RedisState(on_change=lambda up: self._update_ready(),
+                                      on_reconnect=lambda: self.metrics.reconnects.labels(s.stream).inc())
+        password = s.redis_password.get_secret_value() if s.redis_password else None
+        self.client = client or connect(s.redis_url, password, read_timeout_s=s.block_ms / 1000 + 10)
+        self.io = StreamIO(self.client, s.stream, s.group, s.consumer, results_maxlen=s.results_maxlen,
+                           dead_maxlen=s.dead_maxlen, dedupe_ttl_s=s.dedupe_ttl_s)
+        self.stopping = threading.Event()  # stop reading; finish what was read
+        self.abandon = threading.Event()  # give up on what is in flight (deadline passed, or a stage crashed)
+        self.decoded: queue.Queue = queue.Queue(maxsize=s.queue_batches)
+        self.scored: queue.Queue = queue.Queue(maxsize=s.queue_batches)
+        self.pool = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="decode")
+        self.inflight: set[str] = set()
+        self.inflight_lock = threading.Lock()
+        self.last_errors: OrderedDict[str, str] = OrderedDict()  # entry id -> its last processing error
+        self.crashed: BaseException | None = None
+        self.threads: list[threading.Thread] = []
+        self.server: HealthServer | None = None
+        self.totals = Totals()
+        self.throttled = Throttled(log, s.log_interval_s)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start_server(self) -> None:
+        """Serve /metrics, /healthz and /readyz (raises OSError when the port is taken)."""
+        if self.s.metrics_port and self.server is None:
+            self.server = HealthServer(self.metrics, self.s.metrics_host, self.s.metrics_port, self.alive, self.ready)
+            self.server.start()
+
+    def stop(self) -> None:
+        """Stop reading; in-flight batches are finished and published (graceful shutdown)."""
+        self.stopping.set()
+        self._update_ready()
+
+    def run(self) -> int:
+        """Serve until stop() or SIGTERM/SIGINT. Returns the exit code: 0 when everything read
+        was published, 1 when the deadline passed first or a stage crashed (what was not published
+        stays pending and is reclaimed by another worker)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+        self.start_server()
+        self._update_ready()
+        s = self.s
+        log.info("worker %s serving stream %s (group %s) with %s; batch %d", s.consumer, s.stream, s.group,
+                 ", ".join(f"{c}: {e.info['model']} on {e.describe()}" for c, e in self.engines.items()), s.batch,
+                 extra={"event": "start", "stream": s.stream, "group": s.group, "consumer": s.consumer,
+                        "models": {c: e.info for c, e in self.engines.items()},
+                        "metrics_port": self.server.port if self.server else None})
+        stages = [("reader", self._reader), ("inference", self._inference), ("publisher", self._publisher)]
+        self.threads = [self._spawn(name, fn) for name, fn in stages]
+        self._spawn("monitor", self._monitor)
+        while not self.stopping.wait(0.5):
+            pass
+        deadline = time.monotonic() + s.shutdown_timeout_s
+        if self.crashed is None:
+            log.info("stopping: finishing the batches in flight (deadline %.0f s)", s.shutdown_timeout_s,
+                     extra={"event": "stopping"})
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        drained = not any(t.is_alive() for t in self.threads) and not self.abandon.is_set()
+        if not drained:
+            self.abandon.set()
+            with self.inflight_lock:
+                left = len(self.inflight)
+            log.warning("shutdown deadline passed with %d entries unpublished; they stay pending and another "
+                        "worker claims them after claim_idle_ms", left, extra={"event": "stop_incomplete", "left": left})
+        else:
+            try:
+                self.io.delete_consumer_if_idle()
+            except redis.RedisError:
+                pass
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.server:
+            self.server.stop()
+        code = 0 if drained and self.crashed is None else 1
+        log.info("worker stopped (exit %d): %d frames processed, %d dead-lettered", code, self.totals.processed,
+                 sum(self.totals.dead.values()), extra={"event": "stop", "exit_code": code})
+        return code
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stopping.is_set():
+            log.warning("second %s: exiting now; unpublished entries stay pending for other workers",
+                        signal.Signals(signum).name, extra={"event": "forced_exit"})
+            os._exit(1)
+        log.info("%s received", signal.Signals(signum).name, extra={"event": "signal"})
+        self.stop()
+
+    def _spawn(self, name: str, target) -> threading.Thread:
+        def run():
+            try:
+                target()
+            except BaseException as err:  # a bug: stop rather than hang; pending entries are reclaimed
+                self.crashed = err
+                log.exception("worker stage %s crashed; stopping", name, extra={"event": "crash", "stage": name})
+                self.abandon.set()
+                self.stop()
+        t = threading.Thread(target=run, name=f"worker-{name}", daemon=True)
+        t.start()
+        return t
+
+    # -- health ----------------------------------------------------------------------------------
+    def alive(self) -> tuple[bool, str]:
+        if self.crashed is not None:
+            return False, f"a worker stage crashed: {self.crashed!r}"
+        dead = [t.name for t in self.threads if not t.is_alive()]
+        if dead and not self.stopping.is_set():
+            return False, f"stopped threads: {', '.join(dead)}"
+        return True, "alive"
+
+    def ready(self) -> tuple[bool, str]:
+        if self.stopping.is_set():
+            return False, "shutting down"
+        if self.redis_state.up is not True:
+            return False, "redis unreachable" if self.redis_state.up is False else "connecting to redis"
+        return True, "model loaded, redis reachable"
+
+    def _update_ready(self) -> None:
+        self.metrics.ready.labels(self.s.stream).set(1 if self.ready()[0] else 0)
+
+    # -- queues that give up when the worker abandons its work -------------------------------------
+    def _put(self, q: queue.Queue, item) -> bool:
+        while not self.abandon.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _get(self, q: queue.Queue):
+        while not self.abandon.is_set():
+            try:
+                return q.get(timeout=0.2)
+            except queue.Empty:
+                pass
+        return STOP
+
+    def _retry(self, call, interrupt: threading.Event):
+        """call() until Redis answers; None if `interrupt` is set first."""
+        backoff = Backoff(self.s.backoff_max_s)
+        while True:
+            try:
+                out = call()
+                self.redis_state.ok()
+                return out
+            except UNAVAILABLE as err:
+                self.redis_state.failed(err)
+            if backoff.wait(interrupt):
+                return None
+
+    # -- stage 1: reading ------------------------------------------------------------------------
+    def _reader(self) -> None:
+        s = self.s
+        backoff = Backoff(s.backoff_max_s)
+        history: str | None = "0"  # own pending entries first, from the start of the PEL
+        claim_period = max(0.05, s.claim_idle_ms / 2000)
+        claim_at, claim_cursor = time.monotonic() + claim_period, "0-0"
+        group_ready = False
+        while not self.stopping.is_set():
+            try:
+                if not group_ready:
+                    if self.io.ensure_group():
+                        log.info("created consumer group %s on %s", s.group, s.stream, extra={"event": "group_created"})
+                    group_ready = True
+                deleted: list[str] = []
+                if history is not None:
+                    raw = self.io.read(history, s.batch, None)
+                    source = "pending"
+                    if not raw:
+                        history = None
+                        continue
+                    history = raw[-1][0].decode()
+                elif time.monotonic() >= claim_at:
+                    claim_cursor, raw, deleted = self.io.autoclaim(s.claim_idle_ms, claim_cursor, s.batch)
+                    claim_at = time.monotonic() + (0 if claim_cursor != "0-0" else claim_period)
+                    source = "claimed"
+                    if raw or deleted:
+                        log.info("claimed %d entries left pending by silent consumers", len(raw) + len(deleted),
+                                 extra={"event": "claimed", "entries": len(raw) + len(deleted)})
+                else:
+                    raw = self.io.read(">", s.batch, s.block_ms)
+                    source = "new"
+                self.redis_state.ok()
+                backoff.reset()
+            except UNAVAILABLE as err:
+                self.redis_state.failed(err)
+                group_ready = False
+                if backoff.wait(self.stopping):
+                    break
+                continue
+            except redis.ResponseError as err:
+                if "NOGROUP" not in str(err):
+                    raise
+                log.warning("consumer group %s is gone (Redis restarted without persistence?); recreating it",
+                            s.group, extra={"event": "group_lost"})
+                group_ready = False
+                continue
+            entries = [Entry(eid.decode(), fields) for eid, fields in raw] + [Entry(eid, {}) for eid in deleted]
+            if source == "claimed":  # XAUTOCLAIM also returns our own entries that wait in the pipeline
+                with self.inflight_lock:
+                    entries = [e for e in entries if e.id not in self.inflight]
+            if entries:
+                work = self._retry(lambda: self._prepare(entries, redelivered=source != "new"), self.abandon)
+                if work is None or not self._put(self.decoded, work):
+                    break
+        self._put(self.decoded, STOP)
+
+    def _prepare(self, entries: list[Entry], redelivered: bool) -> Work:
+        """Check each entry (published already? delivered too often? has an image? a model for it?),
+        fetch `image_key` payloads, and start decoding."""
+        s = self.s
+        ids = [e.id for e in entries]
+        if redelivered:
+            for e, n, done in zip(entries, self.io.deliveries(ids), self.io.done(ids)):
+                e.deliveries, e.already_done = n, done
+        keyed = [i for i, e in enumerate(entries)
+                 if schema.IMAGE.encode() not in e.fields and schema.IMAGE_KEY.encode() in e.fields]
+        fetched = dict(zip(keyed, self.io.fetch_images([entries[i].fields[schema.IMAGE_KEY.encode()].decode("utf-8", "replace")
+                                                        for i in keyed], s.max_frame_bytes))) if keyed else {}
+        prepared: list[Future | schema.DeadLetter | None] = []
+        categories: list[str | None] = []
+        for i, e in enumerate(entries):
+            category = None
+            if e.already_done:
+                item = None
+            elif not e.fields:
+                item = schema.DeadLetter(schema.TRIMMED, "the entry was removed from the input stream (MAXLEN "
+                                                         "trimming or XDEL) before it was processed")
+            elif e.deliveries > s.max_deliveries:
+                last = self.last_errors.get(e.id, "unknown (a worker died while processing it?)")
+                item = schema.DeadLetter(schema.MAX_DELIVERIES, f"delivered {e.deliveries} times without completing "
+                                                                f"(max_deliveries={s.max_deliveries}); last error: {last}")
+            else:
+                category = self._category(e.fields)
+                if isinstance(category, schema.DeadLetter):
+                    item, category = category, None
+                else:
+                    data = codec.payload(e.fields, fetched.get(i), s.max_frame_bytes)
+                    item = data if isinstance(data, schema.DeadLetter) else \
+                        self.pool.submit(codec.decode, data, f"entry {e.id} of {s.stream}")
+            prepared.append(item)
+            categories.append(category)
+        with self.inflight_lock:
+            self.inflight.update(ids)
+        return Work(entries, prepared, categories)
+
+    def _category(self, fields: dict[bytes, bytes]) -> str | schema.DeadLetter:
+        category = schema.text(fields, schema.CATEGORY)
+        if category is None and self.single is not None:
+            return self.single
+        if category in self.engines:
+            return category
+        served = ", ".join(self.engines)
+        if category is None:
+            return schema.DeadLetter(schema.UNKNOWN_CATEGORY, f"no `category` field, and this worker serves several: {served}")
+        return schema.DeadLetter(schema.UNKNOWN_CATEGORY, f"category {category!r} is not served here (serving {served})")
+
+    # -- stage 2: inference ----------------------------------------------------------------------
+    def _inference(self) -> None:
+        while True:
+            work = self._get(self.decoded)
+            if work is STOP:
+                break
+            if not self._put(self.scored, (work, self._infer(work))):
+                break
+        self._put(self.scored, STOP)
+
+    def _infer(self, work: Work) -> list[Outcome]:
+        out: list[Outcome | None] = [None] * len(work.entries)
+        by_category: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
+        for i, (entry, item, category) in enumerate(zip(work.entries, work.prepared, work.categories)):
+            if item is None:
+                out[i] = Outcome("ack")
+            elif isinstance(item, schema.DeadLetter):
+                out[i] = Outcome("dead", dead=item)
+            else:
+                try:
+                    by_category[category].append((i, item.result()))
+                except ImageError as err:
+                    out[i] = Outcome("dead", dead=schema.DeadLetter(schema.DECODE_ERROR, str(err)))
+                except Exception as err:  # noqa: BLE001 (anything else is retried, then dead-lettered)
+                    out[i] = self._failed(entry, err)
+        for category, items in by_category.items():
+            engine = self.engines[category]
+            frames = [f for _, f in items]
+            t0 = time.perf_counter()
+            try:
+                predictions: list[Prediction | Exception] = list(engine.predict(frames))
+            except Exception as err:  # noqa: BLE001 (isolate the frame that fails)
+                self.throttled.warning("batch_failed", "a batch of %d frames failed (%s: %s); scoring them one by one",
+                                       len(frames), type(err).__name__, err, event="batch_failed")
+                predictions = [self._predict_one(engine, f) for f in frames]
+            self.metrics.inference.labels(self.s.stream).observe(time.perf_counter() - t0)
+            self.metrics.batch_size.labels(self.s.stream).observe(len(frames))
+            for (i, frame), p in zip(items, predictions):
+                out[i] = self._failed(work.entries[i], p) if isinstance(p, Exception) else \
+                    Outcome("scored", frame=frame, prediction=p, category=category)
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _predict_one(engine: Engine, frame: np.ndarray) -> Prediction | Exception:
+        try:
+            return engine.predict([frame])[0]
+        except Exception as err:  # noqa: BLE001
+            return err
+
+    def _failed(self, entry: Entry, err: BaseException) -> Outcome:
+        """A frame whose processing raised: dead-lettered on its last allowed delivery, else left
+        pending (not acknowledged) for another attempt once it has been idle `claim_idle_ms`."""
+        self.metrics.failures.labels(self.s.stream).inc()
+        message = f"{type(err).__name__}: {err}"
+        if entry.deliveries >= self.s.max_deliveries:
+            return Outcome("dead", dead=schema.DeadLetter(
+                schema.MAX_DELIVERIES, f"failed on delivery {entry.deliveries} of max_deliveries="
+                                       f"{self.s.max_deliveries}: {message}"))
+        self.last_errors[entry.id] = message
+        while len(self.last_errors) > 10_000:
+            self.last_errors.popitem(last=False)
+        self.throttled.warning("frame_failed", "entry %s failed on delivery %d (%s); it stays pending for a retry",
+                               entry.id, entry.deliveries, message, event="frame_failed", entry_id=entry.id)
+        return Outcome("failed", error=message)
+
+    # -- stage 3: publishing ---------------------------------------------------------------------
+    def _publisher(self) -> None:
+        while True:
+            item = self._get(self.scored)
+            if item is STOP:
+                break
+            work, outcomes = item
+            records = [r for r in (self._record(e, o) for e, o in zip(work.entries, outcomes)) if r is not None]
+            written = self._publish(records) if records else []
+            if written is None:  # abandoned: stays pending
+                break
+            self._account(written, {e.id: (e, o) for e, o in zip(work.entries, outcomes)})
+            with self.inflight_lock:
+                self.inflight.difference_update(e.id for e in work.entries)
+
+    def _record(self, entry: Entry, outcome: Outcome) -> Record | None:
+        s = self.s
+        if outcome.kind == "ack":
+            return Record(entry.id, None)
+        if outcome.kind == "failed":
+            return None
+        if outcome.kind == "dead":
+            return Record(entry.id, self.io.dead, schema.dead_entry(entry.id, entry.fields, outcome.dead),
+                          kind=f"dead:{outcome.dead.reason}")
+        engine, p = self.engines[outcome.category], outcome.prediction
+        heatmap = codec.heatmap_png(outcome.frame, p.anomaly_map, engine.threshold, p.mask) if s.heatmap else None
+        fields = schema.result_entry(
+            entry.id, entry.fields, score=p.score, anomalous=p.anomalous, threshold=engine.threshold,
+            mask_png=codec.mask_png(p.mask), model=engine.info["model"],
+            latency_ms=(time.monotonic() - entry.received) * 1000, consumer=s.consumer, heatmap_png=heatmap)
+        return Record(entry.id, self.io.results, fields)
+
+    def _publish(self, records: list[Record]) -> list[Record] | None:
+        """streams.publish until it succeeds; None if the worker abandons its work first."""
+        backoff = Backoff(self.s.backoff_max_s)
+        while True:
+            try:
+                written = self.io.publish(records)
+                self.redis_state.ok()
+                return written
+            except UNAVAILABLE as err:
+                self.redis_state.failed(err)
+            except redis.ResponseError as err:
+                if "NOGROUP" in str(err):
+                    # the group vanished with a Redis that lost its data: the results are written,
+                    # and nothing is pending any more to acknowledge
+                    return [r for r in records if r.target is not None]
+                self.throttled.warning("publish_refused", "Redis refused the results (%s); retrying", err,
+                                       event="publish_refused", error=str(err))
+            if backoff.wait(self.abandon):
+                return None
+
+    def _account(self, written: list[Record], by_id: dict[str, tuple[Entry, Outcome]]) -> None:
+        m, stream, now = self.metrics, self.s.stream, time.time()
+        for rec in written:
+            entry, outcome = by_id[rec.entry_id]
+            if outcome.kind == "dead":
+                reason = outcome.dead.reason
+                m.dead_lettered.labels(stream, reason).inc()
+                self.totals.dead[reason] += 1
+                self.throttled.warning(f"dead:{reason}", "entry %s dead-lettered (%s): %s", entry.id, reason,
+                                       outcome.dead.error, event="dead_letter", reason=reason, entry_id=entry.id)
+                continue
+            p, category = outcome.prediction, outcome.category
+            m.processed.labels(stream, category).inc()
+            m.score.labels(stream, category).observe(p.score)
+            self.totals.processed += 1
+            if p.anomalous:
+                m.anomalies.labels(stream, category).inc()
+                self.totals.anomalies += 1
+            ts = schema.capture_time(entry.fields)
+            if ts is not None:
+                m.end_to_end.labels(stream).observe(max(0.0, now - ts))
+        for entry_id, (_, outcome) in by_id.items():
+            if outcome.kind != "failed":
+                self.last_errors.pop(entry_id, None)
+
+    # -- gauges and the summary line ---------------------------------------------------------------
+    def _monitor(self) -> None:
+        s, m = self.s, self.metrics
+        next_summary, last = time.monotonic() + s.log_interval_s, (0, 0, 0)
+        while True:
+            try:
+                info = self.io.group_info()
+                if info:
+                    m.pending.labels(s.stream, s.group).set(int(info.get("pending", 0)))
+                    if info.get("lag") is not None:
+                        m.lag.labels(s.stream, s.group).set(int(info["lag"]))
+                self.redis_state.ok()
+            except UNAVAILABLE as err:
+                self.redis_state.failed(err)
+            except redis.ResponseError:
+                pass  # the stream does not exist yet
+            self._gpu_memory()
+            if time.monotonic() >= next_summary:
+                t = self.totals
+                now = (t.processed, t.anomalies, sum(t.dead.values()))
+                log.info("last %.0f s: %d frames processed (%.1f/s), %d anomalous, %d dead-lettered",
+                         s.log_interval_s, now[0] - last[0], (now[0] - last[0]) / s.log_interval_s,
+                         now[1] - last[1], now[2] - last[2],
+                         extra={"event": "summary", "processed": now[0] - last[0], "anomalies": now[1] - last[1],
+                                "dead_lettered": now[2] - last[2]})
+                next_summary, last = next_summary + s.log_interval_s, now
+            if self.stopping.wait(s.stats_interval_s):
+                return
+
+    def _gpu_memory(self) -> None:
+        devices = {e.device for e in self.engines.values() if e.device.type == "cuda"}
+        if not devices:
+            return
+        import torch
+
+        for dev in devices:
+            free, total = torch.cuda.mem_get_info(dev)
+            self.metrics.gpu_memory.labels(self.s.stream, str(dev), "used").set(total - free)
+            self.metrics.gpu_memory.labels(self.s.stream, str(dev), "reserved").set(torch.cuda.memory_reserved(dev))

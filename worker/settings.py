@@ -1,0 +1,117 @@
+"""Every setting of one worker process, from flags, the environment (`USTUDENTS_*`) and `.env`.
+
+Precedence, highest first: command-line flags (passed as keyword arguments), environment variables
+`USTUDENTS_<NAME>`, the `.env` file (or the one given with `--env-file`), then the defaults below.
+Nothing else in the worker reads the environment.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "USTUDENTS_"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_redis_url(url: str) -> str:
+    if not url.startswith(REDIS_SCHEMES):
+        raise ValueError(f"{url!r} is not a Redis URL; use redis://HOST:PORT/DB, rediss://... (TLS) or unix://PATH")
+    return url
+
+
+def default_consumer() -> str:
+    """Unique per process: two workers on one host never share a pending list."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8",
+                                      extra="ignore", protected_namespaces=())
+
+    # what to serve
+    stream: str = Field(description="Input Redis stream, e.g. line1; results go to <stream>:results.")
+    model: str = Field(description="Model bundle directory; several separated by commas (chosen per frame by `category`).")
+    backend: str = Field("auto", description="auto, torch, onnxruntime or tensorrt.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    precision: str | None = Field(None, description="fp32, bf16, fp16 or int8; default: the backend's.")
+    batch: int = Field(8, ge=1, le=256, description="Frames per micro-batch (XREADGROUP COUNT and inference batch).")
+
+    # Redis
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis://, rediss:// (TLS) or unix:// URL.")
+    redis_password: SecretStr | None = Field(None, description="Overrides a password in the URL.")
+    group: str = Field("ustudents", description="Consumer group; workers of one group share the stream.")
+    consumer: str = Field(default_factory=default_consumer, description="This worker's name in the group.")
+    block_ms: int = Field(1000, ge=1, description="XREADGROUP BLOCK: longest wait for new frames, ms.")
+    claim_idle_ms: int = Field(60_000, ge=1, description="Idle time after which another worker's pending entry is claimed.")
+    max_deliveries: int = Field(3, ge=1, description="Deliveries after which a failing entry is dead-lettered.")
+    max_frame_bytes: int = Field(32 << 20, ge=1, description="Encoded frames larger than this are dead-lettered.")
+    results_maxlen: int = Field(100_000, ge=1, description="MAXLEN ~ of <stream>:results.")
+    dead_maxlen: int = Field(10_000, ge=1, description="MAXLEN ~ of <stream>:dead.")
+    dedupe_ttl_s: int = Field(3600, ge=1, description="How long the per-entry 'done' marker that prevents a second result lives.")
+    backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between Redis retries.")
+
+    # pipeline
+    heatmap: bool = Field(False, description="Add a `heatmap` PNG (overlay of the anomaly map) to each result.")
+    decode_threads: int = Field(2, ge=1, description="Threads decoding frames while inference runs.")
+    queue_batches: int = Field(2, ge=1, description="Decoded batches waiting for inference (bounds memory).")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="SIGTERM: longest time to finish and publish in-flight batches.")
+
+    # observability
+    metrics_port: int = Field(9108, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz; 0 = off.")
+    metrics_host: str = Field("0.0.0.0", description="Address the metrics server binds.")
+    stats_interval_s: float = Field(5.0, gt=0, description="Refresh period of lag, pending and GPU gauges.")
+    log_interval_s: float = Field(60.0, gt=0, description="Period of the one-line throughput summary in the log.")
+    log_json: bool = Field(False, description="One JSON object per log line.")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+
+    @field_validator("stream", "group", "consumer")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or any(c.isspace() for c in v):
+            raise ValueError("must be a non-empty name without spaces")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _models(cls, v: str) -> str:
+        if not [p for p in v.split(",") if p.strip()]:
+            raise ValueError("give a model bundle directory")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_redis_url(v)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("choose DEBUG, INFO, WARNING or ERROR")
+        return v.upper()
+
+    @property
+    def model_dirs(self) -> list[Path]:
+        return [Path(p.strip()) for p in self.model.split(",") if p.strip()]
+
+
+def flag_name(field: str) -> str:
+    """How a user sets `field`: the flag and the environment variable."""
+    return f"--{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}"
+
+
+class ToolSettings(BaseSettings):
+    """The Redis connection of `ustudents publish` and `ustudents results` (same variables as the worker's)."""
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password: SecretStr | None = None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_redis_url(v)

@@ -1,0 +1,185 @@
+"""Redis Streams operations of one worker: the consumer group, reading (own pending, then new),
+reclaiming from silent consumers, delivery counts, and the atomic publish-and-acknowledge.
+
+Exactly one outcome per input entry
+-----------------------------------
+An entry leaves the group's pending entries list (PEL) only in `publish`, whose MULTI/EXEC writes
+its result (or dead letter), sets the marker `<stream>:done:<entry_id>` and XACKs it: all or
+nothing. Hence:
+
+* At least one: until that EXEC succeeds the entry stays pending, so a worker that dies (or whose
+  Redis connection dies) at any point before it leaves the entry to be re-read (its own pending,
+  on restart) or claimed by a live worker (XAUTOCLAIM after `claim_idle_ms`).
+* At most one: after the EXEC the entry is acknowledged, and neither XREADGROUP `>` (new entries
+  only), nor a history read, nor XAUTOCLAIM (both: pending entries only) hands it out again. The one
+  remaining way to two results is two workers holding the same entry at once: a worker stalls
+  longer than `claim_idle_ms`, another claims the entry, both finish. Both go through `publish`,
+  which WATCHes the marker, reads it and writes only when it is absent; if the other worker sets
+  it between the read and EXEC, EXEC aborts and the check is made again. So whichever publishes
+  second finds the marker and only acknowledges. The marker has to outlive that race, not the
+  entry: `dedupe_ttl_s` (default 1 h) bounds how long a stalled worker may hold a claimed entry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import time
+
+import redis
+
+from . import schema
+
+# A reply of XREADGROUP/XAUTOCLAIM: (entry id, fields); fields are {} for an entry trimmed away.
+RawEntry = tuple[bytes, dict[bytes, bytes]]
+
+
+@dataclass
+class Entry:
+    """An input entry handed to this worker."""
+    id: str
+    fields: dict[bytes, bytes]
+    deliveries: int = 1  # times delivered, this delivery included (XPENDING times_delivered)
+    received: float = field(default_factory=time.monotonic)
+    already_done: bool = False  # its marker exists: acknowledge only
+
+
+@dataclass
+class Record:
+    """What `publish` writes for one entry: `fields` to `target` (None: acknowledge only)."""
+    entry_id: str
+    target: str | None
+    fields: dict | None = None
+    kind: str = "result"  # marker value: "result" or "dead:<reason>"
+
+
+def replies(reply) -> list[tuple[bytes, list[RawEntry]]]:
+    """An XREAD/XREADGROUP reply as (stream, entries) pairs, in either protocol (RESP2 gives a list
+    of [stream, entries], RESP3 a {stream: [entries]} mapping); trimmed entries get fields {}."""
+    if not reply:
+        return []
+    pairs = [(k, v[0]) for k, v in reply.items()] if isinstance(reply, dict) else reply
+    return [(k, [(eid, fields or {}) for eid, fields in entries]) for k, entries in pairs]
+
+
+def _str(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class StreamIO:
+    def __init__(self, client: redis.Redis, stream: str, group: str, consumer: str, *,
+                 results_maxlen: int, dead_maxlen: int, dedupe_ttl_s: int):
+        self.r, self.stream, self.group, self.consumer = client, stream, group, consumer
+        self.results, self.dead = schema.results_stream(stream), schema.dead_stream(stream)
+        self.maxlen = {self.results: results_maxlen, self.dead: dead_maxlen}
+        self.dedupe_ttl_s = dedupe_ttl_s
+
+    # -- the group -------------------------------------------------------------------------------
+    def ensure_group(self) -> bool:
+        """Create the group (and the stream) if missing, reading from the stream's first entry, so
+        frames written before any worker started are processed too. True if it was created."""
+        try:
+            self.r.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            return True
+        except redis.ResponseError as err:
+            if "BUSYGROUP" in str(err):
+                return False
+            raise
+
+    def group_info(self) -> dict:
+        """XINFO GROUPS for our group: pending, lag (None where Redis < 7 or it cannot tell), ..."""
+        for g in self.r.xinfo_groups(self.stream):
+            if _str(g["name"]) == self.group:
+                return g
+        return {}
+
+    def has_own_pending(self) -> bool:
+        return bool(self.r.xpending_range(self.stream, self.group, min="-", max="+", count=1,
+                                          consumername=self.consumer))
+
+    def delete_consumer_if_idle(self) -> bool:
+        """Remove this consumer from the group when nothing is pending on it (clean exit; only this
+        process reads as this consumer, and it has stopped reading)."""
+        if self.has_own_pending():
+            return False
+        self.r.xgroup_delconsumer(self.stream, self.group, self.consumer)
+        return True
+
+    # -- reading ---------------------------------------------------------------------------------
+    def read(self, last_id: str, count: int, block_ms: int | None) -> list[RawEntry]:
+        """XREADGROUP: `last_id` '>' for new entries, or an id for this consumer's own pending
+        entries after it ('0': from the start)."""
+        reply = self.r.xreadgroup(self.group, self.consumer, {self.stream: last_id}, count=count, block=block_ms)
+        return [e for _, entries in replies(reply) for e in entries]
+
+    def autoclaim(self, min_idle_ms: int, start: str, count: int) -> tuple[str, list[RawEntry], list[str]]:
+        """XAUTOCLAIM entries idle longer than `min_idle_ms`: (next cursor, claimed entries, ids of
+        entries that were pending but are gone from the stream; Redis 7 drops those from the PEL)."""
+        reply = self.r.xautoclaim(self.stream, self.group, self.consumer, min_idle_ms, start, count=count)
+        cursor, claimed = _str(reply[0]), reply[1]
+        deleted = [_str(i) for i in reply[2]] if len(reply) > 2 else []
+        return cursor, [(eid, fields or {}) for eid, fields in claimed if eid is not None], deleted
+
+    def deliveries(self, ids: list[str]) -> list[int]:
+        """Times each pending entry has been delivered (1 for an entry no longer pending)."""
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.xpending_range(self.stream, self.group, min=i, max=i, count=1)
+        return [int(rows[0]["times_delivered"]) if rows else 1 for rows in pipe.execute()]
+
+    def done(self, ids: list[str]) -> list[bool]:
+        """Whether each entry already has its outcome published (its marker exists)."""
+        if not ids:
+            return []
+        return [v is not None for v in self.r.mget([schema.done_key(self.stream, i) for i in ids])]
+
+    def fetch_images(self, keys: list[str], max_bytes: int) -> list[bytes | int | None]:
+        """Bytes held at each `image_key`: the bytes, or their length when over `max_bytes` (not
+        fetched), or None when the key is missing or not a string."""
+        pipe = self.r.pipeline(transaction=False)
+        for k in keys:
+            pipe.strlen(k)
+        sizes = pipe.execute(raise_on_error=False)
+        pipe = self.r.pipeline(transaction=False)
+        wanted = [i for i, n in enumerate(sizes) if isinstance(n, int) and 0 < n <= max_bytes]
+        for i in wanted:
+            pipe.get(keys[i])
+        got = dict(zip(wanted, pipe.execute(raise_on_error=False)))
+        out: list[bytes | int | None] = []
+        for i, n in enumerate(sizes):
+            if not isinstance(n, int):  # WRONGTYPE
+                out.append(None)
+            elif n == 0:  # STRLEN of a missing key is 0 too: tell apart below
+                out.append(None if not self.r.exists(keys[i]) else b"")
+            elif n > max_bytes:
+                out.append(n)
+            else:
+                v = got.get(i)
+                out.append(v if isinstance(v, bytes) else None)
+        return out
+
+    # -- writing ---------------------------------------------------------------------------------
+    def publish(self, records: list[Record], max_attempts: int = 50) -> list[Record]:
+        """Write each record's result or dead letter, set its marker and XACK every entry, in one
+        MULTI/EXEC; a record whose marker already exists is only acknowledged. Returns the records
+        written. See the module docstring for why this yields exactly one outcome per entry."""
+        keys = [schema.done_key(self.stream, r.entry_id) for r in records]
+        with self.r.pipeline(transaction=True) as pipe:
+            for _ in range(max_attempts):
+                try:
+                    pipe.watch(*keys)
+                    done = pipe.mget(keys)
+                    pipe.multi()
+                    written = []
+                    for rec, key, d in zip(records, keys, done):
+                        if d is not None or rec.target is None:
+                            continue
+                        pipe.xadd(rec.target, rec.fields, maxlen=self.maxlen[rec.target], approximate=True)
+                        pipe.set(key, rec.kind, ex=self.dedupe_ttl_s)
+                        written.append(rec)
+                    pipe.xack(self.stream, self.group, *[r.entry_id for r in records])
+                    pipe.execute()
+                    return written
+                except redis.WatchError:
+                    # another worker published one of these meanwhile, or the connection broke while
+                    # watching (redis-py reports that as WatchError too): look again
+                    continue
+        raise redis.ConnectionError(f"publish: {max_attempts} attempts aborted by concurrent writers")
