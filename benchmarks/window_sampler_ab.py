@@ -1,0 +1,34 @@
+"""A/B of the students' training-window sampler on magnetic_tile: `new` (this code: every pixel,
+border included, trained on equally often) against `old` (window starts uniform in
+[0, size - crop], as before commit c4bafd4: the outermost pixels trained `crop` times less often).
+
+    for v in new old; do
+      python benchmarks/window_sampler_ab.py $v train magnetic_tile --data-root ../shared/datasets \
+        --out /tmp/ab/$v --scales 17 --students 3 --epochs 5 --image-size 64 --crop 8 --batch 8 \
+        --amp off --seed 0 --no-evaluate --device cpu
+      python benchmarks/border_error.py /tmp/ab/$v --data-root ../shared/datasets --scale 17 \
+        --images 40 --border 4 --name ab_border_$v
+    done
+
+The first argument picks the sampler; the rest is an `ustudents` command line.
+"""
+import sys
+
+from ustudents.train import students
+
+
+def uniform_starts(gen, size, crop):
+    """The old sampler, kept here only for this comparison."""
+    if crop >= size:
+        return 0, slice(0, size)
+    return int(gen.integers(0, size - crop + 1)), slice(0, crop)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] not in ("new", "old"):
+        sys.exit("usage: window_sampler_ab.py new|old USTUDENTS-ARGS...")
+    if sys.argv[1] == "old":
+        students.crop_window = uniform_starts
+    from ustudents.cli import main
+
+    main(sys.argv[2:])
