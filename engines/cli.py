@@ -62,13 +62,17 @@ def good_frames(folder: Path | None, limit: int = 8) -> list:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
               help="onnx: an ONNX Runtime engine (any machine); tensorrt: a plan for this machine's GPU.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16 exports the networks in half precision with the scoring head in fp32.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp16: the networks in half precision, the scoring head in fp32. int8: quantize/dequantize "
+                   "nodes around every convolution, ranges calibrated on --calibration-images.")
 @click.option("--max-batch", default=8, show_default=True, help="Largest batch the engine serves.")
 @click.option("--check-images", type=click.Path(path_type=Path), default=None,
               help="Good images for the parity check against PyTorch.  [default: random noise images]")
+@click.option("--calibration-images", type=click.Path(path_type=Path), default=None,
+              help="int8 only, required: good images (e.g. the category's train/good) whose activations set "
+                   "the quantization ranges; up to 32 are used.")
 @user_errors
-def build_engines_cmd(model, backend, precision, max_batch, check_images):
+def build_engines_cmd(model, backend, precision, max_batch, check_images, calibration_images):
     """Export MODEL's fused ensemble to ONNX, check it against PyTorch and store it in the bundle;
     with --backend tensorrt, also build a TensorRT plan for this GPU."""
     from .onnx_engine import ParityError, build_onnx
@@ -79,9 +83,13 @@ def build_engines_cmd(model, backend, precision, max_batch, check_images):
     if backend == "tensorrt":
         from .tensorrt_build import require_tensorrt
         require_tensorrt()
+    if precision == "int8" and calibration_images is None:
+        raise InputError("--precision int8 needs --calibration-images DIR: good images to calibrate the "
+                         "quantization ranges on (e.g. the category's train/good)")
     frames = good_frames(check_images)
+    calibration = good_frames(calibration_images, limit=32) if precision == "int8" else None
     try:
-        entry = build_onnx(bundle, precision, max_batch, frames)
+        entry = build_onnx(bundle, precision, max_batch, frames, calibration)
     except ParityError as err:
         raise click.ClickException(str(err)) from None
     p = entry["parity"]

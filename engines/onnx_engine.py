@@ -7,8 +7,9 @@ with its checksum, batch limit and the parity measured when it was built:
     {"backend": "onnx", "precision": "fp32", "file": "engines/model-fp32.onnx", "sha256": ...,
      "max_batch": 8, "image_size": 256, "parity": {"max_abs_diff": ..., "tolerance": ..., ...}}
 
-Precisions: fp32, and fp16 as a mixed-precision graph (networks in fp16, the scoring head in fp32),
-the form a strongly typed TensorRT network builds from unchanged.
+Precisions: fp32; fp16 as a mixed-precision graph (networks in fp16, the scoring head in fp32),
+the form a strongly typed TensorRT network builds from unchanged; int8 as explicit quantize/
+dequantize nodes around every convolution, calibrated on good images (`quantize`).
 """
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ from .export import INPUT, export_onnx
 from .model import AnomalyModel
 
 ENGINE_DIR = "engines"
-ONNX_PRECISIONS = ("fp32", "fp16")
+ONNX_PRECISIONS = ("fp32", "fp16", "int8")
 # Largest allowed |map difference| against PyTorch fp32, in the anomaly map's units (standard
 # deviations of the validation scores). fp32: kernel order only. fp16: 10-bit mantissa through
-# four layers and a squared difference of 128 channels.
-TOLERANCE = {"fp32": 1e-3, "fp16": 0.25}
+# four layers and a squared difference of 128 channels. int8: 7/8-bit steps at every convolution;
+# measured on a trained bundle, defect images included (engines/quantize.py): max 0.42.
+TOLERANCE = {"fp32": 1e-3, "fp16": 0.25, "int8": 1.0}
 
 
 class ParityError(RuntimeError):
@@ -71,8 +73,8 @@ def onnxruntime_runner(path: Path, threads: int | None = None):
 def parity(reference: AnomalyModel, runner, images: torch.Tensor, threshold: float, precision: str) -> dict:
     """Compare a runner's maps with the PyTorch fp32 model on `images` (N, 3, S, S) in [0, 1].
 
-    Masks must agree at every pixel whose reference score is farther than the tolerance from the
-    threshold (pixels closer than that may legitimately fall either side)."""
+    Maps must agree within the precision's tolerance. Masks must agree at every pixel whose reference score is farther than the tolerance
+    from the threshold (pixels closer than that may legitimately fall either side)."""
     with torch.no_grad():
         ref_fused, ref_scales = reference.float().eval()(images)
         fused, scales = runner(images)
@@ -97,18 +99,29 @@ def check_images(bundle: Bundle, frames: list[np.ndarray] | None, count: int = 4
 
 
 def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
-               frames: list[np.ndarray] | None = None) -> dict:
+               frames: list[np.ndarray] | None = None, calibration: list[np.ndarray] | None = None) -> dict:
     """Export, check under ONNX Runtime, and record the engine in the bundle's manifest.
+    int8 needs `calibration`: good images whose activations set the quantization ranges.
     Raises ParityError (and keeps nothing) when the check fails."""
     if precision not in ONNX_PRECISIONS:
-        raise ValueError(f"--precision {precision}: ONNX engines are built in {' or '.join(ONNX_PRECISIONS)}")
+        raise ValueError(f"--precision {precision}: ONNX engines are built in {', '.join(ONNX_PRECISIONS)}")
+    if precision == "int8" and not calibration:
+        raise ValueError("--precision int8: give good images to calibrate the quantization on "
+                         "(--calibration-images DIR, e.g. the category's train/good)")
     reference = bundle.model()
     rel = onnx_file(precision)
     final = bundle.path / rel
     final.parent.mkdir(exist_ok=True)
     tmp = final.with_name(f".{final.name}.partial")
+    fp32 = final.with_name(f".{final.name}.fp32.partial")
     try:
-        export_onnx(model_for_export(reference, precision), bundle.image_size, tmp)
+        if precision == "int8":
+            from .quantize import quantize_int8
+            from .runtime import preprocess
+            export_onnx(model_for_export(reference, "fp32"), bundle.image_size, fp32)
+            quantize_int8(fp32, tmp, preprocess(calibration, bundle.image_size, torch.device("cpu")))
+        else:
+            export_onnx(model_for_export(reference, precision), bundle.image_size, tmp)
         images = check_images(bundle, frames)
         result = parity(reference, onnxruntime_runner(tmp), images, bundle.threshold, precision)
         if not result["ok"]:
@@ -118,11 +131,14 @@ def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+        fp32.unlink(missing_ok=True)
     from .runtime import model_digest
     entry = {"backend": "onnx", "precision": precision, "file": rel, "sha256": sha256_file(final),
              "model_digest": model_digest(bundle), "max_batch": max_batch, "image_size": bundle.image_size, "opset": 17,
              "parity": {**result, "against": "pytorch fp32",
                         "on": "real images" if frames else "uniform noise"}}
+    if precision == "int8":
+        entry["calibration"] = {"images": len(calibration), "ranges": "max |activation| over these good images"}
     record_engine(bundle, entry)
     return entry
 

@@ -166,7 +166,7 @@ def load_engine(model: str | Path | Bundle, backend: str = "auto", device: str |
                 precision: str | None = None, max_batch: int = 8) -> Engine:
     """Load a bundle on a backend. `auto` takes the fastest backend present that the bundle has a
     current engine for: on a GPU, TensorRT with a plan built for it; on CPU, ONNX Runtime with an
-    fp32 ONNX engine (1.24x PyTorch on the 3-scale model: benchmarks/results/engines_cpu.json);
+    fp32 ONNX engine (1.26x naive PyTorch on the 3-scale model: benchmarks/results/engines_cpu.json);
     else PyTorch."""
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
     dev = resolve_device(device)

@@ -114,6 +114,42 @@ def test_onnx_engine_matches_pytorch_on_real_images(bundle_copy, tiny_mvtec, pre
 
 
 @pytest.mark.slow
+def test_int8_engine_is_symmetric_qdq_calibrated_on_good_images_and_matches_pytorch(bundle_copy, tiny_mvtec):
+    import onnx
+
+    good = tiny_mvtec / TINY_CATEGORY / "train" / "good"
+    refused = invoke("build-engines", bundle_copy, "--precision", "int8")
+    assert refused.exit_code == 2 and "--calibration-images" in refused.output
+    result = invoke("build-engines", bundle_copy, "--precision", "int8", "--calibration-images", good,
+                    "--check-images", tiny_mvtec / TINY_CATEGORY / "test" / "good")
+    assert result.exit_code == 0, result.output
+    entry = load_bundle(bundle_copy).manifest["engines"][0]
+    assert entry["precision"] == "int8" and entry["calibration"]["images"] == len(list(good.iterdir())) and entry["parity"]["ok"]
+
+    # Explicit quantization as TensorRT takes it: every convolution's input and weights come
+    # through DequantizeLinear of int8 with zero points all 0 (symmetric); no int32 (bias) DQ.
+    graph = onnx.load(bundle_copy / entry["file"]).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs and all(producers[i].op_type == "DequantizeLinear" for n in convs for i in n.input[:2])
+    zero_points = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if "zero_point" in t.name}
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points.values())
+
+    frames = [read_image(p) for p in test_images(tiny_mvtec)]
+    ref = load_engine(bundle_copy, backend="torch", device="cpu", precision="fp32")
+    int8 = load_engine(bundle_copy, backend="onnxruntime", device="cpu", precision="int8")
+    tol = TOLERANCE["int8"]
+    # On defect images too: activation ranges have headroom over the good images, so a strong
+    # defect does not saturate them.
+    assert float((int8.maps(frames)[0] - ref.maps(frames)[0]).abs().max()) <= tol
+    for p, r in zip(int8.predict(frames), ref.predict(frames)):
+        decided = np.abs(r.anomaly_map - ref.threshold) > tol
+        assert np.array_equal(p.mask[decided], r.mask[decided])
+    # Never picked behind the user's back: auto on CPU stays with fp32 engines.
+    assert load_engine(bundle_copy, backend="auto", device="cpu").backend == "torch"
+
+
+@pytest.mark.slow
 def test_build_engines_cli_and_evaluate_with_onnxruntime(bundle_copy, tiny_mvtec, tmp_path):
     result = invoke("build-engines", bundle_copy, "--max-batch", "4",
                     "--check-images", tiny_mvtec / TINY_CATEGORY / "train" / "good")
@@ -189,10 +225,12 @@ def test_a_plan_runs_only_on_its_gpu_and_tensorrt_version():
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
                     reason="TensorRT path not run: tensorrt is not installed (NVIDIA's index only) or no CUDA GPU")
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_tensorrt_plan_matches_pytorch(bundle_copy, tiny_mvtec, precision):
     frames = [read_image(p) for p in test_images(tiny_mvtec)[:4]]
-    result = invoke("build-engines", bundle_copy, "--backend", "tensorrt", "--precision", precision, "--max-batch", "4")
+    calibration = ["--calibration-images", tiny_mvtec / TINY_CATEGORY / "train" / "good"] if precision == "int8" else []
+    result = invoke("build-engines", bundle_copy, "--backend", "tensorrt", "--precision", precision, "--max-batch", "4",
+                    *calibration)
     assert result.exit_code == 0, result.output
     ref = load_engine(bundle_copy, backend="torch", device="cuda", precision="fp32")
     trt = load_engine(bundle_copy, backend="tensorrt", device="cuda", precision=precision)
