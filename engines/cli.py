@@ -83,9 +83,6 @@ def build_engines_cmd(model, backend, precision, max_batch, check_images, calibr
     if backend == "tensorrt":
         from .tensorrt_build import require_tensorrt
         require_tensorrt()
-    if precision == "int8" and calibration_images is None:
-        raise InputError("--precision int8 needs --calibration-images DIR: good images to calibrate the "
-                         "quantization ranges on (e.g. the category's train/good)")
     frames = good_frames(check_images)
     calibration = good_frames(calibration_images, limit=32) if precision == "int8" else None
     try:

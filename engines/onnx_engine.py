@@ -73,8 +73,9 @@ def onnxruntime_runner(path: Path, threads: int | None = None):
 def parity(reference: AnomalyModel, runner, images: torch.Tensor, threshold: float, precision: str) -> dict:
     """Compare a runner's maps with the PyTorch fp32 model on `images` (N, 3, S, S) in [0, 1].
 
-    Maps must agree within the precision's tolerance. Masks must agree at every pixel whose reference score is farther than the tolerance
-    from the threshold (pixels closer than that may legitimately fall either side)."""
+    Maps must agree within the precision's tolerance. Masks must agree at every pixel whose
+    reference score is farther than the tolerance from the threshold (pixels closer than that may
+    legitimately fall either side)."""
     with torch.no_grad():
         ref_fused, ref_scales = reference.float().eval()(images)
         fused, scales = runner(images)
@@ -138,7 +139,9 @@ def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
              "parity": {**result, "against": "pytorch fp32",
                         "on": "real images" if frames else "uniform noise"}}
     if precision == "int8":
-        entry["calibration"] = {"images": len(calibration), "ranges": "max |activation| over these good images"}
+        from .quantize import HEADROOM
+        entry["calibration"] = {"images": len(calibration),
+                                "ranges": f"{HEADROOM:g}x the max |activation| over these good images"}
     record_engine(bundle, entry)
     return entry
 
