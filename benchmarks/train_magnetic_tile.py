@@ -65,10 +65,13 @@ def main(data_root, category, image_size, epochs, crop, batch, students, scales,
         "evaluation": results,
         "training": load_bundle(path).manifest["training"],
     }
+    shares = ", ".join(f"p={p} {r['validation_predicted_share']:.2f}" for p, r in record["training"]["per_scale"].items())
     path = write_result(name, record,
         f"# {category}: {name}\n\nMachine: {record['machine']['cpu']} ({record['machine']['cores']} threads), "
         f"device {dev}.\nSettings: {json.dumps(record['settings'])}.\n"
-        f"Wall time: train+calibrate {train_s / 60:.1f} min, evaluate {results['wall_s'] / 60:.1f} min.\n\n"
+        f"Wall time: train+calibrate {train_s / 60:.1f} min, evaluate {results['wall_s'] / 60:.1f} min.\n"
+        f"Share of the teacher's variance the students predict on validation images: "
+        f"{shares}.\n\n"
         f"```\n{table}\n```\n\nReproduce: `{record['command']}`\n")
     click.echo(f"wrote {path} and .md")
 

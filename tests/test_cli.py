@@ -96,6 +96,8 @@ def test_train_writes_a_complete_loadable_bundle(tiny_bundle, tiny_mvtec):
         assert len(st["desc_mean"]) == 128 and len(st["desc_std"]) == 128, p
         assert all(s > 0 for s in st["desc_std"]), p
         assert st["e_sigma"] > 0 and st["v_sigma"] > 0, p
+        share = m["training"]["per_scale"][p]["validation_predicted_share"]
+        assert share == pytest.approx(1 - st["e_mu"] / 128, abs=1e-4), p
     assert math.isfinite(m["threshold"]["value"])
     assert m["threshold"]["target_pixel_fpr"] == pytest.approx(1e-3)
 

@@ -1,6 +1,14 @@
-"""Student training windows: every pixel, border pixels included, is trained on equally often."""
+"""Student training: windows train every pixel, border pixels included, equally often; the share of
+the teacher's variance the students predict on validation images means what the training log says."""
 import numpy as np
+import pytest
+import torch
 
+from ustudents.engines.images import to_tensor
+from ustudents.engines.model import AnomalyModel, normalize_input
+from ustudents.engines.patchnet import DESCRIPTOR_DIM
+from ustudents.engines.scoring import ScoreStats
+from ustudents.train.calibrate import errors_and_variances, predicted_share
 from ustudents.train.students import crop_window
 
 
@@ -29,3 +37,36 @@ def test_a_window_as_large_as_the_image_is_the_whole_image():
     for _ in range(20):
         start, trained = crop_window(gen, 64, 64)
         assert (start, trained) == (0, slice(0, 64))
+
+
+def _ensemble_on(images: np.ndarray, last_scale: float) -> tuple[AnomalyModel, np.ndarray]:
+    """A p=17 ensemble of 2 students whose descriptor statistics come from `images`; every student
+    is the teacher with its last layer mapped onto the standardized descriptor, times `last_scale`."""
+    torch.manual_seed(0)
+    model = AnomalyModel([17], 2)
+    ens = model.ensembles[0]
+    x = normalize_input(to_tensor(images))
+    with torch.no_grad():
+        t = ens.net.dense_image(x)[:, 0].transpose(0, 1).reshape(DESCRIPTOR_DIM, -1).double()
+        ens.desc_mean.copy_(t.mean(1).float())
+        ens.desc_std.copy_(t.std(1, unbiased=False).float())
+        for conv in ens.net.convs[:-1]:  # students = teacher (group 0) in every layer but the last
+            c = conv.out_channels // 3
+            conv.weight[c:] = conv.weight[:c].repeat(2, 1, 1, 1)
+            conv.bias[c:] = conv.bias[:c].repeat(2)
+        last = ens.net.convs[-1]
+        w, b = last.weight[:DESCRIPTOR_DIM], last.bias[:DESCRIPTOR_DIM]
+        for i in (1, 2):
+            rows = slice(i * DESCRIPTOR_DIM, (i + 1) * DESCRIPTOR_DIM)
+            last.weight[rows] = last_scale * w / ens.desc_std[:, None, None, None]
+            last.bias[rows] = last_scale * (b - ens.desc_mean) / ens.desc_std
+    return model, images
+
+
+def test_predicted_share_is_one_for_students_equal_to_the_teacher_and_zero_for_the_mean():
+    images = np.random.default_rng(0).integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
+    for last_scale, share in ((1.0, 1.0), (0.0, 0.0)):  # 0: students always predict the training mean
+        model, imgs = _ensemble_on(images, last_scale)
+        e, v = errors_and_variances(model, imgs, torch.device("cpu"))
+        got = predicted_share(ScoreStats(float(e.mean()), 1.0, float(v.mean()), 1.0))
+        assert got == pytest.approx(share, abs=1e-3), last_scale

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ustudents.engines.images import to_tensor
 from ustudents.engines.model import AnomalyModel, normalize_input
+from ustudents.engines.patchnet import DESCRIPTOR_DIM
 from ustudents.engines.scoring import ScoreStats, fuse, scale_score
 
 DEFAULT_TARGET_FPR = 1e-3
@@ -45,6 +46,13 @@ def score_stats(e: np.ndarray, v: np.ndarray) -> ScoreStats:
         raise CalibrationError("the regression error or predictive variance is constant over the validation "
                                "images; calibrate on more (and more varied) good images")
     return ScoreStats(e_mu=float(e64.mean()), e_sigma=e_sigma, v_mu=float(v64.mean()), v_sigma=v_sigma)
+
+
+def predicted_share(s: ScoreStats) -> float:
+    """1 - e_mu / 128: the share of the standardized teacher descriptors' variance (128 per pixel, one per
+    channel, on the training images) that the students' mean predicts on the validation pixels.
+    1 = perfect regression; 0 = no better than predicting the training mean; negative = worse."""
+    return 1.0 - s.e_mu / DESCRIPTOR_DIM
 
 
 def threshold_at_fpr(fused_maps: np.ndarray, target_fpr: float) -> float:

@@ -12,11 +12,11 @@ import torch
 import ustudents
 from ustudents.engines.bundle import check_writable, write_bundle
 from ustudents.engines.model import INPUT_MEAN, INPUT_STD, AnomalyModel
-from ustudents.engines.patchnet import SCALES
+from ustudents.engines.patchnet import DESCRIPTOR_DIM, SCALES
 from ustudents.engines.runtime import resolve_device
 
 from . import dataset
-from .calibrate import DEFAULT_TARGET_FPR, calibrate
+from .calibrate import DEFAULT_TARGET_FPR, calibrate, predicted_share
 from .students import StudentConfig, train_students
 from .teacher_files import DEFAULT_DIR, load_teacher, read_records
 
@@ -84,6 +84,14 @@ def train(cfg: TrainConfig, log=print) -> Path:
             f"{record['loss_per_student_by_epoch'][-1]:.3f}")
 
     stats, threshold = calibrate(model, val_images, device, cfg.target_fpr, bf16=cfg.student.amp)
+    for p, s in stats.items():
+        # How well the students learned the normal data: the share of the teacher's standardized
+        # descriptor variance (128 per pixel on the training images) that the ensemble mean predicts
+        # on held-out good images. Far below 1, good images already score high and defects hide.
+        share = predicted_share(s)
+        records[str(p)]["validation_predicted_share"] = round(share, 4)
+        log(f"p={p}: on the {len(val_images)} validation images the students predict {share:.0%} of the "
+            f"teacher's descriptor variance (e_mu {s.e_mu:.1f} of {DESCRIPTOR_DIM}); low means train longer")
     statistics = {str(ens.p): {"desc_mean": ens.desc_mean.tolist(), "desc_std": ens.desc_std.tolist(),
                                **asdict(stats[ens.p])} for ens in model.ensembles}
     created = datetime.now(timezone.utc)
