@@ -39,7 +39,7 @@ def test_a_window_as_large_as_the_image_is_the_whole_image():
         assert (start, trained) == (0, slice(0, 64))
 
 
-def _ensemble_on(images: np.ndarray, last_scale: float) -> tuple[AnomalyModel, np.ndarray]:
+def _ensemble_on(images: np.ndarray, last_scale: float) -> AnomalyModel:
     """A p=17 ensemble of 2 students whose descriptor statistics come from `images`; every student
     is the teacher with its last layer mapped onto the standardized descriptor, times `last_scale`."""
     torch.manual_seed(0)
@@ -60,13 +60,12 @@ def _ensemble_on(images: np.ndarray, last_scale: float) -> tuple[AnomalyModel, n
             rows = slice(i * DESCRIPTOR_DIM, (i + 1) * DESCRIPTOR_DIM)
             last.weight[rows] = last_scale * w / ens.desc_std[:, None, None, None]
             last.bias[rows] = last_scale * (b - ens.desc_mean) / ens.desc_std
-    return model, images
+    return model
 
 
 def test_predicted_share_is_one_for_students_equal_to_the_teacher_and_zero_for_the_mean():
     images = np.random.default_rng(0).integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
     for last_scale, share in ((1.0, 1.0), (0.0, 0.0)):  # 0: students always predict the training mean
-        model, imgs = _ensemble_on(images, last_scale)
-        e, v = errors_and_variances(model, imgs, torch.device("cpu"))
+        e, v = errors_and_variances(_ensemble_on(images, last_scale), images, torch.device("cpu"))
         got = predicted_share(ScoreStats(float(e.mean()), 1.0, float(v.mean()), 1.0))
         assert got == pytest.approx(share, abs=1e-3), last_scale
