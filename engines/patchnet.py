@@ -25,6 +25,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .fftconv import MAX_COST_RATIO, SpectralConv, cost_ratio
+
 DESCRIPTOR_DIM = 128  # d in the paper
 LEAKY_SLOPE = 5e-3  # LeakyReLU slope from the paper
 
@@ -88,6 +90,19 @@ class PatchNet(nn.Module):
                 convs.append(nn.Conv2d(c_in if first else c_in * n, c_out * n, k, groups=1 if first else n))
                 c_in, first = c_out, False
         self.convs = nn.ModuleList(convs)
+        # Per conv layer: a SpectralConv (FFT) to use in the dense form instead of F.conv2d, or None.
+        # Plain attribute, not state: set by `use_fft`, never saved.
+        self.spectral: list[SpectralConv | None] | None = None
+
+    def use_fft(self, enable: bool = True) -> "PatchNet":
+        """Run the dense form's large convolutions through the FFT (fftconv.py): same descriptors up to
+        float rounding, several times fewer operations on CPU. The kernels' spectra are taken from the
+        current weights, so call this after loading them (and again after changing them)."""
+        self.spectral = None
+        if enable:
+            self.spectral = [SpectralConv(c.weight, c.bias, c.groups) if worth_fft(c) else None
+                             for c in self.convs]
+        return self
 
     def _run(self, x: torch.Tensor, dense: bool) -> torch.Tensor:
         step, i = 1, 0  # step: the stride accumulated by the pools so far
@@ -103,8 +118,11 @@ class PatchNet(nn.Module):
                 step *= 2
                 continue
             conv = self.convs[i]
+            spectral = self.spectral[i] if dense and self.spectral is not None else None
             i += 1
-            if dense and step > 1:
+            if spectral is not None and spectral.worth_it(x, step):
+                x = spectral(x, step)
+            elif dense and step > 1:
                 x = F.conv2d(x, conv.weight, conv.bias, dilation=step, groups=conv.groups)
             else:
                 x = conv(x)
@@ -130,6 +148,13 @@ class PatchNet(nn.Module):
     def dense_image(self, image: torch.Tensor) -> torch.Tensor:
         """Descriptors of every pixel of an unpadded (B, C, H, W) image: (B, n, 128, H, W)."""
         return self.dense(self.pad(image))
+
+
+def worth_fft(conv: nn.Conv2d) -> bool:
+    """FFT for kernels that save operations even on large images (not 1x1 or 2x2) between wide
+    layers: with few input channels (the first layer reads 3) the per-channel transforms cost more
+    than the channel mixing saves."""
+    return cost_ratio(1024, 1024, conv.kernel_size[0]) <= MAX_COST_RATIO and conv.in_channels // conv.groups >= 32
 
 
 def split(state: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:

@@ -1,0 +1,142 @@
+"""Convolution through the FFT, tile by tile (overlap-save): the numbers of `F.conv2d` (stride 1, no
+padding) with several times fewer floating-point operations for the patch networks' large kernels.
+
+Why: a direct k x k convolution costs 2*k*k operations per input channel, output channel and pixel
+(50 for the 5x5 layers, 72 for 6x6). In the frequency domain the channel mixing is one complex matrix
+product per frequency: 8 real operations per channel pair and frequency, and an FFT tile of side T
+has T*(T//2+1) frequencies and yields (T-k+1)^2 outputs. With T=16 and k=5 that is 8*144/144 = 8
+operations per output instead of 50. On a CPU that already runs direct convolutions near its peak
+(2 cores, AVX2, no VNNI) this is the way to be faster at full fp32 accuracy.
+
+Dilated convolutions (the dense layers after a pool) first move each of the d*d interleaved
+sub-grids into the batch ("space to batch"), so the kernel is compact again and small tiles serve.
+
+Cross-correlation (what conv2d computes) is the inverse FFT of X * conj(W); with the kernel padded to
+the tile, outputs 0..T-k of a tile involve no circular wrap-around and are exact up to rounding.
+The kernels' spectra are computed once per layer (`SpectralConv`): 144 complex numbers per weight
+pair of channels at T=16, which is the price in memory (1.4 GB for the 3-scale model with M=3).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+TILE = 16
+# Use the FFT only where its channel mixing needs at most this share of the direct convolution's
+# operations: the transforms and the shuffling of tiles cost the rest.
+MAX_COST_RATIO = 0.5
+# Upper bound on each complex intermediate (tiles' and outputs' spectra) of one layer: a memory cap
+# that still leaves each matrix product a few hundred columns.
+CHUNK_BYTES = 256 * 2 ** 20
+
+
+def cost_ratio(out_h: int, out_w: int, kernel: int, tile: int = TILE) -> float:
+    """Operations of the FFT channel mixing over those of the direct convolution (undilated kernel)."""
+    step = tile - kernel + 1
+    if kernel == 1 or step < 1:
+        return math.inf
+    fft = 8 * tile * (tile // 2 + 1) * math.ceil(out_h / step) * math.ceil(out_w / step)
+    return fft / (2 * kernel * kernel * out_h * out_w)
+
+
+def kernel_spectrum(weight: torch.Tensor, groups: int, tile: int = TILE) -> torch.Tensor:
+    """conj(rFFT) of each kernel zero-padded to the tile: (frequencies, groups, c_out/groups, c_in/groups)."""
+    c_out, c_in_g, k, _ = weight.shape
+    padded = F.pad(weight, (0, tile - k, 0, tile - k))
+    spectrum = torch.fft.rfft2(padded).conj()
+    return spectrum.reshape(groups, c_out // groups, c_in_g, -1).permute(3, 0, 1, 2).contiguous()
+
+
+def space_to_batch(x: torch.Tensor, d: int) -> torch.Tensor:
+    """(B, C, H, W), H and W multiples of d -> (d*d*B, C, H/d, W/d): sub-grid (i, j) = x[..., i::d, j::d]."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // d, d, w // d, d).permute(3, 5, 0, 1, 2, 4)
+    return x.reshape(d * d * b, c, h // d, w // d)
+
+
+def batch_to_space(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Inverse of `space_to_batch`."""
+    n, c, h, w = x.shape
+    x = x.reshape(d, d, n // (d * d), c, h, w).permute(2, 3, 4, 0, 5, 1)
+    return x.reshape(n // (d * d), c, h * d, w * d)
+
+
+def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: torch.Tensor | None,
+                    tile: int = TILE) -> torch.Tensor:
+    """Undilated, unpadded, stride-1 grouped conv2d of x (B, C_in, H, W) given `kernel_spectrum`."""
+    b, c_in, h, w = x.shape
+    freqs, groups, co_g, ci_g = spectrum.shape
+    out_h, out_w = h - kernel + 1, w - kernel + 1
+    step = tile - kernel + 1
+    nh, nw = math.ceil(out_h / step), math.ceil(out_w / step)
+    # Overlapping tiles: tile (i, j) starts at (i*step, j*step) and spans `tile` pixels.
+    x = F.pad(x, (0, nw * step + kernel - 1 - w, 0, nh * step + kernel - 1 - h))
+    tiles = x.unfold(2, tile, step).unfold(3, tile, step)  # (b, c_in, nh, nw, tile, tile), a view
+    y = x.new_empty(b, groups * co_g, nh, step, nw, step)
+    # Rows of tiles in chunks: bounds the complex intermediates to about CHUNK_BYTES each.
+    per_row = b * nw * freqs * 8 * max(c_in, groups * co_g)
+    rows = max(1, min(nh, CHUNK_BYTES // per_row))
+    for i in range(0, nh, rows):
+        part = tiles[:, :, i:i + rows]
+        r = part.shape[2]
+        xf = torch.fft.rfft2(part)  # (b, c_in, r, nw, tile, f)
+        # -> (freqs, groups, ci_g, b*r*nw): one matrix product per frequency and group.
+        xf = xf.reshape(b, groups, ci_g, r * nw, freqs).permute(4, 1, 2, 0, 3).reshape(freqs, groups, ci_g, -1)
+        yf = torch.matmul(spectrum, xf)  # (freqs, groups, co_g, b*r*nw), freqs = (tile, tile//2+1)
+        out = inverse_rfft2(yf.reshape(tile, tile // 2 + 1, -1), step)  # (step, step, c_out*b*r*nw)
+        y[:, :, i:i + r] = out.reshape(step, step, groups * co_g, b, r, nw).permute(3, 2, 4, 0, 5, 1)
+    y = y.reshape(b, groups * co_g, nh * step, nw * step)[:, :, :out_h, :out_w]
+    return (y + bias[:, None, None] if bias is not None else y).contiguous()
+
+
+@functools.lru_cache(maxsize=8)
+def inverse_dft_matrices(tile: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse real 2-D DFT of a tile, keeping only its first `step` x `step` outputs, as two
+    matrices: complex inverse along y (step, tile) and Hermitian (c2r) inverse along x (step, tile//2+1)."""
+    n = torch.arange(step, dtype=torch.float64)[:, None]
+    ky = torch.arange(tile, dtype=torch.float64)[None]
+    kx = torch.arange(tile // 2 + 1, dtype=torch.float64)[None]
+    along_y = torch.exp(2j * math.pi * n * ky / tile) / tile
+    # A real signal's spectrum holds bins 1..tile/2-1 twice (as conjugate pairs): weight 2, others 1.
+    twice = torch.where((kx > 0) & (kx < tile // 2), 2.0, 1.0)
+    along_x = torch.exp(2j * math.pi * n * kx / tile) * twice / tile
+    return along_y.to(torch.complex64), along_x.to(torch.complex64)
+
+
+def inverse_rfft2(spectra: torch.Tensor, step: int) -> torch.Tensor:
+    """(tile, tile//2+1, R) complex spectra -> (step, step, R) real: the first step x step outputs of
+    `irfft2` along the first two axes. Two matrix products on the layout the channel mixing leaves,
+    instead of a transpose and many small inverse FFTs (which cost more than the products here)."""
+    tile, half, rest = spectra.shape
+    along_y, along_x = inverse_dft_matrices(tile, step)
+    a = torch.matmul(along_y, spectra.reshape(tile, half * rest)).reshape(step, half, rest)
+    return torch.matmul(along_x, a).real
+
+
+class SpectralConv:
+    """One convolution layer (weight, bias, groups) run through the FFT: `conv(x, dilation)` equals
+    `F.conv2d(x, weight, bias, dilation=dilation, groups=groups)`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, groups: int):
+        self.kernel = weight.shape[-1]
+        self.bias = None if bias is None else bias.detach()
+        self.spectrum = kernel_spectrum(weight.detach(), groups)
+
+    def worth_it(self, x: torch.Tensor, dilation: int) -> bool:
+        """Whether the FFT beats the direct convolution on this input (see MAX_COST_RATIO)."""
+        h, w = (math.ceil(n / dilation) - self.kernel + 1 for n in x.shape[-2:])
+        return h > 0 and w > 0 and cost_ratio(h, w, self.kernel) <= MAX_COST_RATIO
+
+    def __call__(self, x: torch.Tensor, dilation: int = 1) -> torch.Tensor:
+        d = dilation
+        if d == 1:
+            return spectral_conv2d(x, self.spectrum, self.kernel, self.bias)
+        h, w = x.shape[-2:]
+        out_h, out_w = h - d * (self.kernel - 1), w - d * (self.kernel - 1)
+        # Pad to multiples of d so that every sub-grid has the same size; the extra outputs are cut.
+        x = F.pad(x, (0, -w % d, 0, -h % d))
+        y = spectral_conv2d(space_to_batch(x, d), self.spectrum, self.kernel, self.bias)
+        return batch_to_space(y, d)[:, :, :out_h, :out_w]

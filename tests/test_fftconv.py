@@ -1,0 +1,91 @@
+"""FFT convolution (the CPU torch backend's fast path) gives the numbers of the direct convolution,
+in every layer shape the dense patch networks use, and the engine actually takes it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ustudents.engines import fftconv
+from ustudents.engines.fftconv import SpectralConv, batch_to_space, cost_ratio, space_to_batch
+from ustudents.engines.model import AnomalyModel
+from ustudents.engines.patchnet import SCALES, PatchNet
+from ustudents.engines.runtime import torch_runner
+
+
+@pytest.mark.parametrize("c_in,c_out,groups,k,dilation,h,w", [
+    (3, 8, 1, 6, 1, 40, 37),     # first layer of p=17, odd sizes
+    (16, 24, 2, 5, 1, 29, 45),   # grouped, more than one tile each way, last tile partial
+    (16, 8, 2, 5, 2, 41, 40),    # dilated: size not a multiple of the dilation
+    (8, 8, 4, 4, 8, 77, 70),     # p=65's last 4x4 layer after three pools
+    (8, 16, 2, 2, 4, 30, 33),    # p=33's 2x2 layer
+])
+def test_spectral_conv_equals_conv2d(c_in, c_out, groups, k, dilation, h, w):
+    torch.manual_seed(0)
+    x = torch.randn(2, c_in * groups, h, w)
+    weight = torch.randn(c_out * groups, c_in, k, k) / (c_in * k * k) ** 0.5
+    bias = torch.randn(c_out * groups)
+    want = F.conv2d(x, weight, bias, dilation=dilation, groups=groups)
+    got = SpectralConv(weight, bias, groups)(x, dilation)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_space_to_batch_round_trips_and_holds_the_sub_grids():
+    x = torch.arange(2 * 3 * 8 * 12, dtype=torch.float32).reshape(2, 3, 8, 12)
+    s = space_to_batch(x, 4)
+    assert s.shape == (32, 3, 2, 3)
+    assert torch.equal(s[(1 * 4 + 2) * 2 + 1], x[1, :, 1::4, 2::4])  # sub-grid (1, 2) of image 1
+    assert torch.equal(batch_to_space(s, 4), x)
+
+
+def test_cost_ratio_counts_operations():
+    # 5x5 kernel, 24x24 output, 16-pixel tiles: 2x2 tiles of 12x12 outputs, 16*9 frequencies each,
+    # 8 real operations per frequency against 2*25 per output pixel.
+    assert cost_ratio(24, 24, 5) == pytest.approx(8 * 144 * 4 / (50 * 24 * 24))
+    assert cost_ratio(24, 24, 1) == float("inf")  # 1x1 layers stay direct
+
+
+@pytest.mark.parametrize("p", SCALES)
+def test_dense_networks_with_fft_equal_the_direct_ones(p, monkeypatch):
+    torch.manual_seed(p)
+    net = PatchNet(p, n=2, in_channels=3).eval()
+    image = torch.randn(1, 3, 72, 72)
+    with torch.no_grad():
+        want = net.dense_image(image)
+        calls = []
+        real_call = SpectralConv.__call__
+        monkeypatch.setattr(SpectralConv, "__call__", lambda self, x, d=1: calls.append(d) or real_call(self, x, d))
+        got = net.use_fft().dense_image(image)
+    assert calls, "no layer took the FFT path, so this test would not test it"
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_the_cpu_fp32_torch_engine_runs_fft_and_matches_the_reference_maps():
+    torch.manual_seed(0)
+    model = AnomalyModel([17, 33], students=2).eval()
+    for ens in model.ensembles:
+        ens.score_stats.copy_(torch.tensor([2.0, 3.0, 0.5, 0.25]))
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        want_fused, want_scales = model(images)
+        run = torch_runner(model, torch.device("cpu"), "fp32")
+        got_fused, got_scales = run(images)
+    assert all(ens.net.spectral is not None for ens in model.ensembles)
+    assert (got_fused - want_fused).abs().max() <= 1e-4 * want_fused.abs().max()
+    assert (got_scales - want_scales).abs().max() <= 1e-4 * want_scales.abs().max()
+
+
+def test_fft_is_only_chosen_where_it_saves_operations():
+    torch.manual_seed(0)
+    weight = torch.randn(8, 8, 5, 5)
+    conv = SpectralConv(weight, None, 1)
+    assert conv.worth_it(torch.zeros(1, 8, 100, 100), 1)
+    assert not conv.worth_it(torch.zeros(1, 8, 9, 9), 1)   # one 5x5 output: tiles are mostly waste
+    assert not conv.worth_it(torch.zeros(1, 8, 20, 20), 8)  # nothing left after the dilated kernel
+    assert fftconv.MAX_COST_RATIO < 1
+    # No kernel spectra kept where the FFT never pays: the 3-channel first layer, 2x2 and 1x1 layers.
+    kinds = [c.kernel_size[0] for c in PatchNet(33, n=2).convs]
+    spectral = PatchNet(33, n=2).use_fft().spectral
+    assert kinds == [5, 5, 2, 4]
+    assert [s is not None for s in spectral] == [False, True, False, True]
