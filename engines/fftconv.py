@@ -8,8 +8,12 @@ has T*(T//2+1) frequencies and yields (T-k+1)^2 outputs. With T=16 and k=5 that 
 operations per output instead of 50. On a CPU that already runs direct convolutions near its peak
 (2 cores, AVX2, no VNNI) this is the way to be faster at full fp32 accuracy.
 
-Dilated convolutions (the dense layers after a pool) first move each of the d*d interleaved
-sub-grids into the batch ("space to batch"), so the kernel is compact again and small tiles serve.
+A dilated convolution (the dense layers after a pool) is d*d undilated ones on the interleaved
+sub-grids ("space to batch"), so the kernel is compact again and small tiles serve; the sub-grids'
+tiles are strided views of the input and the outputs go straight to their interleaved places.
+Every transform and product works on the layout the previous step left (pixel axes first for the
+forward FFT, frequency-major for the products, two matrix products for the inverse): on this CPU
+the transposes between them cost as much as the products, so each one saved counts.
 
 Cross-correlation (what conv2d computes) is the inverse FFT of X * conj(W); with the kernel padded to
 the tile, outputs 0..T-k of a tile involve no circular wrap-around and are exact up to rounding.
@@ -50,46 +54,41 @@ def kernel_spectrum(weight: torch.Tensor, groups: int, tile: int = TILE) -> torc
     return spectrum.reshape(groups, c_out // groups, c_in_g, -1).permute(3, 0, 1, 2).contiguous()
 
 
-def space_to_batch(x: torch.Tensor, d: int) -> torch.Tensor:
-    """(B, C, H, W), H and W multiples of d -> (d*d*B, C, H/d, W/d): sub-grid (i, j) = x[..., i::d, j::d]."""
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // d, d, w // d, d).permute(3, 5, 0, 1, 2, 4)
-    return x.reshape(d * d * b, c, h // d, w // d)
-
-
-def batch_to_space(x: torch.Tensor, d: int) -> torch.Tensor:
-    """Inverse of `space_to_batch`."""
-    n, c, h, w = x.shape
-    x = x.reshape(d, d, n // (d * d), c, h, w).permute(2, 3, 4, 0, 5, 1)
-    return x.reshape(n // (d * d), c, h * d, w * d)
-
-
 def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: torch.Tensor | None,
-                    tile: int = TILE) -> torch.Tensor:
-    """Undilated, unpadded, stride-1 grouped conv2d of x (B, C_in, H, W) given `kernel_spectrum`."""
+                    dilation: int = 1, tile: int = TILE) -> torch.Tensor:
+    """Unpadded, stride-1 grouped conv2d of x (B, C_in, H, W) with a kernel given as `kernel_spectrum`.
+
+    A dilated convolution is d*d undilated ones, one per interleaved sub-grid x[..., i::d, j::d]
+    ("space to batch"); the sub-grids are taken as strided views of the padded input, and the
+    outputs written straight back to their interleaved places, so no copy moves them."""
     b, c_in, h, w = x.shape
-    freqs, groups, co_g, ci_g = spectrum.shape
-    out_h, out_w = h - kernel + 1, w - kernel + 1
+    freqs, groups, co_g, _ = spectrum.shape
+    d = dilation
+    out_h, out_w = h - d * (kernel - 1), w - d * (kernel - 1)
     step = tile - kernel + 1
-    nh, nw = math.ceil(out_h / step), math.ceil(out_w / step)
-    # Overlapping tiles: tile (i, j) starts at (i*step, j*step) and spans `tile` pixels.
-    x = F.pad(x, (0, nw * step + kernel - 1 - w, 0, nh * step + kernel - 1 - h))
-    tiles = x.unfold(2, tile, step).unfold(3, tile, step)  # (b, c_in, nh, nw, tile, tile), a view
-    y = x.new_empty(b, groups * co_g, nh, step, nw, step)
+    nh, nw = math.ceil(out_h / (step * d)), math.ceil(out_w / (step * d))
+    # Pad so that every sub-grid holds nh (nw) whole tiles: tile (i, j) of a sub-grid starts at
+    # (i*step, j*step) in sub-grid pixels and spans `tile` of them.
+    sub_h, sub_w = nh * step + kernel - 1, nw * step + kernel - 1
+    x = F.pad(x, (0, sub_w * d - w, 0, sub_h * d - h))
+    grids = x.reshape(b, c_in, sub_h, d, sub_w, d)
+    tiles = grids.unfold(2, tile, step).unfold(4, tile, step)  # (b, c_in, nh, d, nw, d, tile, tile)
+    c_out = groups * co_g
+    y = x.new_empty(b, c_out, nh, step, d, nw, step, d)
     # Rows of tiles in chunks: bounds the complex intermediates to about CHUNK_BYTES each.
-    per_row = b * nw * freqs * 8 * max(c_in, groups * co_g)
+    per_row = b * d * d * nw * freqs * 8 * max(c_in, c_out)
     rows = max(1, min(nh, CHUNK_BYTES // per_row))
     for i in range(0, nh, rows):
         part = tiles[:, :, i:i + rows]
         r = part.shape[2]
-        xf = torch.fft.rfft2(part)  # (b, c_in, r, nw, tile, f)
-        # -> (freqs, groups, ci_g, b*r*nw): one matrix product per frequency and group.
-        xf = xf.reshape(b, groups, ci_g, r * nw, freqs).permute(4, 1, 2, 0, 3).reshape(freqs, groups, ci_g, -1)
-        yf = torch.matmul(spectrum, xf)  # (freqs, groups, co_g, b*r*nw), freqs = (tile, tile//2+1)
-        out = inverse_rfft2(yf.reshape(tile, tile // 2 + 1, -1), step)  # (step, step, c_out*b*r*nw)
-        y[:, :, i:i + r] = out.reshape(step, step, groups * co_g, b, r, nw).permute(3, 2, 4, 0, 5, 1)
-    y = y.reshape(b, groups * co_g, nh * step, nw * step)[:, :, :out_h, :out_w]
-    return (y + bias[:, None, None] if bias is not None else y).contiguous()
+        # Transform along the tiles' pixel axes moved to the front, so that the spectra come out
+        # frequency-major, (freqs, groups, ci_g, b*r*d*nw*d), as the channel mixing needs.
+        xf = torch.fft.rfft2(part.permute(6, 7, 1, 0, 2, 3, 4, 5), dim=(0, 1))
+        yf = torch.matmul(spectrum, xf.reshape(freqs, groups, -1, b * r * d * nw * d))
+        out = inverse_rfft2(yf.reshape(tile, tile // 2 + 1, -1), step)  # (step, step, c_out*b*r*d*nw*d)
+        y[:, :, i:i + r] = out.reshape(step, step, c_out, b, r, d, nw, d).permute(3, 2, 4, 0, 5, 6, 1, 7)
+    y = y.reshape(b, c_out, nh * step * d, nw * step * d)[:, :, :out_h, :out_w]
+    return y + bias[:, None, None] if bias is not None else y.contiguous()
 
 
 @functools.lru_cache(maxsize=8)
@@ -131,12 +130,4 @@ class SpectralConv:
         return h > 0 and w > 0 and cost_ratio(h, w, self.kernel) <= MAX_COST_RATIO
 
     def __call__(self, x: torch.Tensor, dilation: int = 1) -> torch.Tensor:
-        d = dilation
-        if d == 1:
-            return spectral_conv2d(x, self.spectrum, self.kernel, self.bias)
-        h, w = x.shape[-2:]
-        out_h, out_w = h - d * (self.kernel - 1), w - d * (self.kernel - 1)
-        # Pad to multiples of d so that every sub-grid has the same size; the extra outputs are cut.
-        x = F.pad(x, (0, -w % d, 0, -h % d))
-        y = spectral_conv2d(space_to_batch(x, d), self.spectrum, self.kernel, self.bias)
-        return batch_to_space(y, d)[:, :, :out_h, :out_w]
+        return spectral_conv2d(x, self.spectrum, self.kernel, self.bias, dilation)

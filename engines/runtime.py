@@ -144,7 +144,7 @@ def torch_runner(model: torch.nn.Module, device: torch.device, precision: str) -
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     elif precision == "fp32":
-        # On CPU the large convolutions run through the FFT: same maps up to float rounding, 1.39x
+        # On CPU the large convolutions run through the FFT: same maps up to float rounding, 1.67x
         # the naive baseline on the 3-scale model (fftconv.py; benchmarks/results/engines_cpu_fft.json).
         model.use_fft()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

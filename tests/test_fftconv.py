@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ustudents.engines import fftconv
-from ustudents.engines.fftconv import SpectralConv, batch_to_space, cost_ratio, space_to_batch
+from ustudents.engines.fftconv import SpectralConv, cost_ratio
 from ustudents.engines.model import AnomalyModel
 from ustudents.engines.patchnet import SCALES, PatchNet
 from ustudents.engines.runtime import torch_runner
@@ -17,6 +17,7 @@ from ustudents.engines.runtime import torch_runner
     (3, 8, 1, 6, 1, 40, 37),     # first layer of p=17, odd sizes
     (16, 24, 2, 5, 1, 29, 45),   # grouped, more than one tile each way, last tile partial
     (16, 8, 2, 5, 2, 41, 40),    # dilated: size not a multiple of the dilation
+    (8, 8, 2, 5, 4, 150, 90),    # dilated, several tiles per sub-grid
     (8, 8, 4, 4, 8, 77, 70),     # p=65's last 4x4 layer after three pools
     (8, 16, 2, 2, 4, 30, 33),    # p=33's 2x2 layer
 ])
@@ -29,14 +30,6 @@ def test_spectral_conv_equals_conv2d(c_in, c_out, groups, k, dilation, h, w):
     got = SpectralConv(weight, bias, groups)(x, dilation)
     assert got.shape == want.shape
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
-
-
-def test_space_to_batch_round_trips_and_holds_the_sub_grids():
-    x = torch.arange(2 * 3 * 8 * 12, dtype=torch.float32).reshape(2, 3, 8, 12)
-    s = space_to_batch(x, 4)
-    assert s.shape == (32, 3, 2, 3)
-    assert torch.equal(s[(1 * 4 + 2) * 2 + 1], x[1, :, 1::4, 2::4])  # sub-grid (1, 2) of image 1
-    assert torch.equal(batch_to_space(s, 4), x)
 
 
 def test_cost_ratio_counts_operations():
