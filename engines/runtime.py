@@ -169,9 +169,9 @@ def available_backends(device: torch.device) -> list[str]:
 def load_engine(model: str | Path | Bundle, backend: str = "auto", device: str | torch.device = "auto",
                 precision: str | None = None, max_batch: int = 8) -> Engine:
     """Load a bundle on a backend. `auto` takes the fastest backend present that the bundle has a
-    current engine for: on a GPU, TensorRT with a plan built for it; on CPU, ONNX Runtime with an
-    fp32 ONNX engine (1.26x naive PyTorch on the 3-scale model: benchmarks/results/engines_cpu.json);
-    else PyTorch."""
+    current engine for: on a GPU, TensorRT with a plan built for it; else PyTorch. On CPU that is
+    PyTorch with FFT convolutions, 1.60x naive against ONNX Runtime fp32's 1.06x in the same run
+    (3-scale model, 256 px: benchmarks/results/engines_cpu_fp32.json)."""
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
     dev = resolve_device(device)
     if backend == "auto":
@@ -179,8 +179,6 @@ def load_engine(model: str | Path | Bundle, backend: str = "auto", device: str |
         present = available_backends(dev)
         if "tensorrt" in present and find_engine(bundle, "tensorrt", precision) is not None:
             backend = "tensorrt"
-        elif "onnxruntime" in present and precision in (None, "fp32") and find_engine(bundle, "onnx", "fp32"):
-            backend, precision = "onnxruntime", "fp32"
     if backend not in BACKENDS:
         raise EngineError(f"--backend {backend}: choose one of auto, {', '.join(BACKENDS)}")
     if precision is not None and precision not in PRECISIONS:
