@@ -18,7 +18,7 @@ the transposes between them cost as much as the products, so each one saved coun
 Cross-correlation (what conv2d computes) is the inverse FFT of X * conj(W); with the kernel padded to
 the tile, outputs 0..T-k of a tile involve no circular wrap-around and are exact up to rounding.
 The kernels' spectra are computed once per layer (`SpectralConv`): 144 complex numbers per weight
-pair of channels at T=16, which is the price in memory (1.4 GB for the 3-scale model with M=3).
+pair of channels at T=16, which is the price in memory (1.4 GB for the 3-scale model with M=3, counted from the layer shapes).
 """
 from __future__ import annotations
 
@@ -37,25 +37,25 @@ MAX_COST_RATIO = 0.5
 CHUNK_BYTES = 256 * 2 ** 20
 
 
-def cost_ratio(out_h: int, out_w: int, kernel: int, tile: int = TILE) -> float:
+def cost_ratio(out_h: int, out_w: int, kernel: int) -> float:
     """Operations of the FFT channel mixing over those of the direct convolution (undilated kernel)."""
-    step = tile - kernel + 1
+    step = TILE - kernel + 1
     if kernel == 1 or step < 1:
         return math.inf
-    fft = 8 * tile * (tile // 2 + 1) * math.ceil(out_h / step) * math.ceil(out_w / step)
+    fft = 8 * TILE * (TILE // 2 + 1) * math.ceil(out_h / step) * math.ceil(out_w / step)
     return fft / (2 * kernel * kernel * out_h * out_w)
 
 
-def kernel_spectrum(weight: torch.Tensor, groups: int, tile: int = TILE) -> torch.Tensor:
+def kernel_spectrum(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """conj(rFFT) of each kernel zero-padded to the tile: (frequencies, groups, c_out/groups, c_in/groups)."""
     c_out, c_in_g, k, _ = weight.shape
-    padded = F.pad(weight, (0, tile - k, 0, tile - k))
+    padded = F.pad(weight, (0, TILE - k, 0, TILE - k))
     spectrum = torch.fft.rfft2(padded).conj()
     return spectrum.reshape(groups, c_out // groups, c_in_g, -1).permute(3, 0, 1, 2).contiguous()
 
 
 def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: torch.Tensor | None,
-                    dilation: int = 1, tile: int = TILE) -> torch.Tensor:
+                    dilation: int = 1) -> torch.Tensor:
     """Unpadded, stride-1 grouped conv2d of x (B, C_in, H, W) with a kernel given as `kernel_spectrum`.
 
     A dilated convolution is d*d undilated ones, one per interleaved sub-grid x[..., i::d, j::d]
@@ -63,7 +63,7 @@ def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: 
     outputs written straight back to their interleaved places, so no copy moves them."""
     b, c_in, h, w = x.shape
     freqs, groups, co_g, _ = spectrum.shape
-    d = dilation
+    d, tile = dilation, TILE
     out_h, out_w = h - d * (kernel - 1), w - d * (kernel - 1)
     step = tile - kernel + 1
     nh, nw = math.ceil(out_h / (step * d)), math.ceil(out_w / (step * d))
