@@ -26,6 +26,8 @@ from pathlib import Path
 
 import click
 import numpy as np
+
+import ustudents  # noqa: F401  (first: sets THP_MEM_ALLOC_ENABLE before torch allocates, for every configuration alike)
 import torch
 
 from common import device_label, machine, percentiles, write_result  # noqa: E402

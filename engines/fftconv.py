@@ -6,14 +6,18 @@ Why: a direct k x k convolution costs 2*k*k operations per input channel, output
 product per frequency: 8 real operations per channel pair and frequency, and an FFT tile of side T
 has T*(T//2+1) frequencies and yields (T-k+1)^2 outputs. With T=16 and k=5 that is 8*144/144 = 8
 operations per output instead of 50. On a CPU that already runs direct convolutions near its peak
-(2 cores, AVX2, no VNNI) this is the way to be faster at full fp32 accuracy.
+this is the way to be faster at full fp32 accuracy.
 
 A dilated convolution (the dense layers after a pool) is d*d undilated ones on the interleaved
-sub-grids ("space to batch"), so the kernel is compact again and small tiles serve; the sub-grids'
-tiles are strided views of the input and the outputs go straight to their interleaved places.
-Every transform and product works on the layout the previous step left (pixel axes first for the
-forward FFT, frequency-major for the products, two matrix products for the inverse): on this CPU
-the transposes between them cost as much as the products, so each one saved counts.
+sub-grids ("space to batch"), so the kernel is compact again and small tiles serve. Each layer makes
+one copy of its input (padded; for a dilated layer into sub-grids), takes the tiles' FFT on a view of
+it, one transpose to frequency-major for the products, two matrix products for the inverse (no
+transpose) and writes the outputs to their place; the bias rides on the DC bin.
+
+What made this pay on CPU is memory, not arithmetic: the intermediates are hundreds of MB each, and
+with 4 KiB pages the kernel's first-touch page faults on every fresh allocation cost as much as the
+products. PyTorch's allocator backs large tensors with transparent huge pages when the environment
+holds THP_MEM_ALLOC_ENABLE=1, which `ustudents` sets before torch is imported (ustudents/__init__.py).
 
 Cross-correlation (what conv2d computes) is the inverse FFT of X * conj(W); with the kernel padded to
 the tile, outputs 0..T-k of a tile involve no circular wrap-around and are exact up to rounding.
@@ -59,8 +63,8 @@ def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: 
     """Unpadded, stride-1 grouped conv2d of x (B, C_in, H, W) with a kernel given as `kernel_spectrum`.
 
     A dilated convolution is d*d undilated ones, one per interleaved sub-grid x[..., i::d, j::d]
-    ("space to batch"); the sub-grids are taken as strided views of the padded input, and the
-    outputs written straight back to their interleaved places, so no copy moves them."""
+    ("space to batch"): the sub-grids are copied out once, so that the tiles' rows are contiguous,
+    and the outputs are written straight back to their interleaved places."""
     b, c_in, h, w = x.shape
     freqs, groups, co_g, _ = spectrum.shape
     d, tile = dilation, TILE
@@ -71,8 +75,9 @@ def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: 
     # (i*step, j*step) in sub-grid pixels and spans `tile` of them.
     sub_h, sub_w = nh * step + kernel - 1, nw * step + kernel - 1
     x = F.pad(x, (0, sub_w * d - w, 0, sub_h * d - h))
-    grids = x.reshape(b, c_in, sub_h, d, sub_w, d)
-    tiles = grids.unfold(2, tile, step).unfold(4, tile, step)  # (b, c_in, nh, d, nw, d, tile, tile)
+    if d > 1:
+        x = x.reshape(b, c_in, sub_h, d, sub_w, d).permute(0, 3, 5, 1, 2, 4).reshape(b * d * d, c_in, sub_h, sub_w)
+    tiles = x.unfold(2, tile, step).unfold(3, tile, step)  # (b*d*d, c_in, nh, nw, tile, tile): a view
     c_out = groups * co_g
     y = x.new_empty(b, c_out, nh, step, d, nw, step, d)
     # Rows of tiles in chunks: bounds the complex intermediates to about CHUNK_BYTES each.
@@ -81,14 +86,16 @@ def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: 
     for i in range(0, nh, rows):
         part = tiles[:, :, i:i + rows]
         r = part.shape[2]
-        # Transform along the tiles' pixel axes moved to the front, so that the spectra come out
-        # frequency-major, (freqs, groups, ci_g, b*r*d*nw*d), as the channel mixing needs.
-        xf = torch.fft.rfft2(part.permute(6, 7, 1, 0, 2, 3, 4, 5), dim=(0, 1))
-        yf = torch.matmul(spectrum, xf.reshape(freqs, groups, -1, b * r * d * nw * d))
-        out = inverse_rfft2(yf.reshape(tile, tile // 2 + 1, -1), step)  # (step, step, c_out*b*r*d*nw*d)
-        y[:, :, i:i + r] = out.reshape(step, step, c_out, b, r, d, nw, d).permute(3, 2, 4, 0, 5, 6, 1, 7)
-    y = y.reshape(b, c_out, nh * step * d, nw * step * d)[:, :, :out_h, :out_w]
-    return y + bias[:, None, None] if bias is not None else y.contiguous()
+        n = b * d * d * r * nw
+        xf = torch.fft.rfft2(part)  # (b*d*d, c_in, r, nw, tile, tile//2+1)
+        # The one transpose: frequency-major, (freqs, groups, ci_g, tiles), as the channel mixing needs.
+        xf = xf.permute(4, 5, 1, 0, 2, 3).reshape(freqs, groups, c_in // groups, n)
+        yf = torch.matmul(spectrum, xf)  # (freqs, groups, co_g, tiles)
+        if bias is not None:  # a constant on every output is the DC bin times tile*tile: no pass over y
+            yf[0] += (bias * (tile * tile)).reshape(groups, co_g, 1)
+        out = inverse_rfft2(yf.reshape(tile, tile // 2 + 1, -1), step)  # (step, step, c_out*b*d*d*r*nw)
+        y[:, :, i:i + r] = out.reshape(step, step, c_out, b, d, d, r, nw).permute(3, 2, 6, 0, 4, 7, 1, 5)
+    return y.reshape(b, c_out, nh * step * d, nw * step * d)[:, :, :out_h, :out_w]
 
 
 @functools.lru_cache(maxsize=8)
@@ -123,9 +130,13 @@ class SpectralConv:
         self.kernel = weight.shape[-1]
         self.bias = None if bias is None else bias.detach()
         self.spectrum = kernel_spectrum(weight.detach(), groups)
+        # Whether this layer takes the FFT without first timing it against the direct convolution
+        # (PatchNet.use_fft sets it: after measuring, or at once when measuring is off).
+        self.chosen = True
 
     def worth_it(self, x: torch.Tensor, dilation: int) -> bool:
-        """Whether the FFT beats the direct convolution on this input (see MAX_COST_RATIO)."""
+        """Whether the FFT can beat the direct convolution on this input: it saves enough operations
+        (MAX_COST_RATIO). Whether it does on this machine is for PatchNet.use_fft to measure."""
         h, w = (math.ceil(n / dilation) - self.kernel + 1 for n in x.shape[-2:])
         return h > 0 and w > 0 and cost_ratio(h, w, self.kernel) <= MAX_COST_RATIO
 

@@ -61,10 +61,11 @@ class AnomalyModel(nn.Module):
         self.scales = list(scales)
         self.ensembles = nn.ModuleList(ScaleEnsemble(p, students) for p in self.scales)
 
-    def use_fft(self, enable: bool = True) -> "AnomalyModel":
-        """FFT convolutions in every scale's dense networks (PatchNet.use_fft); CPU, float32."""
+    def use_fft(self, enable: bool = True, measure: bool = True) -> "AnomalyModel":
+        """FFT convolutions in every scale's dense networks where they are faster (PatchNet.use_fft);
+        CPU, float32."""
         for ens in self.ensembles:
-            ens.net.use_fft(enable)
+            ens.net.use_fft(enable, measure)
         return self
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,8 @@ Two forwards share the weights:
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from .fftconv import MAX_COST_RATIO, SpectralConv, cost_ratio
+
+log = logging.getLogger(__name__)
 
 DESCRIPTOR_DIM = 128  # d in the paper
 LEAKY_SLOPE = 5e-3  # LeakyReLU slope from the paper
@@ -94,15 +98,46 @@ class PatchNet(nn.Module):
         # Plain attribute, not state: set by `use_fft`, never saved.
         self.spectral: list[SpectralConv | None] | None = None
 
-    def use_fft(self, enable: bool = True) -> "PatchNet":
+    def use_fft(self, enable: bool = True, measure: bool = True) -> "PatchNet":
         """Run the dense form's large convolutions through the FFT (fftconv.py): same descriptors up to
-        float rounding, several times fewer operations on CPU. The kernels' spectra are taken from the
-        current weights, so call this after loading them (and again after changing them)."""
+        float rounding, several times fewer operations. The kernels' spectra are taken from the
+        current weights, so call this after loading them (and again after changing them).
+
+        With `measure`, the first dense pass times each such layer both ways on its real input and
+        keeps the FFT only where it was faster, freeing the other spectra (a plan by measurement, as
+        FFTW's planner or cuDNN's benchmark mode make one). Which way wins depends on the CPU's
+        arithmetic against its memory bandwidth and on huge pages: on a 2-core AVX-512 EPYC the FFT
+        won all 8 candidate layers with them and lost 4 without (benchmarks/results/fft_layers_cpu.json)."""
         self.spectral = None
         if enable:
             self.spectral = [SpectralConv(c.weight, c.bias, c.groups) if worth_fft(c) else None
                              for c in self.convs]
+            for s in self.spectral:
+                if s is not None:
+                    s.chosen = not measure
         return self
+
+    def _conv(self, i: int, x: torch.Tensor, step: int, dense: bool) -> torch.Tensor:
+        """Convolution layer i; in the dense form dilated by `step`, through the FFT where planned."""
+        conv = self.convs[i]
+        if not dense:
+            return conv(x)
+        spectral = self.spectral[i] if self.spectral is not None else None
+        if spectral is None or not spectral.worth_it(x, step):
+            return F.conv2d(x, conv.weight, conv.bias, dilation=step, groups=conv.groups)
+        if spectral.chosen:
+            return spectral(x, step)
+        y, direct_s = timed(F.conv2d, x, conv.weight, conv.bias, dilation=step, groups=conv.groups)
+        # The FFT's first call also pays one-off costs (its transforms' plans), so it gets two tries.
+        fft_s = min(timed(spectral, x, step)[1] for _ in range(2))
+        keep = fft_s < direct_s
+        log.info("p=%d conv %d on %s: FFT %.3f s, direct %.3f s: %s", self.p, i, tuple(x.shape), fft_s, direct_s,
+                 "FFT" if keep else "direct")
+        if keep:
+            spectral.chosen = True
+        else:
+            self.spectral[i] = None  # frees the spectrum
+        return y
 
     def _run(self, x: torch.Tensor, dense: bool) -> torch.Tensor:
         step, i = 1, 0  # step: the stride accumulated by the pools so far
@@ -117,15 +152,8 @@ class PatchNet(nn.Module):
                     x = F.max_pool2d(x, 2)
                 step *= 2
                 continue
-            conv = self.convs[i]
-            spectral = self.spectral[i] if dense and self.spectral is not None else None
+            x = self._conv(i, x, step, dense)
             i += 1
-            if spectral is not None and spectral.worth_it(x, step):
-                x = spectral(x, step)
-            elif dense and step > 1:
-                x = F.conv2d(x, conv.weight, conv.bias, dilation=step, groups=conv.groups)
-            else:
-                x = conv(x)
             if j < len(layers) - 1:
                 x = F.leaky_relu(x, LEAKY_SLOPE)
         return x
@@ -155,6 +183,13 @@ def worth_fft(conv: nn.Conv2d) -> bool:
     layers: with few input channels (the first layer reads 3) the per-channel transforms cost more
     than the channel mixing saves."""
     return cost_ratio(1024, 1024, conv.kernel_size[0]) <= MAX_COST_RATIO and conv.in_channels // conv.groups >= 32
+
+
+def timed(fn, *args, **kwargs) -> tuple[object, float]:
+    """fn(*args, **kwargs) and its wall time in seconds."""
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
 
 
 def split(state: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:

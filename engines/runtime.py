@@ -144,8 +144,9 @@ def torch_runner(model: torch.nn.Module, device: torch.device, precision: str) -
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     elif precision == "fp32":
-        # On CPU the large convolutions run through the FFT: same maps up to float rounding, 1.67x
-        # the naive baseline on the 3-scale model (fftconv.py; benchmarks/results/engines_cpu_fft.json).
+        # On CPU the large convolutions run through the FFT where the first batch measures it faster:
+        # same maps up to float rounding, 1.44x the naive baseline on the 3-scale model
+        # (fftconv.py; benchmarks/results/engines_cpu_planned.json).
         model.use_fft()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
@@ -170,8 +171,8 @@ def load_engine(model: str | Path | Bundle, backend: str = "auto", device: str |
                 precision: str | None = None, max_batch: int = 8) -> Engine:
     """Load a bundle on a backend. `auto` takes the fastest backend present that the bundle has a
     current engine for: on a GPU, TensorRT with a plan built for it; else PyTorch. On CPU that is
-    PyTorch with FFT convolutions, 1.60x naive against ONNX Runtime fp32's 1.06x in the same run
-    (3-scale model, 256 px: benchmarks/results/engines_cpu_fp32.json)."""
+    PyTorch with FFT convolutions where faster: 1.60x naive against ONNX Runtime fp32's 1.06x in one
+    run (3-scale model, 256 px: benchmarks/results/engines_cpu_fp32.json)."""
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
     dev = resolve_device(device)
     if backend == "auto":

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ustudents.engines import fftconv
 from ustudents.engines.fftconv import SpectralConv, cost_ratio
 from ustudents.engines.model import AnomalyModel
+from ustudents.engines import patchnet
 from ustudents.engines.patchnet import SCALES, PatchNet
 from ustudents.engines.runtime import torch_runner
 
@@ -49,24 +50,56 @@ def test_dense_networks_with_fft_equal_the_direct_ones(p, monkeypatch):
         calls = []
         real_call = SpectralConv.__call__
         monkeypatch.setattr(SpectralConv, "__call__", lambda self, x, d=1: calls.append(d) or real_call(self, x, d))
-        got = net.use_fft().dense_image(image)
+        got = net.use_fft(measure=False).dense_image(image)
     assert calls, "no layer took the FFT path, so this test would not test it"
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
-def test_the_cpu_fp32_torch_engine_runs_fft_and_matches_the_reference_maps():
+def test_the_cpu_fp32_torch_engine_plans_fft_once_and_matches_the_reference_maps(monkeypatch):
     torch.manual_seed(0)
     model = AnomalyModel([17, 33], students=2).eval()
     for ens in model.ensembles:
         ens.score_stats.copy_(torch.tensor([2.0, 3.0, 0.5, 0.25]))
     images = torch.rand(2, 3, 64, 64)
+    measured = []
+    real_timed = patchnet.timed
+    monkeypatch.setattr(patchnet, "timed", lambda fn, *a, **k: measured.append(fn) or real_timed(fn, *a, **k))
     with torch.no_grad():
         want_fused, want_scales = model(images)
         run = torch_runner(model, torch.device("cpu"), "fp32")
-        got_fused, got_scales = run(images)
-    assert all(ens.net.spectral is not None for ens in model.ensembles)
-    assert (got_fused - want_fused).abs().max() <= 1e-4 * want_fused.abs().max()
-    assert (got_scales - want_scales).abs().max() <= 1e-4 * want_scales.abs().max()
+        for i in range(2):  # the first call measures the FFT candidates, the second runs the plan
+            got_fused, got_scales = run(images)
+            assert (got_fused - want_fused).abs().max() <= 1e-4 * want_fused.abs().max()
+            assert (got_scales - want_scales).abs().max() <= 1e-4 * want_scales.abs().max()
+            if i == 0:
+                first = len(measured)
+    assert first > 0 and len(measured) == first
+
+
+@pytest.mark.parametrize("fft_faster", [True, False])
+def test_fft_is_kept_only_where_it_measured_faster(fft_faster, monkeypatch):
+    torch.manual_seed(0)
+    net = PatchNet(17, n=2).eval()
+    image = torch.randn(1, 3, 60, 60)
+    with torch.no_grad():
+        want = net.dense_image(image)
+
+        def fake_timed(fn, *args, **kwargs):  # a clock on which one way is always the faster
+            is_fft = isinstance(fn, SpectralConv)
+            return fn(*args, **kwargs), 1.0 if is_fft == fft_faster else 2.0
+        monkeypatch.setattr(patchnet, "timed", fake_timed)
+        net.use_fft()
+        candidates = [s is not None for s in net.spectral]
+        first = net.dense_image(image)
+        calls = []
+        real_call = SpectralConv.__call__
+        monkeypatch.setattr(SpectralConv, "__call__", lambda self, x, d=1: calls.append(d) or real_call(self, x, d))
+        second = net.dense_image(image)
+    assert candidates == [False, True, True, True]
+    assert [s is not None for s in net.spectral] == (candidates if fft_faster else [False] * 4)
+    assert len(calls) == (3 if fft_faster else 0)
+    for got in (first, second):
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_fft_is_only_chosen_where_it_saves_operations():
@@ -82,3 +115,16 @@ def test_fft_is_only_chosen_where_it_saves_operations():
     spectral = PatchNet(33, n=2).use_fft().spectral
     assert kinds == [5, 5, 2, 4]
     assert [s is not None for s in spectral] == [False, True, False, True]
+
+
+@pytest.mark.parametrize("given,want", [(None, "1"), ("0", "0")])
+def test_importing_ustudents_turns_on_huge_pages_for_torch_unless_the_user_chose(given, want):
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    code = "import os, ustudents; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == want
