@@ -166,7 +166,8 @@ def in_subprocess(cfg: dict) -> dict:
                    "int8: onnxruntime, calibrated on random frames).")
 @click.option("--repeats", default=3, show_default=True, help="Timed batches per configuration (after one warm-up).")
 @click.option("--per-scale/--no-per-scale", default=True, show_default=True,
-              help="Also time each scale alone (torch, batch 1, against its own naive baseline).")
+              help="Also time each scale alone (torch in fp32 and, where native, bf16; batch 1; against its own "
+                   "naive baseline).")
 @click.option("--name", default=None, help="Result file name.  [default: engines_<device>]")
 @click.option("--config", default=None, hidden=True)
 def main(device, size, batches, backends, precisions, repeats, per_scale, name, config):
@@ -197,9 +198,10 @@ def main(device, size, batches, backends, precisions, repeats, per_scale, name, 
             for b in map(int, batches.split(",")):
                 todo.append(dict(backend=backend, precision=precision, batch=b, scales=full))
     if per_scale:
+        torch_precisions = [q for q in precisions.split(",") if q == "fp32" or (q == "bf16" and "bf16" in peak)]
         for p in full:
-            todo += [dict(backend="naive", precision="fp32", batch=1, scales=[p]),
-                     dict(backend="torch", precision="fp32", batch=1, scales=[p])]
+            todo += [dict(backend="naive", precision="fp32", batch=1, scales=[p])]
+            todo += [dict(backend="torch", precision=q, batch=1, scales=[p]) for q in torch_precisions]
     rows = []
     for cfg in todo:
         cfg.update(device=str(dev), size=size, batches=repeats)

@@ -40,10 +40,11 @@ def engine_options(fn):
     fn = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                       help="auto = cuda when PyTorch sees a GPU, else cpu.")(fn)
     fn = click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-                      help="Network precision.  [default: fp32 for torch; for built engines, the one built]")(fn)
+                      help="Network precision.  [default: torch: the one the bundle was calibrated in where the "
+                           "device runs it natively, else fp32; built engines: the one built]")(fn)
     fn = click.option("--backend", type=click.Choice(("auto",) + BACKENDS), default="auto", show_default=True,
-                      help="auto = the fastest present: tensorrt on a GPU with a plan for it; onnxruntime on CPU "
-                           "with an fp32 ONNX engine; else torch. onnxruntime and tensorrt need "
+                      help="auto = the fastest present: tensorrt on a GPU with a plan for it, else torch (on CPU "
+                           "with FFT convolutions where they measure faster). onnxruntime and tensorrt need "
                            "`ustudents build-engines` first.")(fn)
     return fn
 

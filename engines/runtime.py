@@ -156,6 +156,17 @@ def torch_runner(model: torch.nn.Module, device: torch.device, precision: str) -
     return run
 
 
+def default_torch_precision(bundle: Bundle, device: torch.device) -> str:
+    """The precision the bundle's statistics and threshold were calibrated in, where this device runs
+    it natively; else fp32. Running as calibrated keeps the threshold's false-positive rate as
+    measured. bf16 (a bundle trained with `--amp` on hardware with native bfloat16) is a default
+    because it kept au_pro_30 on magnetic_tile within 0.0001 of fp32 (the bar is 0.01;
+    bf16_accuracy_cpu.json) at 1.99x the naive baseline (engines_cpu_bf16.json, both under
+    benchmarks/results/)."""
+    calibrated = bundle.manifest.get("threshold", {}).get("precision", "fp32")
+    return "bf16" if calibrated == "bf16" and native_bf16(device) else "fp32"
+
+
 def available_backends(device: torch.device) -> list[str]:
     """Backends usable here, fastest first."""
     out = []
@@ -185,9 +196,7 @@ def load_engine(model: str | Path | Bundle, backend: str = "auto", device: str |
     if precision is not None and precision not in PRECISIONS:
         raise EngineError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     if backend == "torch":
-        # fp32 unless asked: a lower precision becomes a default only once it has kept AU-PRO on
-        # magnetic_tile within 0.01 of fp32, which has not been measured yet (README, Engines).
-        precision = precision or "fp32"
+        precision = precision or default_torch_precision(bundle, dev)
         runner = torch_runner(bundle.model(), dev, precision)
     elif backend == "onnxruntime":
         if dev.type != "cpu":

@@ -18,6 +18,7 @@ from ustudents.cli import main
 from ustudents.engines.bundle import MANIFEST, load_bundle, update_manifest
 from ustudents.engines.images import read_image, resize, to_tensor
 from ustudents.engines.onnx_engine import TOLERANCE, build_onnx
+from ustudents.engines import runtime
 from ustudents.engines.runtime import EngineError, load_engine, preprocess
 from ustudents.engines.tensorrt_build import plan_entry, plan_file, plan_mismatch, profile_shapes
 
@@ -78,6 +79,20 @@ def test_bad_backend_and_precision_requests_are_refused_clearly(tiny_bundle):
         load_engine(tiny_bundle, backend="torch", device="cpu", precision="fp16")
     with pytest.raises(EngineError, match="GPU"):
         load_engine(tiny_bundle, backend="tensorrt", device="cpu")
+
+
+def test_torch_runs_by_default_in_the_precision_the_bundle_was_calibrated_in_where_native(tiny_bundle, monkeypatch):
+    bundle = load_bundle(tiny_bundle)  # trained with --amp off: calibrated in fp32
+    cpu = torch.device("cpu")
+    assert runtime.default_torch_precision(bundle, cpu) == "fp32"
+    bundle.manifest["threshold"]["precision"] = "bf16"  # as `ustudents train --amp on` records it
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    assert runtime.default_torch_precision(bundle, cpu) == "fp32"  # emulated bf16 would be slow: fp32
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
+    assert runtime.default_torch_precision(bundle, cpu) == "bf16"
+    engine = load_engine(bundle, backend="auto", device="cpu")
+    assert (engine.backend, engine.precision) == ("torch", "bf16")
+    assert load_engine(bundle, backend="auto", device="cpu", precision="fp32").precision == "fp32"  # asked wins
 
 
 @pytest.mark.slow
