@@ -228,6 +228,29 @@ def test_calibrate_changes_threshold_and_statistics_only(bundle_copy, tiny_mvtec
     assert no_hidden_leftovers(bundle_copy) == []
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("calibrated,native,want_bf16", [("bf16", True, True), ("bf16", False, False),
+                                                         ("fp32", True, False)])
+def test_calibrate_works_in_the_precision_the_bundle_runs_in_here(bundle_copy, tiny_mvtec, tmp_path, monkeypatch,
+                                                                  calibrated, native, want_bf16):
+    from ustudents.engines import runtime
+    from ustudents.train import calibrate as calibration
+
+    threshold = manifest_of(bundle_copy)["threshold"]
+    update_manifest(bundle_copy, threshold={**threshold, "precision": calibrated})
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
+    asked = []
+    real = calibration.calibrate
+    # Record the precision asked for; compute in fp32 (bf16 emulated on a CPU without it is slow).
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, bf16=False, **k: asked.append(bf16) or real(*a, **k))
+    good = tmp_path / "new-camera"
+    good.mkdir()
+    for f in sorted((tiny_mvtec / TINY_CATEGORY / "test" / "good").iterdir())[:2]:
+        shutil.copy(f, good)
+    assert_ok(invoke("calibrate", bundle_copy, "--images", good))
+    assert asked == [want_bf16]
+
 # ------------------------------------------------------------------------------------ bad input
 
 def train_args(root, out, teachers, *extra):

@@ -13,7 +13,7 @@ import torch
 from ustudents.engines.bundle import BundleError, load_bundle, update_manifest
 from ustudents.engines.cli import InputError, engine_options, user_errors_for
 from ustudents.engines.images import ImageError, IMAGE_SUFFIXES
-from ustudents.engines.runtime import EngineError, native_bf16, resolve_device
+from ustudents.engines.runtime import EngineError, default_torch_precision, native_bf16, resolve_device
 from ustudents.engines.patchnet import SCALES
 
 from .backbones import BACKBONES, BackboneError
@@ -151,7 +151,10 @@ def teacher_cmd(scales, out, backbone, backbone_weights, backbone_input, images,
 @device_option
 @user_errors
 def calibrate_cmd(model, images, target_fpr, device):
-    """Re-estimate e/v statistics and the threshold of MODEL on new good images, without retraining."""
+    """Re-estimate e/v statistics and the threshold of MODEL on new good images, without retraining.
+
+    Runs in the precision the bundle runs in on this machine: bf16 where it was calibrated in bf16 and
+    the device has it natively, else fp32."""
     from .calibrate import calibrate
     from .dataset import Sample, load_images
 
@@ -161,7 +164,11 @@ def calibrate_cmd(model, images, target_fpr, device):
         raise InputError(f"{images}: needs a folder with at least 2 good images ({'/'.join(IMAGE_SUFFIXES)})")
     fpr = target_fpr if target_fpr is not None else bundle.manifest["threshold"]["target_pixel_fpr"]
     arr = load_images([Sample(path=f, defect="good") for f in files], bundle.image_size, desc="loading images")
-    stats, threshold = calibrate(bundle.model(), arr, resolve_device(device), fpr)
+    dev = resolve_device(device)
+    # In the precision the bundle will run in on this device (bf16 where it was calibrated in bf16 and
+    # is native here), so that the statistics and threshold hold for the engine that uses them.
+    bf16 = default_torch_precision(bundle, dev) == "bf16"
+    stats, threshold = calibrate(bundle.model(), arr, dev, fpr, bf16=bf16)
     statistics = bundle.manifest["statistics"]
     for p, s in stats.items():
         statistics[str(p)].update(e_mu=s.e_mu, e_sigma=s.e_sigma, v_mu=s.v_mu, v_sigma=s.v_sigma)
