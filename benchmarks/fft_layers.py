@@ -16,13 +16,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import click
 
-from ustudents.engines import patchnet  # noqa: E402  (sets THP_MEM_ALLOC_ENABLE unless the caller did)
+# First (it imports ustudents, which sets THP_MEM_ALLOC_ENABLE unless the caller did), then torch.
 from ustudents.engines.fftconv import SpectralConv  # noqa: E402
-from ustudents.engines.patchnet import PatchNet, worth_fft  # noqa: E402
+from ustudents.engines.patchnet import PatchNet, timed, worth_fft  # noqa: E402
 import torch  # noqa: E402
 
 from common import device_label, machine, write_result  # noqa: E402
@@ -50,12 +49,7 @@ def candidate_layers(size: int) -> list[dict]:
 
 
 def best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(timed(fn)[1] for _ in range(repeats))
 
 
 def time_layers(layers: list[dict], repeats: int) -> list[dict]:
