@@ -1,0 +1,95 @@
+"""Which image score separates good from defective images best, on a trained bundle's own maps.
+
+    python benchmarks/image_score.py MODEL --data-root ../shared/datasets --test-every 3
+
+The product's image score is the anomaly map's maximum. This benchmark computes the bundle's fused
+maps once, on the validation images it was calibrated on (the held-out part of train/good, never
+the test set) and on the test set, and reports image AUROC for alternatives that need no retraining:
+- `max`: the maximum (the product's score);
+- `interior_max_<b>`: the maximum at least b pixels from the image border;
+- `top_<q>`: the q-th percentile of the map;
+- `position_z_max`: the maximum of the map standardized per pixel position by the validation maps'
+  mean and std there (so a position where good images always score high, e.g. the border, no
+  longer dominates); AU-PRO and pixel AUROC of that standardized map are reported too.
+It also reports where good images' maxima sit: the share within `--border` pixels of the edge.
+Writes benchmarks/results/<name>.json.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from common import device_label, machine, write_result  # noqa: E402
+
+from ustudents.engines.runtime import load_engine
+from ustudents.train import dataset
+from ustudents.train.evaluate import engine_maps, metrics_for
+from ustudents.train.metrics import image_auroc
+
+
+def border_distance_of_max(maps: np.ndarray) -> np.ndarray:
+    n, h, w = maps.shape
+    r, c = np.divmod(maps.reshape(n, -1).argmax(1), w)
+    return np.minimum(np.minimum(r, h - 1 - r), np.minimum(c, w - 1 - c))
+
+
+def image_scores(test: np.ndarray, val: np.ndarray, border: int) -> dict[str, np.ndarray]:
+    flat = test.reshape(len(test), -1)
+    z = (test - val.mean(0)) / (val.std(0) + 1e-6)
+    return {"max": flat.max(1),
+            **{f"interior_max_{b}": test[:, b:-b, b:-b].reshape(len(test), -1).max(1) for b in (border // 2, border)},
+            "top_99": np.percentile(flat, 99, axis=1),
+            "top_99.9": np.percentile(flat, 99.9, axis=1),
+            "position_z_max": z.reshape(len(z), -1).max(1)}
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("--data-root", type=click.Path(path_type=Path), required=True)
+@click.option("--test-every", default=1, show_default=True, help="Use every k-th test image of each type.")
+@click.option("--border", default=8, show_default=True, help="Pixels counted as the border.")
+@click.option("--name", default="image_score_cpu", show_default=True)
+def main(model, data_root, test_every, border, name):
+    t0 = time.time()
+    engine = load_engine(model, backend="torch", device="cpu", max_batch=4)
+    manifest = engine.bundle.manifest
+    category, size = manifest["category"], engine.image_size
+    training = manifest["training"]  # the same split as training: these images calibrated the bundle
+    _, val = dataset.split_train_val(dataset.train_samples(data_root, category), training["val_fraction"],
+                                     training["student"]["seed"])
+    test = dataset.test_samples(data_root, category)
+    test = [s for d in sorted({s.defect for s in test}) for s in [t for t in test if t.defect == d][::test_every]]
+    masks = dataset.load_masks(test, size)
+    labels = np.array([s.defect != dataset.GOOD for s in test])
+    val_maps, _ = engine_maps(engine, dataset.load_images(val, size), desc="validation maps")
+    test_maps, _ = engine_maps(engine, dataset.load_images(test, size), desc="test maps")
+
+    scores = {k: image_auroc(v, labels) for k, v in image_scores(test_maps, val_maps, border).items()}
+    z_maps = (test_maps - val_maps.mean(0)) / (val_maps.std(0) + 1e-6)
+    near = border_distance_of_max(test_maps) < border
+    record = {"summary": {"device": device_label(machine(torch.device("cpu"))), "dataset": str(data_root / category),
+                          "model": model.name, "image_size": size, "test_images": len(test),
+                          "validation_images": len(val), "image_auroc": scores,
+                          f"share_of_maxima_within_{border}px_of_border": {"good": float(near[~labels].mean()),
+                                                                          "defective": float(near[labels].mean())}},
+              "maps": {"as_is": metrics_for(test_maps, masks, labels),
+                       "position_standardized": metrics_for(z_maps, masks, labels)},
+              "machine": machine(torch.device("cpu")), "wall_s": round(time.time() - t0, 1),
+              "command": "python benchmarks/image_score.py " + " ".join(sys.argv[1:])}
+    table = "\n".join([f"{'image score':22}{'image AUROC':>12}"] + [f"{k:22}{v:12.3f}" for k, v in scores.items()])
+    maps = "\n".join(f"{k:22}" + "  ".join(f"{m} {v:.3f}" for m, v in r.items()) for k, r in record["maps"].items())
+    click.echo(table + "\n" + maps)
+    path = write_result(name, record, f"# Image score alternatives: {name}\n\nMachine: {record['summary']['device']}. "
+                        f"Model {model.name} ({size} px), {len(val)} validation and {len(test)} test images. "
+                        f"Maxima within {border} px of the border: good {near[~labels].mean():.0%}, defective "
+                        f"{near[labels].mean():.0%}.\n\n```\n{table}\n\n{maps}\n```\n\nReproduce: `{record['command']}`\n")
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""How much a teacher's descriptors know about a category's defects, without training students.
+
+    python benchmarks/teacher_probe.py --data-root ../shared/datasets/magnetic_tile --image-size 128
+
+The students can only flag what the teacher's descriptors tell apart. This probe scores every test
+pixel by the distance of its descriptor to the nearest descriptor of the training images (a memory
+bank of good pixels, as PatchCore does) and reports au_pro_30, image AUROC and pixel AUROC per
+teacher scale; `--reference` adds the same probe on ImageNet EfficientNet-Lite0 mid-level features
+(stride 8 and 16 maps, 3x3 averaged, upsampled and concatenated: the PatchCore-style baseline the
+training issue quotes). A teacher well below the reference caps what student training can reach;
+a teacher close to it points at the students. Teachers to compare are given as folders
+(`--teachers DIR`, repeatable; default: the shipped ones). Writes benchmarks/results/<name>.json.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import device_label, machine, write_result  # noqa: E402
+
+from ustudents.engines.model import normalize_input
+from ustudents.engines.patchnet import PatchNet
+from ustudents.train import dataset
+from ustudents.train.backbones import build_backbone
+from ustudents.train.evaluate import metrics_for
+from ustudents.train.teacher_files import DEFAULT_DIR, load_teacher, read_records
+
+KEYS = ("au_pro_30", "image_auroc", "pixel_auroc")
+
+
+def as_input(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+
+
+@torch.no_grad()
+def teacher_features(state: dict, p: int, images: np.ndarray) -> torch.Tensor:
+    """(N, S, S, 3) uint8 -> (N, 128, S, S) dense teacher descriptors."""
+    net = PatchNet(p).eval()
+    net.load_state_dict(state)
+    return torch.cat([net.dense_image(normalize_input(as_input(images[i:i + 4])))[:, 0]
+                      for i in range(0, len(images), 4)])
+
+
+@torch.no_grad()
+def reference_features(images: np.ndarray) -> torch.Tensor:
+    """EfficientNet-Lite0's last stride-8 and stride-16 block outputs, 3x3 averaged (each feature
+    sees its neighbourhood), brought to the image's size: (N, 40 + 112, S, S)."""
+    backbone = build_backbone("efficientnet-lite0")
+    net = backbone.features.net
+    out = []
+    for i in range(0, len(images), 8):
+        x = as_input(images[i:i + 8])
+        size = x.shape[-2:]
+        x = net._swish(net._bn0(net._conv_stem((x - backbone.mean) / backbone.std)))
+        by_stride = {}
+        for block in net._blocks:
+            x = block(x)
+            by_stride[size[0] // x.shape[-2]] = x  # the last block at each stride wins
+        maps = [F.interpolate(F.avg_pool2d(by_stride[s], 3, 1, 1), size=size, mode="bilinear", align_corners=False)
+                for s in (8, 16)]
+        out.append(torch.cat(maps, 1))
+    return torch.cat(out)
+
+
+def nearest_distance(test: torch.Tensor, bank: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """(N, C, H, W) test features -> (N, H, W) Euclidean distance to the nearest bank row."""
+    n, c, h, w = test.shape
+    flat = test.permute(0, 2, 3, 1).reshape(-1, c)
+    bank_sq = bank.square().sum(1)
+    out = torch.empty(len(flat))
+    for i in range(0, len(flat), chunk):
+        q = flat[i:i + chunk]
+        # ||q - b||^2 = ||b||^2 - 2 q.b + ||q||^2; the last term does not change which b is nearest
+        d2 = torch.addmm(bank_sq, q, bank.T, alpha=-2).min(1).values + q.square().sum(1)
+        out[i:i + chunk] = d2.clamp_min(0).sqrt()
+    return out.reshape(n, h, w)
+
+
+def probe(train_feat: torch.Tensor, test_feat: torch.Tensor, bank_size: int, gen: torch.Generator,
+          masks: np.ndarray, labels: np.ndarray) -> dict:
+    c = train_feat.shape[1]
+    pixels = train_feat.permute(0, 2, 3, 1).reshape(-1, c)
+    bank = pixels[torch.randperm(len(pixels), generator=gen)[:bank_size]]
+    # standardize per channel with the good pixels' statistics so no channel dominates the distance
+    mean, std = pixels.mean(0), pixels.std(0) + 1e-6
+    bank = (bank - mean) / std
+    test = (test_feat - mean[:, None, None]) / std[:, None, None]
+    return metrics_for(nearest_distance(test, bank).numpy(), masks, labels)
+
+
+@click.command()
+@click.option("--data-root", type=click.Path(path_type=Path), required=True)
+@click.option("--category", default="magnetic_tile", show_default=True)
+@click.option("--image-size", default=128, show_default=True)
+@click.option("--teachers", "teacher_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="A teacher folder to probe (repeatable).  [default: the shipped teachers]")
+@click.option("--scales", default="17,33,65", show_default=True)
+@click.option("--reference/--no-reference", default=True, show_default=True,
+              help="Also probe ImageNet EfficientNet-Lite0 features.")
+@click.option("--train-images", default=100, show_default=True, help="Good training images the bank is drawn from.")
+@click.option("--bank", "bank_size", default=20000, show_default=True, help="Descriptors in the memory bank.")
+@click.option("--test-every", default=1, show_default=True, help="Use every k-th test image of each type.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--name", default="teacher_probe_cpu", show_default=True)
+def main(data_root, category, image_size, teacher_dirs, scales, reference, train_images, bank_size,
+         test_every, seed, name):
+    t0 = time.time()
+    torch.manual_seed(seed)
+    scales = [int(s) for s in scales.split(",")]
+    train = dataset.train_samples(data_root, category)
+    train = [train[i] for i in np.random.default_rng(seed).permutation(len(train))[:train_images]]
+    test = dataset.test_samples(data_root, category)
+    test = [s for d in sorted({s.defect for s in test}) for s in [t for t in test if t.defect == d][::test_every]]
+    train_img = dataset.load_images(train, image_size, "train images")
+    test_img = dataset.load_images(test, image_size, "test images")
+    masks = dataset.load_masks(test, image_size)
+    labels = np.array([s.defect != dataset.GOOD for s in test])
+
+    extractors = {}
+    for folder in teacher_dirs or (DEFAULT_DIR,):
+        for p in scales:
+            extractors[f"{folder.name}/p={p}"] = (lambda imgs, folder=folder, p=p:
+                                                  teacher_features(load_teacher(folder, p), p, imgs))
+    if reference:
+        extractors["efficientnet-lite0 (ImageNet)"] = reference_features
+    results = {}
+    for label, extract in extractors.items():
+        start = time.time()
+        gen = torch.Generator().manual_seed(seed)
+        results[label] = probe(extract(train_img), extract(test_img), bank_size, gen, masks, labels)
+        results[label]["wall_s"] = round(time.time() - start, 1)
+        click.echo(f"{label:40}" + "".join(f"{results[label][k]:8.3f}" for k in KEYS))
+
+    info = machine(torch.device("cpu"))
+    teachers = {str(f): {p: read_records(f).get(str(p), {}).get("explained_variance_of_P") for p in scales}
+                for f in (teacher_dirs or (DEFAULT_DIR,))}
+    table = "\n".join([f"{'':40}" + "".join(f"{k:>12}" for k in KEYS)] +
+                      [f"{label:40}" + "".join(f"{r[k]:12.3f}" for k in KEYS) for label, r in results.items()])
+    record = {"summary": {"device": device_label(info), "dataset": str(data_root / category),
+                          "image_size": image_size, "test_images": len(test), "train_images": len(train),
+                          "bank": bank_size},
+              "results": results, "teachers_explained_variance_of_P": teachers, "machine": info,
+              "wall_s": round(time.time() - t0, 1),
+              "command": "python benchmarks/teacher_probe.py " + " ".join(sys.argv[1:])}
+    path = write_result(name, record, f"# Teacher probe: {name}\n\nMachine: {device_label(info)}. Data: "
+                        f"{data_root / category}, {image_size} px, {len(test)} test images, a bank of "
+                        f"{bank_size} descriptors from {len(train)} good training images; score = distance "
+                        f"to the nearest good descriptor.\n\n```\n{table}\n```\n\nReproduce: `{record['command']}`\n")
+    click.echo(table)
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
