@@ -46,6 +46,11 @@ def percentiles(values: list[float]) -> dict:
             "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "n": int(a.size)}
 
 
+def every_kth_per_type(samples: list, k: int) -> list:
+    """Every k-th test sample of each defect type (and of good): a smaller test set with the same mix."""
+    return [s for d in sorted({s.defect for s in samples}) for s in [t for t in samples if t.defect == d][::k]]
+
+
 def write_result(name: str, record: dict, markdown: str) -> Path:
     """benchmarks/results/<name>.json (the record) and <name>.md (the summary); returns the JSON path."""
     import json

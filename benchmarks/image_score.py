@@ -24,7 +24,7 @@ import click
 import numpy as np
 import torch
 
-from common import device_label, machine, write_result  # noqa: E402
+from common import device_label, every_kth_per_type, machine, write_result  # noqa: E402
 
 from ustudents.engines.runtime import load_engine
 from ustudents.train import dataset
@@ -38,7 +38,7 @@ def border_distance_of_max(maps: np.ndarray) -> np.ndarray:
     return np.minimum(np.minimum(r, h - 1 - r), np.minimum(c, w - 1 - c))
 
 
-def image_scores(test: np.ndarray, val: np.ndarray, border: int) -> dict[str, np.ndarray]:
+def score_alternatives(test: np.ndarray, val: np.ndarray, border: int) -> dict[str, np.ndarray]:
     flat = test.reshape(len(test), -1)
     z = (test - val.mean(0)) / (val.std(0) + 1e-6)
     return {"max": flat.max(1),
@@ -63,13 +63,13 @@ def main(model, data_root, test_every, border, name):
     _, val = dataset.split_train_val(dataset.train_samples(data_root, category), training["val_fraction"],
                                      training["student"]["seed"])
     test = dataset.test_samples(data_root, category)
-    test = [s for d in sorted({s.defect for s in test}) for s in [t for t in test if t.defect == d][::test_every]]
+    test = every_kth_per_type(test, test_every)
     masks = dataset.load_masks(test, size)
     labels = np.array([s.defect != dataset.GOOD for s in test])
     val_maps, _ = engine_maps(engine, dataset.load_images(val, size), desc="validation maps")
     test_maps, _ = engine_maps(engine, dataset.load_images(test, size), desc="test maps")
 
-    scores = {k: image_auroc(v, labels) for k, v in image_scores(test_maps, val_maps, border).items()}
+    scores = {k: image_auroc(v, labels) for k, v in score_alternatives(test_maps, val_maps, border).items()}
     z_maps = (test_maps - val_maps.mean(0)) / (val_maps.std(0) + 1e-6)
     near = border_distance_of_max(test_maps) < border
     record = {"summary": {"device": device_label(machine(torch.device("cpu"))), "dataset": str(data_root / category),

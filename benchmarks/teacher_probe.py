@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import device_label, machine, write_result  # noqa: E402
+from common import device_label, every_kth_per_type, machine, write_result  # noqa: E402
 
 from ustudents.engines.model import normalize_input
 from ustudents.engines.patchnet import PatchNet
@@ -116,7 +116,7 @@ def main(data_root, category, image_size, teacher_dirs, scales, reference, train
     train = dataset.train_samples(data_root, category)
     train = [train[i] for i in np.random.default_rng(seed).permutation(len(train))[:train_images]]
     test = dataset.test_samples(data_root, category)
-    test = [s for d in sorted({s.defect for s in test}) for s in [t for t in test if t.defect == d][::test_every]]
+    test = every_kth_per_type(test, test_every)
     train_img = dataset.load_images(train, image_size, "train images")
     test_img = dataset.load_images(test, image_size, "test images")
     masks = dataset.load_masks(test, image_size)
