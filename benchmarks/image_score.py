@@ -38,9 +38,14 @@ def border_distance_of_max(maps: np.ndarray) -> np.ndarray:
     return np.minimum(np.minimum(r, h - 1 - r), np.minimum(c, w - 1 - c))
 
 
-def score_alternatives(test: np.ndarray, val: np.ndarray, border: int) -> dict[str, np.ndarray]:
+def position_standardized(test: np.ndarray, val: np.ndarray) -> np.ndarray:
+    """Each pixel position standardized by the validation maps' mean and std there."""
+    return (test - val.mean(0)) / (val.std(0) + 1e-6)
+
+
+def score_alternatives(test: np.ndarray, z: np.ndarray, border: int) -> dict[str, np.ndarray]:
+    """Image scores from the maps (N, H, W) and their position-standardized form z."""
     flat = test.reshape(len(test), -1)
-    z = (test - val.mean(0)) / (val.std(0) + 1e-6)
     return {"max": flat.max(1),
             **{f"interior_max_{b}": test[:, b:-b, b:-b].reshape(len(test), -1).max(1) for b in (border // 2, border)},
             "top_99": np.percentile(flat, 99, axis=1),
@@ -69,8 +74,8 @@ def main(model, data_root, test_every, border, name):
     val_maps, _ = engine_maps(engine, dataset.load_images(val, size), desc="validation maps")
     test_maps, _ = engine_maps(engine, dataset.load_images(test, size), desc="test maps")
 
-    scores = {k: image_auroc(v, labels) for k, v in score_alternatives(test_maps, val_maps, border).items()}
-    z_maps = (test_maps - val_maps.mean(0)) / (val_maps.std(0) + 1e-6)
+    z_maps = position_standardized(test_maps, val_maps)
+    scores = {k: image_auroc(v, labels) for k, v in score_alternatives(test_maps, z_maps, border).items()}
     near = border_distance_of_max(test_maps) < border
     record = {"summary": {"device": device_label(machine(torch.device("cpu"))), "dataset": str(data_root / category),
                           "model": model.name, "image_size": size, "test_images": len(test),

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from common import device_label, every_kth_per_type, machine, write_result  # noqa: E402
 
+from ustudents.engines.images import to_tensor
 from ustudents.engines.model import normalize_input
 from ustudents.engines.patchnet import PatchNet
 from ustudents.train import dataset
@@ -34,16 +35,12 @@ from ustudents.train.teacher_files import DEFAULT_DIR, load_teacher, read_record
 KEYS = ("au_pro_30", "image_auroc", "pixel_auroc")
 
 
-def as_input(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
-
-
 @torch.no_grad()
 def teacher_features(state: dict, p: int, images: np.ndarray) -> torch.Tensor:
     """(N, S, S, 3) uint8 -> (N, 128, S, S) dense teacher descriptors."""
     net = PatchNet(p).eval()
     net.load_state_dict(state)
-    return torch.cat([net.dense_image(normalize_input(as_input(images[i:i + 4])))[:, 0]
+    return torch.cat([net.dense_image(normalize_input(to_tensor(images[i:i + 4])))[:, 0]
                       for i in range(0, len(images), 4)])
 
 
@@ -55,7 +52,7 @@ def reference_features(images: np.ndarray) -> torch.Tensor:
     net = backbone.features.net
     out = []
     for i in range(0, len(images), 8):
-        x = as_input(images[i:i + 8])
+        x = to_tensor(images[i:i + 8])
         size = x.shape[-2:]
         x = net._swish(net._bn0(net._conv_stem((x - backbone.mean) / backbone.std)))
         by_stride = {}

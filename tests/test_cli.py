@@ -228,7 +228,6 @@ def test_calibrate_changes_threshold_and_statistics_only(bundle_copy, tiny_mvtec
     assert no_hidden_leftovers(bundle_copy) == []
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("calibrated,native,want_bf16", [("bf16", True, True), ("bf16", False, False),
                                                          ("fp32", True, False)])
@@ -250,6 +249,7 @@ def test_calibrate_works_in_the_precision_the_bundle_runs_in_here(bundle_copy, t
         shutil.copy(f, good)
     assert_ok(invoke("calibrate", bundle_copy, "--images", good))
     assert asked == [want_bf16]
+
 
 # ------------------------------------------------------------------------------------ bad input
 

@@ -165,8 +165,7 @@ def calibrate_cmd(model, images, target_fpr, device):
     fpr = target_fpr if target_fpr is not None else bundle.manifest["threshold"]["target_pixel_fpr"]
     arr = load_images([Sample(path=f, defect="good") for f in files], bundle.image_size, desc="loading images")
     dev = resolve_device(device)
-    # In the precision the bundle will run in on this device (bf16 where it was calibrated in bf16 and
-    # is native here), so that the statistics and threshold hold for the engine that uses them.
+    # the statistics and threshold must hold for the engine that will use them
     bf16 = default_torch_precision(bundle, dev) == "bf16"
     stats, threshold = calibrate(bundle.model(), arr, dev, fpr, bf16=bf16)
     statistics = bundle.manifest["statistics"]
