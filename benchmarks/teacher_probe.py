@@ -49,18 +49,11 @@ def reference_features(images: np.ndarray) -> torch.Tensor:
     """EfficientNet-Lite0's last stride-8 and stride-16 block outputs, 3x3 averaged (each feature
     sees its neighbourhood), brought to the image's size: (N, 40 + 112, S, S)."""
     backbone = build_backbone("efficientnet-lite0")
-    net = backbone.features.net
     out = []
     for i in range(0, len(images), 8):
         x = to_tensor(images[i:i + 8])
-        size = x.shape[-2:]
-        x = net._swish(net._bn0(net._conv_stem((x - backbone.mean) / backbone.std)))
-        by_stride = {}
-        for block in net._blocks:
-            x = block(x)
-            by_stride[size[0] // x.shape[-2]] = x  # the last block at each stride wins
-        maps = [F.interpolate(F.avg_pool2d(by_stride[s], 3, 1, 1), size=size, mode="bilinear", align_corners=False)
-                for s in (8, 16)]
+        maps = [F.interpolate(F.avg_pool2d(m, 3, 1, 1), size=x.shape[-2:], mode="bilinear", align_corners=False)
+                for m in backbone.feature_maps(x)]
         out.append(torch.cat(maps, 1))
     return torch.cat(out)
 

@@ -412,15 +412,36 @@ def test_ctrl_c_during_training_leaves_no_bundle_and_no_temporaries(tmp_path, ti
 def test_teacher_command_distils_from_a_folder_of_images(tmp_path, tiny_mvtec):
     out = tmp_path / "teachers"
     images = tiny_mvtec / TINY_CATEGORY / "train" / "good"
-    result = invoke("teacher", "--scales", "17", "--images", images, "--patches", 64, "--steps", 3, "--batch", 16,
-                    "--backbone-input", 32, "--lambda-m", 1, "--out", out, "--amp", "off")
+    result = invoke("teacher", "--scales", "17", "--target", "patch", "--images", images, "--patches", 64, "--steps", 3,
+                    "--batch", 16, "--backbone-input", 32, "--lambda-m", 1, "--out", out, "--amp", "off")
     assert_ok(result)
     from ustudents.train.teacher_files import load_teacher, read_records
 
     assert load_teacher(out, 17)
     record = read_records(out)["17"]
     assert record["config"]["images"] == str(images) and record["config"]["lambda_m"] == 1.0
+    assert record["config"]["target"] == "patch" and record["patch_pool"] == 64
     assert len(record["loss_history"]) >= 1
+
+
+def test_teacher_command_distils_dense_targets_on_windows(tmp_path, tiny_mvtec):
+    out = tmp_path / "teachers"
+    images = tiny_mvtec / TINY_CATEGORY / "train" / "good"
+    result = invoke("teacher", "--scales", "17", "--crop", 8, "--images", images, "--steps", 3, "--out", out,
+                    "--amp", "off")  # --target dense is the default
+    assert_ok(result)
+    from ustudents.engines.patchnet import PatchNet
+    from ustudents.train.teacher_files import load_teacher, read_records
+
+    PatchNet(17).load_state_dict(load_teacher(out, 17))
+    record = read_records(out)["17"]
+    assert record["config"]["target"] == "dense" and record["config"]["batch"] == 8  # the dense default
+    assert record["target_dim"] == 40 + 112  # EfficientNet-Lite0's stride-8 and stride-16 maps
+    assert record["patch_pool"] is None and -1 < record["explained_variance_of_P"] < 1
+    # a window larger than every image is refused with what to change
+    too_big = invoke("teacher", "--scales", "17", "--target", "dense", "--crop", 200, "--images", images,
+                     "--steps", 1, "--out", tmp_path / "t2", "--amp", "off")
+    assert_input_error(too_big, "--target dense")
 
 
 def test_teacher_command_refuses_a_folder_without_images(tmp_path):

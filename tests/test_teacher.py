@@ -2,8 +2,12 @@
 import pytest
 import torch
 
+from torch import nn
+
+from ustudents.engines.patchnet import geometry
 from ustudents.train.backbones import BackboneError, ResNet18Features, build_backbone
-from ustudents.train.teacher import compactness_loss, knowledge_distillation_loss, sample_patches, triplet_loss
+from ustudents.train.teacher import (DENSE_MAX_PIXELS, DENSE_RF, compactness_loss, dense_levels, dense_targets,
+                                     knowledge_distillation_loss, sample_patches, sample_windows, triplet_loss)
 
 
 def test_knowledge_distillation_loss_is_mean_squared_error_per_dimension():
@@ -36,9 +40,62 @@ def test_sample_patches_shapes_and_shift():
     assert patches.shape == positives.shape == (8, 3, 17, 17)
 
 
+@pytest.mark.parametrize("p", [17, 33, 65])
+def test_dense_windows_pair_every_output_pixel_with_the_target_of_its_patch_centre(p):
+    # The image's channels hold each pixel's own row and column, and so do the targets: the pixel at
+    # the centre of the patch behind dense output (i, j) must carry the coordinates its target has.
+    h, w = 150, 170
+    rows = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
+    cols = torch.arange(w, dtype=torch.float32)[None, :].expand(h, w)
+    level = torch.stack([rows, cols, torch.zeros(h, w)])
+    targets = torch.stack([rows, cols]).half()
+    crop, g = 12, geometry(p)
+    images, wanted = sample_windows([level], [targets], p, crop, 5, torch.Generator().manual_seed(0))
+    assert images.shape == (5, 3, crop + g.rf - 1, crop + g.rf - 1) and wanted.shape == (5, 2, crop, crop)
+    # the dense output at (i, j) is the patch network on the patch whose top-left is (i, j) (test_fdfe)
+    centres = images[:, :2, p // 2:p // 2 + crop, p // 2:p // 2 + crop]
+    assert torch.equal(centres, wanted)
+    assert len({int(t[0, 0, 0]) for t in wanted}) > 1  # windows are drawn at different places
+
+
+class _FakeBackbone(nn.Module):
+    """Stride-8 and stride-16 maps whose channels are known functions of the input; records input sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("anchor", torch.zeros(1))
+        self.seen = []
+
+    def feature_maps(self, x):
+        self.seen.append(tuple(x.shape[-2:]))
+        s8 = torch.cat([x.mean(1, keepdim=True), 10 + 3 * x[:, :1]], 1)[:, :, ::8, ::8]
+        return [s8, x[:, 1:2, ::16, ::16] * 5]
+
+
+def test_dense_targets_enlarge_by_the_receptive_field_ratio_and_standardize_per_channel():
+    backbone = _FakeBackbone()
+    levels = [torch.rand(3, 40, 56), torch.rand(3, 32, 32)]
+    maps = dense_targets(backbone, levels, 17)
+    assert backbone.seen == [(int(40 * DENSE_RF / 17), int(56 * DENSE_RF / 17)),
+                             (int(32 * DENSE_RF / 17), int(32 * DENSE_RF / 17))]
+    assert [m.shape for m in maps] == [(3, 40, 56), (3, 32, 32)]  # the level's own pixels, 2 + 1 channels
+    assert all(m.dtype == torch.float16 for m in maps)
+    pixels = torch.cat([m.float().flatten(1) for m in maps], 1)
+    assert torch.allclose(pixels.mean(1), torch.zeros(3), atol=2e-3)
+    assert torch.allclose(pixels.std(1), torch.ones(3), atol=2e-3)
+
+
+def test_dense_levels_keep_what_fits_a_window_and_the_memory_cap():
+    side = int((DENSE_MAX_PIXELS ** 0.5) * 17 / DENSE_RF)  # the largest square level P may see at p=17
+    small, fits, huge = torch.rand(3, 20, 300), torch.rand(3, side, side), torch.rand(3, side + 8, side + 8)
+    assert [t.shape for t in dense_levels([small, fits, huge], 17, 40)] == [fits.shape]
+
+
 def test_efficientnet_lite0_loads_packaged_imagenet_weights():
     net = build_backbone("efficientnet-lite0")
     assert net(torch.rand(2, 3, 64, 64)).shape == (2, 1280)
+    # mid-level maps at strides 8 and 16, odd sizes included (strides are counted, not divided)
+    assert [m.shape for m in net.feature_maps(torch.rand(1, 3, 83, 83))] == [(1, 40, 10, 10), (1, 112, 5, 5)]
 
 
 def test_resnet18_loads_a_torchvision_format_file(tmp_path):
@@ -46,7 +103,9 @@ def test_resnet18_loads_a_torchvision_format_file(tmp_path):
     state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)  # as torchvision saves it
     path = tmp_path / "resnet18.pth"
     torch.save(state, path)
-    assert build_backbone("resnet18", str(path))(torch.rand(1, 3, 64, 64)).shape == (1, 512)
+    resnet = build_backbone("resnet18", str(path))
+    assert resnet(torch.rand(1, 3, 64, 64)).shape == (1, 512)
+    assert [m.shape for m in resnet.feature_maps(torch.rand(1, 3, 64, 64))] == [(1, 128, 8, 8), (1, 256, 4, 4)]
     with pytest.raises(BackboneError, match="--backbone-weights"):
         build_backbone("resnet18")
     torch.save({"conv1.weight": torch.zeros(1)}, path)

@@ -1,8 +1,9 @@
 """Pretrained ImageNet networks P whose patch descriptors the teacher distils (paper Sec. 3.1).
 
 Each backbone maps image patches in [0, 1] (B, 3, s, s) to one descriptor per patch: the global
-average of its last feature map (the input of its ImageNet classifier). Weights are read with
-`torch.load(weights_only=True)`, which never runs pickled code.
+average of its last feature map (the input of its ImageNet classifier); `feature_maps` gives its
+mid-level maps at strides 8 and 16 instead (the dense distillation target and the PatchCore-style
+reference). Weights are read with `torch.load(weights_only=True)`, which never runs pickled code.
 """
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ class Backbone(nn.Module):
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.features((patches - self.mean) / self.std).mean(dim=(2, 3))
 
+    @torch.no_grad()
+    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Images in [0, 1] (B, 3, H, W) -> the last feature maps at strides 8 and 16."""
+        return self.features.mid_level((images - self.mean) / self.std)
+
 
 # --- ResNet-18 in torchvision's parameter layout, so a torchvision weights file loads as is -------
 
@@ -67,8 +73,13 @@ class ResNet18Features(nn.Module):
             setattr(self, f"layer{i}", nn.Sequential(_BasicBlock(c_in, c_out, stride), _BasicBlock(c_out, c_out, 1)))
 
     def forward(self, x):
+        return self.layer4(self.mid_level(x)[1])
+
+    def mid_level(self, x) -> list[torch.Tensor]:
+        """layer2 (stride 8, 128 channels) and layer3 (stride 16, 256 channels)."""
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        s8 = self.layer2(self.layer1(x))
+        return [s8, self.layer3(s8)]
 
 
 def _load_state(weights: str) -> dict[str, torch.Tensor]:
@@ -120,6 +131,22 @@ class _EfficientNetFeatures(nn.Module):
 
     def forward(self, x):
         return self.net.extract_features(x)
+
+    def mid_level(self, x) -> list[torch.Tensor]:
+        """The last block outputs at stride 8 (40 channels) and 16 (112 channels); later blocks are
+        not run."""
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        stride, by_stride = 2, {}
+        for block in net._blocks:
+            height = x.shape[-2]
+            x = block(x)
+            if x.shape[-2] < height:  # a strided block: counting them is exact for odd sizes too
+                stride *= 2
+            if stride > 16:
+                break
+            by_stride[stride] = x  # the last block at each stride wins
+        return [by_stride[8], by_stride[16]]
 
 
 def weights_description(name: str, weights: str | None) -> str:

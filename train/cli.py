@@ -19,7 +19,7 @@ from ustudents.engines.patchnet import SCALES
 from .backbones import BACKBONES, BackboneError
 from .calibrate import DEFAULT_TARGET_FPR, CalibrationError
 from .dataset import DatasetError
-from .teacher import SKIMAGE_SOURCE, TeacherConfig, TeacherError
+from .teacher import SKIMAGE_SOURCE, TARGETS, TeacherConfig, TeacherError
 from .teacher_files import DEFAULT_DIR, TeacherFileError
 
 INPUT_ERRORS = (DatasetError, BundleError, ImageError, BackboneError, CalibrationError, TeacherError,
@@ -108,12 +108,19 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
               help="Pretrained ImageNet network P to distil.")
 @click.option("--backbone-weights", default=None,
               help="Weights file or URL for P (torchvision format for resnet18).  [default: efficientnet-lite0's packaged weights]")
-@click.option("--backbone-input", default=128, show_default=True, help="Side patches are resized to before P sees them.")
+@click.option("--target", type=click.Choice(TARGETS), default="dense", show_default=True,
+              help="What the teacher learns from P: 'dense' = P's stride-8/16 feature maps of whole images, learnt "
+                   "densely on windows; 'patch' = P's global descriptor of each patch (the paper's). README: Teachers.")
+@click.option("--backbone-input", default=128, show_default=True,
+              help="Side patches are resized to before P sees them (--target patch).")
+@click.option("--crop", default=32, show_default=True, help="Side of each training window's output (--target dense).")
 @click.option("--images", default=SKIMAGE_SOURCE, show_default=True,
               help="Natural images to cut patches from: a folder (e.g. ImageNet train), or 'skimage' for the photos scikit-image ships.")
-@click.option("--patches", default=6000, show_default=True, help="Patches whose P descriptors are computed once and trained on.")
+@click.option("--patches", default=6000, show_default=True,
+              help="Patches whose P descriptors are computed once and trained on (--target patch).")
 @click.option("--steps", default=1500, show_default=True, help="Optimizer steps per teacher.")
-@click.option("--batch", default=64, show_default=True, help="Patches per step (paper: 64).")
+@click.option("--batch", default=None, type=int,
+              help="Windows per step (--target dense), or patches per step (--target patch; paper: 64).  [default: 8 windows, 64 patches]")
 @click.option("--lr", default=2e-4, show_default=True, help="Adam learning rate (paper: 2e-4).")
 @click.option("--weight-decay", default=1e-5, show_default=True, help="Adam weight decay (paper: 1e-5).")
 @click.option("--lambda-k", default=1.0, show_default=True, help="Weight of the knowledge distillation loss.")
@@ -124,18 +131,18 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
 @device_option
 @amp_option
 @user_errors
-def teacher_cmd(scales, out, backbone, backbone_weights, backbone_input, images, patches, steps, batch, lr,
-                weight_decay, lambda_k, lambda_c, lambda_m, margin, seed, device, amp):
+def teacher_cmd(scales, out, backbone, backbone_weights, target, backbone_input, crop, images, patches, steps, batch,
+                lr, weight_decay, lambda_k, lambda_c, lambda_m, margin, seed, device, amp):
     """Distil teacher patch networks from a pretrained ImageNet CNN."""
     from .teacher import train_teacher
     from .teacher_files import save_teacher
 
     dev = resolve_device(device)
     for p in scales:
-        cfg = TeacherConfig(p=p, backbone=backbone, backbone_weights=backbone_weights, backbone_input=backbone_input,
-                            images=images, patches=patches, steps=steps, batch=batch, lr=lr, weight_decay=weight_decay,
-                            lambda_k=lambda_k, lambda_c=lambda_c, lambda_m=lambda_m, margin=margin, seed=seed,
-                            device=str(dev), amp=resolve_amp(amp, dev))
+        cfg = TeacherConfig(p=p, backbone=backbone, backbone_weights=backbone_weights, target=target,
+                            backbone_input=backbone_input, crop=crop, images=images, patches=patches, steps=steps,
+                            batch=batch, lr=lr, weight_decay=weight_decay, lambda_k=lambda_k, lambda_c=lambda_c,
+                            lambda_m=lambda_m, margin=margin, seed=seed, device=str(dev), amp=resolve_amp(amp, dev))
         state, record = train_teacher(cfg)
         path = save_teacher(out, p, state, record)
         click.echo(f"p={p}: {path} (decoder recovers {record['explained_variance_of_P']:.1%} of P's variance, "

@@ -13,13 +13,22 @@ Loss = lambda_k L_k + lambda_c L_c + lambda_m L_m with
 - L_m (triplet, optional): max(0, delta + d+ - d-) with the positive a slightly shifted, noisy copy of
   the anchor patch and the negative a random patch, d- the smaller distance to either.
 
-P's descriptors do not change during training, so they are computed once for a fixed pool of
-patches; T^ then trains for as many steps as wanted over that pool at the cost of T^ alone.
+Two kinds of distillation target P(p) (`--target`):
+- `patch`, the paper's: P's global descriptor of the patch itself, resized to `backbone_input`
+  pixels. P's descriptors do not change during training, so they are computed once for a fixed pool
+  of patches; T^ then trains over that pool, one patch network pass per descriptor.
+- `dense`: P's mid-level feature maps (strides 8 and 16) of the whole natural image, enlarged by
+  DENSE_RF / p first so that the stride-8 features' receptive field (about 67 px) spans about a
+  p x p patch, brought back to the image's pixels; the descriptor at a pixel is the target of the
+  patch centred on it. T^ then trains in its dense (FDFE) form on windows of the images, which yields
+  a descriptor per pixel at a fraction of the per-patch cost (p=17: about 6 MFLOP against 160 per
+  descriptor), so a CPU budget covers far more of the images. Targets are standardized per channel
+  so that every channel of P weighs the same. The maps are computed once per image.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +39,7 @@ from tqdm import tqdm
 
 from ustudents.engines.images import IMAGE_SUFFIXES, ImageError, read_image
 from ustudents.engines.model import normalize_input
-from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet
+from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet, geometry
 
 from .backbones import build_backbone
 
@@ -42,6 +51,10 @@ SKIMAGE_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chels
                   "moon.png", "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg",
                   "rocket.jpg", "text.png")
 PYRAMID = (1.0, 0.5, 0.25)  # patches are cut at several image scales for more varied content
+TARGETS = ("dense", "patch")
+DEFAULT_BATCH = {"patch": 64, "dense": 8}  # patches (the paper's 64) or windows of crop x crop descriptors per step
+DENSE_RF = 64  # dense targets: images are enlarged by DENSE_RF / p before P sees them (see above)
+DENSE_MAX_PIXELS = 2048 * 2048  # dense targets: pyramid levels P would see larger than this are left out (memory)
 
 
 class TeacherError(ValueError):
@@ -53,11 +66,13 @@ class TeacherConfig:
     p: int = 65
     backbone: str = "efficientnet-lite0"
     backbone_weights: str | None = None
-    backbone_input: int = 128  # patches are resized to this side before P sees them
+    backbone_input: int = 128  # target "patch": patches are resized to this side before P sees them
+    target: str = "dense"  # "dense" or "patch" (the paper's; module docstring)
+    crop: int = 32  # target "dense": side of each training window's output, pixels
     images: str = SKIMAGE_SOURCE
-    patches: int = 6000  # size of the fixed patch pool whose P descriptors are cached
+    patches: int = 6000  # target "patch": size of the fixed patch pool whose P descriptors are cached
     steps: int = 1500
-    batch: int = 64
+    batch: int | None = None  # patches or windows per step; None: DEFAULT_BATCH of the target
     lr: float = 2e-4  # paper: Adam, lr 2e-4, weight decay 1e-5
     weight_decay: float = 1e-5
     lambda_k: float = 1.0
@@ -158,6 +173,54 @@ def backbone_descriptors(backbone: nn.Module, patches: torch.Tensor, size: int, 
     return torch.cat(out)
 
 
+@torch.no_grad()
+def dense_targets(backbone: nn.Module, levels: list[torch.Tensor], p: int) -> list[torch.Tensor]:
+    """Per level (3, H, W): P's stride-8 and stride-16 maps of the level enlarged by DENSE_RF / p,
+    resized to (H, W) and concatenated, standardized per channel over all levels; float16 to halve
+    the cache. `levels` must be small enough for P (`dense_levels`)."""
+    device = next(backbone.buffers()).device
+    maps = []
+    for level in tqdm(levels, desc="  P feature maps", unit="image", leave=False):
+        size = level.shape[1:]
+        x = F.interpolate(level[None].to(device), scale_factor=DENSE_RF / p, mode="bilinear", align_corners=False,
+                          antialias=DENSE_RF < p)
+        maps.append(torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                               for m in backbone.feature_maps(x)], 1)[0].half().cpu())
+    # per-channel mean and std over every pixel of every level, accumulated in float64
+    n = sum(m[0].numel() for m in maps)
+    total = sum(m.double().sum((1, 2)) for m in maps)
+    squares = sum(m.double().square().sum((1, 2)) for m in maps)
+    mean = total / n
+    std = (squares / n - mean.square()).clamp_min(0).sqrt() + 1e-6
+    return [((m.float() - mean.float()[:, None, None]) / std.float()[:, None, None]).half() for m in maps]
+
+
+def dense_levels(levels: list[torch.Tensor], p: int, window: int) -> list[torch.Tensor]:
+    """The pyramid levels a dense target can use: at least one training window in size, and no
+    larger than DENSE_MAX_PIXELS once enlarged for P."""
+    scale = DENSE_RF / p
+    return [t for t in levels if min(t.shape[1:]) >= window
+            and t.shape[1] * t.shape[2] * scale * scale <= DENSE_MAX_PIXELS]
+
+
+def sample_windows(levels: list[torch.Tensor], targets: list[torch.Tensor], p: int, crop: int, n: int,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random training windows: images (n, 3, crop + rf - 1, crop + rf - 1) and the targets of the
+    patches centred on their dense outputs' pixels (n, C_P, crop, crop)."""
+    g = geometry(p)
+    side = crop + g.rf - 1
+    images, wanted = [], []
+    for i in torch.randint(len(levels), (n,), generator=gen).tolist():
+        h, w = levels[i].shape[1:]
+        r = int(torch.randint(h - side + 1, (1,), generator=gen))
+        c = int(torch.randint(w - side + 1, (1,), generator=gen))
+        images.append(levels[i][:, r:r + side, c:c + side])
+        # the dense output at (i, j) is the patch whose top-left is (r + i, c + j): centred p // 2 further
+        r, c = r + g.pad_before, c + g.pad_before
+        wanted.append(targets[i][:, r:r + crop, c:c + crop])
+    return torch.stack(images), torch.stack(wanted).float()
+
+
 def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """Distil one teacher. Returns its PatchNet(1) state dict and a record for the model card."""
     t0 = time.time()
@@ -165,28 +228,52 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
+    if cfg.target not in TARGETS:
+        raise TeacherError(f"unknown target {cfg.target!r}; choose one of {', '.join(TARGETS)}")
+    if cfg.batch is None:
+        cfg = replace(cfg, batch=DEFAULT_BATCH[cfg.target])
     levels = _pyramid(load_natural_images(cfg.images), cfg.p)
+    if cfg.target == "dense":
+        levels = dense_levels(levels, cfg.p, cfg.crop + geometry(cfg.p).rf - 1)
     if not levels:
+        if cfg.target == "dense":
+            raise TeacherError(f"{cfg.images}: no image holds a training window of --crop {cfg.crop} plus the p={cfg.p} "
+                               "patch (--target dense); pass a smaller --crop or larger images")
         raise TeacherError(f"{cfg.images}: every image is smaller than p={cfg.p} pixels; use larger images")
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights).to(device)
-    pool, _ = sample_patches(levels, cfg.p, cfg.patches, gen)
-    targets = backbone_descriptors(backbone, pool.to(device), cfg.backbone_input).cpu()
+    if cfg.target == "dense":
+        targets = dense_targets(backbone, levels, cfg.p)
+        target_dim = targets[0].shape[0]
+    else:
+        pool, _ = sample_patches(levels, cfg.p, cfg.patches, gen)
+        targets = backbone_descriptors(backbone, pool.to(device), cfg.backbone_input).cpu()
+        target_dim = targets.shape[1]
     del backbone
 
+    def batch_of_descriptors() -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 128) descriptors of the step's inputs (autocast as configured) and their (N, dim P) targets."""
+        if cfg.target == "dense":
+            x, t = sample_windows(levels, targets, cfg.p, cfg.crop, cfg.batch, gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                desc = net.dense(normalize_input(x.to(device)))[:, 0]
+            return desc.permute(0, 2, 3, 1).reshape(-1, DESCRIPTOR_DIM), t.permute(0, 2, 3, 1).reshape(-1, target_dim)
+        idx = torch.randint(len(pool), (cfg.batch,), generator=gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            desc = net(normalize_input(pool[idx].to(device)))[:, 0]
+        return desc, targets[idx]
+
     net = PatchNet(cfg.p, n=1).to(device)
-    decoder = nn.Linear(DESCRIPTOR_DIM, targets.shape[1]).to(device)
+    decoder = nn.Linear(DESCRIPTOR_DIM, target_dim).to(device)
     params = list(net.parameters()) + list(decoder.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = []
     bar = tqdm(range(cfg.steps), desc=f"teacher p={cfg.p}", unit="step")
     for step in bar:
-        idx = torch.randint(len(pool), (cfg.batch,), generator=gen)
-        x = normalize_input(pool[idx].to(device))
+        desc, target = batch_of_descriptors()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            desc = net(x)[:, 0]
             decoded = decoder(desc)
         desc = desc.float()  # the losses in float32: correlations and squared norms need the range
-        l_k = knowledge_distillation_loss(decoded.float(), targets[idx].to(device))
+        l_k = knowledge_distillation_loss(decoded.float(), target.to(device))
         loss = cfg.lambda_k * l_k + cfg.lambda_c * compactness_loss(desc)
         if cfg.lambda_m > 0:
             anchors, positives = sample_patches(levels, cfg.p, cfg.batch, gen, shift=max(1, cfg.p // 8))
@@ -201,12 +288,20 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
         if step % 50 == 0 or step == cfg.steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}", l_k=f"{l_k.item():.3f}")
             history.append({"step": step, "loss": round(loss.item(), 5), "l_k": round(l_k.item(), 5)})
-    # How much of P's descriptor the decoder recovers: 1 - residual / variance, on the patch pool.
+    # How much of P's descriptor the decoder recovers: 1 - residual / variance, on the patch pool
+    # (target "patch") or on 16 fresh batches of windows (target "dense").
     with torch.no_grad():
-        recon = torch.cat([decoder(net(normalize_input(pool[i:i + 256].to(device)))[:, 0]).cpu()
-                           for i in range(0, len(pool), 256)])
-        r2 = 1 - (recon - targets).square().sum() / (targets - targets.mean(0)).square().sum()
-    record = {"config": asdict(cfg), "target_dim": int(targets.shape[1]), "patch_pool": len(pool),
+        if cfg.target == "dense":
+            pairs = [batch_of_descriptors() for _ in range(16)]
+            recon = torch.cat([decoder(d.float()).cpu() for d, _ in pairs])
+            wanted = torch.cat([t for _, t in pairs])
+        else:
+            recon = torch.cat([decoder(net(normalize_input(pool[i:i + 256].to(device)))[:, 0]).cpu()
+                               for i in range(0, len(pool), 256)])
+            wanted = targets
+        r2 = 1 - (recon - wanted).square().sum() / (wanted - wanted.mean(0)).square().sum()
+    record = {"config": asdict(cfg), "target_dim": int(target_dim),
+              "patch_pool": len(pool) if cfg.target == "patch" else None,
               "source_images": len(levels), "explained_variance_of_P": round(float(r2), 4),
               "loss_history": history[-5:], "wall_s": round(time.time() - t0, 1)}
     return {k: v.cpu() for k, v in net.state_dict().items()}, record
