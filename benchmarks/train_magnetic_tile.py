@@ -57,7 +57,7 @@ def main(data_root, category, image_size, epochs, crop, batch, students, scales,
         "summary": {"dataset": category, "au_pro_30": results["au_pro_30"], "image_auroc": results["image_auroc"],
                     "pixel_auroc": results["pixel_auroc"], "device": device_label(machine(dev))},
         "settings": {"image_size": image_size, "epochs": epochs, "crop": crop, "batch": batch, "students": students,
-                     "scales": cfg.scales, "precision": precision, "teachers": "shipped defaults"},
+                     "scales": cfg.scales, "precision": precision, "teachers": "shipped defaults (how they were made: training.teachers)"},
         "machine": machine(dev),
         "wall_s": {"train_and_calibrate": round(train_s, 1), "evaluate": results["wall_s"]},
         "command": f"python benchmarks/train_magnetic_tile.py --image-size {image_size} --epochs {epochs} "
