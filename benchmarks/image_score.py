@@ -2,16 +2,18 @@
 
     python benchmarks/image_score.py MODEL --data-root ../shared/datasets --test-every 3
 
-The product's image score is the anomaly map's maximum. This benchmark computes the bundle's fused
+The product's image score is the anomaly map's maximum, or with enough validation images its
+position-standardized maximum (`position_z_max`, calibrate.py). This benchmark computes the bundle's fused
 maps once, on the validation images it was calibrated on (the held-out part of train/good, never
 the test set) and on the test set, and reports image AUROC for alternatives that need no retraining:
-- `max`: the maximum (the product's score);
+- `max`: the maximum;
 - `interior_max_<b>`: the maximum at least b pixels from the image border;
 - `top_<q>`: the q-th percentile of the map;
 - `position_z_max`: the maximum of the map standardized per pixel position by the validation maps'
   mean and std there (so a position where good images always score high, e.g. the border, no
   longer dominates); AU-PRO and pixel AUROC of that standardized map are reported too.
-It also reports where good images' maxima sit: the share within `--border` pixels of the edge.
+It also reports where good images' maxima sit (the share within `--border` pixels of the edge), and
+the bundle's own image score (`bundle_<method>`) with what its image threshold does on the test set.
 Writes benchmarks/results/<name>.json.
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ from common import device_label, every_kth_per_type, machine, write_result  # no
 
 from ustudents.engines.runtime import load_engine
 from ustudents.train import dataset
-from ustudents.train.evaluate import engine_maps, metrics_for
+from ustudents.train.calibrate import position_statistics
+from ustudents.train.evaluate import at_threshold, engine_maps, metrics_for
 from ustudents.train.metrics import image_auroc
 
 
@@ -39,8 +42,10 @@ def border_distance_of_max(maps: np.ndarray) -> np.ndarray:
 
 
 def position_standardized(test: np.ndarray, val: np.ndarray) -> np.ndarray:
-    """Each pixel position standardized by the validation maps' mean and std there."""
-    return (test - val.mean(0)) / (val.std(0) + 1e-6)
+    """Each pixel position standardized by the validation maps' mean and std there (as the product's
+    position_z_max score does: calibrate.position_statistics)."""
+    mean, std = position_statistics(val)
+    return (test - mean) / std
 
 
 def score_alternatives(test: np.ndarray, z: np.ndarray, border: int) -> dict[str, np.ndarray]:
@@ -76,10 +81,15 @@ def main(model, data_root, test_every, border, name):
 
     z_maps = position_standardized(test_maps, val_maps)
     scores = {k: image_auroc(v, labels) for k, v in score_alternatives(test_maps, z_maps, border).items()}
+    bundle = engine.bundle
+    product = engine.image_scores(torch.from_numpy(test_maps)).numpy()
+    scores[f"bundle_{bundle.image_score}"] = image_auroc(product, labels)
+    decisions = at_threshold(test_maps, product, masks, labels, bundle.image_threshold, bundle.mask_threshold)
     near = border_distance_of_max(test_maps) < border
     record = {"summary": {"device": device_label(machine(torch.device("cpu"))), "dataset": str(data_root / category),
                           "model": model.name, "image_size": size, "test_images": len(test),
                           "validation_images": len(val), "image_auroc": scores,
+                          "bundle_image_score": bundle.manifest.get("image_score"), "bundle_at_threshold": decisions,
                           f"share_of_maxima_within_{border}px_of_border": {"good": float(near[~labels].mean()),
                                                                           "defective": float(near[labels].mean())}},
               "maps": {"as_is": metrics_for(test_maps, masks, labels),
@@ -88,6 +98,9 @@ def main(model, data_root, test_every, border, name):
               "command": "python benchmarks/image_score.py " + " ".join(sys.argv[1:])}
     table = "\n".join([f"{'image score':22}{'image AUROC':>12}"] + [f"{k:22}{v:12.3f}" for k, v in scores.items()])
     maps = "\n".join(f"{k:22}" + "  ".join(f"{m} {v:.3f}" for m, v in r.items()) for k, r in record["maps"].items())
+    decided = (f"bundle's image threshold {decisions['image_threshold']:.3f}: image TPR {decisions['image_tpr']:.3f}, "
+               f"image FPR {decisions['image_fpr']:.3f}")
+    table += "\n" + decided
     click.echo(table + "\n" + maps)
     path = write_result(name, record, f"# Image score alternatives: {name}\n\nMachine: {record['summary']['device']}. "
                         f"Model {model.name} ({size} px), {len(val)} validation and {len(test)} test images. "

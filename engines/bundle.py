@@ -1,8 +1,13 @@
 """The model bundle: a directory with `manifest.json` and `weights.safetensors`. No pickle.
 
 Weights are stored per scale as `<p>.teacher.<param>` (one network) and `<p>.students.<param>`
-(the M students fused along the output-channel axis, see patchnet.merge). All statistics, the
-threshold, training settings, data fingerprint and evaluation results live in the manifest.
+(the M students fused along the output-channel axis, see patchnet.merge), and, for the
+`position_z_max` image score, `image_score.position_mean` / `image_score.position_std` (S x S). All
+other statistics, the thresholds, training settings, data fingerprint and evaluation results live in
+the manifest.
+
+Format versions: 2 added the image score (manifest `image_score`); a version 1 bundle is read as
+what it was, the map's maximum against the mask threshold.
 
 Writes are atomic: a bundle is assembled in a hidden sibling directory and renamed into place, and a
 manifest update goes through a temporary file and os.replace, so a crash or Ctrl-C never leaves a
@@ -24,9 +29,13 @@ from safetensors.torch import load_file, save_file
 
 from .model import AnomalyModel
 from .patchnet import PatchNet
+from .scoring import IMAGE_SCORES
+
+POSITION_TENSORS = ("image_score.position_mean", "image_score.position_std")
 
 FORMAT = "ustudents-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 
@@ -43,14 +52,21 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def expected_shapes(scales: list[int], students: int) -> dict[str, list[int]]:
+def expected_shapes(scales: list[int], students: int, image_size: int, image_score: str) -> dict[str, list[int]]:
     """Every tensor name a bundle of this shape must hold, with its shape."""
     shapes = {}
     for p in scales:
         for role, n in (("teacher", 1), ("students", students)):
             for name, t in PatchNet(p, n).state_dict().items():
                 shapes[f"{p}.{role}.{name}"] = list(t.shape)
+    if image_score == "position_z_max":
+        shapes.update({k: [image_size, image_size] for k in POSITION_TENSORS})
     return shapes
+
+
+def image_score_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's image score; a version 1 bundle's is the maximum against the mask threshold."""
+    return manifest.get("image_score") or {"method": "max", "threshold": manifest["threshold"]["value"]}
 
 
 @dataclass
@@ -72,12 +88,33 @@ class Bundle:
         return int(self.manifest["image_size"])
 
     @property
-    def threshold(self) -> float:
+    def mask_threshold(self) -> float:
+        """Pixels at or above it form the mask."""
         return float(self.manifest["threshold"]["value"])
+
+    @property
+    def image_score(self) -> str:
+        """How an image's score is computed from its map: one of scoring.IMAGE_SCORES."""
+        return image_score_record(self.manifest)["method"]
+
+    @property
+    def image_threshold(self) -> float:
+        """An image whose score is at or above it is anomalous."""
+        return float(image_score_record(self.manifest)["threshold"])
+
+    def position_statistics(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, std), each (S, S), for the position_z_max image score; None for the maximum."""
+        if self.image_score != "position_z_max":
+            return None
+        return self.tensors[POSITION_TENSORS[0]], self.tensors[POSITION_TENSORS[1]]
 
     def network_state(self, p: int, role: str) -> dict[str, torch.Tensor]:
         prefix = f"{p}.{role}."
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def network_tensors(self) -> dict[str, torch.Tensor]:
+        """The teachers' and students' weights (what retraining, not recalibration, changes)."""
+        return {k: v for k, v in self.tensors.items() if k not in POSITION_TENSORS}
 
     def model(self) -> AnomalyModel:
         """The fused inference module with statistics loaded, in eval mode."""
@@ -168,10 +205,11 @@ def load_bundle(path: str | Path) -> Bundle:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{mpath}: not a ustudents bundle manifest; retrain with `ustudents-train`")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise BundleError(
-            f"{mpath}: bundle format version {version}, but this ustudents reads version {FORMAT_VERSION}; "
-            "retrain the model with this version or use the ustudents release that wrote it")
+            f"{mpath}: bundle format version {version}, but this ustudents reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; retrain the model with this version or use the ustudents "
+            "release that wrote it")
     try:
         wmeta = manifest["weights"]
         wpath = path / wmeta["file"]
@@ -181,9 +219,14 @@ def load_bundle(path: str | Path) -> Bundle:
             for key in ("desc_mean", "desc_std", "e_mu", "e_sigma", "v_mu", "v_sigma"):
                 stats[str(p)][key]
         manifest["threshold"]["value"]
-        int(manifest["image_size"])
+        image_size = int(manifest["image_size"])
+        score = image_score_record(manifest)
+        float(score["threshold"])
     except (KeyError, TypeError, ValueError) as err:
         raise BundleError(f"{mpath}: incomplete manifest (missing {err}); retrain or restore the bundle") from None
+    if score["method"] not in IMAGE_SCORES:
+        raise BundleError(f"{mpath}: image score {score['method']!r} is not one this ustudents computes "
+                          f"({', '.join(IMAGE_SCORES)}); use the ustudents release that wrote the bundle")
     if not wpath.is_file():
         raise BundleError(f"{wpath}: weights file missing; restore the bundle from a copy or retrain")
     if sha256_file(wpath) != wmeta["sha256"]:
@@ -192,12 +235,12 @@ def load_bundle(path: str | Path) -> Bundle:
         tensors = load_file(str(wpath))
     except Exception as err:  # safetensors raises its own error types for malformed files
         raise BundleError(f"{wpath}: unreadable safetensors file ({err}); restore the bundle or retrain") from None
-    want = expected_shapes(scales, students)
+    want = expected_shapes(scales, students, image_size, score["method"])
     got = {k: list(v.shape) for k, v in tensors.items()}
     if got != want:
         bad = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
-        raise BundleError(f"{wpath}: tensors do not match scales {scales} with {students} students "
-                          f"(first mismatch: {bad[0]}); the bundle is damaged or from another build")
+        raise BundleError(f"{wpath}: tensors do not match scales {scales} with {students} students and "
+                          f"the {score['method']} image score (first mismatch: {bad[0]}); the bundle is damaged or from another build")
     return Bundle(path=path, manifest=manifest, tensors=tensors)
 
 

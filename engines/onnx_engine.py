@@ -124,7 +124,7 @@ def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
         else:
             export_onnx(model_for_export(reference, precision), bundle.image_size, tmp)
         images = check_images(bundle, frames)
-        result = parity(reference, onnxruntime_runner(tmp), images, bundle.threshold, precision)
+        result = parity(reference, onnxruntime_runner(tmp), images, bundle.mask_threshold, precision)
         if not result["ok"]:
             raise ParityError(f"{final}: ONNX Runtime differs from PyTorch by {result['max_abs_diff']:.3g} "
                               f"(tolerance {result['tolerance']}), {result['mask_flips_beyond_tolerance']} mask "

@@ -6,8 +6,9 @@
 
 An `Engine` owns everything between a decoded frame and the verdict: resizing and normalization (on
 the engine's device), the networks (through a backend `Runner`), the scoring head (inside the
-network graph: e, v, their normalization and the scale fusion), the score, the resize of the map
-back to the frame and the threshold. Backends differ only in the runner: a callable that maps a
+network graph: e, v, their normalization and the scale fusion), the image score (scoring.py; its
+statistics change on recalibration without touching any built engine), the resize of the map back
+to the frame and the thresholds. Backends differ only in the runner: a callable that maps a
 float (B, 3, S, S) batch in [0, 1] on the engine's device to the fused map (B, S, S) and the
 per-scale maps (B, n_scales, S, S).
 """
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from .bundle import Bundle, load_bundle
 from .images import frame_tensor, resize_tensor
+from .scoring import max_score, position_z_max
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +41,10 @@ class EngineError(ValueError):
 
 @dataclass
 class Prediction:
-    score: float  # maximum of the anomaly map at the model's resolution
-    anomalous: bool  # score >= threshold
+    score: float  # the image score (the bundle's method) of the map at the model's resolution
+    anomalous: bool  # score >= the image threshold
     anomaly_map: np.ndarray  # float32 (H, W) at the frame's own size
-    mask: np.ndarray  # bool (H, W): anomaly_map >= threshold
+    mask: np.ndarray  # bool (H, W): anomaly_map >= the mask threshold
 
 
 def preprocess(frames: list[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
@@ -68,7 +70,10 @@ class Engine:
         # which takes host batches into pinned memory (see tensorrt_runtime).
         self.prep_device = prep_device or device
         self.max_batch = max_batch
-        self.image_size, self.threshold = bundle.image_size, bundle.threshold
+        self.image_size = bundle.image_size
+        self.mask_threshold, self.image_threshold = bundle.mask_threshold, bundle.image_threshold
+        position = bundle.position_statistics()
+        self.position = None if position is None else tuple(t.to(self.prep_device) for t in position)
 
     @property
     def info(self) -> dict[str, str]:
@@ -94,14 +99,20 @@ class Engine:
         if not frames:
             return []
         fused, _ = self.maps(frames)
-        scores = fused.flatten(1).amax(1).cpu().tolist()
+        scores = self.image_scores(fused).cpu().tolist()
         out = []
         for frame, m, score in zip(frames, fused, scores):
             full = map_to_frame(m, frame.shape[:2])
-            mask = full >= self.threshold
-            out.append(Prediction(score=score, anomalous=score >= self.threshold,
+            mask = full >= self.mask_threshold
+            out.append(Prediction(score=score, anomalous=score >= self.image_threshold,
                                   anomaly_map=full.cpu().numpy(), mask=mask.cpu().numpy()))
         return out
+
+    def image_scores(self, fused: torch.Tensor) -> torch.Tensor:
+        """Fused maps (N, S, S) at the model's size -> image scores (N,), by the bundle's method."""
+        if self.position is None:
+            return max_score(fused)
+        return position_z_max(fused, *self.position)
 
 
 def map_to_frame(anomaly_map: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

@@ -47,3 +47,22 @@ def scale_score(e: torch.Tensor, v: torch.Tensor, s: ScoreStats) -> torch.Tensor
 def fuse(scale_maps: torch.Tensor) -> torch.Tensor:
     """Multi-scale anomaly map: the mean over scales. (B, S, H, W) -> (B, H, W)."""
     return scale_maps.mean(dim=1)
+
+
+# The image score. The paper scores pixels; an image needs one number. The maximum of the fused map
+# is the simple choice, but on magnetic_tile most good images have their maximum on the border,
+# where tile rims vary from part to part (benchmarks/results/image_score_cpu.json). Standardizing
+# each pixel position by the good images' mean and std there removes that: the score is how far
+# the image is above normal *at that position*. It needs enough good images to estimate the
+# statistics (calibrate.MIN_POSITION_IMAGES); with fewer the maximum is used.
+IMAGE_SCORES = ("max", "position_z_max")
+
+
+def max_score(fused: torch.Tensor) -> torch.Tensor:
+    """The maximum of each map: (B, H, W) -> (B,)."""
+    return fused.flatten(1).amax(1)
+
+
+def position_z_max(fused: torch.Tensor, position_mean: torch.Tensor, position_std: torch.Tensor) -> torch.Tensor:
+    """max over pixels of (map - mean at that position) / std at that position: (B, H, W) -> (B,)."""
+    return ((fused - position_mean) / position_std).flatten(1).amax(1)

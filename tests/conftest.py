@@ -126,3 +126,31 @@ def small_bundle(tiny_bundle, tmp_path_factory) -> Path:
     shutil.copytree(tiny_bundle, path)
     update_manifest(path, image_size=32)
     return path
+
+
+@pytest.fixture(scope="session")
+def many_good_images(tmp_path_factory) -> Path:
+    """A folder of 32 defect-free textures like tiny_mvtec's: enough for the position image score."""
+    from ustudents.train.calibrate import MIN_POSITION_IMAGES
+
+    folder = tmp_path_factory.mktemp("many-good")
+    rng = np.random.default_rng(99)
+    for i in range(MIN_POSITION_IMAGES + 2):
+        write_image(folder / f"{i:03d}.png", _texture(rng, 48, 56, color=i % 2 == 1))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def position_bundle(small_bundle, many_good_images, tmp_path_factory) -> Path:
+    """small_bundle recalibrated by `ustudents calibrate` on many_good_images: its image score is the
+    position-standardized maximum. Read-only."""
+    from click.testing import CliRunner
+
+    from ustudents.cli import main
+
+    path = tmp_path_factory.mktemp("position-bundle") / "tiles-32"
+    shutil.copytree(small_bundle, path)
+    result = CliRunner().invoke(main, ["calibrate", str(path), "--images", str(many_good_images),
+                                       "--image-fpr", "0.1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return path

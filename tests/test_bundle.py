@@ -4,20 +4,24 @@ import json
 import pytest
 import torch
 
-from ustudents.engines.bundle import BundleError, load_bundle, update_manifest, write_bundle
+from ustudents.engines.bundle import POSITION_TENSORS, BundleError, load_bundle, update_manifest, write_bundle
 from ustudents.engines.patchnet import PatchNet
 
 
-def make_bundle(path, scales=(17,), students=2, seed=0):
+def make_bundle(path, scales=(17,), students=2, seed=0, position=False):
     torch.manual_seed(seed)
     tensors = {}
+    image_score = {"method": "max", "threshold": 3.0}
+    if position:
+        tensors.update({POSITION_TENSORS[0]: torch.rand(64, 64), POSITION_TENSORS[1]: torch.rand(64, 64) + 1})
+        image_score = {"method": "position_z_max", "threshold": 4.5}
     for p in scales:
         tensors.update({f"{p}.teacher.{k}": v for k, v in PatchNet(p).state_dict().items()})
         tensors.update({f"{p}.students.{k}": v for k, v in PatchNet(p, students).state_dict().items()})
     stats = {str(p): {"desc_mean": [0.5] * 128, "desc_std": [2.0] * 128, "e_mu": 1.0, "e_sigma": 2.0,
                       "v_mu": 0.1, "v_sigma": 0.2} for p in scales}
     manifest = {"id": f"t-{seed}", "category": "t", "image_size": 64, "scales": list(scales), "students": students,
-                "statistics": stats, "threshold": {"value": 3.0}, "evaluation": None}
+                "statistics": stats, "threshold": {"value": 3.0}, "image_score": image_score, "evaluation": None}
     return write_bundle(path, manifest, tensors), tensors
 
 
@@ -96,3 +100,35 @@ def test_a_folder_that_is_not_a_bundle_is_never_replaced(tmp_path):
     with pytest.raises(BundleError, match="not a model bundle"):
         make_bundle(precious)
     assert (precious / "keep.txt").read_text() == "x"
+
+
+def test_position_image_score_round_trip_and_its_tensors_are_checked(tmp_path):
+    path, tensors = make_bundle(tmp_path / "b", position=True)
+    bundle = load_bundle(path)
+    assert bundle.image_score == "position_z_max"
+    assert (bundle.image_threshold, bundle.mask_threshold) == (4.5, 3.0)
+    mean, std = bundle.position_statistics()
+    assert torch.equal(mean, tensors[POSITION_TENSORS[0]]) and torch.equal(std, tensors[POSITION_TENSORS[1]])
+    assert set(bundle.network_tensors()) == set(tensors) - set(POSITION_TENSORS)
+    # a manifest that claims the position score over weights without its statistics is refused
+    plain, _ = make_bundle(tmp_path / "plain")
+    m = json.loads((plain / "manifest.json").read_text())
+    m["image_score"] = {"method": "position_z_max", "threshold": 4.5}
+    (plain / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="position_z_max image score.*image_score.position_mean"):
+        load_bundle(plain)
+    m["image_score"]["method"] = "median"
+    (plain / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="image score 'median' is not one this ustudents computes"):
+        load_bundle(plain)
+
+
+def test_a_version_1_bundle_reads_as_the_maximum_against_the_mask_threshold(tmp_path):
+    path, _ = make_bundle(tmp_path / "b")
+    m = json.loads((path / "manifest.json").read_text())
+    del m["image_score"]  # what version 1 wrote
+    m["format_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(m))
+    bundle = load_bundle(path)
+    assert bundle.image_score == "max" and bundle.image_threshold == bundle.mask_threshold == 3.0
+    assert bundle.position_statistics() is None

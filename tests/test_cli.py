@@ -154,7 +154,11 @@ def test_evaluate_writes_metrics_overlays_and_manifest(bundle_copy, eval_root, t
     assert set(results["per_defect"]) == {"scratch", "spot"}
     for r in [*results["per_scale"].values(), *results["per_defect"].values()]:
         assert all(0.0 <= r[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "au_pro_30"))
-    assert results["at_threshold"]["threshold"] == pytest.approx(manifest_of(bundle_copy)["threshold"]["value"])
+    manifest = manifest_of(bundle_copy)
+    assert results["at_threshold"]["mask_threshold"] == pytest.approx(manifest["threshold"]["value"])
+    # 3 validation images: too few for the position score, so the maximum against the mask threshold
+    assert results["image_score"] == manifest["image_score"]["method"] == "max"
+    assert results["at_threshold"]["image_threshold"] == results["at_threshold"]["mask_threshold"]
 
     samples = dataset.test_samples(eval_root, TINY_CATEGORY)
     assert results["test_images"] == len(samples) == 3
@@ -224,8 +228,27 @@ def test_calibrate_changes_threshold_and_statistics_only(bundle_copy, tiny_mvtec
         assert after["statistics"][p]["desc_mean"] == before["statistics"][p]["desc_mean"]
         assert after["statistics"][p]["e_sigma"] > 0 and after["statistics"][p]["v_sigma"] > 0
     assert sha256_file(bundle_copy / WEIGHTS) == weights_sha == after["weights"]["sha256"]
-    assert load_bundle(bundle_copy).threshold == after["threshold"]["value"]
+    assert load_bundle(bundle_copy).mask_threshold == after["threshold"]["value"]
     assert no_hidden_leftovers(bundle_copy) == []
+
+
+@pytest.mark.slow
+def test_calibrate_on_enough_images_sets_the_position_score(position_bundle, small_bundle, many_good_images):
+    before, after = manifest_of(small_bundle), manifest_of(position_bundle)
+    score = after["image_score"]
+    assert before["image_score"]["method"] == "max"  # 3 validation images
+    assert score["method"] == "position_z_max" and score["images"] == len(list(many_good_images.iterdir()))
+    assert score["target_image_fpr"] == 0.1
+    assert score["validation_image_fpr"] == pytest.approx(0.1, abs=1 / score["images"])
+    bundle = load_bundle(position_bundle)  # the rewritten bundle verifies: checksum, tensor shapes
+    mean, std = bundle.position_statistics()
+    assert mean.shape == std.shape == (32, 32) and float(std.min()) > 0
+    # the networks are untouched; only calibration changed
+    old = load_bundle(small_bundle).tensors
+    assert all(torch.equal(old[k], v) for k, v in bundle.network_tensors().items()) and len(old) == len(
+        bundle.network_tensors())
+    assert after["threshold"]["source"] == str(many_good_images)
+    assert no_hidden_leftovers(position_bundle) == [] and no_hidden_leftovers(position_bundle.parent) == []
 
 
 @pytest.mark.slow
@@ -345,6 +368,14 @@ def test_unknown_scale_is_a_usage_error(tmp_path, tiny_mvtec, random_teachers):
     result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", tmp_path / "m",
                     "--scales", "17,20", "--teachers", random_teachers)
     assert_input_error(result, "--scales", "17,20")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("option", ["--image-fpr", "--target-fpr"])
+def test_a_false_positive_rate_outside_0_1_is_refused_before_training(tmp_path, tiny_mvtec, random_teachers, option):
+    result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", tmp_path / "m",
+                    option, "5", "--teachers", random_teachers)
+    assert_input_error(result, option, "between 0 and 1")
     assert not (tmp_path / "m").exists()
 
 

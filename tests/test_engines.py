@@ -66,10 +66,26 @@ def test_predict_gives_map_score_and_mask_at_the_frames_size(small_bundle, tiny_
     for frame, pred, m in zip(frames, preds, fused):
         assert pred.anomaly_map.shape == pred.mask.shape == frame.shape[:2]
         assert pred.score == pytest.approx(float(m.max()))  # scored at the model's resolution
-        assert pred.anomalous == (pred.score >= engine.threshold)
-        assert np.array_equal(pred.mask, pred.anomaly_map >= engine.threshold)
+        assert pred.anomalous == (pred.score >= engine.image_threshold)
+        assert np.array_equal(pred.mask, pred.anomaly_map >= engine.mask_threshold)
+    assert engine.image_threshold == engine.mask_threshold  # few validation images: the maximum's rule
     assert preds[3].score == pytest.approx(preds[0].score, abs=1e-5)  # gray = its RGB replica
     assert engine.describe() == "torch fp32 on cpu"
+
+
+@pytest.mark.slow
+def test_position_score_is_the_standardized_maximum_against_the_image_threshold(position_bundle, tiny_mvtec):
+    engine = load_engine(position_bundle, backend="torch", device="cpu", precision="fp32")
+    bundle = load_bundle(position_bundle)
+    mean, std = bundle.position_statistics()
+    frames = [read_image(p) for p in test_images(tiny_mvtec)]
+    fused, _ = engine.maps(frames)
+    preds = engine.predict(frames)
+    for pred, m in zip(preds, fused):
+        assert pred.score == pytest.approx(float(((m - mean) / std).max()), rel=1e-5)
+        assert pred.anomalous == (pred.score >= bundle.image_threshold)
+        assert np.array_equal(pred.mask, pred.anomaly_map >= bundle.mask_threshold)  # masks keep the map's rule
+    assert bundle.image_threshold != bundle.mask_threshold
 
 
 def test_bad_backend_and_precision_requests_are_refused_clearly(tiny_bundle):
@@ -125,7 +141,7 @@ def test_onnx_engine_matches_pytorch_on_real_images(bundle_copy, tiny_mvtec, pre
     assert float((scales - ref_scales).abs().max()) <= tol
     # Same masks wherever the reference is not within the tolerance of the threshold.
     for p, r in zip(onnx.predict(frames), ref.predict(frames)):
-        decided = np.abs(r.anomaly_map - ref.threshold) > tol
+        decided = np.abs(r.anomaly_map - ref.mask_threshold) > tol
         assert np.array_equal(p.mask[decided], r.mask[decided])
 
 
@@ -159,7 +175,7 @@ def test_int8_engine_is_symmetric_qdq_calibrated_on_good_images_and_matches_pyto
     # defect does not saturate them.
     assert float((int8.maps(frames)[0] - ref.maps(frames)[0]).abs().max()) <= tol
     for p, r in zip(int8.predict(frames), ref.predict(frames)):
-        decided = np.abs(r.anomaly_map - ref.threshold) > tol
+        decided = np.abs(r.anomaly_map - ref.mask_threshold) > tol
         assert np.array_equal(p.mask[decided], r.mask[decided])
     # Never picked behind the user's back: auto on CPU stays with fp32 engines.
     assert load_engine(bundle_copy, backend="auto", device="cpu").backend == "torch"
@@ -205,12 +221,13 @@ def test_stale_or_damaged_engines_are_refused(bundle_copy):
 
 @pytest.mark.slow
 def test_calibrate_drops_engines_that_hold_old_statistics(bundle_copy, tiny_mvtec):
-    build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2)
+    entry = build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2)
     good = tiny_mvtec / TINY_CATEGORY / "test" / "good"
     result = invoke("calibrate", bundle_copy, "--images", good, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "rebuild with `ustudents build-engines" in result.output
     assert load_bundle(bundle_copy).manifest["engines"] == []
+    assert not (bundle_copy / entry["file"]).exists()  # the stale file went with the rewritten bundle
 
 
 def test_build_engines_tensorrt_without_tensorrt_says_what_to_do(bundle_copy):

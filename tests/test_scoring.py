@@ -1,8 +1,13 @@
-"""The paper's scores (eqs. 6-8) and the scale fusion, on hand-made arrays."""
+"""The paper's scores (eqs. 6-8), the scale fusion and the image score, on hand-made arrays."""
+import numpy as np
+import pytest
 import torch
 
-from ustudents.engines.scoring import (ScoreStats, fuse, predictive_variance, regression_error, scale_score,
-                                       standardize)
+from ustudents.engines.bundle import POSITION_TENSORS
+from ustudents.engines.scoring import (ScoreStats, fuse, max_score, position_z_max, predictive_variance,
+                                       regression_error, scale_score, standardize)
+from ustudents.train.calibrate import (MIN_POSITION_IMAGES, STD_FLOOR, CalibrationError, image_score_calibration,
+                                       leave_one_out_scores, position_statistics)
 
 
 def test_regression_error_is_squared_distance_of_the_ensemble_mean():
@@ -36,3 +41,56 @@ def test_scale_score_and_fusion():
     assert scale_score(e, v, s).item() == 4.0
     maps = torch.tensor([4.0, 1.0, -2.0]).reshape(1, 3, 1, 1)  # three scales at one pixel
     assert fuse(maps).item() == 1.0
+
+
+# ------------------------------------------------------------------------------------ image score
+
+def test_position_z_max_scores_each_pixel_against_its_own_position():
+    # 1x3 maps. Good images are high at the border pixel (0) and low in the centre (1).
+    mean = torch.tensor([[10.0, 1.0, 1.0]])
+    std = torch.tensor([[4.0, 0.5, 0.5]])
+    good_like = torch.tensor([[[12.0, 1.5, 1.0]]])  # z = (0.5, 1, 0): unremarkable everywhere
+    defect = torch.tensor([[[9.0, 4.0, 1.0]]])  # z = (-0.25, 6, 0): low map maximum, far off in the centre
+    assert position_z_max(good_like, mean, std).tolist() == [1.0]
+    assert position_z_max(defect, mean, std).tolist() == [6.0]
+    # the maximum ranks them the other way round: the border decides it
+    assert max_score(torch.cat([good_like, defect])).tolist() == [12.0, 9.0]
+
+
+def test_leave_one_out_scores_use_the_other_images_statistics():
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(7, 3, 4)) * rng.uniform(0.5, 3, size=(3, 4)) + rng.normal(size=(3, 4))
+    maps[:, 0, 0] = 2.0  # a position that never varies: its std is floored, not zero
+    loo = leave_one_out_scores(maps.astype(np.float32))
+    for i in range(len(maps)):
+        others = np.delete(maps, i, axis=0)
+        # the std floor is a share of all the images' std: one constant, not re-estimated per image
+        std = np.maximum(others.std(0), STD_FLOOR * maps.std())
+        assert loo[i] == pytest.approx(((maps[i] - others.mean(0)) / std).max(), rel=1e-5)
+    mean, std = position_statistics(maps)
+    assert np.allclose(mean, maps.mean(0)) and std[0, 0] == pytest.approx(STD_FLOOR * maps.std())
+
+
+def test_image_threshold_flags_the_asked_share_of_good_images():
+    rng = np.random.default_rng(1)
+    maps = rng.normal(size=(MIN_POSITION_IMAGES + 10, 8, 8)).astype(np.float32)
+    maps[:, 0, :] += 5 * rng.random((len(maps), 8))  # a noisy border row
+    record, tensors = image_score_calibration(maps, pixel_threshold=3.0, image_fpr=0.1)
+    assert record["method"] == "position_z_max" and record["images"] == len(maps)
+    # 10% of the validation images, each scored against the others, are at or above the threshold
+    loo = leave_one_out_scores(maps)
+    assert (loo >= record["threshold"]).mean() == pytest.approx(0.1, abs=1 / len(maps))
+    assert record["validation_image_fpr"] == pytest.approx((loo >= record["threshold"]).mean())
+    mean, std = tensors[POSITION_TENSORS[0]], tensors[POSITION_TENSORS[1]]
+    assert mean.shape == std.shape == (8, 8)
+    assert float(std[0].mean()) > float(std[1:].mean())  # the border's spread is measured where it is
+
+
+def test_too_few_images_keep_the_maximum_against_the_mask_threshold():
+    maps = np.zeros((MIN_POSITION_IMAGES - 1, 4, 4), np.float32)
+    maps[0, 1, 1] = 5.0
+    record, tensors = image_score_calibration(maps, pixel_threshold=3.0, image_fpr=0.05)
+    assert record["method"] == "max" and record["threshold"] == 3.0 and tensors == {}
+    assert record["validation_image_fpr"] == pytest.approx(1 / len(maps))  # one image has a mask
+    with pytest.raises(CalibrationError, match="image false-positive rate"):
+        image_score_calibration(maps, 3.0, image_fpr=1.5)

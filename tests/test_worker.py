@@ -311,7 +311,7 @@ def test_each_frame_gets_one_result_with_the_mask_of_ustudents_predict(engines, 
         want = expected[frame_id]
         assert s(x[schema.SCHEMA]) == str(schema.SCHEMA_VERSION)
         assert float(x[schema.SCORE]) == pytest.approx(want["score"], rel=1e-4, abs=1e-5)
-        assert float(x[schema.THRESHOLD]) == pytest.approx(bundle.threshold)
+        assert float(x[schema.THRESHOLD]) == pytest.approx(bundle.image_threshold)
         assert s(x[schema.ANOMALOUS]) == ("1" if want["anomalous"] else "0")
         assert s(x[schema.MODEL]) == bundle.manifest["id"]
         assert s(x[schema.CAMERA]) == "cam7" and float(x[schema.LATENCY_MS]) > 0

@@ -1,22 +1,35 @@
 """Calibration (paper Sec. 3.3): per scale, the mean and std of the regression error e and the
 predictive variance v over defect-free validation pixels, and the mask threshold.
 
-The threshold is the (1 - target_fpr) quantile of the fused anomaly map over the validation pixels:
-on defect-free images like those, about `target_fpr` of pixels end up in a mask. Descriptor
+The mask threshold is the (1 - target_fpr) quantile of the fused anomaly map over the validation
+pixels: on defect-free images like those, about `target_fpr` of pixels end up in a mask. Descriptor
 mean/std are not re-estimated here: they define the targets the students were trained on.
+
+The image score (scoring.IMAGE_SCORES): with at least MIN_POSITION_IMAGES validation images, the
+fused map's per-position mean and std over them, and an image threshold that flags `image_fpr` of
+good images. Each validation image is scored against the statistics of the others (leave one out),
+as a new good image would be: scored against statistics that include it, it would score lower and
+the threshold would flag more good images than asked. With fewer images the score is the map's
+maximum and an image is anomalous when its mask is not empty (threshold = mask threshold).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ustudents.engines.bundle import POSITION_TENSORS
 from ustudents.engines.images import to_tensor
 from ustudents.engines.model import AnomalyModel, normalize_input
 from ustudents.engines.patchnet import DESCRIPTOR_DIM
 from ustudents.engines.scoring import ScoreStats, fuse, scale_score
 
 DEFAULT_TARGET_FPR = 1e-3
+DEFAULT_IMAGE_FPR = 0.05  # share of good images flagged: 1 in 20 good parts goes to a second look
+MIN_POSITION_IMAGES = 30  # per-position std from 30 images: about 13% relative error
+STD_FLOOR = 0.01  # position std floor, as a share of the map's overall std (see position_statistics)
 
 
 class CalibrationError(ValueError):
@@ -62,11 +75,60 @@ def threshold_at_fpr(fused_maps: np.ndarray, target_fpr: float) -> float:
     return float(np.quantile(fused_maps.astype(np.float64), 1.0 - target_fpr))
 
 
-def calibrate(model: AnomalyModel, images: np.ndarray, device: torch.device,
-              target_fpr: float = DEFAULT_TARGET_FPR, bf16: bool = False) -> tuple[dict[int, ScoreStats], dict]:
-    """Set the model's score statistics from good images and choose the threshold.
+def position_statistics(fused: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position mean and std of fused maps (N, H, W), float64. The std is floored at STD_FLOOR of
+    the maps' overall std, so that a position where good images never vary cannot decide an image."""
+    m = fused.astype(np.float64)
+    return m.mean(0), np.maximum(m.std(0), STD_FLOOR * m.std())
 
-    Returns the per-scale statistics and the threshold record for the manifest."""
+
+def leave_one_out_scores(fused: np.ndarray) -> np.ndarray:
+    """Each image's position_z_max against the statistics of the other images (N, H, W) -> (N,)."""
+    m = fused.astype(np.float64)
+    n = len(m)
+    total, squares = m.sum(0), np.square(m).sum(0)
+    floor = STD_FLOOR * m.std()
+    scores = np.empty(n)
+    for i in range(n):
+        mean = (total - m[i]) / (n - 1)
+        std = np.maximum(np.sqrt(np.maximum((squares - m[i] ** 2) / (n - 1) - mean ** 2, 0)), floor)
+        scores[i] = ((m[i] - mean) / std).max()
+    return scores
+
+
+def image_score_calibration(fused: np.ndarray, pixel_threshold: float, image_fpr: float
+                            ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The image score's manifest record and its bundle tensors, from the validation images' fused maps."""
+    if not 0 < image_fpr < 1:
+        raise CalibrationError(f"image false-positive rate {image_fpr} must be between 0 and 1")
+    n = len(fused)
+    if n < MIN_POSITION_IMAGES:
+        flagged = fused.reshape(n, -1).max(1) >= pixel_threshold
+        return {"method": "max", "threshold": pixel_threshold, "images": n, "validation_image_fpr": float(flagged.mean()),
+                "why": f"{n} validation images; the position score needs {MIN_POSITION_IMAGES}"}, {}
+    mean, std = position_statistics(fused)
+    loo = leave_one_out_scores(fused)
+    value = float(np.quantile(loo, 1.0 - image_fpr))
+    record = {"method": "position_z_max", "threshold": value, "target_image_fpr": image_fpr, "images": n,
+              "validation_image_fpr": float((loo >= value).mean())}
+    tensors = dict(zip(POSITION_TENSORS, (torch.from_numpy(mean).float(), torch.from_numpy(std).float())))
+    return record, tensors
+
+
+@dataclass
+class Calibration:
+    """What calibration sets: per-scale statistics, the mask threshold, the image score (manifest
+    records) and the image score's tensors (bundle weights)."""
+
+    stats: dict[int, ScoreStats]
+    threshold: dict
+    image_score: dict
+    tensors: dict[str, torch.Tensor]
+
+
+def calibrate(model: AnomalyModel, images: np.ndarray, device: torch.device, target_fpr: float = DEFAULT_TARGET_FPR,
+              image_fpr: float = DEFAULT_IMAGE_FPR, bf16: bool = False) -> Calibration:
+    """Set the model's score statistics from good images, choose the thresholds and the image score."""
     e, v = errors_and_variances(model, images, device, bf16=bf16)
     stats = {}
     maps = []
@@ -79,6 +141,7 @@ def calibrate(model: AnomalyModel, images: np.ndarray, device: torch.device,
     threshold = {"value": threshold_at_fpr(fused, target_fpr), "method": "pixel_fpr",
                  "target_pixel_fpr": target_fpr, "images": int(len(images)),
                  "precision": "bf16" if bf16 else "fp32"}
-    # What the threshold means per image: the share of validation images it would flag.
+    # What the mask threshold means per image: the share of validation images with a non-empty mask.
     threshold["validation_image_fpr"] = float((fused.reshape(len(images), -1).max(1) >= threshold["value"]).mean())
-    return stats, threshold
+    image_score, tensors = image_score_calibration(fused, threshold["value"], image_fpr)
+    return Calibration(stats=stats, threshold=threshold, image_score=image_score, tensors=tensors)

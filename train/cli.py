@@ -10,14 +10,14 @@ from pathlib import Path
 import click
 import torch
 
-from ustudents.engines.bundle import BundleError, load_bundle, update_manifest
+from ustudents.engines.bundle import BundleError, load_bundle, write_bundle
 from ustudents.engines.cli import InputError, engine_options, user_errors_for
 from ustudents.engines.images import ImageError, IMAGE_SUFFIXES
 from ustudents.engines.runtime import EngineError, default_torch_precision, native_bf16, resolve_device
 from ustudents.engines.patchnet import SCALES
 
 from .backbones import BACKBONES, BackboneError
-from .calibrate import DEFAULT_TARGET_FPR, CalibrationError
+from .calibrate import DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, CalibrationError
 from .dataset import DatasetError
 from .teacher import SKIMAGE_SOURCE, TARGETS, TeacherConfig, TeacherError
 from .teacher_files import DEFAULT_DIR, TeacherFileError
@@ -73,6 +73,8 @@ amp_option = click.option("--amp", type=click.Choice(["auto", "on", "off"]), def
               help="Share of train/good held out for calibration (never the test set).")
 @click.option("--target-fpr", default=DEFAULT_TARGET_FPR, show_default=True,
               help="Mask threshold: the share of validation pixels allowed above it.")
+@click.option("--image-fpr", default=DEFAULT_IMAGE_FPR, show_default=True,
+              help="Image threshold: the share of good images flagged anomalous (position score; README: Image score).")
 @click.option("--teachers", type=click.Path(path_type=Path), default=DEFAULT_DIR,
               help="Folder of teacher_p<P>.safetensors.  [default: the shipped teachers]")
 @amp_option
@@ -80,7 +82,7 @@ amp_option = click.option("--amp", type=click.Choice(["auto", "on", "off"]), def
               help="Evaluate on the category's test set afterwards (stored in the manifest).")
 @user_errors
 def train_cmd(category, data_root, out, scales, students, epochs, image_size, device, seed, batch, lr,
-              weight_decay, crop, val_fraction, target_fpr, teachers, amp, evaluate):
+              weight_decay, crop, val_fraction, target_fpr, image_fpr, teachers, amp, evaluate):
     """Train the student ensembles of CATEGORY and write a calibrated model bundle."""
     from .evaluate import evaluate as run_evaluation, format_table
     from .pipeline import TrainConfig, train
@@ -89,7 +91,8 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
     dev = resolve_device(device)
     out = out or Path("models") / category
     cfg = TrainConfig(category=category, data_root=data_root, out=out, scales=scales, image_size=image_size,
-                      val_fraction=val_fraction, target_fpr=target_fpr, teachers=teachers, device=str(dev),
+                      val_fraction=val_fraction, target_fpr=target_fpr, image_fpr=image_fpr, teachers=teachers,
+                      device=str(dev),
                       student=StudentConfig(students=students, epochs=epochs, batch=batch, lr=lr,
                                             weight_decay=weight_decay, crop=crop, amp=resolve_amp(amp, dev), seed=seed))
     path = train(cfg, log=click.echo)
@@ -154,36 +157,47 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, backbone_input,
 @click.option("--images", type=click.Path(path_type=Path), required=True,
               help="Folder of defect-free images from the new setup (camera, lighting).")
 @click.option("--target-fpr", default=None, type=float,
-              help="Share of pixels allowed above the threshold.  [default: the bundle's]")
+              help="Share of pixels allowed above the mask threshold.  [default: the bundle's]")
+@click.option("--image-fpr", default=None, type=float,
+              help="Share of good images flagged anomalous (position score).  [default: the bundle's, else "
+                   f"{DEFAULT_IMAGE_FPR}]")
 @device_option
 @user_errors
-def calibrate_cmd(model, images, target_fpr, device):
-    """Re-estimate e/v statistics and the threshold of MODEL on new good images, without retraining.
+def calibrate_cmd(model, images, target_fpr, image_fpr, device):
+    """Re-estimate e/v statistics, thresholds and image score of MODEL on new good images, without retraining.
 
     Runs in the precision the bundle runs in on this machine: bf16 where it was calibrated in bf16 and
-    the device has it natively, else fp32."""
+    the device has it natively, else fp32. The bundle is rewritten atomically; its built engines
+    held the old statistics and are dropped."""
     from .calibrate import calibrate
     from .dataset import Sample, load_images
+    from .pipeline import image_score_line
 
     bundle = load_bundle(model)
     files = sorted(f for f in Path(images).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if Path(images).is_dir() else []
     if len(files) < 2:
         raise InputError(f"{images}: needs a folder with at least 2 good images ({'/'.join(IMAGE_SUFFIXES)})")
     fpr = target_fpr if target_fpr is not None else bundle.manifest["threshold"]["target_pixel_fpr"]
+    image_fpr = image_fpr if image_fpr is not None else bundle.manifest.get("image_score", {}).get(
+        "target_image_fpr", DEFAULT_IMAGE_FPR)
     arr = load_images([Sample(path=f, defect="good") for f in files], bundle.image_size, desc="loading images")
     dev = resolve_device(device)
     # the statistics and threshold must hold for the engine that will use them
     bf16 = default_torch_precision(bundle, dev) == "bf16"
-    stats, threshold = calibrate(bundle.model(), arr, dev, fpr, bf16=bf16)
+    cal = calibrate(bundle.model(), arr, dev, fpr, image_fpr, bf16=bf16)
     statistics = bundle.manifest["statistics"]
-    for p, s in stats.items():
+    for p, s in cal.stats.items():
         statistics[str(p)].update(e_mu=s.e_mu, e_sigma=s.e_sigma, v_mu=s.v_mu, v_sigma=s.v_sigma)
-    threshold["source"] = str(images)
+    threshold = dict(cal.threshold, source=str(images))
     # The stored evaluation described the old calibration, and built engines bake the old statistics
-    # in: neither applies any more.
-    update_manifest(model, statistics=statistics, threshold=threshold, evaluation=None, engines=[])
-    click.echo(f"{model}: recalibrated on {len(files)} images; threshold {threshold['value']:.4f} "
-               f"(pixel FPR {fpr}; flags {threshold['validation_image_fpr']:.1%} of these images)")
+    # in: neither applies any more. The position statistics are tensors, so the whole bundle is
+    # rewritten (atomically, like training writes it).
+    manifest = dict(bundle.manifest, statistics=statistics, threshold=threshold, image_score=cal.image_score,
+                    evaluation=None, engines=[])
+    write_bundle(bundle.path, manifest, {**bundle.network_tensors(), **cal.tensors})
+    click.echo(f"{model}: recalibrated on {len(files)} images; mask threshold {threshold['value']:.4f} "
+               f"(pixel FPR {fpr}; non-empty masks on {threshold['validation_image_fpr']:.1%} of these images); "
+               f"{image_score_line(cal.image_score)}")
     if bundle.manifest.get("engines"):
         click.echo(f"{model}: its built engines held the old statistics and were dropped; rebuild with "
                    f"`ustudents build-engines {model}`")

@@ -21,22 +21,24 @@ from . import dataset
 from .metrics import au_pro, image_auroc, pixel_auroc
 
 
-def image_scores(maps: np.ndarray) -> np.ndarray:
-    """The image score: the maximum of its anomaly map (N, H, W) -> (N,)."""
+def max_scores(maps: np.ndarray) -> np.ndarray:
+    """The maximum of each anomaly map (N, H, W) -> (N,)."""
     return maps.reshape(len(maps), -1).max(axis=1)
 
 
-def metrics_for(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> dict:
-    return {"image_auroc": image_auroc(image_scores(maps), labels),
+def metrics_for(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, scores: np.ndarray | None = None) -> dict:
+    """image AUROC of `scores` (default: the maps' maxima), pixel AUROC and au_pro_30 of the maps."""
+    return {"image_auroc": image_auroc(max_scores(maps) if scores is None else scores, labels),
             "pixel_auroc": pixel_auroc(maps, masks),
             "au_pro_30": au_pro(maps, masks, fpr_limit=0.3)}
 
 
-def at_threshold(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
-    """What the bundle's threshold does on the test set: image-level rates and pixel FPR."""
-    flagged = image_scores(maps) >= threshold
-    over = maps >= threshold
-    return {"threshold": threshold,
+def at_threshold(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: np.ndarray,
+                 image_threshold: float, mask_threshold: float) -> dict:
+    """What the bundle's thresholds do on the test set: image-level rates, pixel FPR and TPR."""
+    flagged = scores >= image_threshold
+    over = maps >= mask_threshold
+    return {"image_threshold": image_threshold, "mask_threshold": mask_threshold,
             "image_tpr": float(flagged[labels].mean()) if labels.any() else None,
             "image_fpr": float(flagged[~labels].mean()) if (~labels).any() else None,
             "pixel_fpr": float(over[~masks].mean()),
@@ -68,21 +70,26 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
     masks = dataset.load_masks(samples, size)
     images = dataset.load_images(samples, size, desc="loading test images")
     fused, per_scale = engine_maps(engine, images, desc="evaluating")
+    scores = engine.image_scores(torch.from_numpy(fused).to(engine.prep_device)).cpu().numpy()
     results = {"category": category, "bundle": bundle.manifest["id"], "test_images": len(samples),
-               "image_size": size, "image_score": "max of the anomaly map",
+               "image_size": size, "image_score": bundle.image_score,
                "backend": engine.backend, "precision": engine.precision, "device": engine.describe(),
-               **metrics_for(fused, masks, labels)}
+               **metrics_for(fused, masks, labels, scores)}
+    if bundle.image_score != "max":
+        # the single scales' image AUROC is of their maps' maxima (the position statistics are the
+        # fused map's): this is the fused model's on the same footing
+        results["image_auroc_of_max"] = image_auroc(max_scores(fused), labels)
     results["per_scale"] = {str(p): metrics_for(per_scale[:, k], masks, labels) for k, p in enumerate(bundle.scales)}
     good = ~labels
     results["per_defect"] = {}
     for defect in sorted({s.defect for s in samples} - {dataset.GOOD}):
         sel = good | np.array([s.defect == defect for s in samples])
         results["per_defect"][defect] = {"images": int((sel & labels).sum()),
-                                         **metrics_for(fused[sel], masks[sel], labels[sel])}
-    results["at_threshold"] = at_threshold(fused, masks, labels, bundle.threshold)
+                                         **metrics_for(fused[sel], masks[sel], labels[sel], scores[sel])}
+    results["at_threshold"] = at_threshold(fused, scores, masks, labels, bundle.image_threshold, bundle.mask_threshold)
     results["wall_s"] = round(time.time() - t0, 1)
     if overlays is not None:
-        write_overlays(overlays, samples, fused, bundle.threshold)
+        write_overlays(overlays, samples, fused, bundle.mask_threshold)
     update_manifest(bundle.path, evaluation=results)
     return results
 
@@ -103,9 +110,12 @@ def format_table(results: dict) -> str:
     lines = [f"{'':<12}{'image_auroc':>12}{'pixel_auroc':>12}{'au_pro_30':>11}"]
     for name, r in rows:
         lines.append(f"{name:<12}{r['image_auroc']:>12.3f}{r['pixel_auroc']:>12.3f}{r['au_pro_30']:>11.3f}")
+    if "image_auroc_of_max" in results:
+        lines.append(f"image score {results['image_score']}; with the fused map's maximum instead: image_auroc "
+                     f"{results['image_auroc_of_max']:.3f}")
     t = results["at_threshold"]
-    lines.append(f"at threshold {t['threshold']:.3f}: image TPR {t['image_tpr']:.3f}, image FPR {t['image_fpr']:.3f}, "
-                 f"pixel FPR {t['pixel_fpr']:.4f}")
+    lines.append(f"at image threshold {t['image_threshold']:.3f}: image TPR {t['image_tpr']:.3f}, image FPR "
+                 f"{t['image_fpr']:.3f}; at mask threshold {t['mask_threshold']:.3f}: pixel FPR {t['pixel_fpr']:.4f}")
     return "\n".join(lines)
 
 
@@ -124,9 +134,10 @@ def predict(engine: Engine, paths: list[Path], out: Path) -> list[dict]:
         mask_file = out / f"{name}_mask.png"
         overlay_file = out / f"{name}_overlay.png"
         write_png(mask_file, pr.mask.astype(np.uint8) * 255)
-        write_png(overlay_file, heatmap_overlay(frame, pr.anomaly_map, bundle.threshold, pr.mask))
+        write_png(overlay_file, heatmap_overlay(frame, pr.anomaly_map, bundle.mask_threshold, pr.mask))
         results.append({"image": str(path), "score": pr.score, "anomalous": bool(pr.anomalous),
-                        "threshold": bundle.threshold, "mask": str(mask_file), "overlay": str(overlay_file)})
+                        "threshold": bundle.image_threshold, "mask_threshold": bundle.mask_threshold,
+                        "mask": str(mask_file), "overlay": str(overlay_file)})
     write_json(out / "results.json", results)
     return results
 

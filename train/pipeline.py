@@ -16,7 +16,7 @@ from ustudents.engines.patchnet import DESCRIPTOR_DIM, SCALES
 from ustudents.engines.runtime import resolve_device
 
 from . import dataset
-from .calibrate import DEFAULT_TARGET_FPR, calibrate, predicted_share
+from .calibrate import DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, calibrate, predicted_share
 from .students import StudentConfig, train_students
 from .teacher_files import DEFAULT_DIR, load_teacher, read_records
 
@@ -32,6 +32,7 @@ class TrainConfig:
     image_size: int = 256
     val_fraction: float = 0.2
     target_fpr: float = DEFAULT_TARGET_FPR
+    image_fpr: float = DEFAULT_IMAGE_FPR
     teachers: Path = DEFAULT_DIR
     device: str = "auto"
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -45,6 +46,17 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--image-size {cfg.image_size}: must be at least {MIN_IMAGE_SIZE} pixels")
     if cfg.student.students < 2:
         raise ValueError("--students must be at least 2: the predictive variance needs an ensemble")
+    for option, rate in (("--target-fpr", cfg.target_fpr), ("--image-fpr", cfg.image_fpr)):
+        if not 0 < rate < 1:
+            raise ValueError(f"{option} {rate}: a false-positive rate must be between 0 and 1")
+
+
+def image_score_line(record: dict) -> str:
+    """One line on the image score for the logs."""
+    if record["method"] == "max":
+        return f"image score: the map's maximum ({record['why']}), anomalous at the mask threshold"
+    return (f"image score: position-standardized maximum, threshold {record['threshold']:.3f} "
+            f"(flags {record['validation_image_fpr']:.1%} of {record['images']} validation images left out in turn)")
 
 
 def environment() -> dict:
@@ -83,7 +95,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
         log(f"p={p}: students trained in {record['wall_s']:.0f} s, final loss per student "
             f"{record['loss_per_student_by_epoch'][-1]:.3f}")
 
-    stats, threshold = calibrate(model, val_images, device, cfg.target_fpr, bf16=cfg.student.amp)
+    cal = calibrate(model, val_images, device, cfg.target_fpr, cfg.image_fpr, bf16=cfg.student.amp)
+    stats, threshold = cal.stats, cal.threshold
+    tensors.update(cal.tensors)
     for p, s in stats.items():
         # How well the students learned the normal data: the share of the teacher's standardized
         # descriptor variance (128 per pixel on the training images) that the ensemble mean predicts
@@ -106,6 +120,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
                   "resize": "square, bilinear with antialiasing (images.resize_tensor)", "padding": "reflect"},
         "statistics": statistics,
         "threshold": threshold,
+        "image_score": cal.image_score,
         "training": {"student": asdict(cfg.student), "val_fraction": cfg.val_fraction, "device": str(device),
                      "teachers": {p: read_records(cfg.teachers).get(str(p), {}).get("config", {})
                                   for p in map(str, cfg.scales)},
@@ -116,6 +131,6 @@ def train(cfg: TrainConfig, log=print) -> Path:
         "evaluation": None,
     }
     path = write_bundle(cfg.out, manifest, tensors)
-    log(f"bundle written to {path} (threshold {threshold['value']:.3f} at pixel FPR {cfg.target_fpr}) "
-        f"in {time.time() - t0:.0f} s")
+    log(f"bundle written to {path} in {time.time() - t0:.0f} s: mask threshold {threshold['value']:.3f} "
+        f"(pixel FPR {cfg.target_fpr}); {image_score_line(cal.image_score)}")
     return path

@@ -625,11 +625,12 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
         summary = summarize(rows)
         info = {"category": category, "data": str(data_root), "model": bundle.manifest["id"],
                 "image size": bundle.image_size, "scales": bundle.manifest["scales"],
-                "students per scale": bundle.manifest["students"], "threshold": bundle.threshold,
+                "students per scale": bundle.manifest["students"], "image score": bundle.image_score,
+                "threshold": bundle.image_threshold,
                 "frames": len(rows), "time to judge them (s)": round(judged, 1),
                 "total time (s)": round(time.monotonic() - t0, 1), "credit": credit(data_root, category)}
         report = write_report(out, rows, summary, info)
-        for line in summary_lines(summary, bundle.threshold):
+        for line in summary_lines(summary, bundle.image_threshold):
             demo.step(line)
         demo.step(f"report: {report} (masks in {out / 'masks'}, heatmap overlays in {out / 'overlays'}); "
                   f"total {time.monotonic() - t0:.0f} s")

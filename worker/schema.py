@@ -10,9 +10,10 @@ Input (stream `<stream>`), written by a camera or frame grabber:
     category   optional: which model, where a worker serves several
 
 Result (stream `<stream>:results`), one per input entry that was scored:
-    schema, frame_id, entry_id, score, anomalous (0/1), threshold, mask (PNG, 0/255 at the frame's
-    size), model (bundle id), latency_ms, consumer; camera, ts, category when the input had them;
-    heatmap (PNG) when the worker's `heatmap` setting is on.
+    schema, frame_id, entry_id, score (the bundle's image score), anomalous (0/1: score >= threshold),
+    threshold (the bundle's image threshold), mask (PNG, 0/255 at the frame's size: the map at or above
+    the bundle's mask threshold), model (bundle id), latency_ms, consumer; camera, ts, category when
+    the input had them; heatmap (PNG) when the worker's `heatmap` setting is on.
 
 Dead letter (stream `<stream>:dead`): the input's fields plus schema, entry_id, reason, error
 (without `image` when the reason is too_large: a copy would defeat the limit; `image_bytes` then

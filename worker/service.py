@@ -94,7 +94,7 @@ class Worker:
         self.s, self.engines = settings, engines
         self.single = next(iter(engines)) if len(engines) == 1 else None
         s = settings
-        self.metrics = WorkerMetrics(s.stream, s.group, [e.threshold for e in engines.values()])
+        self.metrics = WorkerMetrics(s.stream, s.group, [e.image_threshold for e in engines.values()])
         for engine in engines.values():
             info = engine.info
             self.metrics.model_info.labels(s.stream, info["model"], __version__, info["category"], info["backend"],
@@ -445,9 +445,9 @@ class Worker:
             return Record(entry.id, self.io.dead, schema.dead_entry(entry.id, entry.fields, outcome.dead),
                           kind=f"dead:{outcome.dead.reason}")
         engine, p = self.engines[outcome.category], outcome.prediction
-        heatmap = codec.heatmap_png(outcome.frame, p.anomaly_map, engine.threshold, p.mask) if s.heatmap else None
+        heatmap = codec.heatmap_png(outcome.frame, p.anomaly_map, engine.mask_threshold, p.mask) if s.heatmap else None
         fields = schema.result_entry(
-            entry.id, entry.fields, score=p.score, anomalous=p.anomalous, threshold=engine.threshold,
+            entry.id, entry.fields, score=p.score, anomalous=p.anomalous, threshold=engine.image_threshold,
             mask_png=codec.mask_png(p.mask), model=engine.info["model"],
             latency_ms=(time.monotonic() - entry.received) * 1000, consumer=s.consumer, heatmap_png=heatmap)
         return Record(entry.id, self.io.results, fields)
