@@ -13,7 +13,8 @@ the test set) and on the test set, and reports image AUROC for alternatives that
   mean and std there (so a position where good images always score high, e.g. the border, no
   longer dominates); AU-PRO and pixel AUROC of that standardized map are reported too.
 It also reports where good images' maxima sit (the share within `--border` pixels of the edge), and
-the bundle's own image score (`bundle_<method>`) with what its image threshold does on the test set.
+what calibration makes of the validation maps (`ustudents calibrate` on those images: the image score
+method and its leave-one-out image threshold) with that threshold's image TPR and FPR on the test set.
 Writes benchmarks/results/<name>.json.
 """
 from __future__ import annotations
@@ -30,8 +31,9 @@ from common import device_label, every_kth_per_type, machine, write_result  # no
 
 from ustudents.engines.runtime import load_engine
 from ustudents.train import dataset
-from ustudents.train.calibrate import position_statistics
-from ustudents.train.evaluate import at_threshold, engine_maps, metrics_for
+from ustudents.engines.scoring import position_z_max
+from ustudents.train.calibrate import DEFAULT_IMAGE_FPR, image_score_calibration, position_statistics
+from ustudents.train.evaluate import at_threshold, engine_maps, max_scores, metrics_for
 from ustudents.train.metrics import image_auroc
 
 
@@ -63,8 +65,9 @@ def score_alternatives(test: np.ndarray, z: np.ndarray, border: int) -> dict[str
 @click.option("--data-root", type=click.Path(path_type=Path), required=True)
 @click.option("--test-every", default=1, show_default=True, help="Use every k-th test image of each type.")
 @click.option("--border", default=8, show_default=True, help="Pixels counted as the border.")
+@click.option("--image-fpr", default=DEFAULT_IMAGE_FPR, show_default=True, help="As `ustudents calibrate --image-fpr`.")
 @click.option("--name", default="image_score_cpu", show_default=True)
-def main(model, data_root, test_every, border, name):
+def main(model, data_root, test_every, border, image_fpr, name):
     t0 = time.time()
     engine = load_engine(model, backend="torch", device="cpu", max_batch=4)
     manifest = engine.bundle.manifest
@@ -81,15 +84,18 @@ def main(model, data_root, test_every, border, name):
 
     z_maps = position_standardized(test_maps, val_maps)
     scores = {k: image_auroc(v, labels) for k, v in score_alternatives(test_maps, z_maps, border).items()}
+    # What calibration (calibrate.image_score_calibration) makes of these validation maps, and what
+    # its image threshold does on the test set; a bundle calibrated on them holds the same.
     bundle = engine.bundle
-    product = engine.image_scores(torch.from_numpy(test_maps)).numpy()
-    scores[f"bundle_{bundle.image_score}"] = image_auroc(product, labels)
-    decisions = at_threshold(test_maps, product, masks, labels, bundle.image_threshold, bundle.mask_threshold)
+    calibrated, tensors = image_score_calibration(val_maps, bundle.mask_threshold, image_fpr)
+    product = (max_scores(test_maps) if calibrated["method"] == "max" else
+               position_z_max(torch.from_numpy(test_maps), *tensors.values()).numpy())
+    decisions = at_threshold(test_maps, product, masks, labels, calibrated["threshold"], bundle.mask_threshold)
     near = border_distance_of_max(test_maps) < border
     record = {"summary": {"device": device_label(machine(torch.device("cpu"))), "dataset": str(data_root / category),
                           "model": model.name, "image_size": size, "test_images": len(test),
                           "validation_images": len(val), "image_auroc": scores,
-                          "bundle_image_score": bundle.manifest.get("image_score"), "bundle_at_threshold": decisions,
+                          "calibrated_image_score": calibrated, "calibrated_at_threshold": decisions,
                           f"share_of_maxima_within_{border}px_of_border": {"good": float(near[~labels].mean()),
                                                                           "defective": float(near[labels].mean())}},
               "maps": {"as_is": metrics_for(test_maps, masks, labels),
@@ -98,8 +104,9 @@ def main(model, data_root, test_every, border, name):
               "command": "python benchmarks/image_score.py " + " ".join(sys.argv[1:])}
     table = "\n".join([f"{'image score':22}{'image AUROC':>12}"] + [f"{k:22}{v:12.3f}" for k, v in scores.items()])
     maps = "\n".join(f"{k:22}" + "  ".join(f"{m} {v:.3f}" for m, v in r.items()) for k, r in record["maps"].items())
-    decided = (f"bundle's image threshold {decisions['image_threshold']:.3f}: image TPR {decisions['image_tpr']:.3f}, "
-               f"image FPR {decisions['image_fpr']:.3f}")
+    decided = (f"calibrated {calibrated['method']}, image threshold {decisions['image_threshold']:.3f} (target image "
+               f"FPR {image_fpr}, validation {calibrated['validation_image_fpr']:.3f}): test image TPR "
+               f"{decisions['image_tpr']:.3f}, image FPR {decisions['image_fpr']:.3f}")
     table += "\n" + decided
     click.echo(table + "\n" + maps)
     path = write_result(name, record, f"# Image score alternatives: {name}\n\nMachine: {record['summary']['device']}. "
