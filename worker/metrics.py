@@ -35,7 +35,7 @@ METRIC_NAMES = (
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 E2E_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# anomaly-score buckets as multiples of each served model's threshold: drift shows as mass moving
+# anomaly-score buckets as multiples of each served model's image threshold: drift shows as mass moving
 # towards 1.0 x threshold before frames start being flagged
 SCORE_MULTIPLES = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 
