@@ -240,7 +240,8 @@ def load_bundle(path: str | Path) -> Bundle:
     if got != want:
         bad = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
         raise BundleError(f"{wpath}: tensors do not match scales {scales} with {students} students and "
-                          f"the {score['method']} image score (first mismatch: {bad[0]}); the bundle is damaged or from another build")
+                          f"the {score['method']} image score (first mismatch: {bad[0]}); the bundle is damaged or "
+                          "from another build")
     return Bundle(path=path, manifest=manifest, tensors=tensors)
 
 
