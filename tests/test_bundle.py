@@ -25,6 +25,13 @@ def make_bundle(path, scales=(17,), students=2, seed=0, position=False):
     return write_bundle(path, manifest, tensors), tensors
 
 
+def edit_manifest(path, edit):
+    """Change a written bundle's manifest by hand, bypassing the writer (as damage or an old release would)."""
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
 def test_round_trip_restores_weights_and_statistics(tmp_path):
     path, tensors = make_bundle(tmp_path / "b")
     bundle = load_bundle(path)
@@ -70,18 +77,14 @@ def test_damaged_bundles_are_refused_with_the_reason(tmp_path):
 
 def test_other_format_version_is_refused(tmp_path):
     path, _ = make_bundle(tmp_path / "b")
-    m = json.loads((path / "manifest.json").read_text())
-    m["format_version"] = 99
-    (path / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(path, lambda m: m.update(format_version=99))
     with pytest.raises(BundleError, match="format version 99"):
         load_bundle(path)
 
 
 def test_manifest_claiming_other_shapes_is_refused(tmp_path):
     path, _ = make_bundle(tmp_path / "b")
-    m = json.loads((path / "manifest.json").read_text())
-    m["students"] = 3
-    (path / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(path, lambda m: m.update(students=3))
     with pytest.raises(BundleError, match="do not match"):
         load_bundle(path)
 
@@ -112,23 +115,20 @@ def test_position_image_score_round_trip_and_its_tensors_are_checked(tmp_path):
     assert set(bundle.network_tensors()) == set(tensors) - set(POSITION_TENSORS)
     # a manifest that claims the position score over weights without its statistics is refused
     plain, _ = make_bundle(tmp_path / "plain")
-    m = json.loads((plain / "manifest.json").read_text())
-    m["image_score"] = {"method": "position_z_max", "threshold": 4.5}
-    (plain / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(plain, lambda m: m.update(image_score={"method": "position_z_max", "threshold": 4.5}))
     with pytest.raises(BundleError, match="position_z_max image score.*image_score.position_mean"):
         load_bundle(plain)
-    m["image_score"]["method"] = "median"
-    (plain / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(plain, lambda m: m["image_score"].update(method="median"))
     with pytest.raises(BundleError, match="image score 'median' is not one this ustudents computes"):
         load_bundle(plain)
 
 
 def test_a_version_1_bundle_reads_as_the_maximum_against_the_mask_threshold(tmp_path):
     path, _ = make_bundle(tmp_path / "b")
-    m = json.loads((path / "manifest.json").read_text())
-    del m["image_score"]  # what version 1 wrote
-    m["format_version"] = 1
-    (path / "manifest.json").write_text(json.dumps(m))
+    def as_version_1(m):
+        del m["image_score"]  # what version 1 wrote
+        m["format_version"] = 1
+    edit_manifest(path, as_version_1)
     bundle = load_bundle(path)
     assert bundle.image_score == "max" and bundle.image_threshold == bundle.mask_threshold == 3.0
     assert bundle.position_statistics() is None
