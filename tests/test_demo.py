@@ -38,7 +38,7 @@ SAMPLE = ROOT / "ustudents" / "demo_data" / "magnetic_tile"
 def test_sample_ships_complete_small_and_credited():
     counts = {p.relative_to(SAMPLE).as_posix(): len(list(p.glob("*.jpg")))
               for p in sorted(SAMPLE.glob("*/*")) if p.is_dir() and p.parent.name != "ground_truth"}
-    assert counts == {"train/good": 36, "test/good": 8, "test/blowhole": 3, "test/break": 4, "test/crack": 3,
+    assert counts == {"train/good": 170, "test/good": 8, "test/blowhole": 3, "test/break": 4, "test/crack": 3,
                       "test/fray": 3, "test/uneven": 3}
     for image in SAMPLE.glob("test/*/*.jpg"):
         if image.parent.name == "good":
