@@ -23,6 +23,10 @@ from click.testing import CliRunner
 from ustudents import demo
 from ustudents.demo import Frame, OwnRedis, Row, demo_cmd
 
+from ustudents.train.calibrate import MIN_POSITION_IMAGES
+from ustudents.train.dataset import split_train_val, train_samples
+from ustudents.train.pipeline import TrainConfig
+
 from conftest import TINY_CATEGORY
 
 try:
@@ -40,6 +44,10 @@ def test_sample_ships_complete_small_and_credited():
               for p in sorted(SAMPLE.glob("*/*")) if p.is_dir() and p.parent.name != "ground_truth"}
     assert counts == {"train/good": 170, "test/good": 8, "test/blowhole": 3, "test/break": 4, "test/crack": 3,
                       "test/fray": 3, "test/uneven": 3}
+    # the demo's split holds out enough images for the position-standardized image score
+    _, val = split_train_val(train_samples(SAMPLE.parent, "magnetic_tile"), TrainConfig.val_fraction,
+                             demo.DEFAULTS["seed"])
+    assert len(val) >= MIN_POSITION_IMAGES
     for image in SAMPLE.glob("test/*/*.jpg"):
         if image.parent.name == "good":
             continue
