@@ -95,7 +95,7 @@ def peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
     """Best of several 4096^2 (GPU) or 2048^2 (CPU) matrix products and, on CPU, 1x1 convolutions of
     the same arithmetic, after a warm-up each. The convolution is there because PyTorch's CPU matrix
     product can go through a library that picks a slower code path on some CPUs (measured on an
-    AVX-512 EPYC: 226 GFLOP/s for the product, while oneDNN's convolutions ran at 378), and a peak
+    AVX-512 EPYC: 226 GFLOP/s for the product, while oneDNN's convolutions ran at 391), and a peak
     below what the networks reach would overstate every "% of peak"."""
     n = 4096 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)

@@ -22,7 +22,6 @@ from click.testing import CliRunner
 
 from ustudents import demo
 from ustudents.demo import Frame, OwnRedis, Row, demo_cmd
-
 from ustudents.train.calibrate import MIN_POSITION_IMAGES
 from ustudents.train.dataset import split_train_val, train_samples
 from ustudents.train.pipeline import TrainConfig
