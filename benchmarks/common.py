@@ -59,3 +59,22 @@ def write_result(name: str, record: dict, markdown: str) -> Path:
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
     return RESULTS / f"{name}.json"
+
+
+def validation_and_test_maps(engine, data_root: Path, test_every: int = 1) -> dict:
+    """A bundle's maps on the validation images it was calibrated on (its training split of
+    train/good, never the test set) and on every k-th test image of each type: fused (N, S, S) and
+    per-scale (N, n_scales, S, S) maps, with the samples, ground-truth masks and labels."""
+    from ustudents.train import dataset
+    from ustudents.train.evaluate import engine_maps
+
+    manifest, size = engine.bundle.manifest, engine.image_size
+    training = manifest["training"]  # the same split as training: these images calibrated the bundle
+    _, val = dataset.split_train_val(dataset.train_samples(data_root, manifest["category"]),
+                                     training["val_fraction"], training["student"]["seed"])
+    test = every_kth_per_type(dataset.test_samples(data_root, manifest["category"]), test_every)
+    val_fused, val_scales = engine_maps(engine, dataset.load_images(val, size), desc="validation maps")
+    test_fused, test_scales = engine_maps(engine, dataset.load_images(test, size), desc="test maps")
+    return {"val": val, "test": test, "gt": dataset.load_masks(test, size),
+            "labels": np.array([s.defect != dataset.GOOD for s in test]),
+            "val_fused": val_fused, "val_scales": val_scales, "test_fused": test_fused, "test_scales": test_scales}

@@ -27,13 +27,12 @@ import click
 import numpy as np
 import torch
 
-from common import device_label, every_kth_per_type, machine, write_result  # noqa: E402
+from common import device_label, machine, validation_and_test_maps, write_result  # noqa: E402
 
 from ustudents.engines.runtime import load_engine
-from ustudents.train import dataset
 from ustudents.engines.scoring import position_z_max
 from ustudents.train.calibrate import DEFAULT_IMAGE_FPR, image_score_calibration, position_statistics
-from ustudents.train.evaluate import at_threshold, engine_maps, max_scores, metrics_for
+from ustudents.train.evaluate import at_threshold, max_scores, metrics_for
 from ustudents.train.metrics import image_auroc
 
 
@@ -70,17 +69,10 @@ def score_alternatives(test: np.ndarray, z: np.ndarray, border: int) -> dict[str
 def main(model, data_root, test_every, border, image_fpr, name):
     t0 = time.time()
     engine = load_engine(model, backend="torch", device="cpu", max_batch=4)
-    manifest = engine.bundle.manifest
-    category, size = manifest["category"], engine.image_size
-    training = manifest["training"]  # the same split as training: these images calibrated the bundle
-    _, val = dataset.split_train_val(dataset.train_samples(data_root, category), training["val_fraction"],
-                                     training["student"]["seed"])
-    test = dataset.test_samples(data_root, category)
-    test = every_kth_per_type(test, test_every)
-    masks = dataset.load_masks(test, size)
-    labels = np.array([s.defect != dataset.GOOD for s in test])
-    val_maps, _ = engine_maps(engine, dataset.load_images(val, size), desc="validation maps")
-    test_maps, _ = engine_maps(engine, dataset.load_images(test, size), desc="test maps")
+    category, size = engine.bundle.manifest["category"], engine.image_size
+    m = validation_and_test_maps(engine, data_root, test_every)
+    val, test, masks, labels = m["val"], m["test"], m["gt"], m["labels"]
+    val_maps, test_maps = m["val_fused"], m["test_fused"]
 
     z_maps = position_standardized(test_maps, val_maps)
     scores = {k: image_auroc(v, labels) for k, v in score_alternatives(test_maps, z_maps, border).items()}
@@ -90,7 +82,8 @@ def main(model, data_root, test_every, border, image_fpr, name):
     calibrated, tensors = image_score_calibration(val_maps, bundle.mask_threshold, image_fpr)
     product = (max_scores(test_maps) if calibrated["method"] == "max" else
                position_z_max(torch.from_numpy(test_maps), *tensors.values()).numpy())
-    decisions = at_threshold(test_maps, product, masks, labels, calibrated["threshold"], bundle.mask_threshold)
+    predicted = engine.masks(torch.from_numpy(test_maps), torch.from_numpy(product).float()).numpy()  # the bundle's rule
+    decisions = at_threshold(predicted, product, masks, labels, calibrated["threshold"], bundle.mask_threshold)
     near = border_distance_of_max(test_maps) < border
     record = {"summary": {"device": device_label(machine(torch.device("cpu"))), "dataset": str(data_root / category),
                           "model": model.name, "image_size": size, "test_images": len(test),

@@ -6,8 +6,10 @@ Weights are stored per scale as `<p>.teacher.<param>` (one network) and `<p>.stu
 other statistics, the thresholds, training settings, data fingerprint and evaluation results live in
 the manifest.
 
-Format versions: 2 added the image score (manifest `image_score`); a version 1 bundle is read as
-what it was, the map's maximum against the mask threshold.
+Format versions: 2 added the image score (manifest `image_score`); 3 added the mask rule (manifest
+`threshold.method`: `position_z_pixel_fpr` thresholds the position-standardized map, scoring.mask).
+Older bundles are read as what they were: version 1 scores the map's maximum against the mask
+threshold, and versions 1 and 2 threshold the map itself.
 
 Writes are atomic: a bundle is assembled in a hidden sibling directory and renamed into place, and a
 manifest update goes through a temporary file and os.replace, so a crash or Ctrl-C never leaves a
@@ -29,13 +31,15 @@ from safetensors.torch import load_file, save_file
 
 from .model import AnomalyModel
 from .patchnet import PatchNet
-from .scoring import IMAGE_SCORES
+from .scoring import IMAGE_SCORES, MASK_RULES
 
 POSITION_TENSORS = ("image_score.position_mean", "image_score.position_std")
 
 FORMAT = "ustudents-bundle"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+# manifest threshold.method -> scoring.MASK_RULES
+MASK_RULE_OF = {"pixel_fpr": "map", "position_z_pixel_fpr": "position_z"}
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 
@@ -89,8 +93,22 @@ class Bundle:
 
     @property
     def mask_threshold(self) -> float:
-        """Pixels at or above it form the mask."""
+        """Pixels whose level (the map, or its position-standardized form: mask_rule) is at or above
+        it form the mask."""
         return float(self.manifest["threshold"]["value"])
+
+    @property
+    def mask_rule(self) -> str:
+        """What the mask thresholds: one of scoring.MASK_RULES."""
+        return MASK_RULE_OF[self.manifest["threshold"].get("method", "pixel_fpr")]
+
+    def mask_threshold_on_map(self) -> float | torch.Tensor:
+        """The mask threshold in the map's own units: a number under the map rule, per position
+        (S, S) under the position_z rule (mean + threshold x std there)."""
+        if self.mask_rule == "map":
+            return self.mask_threshold
+        mean, std = self.position_statistics()
+        return mean + self.mask_threshold * std
 
     @property
     def image_score(self) -> str:
@@ -224,6 +242,11 @@ def load_bundle(path: str | Path) -> Bundle:
         float(score["threshold"])
     except (KeyError, TypeError, ValueError) as err:
         raise BundleError(f"{mpath}: incomplete manifest (missing {err}); retrain or restore the bundle") from None
+    rule = MASK_RULE_OF.get(manifest["threshold"].get("method", "pixel_fpr"))
+    if rule not in MASK_RULES or (rule == "position_z" and score["method"] != "position_z_max"):
+        raise BundleError(f"{mpath}: mask threshold method {manifest['threshold'].get('method')!r} is not one this "
+                          f"ustudents applies with the {score['method']} image score; use the ustudents release "
+                          "that wrote the bundle")
     if score["method"] not in IMAGE_SCORES:
         raise BundleError(f"{mpath}: image score {score['method']!r} is not one this ustudents computes "
                           f"({', '.join(IMAGE_SCORES)}); use the ustudents release that wrote the bundle")

@@ -70,12 +70,14 @@ def onnxruntime_runner(path: Path, threads: int | None = None):
     return run
 
 
-def parity(reference: AnomalyModel, runner, images: torch.Tensor, threshold: float, precision: str) -> dict:
+def parity(reference: AnomalyModel, runner, images: torch.Tensor, threshold: float | torch.Tensor,
+           precision: str) -> dict:
     """Compare a runner's maps with the PyTorch fp32 model on `images` (N, 3, S, S) in [0, 1].
 
     Maps must agree within the precision's tolerance. Masks must agree at every pixel whose
     reference score is farther than the tolerance from the threshold (pixels closer than that may
-    legitimately fall either side)."""
+    legitimately fall either side). `threshold` is in the map's units, a number or per position
+    (S, S): Bundle.mask_threshold_on_map."""
     with torch.no_grad():
         ref_fused, ref_scales = reference.float().eval()(images)
         fused, scales = runner(images)
@@ -124,7 +126,7 @@ def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
         else:
             export_onnx(model_for_export(reference, precision), bundle.image_size, tmp)
         images = check_images(bundle, frames)
-        result = parity(reference, onnxruntime_runner(tmp), images, bundle.mask_threshold, precision)
+        result = parity(reference, onnxruntime_runner(tmp), images, bundle.mask_threshold_on_map(), precision)
         if not result["ok"]:
             raise ParityError(f"{final}: ONNX Runtime differs from PyTorch by {result['max_abs_diff']:.3g} "
                               f"(tolerance {result['tolerance']}), {result['mask_flips_beyond_tolerance']} mask "

@@ -1,15 +1,16 @@
-"""Pictures of a verdict: the frame with its anomaly map as a heatmap and the mask outlined."""
+"""Pictures of a verdict: the frame with what its mask thresholds as a heatmap and the mask outlined."""
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
 
-def heatmap_overlay(frame: np.ndarray, anomaly_map: np.ndarray, threshold: float, mask: np.ndarray) -> np.ndarray:
-    """RGB uint8 picture: the frame with the map in JET colours (0 .. 1.5 x threshold) and the mask
-    outlined in red."""
+def heatmap_overlay(frame: np.ndarray, level: np.ndarray, threshold: float, mask: np.ndarray) -> np.ndarray:
+    """RGB uint8 picture: the frame with `level` (runtime.Prediction.mask_level: the map, or its
+    position-standardized form) in JET colours (0 .. 1.5 x the mask threshold) and the mask outlined
+    in red."""
     scale = max(1.5 * threshold, 1e-6)
-    norm = np.clip(anomaly_map / scale, 0, 1)
+    norm = np.clip(level / scale, 0, 1)
     heat = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
     out = (0.55 * frame + 0.45 * heat).astype(np.uint8)
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

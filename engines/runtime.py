@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .bundle import Bundle, load_bundle
 from .images import frame_tensor, resize_tensor
-from .scoring import max_score, position_z_max
+from .scoring import mask, max_score, position_z, position_z_max
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,10 @@ class Prediction:
     score: float  # the image score (the bundle's method) of the map at the model's resolution
     anomalous: bool  # score >= the image threshold
     anomaly_map: np.ndarray  # float32 (H, W) at the frame's own size
-    mask: np.ndarray  # bool (H, W): anomaly_map >= the mask threshold
+    # float32 (H, W): what the mask thresholds (scoring.mask), and what overlays colour: anomaly_map
+    # itself under the map rule, its position-standardized form under the position_z rule
+    mask_level: np.ndarray
+    mask: np.ndarray  # bool (H, W): mask_level >= the mask threshold (position_z: on flagged frames only)
 
 
 def preprocess(frames: list[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
@@ -72,6 +75,7 @@ class Engine:
         self.max_batch = max_batch
         self.image_size = bundle.image_size
         self.mask_threshold, self.image_threshold = bundle.mask_threshold, bundle.image_threshold
+        self.mask_rule = bundle.mask_rule
         position = bundle.position_statistics()
         self.position = None if position is None else tuple(t.to(self.prep_device) for t in position)
 
@@ -99,14 +103,34 @@ class Engine:
         if not frames:
             return []
         fused, _ = self.maps(frames)
-        scores = self.image_scores(fused).cpu().tolist()
+        scores = self.image_scores(fused)
+        anomalous = self.verdicts(scores)
+        levels = self.mask_levels(fused)
         out = []
-        for frame, m, score in zip(frames, fused, scores):
+        for frame, m, level, score, flagged in zip(frames, fused, levels, scores.tolist(), anomalous):
             full = map_to_frame(m, frame.shape[:2])
-            mask = full >= self.mask_threshold
-            out.append(Prediction(score=score, anomalous=score >= self.image_threshold,
-                                  anomaly_map=full.cpu().numpy(), mask=mask.cpu().numpy()))
+            level = full if self.mask_rule == "map" else map_to_frame(level, frame.shape[:2])
+            over = mask(level[None], self.mask_threshold, self.mask_rule, flagged[None])[0]
+            full_np = full.cpu().numpy()
+            out.append(Prediction(score=score, anomalous=bool(flagged), anomaly_map=full_np,
+                                  mask_level=full_np if self.mask_rule == "map" else level.cpu().numpy(),
+                                  mask=over.cpu().numpy()))
         return out
+
+    def mask_levels(self, fused: torch.Tensor) -> torch.Tensor:
+        """Fused maps (N, S, S) -> what the bundle's mask rule thresholds (scoring.mask), same shape."""
+        if self.mask_rule == "map":
+            return fused
+        return position_z(fused, *self.position)
+
+    def masks(self, fused: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Fused maps (N, S, S) and their image scores (N,) -> boolean masks at the model's size."""
+        return mask(self.mask_levels(fused), self.mask_threshold, self.mask_rule, self.verdicts(scores))
+
+    def verdicts(self, scores: torch.Tensor) -> torch.Tensor:
+        """Image scores (N,) -> anomalous (N,) bool: score >= the image threshold, compared in float64
+        so that the float32 score meets the threshold exactly as recorded."""
+        return scores.double() >= self.image_threshold
 
     def image_scores(self, fused: torch.Tensor) -> torch.Tensor:
         """Fused maps (N, S, S) at the model's size -> image scores (N,), by the bundle's method."""

@@ -132,3 +132,21 @@ def test_a_version_1_bundle_reads_as_the_maximum_against_the_mask_threshold(tmp_
     bundle = load_bundle(path)
     assert bundle.image_score == "max" and bundle.image_threshold == bundle.mask_threshold == 3.0
     assert bundle.position_statistics() is None
+
+
+def test_the_mask_rule_comes_from_the_threshold_method_and_must_match_the_image_score(tmp_path):
+    path, tensors = make_bundle(tmp_path / "b", position=True)
+    edit_manifest(path, lambda m: m["threshold"].update(method="position_z_pixel_fpr", value=2.0))
+    bundle = load_bundle(path)
+    assert bundle.mask_rule == "position_z"
+    # in the map's units the threshold is per position: mean + threshold x std there
+    mean, std = tensors[POSITION_TENSORS[0]], tensors[POSITION_TENSORS[1]]
+    assert torch.allclose(bundle.mask_threshold_on_map(), mean + 2.0 * std)
+    plain, _ = make_bundle(tmp_path / "plain")  # the maximum's image score: no position statistics
+    assert load_bundle(plain).mask_rule == "map" and load_bundle(plain).mask_threshold_on_map() == 3.0
+    edit_manifest(plain, lambda m: m["threshold"].update(method="position_z_pixel_fpr"))
+    with pytest.raises(BundleError, match="mask threshold method 'position_z_pixel_fpr'.*max image score"):
+        load_bundle(plain)
+    edit_manifest(plain, lambda m: m["threshold"].update(method="otsu"))
+    with pytest.raises(BundleError, match="mask threshold method 'otsu'"):
+        load_bundle(plain)

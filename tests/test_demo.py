@@ -133,7 +133,9 @@ def test_summary_counts_detections_false_alarms_and_auroc(tmp_path):
     lines = demo.summary_lines(s, 2.5)
     assert lines[0] == ("detection rate: 2/3 defective frames flagged (67%); false alarms: 1/2 good frames flagged "
                         "(50%); threshold 2.500")
-    assert "0.833" in lines[1] and "1 frames were dead-lettered" in lines[2]
+    assert "0.833" in lines[1] and "1 frames were dead-lettered" in lines[3]
+    # crack/c's mask covers 25% of its defect, crack/d's none of it, spot/<e>'s all of it
+    assert s.located == 2 and lines[2] == "masks: on the defect in 2/3 defective frames"
 
 
 def test_table_rows(tmp_path):

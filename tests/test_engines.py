@@ -81,11 +81,32 @@ def test_position_score_is_the_standardized_maximum_against_the_image_threshold(
     frames = [read_image(p) for p in test_images(tiny_mvtec)]
     fused, _ = engine.maps(frames)
     preds = engine.predict(frames)
-    for pred, m in zip(preds, fused):
-        assert pred.score == pytest.approx(float(((m - mean) / std).max()), rel=1e-5)
+    assert bundle.mask_rule == "position_z" and bundle.mask_threshold <= bundle.image_threshold
+    for frame, pred, m in zip(frames, preds, fused):
+        z = (m - mean) / std
+        assert pred.score == pytest.approx(float(z.max()), rel=1e-5)
         assert pred.anomalous == (pred.score >= bundle.image_threshold)
-        assert np.array_equal(pred.mask, pred.anomaly_map >= bundle.mask_threshold)  # masks keep the map's rule
-    assert bundle.image_threshold != bundle.mask_threshold
+        # the mask: the standardized map at the frame's size over the mask threshold, on flagged frames only
+        level = runtime.map_to_frame(z, frame.shape[:2]).numpy()
+        assert np.allclose(pred.mask_level, level, atol=1e-4)
+        assert np.array_equal(pred.mask, (pred.mask_level >= bundle.mask_threshold) & pred.anomalous)
+    # at the model's resolution a flagged frame always shows where, and a good one has no mask
+    model_size = engine.masks(fused, engine.image_scores(fused))
+    assert model_size.flatten(1).any(1).tolist() == [p.anomalous for p in preds]
+    assert {p.anomalous for p in preds} == {True, False}  # both kinds of frame were checked
+
+
+@pytest.mark.slow
+def test_a_version_2_bundle_keeps_masking_the_map_itself(position_bundle, tmp_path, tiny_mvtec):
+    old = Path(shutil.copytree(position_bundle, tmp_path / "v2"))
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest["format_version"] = 2
+    manifest["threshold"] = {"value": 6.0, "method": "pixel_fpr"}  # what version 2 wrote: a threshold on the map
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    engine = load_engine(old, backend="torch", device="cpu", precision="fp32")
+    assert engine.mask_rule == "map"
+    for pred in engine.predict([read_image(p) for p in test_images(tiny_mvtec)]):
+        assert np.array_equal(pred.mask, pred.anomaly_map >= 6.0) and pred.mask_level is pred.anomaly_map
 
 
 def test_bad_backend_and_precision_requests_are_refused_clearly(tiny_bundle):

@@ -241,3 +241,22 @@ def test_au_pro_matches_brute_force(seed, fpr_limit):
         masks[0, 2, 3] = True
     maps = np.round(rng.random((n, 9, 11)) + 0.6 * masks, 1)  # coarse values: many ties across classes
     assert au_pro(maps, masks, fpr_limit) == pytest.approx(_au_pro_brute(maps, masks, fpr_limit), abs=1e-9)
+
+
+# ------------------------------------------------------------------------- at the bundle's thresholds
+
+def test_at_threshold_reports_what_the_thresholds_do_on_hand_made_masks():
+    from ustudents.train.evaluate import at_threshold
+
+    gt = np.zeros((3, 2, 2), bool)
+    gt[0, 0, 0] = gt[1, 1, 1] = True  # images 0 and 1 defective (one pixel each), image 2 good
+    predicted = np.zeros_like(gt)
+    predicted[0, 0, :] = True  # image 0: its defect pixel and one good pixel
+    predicted[1, 0, 0] = True  # image 1: a good pixel only, beside the defect
+    labels = np.array([True, True, False])
+    scores = np.array([5.0, 4.0, 4.5], np.float32)
+    r = at_threshold(predicted, scores, gt, labels, image_threshold=4.5, mask_threshold=2.0)
+    assert (r["image_tpr"], r["image_fpr"]) == (0.5, 1.0)  # images 0 (5.0) and 2 (4.5) flagged
+    assert r["pixel_fpr"] == 2 / 10  # 2 of the 10 good pixels predicted
+    assert r["pixel_tpr"] == 1 / 2  # 1 of the 2 defect pixels
+    assert r["defective_images_mask_on_defect"] == 1 / 2  # image 1's mask misses its defect

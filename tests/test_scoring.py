@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from ustudents.engines.bundle import POSITION_TENSORS
-from ustudents.engines.scoring import (ScoreStats, fuse, max_score, position_z_max, predictive_variance,
+from ustudents.engines.scoring import (ScoreStats, fuse, mask, max_score, position_z_max, predictive_variance,
                                        regression_error, scale_score, standardize)
 from ustudents.train.calibrate import (MIN_POSITION_IMAGES, STD_FLOOR, CalibrationError, image_score_calibration,
-                                       leave_one_out_scores, position_statistics)
+                                       leave_one_out_z_maps, position_mask_threshold, position_statistics)
 
 
 def test_regression_error_is_squared_distance_of_the_ensemble_mean():
@@ -57,16 +57,16 @@ def test_position_z_max_scores_each_pixel_against_its_own_position():
     assert max_score(torch.cat([good_like, defect])).tolist() == [12.0, 9.0]
 
 
-def test_leave_one_out_scores_use_the_other_images_statistics():
+def test_leave_one_out_z_maps_use_the_other_images_statistics():
     rng = np.random.default_rng(0)
     maps = rng.normal(size=(7, 3, 4)) * rng.uniform(0.5, 3, size=(3, 4)) + rng.normal(size=(3, 4))
     maps[:, 0, 0] = 2.0  # a position that never varies: its std is floored, not zero
-    loo = leave_one_out_scores(maps.astype(np.float32))
+    loo = leave_one_out_z_maps(maps.astype(np.float32))
     for i in range(len(maps)):
         others = np.delete(maps, i, axis=0)
         # the std floor is a share of all the images' std: one constant, not re-estimated per image
         std = np.maximum(others.std(0), STD_FLOOR * maps.std())
-        assert loo[i] == pytest.approx(((maps[i] - others.mean(0)) / std).max(), rel=1e-5)
+        assert np.allclose(loo[i], (maps[i] - others.mean(0)) / std, rtol=1e-5, atol=1e-5)
     mean, std = position_statistics(maps)
     assert np.allclose(mean, maps.mean(0)) and std[0, 0] == pytest.approx(STD_FLOOR * maps.std())
 
@@ -78,7 +78,7 @@ def test_image_threshold_flags_the_asked_share_of_good_images():
     record, tensors = image_score_calibration(maps, pixel_threshold=3.0, image_fpr=0.1)
     assert record["method"] == "position_z_max" and record["images"] == len(maps)
     # 10% of the validation images, each scored against the others, are at or above the threshold
-    loo = leave_one_out_scores(maps)
+    loo = leave_one_out_z_maps(maps).reshape(len(maps), -1).max(1)
     assert (loo >= record["threshold"]).mean() == pytest.approx(0.1, abs=1 / len(maps))
     assert record["validation_image_fpr"] == pytest.approx((loo >= record["threshold"]).mean())
     mean, std = tensors[POSITION_TENSORS[0]], tensors[POSITION_TENSORS[1]]
@@ -94,3 +94,24 @@ def test_too_few_images_keep_the_maximum_against_the_mask_threshold():
     assert record["validation_image_fpr"] == pytest.approx(1 / len(maps))  # one image has a mask
     with pytest.raises(CalibrationError, match="image false-positive rate"):
         image_score_calibration(maps, 3.0, image_fpr=1.5)
+
+
+# ------------------------------------------------------------------------------------------ masks
+
+def test_position_mask_threshold_is_the_pixel_quantile_capped_at_the_image_threshold():
+    z = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)  # 1000 distinct leave-one-out z values
+    record = position_mask_threshold(z, target_fpr=0.01, image_threshold=1e6)
+    # 1% of the pixels (10 of 1000) lie above the threshold
+    assert (z > record["value"]).sum() == 10 and record["value"] == record["quantile"]
+    assert record["method"] == "position_z_pixel_fpr"
+    capped = position_mask_threshold(z, target_fpr=0.01, image_threshold=500.0)
+    # above the image threshold a flagged image (z max >= 500) could show an empty mask: capped
+    assert capped["value"] == 500.0 and capped["quantile"] == record["quantile"]
+
+
+def test_the_position_mask_marks_pixels_of_flagged_images_only():
+    level = torch.tensor([[[0.0, 5.0, 2.0]], [[5.0, 0.0, 0.0]]])  # two 1x3 maps
+    anomalous = torch.tensor([True, False])
+    assert mask(level, 2.0, "position_z", anomalous).tolist() == [[[False, True, True]], [[False, False, False]]]
+    # the map rule (bundles of format 1 and 2, and the maximum's image score) ignores the verdict
+    assert mask(level, 2.0, "map", anomalous).tolist() == [[[False, True, True]], [[True, False, False]]]

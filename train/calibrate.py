@@ -1,9 +1,13 @@
 """Calibration (paper Sec. 3.3): per scale, the mean and std of the regression error e and the
 predictive variance v over defect-free validation pixels, and the mask threshold.
 
-The mask threshold is the (1 - target_fpr) quantile of the fused anomaly map over the validation
-pixels: on defect-free images like those, about `target_fpr` of pixels end up in a mask. Descriptor
-mean/std are not re-estimated here: they define the targets the students were trained on.
+The mask threshold is a (1 - target_fpr) quantile over the validation pixels, so that on defect-free
+images like those about `target_fpr` of pixels end up in a mask. With the position score (below) it
+is the quantile of the position-standardized maps, each validation image standardized by the
+others (leave one out), and the mask is drawn on flagged images only (scoring.mask); the threshold
+is capped at the image threshold, so that every flagged image's mask shows where its score came
+from. Without it, the quantile of the fused map itself. Descriptor mean/std are not re-estimated
+here: they define the targets the students were trained on.
 
 The image score (scoring.IMAGE_SCORES): with at least MIN_POSITION_IMAGES validation images, the
 fused map's per-position mean and std over them, and an image threshold that flags `image_fpr` of
@@ -82,23 +86,24 @@ def position_statistics(fused: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return m.mean(0), np.maximum(m.std(0), STD_FLOOR * m.std())
 
 
-def leave_one_out_scores(fused: np.ndarray) -> np.ndarray:
-    """Each image's position_z_max against the statistics of the other images (N, H, W) -> (N,)."""
+def leave_one_out_z_maps(fused: np.ndarray) -> np.ndarray:
+    """Each map (N, H, W) standardized per position by the statistics of the other maps, float32."""
     m = fused.astype(np.float64)
     n = len(m)
     total, squares = m.sum(0), np.square(m).sum(0)
     floor = STD_FLOOR * m.std()
-    scores = np.empty(n)
+    z = np.empty(m.shape, dtype=np.float32)
     for i in range(n):
         mean = (total - m[i]) / (n - 1)
         std = np.maximum(np.sqrt(np.maximum((squares - m[i] ** 2) / (n - 1) - mean ** 2, 0)), floor)
-        scores[i] = ((m[i] - mean) / std).max()
-    return scores
+        z[i] = (m[i] - mean) / std
+    return z
 
 
-def image_score_calibration(fused: np.ndarray, pixel_threshold: float, image_fpr: float
-                            ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The image score's manifest record and its bundle tensors, from the validation images' fused maps."""
+def image_score_calibration(fused: np.ndarray, pixel_threshold: float, image_fpr: float,
+                            loo_z: np.ndarray | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The image score's manifest record and its bundle tensors, from the validation images' fused maps
+    (and their leave_one_out_z_maps, where already computed)."""
     if not 0 < image_fpr < 1:
         raise CalibrationError(f"image false-positive rate {image_fpr} must be between 0 and 1")
     n = len(fused)
@@ -107,7 +112,7 @@ def image_score_calibration(fused: np.ndarray, pixel_threshold: float, image_fpr
         return {"method": "max", "threshold": pixel_threshold, "images": n, "validation_image_fpr": float(flagged.mean()),
                 "why": f"{n} validation images; the position score needs {MIN_POSITION_IMAGES}"}, {}
     mean, std = position_statistics(fused)
-    loo = leave_one_out_scores(fused)
+    loo = (leave_one_out_z_maps(fused) if loo_z is None else loo_z).reshape(n, -1).max(1).astype(np.float64)
     value = float(np.quantile(loo, 1.0 - image_fpr))
     record = {"method": "position_z_max", "threshold": value, "target_image_fpr": image_fpr, "images": n,
               "validation_image_fpr": float((loo >= value).mean())}
@@ -138,10 +143,25 @@ def calibrate(model: AnomalyModel, images: np.ndarray, device: torch.device, tar
         ens.score_stats.copy_(torch.tensor([s.e_mu, s.e_sigma, s.v_mu, s.v_sigma]))
         maps.append(scale_score(torch.from_numpy(e[k]), torch.from_numpy(v[k]), s))
     fused = fuse(torch.stack(maps, dim=1)).numpy()
-    threshold = {"value": threshold_at_fpr(fused, target_fpr), "method": "pixel_fpr",
-                 "target_pixel_fpr": target_fpr, "images": int(len(images)),
-                 "precision": "bf16" if bf16 else "fp32"}
-    # What the mask threshold means per image: the share of validation images with a non-empty mask.
-    threshold["validation_image_fpr"] = float((fused.reshape(len(images), -1).max(1) >= threshold["value"]).mean())
-    image_score, tensors = image_score_calibration(fused, threshold["value"], image_fpr)
+    n = len(images)
+    map_threshold = threshold_at_fpr(fused, target_fpr)
+    common = {"target_pixel_fpr": target_fpr, "images": int(n), "precision": "bf16" if bf16 else "fp32"}
+    if n < MIN_POSITION_IMAGES:
+        image_score, tensors = image_score_calibration(fused, map_threshold, image_fpr)
+        # What the mask threshold means per image: the share of validation images with a non-empty mask.
+        threshold = {"value": map_threshold, "method": "pixel_fpr", **common,
+                     "validation_image_fpr": float((fused.reshape(n, -1).max(1) >= map_threshold).mean())}
+    else:
+        loo_z = leave_one_out_z_maps(fused)
+        image_score, tensors = image_score_calibration(fused, map_threshold, image_fpr, loo_z)
+        threshold = position_mask_threshold(loo_z, target_fpr, image_score["threshold"])
+        threshold.update(common, validation_image_fpr=image_score["validation_image_fpr"])
     return Calibration(stats=stats, threshold=threshold, image_score=image_score, tensors=tensors)
+
+
+def position_mask_threshold(loo_z: np.ndarray, target_fpr: float, image_threshold: float) -> dict:
+    """The position_z mask threshold: the (1 - target_fpr) quantile of the leave-one-out standardized
+    validation maps, capped at the image threshold (so a flagged image never has an empty mask at the
+    model's resolution)."""
+    quantile = threshold_at_fpr(loo_z, target_fpr)
+    return {"value": min(quantile, image_threshold), "method": "position_z_pixel_fpr", "quantile": quantile}

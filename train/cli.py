@@ -171,7 +171,7 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
     held the old statistics and are dropped."""
     from .calibrate import calibrate
     from .dataset import Sample, load_images
-    from .pipeline import image_score_line
+    from .pipeline import image_score_line, mask_line
 
     bundle = load_bundle(model)
     files = sorted(f for f in Path(images).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if Path(images).is_dir() else []
@@ -195,9 +195,8 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
     manifest = dict(bundle.manifest, statistics=statistics, threshold=threshold, image_score=cal.image_score,
                     evaluation=None, engines=[])
     write_bundle(bundle.path, manifest, {**bundle.network_tensors(), **cal.tensors})
-    click.echo(f"{model}: recalibrated on {len(files)} images; mask threshold {threshold['value']:.4f} "
-               f"(pixel FPR {fpr}; non-empty masks on {threshold['validation_image_fpr']:.1%} of these images); "
-               f"{image_score_line(cal.image_score)}")
+    click.echo(f"{model}: recalibrated on {len(files)} images; {mask_line(threshold)}, non-empty masks on "
+               f"{threshold['validation_image_fpr']:.1%} of these images; {image_score_line(cal.image_score)}")
     if bundle.manifest.get("engines"):
         click.echo(f"{model}: its built engines held the old statistics and were dropped; rebuild with "
                    f"`ustudents build-engines {model}`")

@@ -16,6 +16,7 @@ from ustudents.engines.bundle import update_manifest
 from ustudents.engines.images import read_image
 from ustudents.engines.overlay import heatmap_overlay
 from ustudents.engines.runtime import Engine, map_to_frame
+from ustudents.engines.scoring import mask
 
 from . import dataset
 from .metrics import au_pro, image_auroc, pixel_auroc
@@ -33,16 +34,18 @@ def metrics_for(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, scores:
             "au_pro_30": au_pro(maps, masks, fpr_limit=0.3)}
 
 
-def at_threshold(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: np.ndarray,
+def at_threshold(predicted: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: np.ndarray,
                  image_threshold: float, mask_threshold: float) -> dict:
-    """What the bundle's thresholds do on the test set: image-level rates, pixel FPR and TPR."""
-    flagged = scores >= image_threshold
-    over = maps >= mask_threshold
+    """What the bundle's thresholds do on the test set: image-level rates, and of the predicted masks
+    (N, H, W) bool, pixel FPR and TPR and the share of defective images whose mask touches the defect."""
+    flagged = np.asarray(scores, dtype=np.float64) >= image_threshold
+    touched = (predicted & masks).reshape(len(masks), -1).any(1)
     return {"image_threshold": image_threshold, "mask_threshold": mask_threshold,
             "image_tpr": float(flagged[labels].mean()) if labels.any() else None,
             "image_fpr": float(flagged[~labels].mean()) if (~labels).any() else None,
-            "pixel_fpr": float(over[~masks].mean()),
-            "pixel_tpr": float(over[masks].mean()) if masks.any() else None}
+            "pixel_fpr": float(predicted[~masks].mean()),
+            "pixel_tpr": float(predicted[masks].mean()) if masks.any() else None,
+            "defective_images_mask_on_defect": float(touched[labels].mean()) if labels.any() else None}
 
 
 def engine_maps(engine: Engine, images: np.ndarray, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +73,9 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
     masks = dataset.load_masks(samples, size)
     images = dataset.load_images(samples, size, desc="loading test images")
     fused, per_scale = engine_maps(engine, images, desc="evaluating")
-    scores = engine.image_scores(torch.from_numpy(fused).to(engine.prep_device)).cpu().numpy()
+    fused_t = torch.from_numpy(fused).to(engine.prep_device)
+    scores_t = engine.image_scores(fused_t)
+    scores, predicted = scores_t.cpu().numpy(), engine.masks(fused_t, scores_t).cpu().numpy()
     results = {"category": category, "bundle": bundle.manifest["id"], "test_images": len(samples),
                "image_size": size, "image_score": bundle.image_score,
                "backend": engine.backend, "precision": engine.precision, "device": engine.describe(),
@@ -86,21 +91,27 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
         sel = good | np.array([s.defect == defect for s in samples])
         results["per_defect"][defect] = {"images": int((sel & labels).sum()),
                                          **metrics_for(fused[sel], masks[sel], labels[sel], scores[sel])}
-    results["at_threshold"] = at_threshold(fused, scores, masks, labels, bundle.image_threshold, bundle.mask_threshold)
+    results["at_threshold"] = dict(at_threshold(predicted, scores, masks, labels, bundle.image_threshold,
+                                                bundle.mask_threshold), mask_rule=bundle.mask_rule)
     results["wall_s"] = round(time.time() - t0, 1)
     if overlays is not None:
-        write_overlays(overlays, samples, fused, bundle.mask_threshold)
+        write_overlays(overlays, samples, engine, fused_t, scores_t)
     update_manifest(bundle.path, evaluation=results)
     return results
 
 
-def write_overlays(folder: Path, samples: list[dataset.Sample], maps: np.ndarray, threshold: float) -> None:
-    for s, m in zip(samples, maps):
+def write_overlays(folder: Path, samples: list[dataset.Sample], engine: Engine, fused: torch.Tensor,
+                   scores: torch.Tensor) -> None:
+    """<folder>/<defect>/<stem>.png: each test image with what its mask thresholds and its mask, at the
+    image's own size (as `ustudents predict` draws them)."""
+    levels, verdicts = engine.mask_levels(fused), engine.verdicts(scores)
+    for s, level, flagged in zip(samples, levels, verdicts):
         frame = read_image(s.path)
-        full = map_to_frame(torch.from_numpy(m), frame.shape[:2]).numpy()
+        full = map_to_frame(level, frame.shape[:2])
+        over = mask(full[None], engine.mask_threshold, engine.mask_rule, flagged[None])[0]
         out = folder / s.defect / f"{s.path.stem}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_png(out, heatmap_overlay(frame, full, threshold, full >= threshold))
+        write_png(out, heatmap_overlay(frame, full.cpu().numpy(), engine.mask_threshold, over.cpu().numpy()))
 
 
 def format_table(results: dict) -> str:
@@ -115,8 +126,14 @@ def format_table(results: dict) -> str:
                      f"{results['image_auroc_of_max']:.3f}")
     t = results["at_threshold"]
     lines.append(f"at image threshold {t['image_threshold']:.3f}: image TPR {t['image_tpr']:.3f}, image FPR "
-                 f"{t['image_fpr']:.3f}; at mask threshold {t['mask_threshold']:.3f}: pixel FPR {t['pixel_fpr']:.4f}")
+                 f"{t['image_fpr']:.3f}; masks ({t['mask_rule']} rule, threshold {t['mask_threshold']:.3f}): "
+                 f"pixel FPR {t['pixel_fpr']:.4f}, TPR {_share(t['pixel_tpr'], '.3f')}, on the defect in "
+                 f"{_share(t['defective_images_mask_on_defect'], '.0%')} of defective images")
     return "\n".join(lines)
+
+
+def _share(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def predict(engine: Engine, paths: list[Path], out: Path) -> list[dict]:
@@ -134,7 +151,7 @@ def predict(engine: Engine, paths: list[Path], out: Path) -> list[dict]:
         mask_file = out / f"{name}_mask.png"
         overlay_file = out / f"{name}_overlay.png"
         write_png(mask_file, pr.mask.astype(np.uint8) * 255)
-        write_png(overlay_file, heatmap_overlay(frame, pr.anomaly_map, bundle.mask_threshold, pr.mask))
+        write_png(overlay_file, heatmap_overlay(frame, pr.mask_level, bundle.mask_threshold, pr.mask))
         results.append({"image": str(path), "score": pr.score, "anomalous": bool(pr.anomalous),
                         "threshold": bundle.image_threshold, "mask_threshold": bundle.mask_threshold,
                         "mask": str(mask_file), "overlay": str(overlay_file)})

@@ -59,6 +59,14 @@ def image_score_line(record: dict) -> str:
             f"(flags {record['validation_image_fpr']:.1%} of {record['images']} validation images left out in turn)")
 
 
+def mask_line(threshold: dict) -> str:
+    """One line on the mask threshold for the logs."""
+    if threshold["method"] == "pixel_fpr":
+        return f"mask threshold {threshold['value']:.3f} on the map (pixel FPR {threshold['target_pixel_fpr']})"
+    return (f"mask threshold {threshold['value']:.3f} on the position-standardized map (pixel FPR "
+            f"{threshold['target_pixel_fpr']}), on flagged images only")
+
+
 def environment() -> dict:
     return {"ustudents": ustudents.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
@@ -131,6 +139,6 @@ def train(cfg: TrainConfig, log=print) -> Path:
         "evaluation": None,
     }
     path = write_bundle(cfg.out, manifest, tensors)
-    log(f"bundle written to {path} in {time.time() - t0:.0f} s: mask threshold {threshold['value']:.3f} "
-        f"(pixel FPR {cfg.target_fpr}); {image_score_line(cal.image_score)}")
+    log(f"bundle written to {path} in {time.time() - t0:.0f} s: {mask_line(threshold)}; "
+        f"{image_score_line(cal.image_score)}")
     return path

@@ -291,6 +291,7 @@ class Summary:
     false_alarms: int
     dead: int
     auroc: float | None
+    located: int = 0  # defective frames whose predicted mask touches the ground-truth defect
 
     @property
     def detection_rate(self) -> float | None:
@@ -305,7 +306,8 @@ def summarize(rows: list[Row]) -> Summary:
     scored = [r for r in rows if r.anomalous is not None]
     return Summary(defective=sum(r.defective for r in scored), detected=sum(r.defective and r.anomalous for r in scored),
                    good=sum(not r.defective for r in scored), false_alarms=sum(not r.defective and r.anomalous for r in scored),
-                   dead=sum(r.dead is not None for r in rows), auroc=image_auroc(rows))
+                   dead=sum(r.dead is not None for r in rows), auroc=image_auroc(rows),
+                   located=sum(bool(r.defective and r.defect_covered) for r in scored))
 
 
 def _pct(x: float | None) -> str:
@@ -318,6 +320,8 @@ def summary_lines(s: Summary, threshold: float) -> list[str]:
              f"threshold {threshold:.3f}"]
     if s.auroc is not None:
         lines.append(f"image AUROC over these frames: {s.auroc:.3f} (0.5 = chance)")
+    if s.defective:
+        lines.append(f"masks: on the defect in {s.located}/{s.defective} defective frames")
     if s.dead:
         lines.append(f"{s.dead} frames were dead-lettered (see the table)")
     return lines

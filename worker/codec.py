@@ -53,6 +53,6 @@ def mask_png(mask: np.ndarray) -> bytes:
     return png(mask.astype(np.uint8) * 255)
 
 
-def heatmap_png(frame: np.ndarray, anomaly_map: np.ndarray, threshold: float, mask: np.ndarray) -> bytes:
-    """The frame with the anomaly map in colour and the mask outlined (`ustudents predict`'s overlay)."""
-    return png(heatmap_overlay(frame, anomaly_map, threshold, mask))
+def heatmap_png(frame: np.ndarray, level: np.ndarray, threshold: float, mask: np.ndarray) -> bytes:
+    """The frame with what its mask thresholds in colour and the mask outlined (`ustudents predict`'s overlay)."""
+    return png(heatmap_overlay(frame, level, threshold, mask))

@@ -445,7 +445,7 @@ class Worker:
             return Record(entry.id, self.io.dead, schema.dead_entry(entry.id, entry.fields, outcome.dead),
                           kind=f"dead:{outcome.dead.reason}")
         engine, p = self.engines[outcome.category], outcome.prediction
-        heatmap = codec.heatmap_png(outcome.frame, p.anomaly_map, engine.mask_threshold, p.mask) if s.heatmap else None
+        heatmap = codec.heatmap_png(outcome.frame, p.mask_level, engine.mask_threshold, p.mask) if s.heatmap else None
         fields = schema.result_entry(
             entry.id, entry.fields, score=p.score, anomalous=p.anomalous, threshold=engine.image_threshold,
             mask_png=codec.mask_png(p.mask), model=engine.info["model"],

@@ -55,7 +55,7 @@ class WorkerSettings(BaseSettings):
     backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between Redis retries.")
 
     # pipeline
-    heatmap: bool = Field(False, description="Add a `heatmap` PNG (overlay of the anomaly map) to each result.")
+    heatmap: bool = Field(False, description="Add a `heatmap` PNG (the frame with what the mask thresholds in colour) to each result.")
     decode_threads: int = Field(2, ge=1, description="Threads decoding frames while inference runs.")
     queue_batches: int = Field(2, ge=1, description="Decoded batches waiting for inference (bounds memory).")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="SIGTERM: longest time to finish and publish in-flight batches.")
