@@ -78,3 +78,12 @@ def validation_and_test_maps(engine, data_root: Path, test_every: int = 1) -> di
     return {"val": val, "test": test, "gt": dataset.load_masks(test, size),
             "labels": np.array([s.defect != dataset.GOOD for s in test]),
             "val_fused": val_fused, "val_scales": val_scales, "test_fused": test_fused, "test_scales": test_scales}
+
+
+def position_standardized(test: np.ndarray, val: np.ndarray) -> np.ndarray:
+    """Each pixel position standardized by the validation maps' mean and std there (as the product's
+    position_z_max score and position_z mask do: calibrate.position_statistics)."""
+    from ustudents.train.calibrate import position_statistics
+
+    mean, std = position_statistics(val)
+    return (test - mean) / std

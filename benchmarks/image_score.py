@@ -27,11 +27,11 @@ import click
 import numpy as np
 import torch
 
-from common import device_label, machine, validation_and_test_maps, write_result  # noqa: E402
+from common import device_label, machine, position_standardized, validation_and_test_maps, write_result  # noqa: E402
 
 from ustudents.engines.runtime import load_engine
 from ustudents.engines.scoring import position_z_max
-from ustudents.train.calibrate import DEFAULT_IMAGE_FPR, image_score_calibration, position_statistics
+from ustudents.train.calibrate import DEFAULT_IMAGE_FPR, image_score_calibration
 from ustudents.train.evaluate import at_threshold, max_scores, metrics_for
 from ustudents.train.metrics import image_auroc
 
@@ -40,13 +40,6 @@ def border_distance_of_max(maps: np.ndarray) -> np.ndarray:
     n, h, w = maps.shape
     r, c = np.divmod(maps.reshape(n, -1).argmax(1), w)
     return np.minimum(np.minimum(r, h - 1 - r), np.minimum(c, w - 1 - c))
-
-
-def position_standardized(test: np.ndarray, val: np.ndarray) -> np.ndarray:
-    """Each pixel position standardized by the validation maps' mean and std there (as the product's
-    position_z_max score does: calibrate.position_statistics)."""
-    mean, std = position_statistics(val)
-    return (test - mean) / std
 
 
 def score_alternatives(test: np.ndarray, z: np.ndarray, border: int) -> dict[str, np.ndarray]:

@@ -30,13 +30,12 @@ import cv2
 import numpy as np
 import torch
 
-from common import device_label, machine, validation_and_test_maps, write_result  # noqa: E402
+from common import device_label, machine, position_standardized, validation_and_test_maps, write_result  # noqa: E402
 
 from ustudents.engines.runtime import load_engine
 from ustudents.engines.scoring import mask
 from ustudents.train.calibrate import (DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, image_score_calibration,
-                                       leave_one_out_z_maps, position_mask_threshold, position_statistics,
-                                       threshold_at_fpr)
+                                       leave_one_out_z_maps, position_mask_threshold, threshold_at_fpr)
 
 
 def mask_quality(pred: np.ndarray, gt: np.ndarray, labels: np.ndarray) -> dict:
@@ -76,8 +75,7 @@ def main(model, data_root, test_every, target_fpr, image_fpr, name):
     val, test, gt, labels = m["val"], m["test"], m["gt"], m["labels"]
     val_maps, test_maps = m["val_fused"], m["test_fused"]
 
-    mean, std = position_statistics(val_maps)
-    z_test = (test_maps - mean) / std
+    z_test = position_standardized(test_maps, val_maps)
     loo_z = leave_one_out_z_maps(val_maps)
     map_threshold = threshold_at_fpr(val_maps, target_fpr)
     image, _ = image_score_calibration(val_maps, map_threshold, image_fpr, loo_z)

@@ -20,10 +20,9 @@ from pathlib import Path
 import click
 import torch
 
-from common import device_label, machine, validation_and_test_maps, write_result  # noqa: E402
+from common import device_label, machine, position_standardized, validation_and_test_maps, write_result  # noqa: E402
 
 from ustudents.engines.runtime import load_engine
-from ustudents.train.calibrate import position_statistics
 from ustudents.train.evaluate import max_scores, metrics_for
 from ustudents.train.metrics import image_auroc
 
@@ -49,8 +48,7 @@ def main(model, data_root, test_every, name):
         for subset in itertools.combinations(range(len(scales)), n):
             key = "+".join(str(scales[k]) for k in subset)
             fused_val, fused_test = val_scales[:, subset].mean(1), test_scales[:, subset].mean(1)
-            mean, std = position_statistics(fused_val)
-            position = ((fused_test - mean) / std).reshape(len(test), -1).max(1)
+            position = position_standardized(fused_test, fused_val).reshape(len(test), -1).max(1)
             results[key] = {**metrics_for(fused_test, masks, labels, position),
                             "image_auroc_of_max": image_auroc(max_scores(fused_test), labels)}
             click.echo(f"{key:12} " + "  ".join(f"{k} {v:.3f}" for k, v in results[key].items()))
