@@ -17,6 +17,7 @@ parity check against PyTorch), which the peak includes. Writes benchmarks/result
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import subprocess
 import sys
@@ -126,9 +127,21 @@ def frames_for(size: int, n: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
 
 
+class PlanLog(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def run_config(cfg: dict) -> dict:
     """One configuration, in this process: warm up, then time `batches` calls of engine.predict."""
     device = resolve_device(cfg["device"])
+    plan = PlanLog()  # what the engine's first batch measured and chose (PatchNet's planning log lines)
+    logging.getLogger("ustudents.engines.patchnet").addHandler(plan)
+    logging.getLogger("ustudents.engines.patchnet").setLevel(logging.INFO)
     with tempfile.TemporaryDirectory() as tmp:
         path = random_bundle(Path(tmp), cfg["scales"], cfg["size"])
         if cfg["backend"] == "naive":
@@ -154,6 +167,8 @@ def run_config(cfg: dict) -> dict:
     out = {"latency_ms": {k: v * 1e3 if k != "n" else v for k, v in percentiles(lat).items()},
            "frames_per_s": cfg["batch"] * len(lat) / sum(lat),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if plan.lines:
+        out["plan"] = plan.lines
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return out

@@ -168,7 +168,8 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def torch_runner(model: torch.nn.Module, device: torch.device, precision: str) -> Runner:
-    """The reference backend: the fused model in PyTorch, autocast for bf16/fp16."""
+    """The reference backend: the fused model in PyTorch; reduced precision by autocast, except bf16 on
+    CPU (below)."""
     if precision not in ("fp32", "bf16", "fp16"):
         raise EngineError(f"--precision {precision}: the torch backend runs fp32, bf16 or fp16")
     if precision == "fp16" and device.type != "cuda":
@@ -176,6 +177,7 @@ def torch_runner(model: torch.nn.Module, device: torch.device, precision: str) -
     if precision == "bf16" and not native_bf16(device):
         raise EngineError(f"--precision bf16: {device_name(device)} has no native bfloat16; use fp32")
     model = model.to(device).eval()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     elif precision == "fp32":
@@ -183,7 +185,13 @@ def torch_runner(model: torch.nn.Module, device: torch.device, precision: str) -
         # same maps up to float rounding, 1.44x the naive baseline on the 3-scale model
         # (fftconv.py; benchmarks/results/engines_cpu_planned.json).
         model.use_fft()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    else:
+        # bf16 on CPU: the networks cast once (the scoring head stays float32: ScaleEnsemble), and
+        # each scale's dense pass in the form (grouped or apart, NCHW or channels-last) its first
+        # batch measures fastest: which one wins differs between CPUs (PatchNet.use_fastest_form).
+        for ens in model.ensembles:
+            ens.net.to(dtype).use_fastest_form()
+        dtype = None
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -131,3 +131,25 @@ def test_missing_teacher_names_the_file_and_the_command(tmp_path):
 
     with pytest.raises(TeacherFileError, match="ustudents teacher --scales 33"):
         load_teacher(tmp_path, 33)
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero_over_the_steps():
+    from ustudents.train.teacher import lr_scheduler
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert lr_scheduler(opt, "constant", 4) is None
+    sched = lr_scheduler(opt, "cosine", 4)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1.0, 0.8536, 0.5, 0.1464, 0.0], abs=1e-4)  # (1 + cos(pi t / 4)) / 2
+
+
+def test_unknown_schedule_is_refused_before_any_work():
+    from ustudents.train.teacher import TeacherConfig, TeacherError, train_teacher
+
+    with pytest.raises(TeacherError, match="schedule 'linear'; choose one of constant, cosine"):
+        train_teacher(TeacherConfig(p=17, schedule="linear", images="/nonexistent"))

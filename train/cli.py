@@ -19,7 +19,7 @@ from ustudents.engines.patchnet import SCALES
 from .backbones import BACKBONES, BackboneError
 from .calibrate import DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, CalibrationError
 from .dataset import DatasetError
-from .teacher import SKIMAGE_SOURCE, TARGETS, TeacherConfig, TeacherError
+from .teacher import SCHEDULES, SKIMAGE_SOURCE, TARGETS, TeacherConfig, TeacherError
 from .teacher_files import DEFAULT_DIR, TeacherFileError
 
 INPUT_ERRORS = (DatasetError, BundleError, ImageError, BackboneError, CalibrationError, TeacherError,
@@ -125,6 +125,8 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
 @click.option("--batch", default=None, type=int,
               help="Windows per step (--target dense), or patches per step (--target patch; paper: 64).  [default: 8 windows, 64 patches]")
 @click.option("--lr", default=2e-4, show_default=True, help="Adam learning rate (paper: 2e-4).")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="constant", show_default=True,
+              help="Learning rate over the steps: constant (the paper's) or cosine decay from --lr to 0.")
 @click.option("--weight-decay", default=1e-5, show_default=True, help="Adam weight decay (paper: 1e-5).")
 @click.option("--lambda-k", default=1.0, show_default=True, help="Weight of the knowledge distillation loss.")
 @click.option("--lambda-c", default=1.0, show_default=True, help="Weight of the compactness loss.")
@@ -135,7 +137,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
 @amp_option
 @user_errors
 def teacher_cmd(scales, out, backbone, backbone_weights, target, backbone_input, crop, images, patches, steps, batch,
-                lr, weight_decay, lambda_k, lambda_c, lambda_m, margin, seed, device, amp):
+                lr, schedule, weight_decay, lambda_k, lambda_c, lambda_m, margin, seed, device, amp):
     """Distil teacher patch networks from a pretrained ImageNet CNN."""
     from .teacher import train_teacher
     from .teacher_files import save_teacher
@@ -144,7 +146,7 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, backbone_input,
     for p in scales:
         cfg = TeacherConfig(p=p, backbone=backbone, backbone_weights=backbone_weights, target=target,
                             backbone_input=backbone_input, crop=crop, images=images, patches=patches, steps=steps,
-                            batch=batch, lr=lr, weight_decay=weight_decay, lambda_k=lambda_k, lambda_c=lambda_c,
+                            batch=batch, lr=lr, schedule=schedule, weight_decay=weight_decay, lambda_k=lambda_k, lambda_c=lambda_c,
                             lambda_m=lambda_m, margin=margin, seed=seed, device=str(dev), amp=resolve_amp(amp, dev))
         state, record = train_teacher(cfg)
         path = save_teacher(out, p, state, record)

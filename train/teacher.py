@@ -52,6 +52,7 @@ SKIMAGE_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chels
                   "rocket.jpg", "text.png")
 PYRAMID = (1.0, 0.5, 0.25)  # patches are cut at several image scales for more varied content
 TARGETS = ("dense", "patch")
+SCHEDULES = ("constant", "cosine")
 DEFAULT_BATCH = {"patch": 64, "dense": 8}  # patches (the paper's 64) or windows of crop x crop descriptors per step
 DENSE_RF = 64  # dense targets: images are enlarged by DENSE_RF / p before P sees them (see above)
 DENSE_MAX_PIXELS = 2048 * 2048  # dense targets: pyramid levels P would see larger than this are left out (memory)
@@ -74,6 +75,9 @@ class TeacherConfig:
     steps: int = 1500
     batch: int | None = None  # patches or windows per step; None: DEFAULT_BATCH of the target
     lr: float = 2e-4  # paper: Adam, lr 2e-4, weight decay 1e-5
+    # "constant" (the paper's) or "cosine": lr decays from `lr` to 0 over the steps, which lets a
+    # short budget settle instead of ending on the noise of its last batches
+    schedule: str = "constant"
     weight_decay: float = 1e-5
     lambda_k: float = 1.0
     lambda_c: float = 1.0
@@ -221,6 +225,12 @@ def sample_windows(levels: list[torch.Tensor], targets: list[torch.Tensor], p: i
     return torch.stack(images), torch.stack(wanted).float()
 
 
+def lr_scheduler(opt: torch.optim.Optimizer, schedule: str, steps: int):
+    """None for a constant learning rate; for "cosine", a scheduler (stepped once per step) that
+    decays the optimizer's lr to 0 over `steps`."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
+
+
 def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """Distil one teacher. Returns its PatchNet(1) state dict and a record for the model card."""
     t0 = time.time()
@@ -230,6 +240,8 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     device = torch.device(cfg.device)
     if cfg.target not in TARGETS:
         raise TeacherError(f"unknown target {cfg.target!r}; choose one of {', '.join(TARGETS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise TeacherError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if cfg.batch is None:
         cfg = replace(cfg, batch=DEFAULT_BATCH[cfg.target])
     levels = _pyramid(load_natural_images(cfg.images), cfg.p)
@@ -266,6 +278,7 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     decoder = nn.Linear(DESCRIPTOR_DIM, target_dim).to(device)
     params = list(net.parameters()) + list(decoder.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = lr_scheduler(opt, cfg.schedule, cfg.steps)
     history = []
     bar = tqdm(range(cfg.steps), desc=f"teacher p={cfg.p}", unit="step")
     for step in bar:
@@ -285,6 +298,8 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         if step % 50 == 0 or step == cfg.steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}", l_k=f"{l_k.item():.3f}")
             history.append({"step": step, "loss": round(loss.item(), 5), "l_k": round(l_k.item(), 5)})
