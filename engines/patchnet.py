@@ -122,16 +122,15 @@ class PatchNet(nn.Module):
                     s.chosen = not measure
         return self
 
-    def use_fastest_form(self, measure: bool = True) -> "PatchNet":
+    def use_fastest_form(self) -> "PatchNet":
         """Run the dense form in whichever of four equivalent forms is fastest: the n networks in one
         grouped pass or apart (one after another), each on NCHW or channels-last memory. Same
         descriptors; which is fastest depends on the CPU's kernels. With bfloat16 weights on a 2-core
         Xeon with AMX, channels-last ran p=17 1.5x faster than NCHW, and the networks apart beat the
         grouped pass at p=17 and p=33, while on an AVX512-BF16 EPYC channels-last had measured
-        slower (README: Engines). So with `measure` the first dense pass times every form once on
-        its real input and keeps the fastest, freeing the others, as `use_fft` does; without, it
-        takes apart and channels-last. The forms copy the current weights, dtype included: call
-        this after casting them."""
+        slower (README: Engines). So the first dense pass times every form once on its real input
+        and keeps the fastest, freeing the others, as `use_fft` does. The forms copy the current
+        weights, dtype included: call this after casting them."""
         state = self.state_dict()
         forms = {}
         for layout, fmt in (("NCHW", torch.contiguous_format), ("channels-last", torch.channels_last)):
@@ -139,9 +138,6 @@ class PatchNet(nn.Module):
             forms[f"grouped, {layout}"] = ([self._copy(self.n, laid_out)], fmt)
             forms[f"apart, {layout}"] = ([self._copy(1, s) for s in split(laid_out, self.n)], fmt)
         self.forms, self.form = forms, None
-        if not measure:
-            self.form = "apart, channels-last"
-            self.forms = {self.form: forms[self.form]}
         return self
 
     def _copy(self, n: int, state: dict[str, torch.Tensor]) -> "PatchNet":
