@@ -77,12 +77,16 @@ def test_the_cpu_bf16_engine_matches_the_autocast_reference():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want_fused, want_scales = reference(images)
     run = torch_runner(model, torch.device("cpu"), "bf16")
+    # Within bfloat16's rounding (8 bits: 2**-8 of the largest value), not bit for bit: the forms
+    # run other kernels than autocast's, which round otherwise on some CPUs (equal on an AMX Xeon,
+    # 0.2% of the maximum on an AVX512-BF16 EPYC). A wrong form or scoring is off by far more.
+    bf16_rounding = 2.0 ** -8
     with torch.no_grad():
         for _ in range(2):  # the first call measures the forms, the second runs the fastest
             got_fused, got_scales = run(images)
             assert got_fused.dtype == torch.float32
-            assert (got_fused - want_fused).abs().max() <= 1e-3 * want_fused.abs().max()
-            assert (got_scales - want_scales).abs().max() <= 1e-3 * want_scales.abs().max()
+            assert (got_fused - want_fused).abs().max() <= bf16_rounding * want_fused.abs().max()
+            assert (got_scales - want_scales).abs().max() <= bf16_rounding * want_scales.abs().max()
     assert all(ens.net.form in FORMS for ens in model.ensembles)
     assert all(ens.net.convs[0].weight.dtype == torch.bfloat16 for ens in model.ensembles)
     assert model.ensembles[0].desc_mean.dtype == torch.float32  # the scoring head stays float32

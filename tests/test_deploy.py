@@ -96,6 +96,27 @@ def test_k8s_scrape_config_is_valid_prometheus_config(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@needs_promtool
+def test_every_dashboard_query_is_valid_promql(tmp_path):
+    """promtool parses each panel's query (Grafana's variables filled in as deploy/check_stack.py
+    fills them for a live Prometheus) as a recording rule; a typo in one fails here, not on a screen."""
+    sys.path.insert(0, str(DEPLOY))
+    try:
+        import check_stack
+    finally:
+        sys.path.pop(0)
+    queries = check_stack.dashboard_queries(dashboard())
+    assert len(queries) == len(dashboard_exprs())
+    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:query{i}", "expr": e}
+                                                         for i, (_, e) in enumerate(queries)]}]}
+    (tmp_path / "ok.yml").write_text(yaml.safe_dump(rules))
+    done = promtool("check", "rules", str(tmp_path / "ok.yml"))
+    assert done.returncode == 0 and f"{len(queries)} rules found" in done.stdout, done.stdout + done.stderr
+    rules["groups"][0]["rules"][0]["expr"] = queries[0][1].replace(")", "", 1)  # one unbalanced bracket
+    (tmp_path / "bad.yml").write_text(yaml.safe_dump(rules))
+    assert promtool("check", "rules", str(tmp_path / "bad.yml")).returncode != 0
+
+
 def test_every_alert_has_a_unit_test_that_fires_it_and_a_runbook_entry():
     names = [r["alert"] for r in alert_rules()]
     assert {"UstudentsWorkerDown", "UstudentsLagGrowing", "UstudentsDeadLetterRate", "UstudentsAnomalyRateSpike",
@@ -226,6 +247,7 @@ def test_compose_redis_persists_and_is_capped():
     assert "--appendonly yes" in cmd and "--appendfsync everysec" in cmd
     assert re.search(r"--maxmemory \$\{REDIS_MAXMEMORY:-\d+[kmg]b\}", cmd)
     assert "--maxmemory-policy noeviction" in cmd  # never evict stream keys
+    assert "--protected-mode no" in cmd  # else Redis refuses the workers on the stack's network
     assert any(v.endswith(":/data") for v in redis["volumes"])
     assert "redis-cli" in redis["healthcheck"]["test"]
 

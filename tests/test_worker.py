@@ -369,6 +369,44 @@ def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_goes_on(e
     assert pending_count(r, stream) == 0
 
 
+def stack_check():
+    """deploy/check_stack.py, the operator's end-to-end check of a running stack."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
+    try:
+        import check_stack
+    finally:
+        sys.path.pop(0)
+    return check_stack
+
+
+def test_the_stack_check_accounts_for_every_frame_and_catches_a_lost_or_doubled_result(engines, frames, redis_url,
+                                                                                       stream):
+    cs, r = stack_check(), client(redis_url)
+    handled = [add_frame(r, stream, f) for f in frames[:3]] + [add(r, stream, image=b"not a PNG")]
+    with in_process_worker(engines, redis_url, stream):
+        wait_for(lambda: len(results_of(r, stream)) + len(dead_of(r, stream)) == len(handled), 60, "every outcome")
+    add_frame(r, stream, frames[3])  # not yet delivered: not counted
+    held = add_frame(r, stream, frames[4])
+    r.xreadgroup("ustudents", "stalled", {stream: ">"}, count=2)  # delivered, pending: not counted either
+    assert held in {s(p["message_id"]) for p in r.xpending_range(stream, "ustudents", "-", "+", 10)}
+
+    ok = cs.check_accounting(r, stream, "ustudents")
+    assert ok.ok, ok.detail
+    assert "6 input entries, 4 results and dead letters read, 2 pending: 0 without a result" in ok.detail
+    flow = cs.check_flow(r, stream, "ustudents", 0.3)  # nothing scored while watching
+    assert not flow.ok and "0 results in" in flow.detail
+
+    out = schema.results_stream(stream)
+    _, first = r.xrange(out, count=1)[0]
+    r.xadd(out, first)  # the same entry's result twice
+    doubled = cs.check_accounting(r, stream, "ustudents")
+    assert not doubled.ok and "0 without a result, 1 with two or more" in doubled.detail
+    r.xack(stream, "ustudents", held)  # acknowledged without a result, as a faulty consumer would
+    lost = cs.check_accounting(r, stream, "ustudents")
+    assert not lost.ok and "1 without a result, 1 with two or more" in lost.detail and held in lost.detail
+    assert not cs.check_accounting(r, f"{stream}-none", "ustudents").ok
+
+
 def test_a_worker_finishes_its_own_pending_entries_first_on_start(engines, frames, redis_url, stream):
     """A worker restarted under the same consumer name re-reads what it had been handed before."""
     r = client(redis_url)
@@ -472,6 +510,38 @@ def test_redis_restart_mid_run_loses_and_duplicates_nothing(engines, frames, tmp
         server.stop()
 
 
+def test_publish_holds_a_frame_through_a_redis_outage_and_resumes(frames, tmp_path):
+    """The camera stand-in survives Redis going away mid-run (as the compose demo line must): the
+    frame in hand is held until Redis is back, and every frame arrives once, in order."""
+    from ustudents.worker.connection import connect
+    from ustudents.worker.publish import FramePublisher, publish
+
+    server = RedisServer(tmp_path).start()
+    heard: list[str] = []
+    restarter: list[threading.Thread] = []
+
+    def source():
+        for i, f in enumerate(frames):
+            if i == 2:  # Redis goes away before the third frame and is back 1.5 s later
+                server.stop()
+                restarter.append(threading.Thread(target=lambda: (time.sleep(1.5), server.start())))
+                restarter[0].start()
+            yield f.stem, f.read_bytes()
+
+    try:
+        publisher = FramePublisher(connect(server.url), "line1", camera="cam1")
+        start = time.monotonic()
+        sent = publish(source(), publisher, fps=20, outage=heard.append, backoff_cap_s=0.2)
+        assert sent == len(frames) and time.monotonic() - start >= 1.5
+        restarter[0].join()
+        got = [s(e[schema.FRAME_ID]) for e in entries(client(server.url), "line1")]
+        assert got == [f.stem for f in frames]
+        assert len(heard) == 2 and heard[0].startswith("Redis unreachable") and frames[2].stem in heard[0]
+        assert heard[1].startswith("Redis back after") and heard[1].endswith("resuming")
+    finally:
+        server.stop()
+
+
 def test_sigterm_publishes_everything_in_flight_and_exits_0(small_bundle, frames, redis_url, stream, tmp_path):
     r = client(redis_url)
     worker = spawn_worker(small_bundle, redis_url, stream, "term", tmp_path, "--batch", "2",
@@ -500,6 +570,36 @@ def test_sigterm_publishes_everything_in_flight_and_exits_0(small_bundle, frames
     assert not joined(r, stream, "term")  # a clean exit leaves no consumer behind
 
 
+def test_sigterm_past_the_deadline_mid_inference_exits_1_and_leaves_the_frames_pending(
+        tiny_bundle, frames, redis_url, stream, tmp_path):
+    """The deadline passes while a batch is inside the networks (served at 160 px: a second or more per
+    batch): the worker exits 1 at once, not with the interpreter aborting under a busy native
+    thread, and what it held stays pending for another worker."""
+    from ustudents.engines.bundle import update_manifest
+
+    slow = tmp_path / "slow"
+    shutil.copytree(tiny_bundle, slow)
+    update_manifest(slow, image_size=160)
+    r = client(redis_url)
+    worker = spawn_worker(slow, redis_url, stream, "late", tmp_path, "--batch", "4", "--shutdown-timeout-s", "0.5")
+    try:
+        wait_for(lambda: joined(r, stream, "late") or worker.poll() is not None, 90, "the worker to start")
+        assert worker.poll() is None, worker.stdout.read()
+        for f in frames:
+            add_frame(r, stream, f)
+        wait_for(lambda: pending_count(r, stream, consumer="late"), 30, "frames in flight")
+        time.sleep(0.5)  # inside the first batch
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(60)
+        log = worker.stdout.read()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert "shutdown deadline passed" in log, log
+    assert code == 1, f"exit code {code}: {log[-800:]}"
+    assert pending_count(r, stream, consumer="late") > 0
+
+
 def test_tls_and_password(engines, frames, tmp_path):
     """rediss:// with a CA file and a password in the URL."""
     if not shutil.which("openssl"):
@@ -526,6 +626,62 @@ def test_tls_and_password(engines, frames, tmp_path):
         exactly_one_result_each(r, "line2", [eid])
     finally:
         server.stop()
+
+
+def test_consumers_of_dead_workers_are_reaped_but_none_holding_frames(engines, redis_url, stream):
+    """Workers that die without leaving the group (kill -9, a crashed container) stay in it as
+    consumers for as long as the line runs; the reaper removes those idle past the limit with
+    nothing pending, and never one that holds a frame, a fresh one, or the worker itself."""
+    r = client(redis_url)
+    io = StreamIO(r, stream, "ustudents", "self", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+    io.ensure_group()
+    for i in range(4):
+        add(r, stream, frame_id=f"f{i}", image=b"x")
+
+    def read(consumer: str, ack: bool = True) -> None:
+        ((_, [(entry_id, _)]),) = r.xreadgroup("ustudents", consumer, {stream: ">"}, count=1)
+        if ack:
+            r.xack(stream, "ustudents", entry_id)
+
+    read("gone")
+    read("holding", ack=False)  # dead too, but a frame is pending on it
+    read("self")
+    time.sleep(0.3)
+    read("fresh")
+    assert io.reap_idle_consumers(200) == ["gone"]
+    assert sorted(s(c["name"]) for c in r.xinfo_consumers(stream, "ustudents")) == ["fresh", "holding", "self"]
+    assert pending_count(r, stream, consumer="holding") == 1  # its frame is still there to be claimed
+    assert io.reap_idle_consumers(60_000) == []
+
+    def consumers() -> set[str]:
+        return {s(c["name"]) for c in r.xinfo_consumers(stream, "ustudents")}
+
+    with in_process_worker(engines, redis_url, stream, reap_idle_s=1, log_interval_s=0.3) as worker:  # a worker does it
+        wait_for(lambda: not consumers() & {"fresh", "self"}, 10, "the worker to remove the idle consumers")
+        assert consumers() == {"holding", worker.s.consumer}
+
+
+def test_a_lag_redis_cannot_tell_is_withdrawn_not_left_stale(engines, redis_url, stream, caplog):
+    """After a Redis restart during a backlog, XINFO GROUPS answers lag = nil (the AOF replay drops
+    the group's read counter). The gauge must then vanish, not keep its last value, with one
+    warning, and come back when Redis can tell again."""
+    config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
+                                               "metrics_port": 0})
+    worker = Worker(config, engines)
+
+    def exported() -> list[float]:
+        return [s.value for f in text_string_to_metric_families(worker.metrics.exposition().decode())
+                if f.name == "ustudents_consumer_lag_entries" for s in f.samples]
+
+    worker._report_lag(120)
+    assert exported() == [120]
+    with caplog.at_level("WARNING", logger="ustudents.worker"):
+        worker._report_lag(None)
+        worker._report_lag(None)
+    assert exported() == []
+    assert [getattr(r, "event", None) for r in caplog.records].count("lag_unknown") == 1
+    worker._report_lag(7)
+    assert exported() == [7]
 
 
 def test_redis_unreachable_at_start_is_not_fatal(engines):

@@ -7,6 +7,9 @@ one of them for the worker: it retries with backoff and reports not-ready meanwh
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -94,8 +97,8 @@ def worker_cmd(ctx, env_file, **flags):
 
     Every setting can also come from an environment variable USTUDENTS_<NAME> (e.g.
     USTUDENTS_CLAIM_IDLE_MS) or a .env file; flags win. Settings without a flag: redis_password,
-    block_ms, dead_maxlen, dedupe_ttl_s, backoff_max_s, decode_threads, queue_batches, metrics_host,
-    stats_interval_s, log_interval_s, log_level.
+    block_ms, reap_idle_s, dead_maxlen, dedupe_ttl_s, backoff_max_s, decode_threads, queue_batches,
+    metrics_host, stats_interval_s, log_interval_s, log_level.
     """
     from .logs import setup_logging
     from .service import Worker, load_engines
@@ -111,7 +114,16 @@ def worker_cmd(ctx, env_file, **flags):
     except OSError as err:
         raise InputError(f"--metrics-port {settings.metrics_port}: cannot listen on {settings.metrics_host}:"
                          f"{settings.metrics_port} ({err.strerror or err}); choose a free port, or 0 for no metrics") from None
-    ctx.exit(worker.run())
+    code = worker.run()
+    if any(t.is_alive() for t in worker.threads):
+        # The deadline passed with a stage still busy, maybe inside the networks' native code:
+        # finalizing the interpreter under it aborts the process (SIGABRT, not the exit code).
+        # Leave at once; what the worker held stays pending for another worker.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    ctx.exit(code)
 
 
 @click.command("publish")
@@ -144,7 +156,8 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
     n = 0
     try:
         n = publish(frames, publisher, fps=fps, count=count,
-                    progress=lambda k, t: click.echo(f"{k} frames in {t:.0f} s ({k / t:.1f}/s)", err=True))
+                    progress=lambda k, t: click.echo(f"{k} frames in {t:.0f} s ({k / t:.1f}/s)", err=True),
+                    outage=lambda message: click.echo(message, err=True))
     except KeyboardInterrupt:
         pass
     except redis.RedisError as err:

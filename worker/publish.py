@@ -4,6 +4,11 @@ Frames come from an image folder (the files' bytes as they are), a video file or
 (OpenCV; each frame encoded as PNG or JPEG). Frames larger than `inline_max` bytes go under a key
 of their own with a TTL and the entry names it in `image_key`; SET and XADD share one MULTI/EXEC so
 an entry never names a key that was not written.
+
+Redis going away mid-run does not end it: the frame in hand is held and sent again with backoff
+until Redis takes it, then publishing resumes at the set rate (the schedule starts again rather
+than bursting the frames the outage cost). A frame whose XADD reached Redis but whose reply was
+lost is sent twice: two entries, one frame_id.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import redis
 from ustudents.engines.images import IMAGE_SUFFIXES
 
 from . import schema
+from .connection import UNAVAILABLE, Backoff
 
 
 def frames_from(source: str, fmt: str = "png", loop: bool = False) -> Iterator[tuple[str, bytes]]:
@@ -101,8 +107,10 @@ class FramePublisher:
 
 
 def publish(frames: Iterator[tuple[str, bytes]], publisher: FramePublisher, fps: float = 0.0, count: int = 0,
-            progress: Callable[[int, float], None] = lambda n, elapsed: None, progress_every_s: float = 10.0) -> int:
-    """Send frames at `fps` (0: as fast as Redis takes them), at most `count` (0: all). Returns how many."""
+            progress: Callable[[int, float], None] = lambda n, elapsed: None, progress_every_s: float = 10.0,
+            outage: Callable[[str], None] = lambda message: None, backoff_cap_s: float = 5.0) -> int:
+    """Send frames at `fps` (0: as fast as Redis takes them), at most `count` (0: all), holding a
+    frame through Redis outages (`outage` hears when one starts and ends). Returns how many."""
     start = last_report = time.monotonic()
     n = 0
     for frame_id, data in frames:
@@ -112,9 +120,29 @@ def publish(frames: Iterator[tuple[str, bytes]], publisher: FramePublisher, fps:
             delay = start + n / fps - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-        publisher.send(frame_id, data)
+        if send_through_outages(publisher, frame_id, data, outage, Backoff(backoff_cap_s)):
+            start = time.monotonic() - n / fps if fps > 0 else start  # the next frame 1/fps from now
         n += 1
         if time.monotonic() - last_report >= progress_every_s:
             last_report = time.monotonic()
             progress(n, last_report - start)
     return n
+
+
+def send_through_outages(publisher: FramePublisher, frame_id: str, data: bytes, outage: Callable[[str], None],
+                         backoff: Backoff) -> bool:
+    """Send one frame, retrying while Redis is unreachable; True if it had to wait. The capture
+    time (`ts`) stays that of the first attempt."""
+    ts, down_since = time.time(), None
+    while True:
+        try:
+            publisher.send(frame_id, data, ts=ts)
+        except UNAVAILABLE as err:
+            if down_since is None:
+                down_since = time.monotonic()
+                outage(f"Redis unreachable ({err}); holding frame {frame_id} and retrying")
+            time.sleep(backoff.delay())
+            continue
+        if down_since is not None:
+            outage(f"Redis back after {time.monotonic() - down_since:.1f} s; frame {frame_id} sent, resuming")
+        return down_since is not None

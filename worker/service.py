@@ -118,6 +118,7 @@ class Worker:
         self.server: HealthServer | None = None
         self.totals = Totals()
         self.throttled = Throttled(log, s.log_interval_s)
+        self.lag_known: bool | None = None  # None: not read yet
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start_server(self) -> None:
@@ -506,8 +507,7 @@ class Worker:
                 info = self.io.group_info()
                 if info:
                     m.pending.labels(s.stream, s.group).set(int(info.get("pending", 0)))
-                    if info.get("lag") is not None:
-                        m.lag.labels(s.stream, s.group).set(int(info["lag"]))
+                    self._report_lag(info.get("lag"))
                 self.redis_state.ok()
             except UNAVAILABLE as err:
                 self.redis_state.failed(err)
@@ -515,6 +515,7 @@ class Worker:
                 pass  # the stream does not exist yet
             self._gpu_memory()
             if time.monotonic() >= next_summary:
+                self._reap_consumers()
                 t = self.totals
                 now = (t.processed, t.anomalies, sum(t.dead.values()))
                 log.info("last %.0f s: %d frames processed (%.1f/s), %d anomalous, %d dead-lettered",
@@ -525,6 +526,39 @@ class Worker:
                 next_summary, last = next_summary + s.log_interval_s, now
             if self.stopping.wait(s.stats_interval_s):
                 return
+
+    def _reap_consumers(self) -> None:
+        """Once per summary: remove consumers of workers that died without leaving the group."""
+        if not self.s.reap_idle_s:
+            return
+        try:
+            gone = self.io.reap_idle_consumers(self.s.reap_idle_s * 1000)
+        except (*UNAVAILABLE, redis.ResponseError):
+            return  # Redis away (the gauges report it) or no stream yet: the next summary tries again
+        if gone:
+            log.info("removed %d consumers idle over %d s with nothing pending (workers gone without leaving "
+                     "the group): %s", len(gone), self.s.reap_idle_s, ", ".join(gone),
+                     extra={"event": "consumers_reaped", "consumers": gone})
+
+    def _report_lag(self, lag: int | None) -> None:
+        """The group's lag as Redis counts it. Redis cannot tell it (None) after replaying its AOF
+        at a restart while the group had a backlog: the replay drops the group's read counter
+        (redis/redis#10569) until the group catches up with the stream's end. Meanwhile the gauge
+        is removed rather than left at a stale value that would hold the lag alert in its state."""
+        s, gauge = self.s, self.metrics.lag
+        if lag is not None:
+            gauge.labels(s.stream, s.group).set(int(lag))
+            self.lag_known = True
+            return
+        if self.lag_known is not False:
+            log.warning("Redis cannot tell the group's lag (its read counter was lost on a restart during a "
+                        "backlog); not reported until the group catches up (pending and latency still are)",
+                        extra={"event": "lag_unknown"})
+            self.lag_known = False
+            try:
+                gauge.remove(s.stream, s.group)
+            except KeyError:
+                pass  # never reported
 
     def _gpu_memory(self) -> None:
         devices = {e.device for e in self.engines.values() if e.device.type == "cuda"}

@@ -47,6 +47,7 @@ class WorkerSettings(BaseSettings):
     consumer: str = Field(default_factory=default_consumer, description="This worker's name in the group.")
     block_ms: int = Field(1000, ge=1, description="XREADGROUP BLOCK: longest wait for new frames, ms.")
     claim_idle_ms: int = Field(60_000, ge=1, description="Idle time after which another worker's pending entry is claimed.")
+    reap_idle_s: int = Field(3600, ge=0, description="Other consumers of the group idle this long with nothing pending are removed (workers gone without leaving it); 0 = never.")
     max_deliveries: int = Field(3, ge=1, description="Deliveries after which a failing entry is dead-lettered.")
     max_frame_bytes: int = Field(32 << 20, ge=1, description="Encoded frames larger than this are dead-lettered.")
     results_maxlen: int = Field(100_000, ge=1, description="MAXLEN ~ of <stream>:results.")

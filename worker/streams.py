@@ -64,6 +64,21 @@ def _str(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
+# XINFO CONSUMERS and XGROUP DELCONSUMER in one atomic step (StreamIO.reap_idle_consumers).
+REAP_SCRIPT = """
+local removed = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['pending'] == 0 and info['idle'] >= tonumber(ARGV[2]) and info['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    removed[#removed + 1] = info['name']
+  end
+end
+return removed
+"""
+
+
 class StreamIO:
     def __init__(self, client: redis.Redis, stream: str, group: str, consumer: str, *,
                  results_maxlen: int, dead_maxlen: int, dedupe_ttl_s: int):
@@ -71,6 +86,7 @@ class StreamIO:
         self.results, self.dead = schema.results_stream(stream), schema.dead_stream(stream)
         self.maxlen = {self.results: results_maxlen, self.dead: dead_maxlen}
         self.dedupe_ttl_s = dedupe_ttl_s
+        self._reap = client.register_script(REAP_SCRIPT)
 
     # -- the group -------------------------------------------------------------------------------
     def ensure_group(self) -> bool:
@@ -102,6 +118,15 @@ class StreamIO:
             return False
         self.r.xgroup_delconsumer(self.stream, self.group, self.consumer)
         return True
+
+    def reap_idle_consumers(self, idle_ms: int) -> list[str]:
+        """Remove the group's consumers (other than this one) idle at least `idle_ms` with nothing
+        pending: workers that died without leaving the group (kill -9, a crashed container), which
+        a group otherwise collects for as long as the line runs. One Lua script, so no entry can be
+        delivered to a consumer between the check and its removal; a live worker removed by a wrong
+        guess loses nothing (it had nothing pending) and is recreated by its next read."""
+        names = self._reap(keys=[self.stream], args=[self.group, idle_ms, self.consumer])
+        return [_str(n) for n in names]
 
     # -- reading ---------------------------------------------------------------------------------
     def read(self, last_id: str, count: int, block_ms: int | None) -> list[RawEntry]:
