@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         checks = [check_flow(r, args.stream, args.group, args.watch), check_accounting(r, args.stream, args.group)]
         lag_known = not r.exists(args.stream) or lag_of(r, args.stream, args.group) is not None
         checks += check_prometheus(args.prometheus, lag_known)
-    except (redis.RedisError, OSError, RuntimeError) as exc:
+    except (redis.RedisError, OSError, RuntimeError, ValueError) as exc:  # ValueError: not JSON (no Prometheus there)
         print(f"Error: {exc}; is the stack up, and are --redis-url and --prometheus its addresses?", file=sys.stderr)
         return 2
     for c in checks:
