@@ -31,6 +31,7 @@ from pathlib import Path
 import redis
 import yaml
 
+from ustudents.worker import schema
 from ustudents.worker.schema import dead_stream, results_stream
 
 DEPLOY = Path(__file__).resolve().parent
@@ -42,6 +43,7 @@ MAY_BE_EMPTY = ("ustudents_gpu_memory_bytes", "ustudents_frames_dead_lettered_to
                 "ustudents_frame_failures_total", "ustudents_redis_reconnects_total")
 LAG_UNKNOWN = "it restarted during a backlog, redis/redis#10569; back once the group catches up"
 ACCOUNT_LAST = 5000  # newest results (and dead letters) the accounting reads
+ENTRY_ID = schema.ENTRY_ID.encode()  # the input entry a result or dead letter answers
 
 
 @dataclass
@@ -135,7 +137,7 @@ def check_accounting(r: redis.Redis, stream: str, group: str) -> Check:
     last = next(g["last-delivered-id"].decode() for g in info if g["name"].decode() == group)
     outputs, since = [], None
     for kept, length, meta in zip(outs[0::3], outs[1::3], outs[2::3]):
-        ids = [f[b"entry_id"].decode() for _, f in kept if b"entry_id" in f]
+        ids = [f[ENTRY_ID].decode() for _, f in kept if ENTRY_ID in f]
         outputs += ids
         if ids and (len(kept) < length or meta["entries-added"] > length):  # older ones not read or trimmed
             since = max(since or ids[-1], ids[-1], key=entry_key)  # newest first: ids[-1] is the oldest

@@ -5,7 +5,9 @@ read-only (copy it with shutil.copytree to tmp_path before changing anything).
 """
 from __future__ import annotations
 
+import importlib
 import shutil
+import sys
 from pathlib import Path
 
 import cv2
@@ -13,6 +15,17 @@ import numpy as np
 import pytest
 
 TINY_CATEGORY = "tiles"
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def deploy_script(relative: str):
+    """A script of deploy/ (not an installed module), imported by its path there, e.g. "check_stack.py"."""
+    path = DEPLOY / relative
+    sys.path.insert(0, str(path.parent))
+    try:
+        return importlib.import_module(path.stem)
+    finally:
+        sys.path.pop(0)
 
 
 def write_image(path: str | Path, array: np.ndarray) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import deploy_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -100,12 +101,7 @@ def test_k8s_scrape_config_is_valid_prometheus_config(tmp_path):
 def test_every_dashboard_query_is_valid_promql(tmp_path):
     """promtool parses each panel's query (Grafana's variables filled in as deploy/check_stack.py
     fills them for a live Prometheus) as a recording rule; a typo in one fails here, not on a screen."""
-    sys.path.insert(0, str(DEPLOY))
-    try:
-        import check_stack
-    finally:
-        sys.path.pop(0)
-    queries = check_stack.dashboard_queries(dashboard())
+    queries = deploy_script("check_stack.py").dashboard_queries(dashboard())
     assert len(queries) == len(dashboard_exprs())
     rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:query{i}", "expr": e}
                                                          for i, (_, e) in enumerate(queries)]}]}
@@ -329,12 +325,7 @@ def test_gpu_entrypoint_is_valid_sh_and_needs_a_model(tmp_path):
 
 # -- the GPU image's engine step --------------------------------------------------------------------
 def prepare_module():
-    sys.path.insert(0, str(DEPLOY / "docker"))
-    try:
-        import prepare_engines
-    finally:
-        sys.path.pop(0)
-    return prepare_engines
+    return deploy_script("docker/prepare_engines.py")
 
 
 def fake_bundle(folder: Path, ident: str = "tiles-20250101T000000Z", threshold: float = 1.0) -> Path:
@@ -488,12 +479,7 @@ def test_k8s_worker_scaled_object_service_and_scrape_fit_together():
 
 # -- settings table ---------------------------------------------------------------------------------
 def gen_module():
-    sys.path.insert(0, str(DEPLOY))
-    try:
-        import gen_settings_table
-    finally:
-        sys.path.pop(0)
-    return gen_settings_table
+    return deploy_script("gen_settings_table.py")
 
 
 def test_settings_table_is_generated_from_the_settings_class():

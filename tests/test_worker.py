@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 import redis
 from click.testing import CliRunner
+from conftest import deploy_script
 from prometheus_client.parser import text_string_to_metric_families
 
 from ustudents.cli import main
@@ -369,19 +370,9 @@ def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_goes_on(e
     assert pending_count(r, stream) == 0
 
 
-def stack_check():
-    """deploy/check_stack.py, the operator's end-to-end check of a running stack."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
-    try:
-        import check_stack
-    finally:
-        sys.path.pop(0)
-    return check_stack
-
-
 def test_the_stack_check_accounts_for_every_frame_and_catches_a_lost_or_doubled_result(engines, frames, redis_url,
                                                                                        stream):
-    cs, r = stack_check(), client(redis_url)
+    cs, r = deploy_script("check_stack.py"), client(redis_url)  # the operator's check of a running stack
     handled = [add_frame(r, stream, f) for f in frames[:3]] + [add(r, stream, image=b"not a PNG")]
     with in_process_worker(engines, redis_url, stream):
         wait_for(lambda: len(results_of(r, stream)) + len(dead_of(r, stream)) == len(handled), 60, "every outcome")
