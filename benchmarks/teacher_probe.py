@@ -35,27 +35,26 @@ from ustudents.train.teacher_files import DEFAULT_DIR, load_teacher, read_record
 KEYS = ("au_pro_30", "image_auroc", "pixel_auroc")
 
 
-@torch.no_grad()
-def teacher_features(state: dict, p: int, images: np.ndarray) -> torch.Tensor:
-    """(N, S, S, 3) uint8 -> (N, 128, S, S) dense teacher descriptors."""
+CHUNK = 8  # images per forward pass: features are made and consumed a chunk at a time, so 256 px fits
+
+
+def teacher_extractor(state: dict, p: int):
+    """A function: (N, S, S, 3) uint8 -> (N, 128, S, S) dense teacher descriptors."""
     net = PatchNet(p).eval()
     net.load_state_dict(state)
-    return torch.cat([net.dense_image(normalize_input(to_tensor(images[i:i + 4])))[:, 0]
-                      for i in range(0, len(images), 4)])
+    return lambda images: net.dense_image(normalize_input(to_tensor(images)))[:, 0]
 
 
-@torch.no_grad()
-def reference_features(images: np.ndarray) -> torch.Tensor:
-    """EfficientNet-Lite0's last stride-8 and stride-16 block outputs, 3x3 averaged (each feature
-    sees its neighbourhood), brought to the image's size: (N, 40 + 112, S, S)."""
+def reference_extractor():
+    """A function: images -> EfficientNet-Lite0's last stride-8 and stride-16 block outputs, 3x3
+    averaged (each feature sees its neighbourhood), brought to the image's size: (N, 40 + 112, S, S)."""
     backbone = build_backbone("efficientnet-lite0")
-    out = []
-    for i in range(0, len(images), 8):
-        x = to_tensor(images[i:i + 8])
-        maps = [F.interpolate(F.avg_pool2d(m, 3, 1, 1), size=x.shape[-2:], mode="bilinear", align_corners=False)
-                for m in backbone.feature_maps(x)]
-        out.append(torch.cat(maps, 1))
-    return torch.cat(out)
+
+    def extract(images: np.ndarray) -> torch.Tensor:
+        x = to_tensor(images)
+        return torch.cat([F.interpolate(F.avg_pool2d(m, 3, 1, 1), size=x.shape[-2:], mode="bilinear",
+                                        align_corners=False) for m in backbone.feature_maps(x)], 1)
+    return extract
 
 
 def nearest_distance(test: torch.Tensor, bank: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -72,16 +71,28 @@ def nearest_distance(test: torch.Tensor, bank: torch.Tensor, chunk: int = 8192) 
     return out.reshape(n, h, w)
 
 
-def probe(train_feat: torch.Tensor, test_feat: torch.Tensor, bank_size: int, gen: torch.Generator,
+@torch.no_grad()
+def probe(extract, train_img: np.ndarray, test_img: np.ndarray, bank_size: int, gen: torch.Generator,
           masks: np.ndarray, labels: np.ndarray) -> dict:
-    c = train_feat.shape[1]
-    pixels = train_feat.permute(0, 2, 3, 1).reshape(-1, c)
-    bank = pixels[torch.randperm(len(pixels), generator=gen)[:bank_size]]
-    # standardize per channel with the good pixels' statistics so no channel dominates the distance
-    mean, std = pixels.mean(0), pixels.std(0) + 1e-6
-    bank = (bank - mean) / std
-    test = (test_feat - mean[:, None, None]) / std[:, None, None]
-    return metrics_for(nearest_distance(test, bank).numpy(), masks, labels)
+    # the bank: bank_size good pixels drawn at random from all training pixels; every channel is
+    # standardized with all good pixels' mean and std so no channel dominates the distance
+    n, s = len(train_img), train_img.shape[1]
+    chosen = torch.randperm(n * s * s, generator=gen)[:bank_size]
+    rows, total, total_sq = [], 0.0, 0.0
+    for i in range(0, n, CHUNK):
+        feat = extract(train_img[i:i + CHUNK]).double()
+        pixels = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])
+        total, total_sq = total + pixels.sum(0), total_sq + pixels.square().sum(0)
+        local = chosen[(chosen >= i * s * s) & (chosen < (i + len(feat)) * s * s)] - i * s * s
+        rows.append(pixels[local])
+    count = n * s * s
+    mean = total / count
+    std = ((total_sq - count * mean.square()) / (count - 1)).clamp_min(0).sqrt() + 1e-6
+    bank = ((torch.cat(rows) - mean) / std).float()
+    mean, std = mean.float()[:, None, None], std.float()[:, None, None]
+    scores = torch.cat([nearest_distance((extract(test_img[i:i + CHUNK]) - mean) / std, bank)
+                        for i in range(0, len(test_img), CHUNK)])
+    return metrics_for(scores.numpy(), masks, labels)
 
 
 @click.command()
@@ -115,15 +126,14 @@ def main(data_root, category, image_size, teacher_dirs, scales, reference, train
     extractors = {}
     for folder in teacher_dirs or (DEFAULT_DIR,):
         for p in scales:
-            extractors[f"{folder.name}/p={p}"] = (lambda imgs, folder=folder, p=p:
-                                                  teacher_features(load_teacher(folder, p), p, imgs))
+            extractors[f"{folder.name}/p={p}"] = lambda folder=folder, p=p: teacher_extractor(load_teacher(folder, p), p)
     if reference:
-        extractors["efficientnet-lite0 (ImageNet)"] = reference_features
+        extractors["efficientnet-lite0 (ImageNet)"] = reference_extractor
     results = {}
     for label, extract in extractors.items():
         start = time.time()
         gen = torch.Generator().manual_seed(seed)
-        results[label] = probe(extract(train_img), extract(test_img), bank_size, gen, masks, labels)
+        results[label] = probe(extract(), train_img, test_img, bank_size, gen, masks, labels)
         results[label]["wall_s"] = round(time.time() - start, 1)
         click.echo(f"{label:40}" + "".join(f"{results[label][k]:8.3f}" for k in KEYS))
 

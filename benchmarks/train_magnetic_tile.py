@@ -15,9 +15,10 @@ from pathlib import Path
 
 import click
 
-from common import device_label, machine, write_result
+from common import device_label, every_kth_per_type, machine, write_result
 from ustudents.engines.bundle import load_bundle
 from ustudents.engines.runtime import load_engine, resolve_device
+from ustudents.train import dataset
 from ustudents.train.evaluate import evaluate, format_table
 from ustudents.train.pipeline import TrainConfig, train
 from ustudents.train.students import StudentConfig
@@ -36,9 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 @click.option("--scales", default="17,33,65", show_default=True)
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--test-every", default=1, show_default=True,
+              help="Evaluate on every k-th test image of each type (1: the whole test set).")
 @click.option("--out", type=click.Path(path_type=Path), default=REPO / "runs" / "magnetic_tile", show_default=True)
 @click.option("--name", default="magnetic_tile_cpu", show_default=True, help="Result file name under benchmarks/results.")
-def main(data_root, category, image_size, epochs, crop, batch, students, scales, precision, device, out, name):
+def main(data_root, category, image_size, epochs, crop, batch, students, scales, precision, device, test_every, out, name):
     if not (data_root / category / "train" / "good").is_dir():
         raise click.ClickException(f"{data_root / category}: dataset not found; pass --data-root (skipped)")
     dev = resolve_device(device)
@@ -50,18 +53,20 @@ def main(data_root, category, image_size, epochs, crop, batch, students, scales,
     path = train(cfg, log=click.echo)
     train_s = time.time() - t0
     engine = load_engine(path, backend="torch", device=dev, precision=precision, max_batch=4)
-    results = evaluate(engine, data_root, log=click.echo)
+    test = every_kth_per_type(dataset.test_samples(data_root, category), test_every)
+    results = evaluate(engine, data_root, log=click.echo, samples=test)
     table = format_table(results)
     click.echo(table)
     record = {
         "summary": {"dataset": category, "au_pro_30": results["au_pro_30"], "image_auroc": results["image_auroc"],
-                    "pixel_auroc": results["pixel_auroc"], "device": device_label(machine(dev))},
+                    "pixel_auroc": results["pixel_auroc"], "test_images": len(test), "device": device_label(machine(dev))},
         "settings": {"image_size": image_size, "epochs": epochs, "crop": crop, "batch": batch, "students": students,
-                     "scales": cfg.scales, "precision": precision, "teachers": "shipped defaults (how they were made: training.teachers)"},
+                     "scales": cfg.scales, "precision": precision,
+                     "test_every": test_every, "test_images": len(test), "teachers": "shipped defaults (how they were made: training.teachers)"},
         "machine": machine(dev),
         "wall_s": {"train_and_calibrate": round(train_s, 1), "evaluate": results["wall_s"]},
         "command": f"python benchmarks/train_magnetic_tile.py --image-size {image_size} --epochs {epochs} "
-                   f"--crop {crop} --batch {batch} --students {students} --scales {scales} --precision {precision} --name {name}",
+                   f"--crop {crop} --batch {batch} --students {students} --scales {scales} --precision {precision} --test-every {test_every} --name {name}",
         "evaluation": results,
         "training": load_bundle(path).manifest["training"],
     }
@@ -69,7 +74,8 @@ def main(data_root, category, image_size, epochs, crop, batch, students, scales,
     path = write_result(name, record,
         f"# {category}: {name}\n\nMachine: {record['machine']['cpu']} ({record['machine']['cores']} threads), "
         f"device {dev}.\nSettings: {json.dumps(record['settings'])}.\n"
-        f"Wall time: train+calibrate {train_s / 60:.1f} min, evaluate {results['wall_s'] / 60:.1f} min.\n"
+        f"Wall time: train+calibrate {train_s / 60:.1f} min, evaluate {results['wall_s'] / 60:.1f} min "
+        f"({len(test)} test images).\n"
         f"Share of the teacher's variance the students predict on validation images: "
         f"{shares}.\n\n"
         f"```\n{table}\n```\n\nReproduce: `{record['command']}`\n")

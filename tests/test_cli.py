@@ -172,6 +172,26 @@ def test_evaluate_writes_metrics_overlays_and_manifest(bundle_copy, eval_root, t
     assert no_hidden_leftovers(bundle_copy) == [] and no_hidden_leftovers(report.parent) == []
 
 
+@pytest.mark.slow
+def test_evaluate_on_chosen_samples_scores_them_as_a_test_set_of_only_them(tiny_bundle, tiny_mvtec, eval_root, tmp_path):
+    # benchmarks evaluate every k-th test image through `samples=`: the figures must be those of a
+    # test set holding only those images, not of the whole set or a mix
+    from ustudents.engines.runtime import load_engine
+    from ustudents.train.evaluate import evaluate
+
+    engine = load_engine(Path(shutil.copytree(tiny_bundle, tmp_path / "b")), backend="torch", device=torch.device("cpu"))
+    kept = {(s.defect, s.path.name) for s in dataset.test_samples(eval_root, TINY_CATEGORY)}
+    whole = dataset.test_samples(tiny_mvtec, TINY_CATEGORY)
+    chosen = [s for s in whole if (s.defect, s.path.name) in kept]
+    assert len(kept) == len(chosen) < len(whole)
+    on_chosen = evaluate(engine, tiny_mvtec, samples=chosen, log=lambda *a: None)
+    on_copy = evaluate(engine, eval_root, log=lambda *a: None)
+    assert on_chosen["test_images"] == on_copy["test_images"] == len(chosen)
+    for key in ("image_auroc", "pixel_auroc", "au_pro_30"):
+        assert on_chosen[key] == pytest.approx(on_copy[key], abs=1e-9), key
+    assert on_chosen["per_defect"] == on_copy["per_defect"]
+
+
 # --------------------------------------------------------------------------------------- predict
 
 @pytest.mark.slow

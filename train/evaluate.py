@@ -59,13 +59,14 @@ def engine_maps(engine: Engine, images: np.ndarray, desc: str | None = None) -> 
     return np.concatenate(fused), np.concatenate(scales)
 
 
-def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=print) -> dict:
-    """Evaluate the engine's bundle on DATA_ROOT/<category>/test; returns the results and stores them
-    in the bundle's manifest."""
+def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=print,
+             samples: list[dataset.Sample] | None = None) -> dict:
+    """Evaluate the engine's bundle on DATA_ROOT/<category>/test (or on `samples` of it, a subset a
+    benchmark chose); returns the results and stores them in the bundle's manifest."""
     t0 = time.time()
     bundle = engine.bundle
     category, size = bundle.manifest["category"], bundle.image_size
-    samples = dataset.test_samples(data_root, category)
+    samples = dataset.test_samples(data_root, category) if samples is None else samples
     labels = np.array([s.defect != dataset.GOOD for s in samples])
     if labels.all() or not labels.any():
         raise dataset.DatasetError(f"{Path(data_root) / category / 'test'}: needs both good and defective "
