@@ -6,6 +6,7 @@ of the fused model) and a markdown summary beside it, with the machine and the w
 
     python benchmarks/train_magnetic_tile.py                      # the CPU settings quoted in the README
     python benchmarks/train_magnetic_tile.py --image-size 256 --epochs 100 --crop 0 --name magnetic_tile_gpu
+    python benchmarks/train_magnetic_tile.py --image-size 256 --test-every 3   # evaluate on a third of each type
 """
 from __future__ import annotations
 
