@@ -10,8 +10,8 @@ check on test/good), bf16 the PyTorch backend under autocast (CPUs with native b
 PyTorch backend under autocast on CUDA; on CPU, `--fp16 onnx` is the fp16 ONNX graph (networks in
 half, scoring head in fp32: the graph a TensorRT fp16 plan is built from) under ONNX Runtime, with
 its parity check on test/good, and `--fp16 emulated` the PyTorch networks with every weight and
-every tensor between layers rounded to fp16, accumulating in fp32 (emulated_fp16_engine). Writes benchmarks/results/<name>.json with both evaluations and the
-differences; the issue's bar for a lower-precision default is |au_pro_30 difference| <= 0.01.
+every tensor between layers rounded to fp16, accumulating in fp32 (emulated_fp16_engine). Writes
+benchmarks/results/<name>.json with both evaluations and the differences; the issue's bar for a lower-precision default is |au_pro_30 difference| <= 0.01.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def main(precision, device, data_root, category, model, image_size, epochs, crop
                       "--epochs", epochs, "--crop", crop, "--batch", batch, "--amp", amp, "--device", device,
                       "--no-evaluate")
         trained = time.time()
-        # PyTorch runs fp16 convolutions only on CUDA; elsewhere fp16 is the ONNX graph
+        # the torch backend serves fp16 on CUDA only; on CPU fp16 is the ONNX graph or the emulation
         cpu_fp16 = precision == "fp16" and torch.device(device).type != "cuda"
         emulated = cpu_fp16 and fp16_mode == "emulated"
         onnx = precision == "int8" or (cpu_fp16 and not emulated)

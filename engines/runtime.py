@@ -173,7 +173,8 @@ def torch_runner(model: torch.nn.Module, device: torch.device, precision: str) -
     if precision not in ("fp32", "bf16", "fp16"):
         raise EngineError(f"--precision {precision}: the torch backend runs fp32, bf16 or fp16")
     if precision == "fp16" and device.type != "cuda":
-        raise EngineError("--precision fp16: PyTorch runs fp16 convolutions only on CUDA; use bf16 or fp32 on CPU")
+        raise EngineError("--precision fp16: PyTorch's fp16 convolutions on CPU run tens of times slower than fp32; "
+                          "use bf16 or fp32 here, or the fp16 ONNX engine (--backend onnxruntime)")
     if precision == "bf16" and not native_bf16(device):
         raise EngineError(f"--precision bf16: {device_name(device)} has no native bfloat16; use fp32")
     model = model.to(device).eval()
