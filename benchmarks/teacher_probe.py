@@ -9,7 +9,10 @@ teacher scale; `--reference` adds the same probe on ImageNet EfficientNet-Lite0 
 (stride 8 and 16 maps, 3x3 averaged, upsampled and concatenated: the PatchCore-style baseline the
 training issue quotes). A teacher well below the reference caps what student training can reach;
 a teacher close to it points at the students. Teachers to compare are given as folders
-(`--teachers DIR`, repeatable; default: the shipped ones). Writes benchmarks/results/<name>.json.
+(`--teachers DIR`, repeatable; default: the shipped ones). `--fuse` adds each folder's scales fused
+as the paper fuses the students' scores (each scale's map standardized by its distances on held-out
+good images, then averaged): whether the teachers' scales together tell more than the best alone.
+Writes benchmarks/results/<name>.json.
 """
 from __future__ import annotations
 
@@ -72,8 +75,10 @@ def nearest_distance(test: torch.Tensor, bank: torch.Tensor, chunk: int = 8192) 
 
 
 @torch.no_grad()
-def probe(extract, train_img: np.ndarray, test_img: np.ndarray, bank_size: int, gen: torch.Generator,
-          masks: np.ndarray, labels: np.ndarray) -> dict:
+def probe_maps(extract, train_img: np.ndarray, image_sets: list[np.ndarray], bank_size: int,
+               gen: torch.Generator) -> list[torch.Tensor]:
+    """Per image set (N, S, S, 3): the (N, S, S) distance of every pixel's descriptor to the nearest
+    descriptor of the bank of good pixels."""
     # the bank: bank_size good pixels drawn at random from all training pixels; every channel is
     # standardized with all good pixels' mean and std so no channel dominates the distance
     n, s = len(train_img), train_img.shape[1]
@@ -90,9 +95,14 @@ def probe(extract, train_img: np.ndarray, test_img: np.ndarray, bank_size: int, 
     std = ((total_sq - count * mean.square()) / (count - 1)).clamp_min(0).sqrt() + 1e-6
     bank = ((torch.cat(rows) - mean) / std).float()
     mean, std = mean.float()[:, None, None], std.float()[:, None, None]
-    scores = torch.cat([nearest_distance((extract(test_img[i:i + CHUNK]) - mean) / std, bank)
-                        for i in range(0, len(test_img), CHUNK)])
-    return metrics_for(scores.numpy(), masks, labels)
+    return [torch.cat([nearest_distance((extract(images[i:i + CHUNK]) - mean) / std, bank)
+                       for i in range(0, len(images), CHUNK)]) for images in image_sets]
+
+
+def fuse(test_maps: list[torch.Tensor], holdout_maps: list[torch.Tensor]) -> torch.Tensor:
+    """The paper's scale fusion (Sec. 3.3) on probe maps: each scale's map standardized by the mean
+    and std of its distances over the pixels of held-out good images, then averaged over scales."""
+    return torch.stack([(t - h.mean()) / h.std() for t, h in zip(test_maps, holdout_maps)]).mean(0)
 
 
 @click.command()
@@ -107,35 +117,54 @@ def probe(extract, train_img: np.ndarray, test_img: np.ndarray, bank_size: int, 
 @click.option("--train-images", default=100, show_default=True, help="Good training images the bank is drawn from.")
 @click.option("--bank", "bank_size", default=20000, show_default=True, help="Descriptors in the memory bank.")
 @click.option("--test-every", default=1, show_default=True, help="Use every k-th test image of each type.")
+@click.option("--fuse/--no-fuse", "fuse_scales", default=False, show_default=True,
+              help="Also score each teacher folder's scales fused as the paper fuses them, standardized on "
+                   "--holdout good training images outside the bank's.")
+@click.option("--holdout", default=20, show_default=True, help="Held-out good training images for --fuse.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--name", default="teacher_probe_cpu", show_default=True)
 def main(data_root, category, image_size, teacher_dirs, scales, reference, train_images, bank_size,
-         test_every, seed, name):
+         test_every, fuse_scales, holdout, seed, name):
     t0 = time.time()
     torch.manual_seed(seed)
     scales = [int(s) for s in scales.split(",")]
     train = dataset.train_samples(data_root, category)
-    train = [train[i] for i in np.random.default_rng(seed).permutation(len(train))[:train_images]]
+    order = np.random.default_rng(seed).permutation(len(train))
+    held_out = [train[i] for i in order[train_images:train_images + holdout]] if fuse_scales else []
+    train = [train[i] for i in order[:train_images]]
     test = dataset.test_samples(data_root, category)
     test = every_kth_per_type(test, test_every)
     train_img = dataset.load_images(train, image_size, "train images")
     test_img = dataset.load_images(test, image_size, "test images")
+    holdout_img = dataset.load_images(held_out, image_size, "held-out good images") if held_out else None
     masks = dataset.load_masks(test, image_size)
     labels = np.array([s.defect != dataset.GOOD for s in test])
 
-    extractors = {}
+    extractors = {}  # label -> (teacher folder or None, a function making the extractor)
     for folder in teacher_dirs or (DEFAULT_DIR,):
         for p in scales:
-            extractors[f"{folder.name}/p={p}"] = lambda folder=folder, p=p: teacher_extractor(load_teacher(folder, p), p)
+            extractors[f"{folder.name}/p={p}"] = (folder, lambda folder=folder, p=p: teacher_extractor(load_teacher(folder, p), p))
     if reference:
-        extractors["efficientnet-lite0 (ImageNet)"] = reference_extractor
-    results = {}
-    for label, extract in extractors.items():
+        extractors["efficientnet-lite0 (ImageNet)"] = (None, reference_extractor)
+    results, per_folder = {}, {}
+
+    def report(label, scores, wall_s):
+        results[label] = metrics_for(scores.numpy(), masks, labels)
+        results[label]["wall_s"] = round(wall_s, 1)
+        click.echo(f"{label:40}" + "".join(f"{results[label][k]:8.3f}" for k in KEYS))
+
+    for label, (folder, extract) in extractors.items():
         start = time.time()
         gen = torch.Generator().manual_seed(seed)
-        results[label] = probe(extract(), train_img, test_img, bank_size, gen, masks, labels)
-        results[label]["wall_s"] = round(time.time() - start, 1)
-        click.echo(f"{label:40}" + "".join(f"{results[label][k]:8.3f}" for k in KEYS))
+        fused_here = fuse_scales and folder is not None
+        maps = probe_maps(extract(), train_img, [test_img, holdout_img] if fused_here else [test_img], bank_size, gen)
+        report(label, maps[0], time.time() - start)
+        if fused_here:
+            per_folder.setdefault(folder, []).append((time.time() - start, maps))
+    for folder, runs in per_folder.items():
+        if len(runs) > 1:
+            fused = fuse([m[0] for _, m in runs], [m[1] for _, m in runs])
+            report(f"{folder.name}/fused p={','.join(map(str, scales))}", fused, sum(s for s, _ in runs))
 
     info = machine(torch.device("cpu"))
     teachers = {str(f): {p: read_records(f).get(str(p), {}).get("explained_variance_of_P") for p in scales}
@@ -144,7 +173,7 @@ def main(data_root, category, image_size, teacher_dirs, scales, reference, train
                       [f"{label:40}" + "".join(f"{r[k]:12.3f}" for k in KEYS) for label, r in results.items()])
     record = {"summary": {"device": device_label(info), "dataset": str(data_root / category),
                           "image_size": image_size, "test_images": len(test), "train_images": len(train),
-                          "bank": bank_size},
+                          "bank": bank_size, "held_out_images": len(held_out)},
               "results": results, "teachers_explained_variance_of_P": teachers, "machine": info,
               "wall_s": round(time.time() - t0, 1),
               "command": "python benchmarks/teacher_probe.py " + " ".join(sys.argv[1:])}

@@ -161,9 +161,14 @@ class PatchNet(nn.Module):
             return F.conv2d(x, conv.weight, conv.bias, dilation=step, groups=conv.groups)
         if spectral.chosen:
             return spectral(x, step)
-        y, direct_s = timed(F.conv2d, x, conv.weight, conv.bias, dilation=step, groups=conv.groups)
-        # The FFT's first call also pays one-off costs (its transforms' plans), so it gets two tries.
-        fft_s = min(timed(spectral, x, step)[1] for _ in range(2))
+        # Each way twice, alternating, the best of each counting: first calls pay one-off costs (the
+        # FFT's transform plans, oneDNN's primitives, fresh pages), and on a shared 2-core machine one
+        # timing was seen a third off (benchmarks/results/engines_cpu_avx2_planned.json).
+        direct_s = fft_s = float("inf")
+        for _ in range(2):
+            y, seconds = timed(F.conv2d, x, conv.weight, conv.bias, dilation=step, groups=conv.groups)
+            direct_s = min(direct_s, seconds)
+            fft_s = min(fft_s, timed(spectral, x, step)[1])
         keep = fft_s < direct_s
         log.info("p=%d conv %d on %s: FFT %.3f s, direct %.3f s: %s", self.p, i, tuple(x.shape), fft_s, direct_s,
                  "FFT" if keep else "direct")

@@ -102,6 +102,26 @@ def test_fft_is_kept_only_where_it_measured_faster(fft_faster, monkeypatch):
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+def test_the_plan_times_both_ways_alike_so_a_slow_first_direct_call_does_not_pick_the_fft(monkeypatch):
+    # A clock on which each layer's first direct convolution pays a one-off cost (3 s, then 1 s) and
+    # the FFT always takes 2 s: the direct way is the faster one and must be kept everywhere.
+    torch.manual_seed(0)
+    net = PatchNet(17, n=2).eval()
+    seen = {}
+
+    def fake_timed(fn, *args, **kwargs):
+        if isinstance(fn, SpectralConv):
+            return fn(*args, **kwargs), 2.0
+        key = id(args[1])  # the layer's weight
+        seen[key] = seen.get(key, 0) + 1
+        return fn(*args, **kwargs), 3.0 if seen[key] == 1 else 1.0
+    monkeypatch.setattr(patchnet, "timed", fake_timed)
+    with torch.no_grad():
+        net.use_fft().dense_image(torch.randn(1, 3, 60, 60))
+    assert seen and all(n == 2 for n in seen.values())
+    assert net.spectral == [None] * 4
+
+
 def test_fft_is_only_chosen_where_it_saves_operations():
     torch.manual_seed(0)
     weight = torch.randn(8, 8, 5, 5)
