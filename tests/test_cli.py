@@ -189,7 +189,11 @@ def test_evaluate_on_chosen_samples_scores_them_as_a_test_set_of_only_them(tiny_
     assert on_chosen["test_images"] == on_copy["test_images"] == len(chosen)
     for key in ("image_auroc", "pixel_auroc", "au_pro_30"):
         assert on_chosen[key] == pytest.approx(on_copy[key], abs=1e-9), key
-    assert on_chosen["per_defect"] == on_copy["per_defect"]
+    # the same figures per defect type, up to float summation order (an AVX2-only CPU's kernels
+    # rounded the last bit of one AU-PRO differently between the two runs)
+    assert on_chosen["per_defect"].keys() == on_copy["per_defect"].keys()
+    for defect, figures in on_chosen["per_defect"].items():
+        assert figures == pytest.approx(on_copy["per_defect"][defect], abs=1e-9), defect
 
 
 # --------------------------------------------------------------------------------------- predict
