@@ -1,8 +1,9 @@
-"""What every benchmark shares: a description of the machine it ran on, and latency percentiles."""
+"""What every benchmark shares: a description of the machine it ran on, its measured peak, and latency percentiles."""
 from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ def machine(device: torch.device) -> dict:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    out = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)),  # those this process may use (taskset), not the host's
+           "torch_threads": torch.get_num_threads(),
            "cpu_features": sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16",
                                                              "avx512_vnni", "avx_vnni"}),
            "torch": torch.__version__, "device": str(device),
@@ -36,6 +38,36 @@ def machine(device: torch.device) -> dict:
 def device_label(info: dict) -> str:
     """The `summary.device` string: the GPU name, else the CPU model and its core count."""
     return info.get("gpu") or f"{info['cpu']} ({info['cores']} cores)"
+
+
+def peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best of several 4096^2 (GPU) or 2048^2 (CPU) matrix products and, on CPU, 1x1 convolutions of
+    the same arithmetic, after a warm-up each. The convolution is there because PyTorch's CPU matrix
+    product can go through a library that picks a slower code path on some CPUs (measured on an
+    AVX-512 EPYC: 226 GFLOP/s for the product, while oneDNN's convolutions ran at 391), and a peak
+    below what the networks reach would overstate every "% of peak"."""
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    candidates = [lambda: a @ a]
+    if device.type == "cpu":  # (1, n, 32, n/32) through a 1x1 conv of n -> n channels: 2 n^3 FLOP as well
+        x = torch.randn(1, n, 32, n // 32, dtype=dtype)
+        w = torch.randn(n, n, 1, 1, dtype=dtype)
+        candidates.append(lambda: torch.nn.functional.conv2d(x, w))
+    best = float("inf")
+    for op in candidates:
+        op()
+        for _ in range(10):
+            sync(device)
+            t = time.perf_counter()
+            op()
+            sync(device)
+            best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def percentiles(values: list[float]) -> dict:

@@ -31,7 +31,7 @@ import numpy as np
 import ustudents  # noqa: F401  (first: sets THP_MEM_ALLOC_ENABLE before torch allocates, for every configuration alike)
 import torch
 
-from common import device_label, machine, percentiles, write_result  # noqa: E402
+from common import device_label, machine, peak_gflops, percentiles, sync, write_result  # noqa: E402
 from ustudents.engines.bundle import load_bundle, write_bundle  # noqa: E402
 from ustudents.engines.model import AnomalyModel, normalize_input  # noqa: E402
 from ustudents.engines.patchnet import PatchNet, split  # noqa: E402
@@ -90,36 +90,6 @@ def flops_per_frame(scales: list[int], size: int) -> float:
     with counter, torch.no_grad():
         model(torch.empty(1, 3, size, size, device="meta"))
     return float(counter.get_total_flops())
-
-
-def peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Best of several 4096^2 (GPU) or 2048^2 (CPU) matrix products and, on CPU, 1x1 convolutions of
-    the same arithmetic, after a warm-up each. The convolution is there because PyTorch's CPU matrix
-    product can go through a library that picks a slower code path on some CPUs (measured on an
-    AVX-512 EPYC: 226 GFLOP/s for the product, while oneDNN's convolutions ran at 391), and a peak
-    below what the networks reach would overstate every "% of peak"."""
-    n = 4096 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    candidates = [lambda: a @ a]
-    if device.type == "cpu":  # (1, n, 32, n/32) through a 1x1 conv of n -> n channels: 2 n^3 FLOP as well
-        x = torch.randn(1, n, 32, n // 32, dtype=dtype)
-        w = torch.randn(n, n, 1, 1, dtype=dtype)
-        candidates.append(lambda: torch.nn.functional.conv2d(x, w))
-    best = float("inf")
-    for op in candidates:
-        op()
-        for _ in range(10):
-            sync(device)
-            t = time.perf_counter()
-            op()
-            sync(device)
-            best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def frames_for(size: int, n: int, seed: int = 0) -> list[np.ndarray]:

@@ -403,6 +403,27 @@ def test_a_false_positive_rate_outside_0_1_is_refused_before_training(tmp_path, 
     assert not (tmp_path / "m").exists()
 
 
+def test_a_negative_time_limit_is_refused_before_training(tmp_path, tiny_mvtec, random_teachers):
+    result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", tmp_path / "m",
+                    "--max-minutes", "-1", "--teachers", random_teachers)
+    assert_input_error(result, "--max-minutes -1", "0 (no limit)")
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_time_limit_cuts_every_scale_short_and_says_so(tmp_path, tiny_mvtec, random_teachers):
+    out = tmp_path / "m"
+    result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", out, "--scales", "17,33",
+                    "--students", "2", "--epochs", "3", "--max-minutes", "0.0001", "--image-size", "64",
+                    "--teachers", random_teachers, "--no-evaluate", "--amp", "off", "--crop", "8", "--batch", "16",
+                    "--val-fraction", "0.1")
+    assert_ok(result)
+    per_scale = manifest_of(out)["training"]["per_scale"]
+    for p in ("17", "33"):  # the first scale's overrun leaves the second no time: one epoch each
+        assert (per_scale[p]["epochs_trained"], per_scale[p]["stopped_by_time_limit"]) == (1, True)
+        assert f"p={p}: students trained in" in result.output
+    assert result.output.count("1 of 3 epochs: the rest would overrun --max-minutes 0.0001") == 2
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_gpu(tmp_path, tiny_mvtec, random_teachers, tiny_bundle, eval_root):

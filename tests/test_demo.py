@@ -176,6 +176,8 @@ def busy_port() -> socket.socket:
     (["--redis-url", "redis://127.0.0.1:1/0"], "cannot reach Redis"),
     (["--crop", "-1"], "must not be negative"),
     (["--epochs", "0"], "must be at least 1"),
+    (["--max-minutes", "-1"], "--max-minutes -1: must be 0 (no limit) or more"),
+    (["--lr", "0"], "--lr 0: a learning rate must be more than 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path / "o"), *args], env={"REDIS_URL": None})

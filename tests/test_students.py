@@ -1,15 +1,16 @@
 """Student training: windows train every pixel, border pixels included, equally often; the share of
-the teacher's variance the students predict on validation images means what the training log says."""
+the teacher's variance the students predict on validation images means what the training log says;
+a time limit ends training after the last epoch that fits."""
 import numpy as np
 import pytest
 import torch
 
 from ustudents.engines.images import to_tensor
 from ustudents.engines.model import AnomalyModel, normalize_input
-from ustudents.engines.patchnet import DESCRIPTOR_DIM
+from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet
 from ustudents.engines.scoring import ScoreStats
 from ustudents.train.calibrate import errors_and_variances, predicted_share
-from ustudents.train.students import crop_window
+from ustudents.train.students import StudentConfig, another_epoch_fits, crop_window, train_students
 
 
 def coverage(size: int, crop: int, draws: int = 20000) -> np.ndarray:
@@ -69,3 +70,23 @@ def test_predicted_share_is_one_for_students_equal_to_the_teacher_and_zero_for_t
         e, v = errors_and_variances(_ensemble_on(images, last_scale), images, torch.device("cpu"))
         got = predicted_share(ScoreStats(float(e.mean()), 1.0, float(v.mean()), 1.0))
         assert got == pytest.approx(share, abs=1e-3), last_scale
+
+
+def test_another_epoch_is_started_only_if_one_as_slow_as_the_slowest_yet_still_ends_in_time():
+    assert another_epoch_fits(now=100.0, epoch_seconds=[], deadline=0.0)  # the first epoch always runs
+    assert another_epoch_fits(now=140.0, epoch_seconds=[10.0, 30.0], deadline=170.0)
+    assert not another_epoch_fits(now=140.0, epoch_seconds=[10.0, 30.0], deadline=169.0)  # the mean, 20, would fit
+    assert another_epoch_fits(now=1e9, epoch_seconds=[10.0] * 50, deadline=None)
+
+
+def test_a_time_limit_ends_training_after_the_last_epoch_that_fits(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
+    teacher = PatchNet(17, 1).state_dict()
+    cfg = StudentConfig(students=2, epochs=3, batch=2, crop=8, amp=False)
+    _, _, _, unlimited = train_students(17, teacher, images, cfg, torch.device("cpu"), tmp_path)
+    assert (unlimited["epochs_trained"], unlimited["stopped_by_time_limit"]) == (3, False)
+    assert len(unlimited["loss_per_student_by_epoch"]) == 3
+    # No time at all still trains one epoch (a model, not an error) and says it stopped early.
+    _, _, _, limited = train_students(17, teacher, images, cfg, torch.device("cpu"), tmp_path, deadline=0.0)
+    assert (limited["epochs_trained"], limited["stopped_by_time_limit"]) == (1, True)
+    assert limited["loss_per_student_by_epoch"] == unlimited["loss_per_student_by_epoch"][:1]  # same seed, same first epoch

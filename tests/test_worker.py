@@ -655,24 +655,37 @@ def test_consumers_of_dead_workers_are_reaped_but_none_holding_frames(engines, r
 def test_a_lag_redis_cannot_tell_is_withdrawn_not_left_stale(engines, redis_url, stream, caplog):
     """After a Redis restart during a backlog, XINFO GROUPS answers lag = nil (the AOF replay drops
     the group's read counter). The gauge must then vanish, not keep its last value, with one
-    warning, and come back when Redis can tell again."""
+    warning, and come back when Redis can tell again. A Redis before 7 has no lag field at all:
+    no gauge and no warning blaming a restart that never happened."""
     config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
                                                "metrics_port": 0})
-    worker = Worker(config, engines)
 
-    def exported() -> list[float]:
+    def exported(worker) -> list[float]:
         return [s.value for f in text_string_to_metric_families(worker.metrics.exposition().decode())
                 if f.name == "ustudents_consumer_lag_entries" for s in f.samples]
 
-    worker._report_lag(120)
-    assert exported() == [120]
+    def events(records) -> list:
+        return [getattr(r, "event", None) for r in records]
+
+    worker = Worker(config, engines)
+    worker._report_lag({"pending": 0, "lag": 120})
+    assert exported(worker) == [120]
     with caplog.at_level("WARNING", logger="ustudents.worker"):
-        worker._report_lag(None)
-        worker._report_lag(None)
-    assert exported() == []
-    assert [getattr(r, "event", None) for r in caplog.records].count("lag_unknown") == 1
-    worker._report_lag(7)
-    assert exported() == [7]
+        worker._report_lag({"pending": 0, "lag": None})
+        worker._report_lag({"pending": 0, "lag": None})
+    assert exported(worker) == []
+    assert events(caplog.records).count("lag_unknown") == 1
+    worker._report_lag({"pending": 0, "lag": 7})
+    assert exported(worker) == [7]
+
+    caplog.clear()
+    old_redis = Worker(config, engines)
+    with caplog.at_level("INFO", logger="ustudents.worker"):
+        for _ in range(3):
+            old_redis._report_lag({"name": "ustudents", "pending": 0, "last-delivered-id": "0-0"})  # Redis 6.2
+    assert exported(old_redis) == []
+    assert events(caplog.records).count("lag_unsupported") == 1 and "lag_unknown" not in events(caplog.records)
+    assert all(r.levelname == "INFO" for r in caplog.records if getattr(r, "event", None) == "lag_unsupported")
 
 
 def test_redis_unreachable_at_start_is_not_fatal(engines):

@@ -67,6 +67,9 @@ amp_option = click.option("--amp", type=click.Choice(["auto", "on", "off"]), def
 @click.option("--batch", default=1, show_default=True, help="Images per student step (paper: 1).")
 @click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate (paper: 1e-4).")
 @click.option("--weight-decay", default=1e-5, show_default=True, help="Adam weight decay (paper: 1e-5).")
+@click.option("--max-minutes", default=0.0, show_default=True,
+              help="Limit on student training over all scales, in minutes (0 = none): each scale stops after "
+                   "the last epoch that fits its share, so a slow machine trains fewer epochs.")
 @click.option("--crop", default=0, show_default=True,
               help="Train on random CROP x CROP windows of the dense output instead of whole images (CPU economy); 0 = whole image.")
 @click.option("--val-fraction", default=0.2, show_default=True,
@@ -82,7 +85,7 @@ amp_option = click.option("--amp", type=click.Choice(["auto", "on", "off"]), def
               help="Evaluate on the category's test set afterwards (stored in the manifest).")
 @user_errors
 def train_cmd(category, data_root, out, scales, students, epochs, image_size, device, seed, batch, lr,
-              weight_decay, crop, val_fraction, target_fpr, image_fpr, teachers, amp, evaluate):
+              weight_decay, max_minutes, crop, val_fraction, target_fpr, image_fpr, teachers, amp, evaluate):
     """Train the student ensembles of CATEGORY and write a calibrated model bundle."""
     from .evaluate import evaluate as run_evaluation, format_table
     from .pipeline import TrainConfig, train
@@ -94,7 +97,8 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
                       val_fraction=val_fraction, target_fpr=target_fpr, image_fpr=image_fpr, teachers=teachers,
                       device=str(dev),
                       student=StudentConfig(students=students, epochs=epochs, batch=batch, lr=lr,
-                                            weight_decay=weight_decay, crop=crop, amp=resolve_amp(amp, dev), seed=seed))
+                                            weight_decay=weight_decay, crop=crop, amp=resolve_amp(amp, dev), seed=seed,
+                                            max_minutes=max_minutes))
     path = train(cfg, log=click.echo)
     if evaluate:
         from ustudents.engines.runtime import load_engine

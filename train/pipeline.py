@@ -46,6 +46,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--image-size {cfg.image_size}: must be at least {MIN_IMAGE_SIZE} pixels")
     if cfg.student.students < 2:
         raise ValueError("--students must be at least 2: the predictive variance needs an ensemble")
+    if not cfg.student.lr > 0:  # NaN too
+        raise ValueError(f"--lr {cfg.student.lr:g}: a learning rate must be more than 0")
+    if not cfg.student.max_minutes >= 0:
+        raise ValueError(f"--max-minutes {cfg.student.max_minutes:g}: must be 0 (no limit) or more")
     for option, rate in (("--target-fpr", cfg.target_fpr), ("--image-fpr", cfg.image_fpr)):
         if not 0 < rate < 1:
             raise ValueError(f"{option} {rate}: a false-positive rate must be between 0 and 1")
@@ -90,17 +94,24 @@ def train(cfg: TrainConfig, log=print) -> Path:
     model = AnomalyModel(cfg.scales, cfg.student.students)
     tensors, records = {}, {}
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    for ens in model.ensembles:
+    end = time.monotonic() + cfg.student.max_minutes * 60
+    for i, ens in enumerate(model.ensembles):
         p = ens.p
+        deadline = None
+        if cfg.student.max_minutes:  # the time left is shared by the scales still to train
+            now = time.monotonic()
+            deadline = now + max(end - now, 0.0) / (len(model.ensembles) - i)
         students, desc_mean, desc_std, record = train_students(
-            p, teachers[p], fit_images, cfg.student, device, workdir=cfg.out.parent)
+            p, teachers[p], fit_images, cfg.student, device, workdir=cfg.out.parent, deadline=deadline)
         ens.net.load_state_dict({k: torch.cat([teachers[p][k], students[k]]) for k in students})
         ens.desc_mean.copy_(desc_mean)
         ens.desc_std.copy_(desc_std)
         tensors.update({f"{p}.teacher.{k}": v for k, v in teachers[p].items()})
         tensors.update({f"{p}.students.{k}": v for k, v in students.items()})
         records[str(p)] = record
-        log(f"p={p}: students trained in {record['wall_s']:.0f} s, final loss per student "
+        cut = (f", {record['epochs_trained']} of {cfg.student.epochs} epochs: the rest would overrun "
+               f"--max-minutes {cfg.student.max_minutes:g}" if record["stopped_by_time_limit"] else "")
+        log(f"p={p}: students trained in {record['wall_s']:.0f} s{cut}, final loss per student "
             f"{record['loss_per_student_by_epoch'][-1]:.3f}")
 
     cal = calibrate(model, val_images, device, cfg.target_fpr, cfg.image_fpr, bf16=cfg.student.amp)

@@ -36,6 +36,9 @@ class StudentConfig:
     crop: int = 0  # side of the random training crop of the dense output; 0 = whole image
     amp: bool = True  # bfloat16 autocast for the students' forward/backward
     seed: int = 0
+    # Wall-clock limit on student training over all scales, in minutes; 0 = none. Training stops
+    # at the end of the last epoch that fits, so a slow CPU trains fewer epochs instead of overrunning.
+    max_minutes: float = 0.0
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -89,9 +92,17 @@ def student_loss(mu: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (mu - y[:, None]).square().sum(dim=2).mean(dim=(0, 2, 3)).sum()
 
 
+def another_epoch_fits(now: float, epoch_seconds: list[float], deadline: float | None) -> bool:
+    """True if another epoch, as long as the slowest so far, still ends by `deadline` (time.monotonic();
+    None = no limit). The first epoch always runs: a limit gives fewer epochs, never no model."""
+    return deadline is None or not epoch_seconds or now + max(epoch_seconds) <= deadline
+
+
 def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.ndarray, cfg: StudentConfig,
-                   device: torch.device, workdir: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict]:
-    """Train the M students of scale p on uint8 images (N, S, S, 3).
+                   device: torch.device, workdir: Path,
+                   deadline: float | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict]:
+    """Train the M students of scale p on uint8 images (N, S, S, 3), for cfg.epochs or, with a
+    deadline (time.monotonic()), as many of them as end by it (at least one).
 
     Returns the fused students' state dict, the teacher descriptor mean and std, and a record."""
     t0 = time.time()
@@ -118,9 +129,12 @@ def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.nd
         crop = cfg.crop if 0 < cfg.crop < size else size
         steps_per_epoch = math.ceil(n / cfg.batch)
         mean_d, std_d = desc_mean.to(device), desc_std.to(device)
-        history = []
+        history, epoch_seconds = [], []
         bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"students p={p}", unit="step")
         for epoch in range(cfg.epochs):
+            if not another_epoch_fits(time.monotonic(), epoch_seconds, deadline):
+                break
+            started = time.monotonic()
             order = gen.permutation(n)
             total = 0.0
             for s in range(steps_per_epoch):
@@ -138,7 +152,9 @@ def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.nd
                 total += loss.item()
                 bar.update()
             history.append(round(total / steps_per_epoch / cfg.students, 5))
+            epoch_seconds.append(time.monotonic() - started)
             bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.3f}")
         bar.close()
-    record = {"loss_per_student_by_epoch": history, "wall_s": round(time.time() - t0, 1), "crop": crop}
+    record = {"loss_per_student_by_epoch": history, "epochs_trained": len(history),
+              "stopped_by_time_limit": len(history) < cfg.epochs, "wall_s": round(time.time() - t0, 1), "crop": crop}
     return {k: v.cpu() for k, v in students.state_dict().items()}, desc_mean, desc_std, record

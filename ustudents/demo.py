@@ -45,8 +45,10 @@ DEFAULT_METRICS_PORT = 9108
 # 20 epochs of 16 px crops over the sample's 136 training images. With 34 validation images the
 # image score is the position-standardized maximum. With the shipped p = 17 teacher the 24 test
 # frames gave image AUROC 0.836 and 10 of 16 defects found after 20 epochs, 0.805 and 7 of 16 after
-# 10: the students need longer to learn that teacher (README: What `ustudents demo` does).
-DEFAULTS = dict(image_size=96, scales="17", students=3, epochs=20, crop=16, batch=4, seed=0)
+# 10: the students need longer to learn that teacher. At most 6 minutes of student training: the
+# rest of the demo took up to 2.5 minutes, so a slow CPU trains fewer epochs and still ends within
+# 10 (on one core: 16 of 20 epochs, 9 of 16 found; README: What `ustudents demo` does).
+DEFAULTS = dict(image_size=96, scales="17", students=3, epochs=20, crop=16, batch=4, lr=1e-4, max_minutes=6.0, seed=0)
 
 
 class DemoError(click.ClickException):
@@ -189,14 +191,15 @@ def test_frames(data_root: Path, category: str) -> list[Frame]:
 
 # -- training --------------------------------------------------------------------------------------
 def train_config(data_root: Path, category: str, out: Path, image_size: int, scales: list[int], students: int,
-                 epochs: int, crop: int, batch: int, seed: int):
+                 epochs: int, crop: int, batch: int, lr: float, max_minutes: float, seed: int):
     from ustudents.train.pipeline import TrainConfig
     from ustudents.train.students import StudentConfig
 
     # fp32: bfloat16 autocast was measured tens of times slower than fp32 on a loaded 2-core CPU
     return TrainConfig(category=category, data_root=data_root, out=out, scales=scales, image_size=image_size,
                        device="cpu", student=StudentConfig(students=students, epochs=epochs, batch=batch,
-                                                           crop=crop, amp=False, seed=seed))
+                                                           crop=crop, lr=lr, amp=False, seed=seed,
+                                                           max_minutes=max_minutes))
 
 
 def reusable(cfg) -> bool:
@@ -564,6 +567,9 @@ def _positive(ctx, param, value):
 @click.option("--crop", default=DEFAULTS["crop"], show_default=True, help="Training crop side; 0 = whole images.")
 @click.option("--batch", default=DEFAULTS["batch"], show_default=True, callback=_positive,
               help="Training batch and the worker's micro-batch.")
+@click.option("--lr", default=DEFAULTS["lr"], show_default=True, help="The students' Adam learning rate.")
+@click.option("--max-minutes", default=DEFAULTS["max_minutes"], show_default=True,
+              help="Limit on student training: a slow CPU trains fewer epochs; 0 = all --epochs.")
 @click.option("--seed", default=DEFAULTS["seed"], show_default=True, help="Seeds training and the validation split.")
 @click.option("--redis-url", envvar="REDIS_URL", default=None,
               help="Use this Redis (env REDIS_URL); without it the demo starts its own on a private socket.")
@@ -572,7 +578,7 @@ def _positive(ctx, param, value):
 @click.option("--fps", default=4.0, show_default=True, help="Frames per second the camera stand-in publishes; 0 = all at once.")
 @click.option("--serve", is_flag=True, help="After the report, keep the worker, Redis and metrics up until Ctrl-C.")
 def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, scales, students, epochs, crop, batch,
-             seed, redis_url, metrics_port, fps, serve):
+             lr, max_minutes, seed, redis_url, metrics_port, fps, serve):
     """Train a small model on a real sample, serve it through Redis and a worker, and report."""
     from ustudents.engines.bundle import BundleError, load_bundle
     from ustudents.engines.runtime import EngineError
@@ -596,7 +602,8 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
             demo.check_redis(redis_url)
         # -- model
         if model is None:
-            cfg = train_config(data_root, category, out / "model", image_size, scales, students, epochs, crop, batch, seed)
+            cfg = train_config(data_root, category, out / "model", image_size, scales, students, epochs, crop, batch, lr,
+                               max_minutes, seed)
             if not retrain and reusable(cfg):
                 demo.step(f"model: reusing {cfg.out} (trained earlier with these settings on these images)")
             else:
@@ -605,7 +612,8 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
 
                 check_writable(cfg.out)
                 demo.step(f"training: {category} from {data_root}, {image_size} px, scales {','.join(map(str, scales))}, "
-                          f"M={students}, {epochs} epochs of {crop or image_size} px crops, batch {batch} (CPU, fp32)")
+                          f"M={students}, {epochs} epochs of {crop or image_size} px crops, batch {batch} (CPU, fp32)"
+                          + (f", at most {max_minutes:g} min of student training" if max_minutes else ""))
                 t = time.monotonic()
                 train(cfg, log=lambda m: click.echo(f"    {m}"))
                 demo.step(f"trained in {time.monotonic() - t:.0f} s")

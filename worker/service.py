@@ -507,7 +507,7 @@ class Worker:
                 info = self.io.group_info()
                 if info:
                     m.pending.labels(s.stream, s.group).set(int(info.get("pending", 0)))
-                    self._report_lag(info.get("lag"))
+                    self._report_lag(info)
                 self.redis_state.ok()
             except UNAVAILABLE as err:
                 self.redis_state.failed(err)
@@ -540,12 +540,20 @@ class Worker:
                      "the group): %s", len(gone), self.s.reap_idle_s, ", ".join(gone),
                      extra={"event": "consumers_reaped", "consumers": gone})
 
-    def _report_lag(self, lag: int | None) -> None:
-        """The group's lag as Redis counts it. Redis cannot tell it (None) after replaying its AOF
-        at a restart while the group had a backlog: the replay drops the group's read counter
+    def _report_lag(self, info: dict) -> None:
+        """The group's lag as Redis counts it (XINFO GROUPS). Redis < 7 keeps no such count: no
+        gauge, one info line. Redis 7 cannot tell it (None) after replaying its AOF at a restart
+        while the group had a backlog: the replay drops the group's read counter
         (redis/redis#10569) until the group catches up with the stream's end. Meanwhile the gauge
         is removed rather than left at a stale value that would hold the lag alert in its state."""
         s, gauge = self.s, self.metrics.lag
+        if "lag" not in info:
+            if self.lag_known is None:
+                log.info("this Redis (before 7) does not count a group's lag: the lag gauge is not exported "
+                         "(pending and latency are)", extra={"event": "lag_unsupported"})
+                self.lag_known = False
+            return
+        lag = info["lag"]
         if lag is not None:
             gauge.labels(s.stream, s.group).set(int(lag))
             self.lag_known = True
