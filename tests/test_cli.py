@@ -424,6 +424,16 @@ def test_a_time_limit_cuts_every_scale_short_and_says_so(tmp_path, tiny_mvtec, r
     assert result.output.count("1 of 3 epochs: the rest would overrun --max-minutes 0.0001") == 2
 
 
+def test_diverging_training_names_the_learning_rate_and_writes_no_model(tmp_path, tiny_mvtec, random_teachers):
+    """A learning rate far too high makes the loss infinite, then NaN: say so, not blame calibration."""
+    out = tmp_path / "m"
+    result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", out, "--scales", "17",
+                    "--students", "2", "--epochs", "2", "--lr", "1e6", "--image-size", "64", "--teachers", random_teachers,
+                    "--no-evaluate", "--amp", "off", "--crop", "8", "--batch", "4", "--val-fraction", "0.1")
+    assert_input_error(result, "p=17: the students' loss became", "training diverged", "lower --lr (now 1e+06)")
+    assert not out.exists() and not list(tmp_path.glob("**/targets-*"))  # nor the teacher targets' scratch file
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_gpu(tmp_path, tiny_mvtec, random_teachers, tiny_bundle, eval_root):

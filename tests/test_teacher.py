@@ -1,4 +1,6 @@
-"""Teacher distillation losses, patch sampling and the backbones."""
+"""Teacher distillation losses, patch sampling, the backbones, and learning rates that cannot train."""
+import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -6,8 +8,9 @@ from torch import nn
 
 from ustudents.engines.patchnet import geometry
 from ustudents.train.backbones import BackboneError, ResNet18Features, build_backbone
-from ustudents.train.teacher import (DENSE_MAX_PIXELS, DENSE_RF, compactness_loss, dense_levels, dense_targets,
-                                     knowledge_distillation_loss, sample_patches, sample_windows, triplet_loss)
+from ustudents.train.teacher import (DENSE_MAX_PIXELS, DENSE_RF, TeacherConfig, TeacherError, compactness_loss,
+                                     dense_levels, dense_targets, knowledge_distillation_loss, sample_patches,
+                                     sample_windows, train_teacher, triplet_loss)
 
 
 def test_knowledge_distillation_loss_is_mean_squared_error_per_dimension():
@@ -153,3 +156,18 @@ def test_unknown_schedule_is_refused_before_any_work():
 
     with pytest.raises(TeacherError, match="schedule 'linear'; choose one of constant, cosine"):
         train_teacher(TeacherConfig(p=17, schedule="linear", images="/nonexistent"))
+
+
+@pytest.mark.parametrize("lr, message", [(0.0, "--lr 0: a learning rate must be more than 0"),
+                                         (1e9, "the teacher's loss became")])
+def test_a_learning_rate_that_cannot_train_is_refused_or_reported_not_saved(lr, message, tmp_path):
+    images = tmp_path / "photos"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        cv2.imwrite(str(images / f"{i}.png"), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    with pytest.raises(TeacherError, match=message) as err:
+        train_teacher(TeacherConfig(p=17, backbone="efficientnet-lite0", images=str(images), crop=8, steps=51,
+                                    batch=2, lr=lr, amp=False))
+    if lr > 0:
+        assert "diverged; train again with a lower --lr (now 1e+09)" in str(err.value)

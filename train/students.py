@@ -92,6 +92,10 @@ def student_loss(mu: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (mu - y[:, None]).square().sum(dim=2).mean(dim=(0, 2, 3)).sum()
 
 
+class TrainingDiverged(ValueError):
+    """The loss stopped being a number: the weights are lost, so nothing may be calibrated or written."""
+
+
 def another_epoch_fits(now: float, epoch_seconds: list[float], deadline: float | None) -> bool:
     """True if another epoch, as long as the slowest so far, still ends by `deadline` (time.monotonic();
     None = no limit). The first epoch always runs: a limit gives fewer epochs, never no model."""
@@ -149,7 +153,13 @@ def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.nd
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += loss.item()
+                value = loss.item()
+                if not math.isfinite(value):
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"p={p}: the students' loss became {value} in epoch {epoch + 1}, step {s + 1}: training "
+                        f"diverged; train again with a lower --lr (now {cfg.lr:g}). No model was written")
+                total += value
                 bar.update()
             history.append(round(total / steps_per_epoch / cfg.students, 5))
             epoch_seconds.append(time.monotonic() - started)

@@ -27,6 +27,7 @@ Two kinds of distillation target P(p) (`--target`):
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -242,6 +243,8 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
         raise TeacherError(f"unknown target {cfg.target!r}; choose one of {', '.join(TARGETS)}")
     if cfg.schedule not in SCHEDULES:
         raise TeacherError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if not cfg.lr > 0:  # NaN too
+        raise TeacherError(f"--lr {cfg.lr:g}: a learning rate must be more than 0")
     if cfg.batch is None:
         cfg = replace(cfg, batch=DEFAULT_BATCH[cfg.target])
     levels = _pyramid(load_natural_images(cfg.images), cfg.p)
@@ -300,9 +303,14 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
         opt.step()
         if sched is not None:
             sched.step()
-        if step % 50 == 0 or step == cfg.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}", l_k=f"{l_k.item():.3f}")
-            history.append({"step": step, "loss": round(loss.item(), 5), "l_k": round(l_k.item(), 5)})
+        if step % 50 == 0 or step == cfg.steps - 1:  # reading the loss syncs a GPU: not every step
+            value = loss.item()
+            if not math.isfinite(value):  # NaN weights stay NaN: the last step is checked too
+                bar.close()
+                raise TeacherError(f"p={cfg.p}: the teacher's loss became {value} by step {step + 1}: training "
+                                   f"diverged; train again with a lower --lr (now {cfg.lr:g}). This teacher was not written")
+            bar.set_postfix(loss=f"{value:.3f}", l_k=f"{l_k.item():.3f}")
+            history.append({"step": step, "loss": round(value, 5), "l_k": round(l_k.item(), 5)})
     # How much of P's descriptor the decoder recovers: 1 - residual / variance, on the patch pool
     # (target "patch") or on 16 fresh batches of windows (target "dense").
     with torch.no_grad():
