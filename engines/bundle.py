@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .images import UINT16_BITS
 from .model import AnomalyModel
 from .patchnet import PatchNet
 from .scoring import IMAGE_SCORES, MASK_RULES
@@ -90,6 +91,11 @@ class Bundle:
     @property
     def image_size(self) -> int:
         return int(self.manifest["image_size"])
+
+    @property
+    def uint16_bits(self) -> int:
+        """The bits 16-bit frames hold for this model, as in its training images (engines.images)."""
+        return int(self.manifest.get("input", {}).get("uint16_bits", UINT16_BITS))
 
     @property
     def mask_threshold(self) -> float:
@@ -250,6 +256,10 @@ def load_bundle(path: str | Path) -> Bundle:
     if score["method"] not in IMAGE_SCORES:
         raise BundleError(f"{mpath}: image score {score['method']!r} is not one this ustudents computes "
                           f"({', '.join(IMAGE_SCORES)}); use the ustudents release that wrote the bundle")
+    bits = manifest.get("input", {}).get("uint16_bits", UINT16_BITS)
+    if not (isinstance(bits, int) and 8 <= bits <= 16):
+        raise BundleError(f"{mpath}: input.uint16_bits {bits!r} is not a bit count from 8 to 16; restore the bundle "
+                          "or retrain")
     if not wpath.is_file():
         raise BundleError(f"{wpath}: weights file missing; restore the bundle from a copy or retrain")
     if sha256_file(wpath) != wmeta["sha256"]:

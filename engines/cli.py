@@ -49,14 +49,14 @@ def engine_options(fn):
     return fn
 
 
-def good_frames(folder: Path | None, limit: int = 8) -> list:
-    """Up to `limit` images from a folder, for parity checks on real images."""
+def good_frames(folder: Path | None, bits: int, limit: int = 8) -> list:
+    """Up to `limit` images from a folder, for parity checks on real images (16-bit data: `bits`)."""
     if folder is None:
         return []
     files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if Path(folder).is_dir() else []
     if not files:
         raise InputError(f"{folder}: no images ({'/'.join(IMAGE_SUFFIXES)}); give a folder of good images")
-    return [read_image(f) for f in files[:limit]]
+    return [read_image(f, bits) for f in files[:limit]]
 
 
 @click.command("build-engines")
@@ -84,8 +84,8 @@ def build_engines_cmd(model, backend, precision, max_batch, check_images, calibr
     if backend == "tensorrt":
         from .tensorrt_build import require_tensorrt
         require_tensorrt()
-    frames = good_frames(check_images)
-    calibration = good_frames(calibration_images, limit=32) if precision == "int8" else None
+    frames = good_frames(check_images, bundle.uint16_bits)
+    calibration = good_frames(calibration_images, bundle.uint16_bits, limit=32) if precision == "int8" else None
     try:
         entry = build_onnx(bundle, precision, max_batch, frames, calibration)
     except ParityError as err:

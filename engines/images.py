@@ -2,6 +2,12 @@
 
 One convention everywhere: images are uint8 RGB arrays (H, W, 3); gray files are replicated to
 three channels, because the teacher was distilled from an RGB ImageNet network.
+
+16-bit files (machine-vision cameras write 10-, 12- or 14-bit data in 16-bit PNG or TIFF) become
+8 bits by dropping their lowest bits: `bits` - 8 of them, where `bits` is how many the data uses.
+A 12-bit sensor's values (0..4095) kept as the top 8 of 16 bits would be 0..15, nearly black, so a
+bundle records the bits its training images use (`uint16_bits`) and every reader of frames for
+that bundle converts with it, in training and in production alike.
 """
 from __future__ import annotations
 
@@ -19,24 +25,54 @@ class ImageError(ValueError):
     """An image file that cannot be used; the message names the file and the fix."""
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read a PNG/JPEG/... file as uint8 RGB (H, W, 3)."""
+UINT16_BITS = 16  # 16-bit data of unknown depth (and bundles from before uint16_bits): its top 8 bits
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _read_bytes(path: str | Path) -> bytes:
     path = Path(path)
-    data = np.fromfile(path, dtype=np.uint8) if path.is_file() else None
-    if data is None:
+    if not path.is_file():
         raise ImageError(f"{path}: no such file")
-    return decode_image(data.tobytes(), str(path))
+    return path.read_bytes()
 
 
-def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
-    """Decode encoded image bytes as uint8 RGB (H, W, 3)."""
+def read_image(path: str | Path, bits: int = UINT16_BITS) -> np.ndarray:
+    """Read a PNG/JPEG/... file as uint8 RGB (H, W, 3); 16-bit data holding `bits` bits (module docstring)."""
+    return decode_image(_read_bytes(path), str(path), bits)
+
+
+def _decode_unchanged(data: bytes, source: str) -> np.ndarray:
     if len(data) == 0:
         raise ImageError(f"{source}: the file is empty; replace it with a valid PNG or JPEG image")
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise ImageError(f"{source}: cannot be decoded as an image; replace or remove the file")
-    if img.dtype == np.uint16:  # 16-bit sensors: keep the top 8 bits
-        img = (img >> 8).astype(np.uint8)
+    if img.dtype not in (np.uint8, np.uint16):
+        raise ImageError(f"{source}: {img.dtype} pixels; save it as an 8- or 16-bit integer image")
+    return img
+
+
+def uint16_bits_of(path: str | Path) -> int | None:
+    """How many bits a 16-bit image file's data uses (at least 8), from its largest value; None for
+    an 8-bit file. Reads only the header of an 8-bit PNG."""
+    if not Path(path).is_file():
+        raise ImageError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(25)
+    if head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and len(head) == 25 and head[24] <= 8:
+        return None  # IHDR's bit depth byte: no need to read on
+    img = _decode_unchanged(_read_bytes(path), str(path))
+    return max(8, int(img.max()).bit_length()) if img.dtype == np.uint16 else None
+
+
+def decode_image(data: bytes, source: str = "<bytes>", bits: int | None = UINT16_BITS) -> np.ndarray:
+    """Decode encoded image bytes as uint8 RGB (H, W, 3). 16-bit data is taken to hold `bits` bits
+    (8..16; None: as many as this image uses, for pictures only, never for a model's input) and
+    scaled to 8 by dropping the lowest bits - 8; values beyond `bits` saturate at 255."""
+    img = _decode_unchanged(data, source)
+    if img.dtype == np.uint16:
+        bits = max(8, int(img.max()).bit_length()) if bits is None else bits
+        img = np.minimum(img >> (bits - 8), 255).astype(np.uint8)
     if img.ndim == 2:
         return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
     if img.shape[2] == 4:
@@ -58,6 +94,9 @@ def read_mask(path: str | Path) -> np.ndarray:
 def frame_tensor(frame: np.ndarray) -> torch.Tensor:
     """A decoded camera frame, uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), as uint8 RGB (3, H, W)."""
     arr = np.asarray(frame)
+    if arr.dtype == np.uint16:
+        raise ImageError(f"frame of dtype uint16 and shape {arr.shape}: engines take 8-bit frames; read 16-bit ones "
+                         "with decode_image / read_image and bits=engine.bundle.uint16_bits, as the worker does")
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)) \
             or arr.size == 0:
         raise ImageError(f"frame of dtype {arr.dtype} and shape {arr.shape}: expected a non-empty uint8 image "

@@ -39,6 +39,27 @@ def write_image(path: str | Path, array: np.ndarray) -> Path:
     return path
 
 
+def as_12_bit(array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The uint16 image a 12-bit camera gives for a uint8 one: each value times 16 plus noise in
+    the 4 low bits, which the conversion to 8 bits drops again."""
+    return array.astype(np.uint16) * 16 + rng.integers(0, 16, array.shape, dtype=np.uint16)
+
+
+def copy_as_png(root: Path, out: Path, bits: int) -> Path:
+    """A copy of an MVTec-layout root with every image a PNG of `bits` 8 or 12 (masks unchanged):
+    two such copies hold the same 8-bit images under the same names. Returns out."""
+    from ustudents.engines.images import IMAGE_SUFFIXES, read_image
+
+    rng = np.random.default_rng(12)
+    shutil.copytree(root, out)
+    for path in sorted(out.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and "ground_truth" not in path.parts:
+            image = read_image(path)
+            path.unlink()
+            write_image(path.with_suffix(".png"), as_12_bit(image, rng) if bits == 12 else image)
+    return out
+
+
 def _texture(rng: np.random.Generator, h: int, w: int, color: bool) -> np.ndarray:
     """A smooth defect-free texture: low-pass-filtered noise plus a sine stripe pattern."""
     noise = cv2.GaussianBlur(rng.normal(0.0, 1.0, (h, w)).astype(np.float32), (0, 0), 3.0)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import TINY_CATEGORY, write_image
+from conftest import TINY_CATEGORY, copy_as_png, write_image
 from ustudents.cli import main
 from ustudents.engines.bundle import MANIFEST, WEIGHTS, load_bundle, sha256_file, update_manifest
 from ustudents.train import dataset
@@ -227,6 +227,27 @@ def test_predict_writes_masks_overlays_and_results(tiny_bundle, tiny_mvtec, tmp_
         overlay = cv2.imread(r["overlay"], cv2.IMREAD_UNCHANGED)
         assert overlay.shape == (h, w, 3)
     assert no_hidden_leftovers(out) == []
+
+
+@pytest.mark.slow
+def test_a_12_bit_camera_trains_and_predicts_as_the_8_bit_images_it_holds(tmp_path, tiny_mvtec, random_teachers):
+    """16-bit files holding 12 bits: training finds the 12 bits and records them, and predict reads
+    frames with them, so the model equals one trained on the same images in 8 bits."""
+    runs = {}
+    for bits in (8, 12):
+        root = copy_as_png(tiny_mvtec, tmp_path / f"data{bits}", bits)
+        out = tmp_path / f"model{bits}"
+        trained = invoke("train", "--data-root", root, TINY_CATEGORY, "--out", out, "--scales", "17", "--students", "2",
+                         "--epochs", "1", "--image-size", "64", "--teachers", random_teachers, "--no-evaluate",
+                         "--amp", "off", "--crop", "8", "--batch", "16", "--val-fraction", "0.1")
+        assert_ok(trained)
+        frame = root / TINY_CATEGORY / "test" / "scratch" / "001.png"
+        assert_ok(invoke("predict", out, frame, "--out", tmp_path / f"pred{bits}"))
+        runs[bits] = (trained.output, manifest_of(out), json.loads((tmp_path / f"pred{bits}" / "results.json").read_text()))
+    assert "16-bit training images holding 12 bits" in runs[12][0] and "16-bit" not in runs[8][0]
+    assert (runs[8][1]["input"]["uint16_bits"], runs[12][1]["input"]["uint16_bits"]) == (16, 12)
+    assert runs[12][1]["statistics"] == runs[8][1]["statistics"]
+    assert runs[12][2][0]["score"] == runs[8][2][0]["score"]
 
 
 # ------------------------------------------------------------------------------------- calibrate

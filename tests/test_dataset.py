@@ -4,9 +4,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
-from conftest import TINY_CATEGORY, write_image
+from conftest import TINY_CATEGORY, as_12_bit, write_image
+
+from ustudents.engines.images import ImageError, decode_image, read_image, uint16_bits_of
 
 from ustudents.train.dataset import (
     DatasetError,
@@ -15,6 +18,7 @@ from ustudents.train.dataset import (
     load_images,
     load_masks,
     split_train_val,
+    uint16_bits,
     test_samples,
     train_samples,
 )
@@ -79,6 +83,40 @@ def test_gray_and_colour_images_load_as_rgb_uint8(tiny_mvtec):
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
     assert not (colour[..., 0] == colour[..., 2]).all()
     assert images.std() > 5  # a texture, not a constant
+
+
+def test_12_bit_images_in_16_bit_files_load_as_the_8_bit_image_they_hold(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    deep = as_12_bit(image, rng)
+    for suffix in (".png", ".tif"):
+        path = write_image(tmp_path / f"deep{suffix}", deep)
+        assert uint16_bits_of(path) == 12
+        assert (read_image(path, bits=12) == image).all()
+        # the top 8 of 16 bits, as before bundles recorded the bits: a 12-bit image turned nearly black
+        assert read_image(path).max() <= 15
+    assert uint16_bits_of(write_image(tmp_path / "flat.png", image)) is None  # 8-bit: from the PNG header alone
+    bright = write_image(tmp_path / "bright.png", np.full((4, 4), 5000, np.uint16))  # 13 bits in a 12-bit model
+    assert (read_image(bright, bits=12) == 255).all()  # saturates, never wraps around to dark
+    assert (decode_image(bright.read_bytes(), bits=None) == 5000 >> 5).all()  # a picture: its own 13 bits
+
+
+def test_the_bits_of_a_training_set_are_the_most_any_image_uses(tmp_path):
+    rng = np.random.default_rng(1)
+    paths = [write_image(tmp_path / "a.png", rng.integers(0, 256, (8, 8), dtype=np.uint8)),
+             write_image(tmp_path / "b.png", np.full((8, 8), 1000, np.uint16)),
+             write_image(tmp_path / "c.png", np.full((8, 8), 3000, np.uint16))]
+    assert uint16_bits([Sample(p, "good") for p in paths]) == 12
+    assert uint16_bits([Sample(paths[0], "good")]) is None
+
+
+def test_float_images_are_refused_with_what_to_do(tmp_path):
+    path = tmp_path / "float.tif"
+    ok, buf = cv2.imencode(".tif", np.ones((4, 4), np.float32))
+    assert ok
+    buf.tofile(path)
+    with pytest.raises(ImageError, match="float32 pixels; save it as an 8- or 16-bit integer image"):
+        read_image(path)
 
 
 def test_masks_load_aligned_with_their_images(tiny_mvtec):

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from conftest import TINY_CATEGORY
 from ustudents.cli import main
 from ustudents.engines.bundle import MANIFEST, load_bundle, update_manifest
-from ustudents.engines.images import read_image, resize, to_tensor
+from ustudents.engines.images import ImageError, read_image, resize, to_tensor
 from ustudents.engines.onnx_engine import TOLERANCE, build_onnx
 from ustudents.engines import runtime
 from ustudents.engines.runtime import EngineError, load_engine, preprocess
@@ -71,6 +71,8 @@ def test_predict_gives_map_score_and_mask_at_the_frames_size(small_bundle, tiny_
     assert engine.image_threshold == engine.mask_threshold  # few validation images: the maximum's rule
     assert preds[3].score == pytest.approx(preds[0].score, abs=1e-5)  # gray = its RGB replica
     assert engine.describe() == "torch fp32 on cpu"
+    with pytest.raises(ImageError, match="bits=engine.bundle.uint16_bits"):  # whose bits only the bundle knows
+        engine.predict([frames[0].astype(np.uint16) * 16])
 
 
 @pytest.mark.slow

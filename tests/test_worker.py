@@ -31,11 +31,12 @@ import numpy as np
 import pytest
 import redis
 from click.testing import CliRunner
-from conftest import deploy_script
+from conftest import as_12_bit, deploy_script
 from prometheus_client.parser import text_string_to_metric_families
 
 from ustudents.cli import main
-from ustudents.engines.bundle import load_bundle
+from ustudents.engines.bundle import load_bundle, update_manifest
+from ustudents.engines.images import read_image
 from ustudents.engines.runtime import load_engine
 from ustudents.worker import schema
 from ustudents.worker.metrics import METRIC_NAMES
@@ -396,6 +397,26 @@ def test_the_stack_check_accounts_for_every_frame_and_catches_a_lost_or_doubled_
     lost = cs.check_accounting(r, stream, "ustudents")
     assert not lost.ok and "1 without a result, 1 with two or more" in lost.detail and held in lost.detail
     assert not cs.check_accounting(r, f"{stream}-none", "ustudents").ok
+
+
+def test_16_bit_frames_are_read_with_the_bits_of_the_model_they_are_for(small_bundle, frames, redis_url, stream,
+                                                                        tmp_path):
+    """A model trained on 12-bit images scores a camera's 12-bit frame as the 8-bit image it holds."""
+    twelve = tmp_path / "tiles-12-bit"
+    shutil.copytree(small_bundle, twelve)
+    update_manifest(twelve, input={**load_bundle(twelve).manifest["input"], "uint16_bits": 12})
+    engine = load_engine(twelve, backend="torch", device="cpu", precision="fp32")
+    image = read_image(frames[2])
+    ok, deep = cv2.imencode(".png", cv2.cvtColor(as_12_bit(image, np.random.default_rng(3)), cv2.COLOR_RGB2BGR))
+    ok8, flat = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    assert ok and ok8
+    r = client(redis_url)
+    add(r, stream, frame_id="8-bit", image=flat.tobytes())
+    add(r, stream, frame_id="12-bit", image=deep.tobytes())
+    with in_process_worker({engine.info["category"]: engine}, redis_url, stream):
+        wait_for(lambda: len(results_of(r, stream)) == 2, 60, "both results")
+    got = {s(x[schema.FRAME_ID]): (s(x[schema.SCORE]), x[schema.MASK]) for x in results_of(r, stream)}
+    assert got["12-bit"] == got["8-bit"]  # same score, same mask
 
 
 def test_a_worker_finishes_its_own_pending_entries_first_on_start(engines, frames, redis_url, stream):

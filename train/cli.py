@@ -186,7 +186,8 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
     fpr = target_fpr if target_fpr is not None else bundle.manifest["threshold"]["target_pixel_fpr"]
     image_fpr = image_fpr if image_fpr is not None else bundle.manifest.get("image_score", {}).get(
         "target_image_fpr", DEFAULT_IMAGE_FPR)
-    arr = load_images([Sample(path=f, defect="good") for f in files], bundle.image_size, desc="loading images")
+    arr = load_images([Sample(path=f, defect="good") for f in files], bundle.image_size, desc="loading images",
+                      bits=bundle.uint16_bits)
     dev = resolve_device(device)
     # the statistics and threshold must hold for the engine that will use them
     bf16 = default_torch_precision(bundle, dev) == "bf16"

@@ -19,11 +19,13 @@ from tqdm import tqdm
 
 from ustudents.engines.images import (
     IMAGE_SUFFIXES,
+    UINT16_BITS,
     ImageError,
     read_image,
     read_mask,
     resize,
     resize_mask,
+    uint16_bits_of,
 )
 
 GOOD = "good"
@@ -133,16 +135,28 @@ def split_train_val(samples: list[Sample], val_fraction: float, seed: int) -> tu
     return train, val
 
 
-def load_images(samples: list[Sample], size: int, desc: str = "images") -> np.ndarray:
-    """Read and resize images to uint8 (N, size, size, 3) RGB; gray files become 3 channels."""
+def _read(path: Path, read):
+    """read(path), with a file's problems as DatasetError."""
+    try:
+        return read(path)
+    except ImageError as e:
+        raise DatasetError(str(e)) from None
+    except OSError as e:  # e.g. no read permission
+        raise DatasetError(f"{path}: cannot be read ({e.strerror or e}); fix its permissions") from None
+
+
+def uint16_bits(samples: list[Sample]) -> int | None:
+    """How many bits the 16-bit images among `samples` use (the most any uses); None if none is 16-bit."""
+    found = [b for s in samples if (b := _read(s.path, uint16_bits_of)) is not None]
+    return max(found) if found else None
+
+
+def load_images(samples: list[Sample], size: int, desc: str = "images", bits: int = UINT16_BITS) -> np.ndarray:
+    """Read and resize images to uint8 (N, size, size, 3) RGB; gray files become 3 channels, 16-bit
+    data holding `bits` bits is scaled to 8 (images module)."""
     out = np.empty((len(samples), size, size, 3), np.uint8)
     for i, s in enumerate(tqdm(samples, desc=desc, unit="img", disable=None)):
-        try:
-            out[i] = resize(read_image(s.path), size)
-        except ImageError as e:
-            raise DatasetError(str(e)) from None
-        except OSError as e:  # e.g. no read permission
-            raise DatasetError(f"{s.path}: cannot be read ({e.strerror or e}); fix its permissions") from None
+        out[i] = resize(_read(s.path, lambda path: read_image(path, bits)), size)
     return out
 
 

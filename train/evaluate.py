@@ -72,7 +72,7 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
         raise dataset.DatasetError(f"{Path(data_root) / category / 'test'}: needs both good and defective "
                                    "images to compute AUROC")
     masks = dataset.load_masks(samples, size)
-    images = dataset.load_images(samples, size, desc="loading test images")
+    images = dataset.load_images(samples, size, desc="loading test images", bits=bundle.uint16_bits)
     fused, per_scale = engine_maps(engine, images, desc="evaluating")
     fused_t = torch.from_numpy(fused).to(engine.prep_device)
     scores_t = engine.image_scores(fused_t)
@@ -107,7 +107,7 @@ def write_overlays(folder: Path, samples: list[dataset.Sample], engine: Engine, 
     image's own size (as `ustudents predict` draws them)."""
     levels, verdicts = engine.mask_levels(fused), engine.verdicts(scores)
     for s, level, flagged in zip(samples, levels, verdicts):
-        frame = read_image(s.path)
+        frame = read_image(s.path, engine.bundle.uint16_bits)
         full = map_to_frame(level, frame.shape[:2])
         over = mask(full[None], engine.mask_threshold, engine.mask_rule, flagged[None])[0]
         out = folder / s.defect / f"{s.path.stem}.png"
@@ -141,7 +141,7 @@ def predict(engine: Engine, paths: list[Path], out: Path) -> list[dict]:
     """Score images; write <out>/<stem>_mask.png, <stem>_overlay.png and results.json (names are
     prefixed with index and folder when two images share a file name)."""
     bundle = engine.bundle
-    frames = [read_image(p) for p in paths]
+    frames = [read_image(p, bundle.uint16_bits) for p in paths]
     preds = engine.predict(frames)
     out.mkdir(parents=True, exist_ok=True)
     names = [p.stem for p in paths]

@@ -11,6 +11,7 @@ import torch
 
 import ustudents
 from ustudents.engines.bundle import check_writable, write_bundle
+from ustudents.engines.images import UINT16_BITS
 from ustudents.engines.model import INPUT_MEAN, INPUT_STD, AnomalyModel
 from ustudents.engines.patchnet import DESCRIPTOR_DIM, SCALES
 from ustudents.engines.runtime import resolve_device
@@ -88,8 +89,13 @@ def train(cfg: TrainConfig, log=print) -> Path:
     teachers = {p: load_teacher(cfg.teachers, p) for p in cfg.scales}
     log(f"{cfg.category}: {len(fit)} training and {len(val)} validation images (of train/good), "
         f"scales {cfg.scales}, M={cfg.student.students}, {cfg.image_size}px, device {device}")
-    fit_images = dataset.load_images(fit, cfg.image_size, desc="loading training images")
-    val_images = dataset.load_images(val, cfg.image_size, desc="loading validation images")
+    found_bits = dataset.uint16_bits(train_all)
+    bits = found_bits or UINT16_BITS
+    if found_bits:
+        log(f"16-bit training images holding {bits} bits: every image and frame for this model becomes 8 bits by "
+            f"dropping the lowest {bits - 8} (brighter frames saturate)")
+    fit_images = dataset.load_images(fit, cfg.image_size, desc="loading training images", bits=bits)
+    val_images = dataset.load_images(val, cfg.image_size, desc="loading validation images", bits=bits)
 
     model = AnomalyModel(cfg.scales, cfg.student.students)
     tensors, records = {}, {}
@@ -136,7 +142,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         "scales": cfg.scales,
         "students": cfg.student.students,
         "input": {"channels": "RGB", "range": [0, 1], "mean": list(INPUT_MEAN), "std": list(INPUT_STD),
-                  "resize": "square, bilinear with antialiasing (images.resize_tensor)", "padding": "reflect"},
+                  "resize": "square, bilinear with antialiasing (images.resize_tensor)", "padding": "reflect",
+                  "uint16_bits": bits},
         "statistics": statistics,
         "threshold": threshold,
         "image_score": cal.image_score,

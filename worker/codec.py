@@ -32,10 +32,11 @@ def payload(fields: dict[bytes, bytes], fetched: bytes | int | None, max_bytes: 
     return data
 
 
-def decode(data: bytes, source: str) -> np.ndarray:
-    """Encoded bytes -> uint8 RGB (H, W, 3); ImageError when they are not an image."""
+def decode(data: bytes, source: str, uint16_bits: int | None) -> np.ndarray:
+    """Encoded bytes -> uint8 RGB (H, W, 3), 16-bit data holding `uint16_bits` bits (the model's);
+    ImageError when they are not an image."""
     try:
-        return decode_image(data, source)
+        return decode_image(data, source, uint16_bits)
     except cv2.error as err:  # OpenCV rejects some malformed headers by raising
         raise ImageError(f"{source}: cannot be decoded as an image ({str(err).strip().splitlines()[-1]})") from None
 

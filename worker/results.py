@@ -63,7 +63,7 @@ def input_frame(client: redis.Redis, stream: str, entry_id: str) -> np.ndarray |
     if data is None and schema.IMAGE_KEY.encode() in fields:
         data = client.get(fields[schema.IMAGE_KEY.encode()])
     try:
-        return codec.decode(data, entry_id) if data else None
+        return codec.decode(data, entry_id, uint16_bits=None) if data else None  # a picture: its own range
     except ValueError:
         return None
 
@@ -80,7 +80,7 @@ def save(client: redis.Redis, stream: str, fields: dict[str, bytes], folder: Pat
         frame = input_frame(client, stream, fields[schema.ENTRY_ID].decode())
         if frame is None:
             return f"mask {mask_file} (no overlay: the input frame has left the stream)"
-        mask = codec.decode(fields[schema.MASK], str(mask_file))[:, :, 0] > 0
+        mask = codec.decode(fields[schema.MASK], str(mask_file), uint16_bits=None)[:, :, 0] > 0
         write_file(overlay_file, codec.png(mask_overlay(frame, mask)))
     return f"mask {mask_file}, overlay {overlay_file}"
 

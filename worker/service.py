@@ -338,7 +338,8 @@ class Worker:
                 else:
                     data = codec.payload(e.fields, fetched.get(i), s.max_frame_bytes)
                     item = data if isinstance(data, schema.DeadLetter) else \
-                        self.pool.submit(codec.decode, data, f"entry {e.id} of {s.stream}")
+                        self.pool.submit(codec.decode, data, f"entry {e.id} of {s.stream}",
+                                         self.engines[category].bundle.uint16_bits)
             prepared.append(item)
             categories.append(category)
         with self.inflight_lock:
