@@ -1,15 +1,20 @@
 """Student training: windows train every pixel, border pixels included, equally often; the share of
 the teacher's variance the students predict on validation images means what the training log says;
-a time limit ends training after the last epoch that fits."""
+a time limit ends training after the last epoch that fits; progress in a log is a line per half minute."""
+import io
+import time
+
 import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 
 from ustudents.engines.images import to_tensor
 from ustudents.engines.model import AnomalyModel, normalize_input
 from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet
 from ustudents.engines.scoring import ScoreStats
 from ustudents.train.calibrate import errors_and_variances, predicted_share
+from ustudents.train.progress import LOG_INTERVAL_S, progress
 from ustudents.train.students import StudentConfig, another_epoch_fits, crop_window, train_students
 
 
@@ -90,3 +95,18 @@ def test_a_time_limit_ends_training_after_the_last_epoch_that_fits(tmp_path):
     _, _, _, limited = train_students(17, teacher, images, cfg, torch.device("cpu"), tmp_path, deadline=0.0)
     assert (limited["epochs_trained"], limited["stopped_by_time_limit"]) == (1, True)
     assert limited["loss_per_student_by_epoch"] == unlimited["loss_per_student_by_epoch"][:1]  # same seed, same first epoch
+
+
+def test_progress_written_to_a_log_updates_every_half_minute_not_every_step():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    log, plain = io.StringIO(), io.StringIO()
+    for bar, stream in ((progress, log), (tqdm, plain)):
+        for _ in bar(range(100), file=stream, desc="students p=17"):
+            time.sleep(0.005)  # half a second in all: tqdm's own default writes about 5 updates
+    assert log.getvalue().count("students p=17") == 2  # the start and the end, not an update per step
+    assert plain.getvalue().count("students p=17") > 2
+    with progress(range(3), file=log) as to_log, progress(range(3), file=Terminal()) as live:
+        assert (to_log.mininterval, live.mininterval) == (LOG_INTERVAL_S, 0.1)  # a terminal stays live

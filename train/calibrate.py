@@ -22,13 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ustudents.engines.bundle import POSITION_TENSORS
 from ustudents.engines.images import to_tensor
 from ustudents.engines.model import AnomalyModel, normalize_input
 from ustudents.engines.patchnet import DESCRIPTOR_DIM
 from ustudents.engines.scoring import ScoreStats, fuse, scale_score
+
+from .progress import progress
 
 DEFAULT_TARGET_FPR = 1e-3
 DEFAULT_IMAGE_FPR = 0.05  # share of good images flagged: 1 in 20 good parts goes to a second look
@@ -46,7 +47,7 @@ def errors_and_variances(model: AnomalyModel, images: np.ndarray, device: torch.
     """e and v of every scale on uint8 images (N, S, S, 3): two float32 arrays (n_scales, N, S, S)."""
     model = model.to(device).eval()
     es, vs = [], []
-    for i in tqdm(range(0, len(images), batch), desc="calibration", unit="batch", leave=False):
+    for i in progress(range(0, len(images), batch), desc="calibration", unit="batch", leave=False):
         x = normalize_input(to_tensor(images[i:i + batch]).to(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             ev = [ens.error_and_variance(x) for ens in model.ensembles]

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from ustudents.engines.images import (
     IMAGE_SUFFIXES,
@@ -27,6 +26,8 @@ from ustudents.engines.images import (
     resize_mask,
     uint16_bits_of,
 )
+
+from .progress import progress
 
 GOOD = "good"
 _SUFFIX_LIST = "/".join(IMAGE_SUFFIXES)
@@ -155,7 +156,7 @@ def load_images(samples: list[Sample], size: int, desc: str = "images", bits: in
     """Read and resize images to uint8 (N, size, size, 3) RGB; gray files become 3 channels, 16-bit
     data holding `bits` bits is scaled to 8 (images module)."""
     out = np.empty((len(samples), size, size, 3), np.uint8)
-    for i, s in enumerate(tqdm(samples, desc=desc, unit="img", disable=None)):
+    for i, s in enumerate(progress(samples, desc=desc, unit="img", disable=None)):
         out[i] = resize(_read(s.path, lambda path: read_image(path, bits)), size)
     return out
 

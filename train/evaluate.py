@@ -10,7 +10,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ustudents.engines.bundle import update_manifest
 from ustudents.engines.images import read_image
@@ -20,6 +19,7 @@ from ustudents.engines.scoring import mask
 
 from . import dataset
 from .metrics import au_pro, image_auroc, pixel_auroc
+from .progress import progress
 
 
 def max_scores(maps: np.ndarray) -> np.ndarray:
@@ -52,7 +52,7 @@ def engine_maps(engine: Engine, images: np.ndarray, desc: str | None = None) -> 
     """uint8 images (N, S, S, 3) -> fused (N, S, S) and per-scale (N, n_scales, S, S) maps, float32."""
     fused, scales = [], []
     step = engine.max_batch
-    for i in tqdm(range(0, len(images), step), desc=desc, unit="batch", leave=False, disable=desc is None):
+    for i in progress(range(0, len(images), step), desc=desc, unit="batch", leave=False, disable=desc is None):
         f, s = engine.maps(list(images[i:i + step]))
         fused.append(f.cpu().numpy())
         scales.append(s.cpu().numpy())

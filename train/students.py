@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ustudents.engines.images import to_tensor
 from ustudents.engines.model import normalize_input
 from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet
 from ustudents.engines.scoring import standardize
+
+from .progress import progress
 
 
 @dataclass
@@ -49,7 +50,7 @@ def autocast(device: torch.device, enabled: bool):
 def dense_descriptors(net: PatchNet, images: np.ndarray, device: torch.device, out: np.ndarray,
                       batch: int = 4, desc: str = "descriptors", bf16: bool = False) -> None:
     """Write the dense descriptors of uint8 images (N, S, S, 3) into `out` (N, n, 128, S, S)."""
-    for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch", leave=False):
+    for i in progress(range(0, len(images), batch), desc=desc, unit="batch", leave=False):
         x = normalize_input(to_tensor(images[i:i + batch]).to(device))
         with autocast(device, bf16):
             out[i:i + batch] = net.dense_image(x).float().cpu().numpy()
@@ -134,7 +135,7 @@ def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.nd
         steps_per_epoch = math.ceil(n / cfg.batch)
         mean_d, std_d = desc_mean.to(device), desc_std.to(device)
         history, epoch_seconds = [], []
-        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"students p={p}", unit="step")
+        bar = progress(total=cfg.epochs * steps_per_epoch, desc=f"students p={p}", unit="step")
         for epoch in range(cfg.epochs):
             if not another_epoch_fits(time.monotonic(), epoch_seconds, deadline):
                 break

@@ -36,13 +36,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ustudents.engines.images import IMAGE_SUFFIXES, ImageError, read_image
 from ustudents.engines.model import normalize_input
 from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet, geometry
 
 from .backbones import build_backbone
+from .progress import progress
 
 SKIMAGE_SOURCE = "skimage"
 # The natural photographs scikit-image ships inside its wheel (no download): people, animals,
@@ -172,7 +172,7 @@ def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.T
 @torch.no_grad()
 def backbone_descriptors(backbone: nn.Module, patches: torch.Tensor, size: int, batch: int = 128) -> torch.Tensor:
     out = []
-    for i in tqdm(range(0, len(patches), batch), desc="  P descriptors", unit="batch", leave=False):
+    for i in progress(range(0, len(patches), batch), desc="  P descriptors", unit="batch", leave=False):
         x = F.interpolate(patches[i:i + batch], size=(size, size), mode="bilinear", align_corners=False)
         out.append(backbone(x))
     return torch.cat(out)
@@ -185,7 +185,7 @@ def dense_targets(backbone: nn.Module, levels: list[torch.Tensor], p: int) -> li
     the cache. `levels` must be small enough for P (`dense_levels`)."""
     device = next(backbone.buffers()).device
     maps = []
-    for level in tqdm(levels, desc="  P feature maps", unit="image", leave=False):
+    for level in progress(levels, desc="  P feature maps", unit="image", leave=False):
         size = level.shape[1:]
         x = F.interpolate(level[None].to(device), scale_factor=DENSE_RF / p, mode="bilinear", align_corners=False,
                           antialias=DENSE_RF < p)
@@ -283,7 +283,7 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = lr_scheduler(opt, cfg.schedule, cfg.steps)
     history = []
-    bar = tqdm(range(cfg.steps), desc=f"teacher p={cfg.p}", unit="step")
+    bar = progress(range(cfg.steps), desc=f"teacher p={cfg.p}", unit="step")
     for step in bar:
         desc, target = batch_of_descriptors()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
