@@ -230,9 +230,10 @@ def test_predict_writes_masks_overlays_and_results(tiny_bundle, tiny_mvtec, tmp_
 
 
 @pytest.mark.slow
-def test_a_12_bit_camera_trains_and_predicts_as_the_8_bit_images_it_holds(tmp_path, tiny_mvtec, random_teachers):
+def test_a_12_bit_camera_trains_predicts_and_recalibrates_as_the_8_bit_images_it_holds(tmp_path, tiny_mvtec, random_teachers):
     """16-bit files holding 12 bits: training finds the 12 bits and records them, and predict reads
-    frames with them, so the model equals one trained on the same images in 8 bits."""
+    frames with them, so the model equals one trained on the same images in 8 bits; calibrate on a
+    new camera's 16-bit images takes their bits."""
     runs = {}
     for bits in (8, 12):
         root = copy_as_png(tiny_mvtec, tmp_path / f"data{bits}", bits)
@@ -248,6 +249,18 @@ def test_a_12_bit_camera_trains_and_predicts_as_the_8_bit_images_it_holds(tmp_pa
     assert (runs[8][1]["input"]["uint16_bits"], runs[12][1]["input"]["uint16_bits"]) == (16, 12)
     assert runs[12][1]["statistics"] == runs[8][1]["statistics"]
     assert runs[12][2][0]["score"] == runs[8][2][0]["score"]
+    # The line's camera changes from 8 to 12 bits: recalibrating the 8-bit model on the new camera's
+    # images reads them with their 12 bits, and frames from then on too.
+    recalibrated = {}
+    for bits in (8, 12):
+        model = Path(shutil.copytree(tmp_path / "model8", tmp_path / f"recalibrated{bits}"))
+        result = invoke("calibrate", model, "--images", tmp_path / f"data{bits}" / TINY_CATEGORY / "train" / "good",
+                        "--device", "cpu")
+        assert_ok(result)
+        recalibrated[bits] = (result.output, manifest_of(model))
+    assert "16-bit holding 12 bits (the model read 16)" in recalibrated[12][0] and "16-bit" not in recalibrated[8][0]
+    assert (recalibrated[8][1]["input"]["uint16_bits"], recalibrated[12][1]["input"]["uint16_bits"]) == (16, 12)
+    assert recalibrated[12][1]["statistics"] == recalibrated[8][1]["statistics"]
 
 
 # ------------------------------------------------------------------------------------- calibrate

@@ -176,7 +176,7 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
     the device has it natively, else fp32. The bundle is rewritten atomically; its built engines
     held the old statistics and are dropped."""
     from .calibrate import calibrate
-    from .dataset import Sample, load_images
+    from .dataset import Sample, load_images, uint16_bits
     from .pipeline import image_score_line, mask_line
 
     bundle = load_bundle(model)
@@ -186,8 +186,10 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
     fpr = target_fpr if target_fpr is not None else bundle.manifest["threshold"]["target_pixel_fpr"]
     image_fpr = image_fpr if image_fpr is not None else bundle.manifest.get("image_score", {}).get(
         "target_image_fpr", DEFAULT_IMAGE_FPR)
-    arr = load_images([Sample(path=f, defect="good") for f in files], bundle.image_size, desc="loading images",
-                      bits=bundle.uint16_bits)
+    samples = [Sample(path=f, defect="good") for f in files]
+    # A new camera may write more bits (a 12-bit one after an 8-bit one): its 16-bit images say how many.
+    bits = uint16_bits(samples) or bundle.uint16_bits
+    arr = load_images(samples, bundle.image_size, desc="loading images", bits=bits)
     dev = resolve_device(device)
     # the statistics and threshold must hold for the engine that will use them
     bf16 = default_torch_precision(bundle, dev) == "bf16"
@@ -200,10 +202,13 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
     # in: neither applies any more. The position statistics are tensors, so the whole bundle is
     # rewritten (atomically, like training writes it).
     manifest = dict(bundle.manifest, statistics=statistics, threshold=threshold, image_score=cal.image_score,
-                    evaluation=None, engines=[])
+                    evaluation=None, engines=[], input={**bundle.manifest.get("input", {}), "uint16_bits": bits})
     write_bundle(bundle.path, manifest, {**bundle.network_tensors(), **cal.tensors})
     click.echo(f"{model}: recalibrated on {len(files)} images; {mask_line(threshold)}, non-empty masks on "
                f"{threshold['validation_image_fpr']:.1%} of these images; {image_score_line(cal.image_score)}")
+    if bits != bundle.uint16_bits:
+        click.echo(f"{model}: these images are 16-bit holding {bits} bits (the model read {bundle.uint16_bits}): "
+                   "frames are read with that from now on")
     if bundle.manifest.get("engines"):
         click.echo(f"{model}: its built engines held the old statistics and were dropped; rebuild with "
                    f"`ustudents build-engines {model}`")
