@@ -18,6 +18,9 @@ What made this pay on CPU is memory, not arithmetic: the intermediates are hundr
 with 4 KiB pages the kernel's first-touch page faults on every fresh allocation cost as much as the
 products. PyTorch's allocator backs large tensors with transparent huge pages when the environment
 holds THP_MEM_ALLOC_ENABLE=1, which `ustudents` sets before torch is imported (ustudents/__init__.py).
+Even so, fresh huge pages cost kernel time to find and zero: one 5x5 layer was measured at 0.96 to
+4.5 s a call, the slow calls all system time. So the intermediates live in a per-thread workspace
+that every layer and call reuses (`Workspace`): their pages are mapped once.
 
 Cross-correlation (what conv2d computes) is the inverse FFT of X * conj(W); with the kernel padded to
 the tile, outputs 0..T-k of a tile involve no circular wrap-around and are exact up to rounding.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +43,25 @@ MAX_COST_RATIO = 0.5
 # Upper bound on each complex intermediate (tiles' and outputs' spectra) of one layer: a memory cap
 # that still leaves each matrix product a few hundred columns.
 CHUNK_BYTES = 256 * 2 ** 20
+
+
+class Workspace(threading.local):
+    """Scratch tensors by role, grown to the largest size asked and reused by every layer and call
+    of this thread (a worker's inference thread, say): about 6 x CHUNK_BYTES at most for the
+    tiles and their spectra, plus the largest layer's padded input (and its sub-grids for a dilated one)."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        flat = self.buffers.get(role)
+        if flat is None or flat.numel() < numel or flat.dtype != dtype:
+            flat = self.buffers[role] = torch.empty(numel, dtype=dtype)
+        return flat[:numel].view(shape)
+
+
+WORKSPACE = Workspace()
 
 
 def cost_ratio(out_h: int, out_w: int, kernel: int) -> float:
@@ -74,9 +97,16 @@ def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: 
     # Pad so that every sub-grid holds nh (nw) whole tiles: tile (i, j) of a sub-grid starts at
     # (i*step, j*step) in sub-grid pixels and spans `tile` of them.
     sub_h, sub_w = nh * step + kernel - 1, nw * step + kernel - 1
-    x = F.pad(x, (0, sub_w * d - w, 0, sub_h * d - h))
+    ws, cf = WORKSPACE, spectrum.dtype
+    padded = ws.get("padded", (b, c_in, sub_h * d, sub_w * d), x.dtype)
+    padded[:, :, :h, :w].copy_(x)
+    padded[:, :, h:].zero_()
+    padded[:, :, :h, w:].zero_()
+    x = padded
     if d > 1:
-        x = x.reshape(b, c_in, sub_h, d, sub_w, d).permute(0, 3, 5, 1, 2, 4).reshape(b * d * d, c_in, sub_h, sub_w)
+        grids = ws.get("sub_grids", (b, d, d, c_in, sub_h, sub_w), x.dtype)
+        grids.copy_(x.view(b, c_in, sub_h, d, sub_w, d).permute(0, 3, 5, 1, 2, 4))
+        x = grids.view(b * d * d, c_in, sub_h, sub_w)
     tiles = x.unfold(2, tile, step).unfold(3, tile, step)  # (b*d*d, c_in, nh, nw, tile, tile): a view
     c_out = groups * co_g
     y = x.new_empty(b, c_out, nh, step, d, nw, step, d)
@@ -86,14 +116,18 @@ def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: 
     for i in range(0, nh, rows):
         part = tiles[:, :, i:i + rows]
         r = part.shape[2]
-        n = b * d * d * r * nw
-        xf = torch.fft.rfft2(part)  # (b*d*d, c_in, r, nw, tile, tile//2+1)
+        n, half = b * d * d * r * nw, tile // 2 + 1
+        # Gathered first: on the overlapping view itself the FFT makes (and faults in) its own copy.
+        pixels = ws.get("tile_pixels", (b * d * d, c_in, r, nw, tile, tile), x.dtype)
+        pixels.copy_(part)
+        xf = torch.fft.rfft2(pixels, out=ws.get("tiles", (b * d * d, c_in, r, nw, tile, half), cf))
         # The one transpose: frequency-major, (freqs, groups, ci_g, tiles), as the channel mixing needs.
-        xf = xf.permute(4, 5, 1, 0, 2, 3).reshape(freqs, groups, c_in // groups, n)
-        yf = torch.matmul(spectrum, xf)  # (freqs, groups, co_g, tiles)
+        major = ws.get("frequency_major", (freqs, groups, c_in // groups, n), cf)
+        major.view(tile, half, c_in, b * d * d, r, nw).copy_(xf.permute(4, 5, 1, 0, 2, 3))
+        yf = torch.matmul(spectrum, major, out=ws.get("mixed", (freqs, groups, co_g, n), cf))
         if bias is not None:  # a constant on every output is the DC bin times tile*tile: no pass over y
             yf[0] += (bias * (tile * tile)).reshape(groups, co_g, 1)
-        out = inverse_rfft2(yf.reshape(tile, tile // 2 + 1, -1), step)  # (step, step, c_out*b*d*d*r*nw)
+        out = inverse_rfft2(yf.reshape(tile, half, -1), step, ws)  # (step, step, c_out*b*d*d*r*nw)
         y[:, :, i:i + r] = out.reshape(step, step, c_out, b, d, d, r, nw).permute(3, 2, 6, 0, 4, 7, 1, 5)
     return y.reshape(b, c_out, nh * step * d, nw * step * d)[:, :, :out_h, :out_w]
 
@@ -112,14 +146,20 @@ def inverse_dft_matrices(tile: int, step: int) -> tuple[torch.Tensor, torch.Tens
     return along_y.to(torch.complex64), along_x.to(torch.complex64)
 
 
-def inverse_rfft2(spectra: torch.Tensor, step: int) -> torch.Tensor:
+def inverse_rfft2(spectra: torch.Tensor, step: int, ws: Workspace | None = None) -> torch.Tensor:
     """(tile, tile//2+1, R) complex spectra -> (step, step, R) real: the first step x step outputs of
     `irfft2` along the first two axes. Two matrix products on the layout the channel mixing leaves,
-    instead of a transpose and many small inverse FFTs (which cost more than the products here)."""
+    instead of a transpose and many small inverse FFTs (which cost more than the products here).
+    With a workspace, the products are written into its buffers (the result is a view of one)."""
     tile, half, rest = spectra.shape
     along_y, along_x = inverse_dft_matrices(tile, step)
-    a = torch.matmul(along_y, spectra.reshape(tile, half * rest)).reshape(step, half, rest)
-    return torch.matmul(along_x, a).real
+    flat = spectra.reshape(tile, half * rest)
+    if ws is None:
+        return torch.matmul(along_x, torch.matmul(along_y, flat).reshape(step, half, rest)).real
+    a = torch.matmul(along_y, flat, out=ws.get("inverse_y", (step, half * rest), spectra.dtype))
+    both = ws.get("inverse_xy", (step, step, rest), spectra.dtype)
+    torch.matmul(along_x, a.view(step, half, rest), out=both)
+    return both.real
 
 
 class SpectralConv:

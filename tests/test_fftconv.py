@@ -33,6 +33,21 @@ def test_spectral_conv_equals_conv2d(c_in, c_out, groups, k, dilation, h, w):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+def test_layers_sharing_the_workspace_keep_each_others_outputs_intact():
+    """The intermediates are reused by every layer and call; the outputs must not be: a layer's
+    output stays what it was while the next layers (other shapes, dilations) run."""
+    torch.manual_seed(1)
+    layers = [(torch.randn(16, 8, 5, 5) / 14, torch.randn(16), 2, 1, torch.randn(1, 16, 60, 50)),
+              (torch.randn(8, 4, 4, 4) / 8, torch.randn(8), 4, 4, torch.randn(1, 16, 90, 70)),
+              (torch.randn(16, 8, 5, 5) / 14, torch.randn(16), 2, 2, torch.randn(1, 16, 30, 40))]
+    got = [SpectralConv(w, b, g)(x, d) for w, b, g, d, x in layers]
+    again = SpectralConv(*layers[0][:3])(layers[0][4], layers[0][3])  # the first shape once more
+    for (w, b, g, d, x), y in zip(layers, got):
+        want = F.conv2d(x, w, b, dilation=d, groups=g)
+        assert (y - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(again, got[0]) and again.data_ptr() != got[0].data_ptr()
+
+
 def test_cost_ratio_counts_operations():
     # 5x5 kernel, 24x24 output, 16-pixel tiles: 2x2 tiles of 12x12 outputs, 16*9 frequencies each,
     # 8 real operations per frequency against 2*25 per output pixel.
