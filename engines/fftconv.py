@@ -53,11 +53,12 @@ class Workspace(threading.local):
     def __init__(self):
         self.buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def get(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A tensor of `shape` with the dtype and device of `like`, reusing the role's memory."""
         numel = math.prod(shape)
         flat = self.buffers.get(role)
-        if flat is None or flat.numel() < numel or flat.dtype != dtype:
-            flat = self.buffers[role] = torch.empty(numel, dtype=dtype)
+        if flat is None or flat.numel() < numel or flat.dtype != like.dtype or flat.device != like.device:
+            flat = self.buffers[role] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return flat[:numel].view(shape)
 
 
@@ -97,14 +98,14 @@ def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: 
     # Pad so that every sub-grid holds nh (nw) whole tiles: tile (i, j) of a sub-grid starts at
     # (i*step, j*step) in sub-grid pixels and spans `tile` of them.
     sub_h, sub_w = nh * step + kernel - 1, nw * step + kernel - 1
-    ws, cf = WORKSPACE, spectrum.dtype
-    padded = ws.get("padded", (b, c_in, sub_h * d, sub_w * d), x.dtype)
+    ws = WORKSPACE
+    padded = ws.get("padded", (b, c_in, sub_h * d, sub_w * d), x)
     padded[:, :, :h, :w].copy_(x)
     padded[:, :, h:].zero_()
     padded[:, :, :h, w:].zero_()
     x = padded
     if d > 1:
-        grids = ws.get("sub_grids", (b, d, d, c_in, sub_h, sub_w), x.dtype)
+        grids = ws.get("sub_grids", (b, d, d, c_in, sub_h, sub_w), x)
         grids.copy_(x.view(b, c_in, sub_h, d, sub_w, d).permute(0, 3, 5, 1, 2, 4))
         x = grids.view(b * d * d, c_in, sub_h, sub_w)
     tiles = x.unfold(2, tile, step).unfold(3, tile, step)  # (b*d*d, c_in, nh, nw, tile, tile): a view
@@ -118,13 +119,13 @@ def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: 
         r = part.shape[2]
         n, half = b * d * d * r * nw, tile // 2 + 1
         # Gathered first: on the overlapping view itself the FFT makes (and faults in) its own copy.
-        pixels = ws.get("tile_pixels", (b * d * d, c_in, r, nw, tile, tile), x.dtype)
+        pixels = ws.get("tile_pixels", (b * d * d, c_in, r, nw, tile, tile), x)
         pixels.copy_(part)
-        xf = torch.fft.rfft2(pixels, out=ws.get("tiles", (b * d * d, c_in, r, nw, tile, half), cf))
+        xf = torch.fft.rfft2(pixels, out=ws.get("tiles", (b * d * d, c_in, r, nw, tile, half), spectrum))
         # The one transpose: frequency-major, (freqs, groups, ci_g, tiles), as the channel mixing needs.
-        major = ws.get("frequency_major", (freqs, groups, c_in // groups, n), cf)
+        major = ws.get("frequency_major", (freqs, groups, c_in // groups, n), spectrum)
         major.view(tile, half, c_in, b * d * d, r, nw).copy_(xf.permute(4, 5, 1, 0, 2, 3))
-        yf = torch.matmul(spectrum, major, out=ws.get("mixed", (freqs, groups, co_g, n), cf))
+        yf = torch.matmul(spectrum, major, out=ws.get("mixed", (freqs, groups, co_g, n), spectrum))
         if bias is not None:  # a constant on every output is the DC bin times tile*tile: no pass over y
             yf[0] += (bias * (tile * tile)).reshape(groups, co_g, 1)
         out = inverse_rfft2(yf.reshape(tile, half, -1), step, ws)  # (step, step, c_out*b*d*d*r*nw)
@@ -146,18 +147,16 @@ def inverse_dft_matrices(tile: int, step: int) -> tuple[torch.Tensor, torch.Tens
     return along_y.to(torch.complex64), along_x.to(torch.complex64)
 
 
-def inverse_rfft2(spectra: torch.Tensor, step: int, ws: Workspace | None = None) -> torch.Tensor:
+def inverse_rfft2(spectra: torch.Tensor, step: int, ws: Workspace) -> torch.Tensor:
     """(tile, tile//2+1, R) complex spectra -> (step, step, R) real: the first step x step outputs of
     `irfft2` along the first two axes. Two matrix products on the layout the channel mixing leaves,
     instead of a transpose and many small inverse FFTs (which cost more than the products here).
-    With a workspace, the products are written into its buffers (the result is a view of one)."""
+    The products are written into the workspace's buffers: the result is a view of one."""
     tile, half, rest = spectra.shape
     along_y, along_x = inverse_dft_matrices(tile, step)
-    flat = spectra.reshape(tile, half * rest)
-    if ws is None:
-        return torch.matmul(along_x, torch.matmul(along_y, flat).reshape(step, half, rest)).real
-    a = torch.matmul(along_y, flat, out=ws.get("inverse_y", (step, half * rest), spectra.dtype))
-    both = ws.get("inverse_xy", (step, step, rest), spectra.dtype)
+    a = ws.get("inverse_y", (step, half * rest), spectra)
+    torch.matmul(along_y, spectra.reshape(tile, half * rest), out=a)
+    both = ws.get("inverse_xy", (step, step, rest), spectra)
     torch.matmul(along_x, a.view(step, half, rest), out=both)
     return both.real
 
