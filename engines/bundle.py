@@ -95,7 +95,7 @@ class Bundle:
     @property
     def uint16_bits(self) -> int:
         """The bits 16-bit frames hold for this model, as in its training images (engines.images)."""
-        return int(self.manifest.get("input", {}).get("uint16_bits", UINT16_BITS))
+        return int(_uint16_bits(self.manifest))
 
     @property
     def mask_threshold(self) -> float:
@@ -214,6 +214,11 @@ def update_manifest(path: Path, **fields: Any) -> dict[str, Any]:
     return manifest
 
 
+def _uint16_bits(manifest: dict[str, Any]) -> Any:
+    """The manifest's input.uint16_bits; UINT16_BITS for bundles from before it (load_bundle checks it)."""
+    return manifest.get("input", {}).get("uint16_bits", UINT16_BITS)
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Load and verify a bundle: format version, checksum, tensor names and shapes."""
     path = Path(path)
@@ -256,7 +261,7 @@ def load_bundle(path: str | Path) -> Bundle:
     if score["method"] not in IMAGE_SCORES:
         raise BundleError(f"{mpath}: image score {score['method']!r} is not one this ustudents computes "
                           f"({', '.join(IMAGE_SCORES)}); use the ustudents release that wrote the bundle")
-    bits = manifest.get("input", {}).get("uint16_bits", UINT16_BITS)
+    bits = _uint16_bits(manifest)
     if not (isinstance(bits, int) and 8 <= bits <= 16):
         raise BundleError(f"{mpath}: input.uint16_bits {bits!r} is not a bit count from 8 to 16; restore the bundle "
                           "or retrain")

@@ -18,9 +18,9 @@ What made this pay on CPU is memory, not arithmetic: the intermediates are hundr
 with 4 KiB pages the kernel's first-touch page faults on every fresh allocation cost as much as the
 products. PyTorch's allocator backs large tensors with transparent huge pages when the environment
 holds THP_MEM_ALLOC_ENABLE=1, which `ustudents` sets before torch is imported (ustudents/__init__.py).
-Even so, fresh huge pages cost kernel time to find and zero: one 5x5 layer was measured at 0.96 to
-4.5 s a call, the slow calls all system time. So the intermediates live in a per-thread workspace
-that every layer and call reuses (`Workspace`): their pages are mapped once.
+Even so, fresh huge pages cost kernel time to find and zero, and that varies with the machine's
+memory (slow calls were mostly system time; README: Benchmark: engines). So the intermediates live
+in a per-thread workspace that every layer and call reuses (`Workspace`): their pages are mapped once.
 
 Cross-correlation (what conv2d computes) is the inverse FFT of X * conj(W); with the kernel padded to
 the tile, outputs 0..T-k of a tile involve no circular wrap-around and are exact up to rounding.

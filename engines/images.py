@@ -52,17 +52,19 @@ def _decode_unchanged(data: bytes, source: str) -> np.ndarray:
     return img
 
 
+def _bits_used(img: np.ndarray) -> int:
+    """The bits a uint16 image's values use, at least 8."""
+    return max(8, int(img.max()).bit_length())
+
+
 def uint16_bits_of(path: str | Path) -> int | None:
     """How many bits a 16-bit image file's data uses (at least 8), from its largest value; None for
-    an 8-bit file. Reads only the header of an 8-bit PNG."""
-    if not Path(path).is_file():
-        raise ImageError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(25)
-    if head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and len(head) == 25 and head[24] <= 8:
-        return None  # IHDR's bit depth byte: no need to read on
-    img = _decode_unchanged(_read_bytes(path), str(path))
-    return max(8, int(img.max()).bit_length()) if img.dtype == np.uint16 else None
+    an 8-bit file. An 8-bit PNG says so in its header: it is not decoded."""
+    data = _read_bytes(path)
+    if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 24 and data[24] <= 8:
+        return None  # IHDR's bit depth byte
+    img = _decode_unchanged(data, str(path))
+    return _bits_used(img) if img.dtype == np.uint16 else None
 
 
 def decode_image(data: bytes, source: str = "<bytes>", bits: int | None = UINT16_BITS) -> np.ndarray:
@@ -71,7 +73,7 @@ def decode_image(data: bytes, source: str = "<bytes>", bits: int | None = UINT16
     scaled to 8 by dropping the lowest bits - 8; values beyond `bits` saturate at 255."""
     img = _decode_unchanged(data, source)
     if img.dtype == np.uint16:
-        bits = max(8, int(img.max()).bit_length()) if bits is None else bits
+        bits = _bits_used(img) if bits is None else bits
         img = np.minimum(img >> (bits - 8), 255).astype(np.uint8)
     if img.ndim == 2:
         return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
