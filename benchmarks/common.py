@@ -65,6 +65,23 @@ def peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
+def memory_gbps(device: torch.device) -> float:
+    """Best of several copies of a 256 MiB float32 tensor, in GB/s read plus written. The FFT path
+    is bound by memory more than by arithmetic, and on a shared machine the bandwidth left to it
+    varies while the matrix-product peak does not (engines_cpu_avx2_tiles*.json: 1.55x and 2.05x
+    the naive baseline in two runs of one day at the same peak)."""
+    src = torch.ones(2 ** 26, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * src.element_size() / best / 1e9
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -31,7 +31,7 @@ import numpy as np
 import ustudents  # noqa: F401  (first: sets THP_MEM_ALLOC_ENABLE before torch allocates, for every configuration alike)
 import torch
 
-from common import device_label, machine, peak_gflops, percentiles, sync, write_result  # noqa: E402
+from common import device_label, machine, memory_gbps, peak_gflops, percentiles, sync, write_result  # noqa: E402
 from ustudents.engines.bundle import load_bundle, write_bundle  # noqa: E402
 from ustudents.engines.model import AnomalyModel, normalize_input  # noqa: E402
 from ustudents.engines.patchnet import PatchNet, split  # noqa: E402
@@ -180,6 +180,7 @@ def main(device, size, batches, backends, precisions, repeats, per_scale, name, 
     # Measured before and after the configurations, keeping the higher: on a shared (virtual)
     # machine one measurement can catch a slow moment and overstate every "% of peak".
     peak = {k: peak_gflops(dev, t) for k, t in dtypes.items()}
+    bandwidth = [memory_gbps(dev)]  # before and after: the FFT path's speed follows it
     full = [17, 33, 65]
     todo = [dict(backend="naive", precision="fp32", batch=1, scales=full)]
     for backend in backends.split(","):
@@ -204,6 +205,7 @@ def main(device, size, batches, backends, precisions, repeats, per_scale, name, 
         res = in_subprocess(cfg)
         rows.append({**{k: cfg[k] for k in ("backend", "precision", "batch", "scales")}, **res})
     peak = {k: max(v, peak_gflops(dev, dtypes[k])) for k, v in peak.items()}
+    bandwidth.append(memory_gbps(dev))
     flops = {tuple(s): flops_per_frame(list(s), size) for s in {tuple(r["scales"]) for r in rows}}
     for r in rows:
         if "error" in r:
@@ -219,14 +221,16 @@ def main(device, size, batches, backends, precisions, repeats, per_scale, name, 
                           "batch": best["batch"], "frames_per_s": best["frames_per_s"],
                           "p99_ms": best["latency_ms"]["p99"], "speedup_vs_naive": best["speedup_vs_naive"],
                           "image_size": size},
-              "machine": info, "peak_gflop_per_s": peak, "students": STUDENTS, "repeats": repeats,
+              "machine": info, "peak_gflop_per_s": peak,
+              "memory_gb_per_s": {"before": bandwidth[0], "after": bandwidth[1]}, "students": STUDENTS, "repeats": repeats,
               "weights": "random (speed does not depend on them)", "results": rows,
               "command": "python benchmarks/engines.py " + " ".join(sys.argv[1:])}
     table = format_rows(rows)
     click.echo(table)
     path = write_result(name or f"engines_{dev.type}", record,
         f"# Engines: {name or f'engines_{dev.type}'}\n\nMachine: {device_label(info)}, {', '.join(info['cpu_features'])}; "
-        f"torch {info['torch']}. Measured peak GFLOP/s: {', '.join(f'{k} {v:.0f}' for k, v in peak.items())}. "
+        f"torch {info['torch']}. Measured peak GFLOP/s: {', '.join(f'{k} {v:.0f}' for k, v in peak.items())}; "
+        f"memory copy {bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} after. "
         f"{size}x{size} frames, M={STUDENTS}, {repeats} timed batches per row after a warm-up; "
         f"latency = one batch, frame in to map out; RSS = the configuration's process peak (onnxruntime: "
         f"building the engine included).\n\n"

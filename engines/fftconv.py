@@ -5,7 +5,8 @@ Why: a direct k x k convolution costs 2*k*k operations per input channel, output
 (50 for the 5x5 layers, 72 for 6x6). In the frequency domain the channel mixing is one complex matrix
 product per frequency: 8 real operations per channel pair and frequency, and an FFT tile of side T
 has T*(T//2+1) frequencies and yields (T-k+1)^2 outputs. With T=16 and k=5 that is 8*144/144 = 8
-operations per output instead of 50. On a CPU that already runs direct convolutions near its peak
+operations per output instead of 50. A layer whose (sub-)grid 16 would cut badly takes 20 or 24
+(`choose_tile`). On a CPU that already runs direct convolutions near its peak
 this is the way to be faster at full fp32 accuracy.
 
 A dilated convolution (the dense layers after a pool) is d*d undilated ones on the interleaved
@@ -24,8 +25,10 @@ in a per-thread workspace that every layer and call reuses (`Workspace`): their 
 
 Cross-correlation (what conv2d computes) is the inverse FFT of X * conj(W); with the kernel padded to
 the tile, outputs 0..T-k of a tile involve no circular wrap-around and are exact up to rounding.
-The kernels' spectra are computed once per layer (`SpectralConv`): 144 complex numbers per weight
-pair of channels at T=16, which is the price in memory (1.4 GB for the 3-scale model with M=3, counted from the layer shapes).
+The kernels' spectra are computed once per layer and tile side (`SpectralConv`): T*(T//2+1) complex
+numbers per weight pair of channels (144 at T=16), which is the price in memory: for the 3-scale
+model with M=3 at 256 px, 1.2 GiB with 16-pixel tiles everywhere, 1.7 GiB with the larger tiles three
+layers take (`choose_tile`; counted from the layer shapes).
 """
 from __future__ import annotations
 
@@ -37,6 +40,15 @@ import torch
 import torch.nn.functional as F
 
 TILE = 16
+# Larger tile sides a layer may take instead (FFT sizes with small prime factors), chosen by
+# `choose_tile` where they waste less of the last tile of a (sub-)grid.
+TILES = (16, 20, 24)
+# A larger tile must save at least this share of the modelled cost: its kernel spectra take
+# T*(T//2+1)/144 times the memory of 16's (1.5x at 20, 2.2x at 24).
+MIN_TILE_SAVING = 0.1
+# Weight of the transforms' operations against the products' in that model: profiled on a 2-core
+# EPYC, the inverse ran at about a third of the channel mixing's rate (memory-bound, short products).
+TRANSFORM_WEIGHT = 2
 # Use the FFT only where its channel mixing needs at most this share of the direct convolution's
 # operations: the transforms and the shuffling of tiles cost the rest.
 MAX_COST_RATIO = 0.5
@@ -65,25 +77,51 @@ class Workspace(threading.local):
 WORKSPACE = Workspace()
 
 
-def cost_ratio(out_h: int, out_w: int, kernel: int) -> float:
+def cost_ratio(out_h: int, out_w: int, kernel: int, tile: int = TILE) -> float:
     """Operations of the FFT channel mixing over those of the direct convolution (undilated kernel)."""
-    step = TILE - kernel + 1
+    step = tile - kernel + 1
     if kernel == 1 or step < 1:
         return math.inf
-    fft = 8 * TILE * (TILE // 2 + 1) * math.ceil(out_h / step) * math.ceil(out_w / step)
+    fft = 8 * tile * (tile // 2 + 1) * math.ceil(out_h / step) * math.ceil(out_w / step)
     return fft / (2 * kernel * kernel * out_h * out_w)
 
 
-def kernel_spectrum(weight: torch.Tensor, groups: int) -> torch.Tensor:
+def tile_cost(out_h: int, out_w: int, kernel: int, c_in: int, c_in_g: int, c_out: int, tile: int) -> float:
+    """Modelled cost of one (sub-)grid's FFT convolution with tiles of side `tile`: per tile, the
+    channel mixing (8 operations per frequency and channel pair) plus, weighted by TRANSFORM_WEIGHT,
+    the inverse (two products: step x tile x half, then step x step x half, per output channel) and
+    the forward real FFT (about 2.5 N log2 N per input channel)."""
+    step, half = tile - kernel + 1, tile // 2 + 1
+    if step < 1:
+        return math.inf
+    mixing = 8 * tile * half * c_in_g * c_out
+    inverse = 8 * (step * tile * half + step * step * half) * c_out
+    forward = 2.5 * tile * tile * math.log2(tile * tile) * c_in
+    tiles = math.ceil(out_h / step) * math.ceil(out_w / step)
+    return tiles * (mixing + TRANSFORM_WEIGHT * (inverse + forward))
+
+
+def choose_tile(out_h: int, out_w: int, kernel: int, c_in: int, c_in_g: int, c_out: int) -> int:
+    """The tile side for a (sub-)grid of out_h x out_w outputs: TILE, unless a larger one of TILES
+    saves at least MIN_TILE_SAVING of the modelled cost (`tile_cost`). That happens where TILE leaves
+    much of the last tile empty: p=65's last 4x4 layer has 32 outputs per sub-grid, 3 tiles of 13 at
+    16 (39) but 2 of 17 at 20 (34), and ran in 0.71x the time at 20 (2-core AVX2 EPYC;
+    benchmarks/results/fft_tiles_cpu_avx2.json)."""
+    costs = {t: tile_cost(out_h, out_w, kernel, c_in, c_in_g, c_out, t) for t in TILES}
+    best = min(costs, key=costs.get)
+    return best if costs[best] <= (1 - MIN_TILE_SAVING) * costs[TILE] else TILE
+
+
+def kernel_spectrum(weight: torch.Tensor, groups: int, tile: int = TILE) -> torch.Tensor:
     """conj(rFFT) of each kernel zero-padded to the tile: (frequencies, groups, c_out/groups, c_in/groups)."""
     c_out, c_in_g, k, _ = weight.shape
-    padded = F.pad(weight, (0, TILE - k, 0, TILE - k))
+    padded = F.pad(weight, (0, tile - k, 0, tile - k))
     spectrum = torch.fft.rfft2(padded).conj()
     return spectrum.reshape(groups, c_out // groups, c_in_g, -1).permute(3, 0, 1, 2).contiguous()
 
 
 def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: torch.Tensor | None,
-                    dilation: int = 1) -> torch.Tensor:
+                    dilation: int = 1, tile: int = TILE) -> torch.Tensor:
     """Unpadded, stride-1 grouped conv2d of x (B, C_in, H, W) with a kernel given as `kernel_spectrum`.
 
     A dilated convolution is d*d undilated ones, one per interleaved sub-grid x[..., i::d, j::d]
@@ -91,7 +129,7 @@ def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: 
     and the outputs are written straight back to their interleaved places."""
     b, c_in, h, w = x.shape
     freqs, groups, co_g, _ = spectrum.shape
-    d, tile = dilation, TILE
+    d = dilation
     out_h, out_w = h - d * (kernel - 1), w - d * (kernel - 1)
     step = tile - kernel + 1
     nh, nw = math.ceil(out_h / (step * d)), math.ceil(out_w / (step * d))
@@ -166,18 +204,31 @@ class SpectralConv:
     `F.conv2d(x, weight, bias, dilation=dilation, groups=groups)`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, groups: int):
-        self.kernel = weight.shape[-1]
+        self.weight, self.groups, self.kernel = weight.detach(), groups, weight.shape[-1]
         self.bias = None if bias is None else bias.detach()
-        self.spectrum = kernel_spectrum(weight.detach(), groups)
+        # Kernel spectra by tile side, each made at the first input that takes that tile: the tile
+        # depends on the input's size (`tile_for`), which a deployed engine keeps fixed.
+        self.spectra: dict[int, torch.Tensor] = {}
         # Whether this layer takes the FFT without first timing it against the direct convolution
         # (PatchNet.use_fft sets it: after measuring, or at once when measuring is off).
         self.chosen = True
 
+    def _grid(self, x: torch.Tensor, dilation: int) -> tuple[int, int]:
+        """Outputs per (sub-)grid of this input."""
+        return tuple(math.ceil(n / dilation) - self.kernel + 1 for n in x.shape[-2:])
+
+    def tile_for(self, x: torch.Tensor, dilation: int) -> int:
+        c_out, c_in_g = self.weight.shape[:2]
+        return choose_tile(*self._grid(x, dilation), self.kernel, x.shape[1], c_in_g, c_out)
+
     def worth_it(self, x: torch.Tensor, dilation: int) -> bool:
         """Whether the FFT can beat the direct convolution on this input: it saves enough operations
         (MAX_COST_RATIO). Whether it does on this machine is for PatchNet.use_fft to measure."""
-        h, w = (math.ceil(n / dilation) - self.kernel + 1 for n in x.shape[-2:])
-        return h > 0 and w > 0 and cost_ratio(h, w, self.kernel) <= MAX_COST_RATIO
+        h, w = self._grid(x, dilation)
+        return h > 0 and w > 0 and cost_ratio(h, w, self.kernel, self.tile_for(x, dilation)) <= MAX_COST_RATIO
 
     def __call__(self, x: torch.Tensor, dilation: int = 1) -> torch.Tensor:
-        return spectral_conv2d(x, self.spectrum, self.kernel, self.bias, dilation)
+        tile = self.tile_for(x, dilation)
+        if tile not in self.spectra:
+            self.spectra[tile] = kernel_spectrum(self.weight, self.groups, tile)
+        return spectral_conv2d(x, self.spectra[tile], self.kernel, self.bias, dilation, tile)

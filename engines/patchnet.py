@@ -170,8 +170,8 @@ class PatchNet(nn.Module):
             direct_s = min(direct_s, seconds)
             fft_s = min(fft_s, timed(spectral, x, step)[1])
         keep = fft_s < direct_s
-        log.info("p=%d conv %d on %s: FFT %.3f s, direct %.3f s: %s", self.p, i, tuple(x.shape), fft_s, direct_s,
-                 "FFT" if keep else "direct")
+        log.info("p=%d conv %d on %s: FFT (tiles of %d) %.3f s, direct %.3f s: %s", self.p, i, tuple(x.shape),
+                 spectral.tile_for(x, step), fft_s, direct_s, "FFT" if keep else "direct")
         if keep:
             spectral.chosen = True
         else:

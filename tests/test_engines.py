@@ -65,7 +65,9 @@ def test_predict_gives_map_score_and_mask_at_the_frames_size(small_bundle, tiny_
     fused, _ = engine.maps(frames)
     for frame, pred, m in zip(frames, preds, fused):
         assert pred.anomaly_map.shape == pred.mask.shape == frame.shape[:2]
-        assert pred.score == pytest.approx(float(m.max()))  # scored at the model's resolution
+        # Scored at the model's resolution. The first call plans the FFT (its layers return the direct
+        # convolution's outputs) and the second runs the plan: equal up to float rounding.
+        assert pred.score == pytest.approx(float(m.max()), rel=1e-5)
         assert pred.anomalous == (pred.score >= engine.image_threshold)
         assert np.array_equal(pred.mask, pred.anomaly_map >= engine.mask_threshold)
     assert engine.image_threshold == engine.mask_threshold  # few validation images: the maximum's rule

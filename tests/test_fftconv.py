@@ -33,6 +33,43 @@ def test_spectral_conv_equals_conv2d(c_in, c_out, groups, k, dilation, h, w):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+@pytest.mark.parametrize("tile", fftconv.TILES)
+@pytest.mark.parametrize("k,dilation,h,w", [(5, 1, 53, 47), (4, 8, 77, 70), (5, 2, 61, 58)])
+def test_every_tile_side_gives_conv2d(tile, k, dilation, h, w):
+    torch.manual_seed(tile)
+    x = torch.randn(1, 16, h, w)
+    weight, bias = torch.randn(12, 8, k, k) / (8 * k * k) ** 0.5, torch.randn(12)
+    want = F.conv2d(x, weight, bias, dilation=dilation, groups=2)
+    got = fftconv.spectral_conv2d(x, fftconv.kernel_spectrum(weight, 2, tile), k, bias, dilation, tile)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_a_larger_tile_is_taken_only_where_it_saves_enough():
+    # p=65's last 4x4 layer at 256 px (M=3): 32 outputs per sub-grid fill 2 tiles of 17 at 20 but
+    # 3 of 13 at 16; p=17's first 5x5 layer fills 22 tiles of 12 almost exactly and keeps 16.
+    assert fftconv.choose_tile(32, 32, 4, 512, 128, 1024) == 20
+    assert fftconv.choose_tile(263, 263, 5, 512, 128, 1024) == fftconv.TILE
+    # p=65's second layer: 24 saves a little in the model, less than MIN_TILE_SAVING: not worth
+    # more than twice the spectrum's memory.
+    cost = {t: fftconv.tile_cost(151, 151, 5, 512, 128, 512, t) for t in fftconv.TILES}
+    assert cost[24] < cost[16] and cost[24] > (1 - fftconv.MIN_TILE_SAVING) * cost[16]
+    assert fftconv.choose_tile(151, 151, 5, 512, 128, 512) == fftconv.TILE
+
+
+def test_a_layer_makes_the_spectrum_of_the_tile_its_input_takes(monkeypatch):
+    monkeypatch.setattr(fftconv, "MIN_TILE_SAVING", -1.0)  # any tile the model ranks first is taken
+    monkeypatch.setattr(fftconv, "TILES", (16, 24))
+    torch.manual_seed(2)
+    weight, bias = torch.randn(8, 4, 5, 5) / 10, torch.randn(8)
+    conv = SpectralConv(weight, bias, 2)
+    x = torch.randn(1, 8, 24, 24)  # 20 outputs: one tile of 20 at 24, two of 12 at 16
+    assert conv.tile_for(x, 1) == 24
+    got = conv(x)
+    assert list(conv.spectra) == [24] and conv.spectra[24].shape[0] == 24 * 13
+    assert (got - F.conv2d(x, weight, bias, groups=2)).abs().max() <= 1e-5 * got.abs().max()
+
+
 def test_layers_sharing_the_workspace_keep_each_others_outputs_intact():
     """The intermediates are reused by every layer and call; the outputs must not be: a layer's
     output stays what it was while the next layers (other shapes, dilations) run."""
