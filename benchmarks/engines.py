@@ -12,7 +12,9 @@ frame by frame; every speed is also given as a ratio to it.
 Weights are random (speed does not depend on them); the FLOP count is the convolutions' multiply-
 adds x 2, counted by PyTorch's FlopCounterMode. Each configuration runs in its own process, so its
 peak resident memory is its own; for onnxruntime that process also builds the engine (export and
-parity check against PyTorch), which the peak includes. Writes benchmarks/results/engines_<device>.json and a .md table.
+parity check against PyTorch), which the peak includes. The machine's memory bandwidth (a large
+copy) is recorded before and after the configurations: the CPU FFT path's speed follows it.
+Writes benchmarks/results/engines_<device>.json and a .md table.
 """
 from __future__ import annotations
 
