@@ -29,8 +29,7 @@ def time_tiles(layer: dict, rounds: int) -> dict:
     weight, bias = torch.randn(layer["weight"]) * 0.01, torch.randn(layer["weight"][0])
     x = torch.randn(layer["input"])
     d, g, k = layer["dilation"], layer["groups"], layer["weight"][-1]
-    out = [-(-n // d) - k + 1 for n in layer["input"][-2:]]
-    c_out, c_in_g = layer["weight"][:2]
+    shape = fftconv.SpectralConv(weight, bias, g).shape_on(x, d)  # what the engine's choice sees
     spectra = {t: fftconv.kernel_spectrum(weight, g, t) for t in fftconv.TILES}
     runs = {t: [] for t in fftconv.TILES}
     with torch.no_grad():
@@ -41,8 +40,8 @@ def time_tiles(layer: dict, rounds: int) -> dict:
                 t0 = time.perf_counter()
                 fftconv.spectral_conv2d(x, spectra[t], k, bias, d, t)
                 runs[t].append(time.perf_counter() - t0)
-    cost = {t: fftconv.tile_cost(*out, k, layer["input"][1], c_in_g, c_out, t) for t in fftconv.TILES}
-    return {**layer, "outputs_per_grid": out, "chosen_tile": fftconv.choose_tile(*out, k, layer["input"][1], c_in_g, c_out),
+    cost = {t: fftconv.tile_cost(*shape, t) for t in fftconv.TILES}
+    return {**layer, "outputs_per_grid": list(shape[:2]), "chosen_tile": fftconv.choose_tile(*shape),
             "median_s": {t: statistics.median(v) for t, v in runs.items()},
             "best_s": {t: min(v) for t, v in runs.items()},
             "modelled_cost_vs_default": {t: cost[t] / cost[fftconv.TILE] for t in fftconv.TILES}}

@@ -213,18 +213,20 @@ class SpectralConv:
         # (PatchNet.use_fft sets it: after measuring, or at once when measuring is off).
         self.chosen = True
 
-    def _grid(self, x: torch.Tensor, dilation: int) -> tuple[int, int]:
-        """Outputs per (sub-)grid of this input."""
-        return tuple(math.ceil(n / dilation) - self.kernel + 1 for n in x.shape[-2:])
+    def shape_on(self, x: torch.Tensor, dilation: int) -> tuple[int, int, int, int, int, int]:
+        """(out_h, out_w, kernel, c_in, c_in_g, c_out) on this input, out_* per (sub-)grid: what
+        `choose_tile` and `tile_cost` take."""
+        c_out, c_in_g = self.weight.shape[:2]
+        h, w = (math.ceil(n / dilation) - self.kernel + 1 for n in x.shape[-2:])
+        return h, w, self.kernel, x.shape[1], c_in_g, c_out
 
     def tile_for(self, x: torch.Tensor, dilation: int) -> int:
-        c_out, c_in_g = self.weight.shape[:2]
-        return choose_tile(*self._grid(x, dilation), self.kernel, x.shape[1], c_in_g, c_out)
+        return choose_tile(*self.shape_on(x, dilation))
 
     def worth_it(self, x: torch.Tensor, dilation: int) -> bool:
         """Whether the FFT can beat the direct convolution on this input: it saves enough operations
         (MAX_COST_RATIO). Whether it does on this machine is for PatchNet.use_fft to measure."""
-        h, w = self._grid(x, dilation)
+        h, w = self.shape_on(x, dilation)[:2]
         return h > 0 and w > 0 and cost_ratio(h, w, self.kernel, self.tile_for(x, dilation)) <= MAX_COST_RATIO
 
     def __call__(self, x: torch.Tensor, dilation: int = 1) -> torch.Tensor:
