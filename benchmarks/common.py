@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -108,6 +109,23 @@ def write_result(name: str, record: dict, markdown: str) -> Path:
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
     return RESULTS / f"{name}.json"
+
+
+def write_layer_result(name: str, title: str, table: str, fields: dict, bandwidth: list[float], size: int,
+                       rounds: int, note: str = "") -> None:
+    """Record, print and write a per-layer CPU timing of the 3-scale model's FFT layers (fft_tiles.py,
+    fftconv_ab.py): the machine, the memory bandwidth before and after, the settings and `fields`."""
+    info = machine(torch.device("cpu"))
+    record = {"machine": info, "image_size": size, "students": 3, "rounds": rounds, **fields,
+              "memory_gb_per_s": {"before": bandwidth[0], "after": bandwidth[1]},
+              "weights": "random (speed does not depend on them)",
+              "command": f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])}
+    print(table)
+    path = write_result(name, record,
+        f"# {title}\n\nMachine: {device_label(info)}, {', '.join(info['cpu_features'])}; torch {info['torch']}; "
+        f"memory copy {bandwidth[0]:.1f} / {bandwidth[1]:.1f} GB/s before / after. {size} px, M=3 (4 groups); "
+        f"median of {rounds} alternating rounds{note}.\n\n```\n{table}\n```\n\nReproduce: `{record['command']}`\n")
+    print(f"wrote {path}")
 
 
 def validation_and_test_maps(engine, data_root: Path, test_every: int = 1) -> dict:

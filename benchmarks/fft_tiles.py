@@ -12,7 +12,6 @@ benchmarks/results/fft_tiles_<device>.json and a .md table.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 
 import click
@@ -20,7 +19,7 @@ import click
 from ustudents.engines import fftconv  # noqa: E402  (first: ustudents sets THP_MEM_ALLOC_ENABLE)
 import torch  # noqa: E402
 
-from common import device_label, machine, memory_gbps, write_result  # noqa: E402
+from common import memory_gbps, write_layer_result  # noqa: E402
 from fft_layers import candidate_layers  # noqa: E402
 
 
@@ -71,19 +70,9 @@ def main(size, rounds, name):
                      + f"{r['chosen_tile']:>8}{med[r['chosen_tile']] / med[fftconv.TILE]:>9.2f}")
     lines.append(f"sum of medians: every layer at T={fftconv.TILE} {total['default']:.2f} s, "
                  f"at the chosen tiles {total['chosen']:.2f} s ({total['chosen'] / total['default']:.2f}x)")
-    table = "\n".join(lines)
-    info = machine(torch.device("cpu"))
-    record = {"machine": info, "image_size": size, "students": 3, "rounds": rounds, "tiles": list(tiles),
-              "memory_gb_per_s": {"before": bandwidth[0], "after": bandwidth[1]},
-              "weights": "random (speed does not depend on them)", "results": rows, "total_median_s": total,
-              "command": "python benchmarks/fft_tiles.py " + " ".join(sys.argv[1:])}
-    click.echo(table)
-    path = write_result(name, record,
-        f"# FFT candidate layers at every tile side\n\nMachine: {device_label(info)}, {', '.join(info['cpu_features'])}; "
-        f"torch {info['torch']}; memory copy {bandwidth[0]:.1f} / {bandwidth[1]:.1f} GB/s before / after. {size} px, "
-        f"M=3 (4 groups); median of {rounds} alternating rounds; model = `fftconv.tile_cost` relative to "
-        f"T={fftconv.TILE}.\n\n```\n{table}\n```\n\nReproduce: `{record['command']}`\n")
-    click.echo(f"wrote {path}")
+    write_layer_result(name, "FFT candidate layers at every tile side", "\n".join(lines),
+                       {"tiles": list(tiles), "results": rows, "total_median_s": total}, bandwidth, size, rounds,
+                       f"; model = `fftconv.tile_cost` relative to T={fftconv.TILE}")
 
 
 if __name__ == "__main__":

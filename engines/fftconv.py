@@ -11,9 +11,13 @@ this is the way to be faster at full fp32 accuracy.
 
 A dilated convolution (the dense layers after a pool) is d*d undilated ones on the interleaved
 sub-grids ("space to batch"), so the kernel is compact again and small tiles serve. Each layer makes
-one copy of its input (padded; for a dilated layer into sub-grids), takes the tiles' FFT on a view of
-it, one transpose to frequency-major for the products, two matrix products for the inverse (no
-transpose) and writes the outputs to their place; the bias rides on the DC bin.
+one copy of its input (padded; for a dilated layer into sub-grids) and one gather of its tiles, then
+runs the forward transform, the channel mixing and the inverse transform as matrix products, each
+reading the layout the one before left, and writes the outputs to their place; the bias rides on
+the DC bin. The transforms are products rather than FFT calls because on tiles of 16 to 24 pixels
+they cost little arithmetic either way, and as products they need no transpose: torch's FFT of the
+tiles plus the transpose to frequency-major for the mixing took longer than the products do
+(benchmarks/results/fftconv_ab_cpu_avx2.json).
 
 What made this pay on CPU is memory, not arithmetic: the intermediates are hundreds of MB each, and
 with 4 KiB pages the kernel's first-touch page faults on every fresh allocation cost as much as the
@@ -46,9 +50,12 @@ TILES = (16, 20, 24)
 # A larger tile must save at least this share of the modelled cost: its kernel spectra take
 # T*(T//2+1)/144 times the memory of 16's (1.5x at 20, 2.2x at 24).
 MIN_TILE_SAVING = 0.1
-# Weight of the transforms' operations against the products' in that model: profiled on a 2-core
-# EPYC, the inverse ran at about a third of the channel mixing's rate (memory-bound, short products).
-TRANSFORM_WEIGHT = 2
+# Weight of the transforms' operations against the channel mixing's in that model: their products
+# are short (16 to 26 terms) and run below the mixing's rate. Fitted to the tile sides timed on a
+# 2-core AVX2 EPYC (benchmarks/results/fft_tiles_cpu_avx2_products.json): at 1.5 the model's ratio
+# of 24 to 16 was 0.85 and 0.87 where 0.88 and 0.85 were measured, and it takes the same sides
+# the timings favour by at least MIN_TILE_SAVING but one (p=65's 2nd layer: 0.85 measured at 20).
+TRANSFORM_WEIGHT = 1.5
 # Use the FFT only where its channel mixing needs at most this share of the direct convolution's
 # operations: the transforms and the shuffling of tiles cost the rest.
 MAX_COST_RATIO = 0.5
@@ -89,14 +96,15 @@ def cost_ratio(out_h: int, out_w: int, kernel: int, tile: int = TILE) -> float:
 def tile_cost(out_h: int, out_w: int, kernel: int, c_in: int, c_in_g: int, c_out: int, tile: int) -> float:
     """Modelled cost of one (sub-)grid's FFT convolution with tiles of side `tile`: per tile, the
     channel mixing (8 operations per frequency and channel pair) plus, weighted by TRANSFORM_WEIGHT,
-    the inverse (two products: step x tile x half, then step x step x half, per output channel) and
-    the forward real FFT (about 2.5 N log2 N per input channel)."""
+    the inverse (two complex products: step x tile x half, then step x step x half, per output
+    channel) and the forward (two products per input channel: real, 2*half x tile x tile, then
+    complex, tile x tile x half)."""
     step, half = tile - kernel + 1, tile // 2 + 1
     if step < 1:
         return math.inf
     mixing = 8 * tile * half * c_in_g * c_out
     inverse = 8 * (step * tile * half + step * step * half) * c_out
-    forward = 2.5 * tile * tile * math.log2(tile * tile) * c_in
+    forward = (4 * half * tile * tile + 8 * tile * tile * half) * c_in
     tiles = math.ceil(out_h / step) * math.ceil(out_w / step)
     return tiles * (mixing + TRANSFORM_WEIGHT * (inverse + forward))
 
@@ -126,12 +134,21 @@ def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: 
 
     A dilated convolution is d*d undilated ones, one per interleaved sub-grid x[..., i::d, j::d]
     ("space to batch"): the sub-grids are copied out once, so that the tiles' rows are contiguous,
-    and the outputs are written straight back to their interleaved places."""
+    and the outputs are written straight back to their interleaved places.
+
+    The transforms are matrix products too (`forward_dft_matrices`, `inverse_dft_matrices`), each on
+    the layout the step before left: the tiles are gathered with their rows contiguous, as in the
+    image, and every later step reads its input in place, but for one interleaving of real and
+    imaginary planes. Against torch's FFT calls and a transpose to frequency-major for the channel
+    mixing, the eight layers of the 3-scale model ran 1.20x faster in all on a 2-core AVX2 EPYC
+    (0.94-1.54x each; benchmarks/results/fftconv_ab_cpu_avx2.json). The mixing stays one complex
+    product per frequency: it ran faster than the same arithmetic as real products (four, three by
+    Gauss's trick, or one of a block matrix)."""
     b, c_in, h, w = x.shape
     freqs, groups, co_g, _ = spectrum.shape
     d = dilation
     out_h, out_w = h - d * (kernel - 1), w - d * (kernel - 1)
-    step = tile - kernel + 1
+    step, half = tile - kernel + 1, tile // 2 + 1
     nh, nw = math.ceil(out_h / (step * d)), math.ceil(out_w / (step * d))
     # Pad so that every sub-grid holds nh (nw) whole tiles: tile (i, j) of a sub-grid starts at
     # (i*step, j*step) in sub-grid pixels and spans `tile` of them.
@@ -148,33 +165,57 @@ def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: 
         x = grids.view(b * d * d, c_in, sub_h, sub_w)
     tiles = x.unfold(2, tile, step).unfold(3, tile, step)  # (b*d*d, c_in, nh, nw, tile, tile): a view
     c_out = groups * co_g
+    forward_x, forward_y = forward_dft_matrices(tile)
+    inverse_y, inverse_x = inverse_dft_matrices(tile, step)
     y = x.new_empty(b, c_out, nh, step, d, nw, step, d)
     # Rows of tiles in chunks: bounds the complex intermediates to about CHUNK_BYTES each.
     per_row = b * d * d * nw * freqs * 8 * max(c_in, c_out)
     rows = max(1, min(nh, CHUNK_BYTES // per_row))
     for i in range(0, nh, rows):
-        part = tiles[:, :, i:i + rows]
-        r = part.shape[2]
-        n, half = b * d * d * r * nw, tile // 2 + 1
-        # Gathered first: on the overlapping view itself the FFT makes (and faults in) its own copy.
-        pixels = ws.get("tile_pixels", (b * d * d, c_in, r, nw, tile, tile), x)
-        pixels.copy_(part)
-        xf = torch.fft.rfft2(pixels, out=ws.get("tiles", (b * d * d, c_in, r, nw, tile, half), spectrum))
-        # The one transpose: frequency-major, (freqs, groups, ci_g, tiles), as the channel mixing needs.
-        major = ws.get("frequency_major", (freqs, groups, c_in // groups, n), spectrum)
-        major.view(tile, half, c_in, b * d * d, r, nw).copy_(xf.permute(4, 5, 1, 0, 2, 3))
+        r = min(rows, nh - i)
+        n = b * d * d * r * nw  # tiles in this chunk
+        # (tile_y, c_in, tiles, tile_x): each tile row as contiguous as in the image.
+        pixels = ws.get("tile_pixels", (tile, c_in, b * d * d, r, nw, tile), x)
+        pixels.copy_(tiles[:, :, i:i + r].permute(4, 1, 0, 2, 3, 5))
+        # Along x, real in, a real and an imaginary plane out: (tile_y, 2, half, c_in*n) ...
+        planes = ws.get("forward_x", (tile, 2 * half, c_in * n), x)
+        torch.matmul(forward_x, pixels.view(tile, c_in * n, tile).transpose(1, 2), out=planes)
+        # ... interleaved to complex (tile_y, half, c_in*n) for the complex products from here on.
+        along_x = ws.get("forward_x_complex", (tile, half, c_in * n), spectrum)
+        torch.view_as_real(along_x).copy_(planes.view(tile, 2, half, c_in * n).permute(0, 2, 3, 1))
+        # Along y: frequency-major (tile, half, c_in, tiles), what the channel mixing takes.
+        xf = ws.get("tiles", (tile, half * c_in * n), spectrum)
+        torch.mm(forward_y, along_x.view(tile, half * c_in * n), out=xf)
+        major = xf.view(freqs, groups, c_in // groups, n)
         yf = torch.matmul(spectrum, major, out=ws.get("mixed", (freqs, groups, co_g, n), spectrum))
         if bias is not None:  # a constant on every output is the DC bin times tile*tile: no pass over y
             yf[0] += (bias * (tile * tile)).reshape(groups, co_g, 1)
-        out = inverse_rfft2(yf.reshape(tile, half, -1), step, ws)  # (step, step, c_out*b*d*d*r*nw)
-        y[:, :, i:i + r] = out.reshape(step, step, c_out, b, d, d, r, nw).permute(3, 2, 6, 0, 4, 7, 1, 5)
+        # Inverse along y, (step_y, half, c_out*n), then along x to (step_y, c_out*n, step_x): each
+        # tile's output rows contiguous, as y holds them.
+        a = ws.get("inverse_y", (step, half * c_out * n), spectrum)
+        torch.mm(inverse_y, yf.view(tile, half * c_out * n), out=a)
+        out = ws.get("inverse_xy", (step, c_out * n, step), spectrum)
+        torch.matmul(a.view(step, half, c_out * n).transpose(1, 2), inverse_x, out=out)
+        y[:, :, i:i + r] = out.real.view(step, c_out, b, d, d, r, nw, step).permute(2, 1, 5, 0, 3, 6, 7, 4)
     return y.reshape(b, c_out, nh * step * d, nw * step * d)[:, :, :out_h, :out_w]
+
+
+@functools.lru_cache(maxsize=8)
+def forward_dft_matrices(tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real 2-D DFT of a tile (rfft2) as two matrices: along x, real (2*half, tile), rows the real
+    and then the imaginary part of each frequency; along y, complex (tile, tile)."""
+    t = torch.arange(tile, dtype=torch.float64)
+    kx = torch.arange(tile // 2 + 1, dtype=torch.float64)
+    along_x = torch.exp(-2j * math.pi * kx[:, None] * t[None] / tile)
+    along_y = torch.exp(-2j * math.pi * t[:, None] * t[None] / tile)
+    return torch.cat([along_x.real, along_x.imag]).float(), along_y.to(torch.complex64)
 
 
 @functools.lru_cache(maxsize=8)
 def inverse_dft_matrices(tile: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse real 2-D DFT of a tile, keeping only its first `step` x `step` outputs, as two
-    matrices: complex inverse along y (step, tile) and Hermitian (c2r) inverse along x (step, tile//2+1)."""
+    complex matrices: inverse along y (step, tile), and the Hermitian (c2r) inverse along x,
+    transposed (tile//2+1, step), whose products' real part is the output."""
     n = torch.arange(step, dtype=torch.float64)[:, None]
     ky = torch.arange(tile, dtype=torch.float64)[None]
     kx = torch.arange(tile // 2 + 1, dtype=torch.float64)[None]
@@ -182,21 +223,7 @@ def inverse_dft_matrices(tile: int, step: int) -> tuple[torch.Tensor, torch.Tens
     # A real signal's spectrum holds bins 1..tile/2-1 twice (as conjugate pairs): weight 2, others 1.
     twice = torch.where((kx > 0) & (kx < tile // 2), 2.0, 1.0)
     along_x = torch.exp(2j * math.pi * n * kx / tile) * twice / tile
-    return along_y.to(torch.complex64), along_x.to(torch.complex64)
-
-
-def inverse_rfft2(spectra: torch.Tensor, step: int, ws: Workspace) -> torch.Tensor:
-    """(tile, tile//2+1, R) complex spectra -> (step, step, R) real: the first step x step outputs of
-    `irfft2` along the first two axes. Two matrix products on the layout the channel mixing leaves,
-    instead of a transpose and many small inverse FFTs (which cost more than the products here).
-    The products are written into the workspace's buffers: the result is a view of one."""
-    tile, half, rest = spectra.shape
-    along_y, along_x = inverse_dft_matrices(tile, step)
-    a = ws.get("inverse_y", (step, half * rest), spectra)
-    torch.matmul(along_y, spectra.reshape(tile, half * rest), out=a)
-    both = ws.get("inverse_xy", (step, step, rest), spectra)
-    torch.matmul(along_x, a.view(step, half, rest), out=both)
-    return both.real
+    return along_y.to(torch.complex64), along_x.t().to(torch.complex64)
 
 
 class SpectralConv:
