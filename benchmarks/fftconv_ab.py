@@ -1,6 +1,6 @@
 """The FFT convolution of this working tree against the one of an earlier revision, layer by layer.
 
-    python benchmarks/fftconv_ab.py --baseline 39873a7
+    python benchmarks/fftconv_ab.py --baseline ed3b984
 
 Per FFT candidate layer of the 3-scale model at 256 px (real shapes, M=3, random weights): both
 versions of `engines/fftconv.py` run the layer at the tile the engine picks, timed in alternating

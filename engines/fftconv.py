@@ -16,8 +16,9 @@ runs the forward transform, the channel mixing and the inverse transform as matr
 reading the layout the one before left, and writes the outputs to their place; the bias rides on
 the DC bin. The transforms are products rather than FFT calls because on tiles of 16 to 24 pixels
 they cost little arithmetic either way, and as products they need no transpose: torch's FFT of the
-tiles plus the transpose to frequency-major for the mixing took longer than the products do
-(benchmarks/results/fftconv_ab_cpu_avx2.json).
+tiles plus the transpose to frequency-major for the mixing took longer than the products do: the
+eight layers of the 3-scale model ran 1.20x faster in all with the products on a 2-core AVX2 EPYC
+(0.94-1.54x each; benchmarks/results/fftconv_ab_cpu_avx2.json).
 
 What made this pay on CPU is memory, not arithmetic: the intermediates are hundreds of MB each, and
 with 4 KiB pages the kernel's first-touch page faults on every fresh allocation cost as much as the
@@ -66,8 +67,8 @@ CHUNK_BYTES = 256 * 2 ** 20
 
 class Workspace(threading.local):
     """Scratch tensors by role, grown to the largest size asked and reused by every layer and call
-    of this thread (a worker's inference thread, say): about 6 x CHUNK_BYTES at most for the
-    tiles and their spectra, plus the largest layer's padded input (and its sub-grids for a dilated one)."""
+    of this thread (a worker's inference thread, say): about 7 x CHUNK_BYTES at most for the
+    tiles, their transforms and spectra, plus the largest layer's padded input (and its sub-grids for a dilated one)."""
 
     def __init__(self):
         self.buffers: dict[str, torch.Tensor] = {}
@@ -136,14 +137,11 @@ def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: 
     ("space to batch"): the sub-grids are copied out once, so that the tiles' rows are contiguous,
     and the outputs are written straight back to their interleaved places.
 
-    The transforms are matrix products too (`forward_dft_matrices`, `inverse_dft_matrices`), each on
-    the layout the step before left: the tiles are gathered with their rows contiguous, as in the
-    image, and every later step reads its input in place, but for one interleaving of real and
-    imaginary planes. Against torch's FFT calls and a transpose to frequency-major for the channel
-    mixing, the eight layers of the 3-scale model ran 1.20x faster in all on a 2-core AVX2 EPYC
-    (0.94-1.54x each; benchmarks/results/fftconv_ab_cpu_avx2.json). The mixing stays one complex
-    product per frequency: it ran faster than the same arithmetic as real products (four, three by
-    Gauss's trick, or one of a block matrix)."""
+    The transforms are matrix products (`forward_dft_matrices`, `inverse_dft_matrices`; why: the
+    module's docstring): the tiles are gathered with their rows contiguous, as in the image, and
+    every later step reads its input in place, but for one interleaving of real and imaginary
+    planes. The mixing stays one complex product per frequency: it ran faster than the same
+    arithmetic as real products (four, three by Gauss's trick, or one of a block matrix)."""
     b, c_in, h, w = x.shape
     freqs, groups, co_g, _ = spectrum.shape
     d = dilation
@@ -184,7 +182,7 @@ def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: 
         along_x = ws.get("forward_x_complex", (tile, half, c_in * n), spectrum)
         torch.view_as_real(along_x).copy_(planes.view(tile, 2, half, c_in * n).permute(0, 2, 3, 1))
         # Along y: frequency-major (tile, half, c_in, tiles), what the channel mixing takes.
-        xf = ws.get("tiles", (tile, half * c_in * n), spectrum)
+        xf = ws.get("frequency_major", (tile, half * c_in * n), spectrum)
         torch.mm(forward_y, along_x.view(tile, half * c_in * n), out=xf)
         major = xf.view(freqs, groups, c_in // groups, n)
         yf = torch.matmul(spectrum, major, out=ws.get("mixed", (freqs, groups, co_g, n), spectrum))
