@@ -7,6 +7,8 @@ carries the whole scoring head.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -20,9 +22,16 @@ INPUT_STD = (0.229, 0.224, 0.225)
 
 def normalize_input(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> network input."""
-    mean = x.new_tensor(INPUT_MEAN)[:, None, None]
-    std = x.new_tensor(INPUT_STD)[:, None, None]
+    mean, std = input_statistics(x.device, x.dtype)
     return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def input_statistics(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """INPUT_MEAN and INPUT_STD as (3, 1, 1) tensors, made once per device and dtype: a copy from the
+    host while a CUDA graph is being captured would break the capture (cuda_graphs.py)."""
+    return (torch.tensor(INPUT_MEAN, dtype=dtype, device=device)[:, None, None],
+            torch.tensor(INPUT_STD, dtype=dtype, device=device)[:, None, None])
 
 
 class ScaleEnsemble(nn.Module):

@@ -125,12 +125,13 @@ class PatchNet(nn.Module):
     def use_fastest_form(self) -> "PatchNet":
         """Run the dense form in whichever of four equivalent forms is fastest: the n networks in one
         grouped pass or apart (one after another), each on NCHW or channels-last memory. Same
-        descriptors; which is fastest depends on the CPU's kernels. With bfloat16 weights on a 2-core
-        Xeon with AMX, channels-last ran p=17 1.5x faster than NCHW, and the networks apart beat the
-        grouped pass at p=17 and p=33, while on an AVX512-BF16 EPYC channels-last had measured
-        slower (README: Engines). So the first dense pass times every form once on its real input
-        and keeps the fastest, freeing the others, as `use_fft` does. The forms copy the current
-        weights, dtype included: call this after casting them."""
+        descriptors; which is fastest depends on the device's kernels. With bfloat16 weights on a
+        2-core Xeon with AMX, channels-last ran p=17 1.5x faster than NCHW, and the networks apart
+        beat the grouped pass at p=17 and p=33, while on an AVX512-BF16 EPYC channels-last had
+        measured slower; on an H200 in half precision the networks apart on channels-last won every
+        scale at batch 8 (README: Engines). So the first dense pass times every form on its real
+        input and keeps the fastest, freeing the others, as `use_fft` does. The forms copy the
+        current weights, dtype included: call this after casting them."""
         state = self.state_dict()
         forms = {}
         for layout, fmt in (("NCHW", torch.contiguous_format), ("channels-last", torch.channels_last)):
@@ -211,6 +212,8 @@ class PatchNet(nn.Module):
         else:
             seconds = {}
             for form in self.forms:
+                if padded.is_cuda:  # a first call pays cuDNN's algorithm search for its shapes
+                    self._dense_in_form(form, padded)
                 y, seconds[form] = timed(self._dense_in_form, form, padded)
             self.form = min(seconds, key=seconds.get)
             self.forms = {self.form: self.forms[self.form]}  # frees the other copies
@@ -236,9 +239,14 @@ def worth_fft(conv: nn.Conv2d) -> bool:
 
 
 def timed(fn, *args, **kwargs) -> tuple[object, float]:
-    """fn(*args, **kwargs) and its wall time in seconds."""
+    """fn(*args, **kwargs) and its wall time in seconds (on a GPU, until its work has finished)."""
+    cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     out = fn(*args, **kwargs)
+    if cuda:
+        torch.cuda.synchronize()
     return out, time.perf_counter() - start
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .bundle import Bundle, load_bundle
+from .cuda_graphs import GraphedRunner
 from .images import frame_tensor, resize_tensor
 from .scoring import mask, max_score, position_z, position_z_max
 
@@ -98,6 +99,15 @@ class Engine:
             scales.append(s.float())
         return torch.cat(fused), torch.cat(scales)
 
+    def warm_up(self) -> None:
+        """Pay before real frames arrive what a first call costs: the plans the model measures, cuDNN's
+        algorithm search and, where the runner keeps a CUDA graph per batch size, each size's
+        capture (every size up to max_batch: a worker's batches take any of them). Else one frame."""
+        frame = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+        sizes = range(1, self.max_batch + 1) if isinstance(self.runner, GraphedRunner) else [1]
+        for n in sizes:
+            self.predict([frame] * n)
+
     @torch.no_grad()
     def predict(self, frames: list[np.ndarray]) -> list[Prediction]:
         if not frames:
@@ -167,9 +177,11 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def torch_runner(model: torch.nn.Module, device: torch.device, precision: str) -> Runner:
-    """The reference backend: the fused model in PyTorch; reduced precision by autocast, except bf16 on
-    CPU (below)."""
+def torch_runner(model: torch.nn.Module, device: torch.device, precision: str, cuda_graphs: bool = True) -> Runner:
+    """The reference backend: the fused model in PyTorch. On CUDA: the networks cast to the precision
+    (the scoring head stays float32), each scale's dense pass in the fastest of its equivalent forms
+    (PatchNet.use_fastest_form), cuDNN's algorithms chosen by measurement, and the whole model
+    replayed as CUDA graphs (cuda_graphs.py). On CPU: below."""
     if precision not in ("fp32", "bf16", "fp16"):
         raise EngineError(f"--precision {precision}: the torch backend runs fp32, bf16 or fp16")
     if precision == "fp16" and device.type != "cuda":
@@ -180,8 +192,17 @@ def torch_runner(model: torch.nn.Module, device: torch.device, precision: str) -
     model = model.to(device).eval()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    elif precision == "fp32":
+        for ens in model.ensembles:
+            ens.net.to(dtype or torch.float32).use_fastest_form()
+
+        def run_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # benchmark: one image size per engine, so searching cuDNN's algorithms per shape pays.
+            # No TF32: PyTorch lets cuDNN round fp32 convolutions' inputs to 10-bit mantissas, and fp32
+            # here is the reference precision (half precision is asked for as fp16 or bf16).
+            with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=False):
+                return model(x)
+        return GraphedRunner(run_cuda) if cuda_graphs else run_cuda
+    if precision == "fp32":
         # On CPU the large convolutions run through the FFT where the first batch measures it faster:
         # same maps up to float rounding, 1.44x the naive baseline on the 3-scale model
         # (fftconv.py; benchmarks/results/engines_cpu_planned.json).
@@ -202,13 +223,18 @@ def torch_runner(model: torch.nn.Module, device: torch.device, precision: str) -
 
 def default_torch_precision(bundle: Bundle, device: torch.device) -> str:
     """The precision the bundle's statistics and threshold were calibrated in, where this device runs
-    it natively; else fp32. Running as calibrated keeps the threshold's false-positive rate as
-    measured. bf16 (a bundle trained with `--amp` on hardware with native bfloat16) is a default
-    because it kept au_pro_30 on magnetic_tile within 0.0001 of fp32 (the bar is 0.01;
-    bf16_accuracy_cpu.json) at 1.99x the naive baseline (engines_cpu_bf16.json, both under
-    benchmarks/results/)."""
+    it natively; else fp32; on a GPU, fp16 in place of fp32. Running as calibrated keeps the
+    threshold's false-positive rate as measured. bf16 (a bundle trained with `--amp` on hardware with
+    native bfloat16) is a default because it kept au_pro_30 on magnetic_tile within 0.0001 of fp32
+    (the bar is 0.01; bf16_accuracy_cpu.json) at 1.99x the naive baseline (engines_cpu_bf16.json).
+    fp16 on a GPU because there it kept au_pro_30 within 0.00001 of fp32, with the same image
+    verdicts and pixel false-positive rate at the bundle's thresholds on all 594 test images
+    (fp16_accuracy_cuda_demo_model_magnetic_tile.json), while fp32 without TF32 ran 7.5x slower
+    (engines_cuda_h200.json; all under benchmarks/results/)."""
     calibrated = bundle.manifest.get("threshold", {}).get("precision", "fp32")
-    return "bf16" if calibrated == "bf16" and native_bf16(device) else "fp32"
+    if calibrated == "bf16" and native_bf16(device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else "fp32"
 
 
 def available_backends(device: torch.device) -> list[str]:
@@ -223,7 +249,7 @@ def available_backends(device: torch.device) -> list[str]:
 
 
 def load_engine(model: str | Path | Bundle, backend: str = "auto", device: str | torch.device = "auto",
-                precision: str | None = None, max_batch: int = 8) -> Engine:
+                precision: str | None = None, max_batch: int = 8, cuda_graphs: bool = True) -> Engine:
     """Load a bundle on a backend. `auto` takes the fastest backend present that the bundle has a
     current engine for: on a GPU, TensorRT with a plan built for it; else PyTorch. On CPU that is
     PyTorch with FFT convolutions where faster: 1.60x naive against ONNX Runtime fp32's 1.06x in one
@@ -241,7 +267,7 @@ def load_engine(model: str | Path | Bundle, backend: str = "auto", device: str |
         raise EngineError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     if backend == "torch":
         precision = precision or default_torch_precision(bundle, dev)
-        runner = torch_runner(bundle.model(), dev, precision)
+        runner = torch_runner(bundle.model(), dev, precision, cuda_graphs)
     elif backend == "onnxruntime":
         if dev.type != "cpu":
             raise EngineError("--backend onnxruntime runs on the CPU here; use --device cpu, or tensorrt/torch on a GPU")

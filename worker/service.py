@@ -45,8 +45,8 @@ STOP = object()  # end of a queue
 
 
 def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
-    """One engine per served bundle, keyed by the bundle's category, each warmed up with one frame
-    (so the first real batch is not the slow one). Raises BundleError/EngineError/ValueError."""
+    """One engine per served bundle, keyed by the bundle's category, each warmed up (Engine.warm_up:
+    so that no real batch is the slow first one). Raises BundleError/EngineError/ValueError."""
     engines: dict[str, Engine] = {}
     for path in settings.model_dirs:
         engine = load_engine(path, backend=settings.backend, device=settings.device,
@@ -55,7 +55,7 @@ def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
         if category in engines:
             raise ValueError(f"{path}: a second model for category {category!r} (also {engines[category].bundle.path}); "
                              "serve one model per category")
-        engine.predict([np.zeros((engine.image_size, engine.image_size, 3), np.uint8)])
+        engine.warm_up()
         engines[category] = engine
     return engines
 
