@@ -268,7 +268,7 @@ def main(device, size, batches, backends, precisions, repeats, seconds, per_scal
         click.echo("  -> " + json.dumps(res))
         rows.append({**{k: cfg[k] for k in ("backend", "precision", "batch", "scales", "graphs") if k in cfg}, **res})
         # and in the result file, rewritten after every configuration
-        write_record(name, rows, info, peak, bandwidth * 2, size, repeats, dev.type, quiet=True)
+        write_record(name, rows, info, peak, bandwidth, size, repeats, dev.type, quiet=True)
     peak = {k: max(v, peak_gflops(dev, dtypes[k])) for k, v in peak.items()}
     bandwidth.append(memory_gbps(dev))
     write_record(name, rows, info, peak, bandwidth, size, repeats, dev.type)
@@ -299,7 +299,8 @@ def rows_from_log(log: Path, graphs: bool) -> tuple[dict | None, list[dict]]:
 def write_record(name: str, rows: list[dict], info: dict, peak: dict, bandwidth: list, size: int, repeats: int,
                  device_type: str, note: str | None = None, quiet: bool = False) -> None:
     """Derived figures (GFLOP/s, % of the measured peak, speed-up against the naive baseline of the
-    same scales), the summary of the fastest 3-scale configuration, the JSON and the table."""
+    same scales), the summary of the fastest 3-scale configuration, the JSON and the table.
+    `bandwidth`: the copies measured so far (before the configurations, and after them once done)."""
     full = [17, 33, 65]
     flops = {tuple(s): flops_per_frame(list(s), size) for s in {tuple(r["scales"]) for r in rows}}
     for r in rows:
@@ -319,13 +320,14 @@ def write_record(name: str, rows: list[dict], info: dict, peak: dict, bandwidth:
         "speedup_vs_naive": best["speedup_vs_naive"], "image_size": size,
         **({"cuda_graphs": best["graphs"]} if device_type == "cuda" else {})}
     record = {"summary": summary, "machine": info, "peak_gflop_per_s": peak,
-              "memory_gb_per_s": {"before": bandwidth[0], "after": bandwidth[1]} if bandwidth else None,
+              "memory_gb_per_s": dict(zip(("before", "after"), bandwidth)) or None,
               "students": STUDENTS, "repeats": repeats, "weights": "random (speed does not depend on them)",
               "results": rows, "command": "python benchmarks/engines.py " + " ".join(sys.argv[1:]),
               **({"note": note} if note else {})}
     table = format_rows(rows)
+    copies = ", ".join(f"{v:.1f} GB/s {k}" for k, v in zip(("before", "after"), bandwidth))
     measured = (f"Measured peak GFLOP/s: {', '.join(f'{k} {v:.0f}' for k, v in peak.items())}; "
-                f"memory copy {bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} after. " if peak else "")
+                f"memory copy {copies}. " if peak else "")
     path = write_result(name, record,
         f"# Engines: {name}\n\nMachine: {device_label(info)}, {', '.join(info['cpu_features'])}; "
         f"torch {info['torch']}. {measured}"

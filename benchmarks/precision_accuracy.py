@@ -6,8 +6,8 @@
 
 Trains a bundle (or takes --model), then evaluates the same test set with PyTorch fp32 and with the
 lower precision: int8 is the ONNX Runtime engine (built calibrated on train/good, with its parity
-check on test/good), bf16 the PyTorch backend under autocast (CPUs with native bfloat16), fp16 the
-PyTorch backend under autocast on CUDA; on CPU, `--fp16 onnx` is the fp16 ONNX graph (networks in
+check on test/good), bf16 the PyTorch backend (CPUs with native bfloat16, or CUDA), fp16 the
+PyTorch backend on CUDA (networks cast to half, scoring head in fp32: runtime.torch_runner); on CPU, `--fp16 onnx` is the fp16 ONNX graph (networks in
 half, scoring head in fp32: the graph a TensorRT fp16 plan is built from) under ONNX Runtime, with
 its parity check on test/good, and `--fp16 emulated` the PyTorch networks with every weight and
 every tensor between layers rounded to fp16, accumulating in fp32 (emulated_fp16_engine). Writes
