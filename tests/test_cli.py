@@ -562,6 +562,13 @@ def test_teacher_command_distils_dense_targets_on_windows(tmp_path, tiny_mvtec):
     too_big = invoke("teacher", "--scales", "17", "--target", "dense", "--crop", 200, "--images", images,
                      "--steps", 1, "--out", tmp_path / "t2", "--amp", "off")
     assert_input_error(too_big, "--target dense")
+    # --target-strides picks P's maps: the stride-16 map alone is EfficientNet-Lite0's 112 channels
+    assert_ok(invoke("teacher", "--scales", "17", "--crop", 8, "--images", images, "--steps", 1, "--target-strides", "16",
+                     "--out", tmp_path / "t3", "--amp", "off"))
+    assert read_records(tmp_path / "t3")["17"]["target_dim"] == 112
+    for bad, needle in (("32", "map strides 8,16"), ("eight", "whole numbers separated by commas")):
+        assert_input_error(invoke("teacher", "--scales", "17", "--images", images, "--target-strides", bad,
+                                  "--out", tmp_path / "t4"), needle)
 
 
 def test_teacher_command_refuses_a_folder_without_images(tmp_path):

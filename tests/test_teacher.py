@@ -69,10 +69,10 @@ class _FakeBackbone(nn.Module):
         self.register_buffer("anchor", torch.zeros(1))
         self.seen = []
 
-    def feature_maps(self, x):
+    def feature_maps(self, x, strides=(8, 16)):
         self.seen.append(tuple(x.shape[-2:]))
         s8 = torch.cat([x.mean(1, keepdim=True), 10 + 3 * x[:, :1]], 1)[:, :, ::8, ::8]
-        return [s8, x[:, 1:2, ::16, ::16] * 5]
+        return [{8: s8, 16: x[:, 1:2, ::16, ::16] * 5}[s] for s in strides]
 
 
 def test_dense_targets_enlarge_by_the_receptive_field_ratio_and_standardize_per_channel():
@@ -86,6 +86,20 @@ def test_dense_targets_enlarge_by_the_receptive_field_ratio_and_standardize_per_
     pixels = torch.cat([m.float().flatten(1) for m in maps], 1)
     assert torch.allclose(pixels.mean(1), torch.zeros(3), atol=2e-3)
     assert torch.allclose(pixels.std(1), torch.ones(3), atol=2e-3)
+
+
+def test_dense_targets_hold_only_the_maps_of_the_strides_asked_for():
+    levels = [torch.rand(3, 40, 56), torch.rand(3, 32, 32)]
+    both, s8, s16 = (dense_targets(_FakeBackbone(), levels, 17, strides) for strides in ((8, 16), (8,), (16,)))
+    assert [m.shape[0] for m in s8] == [2, 2] and [m.shape[0] for m in s16] == [1, 1]
+    # each map is standardized over its own pixels, so a subset's channels equal the full target's
+    assert all(torch.equal(b[:2], a) and torch.equal(b[2:], c) for b, a, c in zip(both, s8, s16))
+
+
+@pytest.mark.parametrize("strides", [(), (8, 32)])
+def test_target_strides_other_than_the_backbones_maps_are_refused_before_any_work(strides):
+    with pytest.raises(TeacherError, match="choose one or more of P's map strides 8,16"):
+        train_teacher(TeacherConfig(p=17, target_strides=strides, images="/nonexistent"))
 
 
 def test_dense_levels_keep_what_fits_a_window_and_the_memory_cap():

@@ -20,6 +20,9 @@ class BackboneError(ValueError):
     """A backbone that cannot be built; the message says what to pass instead."""
 
 
+FEATURE_STRIDES = (8, 16)  # the strides of the mid-level maps every backbone's `mid_level` returns, in order
+
+
 class Backbone(nn.Module):
     """A frozen feature extractor with its own input normalization."""
 
@@ -39,9 +42,10 @@ class Backbone(nn.Module):
         return self.features((patches - self.mean) / self.std).mean(dim=(2, 3))
 
     @torch.no_grad()
-    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Images in [0, 1] (B, 3, H, W) -> the last feature maps at strides 8 and 16."""
-        return self.features.mid_level((images - self.mean) / self.std)
+    def feature_maps(self, images: torch.Tensor, strides: tuple[int, ...] = FEATURE_STRIDES) -> list[torch.Tensor]:
+        """Images in [0, 1] (B, 3, H, W) -> the last feature maps at `strides` (8 and/or 16)."""
+        maps = dict(zip(FEATURE_STRIDES, self.features.mid_level((images - self.mean) / self.std)))
+        return [maps[s] for s in strides]
 
 
 # --- ResNet-18 in torchvision's parameter layout, so a torchvision weights file loads as is -------

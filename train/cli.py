@@ -39,6 +39,13 @@ def parse_scales(ctx, param, value: str) -> list[int]:
     return scales
 
 
+def parse_ints(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted({int(s) for s in value.split(",") if s.strip()}))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give whole numbers separated by commas, e.g. 8,16") from None
+
+
 def resolve_amp(amp: str, device: torch.device) -> bool:
     return native_bf16(device) if amp == "auto" else amp == "on"
 
@@ -118,6 +125,8 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
 @click.option("--target", type=click.Choice(TARGETS), default="dense", show_default=True,
               help="What the teacher learns from P: 'dense' = P's stride-8/16 feature maps of whole images, learnt "
                    "densely on windows; 'patch' = P's global descriptor of each patch (the paper's). README: Teachers.")
+@click.option("--target-strides", default="8,16", show_default=True, callback=parse_ints,
+              help="Which of P's feature maps the dense target holds: 8, 16 or 8,16 (README: Teachers).")
 @click.option("--backbone-input", default=128, show_default=True,
               help="Side patches are resized to before P sees them (--target patch).")
 @click.option("--crop", default=32, show_default=True, help="Side of each training window's output (--target dense).")
@@ -140,7 +149,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
 @device_option
 @amp_option
 @user_errors
-def teacher_cmd(scales, out, backbone, backbone_weights, target, backbone_input, crop, images, patches, steps, batch,
+def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides, backbone_input, crop, images, patches, steps, batch,
                 lr, schedule, weight_decay, lambda_k, lambda_c, lambda_m, margin, seed, device, amp):
     """Distil teacher patch networks from a pretrained ImageNet CNN."""
     from .teacher import train_teacher
@@ -149,6 +158,7 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, backbone_input,
     dev = resolve_device(device)
     for p in scales:
         cfg = TeacherConfig(p=p, backbone=backbone, backbone_weights=backbone_weights, target=target,
+                            target_strides=target_strides,
                             backbone_input=backbone_input, crop=crop, images=images, patches=patches, steps=steps,
                             batch=batch, lr=lr, schedule=schedule, weight_decay=weight_decay, lambda_k=lambda_k, lambda_c=lambda_c,
                             lambda_m=lambda_m, margin=margin, seed=seed, device=str(dev), amp=resolve_amp(amp, dev))

@@ -41,7 +41,7 @@ from ustudents.engines.images import IMAGE_SUFFIXES, ImageError, read_image
 from ustudents.engines.model import normalize_input
 from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet, geometry
 
-from .backbones import build_backbone
+from .backbones import FEATURE_STRIDES, build_backbone
 from .progress import progress
 
 SKIMAGE_SOURCE = "skimage"
@@ -71,6 +71,7 @@ class TeacherConfig:
     backbone_input: int = 128  # target "patch": patches are resized to this side before P sees them
     target: str = "dense"  # "dense" or "patch" (the paper's; module docstring)
     crop: int = 32  # target "dense": side of each training window's output, pixels
+    target_strides: tuple[int, ...] = FEATURE_STRIDES  # target "dense": which of P's maps (README: Teachers)
     images: str = SKIMAGE_SOURCE
     patches: int = 6000  # target "patch": size of the fixed patch pool whose P descriptors are cached
     steps: int = 1500
@@ -179,8 +180,9 @@ def backbone_descriptors(backbone: nn.Module, patches: torch.Tensor, size: int, 
 
 
 @torch.no_grad()
-def dense_targets(backbone: nn.Module, levels: list[torch.Tensor], p: int) -> list[torch.Tensor]:
-    """Per level (3, H, W): P's stride-8 and stride-16 maps of the level enlarged by DENSE_RF / p,
+def dense_targets(backbone: nn.Module, levels: list[torch.Tensor], p: int,
+                  strides: tuple[int, ...] = FEATURE_STRIDES) -> list[torch.Tensor]:
+    """Per level (3, H, W): P's maps at `strides` (8 and/or 16) of the level enlarged by DENSE_RF / p,
     resized to (H, W) and concatenated, standardized per channel over all levels; float16 to halve
     the cache. `levels` must be small enough for P (`dense_levels`)."""
     device = next(backbone.buffers()).device
@@ -190,7 +192,7 @@ def dense_targets(backbone: nn.Module, levels: list[torch.Tensor], p: int) -> li
         x = F.interpolate(level[None].to(device), scale_factor=DENSE_RF / p, mode="bilinear", align_corners=False,
                           antialias=DENSE_RF < p)
         maps.append(torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                               for m in backbone.feature_maps(x)], 1)[0].half().cpu())
+                               for m in backbone.feature_maps(x, strides)], 1)[0].half().cpu())
     # per-channel mean and std over every pixel of every level, accumulated in float64
     n = sum(m[0].numel() for m in maps)
     total = sum(m.double().sum((1, 2)) for m in maps)
@@ -245,6 +247,9 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
         raise TeacherError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if not cfg.lr > 0:  # NaN too
         raise TeacherError(f"--lr {cfg.lr:g}: a learning rate must be more than 0")
+    if not cfg.target_strides or not set(cfg.target_strides) <= set(FEATURE_STRIDES):
+        raise TeacherError(f"--target-strides {','.join(map(str, cfg.target_strides))}: choose one or more of P's "
+                           f"map strides {','.join(map(str, FEATURE_STRIDES))}")
     if cfg.batch is None:
         cfg = replace(cfg, batch=DEFAULT_BATCH[cfg.target])
     levels = _pyramid(load_natural_images(cfg.images), cfg.p)
@@ -257,7 +262,7 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
         raise TeacherError(f"{cfg.images}: every image is smaller than p={cfg.p} pixels; use larger images")
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights).to(device)
     if cfg.target == "dense":
-        targets = dense_targets(backbone, levels, cfg.p)
+        targets = dense_targets(backbone, levels, cfg.p, cfg.target_strides)
         target_dim = targets[0].shape[0]
     else:
         pool, _ = sample_patches(levels, cfg.p, cfg.patches, gen)
