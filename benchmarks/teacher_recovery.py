@@ -29,7 +29,8 @@ from ustudents.engines.model import normalize_input
 from ustudents.engines.patchnet import PatchNet, geometry
 from ustudents.train import dataset
 from ustudents.train.backbones import FEATURE_STRIDES, build_backbone
-from ustudents.train.teacher import SKIMAGE_SOURCE, _pyramid, dense_levels, dense_targets, load_natural_images
+from ustudents.train.teacher import (SKIMAGE_SOURCE, TeacherConfig, dense_levels, dense_targets, load_natural_images,
+                                     pyramid)
 from ustudents.train.teacher_files import DEFAULT_DIR, load_teacher
 
 PIXELS_PER_IMAGE = 400  # random pixels per image (photo pyramid level or category image)
@@ -88,8 +89,8 @@ def main(data_root, category, image_size, category_images, images, teacher_dirs,
     groups["both"] = slice(0, sum(widths))
     results, rows = {}, []
     for p in (int(s) for s in scales.split(",")):
-        domains = {"photos": dense_levels(_pyramid(photos, p), p, geometry(p).rf + 32)}
-        domains[category] = [lv for lv in category_levels if min(lv.shape[1:]) >= geometry(p).rf + 32]
+        window = TeacherConfig.crop + geometry(p).rf - 1  # the images a dense teacher trains on, as it picks them
+        domains = {"photos": dense_levels(pyramid(photos, p), p, window), category: dense_levels(category_levels, p, window)}
         targets = {d: dense_targets(backbone, levels, p) for d, levels in domains.items()}
         for folder in teacher_dirs or (DEFAULT_DIR,):
             net = PatchNet(p).eval()

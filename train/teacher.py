@@ -114,7 +114,8 @@ def load_natural_images(source: str) -> list[np.ndarray]:
     return images
 
 
-def _pyramid(images: list[np.ndarray], p: int) -> list[torch.Tensor]:
+def pyramid(images: list[np.ndarray], p: int) -> list[torch.Tensor]:
+    """Each image (3, H, W) in [0, 1] at the PYRAMID scales where a p x p patch, with a margin, fits."""
     levels = []
     for img in images:
         t = torch.from_numpy(img).permute(2, 0, 1).float().div(255)
@@ -252,7 +253,7 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
                            f"map strides {','.join(map(str, FEATURE_STRIDES))}")
     if cfg.batch is None:
         cfg = replace(cfg, batch=DEFAULT_BATCH[cfg.target])
-    levels = _pyramid(load_natural_images(cfg.images), cfg.p)
+    levels = pyramid(load_natural_images(cfg.images), cfg.p)
     if cfg.target == "dense":
         levels = dense_levels(levels, cfg.p, cfg.crop + geometry(cfg.p).rf - 1)
     if not levels:
