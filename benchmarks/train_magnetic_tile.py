@@ -23,6 +23,7 @@ from ustudents.train import dataset
 from ustudents.train.evaluate import evaluate, format_table
 from ustudents.train.pipeline import TrainConfig, train
 from ustudents.train.students import StudentConfig
+from ustudents.train.teacher_files import DEFAULT_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,15 +41,18 @@ REPO = Path(__file__).resolve().parents[1]
 @click.option("--device", default="auto", show_default=True)
 @click.option("--test-every", default=1, show_default=True,
               help="Evaluate on every k-th test image of each type (1: the whole test set).")
+@click.option("--teachers", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Teacher folder (teacher_p<p>.safetensors per scale); default: the shipped teachers.")
 @click.option("--out", type=click.Path(path_type=Path), default=REPO / "runs" / "magnetic_tile", show_default=True)
 @click.option("--name", default="magnetic_tile_cpu", show_default=True, help="Result file name under benchmarks/results.")
-def main(data_root, category, image_size, epochs, crop, batch, students, scales, precision, device, test_every, out, name):
+def main(data_root, category, image_size, epochs, crop, batch, students, scales, precision, device, test_every,
+         teachers, out, name):
     if not (data_root / category / "train" / "good").is_dir():
         raise click.ClickException(f"{data_root / category}: dataset not found; pass --data-root (skipped)")
     dev = resolve_device(device)
     bf16 = precision == "bf16"
     cfg = TrainConfig(category=category, data_root=data_root, out=out, scales=[int(s) for s in scales.split(",")],
-                      image_size=image_size, device=str(dev),
+                      image_size=image_size, device=str(dev), teachers=teachers or DEFAULT_DIR,
                       student=StudentConfig(students=students, epochs=epochs, crop=crop, batch=batch, amp=bf16))
     t0 = time.time()
     path = train(cfg, log=click.echo)
@@ -63,11 +67,12 @@ def main(data_root, category, image_size, epochs, crop, batch, students, scales,
                     "pixel_auroc": results["pixel_auroc"], "test_images": len(test), "device": device_label(machine(dev))},
         "settings": {"image_size": image_size, "epochs": epochs, "crop": crop, "batch": batch, "students": students,
                      "scales": cfg.scales, "precision": precision,
-                     "test_every": test_every, "test_images": len(test), "teachers": "shipped defaults (how they were made: training.teachers)"},
+                     "test_every": test_every, "test_images": len(test), "teachers": f"{teachers or 'shipped defaults'} (how they were made: training.teachers)"},
         "machine": machine(dev),
         "wall_s": {"train_and_calibrate": round(train_s, 1), "evaluate": results["wall_s"]},
         "command": f"python benchmarks/train_magnetic_tile.py --image-size {image_size} --epochs {epochs} "
-                   f"--crop {crop} --batch {batch} --students {students} --scales {scales} --precision {precision} --test-every {test_every} --name {name}",
+                   f"--crop {crop} --batch {batch} --students {students} --scales {scales} --precision {precision} --test-every {test_every}"
+                   + (f" --teachers {teachers}" if teachers else "") + f" --name {name}",
         "evaluation": results,
         "training": load_bundle(path).manifest["training"],
     }
