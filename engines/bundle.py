@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -31,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .images import UINT16_BITS
 from .model import AnomalyModel
-from .patchnet import PatchNet
+from .patchnet import DESCRIPTOR_DIM, PatchNet
 from .scoring import IMAGE_SCORES, MASK_RULES
 
 POSITION_TENSORS = ("image_score.position_mean", "image_score.position_std")
@@ -219,6 +220,39 @@ def _uint16_bits(manifest: dict[str, Any]) -> Any:
     return manifest.get("input", {}).get("uint16_bits", UINT16_BITS)
 
 
+MIN_SERVED_SIZE = 32  # the smallest image size a bundle is served at (the tests serve at 32 px)
+
+
+def bad_value(manifest: dict[str, Any], scales: list[int]) -> str | None:
+    """What among a manifest's values the model cannot run with, or None. Keys are checked before;
+    this catches a hand edit such as a null or zero sigma, a short statistics vector or a text size."""
+    def number(x, positive: bool = False) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
+
+    size, students = manifest["image_size"], manifest["students"]
+    if not (isinstance(size, int) and not isinstance(size, bool) and size >= MIN_SERVED_SIZE):
+        return f"image_size {size!r} is not a whole number of pixels from {MIN_SERVED_SIZE}"
+    if not (isinstance(students, int) and students >= 2):
+        return f"students {students!r} is not a whole number from 2"
+    if not isinstance(manifest.get("input", {}), dict):
+        return f"input {manifest['input']!r} is not an object"
+    for p in scales:
+        st = manifest["statistics"][str(p)]
+        for key in ("desc_mean", "desc_std"):
+            v, positive = st[key], key == "desc_std"
+            if not (isinstance(v, list) and len(v) == DESCRIPTOR_DIM and all(number(x, positive) for x in v)):
+                return f"statistics.{p}.{key} is not {DESCRIPTOR_DIM} finite numbers{' above 0' if positive else ''}"
+        for key in ("e_mu", "e_sigma", "v_mu", "v_sigma"):
+            positive = key.endswith("sigma")
+            if not number(st[key], positive):
+                return f"statistics.{p}.{key} {st[key]!r} is not a finite number{' above 0' if positive else ''}"
+    for name, v in (("threshold.value", manifest["threshold"]["value"]),
+                    ("the image score's threshold", image_score_record(manifest)["threshold"])):
+        if not number(v):
+            return f"{name} {v!r} is not a finite number"
+    return None
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Load and verify a bundle: format version, checksum, tensor names and shapes."""
     path = Path(path)
@@ -236,7 +270,7 @@ def load_bundle(path: str | Path) -> Bundle:
     version = manifest.get("format_version")
     if version not in READABLE_VERSIONS:
         raise BundleError(
-            f"{mpath}: bundle format version {version}, but this ustudents reads versions "
+            f"{mpath}: bundle format version {version!r}, but this ustudents reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}; retrain the model with this version or use the ustudents "
             "release that wrote it")
     try:
@@ -247,12 +281,18 @@ def load_bundle(path: str | Path) -> Bundle:
         for p in scales:
             for key in ("desc_mean", "desc_std", "e_mu", "e_sigma", "v_mu", "v_sigma"):
                 stats[str(p)][key]
-        manifest["threshold"]["value"]
+        manifest["threshold"]["value"], manifest["category"], manifest["id"]
+        if not isinstance(manifest["scales"], list):
+            raise ValueError("'scales' as a list")
         image_size = int(manifest["image_size"])
         score = image_score_record(manifest)
         float(score["threshold"])
     except (KeyError, TypeError, ValueError) as err:
         raise BundleError(f"{mpath}: incomplete manifest (missing {err}); retrain or restore the bundle") from None
+    bad = bad_value(manifest, scales)
+    if bad:
+        raise BundleError(f"{mpath}: {bad}; the manifest was edited or damaged: restore the bundle from a copy, "
+                          "or retrain")
     rule = MASK_RULE_OF.get(manifest["threshold"].get("method", "pixel_fpr"))
     if rule not in MASK_RULES or (rule == "position_z" and score["method"] != "position_z_max"):
         raise BundleError(f"{mpath}: mask threshold method {manifest['threshold'].get('method')!r} is not one this "

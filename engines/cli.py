@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import click
@@ -32,7 +33,25 @@ def user_errors_for(errors: tuple[type[Exception], ...]):
     return decorator
 
 
-user_errors = user_errors_for((BundleError, EngineError, ImageError, ValueError, FileNotFoundError, PermissionError))
+def check_output(path: Path | None, option: str, folder: bool) -> None:
+    """Refuse now, before any work, an output `path` (a folder, or a file when not `folder`) that
+    could not be written at the end: a file where a folder goes or the reverse, or no write access."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise InputError(f"{option} {path}: is a {'file' if folder else 'folder'}; give a "
+                         f"{'folder' if folder else 'file name'}")
+    target = path if folder and path.exists() else path.parent
+    while not target.exists():
+        target = target.parent
+    if not target.is_dir():
+        raise InputError(f"{option} {path}: {target} is a file, so nothing can be made under it; choose another path")
+    if not os.access(target, os.W_OK):
+        raise InputError(f"{option} {path}: {target} is not writable here; choose another path")
+
+
+user_errors = user_errors_for((BundleError, EngineError, ImageError, ValueError, OSError))
 
 
 def engine_options(fn):

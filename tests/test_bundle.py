@@ -1,5 +1,6 @@
 """The bundle format: round trip, atomic replacement, and refusal of damaged bundles."""
 import json
+import re
 
 import pytest
 import torch
@@ -86,6 +87,25 @@ def test_manifest_claiming_other_shapes_is_refused(tmp_path):
     path, _ = make_bundle(tmp_path / "b")
     edit_manifest(path, lambda m: m.update(students=3))
     with pytest.raises(BundleError, match="do not match"):
+        load_bundle(path)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m["statistics"]["17"].update(e_sigma=None), "statistics.17.e_sigma None is not a finite number above 0"),
+    (lambda m: m["statistics"]["17"].update(v_sigma=0), "statistics.17.v_sigma 0 is not a finite number above 0"),
+    (lambda m: m["statistics"]["17"].update(desc_mean=[0.0] * 3), "statistics.17.desc_mean is not 128 finite numbers"),
+    (lambda m: m["threshold"].update(value=None), "threshold.value None is not a finite number"),
+    (lambda m: m.update(image_size=7), "image_size 7 is not a whole number of pixels"),
+    (lambda m: m.update(image_size=64.7), "image_size 64.7 is not a whole number of pixels"),
+    (lambda m: m.update(input="rgb"), "input 'rgb' is not an object"),
+    (lambda m: m.pop("category"), "missing 'category'"),
+])
+def test_a_hand_edited_manifest_value_the_model_cannot_run_with_is_refused_by_name(tmp_path, edit, needle):
+    """Each of these loaded before and crashed later (a traceback in predict or the worker) or
+    scored every pixel inf; the message must name the field."""
+    path, _ = make_bundle(tmp_path / "b")
+    edit_manifest(path, edit)
+    with pytest.raises(BundleError, match=re.escape(needle)):
         load_bundle(path)
 
 

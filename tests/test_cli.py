@@ -422,6 +422,62 @@ def test_predict_on_a_non_image_file(tiny_bundle, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("option, value, needle", [
+    ("--epochs", "0", "--epochs 0: must be at least 1"),  # crashed after training every scale
+    ("--batch", "-2", "--batch -2: must be at least 1"),  # trained nothing and wrote a bundle
+    ("--crop", "-5", "--crop -5: must be at least 0"),
+    ("--image-size", "100000", "--image-size 100000: must be from 64 to 1024"),  # ran out of memory
+    ("--students", "100", "--students 100: must be from 2"),
+    ("--val-fraction", "0", "--val-fraction 0: must be between 0 and 1"),  # failed at calibration
+    ("--weight-decay", "-1", "--weight-decay -1: must be 0 or more"),
+])
+def test_training_options_out_of_range_are_refused_before_any_work(tmp_path, tiny_mvtec, random_teachers, option,
+                                                                   value, needle):
+    result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", tmp_path / "m", option, value,
+                    "--teachers", random_teachers)
+    assert_input_error(result, needle)
+    assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work_not_after(tiny_bundle, tiny_mvtec, eval_root,
+                                                                             tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    a_dir = tmp_path / "adir"
+    a_dir.mkdir()
+    image = next((tiny_mvtec / TINY_CATEGORY / "test" / "good").iterdir())
+    cases = [
+        (("evaluate", tiny_bundle, "--data-root", eval_root, "--json", a_dir), f"--json {a_dir}: is a folder"),
+        (("evaluate", tiny_bundle, "--data-root", eval_root, "--json", a_file / "r.json"), f"{a_file} is a file"),
+        (("evaluate", tiny_bundle, "--data-root", eval_root, "--overlays", a_file), f"--overlays {a_file}: is a file"),
+        (("evaluate", tiny_bundle, "--data-root", eval_root, "--batch", "0"), "--batch 0: must be at least 1"),
+        (("predict", tiny_bundle, image, "--out", a_file), f"--out {a_file}: is a file"),
+        (("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", a_file / "m"), f"{a_file} is a file"),
+        (("teacher", "--scales", "17", "--out", a_file), f"--out {a_file}: is a file"),
+    ]
+    for args, needle in cases:
+        out = invoke(*args)
+        assert_input_error(out, needle)
+        assert "evaluating" not in out.output  # refused before the networks ran
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"] and list(a_dir.iterdir()) == []
+
+
+def test_evaluate_on_a_read_only_bundle_still_prints_and_writes_its_results(bundle_copy, eval_root, tmp_path,
+                                                                           monkeypatch):
+    """A container mounts the model read-only: storing the results in the manifest fails there, and
+    must not throw away the evaluation that just ran."""
+    import ustudents.train.evaluate as evaluate_module
+
+    def read_only(path, **fields):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(evaluate_module, "update_manifest", read_only)
+    result = invoke("evaluate", bundle_copy, "--data-root", eval_root, "--json", tmp_path / "r.json")
+    assert_ok(result)
+    assert "results not stored in" in result.output and "Read-only file system" in result.output
+    assert "au_pro_30" in json.loads((tmp_path / "r.json").read_text())
+
+
 def test_unknown_scale_is_a_usage_error(tmp_path, tiny_mvtec, random_teachers):
     result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", tmp_path / "m",
                     "--scales", "17,20", "--teachers", random_teachers)
@@ -569,6 +625,24 @@ def test_teacher_command_distils_dense_targets_on_windows(tmp_path, tiny_mvtec):
     for bad, needle in (("32", "map strides 8,16"), ("eight", "whole numbers separated by commas")):
         assert_input_error(invoke("teacher", "--scales", "17", "--images", images, "--target-strides", bad,
                                   "--out", tmp_path / "t4"), needle)
+
+
+def test_teacher_skips_an_unreadable_image_among_the_natural_images_and_says_which(tmp_path, tiny_mvtec):
+    images = tmp_path / "natural"
+    shutil.copytree(tiny_mvtec / TINY_CATEGORY / "train" / "good", images)
+    (images / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = invoke("teacher", "--scales", "17", "--crop", 8, "--images", images, "--steps", 1, "--out",
+                    tmp_path / "t", "--amp", "off")
+    assert_ok(result)
+    assert "skipping" in result.output and "zz_broken.png" in result.output
+
+
+@pytest.mark.parametrize("option, value", [("--steps", "0"), ("--batch", "0"), ("--crop", "0")])
+def test_teacher_options_out_of_range_are_refused_before_any_work(tmp_path, tiny_mvtec, option, value):
+    images = tiny_mvtec / TINY_CATEGORY / "train" / "good"
+    assert_input_error(invoke("teacher", "--scales", "17", "--images", images, option, value, "--out", tmp_path / "t"),
+                       f"{option} {value}")
+    assert not (tmp_path / "t").exists()
 
 
 def test_teacher_command_refuses_a_folder_without_images(tmp_path):

@@ -42,7 +42,7 @@ from ustudents.worker import schema
 from ustudents.worker.metrics import METRIC_NAMES
 from ustudents.worker.service import Worker
 from ustudents.worker.settings import WorkerSettings
-from ustudents.worker.streams import Record, StreamIO
+from ustudents.worker.streams import PublishRefused, Record, StreamIO
 
 FAST = dict(block_ms=100, backoff_max_s=0.3, stats_interval_s=0.2, shutdown_timeout_s=20)
 
@@ -464,6 +464,107 @@ def test_two_workers_finishing_the_same_entry_publish_one_result(redis_url, stre
     assert pending_count(r, stream) == 0
     # and once acknowledged, the entry is handed to nobody again
     assert a.read("0", 10, None) == [] and b.autoclaim(0, "0-0", 10)[1] == []
+
+
+def test_a_results_key_of_the_wrong_type_refuses_the_publish_whole_and_the_frame_waits(redis_url, stream):
+    """Redis runs the rest of a transaction after one command fails: a results key that is not a
+    stream must refuse the whole publish, not acknowledge the frame with its result lost."""
+    r = client(redis_url)
+    r.xgroup_create(stream, "ustudents", id="0", mkstream=True)
+    eid = add(r, stream, frame_id="f1", image=b"x")
+    io = StreamIO(r, stream, "ustudents", "A", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+    io.read(">", 10, None)
+    record = Record(eid, io.results, {"entry_id": eid})
+    r.set(io.results, "not a stream")
+    with pytest.raises(PublishRefused, match=f"{io.results} holds a string, not a stream"):
+        io.publish([record])
+    assert pending_count(r, stream) == 1 and not r.exists(schema.done_key(stream, eid))
+    r.delete(io.results)  # the operator fixes the key: the same publish goes through
+    assert [x.entry_id for x in io.publish([record])] == [eid]
+    exactly_one_result_each(r, stream, [eid])
+    assert pending_count(r, stream) == 0
+
+
+def test_a_model_failing_on_every_frame_stops_the_worker_with_the_frames_pending_not_dead_lettered(
+        engines, frames, redis_url, stream, monkeypatch):
+    """A broken model or GPU is not the frames' fault: past max_failures_in_row the worker exits 1
+    (so the orchestrator restarts it) and no good frame goes to the dead letters."""
+    (engine,) = engines.values()
+
+    def broken(batch):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine, "predict", broken)
+    r = client(redis_url)
+    ids = [add_frame(r, stream, f) for f in frames]
+    config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
+                                               "metrics_port": 0, "max_deliveries": 1, "max_failures_in_row": 4})
+    worker = Worker(config, engines)
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert codes == [1] and not worker.alive()[0]
+    assert dead_of(r, stream) == [] and results_of(r, stream) == []
+    assert pending_count(r, stream) == len(ids)
+
+
+def test_the_reader_goes_on_when_its_stream_is_deleted_under_a_blocked_read(engines, frames, redis_url, stream):
+    """Redis ends a blocked XREADGROUP with an UNBLOCKED error when the stream is deleted (or a
+    failover demotes the node); the worker recreates the group and serves what comes next."""
+    r = client(redis_url)
+    with in_process_worker(engines, redis_url, stream, block_ms=5000) as worker:
+        wait_for(lambda: joined(r, stream, worker.s.consumer), 30, "the worker to join the group")
+        time.sleep(0.3)  # blocked in XREADGROUP now
+        r.delete(stream)
+        wait_for(lambda: r.exists(stream) and r.xinfo_groups(stream), 30, "the group to be recreated")
+        eid = add_frame(r, stream, frames[0])
+        wait_for(lambda: results_of(r, stream), 30, "the result of a frame sent after the deletion")
+        assert worker.crashed is None
+    exactly_one_result_each(r, stream, [eid])
+
+
+def test_an_entry_trimmed_while_pending_on_a_dead_consumer_is_dead_lettered_on_every_redis_here(engines, frames,
+                                                                                               tmp_path):
+    """XAUTOCLAIM returns a deleted entry's id in a list of its own on Redis 7, but as nil, left
+    pending, on Redis 6.2 (the one the demo embeds): on both it must end as one `trimmed` dead letter."""
+    for i, exe in enumerate(redis_server_binaries()):
+        folder = tmp_path / f"redis{i}"
+        folder.mkdir()
+        server = RedisServer(folder, exe=exe).start()
+        try:
+            r = client(server.url)
+            version = r.info("server")["redis_version"]
+            r.xgroup_create("line", "ustudents", id="0", mkstream=True)
+            eid = add_frame(r, "line", frames[0])
+            r.xreadgroup("ustudents", "died", {"line": ">"}, count=10)
+            r.xdel("line", eid)
+            with in_process_worker(engines, server.url, "line", claim_idle_ms=100):
+                wait_for(lambda: dead_of(r, "line"), 30, f"the trimmed entry's dead letter on Redis {version}")
+            (dead,) = dead_of(r, "line")
+            assert s(dead[schema.ENTRY_ID]) == eid and s(dead[schema.REASON]) == schema.TRIMMED, version
+            assert pending_count(r, "line") == 0, version
+        finally:
+            server.stop()
+
+
+@pytest.mark.parametrize("case", ["wrong-type-stream", "no-such-db"])
+def test_a_redis_setup_no_retry_can_fix_is_one_line_and_exit_2_before_the_model_loads(case, small_bundle,
+                                                                                      redis_url, stream, tmp_path):
+    r = client(redis_url)
+    url, expected = redis_url, None
+    if case == "wrong-type-stream":
+        r.set(schema.results_stream(stream), "x")
+        expected = f"Redis key {schema.results_stream(stream)} holds a string, not a stream"
+    else:
+        url, expected = redis_url.rsplit("/", 1)[0] + "/9999", "check the URL's database number"
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    result = CliRunner().invoke(main, ["worker", "--stream", stream, "--model", str(small_bundle), "--device", "cpu",
+                                       "--redis-url", url, "--env-file", str(empty), "--metrics-port", "0"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in result.output, result.output
 
 
 def test_kill_9_mid_batch_a_second_worker_reclaims_and_every_frame_gets_exactly_one_result(

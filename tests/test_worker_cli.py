@@ -47,9 +47,11 @@ def damaged_bundle(tiny_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no-stream", "no-model-dir", "damaged-bundle", "bad-url", "bad-batch", "bad-backend",
-                                  "port-taken"])
+                                  "port-taken", "bad-device", "no-env-file"])
 def test_bad_input_at_start_is_one_line_and_exit_2(case, tiny_bundle, damaged_bundle, tmp_path):
-    base = ["worker", "--stream", "line1", "--model", str(tiny_bundle), "--device", "cpu", "--env-file", str(tmp_path / "none")]
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    base = ["worker", "--stream", "line1", "--model", str(tiny_bundle), "--device", "cpu", "--env-file", str(empty)]
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -62,6 +64,9 @@ def test_bad_input_at_start_is_one_line_and_exit_2(case, tiny_bundle, damaged_bu
         "bad-backend": (base + ["--backend", "tensorrt"], "tensorrt needs a CUDA GPU"),
         "port-taken": (base + ["--metrics-port", str(taken.getsockname()[1]), "--redis-url", "redis://127.0.0.1:1/0"],
                        f"--metrics-port {taken.getsockname()[1]}: cannot listen"),
+        "bad-device": (base + ["--device", "gpu"], "--device / USTUDENTS_DEVICE: 'gpu': choose auto, cpu, cuda or cuda:N"),
+        # a typo in the file's name must not silently run the worker on the defaults
+        "no-env-file": (base[:-1] + [str(tmp_path / "typo.env")], "typo.env' does not exist"),
     }[case]
     try:
         result = CliRunner().invoke(main, args)

@@ -11,7 +11,7 @@ import click
 import torch
 
 from ustudents.engines.bundle import BundleError, load_bundle, write_bundle
-from ustudents.engines.cli import InputError, engine_options, user_errors_for
+from ustudents.engines.cli import InputError, check_output, engine_options, user_errors_for
 from ustudents.engines.images import ImageError, IMAGE_SUFFIXES
 from ustudents.engines.runtime import EngineError, default_torch_precision, native_bf16, resolve_device
 from ustudents.engines.patchnet import SCALES
@@ -23,7 +23,7 @@ from .teacher import SCHEDULES, SKIMAGE_SOURCE, TARGETS, TeacherConfig, TeacherE
 from .teacher_files import DEFAULT_DIR, TeacherFileError
 
 INPUT_ERRORS = (DatasetError, BundleError, ImageError, BackboneError, CalibrationError, TeacherError,
-                TeacherFileError, EngineError, ValueError, FileNotFoundError, PermissionError)
+                TeacherFileError, EngineError, ValueError, OSError)
 
 
 user_errors = user_errors_for(INPUT_ERRORS)
@@ -98,8 +98,9 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
     from .pipeline import TrainConfig, train
     from .students import StudentConfig
 
-    dev = resolve_device(device)
     out = out or Path("models") / category
+    check_output(out, "--out", folder=True)
+    dev = resolve_device(device)
     cfg = TrainConfig(category=category, data_root=data_root, out=out, scales=scales, image_size=image_size,
                       val_fraction=val_fraction, target_fpr=target_fpr, image_fpr=image_fpr, teachers=teachers,
                       device=str(dev),
@@ -155,6 +156,7 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
     from .teacher import train_teacher
     from .teacher_files import save_teacher
 
+    check_output(out, "--out", folder=True)
     dev = resolve_device(device)
     for p in scales:
         cfg = TeacherConfig(p=p, backbone=backbone, backbone_weights=backbone_weights, target=target,
@@ -238,6 +240,10 @@ def evaluate_cmd(model, data_root, json_file, overlays, batch, backend, precisio
 
     from .evaluate import evaluate, format_table, write_json
 
+    if batch < 1:
+        raise InputError(f"--batch {batch}: must be at least 1")
+    check_output(json_file, "--json", folder=False)
+    check_output(overlays, "--overlays", folder=True)
     engine = load_engine(model, backend, device, precision, max_batch=batch)
     click.echo(f"engine: {engine.describe()}")
     results = evaluate(engine, data_root, overlays, log=click.echo)
@@ -258,6 +264,7 @@ def predict_cmd(model, images, out, backend, precision, device):
 
     from .evaluate import predict
 
+    check_output(out, "--out", folder=True)
     for r in predict(load_engine(model, backend, device, precision), list(images), out):
         verdict = "ANOMALOUS" if r["anomalous"] else "ok"
         click.echo(f"{r['image']}\tscore {r['score']:.3f}\t{verdict}\tmask {r['mask']}")

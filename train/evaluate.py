@@ -97,7 +97,10 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
     results["wall_s"] = round(time.time() - t0, 1)
     if overlays is not None:
         write_overlays(overlays, samples, engine, fused_t, scores_t)
-    update_manifest(bundle.path, evaluation=results)
+    try:
+        update_manifest(bundle.path, evaluation=results)
+    except OSError as err:  # a read-only bundle (a container's model mount): the results are still returned
+        log(f"results not stored in {bundle.path}/manifest.json ({err.strerror or err})")
     return results
 
 
@@ -173,5 +176,9 @@ def write_png(path: Path, image: np.ndarray) -> None:
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -22,6 +22,10 @@ from .students import StudentConfig, train_students
 from .teacher_files import DEFAULT_DIR, load_teacher, read_records
 
 MIN_IMAGE_SIZE = 64
+# Every training image's teacher descriptors are cached (N x 128 x S x S float16: 50 GB for 600 images at
+# 1024 px), so larger sizes are refused rather than left to fail on memory or disk.
+MAX_IMAGE_SIZE = 1024
+MAX_STUDENTS = 16
 
 
 @dataclass
@@ -43,10 +47,21 @@ def check_config(cfg: TrainConfig) -> None:
     bad = [p for p in cfg.scales if p not in SCALES]
     if bad or not cfg.scales:
         raise ValueError(f"--scales {','.join(map(str, cfg.scales))}: each scale must be one of {SCALES}")
-    if cfg.image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"--image-size {cfg.image_size}: must be at least {MIN_IMAGE_SIZE} pixels")
-    if cfg.student.students < 2:
-        raise ValueError("--students must be at least 2: the predictive variance needs an ensemble")
+    if not MIN_IMAGE_SIZE <= cfg.image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"--image-size {cfg.image_size}: must be from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels")
+    if not 2 <= cfg.student.students <= MAX_STUDENTS:
+        raise ValueError(f"--students {cfg.student.students}: must be from 2 (the predictive variance needs an "
+                         f"ensemble) to {MAX_STUDENTS}")
+    st = cfg.student
+    for option, value, low in (("--epochs", st.epochs, 1), ("--batch", st.batch, 1), ("--crop", st.crop, 0),
+                               ("--seed", st.seed, 0)):
+        if value < low:
+            raise ValueError(f"{option} {value}: must be at least {low}")
+    if not 0 <= st.weight_decay < float("inf"):  # NaN too
+        raise ValueError(f"--weight-decay {st.weight_decay:g}: must be 0 or more")
+    if not 0 < cfg.val_fraction < 1:
+        raise ValueError(f"--val-fraction {cfg.val_fraction:g}: must be between 0 and 1 (calibration needs held-out "
+                         "good images)")
     if not cfg.student.lr > 0:  # NaN too
         raise ValueError(f"--lr {cfg.student.lr:g}: a learning rate must be more than 0")
     if not cfg.student.max_minutes >= 0:

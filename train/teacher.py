@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from ustudents.engines.images import IMAGE_SUFFIXES, ImageError, read_image
 from ustudents.engines.model import normalize_input
@@ -251,6 +252,12 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     if not cfg.target_strides or not set(cfg.target_strides) <= set(FEATURE_STRIDES):
         raise TeacherError(f"--target-strides {','.join(map(str, cfg.target_strides))}: choose one or more of P's "
                            f"map strides {','.join(map(str, FEATURE_STRIDES))}")
+    if cfg.steps < 1:
+        raise TeacherError(f"--steps {cfg.steps}: distillation needs at least 1 step")
+    if cfg.batch is not None and cfg.batch < 1:
+        raise TeacherError(f"--batch {cfg.batch}: must be at least 1")
+    if cfg.crop < 1:
+        raise TeacherError(f"--crop {cfg.crop}: a training window needs at least 1 output pixel a side")
     if cfg.batch is None:
         cfg = replace(cfg, batch=DEFAULT_BATCH[cfg.target])
     levels = pyramid(load_natural_images(cfg.images), cfg.p)

@@ -62,6 +62,37 @@ def tool_client(redis_url: str | None) -> redis.Redis:
     return client
 
 
+def check_redis_setup(settings: WorkerSettings) -> None:
+    """What would make the worker fail however long it retried, found before the model loads:
+    a wrong password, a database index Redis does not have, a key of the stream's that is not a
+    stream. Redis being unreachable is not among them (the worker waits for it)."""
+    from . import schema
+    from .connection import UNAVAILABLE, connect
+
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    client = connect(settings.redis_url, password)
+    try:
+        pipe = client.pipeline(transaction=False)
+        keys = [settings.stream, schema.results_stream(settings.stream), schema.dead_stream(settings.stream)]
+        for key in keys:
+            pipe.type(key)
+        kinds = [k.decode() if isinstance(k, bytes) else k for k in pipe.execute()]
+    except (redis.AuthenticationError, redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError) as err:
+        raise InputError(f"Redis at {settings.redis_url} refused the worker ({err}); give the password in the URL or "
+                         f"{ENV_PREFIX}REDIS_PASSWORD, and a user allowed stream commands") from None
+    except UNAVAILABLE:
+        return  # not up yet: the worker retries with backoff and reports not-ready meanwhile
+    except redis.ResponseError as err:
+        raise InputError(f"Redis at {settings.redis_url}: {err}; check the URL's database number") from None
+    finally:
+        client.close()
+    for key, kind in zip(keys, kinds):
+        if kind not in ("stream", "none"):
+            raise InputError(f"Redis key {key} holds a {kind}, not a stream; the worker reads frames from "
+                             f"{settings.stream} and writes to {keys[1]} and {keys[2]}: rename or delete that key, "
+                             "or choose another --stream")
+
+
 redis_url_option = click.option("--redis-url", default=None,
                                 help=f"redis://HOST:PORT/DB, rediss://... or unix://PATH.  [default: {ENV_PREFIX}REDIS_URL or "
                                      "redis://127.0.0.1:6379/0]")
@@ -88,7 +119,7 @@ redis_url_option = click.option("--redis-url", default=None,
               help="SIGTERM: time to finish and publish the batches in flight.  [default: 30]")
 @click.option("--heatmap/--no-heatmap", default=None, help="Add a heatmap overlay PNG to each result.  [default: off]")
 @click.option("--log-json/--no-log-json", default=None, help="One JSON object per log line.  [default: off]")
-@click.option("--env-file", type=click.Path(path_type=Path), default=None,
+@click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help=f"Read {ENV_PREFIX}* settings from this file.  [default: ./.env]")
 @click.pass_context
 @user_errors
@@ -97,8 +128,8 @@ def worker_cmd(ctx, env_file, **flags):
 
     Every setting can also come from an environment variable USTUDENTS_<NAME> (e.g.
     USTUDENTS_CLAIM_IDLE_MS) or a .env file; flags win. Settings without a flag: redis_password,
-    block_ms, reap_idle_s, dead_maxlen, dedupe_ttl_s, backoff_max_s, decode_threads, queue_batches,
-    metrics_host, stats_interval_s, log_interval_s, log_level.
+    block_ms, reap_idle_s, max_failures_in_row, dead_maxlen, dedupe_ttl_s, backoff_max_s, decode_threads,
+    queue_batches, metrics_host, stats_interval_s, log_interval_s, log_level.
     """
     from .logs import setup_logging
     from .service import Worker, load_engines
@@ -108,6 +139,7 @@ def worker_cmd(ctx, env_file, **flags):
         values["model"] = ",".join(str(p) for p in values["model"])
     settings = WorkerSettings(_env_file=env_file or ".env", **values)
     setup_logging(settings.log_level, settings.log_json)
+    check_redis_setup(settings)
     worker = Worker(settings, load_engines(settings))
     try:
         worker.start_server()
@@ -129,18 +161,18 @@ def worker_cmd(ctx, env_file, **flags):
 @click.command("publish")
 @click.argument("source")
 @click.option("--stream", required=True, help="Stream to write, e.g. line1.")
-@click.option("--fps", type=float, default=10.0, show_default=True, help="Frames per second; 0 = as fast as possible.")
+@click.option("--fps", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Frames per second; 0 = as fast as possible.")
 @click.option("--loop", is_flag=True, help="Start the folder or video again at its end.")
-@click.option("--count", type=int, default=0, show_default=True, help="Stop after this many frames; 0 = all.")
+@click.option("--count", type=click.IntRange(min=0), default=0, show_default=True, help="Stop after this many frames; 0 = all.")
 @click.option("--camera", default=None, help="`camera` field.  [default: the source's name]")
 @click.option("--category", default=None, help="`category` field: the model, where a worker serves several.")
 @click.option("--format", "fmt", type=click.Choice(["png", "jpg"]), default="png", show_default=True,
               help="Encoding of video and camera frames (image files are sent as they are).")
-@click.option("--maxlen", type=int, default=10_000, show_default=True,
+@click.option("--maxlen", type=click.IntRange(min=0), default=10_000, show_default=True,
               help="MAXLEN ~ of the input stream; keep it above the largest backlog workers may have. 0 = no cap.")
-@click.option("--inline-max", type=int, default=1 << 20, show_default=True,
+@click.option("--inline-max", type=click.IntRange(min=0), default=1 << 20, show_default=True,
               help="Larger frames go under their own key (image_key) instead of inline.")
-@click.option("--key-ttl-s", type=int, default=3600, show_default=True, help="TTL of those keys.")
+@click.option("--key-ttl-s", type=click.IntRange(min=1), default=3600, show_default=True, help="TTL of those keys.")
 @redis_url_option
 @user_errors
 def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen, inline_max, key_ttl_s, redis_url):
@@ -171,7 +203,7 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
 @click.option("--save", "save_to", type=click.Path(path_type=Path), default=None,
               help="Write <frame>_mask.png and <frame>_overlay.png here.")
 @click.option("--from-start", is_flag=True, help="Begin with the oldest kept result instead of new ones.")
-@click.option("--count", type=int, default=0, show_default=True, help="Exit after this many frames; 0 = follow forever.")
+@click.option("--count", type=click.IntRange(min=0), default=0, show_default=True, help="Exit after this many frames; 0 = follow forever.")
 @redis_url_option
 @user_errors
 def results_cmd(stream, save_to, from_start, count, redis_url):

@@ -22,6 +22,17 @@ log = logging.getLogger("ustudents.worker")
 
 # What "Redis is not there (now)" looks like; anything else from Redis is a bug or a bad setup.
 UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
+# Redis is there but cannot serve the worker now; each passes without anyone touching the worker:
+# a node demoted to replica by a failover (READONLY), a Redis full under noeviction (OOM), a
+# replica whose master is down (MASTERDOWN). The worker waits with backoff, not ready meanwhile.
+TRANSIENT_ERRORS = (redis.ReadOnlyError, redis.OutOfMemoryError, redis.exceptions.MasterDownError,
+                    redis.exceptions.TryAgainError)
+
+
+def unblocked(err: redis.ResponseError) -> bool:
+    """A blocked XREADGROUP cut short by Redis: the stream was deleted, or a failover demoted the
+    node (`UNBLOCKED ...`). The group has to be checked again, and then reading goes on."""
+    return str(err).startswith("UNBLOCKED")
 
 
 def connect(url: str, password: str | None = None, read_timeout_s: float = 10.0) -> redis.Redis:

@@ -33,15 +33,20 @@ from ustudents.engines.images import ImageError
 from ustudents.engines.runtime import Engine, Prediction, load_engine
 
 from . import codec, schema
-from .connection import UNAVAILABLE, Backoff, RedisState, connect
+from .connection import TRANSIENT_ERRORS, UNAVAILABLE, Backoff, RedisState, connect, unblocked
 from .logs import Throttled
 from .metrics import HealthServer, WorkerMetrics
 from .settings import WorkerSettings
-from .streams import Entry, Record, StreamIO
+from .streams import Entry, PublishRefused, Record, StreamIO
 
 log = logging.getLogger("ustudents.worker")
 
 STOP = object()  # end of a queue
+
+
+class ModelFailing(RuntimeError):
+    """The model raised on `max_failures_in_row` frames in a row: the fault is the model or the
+    device, not the frames, so the worker stops instead of dead-lettering good frames."""
 
 
 def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
@@ -119,6 +124,7 @@ class Worker:
         self.totals = Totals()
         self.throttled = Throttled(log, s.log_interval_s)
         self.lag_known: bool | None = None  # None: not read yet
+        self.failures_in_row = 0  # frames the model failed on since it last scored one
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start_server(self) -> None:
@@ -163,8 +169,9 @@ class Worker:
             self.abandon.set()
             with self.inflight_lock:
                 left = len(self.inflight)
-            log.warning("shutdown deadline passed with %d entries unpublished; they stay pending and another "
-                        "worker claims them after claim_idle_ms", left, extra={"event": "stop_incomplete", "left": left})
+            why = "a stage stopped" if self.crashed is not None else "shutdown deadline passed"
+            log.warning("%s with %d entries unpublished; they stay pending and another worker claims them "
+                        "after claim_idle_ms", why, left, extra={"event": "stop_incomplete", "left": left})
         else:
             try:
                 self.io.delete_consumer_if_idle()
@@ -192,7 +199,10 @@ class Worker:
                 target()
             except BaseException as err:  # a bug: stop rather than hang; pending entries are reclaimed
                 self.crashed = err
-                log.exception("worker stage %s crashed; stopping", name, extra={"event": "crash", "stage": name})
+                if isinstance(err, ModelFailing):
+                    log.error("%s", err, extra={"event": "model_failing", "stage": name})
+                else:
+                    log.exception("worker stage %s crashed; stopping", name, extra={"event": "crash", "stage": name})
                 self.abandon.set()
                 self.stop()
         t = threading.Thread(target=run, name=f"worker-{name}", daemon=True)
@@ -290,11 +300,20 @@ class Worker:
                     break
                 continue
             except redis.ResponseError as err:
-                if "NOGROUP" not in str(err):
+                if isinstance(err, TRANSIENT_ERRORS):  # reachable, but refusing for now (failover, full)
+                    self.throttled.warning("redis_refused", "Redis refused the reader (%s); retrying with backoff",
+                                           err, event="redis_refused", error=str(err))
+                elif "NOGROUP" in str(err):
+                    log.warning("consumer group %s is gone (Redis restarted without persistence?); recreating it",
+                                s.group, extra={"event": "group_lost"})
+                elif unblocked(err):
+                    log.warning("Redis ended the blocked read (%s); checking the group and reading on", err,
+                                extra={"event": "read_unblocked", "error": str(err)})
+                else:
                     raise
-                log.warning("consumer group %s is gone (Redis restarted without persistence?); recreating it",
-                            s.group, extra={"event": "group_lost"})
                 group_ready = False
+                if backoff.wait(self.stopping):
+                    break
                 continue
             entries = [Entry(eid.decode(), fields) for eid, fields in raw] + [Entry(eid, {}) for eid in deleted]
             if source == "claimed":  # XAUTOCLAIM also returns our own entries that wait in the pipeline
@@ -397,6 +416,14 @@ class Worker:
             for (i, frame), p in zip(items, predictions):
                 out[i] = self._failed(work.entries[i], p) if isinstance(p, Exception) else \
                     Outcome("scored", frame=frame, prediction=p, category=category)
+                self.failures_in_row = self.failures_in_row + 1 if isinstance(p, Exception) else 0
+            if self.failures_in_row >= self.s.max_failures_in_row:
+                # raised before this batch is published: its frames stay pending, none dead-lettered
+                raise ModelFailing(
+                    f"the model failed on the last {self.failures_in_row} frames in a row, none scored between "
+                    f"(last: {type(predictions[-1]).__name__}: {predictions[-1]}): the model or the device is broken, not the frames; "
+                    "stopping (exit 1) with the frames left pending for a restarted or another worker. "
+                    "Check the model (`ustudents predict MODEL IMAGE`) and the GPU")
         return out  # type: ignore[return-value]
 
     @staticmethod
@@ -464,11 +491,9 @@ class Worker:
                 return written
             except UNAVAILABLE as err:
                 self.redis_state.failed(err)
-            except redis.ResponseError as err:
-                if "NOGROUP" in str(err):
-                    # the group vanished with a Redis that lost its data: the results are written,
-                    # and nothing is pending any more to acknowledge
-                    return [r for r in records if r.target is not None]
+            except (PublishRefused, *TRANSIENT_ERRORS) as err:
+                # nothing was written or acknowledged: the results wait here and the frames stay
+                # pending, until the key is fixed or Redis takes writes again
                 self.throttled.warning("publish_refused", "Redis refused the results (%s); retrying", err,
                                        event="publish_refused", error=str(err))
             if backoff.wait(self.abandon):

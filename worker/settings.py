@@ -7,6 +7,7 @@ Nothing else in the worker reads the environment.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class WorkerSettings(BaseSettings):
     claim_idle_ms: int = Field(60_000, ge=1, description="Idle time after which another worker's pending entry is claimed.")
     reap_idle_s: int = Field(3600, ge=0, description="Other consumers of the group idle this long with nothing pending are removed (workers gone without leaving it); 0 = never.")
     max_deliveries: int = Field(3, ge=1, description="Deliveries after which a failing entry is dead-lettered.")
+    max_failures_in_row: int = Field(32, ge=1, description="Frames in a row the model fails on, none scored between, after which the worker exits 1 (a broken model or GPU, not bad frames): they stay pending instead of being dead-lettered.")
     max_frame_bytes: int = Field(32 << 20, ge=1, description="Encoded frames larger than this are dead-lettered.")
     results_maxlen: int = Field(100_000, ge=1, description="MAXLEN ~ of <stream>:results.")
     dead_maxlen: int = Field(10_000, ge=1, description="MAXLEN ~ of <stream>:dead.")
@@ -87,6 +89,13 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _url(cls, v: str) -> str:
         return check_redis_url(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"{v!r}: choose auto, cpu, cuda or cuda:N")
+        return v
 
     @field_validator("log_level")
     @classmethod

@@ -3,21 +3,25 @@ reclaiming from silent consumers, delivery counts, and the atomic publish-and-ac
 
 Exactly one outcome per input entry
 -----------------------------------
-An entry leaves the group's pending entries list (PEL) only in `publish`, whose MULTI/EXEC writes
-its result (or dead letter), sets the marker `<stream>:done:<entry_id>` and XACKs it: all or
-nothing. Hence:
+An entry leaves the group's pending entries list (PEL) only in `publish`, one Lua script that
+writes its result (or dead letter), sets the marker `<stream>:done:<entry_id>` and XACKs it. A
+script runs atomically but does not roll back: a command failing halfway (a results key that is
+not a stream, WRONGTYPE) would leave the earlier ones done, and a MULTI/EXEC has the same flaw
+(measured: the marker and the XACK went through without the result, and the frame was gone). So
+the script checks every key it writes before its first write and refuses the whole call when one
+is of the wrong type; then nothing can fail. Hence:
 
-* At least one: until that EXEC succeeds the entry stays pending, so a worker that dies (or whose
+* At least one: until the script has run the entry stays pending, so a worker that dies (or whose
   Redis connection dies) at any point before it leaves the entry to be re-read (its own pending,
   on restart) or claimed by a live worker (XAUTOCLAIM after `claim_idle_ms`).
-* At most one: after the EXEC the entry is acknowledged, and neither XREADGROUP `>` (new entries
+* At most one: after it the entry is acknowledged, and neither XREADGROUP `>` (new entries
   only), nor a history read, nor XAUTOCLAIM (both: pending entries only) hands it out again. The one
   remaining way to two results is two workers holding the same entry at once: a worker stalls
-  longer than `claim_idle_ms`, another claims the entry, both finish. Both go through `publish`,
-  which WATCHes the marker, reads it and writes only when it is absent; if the other worker sets
-  it between the read and EXEC, EXEC aborts and the check is made again. So whichever publishes
-  second finds the marker and only acknowledges. The marker has to outlive that race, not the
-  entry: `dedupe_ttl_s` (default 1 h) bounds how long a stalled worker may hold a claimed entry.
+  longer than `claim_idle_ms`, another claims the entry, both finish. Both publish through the
+  script, which writes a result only where the marker is absent; scripts run one at a time, so
+  whichever runs second finds the marker and only acknowledges. Re-sending a script whose reply
+  was lost is safe for the same reason. The marker has to outlive that race, not the entry:
+  `dedupe_ttl_s` (default 1 h) bounds how long a stalled worker may hold a claimed entry.
 """
 from __future__ import annotations
 
@@ -79,6 +83,41 @@ return removed
 """
 
 
+# Publish a batch's outcomes (StreamIO.publish). KEYS: input stream, results stream, dead stream,
+# then one marker per record. ARGV: group, marker TTL, results MAXLEN, dead MAXLEN, then per
+# record: entry id, target (0: acknowledge only, 1: results, 2: dead), marker value, field count,
+# fields. Returns the 1-based numbers of the records written.
+PUBLISH_SCRIPT = """
+local kinds = {stream = true, none = true}
+for i = 1, 3 do
+  local t = redis.call('TYPE', KEYS[i])['ok']
+  if not kinds[t] then
+    return redis.error_reply('USTUDENTS_WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. t .. ', not a stream')
+  end
+end
+local group, ttl = ARGV[1], ARGV[2]
+local maxlen = {ARGV[3], ARGV[4]}
+local ids, written, a = {}, {}, 5
+for r = 1, #KEYS - 3 do
+  local id, target, kind, n = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], tonumber(ARGV[a + 3])
+  ids[r] = id
+  if target > 0 and redis.call('EXISTS', KEYS[r + 3]) == 0 then
+    redis.call('XADD', KEYS[target + 1], 'MAXLEN', '~', maxlen[target], '*', unpack(ARGV, a + 4, a + 3 + n))
+    redis.call('SET', KEYS[r + 3], kind, 'EX', ttl)
+    written[#written + 1] = r
+  end
+  a = a + 4 + n
+end
+redis.call('XACK', KEYS[1], group, unpack(ids))
+return written
+"""
+
+
+class PublishRefused(Exception):
+    """Redis refused to take a batch's outcomes (a key of the wrong type): nothing was written or
+    acknowledged; the message says which key and what to do."""
+
+
 class StreamIO:
     def __init__(self, client: redis.Redis, stream: str, group: str, consumer: str, *,
                  results_maxlen: int, dead_maxlen: int, dedupe_ttl_s: int):
@@ -87,6 +126,7 @@ class StreamIO:
         self.maxlen = {self.results: results_maxlen, self.dead: dead_maxlen}
         self.dedupe_ttl_s = dedupe_ttl_s
         self._reap = client.register_script(REAP_SCRIPT)
+        self._publish = client.register_script(PUBLISH_SCRIPT)
 
     # -- the group -------------------------------------------------------------------------------
     def ensure_group(self) -> bool:
@@ -141,7 +181,22 @@ class StreamIO:
         reply = self.r.xautoclaim(self.stream, self.group, self.consumer, min_idle_ms, start, count=count)
         cursor, claimed = _str(reply[0]), reply[1]
         deleted = [_str(i) for i in reply[2]] if len(reply) > 2 else []
+        if any(eid is None for eid, _ in claimed):
+            # Redis < 7 claims a deleted entry but names it nil and keeps it pending: left so, it
+            # would be claimed again forever and never dead-lettered. Find it among our own.
+            deleted = self._gone_own_pending(start, cursor)
         return cursor, [(eid, fields or {}) for eid, fields in claimed if eid is not None], deleted
+
+    def _gone_own_pending(self, start: str, end: str) -> list[str]:
+        """Ids pending on this consumer in [start, end) ('0-0': to the stream's end) whose entries
+        are gone from the stream."""
+        rows = self.r.xpending_range(self.stream, self.group, min=start, max="+" if end == "0-0" else f"({end}",
+                                     count=100_000, consumername=self.consumer)
+        ids = [_str(row["message_id"]) for row in rows]
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.xrange(self.stream, min=i, max=i, count=1)
+        return [i for i, found in zip(ids, pipe.execute()) if not found]
 
     def deliveries(self, ids: list[str]) -> list[int]:
         """Times each pending entry has been delivered (1 for an entry no longer pending)."""
@@ -182,29 +237,23 @@ class StreamIO:
         return out
 
     # -- writing ---------------------------------------------------------------------------------
-    def publish(self, records: list[Record], max_attempts: int = 50) -> list[Record]:
-        """Write each record's result or dead letter, set its marker and XACK every entry, in one
-        MULTI/EXEC; a record whose marker already exists is only acknowledged. Returns the records
-        written. See the module docstring for why this yields exactly one outcome per entry."""
-        keys = [schema.done_key(self.stream, r.entry_id) for r in records]
-        with self.r.pipeline(transaction=True) as pipe:
-            for _ in range(max_attempts):
-                try:
-                    pipe.watch(*keys)
-                    done = pipe.mget(keys)
-                    pipe.multi()
-                    written = []
-                    for rec, key, d in zip(records, keys, done):
-                        if d is not None or rec.target is None:
-                            continue
-                        pipe.xadd(rec.target, rec.fields, maxlen=self.maxlen[rec.target], approximate=True)
-                        pipe.set(key, rec.kind, ex=self.dedupe_ttl_s)
-                        written.append(rec)
-                    pipe.xack(self.stream, self.group, *[r.entry_id for r in records])
-                    pipe.execute()
-                    return written
-                except redis.WatchError:
-                    # another worker published one of these meanwhile, or the connection broke while
-                    # watching (redis-py reports that as WatchError too): look again
-                    continue
-        raise redis.ConnectionError(f"publish: {max_attempts} attempts aborted by concurrent writers")
+    def publish(self, records: list[Record]) -> list[Record]:
+        """Write each record's result or dead letter, set its marker and XACK every entry, all in one
+        script; a record whose marker already exists is only acknowledged. Returns the records
+        written. See the module docstring for why this yields exactly one outcome per entry.
+        Raises PublishRefused when a key it writes is not a stream (then nothing was done)."""
+        targets = {None: 0, self.results: 1, self.dead: 2}
+        keys = [self.stream, self.results, self.dead] + [schema.done_key(self.stream, r.entry_id) for r in records]
+        args: list = [self.group, self.dedupe_ttl_s, self.maxlen[self.results], self.maxlen[self.dead]]
+        for rec in records:
+            fields = [x for kv in (rec.fields or {}).items() for x in kv]
+            args += [rec.entry_id, targets[rec.target], rec.kind, len(fields), *fields]
+        try:
+            numbers = self._publish(keys=keys, args=args)
+        except redis.ResponseError as err:
+            if "USTUDENTS_WRONGTYPE" not in str(err):
+                raise
+            key = str(err).split("USTUDENTS_WRONGTYPE ", 1)[1]
+            raise PublishRefused(f"Redis key {key}: the worker writes results and dead letters there; rename or "
+                                 "delete that key (nothing was acknowledged: the frames wait)") from None
+        return [records[int(n) - 1] for n in numbers]
