@@ -31,6 +31,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def _read_bytes(path: str | Path) -> bytes:
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path}: a folder, not an image; give image files (e.g. {path}/*.png)")
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
     return path.read_bytes()

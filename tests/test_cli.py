@@ -385,6 +385,31 @@ def test_evaluate_mask_of_wrong_size(bundle_copy, tiny_mvtec, tmp_path):
     assert not overlays.exists() and not (tmp_path / "r.json").exists()
 
 
+def test_evaluate_a_defect_type_whose_masks_are_all_black_names_it_before_running_the_networks(tiny_bundle, tiny_mvtec,
+                                                                                             tmp_path):
+    root = copy_dataset(tiny_mvtec, tmp_path / "root", keep_test=2)
+    masks = root / TINY_CATEGORY / "ground_truth" / "spot"
+    for mask in masks.iterdir():
+        write_image(mask, np.zeros(cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE).shape, np.uint8))
+    result = invoke("evaluate", tiny_bundle, "--data-root", root)
+    assert_input_error(result, str(masks), "no mask of defect type 'spot' has a defect pixel")
+    assert "evaluating" not in result.output
+
+
+def test_a_damaged_teachers_record_is_named_before_any_training(tmp_path, tiny_mvtec, random_teachers):
+    teachers = Path(shutil.copytree(random_teachers, tmp_path / "teachers"))
+    (teachers / "teachers.json").write_text("{")
+    result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", tmp_path / "m", "--scales", "17",
+                    "--teachers", teachers)
+    assert_input_error(result, str(teachers / "teachers.json"), "damaged")
+    assert not (tmp_path / "m").exists() and "students p=" not in result.output
+    before = (teachers / "teacher_p17.safetensors").read_bytes()
+    result = invoke("teacher", "--scales", "17", "--crop", 8, "--images", tiny_mvtec / TINY_CATEGORY / "train" / "good",
+                    "--steps", 1, "--out", teachers, "--amp", "off")
+    assert_input_error(result, str(teachers / "teachers.json"))
+    assert (teachers / "teacher_p17.safetensors").read_bytes() == before  # no teacher replaced without its record
+
+
 @pytest.mark.slow
 def test_bundle_of_another_format_version(bundle_copy, eval_root):
     m = manifest_of(bundle_copy)
@@ -419,6 +444,8 @@ def test_predict_on_a_non_image_file(tiny_bundle, tmp_path):
     notes.write_text("not an image\n")
     out = tmp_path / "pred"
     assert_input_error(invoke("predict", tiny_bundle, notes, "--out", out), notes)
+    assert not out.exists()
+    assert_input_error(invoke("predict", tiny_bundle, tmp_path, "--out", out), f"{tmp_path}: a folder, not an image")
     assert not out.exists()
 
 
@@ -491,6 +518,14 @@ def test_a_false_positive_rate_outside_0_1_is_refused_before_training(tmp_path, 
                     option, "5", "--teachers", random_teachers)
     assert_input_error(result, option, "between 0 and 1")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("option", ["--image-fpr", "--target-fpr"])
+def test_calibrate_refuses_a_false_positive_rate_outside_0_1_before_reading_images(bundle_copy, tiny_mvtec, option):
+    manifest = (bundle_copy / MANIFEST).read_bytes()
+    result = invoke("calibrate", bundle_copy, "--images", tiny_mvtec / TINY_CATEGORY / "train" / "good", option, "2")
+    assert_input_error(result, f"{option} 2.0", "between 0 and 1")
+    assert "loading images" not in result.output and (bundle_copy / MANIFEST).read_bytes() == manifest
 
 
 def test_a_negative_time_limit_is_refused_before_training(tmp_path, tiny_mvtec, random_teachers):

@@ -509,6 +509,29 @@ def test_a_model_failing_on_every_frame_stops_the_worker_with_the_frames_pending
     assert pending_count(r, stream) == len(ids)
 
 
+def test_frames_waiting_in_a_slow_workers_pipeline_are_not_claimed_and_scored_again(engines, frames, redis_url,
+                                                                                     stream, monkeypatch):
+    """A busy worker's queued frames can wait longer than claim_idle_ms (minutes on a CPU); the
+    worker keeps them claimed, so that no other worker takes them for abandoned and scores them twice."""
+    (engine,) = engines.values()
+    real, scored = engine.predict, []
+
+    def slow(batch):
+        time.sleep(0.5)
+        scored.extend(range(len(batch)))
+        return real(batch)
+
+    monkeypatch.setattr(engine, "predict", slow)
+    r = client(redis_url)
+    ids = [add_frame(r, stream, f) for f in frames + frames[:4]]
+    with in_process_worker(engines, redis_url, stream, consumer="A", batch=1, claim_idle_ms=1500), \
+            in_process_worker(engines, redis_url, stream, consumer="B", batch=1, claim_idle_ms=1500):
+        wait_for(lambda: len(results_of(r, stream)) == len(ids), 60, "a result for every frame")
+    exactly_one_result_each(r, stream, ids)
+    assert len(scored) == len(ids), f"{len(scored) - len(ids)} frames scored twice"
+    assert dead_of(r, stream) == []
+
+
 def test_the_reader_goes_on_when_its_stream_is_deleted_under_a_blocked_read(engines, frames, redis_url, stream):
     """Redis ends a blocked XREADGROUP with an UNBLOCKED error when the stream is deleted (or a
     failover demotes the node); the worker recreates the group and serves what comes next."""
@@ -548,7 +571,7 @@ def test_an_entry_trimmed_while_pending_on_a_dead_consumer_is_dead_lettered_on_e
             server.stop()
 
 
-@pytest.mark.parametrize("case", ["wrong-type-stream", "no-such-db"])
+@pytest.mark.parametrize("case", ["wrong-type-stream", "no-such-db", "another-group"])
 def test_a_redis_setup_no_retry_can_fix_is_one_line_and_exit_2_before_the_model_loads(case, small_bundle,
                                                                                       redis_url, stream, tmp_path):
     r = client(redis_url)
@@ -556,6 +579,9 @@ def test_a_redis_setup_no_retry_can_fix_is_one_line_and_exit_2_before_the_model_
     if case == "wrong-type-stream":
         r.set(schema.results_stream(stream), "x")
         expected = f"Redis key {schema.results_stream(stream)} holds a string, not a stream"
+    elif case == "another-group":  # its frames would be acknowledged without results (shared markers)
+        r.xgroup_create(stream, "canary", id="0", mkstream=True)
+        expected = f"stream {stream} already has consumer group canary; ustudents serves one group per stream"
     else:
         url, expected = redis_url.rsplit("/", 1)[0] + "/9999", "check the URL's database number"
     empty = tmp_path / "empty.env"

@@ -154,9 +154,10 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
                 lr, schedule, weight_decay, lambda_k, lambda_c, lambda_m, margin, seed, device, amp):
     """Distil teacher patch networks from a pretrained ImageNet CNN."""
     from .teacher import train_teacher
-    from .teacher_files import save_teacher
+    from .teacher_files import read_records, save_teacher
 
     check_output(out, "--out", folder=True)
+    read_records(out)  # a damaged teachers.json there is reported now, not after distillation
     dev = resolve_device(device)
     for p in scales:
         cfg = TeacherConfig(p=p, backbone=backbone, backbone_weights=backbone_weights, target=target,
@@ -198,6 +199,9 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
     fpr = target_fpr if target_fpr is not None else bundle.manifest["threshold"]["target_pixel_fpr"]
     image_fpr = image_fpr if image_fpr is not None else bundle.manifest.get("image_score", {}).get(
         "target_image_fpr", DEFAULT_IMAGE_FPR)
+    for option, rate in (("--target-fpr", fpr), ("--image-fpr", image_fpr)):
+        if not 0 < rate < 1:  # NaN too; checked before the network pass, not after it
+            raise InputError(f"{option} {rate}: a false-positive rate must be between 0 and 1")
     samples = [Sample(path=f, defect="good") for f in files]
     # A new camera may write more bits (a 12-bit one after an 8-bit one): its 16-bit images say how many.
     bits = uint16_bits(samples) or bundle.uint16_bits

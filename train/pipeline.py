@@ -102,6 +102,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     train_all = dataset.train_samples(cfg.data_root, cfg.category)
     fit, val = dataset.split_train_val(train_all, cfg.val_fraction, cfg.student.seed)
     teachers = {p: load_teacher(cfg.teachers, p) for p in cfg.scales}
+    teacher_records = read_records(cfg.teachers)  # read now: a damaged file stops the run before training
     log(f"{cfg.category}: {len(fit)} training and {len(val)} validation images (of train/good), "
         f"scales {cfg.scales}, M={cfg.student.students}, {cfg.image_size}px, device {device}")
     found_bits = dataset.uint16_bits(train_all)
@@ -163,7 +164,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         "threshold": threshold,
         "image_score": cal.image_score,
         "training": {"student": asdict(cfg.student), "val_fraction": cfg.val_fraction, "device": str(device),
-                     "teachers": {p: read_records(cfg.teachers).get(str(p), {}).get("config", {})
+                     "teachers": {p: teacher_records.get(str(p), {}).get("config", {})
                                   for p in map(str, cfg.scales)},
                      "per_scale": records, "wall_s": round(time.time() - t0, 1), "environment": environment()},
         "data": {"root": str(cfg.data_root), "train_images": len(fit), "validation_images": len(val),

@@ -28,12 +28,12 @@ def save_teacher(folder: Path, p: int, state: dict[str, torch.Tensor], record: d
     """Write one teacher and merge its record into teachers.json (each file replaced atomically)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    records = read_records(folder)  # first: a damaged record file stops this before a teacher is replaced
     path = teacher_path(folder, p)
     tmp = path.with_suffix(".partial")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     tmp.chmod(0o644)  # safetensors writes 0600; teachers are read by other users too
     os.replace(tmp, path)
-    records = read_records(folder)
     records[str(p)] = record
     tmp = folder / f".{RECORDS}.partial"
     tmp.write_text(json.dumps(records, indent=2) + "\n")
@@ -43,7 +43,16 @@ def save_teacher(folder: Path, p: int, state: dict[str, torch.Tensor], record: d
 
 def read_records(folder: Path) -> dict:
     path = Path(folder) / RECORDS
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        records = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TeacherFileError(f"{path}: damaged ({err}); restore it from a copy, or delete it (the teachers' "
+                               "records, not their weights, are lost then)") from None
+    if not isinstance(records, dict):
+        raise TeacherFileError(f"{path}: not a teachers record (a JSON object by scale); restore it or delete it")
+    return records
 
 
 def load_teacher(folder: Path, p: int) -> dict[str, torch.Tensor]:

@@ -77,6 +77,8 @@ def check_redis_setup(settings: WorkerSettings) -> None:
         for key in keys:
             pipe.type(key)
         kinds = [k.decode() if isinstance(k, bytes) else k for k in pipe.execute()]
+        groups = [g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                  for g in (client.xinfo_groups(settings.stream) if kinds[0] == "stream" else [])]
     except (redis.AuthenticationError, redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError) as err:
         raise InputError(f"Redis at {settings.redis_url} refused the worker ({err}); give the password in the URL or "
                          f"{ENV_PREFIX}REDIS_PASSWORD, and a user allowed stream commands") from None
@@ -86,6 +88,13 @@ def check_redis_setup(settings: WorkerSettings) -> None:
         raise InputError(f"Redis at {settings.redis_url}: {err}; check the URL's database number") from None
     finally:
         client.close()
+    others = [g for g in groups if g != settings.group]
+    if others:
+        # results and done markers are per stream: a second group's frames would find the first
+        # group's markers and be acknowledged without a result of their own
+        raise InputError(f"stream {settings.stream} already has consumer group {', '.join(others)}; ustudents serves "
+                         f"one group per stream: use --group {others[0]}, or if no worker uses it, remove it with "
+                         f"XGROUP DESTROY {settings.stream} {others[0]}")
     for key, kind in zip(keys, kinds):
         if kind not in ("stream", "none"):
             raise InputError(f"Redis key {key} holds a {kind}, not a stream; the worker reads frames from "

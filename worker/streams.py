@@ -198,6 +198,14 @@ class StreamIO:
             pipe.xrange(self.stream, min=i, max=i, count=1)
         return [i for i, found in zip(ids, pipe.execute()) if not found]
 
+    def keep_claimed(self, ids: list[str], min_idle_ms: int) -> None:
+        """Reset the idle time of entries this worker holds, so that no other worker takes them for
+        abandoned while they wait in its pipeline: XCLAIM JUSTID (which counts no delivery) of those
+        idle at least `min_idle_ms`. An entry another worker claimed meanwhile is idle for less, so
+        it stays theirs; an entry acknowledged meanwhile is not pending and is left alone."""
+        for i in range(0, len(ids), 1000):
+            self.r.xclaim(self.stream, self.group, self.consumer, min_idle_ms, ids[i:i + 1000], justid=True)
+
     def deliveries(self, ids: list[str]) -> list[int]:
         """Times each pending entry has been delivered (1 for an entry no longer pending)."""
         pipe = self.r.pipeline(transaction=False)
