@@ -81,6 +81,10 @@ class Workspace(threading.local):
             flat = self.buffers[role] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return flat[:numel].view(shape)
 
+    def release(self) -> None:
+        """Free this thread's scratch tensors (the next call allocates them again)."""
+        self.buffers.clear()
+
 
 WORKSPACE = Workspace()
 

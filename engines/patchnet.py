@@ -20,6 +20,7 @@ Two forwards share the weights:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from .fftconv import MAX_COST_RATIO, SpectralConv, cost_ratio
 
 log = logging.getLogger(__name__)
+MEASURING = threading.Lock()  # PatchNet.dense: one form measurement at a time
 
 DESCRIPTOR_DIM = 128  # d in the paper
 LEAKY_SLOPE = 5e-3  # LeakyReLU slope from the paper
@@ -210,15 +212,21 @@ class PatchNet(nn.Module):
         elif self.form is not None:
             y = self._dense_in_form(self.form, padded)
         else:
-            seconds = {}
-            for form in self.forms:
-                if padded.is_cuda:  # a first call pays cuDNN's algorithm search for its shapes
-                    self._dense_in_form(form, padded)
-                y, seconds[form] = timed(self._dense_in_form, form, padded)
-            self.form = min(seconds, key=seconds.get)
-            self.forms = {self.form: self.forms[self.form]}  # frees the other copies
-            log.info("p=%d dense on %s: %s; fastest: %s", self.p, tuple(padded.shape),
-                     ", ".join(f"{k} {v:.3f} s" for k, v in seconds.items()), self.form)
+            # one measurement at a time: a second thread's first call would look up a form that
+            # the first thread's measurement has just freed
+            with MEASURING:
+                if self.form is None:
+                    seconds = {}
+                    for form in self.forms:
+                        if padded.is_cuda:  # a first call pays cuDNN's algorithm search for its shapes
+                            self._dense_in_form(form, padded)
+                        y, seconds[form] = timed(self._dense_in_form, form, padded)
+                    self.form = min(seconds, key=seconds.get)
+                    self.forms = {self.form: self.forms[self.form]}  # frees the other copies
+                    log.info("p=%d dense on %s: %s; fastest: %s", self.p, tuple(padded.shape),
+                             ", ".join(f"{k} {v:.3f} s" for k, v in seconds.items()), self.form)
+                else:
+                    y = self._dense_in_form(self.form, padded)
         return y.reshape(y.shape[0], self.n, DESCRIPTOR_DIM, y.shape[-2], y.shape[-1])
 
     def pad(self, image: torch.Tensor, mode: str = "reflect") -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .bundle import Bundle, load_bundle
 from .cuda_graphs import GraphedRunner
+from .fftconv import WORKSPACE
 from .images import frame_tensor, resize_tensor
 from .scoring import mask, max_score, position_z, position_z_max
 
@@ -105,8 +106,13 @@ class Engine:
         capture (every size up to max_batch: a worker's batches take any of them). Else one frame."""
         frame = np.zeros((self.image_size, self.image_size, 3), np.uint8)
         sizes = range(1, self.max_batch + 1) if isinstance(self.runner, GraphedRunner) else [1]
-        for n in sizes:
-            self.predict([frame] * n)
+        try:
+            for n in sizes:
+                self.predict([frame] * n)
+        finally:
+            # FFT scratch memory is per thread (fftconv.Workspace), and a worker serves from another
+            # thread than the one that warms up: do not hold this one's for the process's life
+            WORKSPACE.release()
 
     @torch.no_grad()
     def predict(self, frames: list[np.ndarray]) -> list[Prediction]:
@@ -313,7 +319,9 @@ def verified_file(bundle: Bundle, entry: dict) -> Path:
 def find_engine(bundle: Bundle, backend: str, precision: str | None) -> dict | None:
     """The bundle's built engine for `backend` (and precision, if given) that matches the bundle's
     current weights and statistics; for TensorRT only one built for this machine's GPU and TensorRT
-    version counts."""
+    version counts. Without a precision, the most faithful one built (fp32, then fp16, then int8),
+    whatever the order they were built in: a reduced precision runs only when asked for or alone."""
+    found = []
     for entry in bundle.manifest.get("engines", []):
         if entry["backend"] != backend or (precision is not None and entry["precision"] != precision):
             continue
@@ -323,8 +331,9 @@ def find_engine(bundle: Bundle, backend: str, precision: str | None) -> dict | N
             from .tensorrt_build import plan_mismatch
             if plan_mismatch(entry) is not None:
                 continue
-        return entry
-    return None
+        found.append(entry)
+    rank = {p: i for i, p in enumerate(("fp32", "fp16", "bf16", "int8"))}
+    return min(found, key=lambda e: rank.get(e["precision"], len(rank)), default=None)
 
 
 def require_engine(bundle: Bundle, backend: str, precision: str | None) -> dict:

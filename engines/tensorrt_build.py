@@ -135,8 +135,12 @@ def build_tensorrt(bundle, precision: str, max_batch: int) -> dict:
     rel = plan_file(precision, gpu)
     final = bundle.path / rel
     tmp = final.with_name(f".{final.name}.partial")
-    tmp.write_bytes(plan)
-    os.replace(tmp, final)
+    try:
+        tmp.write_bytes(plan)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     entry = plan_entry(precision, gpu, version, max_batch, bundle.image_size, sha256_file(final),
                        source["sha256"], model_digest(bundle))
     record_engine(bundle, entry)

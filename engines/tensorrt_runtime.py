@@ -12,6 +12,7 @@ which hangs or fails with invalid resource handles (NVIDIA/TensorRT#4608).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,10 @@ def build_plan(onnx_path: Path, image_size: int, max_batch: int, cache_path: Pat
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"{onnx_path}: TensorRT failed to build a plan (see the messages above)")
-    cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    # atomically: the next build reads it with ignore_mismatch=False, so a torn file would fail it
+    tmp = cache_path.with_name(f".{cache_path.name}.partial")
+    tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    os.replace(tmp, cache_path)
     return bytes(memoryview(plan))
 
 
@@ -57,8 +61,12 @@ class TensorRTRunner:
     download on one pycuda stream, then return (fused, per-scale) as CPU tensors."""
 
     def __init__(self, plan_path: Path, max_batch: int):
-        import pycuda.autoprimaryctx  # noqa: F401
+        import pycuda.autoprimaryctx as primary
         import pycuda.driver as cuda
+
+        # A CUDA context is current per thread, and autoprimaryctx makes it current only in the thread
+        # that imports it; a worker calls the runner from its inference thread, so each call pushes it.
+        self.ctx = primary.context
 
         trt, logger = _trt()
         self.cuda = cuda
@@ -87,6 +95,13 @@ class TensorRTRunner:
         b = x.shape[0]
         if b > self.max_batch:
             raise ValueError(f"batch {b} exceeds the plan's max batch {self.max_batch}")
+        self.ctx.push()
+        try:
+            return self._run(x, b)
+        finally:
+            self.cuda.Context.pop()
+
+    def _run(self, x: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         (name_in,) = self.inputs
         host_in = self.host[name_in][:b]
         np.copyto(host_in, x.numpy())

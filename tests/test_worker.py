@@ -532,6 +532,49 @@ def test_frames_waiting_in_a_slow_workers_pipeline_are_not_claimed_and_scored_ag
     assert dead_of(r, stream) == []
 
 
+def test_a_hung_inference_fails_healthz_after_stall_timeout_and_recovers_when_it_moves_again(
+        engines, frames, redis_url, stream, monkeypatch):
+    """Threads alive but nothing moving (a GPU call that never returns) must fail liveness, so the
+    orchestrator restarts the worker; an idle worker with nothing in flight stays alive."""
+    (engine,) = engines.values()
+    real, release = engine.predict, threading.Event()
+
+    def hangs(batch):
+        release.wait(60)
+        return real(batch)
+
+    monkeypatch.setattr(engine, "predict", hangs)
+    r = client(redis_url)
+    with in_process_worker(engines, redis_url, stream, stall_timeout_s=1.0) as worker:
+        time.sleep(1.5)
+        assert worker.alive() == (True, "alive")  # idle past the timeout, nothing held: alive
+        eid = add_frame(r, stream, frames[0])
+        wait_for(lambda: not worker.alive()[0], 30, "liveness to fail while inference hangs")
+        assert "entries in flight (stall_timeout_s)" in worker.alive()[1]
+        release.set()
+        wait_for(lambda: results_of(r, stream), 30, "the result once inference moved again")
+        assert worker.alive() == (True, "alive")
+    exactly_one_result_each(r, stream, [eid])
+
+
+def test_counters_exist_at_zero_before_the_first_event(engines, redis_url, stream):
+    """rate() and increase() need a sample before an event: a series born at its first increment
+    hides that event (a restarted worker's first anomaly or dead letter)."""
+    from prometheus_client import generate_latest
+
+    config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
+                                               "metrics_port": 0})
+    worker = Worker(config, engines)
+    samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
+               for f in text_string_to_metric_families(generate_latest(worker.metrics.registry).decode())
+               for x in f.samples}
+    (category,) = engines
+    for name in ("ustudents_frames_processed_total", "ustudents_anomalies_total"):
+        assert samples[(name, (("category", category), ("stream", stream)))] == 0
+    for reason in schema.REASONS:
+        assert samples[("ustudents_frames_dead_lettered_total", (("reason", reason), ("stream", stream)))] == 0
+
+
 def test_the_reader_goes_on_when_its_stream_is_deleted_under_a_blocked_read(engines, frames, redis_url, stream):
     """Redis ends a blocked XREADGROUP with an UNBLOCKED error when the stream is deleted (or a
     failover demotes the node); the worker recreates the group and serves what comes next."""

@@ -273,8 +273,12 @@ def record_result(row: Row, fields: dict[str, bytes], out: Path) -> None:
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def image_auroc(rows: list[Row]) -> float | None:
@@ -437,7 +441,9 @@ class Demo:
         self.step(f"Redis: started {binary} on {self.redis.socket} (private socket, nothing kept)")
         return self.redis.url
 
-    def start_worker(self, stream: str, model: Path, redis_url: str, metrics_port: int, batch: int):
+    def start_worker(self, stream: str, model: Path, redis_url: str, metrics_port: int, batch: int,
+                     port_chosen: bool = True) -> int:
+        """Start the worker in a thread; returns the metrics port it serves on."""
         from ustudents.worker.logs import setup_logging
         from ustudents.worker.service import Worker, load_engines
         from ustudents.worker.settings import WorkerSettings
@@ -451,18 +457,25 @@ class Demo:
         try:
             self.worker.start_server()
         except OSError as err:  # taken since the check before training
-            raise DemoError(f"--metrics-port {metrics_port}: cannot listen on 127.0.0.1 ({err.strerror or err}); "
-                            "choose another") from None
+            if port_chosen:
+                raise DemoError(f"--metrics-port {metrics_port}: cannot listen on 127.0.0.1 ({err.strerror or err}); "
+                                "choose another") from None
+            # the default port, free before training, went to another program meanwhile (a second
+            # demo started at the same time): any free port will do
+            self.worker.s.metrics_port = free_port()
+            self.worker.start_server()
         self.worker_thread = threading.Thread(target=lambda: self.worker_exit.append(self.worker.run()),
                                               name="demo-worker", daemon=True)
         self.worker_thread.start()
+        port = self.worker.server.port
         deadline = time.monotonic() + 30
         while not self.worker.ready()[0]:
             if not self.worker_thread.is_alive() or time.monotonic() > deadline:
                 raise DemoError(f"the worker did not become ready: {self.worker.ready()[1]}")
             time.sleep(0.1)
-        self.step(f"worker ready (PyTorch fp32 on CPU); metrics: http://127.0.0.1:{metrics_port}/metrics, "
+        self.step(f"worker ready (PyTorch fp32 on CPU); metrics: http://127.0.0.1:{port}/metrics, "
                   f"/healthz, /readyz")
+        return port
 
     def run_line(self, frames: list[Frame], stream: str, fps: float, out: Path, idle_timeout_s: float) -> list[Row]:
         """Publish every frame at `fps` and collect one result (or dead letter) per frame."""
@@ -581,6 +594,7 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
              lr, max_minutes, seed, redis_url, metrics_port, fps, serve):
     """Train a small model on a real sample, serve it through Redis and a worker, and report."""
     from ustudents.engines.bundle import BundleError, load_bundle
+    from ustudents.engines.cli import check_output
     from ustudents.engines.runtime import EngineError
     from ustudents.train.dataset import DatasetError
 
@@ -591,6 +605,7 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
         raise DemoError(f"--metrics-port {metrics_port}: not a free port on 127.0.0.1; choose another")
     port = metrics_port or (DEFAULT_METRICS_PORT if port_free(DEFAULT_METRICS_PORT) else free_port())
     out = Path(out)
+    check_output(out, "--out", folder=True)
     demo = Demo()
 
     def on_sigterm(signum, frame):
@@ -629,7 +644,7 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
         stream = "line1" if demo.redis is not None else f"ustudents-demo-{uuid.uuid4().hex[:8]}"
         if demo.redis is None:
             demo.external_stream = stream
-        demo.start_worker(stream, Path(model), url, port, batch)
+        port = demo.start_worker(stream, Path(model), url, port, batch, port_chosen=metrics_port is not None)
         demo.step(f"publishing {len(frames)} test frames to stream {stream} at "
                   f"{'full speed' if fps <= 0 else f'{fps:g} frames/s'}; results as they arrive:")
         t = time.monotonic()
@@ -655,7 +670,7 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
         click.echo("\ninterrupted: stopping the worker and Redis", err=True)
         demo.stop()
         sys.exit(130)
-    except (DatasetError, BundleError, EngineError, ValueError, FileNotFoundError, PermissionError) as err:
+    except (DatasetError, BundleError, EngineError, ValueError, OSError) as err:  # OSError: a full disk too
         raise DemoError(" ".join(str(err).split())) from None
     finally:
         demo.stop()

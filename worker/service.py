@@ -100,6 +100,13 @@ class Worker:
         self.single = next(iter(engines)) if len(engines) == 1 else None
         s = settings
         self.metrics = WorkerMetrics(s.stream, s.group, [e.image_threshold for e in engines.values()])
+        # Every counter series exists from the start at 0: rate() and increase() need a sample before
+        # the first event, or a worker's first anomaly or dead letter after a restart goes uncounted
+        for category in engines:
+            self.metrics.processed.labels(s.stream, category)
+            self.metrics.anomalies.labels(s.stream, category)
+        for reason in schema.REASONS:
+            self.metrics.dead_lettered.labels(s.stream, reason)
         for engine in engines.values():
             info = engine.info
             self.metrics.model_info.labels(s.stream, info["model"], __version__, info["category"], info["backend"],
@@ -125,6 +132,7 @@ class Worker:
         self.throttled = Throttled(log, s.log_interval_s)
         self.lag_known: bool | None = None  # None: not read yet
         self.failures_in_row = 0  # frames the model failed on since it last scored one
+        self.last_beat = time.monotonic()  # when a stage last moved a batch on (alive(): stall check)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start_server(self) -> None:
@@ -155,8 +163,7 @@ class Worker:
                         "metrics_port": self.server.port if self.server else None})
         stages = [("reader", self._reader), ("inference", self._inference), ("publisher", self._publisher)]
         self.threads = [self._spawn(name, fn) for name, fn in stages]
-        self._spawn("monitor", self._monitor)
-        self._spawn("keeper", self._keep_inflight_claimed)
+        helpers = [self._spawn("monitor", self._monitor), self._spawn("keeper", self._keep_inflight_claimed)]
         while not self.stopping.wait(0.5):
             pass
         deadline = time.monotonic() + s.shutdown_timeout_s
@@ -179,6 +186,8 @@ class Worker:
             except redis.RedisError:
                 pass
         self.pool.shutdown(wait=False, cancel_futures=True)
+        for t in helpers:  # so that none reports on a Redis its caller stops after run() (the demo's)
+            t.join(2.0)
         if self.server:
             self.server.stop()
         code = 0 if drained and self.crashed is None else 1
@@ -217,7 +226,17 @@ class Worker:
         dead = [t.name for t in self.threads if not t.is_alive()]
         if dead and not self.stopping.is_set():
             return False, f"stopped threads: {', '.join(dead)}"
+        with self.inflight_lock:
+            held = len(self.inflight)
+        idle = time.monotonic() - self.last_beat
+        if held and idle > self.s.stall_timeout_s:
+            # threads alive but nothing moves: a call that never returns (a hung GPU, a stuck decoder);
+            # only a restart helps, and the entries held stay pending for the next worker
+            return False, f"no batch moved for {idle:.0f} s with {held} entries in flight (stall_timeout_s)"
         return True, "alive"
+
+    def _beat(self) -> None:
+        self.last_beat = time.monotonic()
 
     def ready(self) -> tuple[bool, str]:
         if self.stopping.is_set():
@@ -322,6 +341,7 @@ class Worker:
                     entries = [e for e in entries if e.id not in self.inflight]
             if entries:
                 work = self._retry(lambda: self._prepare(entries, redelivered=source != "new"), self.abandon)
+                self._beat()
                 if work is None or not self._put(self.decoded, work):
                     break
         self._put(self.decoded, STOP)
@@ -383,7 +403,9 @@ class Worker:
             work = self._get(self.decoded)
             if work is STOP:
                 break
-            if not self._put(self.scored, (work, self._infer(work))):
+            outcomes = self._infer(work)
+            self._beat()
+            if not self._put(self.scored, (work, outcomes)):
                 break
         self._put(self.scored, STOP)
 
@@ -464,6 +486,7 @@ class Worker:
             self._account(written, {e.id: (e, o) for e, o in zip(work.entries, outcomes)})
             with self.inflight_lock:
                 self.inflight.difference_update(e.id for e in work.entries)
+            self._beat()
 
     def _record(self, entry: Entry, outcome: Outcome) -> Record | None:
         s = self.s
@@ -497,6 +520,7 @@ class Worker:
                 # pending, until the key is fixed or Redis takes writes again
                 self.throttled.warning("publish_refused", "Redis refused the results (%s); retrying", err,
                                        event="publish_refused", error=str(err))
+            self._beat()  # waiting on Redis (readiness says so), not hung
             if backoff.wait(self.abandon):
                 return None
 
@@ -560,9 +584,13 @@ class Worker:
         batches; minutes on a CPU) outwait claim_idle_ms, and other workers, or this one's own
         XAUTOCLAIM, claim and score them again: measured in review, 30 of 60 frames scored twice."""
         period = self.s.claim_idle_ms / 3000
+        due = time.monotonic() + period
         while not (self.stopping.is_set() and not any(t.is_alive() for t in self.threads)):
-            if self.abandon.wait(period):
+            if self.abandon.wait(min(period, 0.5)):  # short waits: ends soon after the stages do
                 return
+            if time.monotonic() < due:
+                continue
+            due = time.monotonic() + period
             with self.inflight_lock:
                 ids = list(self.inflight)
             if ids:
