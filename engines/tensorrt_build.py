@@ -117,9 +117,8 @@ def require_tensorrt() -> tuple[str, str]:
 def build_tensorrt(bundle, precision: str, max_batch: int) -> dict:
     """Build (or rebuild) this GPU's plan from the bundle's ONNX engine of the same precision
     (`build_onnx` first), store it atomically and record it in the manifest."""
-    import os
-
     from .bundle import sha256_file
+    from .files import write_atomically
     from .onnx_engine import record_engine
     from .runtime import EngineError, find_engine, model_digest
 
@@ -134,13 +133,7 @@ def build_tensorrt(bundle, precision: str, max_batch: int) -> dict:
     plan = build_plan(bundle.path / source["file"], bundle.image_size, max_batch, bundle.path / timing_cache_file())
     rel = plan_file(precision, gpu)
     final = bundle.path / rel
-    tmp = final.with_name(f".{final.name}.partial")
-    try:
-        tmp.write_bytes(plan)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(final, plan)
     entry = plan_entry(precision, gpu, version, max_batch, bundle.image_size, sha256_file(final),
                        source["sha256"], model_digest(bundle))
     record_engine(bundle, entry)

@@ -12,12 +12,12 @@ which hangs or fails with invalid resource handles (NVIDIA/TensorRT#4608).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .files import write_atomically
 from .tensorrt_build import WORKSPACE_BYTES, network_flags, profile_shapes
 
 
@@ -50,9 +50,7 @@ def build_plan(onnx_path: Path, image_size: int, max_batch: int, cache_path: Pat
     if plan is None:
         raise RuntimeError(f"{onnx_path}: TensorRT failed to build a plan (see the messages above)")
     # atomically: the next build reads it with ignore_mismatch=False, so a torn file would fail it
-    tmp = cache_path.with_name(f".{cache_path.name}.partial")
-    tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    os.replace(tmp, cache_path)
+    write_atomically(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(plan))
 
 

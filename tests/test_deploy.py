@@ -53,7 +53,7 @@ def dashboard_exprs() -> list[str]:
 def test_promtool_accepts_the_compose_config_and_rules():
     done = promtool("check", "config", str(PROM / "prometheus.yml"))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "7 rules found" in done.stdout
+    assert "8 rules found" in done.stdout
     done = promtool("check", "rules", str(PROM / "alerts.yml"))
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -367,10 +367,13 @@ def test_prepare_engines_builds_once_into_the_cache_and_never_touches_the_mount(
         (src / "manifest.json").write_text(json.dumps({"id": "tiles-20250101T000000Z", "threshold": {"value": 2.0}}))
         (served2,) = pe.prepare([src], tmp_path / "cache", "fp16", 8, **kw)
         assert served2 != served and len(built) == 2 and not served.exists()
+        # a raised USTUDENTS_BATCH builds a plan that serves it, not one capped at the old maximum
+        (served3,) = pe.prepare([src], tmp_path / "cache", "fp16", 16, **kw)
+        assert served3 != served2 and built[-1][2] == 16 and len(built) == 3
         # a bundle that has a plan for this GPU is served as it is
         other = fake_bundle(tmp_path / "models" / "other", "other-1")
         (other / "plan.engine").write_bytes(b"plan")
-        assert pe.prepare([other], tmp_path / "cache", "fp16", 8, **kw) == [other] and len(built) == 2
+        assert pe.prepare([other], tmp_path / "cache", "fp16", 8, **kw) == [other] and len(built) == 3
     finally:
         for f in (src, *src.iterdir()):
             f.chmod(0o755 if f.is_dir() else 0o644)

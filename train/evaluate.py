@@ -3,7 +3,6 @@ masks and overlays for single images."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from ustudents.engines.bundle import update_manifest
+from ustudents.engines.files import write_atomically
 from ustudents.engines.images import read_image
 from ustudents.engines.overlay import heatmap_overlay
 from ustudents.engines.runtime import Engine, map_to_frame
@@ -174,17 +174,9 @@ def write_png(path: Path, image: np.ndarray) -> None:
     ok, data = cv2.imencode(".png", image[:, :, ::-1] if image.ndim == 3 else image)
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data.tobytes())
-    os.replace(tmp, path)
+    write_atomically(path, data.tobytes())
 
 
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(path, json.dumps(obj, indent=2) + "\n")

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ustudents.engines.files import write_atomically
+
 from ustudents.engines.patchnet import PatchNet
 
 DEFAULT_DIR = Path(__file__).parent / "default_teachers"
@@ -35,9 +37,7 @@ def save_teacher(folder: Path, p: int, state: dict[str, torch.Tensor], record: d
     tmp.chmod(0o644)  # safetensors writes 0600; teachers are read by other users too
     os.replace(tmp, path)
     records[str(p)] = record
-    tmp = folder / f".{RECORDS}.partial"
-    tmp.write_text(json.dumps(records, indent=2) + "\n")
-    os.replace(tmp, folder / RECORDS)
+    write_atomically(folder / RECORDS, json.dumps(records, indent=2) + "\n")
     return path
 
 

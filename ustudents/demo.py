@@ -36,6 +36,7 @@ from pathlib import Path
 
 import click
 
+from ustudents.engines.files import write_atomically
 from ustudents.train import cli as train_cli
 
 SAMPLE_ROOT = Path(__file__).resolve().parent / "demo_data"
@@ -272,13 +273,7 @@ def record_result(row: Row, fields: dict[str, bytes], out: Path) -> None:
 
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(path, data)
 
 
 def image_auroc(rows: list[Row]) -> float | None:

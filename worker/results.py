@@ -2,7 +2,6 @@
 optionally save each frame's mask and an overlay picture."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -10,6 +9,8 @@ from typing import Callable
 import cv2
 import numpy as np
 import redis
+
+from ustudents.engines.files import write_atomically
 
 from . import codec, schema
 from .streams import replies
@@ -39,9 +40,7 @@ def safe_name(frame_id: str) -> str:
 
 
 def write_file(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomically(path, data)
 
 
 def mask_overlay(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:

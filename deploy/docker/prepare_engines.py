@@ -93,7 +93,9 @@ def prepare(model_dirs: list[Path], cache: Path, precision: str, max_batch: int,
             served.append(src)
             continue
         cache.mkdir(parents=True, exist_ok=True)
-        family = slug(f"{ident}--{tag()}-{precision}") + "--"
+        # the batch is in the key: a plan serves batches up to the max it was built for, so raising
+        # USTUDENTS_BATCH must build a new one rather than quietly run at the old maximum
+        family = slug(f"{ident}--{tag()}-{precision}-b{max_batch}") + "--"
         dst = cache / f"{family}{digest}"
         with open(cache / f".{dst.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another worker on this cache may be building it
