@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import write_atomically
 from .images import UINT16_BITS
 from .model import AnomalyModel
 from .patchnet import DESCRIPTOR_DIM, PatchNet
@@ -208,10 +209,7 @@ def update_manifest(path: Path, **fields: Any) -> dict[str, Any]:
     """Replace top-level manifest fields of an existing (verified) bundle atomically."""
     bundle = load_bundle(path)
     manifest = dict(bundle.manifest, **fields)
-    tmp = Path(path) / f".{MANIFEST}.partial"
-    _write_json(tmp, manifest)
-    tmp.chmod(0o644)
-    os.replace(tmp, Path(path) / MANIFEST)
+    write_atomically(Path(path) / MANIFEST, json.dumps(manifest, indent=2) + "\n", mode=0o644)
     return manifest
 
 

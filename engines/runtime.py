@@ -33,7 +33,7 @@ from .scoring import mask, max_score, position_z, position_z_max
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # most faithful first (find_engine's preference)
 Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -332,8 +332,7 @@ def find_engine(bundle: Bundle, backend: str, precision: str | None) -> dict | N
             if plan_mismatch(entry) is not None:
                 continue
         found.append(entry)
-    rank = {p: i for i, p in enumerate(("fp32", "fp16", "bf16", "int8"))}
-    return min(found, key=lambda e: rank.get(e["precision"], len(rank)), default=None)
+    return min(found, key=lambda e: PRECISIONS.index(e["precision"]), default=None)
 
 
 def require_engine(bundle: Bundle, backend: str, precision: str | None) -> dict:

@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ustudents.engines.files import write_atomically
-
 from ustudents.engines.patchnet import PatchNet
 
 DEFAULT_DIR = Path(__file__).parent / "default_teachers"

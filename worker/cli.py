@@ -68,6 +68,7 @@ def check_redis_setup(settings: WorkerSettings) -> None:
     stream. Redis being unreachable is not among them (the worker waits for it)."""
     from . import schema
     from .connection import UNAVAILABLE, connect
+    from .streams import text_of
 
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     client = connect(settings.redis_url, password)
@@ -76,9 +77,8 @@ def check_redis_setup(settings: WorkerSettings) -> None:
         keys = [settings.stream, schema.results_stream(settings.stream), schema.dead_stream(settings.stream)]
         for key in keys:
             pipe.type(key)
-        kinds = [k.decode() if isinstance(k, bytes) else k for k in pipe.execute()]
-        groups = [g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-                  for g in (client.xinfo_groups(settings.stream) if kinds[0] == "stream" else [])]
+        kinds = [text_of(k) for k in pipe.execute()]
+        groups = [text_of(g["name"]) for g in (client.xinfo_groups(settings.stream) if kinds[0] == "stream" else [])]
     except (redis.AuthenticationError, redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError) as err:
         raise InputError(f"Redis at {settings.redis_url} refused the worker ({err}); give the password in the URL or "
                          f"{ENV_PREFIX}REDIS_PASSWORD, and a user allowed stream commands") from None

@@ -39,10 +39,6 @@ def safe_name(frame_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", frame_id) or "frame"
 
 
-def write_file(path: Path, data: bytes) -> None:
-    write_atomically(path, data)
-
-
 def mask_overlay(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The frame with anomalous pixels tinted red and the mask outlined."""
     out = frame.copy()
@@ -71,16 +67,16 @@ def save(client: redis.Redis, stream: str, fields: dict[str, bytes], folder: Pat
     """Write <frame>_mask.png and <frame>_overlay.png; returns what was written, for the line."""
     frame_id = (fields.get(schema.FRAME_ID) or fields[schema.ENTRY_ID]).decode("utf-8", "replace")
     mask_file = folder / f"{safe_name(frame_id)}_mask.png"
-    write_file(mask_file, fields[schema.MASK])
+    write_atomically(mask_file, fields[schema.MASK])
     overlay_file = folder / f"{safe_name(frame_id)}_overlay.png"
     if schema.HEATMAP in fields:
-        write_file(overlay_file, fields[schema.HEATMAP])
+        write_atomically(overlay_file, fields[schema.HEATMAP])
     else:
         frame = input_frame(client, stream, fields[schema.ENTRY_ID].decode())
         if frame is None:
             return f"mask {mask_file} (no overlay: the input frame has left the stream)"
         mask = codec.decode(fields[schema.MASK], str(mask_file), uint16_bits=None)[:, :, 0] > 0
-        write_file(overlay_file, codec.png(mask_overlay(frame, mask)))
+        write_atomically(overlay_file, codec.png(mask_overlay(frame, mask)))
     return f"mask {mask_file}, overlay {overlay_file}"
 
 

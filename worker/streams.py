@@ -64,7 +64,7 @@ def replies(reply) -> list[tuple[bytes, list[RawEntry]]]:
     return [(k, [(eid, fields or {}) for eid, fields in entries]) for k, entries in pairs]
 
 
-def _str(v: bytes | str) -> str:
+def text_of(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
@@ -143,7 +143,7 @@ class StreamIO:
     def group_info(self) -> dict:
         """XINFO GROUPS for our group: pending, lag (None where Redis < 7 or it cannot tell), ..."""
         for g in self.r.xinfo_groups(self.stream):
-            if _str(g["name"]) == self.group:
+            if text_of(g["name"]) == self.group:
                 return g
         return {}
 
@@ -166,7 +166,7 @@ class StreamIO:
         delivered to a consumer between the check and its removal; a live worker removed by a wrong
         guess loses nothing (it had nothing pending) and is recreated by its next read."""
         names = self._reap(keys=[self.stream], args=[self.group, idle_ms, self.consumer])
-        return [_str(n) for n in names]
+        return [text_of(n) for n in names]
 
     # -- reading ---------------------------------------------------------------------------------
     def read(self, last_id: str, count: int, block_ms: int | None) -> list[RawEntry]:
@@ -179,8 +179,8 @@ class StreamIO:
         """XAUTOCLAIM entries idle longer than `min_idle_ms`: (next cursor, claimed entries, ids of
         entries that were pending but are gone from the stream; Redis 7 drops those from the PEL)."""
         reply = self.r.xautoclaim(self.stream, self.group, self.consumer, min_idle_ms, start, count=count)
-        cursor, claimed = _str(reply[0]), reply[1]
-        deleted = [_str(i) for i in reply[2]] if len(reply) > 2 else []
+        cursor, claimed = text_of(reply[0]), reply[1]
+        deleted = [text_of(i) for i in reply[2]] if len(reply) > 2 else []
         if any(eid is None for eid, _ in claimed):
             # Redis < 7 claims a deleted entry but names it nil and keeps it pending: left so, it
             # would be claimed again forever and never dead-lettered. Find it among our own.
@@ -192,7 +192,7 @@ class StreamIO:
         are gone from the stream."""
         rows = self.r.xpending_range(self.stream, self.group, min=start, max="+" if end == "0-0" else f"({end}",
                                      count=100_000, consumername=self.consumer)
-        ids = [_str(row["message_id"]) for row in rows]
+        ids = [text_of(row["message_id"]) for row in rows]
         pipe = self.r.pipeline(transaction=False)
         for i in ids:
             pipe.xrange(self.stream, min=i, max=i, count=1)
