@@ -106,7 +106,7 @@ def build_engines_cmd(model, backend, precision, max_batch, check_images, calibr
         require_tensorrt()
     calibration = good_frames(calibration_images, bundle.uint16_bits, limit=32) if precision == "int8" else None
     # int8 ranges are set on good images and saturate on noise, so its parity is checked on good
-    # images too: --check-images, else the calibration images (measured: 14.4 off on noise, not stored)
+    # images too: --check-images, else the calibration images (on noise the documented command failed it)
     frames = good_frames(check_images if check_images or precision != "int8" else calibration_images,
                          bundle.uint16_bits)
     try:
