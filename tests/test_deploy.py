@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -397,6 +398,35 @@ def test_prepare_engines_one_line_errors(tmp_path, capsys):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().count("\n") == 0 and "no such bundle directory" in done.stderr
+
+
+def test_prepare_engines_serves_the_workers_endpoints_during_the_build(monkeypatch, capsys):
+    """A TensorRT build takes minutes before the worker starts: meanwhile the worker's port answers
+    (Prometheus sees it starting, not down) and says why it is not live or ready yet."""
+    import urllib.error
+    import urllib.request
+
+    pe = prepare_module()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name in [k for k in os.environ if k.startswith("USTUDENTS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("USTUDENTS_MODEL", "/models/tiles")
+    assert pe.serve_while_building() is None  # no stream set: nothing to label the metrics with
+    assert "no metrics endpoint during the build" in capsys.readouterr().err
+    monkeypatch.setenv("USTUDENTS_STREAM", "line1")
+    monkeypatch.setenv("USTUDENTS_METRICS_PORT", str(port))
+    monkeypatch.setenv("USTUDENTS_METRICS_HOST", "127.0.0.1")
+    server = pe.serve_while_building()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert 'ustudents_ready{stream="line1"} 0.0' in resp.read().decode()
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert err.value.code == 503 and b"starting: building TensorRT engines" in err.value.read()
+    finally:
+        server.stop()
 
 
 # -- Kubernetes -------------------------------------------------------------------------------------

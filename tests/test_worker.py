@@ -39,7 +39,7 @@ from ustudents.engines.bundle import load_bundle, update_manifest
 from ustudents.engines.images import read_image
 from ustudents.engines.runtime import load_engine
 from ustudents.worker import schema
-from ustudents.worker.metrics import METRIC_NAMES
+from ustudents.worker.metrics import METRIC_NAMES, starting
 from ustudents.worker.service import Worker
 from ustudents.worker.settings import WorkerSettings
 from ustudents.worker.streams import PublishRefused, Record, StreamIO
@@ -345,6 +345,7 @@ def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_goes_on(e
     cases = {  # frame_id: (fields, expected reason or None for a result)
         "corrupt": ({"image": b"this is not a PNG"}, schema.DECODE_ERROR),
         "truncated": ({"image": good[:60]}, schema.DECODE_ERROR),
+        "corrupt-large": ({"image": b"not an image" * 20}, schema.DECODE_ERROR),
         "empty": ({"image": b""}, schema.EMPTY),
         "oversized": ({"image": os.urandom(limit + 1)}, schema.TOO_LARGE),
         "no-image": ({}, schema.MISSING_IMAGE),
@@ -354,7 +355,8 @@ def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_goes_on(e
         "fine": ({"image": good}, None),
     }
     ids = {name: add(r, stream, frame_id=name, camera="cam2", **fields) for name, (fields, _) in cases.items()}
-    with in_process_worker(engines, redis_url, stream, max_frame_bytes=limit, metrics_port=(port := free_port())) as worker:
+    with in_process_worker(engines, redis_url, stream, max_frame_bytes=limit, dead_image_max_bytes=100,
+                           metrics_port=(port := free_port())) as worker:
         wait_for(lambda: len(results_of(r, stream)) + len(dead_of(r, stream)) == len(cases), 60, "every entry's outcome")
         assert worker.alive()[0] and worker.ready()[0]
         counts = {reason: metric(port, "ustudents_frames_dead_lettered_total", stream=stream, reason=reason)
@@ -366,8 +368,10 @@ def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_goes_on(e
         assert s(d[schema.REASON]) == cases[name][1], f"{name}: {d}"
         assert s(d[schema.ENTRY_ID]) == ids[name] and s(d["camera"]) == "cam2" and d[schema.ERROR]
     assert dead["corrupt"][schema.IMAGE] == b"this is not a PNG"  # the original fields travel along
+    # ... but not an image over dead_image_max_bytes: broken frames must not fill Redis with copies
+    assert schema.IMAGE not in dead["corrupt-large"] and int(dead["corrupt-large"][schema.IMAGE_BYTES]) == 240
     assert schema.IMAGE not in dead["oversized"] and int(dead["oversized"][schema.IMAGE_BYTES]) == limit + 1
-    assert counts[schema.DECODE_ERROR] == 2 and counts[schema.MISSING_IMAGE] == 2 and counts[schema.EMPTY] == 1
+    assert counts[schema.DECODE_ERROR] == 3 and counts[schema.MISSING_IMAGE] == 2 and counts[schema.EMPTY] == 1
     assert pending_count(r, stream) == 0
 
 
@@ -430,20 +434,89 @@ def test_a_worker_finishes_its_own_pending_entries_first_on_start(engines, frame
     exactly_one_result_each(r, stream, [eid])
 
 
-def test_a_frame_that_keeps_killing_workers_is_dead_lettered_after_max_deliveries(engines, frames, redis_url, stream):
+class WorkerKilled(BaseException):
+    """Stands for the process dying while it handles a frame (a decoder or driver segfault, an OOM
+    kill): not an Exception, so nothing catches it; the stage thread ends, the worker abandons what
+    it holds, and nothing after it is published, as with kill -9."""
+
+
+def test_a_frame_that_kills_its_worker_is_dead_lettered_alone_and_its_batch_mates_are_scored(
+        engines, frames, redis_url, stream, monkeypatch):
+    """One frame kills every worker that processes it, inside a batch of good frames. Restarted
+    workers must not take its batch-mates down with it: those are scored, and it alone ends as a
+    dead letter after max_deliveries attempts. (Counting XPENDING deliveries instead dead-lettered
+    the whole batch unprocessed: every restart re-delivers every frame of it.)"""
+    (engine,) = engines.values()
+    real, attempts = engine.predict, []
+
+    def dies_on_poison(batch):
+        if any(f.shape[:2] == (37, 41) for f in batch):  # the poison frame: the one of this size
+            attempts.append(len(batch))
+            raise WorkerKilled("segfault")
+        return real(batch)
+
+    monkeypatch.setattr(engine, "predict", dies_on_poison)
     r = client(redis_url)
-    r.xgroup_create(stream, "ustudents", id="0", mkstream=True)
-    poison = add_frame(r, stream, frames[2])
-    r.xreadgroup("ustudents", "crashed", {stream: ">"}, count=10)
-    # two more workers took it over and died with it: delivered 3 times in all
-    r.xclaim(stream, "ustudents", "crashed", 0, [poison], retrycount=3)
-    fine = add_frame(r, stream, frames[3])
-    with in_process_worker(engines, redis_url, stream, max_deliveries=3, claim_idle_ms=100):
-        wait_for(lambda: dead_of(r, stream) and results_of(r, stream), 30, "a dead letter and a result")
+    poison_png = cv2.imencode(".png", np.full((37, 41), 99, np.uint8))[1].tobytes()
+    good = [add_frame(r, stream, f) for f in frames[:2]]
+    poison = add(r, stream, frame_id="poison", image=poison_png)
+    good += [add_frame(r, stream, f) for f in frames[2:4]]
+
+    def settled() -> bool:
+        return len(results_of(r, stream)) + len(dead_of(r, stream)) == len(good) + 1
+
+    codes = []
+    for _ in range(6):  # the same consumer name each time: a restarted container
+        config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
+                                                   "metrics_port": 0, "consumer": "station-1", "batch": 8,
+                                                   "max_deliveries": 3, "claim_idle_ms": 600_000})
+        worker = Worker(config, engines)
+        code: list[int] = []
+        thread = threading.Thread(target=lambda: code.append(worker.run()), daemon=True)
+        thread.start()
+        wait_for(lambda: code or settled(), 60, "the worker to die or every frame to be settled")
+        if not code:
+            worker.stop()
+            thread.join(30)
+        codes += code
+        if settled():
+            break
+    assert codes == [1, 1, 1, 0], codes  # killed on attempts 1 (in the batch), 2 and 3 (alone); then it is settled
+    assert attempts == [5, 1, 1]
     (dead,) = dead_of(r, stream)
     assert s(dead[schema.ENTRY_ID]) == poison and s(dead[schema.REASON]) == schema.MAX_DELIVERIES
-    assert "delivered 4 times" in s(dead[schema.ERROR])
-    exactly_one_result_each(r, stream, [fine])
+    assert "3 attempts at it did not complete" in s(dead[schema.ERROR])
+    exactly_one_result_each(r, stream, good)
+    assert pending_count(r, stream) == 0
+
+
+def test_a_frame_that_fails_is_retried_alone_and_dead_lettered_on_its_last_attempt(engines, frames, redis_url,
+                                                                                   stream, monkeypatch):
+    """A frame whose processing raises stays pending and is retried (claimed after claim_idle_ms,
+    alone); on attempt max_deliveries it goes to the dead letters with the error; the rest of its
+    batch is scored once."""
+    (engine,) = engines.values()
+    real, attempts = engine.predict, []
+
+    def fails_on_poison(batch):
+        if any(f.shape[:2] == (37, 41) for f in batch):
+            attempts.append(len(batch))
+            raise ValueError("cannot score this one")
+        return real(batch)
+
+    monkeypatch.setattr(engine, "predict", fails_on_poison)
+    r = client(redis_url)
+    poison = add(r, stream, frame_id="poison", image=cv2.imencode(".png", np.zeros((37, 41), np.uint8))[1].tobytes())
+    good = [add_frame(r, stream, f) for f in frames[:3]]
+    with in_process_worker(engines, redis_url, stream, max_deliveries=3, claim_idle_ms=300, batch=8):
+        wait_for(lambda: dead_of(r, stream) and len(results_of(r, stream)) == len(good), 30,
+                 "a dead letter and the other results")
+    (dead,) = dead_of(r, stream)
+    assert s(dead[schema.ENTRY_ID]) == poison and s(dead[schema.REASON]) == schema.MAX_DELIVERIES
+    assert "failed on attempt 3 of max_deliveries=3: ValueError: cannot score this one" in s(dead[schema.ERROR])
+    # batch of 4 fails, then each frame alone (the fallback); then attempts 2 and 3, alone
+    assert attempts == [4, 1, 1, 1]
+    exactly_one_result_each(r, stream, good)
     assert pending_count(r, stream) == 0
 
 
@@ -555,6 +628,34 @@ def test_a_hung_inference_fails_healthz_after_stall_timeout_and_recovers_when_it
         wait_for(lambda: results_of(r, stream), 30, "the result once inference moved again")
         assert worker.alive() == (True, "alive")
     exactly_one_result_each(r, stream, [eid])
+
+
+def test_the_port_answers_while_the_models_load_and_the_worker_takes_it_over(engines, redis_url, stream):
+    """A start that takes minutes (a CPU warm-up, a GPU's first TensorRT build) must read as a worker
+    starting, not one down: /metrics answers (ustudents_ready 0) and /healthz, /readyz say why they
+    are not 200 yet; then the worker serves its own endpoints on the same port."""
+    port = free_port()
+    server = starting(stream, "127.0.0.1", port, "loading the models")
+    try:
+        for path in ("/healthz", "/readyz"):
+            status, body = http(port, path)
+            assert status == 503 and json.loads(body) == {"ok": False, "reason": "starting: loading the models"}
+        assert metric(port, "ustudents_ready", stream=stream) == 0.0
+        assert 'ustudents_ready{stream="' + stream + '"} 0.0' in http(port, "/metrics")[1].decode()
+        config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
+                                                   "metrics_port": port, "metrics_host": "127.0.0.1"})
+        worker = Worker(config, engines, server=server)
+        codes: list[int] = []
+        thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
+        thread.start()
+        wait_for(lambda: http(port, "/readyz")[0] == 200, 30, "the worker's own /readyz")
+        assert http(port, "/healthz")[0] == 200 and metric(port, "ustudents_ready", stream=stream) == 1.0
+        assert "# TYPE ustudents_frames_processed_total counter" in http(port, "/metrics")[1].decode()
+        worker.stop()
+        thread.join(30)
+        assert codes == [0]
+    finally:
+        server.stop()
 
 
 def test_counters_exist_at_zero_before_the_first_event(engines, redis_url, stream):

@@ -62,7 +62,9 @@ def test_bad_input_at_start_is_one_line_and_exit_2(case, tiny_bundle, damaged_bu
         "bad-url": (base + ["--redis-url", "localhost:6379"], "is not a Redis URL"),
         "bad-batch": (base + ["--batch", "0"], "--batch / USTUDENTS_BATCH: Input should be greater than or equal to 1"),
         "bad-backend": (base + ["--backend", "tensorrt"], "tensorrt needs a CUDA GPU"),
-        "port-taken": (base + ["--metrics-port", str(taken.getsockname()[1]), "--redis-url", "redis://127.0.0.1:1/0"],
+        # told before the models load (minutes on a GPU's first start), so even with a damaged bundle
+        "port-taken": (["worker", "--stream", "line1", "--model", str(damaged_bundle), "--env-file", str(empty),
+                        "--metrics-port", str(taken.getsockname()[1]), "--redis-url", "redis://127.0.0.1:1/0"],
                        f"--metrics-port {taken.getsockname()[1]}: cannot listen"),
         "bad-device": (base + ["--device", "gpu"], "--device / USTUDENTS_DEVICE: 'gpu': choose auto, cpu, cuda or cuda:N"),
         # a typo in the file's name must not silently run the worker on the defaults

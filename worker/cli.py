@@ -121,7 +121,7 @@ redis_url_option = click.option("--redis-url", default=None,
 @click.option("--metrics-port", type=int, default=None, help="Port of /metrics, /healthz, /readyz; 0 = off.  [default: 9108]")
 @click.option("--claim-idle-ms", type=int, default=None,
               help="Claim entries pending this long on a silent consumer.  [default: 60000]")
-@click.option("--max-deliveries", type=int, default=None, help="Dead-letter an entry failing this often.  [default: 3]")
+@click.option("--max-deliveries", type=int, default=None, help="Dead-letter a frame that fails, or kills its worker, this often.  [default: 3]")
 @click.option("--max-frame-bytes", type=int, default=None, help="Dead-letter larger encoded frames.  [default: 32 MiB]")
 @click.option("--results-maxlen", type=int, default=None, help="MAXLEN ~ of <stream>:results.  [default: 100000]")
 @click.option("--shutdown-timeout-s", type=float, default=None,
@@ -137,10 +137,11 @@ def worker_cmd(ctx, env_file, **flags):
 
     Every setting can also come from an environment variable USTUDENTS_<NAME> (e.g.
     USTUDENTS_CLAIM_IDLE_MS) or a .env file; flags win. Settings without a flag: redis_password,
-    block_ms, reap_idle_s, max_failures_in_row, dead_maxlen, dedupe_ttl_s, backoff_max_s, decode_threads,
-    queue_batches, metrics_host, stats_interval_s, log_interval_s, log_level.
+    block_ms, reap_idle_s, max_failures_in_row, dead_maxlen, dead_image_max_bytes, dedupe_ttl_s,
+    backoff_max_s, decode_threads, queue_batches, metrics_host, stats_interval_s, log_interval_s, log_level.
     """
     from .logs import setup_logging
+    from .metrics import starting
     from .service import Worker, load_engines
 
     values = {k: v for k, v in flags.items() if v is not None and v != ()}
@@ -149,12 +150,19 @@ def worker_cmd(ctx, env_file, **flags):
     settings = WorkerSettings(_env_file=env_file or ".env", **values)
     setup_logging(settings.log_level, settings.log_json)
     check_redis_setup(settings)
-    worker = Worker(settings, load_engines(settings))
+    server = None
+    if settings.metrics_port:
+        try:
+            server = starting(settings.stream, settings.metrics_host, settings.metrics_port, "loading the models")
+        except OSError as err:
+            raise InputError(f"--metrics-port {settings.metrics_port}: cannot listen on {settings.metrics_host}:"
+                             f"{settings.metrics_port} ({err.strerror or err}); choose a free port, or 0 for no metrics") from None
     try:
-        worker.start_server()
-    except OSError as err:
-        raise InputError(f"--metrics-port {settings.metrics_port}: cannot listen on {settings.metrics_host}:"
-                         f"{settings.metrics_port} ({err.strerror or err}); choose a free port, or 0 for no metrics") from None
+        worker = Worker(settings, load_engines(settings), server=server)
+    except BaseException:
+        if server:
+            server.stop()
+        raise
     code = worker.run()
     if any(t.is_alive() for t in worker.threads):
         # The deadline passed with a stage still busy, maybe inside the networks' native code:

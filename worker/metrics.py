@@ -86,18 +86,20 @@ Check = Callable[[], tuple[bool, str]]
 
 class HealthServer:
     """GET /metrics (Prometheus text format), /healthz (200 while the worker's threads live),
-    /readyz (200 when the model is loaded and Redis reachable, else 503 with the reason)."""
+    /readyz (200 when the model is loaded and Redis reachable, else 503 with the reason).
 
-    def __init__(self, metrics: WorkerMetrics, host: str, port: int, alive: Check, ready: Check):
-        routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
-            "/metrics": lambda: (200, CONTENT_TYPE_LATEST, metrics.exposition()),
-            "/healthz": lambda: _check(alive),
-            "/readyz": lambda: _check(ready),
-        }
+    Started before the models load (`starting`), then handed to the worker (`serve`), so the port
+    answers from the first second: a start that takes minutes (a CPU warm-up, a TensorRT build)
+    reads as a worker up and not ready, not as one down, and a port already taken is reported
+    before the wait rather than after it."""
+
+    def __init__(self, host: str, port: int, exposition: Callable[[], bytes], alive: Check, ready: Check):
+        self.serve(exposition, alive, ready)
+        server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's name)
-                route = routes.get(self.path.split("?")[0])
+                route = server.routes.get(self.path.split("?")[0])
                 status, ctype, body = route() if route else (404, "text/plain", b"not found\n")
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
@@ -113,12 +115,34 @@ class HealthServer:
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True)
 
+    def serve(self, exposition: Callable[[], bytes], alive: Check, ready: Check) -> None:
+        """Answer from now on with these (one assignment: a request sees the old routes or the new)."""
+        self.routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
+            "/metrics": lambda: (200, CONTENT_TYPE_LATEST, exposition()),
+            "/healthz": lambda: _check(alive),
+            "/readyz": lambda: _check(ready),
+        }
+
     def start(self) -> None:
         self.thread.start()
 
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def starting(stream: str, host: str, port: int, doing: str) -> HealthServer:
+    """Start the endpoints of a worker that is still `doing` something before it can serve:
+    /metrics answers with ustudents_ready 0, /healthz and /readyz 503 with the reason. /healthz is
+    not 200 yet, so that the orchestrator's start-up allowance (Kubernetes startupProbe, Docker's
+    start period), not liveness, bounds a start that hangs. Raises OSError when the port is taken."""
+    registry = CollectorRegistry()
+    Gauge("ustudents_ready", "1 when the model is loaded and Redis reachable.", ["stream"], registry=registry) \
+        .labels(stream).set(0)
+    reason = f"starting: {doing}"
+    server = HealthServer(host, port, lambda: generate_latest(registry), lambda: (False, reason), lambda: (False, reason))
+    server.start()
+    return server
 
 
 def _check(check: Check) -> tuple[int, str, bytes]:

@@ -42,7 +42,7 @@ EMPTY = "empty"  # zero bytes
 TOO_LARGE = "too_large"  # more than max_frame_bytes
 MISSING_IMAGE = "missing_image"  # neither image nor image_key, or image_key holds nothing (expired)
 UNKNOWN_CATEGORY = "unknown_category"  # no model served here for the entry's category
-MAX_DELIVERIES = "max_deliveries"  # failed, or its worker died, on each of max_deliveries deliveries
+MAX_DELIVERIES = "max_deliveries"  # failed, or its worker died, on each of max_deliveries attempts
 TRIMMED = "trimmed"  # the entry left the input stream (MAXLEN) before it was processed
 REASONS = (DECODE_ERROR, EMPTY, TOO_LARGE, MISSING_IMAGE, UNKNOWN_CATEGORY, MAX_DELIVERIES, TRIMMED)
 
@@ -58,6 +58,11 @@ def dead_stream(stream: str) -> str:
 def done_key(stream: str, entry_id: str) -> str:
     """Marker set in the same transaction as an entry's result or dead letter (see streams.publish)."""
     return f"{stream}:done:{entry_id}"
+
+
+def tries_key(stream: str, entry_id: str) -> str:
+    """Count of the attempts at a redelivered entry, each made alone (see StreamIO.begin_attempt)."""
+    return f"{stream}:tries:{entry_id}"
 
 
 def text(fields: dict[bytes, bytes], name: str) -> str | None:
@@ -97,10 +102,16 @@ def result_entry(entry_id: str, fields: dict[bytes, bytes], *, score: float, ano
     return out
 
 
-def dead_entry(entry_id: str, fields: dict[bytes, bytes], dead: DeadLetter) -> dict[bytes | str, bytes | str]:
+def dead_entry(entry_id: str, fields: dict[bytes, bytes], dead: DeadLetter,
+               max_image_bytes: int) -> dict[bytes | str, bytes | str]:
+    """The entry's fields plus why it failed. An inline image up to `max_image_bytes` is kept (to look
+    at, or publish again); a larger one is replaced by its size, so that a camera sending broken
+    frames cannot fill Redis with copies of them (at most dead_maxlen x max_image_bytes)."""
     out: dict[bytes | str, bytes | str] = dict(fields)
-    if dead.reason == TOO_LARGE and IMAGE.encode() in out:
-        out[IMAGE_BYTES] = str(len(out.pop(IMAGE.encode())))
+    image = out.get(IMAGE.encode())
+    if image is not None and len(image) > max_image_bytes:
+        del out[IMAGE.encode()]
+        out[IMAGE_BYTES] = str(len(image))
     out.update({SCHEMA: str(SCHEMA_VERSION), ENTRY_ID: entry_id, REASON: dead.reason, ERROR: dead.error})
     return out
 

@@ -5,10 +5,12 @@ publishing the previous one overlap inference, and memory stays bounded (at most
 `2 * queue_batches + 3` batches in flight):
 
     reader ──(decode pool)──► [decoded] ──► inference ──► [scored] ──► publisher
-    XREADGROUP / XAUTOCLAIM                 Engine.predict            PNG, MULTI/EXEC publish + XACK
+    XREADGROUP / XAUTOCLAIM                 Engine.predict            PNG, publish + XACK (one script)
 
 The reader first re-reads this consumer's own pending entries (id 0), then new ones (`>`); every
-`claim_idle_ms / 2` it claims entries that silent consumers left pending (XAUTOCLAIM). Every
+`claim_idle_ms / 2` it claims entries that silent consumers left pending (XAUTOCLAIM). Those two
+kinds were handed out before and never completed, maybe because they killed a worker, so they go
+through one at a time with nothing else in flight (`_send_redelivered`). Every
 Redis call retries with backoff while Redis is away (not ready meanwhile); nothing is acknowledged
 except together with its result (streams.publish). SIGTERM/SIGINT stop the reader; the batches
 already read are finished and published within `shutdown_timeout_s`, then the process exits 0.
@@ -93,7 +95,8 @@ class Totals:
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, engines: dict[str, Engine], client: redis.Redis | None = None):
+    def __init__(self, settings: WorkerSettings, engines: dict[str, Engine], client: redis.Redis | None = None,
+                 server: HealthServer | None = None):
         if not engines:
             raise ValueError("a worker needs at least one model")
         self.s, self.engines = settings, engines
@@ -127,7 +130,7 @@ class Worker:
         self.last_errors: OrderedDict[str, str] = OrderedDict()  # entry id -> its last processing error
         self.crashed: BaseException | None = None
         self.threads: list[threading.Thread] = []
-        self.server: HealthServer | None = None
+        self.server = server  # the endpoints served while the models loaded (metrics.starting), taken over
         self.totals = Totals()
         self.throttled = Throttled(log, s.log_interval_s)
         self.lag_known: bool | None = None  # None: not read yet
@@ -137,8 +140,11 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------------------
     def start_server(self) -> None:
         """Serve /metrics, /healthz and /readyz (raises OSError when the port is taken)."""
-        if self.s.metrics_port and self.server is None:
-            self.server = HealthServer(self.metrics, self.s.metrics_host, self.s.metrics_port, self.alive, self.ready)
+        if self.server is not None:
+            self.server.serve(self.metrics.exposition, self.alive, self.ready)
+        elif self.s.metrics_port:
+            self.server = HealthServer(self.s.metrics_host, self.s.metrics_port, self.metrics.exposition, self.alive,
+                                       self.ready)
             self.server.start()
 
     def stop(self) -> None:
@@ -339,21 +345,68 @@ class Worker:
             if source == "claimed":  # XAUTOCLAIM also returns our own entries that wait in the pipeline
                 with self.inflight_lock:
                     entries = [e for e in entries if e.id not in self.inflight]
-            if entries:
-                work = self._retry(lambda: self._prepare(entries, redelivered=source != "new"), self.abandon)
-                self._beat()
-                if work is None or not self._put(self.decoded, work):
-                    break
+            if entries and not (self._send(entries) if source == "new" else self._send_redelivered(entries)):
+                break
         self._put(self.decoded, STOP)
 
-    def _prepare(self, entries: list[Entry], redelivered: bool) -> Work:
-        """Check each entry (published already? delivered too often? has an image? a model for it?),
+    def _send(self, entries: list[Entry]) -> bool:
+        """Prepare a micro-batch and queue it for inference; False if the worker abandons it first."""
+        work = self._retry(lambda: self._prepare(entries), self.abandon)
+        self._beat()
+        return work is not None and self._put(self.decoded, work)
+
+    def _send_redelivered(self, entries: list[Entry]) -> bool:
+        """Entries handed out before and never completed (this consumer's own pending after a
+        restart, or claimed from a silent one). Their earlier attempt may have killed a worker (a
+        decoder or driver crash, an OOM kill), and with it every frame of its batch. So each is
+        processed alone, nothing else in flight, and counted in Redis before it starts: the frame
+        that kills workers reaches max_deliveries by itself and is dead-lettered, and the frames that
+        only shared its batch are scored."""
+        done = self._retry(lambda: self.io.done([e.id for e in entries]), self.abandon)
+        if done is None:
+            return False
+        for e, d in zip(entries, done):
+            e.already_done = d
+        settled = [e for e in entries if e.already_done or not e.fields]  # acknowledge, or dead-letter as trimmed
+        suspects = [e for e in entries if not (e.already_done or not e.fields)]
+        with self.inflight_lock:
+            self.inflight.update(e.id for e in suspects)  # kept claimed (keeper) while they wait their turn
+        if settled and not self._send(settled):
+            return False
+        if suspects:
+            log.info("%d entries were handed out before and never completed (a worker died or failed on them): "
+                     "processing them one at a time", len(suspects),
+                     extra={"event": "redelivered", "entries": len(suspects)})
+        for i, e in enumerate(suspects):
+            waiting = {x.id for x in suspects[i:]}
+            if self.stopping.is_set():  # left pending for the restarted worker or another one
+                with self.inflight_lock:
+                    self.inflight.difference_update(waiting)
+                return True
+            if not self._wait_until(lambda: self.inflight <= waiting):
+                return False
+            tries = self._retry(lambda: self.io.begin_attempt(e.id), self.abandon)
+            if tries is None:
+                return False
+            e.attempt = tries + 1  # its first attempt was in the batch it was first delivered in
+            if not self._send([e]):
+                return False
+        return True
+
+    def _wait_until(self, condition) -> bool:
+        """Until condition() holds (checked under inflight_lock); False if the worker abandons first."""
+        while not self.abandon.is_set():
+            with self.inflight_lock:
+                if condition():
+                    return True
+            time.sleep(0.01)  # no _beat(): waiting is not progress (a hung stage must still fail /healthz)
+        return False
+
+    def _prepare(self, entries: list[Entry]) -> Work:
+        """Check each entry (published already? attempted too often? has an image? a model for it?),
         fetch `image_key` payloads, and start decoding."""
         s = self.s
         ids = [e.id for e in entries]
-        if redelivered:
-            for e, n, done in zip(entries, self.io.deliveries(ids), self.io.done(ids)):
-                e.deliveries, e.already_done = n, done
         keyed = [i for i, e in enumerate(entries)
                  if schema.IMAGE.encode() not in e.fields and schema.IMAGE_KEY.encode() in e.fields]
         fetched = dict(zip(keyed, self.io.fetch_images([entries[i].fields[schema.IMAGE_KEY.encode()].decode("utf-8", "replace")
@@ -367,10 +420,12 @@ class Worker:
             elif not e.fields:
                 item = schema.DeadLetter(schema.TRIMMED, "the entry was removed from the input stream (MAXLEN "
                                                          "trimming or XDEL) before it was processed")
-            elif e.deliveries > s.max_deliveries:
-                last = self.last_errors.get(e.id, "unknown (a worker died while processing it?)")
-                item = schema.DeadLetter(schema.MAX_DELIVERIES, f"delivered {e.deliveries} times without completing "
-                                                                f"(max_deliveries={s.max_deliveries}); last error: {last}")
+            elif e.attempt > s.max_deliveries:
+                last = self.last_errors.get(e.id, "none recorded here: the worker died while processing it")
+                item = schema.DeadLetter(schema.MAX_DELIVERIES, (
+                    f"{e.attempt - 1} attempts at it did not complete (max_deliveries={s.max_deliveries}): a worker "
+                    f"failed on it or died processing it, each attempt after the first with no other frame in "
+                    f"flight; last error: {last}"))
             else:
                 category = self._category(e.fields)
                 if isinstance(category, schema.DeadLetter):
@@ -431,9 +486,12 @@ class Worker:
             try:
                 predictions: list[Prediction | Exception] = list(engine.predict(frames))
             except Exception as err:  # noqa: BLE001 (isolate the frame that fails)
-                self.throttled.warning("batch_failed", "a batch of %d frames failed (%s: %s); scoring them one by one",
-                                       len(frames), type(err).__name__, err, event="batch_failed")
-                predictions = [self._predict_one(engine, f) for f in frames]
+                if len(frames) == 1:
+                    predictions = [err]
+                else:
+                    self.throttled.warning("batch_failed", "a batch of %d frames failed (%s: %s); scoring them one by one",
+                                           len(frames), type(err).__name__, err, event="batch_failed")
+                    predictions = [self._predict_one(engine, f) for f in frames]
             self.metrics.inference.labels(self.s.stream).observe(time.perf_counter() - t0)
             self.metrics.batch_size.labels(self.s.stream).observe(len(frames))
             for (i, frame), p in zip(items, predictions):
@@ -461,15 +519,15 @@ class Worker:
         pending (not acknowledged) for another attempt once it has been idle `claim_idle_ms`."""
         self.metrics.failures.labels(self.s.stream).inc()
         message = f"{type(err).__name__}: {err}"
-        if entry.deliveries >= self.s.max_deliveries:
+        if entry.attempt >= self.s.max_deliveries:
             return Outcome("dead", dead=schema.DeadLetter(
-                schema.MAX_DELIVERIES, f"failed on delivery {entry.deliveries} of max_deliveries="
+                schema.MAX_DELIVERIES, f"failed on attempt {entry.attempt} of max_deliveries="
                                        f"{self.s.max_deliveries}: {message}"))
         self.last_errors[entry.id] = message
         while len(self.last_errors) > 10_000:
             self.last_errors.popitem(last=False)
-        self.throttled.warning("frame_failed", "entry %s failed on delivery %d (%s); it stays pending for a retry",
-                               entry.id, entry.deliveries, message, event="frame_failed", entry_id=entry.id)
+        self.throttled.warning("frame_failed", "entry %s failed on attempt %d (%s); it stays pending for a retry",
+                               entry.id, entry.attempt, message, event="frame_failed", entry_id=entry.id)
         return Outcome("failed", error=message)
 
     # -- stage 3: publishing ---------------------------------------------------------------------
@@ -495,7 +553,7 @@ class Worker:
         if outcome.kind == "failed":
             return None
         if outcome.kind == "dead":
-            return Record(entry.id, self.io.dead, schema.dead_entry(entry.id, entry.fields, outcome.dead),
+            return Record(entry.id, self.io.dead, schema.dead_entry(entry.id, entry.fields, outcome.dead, s.dead_image_max_bytes),
                           kind=f"dead:{outcome.dead.reason}")
         engine, p = self.engines[outcome.category], outcome.prediction
         heatmap = codec.heatmap_png(outcome.frame, p.mask_level, engine.mask_threshold, p.mask) if s.heatmap else None

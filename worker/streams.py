@@ -32,6 +32,10 @@ import redis
 
 from . import schema
 
+# How long an entry's attempt count is kept: far longer than a crash-looping worker takes to restart
+# (Kubernetes backs off to 5 min), and a few bytes each for the rare entries that were redelivered.
+TRIES_TTL_S = 24 * 3600
+
 # A reply of XREADGROUP/XAUTOCLAIM: (entry id, fields); fields are {} for an entry trimmed away.
 RawEntry = tuple[bytes, dict[bytes, bytes]]
 
@@ -41,7 +45,7 @@ class Entry:
     """An input entry handed to this worker."""
     id: str
     fields: dict[bytes, bytes]
-    deliveries: int = 1  # times delivered, this delivery included (XPENDING times_delivered)
+    attempt: int = 1  # attempts at processing it, this one included (the first in a batch, later ones alone)
     received: float = field(default_factory=time.monotonic)
     already_done: bool = False  # its marker exists: acknowledge only
 
@@ -206,12 +210,17 @@ class StreamIO:
         for i in range(0, len(ids), 1000):
             self.r.xclaim(self.stream, self.group, self.consumer, min_idle_ms, ids[i:i + 1000], justid=True)
 
-    def deliveries(self, ids: list[str]) -> list[int]:
-        """Times each pending entry has been delivered (1 for an entry no longer pending)."""
-        pipe = self.r.pipeline(transaction=False)
-        for i in ids:
-            pipe.xpending_range(self.stream, self.group, min=i, max=i, count=1)
-        return [int(rows[0]["times_delivered"]) if rows else 1 for rows in pipe.execute()]
+    def begin_attempt(self, entry_id: str) -> int:
+        """Count the start of one more attempt at an entry that was handed out before and never
+        completed; returns the attempts counted so far, this one included. The count is kept in Redis
+        (`<stream>:tries:<id>`, for TRIES_TTL_S), so it survives the worker dying during the attempt
+        and is shared by every worker of the group, unlike XPENDING's delivery count, which also
+        rises for every frame that only shared a batch with the one that killed the worker."""
+        key = schema.tries_key(self.stream, entry_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.incr(key)
+        pipe.expire(key, TRIES_TTL_S)
+        return int(pipe.execute()[0])
 
     def done(self, ids: list[str]) -> list[bool]:
         """Whether each entry already has its outcome published (its marker exists)."""

@@ -123,6 +123,22 @@ def prepare(model_dirs: list[Path], cache: Path, precision: str, max_batch: int,
     return served
 
 
+def serve_while_building():
+    """The worker's endpoints during the build (minutes): /metrics up with ustudents_ready 0 and
+    /healthz, /readyz 503 'starting: building TensorRT engines', so Prometheus sees a worker starting,
+    not one down. Settings as the worker reads them (USTUDENTS_STREAM, _METRICS_PORT, _METRICS_HOST);
+    None where they are incomplete or the port is taken (the worker reports that itself)."""
+    from ustudents.worker.metrics import starting
+    from ustudents.worker.settings import WorkerSettings
+
+    try:
+        s = WorkerSettings()
+        return starting(s.stream, s.metrics_host, s.metrics_port, "building TensorRT engines") if s.metrics_port else None
+    except (ValueError, OSError) as err:  # pydantic's ValidationError is a ValueError
+        log(f"no metrics endpoint during the build ({str(err).splitlines()[0]})")
+        return None
+
+
 def main() -> int:
     models = [Path(p.strip()) for p in os.environ.get("USTUDENTS_MODEL", "").split(",") if p.strip()]
     try:
@@ -134,8 +150,13 @@ def main() -> int:
         batch = os.environ.get("USTUDENTS_BATCH", str(DEFAULT_BATCH))
         if not batch.isdigit() or int(batch) < 1:
             raise PrepareError(f"USTUDENTS_BATCH={batch}: give a positive whole number")
-        served = prepare(models, Path(os.environ.get("USTUDENTS_ENGINE_CACHE", "/var/cache/ustudents/engines")),
-                         os.environ.get("USTUDENTS_ENGINE_PRECISION", "fp32"), int(batch))
+        server = serve_while_building()
+        try:
+            served = prepare(models, Path(os.environ.get("USTUDENTS_ENGINE_CACHE", "/var/cache/ustudents/engines")),
+                             os.environ.get("USTUDENTS_ENGINE_PRECISION", "fp32"), int(batch))
+        finally:
+            if server:
+                server.stop()  # the worker binds the port next
     except PrepareError as err:
         print(f"prepare-engines: {err}", file=sys.stderr)
         return 2
