@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # most faithful first (find_engine's preference)
+TORCH_PRECISIONS = ("fp32", "bf16", "fp16")  # the torch backend casts the networks itself
+BUILT_PRECISIONS = ("fp32", "fp16", "int8")  # what `ustudents build-engines` makes for onnx and tensorrt
 Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -93,6 +95,8 @@ class Engine:
     def maps(self, frames: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames -> fused maps (N, S, S) and per-scale maps (N, n_scales, S, S) at the model's size,
         float32 on the engine's device."""
+        if not frames:
+            raise ValueError("Engine.maps: no frames given")
         fused, scales = [], []  # on prep_device
         for i in range(0, len(frames), self.max_batch):
             f, s = self.runner(preprocess(frames[i:i + self.max_batch], self.image_size, self.prep_device))
@@ -262,15 +266,14 @@ def load_engine(model: str | Path | Bundle, backend: str = "auto", device: str |
     run (3-scale model, 256 px: benchmarks/results/engines_cpu_fp32.json)."""
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
     dev = resolve_device(device)
-    if backend == "auto":
-        backend = "torch"
-        present = available_backends(dev)
-        if "tensorrt" in present and find_engine(bundle, "tensorrt", precision) is not None:
-            backend = "tensorrt"
-    if backend not in BACKENDS:
-        raise EngineError(f"--backend {backend}: choose one of auto, {', '.join(BACKENDS)}")
     if precision is not None and precision not in PRECISIONS:
         raise EngineError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if max_batch < 1:
+        raise EngineError(f"max batch {max_batch}: must be at least 1")
+    if backend == "auto":
+        backend = auto_backend(bundle, dev, precision)
+    if backend not in BACKENDS:
+        raise EngineError(f"--backend {backend}: choose one of auto, {', '.join(BACKENDS)}")
     if backend == "torch":
         precision = precision or default_torch_precision(bundle, dev)
         runner = torch_runner(bundle.model(), dev, precision, cuda_graphs)
@@ -293,6 +296,22 @@ def load_engine(model: str | Path | Bundle, backend: str = "auto", device: str |
     engine = Engine(bundle, runner, backend, precision, dev, max_batch=max_batch, prep_device=prep)
     log.info("engine: %s", engine.describe())
     return engine
+
+
+def auto_backend(bundle: Bundle, device: torch.device, precision: str | None) -> str:
+    """TensorRT where present with a plan for this GPU, else PyTorch; a precision PyTorch does not
+    run (int8) from the built engine that has it."""
+    present = available_backends(device)
+    if "tensorrt" in present and find_engine(bundle, "tensorrt", precision) is not None:
+        return "tensorrt"
+    if precision is None or precision in TORCH_PRECISIONS:
+        return "torch"
+    for backend, kind in (("tensorrt", "tensorrt"), ("onnxruntime", "onnx")):
+        if backend in present and find_engine(bundle, kind, precision) is not None:
+            return backend
+    raise EngineError(f"--precision {precision}: PyTorch does not run it and {bundle.path} has no {precision} engine "
+                      f"for this device; build one with `ustudents build-engines {bundle.path} --precision "
+                      f"{precision}` (--backend onnx for CPU, tensorrt for a GPU)")
 
 
 def model_digest(bundle: Bundle) -> str:
@@ -351,6 +370,9 @@ def require_engine(bundle: Bundle, backend: str, precision: str | None) -> dict:
         raise EngineError(f"{bundle.path}: no usable TensorRT{want} plan ({reasons}); rebuild with "
                           f"`ustudents build-engines {bundle.path} --backend tensorrt`")
     cmd_backend = "onnx" if backend == "onnx" else "tensorrt"
+    if precision is not None and precision not in BUILT_PRECISIONS:
+        raise EngineError(f"--precision {precision}: built {cmd_backend} engines are {', '.join(BUILT_PRECISIONS)}; "
+                          f"choose one of those, or --backend torch for {precision}")
     raise EngineError(f"{bundle.path}: has no {backend}{want} engine; build one with "
                       f"`ustudents build-engines {bundle.path} --backend {cmd_backend}"
                       f"{' --precision ' + precision if precision else ''}`")

@@ -122,6 +122,16 @@ def test_bad_backend_and_precision_requests_are_refused_clearly(tiny_bundle):
         load_engine(tiny_bundle, backend="torch", device="cpu", precision="fp16")
     with pytest.raises(EngineError, match="GPU"):
         load_engine(tiny_bundle, backend="tensorrt", device="cpu")
+    # a command the user can run: build-engines makes no bf16 engines, torch runs bf16 itself
+    with pytest.raises(EngineError, match="built onnx engines are fp32, fp16, int8; choose one of those, or "
+                                          "--backend torch for bf16"):
+        load_engine(tiny_bundle, backend="onnxruntime", device="cpu", precision="bf16")
+    # auto with a precision only built engines have: says what to build, not what torch lacks
+    with pytest.raises(EngineError, match=r"--precision int8: PyTorch does not run it and .* has no int8 engine for "
+                                          r"this device; build one with `ustudents build-engines"):
+        load_engine(tiny_bundle, backend="auto", device="cpu", precision="int8")
+    with pytest.raises(EngineError, match="max batch 0: must be at least 1"):
+        load_engine(tiny_bundle, backend="torch", device="cpu", max_batch=0)
 
 
 def test_torch_runs_by_default_in_the_precision_the_bundle_was_calibrated_in_where_native(tiny_bundle, monkeypatch):
@@ -268,6 +278,8 @@ def test_int8_engine_is_symmetric_qdq_calibrated_on_good_images_and_matches_pyto
     # Never picked behind the user's back: auto on CPU stays with fp32 engines, and with an fp32
     # engine built after it, onnxruntime without a precision runs fp32 (not the first built)
     assert load_engine(bundle_copy, backend="auto", device="cpu").backend == "torch"
+    # ... and auto asked for int8 takes the engine that has it
+    assert load_engine(bundle_copy, backend="auto", device="cpu", precision="int8").backend == "onnxruntime"
     assert invoke("build-engines", bundle_copy, "--precision", "fp32").exit_code == 0
     assert [e["precision"] for e in load_bundle(bundle_copy).manifest["engines"]] == ["int8", "fp32"]
     assert load_engine(bundle_copy, backend="onnxruntime", device="cpu").precision == "fp32"

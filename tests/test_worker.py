@@ -520,6 +520,95 @@ def test_a_frame_that_fails_is_retried_alone_and_dead_lettered_on_its_last_attem
     assert pending_count(r, stream) == 0
 
 
+def test_an_attempt_is_counted_once_even_when_its_count_is_resent(redis_url, stream):
+    """The count is resent when its reply is lost (Redis restarting, a network cut): that must not
+    look like a second attempt, or a good frame reaches max_deliveries without being tried."""
+    io = StreamIO(client(redis_url), stream, "ustudents", "A", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+    assert io.begin_attempt("1-0", "A:first") == 1
+    assert io.begin_attempt("1-0", "A:first") == 1  # the same attempt, resent
+    assert io.begin_attempt("1-0", "B:second") == 2
+    assert 0 < client(redis_url).ttl(schema.tries_key(stream, "1-0")) <= 24 * 3600
+    io.forget_attempts(["1-0"])
+    assert io.begin_attempt("1-0", "C:third") == 1
+
+
+def test_a_stop_while_redelivered_frames_wait_their_turn_leaves_them_pending_and_uncounted(
+        engines, frames, redis_url, stream, monkeypatch):
+    """SIGTERM during the one-at-a-time pass: the frame being scored is finished and published, the
+    others stay pending for the next worker with no attempt charged to them; the worker exits 0."""
+    (engine,) = engines.values()
+    real, started = engine.predict, threading.Event()
+
+    def slow(batch):
+        started.set()
+        time.sleep(1.0)
+        return real(batch)
+
+    monkeypatch.setattr(engine, "predict", slow)
+    r = client(redis_url)
+    r.xgroup_create(stream, "ustudents", id="0", mkstream=True)
+    ids = [add_frame(r, stream, f) for f in frames[:3]]
+    r.xreadgroup("ustudents", "station-2", {stream: ">"}, count=10)  # handed out, then the process died
+    config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
+                                               "metrics_port": 0, "consumer": "station-2", "claim_idle_ms": 600_000})
+    worker = Worker(config, engines)
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
+    thread.start()
+    assert started.wait(30)
+    worker.stop()
+    thread.join(30)
+    assert codes == [0]
+    (done,) = results_of(r, stream)
+    assert s(done[schema.ENTRY_ID]) == ids[0]
+    assert pending_count(r, stream, consumer="station-2") == 2
+    assert not any(r.exists(schema.tries_key(stream, i)) for i in ids)  # none charged (the first's removed once published)
+
+
+def test_a_redis_at_its_memory_cap_between_two_redelivered_frames_is_waited_out(engines, frames, tmp_path,
+                                                                               monkeypatch):
+    """Counting an attempt is a write: Redis full under noeviction (or a demoted replica) refuses it.
+    The worker waits with backoff, as for its other writes, instead of crashing."""
+    server = RedisServer(tmp_path).start()
+    try:
+        r, stream = client(server.url), "line-oom"
+        r.xgroup_create(stream, "ustudents", id="0", mkstream=True)
+        ids = [add_frame(r, stream, f) for f in frames[:2]]
+        r.xreadgroup("ustudents", "station-3", {stream: ">"}, count=10)
+        config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused",
+                                                   "redis_url": server.url, "metrics_port": 0,
+                                                   "consumer": "station-3", "claim_idle_ms": 600_000})
+        worker = Worker(config, engines)
+        real, calls, refused = worker.io.begin_attempt, [], threading.Event()
+
+        def count(entry_id, token):
+            calls.append(entry_id)
+            if len(calls) == 2:  # Redis fills up after the first was published, before the second is counted
+                r.config_set("maxmemory-policy", "noeviction")
+                r.config_set("maxmemory", int(r.info("memory")["used_memory"]) - 10_000)
+            try:
+                return real(entry_id, token)
+            except redis.OutOfMemoryError:
+                refused.set()
+                raise
+
+        monkeypatch.setattr(worker.io, "begin_attempt", count)
+        codes: list[int] = []
+        thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
+        thread.start()
+        assert refused.wait(30)
+        time.sleep(1.0)
+        assert worker.crashed is None and worker.alive()[0]
+        r.config_set("maxmemory", 0)
+        wait_for(lambda: len(results_of(r, stream)) == 2, 30, "both results once Redis takes writes again")
+        worker.stop()
+        thread.join(30)
+        assert codes == [0]
+        exactly_one_result_each(r, stream, ids)
+    finally:
+        server.stop()
+
+
 def test_two_workers_finishing_the_same_entry_publish_one_result(redis_url, stream):
     """The race that dedupe exists for: A stalls past claim_idle_ms, B claims the entry, both finish."""
     r = client(redis_url)

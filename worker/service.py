@@ -23,6 +23,7 @@ import queue
 import signal
 import threading
 import time
+import uuid
 from collections import OrderedDict, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -273,7 +274,7 @@ class Worker:
         return STOP
 
     def _retry(self, call, interrupt: threading.Event):
-        """call() until Redis answers; None if `interrupt` is set first."""
+        """call() until Redis answers and takes it; None if `interrupt` is set first."""
         backoff = Backoff(self.s.backoff_max_s)
         while True:
             try:
@@ -282,6 +283,10 @@ class Worker:
                 return out
             except UNAVAILABLE as err:
                 self.redis_state.failed(err)
+            except TRANSIENT_ERRORS as err:  # reachable, but refusing for now (failover, full)
+                self.throttled.warning("redis_refused", "Redis refused the reader (%s); retrying with backoff",
+                                       err, event="redis_refused", error=str(err))
+            self._beat()  # waiting on Redis (readiness says so), not hung
             if backoff.wait(interrupt):
                 return None
 
@@ -359,9 +364,9 @@ class Worker:
         """Entries handed out before and never completed (this consumer's own pending after a
         restart, or claimed from a silent one). Their earlier attempt may have killed a worker (a
         decoder or driver crash, an OOM kill), and with it every frame of its batch. So each is
-        processed alone, nothing else in flight, and counted in Redis before it starts: the frame
-        that kills workers reaches max_deliveries by itself and is dead-lettered, and the frames that
-        only shared its batch are scored."""
+        processed alone, nothing else in flight from its decoding to its publishing, and counted in
+        Redis before it starts: the frame that kills workers reaches max_deliveries by itself and is
+        dead-lettered, and the frames that only shared its batch are scored."""
         done = self._retry(lambda: self.io.done([e.id for e in entries]), self.abandon)
         if done is None:
             return False
@@ -377,21 +382,24 @@ class Worker:
             log.info("%d entries were handed out before and never completed (a worker died or failed on them): "
                      "processing them one at a time", len(suspects),
                      extra={"event": "redelivered", "entries": len(suspects)})
-        for i, e in enumerate(suspects):
-            waiting = {x.id for x in suspects[i:]}
-            if self.stopping.is_set():  # left pending for the restarted worker or another one
-                with self.inflight_lock:
-                    self.inflight.difference_update(waiting)
-                return True
+        waiting = {e.id for e in suspects}
+        for e in suspects:
+            # alone: what was read before has been published, and nothing is read until it is
             if not self._wait_until(lambda: self.inflight <= waiting):
                 return False
-            tries = self._retry(lambda: self.io.begin_attempt(e.id), self.abandon)
-            if tries is None:
-                return False
+            tries = None
+            if not self.stopping.is_set():
+                token = f"{self.s.consumer}:{uuid.uuid4().hex}"  # one per attempt: a resent count counts once
+                tries = self._retry(lambda: self.io.begin_attempt(e.id, token), self.stopping)
+            if tries is None:  # stopping: the rest stay pending, uncounted, for the restarted worker or another one
+                with self.inflight_lock:
+                    self.inflight.difference_update(waiting)
+                return not self.abandon.is_set()
             e.attempt = tries + 1  # its first attempt was in the batch it was first delivered in
+            waiting.discard(e.id)
             if not self._send([e]):
                 return False
-        return True
+        return self._wait_until(lambda: not (self.inflight & {e.id for e in suspects}))
 
     def _wait_until(self, condition) -> bool:
         """Until condition() holds (checked under inflight_lock); False if the worker abandons first."""
@@ -542,9 +550,18 @@ class Worker:
             if written is None:  # abandoned: stays pending
                 break
             self._account(written, {e.id: (e, o) for e, o in zip(work.entries, outcomes)})
+            self._forget_attempts([e.id for e, o in zip(work.entries, outcomes) if e.attempt > 1 and o.kind != "failed"])
             with self.inflight_lock:
                 self.inflight.difference_update(e.id for e in work.entries)
             self._beat()
+
+    def _forget_attempts(self, ids: list[str]) -> None:
+        """Drop the attempt counts of entries now published (else they would wait out their TTL)."""
+        if ids:
+            try:
+                self.io.forget_attempts(ids)
+            except (*UNAVAILABLE, redis.ResponseError):
+                pass  # they expire (TRIES_TTL_S)
 
     def _record(self, entry: Entry, outcome: Outcome) -> Record | None:
         s = self.s

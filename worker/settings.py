@@ -53,8 +53,8 @@ class WorkerSettings(BaseSettings):
     max_failures_in_row: int = Field(32, ge=1, description="Frames in a row the model fails on, none scored between, after which the worker exits 1 (a broken model or GPU, not bad frames): they stay pending instead of being dead-lettered.")
     max_frame_bytes: int = Field(32 << 20, ge=1, description="Encoded frames larger than this are dead-lettered.")
     results_maxlen: int = Field(100_000, ge=1, description="MAXLEN ~ of <stream>:results.")
-    dead_maxlen: int = Field(1000, ge=1, description="MAXLEN ~ of <stream>:dead.")
-    dead_image_max_bytes: int = Field(512 << 10, ge=0, description="A dead letter keeps its frame's inline image up to this size, else only `image_bytes`; with dead_maxlen it bounds the dead letters' memory in Redis (default: 0.5 GB).")
+    dead_maxlen: int = Field(10_000, ge=1, description="MAXLEN ~ of <stream>:dead.")
+    dead_image_max_bytes: int = Field(64 << 10, ge=0, description="A dead letter keeps its frame's inline image up to this size, else only `image_bytes` (the input stream keeps the frame until its MAXLEN trims it); with dead_maxlen it bounds the dead letters' images in Redis (default: 640 MiB).")
     dedupe_ttl_s: int = Field(3600, ge=1, description="How long the per-entry 'done' marker that prevents a second result lives.")
     backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between Redis retries.")
 

@@ -210,17 +210,23 @@ class StreamIO:
         for i in range(0, len(ids), 1000):
             self.r.xclaim(self.stream, self.group, self.consumer, min_idle_ms, ids[i:i + 1000], justid=True)
 
-    def begin_attempt(self, entry_id: str) -> int:
+    def begin_attempt(self, entry_id: str, token: str) -> int:
         """Count the start of one more attempt at an entry that was handed out before and never
         completed; returns the attempts counted so far, this one included. The count is kept in Redis
         (`<stream>:tries:<id>`, for TRIES_TTL_S), so it survives the worker dying during the attempt
         and is shared by every worker of the group, unlike XPENDING's delivery count, which also
-        rises for every frame that only shared a batch with the one that killed the worker."""
+        rises for every frame that only shared a batch with the one that killed the worker. Each
+        attempt is a field named by its `token` (HSETNX), so resending a call whose reply was lost
+        does not count it twice."""
         key = schema.tries_key(self.stream, entry_id)
         pipe = self.r.pipeline(transaction=True)
-        pipe.incr(key)
+        pipe.hsetnx(key, token, 1)
         pipe.expire(key, TRIES_TTL_S)
-        return int(pipe.execute()[0])
+        pipe.hlen(key)
+        return int(pipe.execute()[2])
+
+    def forget_attempts(self, ids: list[str]) -> None:
+        self.r.delete(*[schema.tries_key(self.stream, i) for i in ids])
 
     def done(self, ids: list[str]) -> list[bool]:
         """Whether each entry already has its outcome published (its marker exists)."""
