@@ -549,6 +549,40 @@ def test_a_time_limit_cuts_every_scale_short_and_says_so(tmp_path, tiny_mvtec, r
     assert result.output.count("1 of 3 epochs: the rest would overrun --max-minutes 0.0001") == 2
 
 
+def test_ctrl_c_during_training_says_how_to_continue_and_the_same_command_does(tmp_path, tiny_mvtec, random_teachers,
+                                                                               monkeypatch):
+    from ustudents.train import checkpoints, students
+
+    out = tmp_path / "m"
+    args = ["train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", out, "--scales", "17,33", "--students", "2",
+            "--epochs", "2", "--image-size", "64", "--teachers", random_teachers, "--no-evaluate", "--amp", "off",
+            "--crop", "8", "--batch", "16", "--val-fraction", "0.1"]
+    real, calls = students.another_epoch_fits, []
+
+    def ctrl_c_in_p33(*a):  # p=17 trains both epochs; p=33 is interrupted after its first
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    with monkeypatch.context() as m:
+        m.setattr(students, "another_epoch_fits", ctrl_c_in_p33)
+        m.setattr(checkpoints, "CHECKPOINT_EVERY_S", 0.0)
+        stopped = invoke(*args)
+    saves = tmp_path / ".m.checkpoint"
+    assert stopped.exit_code == 130 and not out.exists()
+    assert (f"interrupted: no model written to {out}; {saves} holds p=17 done, p=33 after epoch 1: run the same "
+            "command again to continue from there") in stopped.output
+    resumed = invoke(*args)
+    assert_ok(resumed)
+    assert "p=17: students trained by an earlier run of this command (2 epochs" in resumed.output
+    assert "p=33: resuming after epoch 1 of 2" in resumed.output
+    per_scale = manifest_of(out)["training"]["per_scale"]
+    assert per_scale["33"]["resumed_after_epoch"] == 1 and per_scale["33"]["epochs_trained"] == 2
+    assert not saves.exists()  # the bundle holds it all now
+    load_bundle(out)
+
+
 def test_diverging_training_names_the_learning_rate_and_writes_no_model(tmp_path, tiny_mvtec, random_teachers):
     """A learning rate far too high makes the loss infinite, then NaN: say so, not blame calibration."""
     out = tmp_path / "m"
@@ -615,9 +649,11 @@ def test_ctrl_c_during_training_leaves_no_bundle_and_no_temporaries(tmp_path, ti
     out = tmp_path / "models" / "tiles"
     result = CliRunner().invoke(main, train_args(tiny_mvtec, out, random_teachers, "--scales", "17", "--crop", "8",
                                                  "--batch", "16"))
-    assert result.exit_code != 0
+    assert result.exit_code == 130
     assert not out.exists()
-    assert list(out.parent.iterdir()) == []  # the cached teacher targets went too
+    # the cached teacher targets went too; only the trained students stay, to continue from
+    assert [p.name for p in out.parent.iterdir()] == [".tiles.checkpoint"]
+    assert "holds p=17 done: run the same command again to continue from there" in result.output
 
 
 def test_teacher_command_distils_from_a_folder_of_images(tmp_path, tiny_mvtec):

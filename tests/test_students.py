@@ -15,6 +15,8 @@ from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet
 from ustudents.engines.scoring import ScoreStats
 from ustudents.train.calibrate import errors_and_variances, predicted_share
 from ustudents.train.progress import LOG_INTERVAL_S, progress
+from ustudents.train import checkpoints
+from ustudents.train import students as students_module
 from ustudents.train.students import StudentConfig, another_epoch_fits, crop_window, train_students
 
 
@@ -95,6 +97,56 @@ def test_a_time_limit_ends_training_after_the_last_epoch_that_fits(tmp_path):
     _, _, _, limited = train_students(17, teacher, images, cfg, torch.device("cpu"), tmp_path, deadline=0.0)
     assert (limited["epochs_trained"], limited["stopped_by_time_limit"]) == (1, True)
     assert limited["loss_per_student_by_epoch"] == unlimited["loss_per_student_by_epoch"][:1]  # same seed, same first epoch
+
+
+def interrupt_at_epoch(monkeypatch, epoch: int) -> None:
+    """Ctrl-C as epoch `epoch` (0-based) is about to start; a checkpoint after every epoch."""
+    real, calls = students_module.another_epoch_fits, []
+
+    def fits(*args):
+        calls.append(1)
+        if len(calls) == epoch + 1:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(students_module, "another_epoch_fits", fits)
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_EVERY_S", 0.0)
+
+
+def test_an_interrupted_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch):
+    """Hours of CPU training must survive a Ctrl-C or a crash: the same call continues after the last
+    saved epoch and ends with exactly the weights of an uninterrupted run (same order of images,
+    same crops, same Adam state)."""
+    images = np.random.default_rng(0).integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
+    teacher = PatchNet(17, 1).state_dict()
+    cfg = StudentConfig(students=2, epochs=3, batch=2, crop=8, amp=False)
+    cpu = torch.device("cpu")
+    whole, mean, std, record = train_students(17, teacher, images, cfg, cpu, tmp_path)
+
+    ckpt = checkpoints.ScaleCheckpoint(tmp_path / "ckpt" / "p17.safetensors", key="run-a")
+    with monkeypatch.context() as m:
+        interrupt_at_epoch(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train_students(17, teacher, images, cfg, cpu, tmp_path, checkpoint=ckpt)
+    assert checkpoints.describe(ckpt.path.parent) == "p=17 after epoch 2"
+    said: list[str] = []
+    resumed, mean2, std2, record2 = train_students(17, teacher, images, cfg, cpu, tmp_path, checkpoint=ckpt,
+                                                   log=said.append)
+    assert said == [f"p=17: resuming after epoch 2 of 3 ({ckpt.path})"]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert torch.equal(mean, mean2) and torch.equal(std, std2)
+    assert record2["loss_per_student_by_epoch"] == record["loss_per_student_by_epoch"]
+    assert record2["resumed_after_epoch"] == 2 and record["resumed_after_epoch"] == 0
+    # a scale that finished is not trained again: its saved result comes back as it was
+    assert checkpoints.describe(ckpt.path.parent) == "p=17 done"
+    with monkeypatch.context() as m:
+        interrupt_at_epoch(m, 0)  # would raise if an epoch started
+        again, _, _, record3 = train_students(17, teacher, images, cfg, cpu, tmp_path, checkpoint=ckpt, log=said.append)
+    assert all(torch.equal(whole[k], again[k]) for k in whole) and record3 == record2
+    # another run's checkpoint (other settings or data: another key) is not used
+    other = checkpoints.ScaleCheckpoint(ckpt.path, key="run-b")
+    _, _, _, fresh = train_students(17, teacher, images, cfg, cpu, tmp_path, checkpoint=other, log=said.append)
+    assert fresh["resumed_after_epoch"] == 0 and "a checkpoint of other settings or data" in said[-1]
 
 
 def test_progress_written_to_a_log_updates_every_half_minute_not_every_step():

@@ -90,10 +90,16 @@ amp_option = click.option("--amp", type=click.Choice(["auto", "on", "off"]), def
 @amp_option
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True,
               help="Evaluate on the category's test set afterwards (stored in the manifest).")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue from the checkpoint an interrupted run with the same settings and data left beside "
+                   "--out; --no-resume starts over.")
 @user_errors
 def train_cmd(category, data_root, out, scales, students, epochs, image_size, device, seed, batch, lr,
-              weight_decay, max_minutes, crop, val_fraction, target_fpr, image_fpr, teachers, amp, evaluate):
-    """Train the student ensembles of CATEGORY and write a calibrated model bundle."""
+              weight_decay, max_minutes, crop, val_fraction, target_fpr, image_fpr, teachers, amp, evaluate, resume):
+    """Train the student ensembles of CATEGORY and write a calibrated model bundle.
+
+    Interrupted (Ctrl-C, a crash), the same command continues where the students' training stopped."""
+    from . import checkpoints
     from .evaluate import evaluate as run_evaluation, format_table
     from .pipeline import TrainConfig, train
     from .students import StudentConfig
@@ -106,8 +112,15 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
                       device=str(dev),
                       student=StudentConfig(students=students, epochs=epochs, batch=batch, lr=lr,
                                             weight_decay=weight_decay, crop=crop, amp=resolve_amp(amp, dev), seed=seed,
-                                            max_minutes=max_minutes))
-    path = train(cfg, log=click.echo)
+                                            max_minutes=max_minutes), resume=resume)
+    try:
+        path = train(cfg, log=click.echo)
+    except KeyboardInterrupt:
+        saves = checkpoints.folder_for(out)
+        held = checkpoints.describe(saves) if saves.is_dir() else ""
+        click.echo(f"\ninterrupted: no model written to {out}" + (
+            f"; {saves} holds {held}: run the same command again to continue from there" if held else ""), err=True)
+        raise SystemExit(130) from None
     if evaluate:
         from ustudents.engines.runtime import load_engine
         engine = load_engine(path, backend="torch", device=dev, precision="bf16" if cfg.student.amp else "fp32")

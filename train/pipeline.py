@@ -16,7 +16,7 @@ from ustudents.engines.model import INPUT_MEAN, INPUT_STD, AnomalyModel
 from ustudents.engines.patchnet import DESCRIPTOR_DIM, SCALES
 from ustudents.engines.runtime import resolve_device
 
-from . import dataset
+from . import checkpoints, dataset
 from .calibrate import DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, calibrate, predicted_share
 from .students import StudentConfig, train_students
 from .teacher_files import DEFAULT_DIR, load_teacher, read_records
@@ -41,6 +41,7 @@ class TrainConfig:
     teachers: Path = DEFAULT_DIR
     device: str = "auto"
     student: StudentConfig = field(default_factory=StudentConfig)
+    resume: bool = True  # continue from the checkpoint an interrupted run of the same inputs left
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -116,6 +117,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
     model = AnomalyModel(cfg.scales, cfg.student.students)
     tensors, records = {}, {}
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    saves = checkpoints.folder_for(cfg.out)
+    if not cfg.resume:
+        checkpoints.remove(saves)
+    data_fingerprint = dataset.fingerprint(train_all)
     end = time.monotonic() + cfg.student.max_minutes * 60
     for i, ens in enumerate(model.ensembles):
         p = ens.p
@@ -123,8 +128,11 @@ def train(cfg: TrainConfig, log=print) -> Path:
         if cfg.student.max_minutes:  # the time left is shared by the scales still to train
             now = time.monotonic()
             deadline = now + max(end - now, 0.0) / (len(model.ensembles) - i)
+        key = checkpoints.scale_key(p, teachers[p], asdict(cfg.student), cfg.image_size, [s.path.name for s in fit],
+                                    data_fingerprint, bits)
         students, desc_mean, desc_std, record = train_students(
-            p, teachers[p], fit_images, cfg.student, device, workdir=cfg.out.parent, deadline=deadline)
+            p, teachers[p], fit_images, cfg.student, device, workdir=cfg.out.parent, deadline=deadline,
+            checkpoint=checkpoints.ScaleCheckpoint(saves / f"p{p}.safetensors", key), log=log)
         ens.net.load_state_dict({k: torch.cat([teachers[p][k], students[k]]) for k in students})
         ens.desc_mean.copy_(desc_mean)
         ens.desc_std.copy_(desc_std)
@@ -169,10 +177,11 @@ def train(cfg: TrainConfig, log=print) -> Path:
                      "per_scale": records, "wall_s": round(time.time() - t0, 1), "environment": environment()},
         "data": {"root": str(cfg.data_root), "train_images": len(fit), "validation_images": len(val),
                  "validation_files": [s.path.name for s in val],
-                 "fingerprint": dataset.fingerprint(train_all)},
+                 "fingerprint": data_fingerprint},
         "evaluation": None,
     }
     path = write_bundle(cfg.out, manifest, tensors)
+    checkpoints.remove(saves)  # the bundle holds it all now
     log(f"bundle written to {path} in {time.time() - t0:.0f} s: {mask_line(threshold)}; "
         f"{image_score_line(cal.image_score)}")
     return path

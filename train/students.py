@@ -24,6 +24,8 @@ from ustudents.engines.model import normalize_input
 from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet
 from ustudents.engines.scoring import standardize
 
+from . import checkpoints
+from .checkpoints import ScaleCheckpoint, restore
 from .progress import progress
 
 
@@ -104,13 +106,19 @@ def another_epoch_fits(now: float, epoch_seconds: list[float], deadline: float |
 
 
 def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.ndarray, cfg: StudentConfig,
-                   device: torch.device, workdir: Path,
-                   deadline: float | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict]:
+                   device: torch.device, workdir: Path, deadline: float | None = None,
+                   checkpoint: ScaleCheckpoint | None = None,
+                   log=print) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict]:
     """Train the M students of scale p on uint8 images (N, S, S, 3), for cfg.epochs or, with a
-    deadline (time.monotonic()), as many of them as end by it (at least one).
+    deadline (time.monotonic()), as many of them as end by it (at least one). With a checkpoint,
+    continue from the one an interrupted run of the same inputs saved, and save as it goes.
 
     Returns the fused students' state dict, the teacher descriptor mean and std, and a record."""
     t0 = time.time()
+    saved = checkpoint.load(log) if checkpoint else None
+    if saved is not None and saved.done:
+        log(f"p={p}: students trained by an earlier run of this command ({len(saved.history)} epochs: {checkpoint.path})")
+        return saved.students, saved.desc_mean, saved.desc_std, saved.record
     # Adam's second moments of tiny gradients become float32 denormals, which x86 CPUs compute
     # tens of times slower (measured: Adam's step alone went from 0.02 s to 0.26 s on 9M parameters).
     torch.set_flush_denormal(True)
@@ -135,8 +143,15 @@ def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.nd
         steps_per_epoch = math.ceil(n / cfg.batch)
         mean_d, std_d = desc_mean.to(device), desc_std.to(device)
         history, epoch_seconds = [], []
-        bar = progress(total=cfg.epochs * steps_per_epoch, desc=f"students p={p}", unit="step")
-        for epoch in range(cfg.epochs):
+        if saved is not None:
+            restore(saved, students, opt, gen)
+            history, epoch_seconds = saved.history, saved.epoch_seconds
+            log(f"p={p}: resuming after epoch {len(history)} of {cfg.epochs} ({checkpoint.path})")
+        resumed_from = len(history)
+        last_save = time.monotonic()
+        bar = progress(total=cfg.epochs * steps_per_epoch, initial=resumed_from * steps_per_epoch,
+                       desc=f"students p={p}", unit="step")
+        for epoch in range(resumed_from, cfg.epochs):
             if not another_epoch_fits(time.monotonic(), epoch_seconds, deadline):
                 break
             started = time.monotonic()
@@ -165,7 +180,13 @@ def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.nd
             history.append(round(total / steps_per_epoch / cfg.students, 5))
             epoch_seconds.append(time.monotonic() - started)
             bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.3f}")
+            if checkpoint and epoch + 1 < cfg.epochs and time.monotonic() - last_save >= checkpoints.CHECKPOINT_EVERY_S:
+                checkpoint.save(students, opt, gen, history, epoch_seconds)
+                last_save = time.monotonic()
         bar.close()
     record = {"loss_per_student_by_epoch": history, "epochs_trained": len(history),
-              "stopped_by_time_limit": len(history) < cfg.epochs, "wall_s": round(time.time() - t0, 1), "crop": crop}
+              "stopped_by_time_limit": len(history) < cfg.epochs, "wall_s": round(time.time() - t0, 1), "crop": crop,
+              "resumed_after_epoch": resumed_from}
+    if checkpoint:
+        checkpoint.save(students, None, gen, history, epoch_seconds, record, (desc_mean, desc_std))
     return {k: v.cpu() for k, v in students.state_dict().items()}, desc_mean, desc_std, record

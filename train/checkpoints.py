@@ -1,0 +1,135 @@
+"""Resuming an interrupted `ustudents-train` (Ctrl-C, a crash, a reboot: on a CPU the students of
+three scales train for hours).
+
+Each scale's training is saved beside the bundle it will become, in `.<out name>.checkpoint/
+p<P>.safetensors`: the students, Adam's state and the random generators' states after an epoch (at
+most every CHECKPOINT_EVERY_S, and when the scale is done). The same command run again continues
+from there, and ends with the weights an uninterrupted run would have had (tested). A checkpoint
+counts only for a run with the same inputs (`scale_key`: the scale's teacher, the training images
+and their split, the image size, the student settings except --max-minutes); another run starts that
+scale over and overwrites it. The folder goes once the bundle is written. Safetensors, no pickle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+
+from ustudents.engines.files import write_atomically
+
+CHECKPOINT_EVERY_S = 120.0  # at most one save per this many seconds of training (p=65's state: ~70 MB)
+
+
+def folder_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.checkpoint"
+
+
+def scale_key(p: int, teacher_state: dict[str, torch.Tensor], student_settings: dict, image_size: int,
+              fit_names: list[str], data_fingerprint: str, bits: int) -> str:
+    """What a scale's training depends on: a checkpoint with another key is not this run's."""
+    settings = {k: v for k, v in student_settings.items() if k != "max_minutes"}
+    h = hashlib.sha256(json.dumps({"p": p, "student": settings, "image_size": image_size, "fit": sorted(fit_names),
+                                   "data": data_fingerprint, "bits": bits}, sort_keys=True).encode())
+    for name in sorted(teacher_state):
+        h.update(name.encode())
+        h.update(teacher_state[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Saved:
+    """A scale's training as a checkpoint held it."""
+    students: dict[str, torch.Tensor]
+    optimizer: dict | None  # None once the scale is done
+    torch_rng: torch.Tensor
+    numpy_rng: dict
+    history: list[float]  # mean loss per student, per epoch trained
+    epoch_seconds: list[float]
+    done: bool
+    record: dict | None  # the scale's training record, once done
+    desc_mean: torch.Tensor | None = None
+    desc_std: torch.Tensor | None = None
+
+
+@dataclass
+class ScaleCheckpoint:
+    path: Path
+    key: str
+
+    def load(self, log) -> Saved | None:
+        """This run's saved training of the scale, or None (none, another run's, or unreadable)."""
+        if not self.path.is_file():
+            return None
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                meta = json.loads(f.metadata()["ustudents_checkpoint"])
+            tensors = load_file(str(self.path))
+        except (OSError, ValueError, KeyError, RuntimeError) as err:  # damaged: start the scale over
+            log(f"{self.path}: unreadable checkpoint ({err}); training this scale from the start")
+            return None
+        if meta["key"] != self.key:
+            log(f"{self.path}: a checkpoint of other settings or data; training this scale from the start")
+            return None
+        opt = None
+        if not meta["done"]:
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for name, value in tensors.items():
+                if name.startswith("optimizer."):
+                    _, index, field = name.split(".", 2)
+                    state.setdefault(int(index), {})[field] = value
+            opt = {"state": state, "param_groups": meta["param_groups"]}
+        return Saved(students={k[len("students."):]: v for k, v in tensors.items() if k.startswith("students.")},
+                     optimizer=opt, torch_rng=tensors["torch_rng"], numpy_rng=meta["numpy_rng"],
+                     history=meta["history"], epoch_seconds=meta["epoch_seconds"], done=meta["done"],
+                     record=meta["record"], desc_mean=tensors.get("desc_mean"), desc_std=tensors.get("desc_std"))
+
+    def save(self, students: torch.nn.Module, opt: torch.optim.Optimizer | None, gen: np.random.Generator,
+             history: list[float], epoch_seconds: list[float], record: dict | None = None,
+             desc: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """After an epoch (opt given) or, with the record and descriptor statistics, once the scale is done."""
+        tensors = {f"students.{k}": v.detach().cpu().contiguous() for k, v in students.state_dict().items()}
+        tensors["torch_rng"] = torch.get_rng_state()
+        meta = {"key": self.key, "history": history, "epoch_seconds": epoch_seconds, "done": opt is None,
+                "record": record, "numpy_rng": gen.bit_generator.state}
+        if opt is not None:
+            sd = opt.state_dict()
+            meta["param_groups"] = sd["param_groups"]
+            tensors.update({f"optimizer.{i}.{k}": v.detach().cpu().contiguous()
+                            for i, st in sd["state"].items() for k, v in st.items()})
+        if desc is not None:
+            tensors["desc_mean"], tensors["desc_std"] = (t.detach().cpu().contiguous() for t in desc)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.path, save(tensors, metadata={"ustudents_checkpoint": json.dumps(meta)}))
+
+
+def restore(saved: Saved, students: torch.nn.Module, opt: torch.optim.Optimizer, gen: np.random.Generator) -> None:
+    """Put a run back where the checkpoint left it (the students, Adam, the generators)."""
+    students.load_state_dict(saved.students)
+    opt.load_state_dict(saved.optimizer)
+    torch.set_rng_state(saved.torch_rng)
+    gen.bit_generator.state = saved.numpy_rng
+
+
+def remove(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def describe(folder: Path) -> str:
+    """'p=17 done, p=33 after epoch 4' for the message after an interruption."""
+    parts = []
+    for path in sorted(folder.glob("p*.safetensors"), key=lambda f: int(f.stem[1:])):
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads(f.metadata()["ustudents_checkpoint"])
+        except (OSError, ValueError, KeyError, RuntimeError):
+            continue
+        parts.append(f"{path.stem[0]}={path.stem[1:]} " + ("done" if meta["done"] else f"after epoch {len(meta['history'])}"))
+    return ", ".join(parts)
+
