@@ -573,6 +573,15 @@ def test_ctrl_c_during_training_says_how_to_continue_and_the_same_command_does(t
     assert stopped.exit_code == 130 and not out.exists()
     assert (f"interrupted: no model written to {out}; {saves} holds p=17 done, p=33 after epoch 1: run the same "
             "command again to continue from there") in stopped.output
+    # with --no-resume the message says how to continue all the same
+    with monkeypatch.context() as m:
+        calls.clear()
+        m.setattr(students, "another_epoch_fits", ctrl_c_in_p33)
+        m.setattr(checkpoints, "CHECKPOINT_EVERY_S", 0.0)
+        again = invoke(*args, "--no-resume")
+    assert again.exit_code == 130
+    assert (f"{saves} holds p=17 done, p=33 after epoch 1: run the command without --no-resume again to continue "
+            "from there") in again.output
     resumed = invoke(*args)
     assert_ok(resumed)
     assert "p=17: students trained by an earlier run of this command (2 epochs" in resumed.output

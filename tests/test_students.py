@@ -128,7 +128,8 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_to_the_same_weights
         interrupt_at_epoch(m, 2)
         with pytest.raises(KeyboardInterrupt):
             train_students(17, teacher, images, cfg, cpu, tmp_path, checkpoint=ckpt)
-    assert checkpoints.describe(ckpt.path.parent) == "p=17 after epoch 2"
+    assert checkpoints.describe(ckpt.path.parent, {17: "run-a"}) == "p=17 after epoch 2"
+    assert checkpoints.describe(ckpt.path.parent, {17: "run-b"}) == ""  # another run's: nothing to continue from
     said: list[str] = []
     resumed, mean2, std2, record2 = train_students(17, teacher, images, cfg, cpu, tmp_path, checkpoint=ckpt,
                                                    log=said.append)
@@ -138,7 +139,7 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_to_the_same_weights
     assert record2["loss_per_student_by_epoch"] == record["loss_per_student_by_epoch"]
     assert record2["resumed_after_epoch"] == 2 and record["resumed_after_epoch"] == 0
     # a scale that finished is not trained again: its saved result comes back as it was
-    assert checkpoints.describe(ckpt.path.parent) == "p=17 done"
+    assert checkpoints.describe(ckpt.path.parent, {17: "run-a"}) == "p=17 done"
     with monkeypatch.context() as m:
         interrupt_at_epoch(m, 0)  # would raise if an epoch started
         again, _, _, record3 = train_students(17, teacher, images, cfg, cpu, tmp_path, checkpoint=ckpt, log=said.append)
@@ -147,6 +148,62 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_to_the_same_weights
     other = checkpoints.ScaleCheckpoint(ckpt.path, key="run-b")
     _, _, _, fresh = train_students(17, teacher, images, cfg, cpu, tmp_path, checkpoint=other, log=said.append)
     assert fresh["resumed_after_epoch"] == 0 and "a checkpoint of other settings or data" in said[-1]
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "no metadata"])
+def test_a_damaged_checkpoint_restarts_its_scale_and_says_so(tmp_path, damage):
+    """A crash or a full disk can leave any file behind: it must cost the scale's progress, never the run."""
+    from safetensors.torch import save_file
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
+    teacher = PatchNet(17, 1).state_dict()
+    cfg = StudentConfig(students=2, epochs=1, batch=2, crop=8, amp=False)
+    ckpt = checkpoints.ScaleCheckpoint(tmp_path / "p17.safetensors", key="k")
+    ckpt.save(PatchNet(17, 2), None, np.random.default_rng(0), [1.0], [1.0], {}, (torch.zeros(1), torch.ones(1)))
+    data = ckpt.path.read_bytes()
+    if damage == "no metadata":
+        save_file({"x": torch.zeros(1)}, str(ckpt.path))
+    else:
+        ckpt.path.write_bytes({"empty": b"", "truncated": data[:len(data) // 2], "garbage": b"\x07" * 100}[damage])
+    said: list[str] = []
+    _, _, _, record = train_students(17, teacher, images, cfg, torch.device("cpu"), tmp_path, checkpoint=ckpt,
+                                     log=said.append)
+    assert record["epochs_trained"] == 1 and record["resumed_after_epoch"] == 0
+    assert said[0].startswith(f"{ckpt.path}: unreadable checkpoint (") and said[0].endswith("training this scale from the start")
+    assert checkpoints.describe(tmp_path, {17: "k"}) == "p=17 done"  # replaced by a good one
+
+
+def test_a_scale_cut_short_by_the_time_limit_trains_on_in_the_next_run(tmp_path):
+    """Its checkpoint is not final: a next run with more time (or none set) continues its epochs."""
+    images = np.random.default_rng(0).integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
+    teacher = PatchNet(17, 1).state_dict()
+    cfg = StudentConfig(students=2, epochs=3, batch=2, crop=8, amp=False)
+    ckpt = checkpoints.ScaleCheckpoint(tmp_path / "p17.safetensors", key="k")
+    cpu = torch.device("cpu")
+    _, _, _, cut = train_students(17, teacher, images, cfg, cpu, tmp_path, deadline=0.0, checkpoint=ckpt)
+    assert (cut["epochs_trained"], cut["stopped_by_time_limit"]) == (1, True)
+    assert checkpoints.describe(tmp_path, {17: "k"}) == "p=17 after epoch 1"
+    whole, _, _, _ = train_students(17, teacher, images, cfg, cpu, tmp_path)
+    more, _, _, record = train_students(17, teacher, images, cfg, cpu, tmp_path, checkpoint=ckpt)
+    assert (record["epochs_trained"], record["stopped_by_time_limit"], record["resumed_after_epoch"]) == (3, False, 1)
+    assert all(torch.equal(whole[k], more[k]) for k in whole)
+
+
+def test_a_checkpoint_that_cannot_be_written_costs_resuming_not_the_training(tmp_path, monkeypatch):
+    images = np.random.default_rng(0).integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
+    cfg = StudentConfig(students=2, epochs=2, batch=2, crop=8, amp=False)
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.ScaleCheckpoint, "save", disk_full)
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_EVERY_S", 0.0)
+    said: list[str] = []
+    _, _, _, record = train_students(17, PatchNet(17, 1).state_dict(), images, cfg, torch.device("cpu"), tmp_path,
+                                     checkpoint=checkpoints.ScaleCheckpoint(tmp_path / "p17.safetensors", "k"),
+                                     log=said.append)
+    assert record["epochs_trained"] == 2
+    assert len(said) == 2 and all("No space left on device" in s and "training goes on" in s for s in said)
 
 
 def test_progress_written_to_a_log_updates_every_half_minute_not_every_step():

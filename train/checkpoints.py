@@ -3,7 +3,8 @@ three scales train for hours).
 
 Each scale's training is saved beside the bundle it will become, in `.<out name>.checkpoint/
 p<P>.safetensors`: the students, Adam's state and the random generators' states after an epoch (at
-most every CHECKPOINT_EVERY_S, and when the scale is done). The same command run again continues
+most every CHECKPOINT_EVERY_S, and when the scale is done; a scale cut short by --max-minutes keeps
+Adam's state, so the next run trains it on as its time allows). The same command run again continues
 from there, and ends with the weights an uninterrupted run would have had (tested). A checkpoint
 counts only for a run with the same inputs (`scale_key`: the scale's teacher, the training images
 and their split, the image size, the student settings except --max-minutes); another run starts that
@@ -22,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+import ustudents
 from ustudents.engines.files import write_atomically
 
 CHECKPOINT_EVERY_S = 120.0  # at most one save per this many seconds (p=17, M=3: 108 MB, 0.5 s to write here)
@@ -32,11 +34,14 @@ def folder_for(out: Path) -> Path:
 
 
 def scale_key(p: int, teacher_state: dict[str, torch.Tensor], student_settings: dict, image_size: int,
-              fit_names: list[str], data_fingerprint: str, bits: int) -> str:
-    """What a scale's training depends on: a checkpoint with another key is not this run's."""
+              fit_names: list[str], data_fingerprint: str, bits: int, device: torch.device) -> str:
+    """What a scale's training depends on: a checkpoint with another key is not this run's. The
+    device type and the ustudents version are in it too: a run continued elsewhere or by other code
+    would be recorded as one it is not."""
     settings = {k: v for k, v in student_settings.items() if k != "max_minutes"}
     h = hashlib.sha256(json.dumps({"p": p, "student": settings, "image_size": image_size, "fit": sorted(fit_names),
-                                   "data": data_fingerprint, "bits": bits}, sort_keys=True).encode())
+                                   "data": data_fingerprint, "bits": bits, "device": device.type,
+                                   "ustudents": ustudents.__version__}, sort_keys=True).encode())
     for name in sorted(teacher_state):
         h.update(name.encode())
         h.update(teacher_state[name].detach().cpu().contiguous().numpy().tobytes())
@@ -68,32 +73,32 @@ class ScaleCheckpoint:
         if not self.path.is_file():
             return None
         try:
-            with safe_open(str(self.path), "pt") as f:
-                meta = json.loads(f.metadata()["ustudents_checkpoint"])
+            meta = read_meta(self.path)
+            if meta["key"] != self.key:
+                log(f"{self.path}: a checkpoint of other settings or data; training this scale from the start")
+                return None
             tensors = load_file(str(self.path))
-        except (OSError, ValueError, KeyError, RuntimeError) as err:  # damaged: start the scale over
-            log(f"{self.path}: unreadable checkpoint ({err}); training this scale from the start")
+            opt = None
+            if not meta["done"]:
+                state: dict[int, dict[str, torch.Tensor]] = {}
+                for name, value in tensors.items():
+                    if name.startswith("optimizer."):
+                        _, index, field = name.split(".", 2)
+                        state.setdefault(int(index), {})[field] = value
+                opt = {"state": state, "param_groups": meta["param_groups"]}
+            return Saved(students={k[len("students."):]: v for k, v in tensors.items() if k.startswith("students.")},
+                         optimizer=opt, torch_rng=tensors["torch_rng"], numpy_rng=meta["numpy_rng"],
+                         history=list(meta["history"]), epoch_seconds=list(meta["epoch_seconds"]), done=meta["done"],
+                         record=meta["record"], desc_mean=tensors.get("desc_mean"), desc_std=tensors.get("desc_std"))
+        except Exception as err:  # noqa: BLE001 (damaged, truncated, foreign: safetensors raises its own types)
+            log(f"{self.path}: unreadable checkpoint ({type(err).__name__}: {err}); training this scale from the start")
             return None
-        if meta["key"] != self.key:
-            log(f"{self.path}: a checkpoint of other settings or data; training this scale from the start")
-            return None
-        opt = None
-        if not meta["done"]:
-            state: dict[int, dict[str, torch.Tensor]] = {}
-            for name, value in tensors.items():
-                if name.startswith("optimizer."):
-                    _, index, field = name.split(".", 2)
-                    state.setdefault(int(index), {})[field] = value
-            opt = {"state": state, "param_groups": meta["param_groups"]}
-        return Saved(students={k[len("students."):]: v for k, v in tensors.items() if k.startswith("students.")},
-                     optimizer=opt, torch_rng=tensors["torch_rng"], numpy_rng=meta["numpy_rng"],
-                     history=meta["history"], epoch_seconds=meta["epoch_seconds"], done=meta["done"],
-                     record=meta["record"], desc_mean=tensors.get("desc_mean"), desc_std=tensors.get("desc_std"))
 
     def save(self, students: torch.nn.Module, opt: torch.optim.Optimizer | None, gen: np.random.Generator,
              history: list[float], epoch_seconds: list[float], record: dict | None = None,
              desc: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """After an epoch (opt given) or, with the record and descriptor statistics, once the scale is done."""
+        """After an epoch, with Adam's state (`opt`) to continue from; or, with the record and the
+        descriptor statistics and no `opt`, once the scale is done."""
         tensors = {f"students.{k}": v.detach().cpu().contiguous() for k, v in students.state_dict().items()}
         tensors["torch_rng"] = torch.get_rng_state()
         meta = {"key": self.key, "history": history, "epoch_seconds": epoch_seconds, "done": opt is None,
@@ -109,6 +114,15 @@ class ScaleCheckpoint:
         write_atomically(self.path, save(tensors, metadata={"ustudents_checkpoint": json.dumps(meta)}))
 
 
+def read_meta(path: Path) -> dict:
+    """A checkpoint's metadata (raises on a damaged or foreign file)."""
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {})["ustudents_checkpoint"])
+    if not isinstance(meta, dict) or not {"key", "done", "history", "epoch_seconds", "numpy_rng"} <= meta.keys():
+        raise ValueError("not a ustudents checkpoint")
+    return meta
+
+
 def restore(saved: Saved, students: torch.nn.Module, opt: torch.optim.Optimizer, gen: np.random.Generator) -> None:
     """Put a run back where the checkpoint left it (the students, Adam, the generators)."""
     students.load_state_dict(saved.students)
@@ -121,15 +135,14 @@ def remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def describe(folder: Path) -> str:
-    """'p=17 done, p=33 after epoch 4' for the message after an interruption."""
+def describe(folder: Path, keys: dict[int, str]) -> str:
+    """'p=17 done, p=33 after epoch 4': what the folder holds for the scales of `keys` (this run's)."""
     parts = []
-    for path in sorted(folder.glob("p*.safetensors"), key=lambda f: int(f.stem[1:])):
+    for p, key in sorted(keys.items()):
         try:
-            with safe_open(str(path), "pt") as f:
-                meta = json.loads(f.metadata()["ustudents_checkpoint"])
-        except (OSError, ValueError, KeyError, RuntimeError):
+            meta = read_meta(folder / f"p{p}.safetensors")
+        except Exception:  # noqa: BLE001 (absent or damaged: nothing to continue from)
             continue
-        parts.append(f"{path.stem[0]}={path.stem[1:]} " + ("done" if meta["done"] else f"after epoch {len(meta['history'])}"))
+        if meta["key"] == key:
+            parts.append(f"p={p} " + ("done" if meta["done"] else f"after epoch {len(meta['history'])}"))
     return ", ".join(parts)
-

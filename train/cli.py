@@ -99,9 +99,8 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
     """Train the student ensembles of CATEGORY and write a calibrated model bundle.
 
     Interrupted (Ctrl-C, a crash), the same command continues where the students' training stopped."""
-    from . import checkpoints
     from .evaluate import evaluate as run_evaluation, format_table
-    from .pipeline import TrainConfig, train
+    from .pipeline import TrainConfig, TrainingInterrupted, train
     from .students import StudentConfig
 
     out = out or Path("models") / category
@@ -115,11 +114,10 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
                                             max_minutes=max_minutes), resume=resume)
     try:
         path = train(cfg, log=click.echo)
-    except KeyboardInterrupt:
-        saves = checkpoints.folder_for(out)
-        held = checkpoints.describe(saves) if saves.is_dir() else ""
+    except TrainingInterrupted as stop:
+        how = "the same command" if resume else "the command without --no-resume"
         click.echo(f"\ninterrupted: no model written to {out}" + (
-            f"; {saves} holds {held}: run the same command again to continue from there" if held else ""), err=True)
+            f"; {stop.folder} holds {stop.held}: run {how} again to continue from there" if stop.held else ""), err=True)
         raise SystemExit(130) from None
     if evaluate:
         from ustudents.engines.runtime import load_engine

@@ -93,8 +93,28 @@ def environment() -> dict:
             "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C before the bundle was written (still a KeyboardInterrupt to callers that stop on one);
+    `held`: what the checkpoint folder keeps for this run."""
+
+    def __init__(self, folder: Path, held: str):
+        super().__init__(held)
+        self.folder, self.held = folder, held
+
+
 def train(cfg: TrainConfig, log=print) -> Path:
-    """Train every scale, calibrate, write the bundle atomically to cfg.out and return its path."""
+    """Train every scale, calibrate, write the bundle atomically to cfg.out and return its path.
+    Ctrl-C before the bundle is written raises TrainingInterrupted (see checkpoints)."""
+    saves, keys = checkpoints.folder_for(cfg.out), {}  # keys: filled in as soon as they are known
+    try:
+        path = _train(cfg, log, keys)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(saves, checkpoints.describe(saves, keys)) from None
+    checkpoints.remove(saves)  # the bundle holds it all now
+    return path
+
+
+def _train(cfg: TrainConfig, log, keys: dict[int, str]) -> Path:
     check_config(cfg)
     device = resolve_device(cfg.device)
     t0 = time.time()
@@ -121,6 +141,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if not cfg.resume:
         checkpoints.remove(saves)
     data_fingerprint = dataset.fingerprint(train_all)
+    keys.update({p: checkpoints.scale_key(p, teachers[p], asdict(cfg.student), cfg.image_size,
+                                          [s.path.name for s in fit], data_fingerprint, bits, device)
+                 for p in cfg.scales})
     end = time.monotonic() + cfg.student.max_minutes * 60
     for i, ens in enumerate(model.ensembles):
         p = ens.p
@@ -128,11 +151,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
         if cfg.student.max_minutes:  # the time left is shared by the scales still to train
             now = time.monotonic()
             deadline = now + max(end - now, 0.0) / (len(model.ensembles) - i)
-        key = checkpoints.scale_key(p, teachers[p], asdict(cfg.student), cfg.image_size, [s.path.name for s in fit],
-                                    data_fingerprint, bits)
         students, desc_mean, desc_std, record = train_students(
             p, teachers[p], fit_images, cfg.student, device, workdir=cfg.out.parent, deadline=deadline,
-            checkpoint=checkpoints.ScaleCheckpoint(saves / f"p{p}.safetensors", key), log=log)
+            checkpoint=checkpoints.ScaleCheckpoint(saves / f"p{p}.safetensors", keys[p]), log=log)
         ens.net.load_state_dict({k: torch.cat([teachers[p][k], students[k]]) for k in students})
         ens.desc_mean.copy_(desc_mean)
         ens.desc_std.copy_(desc_std)
@@ -181,7 +202,6 @@ def train(cfg: TrainConfig, log=print) -> Path:
         "evaluation": None,
     }
     path = write_bundle(cfg.out, manifest, tensors)
-    checkpoints.remove(saves)  # the bundle holds it all now
     log(f"bundle written to {path} in {time.time() - t0:.0f} s: {mask_line(threshold)}; "
         f"{image_score_line(cal.image_score)}")
     return path

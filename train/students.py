@@ -105,6 +105,15 @@ def another_epoch_fits(now: float, epoch_seconds: list[float], deadline: float |
     return deadline is None or not epoch_seconds or now + max(epoch_seconds) <= deadline
 
 
+def save_checkpoint(checkpoint: ScaleCheckpoint, log, *args) -> None:
+    """ScaleCheckpoint.save; a failure (a full disk) costs the ability to resume, not the training."""
+    try:
+        checkpoint.save(*args)
+    except OSError as err:
+        log(f"warning: could not save the checkpoint {checkpoint.path} ({err}); training goes on, but an "
+            "interruption now restarts from the last checkpoint saved")
+
+
 def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.ndarray, cfg: StudentConfig,
                    device: torch.device, workdir: Path, deadline: float | None = None,
                    checkpoint: ScaleCheckpoint | None = None,
@@ -115,13 +124,13 @@ def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.nd
 
     Returns the fused students' state dict, the teacher descriptor mean and std, and a record."""
     t0 = time.time()
+    # Adam's second moments of tiny gradients become float32 denormals, which x86 CPUs compute
+    # tens of times slower (measured: Adam's step alone went from 0.02 s to 0.26 s on 9M parameters).
+    torch.set_flush_denormal(True)
     saved = checkpoint.load(log) if checkpoint else None
     if saved is not None and saved.done:
         log(f"p={p}: students trained by an earlier run of this command ({len(saved.history)} epochs: {checkpoint.path})")
         return saved.students, saved.desc_mean, saved.desc_std, saved.record
-    # Adam's second moments of tiny gradients become float32 denormals, which x86 CPUs compute
-    # tens of times slower (measured: Adam's step alone went from 0.02 s to 0.26 s on 9M parameters).
-    torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed * 1000 + p)
     gen = np.random.default_rng(cfg.seed * 1000 + p)
     teacher = PatchNet(p, 1).to(device).eval()
@@ -181,12 +190,13 @@ def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.nd
             epoch_seconds.append(time.monotonic() - started)
             bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.3f}")
             if checkpoint and epoch + 1 < cfg.epochs and time.monotonic() - last_save >= checkpoints.CHECKPOINT_EVERY_S:
-                checkpoint.save(students, opt, gen, history, epoch_seconds)
+                save_checkpoint(checkpoint, log, students, opt, gen, history, epoch_seconds)
                 last_save = time.monotonic()
         bar.close()
     record = {"loss_per_student_by_epoch": history, "epochs_trained": len(history),
               "stopped_by_time_limit": len(history) < cfg.epochs, "wall_s": round(time.time() - t0, 1), "crop": crop,
               "resumed_after_epoch": resumed_from}
-    if checkpoint:
-        checkpoint.save(students, None, gen, history, epoch_seconds, record, (desc_mean, desc_std))
+    if checkpoint:  # cut short by the time limit: kept with Adam's state, to train on in a later run
+        save_checkpoint(checkpoint, log, students, opt if record["stopped_by_time_limit"] else None, gen, history,
+                        epoch_seconds, record, (desc_mean, desc_std))
     return {k: v.cpu() for k, v in students.state_dict().items()}, desc_mean, desc_std, record
