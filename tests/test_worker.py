@@ -650,7 +650,8 @@ def test_a_results_key_of_the_wrong_type_refuses_the_publish_whole_and_the_frame
 def test_a_model_failing_on_every_frame_stops_the_worker_with_the_frames_pending_not_dead_lettered(
         engines, frames, redis_url, stream, monkeypatch):
     """A broken model or GPU is not the frames' fault: past max_failures_in_row the worker exits 1
-    (so the orchestrator restarts it) and no good frame goes to the dead letters."""
+    (so the orchestrator restarts it) and no good frame goes to the dead letters, however often the
+    restarted worker fails on them again (its model has scored nothing, so they are not charged)."""
     (engine,) = engines.values()
 
     def broken(batch):
@@ -660,15 +661,21 @@ def test_a_model_failing_on_every_frame_stops_the_worker_with_the_frames_pending
     r = client(redis_url)
     ids = [add_frame(r, stream, f) for f in frames]
     config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
-                                               "metrics_port": 0, "max_deliveries": 1, "max_failures_in_row": 4})
-    worker = Worker(config, engines)
-    codes: list[int] = []
-    thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
-    thread.start()
-    thread.join(60)
-    assert codes == [1] and not worker.alive()[0]
-    assert dead_of(r, stream) == [] and results_of(r, stream) == []
-    assert pending_count(r, stream) == len(ids)
+                                               "metrics_port": 0, "max_deliveries": 3, "max_failures_in_row": 4})
+    for restart in range(3):  # the orchestrator restarts it; the model stays broken: still none dead-lettered
+        worker = Worker(config.model_copy(update={"consumer": "station-9", "claim_idle_ms": 100}), engines)
+        codes: list[int] = []
+        thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
+        thread.start()
+        thread.join(60)
+        assert codes == [1] and not worker.alive()[0], restart
+        assert dead_of(r, stream) == [] and results_of(r, stream) == []
+        assert pending_count(r, stream) == len(ids)
+    monkeypatch.undo()  # the model works again (a new GPU): every frame is scored, none was lost
+    with in_process_worker(engines, redis_url, stream, consumer="station-9", max_deliveries=3, claim_idle_ms=100):
+        wait_for(lambda: len(results_of(r, stream)) == len(ids), 60, "every frame's result")
+    exactly_one_result_each(r, stream, ids)
+    assert dead_of(r, stream) == []
 
 
 def test_frames_waiting_in_a_slow_workers_pipeline_are_not_claimed_and_scored_again(engines, frames, redis_url,

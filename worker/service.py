@@ -85,6 +85,7 @@ class Outcome:
     prediction: Prediction | None = None
     category: str | None = None
     error: str = ""
+    uncharge: str | None = None  # "failed": the attempt token to take back (StreamIO.uncount_attempts)
 
 
 @dataclass
@@ -136,6 +137,7 @@ class Worker:
         self.throttled = Throttled(log, s.log_interval_s)
         self.lag_known: bool | None = None  # None: not read yet
         self.failures_in_row = 0  # frames the model failed on since it last scored one
+        self.model_scored = False  # whether the model has scored a frame in this process (_failed)
         self.last_beat = time.monotonic()  # when a stage last moved a batch on (alive(): stall check)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -391,6 +393,7 @@ class Worker:
             if not self.stopping.is_set():
                 token = f"{self.s.consumer}:{uuid.uuid4().hex}"  # one per attempt: a resent count counts once
                 tries = self._retry(lambda: self.io.begin_attempt(e.id, token), self.stopping)
+                e.token = token
             if tries is None:  # stopping: the rest stay pending, uncounted, for the restarted worker or another one
                 with self.inflight_lock:
                     self.inflight.difference_update(waiting)
@@ -506,8 +509,11 @@ class Worker:
                 out[i] = self._failed(work.entries[i], p) if isinstance(p, Exception) else \
                     Outcome("scored", frame=frame, prediction=p, category=category)
                 self.failures_in_row = self.failures_in_row + 1 if isinstance(p, Exception) else 0
+                self.model_scored = self.model_scored or not isinstance(p, Exception)
             if self.failures_in_row >= self.s.max_failures_in_row:
-                # raised before this batch is published: its frames stay pending, none dead-lettered
+                # raised before this batch is published: its frames stay pending, none dead-lettered,
+                # and none charged the attempt the broken model made
+                self._uncount([(e.id, e.token) for e in work.entries if e.token])
                 raise ModelFailing(
                     f"the model failed on the last {self.failures_in_row} frames in a row, none scored between "
                     f"(last: {type(predictions[-1]).__name__}: {predictions[-1]}): the model or the device is broken, not the frames; "
@@ -527,6 +533,12 @@ class Worker:
         pending (not acknowledged) for another attempt once it has been idle `claim_idle_ms`."""
         self.metrics.failures.labels(self.s.stream).inc()
         message = f"{type(err).__name__}: {err}"
+        if not self.model_scored:
+            # Nothing scored yet in this process: the fault may be the model's or the device's (a
+            # restarted worker whose model fails on every frame), so the frame is not charged this
+            # attempt (its count is taken back) and stays pending; ModelFailing ends such a worker.
+            self.last_errors[entry.id] = message
+            return Outcome("failed", error=message, uncharge=entry.token)
         if entry.attempt >= self.s.max_deliveries:
             return Outcome("dead", dead=schema.DeadLetter(
                 schema.MAX_DELIVERIES, f"failed on attempt {entry.attempt} of max_deliveries="
@@ -551,9 +563,18 @@ class Worker:
                 break
             self._account(written, {e.id: (e, o) for e, o in zip(work.entries, outcomes)})
             self._forget_attempts([e.id for e, o in zip(work.entries, outcomes) if e.attempt > 1 and o.kind != "failed"])
+            self._uncount([(e.id, o.uncharge) for e, o in zip(work.entries, outcomes) if o.uncharge])
             with self.inflight_lock:
                 self.inflight.difference_update(e.id for e in work.entries)
             self._beat()
+
+    def _uncount(self, attempts: list[tuple[str, str]]) -> None:
+        """Take back the counts of attempts that failed before the model had scored anything."""
+        if attempts:
+            try:
+                self.io.uncount_attempts(attempts)
+            except (*UNAVAILABLE, redis.ResponseError):
+                pass  # the frame keeps that attempt: at worst dead-lettered one attempt early
 
     def _forget_attempts(self, ids: list[str]) -> None:
         """Drop the attempt counts of entries now published (else they would wait out their TTL)."""

@@ -46,6 +46,7 @@ class Entry:
     id: str
     fields: dict[bytes, bytes]
     attempt: int = 1  # attempts at processing it, this one included (the first in a batch, later ones alone)
+    token: str | None = None  # this attempt's name in the entry's count (StreamIO.begin_attempt), when counted
     received: float = field(default_factory=time.monotonic)
     already_done: bool = False  # its marker exists: acknowledge only
 
@@ -224,6 +225,13 @@ class StreamIO:
         pipe.expire(key, TRIES_TTL_S)
         pipe.hlen(key)
         return int(pipe.execute()[2])
+
+    def uncount_attempts(self, attempts: list[tuple[str, str]]) -> None:
+        """Take back counted attempts, each (entry id, token)."""
+        pipe = self.r.pipeline(transaction=False)
+        for entry_id, token in attempts:
+            pipe.hdel(schema.tries_key(self.stream, entry_id), token)
+        pipe.execute()
 
     def forget_attempts(self, ids: list[str]) -> None:
         self.r.delete(*[schema.tries_key(self.stream, i) for i in ids])
