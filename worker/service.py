@@ -533,22 +533,22 @@ class Worker:
         pending (not acknowledged) for another attempt once it has been idle `claim_idle_ms`."""
         self.metrics.failures.labels(self.s.stream).inc()
         message = f"{type(err).__name__}: {err}"
-        if not self.model_scored:
-            # Nothing scored yet in this process: the fault may be the model's or the device's (a
-            # restarted worker whose model fails on every frame), so the frame is not charged this
-            # attempt (its count is taken back) and stays pending; ModelFailing ends such a worker.
-            self.last_errors[entry.id] = message
-            return Outcome("failed", error=message, uncharge=entry.token)
-        if entry.attempt >= self.s.max_deliveries:
+        # Nothing scored yet in this process: the fault may be the model's or the device's (a
+        # restarted worker whose model fails on every frame), so the attempt is not charged to the
+        # frame (its count is taken back); ModelFailing ends such a worker.
+        charged = self.model_scored
+        if charged and entry.attempt >= self.s.max_deliveries:
             return Outcome("dead", dead=schema.DeadLetter(
                 schema.MAX_DELIVERIES, f"failed on attempt {entry.attempt} of max_deliveries="
                                        f"{self.s.max_deliveries}: {message}"))
         self.last_errors[entry.id] = message
         while len(self.last_errors) > 10_000:
             self.last_errors.popitem(last=False)
-        self.throttled.warning("frame_failed", "entry %s failed on attempt %d (%s); it stays pending for a retry",
-                               entry.id, entry.attempt, message, event="frame_failed", entry_id=entry.id)
-        return Outcome("failed", error=message)
+        self.throttled.warning("frame_failed", "entry %s failed on attempt %d (%s); it stays pending for a retry%s",
+                               entry.id, entry.attempt, message,
+                               "" if charged else " (not counted: this worker's model has scored no frame yet)",
+                               event="frame_failed", entry_id=entry.id)
+        return Outcome("failed", error=message, uncharge=None if charged else entry.token)
 
     # -- stage 3: publishing ---------------------------------------------------------------------
     def _publisher(self) -> None:
