@@ -595,11 +595,15 @@ def test_ctrl_c_during_training_says_how_to_continue_and_the_same_command_does(t
 def test_diverging_training_names_the_learning_rate_and_writes_no_model(tmp_path, tiny_mvtec, random_teachers):
     """A learning rate far too high makes the loss infinite, then NaN: say so, not blame calibration."""
     out = tmp_path / "m"
+    killed = tmp_path / ".m.checkpoint" / "targets-p17-left-by-a-killed-run"  # SIGKILL skips clean-up: GBs
+    killed.mkdir(parents=True)
+    (killed / "t.npy").write_bytes(b"\0" * 1024)
     result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", out, "--scales", "17",
                     "--students", "2", "--epochs", "2", "--lr", "1e6", "--image-size", "64", "--teachers", random_teachers,
                     "--no-evaluate", "--amp", "off", "--crop", "8", "--batch", "4", "--val-fraction", "0.1")
     assert_input_error(result, "p=17: the students' loss became", "training diverged", "lower --lr (now 1e+06)")
-    assert not out.exists() and not list(tmp_path.glob("**/targets-*"))  # nor the teacher targets' scratch file
+    assert not out.exists() and not list(tmp_path.glob("**/targets-*"))  # nor the teacher targets' scratch files
+    assert list(tmp_path.iterdir()) == []  # nor an empty checkpoint folder
 
 
 @pytest.mark.slow

@@ -109,7 +109,11 @@ def train(cfg: TrainConfig, log=print) -> Path:
     try:
         path = _train(cfg, log, keys)
     except KeyboardInterrupt:
+        checkpoints.drop_if_empty(saves)
         raise TrainingInterrupted(saves, checkpoints.describe(saves, keys)) from None
+    except BaseException:
+        checkpoints.drop_if_empty(saves)  # an error before any checkpoint leaves nothing behind
+        raise
     checkpoints.remove(saves)  # the bundle holds it all now
     return path
 
@@ -140,6 +144,7 @@ def _train(cfg: TrainConfig, log, keys: dict[int, str]) -> Path:
     saves = checkpoints.folder_for(cfg.out)
     if not cfg.resume:
         checkpoints.remove(saves)
+    scratch = checkpoints.scratch_folder(saves)
     data_fingerprint = dataset.fingerprint(train_all)
     keys.update({p: checkpoints.scale_key(p, teachers[p], asdict(cfg.student), cfg.image_size,
                                           [s.path.name for s in fit], data_fingerprint, bits, device)
@@ -152,7 +157,7 @@ def _train(cfg: TrainConfig, log, keys: dict[int, str]) -> Path:
             now = time.monotonic()
             deadline = now + max(end - now, 0.0) / (len(model.ensembles) - i)
         students, desc_mean, desc_std, record = train_students(
-            p, teachers[p], fit_images, cfg.student, device, workdir=cfg.out.parent, deadline=deadline,
+            p, teachers[p], fit_images, cfg.student, device, workdir=scratch, deadline=deadline,
             checkpoint=checkpoints.ScaleCheckpoint(saves / f"p{p}.safetensors", keys[p]), log=log)
         ens.net.load_state_dict({k: torch.cat([teachers[p][k], students[k]]) for k in students})
         ens.desc_mean.copy_(desc_mean)
