@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,13 @@ def percentiles(values: list[float]) -> dict:
 def every_kth_per_type(samples: list, k: int) -> list:
     """Every k-th test sample of each defect type (and of good): a smaller test set with the same mix."""
     return [s for d in sorted({s.defect for s in samples}) for s in [t for t in samples if t.defect == d][::k]]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a benchmark starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_result(name: str, record: dict, markdown: str) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -27,16 +26,10 @@ import click
 import redis
 import torch
 
-from common import device_label, machine, write_result
+from common import device_label, free_port, machine, write_result
 
 DOCKER_CPU_ALLOWANCE_S = 60 + 3 * 15  # deploy/docker/Dockerfile.cpu HEALTHCHECK
 K8S_STARTUP_ALLOWANCE_S = 90 * 10  # deploy/k8s/worker-line1.yaml startupProbe
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def status(port: int, path: str) -> tuple[int | None, str]:

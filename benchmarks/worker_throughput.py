@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import numpy as np
 import redis
 import torch
 
-from common import machine, percentiles, write_result
+from common import free_port, machine, percentiles, write_result
 from ustudents.engines.runtime import load_engine
 from ustudents.worker import schema
 from ustudents.worker.streams import replies
@@ -73,12 +72,6 @@ def bare_throughput(engine, decoded: list[np.ndarray], batch: int) -> dict:
     first = min(batch, len(decoded))
     return {"fps": (len(decoded) - first) / (ends[-1] - ends[0]), "batch_latency_s": percentiles(lat),
             "frames": len(decoded)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:

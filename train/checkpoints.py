@@ -131,14 +131,16 @@ def restore(saved: Saved, students: torch.nn.Module, opt: torch.optim.Optimizer,
     gen.bit_generator.state = saved.numpy_rng
 
 
-def scratch_folder(folder: Path) -> Path:
-    """The checkpoint folder, made, as the place of a run's cached teacher targets (GBs at 256 px),
-    emptied of any a killed run left (a SIGKILL or an OOM kill skips their clean-up): so they go
-    with the folder when the bundle is written, and a crash loop cannot fill the disk with them."""
+def open_folder(folder: Path, resume: bool) -> None:
+    """Make the checkpoint folder (emptied first unless `resume`) and clear it of the cached teacher
+    targets a killed run left (GBs at 256 px; a SIGKILL or an OOM kill skips their clean-up). The
+    targets are cached here, so they go with the folder when the bundle is written, and a crash
+    loop cannot fill the disk with them."""
+    if not resume:
+        remove(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("targets-p*"):
         shutil.rmtree(stale, ignore_errors=True)
-    return folder
 
 
 def drop_if_empty(folder: Path) -> None:

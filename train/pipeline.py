@@ -107,7 +107,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     Ctrl-C before the bundle is written raises TrainingInterrupted (see checkpoints)."""
     saves, keys = checkpoints.folder_for(cfg.out), {}  # keys: filled in as soon as they are known
     try:
-        path = _train(cfg, log, keys)
+        path = _train(cfg, log, saves, keys)
     except KeyboardInterrupt:
         checkpoints.drop_if_empty(saves)
         raise TrainingInterrupted(saves, checkpoints.describe(saves, keys)) from None
@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     return path
 
 
-def _train(cfg: TrainConfig, log, keys: dict[int, str]) -> Path:
+def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str]) -> Path:
     check_config(cfg)
     device = resolve_device(cfg.device)
     t0 = time.time()
@@ -141,10 +141,7 @@ def _train(cfg: TrainConfig, log, keys: dict[int, str]) -> Path:
     model = AnomalyModel(cfg.scales, cfg.student.students)
     tensors, records = {}, {}
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    saves = checkpoints.folder_for(cfg.out)
-    if not cfg.resume:
-        checkpoints.remove(saves)
-    scratch = checkpoints.scratch_folder(saves)
+    checkpoints.open_folder(saves, cfg.resume)
     data_fingerprint = dataset.fingerprint(train_all)
     keys.update({p: checkpoints.scale_key(p, teachers[p], asdict(cfg.student), cfg.image_size,
                                           [s.path.name for s in fit], data_fingerprint, bits, device)
@@ -157,7 +154,7 @@ def _train(cfg: TrainConfig, log, keys: dict[int, str]) -> Path:
             now = time.monotonic()
             deadline = now + max(end - now, 0.0) / (len(model.ensembles) - i)
         students, desc_mean, desc_std, record = train_students(
-            p, teachers[p], fit_images, cfg.student, device, workdir=scratch, deadline=deadline,
+            p, teachers[p], fit_images, cfg.student, device, workdir=saves, deadline=deadline,
             checkpoint=checkpoints.ScaleCheckpoint(saves / f"p{p}.safetensors", keys[p]), log=log)
         ens.net.load_state_dict({k: torch.cat([teachers[p][k], students[k]]) for k in students})
         ens.desc_mean.copy_(desc_mean)

@@ -25,7 +25,6 @@ from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet
 from ustudents.engines.scoring import standardize
 
 from . import checkpoints
-from .checkpoints import ScaleCheckpoint, restore
 from .progress import progress
 
 
@@ -105,7 +104,7 @@ def another_epoch_fits(now: float, epoch_seconds: list[float], deadline: float |
     return deadline is None or not epoch_seconds or now + max(epoch_seconds) <= deadline
 
 
-def save_checkpoint(checkpoint: ScaleCheckpoint, log, *args) -> None:
+def save_checkpoint(checkpoint: checkpoints.ScaleCheckpoint, log, *args) -> None:
     """ScaleCheckpoint.save; a failure (a full disk) costs the ability to resume, not the training."""
     try:
         checkpoint.save(*args)
@@ -116,7 +115,7 @@ def save_checkpoint(checkpoint: ScaleCheckpoint, log, *args) -> None:
 
 def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.ndarray, cfg: StudentConfig,
                    device: torch.device, workdir: Path, deadline: float | None = None,
-                   checkpoint: ScaleCheckpoint | None = None,
+                   checkpoint: checkpoints.ScaleCheckpoint | None = None,
                    log=print) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict]:
     """Train the M students of scale p on uint8 images (N, S, S, 3), for cfg.epochs or, with a
     deadline (time.monotonic()), as many of them as end by it (at least one). With a checkpoint,
@@ -153,7 +152,7 @@ def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.nd
         mean_d, std_d = desc_mean.to(device), desc_std.to(device)
         history, epoch_seconds = [], []
         if saved is not None:
-            restore(saved, students, opt, gen)
+            checkpoints.restore(saved, students, opt, gen)
             history, epoch_seconds = saved.history, saved.epoch_seconds
             log(f"p={p}: resuming after epoch {len(history)} of {cfg.epochs} ({checkpoint.path})")
         resumed_from = len(history)

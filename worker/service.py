@@ -85,7 +85,7 @@ class Outcome:
     prediction: Prediction | None = None
     category: str | None = None
     error: str = ""
-    uncharge: str | None = None  # "failed": the attempt token to take back (StreamIO.uncount_attempts)
+    uncharge: str | None = None  # "failed": the attempt token to take back (StreamIO.forget_attempts)
 
 
 @dataclass
@@ -275,6 +275,10 @@ class Worker:
                 pass
         return STOP
 
+    def _refused(self, err: redis.ResponseError) -> None:
+        self.throttled.warning("redis_refused", "Redis refused the reader (%s); retrying with backoff",
+                               err, event="redis_refused", error=str(err))
+
     def _retry(self, call, interrupt: threading.Event):
         """call() until Redis answers and takes it; None if `interrupt` is set first."""
         backoff = Backoff(self.s.backoff_max_s)
@@ -286,8 +290,7 @@ class Worker:
             except UNAVAILABLE as err:
                 self.redis_state.failed(err)
             except TRANSIENT_ERRORS as err:  # reachable, but refusing for now (failover, full)
-                self.throttled.warning("redis_refused", "Redis refused the reader (%s); retrying with backoff",
-                                       err, event="redis_refused", error=str(err))
+                self._refused(err)
             self._beat()  # waiting on Redis (readiness says so), not hung
             if backoff.wait(interrupt):
                 return None
@@ -334,8 +337,7 @@ class Worker:
                 continue
             except redis.ResponseError as err:
                 if isinstance(err, TRANSIENT_ERRORS):  # reachable, but refusing for now (failover, full)
-                    self.throttled.warning("redis_refused", "Redis refused the reader (%s); retrying with backoff",
-                                           err, event="redis_refused", error=str(err))
+                    self._refused(err)
                 elif "NOGROUP" in str(err):
                     log.warning("consumer group %s is gone (Redis restarted without persistence?); recreating it",
                                 s.group, extra={"event": "group_lost"})
@@ -513,7 +515,7 @@ class Worker:
             if self.failures_in_row >= self.s.max_failures_in_row:
                 # raised before this batch is published: its frames stay pending, none dead-lettered,
                 # and none charged the attempt the broken model made
-                self._uncount([(e.id, e.token) for e in work.entries if e.token])
+                self._drop_attempts([], [(e.id, e.token) for e in work.entries if e.token])
                 raise ModelFailing(
                     f"the model failed on the last {self.failures_in_row} frames in a row, none scored between "
                     f"(last: {type(predictions[-1]).__name__}: {predictions[-1]}): the model or the device is broken, not the frames; "
@@ -562,27 +564,20 @@ class Worker:
             if written is None:  # abandoned: stays pending
                 break
             self._account(written, {e.id: (e, o) for e, o in zip(work.entries, outcomes)})
-            self._forget_attempts([e.id for e, o in zip(work.entries, outcomes) if e.attempt > 1 and o.kind != "failed"])
-            self._uncount([(e.id, o.uncharge) for e, o in zip(work.entries, outcomes) if o.uncharge])
+            self._drop_attempts([e.id for e, o in zip(work.entries, outcomes) if e.attempt > 1 and o.kind != "failed"],
+                                [(e.id, o.uncharge) for e, o in zip(work.entries, outcomes) if o.uncharge])
             with self.inflight_lock:
                 self.inflight.difference_update(e.id for e in work.entries)
             self._beat()
 
-    def _uncount(self, attempts: list[tuple[str, str]]) -> None:
-        """Take back the counts of attempts that failed before the model had scored anything."""
-        if attempts:
+    def _drop_attempts(self, ids: list[str], taken_back: list[tuple[str, str]] = ()) -> None:
+        """StreamIO.forget_attempts, best effort: a count left behind expires (TRIES_TTL_S), and an
+        attempt not taken back costs the frame one attempt at most."""
+        if ids or taken_back:
             try:
-                self.io.uncount_attempts(attempts)
+                self.io.forget_attempts(ids, taken_back)
             except (*UNAVAILABLE, redis.ResponseError):
-                pass  # the frame keeps that attempt: at worst dead-lettered one attempt early
-
-    def _forget_attempts(self, ids: list[str]) -> None:
-        """Drop the attempt counts of entries now published (else they would wait out their TTL)."""
-        if ids:
-            try:
-                self.io.forget_attempts(ids)
-            except (*UNAVAILABLE, redis.ResponseError):
-                pass  # they expire (TRIES_TTL_S)
+                pass
 
     def _record(self, entry: Entry, outcome: Outcome) -> Record | None:
         s = self.s

@@ -226,15 +226,15 @@ class StreamIO:
         pipe.hlen(key)
         return int(pipe.execute()[2])
 
-    def uncount_attempts(self, attempts: list[tuple[str, str]]) -> None:
-        """Take back counted attempts, each (entry id, token)."""
+    def forget_attempts(self, ids: list[str], taken_back: list[tuple[str, str]] = ()) -> None:
+        """Drop the attempt counts of the entries `ids` (published), and take back single counted
+        attempts, each (entry id, token), in one round trip."""
         pipe = self.r.pipeline(transaction=False)
-        for entry_id, token in attempts:
+        if ids:
+            pipe.delete(*[schema.tries_key(self.stream, i) for i in ids])
+        for entry_id, token in taken_back:
             pipe.hdel(schema.tries_key(self.stream, entry_id), token)
         pipe.execute()
-
-    def forget_attempts(self, ids: list[str]) -> None:
-        self.r.delete(*[schema.tries_key(self.stream, i) for i in ids])
 
     def done(self, ids: list[str]) -> list[bool]:
         """Whether each entry already has its outcome published (its marker exists)."""
