@@ -13,7 +13,7 @@
 # .devdata/magnetic_tile --size 96` here, then carry .whl and .devdata.
 # Results: benchmarks/results/*cuda*; logs and a tar of the results under $OUT (default /tmp/gpu-checks).
 # On an H200 the whole script took 6.6 minutes and step 2 was cut by its limit after the bf16 rows
-# (README: Benchmark: engines, On a GPU); the benchmark's JSON is rewritten after every configuration.
+# (benchmarks/README.md: Engines, On a GPU); the benchmark's JSON is rewritten after every configuration.
 set -u
 OUT=${OUT:-/tmp/gpu-checks}
 mkdir -p "$OUT"

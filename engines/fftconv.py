@@ -25,7 +25,7 @@ with 4 KiB pages the kernel's first-touch page faults on every fresh allocation 
 products. PyTorch's allocator backs large tensors with transparent huge pages when the environment
 holds THP_MEM_ALLOC_ENABLE=1, which `ustudents` sets before torch is imported (ustudents/__init__.py).
 Even so, fresh huge pages cost kernel time to find and zero, and that varies with the machine's
-memory (slow calls were mostly system time; README: Benchmark: engines). So the intermediates live
+memory (slow calls were mostly system time; benchmarks/README.md: Engines). So the intermediates live
 in a per-thread workspace that every layer and call reuses (`Workspace`): their pages are mapped once.
 
 Cross-correlation (what conv2d computes) is the inverse FFT of X * conj(W); with the kernel padded to

@@ -84,7 +84,7 @@ amp_option = click.option("--amp", type=click.Choice(["auto", "on", "off"]), def
 @click.option("--target-fpr", default=DEFAULT_TARGET_FPR, show_default=True,
               help="Mask threshold: the share of validation pixels allowed above it.")
 @click.option("--image-fpr", default=DEFAULT_IMAGE_FPR, show_default=True,
-              help="Image threshold: the share of good images flagged anomalous (position score; README: Image score).")
+              help="Image threshold: the share of good images flagged anomalous (position score; README: Scores).")
 @click.option("--teachers", type=click.Path(path_type=Path), default=DEFAULT_DIR,
               help="Folder of teacher_p<P>.safetensors.  [default: the shipped teachers]")
 @amp_option
