@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -571,8 +572,10 @@ def test_ctrl_c_during_training_says_how_to_continue_and_the_same_command_does(t
         stopped = invoke(*args)
     saves = tmp_path / ".m.checkpoint"
     assert stopped.exit_code == 130 and not out.exists()
-    assert (f"interrupted: no model written to {out}; {saves} holds p=17 done, p=33 after epoch 1: run the same "
-            "command again to continue from there") in stopped.output
+    assert (f"interrupted: no model written to {out}; {saves} holds p=17 done, p=33 after epoch 1 "
+            f"({checkpoints.size_on_disk(saves)}): run the same command again to continue from there, or delete that "
+            "folder if you will not") in stopped.output
+    assert re.search(r"after epoch 1 \(\d+ [kM]B\)", stopped.output)
     # with --no-resume the message says how to continue all the same
     with monkeypatch.context() as m:
         calls.clear()
@@ -580,8 +583,8 @@ def test_ctrl_c_during_training_says_how_to_continue_and_the_same_command_does(t
         m.setattr(checkpoints, "CHECKPOINT_EVERY_S", 0.0)
         again = invoke(*args, "--no-resume")
     assert again.exit_code == 130
-    assert (f"{saves} holds p=17 done, p=33 after epoch 1: run the command without --no-resume again to continue "
-            "from there") in again.output
+    assert f"{saves} holds p=17 done, p=33 after epoch 1 (" in again.output
+    assert "): run the command without --no-resume again to continue from there" in again.output
     resumed = invoke(*args)
     assert_ok(resumed)
     assert "p=17: students trained by an earlier run of this command (2 epochs" in resumed.output
@@ -666,7 +669,7 @@ def test_ctrl_c_during_training_leaves_no_bundle_and_no_temporaries(tmp_path, ti
     assert not out.exists()
     # the cached teacher targets went too; only the trained students stay, to continue from
     assert [p.name for p in out.parent.iterdir()] == [".tiles.checkpoint"]
-    assert "holds p=17 done: run the same command again to continue from there" in result.output
+    assert re.search(r"holds p=17 done \(\d+ [kM]B\): run the same command again to continue from there", result.output)
 
 
 def test_teacher_command_distils_from_a_folder_of_images(tmp_path, tiny_mvtec):

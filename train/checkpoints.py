@@ -154,6 +154,12 @@ def remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def size_on_disk(folder: Path) -> str:
+    """'108 MB': what the folder takes, so a user who will not resume knows what deleting it frees."""
+    total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return f"{total / 1e6:.0f} MB" if total >= 1e6 else f"{total / 1e3:.0f} kB"
+
+
 def describe(folder: Path, keys: dict[int, str]) -> str:
     """'p=17 done, p=33 after epoch 4': what the folder holds for the scales of `keys` (this run's)."""
     parts = []

@@ -100,6 +100,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
 
     Interrupted (Ctrl-C, a crash), the same command continues where the students' training stopped."""
     from .evaluate import evaluate as run_evaluation, format_table
+    from . import checkpoints
     from .pipeline import TrainConfig, TrainingInterrupted, train
     from .students import StudentConfig
 
@@ -117,7 +118,8 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
     except TrainingInterrupted as stop:
         how = "the same command" if resume else "the command without --no-resume"
         click.echo(f"\ninterrupted: no model written to {out}" + (
-            f"; {stop.folder} holds {stop.held}: run {how} again to continue from there" if stop.held else ""), err=True)
+            f"; {stop.folder} holds {stop.held} ({checkpoints.size_on_disk(stop.folder)}): run {how} again to "
+            "continue from there, or delete that folder if you will not" if stop.held else ""), err=True)
         raise SystemExit(130) from None
     if evaluate:
         from ustudents.engines.runtime import load_engine
