@@ -205,6 +205,39 @@ def write_bundle(out: Path, manifest: dict[str, Any], tensors: dict[str, torch.T
     return out
 
 
+def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Give an existing bundle new weights and manifest in place (recalibration). The folder stays, with
+    whatever else it holds and any symlink to it; write_bundle's swap would replace it. Weights that
+    changed go to a new file first, then the manifest, replaced atomically, names them, then the old
+    file goes: at every instant the manifest names a complete weights file with its checksum. Built
+    engines the old manifest listed and the new one does not are removed last."""
+    path = Path(path)
+    old = load_bundle(path).manifest
+    tmp = path / f".weights.{os.getpid()}.partial"
+    try:
+        weights = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
+        save_file(weights, str(tmp))
+        sha = sha256_file(tmp)
+        name = old["weights"]["file"] if sha == old["weights"]["sha256"] else f"weights.{sha[:12]}.safetensors"
+        tmp.chmod(0o644)
+        _fsync_file(tmp)
+        if name == old["weights"]["file"]:
+            tmp.unlink()
+        else:
+            os.replace(tmp, path / name)
+            _fsync_dir(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION,
+                    weights={"file": name, "sha256": sha, "tensors": {k: list(v.shape) for k, v in sorted(weights.items())}})
+    write_atomically(path / MANIFEST, json.dumps(manifest, indent=2) + "\n", mode=0o644)
+    kept = {e["file"] for e in manifest.get("engines") or []} | {name}
+    for f in [old["weights"]["file"]] + [e["file"] for e in old.get("engines") or []]:
+        if f not in kept:
+            (path / f).unlink(missing_ok=True)
+
+
 def update_manifest(path: Path, **fields: Any) -> dict[str, Any]:
     """Replace top-level manifest fields of an existing (verified) bundle atomically."""
     bundle = load_bundle(path)
@@ -219,6 +252,7 @@ def _uint16_bits(manifest: dict[str, Any]) -> Any:
 
 
 MIN_SERVED_SIZE = 32  # the smallest image size a bundle is served at (the tests serve at 32 px)
+MAX_SERVED_SIZE = 1024  # the largest ustudents-train makes (pipeline.MAX_IMAGE_SIZE); a larger one is an edit
 
 
 def bad_value(manifest: dict[str, Any], scales: list[int]) -> str | None:
@@ -228,8 +262,8 @@ def bad_value(manifest: dict[str, Any], scales: list[int]) -> str | None:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
 
     size, students = manifest["image_size"], manifest["students"]
-    if not (isinstance(size, int) and not isinstance(size, bool) and size >= MIN_SERVED_SIZE):
-        return f"image_size {size!r} is not a whole number of pixels from {MIN_SERVED_SIZE}"
+    if not (isinstance(size, int) and not isinstance(size, bool) and MIN_SERVED_SIZE <= size <= MAX_SERVED_SIZE):
+        return f"image_size {size!r} is not a whole number of pixels from {MIN_SERVED_SIZE} to {MAX_SERVED_SIZE}"
     if not (isinstance(students, int) and students >= 2):
         return f"students {students!r} is not a whole number from 2"
     if not isinstance(manifest.get("input", {}), dict):
@@ -279,14 +313,29 @@ def load_bundle(path: str | Path) -> Bundle:
         for p in scales:
             for key in ("desc_mean", "desc_std", "e_mu", "e_sigma", "v_mu", "v_sigma"):
                 stats[str(p)][key]
-        manifest["threshold"]["value"], manifest["category"], manifest["id"]
+        manifest["threshold"]["value"]
         if not isinstance(manifest["scales"], list):
-            raise ValueError("'scales' as a list")
+            raise ValueError("'scales' is not a list")
+        for key in ("category", "id"):
+            if not isinstance(manifest[key], str) or not manifest[key]:
+                raise ValueError(f"{key!r} is not a name")
+        if not isinstance(wmeta["file"], str) or not isinstance(wmeta["sha256"], str):
+            raise ValueError("'weights' does not name a file and its checksum")
         image_size = int(manifest["image_size"])
         score = image_score_record(manifest)
-        float(score["threshold"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise BundleError(f"{mpath}: incomplete manifest (missing {err}); retrain or restore the bundle") from None
+        float(score["threshold"]), score["method"]
+        engines = manifest.get("engines", [])
+        if not isinstance(engines, list):
+            raise ValueError("'engines' is not a list")
+        for e in engines:
+            if not all(isinstance(e.get(k), str) for k in ("backend", "precision", "file", "sha256")):
+                raise ValueError("an 'engines' entry lacks its backend, precision, file or checksum")
+    except KeyError as err:
+        raise BundleError(f"{mpath}: incomplete manifest (missing {err}); the manifest was edited or damaged: "
+                          "restore the bundle from a copy, or retrain") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise BundleError(f"{mpath}: malformed manifest ({err}); the manifest was edited or damaged: restore the "
+                          "bundle from a copy, or retrain") from None
     bad = bad_value(manifest, scales)
     if bad:
         raise BundleError(f"{mpath}: {bad}; the manifest was edited or damaged: restore the bundle from a copy, "
@@ -326,6 +375,11 @@ def _write_json(path: Path, obj: Any) -> None:
         json.dump(obj, f, indent=2)
         f.write("\n")
         f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .bundle import BundleError, load_bundle
-from .images import IMAGE_SUFFIXES, ImageError, read_image
+from .images import IMAGE_SUFFIXES, ImageError, image_files, read_image
 from .runtime import BACKENDS, PRECISIONS, EngineError
 
 
@@ -51,6 +51,23 @@ def check_output(path: Path | None, option: str, folder: bool) -> None:
         raise InputError(f"{option} {path}: {target} is not writable here; choose another path")
 
 
+def check_apart(out: Path | None, option: str, source: Path, what: str) -> None:
+    """Refuse an output folder inside (or equal to) a folder of inputs, where its files could replace them."""
+    if out is None:
+        return
+    o, s = Path(out).resolve(), Path(source).resolve()
+    if o == s or s in o.parents:
+        raise InputError(f"{option} {out}: inside {what} {source}, where its files could overwrite the images there; "
+                         "choose a folder outside it")
+
+
+def check_bundle_writable(path: Path) -> None:
+    """Refuse now, before minutes of work, a bundle whose folder cannot be written (a read-only mount)."""
+    if not os.access(path, os.W_OK):
+        raise InputError(f"{path}: the bundle folder is not writable here (a read-only mount?); copy the bundle "
+                         "to a writable folder and run the command on the copy")
+
+
 user_errors = user_errors_for((BundleError, EngineError, ImageError, ValueError, OSError))
 
 
@@ -72,7 +89,7 @@ def good_frames(folder: Path | None, bits: int, limit: int = 8) -> list:
     """Up to `limit` images from a folder, for parity checks on real images (16-bit data: `bits`)."""
     if folder is None:
         return []
-    files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if Path(folder).is_dir() else []
+    files = image_files(folder)
     if not files:
         raise InputError(f"{folder}: no images ({'/'.join(IMAGE_SUFFIXES)}); give a folder of good images")
     return [read_image(f, bits) for f in files[:limit]]
@@ -101,6 +118,7 @@ def build_engines_cmd(model, backend, precision, max_batch, check_images, calibr
     if max_batch < 1:
         raise InputError(f"--max-batch {max_batch}: must be at least 1")
     bundle = load_bundle(model)
+    check_bundle_writable(bundle.path)
     if backend == "tensorrt":
         from .tensorrt_build import require_tensorrt
         require_tensorrt()

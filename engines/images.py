@@ -21,6 +21,18 @@ import torch.nn.functional as F
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
+def is_image_file(path: Path) -> bool:
+    """An image file by its suffix, not hidden: '._x.png' (macOS metadata on a USB stick or share) and
+    other dotfiles are skipped everywhere images are listed, not read as broken images."""
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in `folder` (is_image_file), sorted by name; [] when it is no folder."""
+    folder = Path(folder)
+    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name) if folder.is_dir() else []
+
+
 class ImageError(ValueError):
     """An image file that cannot be used; the message names the file and the fix."""
 
@@ -45,10 +57,10 @@ def read_image(path: str | Path, bits: int = UINT16_BITS) -> np.ndarray:
 
 def _decode_unchanged(data: bytes, source: str) -> np.ndarray:
     if len(data) == 0:
-        raise ImageError(f"{source}: the file is empty; replace it with a valid PNG or JPEG image")
+        raise ImageError(f"{source}: empty (0 bytes); replace it with a valid PNG or JPEG image")
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
-        raise ImageError(f"{source}: cannot be decoded as an image; replace or remove the file")
+        raise ImageError(f"{source}: cannot be decoded as an image (PNG, JPEG, BMP or TIFF); replace or remove it")
     if img.dtype not in (np.uint8, np.uint16):
         raise ImageError(f"{source}: {img.dtype} pixels; save it as an 8- or 16-bit integer image")
     return img

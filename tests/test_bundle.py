@@ -5,7 +5,8 @@ import re
 import pytest
 import torch
 
-from ustudents.engines.bundle import POSITION_TENSORS, BundleError, load_bundle, update_manifest, write_bundle
+from ustudents.engines.bundle import (POSITION_TENSORS, BundleError, load_bundle, rewrite_bundle, update_manifest,
+                                      write_bundle)
 from ustudents.engines.patchnet import PatchNet
 
 
@@ -99,14 +100,52 @@ def test_manifest_claiming_other_shapes_is_refused(tmp_path):
     (lambda m: m.update(image_size=64.7), "image_size 64.7 is not a whole number of pixels"),
     (lambda m: m.update(input="rgb"), "input 'rgb' is not an object"),
     (lambda m: m.pop("category"), "missing 'category'"),
+    # each of these was a traceback (KeyError, TypeError, or an allocation of image_size² floats)
+    (lambda m: m["image_score"].pop("method"), "missing 'method'"),
+    (lambda m: m["weights"].pop("sha256"), "missing 'sha256'"),
+    (lambda m: m.update(engines=None), "'engines' is not a list"),
+    (lambda m: m.update(engines=[{"precision": "fp32", "file": "x.onnx", "sha256": "0"}]),
+     "an 'engines' entry lacks its backend"),
+    (lambda m: m.update(category=5), "'category' is not a name"),
+    (lambda m: m.update(image_size=100000), "image_size 100000 is not a whole number of pixels from 32 to 1024"),
 ])
 def test_a_hand_edited_manifest_value_the_model_cannot_run_with_is_refused_by_name(tmp_path, edit, needle):
     """Each of these loaded before and crashed later (a traceback in predict or the worker) or
     scored every pixel inf; the message must name the field."""
     path, _ = make_bundle(tmp_path / "b")
     edit_manifest(path, edit)
-    with pytest.raises(BundleError, match=re.escape(needle)):
+    with pytest.raises(BundleError, match=re.escape(needle)) as refused:
         load_bundle(path)
+    assert "edited or damaged" in str(refused.value) or "retrain" in str(refused.value)
+
+
+def test_rewrite_in_place_keeps_the_folder_its_other_files_and_a_symlink_to_it(tmp_path):
+    """Recalibration rewrites weights and manifest in place: a plant's notes in the bundle folder and a
+    `current -> v3` symlink survive, the old weights and engines that held old statistics go."""
+    path, tensors = make_bundle(tmp_path / "v3", position=True)
+    (path / "NOTES.txt").write_text("camera 2, lens 25 mm\n")
+    (path / "engines").mkdir()
+    (path / "engines" / "model-fp32.onnx").write_bytes(b"onnx")
+    update_manifest(path, engines=[{"backend": "onnx", "precision": "fp32", "file": "engines/model-fp32.onnx",
+                                    "sha256": "0"}])
+    current = tmp_path / "current"
+    current.symlink_to(path)
+    old = load_bundle(current).manifest
+    new_tensors = dict(tensors, **{POSITION_TENSORS[1]: tensors[POSITION_TENSORS[1]] + 1})
+    rewrite_bundle(current, dict(old, threshold={"value": 5.0}, engines=[]), new_tensors)
+
+    assert current.is_symlink() and (path / "NOTES.txt").read_text() == "camera 2, lens 25 mm\n"
+    b = load_bundle(path)
+    assert b.mask_threshold == 5.0 and b.manifest["engines"] == []
+    assert torch.equal(b.tensors[POSITION_TENSORS[1]], new_tensors[POSITION_TENSORS[1]])
+    files = sorted(p.name for p in path.iterdir())
+    assert b.manifest["weights"]["file"] != old["weights"]["file"]  # a new file, then the manifest names it
+    assert files == sorted(["NOTES.txt", "engines", "manifest.json", b.manifest["weights"]["file"]])
+    assert list((path / "engines").iterdir()) == []
+    # unchanged tensors keep their file
+    rewrite_bundle(path, dict(b.manifest, threshold={"value": 6.0}), new_tensors)
+    assert load_bundle(path).manifest["weights"] == b.manifest["weights"]
+    assert sorted(p.name for p in path.iterdir()) == files
 
 
 def test_update_manifest_keeps_weights(tmp_path):

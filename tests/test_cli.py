@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import click
@@ -529,6 +531,54 @@ def test_calibrate_refuses_a_false_positive_rate_outside_0_1_before_reading_imag
     assert "loading images" not in result.output and (bundle_copy / MANIFEST).read_bytes() == manifest
 
 
+def test_calibrate_refuses_before_the_network_pass_what_it_could_not_finish(bundle_copy, tiny_mvtec, tmp_path,
+                                                                           monkeypatch):
+    """A missing folder, a rate the images cannot resolve, a read-only bundle (a container mount): each
+    was found only after the network pass, or named wrongly."""
+    manifest = (bundle_copy / MANIFEST).read_bytes()
+    good = tiny_mvtec / TINY_CATEGORY / "train" / "good"
+    result = invoke("calibrate", bundle_copy, "--images", tmp_path / "nowhere")
+    assert_input_error(result, f"--images {tmp_path / 'nowhere'}: folder not found")
+    two = tmp_path / "two"
+    two.mkdir()
+    for f in sorted(good.iterdir())[:2]:
+        shutil.copy(f, two)
+    result = invoke("calibrate", bundle_copy, "--images", two, "--target-fpr", "1e-9")  # 2 x 64² pixels
+    assert_input_error(result, "--target-fpr 1e-09: 2 images of 64 x 64 pixels resolve rates down to 1.2e-04 only")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and not (Path(p) == bundle_copy and mode & os.W_OK))
+    result = invoke("calibrate", bundle_copy, "--images", good)
+    assert_input_error(result, f"{bundle_copy}: the bundle folder is not writable here", "copy the bundle")
+    result = invoke("build-engines", bundle_copy)
+    assert_input_error(result, f"{bundle_copy}: the bundle folder is not writable here")
+    assert "loading images" not in result.output and (bundle_copy / MANIFEST).read_bytes() == manifest
+
+
+@pytest.mark.slow
+def test_calibrate_skips_hidden_files_and_keeps_what_else_the_bundle_folder_holds(bundle_copy, tiny_mvtec, tmp_path):
+    """macOS leaves '._000.png' beside every image on a stick; calibrate stopped on it. And calibrate
+    replaced the whole folder, deleting a plant's notes in it."""
+    images = tmp_path / "new-camera"
+    shutil.copytree(tiny_mvtec / TINY_CATEGORY / "train" / "good", images)
+    (images / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (bundle_copy / "NOTES.txt").write_text("line 3, camera 2\n")
+    assert_ok(invoke("calibrate", bundle_copy, "--images", images))
+    assert (bundle_copy / "NOTES.txt").read_text() == "line 3, camera 2\n"
+    assert load_bundle(bundle_copy).manifest["threshold"]["source"] == str(images)
+    assert no_hidden_leftovers(bundle_copy) == [] and no_hidden_leftovers(bundle_copy.parent) == []
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_to_write_overlays_inside_the_data_root(tiny_bundle, eval_root, tmp_path):
+    """Overlays go to <dir>/<type>/<stem>.png: pointed at the test folder they replaced the test images."""
+    test_dir = eval_root / TINY_CATEGORY / "test"
+    before = {p: p.read_bytes() for p in test_dir.rglob("*") if p.is_file()}
+    for inside in (test_dir, eval_root):
+        result = invoke("evaluate", tiny_bundle, "--data-root", eval_root, "--overlays", inside)
+        assert_input_error(result, f"--overlays {inside}: inside the data root {eval_root}")
+    assert {p: p.read_bytes() for p in test_dir.rglob("*") if p.is_file()} == before
+
+
 def test_a_negative_time_limit_is_refused_before_training(tmp_path, tiny_mvtec, random_teachers):
     result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", tmp_path / "m",
                     "--max-minutes", "-1", "--teachers", random_teachers)
@@ -670,6 +720,33 @@ def test_ctrl_c_during_training_leaves_no_bundle_and_no_temporaries(tmp_path, ti
     # the cached teacher targets went too; only the trained students stay, to continue from
     assert [p.name for p in out.parent.iterdir()] == [".tiles.checkpoint"]
     assert re.search(r"holds p=17 done \(\d+ [kM]B\): run the same command again to continue from there", result.output)
+
+
+def test_sigterm_during_training_is_handled_as_ctrl_c(tmp_path, tiny_mvtec, random_teachers, monkeypatch):
+    """`docker stop`, systemd and Kubernetes stop a job with SIGTERM. It killed the run where it stood,
+    leaving GBs of cached teacher targets in the hidden checkpoint folder and no word on how to continue."""
+    from ustudents.train import checkpoints, students
+
+    real, calls = students.another_epoch_fits, []
+
+    def sigterm_after_first_epoch(*a):  # asked before each epoch: the 2nd call follows the 1st epoch
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a)
+
+    monkeypatch.setattr(students, "another_epoch_fits", sigterm_after_first_epoch)
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_EVERY_S", 0.0)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "m"
+    result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", out, "--scales", "17", "--students",
+                    "2", "--epochs", "3", "--image-size", "64", "--teachers", random_teachers, "--no-evaluate",
+                    "--amp", "off", "--crop", "8", "--batch", "16", "--val-fraction", "0.1")
+    assert result.exit_code == 130 and not out.exists(), result.output
+    assert re.search(r"holds p=17 after epoch 1 \(\d+ [kM]B\): run the same command again", result.output)
+    saves = tmp_path / ".m.checkpoint"
+    assert sorted(p.name for p in saves.iterdir()) == ["p17.safetensors"]  # no cached targets left
+    assert signal.getsignal(signal.SIGTERM) is before  # the command gives the handler back
 
 
 def test_teacher_command_distils_from_a_folder_of_images(tmp_path, tiny_mvtec):

@@ -321,9 +321,10 @@ def test_each_frame_gets_one_result_with_the_mask_of_ustudents_predict(engines, 
         reference = cv2.imread(want["mask"], cv2.IMREAD_UNCHANGED)
         assert mask.shape == reference.shape == cv2.imread(str(frames[0].parent / Path(want["image"]).name)).shape[:2]
         assert np.array_equal(mask, reference), f"{frame_id}: mask differs from ustudents predict's"
-        saved = cv2.imread(str(tmp_path / "saved" / f"{frame_id}_mask.png"), cv2.IMREAD_UNCHANGED)
+        saved_as = tmp_path / "saved" / f"{frame_id}_{s(x[schema.ENTRY_ID])}"  # two frames of one id stay apart
+        saved = cv2.imread(f"{saved_as}_mask.png", cv2.IMREAD_UNCHANGED)
         assert np.array_equal(saved, reference)
-        overlay = cv2.imread(str(tmp_path / "saved" / f"{frame_id}_overlay.png"))
+        overlay = cv2.imread(f"{saved_as}_overlay.png")
         assert overlay.shape[:2] == reference.shape
         verdict = "ANOMALOUS" if want["anomalous"] else "ok"
         assert any(line.startswith(f"{frame_id}\tscore ") and f"\t{verdict}\t" in line for line in lines)
@@ -1120,3 +1121,57 @@ def test_publish_sends_large_frames_by_key_and_reads_videos(frames, redis_url, s
     unreachable = runner.invoke(main, ["publish", "--stream", stream, str(frames[0]), "--redis-url",
                                        f"redis://127.0.0.1:{free_port()}/0"])
     assert unreachable.exit_code == 2 and "cannot reach Redis" in unreachable.output
+
+
+def test_the_tools_refuse_at_once_what_would_lose_frames_or_leak_a_password(frames, redis_url, stream, tmp_path):
+    """Each of these was accepted (frames sent where no worker can serve them, an unset $VAR taken as the
+    default Redis, database 'abc' as 0, an overflowing pacing clock) or failed late (--save on a file,
+    at the first result, hours later), or printed the password."""
+    runner = CliRunner()
+    taken = tmp_path / "afile"
+    taken.write_text("")
+    cases = [
+        (["publish", "--stream", "line 1", str(frames[0])], "must be a non-empty name without spaces"),
+        (["results", "--stream", "line1:results"], "is where the results or dead letters of 'line1' go"),
+        (["publish", "--stream", stream, str(frames[0]), "--redis-url", ""], "'' is not a Redis URL"),
+        (["publish", "--stream", stream, str(frames[0]), "--redis-url", "redis://127.0.0.1:6379/abc"],
+         "the database 'abc' is not a number"),
+        (["publish", "--stream", stream, str(frames[0]), "--fps", "nan"], "--fps nan: give 0"),
+        (["publish", "--stream", stream, str(frames[0]), "--fps", "1e-300"], "--fps 1e-300: give 0"),
+        (["results", "--stream", stream, "--save", str(taken)], f"--save {taken}: is a file"),
+        (["results", "--stream", stream, "--redis-url", "redis://127.0.0.1:1/0", "--save", str(taken / "x")],
+         "nothing can be made under it"),
+    ]
+    for args, needle in cases:
+        out = runner.invoke(main, args + (["--redis-url", redis_url] if "--redis-url" not in args else []))
+        errors = [line for line in out.output.splitlines() if line.startswith("Error: ")]
+        assert out.exit_code == 2 and len(errors) == 1 and needle in errors[0], (args, out.output)
+    client(redis_url).set(f"{stream}:results", "not a stream")
+    out = runner.invoke(main, ["results", "--stream", stream, "--count", "1", "--redis-url", redis_url])
+    assert out.exit_code == 2 and f"{stream}:results or {stream}:dead is a Redis key of another type" in out.output
+    client(redis_url).delete(f"{stream}:results")
+    wrong = redis_url.replace("redis://", "redis://someone:s3cret@", 1)
+    out = runner.invoke(main, ["publish", "--stream", stream, str(frames[0]), "--redis-url", wrong])
+    assert out.exit_code == 2 and "someone:***@" in out.output and "s3cret" not in out.output, out.output
+    assert client(redis_url).exists(stream) == 0  # nothing was sent by any of them
+
+
+def test_publish_skips_hidden_files_and_results_keeps_frames_of_one_name_apart(frames, redis_url, stream, tmp_path):
+    """'._x.png' (macOS metadata) was sent as a frame and dead-lettered; two frames named alike (two
+    cameras, a folder sent twice) saved one mask over the other."""
+    from ustudents.worker.results import save
+
+    folder = tmp_path / "stick"
+    folder.mkdir()
+    shutil.copy(frames[0], folder / "000.png")
+    (folder / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    out = CliRunner().invoke(main, ["publish", "--stream", stream, str(folder), "--fps", "0", "--redis-url", redis_url])
+    assert out.exit_code == 0 and "published 1 frames" in out.output, out.output
+    mask = cv2.imencode(".png", np.zeros((4, 4), np.uint8))[1].tobytes()
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for entry in ("1-0", "2-0"):
+        save(client(redis_url), stream, {schema.FRAME_ID: b"000", schema.ENTRY_ID: entry.encode(), schema.MASK: mask,
+                                         schema.HEATMAP: mask}, saved)
+    assert sorted(p.name for p in saved.iterdir()) == ["000_1-0_mask.png", "000_1-0_overlay.png",
+                                                        "000_2-0_mask.png", "000_2-0_overlay.png"]

@@ -5,14 +5,17 @@ naming the file and the fix, with exit code 2; tracebacks are left for bugs.
 """
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 import torch
 
-from ustudents.engines.bundle import BundleError, load_bundle, write_bundle
-from ustudents.engines.cli import InputError, check_output, engine_options, user_errors_for
-from ustudents.engines.images import ImageError, IMAGE_SUFFIXES
+from ustudents.engines.bundle import BundleError, load_bundle, rewrite_bundle
+from ustudents.engines.cli import InputError, check_apart, check_bundle_writable, check_output, engine_options, user_errors_for
+from ustudents.engines.images import IMAGE_SUFFIXES, ImageError, image_files
 from ustudents.engines.runtime import EngineError, default_torch_precision, native_bf16, resolve_device
 from ustudents.engines.patchnet import SCALES
 
@@ -44,6 +47,25 @@ def parse_ints(ctx, param, value: str) -> tuple[int, ...]:
         return tuple(sorted({int(s) for s in value.split(",") if s.strip()}))
     except ValueError:
         raise click.BadParameter(f"{value!r}: give whole numbers separated by commas, e.g. 8,16") from None
+
+
+@contextmanager
+def sigterm_as_ctrl_c():
+    """`docker stop`, systemd and Kubernetes end a job with SIGTERM, which would kill training where it
+    stands: handled as Ctrl-C instead, it keeps the checkpoint, removes the cached teacher targets and
+    says how to continue. (Signals reach only the main thread; elsewhere nothing changes.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def resolve_amp(amp: str, device: torch.device) -> bool:
@@ -114,7 +136,8 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
                                             weight_decay=weight_decay, crop=crop, amp=resolve_amp(amp, dev), seed=seed,
                                             max_minutes=max_minutes), resume=resume)
     try:
-        path = train(cfg, log=click.echo)
+        with sigterm_as_ctrl_c():
+            path = train(cfg, log=click.echo)
     except TrainingInterrupted as stop:
         how = "the same command" if resume else "the command without --no-resume"
         click.echo(f"\ninterrupted: no model written to {out}" + (
@@ -206,7 +229,10 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
     from .pipeline import image_score_line, mask_line
 
     bundle = load_bundle(model)
-    files = sorted(f for f in Path(images).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if Path(images).is_dir() else []
+    check_bundle_writable(bundle.path)
+    if not Path(images).is_dir():
+        raise InputError(f"--images {images}: folder not found; give a folder of good images from the new setup")
+    files = image_files(images)
     if len(files) < 2:
         raise InputError(f"{images}: needs a folder with at least 2 good images ({'/'.join(IMAGE_SUFFIXES)})")
     fpr = target_fpr if target_fpr is not None else bundle.manifest["threshold"]["target_pixel_fpr"]
@@ -215,6 +241,10 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
     for option, rate in (("--target-fpr", fpr), ("--image-fpr", image_fpr)):
         if not 0 < rate < 1:  # NaN too; checked before the network pass, not after it
             raise InputError(f"{option} {rate}: a false-positive rate must be between 0 and 1")
+    pixels = len(files) * bundle.image_size ** 2  # the threshold is a quantile of these pixels' values
+    if fpr * pixels < 1:
+        raise InputError(f"--target-fpr {fpr:g}: {len(files)} images of {bundle.image_size} x {bundle.image_size} "
+                         f"pixels resolve rates down to {1 / pixels:.1e} only; give a larger rate or more images")
     samples = [Sample(path=f, defect="good") for f in files]
     # A new camera may write more bits (a 12-bit one after an 8-bit one): its 16-bit images say how many.
     bits = uint16_bits(samples) or bundle.uint16_bits
@@ -228,11 +258,11 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
         statistics[str(p)].update(e_mu=s.e_mu, e_sigma=s.e_sigma, v_mu=s.v_mu, v_sigma=s.v_sigma)
     threshold = dict(cal.threshold, source=str(images))
     # The stored evaluation described the old calibration, and built engines bake the old statistics
-    # in: neither applies any more. The position statistics are tensors, so the whole bundle is
-    # rewritten (atomically, like training writes it).
+    # in: neither applies any more. The position statistics are tensors, so weights and manifest are
+    # rewritten, in place (rewrite_bundle: the folder and what else it holds stay).
     manifest = dict(bundle.manifest, statistics=statistics, threshold=threshold, image_score=cal.image_score,
                     evaluation=None, engines=[], input={**bundle.manifest.get("input", {}), "uint16_bits": bits})
-    write_bundle(bundle.path, manifest, {**bundle.network_tensors(), **cal.tensors})
+    rewrite_bundle(bundle.path, manifest, {**bundle.network_tensors(), **cal.tensors})
     click.echo(f"{model}: recalibrated on {len(files)} images; {mask_line(threshold)}, non-empty masks on "
                f"{threshold['validation_image_fpr']:.1%} of these images; {image_score_line(cal.image_score)}")
     if bits != bundle.uint16_bits:
@@ -261,6 +291,7 @@ def evaluate_cmd(model, data_root, json_file, overlays, batch, backend, precisio
         raise InputError(f"--batch {batch}: must be at least 1")
     check_output(json_file, "--json", folder=False)
     check_output(overlays, "--overlays", folder=True)
+    check_apart(overlays, "--overlays", data_root, "the data root")
     engine = load_engine(model, backend, device, precision, max_batch=batch)
     click.echo(f"engine: {engine.describe()}")
     results = evaluate(engine, data_root, overlays, log=click.echo)
@@ -282,9 +313,11 @@ def predict_cmd(model, images, out, backend, precision, device):
     from .evaluate import predict
 
     check_output(out, "--out", folder=True)
-    for r in predict(load_engine(model, backend, device, precision), list(images), out):
+
+    def line(r: dict) -> None:
         verdict = "ANOMALOUS" if r["anomalous"] else "ok"
         click.echo(f"{r['image']}\tscore {r['score']:.3f}\t{verdict}\tmask {r['mask']}")
+    predict(load_engine(model, backend, device, precision), list(images), out, on_result=line)
 
 
 COMMANDS = (train_cmd, teacher_cmd, calibrate_cmd, evaluate_cmd, predict_cmd)

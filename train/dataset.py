@@ -20,6 +20,8 @@ from ustudents.engines.images import (
     IMAGE_SUFFIXES,
     UINT16_BITS,
     ImageError,
+    image_files,
+    is_image_file,
     read_image,
     read_mask,
     resize,
@@ -44,10 +46,6 @@ class Sample:
     mask_path: Path | None = None
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-
-
 def _require_dir(folder: Path, what: str) -> None:
     if not folder.is_dir():
         raise DatasetError(f"{folder}: folder not found; {what}")
@@ -55,7 +53,7 @@ def _require_dir(folder: Path, what: str) -> None:
 
 def _images_in(folder: Path) -> list[Path]:
     """The image files directly in `folder`, sorted by name; an error if there are none."""
-    images = sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
+    images = image_files(folder)
     if not images:
         raise DatasetError(f"{folder}: no images ({_SUFFIX_LIST}) in this folder; add some or remove the folder")
     return images
@@ -84,7 +82,7 @@ def _find_mask(gt_dir: Path, image: Path) -> Path:
     wanted = f"{image.stem}_mask"
     if gt_dir.is_dir():
         for p in sorted(gt_dir.iterdir(), key=lambda p: p.name):
-            if _is_image(p) and p.stem == wanted:
+            if is_image_file(p) and p.stem == wanted:
                 return p
     raise DatasetError(f"{gt_dir / (wanted + '.png')}: missing mask for test image {image}; add it")
 

@@ -146,25 +146,34 @@ def _share(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def predict(engine: Engine, paths: list[Path], out: Path) -> list[dict]:
+def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: None) -> list[dict]:
     """Score images; write <out>/<stem>_mask.png, <stem>_overlay.png and results.json (names are
-    prefixed with index and folder when two images share a file name)."""
+    prefixed with index and folder when two images share a file name); `on_result` sees each image's
+    record as it is written.
+
+    Every image is decoded once before anything is written, so a bad one among thousands leaves no
+    partial output; then they are scored a batch at a time, so memory holds one batch of frames and
+    maps, not the whole set (5-megapixel frames and their float maps add up to GBs)."""
     bundle = engine.bundle
-    frames = [read_image(p, bundle.uint16_bits) for p in paths]
-    preds = engine.predict(frames)
+    for p in paths:
+        read_image(p, bundle.uint16_bits)
     out.mkdir(parents=True, exist_ok=True)
     names = [p.stem for p in paths]
     if len(set(names)) < len(names):  # e.g. good/000.png and crack/000.png: keep every output apart
         names = [f"{i:04d}_{p.parent.name}_{p.stem}" for i, p in enumerate(paths)]
     results = []
-    for path, name, frame, pr in zip(paths, names, frames, preds):
-        mask_file = out / f"{name}_mask.png"
-        overlay_file = out / f"{name}_overlay.png"
-        write_png(mask_file, pr.mask.astype(np.uint8) * 255)
-        write_png(overlay_file, heatmap_overlay(frame, pr.mask_level, bundle.mask_threshold, pr.mask))
-        results.append({"image": str(path), "score": pr.score, "anomalous": bool(pr.anomalous),
-                        "threshold": bundle.image_threshold, "mask_threshold": bundle.mask_threshold,
-                        "mask": str(mask_file), "overlay": str(overlay_file)})
+    for start in range(0, len(paths), engine.max_batch):
+        batch = slice(start, start + engine.max_batch)
+        frames = [read_image(p, bundle.uint16_bits) for p in paths[batch]]
+        for path, name, frame, pr in zip(paths[batch], names[batch], frames, engine.predict(frames)):
+            mask_file = out / f"{name}_mask.png"
+            overlay_file = out / f"{name}_overlay.png"
+            write_png(mask_file, pr.mask.astype(np.uint8) * 255)
+            write_png(overlay_file, heatmap_overlay(frame, pr.mask_level, bundle.mask_threshold, pr.mask))
+            results.append({"image": str(path), "score": pr.score, "anomalous": bool(pr.anomalous),
+                            "threshold": bundle.image_threshold, "mask_threshold": bundle.mask_threshold,
+                            "mask": str(mask_file), "overlay": str(overlay_file)})
+            on_result(results[-1])
     write_json(out / "results.json", results)
     return results
 

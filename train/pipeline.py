@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import ustudents
-from ustudents.engines.bundle import check_writable, write_bundle
+from ustudents.engines.bundle import MAX_SERVED_SIZE, check_writable, write_bundle
 from ustudents.engines.images import UINT16_BITS
 from ustudents.engines.model import INPUT_MEAN, INPUT_STD, AnomalyModel
 from ustudents.engines.patchnet import DESCRIPTOR_DIM, SCALES
@@ -24,7 +24,7 @@ from .teacher_files import DEFAULT_DIR, load_teacher, read_records
 MIN_IMAGE_SIZE = 64
 # Every training image's teacher descriptors are cached (N x 128 x S x S float16: 50 GB for 600 images at
 # 1024 px), so larger sizes are refused rather than left to fail on memory or disk.
-MAX_IMAGE_SIZE = 1024
+MAX_IMAGE_SIZE = MAX_SERVED_SIZE  # 1024: what a bundle may hold (bundle.py)
 MAX_STUDENTS = 16
 
 

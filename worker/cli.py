@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import sys
 import time
@@ -17,11 +18,11 @@ import click
 import redis
 from pydantic import ValidationError
 
-from ustudents.engines.cli import InputError
+from ustudents.engines.cli import InputError, check_output
 from ustudents.engines.cli import user_errors as engine_errors
 from ustudents.engines.runtime import BACKENDS, PRECISIONS
 
-from .settings import ENV_PREFIX, ToolSettings, WorkerSettings, flag_name
+from .settings import ENV_PREFIX, ToolSettings, WorkerSettings, check_name, flag_name, shown_url
 
 
 def user_errors(fn):
@@ -49,16 +50,18 @@ def tool_client(redis_url: str | None) -> redis.Redis:
     """A checked client for publish/results: Redis must answer now (one-line error otherwise)."""
     from .connection import connect
 
-    settings = ToolSettings(**({"redis_url": redis_url} if redis_url else {}))
+    # "" is a value (an unset $VAR in a script), refused as a URL, not taken as "no URL given"
+    settings = ToolSettings(**({"redis_url": redis_url} if redis_url is not None else {}))
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     client = connect(settings.redis_url, password)
     try:
         client.ping()
     except redis.AuthenticationError as err:
-        raise InputError(f"Redis at {settings.redis_url}: {err}; give the password in the URL or "
+        raise InputError(f"Redis at {shown_url(settings.redis_url)}: {err}; give the password in the URL or "
                          f"{ENV_PREFIX}REDIS_PASSWORD") from None
     except redis.RedisError as err:
-        raise InputError(f"cannot reach Redis at {settings.redis_url} ({err}); start it or pass --redis-url") from None
+        raise InputError(f"cannot reach Redis at {shown_url(settings.redis_url)} ({err}); start it or pass "
+                         "--redis-url") from None
     return client
 
 
@@ -80,12 +83,12 @@ def check_redis_setup(settings: WorkerSettings) -> None:
         kinds = [text_of(k) for k in pipe.execute()]
         groups = [text_of(g["name"]) for g in (client.xinfo_groups(settings.stream) if kinds[0] == "stream" else [])]
     except (redis.AuthenticationError, redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError) as err:
-        raise InputError(f"Redis at {settings.redis_url} refused the worker ({err}); give the password in the URL or "
+        raise InputError(f"Redis at {shown_url(settings.redis_url)} refused the worker ({err}); give the password in the URL or "
                          f"{ENV_PREFIX}REDIS_PASSWORD, and a user allowed stream commands") from None
     except UNAVAILABLE:
         return  # not up yet: the worker retries with backoff and reports not-ready meanwhile
     except redis.ResponseError as err:
-        raise InputError(f"Redis at {settings.redis_url}: {err}; check the URL's database number") from None
+        raise InputError(f"Redis at {shown_url(settings.redis_url)}: {err}; check the URL's database number") from None
     finally:
         client.close()
     others = [g for g in groups if g != settings.group]
@@ -175,9 +178,20 @@ def worker_cmd(ctx, env_file, **flags):
     ctx.exit(code)
 
 
+MIN_FPS = 1e-3  # one frame in 1000 s; slower is a typo, and 1e-300 overflowed the pacing clock
+
+
+def stream_name(ctx, param, value: str) -> str:
+    """--stream of the tools: a name the worker accepts (publishing to one it refuses loses the frames)."""
+    try:
+        return check_name(value, stream=True)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
 @click.command("publish")
 @click.argument("source")
-@click.option("--stream", required=True, help="Stream to write, e.g. line1.")
+@click.option("--stream", required=True, callback=stream_name, help="Stream to write, e.g. line1.")
 @click.option("--fps", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Frames per second; 0 = as fast as possible.")
 @click.option("--loop", is_flag=True, help="Start the folder or video again at its end.")
 @click.option("--count", type=click.IntRange(min=0), default=0, show_default=True, help="Stop after this many frames; 0 = all.")
@@ -196,6 +210,8 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
     """Camera stand-in: write frames from SOURCE (image folder, video file or camera index) to a stream."""
     from .publish import FramePublisher, frames_from, publish
 
+    if not math.isfinite(fps) or 0 < fps < MIN_FPS:
+        raise InputError(f"--fps {fps}: give 0 (as fast as possible) or a rate from {MIN_FPS} frames/s")
     frames = frames_from(source, fmt, loop)
     client = tool_client(redis_url)
     name = camera or (f"camera{source}" if source.isdigit() else Path(source).stem or "camera")
@@ -216,9 +232,9 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
 
 
 @click.command("results")
-@click.option("--stream", required=True, help="Input stream whose results to follow, e.g. line1.")
+@click.option("--stream", required=True, callback=stream_name, help="Input stream whose results to follow, e.g. line1.")
 @click.option("--save", "save_to", type=click.Path(path_type=Path), default=None,
-              help="Write <frame>_mask.png and <frame>_overlay.png here.")
+              help="Write <frame>_<entry id>_mask.png and <frame>_<entry id>_overlay.png here.")
 @click.option("--from-start", is_flag=True, help="Begin with the oldest kept result instead of new ones.")
 @click.option("--count", type=click.IntRange(min=0), default=0, show_default=True, help="Exit after this many frames; 0 = follow forever.")
 @redis_url_option
@@ -227,11 +243,17 @@ def results_cmd(stream, save_to, from_start, count, redis_url):
     """Follow <stream>:results and <stream>:dead: one line per frame."""
     from .results import follow
 
+    check_output(save_to, "--save", folder=True)
     client = tool_client(redis_url)
     try:
         follow(client, stream, click.echo, from_start=from_start, count=count, save_to=save_to)
     except KeyboardInterrupt:
         pass
+    except redis.ResponseError as err:
+        if "WRONGTYPE" not in str(err):
+            raise InputError(f"stream {stream}: Redis refused the read ({err})") from None
+        raise InputError(f"stream {stream}: {stream}:results or {stream}:dead is a Redis key of another type, not a "
+                         "stream; check --stream (and that nothing else writes those keys)") from None
     except redis.RedisError as err:
         raise InputError(f"stream {stream}: lost Redis ({err}); run the command again") from None
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import cv2
 import redis
 
-from ustudents.engines.images import IMAGE_SUFFIXES
+from ustudents.engines.images import IMAGE_SUFFIXES, image_files
 
 from . import schema
 from .connection import UNAVAILABLE, Backoff
@@ -34,7 +34,7 @@ def frames_from(source: str, fmt: str = "png", loop: bool = False) -> Iterator[t
         return _capture(_open(int(source), f"camera {source}: cannot be opened; check the index (0, 1, ...) and "
                                            "that no other program holds it"), f"camera{source}", fmt, loop=False)
     if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(path)
         if not files:
             raise ValueError(f"{path}: no images ({'/'.join(IMAGE_SUFFIXES)}); give a folder of frames, a video "
                              "file or a camera index")

@@ -64,11 +64,14 @@ def input_frame(client: redis.Redis, stream: str, entry_id: str) -> np.ndarray |
 
 
 def save(client: redis.Redis, stream: str, fields: dict[str, bytes], folder: Path) -> str:
-    """Write <frame>_mask.png and <frame>_overlay.png; returns what was written, for the line."""
+    """Write <frame>_<entry>_mask.png and <frame>_<entry>_overlay.png; returns what was written, for the
+    line. The input entry's id makes the names unique: two cameras, or a folder published twice, send
+    the same frame ids, and safe_name may map two ids to one name."""
     frame_id = (fields.get(schema.FRAME_ID) or fields[schema.ENTRY_ID]).decode("utf-8", "replace")
-    mask_file = folder / f"{safe_name(frame_id)}_mask.png"
+    stem = f"{safe_name(frame_id)}_{safe_name(fields[schema.ENTRY_ID].decode())}"
+    mask_file = folder / f"{stem}_mask.png"
     write_atomically(mask_file, fields[schema.MASK])
-    overlay_file = folder / f"{safe_name(frame_id)}_overlay.png"
+    overlay_file = folder / f"{stem}_overlay.png"
     if schema.HEATMAP in fields:
         write_atomically(overlay_file, fields[schema.HEATMAP])
     else:

@@ -10,6 +10,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,8 +21,29 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 def check_redis_url(url: str) -> str:
     if not url.startswith(REDIS_SCHEMES):
-        raise ValueError(f"{url!r} is not a Redis URL; use redis://HOST:PORT/DB, rediss://... (TLS) or unix://PATH")
+        raise ValueError(f"{shown_url(url)!r} is not a Redis URL; use redis://HOST:PORT/DB, rediss://... (TLS) or "
+                         "unix://PATH")
+    path = urlsplit(url).path
+    if not url.startswith("unix://") and not re.fullmatch(r"/?|/\d+", path):
+        # redis-py would silently use database 0 for redis://host/abc
+        raise ValueError(f"{shown_url(url)!r}: the database {path[1:]!r} is not a number; use redis://HOST:PORT/DB")
     return url
+
+
+def shown_url(url: str) -> str:
+    """The URL as messages and logs show it: a password in it replaced by ***."""
+    return re.sub(r"^([a-z]+://[^:@/]*:)[^@/]*@", r"\1***@", url)
+
+
+def check_name(v: str, stream: bool = False) -> str:
+    """A stream, group or consumer name the worker accepts. A stream named like another stream's
+    results or dead letters (line1:results) would have the worker read its own output."""
+    if not v or any(c.isspace() for c in v):
+        raise ValueError("must be a non-empty name without spaces")
+    if stream and v.endswith((":results", ":dead")):
+        raise ValueError(f"{v!r} is where the results or dead letters of {v.rsplit(':', 1)[0]!r} go; give the input "
+                         "stream's name")
+    return v
 
 
 def default_consumer() -> str:
@@ -75,10 +97,8 @@ class WorkerSettings(BaseSettings):
 
     @field_validator("stream", "group", "consumer")
     @classmethod
-    def _name(cls, v: str) -> str:
-        if not v or any(c.isspace() for c in v):
-            raise ValueError("must be a non-empty name without spaces")
-        return v
+    def _name(cls, v: str, info) -> str:
+        return check_name(v, stream=info.field_name == "stream")
 
     @field_validator("model")
     @classmethod
