@@ -11,6 +11,7 @@ that bundle converts with it, in training and in production alike.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import cv2
@@ -37,7 +38,9 @@ class ImageError(ValueError):
     """An image file that cannot be used; the message names the file and the fix."""
 
 
+log = logging.getLogger(__name__)
 UINT16_BITS = 16  # 16-bit data of unknown depth (and bundles from before uint16_bits): its top 8 bits
+_told_of_dark_16_bit = False  # dark_16_bit_hint: once per process
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -88,12 +91,25 @@ def decode_image(data: bytes, source: str = "<bytes>", bits: int | None = UINT16
     img = _decode_unchanged(data, source)
     if img.dtype == np.uint16:
         bits = _bits_used(img) if bits is None else bits
+        dark_16_bit_hint(img, bits, source)
         img = np.minimum(img >> (bits - 8), 255).astype(np.uint8)
     if img.ndim == 2:
         return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
     if img.shape[2] == 4:
         return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def dark_16_bit_hint(img: np.ndarray, bits: int, source: str) -> None:
+    """A 12-bit camera's frames given to a model that reads 16 bits (one trained on 8-bit images)
+    come out 16 times darker and score as anomalies: say so once, with the fix, in the log."""
+    global _told_of_dark_16_bit
+    used = _bits_used(img)
+    if bits == UINT16_BITS and used <= bits - 3 and not _told_of_dark_16_bit:
+        _told_of_dark_16_bit = True
+        log.warning("%s: 16-bit data using %d bits, read with the model's %d, so it looks %dx darker than it is; "
+                    "if the camera changed, recalibrate on its frames (ustudents calibrate MODEL --images DIR: the "
+                    "bundle then reads %d bits)", source, used, bits, 1 << (bits - used), used)
 
 
 def read_mask(path: str | Path) -> np.ndarray:

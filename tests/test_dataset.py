@@ -101,6 +101,24 @@ def test_12_bit_images_in_16_bit_files_load_as_the_8_bit_image_they_hold(tmp_pat
     assert (decode_image(bright.read_bytes(), bits=None) == 5000 >> 5).all()  # a picture: its own 13 bits
 
 
+def test_a_12_bit_frame_read_as_16_bits_is_told_once_with_the_fix(tmp_path, caplog, monkeypatch):
+    """A model trained on 8-bit images reads 16-bit data as 16 bits: a 12-bit camera's frames come out
+    16 times darker and score as anomalies, which predict and the worker did without a word."""
+    import ustudents.engines.images as images
+
+    monkeypatch.setattr(images, "_told_of_dark_16_bit", False)
+    rng = np.random.default_rng(0)
+    deep = write_image(tmp_path / "deep.png", as_12_bit(rng.integers(0, 256, (8, 8), dtype=np.uint8), rng))
+    with caplog.at_level("WARNING", logger="ustudents.engines.images"):
+        read_image(deep, bits=12)  # read as the model's 12 bits: nothing to say
+        assert caplog.records == []
+        read_image(deep)
+        read_image(deep)
+    assert len(caplog.records) == 1  # once per process, not per frame
+    assert "16-bit data using 12 bits, read with the model's 16, so it looks 16x darker" in caplog.text
+    assert "ustudents calibrate MODEL --images DIR" in caplog.text
+
+
 def test_the_bits_of_a_training_set_are_the_most_any_image_uses(tmp_path):
     rng = np.random.default_rng(1)
     paths = [write_image(tmp_path / "a.png", rng.integers(0, 256, (8, 8), dtype=np.uint8)),

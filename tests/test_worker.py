@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -1112,6 +1113,22 @@ def test_publish_sends_large_frames_by_key_and_reads_videos(frames, redis_url, s
     assert [f[b"frame_id"].decode() for _, f in sent] == [f"line-{i:06d}" for i in range(7)]  # looped past the end
     first = cv2.imdecode(np.frombuffer(sent[0][1][b"image"], np.uint8), cv2.IMREAD_COLOR)
     assert first.shape == (32, 40, 3)
+
+    # a truncated file: what it holds is sent, and the shortfall is said (it was silent)
+    long = tmp_path / "long.avi"
+    writer = cv2.VideoWriter(str(long), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48))
+    noise = np.random.default_rng(0)  # frames large against the header, so half the file holds some
+    for _ in range(20):
+        writer.write(noise.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(long.read_bytes()[: long.stat().st_size // 2])
+    out = runner.invoke(main, ["publish", "--stream", stream, str(cut), "--fps", "0", "--redis-url", redis_url])
+    sent = int(re.search(r"published (\d+) frames", out.output).group(1))
+    assert out.exit_code == 0 and 0 < sent < 20, out.output
+    assert f"{cut}: the video ended after {sent} of the 20 frames its header gives" in out.output
+    assert "header gives" not in runner.invoke(main, ["publish", "--stream", stream, str(long), "--fps", "0",
+                                                     "--redis-url", redis_url]).output
 
     for source, message in [(str(tmp_path / "nothing"), "no such folder"), (str(tmp_path), "no images")]:
         (tmp_path / "empty").mkdir(exist_ok=True)

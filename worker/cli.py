@@ -212,7 +212,7 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
 
     if not math.isfinite(fps) or 0 < fps < MIN_FPS:
         raise InputError(f"--fps {fps}: give 0 (as fast as possible) or a rate from {MIN_FPS} frames/s")
-    frames = frames_from(source, fmt, loop)
+    frames = frames_from(source, fmt, loop, warn=lambda message: click.echo(message, err=True))
     client = tool_client(redis_url)
     name = camera or (f"camera{source}" if source.isdigit() else Path(source).stem or "camera")
     publisher = FramePublisher(client, stream, camera=name, category=category, maxlen=maxlen,

@@ -26,9 +26,11 @@ from . import schema
 from .connection import UNAVAILABLE, Backoff
 
 
-def frames_from(source: str, fmt: str = "png", loop: bool = False) -> Iterator[tuple[str, bytes]]:
+def frames_from(source: str, fmt: str = "png", loop: bool = False,
+                warn: Callable[[str], None] = print) -> Iterator[tuple[str, bytes]]:
     """(frame_id, encoded bytes) from a folder of images, one image, a video file or a camera
-    index. Raises ValueError at once when the source cannot be used."""
+    index. Raises ValueError at once when the source cannot be used; `warn` hears of a video that
+    ends before the frame count its header gives (a truncated or damaged file)."""
     path = Path(source)
     if source.isdigit() and not path.exists():
         return _capture(_open(int(source), f"camera {source}: cannot be opened; check the index (0, 1, ...) and "
@@ -43,7 +45,7 @@ def frames_from(source: str, fmt: str = "png", loop: bool = False) -> Iterator[t
         return _files([path], loop)
     if path.is_file():
         return _capture(_open(str(path), f"{path}: cannot be opened as a video; give a video OpenCV reads "
-                                         "(e.g. .mp4, .avi)"), path.stem, fmt, loop)
+                                         "(e.g. .mp4, .avi)"), path.stem, fmt, loop, warn=warn, source=str(path))
     raise ValueError(f"{source}: no such folder, image, video file or camera index")
 
 
@@ -64,17 +66,24 @@ def _open(source: int | str, error: str) -> cv2.VideoCapture:
     return cap
 
 
-def _capture(cap: cv2.VideoCapture, name: str, fmt: str, loop: bool) -> Iterator[tuple[str, bytes]]:
-    index, rewound = 0, False
+def _capture(cap: cv2.VideoCapture, name: str, fmt: str, loop: bool, warn: Callable[[str], None] = print,
+             source: str = "") -> Iterator[tuple[str, bytes]]:
+    index, rewound, in_pass = 0, False, 0
+    announced = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if source else 0  # a file's header; cameras: 0 or -1
     try:
         while True:
             ok, bgr = cap.read()
             if not ok:
+                if in_pass < announced:
+                    warn(f"{source}: the video ended after {in_pass} of the {announced} frames its header gives; "
+                         "the file is truncated or damaged")
+                    announced = 0  # once, not on every loop
                 if loop and index and not rewound and cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
-                    rewound = True
+                    rewound, in_pass = True, 0
                     continue
                 return
             rewound = False
+            in_pass += 1
             ok, buf = cv2.imencode(f".{fmt}", bgr)
             if ok:
                 yield f"{name}-{index:06d}", buf.tobytes()
