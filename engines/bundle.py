@@ -229,8 +229,9 @@ def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    shapes = {k: list(v.shape) for k, v in sorted(weights.items())}
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION,
-                    weights={"file": name, "sha256": sha, "tensors": {k: list(v.shape) for k, v in sorted(weights.items())}})
+                    weights={"file": name, "sha256": sha, "tensors": shapes})
     write_atomically(path / MANIFEST, json.dumps(manifest, indent=2) + "\n", mode=0o644)
     kept = {e["file"] for e in manifest.get("engines") or []} | {name}
     for f in [old["weights"]["file"]] + [e["file"] for e in old.get("engines") or []]:

@@ -12,6 +12,7 @@ that bundle converts with it, in training and in production alike.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import cv2
@@ -61,7 +62,14 @@ def read_image(path: str | Path, bits: int = UINT16_BITS) -> np.ndarray:
 def _decode_unchanged(data: bytes, source: str) -> np.ndarray:
     if len(data) == 0:
         raise ImageError(f"{source}: empty (0 bytes); replace it with a valid PNG or JPEG image")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as err:
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(err):
+            raise ImageError(f"{source}: more than {int(os.environ.get('OPENCV_IO_MAX_IMAGE_PIXELS', 1 << 30)):,} "
+                             "pixels, the most OpenCV is set to decode; a real image this large needs "
+                             "OPENCV_IO_MAX_IMAGE_PIXELS raised") from None
+        raise
     if img is None or img.size == 0:
         raise ImageError(f"{source}: cannot be decoded as an image (PNG, JPEG, BMP or TIFF); replace or remove it")
     if img.dtype not in (np.uint8, np.uint16):

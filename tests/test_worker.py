@@ -1192,3 +1192,90 @@ def test_publish_skips_hidden_files_and_results_keeps_frames_of_one_name_apart(f
                                          schema.HEATMAP: mask}, saved)
     assert sorted(p.name for p in saved.iterdir()) == ["000_1-0_mask.png", "000_1-0_overlay.png",
                                                         "000_2-0_mask.png", "000_2-0_overlay.png"]
+
+
+def test_hand_written_entries_get_one_honest_outcome(engines, frames, redis_url, stream):
+    """A camera integrator's entries, found in an audit: fields named like the worker's own were
+    repeated in the dead letter (two `reason`s); a 1-pixel frame got a confident verdict; an
+    `image_key` whose name is not UTF-8 was looked up as another key; a `ts` that is not a float was
+    copied to the result, and one in milliseconds or 0 went into the latency histogram."""
+    r = client(redis_url)
+    good = frames[0].read_bytes()
+    key = f"{stream}:k:".encode() + b"\xff"
+    r.set(key, good, ex=60)
+    now = time.time()
+    ids = {
+        "collide": add(r, stream, frame_id="collide", reason="fake", schema="2", error="producer's"),
+        "pixel": add(r, stream, frame_id="pixel", image=cv2.imencode(".png", np.zeros((1, 1), np.uint8))[1].tobytes()),
+        "keyed": add(r, stream, frame_id="keyed", image_key=key),
+        "words": add(r, stream, frame_id="words", image=good, ts="yesterday"),
+        "millis": add(r, stream, frame_id="millis", image=good, ts=repr(now * 1000)),
+        "zero": add(r, stream, frame_id="zero", image=good, ts="0"),
+        "fine": add(r, stream, frame_id="fine", image=good, ts=repr(now)),
+    }
+    port = free_port()
+    with in_process_worker(engines, redis_url, stream, metrics_port=port):
+        wait_for(lambda: len(results_of(r, stream)) + len(dead_of(r, stream)) == len(ids), 60, "every outcome")
+        latencies = metric(port, "ustudents_end_to_end_seconds_count", stream=stream)
+        latency_sum = metric(port, "ustudents_end_to_end_seconds_sum", stream=stream)
+    dead = {s(x[schema.FRAME_ID]): x for x in dead_of(r, stream)}
+    res = {s(x[schema.FRAME_ID]): x for x in results_of(r, stream)}
+    assert sorted(dead) == ["collide", "pixel"] and sorted(res) == ["fine", "keyed", "millis", "words", "zero"]
+    plain = redis.Redis.from_url(redis_url)
+    plain.set_response_callback("XRANGE", lambda reply, **kw: reply)  # field lists as stored, not dicts
+    raw = {s(f[f.index(b"frame_id") + 1]): f for _, f in plain.xrange(schema.dead_stream(stream))}
+    names = raw["collide"][0::2]  # the field names as stored, duplicates included
+    assert all(names.count(n) == 1 for n in (b"reason", b"schema", b"error", b"entry_id")), names
+    assert s(dead["collide"][schema.REASON]) == schema.MISSING_IMAGE and s(dead["collide"][schema.SCHEMA]) == "1"
+    assert s(dead["pixel"][schema.REASON]) == schema.DECODE_ERROR and "1 x 1 pixels" in s(dead["pixel"][schema.ERROR])
+    assert schema.TS not in res["words"] and float(res["fine"][schema.TS]) == now
+    assert latencies == 1 and 0 <= latency_sum < 60  # only the real capture time counts
+
+
+def test_a_group_made_again_starts_after_the_newest_outcome(engines, frames, redis_url, stream):
+    """Destroying the group (the advice for renaming it) made the next worker score the whole kept
+    stream again, and publish second outcomes once the done markers had expired."""
+    r = client(redis_url)
+    first = [add_frame(r, stream, f) for f in frames[:3]]
+    with in_process_worker(engines, redis_url, stream, dedupe_ttl_s=1):
+        wait_for(lambda: len(results_of(r, stream)) == 3, 60, "three results")
+    r.xgroup_destroy(stream, "ustudents")
+    time.sleep(1.1)  # the done markers have expired
+    later = add_frame(r, stream, frames[3])
+    with in_process_worker(engines, redis_url, stream):
+        wait_for(lambda: len(results_of(r, stream)) >= 4, 60, "the new frame's result")
+        time.sleep(0.5)
+    exactly_one_result_each(r, stream, first + [later])
+
+
+def test_the_lag_is_checked_against_the_stream(redis_url, stream):
+    """Redis 7.0 counted entries trimmed before the group read them as lag for good
+    (redis/redis#13957), holding the lag alert and KEDA's scale-out up."""
+    r = client(redis_url)
+    io = StreamIO(r, stream, "ustudents", "c1", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+    assert io.ensure_group() == "0"  # a first group reads from the start
+    for i in range(3):
+        r.xadd(stream, {"frame_id": str(i), "image": b"x"})
+    while r.xreadgroup("ustudents", "c1", {stream: ">"}, count=100):
+        pass
+    if "lag" not in io.group_info():
+        pytest.skip("this Redis (before 7) keeps no lag")
+    for i in range(60):  # the workers down: half of these are trimmed before the group reads them
+        r.xadd(stream, {"frame_id": str(i), "image": b"x"}, maxlen=30, approximate=False)
+    assert io.group_info()["lag"] <= 30  # never more than the stream holds (Redis 7.0 said 60)
+    while r.xreadgroup("ustudents", "c1", {stream: ">"}, count=100):
+        pass
+    assert io.group_info()["lag"] == 0  # all read (Redis 7.0 said 30, for good)
+
+
+def test_a_stream_key_of_another_type_is_waited_out(engines, frames, redis_url, stream):
+    """SET line1 x (a typo in a script) crashed the reader with WRONGTYPE; the worker now waits."""
+    r = client(redis_url)
+    r.set(stream, "not a stream")
+    with in_process_worker(engines, redis_url, stream) as worker:
+        time.sleep(0.5)
+        assert worker.alive()[0]
+        r.delete(stream)
+        entry = add_frame(r, stream, frames[0])
+        wait_for(lambda: results_of(r, stream), 60, "the frame's result")
+    exactly_one_result_each(r, stream, [entry])

@@ -27,7 +27,9 @@ def test_flags_win_over_environment_over_env_file(tmp_path, monkeypatch):
 
 def test_the_command_reads_env_file_and_its_flags_override_it(tmp_path):
     env_file = tmp_path / "worker.env"
-    env_file.write_text("USTUDENTS_STREAM=line1\nUSTUDENTS_MODEL=/no/such/model\nUSTUDENTS_REDIS_URL=http://wrong\n")
+    # metrics port 0: the default 9108 may be taken on the machine running the tests (a demo)
+    env_file.write_text("USTUDENTS_STREAM=line1\nUSTUDENTS_MODEL=/no/such/model\nUSTUDENTS_REDIS_URL=http://wrong\n"
+                        "USTUDENTS_METRICS_PORT=0\n")
     runner = CliRunner()
     from_file = runner.invoke(main, ["worker", "--env-file", str(env_file)])
     assert from_file.exit_code == 2 and "USTUDENTS_REDIS_URL: 'http://wrong' is not a Redis URL" in from_file.output
@@ -51,14 +53,18 @@ def damaged_bundle(tiny_bundle, tmp_path):
 def test_bad_input_at_start_is_one_line_and_exit_2(case, tiny_bundle, damaged_bundle, tmp_path):
     empty = tmp_path / "empty.env"
     empty.write_text("")
-    base = ["worker", "--stream", "line1", "--model", str(tiny_bundle), "--device", "cpu", "--env-file", str(empty)]
+    # metrics port 0 but where the port is the case: the default 9108 may be taken here (a demo)
+    base = ["worker", "--stream", "line1", "--model", str(tiny_bundle), "--device", "cpu", "--env-file", str(empty),
+            "--metrics-port", "0"]
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     args, expected = {
         "no-stream": (["worker", "--model", str(tiny_bundle)], "--stream / USTUDENTS_STREAM: required"),
-        "no-model-dir": (["worker", "--stream", "line1", "--model", str(tmp_path / "nope")], "not a model bundle directory"),
-        "damaged-bundle": (["worker", "--stream", "line1", "--model", str(damaged_bundle)], "checksum mismatch"),
+        "no-model-dir": (["worker", "--stream", "line1", "--model", str(tmp_path / "nope"), "--metrics-port", "0"],
+                         "not a model bundle directory"),
+        "damaged-bundle": (["worker", "--stream", "line1", "--model", str(damaged_bundle), "--metrics-port", "0"],
+                           "checksum mismatch"),
         "bad-url": (base + ["--redis-url", "localhost:6379"], "is not a Redis URL"),
         "bad-batch": (base + ["--batch", "0"], "--batch / USTUDENTS_BATCH: Input should be greater than or equal to 1"),
         "bad-backend": (base + ["--backend", "tensorrt"], "tensorrt needs a CUDA GPU"),
@@ -68,7 +74,7 @@ def test_bad_input_at_start_is_one_line_and_exit_2(case, tiny_bundle, damaged_bu
                        f"--metrics-port {taken.getsockname()[1]}: cannot listen"),
         "bad-device": (base + ["--device", "gpu"], "--device / USTUDENTS_DEVICE: 'gpu': choose auto, cpu, cuda or cuda:N"),
         # a typo in the file's name must not silently run the worker on the defaults
-        "no-env-file": (base[:-1] + [str(tmp_path / "typo.env")], "typo.env' does not exist"),
+        "no-env-file": ([a if a != str(empty) else str(tmp_path / "typo.env") for a in base], "typo.env' does not exist"),
     }[case]
     try:
         result = CliRunner().invoke(main, args)

@@ -14,7 +14,8 @@ import click
 import torch
 
 from ustudents.engines.bundle import BundleError, load_bundle, rewrite_bundle
-from ustudents.engines.cli import InputError, check_apart, check_bundle_writable, check_output, engine_options, user_errors_for
+from ustudents.engines.cli import (InputError, check_apart, check_bundle_writable, check_output, engine_options,
+                                   user_errors_for)
 from ustudents.engines.images import IMAGE_SUFFIXES, ImageError, image_files
 from ustudents.engines.runtime import EngineError, default_torch_precision, native_bf16, resolve_device
 from ustudents.engines.patchnet import SCALES

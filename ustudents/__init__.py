@@ -6,5 +6,9 @@ import os
 # hundreds of MB, and with 4 KiB pages the page faults on every fresh allocation cost as much as the
 # arithmetic (engines/fftconv.py). A value the user set wins.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# OpenCV decodes images of up to this many pixels (its own default is 2^30): a PNG of a few hundred KB
+# can claim gigapixels and take the process down for memory. 2^26 = 67 megapixels holds the largest
+# machine-vision sensors (65 MP); a value the user set wins. OpenCV reads it at its first decode.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 26))
 
 __version__ = "0.1.0"

@@ -10,6 +10,11 @@ from ustudents.engines.overlay import heatmap_overlay
 from .schema import EMPTY, IMAGE, IMAGE_KEY, MISSING_IMAGE, TOO_LARGE, DeadLetter
 
 
+# A camera frame smaller than this on a side (a 1-pixel or a 20000 x 10 frame) is a fault, not a part:
+# resized to the model's size it gets a confident verdict all the same, so it is dead-lettered instead.
+MIN_FRAME_SIDE = 16
+
+
 def payload(fields: dict[bytes, bytes], fetched: bytes | int | None, max_bytes: int) -> bytes | DeadLetter:
     """The encoded image of an entry, or why there is none. `fetched` is what its `image_key` held
     (see StreamIO.fetch_images) when the entry names one instead of carrying `image`."""
@@ -36,9 +41,14 @@ def decode(data: bytes, source: str, uint16_bits: int | None) -> np.ndarray:
     """Encoded bytes -> uint8 RGB (H, W, 3), 16-bit data holding `uint16_bits` bits (the model's);
     ImageError when they are not an image."""
     try:
-        return decode_image(data, source, uint16_bits)
+        frame = decode_image(data, source, uint16_bits)
     except cv2.error as err:  # OpenCV rejects some malformed headers by raising
         raise ImageError(f"{source}: cannot be decoded as an image ({str(err).strip().splitlines()[-1]})") from None
+    h, w = frame.shape[:2]
+    if min(h, w) < MIN_FRAME_SIDE:
+        raise ImageError(f"{source}: a frame of {w} x {h} pixels, under {MIN_FRAME_SIDE} on a side: not an inspection "
+                         "image (a camera or grabber fault?)")
+    return frame
 
 
 def png(image: np.ndarray) -> bytes:

@@ -95,7 +95,7 @@ def result_entry(entry_id: str, fields: dict[bytes, bytes], *, score: float, ano
         MASK: mask_png, MODEL: model, LATENCY_MS: f"{latency_ms:.3f}", CONSUMER: consumer}
     for name in PASSED_THROUGH:
         value = fields.get(name.encode())
-        if value is not None:
+        if value is not None and (name != TS or capture_time(fields) is not None):  # ts: a float, as documented
             out[name] = value
     if heatmap_png is not None:
         out[HEATMAP] = heatmap_png
@@ -108,6 +108,8 @@ def dead_entry(entry_id: str, fields: dict[bytes, bytes], dead: DeadLetter,
     at, or publish again); a larger one is replaced by its size, so that a camera sending broken
     frames cannot fill Redis with copies of them (at most dead_maxlen x max_image_bytes)."""
     out: dict[bytes | str, bytes | str] = dict(fields)
+    for name in (SCHEMA, ENTRY_ID, REASON, ERROR, IMAGE_BYTES):  # the worker's, never the producer's
+        out.pop(name.encode(), None)
     image = out.get(IMAGE.encode())
     if image is not None and len(image) > max_image_bytes:
         del out[IMAGE.encode()]

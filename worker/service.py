@@ -45,6 +45,9 @@ from .streams import Entry, PublishRefused, Record, StreamIO
 log = logging.getLogger("ustudents.worker")
 
 STOP = object()  # end of a queue
+# A `ts` this far ahead of the worker's clock (skewed camera clocks) or behind it (a backlog of a day)
+# is still a capture time; beyond, it is another unit (milliseconds) or an unset clock (0).
+TS_SKEW_S, TS_MAX_AGE_S = 300, 86_400
 
 
 class ModelFailing(RuntimeError):
@@ -306,8 +309,11 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 if not group_ready:
-                    if self.io.ensure_group():
-                        log.info("created consumer group %s on %s", s.group, s.stream, extra={"event": "group_created"})
+                    start = self.io.ensure_group()
+                    if start is not None:
+                        log.info("created consumer group %s on %s, reading after entry %s (%s)", s.group, s.stream,
+                                 start, "the stream's start" if start == "0" else "the newest with an outcome",
+                                 extra={"event": "group_created", "entry_id": start})
                     group_ready = True
                 deleted: list[str] = []
                 if history is not None:
@@ -344,6 +350,10 @@ class Worker:
                 elif unblocked(err):
                     log.warning("Redis ended the blocked read (%s); checking the group and reading on", err,
                                 extra={"event": "read_unblocked", "error": str(err)})
+                elif "WRONGTYPE" in str(err):  # someone SET the stream's key: wait for it to be a stream again
+                    self.throttled.warning("stream_wrongtype", "%s is a Redis key of another type, not a stream; "
+                                           "waiting for it to be deleted (DEL %s)", s.stream, s.stream,
+                                           event="stream_wrongtype", error=str(err))
                 else:
                     raise
                 group_ready = False
@@ -422,8 +432,9 @@ class Worker:
         ids = [e.id for e in entries]
         keyed = [i for i, e in enumerate(entries)
                  if schema.IMAGE.encode() not in e.fields and schema.IMAGE_KEY.encode() in e.fields]
-        fetched = dict(zip(keyed, self.io.fetch_images([entries[i].fields[schema.IMAGE_KEY.encode()].decode("utf-8", "replace")
-                                                        for i in keyed], s.max_frame_bytes))) if keyed else {}
+        # the key's own bytes: a name that is not UTF-8 must not be looked up as another one
+        fetched = dict(zip(keyed, self.io.fetch_images([entries[i].fields[schema.IMAGE_KEY.encode()] for i in keyed],
+                                                       s.max_frame_bytes))) if keyed else {}
         prepared: list[Future | schema.DeadLetter | None] = []
         categories: list[str | None] = []
         for i, e in enumerate(entries):
@@ -594,12 +605,16 @@ class Worker:
             entry.id, entry.fields, score=p.score, anomalous=p.anomalous, threshold=engine.image_threshold,
             mask_png=codec.mask_png(p.mask), model=engine.info["model"],
             latency_ms=(time.monotonic() - entry.received) * 1000, consumer=s.consumer, heatmap_png=heatmap)
-        return Record(entry.id, self.io.results, fields)
+        return Record(entry.id, self.io.results, fields, received=entry.received)
 
     def _publish(self, records: list[Record]) -> list[Record] | None:
         """streams.publish until it succeeds; None if the worker abandons its work first."""
         backoff = Backoff(self.s.backoff_max_s)
         while True:
+            now = time.monotonic()
+            for rec in records:  # up to this attempt: a publish that waited on Redis counts in the latency
+                if rec.received is not None:
+                    rec.fields[schema.LATENCY_MS] = f"{(now - rec.received) * 1000:.3f}"
             try:
                 written = self.io.publish(records)
                 self.redis_state.ok()
@@ -634,8 +649,13 @@ class Worker:
                 m.anomalies.labels(stream, category).inc()
                 self.totals.anomalies += 1
             ts = schema.capture_time(entry.fields)
-            if ts is not None:
-                m.end_to_end.labels(stream).observe(max(0.0, now - ts))
+            if ts is not None and -TS_SKEW_S <= now - ts <= TS_MAX_AGE_S:
+                m.end_to_end.labels(stream).observe(max(0.0, now - ts))  # a clock a little ahead counts as 0
+            elif ts is not None:
+                self.throttled.warning("ts", "entry %s: ts %r is not a capture time in Unix seconds within %d s ahead "
+                                       "or %d s behind this worker's clock (milliseconds? an unset clock?); left out "
+                                       "of the end-to-end latency", entry.id, ts, TS_SKEW_S, TS_MAX_AGE_S,
+                                       event="bad_ts", entry_id=entry.id)
         for entry_id, (_, outcome) in by_id.items():
             if outcome.kind != "failed":
                 self.last_errors.pop(entry_id, None)

@@ -25,8 +25,9 @@ is of the wrong type; then nothing can fail. Hence:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
 import time
+from dataclasses import dataclass, field
 
 import redis
 
@@ -58,6 +59,7 @@ class Record:
     target: str | None
     fields: dict | None = None
     kind: str = "result"  # marker value: "result" or "dead:<reason>"
+    received: float | None = None  # time.monotonic() when the worker read the entry (a result's latency_ms)
 
 
 def replies(reply) -> list[tuple[bytes, list[RawEntry]]]:
@@ -134,21 +136,46 @@ class StreamIO:
         self._publish = client.register_script(PUBLISH_SCRIPT)
 
     # -- the group -------------------------------------------------------------------------------
-    def ensure_group(self) -> bool:
-        """Create the group (and the stream) if missing, reading from the stream's first entry, so
-        frames written before any worker started are processed too. True if it was created."""
+    def ensure_group(self) -> str | None:
+        """Create the group (and the stream) if missing; returns the id it starts after, None if it
+        existed. A first group reads from the stream's first entry, so frames written before any
+        worker started are processed too. A group made again (destroyed by hand, say to rename it)
+        starts after the newest entry that already has a result or dead letter: from the start it would
+        score the whole kept stream again, and publish second outcomes once their done markers expired."""
+        start = self.newest_outcome()
         try:
-            self.r.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-            return True
+            self.r.xgroup_create(self.stream, self.group, id=start, mkstream=True)
+            return start
         except redis.ResponseError as err:
             if "BUSYGROUP" in str(err):
-                return False
+                return None
             raise
 
+    def newest_outcome(self) -> str:
+        """The input entry id of the newest result or dead letter, '0' if there is none."""
+        newest = (0, 0)
+        for key in (self.results, self.dead):
+            for _, fields in self.r.xrevrange(key, count=1):
+                eid = fields.get(schema.ENTRY_ID.encode(), b"").decode("ascii", "replace")
+                if re.fullmatch(r"\d+-\d+", eid):
+                    newest = max(newest, tuple(map(int, eid.split("-"))))
+        return "0" if newest == (0, 0) else f"{newest[0]}-{newest[1]}"
+
     def group_info(self) -> dict:
-        """XINFO GROUPS for our group: pending, lag (None where Redis < 7 or it cannot tell), ..."""
+        """XINFO GROUPS for our group: pending, lag (None where Redis < 7 or it cannot tell), ...
+
+        The lag is checked against the stream: Redis 7.0 counts entries trimmed before the group read
+        them as lag for good (redis/redis#13957), which would hold the lag alert and KEDA's scale-out
+        up forever. A group that has read up to the stream's last entry has lag 0, and no group more
+        than the stream holds."""
         for g in self.r.xinfo_groups(self.stream):
             if text_of(g["name"]) == self.group:
+                if g.get("lag"):
+                    stream = self.r.xinfo_stream(self.stream)
+                    if text_of(g["last-delivered-id"]) == text_of(stream["last-generated-id"]):
+                        g = dict(g, lag=0)
+                    else:
+                        g = dict(g, lag=min(int(g["lag"]), int(stream["length"])))
                 return g
         return {}
 
@@ -242,7 +269,7 @@ class StreamIO:
             return []
         return [v is not None for v in self.r.mget([schema.done_key(self.stream, i) for i in ids])]
 
-    def fetch_images(self, keys: list[str], max_bytes: int) -> list[bytes | int | None]:
+    def fetch_images(self, keys: list[bytes], max_bytes: int) -> list[bytes | int | None]:
         """Bytes held at each `image_key`: the bytes, or their length when over `max_bytes` (not
         fetched), or None when the key is missing or not a string."""
         pipe = self.r.pipeline(transaction=False)
