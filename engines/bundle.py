@@ -169,9 +169,26 @@ def check_writable(out: Path) -> None:
         raise BundleError(f"{out}: exists and is not a model bundle; choose another --out (it would be replaced)")
 
 
+def check_replaceable(out: Path) -> None:
+    """Refuse now, not after hours of training, an `out` that write_bundle cannot rename a finished
+    bundle onto: a mount point (a container volume at the bundle's path), or one whose folder is not
+    writable. A symlink is followed: the bundle goes where it points, and the link stays."""
+    real = Path(out).resolve()
+    if real.exists() and os.path.ismount(real):
+        raise BundleError(f"--out {out}: a mount point (a volume?), onto which a finished bundle cannot be renamed; "
+                          f"give a folder inside it, e.g. --out {Path(out) / real.name}")
+    parent = real.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise BundleError(f"--out {out}: {parent} is not writable here, so the bundle cannot be put in place; "
+                          "choose another --out")
+
+
 def write_bundle(out: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    """Write a complete bundle to `out` atomically, replacing an existing bundle there."""
-    out = Path(out)
+    """Write a complete bundle to `out` atomically, replacing an existing bundle there (through a
+    symlink: at its target, so that the link, a plant's `current`, keeps pointing at the bundle)."""
+    out = Path(out).resolve() if Path(out).is_symlink() else Path(out)
     check_writable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))

@@ -124,11 +124,13 @@ def read_mask(path: str | Path) -> np.ndarray:
     """Read a ground-truth mask as bool (H, W): nonzero = defect."""
     path = Path(path)
     data = np.fromfile(path, dtype=np.uint8) if path.is_file() else None
-    # cv2.imdecode raises (rather than returning None) on an empty buffer: a zero-byte file
-    img = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data is not None and data.size else None
+    # cv2.imdecode raises (rather than returning None) on an empty buffer: a zero-byte file.
+    # Unchanged, not gray: OpenCV's gray conversion keeps a 16-bit mask's top 8 bits, so 0/255 in a
+    # 16-bit file read as empty. Any nonzero value in a colour channel (not alpha) marks a defect pixel.
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data is not None and data.size else None
     if img is None:
         raise ImageError(f"{path}: cannot be read as a mask image; replace it with a PNG mask")
-    return img > 0
+    return img[:, :, : 3 if img.shape[2] >= 3 else 1].any(axis=2) if img.ndim == 3 else img > 0
 
 
 def frame_tensor(frame: np.ndarray) -> torch.Tensor:

@@ -343,6 +343,51 @@ def train_args(root, out, teachers, *extra):
             "--crop", "8", "--batch", "16", *extra)
 
 
+def test_train_refuses_before_training_what_would_waste_it(tmp_path, tiny_mvtec, random_teachers, monkeypatch):
+    """Each of these was found only after the students were trained (a test set that cannot be
+    evaluated, a mount point the bundle cannot be renamed onto, a damaged teachers record) or wrote
+    where it should not (a CATEGORY path outside --data-root, a bundle inside the category's images)."""
+    root = copy_dataset(tiny_mvtec, tmp_path / "root", keep_train=4, keep_test=1)
+    cat = root / TINY_CATEGORY
+    evaluated = [a for a in train_args(root, tmp_path / "m", random_teachers) if a != "--no-evaluate"]
+
+    def refused(args, *needles):
+        result = invoke(*args)
+        assert_input_error(result, *needles)
+        assert "students p=" not in result.output and not (tmp_path / "m").exists()
+
+    refused([a if a != TINY_CATEGORY else f"../{TINY_CATEGORY}" for a in evaluated], "give the name of one folder")
+    refused(train_args(root, cat / "test" / "model", random_teachers), "inside the category's images")
+    broken = tmp_path / "teachers"
+    shutil.copytree(random_teachers, broken)
+    (broken / "teachers.json").write_text('{"17": null}')
+    refused(train_args(root, tmp_path / "m", broken), "teachers.json: not a teachers record")
+    mask = next((cat / "ground_truth").rglob("*_mask.png"))
+    mask.rename(mask.with_name("elsewhere.png"))
+    refused(evaluated, mask.name)  # no mask for a test image: before training, not after
+    mask.with_name("elsewhere.png").rename(mask)
+    shutil.copy(next((cat / "test" / "good").iterdir()), cat / "test" / "good" / "000.bmp")
+    refused(evaluated, "two test images of one name")
+    (cat / "test" / "good" / "000.bmp").unlink()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: real_ismount(p) or Path(p).name == "m")
+    (tmp_path / "m").mkdir()
+    result = invoke(*train_args(root, tmp_path / "m", random_teachers))
+    assert_input_error(result, "a mount point (a volume?)", f"--out {tmp_path / 'm' / 'm'}")
+    monkeypatch.undo()
+
+    # no test folder at all (a plant with good images only): trained, not evaluated, and said so
+    shutil.rmtree(cat / "test")
+    shutil.rmtree(cat / "ground_truth")
+    real = tmp_path / "models" / "v1"
+    current = tmp_path / "current"
+    current.symlink_to(real)
+    result = invoke(*[a if a != tmp_path / "m" else current for a in evaluated])
+    assert_ok(result)
+    assert "test: not found, so the model will not be evaluated" in result.output
+    assert current.is_symlink() and load_bundle(real).manifest["evaluation"] is None  # written through the link
+
+
 def test_train_missing_data_root(tmp_path, random_teachers):
     missing = tmp_path / "no-such-root"
     assert_input_error(invoke(*train_args(missing, tmp_path / "m", random_teachers)), missing)

@@ -119,6 +119,22 @@ def test_a_12_bit_frame_read_as_16_bits_is_told_once_with_the_fix(tmp_path, capl
     assert "ustudents calibrate MODEL --images DIR" in caplog.text
 
 
+def test_a_16_bit_mask_is_read_as_the_mask_it_holds(tmp_path):
+    """OpenCV's gray conversion keeps a 16-bit image's top 8 bits: a 0/255 mask in a 16-bit file read
+    as empty, and its defect scored as false positives."""
+    from ustudents.engines.images import read_mask
+
+    mask = np.zeros((8, 8), np.uint16)
+    mask[2:4, 3:6] = 255
+    cv2.imwrite(str(tmp_path / "m16.png"), mask)
+    assert (read_mask(tmp_path / "m16.png") == (mask > 0)).all()
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 3] = 255  # opaque alpha is not a defect
+    rgba[1, 1, :3] = 255
+    cv2.imwrite(str(tmp_path / "rgba.png"), rgba)
+    assert read_mask(tmp_path / "rgba.png").sum() == 1
+
+
 def test_the_bits_of_a_training_set_are_the_most_any_image_uses(tmp_path):
     rng = np.random.default_rng(1)
     paths = [write_image(tmp_path / "a.png", rng.integers(0, 256, (8, 8), dtype=np.uint8)),

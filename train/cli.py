@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import torch
 
-from ustudents.engines.bundle import BundleError, load_bundle, rewrite_bundle
+from ustudents.engines.bundle import BundleError, check_replaceable, load_bundle, rewrite_bundle
 from ustudents.engines.cli import (InputError, check_apart, check_bundle_writable, check_output, engine_options,
                                    user_errors_for)
 from ustudents.engines.images import IMAGE_SUFFIXES, ImageError, image_files
@@ -127,8 +127,19 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
     from .pipeline import TrainConfig, TrainingInterrupted, train
     from .students import StudentConfig
 
+    from .dataset import test_samples
+
     out = out or Path("models") / category
     check_output(out, "--out", folder=True)
+    check_replaceable(out)
+    check_apart(out, "--out", Path(data_root) / category, "the category's images")
+    if evaluate and not (Path(data_root) / category / "test").exists():
+        # a plant may have good images only: the model is still worth training
+        click.echo(f"{Path(data_root) / category / 'test'}: not found, so the model will not be evaluated (add "
+                   "test/<type>/ images and ground_truth/<type>/ masks to evaluate it)")
+        evaluate = False
+    if evaluate:
+        test_samples(data_root, category)  # every test image and mask found now, not after hours of training
     dev = resolve_device(device)
     cfg = TrainConfig(category=category, data_root=data_root, out=out, scales=scales, image_size=image_size,
                       val_fraction=val_fraction, target_fpr=target_fpr, image_fpr=image_fpr, teachers=teachers,
@@ -148,7 +159,11 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
     if evaluate:
         from ustudents.engines.runtime import load_engine
         engine = load_engine(path, backend="torch", device=dev, precision="bf16" if cfg.student.amp else "fp32")
-        results = run_evaluation(engine, data_root, log=click.echo)
+        try:
+            results = run_evaluation(engine, data_root, log=click.echo)
+        except (ValueError, OSError) as err:  # the test set; the model is written and fine
+            raise InputError(f"{err} (the model is written to {path}: fix the test set, then run `ustudents "
+                             f"evaluate {path} --data-root {data_root}`)") from None
         click.echo(format_table(results))
 
 

@@ -61,6 +61,9 @@ def _images_in(folder: Path) -> list[Path]:
 
 def _category_dir(root: str | Path, category: str) -> Path:
     root = Path(root)
+    if not category or Path(category).name != category or category in (".", ".."):
+        # "../x" or "/abs" would read outside --data-root, and the default --out would follow it out
+        raise DatasetError(f"CATEGORY {category!r}: give the name of one folder under --data-root, not a path")
     _require_dir(root, "--data-root must be an MVTec AD root containing CATEGORY/train/good")
     cat = root / category
     if not cat.is_dir():
@@ -99,7 +102,14 @@ def test_samples(root: str | Path, category: str) -> list[Sample]:
         raise DatasetError(f"{test_dir}: no test type folders; add e.g. test/good/ and test/<defect>/")
     samples = []
     for defect in types:
-        for image in _images_in(test_dir / defect):
+        images = _images_in(test_dir / defect)
+        stems: dict[str, Path] = {}
+        for image in images:  # 000.png and 000.bmp would share 000_mask.png (and a frame id in the demo)
+            if image.stem in stems:
+                raise DatasetError(f"{stems[image.stem]} and {image.name}: two test images of one name; masks are "
+                                   "found by name (<name>_mask.png), so rename or remove one")
+            stems[image.stem] = image
+        for image in images:
             mask = None if defect == GOOD else _find_mask(cat / "ground_truth" / defect, image)
             samples.append(Sample(image, defect, mask))
     return samples

@@ -49,8 +49,9 @@ def read_records(folder: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise TeacherFileError(f"{path}: damaged ({err}); restore it from a copy, or delete it (the teachers' "
                                "records, not their weights, are lost then)") from None
-    if not isinstance(records, dict):
-        raise TeacherFileError(f"{path}: not a teachers record (a JSON object by scale); restore it or delete it")
+    if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
+        raise TeacherFileError(f"{path}: not a teachers record (a JSON object by scale, each an object); restore it "
+                               "or delete it")
     return records
 
 
