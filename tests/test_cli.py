@@ -358,6 +358,7 @@ def test_train_refuses_before_training_what_would_waste_it(tmp_path, tiny_mvtec,
 
     refused([a if a != TINY_CATEGORY else f"../{TINY_CATEGORY}" for a in evaluated], "give the name of one folder")
     refused(train_args(root, cat / "test" / "model", random_teachers), "inside the category's images")
+    refused(train_args(root, tmp_path / "m", random_teachers, "--target-fpr", "1e-9"), "resolve rates down to")
     broken = tmp_path / "teachers"
     shutil.copytree(random_teachers, broken)
     (broken / "teachers.json").write_text('{"17": null}')
@@ -846,11 +847,17 @@ def test_teacher_skips_an_unreadable_image_among_the_natural_images_and_says_whi
     assert "skipping" in result.output and "zz_broken.png" in result.output
 
 
-@pytest.mark.parametrize("option, value", [("--steps", "0"), ("--batch", "0"), ("--crop", "0")])
-def test_teacher_options_out_of_range_are_refused_before_any_work(tmp_path, tiny_mvtec, option, value):
+@pytest.mark.parametrize("args, needle", [
+    (["--steps", "0"], "--steps 0"), (["--batch", "0"], "--batch 0"), (["--crop", "0"], "--crop 0"),
+    # each of these was a traceback, or a NaN loss blamed on the learning rate
+    (["--target", "patch", "--patches", "0"], "--patches 0: the patch pool needs at least 2"),
+    (["--target", "patch", "--backbone-input", "0"], "--backbone-input 0: P needs patches of at least 32"),
+    (["--target", "patch", "--batch", "1"], "--batch 1: 1 descriptor per step; the compactness loss needs at least 2"),
+    (["--crop", "1", "--batch", "1"], "--batch 1 --crop 1: 1 descriptor per step"),
+])
+def test_teacher_options_out_of_range_are_refused_before_any_work(tmp_path, tiny_mvtec, args, needle):
     images = tiny_mvtec / TINY_CATEGORY / "train" / "good"
-    assert_input_error(invoke("teacher", "--scales", "17", "--images", images, option, value, "--out", tmp_path / "t"),
-                       f"{option} {value}")
+    assert_input_error(invoke("teacher", "--scales", "17", "--images", images, *args, "--out", tmp_path / "t"), needle)
     assert not (tmp_path / "t").exists()
 
 

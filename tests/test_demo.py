@@ -335,3 +335,27 @@ def test_ctrl_c_during_training_leaves_nothing_behind(tiny_mvtec, tmp_path):
     assert proc.returncode == 130, "".join(lines) + rest
     assert "interrupted: stopping the worker and Redis" in rest
     assert not out.exists() or list(out.rglob("*")) == [], list(out.rglob("*"))
+
+
+def test_a_second_signal_while_stopping_does_not_cut_the_stop_short(tiny_mvtec, tmp_path, monkeypatch):
+    """Ctrl-C, then SIGTERM while the demo stops its worker and Redis: it was a traceback, exit 1, and
+    the demo's keys left in a shared Redis."""
+    demo_module = demo
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    real_stop, calls = demo_module.Demo.stop, []
+
+    def stop_and_get_signalled(self):
+        calls.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # the second signal, in the middle of stopping
+        real_stop(self)
+
+    monkeypatch.setattr(demo_module, "test_frames", interrupted)
+    monkeypatch.setattr(demo_module.Demo, "stop", stop_and_get_signalled)
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    result = CliRunner().invoke(demo_cmd, ["--data-root", str(tiny_mvtec), "--category", TINY_CATEGORY,
+                                           "--out", str(tmp_path / "demo")], env={"REDIS_URL": None})
+    assert result.exit_code == 130 and calls, (result.output, result.exception)
+    assert "interrupted: stopping the worker and Redis" in result.output
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # given back

@@ -73,6 +73,15 @@ def predicted_share(s: ScoreStats) -> float:
     return 1.0 - s.e_mu / DESCRIPTOR_DIM
 
 
+def check_resolvable(target_fpr: float, images: int, size: int) -> None:
+    """The mask threshold is a quantile of the calibration pixels' values: a rate below one pixel in
+    all of them cannot be met, only reported. ValueError with what to change."""
+    pixels = images * size ** 2
+    if target_fpr * pixels < 1:
+        raise ValueError(f"--target-fpr {target_fpr:g}: {images} images of {size} x {size} pixels resolve rates down "
+                         f"to {1 / pixels:.1e} only; give a larger rate or more images")
+
+
 def threshold_at_fpr(fused_maps: np.ndarray, target_fpr: float) -> float:
     """The fused-map value exceeded by a fraction `target_fpr` of the validation pixels."""
     if not 0 < target_fpr < 1:

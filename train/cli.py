@@ -240,7 +240,7 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
     Runs in the precision the bundle runs in on this machine: bf16 where it was calibrated in bf16 and
     the device has it natively, else fp32. The bundle is rewritten atomically; its built engines
     held the old statistics and are dropped."""
-    from .calibrate import calibrate
+    from .calibrate import calibrate, check_resolvable
     from .dataset import Sample, load_images, uint16_bits
     from .pipeline import image_score_line, mask_line
 
@@ -257,10 +257,7 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
     for option, rate in (("--target-fpr", fpr), ("--image-fpr", image_fpr)):
         if not 0 < rate < 1:  # NaN too; checked before the network pass, not after it
             raise InputError(f"{option} {rate}: a false-positive rate must be between 0 and 1")
-    pixels = len(files) * bundle.image_size ** 2  # the threshold is a quantile of these pixels' values
-    if fpr * pixels < 1:
-        raise InputError(f"--target-fpr {fpr:g}: {len(files)} images of {bundle.image_size} x {bundle.image_size} "
-                         f"pixels resolve rates down to {1 / pixels:.1e} only; give a larger rate or more images")
+    check_resolvable(fpr, len(files), bundle.image_size)
     samples = [Sample(path=f, defect="good") for f in files]
     # A new camera may write more bits (a 12-bit one after an 8-bit one): its 16-bit images say how many.
     bits = uint16_bits(samples) or bundle.uint16_bits

@@ -17,7 +17,7 @@ from ustudents.engines.patchnet import DESCRIPTOR_DIM, SCALES
 from ustudents.engines.runtime import resolve_device
 
 from . import checkpoints, dataset
-from .calibrate import DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, calibrate, predicted_share
+from .calibrate import DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, calibrate, check_resolvable, predicted_share
 from .students import StudentConfig, train_students
 from .teacher_files import DEFAULT_DIR, load_teacher, read_records
 
@@ -126,6 +126,7 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str]) -> Path:
     check_writable(cfg.out)
     train_all = dataset.train_samples(cfg.data_root, cfg.category)
     fit, val = dataset.split_train_val(train_all, cfg.val_fraction, cfg.student.seed)
+    check_resolvable(cfg.target_fpr, len(val), cfg.image_size)  # calibration's pixels, as `calibrate` checks
     teachers = {p: load_teacher(cfg.teachers, p) for p in cfg.scales}
     teacher_records = read_records(cfg.teachers)  # read now: a damaged file stops the run before training
     log(f"{cfg.category}: {len(fit)} training and {len(val)} validation images (of train/good), "

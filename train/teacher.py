@@ -55,6 +55,7 @@ SKIMAGE_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chels
 PYRAMID = (1.0, 0.5, 0.25)  # patches are cut at several image scales for more varied content
 TARGETS = ("dense", "patch")
 SCHEDULES = ("constant", "cosine")
+MIN_BACKBONE_INPUT = 32  # P's coarsest feature map has stride 32
 DEFAULT_BATCH = {"patch": 64, "dense": 8}  # patches (the paper's 64) or windows of crop x crop descriptors per step
 DENSE_RF = 64  # dense targets: images are enlarged by DENSE_RF / p before P sees them (see above)
 DENSE_MAX_PIXELS = 2048 * 2048  # dense targets: pyramid levels P would see larger than this are left out (memory)
@@ -260,6 +261,15 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
         raise TeacherError(f"--crop {cfg.crop}: a training window needs at least 1 output pixel a side")
     if cfg.batch is None:
         cfg = replace(cfg, batch=DEFAULT_BATCH[cfg.target])
+    per_step = cfg.batch if cfg.target == "patch" else cfg.batch * cfg.crop ** 2
+    if per_step < 2:  # the compactness loss correlates descriptors with each other: one alone is NaN
+        raise TeacherError(f"--batch {cfg.batch}" + ("" if cfg.target == "patch" else f" --crop {cfg.crop}") +
+                           f": {per_step} descriptor per step; the compactness loss needs at least 2")
+    if cfg.target == "patch" and cfg.patches < 2:
+        raise TeacherError(f"--patches {cfg.patches}: the patch pool needs at least 2 patches")
+    if cfg.target == "patch" and cfg.backbone_input < MIN_BACKBONE_INPUT:
+        raise TeacherError(f"--backbone-input {cfg.backbone_input}: P needs patches of at least {MIN_BACKBONE_INPUT} "
+                           "pixels a side (its coarsest map has stride 32)")
     levels = pyramid(load_natural_images(cfg.images), cfg.p)
     if cfg.target == "dense":
         levels = dense_levels(levels, cfg.p, cfg.crop + geometry(cfg.p).rf - 1)

@@ -605,7 +605,16 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
 
     def on_sigterm(signum, frame):
         raise Stopped()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() else None
+
+    def hold_signals() -> None:
+        """While stopping (the worker finishing, Redis cleaned): a second Ctrl-C or SIGTERM would cut it
+        short with a traceback and leave the demo's keys in a shared Redis."""
+        if previous is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    previous_int = signal.getsignal(signal.SIGINT)
     try:
         frames = test_frames(data_root, category)
         if not train_only:
@@ -662,15 +671,18 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
             while demo.worker_thread.is_alive():
                 demo.worker_thread.join(1.0)
     except (KeyboardInterrupt, Stopped):
+        hold_signals()
         click.echo("\ninterrupted: stopping the worker and Redis", err=True)
         demo.stop()
         sys.exit(130)
     except (DatasetError, BundleError, EngineError, ValueError, OSError) as err:  # OSError: a full disk too
         raise DemoError(" ".join(str(err).split())) from None
     finally:
+        hold_signals()
         demo.stop()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
 
 
 COMMANDS = (demo_cmd,)
