@@ -348,6 +348,9 @@ def load_bundle(path: str | Path) -> Bundle:
         for e in engines:
             if not all(isinstance(e.get(k), str) for k in ("backend", "precision", "file", "sha256")):
                 raise ValueError("an 'engines' entry lacks its backend, precision, file or checksum")
+        for f in [wmeta["file"]] + [e["file"] for e in engines]:  # calibrate deletes files the manifest named
+            if Path(f).is_absolute() or ".." in Path(f).parts:
+                raise ValueError(f"{f!r} is not a file inside the bundle")
     except KeyError as err:
         raise BundleError(f"{mpath}: incomplete manifest (missing {err}); the manifest was edited or damaged: "
                           "restore the bundle from a copy, or retrain") from None

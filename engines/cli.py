@@ -52,7 +52,8 @@ def check_output(path: Path | None, option: str, folder: bool) -> None:
 
 
 def check_apart(out: Path | None, option: str, source: Path, what: str) -> None:
-    """Refuse an output folder inside (or equal to) a folder of inputs, where its files could replace them."""
+    """Refuse an output folder inside (or equal to) a folder of inputs (a category's, not the whole
+    data root's), where its files could replace them."""
     if out is None:
         return
     o, s = Path(out).resolve(), Path(source).resolve()

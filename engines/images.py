@@ -112,8 +112,10 @@ def dark_16_bit_hint(img: np.ndarray, bits: int, source: str) -> None:
     """A 12-bit camera's frames given to a model that reads 16 bits (one trained on 8-bit images)
     come out 16 times darker and score as anomalies: say so once, with the fix, in the log."""
     global _told_of_dark_16_bit
+    if _told_of_dark_16_bit or bits != UINT16_BITS:
+        return
     used = _bits_used(img)
-    if bits == UINT16_BITS and used <= bits - 3 and not _told_of_dark_16_bit:
+    if used <= bits - 3:
         _told_of_dark_16_bit = True
         log.warning("%s: 16-bit data using %d bits, read with the model's %d, so it looks %dx darker than it is; "
                     "if the camera changed, recalibrate on its frames (ustudents calibrate MODEL --images DIR: the "

@@ -619,9 +619,9 @@ def test_evaluate_refuses_to_write_overlays_inside_the_data_root(tiny_bundle, ev
     """Overlays go to <dir>/<type>/<stem>.png: pointed at the test folder they replaced the test images."""
     test_dir = eval_root / TINY_CATEGORY / "test"
     before = {p: p.read_bytes() for p in test_dir.rglob("*") if p.is_file()}
-    for inside in (test_dir, eval_root):
+    for inside in (test_dir, eval_root / TINY_CATEGORY):
         result = invoke("evaluate", tiny_bundle, "--data-root", eval_root, "--overlays", inside)
-        assert_input_error(result, f"--overlays {inside}: inside the data root {eval_root}")
+        assert_input_error(result, f"--overlays {inside}: inside the category's images {eval_root / TINY_CATEGORY}")
     assert {p: p.read_bytes() for p in test_dir.rglob("*") if p.is_file()} == before
 
 

@@ -139,7 +139,10 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
                    "test/<type>/ images and ground_truth/<type>/ masks to evaluate it)")
         evaluate = False
     if evaluate:
-        test_samples(data_root, category)  # every test image and mask found now, not after hours of training
+        try:  # every test image and mask found now, not after hours of training
+            test_samples(data_root, category)
+        except ValueError as err:
+            raise InputError(f"{err} (or train without evaluating: --no-evaluate)") from None
     dev = resolve_device(device)
     cfg = TrainConfig(category=category, data_root=data_root, out=out, scales=scales, image_size=image_size,
                       val_fraction=val_fraction, target_fpr=target_fpr, image_fpr=image_fpr, teachers=teachers,
@@ -304,7 +307,8 @@ def evaluate_cmd(model, data_root, json_file, overlays, batch, backend, precisio
         raise InputError(f"--batch {batch}: must be at least 1")
     check_output(json_file, "--json", folder=False)
     check_output(overlays, "--overlays", folder=True)
-    check_apart(overlays, "--overlays", data_root, "the data root")
+    check_apart(overlays, "--overlays", Path(data_root) / load_bundle(model).manifest["category"],
+                "the category's images")
     engine = load_engine(model, backend, device, precision, max_batch=batch)
     click.echo(f"engine: {engine.describe()}")
     results = evaluate(engine, data_root, overlays, log=click.echo)

@@ -8,7 +8,9 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 # OpenCV decodes images of up to this many pixels (its own default is 2^30): a PNG of a few hundred KB
 # can claim gigapixels and take the process down for memory. 2^26 = 67 megapixels holds the largest
-# machine-vision sensors (65 MP); a value the user set wins. OpenCV reads it at its first decode.
+# machine-vision sensors (65 MP); a value the user set wins. OpenCV reads it when cv2 is imported, so
+# this holds where ustudents is imported first (its commands, the worker); a program that imports cv2
+# before ustudents sets OPENCV_IO_MAX_IMAGE_PIXELS itself.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 26))
 
 __version__ = "0.1.0"

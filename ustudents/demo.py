@@ -37,6 +37,7 @@ from pathlib import Path
 import click
 
 from ustudents.engines.files import write_atomically
+from ustudents.worker.settings import shown_url
 from ustudents.train import cli as train_cli
 
 SAMPLE_ROOT = Path(__file__).resolve().parent / "demo_data"
@@ -150,7 +151,7 @@ def check_redis_url(url: str):
     try:
         client.ping()
     except redis.RedisError as err:
-        raise DemoError(f"REDIS_URL={url}: cannot reach Redis ({err}); start it, or unset REDIS_URL and the "
+        raise DemoError(f"REDIS_URL={shown_url(url)}: cannot reach Redis ({err}); start it, or unset REDIS_URL and the "
                         "demo starts its own") from None
     return client
 
@@ -212,7 +213,7 @@ def reusable(cfg) -> bool:
         return (manifest["category"] == cfg.category and manifest["image_size"] == cfg.image_size
                 and manifest["scales"] == cfg.scales and manifest["training"]["student"] == asdict(cfg.student)
                 and manifest["data"]["fingerprint"] == dataset.fingerprint(dataset.train_samples(cfg.data_root, cfg.category))
-                and (cfg.out / "weights.safetensors").is_file())
+                and (cfg.out / manifest["weights"]["file"]).is_file())  # recalibrated: weights.<sha>.safetensors
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -426,7 +427,7 @@ class Demo:
 
     def start_redis(self, redis_url: str | None) -> str:
         if redis_url:
-            self.step(f"Redis: {redis_url} (REDIS_URL)")
+            self.step(f"Redis: {shown_url(redis_url)} (REDIS_URL)")
             return redis_url
         binary = redis_binary()
         self.tmp = Path(tempfile.mkdtemp(prefix="ustudents-demo-"))

@@ -350,10 +350,10 @@ class Worker:
                 elif unblocked(err):
                     log.warning("Redis ended the blocked read (%s); checking the group and reading on", err,
                                 extra={"event": "read_unblocked", "error": str(err)})
-                elif "WRONGTYPE" in str(err):  # someone SET the stream's key: wait for it to be a stream again
-                    self.throttled.warning("stream_wrongtype", "%s is a Redis key of another type, not a stream; "
-                                           "waiting for it to be deleted (DEL %s)", s.stream, s.stream,
-                                           event="stream_wrongtype", error=str(err))
+                elif "WRONGTYPE" in str(err):  # a stray SET on one of the line's keys: wait for it to be fixed
+                    self.throttled.warning("stream_wrongtype", "%s, %s:results or %s:dead is a Redis key of another "
+                                           "type, not a stream (TYPE tells which); waiting for it to be fixed",
+                                           s.stream, s.stream, s.stream, event="stream_wrongtype", error=str(err))
                 else:
                     raise
                 group_ready = False

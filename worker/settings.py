@@ -32,7 +32,11 @@ def check_redis_url(url: str) -> str:
 
 def shown_url(url: str) -> str:
     """The URL as messages and logs show it: a password in it replaced by ***."""
-    return re.sub(r"^([a-z]+://[^:@/]*:)[^@/]*@", r"\1***@", url)
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")  # the last '@': a password may hold one unencoded
+    return parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}").geturl()
 
 
 def check_name(v: str, stream: bool = False) -> str:

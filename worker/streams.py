@@ -25,6 +25,7 @@ is of the wrong type; then nothing can fail. Hence:
 """
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 import redis
 
 from . import schema
+
+log = logging.getLogger(__name__)
 
 # How long an entry's attempt count is kept: far longer than a crash-looping worker takes to restart
 # (Kubernetes backs off to 5 min), and a few bytes each for the rare entries that were redelivered.
@@ -74,6 +77,31 @@ def replies(reply) -> list[tuple[bytes, list[RawEntry]]]:
 def text_of(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
+
+# Redis 7.0 counts entries trimmed before a group read them as lag for good (redis/redis#13957): the
+# lag gauge, the lag alert and KEDA's scale-out (which reads XINFO GROUPS itself) stay up. A group that
+# has read the stream's last entry has lag 0: there, and only there, its read counter is set to the
+# entries the stream ever had, in one atomic step (the group's position is unchanged). Returns 1 if
+# it repaired the count. Redis before 7 has no lag, and nothing to repair.
+REPAIR_LAG_SCRIPT = """
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local f = {}
+  for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+  if f['name'] == ARGV[1] then
+    if type(f['lag']) ~= 'number' or f['lag'] == 0 then return 0 end
+    local s, sf = redis.call('XINFO', 'STREAM', KEYS[1]), {}
+    for i = 1, #s, 2 do sf[s[i]] = s[i + 1] end
+    if f['last-delivered-id'] ~= sf['last-generated-id'] then return 0 end
+    redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], f['last-delivered-id'], 'ENTRIESREAD', sf['entries-added'])
+    return 1
+  end
+end
+return 0
+"""
+
+# newest_outcome: more than the entries in flight across a line's workers; each carries a mask PNG, and this
+# is read once, when a group is made
+OUTCOMES_SEEN = 100
 
 # XINFO CONSUMERS and XGROUP DELCONSUMER in one atomic step (StreamIO.reap_idle_consumers).
 REAP_SCRIPT = """
@@ -133,6 +161,7 @@ class StreamIO:
         self.maxlen = {self.results: results_maxlen, self.dead: dead_maxlen}
         self.dedupe_ttl_s = dedupe_ttl_s
         self._reap = client.register_script(REAP_SCRIPT)
+        self._repair_lag = client.register_script(REPAIR_LAG_SCRIPT)
         self._publish = client.register_script(PUBLISH_SCRIPT)
 
     # -- the group -------------------------------------------------------------------------------
@@ -152,10 +181,12 @@ class StreamIO:
             raise
 
     def newest_outcome(self) -> str:
-        """The input entry id of the newest result or dead letter, '0' if there is none."""
+        """The largest input entry id among the last OUTCOMES_SEEN results and dead letters (outcomes are
+        written in publish order, not entry order: several workers, a claimed entry or a late dead
+        letter), '0' if there is none."""
         newest = (0, 0)
         for key in (self.results, self.dead):
-            for _, fields in self.r.xrevrange(key, count=1):
+            for _, fields in self.r.xrevrange(key, count=OUTCOMES_SEEN):
                 eid = fields.get(schema.ENTRY_ID.encode(), b"").decode("ascii", "replace")
                 if re.fullmatch(r"\d+-\d+", eid):
                     newest = max(newest, tuple(map(int, eid.split("-"))))
@@ -163,19 +194,12 @@ class StreamIO:
 
     def group_info(self) -> dict:
         """XINFO GROUPS for our group: pending, lag (None where Redis < 7 or it cannot tell), ...
-
-        The lag is checked against the stream: Redis 7.0 counts entries trimmed before the group read
-        them as lag for good (redis/redis#13957), which would hold the lag alert and KEDA's scale-out
-        up forever. A group that has read up to the stream's last entry has lag 0, and no group more
-        than the stream holds."""
+        A lag Redis kept for entries trimmed unread is repaired first (REPAIR_LAG_SCRIPT)."""
+        if self._repair_lag(keys=[self.stream], args=[self.group]):
+            log.info("repaired the group's lag count, which Redis kept for entries trimmed before they were read "
+                     "(redis/redis#13957)", extra={"event": "lag_repaired"})
         for g in self.r.xinfo_groups(self.stream):
             if text_of(g["name"]) == self.group:
-                if g.get("lag"):
-                    stream = self.r.xinfo_stream(self.stream)
-                    if text_of(g["last-delivered-id"]) == text_of(stream["last-generated-id"]):
-                        g = dict(g, lag=0)
-                    else:
-                        g = dict(g, lag=min(int(g["lag"]), int(stream["length"])))
                 return g
         return {}
 
