@@ -249,7 +249,13 @@ def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torc
     shapes = {k: list(v.shape) for k, v in sorted(weights.items())}
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION,
                     weights={"file": name, "sha256": sha, "tensors": shapes})
-    write_atomically(path / MANIFEST, json.dumps(manifest, indent=2) + "\n", mode=0o644)
+    try:
+        write_atomically(path / MANIFEST, json.dumps(manifest, indent=2) + "\n", mode=0o644)
+        _fsync_dir(path)
+    except BaseException:
+        if name != old["weights"]["file"]:  # the old manifest still names the old weights: the new go
+            (path / name).unlink(missing_ok=True)
+        raise
     kept = {e["file"] for e in manifest.get("engines") or []} | {name}
     for f in [old["weights"]["file"]] + [e["file"] for e in old.get("engines") or []]:
         if f not in kept:
