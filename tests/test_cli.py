@@ -705,6 +705,19 @@ def test_diverging_training_names_the_learning_rate_and_writes_no_model(tmp_path
     assert list(tmp_path.iterdir()) == []  # nor an empty checkpoint folder
 
 
+def test_students_that_learned_nothing_are_named_as_such_not_blamed_on_the_validation_images(tmp_path, tiny_mvtec,
+                                                                                          random_teachers):
+    """--lr 1e3 left the students with one constant output and finite weights; calibration then said
+    to calibrate on more varied good images, which would not help."""
+    result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", tmp_path / "m", "--scales", "17",
+                    "--students", "2", "--epochs", "1", "--lr", "1e3", "--image-size", "64", "--teachers",
+                    random_teachers, "--no-evaluate", "--amp", "off", "--crop", "8", "--batch", "16",
+                    "--val-fraction", "0.1")
+    assert_input_error(result, "p=17: final loss per student", "no better than predicting the teacher's mean (128)",
+                       "lower --lr (now 1000)")
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_gpu(tmp_path, tiny_mvtec, random_teachers, tiny_bundle, eval_root):

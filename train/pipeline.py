@@ -17,8 +17,9 @@ from ustudents.engines.patchnet import DESCRIPTOR_DIM, SCALES
 from ustudents.engines.runtime import resolve_device
 
 from . import checkpoints, dataset
-from .calibrate import DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, calibrate, check_resolvable, predicted_share
-from .students import StudentConfig, train_students
+from .calibrate import (DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, CalibrationError, calibrate, check_resolvable,
+                        predicted_share)
+from .students import StudentConfig, TrainingDiverged, train_students
 from .teacher_files import DEFAULT_DIR, load_teacher, read_records
 
 MIN_IMAGE_SIZE = 64
@@ -168,7 +169,21 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str]) -> Path:
         log(f"p={p}: students trained in {record['wall_s']:.0f} s{cut}, final loss per student "
             f"{record['loss_per_student_by_epoch'][-1]:.3f}")
 
-    cal = calibrate(model, val_images, device, cfg.target_fpr, cfg.image_fpr, bf16=cfg.student.amp)
+    try:
+        cal = calibrate(model, val_images, device, cfg.target_fpr, cfg.image_fpr, bf16=cfg.student.amp)
+    except CalibrationError:
+        # A far too high --lr can leave the students with one constant output and finite weights: they
+        # then predict no more of the teacher than its mean (a loss of DESCRIPTOR_DIM per student), and
+        # calibration finds a constant error. That is training's fault, not the validation images'.
+        stuck = {p: r["loss_per_student_by_epoch"][-1] for p, r in records.items()
+                 if r["loss_per_student_by_epoch"] and r["loss_per_student_by_epoch"][-1] >= DESCRIPTOR_DIM}
+        if stuck:
+            raise TrainingDiverged(
+                "; ".join(f"p={p}: final loss per student {v:.1f}" for p, v in stuck.items()) +
+                f", no better than predicting the teacher's mean ({DESCRIPTOR_DIM}): the students learned nothing; "
+                f"train again with a lower --lr (now {cfg.student.lr:g}) or more --epochs. No model was written"
+            ) from None
+        raise
     stats, threshold = cal.stats, cal.threshold
     tensors.update(cal.tensors)
     for p, s in stats.items():

@@ -159,39 +159,46 @@ def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.nd
         last_save = time.monotonic()
         bar = progress(total=cfg.epochs * steps_per_epoch, initial=resumed_from * steps_per_epoch,
                        desc=f"students p={p}", unit="step")
-        for epoch in range(resumed_from, cfg.epochs):
-            if not another_epoch_fits(time.monotonic(), epoch_seconds, deadline):
-                break
-            started = time.monotonic()
-            order = gen.permutation(n)
-            total = 0.0
-            for s in range(steps_per_epoch):
-                idx = np.sort(order[s * cfg.batch:(s + 1) * cfg.batch])
-                (r, rows), (c, cols) = crop_window(gen, size, crop), crop_window(gen, size, crop)
-                x = padded[idx, :, r:r + crop + rf - 1, c:c + crop + rf - 1].to(device)
-                t = torch.from_numpy(targets[idx, 0, :, r:r + crop, c:c + crop][..., rows, cols].astype(np.float32))
-                y = standardize(t.to(device), mean_d, std_d)
-                with autocast(device, cfg.amp):
-                    mu = students.dense(x)
-                loss = student_loss(mu.float()[..., rows, cols], y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                value = loss.item()
-                if not math.isfinite(value):
-                    bar.close()
+        try:  # the bar is closed on every way out (an interrupt, a divergence), or later bars draw below it
+            for epoch in range(resumed_from, cfg.epochs):
+                if not another_epoch_fits(time.monotonic(), epoch_seconds, deadline):
+                    break
+                started = time.monotonic()
+                order = gen.permutation(n)
+                total = 0.0
+                for s in range(steps_per_epoch):
+                    idx = np.sort(order[s * cfg.batch:(s + 1) * cfg.batch])
+                    (r, rows), (c, cols) = crop_window(gen, size, crop), crop_window(gen, size, crop)
+                    x = padded[idx, :, r:r + crop + rf - 1, c:c + crop + rf - 1].to(device)
+                    t = torch.from_numpy(targets[idx, 0, :, r:r + crop, c:c + crop][..., rows, cols].astype(np.float32))
+                    y = standardize(t.to(device), mean_d, std_d)
+                    with autocast(device, cfg.amp):
+                        mu = students.dense(x)
+                    loss = student_loss(mu.float()[..., rows, cols], y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise TrainingDiverged(
+                            f"p={p}: the students' loss became {value} in epoch {epoch + 1}, step {s + 1}: training "
+                            f"diverged; train again with a lower --lr (now {cfg.lr:g}). No model was written")
+                    total += value
+                    bar.update()
+                # the loss is taken before each step: the last step of an epoch can leave the weights NaN
+                # with every loss finite, and they must not be checkpointed or calibrated on
+                if not all(torch.isfinite(w).all() for w in students.parameters()):
                     raise TrainingDiverged(
-                        f"p={p}: the students' loss became {value} in epoch {epoch + 1}, step {s + 1}: training "
-                        f"diverged; train again with a lower --lr (now {cfg.lr:g}). No model was written")
-                total += value
-                bar.update()
-            history.append(round(total / steps_per_epoch / cfg.students, 5))
-            epoch_seconds.append(time.monotonic() - started)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.3f}")
-            if checkpoint and epoch + 1 < cfg.epochs and time.monotonic() - last_save >= checkpoints.CHECKPOINT_EVERY_S:
-                save_checkpoint(checkpoint, log, students, opt, gen, history, epoch_seconds)
-                last_save = time.monotonic()
-        bar.close()
+                        f"p={p}: the students' weights became inf or NaN in epoch {epoch + 1}: training diverged; "
+                        f"train again with a lower --lr (now {cfg.lr:g}). No model was written")
+                history.append(round(total / steps_per_epoch / cfg.students, 5))
+                epoch_seconds.append(time.monotonic() - started)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.3f}")
+                if checkpoint and epoch + 1 < cfg.epochs and time.monotonic() - last_save >= checkpoints.CHECKPOINT_EVERY_S:
+                    save_checkpoint(checkpoint, log, students, opt, gen, history, epoch_seconds)
+                    last_save = time.monotonic()
+        finally:
+            bar.close()
     record = {"loss_per_student_by_epoch": history, "epochs_trained": len(history),
               "stopped_by_time_limit": len(history) < cfg.epochs, "wall_s": round(time.time() - t0, 1), "crop": crop,
               "resumed_after_epoch": resumed_from}
