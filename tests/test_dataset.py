@@ -135,6 +135,17 @@ def test_a_16_bit_mask_is_read_as_the_mask_it_holds(tmp_path):
     assert read_mask(tmp_path / "rgba.png").sum() == 1
 
 
+def test_images_sorted_into_subfolders_are_named_as_such(mvtec):
+    """train/good/day1/*.png: the error said to remove the folder, which would delete the images."""
+    good = mvtec / TINY_CATEGORY / "train" / "good"
+    (good / "day1").mkdir()
+    for f in list(good.iterdir()):
+        if f.is_file():
+            f.rename(good / "day1" / f.name)
+    with pytest.raises(DatasetError, match=r"its images are in subfolders \(day1\).*move them up"):
+        train_samples(mvtec, TINY_CATEGORY)
+
+
 def test_the_bits_of_a_training_set_are_the_most_any_image_uses(tmp_path):
     rng = np.random.default_rng(1)
     paths = [write_image(tmp_path / "a.png", rng.integers(0, 256, (8, 8), dtype=np.uint8)),

@@ -55,6 +55,10 @@ def _images_in(folder: Path) -> list[Path]:
     """The image files directly in `folder`, sorted by name; an error if there are none."""
     images = image_files(folder)
     if not images:
+        nested = sorted(p.parent.name for p in folder.glob("*/*") if is_image_file(p))
+        if nested:  # sorted into subfolders (by day, by camera): the layout wants them directly here
+            raise DatasetError(f"{folder}: its images are in subfolders ({', '.join(sorted(set(nested))[:3])}); the "
+                               "MVTec AD layout wants them directly in this folder: move them up")
         raise DatasetError(f"{folder}: no images ({_SUFFIX_LIST}) in this folder; add some or remove the folder")
     return images
 
