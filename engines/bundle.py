@@ -185,6 +185,18 @@ def check_replaceable(out: Path) -> None:
                           "choose another --out")
 
 
+def _save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Write the tensors (float32) to `path`, flushed to disk, readable by all; returns the manifest's
+    `weights` record (the file name is the caller's to set)."""
+    weights = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
+    save_file(weights, str(path))
+    path.chmod(0o644)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return {"file": path.name, "sha256": sha256_file(path),
+            "tensors": {k: list(v.shape) for k, v in sorted(weights.items())}}
+
+
 def write_bundle(out: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Write a complete bundle to `out` atomically, replacing an existing bundle there (through a
     symlink: at its target, so that the link, a plant's `current`, keeps pointing at the bundle)."""
@@ -194,17 +206,10 @@ def write_bundle(out: Path, manifest: dict[str, Any], tensors: dict[str, torch.T
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes 0700; a bundle is read by other users (e.g. a worker container)
-        weights = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
-        save_file(weights, str(tmp / WEIGHTS))
-        manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
-        manifest["weights"] = {
-            "file": WEIGHTS,
-            "sha256": sha256_file(tmp / WEIGHTS),
-            "tensors": {k: list(v.shape) for k, v in sorted(weights.items())},
-        }
+        manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION,
+                        weights=_save_weights(tmp / WEIGHTS, tensors))
         _write_json(tmp / MANIFEST, manifest)
-        for f in (WEIGHTS, MANIFEST):
-            (tmp / f).chmod(0o644)
+        (tmp / MANIFEST).chmod(0o644)
         _fsync_dir(tmp)
         if out.exists():
             # Swap: the old bundle is moved aside first, so `out` is at every instant either the
@@ -232,12 +237,9 @@ def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torc
     old = load_bundle(path).manifest
     tmp = path / f".weights.{os.getpid()}.partial"
     try:
-        weights = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
-        save_file(weights, str(tmp))
-        sha = sha256_file(tmp)
+        record = _save_weights(tmp, tensors)
+        sha = record["sha256"]
         name = old["weights"]["file"] if sha == old["weights"]["sha256"] else f"weights.{sha[:12]}.safetensors"
-        tmp.chmod(0o644)
-        _fsync_file(tmp)
         if name == old["weights"]["file"]:
             tmp.unlink()
         else:
@@ -246,9 +248,7 @@ def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    shapes = {k: list(v.shape) for k, v in sorted(weights.items())}
-    manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION,
-                    weights={"file": name, "sha256": sha, "tensors": shapes})
+    manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, weights=dict(record, file=name))
     try:
         write_atomically(path / MANIFEST, json.dumps(manifest, indent=2) + "\n", mode=0o644)
         _fsync_dir(path)
@@ -402,11 +402,6 @@ def _write_json(path: Path, obj: Any) -> None:
         json.dump(obj, f, indent=2)
         f.write("\n")
         f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 

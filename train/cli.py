@@ -307,9 +307,9 @@ def evaluate_cmd(model, data_root, json_file, overlays, batch, backend, precisio
         raise InputError(f"--batch {batch}: must be at least 1")
     check_output(json_file, "--json", folder=False)
     check_output(overlays, "--overlays", folder=True)
-    check_apart(overlays, "--overlays", Path(data_root) / load_bundle(model).manifest["category"],
-                "the category's images")
-    engine = load_engine(model, backend, device, precision, max_batch=batch)
+    bundle = load_bundle(model)  # once: loading verifies the weights' checksum
+    check_apart(overlays, "--overlays", Path(data_root) / bundle.manifest["category"], "the category's images")
+    engine = load_engine(bundle, backend, device, precision, max_batch=batch)
     click.echo(f"engine: {engine.describe()}")
     results = evaluate(engine, data_root, overlays, log=click.echo)
     click.echo(format_table(results))
