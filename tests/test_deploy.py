@@ -54,7 +54,7 @@ def dashboard_exprs() -> list[str]:
 def test_promtool_accepts_the_compose_config_and_rules():
     done = promtool("check", "config", str(PROM / "prometheus.yml"))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "8 rules found" in done.stdout
+    assert "9 rules found" in done.stdout
     done = promtool("check", "rules", str(PROM / "alerts.yml"))
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -173,6 +173,7 @@ def test_every_metric_in_the_dashboard_and_the_rules_is_exported_by_the_worker()
     metrics.score.labels("line1", "tiles").observe(1)
     metrics.lag.labels("line1", "ustudents").set(0)
     metrics.pending.labels("line1", "ustudents").set(0)
+    metrics.length.labels("line1").set(0)
     metrics.gpu_memory.labels("line1", "cuda:0", "used").set(0)
     metrics.model_info.labels("line1", "tiles-1", "0.1.0", "tiles", "torch", "fp32", "cpu").set(1)
     exposed = {line.split("{")[0].split(" ")[0] for line in metrics.exposition().decode().splitlines()

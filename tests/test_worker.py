@@ -43,7 +43,7 @@ from ustudents.worker import schema
 from ustudents.worker.metrics import METRIC_NAMES, starting
 from ustudents.worker.service import Worker
 from ustudents.worker.settings import WorkerSettings
-from ustudents.worker.streams import PublishRefused, Record, StreamIO
+from ustudents.worker.streams import Entry, PublishRefused, Record, StreamIO
 
 FAST = dict(block_ms=100, backoff_max_s=0.3, stats_interval_s=0.2, shutdown_timeout_s=20)
 
@@ -295,6 +295,8 @@ def test_each_frame_gets_one_result_with_the_mask_of_ustudents_predict(engines, 
         assert followed.exit_code == 0, followed.output
         processed = metric(port, "ustudents_frames_processed_total", stream=stream)
         anomalies = metric(port, "ustudents_anomalies_total", stream=stream)
+        wait_for(lambda: metric(port, "ustudents_stream_length_entries", stream=stream) == len(frames), 20,
+                 "the stream length gauge")  # what UstudentsFramesTrimmedUnread sets the lag against
         batches = metric(port, "ustudents_batch_size_count", stream=stream)
         ready = metric(port, "ustudents_ready", stream=stream)
         exposition = http(port, "/metrics")[1].decode()
@@ -353,8 +355,12 @@ def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_goes_on(e
         "no-image": ({}, schema.MISSING_IMAGE),
         "expired-key": ({"image_key": f"{stream}:frame:gone"}, schema.MISSING_IMAGE),
         "other-model": ({"image": good, "category": "carpet"}, schema.UNKNOWN_CATEGORY),
+        "both": ({"image": good, "image_key": f"{stream}:frame:ok"}, schema.INVALID_ENTRY),  # which is the frame?
+        "future": ({"image": good, "schema": "2"}, schema.INVALID_ENTRY),  # its fields may mean something else
         "by-key": ({"image_key": f"{stream}:frame:ok"}, None),
         "fine": ({"image": good}, None),
+        "blank-category": ({"image": good, "category": ""}, None),  # an unset variable: the one model served
+        "this-schema": ({"image": good, "schema": "1"}, None),
     }
     ids = {name: add(r, stream, frame_id=name, camera="cam2", **fields) for name, (fields, _) in cases.items()}
     with in_process_worker(engines, redis_url, stream, max_frame_bytes=limit, dead_image_max_bytes=100,
@@ -374,6 +380,8 @@ def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_goes_on(e
     assert schema.IMAGE not in dead["corrupt-large"] and int(dead["corrupt-large"][schema.IMAGE_BYTES]) == 240
     assert schema.IMAGE not in dead["oversized"] and int(dead["oversized"][schema.IMAGE_BYTES]) == limit + 1
     assert counts[schema.DECODE_ERROR] == 3 and counts[schema.MISSING_IMAGE] == 2 and counts[schema.EMPTY] == 1
+    assert counts[schema.INVALID_ENTRY] == 2 and "both an `image` and an `image_key`" in s(dead["both"][schema.ERROR])
+    assert "says schema '2'; this worker reads schema 1" in s(dead["future"][schema.ERROR])
     assert pending_count(r, stream) == 0
 
 
@@ -621,13 +629,44 @@ def test_two_workers_finishing_the_same_entry_publish_one_result(redis_url, stre
     assert [e[0].decode() for e in a.read(">", 10, None)] == [eid]
     _, claimed, _ = b.autoclaim(0, "0-0", 10)
     assert [e[0].decode() for e in claimed] == [eid]
-    record = lambda who: Record(eid, a.results, {"entry_id": eid, "consumer": who})  # noqa: E731
+    fp = schema.fingerprint(claimed[0][1])
+    record = lambda who: Record(eid, a.results, {"entry_id": eid, "consumer": who}, fingerprint=fp)  # noqa: E731
     assert [x.entry_id for x in b.publish([record("B")])] == [eid]
     assert a.publish([record("A")]) == []  # A finds B's marker: acknowledges only
     assert [s(x["consumer"]) for x in results_of(r, stream)] == ["B"]
     assert pending_count(r, stream) == 0
     # and once acknowledged, the entry is handed to nobody again
     assert a.read("0", 10, None) == [] and b.autoclaim(0, "0-0", 10)[1] == []
+
+
+def test_a_done_marker_stands_for_its_own_entry_only(redis_url, stream):
+    """An entry id is unique only within one life of a stream. A producer that sets its own ids (a
+    camera's frame counter) starts again after the stream is deleted: its new frame 5-0 was
+    acknowledged without a result, taken for the old 5-0 whose done marker was still there."""
+    r = client(redis_url)
+    io = StreamIO(r, stream, "ustudents", "A", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+
+    def publish_one(fields: dict) -> tuple[Entry, list]:
+        io.ensure_group()
+        r.xadd(stream, fields, id="5-0")
+        (eid, got), = io.read(">", 10, None)
+        entry = Entry(eid.decode(), got)
+        return entry, io.publish([Record(entry.id, io.results, {"entry_id": entry.id, "frame_id": got[b"frame_id"]},
+                                         fingerprint=entry.fingerprint)])
+
+    first, written = publish_one({"frame_id": "old", "image": b"x"})
+    assert len(written) == 1 and io.done([first]) == [True]
+    r.delete(stream)  # the operator clears the line; the camera counts from 1 again
+    second, written = publish_one({"frame_id": "new", "image": b"y"})
+    assert len(written) == 1 and [s(x["frame_id"]) for x in results_of(r, stream)] == ["old", "new"]
+    # the same entry again (two workers held it) is acknowledged only, as is one trimmed away meanwhile
+    assert io.done([Entry("5-0", {b"frame_id": b"new", b"image": b"y"}), Entry("5-0", {})]) == [True, True]
+    assert io.done([Entry("5-0", {b"frame_id": b"other", b"image": b"y"})]) == [False]
+    assert io.publish([Record("5-0", io.dead, {"entry_id": "5-0"}, kind="dead:trimmed")]) == []
+    # a marker written before markers held a fingerprint still counts for any entry of its id
+    r.set(schema.done_key(stream, "5-0"), "result")
+    assert io.done([Entry("5-0", {b"frame_id": b"other"})]) == [True]
+    assert schema.fingerprint({b"ab": b"c"}) != schema.fingerprint({b"a": b"bc"})
 
 
 def test_a_results_key_of_the_wrong_type_refuses_the_publish_whole_and_the_frame_waits(redis_url, stream):
@@ -1229,7 +1268,7 @@ def test_hand_written_entries_get_one_honest_outcome(engines, frames, redis_url,
     raw = {s(f[f.index(b"frame_id") + 1]): f for _, f in plain.xrange(schema.dead_stream(stream))}
     names = raw["collide"][0::2]  # the field names as stored, duplicates included
     assert all(names.count(n) == 1 for n in (b"reason", b"schema", b"error", b"entry_id")), names
-    assert s(dead["collide"][schema.REASON]) == schema.MISSING_IMAGE and s(dead["collide"][schema.SCHEMA]) == "1"
+    assert s(dead["collide"][schema.REASON]) == schema.INVALID_ENTRY and s(dead["collide"][schema.SCHEMA]) == "1"
     assert s(dead["pixel"][schema.REASON]) == schema.DECODE_ERROR and "1 x 1 pixels" in s(dead["pixel"][schema.ERROR])
     assert schema.TS not in res["words"] and float(res["fine"][schema.TS]) == now
     assert latencies == 1 and 0 <= latency_sum < 60  # only the real capture time counts
@@ -1249,6 +1288,25 @@ def test_a_group_made_again_starts_after_the_newest_outcome(engines, frames, red
         wait_for(lambda: len(results_of(r, stream)) >= 4, 60, "the new frame's result")
         time.sleep(0.5)
     exactly_one_result_each(r, stream, first + [later])
+
+
+def test_a_stream_deleted_and_written_again_with_the_producers_ids_is_read_from_its_start(engines, frames,
+                                                                                            redis_url, stream):
+    """A camera that sets its own entry ids (its frame counter) starts again at 1-0 after the stream was
+    deleted: the worker recreated the group after the newest id with an outcome (say 3-0), so the new
+    stream's frames 1-0 .. 3-0 were never read."""
+    r = client(redis_url)
+    old = [r.xadd(stream, {"frame_id": f.stem, "image": f.read_bytes()}, id=f"{i + 1}-0").decode()
+           for i, f in enumerate(frames[:3])]
+    with in_process_worker(engines, redis_url, stream):
+        wait_for(lambda: len(results_of(r, stream)) == 3, 60, "three results")
+        r.delete(stream)
+        new = [r.xadd(stream, {"frame_id": f"again-{f.stem}", "image": f.read_bytes()}, id=f"{i + 1}-0").decode()
+               for i, f in enumerate(frames[3:5])]
+        wait_for(lambda: len(results_of(r, stream)) == 5, 60, "the new stream's two results")
+    assert old[:2] == new and sorted(s(x["frame_id"]) for x in results_of(r, stream)) == sorted(
+        [f.stem for f in frames[:3]] + [f"again-{f.stem}" for f in frames[3:5]])
+    assert pending_count(r, stream) == 0
 
 
 def test_the_lag_is_checked_against_the_stream(redis_url, stream):

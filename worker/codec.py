@@ -7,7 +7,7 @@ import numpy as np
 from ustudents.engines.images import ImageError, decode_image
 from ustudents.engines.overlay import heatmap_overlay
 
-from .schema import EMPTY, IMAGE, IMAGE_KEY, MISSING_IMAGE, TOO_LARGE, DeadLetter
+from .schema import EMPTY, IMAGE, IMAGE_KEY, INVALID_ENTRY, MISSING_IMAGE, TOO_LARGE, DeadLetter
 
 
 # A camera frame smaller than this on a side (a 1-pixel or a 20000 x 10 frame) is a fault, not a part:
@@ -20,6 +20,9 @@ def payload(fields: dict[bytes, bytes], fetched: bytes | int | None, max_bytes: 
     (see StreamIO.fetch_images) when the entry names one instead of carrying `image`."""
     data = fields.get(IMAGE.encode())
     where = "image"
+    if data is not None and IMAGE_KEY.encode() in fields:  # which one is the frame? the producer is at fault
+        return DeadLetter(INVALID_ENTRY, "the entry has both an `image` and an `image_key` field; the stream contract "
+                                         "takes exactly one (fix the producer)")
     if data is None:
         key = fields.get(IMAGE_KEY.encode())
         if key is None:

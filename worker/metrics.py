@@ -26,6 +26,7 @@ METRIC_NAMES = (
     "ustudents_anomaly_score",  # histogram {stream, category}: image scores (drift)
     "ustudents_consumer_lag_entries",  # gauge {stream, group}: entries not yet delivered to the group
     "ustudents_pending_entries",  # gauge {stream, group}: delivered, not yet acknowledged
+    "ustudents_stream_length_entries",  # gauge {stream}: entries the input stream holds (XLEN)
     "ustudents_redis_reconnects_total",  # {stream} Redis came back after being unreachable
     "ustudents_model_info",  # gauge = 1 {stream, model, version, category, backend, precision, device}
     "ustudents_gpu_memory_bytes",  # gauge {stream, device, kind=used|reserved}; only on a GPU
@@ -66,6 +67,9 @@ class WorkerMetrics:
                          ["stream", "group"], registry=r)
         self.pending = Gauge("ustudents_pending_entries", "Entries delivered to the group and not yet acknowledged.",
                              ["stream", "group"], registry=r)
+        # against the lag: a backlog as long as the stream means the producer's MAXLEN trims unread frames
+        self.length = Gauge("ustudents_stream_length_entries", "Entries the input stream holds (XLEN).",
+                            ["stream"], registry=r)
         self.reconnects = Counter("ustudents_redis_reconnects", "Times Redis became reachable again after an outage.",
                                   ["stream"], registry=r)
         self.model_info = Gauge("ustudents_model_info", "The served model (value 1).",

@@ -4,6 +4,7 @@ entries, the derived key names, and the encoding of values.
 Input (stream `<stream>`), written by a camera or frame grabber:
     image      encoded PNG/JPEG bytes            } exactly one of the two
     image_key  a Redis key holding those bytes   } (the producer sets the key's TTL)
+    schema     optional: the version the producer writes; absent or SCHEMA_VERSION
     frame_id   the producer's id of the frame (the entry id stands in when absent)
     camera     optional
     ts         optional capture time, Unix seconds (float)
@@ -21,6 +22,7 @@ gives its size).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -41,10 +43,11 @@ DECODE_ERROR = "decode_error"  # the bytes are not a PNG/JPEG/... image
 EMPTY = "empty"  # zero bytes
 TOO_LARGE = "too_large"  # more than max_frame_bytes
 MISSING_IMAGE = "missing_image"  # neither image nor image_key, or image_key holds nothing (expired)
+INVALID_ENTRY = "invalid_entry"  # both image and image_key, or a schema version this worker does not read
 UNKNOWN_CATEGORY = "unknown_category"  # no model served here for the entry's category
 MAX_DELIVERIES = "max_deliveries"  # failed, or its worker died, on each of max_deliveries attempts
 TRIMMED = "trimmed"  # the entry left the input stream (MAXLEN) before it was processed
-REASONS = (DECODE_ERROR, EMPTY, TOO_LARGE, MISSING_IMAGE, UNKNOWN_CATEGORY, MAX_DELIVERIES, TRIMMED)
+REASONS = (DECODE_ERROR, EMPTY, TOO_LARGE, MISSING_IMAGE, INVALID_ENTRY, UNKNOWN_CATEGORY, MAX_DELIVERIES, TRIMMED)
 
 
 def results_stream(stream: str) -> str:
@@ -58,6 +61,40 @@ def dead_stream(stream: str) -> str:
 def done_key(stream: str, entry_id: str) -> str:
     """Marker set in the same transaction as an entry's result or dead letter (see streams.publish)."""
     return f"{stream}:done:{entry_id}"
+
+
+# The fingerprint of an entry whose fields are gone (trimmed away): it matches any marker, since such an
+# entry can only be one this stream held.
+ANY_ENTRY = "-"
+
+
+def fingerprint(fields: dict[bytes, bytes]) -> str:
+    """A digest of an entry's fields, kept in its done marker: an entry id that comes back with other
+    fields (the stream deleted, and a producer that sets its own ids starting again) is a new frame,
+    not one already published. Length-prefixed, so that no two different entries share the bytes hashed."""
+    if not fields:
+        return ANY_ENTRY
+    h = hashlib.blake2b(digest_size=12)
+    for name, value in sorted(fields.items()):
+        for part in (name, value):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+    return h.hexdigest()
+
+
+def marker_value(fp: str, kind: str) -> str:
+    """A done marker's value: the entry's fingerprint, then what was published ("result", "dead:<reason>")."""
+    return f"{fp} {kind}"
+
+
+def marks_entry(marker: bytes | None, fp: str) -> bool:
+    """Whether a done marker stands for the entry of fingerprint `fp` (PUBLISH_SCRIPT has the same rule in
+    Lua). A marker without a fingerprint (written before markers had one) matches any entry, as does
+    ANY_ENTRY on either side."""
+    if marker is None:
+        return False
+    marked, sep, _ = marker.decode("ascii", "replace").partition(" ")
+    return not sep or ANY_ENTRY in (marked, fp) or marked == fp
 
 
 def tries_key(stream: str, entry_id: str) -> str:
@@ -84,6 +121,17 @@ def capture_time(fields: dict[bytes, bytes]) -> float | None:
 class DeadLetter:
     reason: str
     error: str
+
+
+def version_error(fields: dict[bytes, bytes]) -> DeadLetter | None:
+    """Why an entry written for another version of this contract cannot be read, or None: a producer
+    that writes `schema` states which fields it means, and a version this worker does not know may
+    have redefined one of them."""
+    version = text(fields, SCHEMA)
+    if version is None or version.strip() == str(SCHEMA_VERSION):
+        return None
+    return DeadLetter(INVALID_ENTRY, f"the entry says schema {version!r}; this worker reads schema {SCHEMA_VERSION} "
+                                     "(upgrade the worker, or have the producer write that version)")
 
 
 def result_entry(entry_id: str, fields: dict[bytes, bytes], *, score: float, anomalous: bool, threshold: float,

@@ -381,7 +381,7 @@ class Worker:
         processed alone, nothing else in flight from its decoding to its publishing, and counted in
         Redis before it starts: the frame that kills workers reaches max_deliveries by itself and is
         dead-lettered, and the frames that only shared its batch are scored."""
-        done = self._retry(lambda: self.io.done([e.id for e in entries]), self.abandon)
+        done = self._retry(lambda: self.io.done(entries), self.abandon)
         if done is None:
             return False
         for e, d in zip(entries, done):
@@ -450,6 +450,8 @@ class Worker:
                     f"{e.attempt - 1} attempts at it did not complete (max_deliveries={s.max_deliveries}): a worker "
                     f"failed on it or died processing it, each attempt after the first with no other frame in "
                     f"flight; last error: {last}"))
+            elif (wrong := schema.version_error(e.fields)) is not None:
+                item = wrong
             else:
                 category = self._category(e.fields)
                 if isinstance(category, schema.DeadLetter):
@@ -466,7 +468,7 @@ class Worker:
         return Work(entries, prepared, categories)
 
     def _category(self, fields: dict[bytes, bytes]) -> str | schema.DeadLetter:
-        category = schema.text(fields, schema.CATEGORY)
+        category = schema.text(fields, schema.CATEGORY) or None  # "": a producer's unset variable, no category
         if category is None and self.single is not None:
             return self.single
         if category in self.engines:
@@ -593,19 +595,19 @@ class Worker:
     def _record(self, entry: Entry, outcome: Outcome) -> Record | None:
         s = self.s
         if outcome.kind == "ack":
-            return Record(entry.id, None)
+            return Record(entry.id, None, fingerprint=entry.fingerprint)
         if outcome.kind == "failed":
             return None
         if outcome.kind == "dead":
             return Record(entry.id, self.io.dead, schema.dead_entry(entry.id, entry.fields, outcome.dead, s.dead_image_max_bytes),
-                          kind=f"dead:{outcome.dead.reason}")
+                          kind=f"dead:{outcome.dead.reason}", fingerprint=entry.fingerprint)
         engine, p = self.engines[outcome.category], outcome.prediction
         heatmap = codec.heatmap_png(outcome.frame, p.mask_level, engine.mask_threshold, p.mask) if s.heatmap else None
         fields = schema.result_entry(
             entry.id, entry.fields, score=p.score, anomalous=p.anomalous, threshold=engine.image_threshold,
             mask_png=codec.mask_png(p.mask), model=engine.info["model"],
             latency_ms=(time.monotonic() - entry.received) * 1000, consumer=s.consumer, heatmap_png=heatmap)
-        return Record(entry.id, self.io.results, fields, received=entry.received)
+        return Record(entry.id, self.io.results, fields, received=entry.received, fingerprint=entry.fingerprint)
 
     def _publish(self, records: list[Record]) -> list[Record] | None:
         """streams.publish until it succeeds; None if the worker abandons its work first."""
@@ -670,6 +672,7 @@ class Worker:
                 if info:
                     m.pending.labels(s.stream, s.group).set(int(info.get("pending", 0)))
                     self._report_lag(info)
+                    m.length.labels(s.stream).set(self.io.length())
                 self.redis_state.ok()
             except UNAVAILABLE as err:
                 self.redis_state.failed(err)

@@ -22,9 +22,13 @@ is of the wrong type; then nothing can fail. Hence:
   whichever runs second finds the marker and only acknowledges. Re-sending a script whose reply
   was lost is safe for the same reason. The marker has to outlive that race, not the entry:
   `dedupe_ttl_s` (default 1 h) bounds how long a stalled worker may hold a claimed entry.
+* An id names one entry only within one life of the stream: deleted and written again by a producer
+  that sets its own ids, it can hand out a used id for a new frame. So a marker holds a digest of
+  its entry's fields (schema.fingerprint) and stands only for that entry: the new frame is scored.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -54,6 +58,10 @@ class Entry:
     received: float = field(default_factory=time.monotonic)
     already_done: bool = False  # its marker exists: acknowledge only
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        return schema.fingerprint(self.fields)
+
 
 @dataclass
 class Record:
@@ -62,6 +70,7 @@ class Record:
     target: str | None
     fields: dict | None = None
     kind: str = "result"  # marker value: "result" or "dead:<reason>"
+    fingerprint: str = schema.ANY_ENTRY  # the input entry's (schema.fingerprint), kept in its marker
     received: float | None = None  # time.monotonic() when the worker read the entry (a result's latency_ms)
 
 
@@ -76,6 +85,12 @@ def replies(reply) -> list[tuple[bytes, list[RawEntry]]]:
 
 def text_of(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id ('1700000000000-3') in the order Redis gives ids."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 # Redis 7.0 counts entries trimmed before a group read them as lag for good (redis/redis#13957): the
@@ -120,9 +135,15 @@ return removed
 
 # Publish a batch's outcomes (StreamIO.publish). KEYS: input stream, results stream, dead stream,
 # then one marker per record. ARGV: group, marker TTL, results MAXLEN, dead MAXLEN, then per
-# record: entry id, target (0: acknowledge only, 1: results, 2: dead), marker value, field count,
-# fields. Returns the 1-based numbers of the records written.
+# record: entry id, target (0: acknowledge only, 1: results, 2: dead), the entry's fingerprint,
+# marker value, field count, fields. Returns the 1-based numbers of the records written. A marker
+# counts only for the entry it was set for: marks_entry is schema.marks_entry.
 PUBLISH_SCRIPT = """
+local function marks_entry(marker, fp)
+  if not marker then return false end
+  local marked = string.match(marker, '^(%S+) ')
+  return marked == nil or marked == '-' or fp == '-' or marked == fp
+end
 local kinds = {stream = true, none = true}
 for i = 1, 3 do
   local t = redis.call('TYPE', KEYS[i])['ok']
@@ -134,14 +155,14 @@ local group, ttl = ARGV[1], ARGV[2]
 local maxlen = {ARGV[3], ARGV[4]}
 local ids, written, a = {}, {}, 5
 for r = 1, #KEYS - 3 do
-  local id, target, kind, n = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], tonumber(ARGV[a + 3])
+  local id, target, fp, marker, n = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
   ids[r] = id
-  if target > 0 and redis.call('EXISTS', KEYS[r + 3]) == 0 then
-    redis.call('XADD', KEYS[target + 1], 'MAXLEN', '~', maxlen[target], '*', unpack(ARGV, a + 4, a + 3 + n))
-    redis.call('SET', KEYS[r + 3], kind, 'EX', ttl)
+  if target > 0 and not marks_entry(redis.call('GET', KEYS[r + 3]), fp) then
+    redis.call('XADD', KEYS[target + 1], 'MAXLEN', '~', maxlen[target], '*', unpack(ARGV, a + 5, a + 4 + n))
+    redis.call('SET', KEYS[r + 3], marker, 'EX', ttl)
     written[#written + 1] = r
   end
-  a = a + 4 + n
+  a = a + 5 + n
 end
 redis.call('XACK', KEYS[1], group, unpack(ids))
 return written
@@ -170,8 +191,12 @@ class StreamIO:
         existed. A first group reads from the stream's first entry, so frames written before any
         worker started are processed too. A group made again (destroyed by hand, say to rename it)
         starts after the newest entry that already has a result or dead letter: from the start it would
-        score the whole kept stream again, and publish second outcomes once their done markers expired."""
+        score the whole kept stream again, and publish second outcomes once their done markers expired.
+        Unless the stream never reached that id: then it is a new stream (deleted and written again, ids
+        set by the producer starting over) and every entry in it is new."""
         start = self.newest_outcome()
+        if start != "0" and id_key(start) > id_key(self.last_generated_id()):
+            start = "0"
         try:
             self.r.xgroup_create(self.stream, self.group, id=start, mkstream=True)
             return start
@@ -179,6 +204,12 @@ class StreamIO:
             if "BUSYGROUP" in str(err):
                 return None
             raise
+
+    def last_generated_id(self) -> str:
+        """The largest id the stream ever had ('0-0' when it does not exist)."""
+        if not self.r.exists(self.stream):
+            return "0-0"
+        return text_of(self.r.xinfo_stream(self.stream)["last-generated-id"])
 
     def newest_outcome(self) -> str:
         """The largest input entry id among the last OUTCOMES_SEEN results and dead letters (outcomes are
@@ -189,7 +220,7 @@ class StreamIO:
             for _, fields in self.r.xrevrange(key, count=OUTCOMES_SEEN):
                 eid = fields.get(schema.ENTRY_ID.encode(), b"").decode("ascii", "replace")
                 if re.fullmatch(r"\d+-\d+", eid):
-                    newest = max(newest, tuple(map(int, eid.split("-"))))
+                    newest = max(newest, id_key(eid))
         return "0" if newest == (0, 0) else f"{newest[0]}-{newest[1]}"
 
     def group_info(self) -> dict:
@@ -202,6 +233,9 @@ class StreamIO:
             if text_of(g["name"]) == self.group:
                 return g
         return {}
+
+    def length(self) -> int:
+        return int(self.r.xlen(self.stream))
 
     def has_own_pending(self) -> bool:
         return bool(self.r.xpending_range(self.stream, self.group, min="-", max="+", count=1,
@@ -287,11 +321,12 @@ class StreamIO:
             pipe.hdel(schema.tries_key(self.stream, entry_id), token)
         pipe.execute()
 
-    def done(self, ids: list[str]) -> list[bool]:
-        """Whether each entry already has its outcome published (its marker exists)."""
-        if not ids:
+    def done(self, entries: list[Entry]) -> list[bool]:
+        """Whether each entry already has its outcome published (a marker set for it exists)."""
+        if not entries:
             return []
-        return [v is not None for v in self.r.mget([schema.done_key(self.stream, i) for i in ids])]
+        markers = self.r.mget([schema.done_key(self.stream, e.id) for e in entries])
+        return [schema.marks_entry(m, e.fingerprint) for m, e in zip(markers, entries)]
 
     def fetch_images(self, keys: list[bytes], max_bytes: int) -> list[bytes | int | None]:
         """Bytes held at each `image_key`: the bytes, or their length when over `max_bytes` (not
@@ -329,7 +364,8 @@ class StreamIO:
         args: list = [self.group, self.dedupe_ttl_s, self.maxlen[self.results], self.maxlen[self.dead]]
         for rec in records:
             fields = [x for kv in (rec.fields or {}).items() for x in kv]
-            args += [rec.entry_id, targets[rec.target], rec.kind, len(fields), *fields]
+            args += [rec.entry_id, targets[rec.target], rec.fingerprint, schema.marker_value(rec.fingerprint, rec.kind),
+                     len(fields), *fields]
         try:
             numbers = self._publish(keys=keys, args=args)
         except redis.ResponseError as err:
