@@ -17,6 +17,7 @@ half-written bundle.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -260,6 +261,26 @@ def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torc
     for f in [old["weights"]["file"]] + [e["file"] for e in old.get("engines") or []]:
         if f not in kept:
             (path / f).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def changing(path: str | Path):
+    """Hold a bundle for a command that changes it (build-engines, calibrate). Two at once each
+    wrote the manifest they had read, and one's change was lost while both reported success. An
+    exclusive flock on the bundle folder itself: no lock file to leave behind, and the OS lets go
+    when the process ends, however it ends."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BundleError(f"{path}: another command is changing this bundle now (build-engines or calibrate); "
+                              "run this one when it has finished") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def update_manifest(path: Path, **fields: Any) -> dict[str, Any]:

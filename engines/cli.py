@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from .bundle import BundleError, load_bundle
+from .bundle import BundleError, changing, load_bundle
 from .images import IMAGE_SUFFIXES, ImageError, image_files, read_image
 from .runtime import BACKENDS, PRECISIONS, EngineError
 
@@ -52,14 +55,14 @@ def check_output(path: Path | None, option: str, folder: bool) -> None:
 
 
 def check_apart(out: Path | None, option: str, source: Path, what: str) -> None:
-    """Refuse an output folder inside (or equal to) a folder of inputs (a category's, not the whole
-    data root's), where its files could replace them."""
+    """Refuse an output folder or file inside (or equal to) a folder of inputs (a category's images,
+    not the whole data root; a model bundle), where what it writes could replace them."""
     if out is None:
         return
     o, s = Path(out).resolve(), Path(source).resolve()
     if o == s or s in o.parents:
-        raise InputError(f"{option} {out}: inside {what} {source}, where its files could overwrite the images there; "
-                         "choose a folder outside it")
+        raise InputError(f"{option} {out}: inside {what} {source}, where it could overwrite the files there; "
+                         "choose a path outside it")
 
 
 def check_bundle_writable(path: Path) -> None:
@@ -67,6 +70,39 @@ def check_bundle_writable(path: Path) -> None:
     if not os.access(path, os.W_OK):
         raise InputError(f"{path}: the bundle folder is not writable here (a read-only mount?); copy the bundle "
                          "to a writable folder and run the command on the copy")
+
+
+@contextmanager
+def sigterm_as_ctrl_c():
+    """`docker stop`, systemd and Kubernetes end a job with SIGTERM, which would kill a command where it
+    stands: handled as Ctrl-C instead, each cleans up as on Ctrl-C (training keeps its checkpoint and
+    removes the cached teacher targets; a bundle being changed keeps no partial file). (Signals reach
+    only the main thread; elsewhere nothing changes.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+@contextmanager
+def changing_bundle(model: Path, command: str):
+    """A command that changes a bundle: refused on a read-only one, one at a time (bundle.changing), and
+    on Ctrl-C or SIGTERM it exits 130 saying the bundle is as it was (each change is atomic)."""
+    check_bundle_writable(load_bundle(model).path)
+    try:
+        with changing(model), sigterm_as_ctrl_c():
+            yield
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: {model} is unchanged ({command} writes nothing until it has finished)", err=True)
+        raise SystemExit(130) from None
 
 
 user_errors = user_errors_for((BundleError, EngineError, ImageError, ValueError, OSError))
@@ -90,6 +126,8 @@ def good_frames(folder: Path | None, bits: int, limit: int = 8) -> list:
     """Up to `limit` images from a folder, for parity checks on real images (16-bit data: `bits`)."""
     if folder is None:
         return []
+    if not Path(folder).is_dir():
+        raise InputError(f"{folder}: folder not found; give a folder of good images")
     files = image_files(folder)
     if not files:
         raise InputError(f"{folder}: no images ({'/'.join(IMAGE_SUFFIXES)}); give a folder of good images")
@@ -114,12 +152,18 @@ def good_frames(folder: Path | None, bits: int, limit: int = 8) -> list:
 def build_engines_cmd(model, backend, precision, max_batch, check_images, calibration_images):
     """Export MODEL's fused ensemble to ONNX, check it against PyTorch and store it in the bundle;
     with --backend tensorrt, also build a TensorRT plan for this GPU."""
-    from .onnx_engine import ParityError, build_onnx
-
     if max_batch < 1:
         raise InputError(f"--max-batch {max_batch}: must be at least 1")
-    bundle = load_bundle(model)
-    check_bundle_writable(bundle.path)
+    if calibration_images is not None and precision != "int8":  # silently unused, it suggested an int8 engine
+        raise InputError(f"--calibration-images: only --precision int8 is calibrated (this is {precision}); leave "
+                         "it out, or add --precision int8")
+    with changing_bundle(model, "build-engines"):
+        _build_engines(load_bundle(model), backend, precision, max_batch, check_images, calibration_images)
+
+
+def _build_engines(bundle, backend, precision, max_batch, check_images, calibration_images) -> None:
+    from .onnx_engine import ParityError, build_onnx
+
     if backend == "tensorrt":
         from .tensorrt_build import require_tensorrt
         require_tensorrt()

@@ -20,23 +20,44 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _image_name(path: Path) -> bool:
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def is_image_file(path: Path) -> bool:
     """An image file by its suffix, not hidden: '._x.png' (macOS metadata on a USB stick or share) and
     other dotfiles are skipped everywhere images are listed, not read as broken images."""
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The image files directly in `folder` (is_image_file), sorted by name; [] when it is no folder."""
-    folder = Path(folder)
-    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name) if folder.is_dir() else []
+    return path.is_file() and _image_name(path)
 
 
 class ImageError(ValueError):
     """An image file that cannot be used; the message names the file and the fix."""
+
+
+def refuse_broken_links(folder: Path, paths) -> None:
+    """Refuse image files among `paths` that are symbolic links to nothing. Left out, they would make
+    the set silently smaller: all of it where the images are links into a network share that is not
+    mounted. The message names the first few (with where they point) and the count."""
+    broken = sorted((p for p in paths if _image_name(p) and p.is_symlink() and not p.exists()), key=str)
+    if broken:
+        shown = ", ".join(f"{p.relative_to(folder)} -> {os.readlink(p)}" for p in broken[:3])
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        raise ImageError(f"{folder}: {len(broken)} image file(s) are symbolic links to nothing ({shown}{more}); "
+                         "mount the share they point into or fix the links, or remove them")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in `folder` (is_image_file), sorted by name; [] when it is no folder.
+    An image link pointing to nothing is refused (refuse_broken_links), not skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    entries = list(folder.iterdir())
+    refuse_broken_links(folder, entries)
+    return sorted((p for p in entries if is_image_file(p)), key=lambda p: p.name)
 
 
 log = logging.getLogger(__name__)
@@ -54,9 +75,23 @@ def _read_bytes(path: str | Path) -> bytes:
     return path.read_bytes()
 
 
+# An image smaller than this on a side (a 1-pixel file, a 1 x 500 strip) is a fault, not a part:
+# resized to the model's size it gets a confident verdict all the same (measured: "ok"), so it is refused.
+MIN_IMAGE_SIDE = 16
+
+
+def check_image_size(img: np.ndarray, source: str, what: str = "an image") -> np.ndarray:
+    h, w = img.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise ImageError(f"{source}: {what} of {w} x {h} pixels, under {MIN_IMAGE_SIDE} on a side: not an inspection "
+                         "image (a camera or grabber fault, or a thumbnail?); give the full image or remove it")
+    return img
+
+
 def read_image(path: str | Path, bits: int = UINT16_BITS) -> np.ndarray:
-    """Read a PNG/JPEG/... file as uint8 RGB (H, W, 3); 16-bit data holding `bits` bits (module docstring)."""
-    return decode_image(_read_bytes(path), str(path), bits)
+    """Read a PNG/JPEG/... file as uint8 RGB (H, W, 3); 16-bit data holding `bits` bits (module docstring).
+    One under MIN_IMAGE_SIDE on a side is refused."""
+    return check_image_size(decode_image(_read_bytes(path), str(path), bits), str(path))
 
 
 def _decode_unchanged(data: bytes, source: str) -> np.ndarray:

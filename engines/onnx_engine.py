@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import Bundle, sha256_file, update_manifest
+from .bundle import Bundle, load_bundle, sha256_file, update_manifest
 from .export import INPUT, export_onnx
 from .model import AnomalyModel
 
@@ -152,5 +152,6 @@ def record_engine(bundle: Bundle, entry: dict) -> None:
     """Add or replace (same backend, precision and GPU) the engine entry in the manifest."""
     def same(e: dict) -> bool:
         return (e["backend"], e["precision"], e.get("gpu")) == (entry["backend"], entry["precision"], entry.get("gpu"))
-    engines = [e for e in bundle.manifest.get("engines", []) if not same(e)] + [entry]
+    current = load_bundle(bundle.path).manifest  # as it is on disk now, not as it was when the build began
+    engines = [e for e in current.get("engines", []) if not same(e)] + [entry]
     bundle.manifest = update_manifest(bundle.path, engines=engines)

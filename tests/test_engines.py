@@ -128,7 +128,8 @@ def test_bad_backend_and_precision_requests_are_refused_clearly(tiny_bundle):
         load_engine(tiny_bundle, backend="onnxruntime", device="cpu", precision="bf16")
     # auto with a precision only built engines have: says what to build, not what torch lacks
     with pytest.raises(EngineError, match=r"--precision int8: PyTorch does not run it and .* has no int8 engine for "
-                                          r"this device; build one with `ustudents build-engines"):
+                                          r"this device; build one with `ustudents build-engines \S+ --backend onnx "
+                                          r"--precision int8 --calibration-images GOOD_IMAGES_DIR`"):
         load_engine(tiny_bundle, backend="auto", device="cpu", precision="int8")
     with pytest.raises(EngineError, match="max batch 0: must be at least 1"):
         load_engine(tiny_bundle, backend="torch", device="cpu", max_batch=0)
@@ -243,12 +244,36 @@ def test_onnx_engine_matches_pytorch_on_real_images(bundle_copy, tiny_mvtec, pre
 
 
 @pytest.mark.slow
+def test_the_fp16_engine_holds_its_networks_in_fp16_and_scores_in_fp32(bundle_copy):
+    """It was fp32 throughout, only its weights rounded to fp16 values (the export cast the model
+    back to float): the same size as the fp32 engine, and a 'strongly typed' TensorRT plan from it
+    would have run in fp32."""
+    import onnx
+
+    bundle = load_bundle(bundle_copy)
+    sizes = {}
+    for precision in ("fp32", "fp16"):
+        entry = build_onnx(bundle, precision, max_batch=2)
+        sizes[precision] = (bundle_copy / entry["file"]).stat().st_size
+        graph = onnx.load(str(bundle_copy / entry["file"])).graph
+        kinds = {onnx.TensorProto.DataType.Name(t.data_type) for t in graph.initializer if len(t.dims) == 4}
+        assert kinds == ({"FLOAT16"} if precision == "fp16" else {"FLOAT"}), kinds  # the convolution weights
+        outputs = [onnx.TensorProto.DataType.Name(o.type.tensor_type.elem_type) for o in graph.output]
+        assert outputs == ["FLOAT", "FLOAT"]  # the scoring head and its maps stay float32
+    assert sizes["fp16"] < 0.6 * sizes["fp32"], sizes
+
+
+@pytest.mark.slow
 def test_int8_engine_is_symmetric_qdq_calibrated_on_good_images_and_matches_pytorch(bundle_copy, tiny_mvtec):
     import onnx
 
     good = tiny_mvtec / TINY_CATEGORY / "train" / "good"
     refused = invoke("build-engines", bundle_copy, "--precision", "int8")
     assert refused.exit_code == 2 and "--calibration-images" in refused.output
+    for args, needle in ((["--calibration-images", good], "only --precision int8 is calibrated (this is fp32)"),
+                         (["--precision", "int8", "--calibration-images", good / "nope"], "nope: folder not found")):
+        refused = invoke("build-engines", bundle_copy, *args)  # was ignored / said "no images"
+        assert refused.exit_code == 2 and needle in refused.output, refused.output
     # no --check-images: parity on the good calibration images (int8 ranges saturate on noise)
     result = invoke("build-engines", bundle_copy, "--precision", "int8", "--calibration-images", good)
     assert result.exit_code == 0, result.output
@@ -312,7 +337,8 @@ def test_stale_or_damaged_engines_are_refused(bundle_copy):
     first = next(iter(stats))
     stats[first]["e_mu"] += 1.0
     update_manifest(bundle_copy, statistics=stats)
-    with pytest.raises(EngineError, match="rebuild"):
+    with pytest.raises(EngineError, match=f"rebuild with `ustudents build-engines {bundle_copy} --backend onnx "
+                                          "--precision fp32`"):  # the one that was built, not the default
         load_engine(bundle_copy, backend="onnxruntime", device="cpu")
     stats[first]["e_mu"] -= 1.0
     update_manifest(bundle_copy, statistics=stats)
@@ -320,16 +346,64 @@ def test_stale_or_damaged_engines_are_refused(bundle_copy):
     path = bundle_copy / entry["file"]
     path.write_bytes(path.read_bytes()[:-10])
     result = invoke("predict", bundle_copy, path, "--out", bundle_copy.parent / "out", "--backend", "onnxruntime")
-    assert result.exit_code == 2 and "checksum mismatch" in result.output and "build-engines" in result.output
+    assert result.exit_code == 2 and "checksum mismatch" in result.output
+    assert f"build-engines {bundle_copy} --backend onnx --precision fp32`" in result.output
+
+
+@pytest.mark.slow
+def test_two_commands_changing_one_bundle_at_once_lose_nothing(bundle_copy, tiny_mvtec):
+    """Two build-engines at once (fp32 and fp16) both reported success, and the manifest listed one
+    engine: each wrote back the list it had read at its start."""
+    from ustudents.engines.bundle import changing
+
+    first, second = load_bundle(bundle_copy), load_bundle(bundle_copy)  # both read before either writes
+    build_onnx(first, "fp32", max_batch=2)
+    build_onnx(second, "fp16", max_batch=2)
+    assert sorted(e["precision"] for e in load_bundle(bundle_copy).manifest["engines"]) == ["fp16", "fp32"]
+    good = tiny_mvtec / TINY_CATEGORY / "test" / "good"
+    with changing(bundle_copy):  # a command is changing it: the next is refused, not interleaved
+        for command in (["build-engines", bundle_copy, "--precision", "fp32"],
+                        ["calibrate", bundle_copy, "--images", good]):
+            result = invoke(*command)
+            assert result.exit_code == 2 and "another command is changing this bundle now" in result.output, \
+                result.output
+    assert sorted(e["precision"] for e in load_bundle(bundle_copy).manifest["engines"]) == ["fp16", "fp32"]
+    assert invoke("build-engines", bundle_copy, "--precision", "fp32").exit_code == 0  # and free again after
+
+
+@pytest.mark.slow
+def test_sigterm_during_build_engines_leaves_the_bundle_as_it_was_and_no_partial_file(bundle_copy):
+    """`docker stop` or a Kubernetes Job's end: the build died where it stood and left a hidden 36 MB
+    `.model-fp32.onnx.partial` in the bundle."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    manifest = (bundle_copy / MANIFEST).read_text()
+    proc = subprocess.Popen([sys.executable, "-c", "from ustudents.cli import main; main()", "build-engines",
+                             str(bundle_copy)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = bundle_copy / "engines" / ".model-fp32.onnx.partial"
+    deadline = time.monotonic() + 120
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert partial.exists(), "the build should be under way"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert f"interrupted: {bundle_copy} is unchanged" in err and "Traceback" not in err
+    assert (bundle_copy / MANIFEST).read_text() == manifest and list((bundle_copy / "engines").iterdir()) == []
 
 
 @pytest.mark.slow
 def test_calibrate_drops_engines_that_hold_old_statistics(bundle_copy, tiny_mvtec):
     entry = build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2)
+    build_onnx(load_bundle(bundle_copy), "fp16", max_batch=2)
     good = tiny_mvtec / TINY_CATEGORY / "test" / "good"
     result = invoke("calibrate", bundle_copy, "--images", good, "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "rebuild with `ustudents build-engines" in result.output
+    assert (f"rebuild with `ustudents build-engines {bundle_copy} --backend onnx --precision fp16` and `ustudents "
+            f"build-engines {bundle_copy} --backend onnx --precision fp32`") in result.output  # each one that was built
     assert load_bundle(bundle_copy).manifest["engines"] == []
     assert not (bundle_copy / entry["file"]).exists()  # the stale file went with the rewritten bundle
 

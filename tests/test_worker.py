@@ -864,7 +864,7 @@ def test_a_redis_setup_no_retry_can_fix_is_one_line_and_exit_2_before_the_model_
         r.xgroup_create(stream, "canary", id="0", mkstream=True)
         expected = f"stream {stream} already has consumer group canary; ustudents serves one group per stream"
     else:
-        url, expected = redis_url.rsplit("/", 1)[0] + "/9999", "check the URL's database number"
+        url, expected = redis_url.rsplit("/", 1)[0] + "/9999", "answers, but has no database 9999 (it has 16: 0 to 15)"
     empty = tmp_path / "empty.env"
     empty.write_text("")
     result = CliRunner().invoke(main, ["worker", "--stream", stream, "--model", str(small_bundle), "--device", "cpu",
@@ -872,6 +872,12 @@ def test_a_redis_setup_no_retry_can_fix_is_one_line_and_exit_2_before_the_model_
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and expected in errors[0] and "Traceback" not in result.output, result.output
+    if case == "no-such-db":  # the tools said "cannot reach Redis" of a server that answered
+        cv2.imwrite(str(tmp_path / "frame.png"), np.zeros((32, 32), np.uint8))
+        for tool in (["publish", str(tmp_path)], ["results", "--count", "1"]):
+            result = CliRunner().invoke(main, [*tool, "--stream", stream, "--redis-url", url])
+            assert result.exit_code == 2 and expected in result.output and "cannot reach" not in result.output, \
+                result.output
 
 
 def test_kill_9_mid_batch_a_second_worker_reclaims_and_every_frame_gets_exactly_one_result(

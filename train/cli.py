@@ -5,16 +5,14 @@ naming the file and the fix, with exit code 2; tracebacks are left for bugs.
 """
 from __future__ import annotations
 
-import signal
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 import torch
 
 from ustudents.engines.bundle import BundleError, check_replaceable, load_bundle, rewrite_bundle
-from ustudents.engines.cli import (InputError, check_apart, check_bundle_writable, check_output, engine_options,
+from ustudents.engines.cli import (InputError, changing_bundle, check_apart, check_output,
+                                   engine_options, sigterm_as_ctrl_c,
                                    user_errors_for)
 from ustudents.engines.images import IMAGE_SUFFIXES, ImageError, image_files
 from ustudents.engines.runtime import EngineError, default_torch_precision, native_bf16, resolve_device
@@ -48,25 +46,6 @@ def parse_ints(ctx, param, value: str) -> tuple[int, ...]:
         return tuple(sorted({int(s) for s in value.split(",") if s.strip()}))
     except ValueError:
         raise click.BadParameter(f"{value!r}: give whole numbers separated by commas, e.g. 8,16") from None
-
-
-@contextmanager
-def sigterm_as_ctrl_c():
-    """`docker stop`, systemd and Kubernetes end a job with SIGTERM, which would kill training where it
-    stands: handled as Ctrl-C instead, it keeps the checkpoint, removes the cached teacher targets and
-    says how to continue. (Signals reach only the main thread; elsewhere nothing changes.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    before = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
 
 
 def resolve_amp(amp: str, device: torch.device) -> bool:
@@ -243,12 +222,16 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
     Runs in the precision the bundle runs in on this machine: bf16 where it was calibrated in bf16 and
     the device has it natively, else fp32. The bundle is rewritten atomically; its built engines
     held the old statistics and are dropped."""
+    with changing_bundle(model, "calibrate"):  # not beside a build-engines, whose engine would hold the old statistics
+        _calibrate(model, images, target_fpr, image_fpr, device)
+
+
+def _calibrate(model, images, target_fpr, image_fpr, device) -> None:
     from .calibrate import calibrate, check_resolvable
     from .dataset import Sample, load_images, uint16_bits
     from .pipeline import image_score_line, mask_line
 
     bundle = load_bundle(model)
-    check_bundle_writable(bundle.path)
     if not Path(images).is_dir():
         raise InputError(f"--images {images}: folder not found; give a folder of good images from the new setup")
     files = image_files(images)
@@ -285,8 +268,10 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
         click.echo(f"{model}: these images are 16-bit holding {bits} bits (the model read {bundle.uint16_bits}): "
                    "frames are read with that from now on")
     if bundle.manifest.get("engines"):
+        from ustudents.engines.runtime import build_command
+        built = sorted({(e["backend"], e["precision"]) for e in bundle.manifest["engines"]})
         click.echo(f"{model}: its built engines held the old statistics and were dropped; rebuild with "
-                   f"`ustudents build-engines {model}`")
+                   + " and ".join(build_command(bundle, *b) for b in built))
 
 
 @click.command("evaluate")
@@ -308,7 +293,9 @@ def evaluate_cmd(model, data_root, json_file, overlays, batch, backend, precisio
     check_output(json_file, "--json", folder=False)
     check_output(overlays, "--overlays", folder=True)
     bundle = load_bundle(model)  # once: loading verifies the weights' checksum
-    check_apart(overlays, "--overlays", Path(data_root) / bundle.manifest["category"], "the category's images")
+    for path, option in ((json_file, "--json"), (overlays, "--overlays")):  # never over an input
+        check_apart(path, option, Path(data_root) / bundle.manifest["category"], "the category's images")
+        check_apart(path, option, bundle.path, "the model bundle")
     engine = load_engine(bundle, backend, device, precision, max_batch=batch)
     click.echo(f"engine: {engine.describe()}")
     results = evaluate(engine, data_root, overlays, log=click.echo)
@@ -330,11 +317,14 @@ def predict_cmd(model, images, out, backend, precision, device):
     from .evaluate import predict
 
     check_output(out, "--out", folder=True)
+    check_apart(out, "--out", model, "the model bundle")
 
     def line(r: dict) -> None:
         verdict = "ANOMALOUS" if r["anomalous"] else "ok"
         click.echo(f"{r['image']}\tscore {r['score']:.3f}\t{verdict}\tmask {r['mask']}")
-    predict(load_engine(model, backend, device, precision), list(images), out, on_result=line)
+    engine = load_engine(model, backend, device, precision)
+    click.echo(f"engine: {engine.describe()}")
+    predict(engine, list(images), out, on_result=line)
 
 
 COMMANDS = (train_cmd, teacher_cmd, calibrate_cmd, evaluate_cmd, predict_cmd)

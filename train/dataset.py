@@ -5,12 +5,15 @@
     ROOT/CATEGORY/ground_truth/<type>/<stem>_mask.png  defect masks (not needed for "good")
 
 Images may be any of IMAGE_SUFFIXES (any letter case), gray or colour. Files whose names start
-with "." (e.g. macOS "._000.png" resource forks) and files of other types are ignored.
+with "." (e.g. macOS "._000.png" resource forks) and files of other types are ignored. Images in
+subfolders of these folders are not read: refused where a folder has no others ("move them up"), a
+warning where it has. An image file that is a symbolic link to nothing is refused.
 Every problem raises DatasetError with one line naming the file or folder and what to do.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,8 @@ from .progress import progress
 
 GOOD = "good"
 _SUFFIX_LIST = "/".join(IMAGE_SUFFIXES)
+log = logging.getLogger(__name__)
+_checked_for_nested: set[Path] = set()  # warn once per folder: test_samples runs before training and after it
 
 
 class DatasetError(ValueError):
@@ -51,14 +56,51 @@ def _require_dir(folder: Path, what: str) -> None:
         raise DatasetError(f"{folder}: folder not found; {what}")
 
 
+def _nested_images(folder: Path) -> dict[str, int]:
+    """How many image files each subfolder of `folder` holds (at any depth), by subfolder name;
+    hidden subfolders are left out, as hidden files are."""
+    counts = {}
+    for sub in sorted(folder.iterdir(), key=lambda p: p.name):
+        if sub.is_dir() and not sub.name.startswith("."):
+            n = sum(1 for p in sub.rglob("*") if is_image_file(p))
+            if n:
+                counts[sub.name] = n
+    return counts
+
+
+def _listed(folder: Path) -> list[Path]:
+    """image_files(folder) as DatasetError, with a warning (once per folder) about images in its
+    subfolders, which the layout does not read: the images directly in it are a valid set."""
+    try:
+        images = image_files(folder)
+    except ImageError as e:
+        raise DatasetError(str(e)) from None
+    if not images or folder.resolve() in _checked_for_nested:
+        return images
+    _checked_for_nested.add(folder.resolve())
+    nested = _nested_images(folder)
+    if nested:
+        names = ", ".join(f"{name} ({n})" for name, n in list(nested.items())[:3])
+        more = f" and {len(nested) - 3} more" if len(nested) > 3 else ""
+        log.warning("%s: %d image(s) in its subfolders %s%s are not used: the MVTec AD layout reads only the images "
+                    "directly in this folder (%d here); move them up to use them", folder, sum(nested.values()),
+                    names, more, len(images))
+    return images
+
+
+def _refuse_only_nested(folder: Path) -> None:
+    """For a folder with no images of its own: an error if its subfolders hold some."""
+    nested = _nested_images(folder) if folder.is_dir() else {}
+    if nested:  # sorted into subfolders (by day, by camera): the layout wants them directly here
+        raise DatasetError(f"{folder}: its images are in subfolders ({', '.join(list(nested)[:3])}); the "
+                           "MVTec AD layout wants them directly in this folder: move them up")
+
+
 def _images_in(folder: Path) -> list[Path]:
     """The image files directly in `folder`, sorted by name; an error if there are none."""
-    images = image_files(folder)
+    images = _listed(folder)
     if not images:
-        nested = sorted(p.parent.name for p in folder.glob("*/*") if is_image_file(p))
-        if nested:  # sorted into subfolders (by day, by camera): the layout wants them directly here
-            raise DatasetError(f"{folder}: its images are in subfolders ({', '.join(sorted(set(nested))[:3])}); the "
-                               "MVTec AD layout wants them directly in this folder: move them up")
+        _refuse_only_nested(folder)
         raise DatasetError(f"{folder}: no images ({_SUFFIX_LIST}) in this folder; add some or remove the folder")
     return images
 
@@ -85,13 +127,21 @@ def train_samples(root: str | Path, category: str) -> list[Sample]:
     return [Sample(p, GOOD, None) for p in _images_in(folder)]
 
 
-def _find_mask(gt_dir: Path, image: Path) -> Path:
+def _masks_in(gt_dir: Path) -> dict[str, Path]:
+    """The mask files directly in `gt_dir` by stem (the first by name where two share one)."""
+    masks: dict[str, Path] = {}
+    for p in _listed(gt_dir):
+        masks.setdefault(p.stem, p)
+    if not masks:
+        _refuse_only_nested(gt_dir)  # rather than "missing mask" for masks that are there, a level down
+    return masks
+
+
+def _find_mask(masks: dict[str, Path], gt_dir: Path, image: Path) -> Path:
     wanted = f"{image.stem}_mask"
-    if gt_dir.is_dir():
-        for p in sorted(gt_dir.iterdir(), key=lambda p: p.name):
-            if is_image_file(p) and p.stem == wanted:
-                return p
-    raise DatasetError(f"{gt_dir / (wanted + '.png')}: missing mask for test image {image}; add it")
+    if wanted not in masks:
+        raise DatasetError(f"{gt_dir / (wanted + '.png')}: missing mask for test image {image}; add it")
+    return masks[wanted]
 
 
 def test_samples(root: str | Path, category: str) -> list[Sample]:
@@ -113,8 +163,10 @@ def test_samples(root: str | Path, category: str) -> list[Sample]:
                 raise DatasetError(f"{stems[image.stem]} and {image.name}: two test images of one name; masks are "
                                    "found by name (<name>_mask.png), so rename or remove one")
             stems[image.stem] = image
+        gt_dir = cat / "ground_truth" / defect
+        masks = {} if defect == GOOD else _masks_in(gt_dir)
         for image in images:
-            mask = None if defect == GOOD else _find_mask(cat / "ground_truth" / defect, image)
+            mask = None if defect == GOOD else _find_mask(masks, gt_dir, image)
             samples.append(Sample(image, defect, mask))
     return samples
 

@@ -157,10 +157,15 @@ def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: No
     bundle = engine.bundle
     for p in paths:
         read_image(p, bundle.uint16_bits)
-    out.mkdir(parents=True, exist_ok=True)
     names = [p.stem for p in paths]
     if len(set(names)) < len(names):  # e.g. good/000.png and crack/000.png: keep every output apart
         names = [f"{i:04d}_{p.parent.name}_{p.stem}" for i, p in enumerate(paths)]
+    inputs = {p.resolve(): p for p in paths}
+    for written in [out / "results.json"] + [out / f"{n}_{kind}.png" for n in names for kind in ("mask", "overlay")]:
+        if written.resolve() in inputs:  # --out = the images' folder, holding an image named like an output
+            raise ValueError(f"--out {out}: writing {written.name} would replace the input image "
+                             f"{inputs[written.resolve()]}; give an --out folder apart from the images")
+    out.mkdir(parents=True, exist_ok=True)
     results = []
     for start in range(0, len(paths), engine.max_batch):
         batch = slice(start, start + engine.max_batch)
@@ -172,7 +177,8 @@ def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: No
             write_png(overlay_file, heatmap_overlay(frame, pr.mask_level, bundle.mask_threshold, pr.mask))
             results.append({"image": str(path), "score": pr.score, "anomalous": bool(pr.anomalous),
                             "threshold": bundle.image_threshold, "mask_threshold": bundle.mask_threshold,
-                            "mask": str(mask_file), "overlay": str(overlay_file)})
+                            "mask": str(mask_file), "overlay": str(overlay_file),
+                            "model": bundle.manifest["id"], "engine": engine.describe()})
             on_result(results[-1])
     write_json(out / "results.json", results)
     return results

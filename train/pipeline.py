@@ -194,6 +194,10 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str]) -> Path:
         records[str(p)]["validation_predicted_share"] = round(share, 4)
         log(f"p={p}: on the {len(val_images)} validation images the students predict {share:.0%} of the "
             f"teacher's descriptor variance (e_mu {s.e_mu:.1f} of {DESCRIPTOR_DIM}); low means train longer")
+        if share <= 0:  # written all the same (a quick smoke run may want it), but it is not a detector
+            log(f"WARNING p={p}: the students predict the teacher no better than its mean: this scale cannot tell "
+                f"defects from good parts; train longer (--epochs, now {cfg.student.epochs}) or lower --lr "
+                f"(now {cfg.student.lr:g})")
     statistics = {str(ens.p): {"desc_mean": ens.desc_mean.tolist(), "desc_std": ens.desc_std.tolist(),
                                **asdict(stats[ens.p])} for ens in model.ensembles}
     created = datetime.now(timezone.utc)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ustudents.engines.images import ImageError, is_image_file, read_image
+from ustudents.engines.images import ImageError, is_image_file, read_image, refuse_broken_links
 from ustudents.engines.model import normalize_input
 from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet, geometry
 
@@ -103,7 +103,9 @@ def load_natural_images(source: str) -> list[np.ndarray]:
         folder = Path(skimage.__file__).parent / "data"
         return [read_image(folder / name) for name in SKIMAGE_PHOTOS]
     root = Path(source)
-    files = sorted(f for f in root.rglob("*") if is_image_file(f)) if root.is_dir() else []
+    entries = list(root.rglob("*")) if root.is_dir() else []
+    refuse_broken_links(root, entries)  # not skipped: links into an unmounted share would shrink the set unseen
+    files = sorted(f for f in entries if is_image_file(f))
     if not files:
         raise TeacherError(f"{root}: no images (.png/.jpg/...) found; --images must be a folder of natural "
                            "images (e.g. an ImageNet train folder) or 'skimage'")

@@ -12,5 +12,9 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 # this holds where ustudents is imported first (its commands, the worker); a program that imports cv2
 # before ustudents sets OPENCV_IO_MAX_IMAGE_PIXELS itself.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 26))
+# OpenCV logs its own "[ERROR:0@0.397] ... IHDR chunk shall be first" for every broken image it is
+# given; ustudents names each such file itself (what, where, what to do), so only OpenCV's fatal
+# messages are let through. A value the user set wins.
+os.environ.setdefault("OPENCV_LOG_LEVEL", "FATAL")
 
 __version__ = "0.1.0"

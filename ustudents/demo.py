@@ -11,7 +11,8 @@
    result as it arrives (frame, ground truth, score, verdict, how much of the defect the mask
    covers), then the detection rate;
 5. writes OUT/report.html with the frames, ground-truth masks, predicted masks and heatmap overlays
-   (files in OUT/frames, OUT/ground_truth, OUT/masks, OUT/overlays) and OUT/results.json.
+   (files in OUT/frames, OUT/ground_truth, OUT/masks, OUT/overlays; the ones earlier runs wrote
+   there are removed before the first frame is published) and OUT/results.json.
 
 Ctrl-C (or SIGTERM) at any point stops everything it started: the worker, the Redis server, and
 its temporary folder. Bad input ends with one line and exit code 2.
@@ -22,6 +23,7 @@ import ctypes
 import html
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +39,7 @@ from pathlib import Path
 import click
 
 from ustudents.engines.files import write_atomically
+from ustudents.engines.images import IMAGE_SUFFIXES
 from ustudents.worker.settings import shown_url
 from ustudents.train import cli as train_cli
 
@@ -147,10 +150,15 @@ def redis_client(url: str):
 def check_redis_url(url: str):
     import redis
 
+    from ustudents.worker.connection import missing_database
+
     client = redis_client(url)
     try:
         client.ping()
     except redis.RedisError as err:
+        if missing := missing_database(client, err):
+            raise DemoError(f"REDIS_URL={shown_url(url)}: Redis answers, but has {missing}; give one it has in the URL "
+                            "(redis://HOST:PORT/0), or raise `databases` in the server's config") from None
         raise DemoError(f"REDIS_URL={shown_url(url)}: cannot reach Redis ({err}); start it, or unset REDIS_URL and the "
                         "demo starts its own") from None
     return client
@@ -270,6 +278,30 @@ def record_result(row: Row, fields: dict[str, bytes], out: Path) -> None:
         if pred.shape == truth.shape and truth.any():
             row.defect_covered = float((pred & truth).sum() / truth.sum())
     row.files = files
+
+
+# The pictures record_result writes: OUT/<folder>/<safe_name(frame id)><ending>.
+_NAME = r"[A-Za-z0-9._-]+"  # what safe_name leaves
+PICTURES = {"frames": re.compile(rf"{_NAME}({'|'.join(re.escape(s) for s in IMAGE_SUFFIXES)})"),
+            "masks": re.compile(rf"{_NAME}_mask\.png"), "overlays": re.compile(rf"{_NAME}_overlay\.png"),
+            "ground_truth": re.compile(rf"{_NAME}_mask\.png")}
+
+
+def clear_earlier_pictures(out: Path) -> int:
+    """Remove the pictures earlier runs wrote (PICTURES), so that OUT holds this run's only: a run with
+    fewer frames, or another --data-root, left the others beside its own. Returns how many went.
+
+    Only regular files named as record_result names them, directly in its four folders, go; not the
+    folders: --out is the user's choice, and anything else there (notes, subfolders, links) is theirs."""
+    removed = 0
+    for folder, name in PICTURES.items():
+        if not (out / folder).is_dir():
+            continue
+        for path in (out / folder).iterdir():
+            if name.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -650,6 +682,11 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
         if demo.redis is None:
             demo.external_stream = stream
         port = demo.start_worker(stream, Path(model), url, port, batch, port_chosen=metrics_port is not None)
+        # Here, not before training: a run that fails before its first frame leaves the last report whole.
+        removed = clear_earlier_pictures(out)
+        if removed:
+            demo.step(f"removed the {removed} pictures earlier runs left in {out} (frames, masks, overlays, "
+                      "ground_truth)")
         demo.step(f"publishing {len(frames)} test frames to stream {stream} at "
                   f"{'full speed' if fps <= 0 else f'{fps:g} frames/s'}; results as they arrive:")
         t = time.monotonic()

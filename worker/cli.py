@@ -48,7 +48,7 @@ def settings_error(err: ValidationError) -> str:
 
 def tool_client(redis_url: str | None) -> redis.Redis:
     """A checked client for publish/results: Redis must answer now (one-line error otherwise)."""
-    from .connection import connect
+    from .connection import connect, missing_database
 
     # "" is a value (an unset $VAR in a script), refused as a URL, not taken as "no URL given"
     settings = ToolSettings(**({"redis_url": redis_url} if redis_url is not None else {}))
@@ -60,6 +60,9 @@ def tool_client(redis_url: str | None) -> redis.Redis:
         raise InputError(f"Redis at {shown_url(settings.redis_url)}: {err}; give the password in the URL or "
                          f"{ENV_PREFIX}REDIS_PASSWORD") from None
     except redis.RedisError as err:
+        if missing := missing_database(client, err):
+            raise InputError(f"Redis at {shown_url(settings.redis_url)} answers, but has {missing}; give one it has "
+                             "in --redis-url (redis://HOST:PORT/0)") from None
         raise InputError(f"cannot reach Redis at {shown_url(settings.redis_url)} ({err}); start it or pass "
                          "--redis-url") from None
     return client
@@ -70,7 +73,7 @@ def check_redis_setup(settings: WorkerSettings) -> None:
     a wrong password, a database index Redis does not have, a key of the stream's that is not a
     stream. Redis being unreachable is not among them (the worker waits for it)."""
     from . import schema
-    from .connection import UNAVAILABLE, connect
+    from .connection import UNAVAILABLE, connect, missing_database
     from .streams import text_of
 
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
@@ -88,7 +91,10 @@ def check_redis_setup(settings: WorkerSettings) -> None:
     except UNAVAILABLE:
         return  # not up yet: the worker retries with backoff and reports not-ready meanwhile
     except redis.ResponseError as err:
-        raise InputError(f"Redis at {shown_url(settings.redis_url)}: {err}; check the URL's database number") from None
+        if missing := missing_database(client, err):
+            raise InputError(f"Redis at {shown_url(settings.redis_url)} answers, but has {missing}; give one it has in "
+                             "the URL (redis://HOST:PORT/0)") from None
+        raise InputError(f"Redis at {shown_url(settings.redis_url)}: {err}") from None
     finally:
         client.close()
     others = [g for g in groups if g != settings.group]

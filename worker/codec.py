@@ -4,15 +4,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ustudents.engines.images import ImageError, decode_image
+from ustudents.engines.images import ImageError, check_image_size, decode_image
 from ustudents.engines.overlay import heatmap_overlay
 
 from .schema import EMPTY, IMAGE, IMAGE_KEY, INVALID_ENTRY, MISSING_IMAGE, TOO_LARGE, DeadLetter
-
-
-# A camera frame smaller than this on a side (a 1-pixel or a 20000 x 10 frame) is a fault, not a part:
-# resized to the model's size it gets a confident verdict all the same, so it is dead-lettered instead.
-MIN_FRAME_SIDE = 16
 
 
 def payload(fields: dict[bytes, bytes], fetched: bytes | int | None, max_bytes: int) -> bytes | DeadLetter:
@@ -47,11 +42,7 @@ def decode(data: bytes, source: str, uint16_bits: int | None) -> np.ndarray:
         frame = decode_image(data, source, uint16_bits)
     except cv2.error as err:  # OpenCV rejects some malformed headers by raising
         raise ImageError(f"{source}: cannot be decoded as an image ({str(err).strip().splitlines()[-1]})") from None
-    h, w = frame.shape[:2]
-    if min(h, w) < MIN_FRAME_SIDE:
-        raise ImageError(f"{source}: a frame of {w} x {h} pixels, under {MIN_FRAME_SIDE} on a side: not an inspection "
-                         "image (a camera or grabber fault?)")
-    return frame
+    return check_image_size(frame, source, "a frame")  # a fault, not a part: dead-lettered
 
 
 def png(image: np.ndarray) -> bytes:

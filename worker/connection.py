@@ -35,6 +35,27 @@ def unblocked(err: redis.ResponseError) -> bool:
     return str(err).startswith("UNBLOCKED")
 
 
+def missing_database(client: redis.Redis, err: redis.RedisError) -> str | None:
+    """When `err` is the server refusing the database of `client`'s URL (redis-py SELECTs it on
+    connecting): "no database 99 (it has 16: 0 to 15)"; else None. The server is reachable then, and
+    waiting for it or starting it would not help."""
+    if not (isinstance(err, redis.ResponseError) and "DB index is out of range" in str(err)):
+        return None
+    pool = client.connection_pool
+    db = pool.connection_kwargs.get("db", 0)
+    # CONFIG GET databases, asked on database 0 (every server has it); managed Redis may disable CONFIG
+    probe = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class,
+                                                             **dict(pool.connection_kwargs, db=0)))
+    try:
+        n = int(probe.config_get("databases")["databases"])
+        has = f"it has {n}: 0 to {n - 1}"
+    except (redis.RedisError, KeyError, ValueError):
+        has = "it does not say how many it has; 16 by default: 0 to 15"
+    finally:
+        probe.close()
+    return f"no database {db} ({has})"
+
+
 def connect(url: str, password: str | None = None, read_timeout_s: float = 10.0) -> redis.Redis:
     """A client for `url` (redis://, rediss:// with TLS, unix://; a password in the URL or given
     here). Raises ValueError for a malformed URL; connecting happens on first use."""
