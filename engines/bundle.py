@@ -18,8 +18,10 @@ half-written bundle.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -276,8 +278,15 @@ def changing(path: str | Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BundleError(f"{path}: another command is changing this bundle now (build-engines or calibrate); "
-                              "run this one when it has finished") from None
+            raise BundleError(f"{path}: another command is changing this bundle now (build-engines, calibrate or "
+                              "evaluate storing its results); run this one when it has finished") from None
+        except OSError as err:
+            if err.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            # NFS may emulate flock with POSIX locks, which refuse a read-only descriptor: the command
+            # goes on unguarded, as it did before there was a lock, rather than not at all
+            logging.getLogger(__name__).warning("%s: cannot lock the bundle on this file system (%s); make sure no "
+                                                "other command changes it meanwhile", path, err.strerror)
         yield
     finally:
         os.close(fd)

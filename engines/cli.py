@@ -95,13 +95,15 @@ def sigterm_as_ctrl_c():
 @contextmanager
 def changing_bundle(model: Path, command: str):
     """A command that changes a bundle: refused on a read-only one, one at a time (bundle.changing), and
-    on Ctrl-C or SIGTERM it exits 130 saying the bundle is as it was (each change is atomic)."""
+    on Ctrl-C or SIGTERM it exits 130: every file and the manifest are replaced whole, so the bundle
+    holds what the command had finished (an engine it had recorded) and nothing half-written."""
     check_bundle_writable(load_bundle(model).path)
     try:
         with changing(model), sigterm_as_ctrl_c():
             yield
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: {model} is unchanged ({command} writes nothing until it has finished)", err=True)
+        click.echo(f"\ninterrupted: {model} holds nothing half-written ({command} replaces each file whole); run "
+                   "the command again to finish", err=True)
         raise SystemExit(130) from None
 
 

@@ -131,6 +131,7 @@ def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
             raise ParityError(f"{final}: ONNX Runtime differs from PyTorch by {result['max_abs_diff']:.3g} "
                               f"(tolerance {result['tolerance']}), {result['mask_flips_beyond_tolerance']} mask "
                               f"pixels flipped; not stored. Report this with the bundle and precision.")
+        forget_engine(bundle, "onnx", precision)  # an interrupt next must not leave it naming the new file
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -150,8 +151,20 @@ def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
 
 def record_engine(bundle: Bundle, entry: dict) -> None:
     """Add or replace (same backend, precision and GPU) the engine entry in the manifest."""
-    def same(e: dict) -> bool:
-        return (e["backend"], e["precision"], e.get("gpu")) == (entry["backend"], entry["precision"], entry.get("gpu"))
+    _write_engines(bundle, (entry["backend"], entry["precision"], entry.get("gpu")), entry)
+
+
+def forget_engine(bundle: Bundle, backend: str, precision: str, gpu: str | None = None) -> None:
+    """Drop the manifest's entry for an engine whose file is about to be replaced: between the new file
+    and its entry, an interrupt left the old entry naming the new file ("damaged, rebuild"); without an
+    entry the engine is merely not built yet."""
+    _write_engines(bundle, (backend, precision, gpu), None)
+
+
+def _write_engines(bundle: Bundle, key: tuple, entry: dict | None) -> None:
     current = load_bundle(bundle.path).manifest  # as it is on disk now, not as it was when the build began
-    engines = [e for e in current.get("engines", []) if not same(e)] + [entry]
-    bundle.manifest = update_manifest(bundle.path, engines=engines)
+    engines = current.get("engines") or []
+    kept = [e for e in engines if (e["backend"], e["precision"], e.get("gpu")) != key]
+    if entry is None and len(kept) == len(engines):
+        return
+    bundle.manifest = update_manifest(bundle.path, engines=kept + ([entry] if entry else []))

@@ -119,7 +119,7 @@ def build_tensorrt(bundle, precision: str, max_batch: int) -> dict:
     (`build_onnx` first), store it atomically and record it in the manifest."""
     from .bundle import sha256_file
     from .files import write_atomically
-    from .onnx_engine import record_engine
+    from .onnx_engine import forget_engine, record_engine
     from .runtime import EngineError, find_engine, model_digest
 
     onnx_source(precision)
@@ -133,6 +133,7 @@ def build_tensorrt(bundle, precision: str, max_batch: int) -> dict:
     plan = build_plan(bundle.path / source["file"], bundle.image_size, max_batch, bundle.path / timing_cache_file())
     rel = plan_file(precision, gpu)
     final = bundle.path / rel
+    forget_engine(bundle, "tensorrt", precision, gpu)
     write_atomically(final, plan)
     entry = plan_entry(precision, gpu, version, max_batch, bundle.image_size, sha256_file(final),
                        source["sha256"], model_digest(bundle))

@@ -367,8 +367,32 @@ def test_two_commands_changing_one_bundle_at_once_lose_nothing(bundle_copy, tiny
             result = invoke(*command)
             assert result.exit_code == 2 and "another command is changing this bundle now" in result.output, \
                 result.output
+        # evaluate stores its results under the same lock: held, it reports them and does not store them
+        evaluated = invoke("evaluate", bundle_copy, "--data-root", tiny_mvtec)
+        assert evaluated.exit_code == 0 and "results not stored" in evaluated.output and \
+            "another command is changing this bundle now" in evaluated.output, evaluated.output
     assert sorted(e["precision"] for e in load_bundle(bundle_copy).manifest["engines"]) == ["fp16", "fp32"]
+    assert load_bundle(bundle_copy).manifest.get("evaluation") is None
     assert invoke("build-engines", bundle_copy, "--precision", "fp32").exit_code == 0  # and free again after
+
+
+@pytest.mark.slow
+def test_an_engine_interrupted_between_its_file_and_its_entry_is_unbuilt_not_damaged(bundle_copy, monkeypatch):
+    """The new file replaced the old one, then the build stopped before the manifest was written: the
+    old entry named the new file, and every later run said "checksum mismatch, damaged"."""
+    from ustudents.engines import onnx_engine
+
+    build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2)
+
+    def stop(path):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(onnx_engine, "sha256_file", stop)  # the first step after the file is in place
+    with pytest.raises(KeyboardInterrupt):
+        build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2)
+    monkeypatch.undo()
+    with pytest.raises(EngineError, match="has no onnx engine; build one with") as refused:
+        load_engine(bundle_copy, backend="onnxruntime", device="cpu")
+    assert "damaged" not in str(refused.value)
 
 
 @pytest.mark.slow
@@ -391,7 +415,7 @@ def test_sigterm_during_build_engines_leaves_the_bundle_as_it_was_and_no_partial
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
-    assert f"interrupted: {bundle_copy} is unchanged" in err and "Traceback" not in err
+    assert f"interrupted: {bundle_copy} holds nothing half-written" in err and "Traceback" not in err
     assert (bundle_copy / MANIFEST).read_text() == manifest and list((bundle_copy / "engines").iterdir()) == []
 
 

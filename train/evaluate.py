@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import torch
 
-from ustudents.engines.bundle import update_manifest
+from ustudents.engines.bundle import BundleError, changing, update_manifest
 from ustudents.engines.files import write_atomically
 from ustudents.engines.images import read_image
 from ustudents.engines.overlay import heatmap_overlay
@@ -104,9 +104,12 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
     if overlays is not None:
         write_overlays(overlays, samples, engine, fused_t, scores_t)
     try:
-        update_manifest(bundle.path, evaluation=results)
+        with changing(bundle.path):  # a calibrate meanwhile would be undone by the manifest read before it
+            update_manifest(bundle.path, evaluation=results)
     except OSError as err:  # a read-only bundle (a container's model mount): the results are still returned
         log(f"results not stored in {bundle.path}/manifest.json ({err.strerror or err})")
+    except BundleError as err:  # another command holds it: storing is secondary, the results are returned
+        log(f"results not stored in {bundle.path}/manifest.json ({err})")
     return results
 
 

@@ -23,8 +23,10 @@ is of the wrong type; then nothing can fail. Hence:
   was lost is safe for the same reason. The marker has to outlive that race, not the entry:
   `dedupe_ttl_s` (default 1 h) bounds how long a stalled worker may hold a claimed entry.
 * An id names one entry only within one life of the stream: deleted and written again by a producer
-  that sets its own ids, it can hand out a used id for a new frame. So a marker holds a digest of
-  its entry's fields (schema.fingerprint) and stands only for that entry: the new frame is scored.
+  that sets its own ids, it can hand out a used id for a new frame. So making a group (which a new
+  stream needs) removes the stream's markers (clear_markers), and a marker holds a digest of its
+  entry's fields (schema.fingerprint) and stands only for that entry, for a worker of the stream's
+  earlier life publishing late: the new frame is scored.
 """
 from __future__ import annotations
 
@@ -140,7 +142,9 @@ return removed
 # counts only for the entry it was set for: marks_entry is schema.marks_entry.
 PUBLISH_SCRIPT = """
 local function marks_entry(marker, fp)
-  if not marker then return false end
+  -- a marker key of another type (a stray SET ... by hand is a string; HSET is not) is no marker: the
+  -- SET below replaces it, and an error here would stop the script after earlier records' writes
+  if type(marker) ~= 'string' then return false end
   local marked = string.match(marker, '^(%S+) ')
   return marked == nil or marked == '-' or fp == '-' or marked == fp
 end
@@ -157,7 +161,7 @@ local ids, written, a = {}, {}, 5
 for r = 1, #KEYS - 3 do
   local id, target, fp, marker, n = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
   ids[r] = id
-  if target > 0 and not marks_entry(redis.call('GET', KEYS[r + 3]), fp) then
+  if target > 0 and not marks_entry(redis.pcall('GET', KEYS[r + 3]), fp) then
     redis.call('XADD', KEYS[target + 1], 'MAXLEN', '~', maxlen[target], '*', unpack(ARGV, a + 5, a + 4 + n))
     redis.call('SET', KEYS[r + 3], marker, 'EX', ttl)
     written[#written + 1] = r
@@ -199,11 +203,30 @@ class StreamIO:
             start = "0"
         try:
             self.r.xgroup_create(self.stream, self.group, id=start, mkstream=True)
-            return start
         except redis.ResponseError as err:
             if "BUSYGROUP" in str(err):
                 return None
             raise
+        self.clear_markers()
+        return start
+
+    def clear_markers(self) -> int:
+        """Remove the stream's done markers (returns how many), when its group is made: a group is made
+        on a new stream, or on one whose group was destroyed, and a marker of the stream's earlier life
+        would take a new frame under a used id (a producer's frame counter starting again, with the same
+        `image_key` and `frame_id`, so the same fingerprint) for one already published. Entries the new
+        group will read have no outcome yet, so no marker that matters goes; a worker of the old group
+        that publishes later sets its marker again."""
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.stream) + ":done:*"  # a stream name is no glob
+        removed, batch = 0, []
+        for key in self.r.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) == 1000:
+                removed += self.r.unlink(*batch)
+                batch = []
+        if batch:
+            removed += self.r.unlink(*batch)
+        return removed
 
     def last_generated_id(self) -> str:
         """The largest id the stream ever had ('0-0' when it does not exist)."""
