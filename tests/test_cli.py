@@ -532,6 +532,23 @@ def test_predict_on_a_non_image_file(tiny_bundle, tmp_path):
     assert not out.exists()
 
 
+def test_ctrl_c_while_a_command_loads_exits_130_in_one_line(monkeypatch, capsys):
+    """Ctrl-C in the second or so that PyTorch takes to import printed a traceback from inside it."""
+    import types
+
+    from ustudents import entry
+
+    class Loading(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+    for module, script in (("ustudents.cli", entry.ustudents), ("ustudents.train.cli", entry.ustudents_train),
+                           ("ustudents.worker.cli", entry.ustudents_worker)):
+        monkeypatch.setitem(sys.modules, module, Loading(module))
+        with pytest.raises(SystemExit) as stop:
+            script()
+        assert stop.value.code == 130 and capsys.readouterr().err == "\ninterrupted while loading; nothing was done\n"
+
+
 def test_a_broken_image_is_named_once_without_opencvs_own_log_line(tiny_bundle, tmp_path):
     """OpenCV printed "[ERROR:0@0.397] ... IHDR chunk shall be first" to stderr before ustudents' own
     message about the same file (it writes to the process's stderr, hence a real process here)."""
