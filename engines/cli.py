@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 
 from .bundle import BundleError, changing, load_bundle
-from .images import IMAGE_SUFFIXES, ImageError, image_files, read_image
+from .images import (IMAGE_SUFFIXES, ImageError, image_files, missing_folder_hint, read_image,
+                     subfolder_hint)
 from .runtime import BACKENDS, PRECISIONS, EngineError
 
 
@@ -129,10 +130,11 @@ def good_frames(folder: Path | None, bits: int, limit: int = 8) -> list:
     if folder is None:
         return []
     if not Path(folder).is_dir():
-        raise InputError(f"{folder}: folder not found; give a folder of good images")
+        raise InputError(f"{folder}: folder not found{missing_folder_hint(folder)}; give a folder of good images")
     files = image_files(folder)
     if not files:
-        raise InputError(f"{folder}: no images ({'/'.join(IMAGE_SUFFIXES)}); give a folder of good images")
+        raise InputError(f"{folder}: no images ({'/'.join(IMAGE_SUFFIXES)}){subfolder_hint(folder)}; give a folder "
+                         "of good images")
     return [read_image(f, bits) for f in files[:limit]]
 
 

@@ -60,6 +60,35 @@ def image_files(folder: Path) -> list[Path]:
     return sorted((p for p in entries if is_image_file(p)), key=lambda p: p.name)
 
 
+def images_in_subfolders(folder: Path) -> dict[str, int]:
+    """How many image files each subfolder of `folder` holds (at any depth), by subfolder name;
+    hidden subfolders are left out, as hidden files are."""
+    counts = {}
+    for sub in sorted(folder.iterdir(), key=lambda p: p.name):
+        if sub.is_dir() and not sub.name.startswith("."):
+            n = sum(1 for p in sub.rglob("*") if is_image_file(p))
+            if n:
+                counts[sub.name] = n
+    return counts
+
+
+def subfolder_hint(folder: Path) -> str:
+    """' (its images are in subfolders a, b: ...)' for a folder whose images all lie a level down, else ''."""
+    nested = images_in_subfolders(Path(folder)) if Path(folder).is_dir() else {}
+    if not nested:
+        return ""
+    return (f" (its images are in subfolders: {', '.join(list(nested)[:3])}; images are read only directly in the "
+            "folder given: give a subfolder, or move them up)")
+
+
+def missing_folder_hint(folder: Path) -> str:
+    """' (a symbolic link to X, which does not exist: ...)' for a link to nothing, else ''."""
+    folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        return f" (a symbolic link to {os.readlink(folder)}, which does not exist: mount the share it points into or fix the link)"
+    return ""
+
+
 log = logging.getLogger(__name__)
 UINT16_BITS = 16  # 16-bit data of unknown depth (and bundles from before uint16_bits): its top 8 bits
 _told_of_dark_16_bit = False  # dark_16_bit_hint: once per process

@@ -654,6 +654,19 @@ def test_calibrate_refuses_before_the_network_pass_what_it_could_not_finish(bund
         shutil.copy(f, two)
     result = invoke("calibrate", bundle_copy, "--images", two, "--target-fpr", "1e-9")  # 2 x 64² pixels
     assert_input_error(result, "--target-fpr 1e-09: 2 images of 64 x 64 pixels resolve rates down to 1.2e-04 only")
+    # a camera's images sorted by day, and a link into an unmounted share: each named as what it is
+    by_day = tmp_path / "by-day"
+    shutil.copytree(two, by_day / "day1")
+    result = invoke("calibrate", bundle_copy, "--images", by_day)
+    assert_input_error(result, f"{by_day}: needs a folder with at least 2 good images",
+                       "its images are in subfolders: day1", "move them up")
+    (tmp_path / "nas-link").symlink_to(tmp_path / "unmounted")
+    for command in (["calibrate", bundle_copy, "--images", tmp_path / "nas-link"],
+                    ["build-engines", bundle_copy, "--check-images", tmp_path / "nas-link"]):
+        assert_input_error(invoke(*command), f"nas-link: folder not found (a symbolic link to {tmp_path / 'unmounted'}, "
+                                             "which does not exist: mount the share")
+    assert_input_error(invoke("build-engines", bundle_copy, "--check-images", by_day),
+                       "its images are in subfolders: day1")
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and not (Path(p) == bundle_copy and mode & os.W_OK))
     result = invoke("calibrate", bundle_copy, "--images", good)

@@ -204,6 +204,11 @@ def test_image_links_to_nothing_are_refused_naming_them_not_skipped(mvtec, tmp_p
     msg = _raises_naming(mask.parent, test_samples, mvtec, CAT)  # not "missing mask ...; add it"
     assert "1 image file(s) are symbolic links to nothing (000_mask.png -> " in msg
 
+    shutil.rmtree(good)
+    good.symlink_to(tmp_path / "nas" / "good")  # the whole folder a link into the share
+    msg = _raises_naming(good, train_samples, mvtec, CAT)
+    assert f"folder not found (a symbolic link to {tmp_path / 'nas' / 'good'}, which does not exist" in msg
+
 
 def test_the_bits_of_a_training_set_are_the_most_any_image_uses(tmp_path):
     rng = np.random.default_rng(1)

@@ -14,7 +14,7 @@ from ustudents.engines.bundle import BundleError, check_replaceable, load_bundle
 from ustudents.engines.cli import (InputError, changing_bundle, check_apart, check_output,
                                    engine_options, sigterm_as_ctrl_c,
                                    user_errors_for)
-from ustudents.engines.images import IMAGE_SUFFIXES, ImageError, image_files
+from ustudents.engines.images import IMAGE_SUFFIXES, ImageError, image_files, missing_folder_hint, subfolder_hint
 from ustudents.engines.runtime import EngineError, default_torch_precision, native_bf16, resolve_device
 from ustudents.engines.patchnet import SCALES
 
@@ -233,10 +233,12 @@ def _calibrate(model, images, target_fpr, image_fpr, device) -> None:
 
     bundle = load_bundle(model)
     if not Path(images).is_dir():
-        raise InputError(f"--images {images}: folder not found; give a folder of good images from the new setup")
+        raise InputError(f"--images {images}: folder not found{missing_folder_hint(images)}; give a folder of good "
+                         "images from the new setup")
     files = image_files(images)
     if len(files) < 2:
-        raise InputError(f"{images}: needs a folder with at least 2 good images ({'/'.join(IMAGE_SUFFIXES)})")
+        raise InputError(f"{images}: needs a folder with at least 2 good images ({'/'.join(IMAGE_SUFFIXES)})"
+                         f"{subfolder_hint(images)}")
     fpr = target_fpr if target_fpr is not None else bundle.manifest["threshold"]["target_pixel_fpr"]
     image_fpr = image_fpr if image_fpr is not None else bundle.manifest.get("image_score", {}).get(
         "target_image_fpr", DEFAULT_IMAGE_FPR)

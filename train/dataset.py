@@ -24,7 +24,8 @@ from ustudents.engines.images import (
     UINT16_BITS,
     ImageError,
     image_files,
-    is_image_file,
+    images_in_subfolders,
+    missing_folder_hint,
     read_image,
     read_mask,
     resize,
@@ -53,19 +54,7 @@ class Sample:
 
 def _require_dir(folder: Path, what: str) -> None:
     if not folder.is_dir():
-        raise DatasetError(f"{folder}: folder not found; {what}")
-
-
-def _nested_images(folder: Path) -> dict[str, int]:
-    """How many image files each subfolder of `folder` holds (at any depth), by subfolder name;
-    hidden subfolders are left out, as hidden files are."""
-    counts = {}
-    for sub in sorted(folder.iterdir(), key=lambda p: p.name):
-        if sub.is_dir() and not sub.name.startswith("."):
-            n = sum(1 for p in sub.rglob("*") if is_image_file(p))
-            if n:
-                counts[sub.name] = n
-    return counts
+        raise DatasetError(f"{folder}: folder not found{missing_folder_hint(folder)}; {what}")
 
 
 def _listed(folder: Path) -> list[Path]:
@@ -78,7 +67,7 @@ def _listed(folder: Path) -> list[Path]:
     if not images or folder.resolve() in _checked_for_nested:
         return images
     _checked_for_nested.add(folder.resolve())
-    nested = _nested_images(folder)
+    nested = images_in_subfolders(folder)
     if nested:
         names = ", ".join(f"{name} ({n})" for name, n in list(nested.items())[:3])
         more = f" and {len(nested) - 3} more" if len(nested) > 3 else ""
@@ -90,7 +79,7 @@ def _listed(folder: Path) -> list[Path]:
 
 def _refuse_only_nested(folder: Path) -> None:
     """For a folder with no images of its own: an error if its subfolders hold some."""
-    nested = _nested_images(folder) if folder.is_dir() else {}
+    nested = images_in_subfolders(folder) if folder.is_dir() else {}
     if nested:  # sorted into subfolders (by day, by camera): the layout wants them directly here
         raise DatasetError(f"{folder}: its images are in subfolders ({', '.join(list(nested)[:3])}); the "
                            "MVTec AD layout wants them directly in this folder: move them up")
