@@ -97,11 +97,15 @@ def sigterm_as_ctrl_c():
 def changing_bundle(model: Path, command: str):
     """A command that changes a bundle: refused on a read-only one, one at a time (bundle.changing), and
     on Ctrl-C or SIGTERM it exits 130: every file and the manifest are replaced whole, so the bundle
-    holds what the command had finished (an engine it had recorded) and nothing half-written."""
-    check_bundle_writable(load_bundle(model).path)
+    holds what the command had finished (an engine it had recorded) and nothing half-written. Yields
+    the bundle, loaded (and its weights verified) once, under the lock."""
+    if not Path(model).is_dir():
+        load_bundle(model)  # no folder to lock: its one-line "not a model bundle directory"
     try:
         with changing(model), sigterm_as_ctrl_c():
-            yield
+            bundle = load_bundle(model)
+            check_bundle_writable(bundle.path)
+            yield bundle
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: {model} holds nothing half-written ({command} replaces each file whole); run "
                    "the command again to finish", err=True)
@@ -161,8 +165,8 @@ def build_engines_cmd(model, backend, precision, max_batch, check_images, calibr
     if calibration_images is not None and precision != "int8":  # silently unused, it suggested an int8 engine
         raise InputError(f"--calibration-images: only --precision int8 is calibrated (this is {precision}); leave "
                          "it out, or add --precision int8")
-    with changing_bundle(model, "build-engines"):
-        _build_engines(load_bundle(model), backend, precision, max_batch, check_images, calibration_images)
+    with changing_bundle(model, "build-engines") as bundle:
+        _build_engines(bundle, backend, precision, max_batch, check_images, calibration_images)
 
 
 def _build_engines(bundle, backend, precision, max_batch, check_images, calibration_images) -> None:

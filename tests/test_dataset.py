@@ -135,20 +135,20 @@ def test_a_16_bit_mask_is_read_as_the_mask_it_holds(tmp_path):
     assert read_mask(tmp_path / "rgba.png").sum() == 1
 
 
+def _move_files_into(folder: Path, sub: str) -> None:
+    (folder / sub).mkdir()
+    for f in list(folder.iterdir()):
+        if f.is_file():
+            f.rename(folder / sub / f.name)
+
+
 def test_images_sorted_into_subfolders_are_named_as_such(mvtec):
     """train/good/day1/*.png: the error said to remove the folder, which would delete the images."""
-    good = mvtec / TINY_CATEGORY / "train" / "good"
-    (good / "day1").mkdir()
-    for f in list(good.iterdir()):
-        if f.is_file():
-            f.rename(good / "day1" / f.name)
+    _move_files_into(mvtec / TINY_CATEGORY / "train" / "good", "day1")
     with pytest.raises(DatasetError, match=r"its images are in subfolders \(day1\).*move them up"):
         train_samples(mvtec, TINY_CATEGORY)
     masks = mvtec / TINY_CATEGORY / "ground_truth" / "spot"  # masks too, not "missing mask ...; add it"
-    (masks / "day1").mkdir()
-    for f in list(masks.iterdir()):
-        if f.is_file():
-            f.rename(masks / "day1" / f.name)
+    _move_files_into(masks, "day1")
     with pytest.raises(DatasetError, match=rf"{masks}: its images are in subfolders \(day1\).*move them up"):
         test_samples(mvtec, TINY_CATEGORY)
 

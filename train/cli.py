@@ -222,16 +222,15 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
     Runs in the precision the bundle runs in on this machine: bf16 where it was calibrated in bf16 and
     the device has it natively, else fp32. The bundle is rewritten atomically; its built engines
     held the old statistics and are dropped."""
-    with changing_bundle(model, "calibrate"):  # not beside a build-engines, whose engine would hold the old statistics
-        _calibrate(model, images, target_fpr, image_fpr, device)
+    with changing_bundle(model, "calibrate") as bundle:  # not beside a build-engines: its engine would hold old statistics
+        _calibrate(bundle, model, images, target_fpr, image_fpr, device)
 
 
-def _calibrate(model, images, target_fpr, image_fpr, device) -> None:
+def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     from .calibrate import calibrate, check_resolvable
     from .dataset import Sample, load_images, uint16_bits
     from .pipeline import image_score_line, mask_line
 
-    bundle = load_bundle(model)
     if not Path(images).is_dir():
         raise InputError(f"--images {images}: folder not found{missing_folder_hint(images)}; give a folder of good "
                          "images from the new setup")
