@@ -9,12 +9,14 @@ benchmarks/results/<name>.json with the machine named. Used to explain the CPU m
 from __future__ import annotations
 
 import json
-import platform
+import sys
 from pathlib import Path
 
 import click
 import numpy as np
 import torch
+
+from common import machine  # noqa: E402
 
 from ustudents.engines.bundle import load_bundle
 from ustudents.engines.images import read_image, resize, to_tensor
@@ -49,12 +51,13 @@ def main(model, data_root, scale, images, border, name):
                "border_to_centre_ratio_min": float(ratio.min()), "border_to_centre_ratio_median": float(np.median(ratio)),
                "border_to_centre_ratio_max": float(ratio.max()),
                "calibration_e_mu": bundle.manifest["statistics"][str(scale)]["e_mu"],
-               "calibration_e_sigma": bundle.manifest["statistics"][str(scale)]["e_sigma"],
-               "machine": platform.processor() or platform.machine()}
+               "calibration_e_sigma": bundle.manifest["statistics"][str(scale)]["e_sigma"]}
     for k, v in summary.items():
         click.echo(f"{k:34s} {v}")
     out = REPO / "benchmarks" / "results" / f"{name}.json"
-    out.write_text(json.dumps({"summary": summary, "bundle": bundle.manifest["id"], "images": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"summary": summary, "machine": machine(torch.device("cpu")),
+                               "command": "python benchmarks/border_error.py " + " ".join(sys.argv[1:]),
+                               "bundle": bundle.manifest["id"], "images": rows}, indent=2) + "\n")
     click.echo(f"wrote {out}")
 
 

@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": {"host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(), "os": platform.platform()},
+            "command": "python deploy/check_stack.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "stream": args.stream, "watch_s": args.watch, "checks": [asdict(c) for c in checks]}, indent=2) + "\n")
     return 0 if all(c.ok for c in checks) else 1
 

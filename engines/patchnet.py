@@ -129,8 +129,9 @@ class PatchNet(nn.Module):
         grouped pass or apart (one after another), each on NCHW or channels-last memory. Same
         descriptors; which is fastest depends on the device's kernels. With bfloat16 weights on a
         2-core Xeon with AMX, channels-last ran p=17 1.5x faster than NCHW, and the networks apart
-        beat the grouped pass at p=17 and p=33, while on an AVX512-BF16 EPYC channels-last had
-        measured slower; on an H200 in half precision the networks apart on channels-last won every
+        beat the grouped pass at p=17 and p=33; on an AVX512-BF16 EPYC, where channels-last under
+        autocast had measured slower, the networks apart on channels-last in bf16 won every scale too;
+        on an H200 in half precision the networks apart on channels-last won every
         scale at batch 8 (README: Engines). So the first dense pass times every form on its real
         input and keeps the fastest, freeing the others, as `use_fft` does. The forms copy the
         current weights, dtype included: call this after casting them."""

@@ -236,7 +236,8 @@ def default_torch_precision(bundle: Bundle, device: torch.device) -> str:
     it natively; else fp32; on a GPU, fp16 in place of fp32. Running as calibrated keeps the
     threshold's false-positive rate as measured. bf16 (a bundle trained with `--amp` on hardware with
     native bfloat16) is a default because it kept au_pro_30 on magnetic_tile within 0.0001 of fp32
-    (the bar is 0.01; bf16_accuracy_cpu.json) at 1.99x the naive baseline (engines_cpu_bf16.json).
+    (the bar is 0.01; bf16_accuracy_cpu.json) and ran 2.74x the naive baseline on an AVX512-BF16 EPYC
+    (engines_cpu_avx512_bf16_same_day.json) and 3.21x on an AMX Xeon (engines_cpu_amx_forms.json).
     fp16 on a GPU because there it kept au_pro_30 within 0.00001 of fp32, with the same image
     verdicts and pixel false-positive rate at the bundle's thresholds on all 594 test images
     (fp16_accuracy_cuda_demo_model_magnetic_tile.json), while fp32 without TF32 ran 7.5x slower

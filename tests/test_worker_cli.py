@@ -23,6 +23,11 @@ def test_flags_win_over_environment_over_env_file(tmp_path, monkeypatch):
     assert WorkerSettings(_env_file=env_file, batch=6).batch == 6
     monkeypatch.delenv("USTUDENTS_BATCH")
     assert WorkerSettings(_env_file=env_file).batch == 4
+    # compose passes an unset override as "" (${USTUDENTS_CPU_PRECISION:-}): the runtime's default, not an error
+    monkeypatch.setenv("USTUDENTS_PRECISION", "")
+    assert WorkerSettings(_env_file=env_file).precision is None
+    monkeypatch.setenv("USTUDENTS_PRECISION", "bf16")
+    assert WorkerSettings(_env_file=env_file).precision == "bf16"
 
 
 def test_the_command_reads_env_file_and_its_flags_override_it(tmp_path):
@@ -49,13 +54,15 @@ def damaged_bundle(tiny_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no-stream", "no-model-dir", "damaged-bundle", "bad-url", "bad-batch", "bad-backend",
-                                  "port-taken", "bad-device", "no-env-file"])
+                                  "port-taken", "bad-device", "no-env-file", "bad-precision-env"])
 def test_bad_input_at_start_is_one_line_and_exit_2(case, tiny_bundle, damaged_bundle, tmp_path):
     empty = tmp_path / "empty.env"
     empty.write_text("")
     # metrics port 0 but where the port is the case: the default 9108 may be taken here (a demo)
     base = ["worker", "--stream", "line1", "--model", str(tiny_bundle), "--device", "cpu", "--env-file", str(empty),
             "--metrics-port", "0"]
+    bad_precision = tmp_path / "precision.env"
+    bad_precision.write_text("USTUDENTS_PRECISION=fp64\n")
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -75,6 +82,8 @@ def test_bad_input_at_start_is_one_line_and_exit_2(case, tiny_bundle, damaged_bu
         "bad-device": (base + ["--device", "gpu"], "--device / USTUDENTS_DEVICE: 'gpu': choose auto, cpu, cuda or cuda:N"),
         # a typo in the file's name must not silently run the worker on the defaults
         "no-env-file": ([a if a != str(empty) else str(tmp_path / "typo.env") for a in base], "typo.env' does not exist"),
+        "bad-precision-env": ([a if a != str(empty) else str(bad_precision) for a in base],
+                              "USTUDENTS_PRECISION: 'fp64': choose fp32, bf16, fp16, int8"),
     }[case]
     try:
         result = CliRunner().invoke(main, args)

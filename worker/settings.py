@@ -64,7 +64,7 @@ class WorkerSettings(BaseSettings):
     model: str = Field(description="Model bundle directory; several separated by commas (chosen per frame by `category`).")
     backend: str = Field("auto", description="auto, torch, onnxruntime or tensorrt.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    precision: str | None = Field(None, description="fp32, bf16, fp16 or int8; default: the backend's.")
+    precision: str | None = Field(None, description="fp32, bf16, fp16 or int8; empty or unset: the backend's default (on a CPU, the precision the bundle was calibrated in where the CPU has it natively, else fp32).")
     batch: int = Field(8, ge=1, le=256, description="Frames per micro-batch (XREADGROUP COUNT and inference batch).")
 
     # Redis
@@ -80,7 +80,7 @@ class WorkerSettings(BaseSettings):
     max_frame_bytes: int = Field(32 << 20, ge=1, description="Encoded frames larger than this are dead-lettered.")
     results_maxlen: int = Field(100_000, ge=1, description="MAXLEN ~ of <stream>:results.")
     dead_maxlen: int = Field(10_000, ge=1, description="MAXLEN ~ of <stream>:dead.")
-    dead_image_max_bytes: int = Field(64 << 10, ge=0, description="A dead letter keeps its frame's inline image up to this size, else only `image_bytes` (the input stream keeps the frame until its MAXLEN trims it); with dead_maxlen it bounds the dead letters' images in Redis (default: 640 MiB).")
+    dead_image_max_bytes: int = Field(64 << 10, ge=0, description="A dead letter keeps its frame's inline image up to this size, else only `image_bytes` (the input stream keeps the frame until its MAXLEN trims it); with dead_maxlen it bounds the dead letters' images in Redis (default: 625 MiB).")
     dedupe_ttl_s: int = Field(3600, ge=1, description="How long the per-entry 'done' marker that prevents a second result lives.")
     backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between Redis retries.")
 
@@ -121,6 +121,16 @@ class WorkerSettings(BaseSettings):
     def _device(cls, v: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
             raise ValueError(f"{v!r}: choose auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision(cls, v: str | None) -> str | None:
+        if v is None or not str(v).strip():
+            return None  # empty, as compose's ${VAR:-} gives: the backend's default
+        from ustudents.engines.runtime import PRECISIONS  # imports torch: only when a precision is given
+        if v not in PRECISIONS:
+            raise ValueError(f"{v!r}: choose {', '.join(PRECISIONS)}, or leave it empty for the backend's default")
         return v
 
     @field_validator("log_level")
