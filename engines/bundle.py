@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .files import write_atomically
@@ -48,6 +49,10 @@ READABLE_VERSIONS = (1, 2, 3)
 MASK_RULE_OF = {"pixel_fpr": "map", "position_z_pixel_fpr": "position_z"}
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+ENGINE_DIR = "engines"  # built engines and TensorRT's timing cache, inside the bundle
+# what the longest work name beside a bundle adds to its name: "." + ".XXXXXXXX.partial" (write_bundle's
+# mkdtemp), and the checkpoint folder's ".checkpoint" or the swap's ".old-<pid>" are shorter
+WORK_NAME_EXTRA = 18
 
 
 class BundleError(ValueError):
@@ -165,11 +170,20 @@ def check_writable(out: Path) -> None:
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     try:
-        is_bundle = json.loads((out / MANIFEST).read_text()).get("format") == FORMAT
+        manifest = json.loads((out / MANIFEST).read_text())
+        is_bundle = manifest.get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         is_bundle = False
     if not is_bundle:
         raise BundleError(f"{out}: exists and is not a model bundle; choose another --out (it would be replaced)")
+    weights = manifest.get("weights")
+    own = {MANIFEST, ENGINE_DIR, weights.get("file") if isinstance(weights, dict) else None}
+    # the bundle's leftovers of an interrupted recalibration (rewrite_bundle) are its own too
+    extra = sorted(f.name for f in out.iterdir() if f.name not in own and not f.name.startswith(".weights."))
+    if extra:  # a user's notes or overlays beside the bundle: replacing the folder would delete them
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise BundleError(f"{out}: holds {shown} besides its model bundle, which replacing the bundle would delete; "
+                          f"move them out of {out}, or choose another --out")
 
 
 def check_replaceable(out: Path) -> None:
@@ -177,12 +191,21 @@ def check_replaceable(out: Path) -> None:
     bundle onto: a mount point (a container volume at the bundle's path), or one whose folder is not
     writable. A symlink is followed: the bundle goes where it points, and the link stays."""
     real = Path(out).resolve()
-    if real.exists() and os.path.ismount(real):
-        raise BundleError(f"--out {out}: a mount point (a volume?), onto which a finished bundle cannot be renamed; "
-                          f"give a folder inside it, e.g. --out {Path(out) / real.name}")
     parent = real.parent
     while not parent.exists():
         parent = parent.parent
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    longest = max(len(os.fsencode(Path(out).name)), len(os.fsencode(real.name)))
+    if longest + WORK_NAME_EXTRA > name_max:  # found now, not when the finished bundle is to be written
+        raise BundleError(f"--out {out}: a name of {longest} bytes; the work folders made beside it (.<name>.checkpoint, "
+                          f".<name>.<random>.partial) need it to be at most {name_max - WORK_NAME_EXTRA} on this file "
+                          "system; give a shorter name")
+    if real.exists() and os.path.ismount(real):
+        raise BundleError(f"--out {out}: a mount point (a volume?), onto which a finished bundle cannot be renamed; "
+                          f"give a folder inside it, e.g. --out {Path(out) / real.name}")
     if not os.access(parent, os.W_OK):
         raise BundleError(f"--out {out}: {parent} is not writable here, so the bundle cannot be put in place; "
                           "choose another --out")
@@ -192,7 +215,10 @@ def _save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any
     """Write the tensors (float32) to `path`, flushed to disk, readable by all; returns the manifest's
     `weights` record (the file name is the caller's to set)."""
     weights = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
-    save_file(weights, str(path))
+    try:
+        save_file(weights, str(path))
+    except SafetensorError as err:  # its I/O errors (e.g. a full disk) are not OSError
+        raise OSError(f"{path.parent}: writing the model's weights failed ({err}); free space there") from None
     path.chmod(0o644)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -266,11 +292,10 @@ def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torc
 
 
 @contextlib.contextmanager
-def changing(path: str | Path):
-    """Hold a bundle for a command that changes it (build-engines, calibrate). Two at once each
-    wrote the manifest they had read, and one's change was lost while both reported success. An
-    exclusive flock on the bundle folder itself: no lock file to leave behind, and the OS lets go
-    when the process ends, however it ends."""
+def locked(path: str | Path, busy: str):
+    """An exclusive flock on the folder `path` itself, held for the block; `busy`: the error when another
+    process holds it. No lock file to leave behind, and the OS lets go when the process ends, however
+    it ends."""
     import fcntl
 
     fd = os.open(path, os.O_RDONLY)
@@ -278,18 +303,24 @@ def changing(path: str | Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BundleError(f"{path}: another command is changing this bundle now (build-engines, calibrate or "
-                              "evaluate storing its results); run this one when it has finished") from None
+            raise BundleError(busy) from None
         except OSError as err:
             if err.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             # NFS may emulate flock with POSIX locks, which refuse a read-only descriptor: the command
             # goes on unguarded, as it did before there was a lock, rather than not at all
-            logging.getLogger(__name__).warning("%s: cannot lock the bundle on this file system (%s); make sure no "
-                                                "other command changes it meanwhile", path, err.strerror)
+            logging.getLogger(__name__).warning("%s: cannot lock this folder on this file system (%s); make sure no "
+                                                "other command writes it meanwhile", path, err.strerror)
         yield
     finally:
         os.close(fd)
+
+
+def changing(path: str | Path):
+    """Hold a bundle for a command that changes it (build-engines, calibrate). Two at once each
+    wrote the manifest they had read, and one's change was lost while both reported success."""
+    return locked(path, f"{path}: another command is changing this bundle now (build-engines, calibrate or evaluate "
+                        "storing its results); run this one when it has finished")
 
 
 def update_manifest(path: Path, **fields: Any) -> dict[str, Any]:

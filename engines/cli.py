@@ -24,8 +24,8 @@ class InputError(click.ClickException):
 
 
 def user_errors_for(errors: tuple[type[Exception], ...]):
-    """A decorator turning the expected failures `errors` into InputError (one line, exit 2);
-    anything else is a bug and keeps its traceback."""
+    """A decorator turning the expected failures `errors` into InputError (one line, exit 2), and
+    Ctrl-C into exit 130; anything else is a bug and keeps its traceback."""
     def decorator(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -33,6 +33,9 @@ def user_errors_for(errors: tuple[type[Exception], ...]):
                 return fn(*args, **kwargs)
             except errors as err:
                 raise InputError(str(err)) from None
+            except KeyboardInterrupt:  # Click's own "Aborted!" exits 1, which reads as a failure, not a stop
+                click.echo("\ninterrupted", err=True)
+                raise SystemExit(130) from None
         return wrapper
     return decorator
 

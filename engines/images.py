@@ -101,7 +101,12 @@ def _read_bytes(path: str | Path) -> bytes:
         raise ImageError(f"{path}: a folder, not an image; give image files (e.g. {path}/*.png)")
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
-    return path.read_bytes()
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise ImageError(f"{path}: cannot be read (permission denied); fix its permissions") from None
+    except OSError as err:  # e.g. EIO: a failing disk or a dropped network share
+        raise ImageError(f"{path}: cannot be read ({err.strerror or err}); check the disk or share it is on") from None
 
 
 # An image smaller than this on a side (a 1-pixel file, a 1 x 500 strip) is a fault, not a part:

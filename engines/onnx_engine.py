@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import Bundle, load_bundle, sha256_file, update_manifest
+from .bundle import ENGINE_DIR, Bundle, load_bundle, sha256_file, update_manifest
 from .export import INPUT, export_onnx
 from .model import AnomalyModel
 
-ENGINE_DIR = "engines"
 ONNX_PRECISIONS = ("fp32", "fp16", "int8")
 # Largest allowed |map difference| against PyTorch fp32, in the anomaly map's units (standard
 # deviations of the validation scores). fp32: kernel order only. fp16: 10-bit mantissa through

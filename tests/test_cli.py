@@ -373,6 +373,20 @@ def test_train_refuses_before_training_what_would_waste_it(tmp_path, tiny_mvtec,
     shutil.copy(next((cat / "test" / "good").iterdir()), cat / "test" / "good" / "000.bmp")
     refused(evaluated, "two test images of one name")
     (cat / "test" / "good" / "000.bmp").unlink()
+    # each of these was found only after training, with the bundle already written over the old one
+    kept = mask.read_bytes()
+    write_image(mask, np.zeros((10, 12), np.uint8))
+    refused(evaluated, "masks must have the image's size", "--no-evaluate")
+    write_image(mask, np.zeros(cv2.imdecode(np.frombuffer(kept, np.uint8), cv2.IMREAD_GRAYSCALE).shape, np.uint8))
+    refused(evaluated, "has a defect pixel", "--no-evaluate")
+    mask.write_bytes(kept)
+    tiny = cat / "test" / "good" / "strip.png"
+    write_image(tiny, np.zeros((1, 500), np.uint8))
+    refused(evaluated, f"{tiny}: an image of 500 x 1 pixels")
+    tiny.unlink()
+    refused(["train", "--data-root", root, "/etc", "--teachers", random_teachers, "--no-evaluate"],
+            "CATEGORY '/etc': give the name of one folder")  # was "--out /etc: inside the category's images"
+    refused(train_args(root, tmp_path / ("m" * 240), random_teachers), "a name of 240 bytes", "give a shorter name")
     real_ismount = os.path.ismount
     monkeypatch.setattr(os.path, "ismount", lambda p: real_ismount(p) or Path(p).name == "m")
     (tmp_path / "m").mkdir()
@@ -389,6 +403,8 @@ def test_train_refuses_before_training_what_would_waste_it(tmp_path, tiny_mvtec,
     result = invoke(*[a if a != tmp_path / "m" else current for a in evaluated])
     assert_ok(result)
     assert "test: not found, so the model will not be evaluated" in result.output
+    # said, since a link to nothing may also be a share that is not mounted
+    assert f"--out {current}: a symbolic link to {real}, which does not exist yet: the bundle is made there" in result.output
     assert current.is_symlink() and load_bundle(real).manifest["evaluation"] is None  # written through the link
 
 
@@ -569,6 +585,8 @@ def test_a_broken_image_is_named_once_without_opencvs_own_log_line(tiny_bundle, 
     ("--students", "100", "--students 100: must be from 2"),
     ("--val-fraction", "0", "--val-fraction 0: must be between 0 and 1"),  # failed at calibration
     ("--weight-decay", "-1", "--weight-decay -1: must be 0 or more"),
+    ("--seed", str(2**63 - 1), "--seed 9223372036854775807: must be at most 4294967295"),  # overflowed after loading
+    ("--max-minutes", "inf", "--max-minutes inf: must be 0 (no limit) or more, and finite"),  # not JSON: Infinity
 ])
 def test_training_options_out_of_range_are_refused_before_any_work(tmp_path, tiny_mvtec, random_teachers, option,
                                                                    value, needle):
@@ -816,6 +834,7 @@ def test_students_that_learned_nothing_are_named_as_such_not_blamed_on_the_valid
     assert_input_error(result, "p=17: final loss per student", "no better than predicting the teacher's mean (128)",
                        "lower --lr (now 1000)")
     assert not (tmp_path / "m").exists()
+    assert list(tmp_path.iterdir()) == []  # nor its checkpoint: continued, it would fail the same way
 
 
 def test_students_that_barely_trained_give_a_model_with_a_warning_that_it_detects_nothing(tmp_path, tiny_mvtec,
@@ -854,7 +873,14 @@ def test_retraining_replaces_the_bundle_atomically(tmp_path, tiny_mvtec, random_
             "--amp", "off", "--crop", "8", "--batch", "4")
     assert_ok(invoke(*args, "--seed", "0"))
     first = manifest_of(out)
+    (out / "engines").mkdir()
+    (out / "engines" / "model-fp32.onnx").write_bytes(b"an engine of the old weights")
     (out / "notes.txt").write_text("left by a user in the old bundle\n")
+    # replacing the folder would delete the user's file: refused before any work, the file kept
+    assert_input_error(invoke(*args, "--seed", "1"), f"{out}: holds notes.txt besides its model bundle",
+                       "move them out")
+    assert (out / "notes.txt").is_file() and manifest_of(out) == first
+    (out / "notes.txt").unlink()
 
     assert_ok(invoke(*args, "--seed", "1"))
     second = manifest_of(out)
@@ -862,7 +888,7 @@ def test_retraining_replaces_the_bundle_atomically(tmp_path, tiny_mvtec, random_
     assert second["weights"]["sha256"] != first["weights"]["sha256"]
     assert (second["id"], second["created"]) != (first["id"], first["created"]) or \
         second["weights"]["sha256"] != first["weights"]["sha256"]
-    # the directory is the new bundle as a whole, not the new files written over the old ones
+    # the directory is the new bundle as a whole (the old weights' engine gone), not new files over old ones
     assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, WEIGHTS])
     assert load_bundle(out).manifest["weights"]["sha256"] == sha256_file(out / WEIGHTS)
     assert [p.name for p in models.iterdir()] == ["tiles"]  # no .old-*/.partial leftovers
@@ -980,6 +1006,13 @@ def test_teacher_skips_an_unreadable_image_among_the_natural_images_and_says_whi
     (["--target", "patch", "--backbone-input", "0"], "--backbone-input 0: P needs patches of at least 32"),
     (["--target", "patch", "--batch", "1"], "--batch 1: 1 descriptor per step; the compactness loss needs at least 2"),
     (["--crop", "1", "--batch", "1"], "--batch 1 --crop 1: 1 descriptor per step"),
+    # these trained into a NaN loss blamed on the learning rate, or a teacher of nothing, or PyTorch's words
+    (["--lambda-k", "nan"], "--lambda-k nan: must be 0 or more"),
+    (["--target", "patch", "--lambda-m", "1", "--margin", "nan"], "--margin nan: must be 0 or more"),
+    (["--lambda-c", "-1"], "--lambda-c -1: must be 0 or more"),
+    (["--lambda-k", "0"], "--lambda-k 0 and --lambda-m 0: the teacher would learn nothing of P"),
+    (["--weight-decay", "-1"], "--weight-decay -1: must be 0 or more"),
+    (["--seed", "-1"], "--seed -1: must be 0 or more"),
 ])
 def test_teacher_options_out_of_range_are_refused_before_any_work(tmp_path, tiny_mvtec, args, needle):
     images = tiny_mvtec / TINY_CATEGORY / "train" / "good"
@@ -1002,3 +1035,86 @@ def test_teacher_command_refuses_a_folder_without_images(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_input_error(invoke("teacher", "--scales", "17", "--images", empty, "--out", tmp_path / "t"), str(empty))
+
+
+def test_teacher_images_that_are_missing_a_file_or_all_unreadable_are_said_as_such(tmp_path):
+    """Each was "no images found", or "no image holds a training window ... pass a smaller --crop"."""
+    photo = tmp_path / "photo.png"
+    write_image(photo, np.zeros((64, 64), np.uint8))
+    assert_input_error(invoke("teacher", "--scales", "17", "--images", tmp_path / "nope", "--out", tmp_path / "t"),
+                       f"--images {tmp_path / 'nope'}: folder not found")
+    assert_input_error(invoke("teacher", "--scales", "17", "--images", photo, "--out", tmp_path / "t"),
+                       "a file; give the folder that holds the images")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (broken / name).write_bytes(b"not an image")
+    assert_input_error(invoke("teacher", "--scales", "17", "--images", broken, "--out", tmp_path / "t"),
+                       "none of its 2 image files could be read")
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_when_the_bundle_is_written_is_one_line_keeping_the_old_bundle_and_the_trained_students(
+        tmp_path, tiny_mvtec, random_teachers, monkeypatch):
+    """safetensors' own error (not an OSError) came out as a traceback, and the checkpoint that held
+    the trained students was kept but not mentioned."""
+    from safetensors import SafetensorError
+
+    import ustudents.engines.bundle as bundle_module
+
+    root = copy_dataset(tiny_mvtec, tmp_path / "root", keep_train=3)
+    out = tmp_path / "m"
+    args = ("train", "--data-root", root, TINY_CATEGORY, "--out", out, "--scales", "17", "--students", "2",
+            "--epochs", "1", "--image-size", "64", "--teachers", random_teachers, "--no-evaluate",
+            "--amp", "off", "--crop", "8", "--batch", "4")
+    assert_ok(invoke(*args))
+    old = manifest_of(out)
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(bundle_module, "save_file", full)
+    result = invoke(*args, "--seed", "1")
+    assert_input_error(result, "writing the model's weights failed", "No space left on device", "free space there",
+                       f"no model was written to {out}", ".m.checkpoint keeps the students (p=17 done)",
+                       "run the same command again to finish from there")
+    assert manifest_of(out) == old and load_bundle(out)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    monkeypatch.undo()
+    result = invoke(*args, "--seed", "1")  # the space freed: finished from the checkpoint
+    assert_ok(result)
+    assert "students p=17" not in result.output and manifest_of(out)["training"]["student"]["seed"] == 1
+
+
+def test_a_second_training_to_the_same_out_is_refused_while_the_first_runs(tmp_path, tiny_mvtec, random_teachers):
+    """Both ran, the second emptied the first's checkpoint folder (its cached teacher targets), and the
+    last bundle written won."""
+    from ustudents.train import checkpoints
+
+    out = tmp_path / "m"
+    with checkpoints.opened(checkpoints.folder_for(out), True, out):  # the first run, training
+        result = invoke(*train_args(tiny_mvtec, out, random_teachers))
+    assert_input_error(result, f"--out {out}: another ustudents-train is writing this model now")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_evaluating_after_training_names_the_written_model_and_exits_130(tmp_path, tiny_mvtec,
+                                                                                    random_teachers, monkeypatch):
+    import ustudents.train.evaluate as evaluate_module
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_module, "evaluate", interrupted)
+    root = copy_dataset(tiny_mvtec, tmp_path / "root", keep_train=3, keep_test=1)
+    args = [a for a in train_args(root, tmp_path / "m", random_teachers) if a != "--no-evaluate"]
+    result = invoke(*args)
+    assert result.exit_code == 130, result.output
+    assert f"interrupted while evaluating: the model is written to {tmp_path / 'm'}" in result.stderr
+    assert f"ustudents evaluate {tmp_path / 'm'} --data-root {root}" in result.stderr
+    assert load_bundle(tmp_path / "m")
+    # a command that is not training: Ctrl-C exits 130 in one line, not Click's "Aborted!" with 1
+    result = invoke("evaluate", tmp_path / "m", "--data-root", root)
+    assert result.exit_code == 130 and result.stderr.strip() == "interrupted", result.output

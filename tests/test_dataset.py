@@ -403,3 +403,48 @@ def test_unreadable_mask(mvtec, content):
 def test_sample_is_a_plain_dataclass(tmp_path):
     s = Sample(tmp_path / "a.png", "good", None)
     assert s == Sample(tmp_path / "a.png", "good", None)
+
+
+def test_two_masks_of_one_name_are_refused_not_one_picked(mvtec):
+    """000_mask.png and 000_mask.bmp: the first by name was used, silently (an empty .bmp halved a
+    type's localisation)."""
+    gt = mvtec / CAT / "ground_truth" / "spot"
+    shutil.copy(gt / "000_mask.png", gt / "000_mask.bmp")
+    with pytest.raises(DatasetError, match="000_mask.bmp and 000_mask.png: two masks of one name; keep one"):
+        test_samples(mvtec, CAT)
+
+
+def test_a_file_name_that_is_not_utf8_is_split_and_fingerprinted_like_any_other(mvtec):
+    """Such a name (a camera's Latin-1 file) stopped training with "'utf-8' codec can't encode", naming no
+    file; it is a valid image that every other command reads."""
+    import os
+
+    folder = mvtec / CAT / "train" / "good"
+    first = sorted(folder.iterdir())[0]
+    os.rename(first, os.path.join(os.fsencode(folder), b"caf\xe9.png"))
+    samples = train_samples(mvtec, CAT)
+    assert any("\udce9" in s.path.name for s in samples)  # how Python holds the byte that is not UTF-8
+    fit, val = split_train_val(samples, 0.2, 0)
+    assert len(fit) + len(val) == len(samples)
+    assert len(fingerprint(samples)) == 64
+
+
+def test_an_image_that_the_disk_cannot_read_is_named_with_what_to_check(mvtec, monkeypatch):
+    """An I/O error (a failing disk, a dropped share) came out as "[Errno 5] Input/output error" with no
+    file named, or was blamed on permissions."""
+    import errno
+
+    image = sorted((mvtec / CAT / "train" / "good").iterdir())[0]
+    real = Path.read_bytes
+
+    def failing(path):
+        if path == image:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+    with pytest.raises(ImageError, match="Input/output error\\); check the disk or share it is on") as err:
+        read_image(image)
+    assert str(image) in str(err.value)
+    with pytest.raises(DatasetError, match="check the disk or share"):
+        load_images(train_samples(mvtec, CAT), 32)

@@ -185,3 +185,29 @@ def test_a_learning_rate_that_cannot_train_is_refused_or_reported_not_saved(lr, 
                                     batch=2, lr=lr, amp=False))
     if lr > 0:
         assert "diverged; train again with a lower --lr (now 1e+09)" in str(err.value)
+
+
+def test_a_teacher_file_of_nan_weights_is_refused_on_load(tmp_path):
+    """A distillation whose last step broke the weights used to be saved, and every student trained on
+    it then failed with a NaN loss blamed on the students' learning rate."""
+    from ustudents.engines.patchnet import PatchNet
+    from ustudents.train.teacher_files import TeacherFileError, load_teacher, save_teacher
+
+    state = {k: torch.full_like(v, float("nan")) for k, v in PatchNet(17).state_dict().items()}
+    save_teacher(tmp_path, 17, state, {"config": {}})
+    with pytest.raises(TeacherFileError, match="NaN or infinite values; re-create it"):
+        load_teacher(tmp_path, 17)
+
+
+def test_a_distillation_that_breaks_the_weights_on_its_last_step_writes_nothing(tmp_path):
+    """One step at an absurd learning rate: the loss checked before it was finite, the weights after it
+    are not (or recover nothing of P); it was saved, reporting "recovers nan%"."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        cv2.imwrite(str(images / f"{i}.png"), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    with pytest.raises(TeacherError, match="weights became NaN or infinite: training diverged; train again with a "
+                                           "lower --lr"):
+        train_teacher(TeacherConfig(p=17, backbone="efficientnet-lite0", images=str(images), crop=8, steps=1,
+                                    batch=2, lr=float("inf"), amp=False))

@@ -12,6 +12,7 @@ scale over and overwrites it. The folder goes once the bundle is written. Safete
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -24,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 import ustudents
+from ustudents.engines.bundle import locked
 from ustudents.engines.files import write_atomically
 
 CHECKPOINT_EVERY_S = 120.0  # at most one save per this many seconds (p=17, M=3: 108 MB, 0.5 s to write here)
@@ -131,16 +133,24 @@ def restore(saved: Saved, students: torch.nn.Module, opt: torch.optim.Optimizer,
     gen.bit_generator.state = saved.numpy_rng
 
 
-def open_folder(folder: Path, resume: bool) -> None:
-    """Make the checkpoint folder (emptied first unless `resume`) and clear it of the cached teacher
+@contextlib.contextmanager
+def opened(folder: Path, resume: bool, out: Path):
+    """Make the checkpoint folder (emptied first unless `resume`), hold it for this run (a second
+    `ustudents-train` to the same --out is refused: it would empty or overwrite this one's checkpoints
+    and cached targets, and the last bundle written would win), and clear it of the cached teacher
     targets a killed run left (GBs at 256 px; a SIGKILL or an OOM kill skips their clean-up). The
     targets are cached here, so they go with the folder when the bundle is written, and a crash
     loop cannot fill the disk with them."""
-    if not resume:
-        remove(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("targets-p*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    with locked(folder, f"--out {out}: another ustudents-train is writing this model now (it holds {folder}); "
+                        "wait for it to finish, or choose another --out"):
+        stale = list(folder.iterdir()) if not resume else list(folder.glob("targets-p*"))
+        for path in stale:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        yield
 
 
 def drop_if_empty(folder: Path) -> None:

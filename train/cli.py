@@ -5,6 +5,7 @@ naming the file and the fix, with exit code 2; tracebacks are left for bugs.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -103,14 +104,27 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
     Interrupted (Ctrl-C, a crash), the same command continues where the students' training stopped."""
     from .evaluate import evaluate as run_evaluation, format_table
     from . import checkpoints
-    from .pipeline import TrainConfig, TrainingInterrupted, train
+    from .dataset import checked_test_set, train_samples
+    from .pipeline import TrainConfig, TrainingInterrupted, check_config, train
     from .students import StudentConfig
 
-    from .dataset import test_samples
-
+    # The inputs in the order a user reads the command: CATEGORY and --data-root first, so that every
+    # later message names real folders; then the options; then --out; then the test set.
+    train_samples(data_root, category)
+    dev = resolve_device(device)
     out = out or Path("models") / category
+    cfg = TrainConfig(category=category, data_root=data_root, out=out, scales=scales, image_size=image_size,
+                      val_fraction=val_fraction, target_fpr=target_fpr, image_fpr=image_fpr, teachers=teachers,
+                      device=str(dev),
+                      student=StudentConfig(students=students, epochs=epochs, batch=batch, lr=lr,
+                                            weight_decay=weight_decay, crop=crop, amp=resolve_amp(amp, dev), seed=seed,
+                                            max_minutes=max_minutes), resume=resume)
+    check_config(cfg)
     check_output(out, "--out", folder=True)
     check_replaceable(out)
+    if out.is_symlink() and not out.exists():  # a plant's `current` link to the next version, or a share not mounted
+        click.echo(f"--out {out}: a symbolic link to {os.readlink(out)}, which does not exist yet: the bundle is made "
+                   "there (if that is a share, make sure it is mounted)")
     check_apart(out, "--out", Path(data_root) / category, "the category's images")
     if evaluate and not (Path(data_root) / category / "test").exists():
         # a plant may have good images only: the model is still worth training
@@ -118,17 +132,10 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
                    "test/<type>/ images and ground_truth/<type>/ masks to evaluate it)")
         evaluate = False
     if evaluate:
-        try:  # every test image and mask found now, not after hours of training
-            test_samples(data_root, category)
+        try:  # every test image and mask found and read now, not after hours of training
+            checked_test_set(data_root, category, image_size, every_image=True)
         except ValueError as err:
             raise InputError(f"{err} (or train without evaluating: --no-evaluate)") from None
-    dev = resolve_device(device)
-    cfg = TrainConfig(category=category, data_root=data_root, out=out, scales=scales, image_size=image_size,
-                      val_fraction=val_fraction, target_fpr=target_fpr, image_fpr=image_fpr, teachers=teachers,
-                      device=str(dev),
-                      student=StudentConfig(students=students, epochs=epochs, batch=batch, lr=lr,
-                                            weight_decay=weight_decay, crop=crop, amp=resolve_amp(amp, dev), seed=seed,
-                                            max_minutes=max_minutes), resume=resume)
     try:
         with sigterm_as_ctrl_c():
             path = train(cfg, log=click.echo)
@@ -140,12 +147,18 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
         raise SystemExit(130) from None
     if evaluate:
         from ustudents.engines.runtime import load_engine
-        engine = load_engine(path, backend="torch", device=dev, precision="bf16" if cfg.student.amp else "fp32")
         try:
-            results = run_evaluation(engine, data_root, log=click.echo)
+            with sigterm_as_ctrl_c():
+                engine = load_engine(path, backend="torch", device=dev,
+                                     precision="bf16" if cfg.student.amp else "fp32")
+                results = run_evaluation(engine, data_root, log=click.echo)
         except (ValueError, OSError) as err:  # the test set; the model is written and fine
             raise InputError(f"{err} (the model is written to {path}: fix the test set, then run `ustudents "
                              f"evaluate {path} --data-root {data_root}`)") from None
+        except KeyboardInterrupt:
+            click.echo(f"\ninterrupted while evaluating: the model is written to {path}; evaluate it with "
+                       f"`ustudents evaluate {path} --data-root {data_root}`", err=True)
+            raise SystemExit(130) from None
         click.echo(format_table(results))
 
 

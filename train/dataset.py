@@ -117,10 +117,12 @@ def train_samples(root: str | Path, category: str) -> list[Sample]:
 
 
 def _masks_in(gt_dir: Path) -> dict[str, Path]:
-    """The mask files directly in `gt_dir` by stem (the first by name where two share one)."""
+    """The mask files directly in `gt_dir` by stem (two of one stem are refused)."""
     masks: dict[str, Path] = {}
     for p in _listed(gt_dir):
-        masks.setdefault(p.stem, p)
+        if p.stem in masks:  # e.g. 000_mask.png and 000_mask.bmp: which one counts would be a guess
+            raise DatasetError(f"{masks[p.stem]} and {p.name}: two masks of one name; keep one of them")
+        masks[p.stem] = p
     if not masks:
         _refuse_only_nested(gt_dir)  # rather than "missing mask" for masks that are there, a level down
     return masks
@@ -165,7 +167,8 @@ test_samples.__test__ = False  # not a pytest test, though its name starts with 
 
 def _unit_hash(seed: int, name: str) -> float:
     """A number in [0, 1) that depends only on (seed, file name)."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    # surrogateescape: a file name that is not UTF-8 (os.listdir gives it surrogates) hashes as its bytes
+    digest = hashlib.sha256(f"{seed}:{name}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
@@ -240,6 +243,32 @@ def load_masks(samples: list[Sample], size: int) -> np.ndarray:
     return out
 
 
+def checked_test_set(root: str | Path, category: str, size: int, samples: list[Sample] | None = None,
+                     every_image: bool = False) -> tuple[list[Sample], np.ndarray, np.ndarray]:
+    """The test set (or `samples` of it) with what evaluation needs of it checked: both good and
+    defective images, each mask of its image's size, and a defect pixel at `size` in some mask of each
+    type. Returns (samples, labels: defective, masks at `size`). `every_image` also reads the good
+    images (the masked ones are read for their size anyway): `ustudents-train` checks all this before
+    training, not after hours of it with the bundle already written."""
+    samples = test_samples(root, category) if samples is None else samples
+    labels = np.array([s.defect != GOOD for s in samples])
+    if labels.all() or not labels.any():
+        raise DatasetError(f"{Path(root) / category / 'test'}: needs both good and defective images to compute "
+                           "AUROC")
+    masks = load_masks(samples, size)
+    for defect in sorted({s.defect for s in samples} - {GOOD}):
+        if not masks[[s.defect == defect for s in samples]].any():
+            raise DatasetError(
+                f"{Path(root) / category / 'ground_truth' / defect}: no mask of defect type {defect!r} has a defect "
+                f"pixel (at the model's {size} px), so its pixel metrics cannot be computed; fix those masks or leave "
+                f"test/{defect} out")
+    if every_image:
+        for s in samples:
+            if s.defect == GOOD:
+                _read(s.path, read_image)
+    return samples, labels, masks
+
+
 def _file_digest(path: Path) -> tuple[int, str]:
     h = hashlib.sha256()
     n = 0
@@ -258,5 +287,5 @@ def fingerprint(samples: list[Sample]) -> str:
     files = [s.path for s in samples] + [s.mask_path for s in samples if s.mask_path is not None]
     for name, path in sorted(("/".join(Path(p).parts[-3:]), Path(p)) for p in files):
         size, digest = _file_digest(path)
-        h.update(f"{name}\t{size}\t{digest}\n".encode())
+        h.update(f"{name}\t{size}\t{digest}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()

@@ -66,18 +66,7 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
     t0 = time.time()
     bundle = engine.bundle
     category, size = bundle.manifest["category"], bundle.image_size
-    samples = dataset.test_samples(data_root, category) if samples is None else samples
-    labels = np.array([s.defect != dataset.GOOD for s in samples])
-    if labels.all() or not labels.any():
-        raise dataset.DatasetError(f"{Path(data_root) / category / 'test'}: needs both good and defective "
-                                   "images to compute AUROC")
-    masks = dataset.load_masks(samples, size)
-    for defect in sorted({s.defect for s in samples} - {dataset.GOOD}):
-        if not masks[[s.defect == defect for s in samples]].any():
-            raise dataset.DatasetError(
-                f"{Path(data_root) / category / 'ground_truth' / defect}: no mask of defect type {defect!r} has a defect "
-                f"pixel (at the model's {size} px), so its pixel metrics cannot be computed; fix those masks or leave "
-                f"test/{defect} out")
+    samples, labels, masks = dataset.checked_test_set(data_root, category, size, samples)
     images = dataset.load_images(samples, size, desc="loading test images", bits=bundle.uint16_bits)
     fused, per_scale = engine_maps(engine, images, desc="evaluating")
     fused_t = torch.from_numpy(fused).to(engine.prep_device)

@@ -1,6 +1,7 @@
 """`ustudents-train CATEGORY`: images -> students per scale -> calibration -> model bundle."""
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ MIN_IMAGE_SIZE = 64
 # 1024 px), so larger sizes are refused rather than left to fail on memory or disk.
 MAX_IMAGE_SIZE = MAX_SERVED_SIZE  # 1024: what a bundle may hold (bundle.py)
 MAX_STUDENTS = 16
+MAX_SEED = 2**32 - 1  # far larger seeds overflow on their way into the generators
 
 
 @dataclass
@@ -66,8 +68,10 @@ def check_config(cfg: TrainConfig) -> None:
                          "good images)")
     if not cfg.student.lr > 0:  # NaN too
         raise ValueError(f"--lr {cfg.student.lr:g}: a learning rate must be more than 0")
-    if not cfg.student.max_minutes >= 0:
-        raise ValueError(f"--max-minutes {cfg.student.max_minutes:g}: must be 0 (no limit) or more")
+    if st.seed > MAX_SEED:
+        raise ValueError(f"--seed {st.seed}: must be at most {MAX_SEED}")
+    if not 0 <= cfg.student.max_minutes < float("inf"):  # NaN too; inf is not JSON for the manifest
+        raise ValueError(f"--max-minutes {cfg.student.max_minutes:g}: must be 0 (no limit) or more, and finite")
     for option, rate in (("--target-fpr", cfg.target_fpr), ("--image-fpr", cfg.image_fpr)):
         if not 0 < rate < 1:
             raise ValueError(f"{option} {rate}: a false-positive rate must be between 0 and 1")
@@ -108,10 +112,14 @@ def train(cfg: TrainConfig, log=print) -> Path:
     Ctrl-C before the bundle is written raises TrainingInterrupted (see checkpoints)."""
     saves, keys = checkpoints.folder_for(cfg.out), {}  # keys: filled in as soon as they are known
     try:
-        path = _train(cfg, log, saves, keys)
+        with contextlib.ExitStack() as held:  # the checkpoint folder, held from when _train opens it
+            path = _train(cfg, log, saves, keys, held)
     except KeyboardInterrupt:
         checkpoints.drop_if_empty(saves)
         raise TrainingInterrupted(saves, checkpoints.describe(saves, keys)) from None
+    except TrainingDiverged:
+        checkpoints.remove(saves)  # continuing a run that learned nothing would fail the same way
+        raise
     except BaseException:
         checkpoints.drop_if_empty(saves)  # an error before any checkpoint leaves nothing behind
         raise
@@ -119,19 +127,24 @@ def train(cfg: TrainConfig, log=print) -> Path:
     return path
 
 
-def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str]) -> Path:
+def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], held: contextlib.ExitStack) -> Path:
     check_config(cfg)
     device = resolve_device(cfg.device)
     t0 = time.time()
     # Check everything that can be checked before hours of training.
     check_writable(cfg.out)
     train_all = dataset.train_samples(cfg.data_root, cfg.category)
+    held.enter_context(checkpoints.opened(saves, cfg.resume, cfg.out))  # makes out's parent folders too
     fit, val = dataset.split_train_val(train_all, cfg.val_fraction, cfg.student.seed)
     check_resolvable(cfg.target_fpr, len(val), cfg.image_size)  # calibration's pixels, as `calibrate` checks
     teachers = {p: load_teacher(cfg.teachers, p) for p in cfg.scales}
     teacher_records = read_records(cfg.teachers)  # read now: a damaged file stops the run before training
     log(f"{cfg.category}: {len(fit)} training and {len(val)} validation images (of train/good), "
         f"scales {cfg.scales}, M={cfg.student.students}, {cfg.image_size}px, device {device}")
+    for p in cfg.scales:
+        if p > cfg.image_size:
+            log(f"WARNING p={p}: a patch wider than the {cfg.image_size} px image: this scale sees only whole "
+                f"images, padded; use --image-size of at least {p} or leave p={p} out (--scales)")
     found_bits = dataset.uint16_bits(train_all)
     bits = found_bits or UINT16_BITS
     if found_bits:
@@ -142,8 +155,6 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str]) -> Path:
 
     model = AnomalyModel(cfg.scales, cfg.student.students)
     tensors, records = {}, {}
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    checkpoints.open_folder(saves, cfg.resume)
     data_fingerprint = dataset.fingerprint(train_all)
     keys.update({p: checkpoints.scale_key(p, teachers[p], asdict(cfg.student), cfg.image_size,
                                           [s.path.name for s in fit], data_fingerprint, bits, device)
@@ -223,7 +234,13 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str]) -> Path:
                  "fingerprint": data_fingerprint},
         "evaluation": None,
     }
-    path = write_bundle(cfg.out, manifest, tensors)
+    try:
+        path = write_bundle(cfg.out, manifest, tensors)
+    except OSError as err:  # e.g. a full disk: the trained students stay in the checkpoint, if it has them
+        held = checkpoints.describe(saves, keys)
+        raise OSError(f"{err}; no model was written to {cfg.out}" + (
+            f"; {saves} keeps the students ({held}): run the same command again to finish from there"
+            if held else "")) from None
     log(f"bundle written to {path} in {time.time() - t0:.0f} s: {mask_line(threshold)}; "
         f"{image_score_line(cal.image_score)}")
     return path

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ustudents.engines.images import ImageError, is_image_file, read_image, refuse_broken_links
+from ustudents.engines.images import ImageError, is_image_file, missing_folder_hint, read_image, refuse_broken_links
 from ustudents.engines.model import normalize_input
 from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet, geometry
 
@@ -103,7 +103,10 @@ def load_natural_images(source: str) -> list[np.ndarray]:
         folder = Path(skimage.__file__).parent / "data"
         return [read_image(folder / name) for name in SKIMAGE_PHOTOS]
     root = Path(source)
-    entries = list(root.rglob("*")) if root.is_dir() else []
+    if not root.is_dir():
+        raise TeacherError(f"--images {root}: " + ("a file; give the folder that holds the images" if root.exists() else
+                           f"folder not found{missing_folder_hint(root)}") + ", or 'skimage' for scikit-image's photos")
+    entries = list(root.rglob("*"))
     refuse_broken_links(root, entries)  # not skipped: links into an unmounted share would shrink the set unseen
     files = sorted(f for f in entries if is_image_file(f))
     if not files:
@@ -115,6 +118,9 @@ def load_natural_images(source: str) -> list[np.ndarray]:
             images.append(read_image(f))
         except ImageError as err:
             tqdm.write(f"skipping {err}")
+    if not images:
+        raise TeacherError(f"{root}: none of its {len(files)} image files could be read (each is named above); "
+                           "--images must be a folder of readable natural images")
     return images
 
 
@@ -255,6 +261,17 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     if not cfg.target_strides or not set(cfg.target_strides) <= set(FEATURE_STRIDES):
         raise TeacherError(f"--target-strides {','.join(map(str, cfg.target_strides))}: choose one or more of P's "
                            f"map strides {','.join(map(str, FEATURE_STRIDES))}")
+    if not 0 <= cfg.weight_decay < math.inf:  # NaN too
+        raise TeacherError(f"--weight-decay {cfg.weight_decay:g}: must be 0 or more")
+    for option, weight in (("--lambda-k", cfg.lambda_k), ("--lambda-c", cfg.lambda_c), ("--lambda-m", cfg.lambda_m),
+                           ("--margin", cfg.margin)):
+        if not 0 <= weight < math.inf:  # a negative weight rewards the loss it should lower; NaN poisons every step
+            raise TeacherError(f"{option} {weight:g}: must be 0 or more")
+    if cfg.lambda_k == 0 and cfg.lambda_m == 0:
+        raise TeacherError("--lambda-k 0 and --lambda-m 0: the teacher would learn nothing of P (the compactness "
+                           "loss alone only decorrelates); give --lambda-k (default 1) or --lambda-m a weight")
+    if cfg.seed < 0:
+        raise TeacherError(f"--seed {cfg.seed}: must be 0 or more")
     if cfg.steps < 1:
         raise TeacherError(f"--steps {cfg.steps}: distillation needs at least 1 step")
     if cfg.batch is not None and cfg.batch < 1:
@@ -352,5 +369,10 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
               "patch_pool": len(pool) if cfg.target == "patch" else None,
               "source_images": len(levels), "explained_variance_of_P": round(float(r2), 4),
               "loss_history": history[-5:], "wall_s": round(time.time() - t0, 1)}
-    return {k: v.cpu() for k, v in net.state_dict().items()}, record
+    state = {k: v.cpu() for k, v in net.state_dict().items()}
+    if not all(torch.isfinite(v).all() for v in state.values()) or not math.isfinite(float(r2)):
+        # the last step can break the weights after the last loss that was checked (e.g. --steps 1 at a huge --lr)
+        raise TeacherError(f"p={cfg.p}: the teacher's weights became NaN or infinite: training diverged; train again "
+                           f"with a lower --lr (now {cfg.lr:g}). This teacher was not written")
+    return state, record
 

@@ -57,6 +57,8 @@ def read_records(folder: Path) -> dict:
 
 def load_teacher(folder: Path, p: int) -> dict[str, torch.Tensor]:
     """The PatchNet(p) state dict of a teacher, checked against the architecture."""
+    if Path(folder).is_file():
+        raise TeacherFileError(f"--teachers {folder}: a file; give the folder that holds teacher_p<P>.safetensors")
     path = teacher_path(folder, p)
     if not path.is_file():
         raise TeacherFileError(f"{path}: no teacher for p={p}; make one with "
@@ -70,4 +72,7 @@ def load_teacher(folder: Path, p: int) -> dict[str, torch.Tensor]:
     if {k: v.shape for k, v in state.items()} != want:
         raise TeacherFileError(f"{path}: not a p={p} teacher (tensor names or shapes differ); "
                                f"re-create it with `ustudents teacher --scales {p} --out {folder}`")
+    if not all(torch.isfinite(v).all() for v in state.values()):  # a diverged distillation: every descriptor NaN
+        raise TeacherFileError(f"{path}: the teacher's weights hold NaN or infinite values; re-create it with "
+                               f"`ustudents teacher --scales {p} --out {folder}` (at a lower --lr if it diverged)")
     return state
