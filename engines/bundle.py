@@ -244,8 +244,15 @@ def write_bundle(out: Path, manifest: dict[str, Any], tensors: dict[str, torch.T
             # Swap: the old bundle is moved aside first, so `out` is at every instant either the
             # old complete bundle, absent for one rename, or the new complete bundle.
             old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
+            moved = False
+            try:
+                os.replace(out, old)
+                moved = True
+                os.replace(tmp, out)
+            except BaseException:  # Ctrl-C between the two renames: the old bundle goes back, not missing
+                if moved and not out.exists():
+                    os.replace(old, out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)

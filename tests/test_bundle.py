@@ -64,6 +64,52 @@ def test_failed_write_leaves_previous_bundle_intact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
+def test_ctrl_c_between_the_swaps_two_renames_puts_the_old_bundle_back(tmp_path, monkeypatch):
+    """The old bundle moved aside, the new not yet in place: `out` was left missing, the old bundle
+    only in a hidden .old-<pid> folder."""
+    import os
+
+    import ustudents.engines.bundle as bundle_module
+
+    make_bundle(tmp_path / "b", seed=0)
+    real, calls = os.replace, []
+
+    def interrupted_second(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(bundle_module.os, "replace", interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        make_bundle(tmp_path / "b", seed=1)
+    monkeypatch.undo()
+    assert load_bundle(tmp_path / "b").manifest["id"] == "t-0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_a_full_disk_while_writing_weights_is_an_oserror_naming_the_folder(tmp_path, monkeypatch):
+    """safetensors raises its own error type for I/O failures, which came out as a traceback."""
+    from safetensors import SafetensorError
+
+    import ustudents.engines.bundle as bundle_module
+    import ustudents.train.teacher_files as teacher_files
+
+    make_bundle(tmp_path / "b", seed=0)
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(bundle_module, "save_file", full)
+    with pytest.raises(OSError, match="writing the model's weights failed .*No space left on device.*free space"):
+        make_bundle(tmp_path / "b", seed=1)
+    assert load_bundle(tmp_path / "b").manifest["id"] == "t-0" and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    monkeypatch.setattr(teacher_files, "save_file", full)
+    with pytest.raises(OSError, match="writing the p=17 teacher failed"):
+        teacher_files.save_teacher(tmp_path / "t", 17, PatchNet(17).state_dict(), {})
+    assert [p.name for p in (tmp_path / "t").iterdir()] == []  # no .partial left
+
+
 def test_damaged_bundles_are_refused_with_the_reason(tmp_path):
     path, _ = make_bundle(tmp_path / "b")
     weights = path / "weights.safetensors"

@@ -212,8 +212,9 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
                             backbone_input=backbone_input, crop=crop, images=images, patches=patches, steps=steps,
                             batch=batch, lr=lr, schedule=schedule, weight_decay=weight_decay, lambda_k=lambda_k, lambda_c=lambda_c,
                             lambda_m=lambda_m, margin=margin, seed=seed, device=str(dev), amp=resolve_amp(amp, dev))
-        state, record = train_teacher(cfg)
-        path = save_teacher(out, p, state, record)
+        with sigterm_as_ctrl_c():  # `docker stop`: one line and exit 130, as Ctrl-C
+            state, record = train_teacher(cfg)
+            path = save_teacher(out, p, state, record)
         click.echo(f"p={p}: {path} (decoder recovers {record['explained_variance_of_P']:.1%} of P's variance, "
                    f"{record['wall_s']:.0f} s)")
 

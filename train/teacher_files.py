@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ustudents.engines.files import write_atomically
@@ -32,9 +33,16 @@ def save_teacher(folder: Path, p: int, state: dict[str, torch.Tensor], record: d
     records = read_records(folder)  # first: a damaged record file stops this before a teacher is replaced
     path = teacher_path(folder, p)
     tmp = path.with_suffix(".partial")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    tmp.chmod(0o644)  # safetensors writes 0600; teachers are read by other users too
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        tmp.chmod(0o644)  # safetensors writes 0600; teachers are read by other users too
+        os.replace(tmp, path)
+    except SafetensorError as err:  # its I/O errors (a full disk) are not OSError
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{folder}: writing the p={p} teacher failed ({err}); free space there") from None
+    except BaseException:  # Ctrl-C: no half-written file left beside the teachers
+        tmp.unlink(missing_ok=True)
+        raise
     records[str(p)] = record
     write_atomically(folder / RECORDS, json.dumps(records, indent=2) + "\n")
     return path
