@@ -176,10 +176,10 @@ def check_writable(out: Path) -> None:
         is_bundle = False
     if not is_bundle:
         raise BundleError(f"{out}: exists and is not a model bundle; choose another --out (it would be replaced)")
-    weights = manifest.get("weights")
-    own = {MANIFEST, ENGINE_DIR, weights.get("file") if isinstance(weights, dict) else None}
-    # the bundle's leftovers of an interrupted recalibration (rewrite_bundle) are its own too
-    extra = sorted(f.name for f in out.iterdir() if f.name not in own and not f.name.startswith(".weights."))
+    # Hidden names are the bundle's own leftovers (an interrupted write's .partial files, NFS's .nfs*) or
+    # system files; a weights file the manifest no longer names is an interrupted recalibration's.
+    extra = sorted(f.name for f in out.iterdir() if f.name not in (MANIFEST, ENGINE_DIR) and not f.name.startswith(".")
+                   and not (f.name.startswith("weights") and f.name.endswith(".safetensors")))
     if extra:  # a user's notes or overlays beside the bundle: replacing the folder would delete them
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
         raise BundleError(f"{out}: holds {shown} besides its model bundle, which replacing the bundle would delete; "
@@ -197,7 +197,8 @@ def check_replaceable(out: Path) -> None:
     try:
         name_max = os.pathconf(parent, "PC_NAME_MAX")
     except (OSError, ValueError):
-        name_max = 255
+        name_max = 0
+    name_max = name_max if name_max > 0 else 255  # -1: no limit known (some FUSE mounts)
     longest = max(len(os.fsencode(Path(out).name)), len(os.fsencode(real.name)))
     if longest + WORK_NAME_EXTRA > name_max:  # found now, not when the finished bundle is to be written
         raise BundleError(f"--out {out}: a name of {longest} bytes; the work folders made beside it (.<name>.checkpoint, "
@@ -211,14 +212,14 @@ def check_replaceable(out: Path) -> None:
                           "choose another --out")
 
 
-def _save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _save_weights(path: Path, tensors: dict[str, torch.Tensor], where: Path) -> dict[str, Any]:
     """Write the tensors (float32) to `path`, flushed to disk, readable by all; returns the manifest's
-    `weights` record (the file name is the caller's to set)."""
+    `weights` record (the file name is the caller's to set). `where`: the folder to name on failure."""
     weights = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
     try:
         save_file(weights, str(path))
     except SafetensorError as err:  # its I/O errors (e.g. a full disk) are not OSError
-        raise OSError(f"{path.parent}: writing the model's weights failed ({err}); free space there") from None
+        raise OSError(f"{where}: writing the model's weights failed ({err}); free space there") from None
     path.chmod(0o644)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -236,24 +237,27 @@ def write_bundle(out: Path, manifest: dict[str, Any], tensors: dict[str, torch.T
     try:
         tmp.chmod(0o755)  # mkdtemp makes 0700; a bundle is read by other users (e.g. a worker container)
         manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION,
-                        weights=_save_weights(tmp / WEIGHTS, tensors))
+                        weights=_save_weights(tmp / WEIGHTS, tensors, out.parent))
         _write_json(tmp / MANIFEST, manifest)
         (tmp / MANIFEST).chmod(0o644)
         _fsync_dir(tmp)
         if out.exists():
             # Swap: the old bundle is moved aside first, so `out` is at every instant either the
             # old complete bundle, absent for one rename, or the new complete bundle.
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            moved = False
+            # aside under a fresh name: in a container the pid is always the same, and a name left by
+            # a killed run would stop every later one
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             try:
                 os.replace(out, old)
-                moved = True
                 os.replace(tmp, out)
-            except BaseException:  # Ctrl-C between the two renames: the old bundle goes back, not missing
-                if moved and not out.exists():
-                    os.replace(old, out)
+            except BaseException:
+                # Ctrl-C lands after a rename returns: decided by what is on disk, not by how far the code got
+                if not os.path.lexists(out) and any(old.iterdir()):
+                    os.replace(old, out)  # the old bundle back, not missing
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            finally:
+                if os.path.lexists(out):
+                    shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
         _fsync_dir(out.parent)
@@ -273,7 +277,7 @@ def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torc
     old = load_bundle(path).manifest
     tmp = path / f".weights.{os.getpid()}.partial"
     try:
-        record = _save_weights(tmp, tensors)
+        record = _save_weights(tmp, tensors, path)
         sha = record["sha256"]
         name = old["weights"]["file"] if sha == old["weights"]["sha256"] else f"weights.{sha[:12]}.safetensors"
         if name == old["weights"]["file"]:
@@ -299,10 +303,10 @@ def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torc
 
 
 @contextlib.contextmanager
-def locked(path: str | Path, busy: str):
+def locked(path: str | Path, busy: str, error: type[Exception] = BundleError):
     """An exclusive flock on the folder `path` itself, held for the block; `busy`: the error when another
-    process holds it. No lock file to leave behind, and the OS lets go when the process ends, however
-    it ends."""
+    process holds it, raised as `error`. No lock file to leave behind, and the OS lets go when the
+    process ends, however it ends."""
     import fcntl
 
     fd = os.open(path, os.O_RDONLY)
@@ -310,7 +314,7 @@ def locked(path: str | Path, busy: str):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BundleError(busy) from None
+            raise error(busy) from None
         except OSError as err:
             if err.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 raise

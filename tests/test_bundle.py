@@ -64,9 +64,10 @@ def test_failed_write_leaves_previous_bundle_intact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
-def test_ctrl_c_between_the_swaps_two_renames_puts_the_old_bundle_back(tmp_path, monkeypatch):
-    """The old bundle moved aside, the new not yet in place: `out` was left missing, the old bundle
-    only in a hidden .old-<pid> folder."""
+@pytest.mark.parametrize("after_rename", [1, 2])
+def test_ctrl_c_during_the_swap_leaves_the_old_or_the_new_bundle_and_nothing_else(tmp_path, monkeypatch, after_rename):
+    """A signal lands when a rename returns. After the first (the old bundle moved aside), `out` was left
+    missing with the old bundle only in a hidden folder; after the second, that folder stayed."""
     import os
 
     import ustudents.engines.bundle as bundle_module
@@ -74,18 +75,33 @@ def test_ctrl_c_between_the_swaps_two_renames_puts_the_old_bundle_back(tmp_path,
     make_bundle(tmp_path / "b", seed=0)
     real, calls = os.replace, []
 
-    def interrupted_second(src, dst):
+    def interrupted_after(src, dst):
+        real(src, dst)
         calls.append(src)
-        if len(calls) == 2:
+        if len(calls) == after_rename:
             raise KeyboardInterrupt
-        return real(src, dst)
 
-    monkeypatch.setattr(bundle_module.os, "replace", interrupted_second)
+    monkeypatch.setattr(bundle_module.os, "replace", interrupted_after)
     with pytest.raises(KeyboardInterrupt):
         make_bundle(tmp_path / "b", seed=1)
     monkeypatch.undo()
-    assert load_bundle(tmp_path / "b").manifest["id"] == "t-0"
+    assert load_bundle(tmp_path / "b").manifest["id"] == ("t-0" if after_rename == 1 else "t-1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_only_a_users_own_files_stop_a_bundle_folder_being_replaced(tmp_path):
+    """Retraining replaces the folder whole: a user's notes there were deleted with it. The bundle's
+    own leftovers (an interrupted write's hidden files, a recalibration's weights) are not the user's."""
+    from ustudents.engines.bundle import check_writable
+
+    make_bundle(tmp_path / "b", seed=0)
+    (tmp_path / "b" / ".manifest.json.partial").write_text("{")
+    (tmp_path / "b" / "weights.0123456789ab.safetensors").write_bytes(b"")
+    (tmp_path / "b" / "engines").mkdir()
+    check_writable(tmp_path / "b")
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    with pytest.raises(BundleError, match="holds notes.txt besides its model bundle"):
+        check_writable(tmp_path / "b")
 
 
 def test_a_full_disk_while_writing_weights_is_an_oserror_naming_the_folder(tmp_path, monkeypatch):

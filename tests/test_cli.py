@@ -1012,7 +1012,8 @@ def test_teacher_skips_an_unreadable_image_among_the_natural_images_and_says_whi
     (["--lambda-c", "-1"], "--lambda-c -1: must be 0 or more"),
     (["--lambda-k", "0"], "--lambda-k 0 and --lambda-m 0: the teacher would learn nothing of P"),
     (["--weight-decay", "-1"], "--weight-decay -1: must be 0 or more"),
-    (["--seed", "-1"], "--seed -1: must be 0 or more"),
+    (["--seed", "-1"], "--seed -1: must be from 0 to 4294967295"),
+    (["--seed", str(2**40)], "--seed 1099511627776: must be from 0 to 4294967295"),  # overflowed in the generator
 ])
 def test_teacher_options_out_of_range_are_refused_before_any_work(tmp_path, tiny_mvtec, args, needle):
     images = tiny_mvtec / TINY_CATEGORY / "train" / "good"
@@ -1095,6 +1096,7 @@ def test_a_second_training_to_the_same_out_is_refused_while_the_first_runs(tmp_p
     out = tmp_path / "m"
     with checkpoints.opened(checkpoints.folder_for(out), True, out):  # the first run, training
         result = invoke(*train_args(tiny_mvtec, out, random_teachers))
+        assert checkpoints.folder_for(out).is_dir()  # the first run's folder, untouched by the refused one
     assert_input_error(result, f"--out {out}: another ustudents-train is writing this model now")
     assert not out.exists()
 

@@ -470,3 +470,15 @@ def test_tensorrt_plan_matches_pytorch(bundle_copy, tiny_mvtec, precision):
     ref = load_engine(bundle_copy, backend="torch", device="cuda", precision="fp32")
     trt = load_engine(bundle_copy, backend="tensorrt", device="cuda", precision=precision)
     assert float((trt.maps(frames)[0] - ref.maps(frames)[0].cpu()).abs().max()) <= TOLERANCE[precision]
+
+
+def test_native_bfloat16_on_x86_means_bf16_instructions_not_onednns_emulation(monkeypatch):
+    """oneDNN reports bf16 support on any AVX-512 core (Skylake, Cascade Lake) and emulates it there; with
+    the compose stack's fp32 pin gone, such a CPU would have run a bf16 bundle emulated."""
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for bf16, amx, native in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert runtime.native_bf16(torch.device("cpu")) is native

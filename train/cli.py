@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import torch
 
-from ustudents.engines.bundle import BundleError, check_replaceable, load_bundle, rewrite_bundle
+from ustudents.engines.bundle import BundleError, check_replaceable, check_writable, load_bundle, rewrite_bundle
 from ustudents.engines.cli import (InputError, changing_bundle, check_apart, check_output,
                                    engine_options, sigterm_as_ctrl_c,
                                    user_errors_for)
@@ -23,7 +23,7 @@ from .backbones import BACKBONES, BackboneError
 from .calibrate import DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, CalibrationError
 from .dataset import DatasetError
 from .teacher import SCHEDULES, SKIMAGE_SOURCE, TARGETS, TeacherConfig, TeacherError
-from .teacher_files import DEFAULT_DIR, TeacherFileError
+from .teacher_files import DEFAULT_DIR, TeacherFileError, load_teacher, read_records
 
 INPUT_ERRORS = (DatasetError, BundleError, ImageError, BackboneError, CalibrationError, TeacherError,
                 TeacherFileError, EngineError, ValueError, OSError)
@@ -126,6 +126,10 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
         click.echo(f"--out {out}: a symbolic link to {os.readlink(out)}, which does not exist yet: the bundle is made "
                    "there (if that is a share, make sure it is mounted)")
     check_apart(out, "--out", Path(data_root) / category, "the category's images")
+    check_writable(out)  # these are cheap: before the test set is read
+    for p in scales:
+        load_teacher(teachers, p)
+    read_records(teachers)
     if evaluate and not (Path(data_root) / category / "test").exists():
         # a plant may have good images only: the model is still worth training
         click.echo(f"{Path(data_root) / category / 'test'}: not found, so the model will not be evaluated (add "

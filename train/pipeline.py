@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import ustudents
-from ustudents.engines.bundle import MAX_SERVED_SIZE, check_writable, write_bundle
+from ustudents.engines.bundle import MAX_SERVED_SIZE, BundleError, check_writable, write_bundle
 from ustudents.engines.images import UINT16_BITS
 from ustudents.engines.model import INPUT_MEAN, INPUT_STD, AnomalyModel
 from ustudents.engines.patchnet import DESCRIPTOR_DIM, SCALES
@@ -20,7 +20,7 @@ from ustudents.engines.runtime import resolve_device
 from . import checkpoints, dataset
 from .calibrate import (DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, CalibrationError, calibrate, check_resolvable,
                         predicted_share)
-from .students import StudentConfig, TrainingDiverged, train_students
+from .students import MAX_SEED, StudentConfig, TrainingDiverged, train_students
 from .teacher_files import DEFAULT_DIR, load_teacher, read_records
 
 MIN_IMAGE_SIZE = 64
@@ -28,7 +28,6 @@ MIN_IMAGE_SIZE = 64
 # 1024 px), so larger sizes are refused rather than left to fail on memory or disk.
 MAX_IMAGE_SIZE = MAX_SERVED_SIZE  # 1024: what a bundle may hold (bundle.py)
 MAX_STUDENTS = 16
-MAX_SEED = 2**32 - 1  # far larger seeds overflow on their way into the generators
 
 
 @dataclass
@@ -111,34 +110,38 @@ def train(cfg: TrainConfig, log=print) -> Path:
     """Train every scale, calibrate, write the bundle atomically to cfg.out and return its path.
     Ctrl-C before the bundle is written raises TrainingInterrupted (see checkpoints)."""
     saves, keys = checkpoints.folder_for(cfg.out), {}  # keys: filled in as soon as they are known
-    try:
-        with contextlib.ExitStack() as held:  # the checkpoint folder, held from when _train opens it
-            path = _train(cfg, log, saves, keys, held)
-    except KeyboardInterrupt:
-        checkpoints.drop_if_empty(saves)
-        raise TrainingInterrupted(saves, checkpoints.describe(saves, keys)) from None
-    except TrainingDiverged:
-        checkpoints.remove(saves)  # continuing a run that learned nothing would fail the same way
-        raise
-    except BaseException:
-        checkpoints.drop_if_empty(saves)  # an error before any checkpoint leaves nothing behind
-        raise
-    checkpoints.remove(saves)  # the bundle holds it all now
+    # The checkpoint folder is held (locked) from when _train opens it until it is cleaned up here, so
+    # that no second run to the same --out can use or remove it in between.
+    with contextlib.ExitStack() as lock:
+        try:
+            path = _train(cfg, log, saves, keys, lock)
+        except checkpoints.CheckpointBusy:
+            raise  # another run's folder: not ours to clean
+        except KeyboardInterrupt:
+            checkpoints.drop_if_empty(saves)
+            raise TrainingInterrupted(saves, checkpoints.describe(saves, keys)) from None
+        except TrainingDiverged:
+            checkpoints.remove(saves)  # continuing a run that learned nothing would fail the same way
+            raise
+        except BaseException:
+            checkpoints.drop_if_empty(saves)  # an error before any checkpoint leaves nothing behind
+            raise
+        checkpoints.remove(saves)  # the bundle holds it all now
     return path
 
 
-def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], held: contextlib.ExitStack) -> Path:
+def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: contextlib.ExitStack) -> Path:
     check_config(cfg)
     device = resolve_device(cfg.device)
     t0 = time.time()
     # Check everything that can be checked before hours of training.
     check_writable(cfg.out)
     train_all = dataset.train_samples(cfg.data_root, cfg.category)
-    held.enter_context(checkpoints.opened(saves, cfg.resume, cfg.out))  # makes out's parent folders too
     fit, val = dataset.split_train_val(train_all, cfg.val_fraction, cfg.student.seed)
     check_resolvable(cfg.target_fpr, len(val), cfg.image_size)  # calibration's pixels, as `calibrate` checks
     teachers = {p: load_teacher(cfg.teachers, p) for p in cfg.scales}
     teacher_records = read_records(cfg.teachers)  # read now: a damaged file stops the run before training
+    lock.enter_context(checkpoints.opened(saves, cfg.resume, cfg.out))  # makes out's parent folders too
     log(f"{cfg.category}: {len(fit)} training and {len(val)} validation images (of train/good), "
         f"scales {cfg.scales}, M={cfg.student.students}, {cfg.image_size}px, device {device}")
     for p in cfg.scales:
@@ -236,11 +239,11 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], held: conte
     }
     try:
         path = write_bundle(cfg.out, manifest, tensors)
-    except OSError as err:  # e.g. a full disk: the trained students stay in the checkpoint, if it has them
-        held = checkpoints.describe(saves, keys)
+    except (OSError, BundleError) as err:  # a full disk; a file put into --out meanwhile: the students stay
+        kept = checkpoints.describe(saves, keys)
         raise OSError(f"{err}; no model was written to {cfg.out}" + (
-            f"; {saves} keeps the students ({held}): run the same command again to finish from there"
-            if held else "")) from None
+            f"; {saves} keeps the students ({kept}): run the same command again to finish from there"
+            if kept else "")) from None
     log(f"bundle written to {path} in {time.time() - t0:.0f} s: {mask_line(threshold)}; "
         f"{image_score_line(cal.image_score)}")
     return path

@@ -27,6 +27,8 @@ from ustudents.engines.scoring import standardize
 from . import checkpoints
 from .progress import progress
 
+MAX_SEED = 2**32 - 1  # a student's or teacher's --seed; far larger ones overflow on their way into the generators
+
 
 @dataclass
 class StudentConfig:

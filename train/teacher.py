@@ -44,6 +44,7 @@ from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet, geometry
 
 from .backbones import FEATURE_STRIDES, build_backbone
 from .progress import progress
+from .students import MAX_SEED
 
 SKIMAGE_SOURCE = "skimage"
 # The natural photographs scikit-image ships inside its wheel (no download): people, animals,
@@ -270,8 +271,8 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     if cfg.lambda_k == 0 and cfg.lambda_m == 0:
         raise TeacherError("--lambda-k 0 and --lambda-m 0: the teacher would learn nothing of P (the compactness "
                            "loss alone only decorrelates); give --lambda-k (default 1) or --lambda-m a weight")
-    if cfg.seed < 0:
-        raise TeacherError(f"--seed {cfg.seed}: must be 0 or more")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise TeacherError(f"--seed {cfg.seed}: must be from 0 to {MAX_SEED}")
     if cfg.steps < 1:
         raise TeacherError(f"--steps {cfg.steps}: distillation needs at least 1 step")
     if cfg.batch is not None and cfg.batch < 1:
