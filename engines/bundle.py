@@ -303,10 +303,10 @@ def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torc
 
 
 @contextlib.contextmanager
-def locked(path: str | Path, busy: str, error: type[Exception] = BundleError):
+def locked(path: str | Path, busy: str):
     """An exclusive flock on the folder `path` itself, held for the block; `busy`: the error when another
-    process holds it, raised as `error`. No lock file to leave behind, and the OS lets go when the
-    process ends, however it ends."""
+    process holds it. No lock file to leave behind, and the OS lets go when the process ends, however
+    it ends."""
     import fcntl
 
     fd = os.open(path, os.O_RDONLY)
@@ -314,7 +314,7 @@ def locked(path: str | Path, busy: str, error: type[Exception] = BundleError):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise error(busy) from None
+            raise BundleError(busy) from None
         except OSError as err:
             if err.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 raise

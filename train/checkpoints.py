@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 import ustudents
-from ustudents.engines.bundle import BundleError, locked
+from ustudents.engines.bundle import locked
 from ustudents.engines.files import write_atomically
 
 CHECKPOINT_EVERY_S = 120.0  # at most one save per this many seconds (p=17, M=3: 108 MB, 0.5 s to write here)
@@ -133,10 +133,6 @@ def restore(saved: Saved, students: torch.nn.Module, opt: torch.optim.Optimizer,
     gen.bit_generator.state = saved.numpy_rng
 
 
-class CheckpointBusy(BundleError):
-    """Another run holds this checkpoint folder: nothing of it may be touched."""
-
-
 @contextlib.contextmanager
 def opened(folder: Path, resume: bool, out: Path):
     """Make the checkpoint folder (emptied first unless `resume`), hold it for this run (a second
@@ -147,7 +143,7 @@ def opened(folder: Path, resume: bool, out: Path):
     loop cannot fill the disk with them."""
     folder.mkdir(parents=True, exist_ok=True)
     with locked(folder, f"--out {out}: another ustudents-train is writing this model now (it holds {folder}); "
-                        "wait for it to finish, or choose another --out", error=CheckpointBusy):
+                        "wait for it to finish, or choose another --out"):
         stale = list(folder.iterdir()) if not resume else list(folder.glob("targets-p*"))
         for path in stale:
             if path.is_dir():

@@ -111,26 +111,29 @@ def train(cfg: TrainConfig, log=print) -> Path:
     Ctrl-C before the bundle is written raises TrainingInterrupted (see checkpoints)."""
     saves, keys = checkpoints.folder_for(cfg.out), {}  # keys: filled in as soon as they are known
     # The checkpoint folder is held (locked) from when _train opens it until it is cleaned up here, so
-    # that no second run to the same --out can use or remove it in between.
+    # that no second run to the same --out can use or remove it in between; a run that stops before
+    # holding it (refused, or a bad teacher) leaves it alone: it may be another run's.
     with contextlib.ExitStack() as lock:
+        held: list[bool] = []  # _train appends once it holds the folder
         try:
-            path = _train(cfg, log, saves, keys, lock)
-        except checkpoints.CheckpointBusy:
-            raise  # another run's folder: not ours to clean
+            path = _train(cfg, log, saves, keys, lock, held)
         except KeyboardInterrupt:
-            checkpoints.drop_if_empty(saves)
-            raise TrainingInterrupted(saves, checkpoints.describe(saves, keys)) from None
+            if held:
+                checkpoints.drop_if_empty(saves)
+            raise TrainingInterrupted(saves, checkpoints.describe(saves, keys) if held else "") from None
         except TrainingDiverged:
             checkpoints.remove(saves)  # continuing a run that learned nothing would fail the same way
             raise
         except BaseException:
-            checkpoints.drop_if_empty(saves)  # an error before any checkpoint leaves nothing behind
+            if held:
+                checkpoints.drop_if_empty(saves)  # an error before any checkpoint leaves nothing behind
             raise
         checkpoints.remove(saves)  # the bundle holds it all now
     return path
 
 
-def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: contextlib.ExitStack) -> Path:
+def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: contextlib.ExitStack,
+           held: list[bool]) -> Path:
     check_config(cfg)
     device = resolve_device(cfg.device)
     t0 = time.time()
@@ -142,6 +145,7 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
     teachers = {p: load_teacher(cfg.teachers, p) for p in cfg.scales}
     teacher_records = read_records(cfg.teachers)  # read now: a damaged file stops the run before training
     lock.enter_context(checkpoints.opened(saves, cfg.resume, cfg.out))  # makes out's parent folders too
+    held.append(True)
     log(f"{cfg.category}: {len(fit)} training and {len(val)} validation images (of train/good), "
         f"scales {cfg.scales}, M={cfg.student.students}, {cfg.image_size}px, device {device}")
     for p in cfg.scales:
