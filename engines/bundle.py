@@ -51,7 +51,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 ENGINE_DIR = "engines"  # built engines and TensorRT's timing cache, inside the bundle
 # what the longest work name beside a bundle adds to its name: "." + ".XXXXXXXX.partial" (write_bundle's
-# mkdtemp), and the checkpoint folder's ".checkpoint" or the swap's ".old-<pid>" are shorter
+# mkdtemp); the checkpoint folder's ".checkpoint" and the swap's aside folder ".XXXXXXXX.old" are shorter
 WORK_NAME_EXTRA = 18
 
 

@@ -135,6 +135,24 @@ def test_a_16_bit_mask_is_read_as_the_mask_it_holds(tmp_path):
     assert read_mask(tmp_path / "rgba.png").sum() == 1
 
 
+def test_a_jpeg_mask_is_the_mask_drawn_not_its_compression_ringing(tmp_path):
+    """JPEG rings around a mask's edges: counting every nonzero pixel grew the defect region, and with
+    it each region's overlap in AU-PRO. A PNG mask keeps the nonzero rule (anti-aliased masks)."""
+    from ustudents.engines.images import read_mask
+
+    mask = np.zeros((64, 80), np.uint8)
+    mask[20:41, 30:57] = 255
+    for quality in (50, 75, 95):
+        cv2.imwrite(str(tmp_path / "m.jpg"), mask, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        assert (cv2.imread(str(tmp_path / "m.jpg"), cv2.IMREAD_UNCHANGED) > 0).sum() > (mask > 0).sum()  # it rings
+        assert (read_mask(tmp_path / "m.jpg") == (mask > 0)).all()
+    (tmp_path / "jpeg_named.png").write_bytes((tmp_path / "m.jpg").read_bytes())  # the bytes decide, not the name
+    assert (read_mask(tmp_path / "jpeg_named.png") == (mask > 0)).all()
+    faint = mask // 255 * 20  # a PNG's faint (anti-aliased) defect pixel still counts
+    cv2.imwrite(str(tmp_path / "faint.png"), faint)
+    assert (read_mask(tmp_path / "faint.png") == (mask > 0)).all()
+
+
 def _move_files_into(folder: Path, sub: str) -> None:
     (folder / sub).mkdir()
     for f in list(folder.iterdir()):
