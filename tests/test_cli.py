@@ -1100,7 +1100,7 @@ def test_a_second_training_to_the_same_out_is_refused_while_the_first_runs(tmp_p
         # nor by a run that fails before it would take the folder (a teacher missing)
         assert_input_error(invoke(*train_args(tiny_mvtec, out, tmp_path / "no-teachers")), "no teacher for p=17")
         assert checkpoints.folder_for(out).is_dir()
-    assert_input_error(result, f"--out {out}: another ustudents-train is writing this model now")
+    assert_input_error(result, f"{out}: another training run (ustudents-train or ustudents demo) is writing this model now")
     assert not out.exists()
 
 

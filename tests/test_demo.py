@@ -281,6 +281,20 @@ def test_an_out_that_cannot_be_made_is_one_line_not_a_traceback(tmp_path):
     assert result.exit_code == 2 and result.output.count("\n") == 1 and str(a_file) in result.output, result.output
 
 
+def test_a_demo_training_while_another_writes_its_model_is_refused_in_one_line(tmp_path, tiny_mvtec):
+    """The lock's message named `ustudents-train` only, to a user who ran two demos."""
+    from ustudents.train import checkpoints
+
+    model = tmp_path / "out" / "model"
+    with checkpoints.opened(checkpoints.folder_for(model), True, model):  # the other run, training
+        result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path / "out"), "--data-root", str(tiny_mvtec),
+                                               "--category", TINY_CATEGORY, "--train-only"], env={"REDIS_URL": None})
+        assert checkpoints.folder_for(model).is_dir()  # the other run's folder stays
+    error = result.output.splitlines()[-1]  # after the line announcing the training
+    assert result.exit_code == 2 and error.startswith("Error: "), result.output
+    assert "another training run (ustudents-train or ustudents demo) is writing this model now" in error
+
+
 def test_a_damaged_bundle_is_refused_in_one_line(tmp_path):
     bundle = tmp_path / "b"
     bundle.mkdir()

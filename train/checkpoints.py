@@ -142,8 +142,8 @@ def opened(folder: Path, resume: bool, out: Path):
     targets are cached here, so they go with the folder when the bundle is written, and a crash
     loop cannot fill the disk with them."""
     folder.mkdir(parents=True, exist_ok=True)
-    with locked(folder, f"--out {out}: another ustudents-train is writing this model now (it holds {folder}); "
-                        "wait for it to finish, or choose another --out"):
+    with locked(folder, f"{out}: another training run (ustudents-train or ustudents demo) is writing this model "
+                        f"now (it holds {folder}); wait for it to finish, or choose another --out"):
         stale = list(folder.iterdir()) if not resume else list(folder.glob("targets-p*"))
         for path in stale:
             if path.is_dir():
