@@ -1088,14 +1088,20 @@ def test_a_full_disk_when_the_bundle_is_written_is_one_line_keeping_the_old_bund
     assert "students p=17" not in result.output and manifest_of(out)["training"]["student"]["seed"] == 1
 
 
-def test_a_second_training_to_the_same_out_is_refused_while_the_first_runs(tmp_path, tiny_mvtec, random_teachers):
+def test_a_second_training_to_the_same_out_is_refused_while_the_first_runs(tmp_path, tiny_mvtec, random_teachers,
+                                                                           monkeypatch):
     """Both ran, the second emptied the first's checkpoint folder (its cached teacher targets), and the
-    last bundle written won."""
-    from ustudents.train import checkpoints
+    last bundle written won. Refused before the test set is read (minutes at 256 px)."""
+    from ustudents.train import checkpoints, dataset
+
+    def not_read(*args, **kwargs):
+        raise AssertionError("the test set was read before the refusal")
 
     out = tmp_path / "m"
     with checkpoints.opened(checkpoints.folder_for(out), True, out):  # the first run, training
-        result = invoke(*train_args(tiny_mvtec, out, random_teachers))
+        with monkeypatch.context() as m:
+            m.setattr(dataset, "checked_test_set", not_read)
+            result = invoke(*train_args(tiny_mvtec, out, random_teachers))
         assert checkpoints.folder_for(out).is_dir()  # the first run's folder, untouched by the refused one
         # nor by a run that fails before it would take the folder (a teacher missing)
         assert_input_error(invoke(*train_args(tiny_mvtec, out, tmp_path / "no-teachers")), "no teacher for p=17")

@@ -142,8 +142,7 @@ def opened(folder: Path, resume: bool, out: Path):
     targets are cached here, so they go with the folder when the bundle is written, and a crash
     loop cannot fill the disk with them."""
     folder.mkdir(parents=True, exist_ok=True)
-    with locked(folder, f"{out}: another training run (ustudents-train or ustudents demo) is writing this model "
-                        f"now (it holds {folder}); wait for it to finish, or choose another --out"):
+    with locked(folder, _busy(folder, out)):
         stale = list(folder.iterdir()) if not resume else list(folder.glob("targets-p*"))
         for path in stale:
             if path.is_dir():
@@ -151,6 +150,19 @@ def opened(folder: Path, resume: bool, out: Path):
             else:
                 path.unlink(missing_ok=True)
         yield
+
+
+def _busy(folder: Path, out: Path) -> str:
+    return (f"{out}: another training run (ustudents-train or ustudents demo) is writing this model now (it holds "
+            f"{folder}); wait for it to finish, or choose another --out")
+
+
+def check_free(folder: Path, out: Path) -> None:
+    """Refuse now, before minutes of reading the test set, a run whose checkpoint folder another run
+    holds (`opened` still decides: one could start in between)."""
+    if folder.is_dir():
+        with locked(folder, _busy(folder, out)):
+            pass
 
 
 def drop_if_empty(folder: Path) -> None:

@@ -130,6 +130,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
     for p in scales:
         load_teacher(teachers, p)
     read_records(teachers)
+    checkpoints.check_free(checkpoints.folder_for(out), out)
     if evaluate and not (Path(data_root) / category / "test").exists():
         # a plant may have good images only: the model is still worth training
         click.echo(f"{Path(data_root) / category / 'test'}: not found, so the model will not be evaluated (add "
