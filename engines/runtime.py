@@ -257,8 +257,10 @@ def default_torch_precision(bundle: Bundle, device: torch.device) -> str:
 
 def available_backends(device: torch.device) -> list[str]:
     """Backends usable here, fastest first."""
+    from .tensorrt_build import tensorrt_available
+
     out = []
-    if device.type == "cuda" and importlib.util.find_spec("tensorrt") and importlib.util.find_spec("pycuda"):
+    if device.type == "cuda" and device.index in (None, 0) and tensorrt_available():  # see load_engine
         out.append("tensorrt")
     out.append("torch")
     if device.type == "cpu" and importlib.util.find_spec("onnxruntime"):
@@ -294,7 +296,11 @@ def load_engine(model: str | Path | Bundle, backend: str = "auto", device: str |
         runner = onnxruntime_runner(verified_file(bundle, entry))
     else:
         if dev.type != "cuda":
-            raise EngineError("--backend tensorrt needs a CUDA GPU; use --backend torch or onnxruntime on CPU")
+            raise EngineError("--backend tensorrt needs a CUDA GPU that PyTorch sees (PyTorch with CUDA, as in the GPU "
+                              "image); on CPU use --backend torch or onnxruntime")
+        if dev.index not in (None, 0):  # pycuda's primary context is the first visible GPU's
+            raise EngineError(f"--device {dev}: the TensorRT backend runs on the first visible GPU; choose the GPU "
+                              f"with CUDA_VISIBLE_DEVICES={dev.index} and --device cuda")
         from .tensorrt_runtime import tensorrt_runner
         entry = require_engine(bundle, "tensorrt", precision)
         precision = entry["precision"]

@@ -19,20 +19,30 @@ from .export import INPUT
 
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
 WORKSPACE_BYTES = 4 << 30  # builder scratch space; the dense networks need well under this
+# TensorRT lets float32 layers run in TF32 unless told not to (BuilderFlag.TF32, on by default); the
+# torch CUDA engine turns TF32 off (runtime: 10-bit mantissas in fp32 convolutions), and a plan is
+# checked against that engine within the fp32 tolerance, so plans are built without it too.
+ALLOW_TF32 = False
 
 
 def tensorrt_available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None and importlib.util.find_spec("pycuda") is not None
 
 
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
 def plan_file(precision: str, gpu: str) -> str:
     """A plan is specific to its GPU model: the name keeps plans for several GPUs side by side."""
-    slug = "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
-    return f"{ENGINE_DIR}/model-{precision}-{slug}.plan"
+    return f"{ENGINE_DIR}/model-{precision}-{_slug(gpu)}.plan"
 
 
-def timing_cache_file() -> str:
-    return f"{ENGINE_DIR}/tensorrt.timing-cache"
+def timing_cache_file(gpu: str, trt_version: str) -> str:
+    """A timing cache holds one GPU's kernel timings under one TensorRT version, which refuses another's
+    cache: one per GPU and version, as the plans are kept, so a bundle copied to a second GPU builds
+    there with its own cache and keeps the first's."""
+    return f"{ENGINE_DIR}/tensorrt-{_slug(gpu)}-{_slug(trt_version)}.timing-cache"
 
 
 def onnx_source(precision: str) -> str:
@@ -52,9 +62,11 @@ def profile_shapes(image_size: int, max_batch: int) -> dict[str, tuple[tuple[int
 
 
 def network_flags(trt) -> int:
-    """Creation flags: strongly typed always (precision from the ONNX types). Explicit batch is
-    the only mode since TensorRT 10 and its flag is gone in 11, so it is never set."""
-    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    """Creation flags: strongly typed (precision from the ONNX types). Explicit batch is the only
+    mode since TensorRT 10, so it is never set. TensorRT 11 deprecates the STRONGLY_TYPED flag
+    (networks are always strongly typed there, the flag ignored): a release without it gets none."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
 
 
 def plan_entry(precision: str, gpu: str, trt_version: str, max_batch: int, image_size: int,
@@ -89,15 +101,8 @@ def this_machine() -> tuple[str | None, str | None]:
         import tensorrt
         version = tensorrt.__version__
     import torch
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # the backend needs CUDA PyTorch anyway (load_engine's device)
         gpu = torch.cuda.get_device_name(0)
-    elif importlib.util.find_spec("pycuda") is not None:  # a TensorRT-only image with CPU PyTorch
-        import pycuda.driver as cuda
-        try:
-            cuda.init()
-            gpu = cuda.Device(0).name() if cuda.Device.count() else None
-        except cuda.Error:
-            gpu = None
     return version, gpu
 
 
@@ -110,7 +115,9 @@ def require_tensorrt() -> tuple[str, str]:
                           "`pip install 'ustudents[tensorrt]'` (NVIDIA's index), or use the GPU image")
     version, gpu = this_machine()
     if gpu is None:
-        raise EngineError("no CUDA GPU visible: TensorRT plans are built on the GPU that will run them")
+        raise EngineError("PyTorch sees no CUDA GPU here (a CPU build of PyTorch, or no GPU): TensorRT plans are "
+                          "built on the GPU that will run them, and the TensorRT backend needs PyTorch with CUDA "
+                          "(the GPU image has both)")
     return version, gpu
 
 
@@ -130,7 +137,8 @@ def build_tensorrt(bundle, precision: str, max_batch: int) -> dict:
                           f"`ustudents build-engines {bundle.path} --precision {precision}` first")
     from .tensorrt_runtime import build_plan
 
-    plan = build_plan(bundle.path / source["file"], bundle.image_size, max_batch, bundle.path / timing_cache_file())
+    plan = build_plan(bundle.path / source["file"], bundle.image_size, max_batch,
+                      bundle.path / timing_cache_file(gpu, version))
     rel = plan_file(precision, gpu)
     final = bundle.path / rel
     forget_engine(bundle, "tensorrt", precision, gpu)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .files import write_atomically
-from .tensorrt_build import WORKSPACE_BYTES, network_flags, profile_shapes
+from .runtime import EngineError
+from .tensorrt_build import ALLOW_TF32, WORKSPACE_BYTES, network_flags, profile_shapes
 
 
 def _trt():
@@ -37,20 +38,27 @@ def build_plan(onnx_path: Path, image_size: int, max_batch: int, cache_path: Pat
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(Path(onnx_path).read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"{onnx_path}: TensorRT cannot parse the ONNX export: {errors}")
+        raise EngineError(f"{onnx_path}: TensorRT cannot parse the ONNX export: {errors}; rebuild it with "
+                          "`ustudents build-engines MODEL` (same --precision), then the plan")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if not ALLOW_TF32:
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile_shapes(image_size, max_batch).items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    # A cache TensorRT refuses (another GPU's or version's, damaged) is replaced by a fresh one: it
+    # only saves build time. set_timing_cache says so by returning False, not by raising.
+    cache = config.create_timing_cache(cache_path.read_bytes()) if cache_path.is_file() else None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise RuntimeError(f"{onnx_path}: TensorRT failed to build a plan (see the messages above)")
-    # atomically: the next build reads it with ignore_mismatch=False, so a torn file would fail it
-    write_atomically(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+        raise EngineError(f"{onnx_path}: TensorRT failed to build a plan (its messages are above)")
+    # the cache object the build filled; atomically, as a torn file would be refused next time
+    write_atomically(cache_path, bytes(memoryview(cache.serialize())))
     return bytes(memoryview(plan))
 
 
@@ -63,29 +71,41 @@ class TensorRTRunner:
         import pycuda.driver as cuda
 
         # A CUDA context is current per thread, and autoprimaryctx makes it current only in the thread
-        # that imports it; a worker calls the runner from its inference thread, so each call pushes it.
+        # that imports it: the runner is made in one thread and called from another (a worker's
+        # inference thread), so making it and each call push the context.
         self.ctx = primary.context
-
-        trt, logger = _trt()
         self.cuda = cuda
+        self.ctx.push()
+        try:
+            self._load(Path(plan_path), max_batch)
+        finally:
+            cuda.Context.pop()
+
+    def _load(self, plan_path: Path, max_batch: int) -> None:
+        trt, logger = _trt()
         self.runtime = trt.Runtime(logger)
-        self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())
         if self.engine is None:
-            raise RuntimeError(f"{plan_path}: TensorRT cannot load this plan; rebuild it with "
-                               "`ustudents build-engines MODEL --backend tensorrt`")
+            raise EngineError(f"{plan_path}: TensorRT cannot load this plan; rebuild it with "
+                              "`ustudents build-engines MODEL --backend tensorrt`")
         self.context = self.engine.create_execution_context()
-        self.stream = cuda.Stream()
+        self.stream = self.cuda.Stream()
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in self.names if n not in self.inputs]
-        # Buffers sized for max_batch once; smaller batches use a prefix of each.
+        (name_in,) = self.inputs
+        # Buffers sized once for max_batch (smaller batches use a prefix of each): the input's shape
+        # set to it first, so that every output's shape is resolved by the context, none left -1.
+        shape_in = (max_batch, *tuple(self.engine.get_tensor_shape(name_in))[1:])
+        if not self.context.set_input_shape(name_in, shape_in):
+            raise EngineError(f"{plan_path}: the plan does not take input {shape_in}; rebuild it with "
+                              "`ustudents build-engines MODEL --backend tensorrt`")
         self.host, self.device = {}, {}
         for name in self.names:
-            shape = list(self.engine.get_tensor_shape(name))
-            shape[0] = max_batch
+            shape = list(self.context.get_tensor_shape(name))
             dtype = trt.nptype(self.engine.get_tensor_dtype(name))
-            self.host[name] = cuda.pagelocked_empty(shape, dtype)
-            self.device[name] = cuda.mem_alloc(self.host[name].nbytes)
+            self.host[name] = self.cuda.pagelocked_empty(shape, dtype)
+            self.device[name] = self.cuda.mem_alloc(self.host[name].nbytes)
             self.context.set_tensor_address(name, int(self.device[name]))
         self.max_batch = max_batch
 
@@ -103,10 +123,11 @@ class TensorRTRunner:
         (name_in,) = self.inputs
         host_in = self.host[name_in][:b]
         np.copyto(host_in, x.numpy())
-        self.context.set_input_shape(name_in, tuple(host_in.shape))
+        if not self.context.set_input_shape(name_in, tuple(host_in.shape)):
+            raise EngineError(f"TensorRT refused input shape {tuple(host_in.shape)} (its messages are above)")
         self.cuda.memcpy_htod_async(self.device[name_in], host_in, self.stream)
         if not self.context.execute_async_v3(self.stream.handle):
-            raise RuntimeError("TensorRT execution failed (see the messages above)")
+            raise EngineError("TensorRT execution failed (its messages are above)")
         for name in self.outputs:
             self.cuda.memcpy_dtoh_async(self.host[name][:b], self.device[name], self.stream)
         self.stream.synchronize()

@@ -22,7 +22,8 @@ from ustudents.engines.onnx_engine import TOLERANCE, build_onnx
 from ustudents.engines.patchnet import PatchNet
 from ustudents.engines import runtime
 from ustudents.engines.runtime import EngineError, load_engine, preprocess
-from ustudents.engines.tensorrt_build import plan_entry, plan_file, plan_mismatch, profile_shapes
+from ustudents.engines.tensorrt_build import (network_flags, plan_entry, plan_file, plan_mismatch, profile_shapes,
+                                              timing_cache_file)
 
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'ustudents[onnx]')")
 
@@ -458,8 +459,51 @@ def test_a_plan_runs_only_on_its_gpu_and_tensorrt_version():
     assert "NVIDIA L4" in plan_mismatch(entry, "10.9.0", "NVIDIA L4")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
-                    reason="TensorRT path not run: tensorrt is not installed (NVIDIA's index only) or no CUDA GPU")
+def test_each_gpu_and_tensorrt_version_keeps_its_own_timing_cache():
+    """One cache per bundle: a second GPU's build found the first's cache, which TensorRT refuses, and
+    the file was written back from no cache at all, losing the plan it had just built."""
+    h100 = timing_cache_file("NVIDIA H100 80GB HBM3", "10.9.0")
+    assert h100 == "engines/tensorrt-nvidia-h100-80gb-hbm3-10-9-0.timing-cache"
+    assert len({h100, timing_cache_file("NVIDIA L4", "10.9.0"), timing_cache_file("NVIDIA H100 80GB HBM3", "11.0.0")}) == 3
+
+
+def test_networks_are_strongly_typed_where_the_flag_exists_and_need_none_where_it_is_gone():
+    """TensorRT 10 needs the flag for precision from the ONNX types; 11 deprecates it (always strongly
+    typed): a release without it must still build, not fail on a missing attribute."""
+    from types import SimpleNamespace
+
+    flags = SimpleNamespace(STRONGLY_TYPED=1, EXPLICIT_BATCH=0)
+    assert network_flags(SimpleNamespace(NetworkDefinitionCreationFlag=flags)) == 0b10
+    assert network_flags(SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(EXPLICIT_BATCH=0))) == 0
+
+
+def test_tensorrt_runs_on_the_first_visible_gpu_and_says_how_to_choose_another(tiny_bundle, monkeypatch):
+    """pycuda's primary context is the first visible GPU's: a plan asked for on cuda:1 would be checked
+    against one GPU's name and run on another."""
+    import ustudents.engines.runtime as runtime
+    import ustudents.engines.tensorrt_build as tensorrt_build
+
+    monkeypatch.setattr(tensorrt_build, "tensorrt_available", lambda: True)
+    assert "tensorrt" in runtime.available_backends(torch.device("cuda"))
+    assert "tensorrt" not in runtime.available_backends(torch.device("cuda:1"))  # auto does not pick it
+    monkeypatch.setattr(runtime, "resolve_device", lambda device: torch.device(device))
+    with pytest.raises(EngineError, match=r"--device cuda:1: .* CUDA_VISIBLE_DEVICES=1 and --device cuda"):
+        load_engine(tiny_bundle, backend="tensorrt", device="cuda:1")
+
+
+def test_building_a_plan_where_pytorch_sees_no_gpu_names_the_cause(monkeypatch):
+    import ustudents.engines.tensorrt_build as tensorrt_build
+
+    monkeypatch.setattr(tensorrt_build, "tensorrt_available", lambda: True)
+    monkeypatch.setattr(tensorrt_build, "this_machine", lambda: ("10.9.0", None))
+    with pytest.raises(EngineError, match="PyTorch sees no CUDA GPU here .* needs PyTorch with CUDA"):
+        tensorrt_build.require_tensorrt()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("pycuda") is None
+                    or not torch.cuda.is_available(),
+                    reason="TensorRT path not run: tensorrt (NVIDIA's index only) or pycuda is not installed, or no "
+                           "CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_tensorrt_plan_matches_pytorch(bundle_copy, tiny_mvtec, precision):
     frames = [read_image(p) for p in test_images(tiny_mvtec)[:4]]
