@@ -6,6 +6,6 @@ if [ -z "${USTUDENTS_MODEL:-}" ]; then
     echo "USTUDENTS_MODEL is not set: give the bundle directory (or several, comma-separated), e.g. /models/magnetic_tile" >&2
     exit 2
 fi
-USTUDENTS_MODEL="$(python /opt/ustudents/prepare_engines.py)"
+USTUDENTS_MODEL="$(python3 /opt/ustudents/prepare_engines.py)"
 export USTUDENTS_MODEL
 exec ustudents-worker "$@"
