@@ -196,7 +196,7 @@ def test_dashboard_has_the_panels_operations_needs():
         "Frames/s per line": "ustudents_frames_processed_total",
         "Latency p50 / p99": "ustudents_end_to_end_seconds_bucket",
         "Anomaly rate": "ustudents_anomalies_total",
-        "Score distribution": "ustudents_anomaly_score_bucket",
+        "Score distribution: $stream": "ustudents_anomaly_score_bucket",
         "Lag and pending": "ustudents_pending_entries",
         "Dead letters by reason": "ustudents_frames_dead_lettered_total",
         "GPU memory": "ustudents_gpu_memory_bytes",
@@ -207,6 +207,9 @@ def test_dashboard_has_the_panels_operations_needs():
     assert "0.99" in panels["Latency p50 / p99"] and "0.5," in panels["Latency p50 / p99"]
     assert "ustudents_consumer_lag_entries" in panels["Lag and pending"]
     assert "by (stream, reason)" in panels["Dead letters by reason"]
+    # score buckets are multiples of each model's threshold: one line (one model) per panel, never summed
+    score = next(p for p in dashboard()["panels"] if p["title"] == "Score distribution: $stream")
+    assert score["repeat"] == "stream"
     ids = [p["id"] for p in dashboard()["panels"]]
     assert len(ids) == len(set(ids))
 
