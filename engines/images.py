@@ -208,9 +208,10 @@ def read_mask(path: str | Path) -> np.ndarray:
     # JPEG rings around every edge of a 0/255 mask: "nonzero" grew a defect by 47% at quality 75
     # (a 21 x 27 square), while the half level gives back the drawn mask exactly. Told by the file's
     # bytes, not its suffix.
-    level = JPEG_MASK_LEVEL if data[:3].tobytes() == JPEG_MAGIC else 1
     colour = img[:, :, : 3 if img.shape[2] >= 3 else 1] if img.ndim == 3 else img[:, :, None]
-    return (colour >= level).any(axis=2)
+    if data[:3].tobytes() == JPEG_MAGIC:
+        return (colour >= JPEG_MASK_LEVEL).any(axis=2)
+    return (colour > 0).any(axis=2)  # float TIFF masks with soft values in (0, 1) too
 
 
 def frame_tensor(frame: np.ndarray) -> torch.Tensor:

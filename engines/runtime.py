@@ -299,8 +299,9 @@ def load_engine(model: str | Path | Bundle, backend: str = "auto", device: str |
             raise EngineError("--backend tensorrt needs a CUDA GPU that PyTorch sees (PyTorch with CUDA, as in the GPU "
                               "image); on CPU use --backend torch or onnxruntime")
         if dev.index not in (None, 0):  # pycuda's primary context is the first visible GPU's
-            raise EngineError(f"--device {dev}: the TensorRT backend runs on the first visible GPU; choose the GPU "
-                              f"with CUDA_VISIBLE_DEVICES={dev.index} and --device cuda")
+            raise EngineError(f"--device {dev}: the TensorRT backend runs on the first visible GPU; make that GPU "
+                              "the only visible one with CUDA_VISIBLE_DEVICES (its index as nvidia-smi counts) and "
+                              "give --device cuda")
         from .tensorrt_runtime import tensorrt_runner
         entry = require_engine(bundle, "tensorrt", precision)
         precision = entry["precision"]

@@ -151,6 +151,9 @@ def test_a_jpeg_mask_is_the_mask_drawn_not_its_compression_ringing(tmp_path):
     faint = mask // 255 * 20  # a PNG's faint (anti-aliased) defect pixel still counts
     cv2.imwrite(str(tmp_path / "faint.png"), faint)
     assert (read_mask(tmp_path / "faint.png") == (mask > 0)).all()
+    soft = (mask > 0).astype(np.float32) * 0.5  # so does a float TIFF's soft value in (0, 1)
+    cv2.imwrite(str(tmp_path / "soft.tiff"), soft)
+    assert (read_mask(tmp_path / "soft.tiff") == (mask > 0)).all()
 
 
 def _move_files_into(folder: Path, sub: str) -> None:

@@ -763,8 +763,9 @@ def test_a_hung_inference_fails_healthz_after_stall_timeout_and_recovers_when_it
 
     monkeypatch.setattr(engine, "predict", hangs)
     r = client(redis_url)
-    with in_process_worker(engines, redis_url, stream, stall_timeout_s=1.0) as worker:
-        time.sleep(1.5)
+    # 3 s: released within the 6 s after which the worker would exit by itself (the test below)
+    with in_process_worker(engines, redis_url, stream, stall_timeout_s=3.0) as worker:
+        time.sleep(3.5)
         assert worker.alive() == (True, "alive")  # idle past the timeout, nothing held: alive
         eid = add_frame(r, stream, frames[0])
         wait_for(lambda: not worker.alive()[0], 30, "liveness to fail while inference hangs")
@@ -773,6 +774,34 @@ def test_a_hung_inference_fails_healthz_after_stall_timeout_and_recovers_when_it
         wait_for(lambda: results_of(r, stream), 30, "the result once inference moved again")
         assert worker.alive() == (True, "alive")
     exactly_one_result_each(r, stream, [eid])
+
+
+def test_a_worker_stalled_twice_the_timeout_exits_by_itself_and_leaves_its_frames_pending(
+        engines, frames, redis_url, stream, monkeypatch):
+    """Compose restarts a container that exits, not one whose health check fails: a worker hung for
+    good (a GPU call that never returns) sat unhealthy and judged nothing, for months if need be."""
+    (engine,) = engines.values()
+    release = threading.Event()
+    monkeypatch.setattr(engine, "predict", lambda batch: release.wait(120))
+    r = client(redis_url)
+    config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
+                                               "metrics_port": 0, "stall_timeout_s": 0.5, "shutdown_timeout_s": 2})
+    worker = Worker(config, engines)
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
+    thread.start()
+    try:
+        eid = add_frame(r, stream, frames[0])
+        thread.join(30)
+        assert codes == [1], "a stalled worker must exit with 1"
+        assert "no batch moved" in repr(worker.crashed)
+        pending = r.xpending_range(stream, "ustudents", min="-", max="+", count=10)
+        assert [p["message_id"].decode() for p in pending] == [eid]  # for another worker to claim
+        assert results_of(r, stream) == [] and dead_of(r, stream) == []
+    finally:
+        release.set()
+        worker.stop()
+        thread.join(10)
 
 
 def test_the_port_answers_while_the_models_load_and_the_worker_takes_it_over(engines, redis_url, stream):

@@ -160,9 +160,11 @@ def _busy(folder: Path, out: Path) -> str:
 def check_free(folder: Path, out: Path) -> None:
     """Refuse now, before minutes of reading the test set, a run whose checkpoint folder another run
     holds (`opened` still decides: one could start in between)."""
-    if folder.is_dir():
+    try:
         with locked(folder, _busy(folder, out)):
             pass
+    except FileNotFoundError:  # none yet, or the other run just finished and removed it
+        pass
 
 
 def drop_if_empty(folder: Path) -> None:

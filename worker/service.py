@@ -43,6 +43,9 @@ from .settings import WorkerSettings
 from .streams import Entry, PublishRefused, Record, StreamIO
 
 log = logging.getLogger("ustudents.worker")
+# A worker stalled this many times stall_timeout_s exits by itself (run): liveness has failed since
+# stall_timeout_s, and an orchestrator that restarts on it (Kubernetes) has done so by then.
+STALL_EXIT_FACTOR = 2
 
 STOP = object()  # end of a queue
 # A `ts` this far ahead of the worker's clock (skewed camera clocks) or behind it (a backlog of a day)
@@ -177,7 +180,17 @@ class Worker:
         self.threads = [self._spawn(name, fn) for name, fn in stages]
         helpers = [self._spawn("monitor", self._monitor), self._spawn("keeper", self._keep_inflight_claimed)]
         while not self.stopping.wait(0.5):
-            pass
+            stalled = self.stalled_s()
+            if stalled > STALL_EXIT_FACTOR * s.stall_timeout_s:
+                # /healthz has failed for stall_timeout_s and nothing restarted the worker (compose
+                # restarts a container that exits, not one that is unhealthy): exit, leaving what it
+                # holds pending for the others
+                self.crashed = RuntimeError(f"no batch moved for {stalled:.0f} s (stall_timeout_s "
+                                            f"{s.stall_timeout_s:g} s, twice over)")
+                log.error("stalled: %s; exiting so that a fresh worker starts", self.crashed,
+                          extra={"event": "stalled_exit"})
+                self.abandon.set()
+                self.stop()
         deadline = time.monotonic() + s.shutdown_timeout_s
         if self.crashed is None:
             log.info("stopping: finishing the batches in flight (deadline %.0f s)", s.shutdown_timeout_s,
@@ -240,12 +253,18 @@ class Worker:
             return False, f"stopped threads: {', '.join(dead)}"
         with self.inflight_lock:
             held = len(self.inflight)
-        idle = time.monotonic() - self.last_beat
-        if held and idle > self.s.stall_timeout_s:
+        idle = self.stalled_s()
+        if idle > self.s.stall_timeout_s:
             # threads alive but nothing moves: a call that never returns (a hung GPU, a stuck decoder);
             # only a restart helps, and the entries held stay pending for the next worker
             return False, f"no batch moved for {idle:.0f} s with {held} entries in flight (stall_timeout_s)"
         return True, "alive"
+
+    def stalled_s(self) -> float:
+        """How long nothing has moved while entries are in flight (0 when none is)."""
+        with self.inflight_lock:
+            held = len(self.inflight)
+        return time.monotonic() - self.last_beat if held else 0.0
 
     def _beat(self) -> None:
         self.last_beat = time.monotonic()

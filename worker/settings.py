@@ -88,7 +88,7 @@ class WorkerSettings(BaseSettings):
     heatmap: bool = Field(False, description="Add a `heatmap` PNG (the frame with what the mask thresholds in colour) to each result.")
     decode_threads: int = Field(2, ge=1, description="Threads decoding frames while inference runs.")
     queue_batches: int = Field(2, ge=1, description="Decoded batches waiting for inference (bounds memory).")
-    stall_timeout_s: float = Field(600.0, gt=0, description="/healthz fails when entries are in flight and no stage has moved for this long (a hung inference or decode), so the orchestrator restarts the worker.")
+    stall_timeout_s: float = Field(600.0, gt=0, description="/healthz fails when entries are in flight and no stage has moved for this long (a hung inference or decode), so that Kubernetes restarts the worker; at twice this long the worker exits (code 1) by itself, for compose, which restarts only a container that exits.")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="SIGTERM: longest time to finish and publish in-flight batches.")
 
     # observability
