@@ -205,9 +205,8 @@ def read_mask(path: str | Path) -> np.ndarray:
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data is not None and data.size else None
     if img is None:
         raise ImageError(f"{path}: cannot be read as a mask image; replace it with a PNG mask")
-    # JPEG rings around every edge of a 0/255 mask: "nonzero" grew a defect by 47% at quality 75
-    # (a 21 x 27 square), while the half level gives back the drawn mask exactly. Told by the file's
-    # bytes, not its suffix.
+    # JPEG rings around every edge of a 0/255 mask: "nonzero" grows each defect, while the half level
+    # gives back the drawn mask (tests/test_dataset.py). Told by the file's bytes, not its suffix.
     colour = img[:, :, : 3 if img.shape[2] >= 3 else 1] if img.ndim == 3 else img[:, :, None]
     if data[:3].tobytes() == JPEG_MAGIC:
         return (colour >= JPEG_MASK_LEVEL).any(axis=2)

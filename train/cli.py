@@ -23,7 +23,7 @@ from .backbones import BACKBONES, BackboneError
 from .calibrate import DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, CalibrationError
 from .dataset import DatasetError
 from .teacher import SCHEDULES, SKIMAGE_SOURCE, TARGETS, TeacherConfig, TeacherError
-from .teacher_files import DEFAULT_DIR, TeacherFileError, load_teacher, read_records
+from .teacher_files import DEFAULT_DIR, TeacherFileError, load_teachers
 
 INPUT_ERRORS = (DatasetError, BundleError, ImageError, BackboneError, CalibrationError, TeacherError,
                 TeacherFileError, EngineError, ValueError, OSError)
@@ -127,9 +127,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
                    "there (if that is a share, make sure it is mounted)")
     check_apart(out, "--out", Path(data_root) / category, "the category's images")
     check_writable(out)  # these are cheap: before the test set is read
-    for p in scales:
-        load_teacher(teachers, p)
-    read_records(teachers)
+    load_teachers(teachers, scales)
     checkpoints.check_free(checkpoints.folder_for(out), out)
     if evaluate and not (Path(data_root) / category / "test").exists():
         # a plant may have good images only: the model is still worth training

@@ -21,7 +21,7 @@ from . import checkpoints, dataset
 from .calibrate import (DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, CalibrationError, calibrate, check_resolvable,
                         predicted_share)
 from .students import MAX_SEED, StudentConfig, TrainingDiverged, train_students
-from .teacher_files import DEFAULT_DIR, load_teacher, read_records
+from .teacher_files import DEFAULT_DIR, load_teachers
 
 MIN_IMAGE_SIZE = 64
 # Every training image's teacher descriptors are cached (N x 128 x S x S float16: 50 GB for 600 images at
@@ -142,8 +142,7 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
     train_all = dataset.train_samples(cfg.data_root, cfg.category)
     fit, val = dataset.split_train_val(train_all, cfg.val_fraction, cfg.student.seed)
     check_resolvable(cfg.target_fpr, len(val), cfg.image_size)  # calibration's pixels, as `calibrate` checks
-    teachers = {p: load_teacher(cfg.teachers, p) for p in cfg.scales}
-    teacher_records = read_records(cfg.teachers)  # read now: a damaged file stops the run before training
+    teachers, teacher_records = load_teachers(cfg.teachers, cfg.scales)  # a damaged file stops the run now
     lock.enter_context(checkpoints.opened(saves, cfg.resume, cfg.out))  # makes out's parent folders too
     held.append(True)
     log(f"{cfg.category}: {len(fit)} training and {len(val)} validation images (of train/good), "

@@ -84,3 +84,8 @@ def load_teacher(folder: Path, p: int) -> dict[str, torch.Tensor]:
         raise TeacherFileError(f"{path}: the teacher's weights hold NaN or infinite values; re-create it with "
                                f"`ustudents teacher --scales {p} --out {folder}` (at a lower --lr if it diverged)")
     return state
+
+
+def load_teachers(folder: Path, scales: list[int]) -> tuple[dict[int, dict[str, torch.Tensor]], dict]:
+    """The teachers of `scales` and the folder's records, each checked (load_teacher, read_records)."""
+    return {p: load_teacher(folder, p) for p in scales}, read_records(folder)

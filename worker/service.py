@@ -185,8 +185,8 @@ class Worker:
                 # /healthz has failed for stall_timeout_s and nothing restarted the worker (compose
                 # restarts a container that exits, not one that is unhealthy): exit, leaving what it
                 # holds pending for the others
-                self.crashed = RuntimeError(f"no batch moved for {stalled:.0f} s (stall_timeout_s "
-                                            f"{s.stall_timeout_s:g} s, twice over)")
+                self.crashed = RuntimeError(f"no batch moved for {stalled:.0f} s ({STALL_EXIT_FACTOR} x "
+                                            f"stall_timeout_s {s.stall_timeout_s:g} s)")
                 log.error("stalled: %s; exiting so that a fresh worker starts", self.crashed,
                           extra={"event": "stalled_exit"})
                 self.abandon.set()
@@ -251,12 +251,12 @@ class Worker:
         dead = [t.name for t in self.threads if not t.is_alive()]
         if dead and not self.stopping.is_set():
             return False, f"stopped threads: {', '.join(dead)}"
-        with self.inflight_lock:
-            held = len(self.inflight)
         idle = self.stalled_s()
         if idle > self.s.stall_timeout_s:
             # threads alive but nothing moves: a call that never returns (a hung GPU, a stuck decoder);
             # only a restart helps, and the entries held stay pending for the next worker
+            with self.inflight_lock:
+                held = len(self.inflight)
             return False, f"no batch moved for {idle:.0f} s with {held} entries in flight (stall_timeout_s)"
         return True, "alive"
 
