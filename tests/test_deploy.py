@@ -198,7 +198,7 @@ def test_dashboard_has_the_panels_operations_needs():
         "Anomaly rate": "ustudents_anomalies_total",
         "Score distribution: $stream": "ustudents_anomaly_score_bucket",
         "Lag and pending": "ustudents_pending_entries",
-        "Dead letters by reason": "ustudents_frames_dead_lettered_total",
+        "Dead letters by reason, frames lost": "ustudents_frames_dead_lettered_total",
         "GPU memory": "ustudents_gpu_memory_bytes",
         "Worker up": "ustudents_ready",
     }
@@ -206,7 +206,8 @@ def test_dashboard_has_the_panels_operations_needs():
         assert metric in panels.get(title, ""), f"panel {title!r} missing or not on {metric}"
     assert "0.99" in panels["Latency p50 / p99"] and "0.5," in panels["Latency p50 / p99"]
     assert "ustudents_consumer_lag_entries" in panels["Lag and pending"]
-    assert "by (stream, reason)" in panels["Dead letters by reason"]
+    assert "by (stream, reason)" in panels["Dead letters by reason, frames lost"]
+    assert "ustudents_frames_trimmed_unread_total" in panels["Dead letters by reason, frames lost"]
     # score buckets are multiples of each model's threshold: one line (one model) per panel, never summed
     score = next(p for p in dashboard()["panels"] if p["title"] == "Score distribution: $stream")
     assert score["repeat"] == "stream"

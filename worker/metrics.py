@@ -19,6 +19,7 @@ METRIC_NAMES = (
     "ustudents_frames_processed_total",  # {stream, category} frames scored and published
     "ustudents_frames_dead_lettered_total",  # {stream, reason} frames sent to <stream>:dead
     "ustudents_frame_failures_total",  # {stream} processing attempts that raised (entry retried later)
+    "ustudents_frames_trimmed_unread_total",  # {stream} entries that left the input stream before any worker read them
     "ustudents_anomalies_total",  # {stream, category} published results with anomalous=1
     "ustudents_inference_seconds",  # histogram {stream}: Engine.predict per batch
     "ustudents_end_to_end_seconds",  # histogram {stream}: publish time - the frame's `ts`
@@ -50,6 +51,10 @@ class WorkerMetrics:
                                  ["stream", "category"], registry=r)
         self.dead_lettered = Counter("ustudents_frames_dead_lettered", "Frames sent to the dead-letter stream.",
                                      ["stream", "reason"], registry=r)
+        self.trimmed_unread = Counter("ustudents_frames_trimmed_unread",
+                                      "Entries that left the input stream (its MAXLEN, XTRIM) before any worker read "
+                                      "them: lost frames, counted by the worker that read next (Redis >= 7).",
+                                      ["stream"], registry=r)
         self.failures = Counter("ustudents_frame_failures", "Processing attempts that raised; the entry is retried.",
                                 ["stream"], registry=r)
         self.anomalies = Counter("ustudents_anomalies", "Published results with anomalous=1.",
@@ -80,6 +85,7 @@ class WorkerMetrics:
         self.ready.labels(stream).set(0)
         self.reconnects.labels(stream)
         self.failures.labels(stream)
+        self.trimmed_unread.labels(stream)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -350,8 +350,10 @@ class Worker:
                         log.info("claimed %d entries left pending by silent consumers", len(raw) + len(deleted),
                                  extra={"event": "claimed", "entries": len(raw) + len(deleted)})
                 else:
-                    raw = self.io.read(">", s.batch, s.block_ms)
+                    raw, lost = self.io.read_new(s.batch, s.block_ms)
                     source = "new"
+                    if lost:
+                        self._trimmed_unread(lost)
                 self.redis_state.ok()
                 backoff.reset()
             except UNAVAILABLE as err:
@@ -386,6 +388,20 @@ class Worker:
             if entries and not (self._send(entries) if source == "new" else self._send_redelivered(entries)):
                 break
         self._put(self.decoded, STOP)
+
+    def _trimmed_unread(self, lost: int) -> None:
+        """Frames the producer's MAXLEN cut before any worker read them (StreamIO.read_new): lost, with
+        no dead letter, since their fields are gone."""
+        s = self.s
+        if lost > 0:
+            self.metrics.trimmed_unread.labels(s.stream).inc(lost)
+            what = f"{lost} entries left stream {s.stream} before any worker read them: lost"
+        else:  # Redis lost the group's read counter (a restart during a backlog): a gap, of unknown size
+            what = (f"entries may have left stream {s.stream} before any worker read them (Redis lost the group's "
+                    "read counter, so it cannot tell whether or how many)")
+        self.throttled.warning("trimmed_unread", "%s; the backlog outgrew the input stream's MAXLEN: add workers or "
+                               "raise the producer's MAXLEN", what, event="trimmed_unread",
+                               entries=lost if lost > 0 else None)
 
     def _send(self, entries: list[Entry]) -> bool:
         """Prepare a micro-batch and queue it for inference; False if the worker abandons it first."""

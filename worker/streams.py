@@ -96,7 +96,9 @@ def id_key(entry_id: str) -> tuple[int, int]:
 
 
 # Redis 7.0 counts entries trimmed before a group read them as lag for good (redis/redis#13957): the
-# lag gauge, the lag alert and KEDA's scale-out (which reads XINFO GROUPS itself) stay up. A group that
+# lag gauge, the lag alert and KEDA's scale-out (which reads XINFO GROUPS itself) stay up. The counting
+# read (READ_NEW_SCRIPT) sets the count right at the gaps it finds; this repairs the rest (a gap that a
+# waiting read jumped, entries deleted by XDEL ahead of the group). A group that
 # has read the stream's last entry has lag 0: there, and only there, its read counter is set to the
 # entries the stream ever had, in one atomic step (the group's position is unchanged). Returns 1 if
 # it repaired the count. Redis before 7 has no lag, and nothing to repair.
@@ -114,6 +116,70 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   end
 end
 return 0
+"""
+
+# Read new entries (XREADGROUP '>'), first counting entries that left the stream before the group read
+# them: the producer's MAXLEN (or XTRIM) cut them while every worker was behind, and a plain read skips
+# the gap silently. A gap is possible only where Redis' lag is the stream's length or more (Redis 7.0
+# estimates it as the length when the group's read counter is unknown) or Redis cannot tell the lag;
+# only then is XINFO STREAM read. The entries removed number entries-added - XLEN, of which the group
+# had read entries-read (every entry up to its last-delivered-id is gone, or there would be no gap; a
+# group that has read nothing has read none, though Redis 7.0 keeps no counter for it): the rest were
+# never read. The group is then moved to just before the first entry kept, with its
+# read counter set, so that a gap is counted once (by whichever worker reads first) and the lag is right
+# again. One script: a read outside it could jump the gap uncounted. Redis before 7 counts no entries
+# added and gets a plain read. KEYS: the stream. ARGV: group, consumer, count. Returns {trimmed unread
+# (-1: Redis cannot tell how many: the group's read counter was unknown), the XREADGROUP reply}.
+READ_NEW_SCRIPT = """
+local function fields(flat)
+  local f = {}
+  for i = 1, #flat, 2 do f[flat[i]] = flat[i + 1] end
+  return f
+end
+-- ids are compared and decremented as decimal strings: producer-set ids may exceed a Lua number's 2^53
+local function less(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+local function id_less(x, y)
+  local xm, xs = string.match(x, '^(%d+)-(%d+)$')
+  local ym, ys = string.match(y, '^(%d+)-(%d+)$')
+  if xm ~= ym then return less(xm, ym) end
+  return less(xs, ys)
+end
+local function decrement(s)
+  local d, i = {string.byte(s, 1, -1)}, #s
+  while d[i] == 48 do d[i] = 57; i = i - 1 end
+  d[i] = d[i] - 1
+  return (string.gsub(string.char(unpack(d)), '^0+(%d)', '%1'))
+end
+local function id_before(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  if seq ~= '0' then return ms .. '-' .. decrement(seq) end
+  return decrement(ms) .. '-18446744073709551615'
+end
+local lost = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local f = fields(g)
+    -- a lag field that is absent: Redis before 7; false: Redis cannot tell the lag
+    if f['name'] == ARGV[1] and f['lag'] ~= nil then
+      local len = redis.call('XLEN', KEYS[1])
+      if f['lag'] == false or f['lag'] >= len then
+        local s = fields(redis.call('XINFO', 'STREAM', KEYS[1]))
+        local first = s['recorded-first-entry-id'] or (len > 0 and redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1])
+        local upto = len == 0 and s['last-generated-id'] or id_before(first)
+        if id_less(f['last-delivered-id'], upto) then
+          local removed = s['entries-added'] - len
+          local read = f['entries-read'] or (f['last-delivered-id'] == '0-0' and 0)
+          lost = read and math.max(0, removed - read) or -1
+          redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], upto, 'ENTRIESREAD', string.format('%d', removed))
+        end
+      end
+    end
+  end
+end
+return {lost, redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')}
 """
 
 # newest_outcome: more than the entries in flight across a line's workers; each carries a mask PNG, and this
@@ -187,6 +253,7 @@ class StreamIO:
         self.dedupe_ttl_s = dedupe_ttl_s
         self._reap = client.register_script(REAP_SCRIPT)
         self._repair_lag = client.register_script(REPAIR_LAG_SCRIPT)
+        self._read_new = client.register_script(READ_NEW_SCRIPT)
         self._publish = client.register_script(PUBLISH_SCRIPT)
 
     # -- the group -------------------------------------------------------------------------------
@@ -287,6 +354,16 @@ class StreamIO:
         entries after it ('0': from the start)."""
         reply = self.r.xreadgroup(self.group, self.consumer, {self.stream: last_id}, count=count, block=block_ms)
         return [e for _, entries in replies(reply) for e in entries]
+
+    def read_new(self, count: int, block_ms: int | None) -> tuple[list[RawEntry], int]:
+        """New entries, and how many entries the stream lost before the group read them (-1: some, Redis
+        cannot tell how many): READ_NEW_SCRIPT, then, if it found nothing, a read that waits up to
+        `block_ms` (a group that has read everything has no gap to count)."""
+        lost, reply = self._read_new(keys=[self.stream], args=[self.group, self.consumer, count])
+        entries = [(eid, dict(zip(kv[::2], kv[1::2]))) for _, stream_entries in (reply or []) for eid, kv in stream_entries]
+        if entries or not block_ms:
+            return entries, int(lost)
+        return self.read(">", count, block_ms), int(lost)
 
     def autoclaim(self, min_idle_ms: int, start: str, count: int) -> tuple[str, list[RawEntry], list[str]]:
         """XAUTOCLAIM entries idle longer than `min_idle_ms`: (next cursor, claimed entries, ids of
