@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .files import write_atomically
+from .files import real_path, write_atomically
 from .images import UINT16_BITS
 from .model import AnomalyModel
 from .patchnet import DESCRIPTOR_DIM, PatchNet
@@ -190,7 +190,7 @@ def check_replaceable(out: Path) -> None:
     """Refuse now, not after hours of training, an `out` that write_bundle cannot rename a finished
     bundle onto: a mount point (a container volume at the bundle's path), or one whose folder is not
     writable. A symlink is followed: the bundle goes where it points, and the link stays."""
-    real = Path(out).resolve()
+    real = real_path(out)
     parent = real.parent
     while not parent.exists():
         parent = parent.parent
@@ -230,7 +230,7 @@ def _save_weights(path: Path, tensors: dict[str, torch.Tensor], where: Path) -> 
 def write_bundle(out: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Write a complete bundle to `out` atomically, replacing an existing bundle there (through a
     symlink: at its target, so that the link, a plant's `current`, keeps pointing at the bundle)."""
-    out = Path(out).resolve() if Path(out).is_symlink() else Path(out)
+    out = real_path(out) if Path(out).is_symlink() else Path(out)
     check_writable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -302,6 +302,11 @@ def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torc
             (path / f).unlink(missing_ok=True)
 
 
+# folders already warned about: a command may lock one twice (training probes its lock before the test
+# set is read, then takes it), and one warning says it
+_UNLOCKABLE_WARNED: set[str] = set()
+
+
 @contextlib.contextmanager
 def locked(path: str | Path, busy: str):
     """An exclusive flock on the folder `path` itself, held for the block; `busy`: the error when another
@@ -320,8 +325,10 @@ def locked(path: str | Path, busy: str):
                 raise
             # NFS may emulate flock with POSIX locks, which refuse a read-only descriptor: the command
             # goes on unguarded, as it did before there was a lock, rather than not at all
-            logging.getLogger(__name__).warning("%s: cannot lock this folder on this file system (%s); make sure no "
-                                                "other command writes it meanwhile", path, err.strerror)
+            if str(path) not in _UNLOCKABLE_WARNED:
+                _UNLOCKABLE_WARNED.add(str(path))
+                logging.getLogger(__name__).warning("%s: cannot lock this folder on this file system (%s); make sure "
+                                                    "no other command writes it meanwhile", path, err.strerror)
         yield
     finally:
         os.close(fd)

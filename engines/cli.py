@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import click
 
 from .bundle import BundleError, changing, load_bundle
+from .files import real_path
 from .images import (IMAGE_SUFFIXES, ImageError, image_files, missing_folder_hint, read_image,
                      subfolder_hint)
 from .runtime import BACKENDS, PRECISIONS, EngineError
@@ -54,8 +56,15 @@ def check_output(path: Path | None, option: str, folder: bool) -> None:
         target = target.parent
     if not target.is_dir():
         raise InputError(f"{option} {path}: {target} is a file, so nothing can be made under it; choose another path")
-    if not os.access(target, os.W_OK):
-        raise InputError(f"{option} {path}: {target} is not writable here; choose another path")
+    # A file made and removed, not os.access: root passes os.access where no file can be made (/proc,
+    # /sys, some FUSE and network mounts), which the write at the end, after minutes of work, would find
+    try:
+        fd, probe = tempfile.mkstemp(dir=target, prefix=".ustudents-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"{option} {path}: no file can be made in {target} here ({err.strerror}); choose another "
+                         "path") from None
 
 
 def check_apart(out: Path | None, option: str, source: Path, what: str) -> None:
@@ -63,7 +72,7 @@ def check_apart(out: Path | None, option: str, source: Path, what: str) -> None:
     not the whole data root; a model bundle), where what it writes could replace them."""
     if out is None:
         return
-    o, s = Path(out).resolve(), Path(source).resolve()
+    o, s = real_path(out), real_path(source)
     if o == s or s in o.parents:
         raise InputError(f"{option} {out}: inside {what} {source}, where it could overwrite the files there; "
                          "choose a path outside it")

@@ -324,6 +324,11 @@ def auto_backend(bundle: Bundle, device: torch.device, precision: str | None) ->
     for backend, kind in (("tensorrt", "tensorrt"), ("onnxruntime", "onnx")):
         if backend in present and find_engine(bundle, kind, precision) is not None:
             return backend
+    plans = [e for e in bundle.manifest.get("engines", []) if e["backend"] == "tensorrt" and e["precision"] == precision]
+    if device.type == "cuda" and device.index not in (None, 0) and plans:  # see load_engine
+        raise EngineError(f"--precision {precision}: PyTorch does not run it, and the TensorRT backend that runs "
+                          f"{bundle.path}'s {precision} plan runs on the first visible GPU only; make that GPU the only "
+                          "visible one with CUDA_VISIBLE_DEVICES (its index as nvidia-smi counts) and give --device cuda")
     kind = "tensorrt" if device.type == "cuda" else "onnx"
     raise EngineError(f"--precision {precision}: PyTorch does not run it and {bundle.path} has no {precision} engine "
                       f"for this device; build one with {build_command(bundle, kind, precision)}")

@@ -273,3 +273,26 @@ def test_the_mask_rule_comes_from_the_threshold_method_and_must_match_the_image_
     edit_manifest(plain, lambda m: m["threshold"].update(method="otsu"))
     with pytest.raises(BundleError, match="mask threshold method 'otsu'"):
         load_bundle(plain)
+
+
+def test_a_folder_nfs_cannot_lock_is_used_unguarded_with_one_warning(tmp_path, monkeypatch, caplog):
+    """NFS may refuse flock on a read-only descriptor (ENOLCK): the command goes on, warned once even
+    where it locks the folder twice (training's early probe, then the lock itself)."""
+    import errno
+    import fcntl
+
+    from ustudents.engines.bundle import locked
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            with locked(tmp_path, "busy"):
+                ran.append(True)
+    assert ran == [True, True]
+    warnings = [r.getMessage() for r in caplog.records if "cannot lock this folder" in r.getMessage()]
+    assert warnings == [f"{tmp_path}: cannot lock this folder on this file system (No locks available); make sure "
+                        "no other command writes it meanwhile"]

@@ -611,12 +611,27 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work_not_after(ti
         (("predict", tiny_bundle, image, "--out", a_file), f"--out {a_file}: is a file"),
         (("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", a_file / "m"), f"{a_file} is a file"),
         (("teacher", "--scales", "17", "--out", a_file), f"--out {a_file}: is a file"),
+        # root may write anywhere by os.access, yet /proc takes no new file: found before the evaluation
+        (("evaluate", tiny_bundle, "--data-root", eval_root, "--json", "/proc/r.json"),
+         "--json /proc/r.json: no file can be made in /proc here"),
     ]
     for args, needle in cases:
         out = invoke(*args)
         assert_input_error(out, needle)
         assert "evaluating" not in out.output  # refused before the networks ran
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"] and list(a_dir.iterdir()) == []
+
+
+def test_a_loop_of_symbolic_links_is_a_one_line_error_not_a_traceback(tiny_bundle, tiny_mvtec, eval_root, tmp_path):
+    """pathlib raises RuntimeError on a link loop (Python before 3.13)."""
+    loop = tmp_path / "current"
+    loop.symlink_to(loop)
+    image = next((tiny_mvtec / TINY_CATEGORY / "test" / "good").iterdir())
+    for args in (("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", loop),
+                 ("predict", tiny_bundle, image, "--out", loop),
+                 ("evaluate", tiny_bundle, "--data-root", eval_root, "--overlays", loop)):
+        assert_input_error(invoke(*args), f"{loop}: a loop of symbolic links")
+    assert loop.is_symlink() and sorted(tmp_path.iterdir()) == [loop]
 
 
 def test_evaluate_on_a_read_only_bundle_still_prints_and_writes_its_results(bundle_copy, eval_root, tmp_path,
@@ -635,10 +650,12 @@ def test_evaluate_on_a_read_only_bundle_still_prints_and_writes_its_results(bund
     assert "au_pro_30" in json.loads((tmp_path / "r.json").read_text())
 
 
-def test_unknown_scale_is_a_usage_error(tmp_path, tiny_mvtec, random_teachers):
+@pytest.mark.parametrize("scales, says", [("17,20", "each scale must be one of 17,33,65"),
+                                          ("17,33,17", "17 given more than once")])
+def test_unknown_or_repeated_scale_is_a_usage_error(tmp_path, tiny_mvtec, random_teachers, scales, says):
     result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", tmp_path / "m",
-                    "--scales", "17,20", "--teachers", random_teachers)
-    assert_input_error(result, "--scales", "17,20")
+                    "--scales", scales, "--teachers", random_teachers)
+    assert_input_error(result, "--scales", scales, says)
     assert not (tmp_path / "m").exists()
 
 

@@ -3,6 +3,7 @@ engines built into the bundle and checked against PyTorch; TensorRT decisions (t
 TensorRT) and the TensorRT path itself where TensorRT exists."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -489,6 +490,14 @@ def test_tensorrt_runs_on_the_first_visible_gpu_and_says_how_to_choose_another(t
     monkeypatch.setattr(runtime, "resolve_device", lambda device: torch.device(device))
     with pytest.raises(EngineError, match=r"--device cuda:1: .* CUDA_VISIBLE_DEVICES .* give --device cuda"):
         load_engine(tiny_bundle, backend="tensorrt", device="cuda:1")
+    # auto with a precision only the plan runs: the same advice, not "no int8 engine" beside the plan
+    bundle = load_bundle(tiny_bundle)
+    plan = {"backend": "tensorrt", "precision": "int8", "file": "engine.int8.plan"}
+    with_plan = dataclasses.replace(bundle, manifest={**bundle.manifest, "engines": [plan]})
+    with pytest.raises(EngineError, match=r"int8 plan runs on the first visible GPU only; .* CUDA_VISIBLE_DEVICES"):
+        runtime.auto_backend(with_plan, torch.device("cuda:1"), "int8")
+    with pytest.raises(EngineError, match=r"has no int8 engine for this device"):
+        runtime.auto_backend(bundle, torch.device("cuda:1"), "int8")
 
 
 def test_building_a_plan_where_pytorch_sees_no_gpu_names_the_cause(monkeypatch):

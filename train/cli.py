@@ -34,12 +34,16 @@ user_errors = user_errors_for(INPUT_ERRORS)
 
 def parse_scales(ctx, param, value: str) -> list[int]:
     try:
-        scales = sorted({int(s) for s in value.split(",") if s.strip()})
+        given = [int(s) for s in value.split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter(f"{value!r}: give receptive fields separated by commas, e.g. 17,33,65") from None
-    if not scales or any(p not in SCALES for p in scales):
+    if not given or any(p not in SCALES for p in given):
         raise click.BadParameter(f"{value!r}: each scale must be one of {','.join(map(str, SCALES))}")
-    return scales
+    twice = sorted({p for p in given if given.count(p) > 1})
+    if twice:  # a slip for another scale (17,17 for 17,33): training fewer scales than meant would go unnoticed
+        raise click.BadParameter(f"{value!r}: {', '.join(map(str, twice))} given more than once; name each scale "
+                                 "once, e.g. 17,33,65")
+    return sorted(given)
 
 
 def parse_ints(ctx, param, value: str) -> tuple[int, ...]:

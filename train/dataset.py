@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ustudents.engines.files import real_path
 from ustudents.engines.images import (
     IMAGE_SUFFIXES,
     UINT16_BITS,
@@ -64,9 +65,9 @@ def _listed(folder: Path) -> list[Path]:
         images = image_files(folder)
     except ImageError as e:
         raise DatasetError(str(e)) from None
-    if not images or folder.resolve() in _checked_for_nested:
+    if not images or real_path(folder) in _checked_for_nested:
         return images
-    _checked_for_nested.add(folder.resolve())
+    _checked_for_nested.add(real_path(folder))
     nested = images_in_subfolders(folder)
     if nested:
         names = ", ".join(f"{name} ({n})" for name, n in list(nested.items())[:3])

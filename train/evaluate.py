@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ustudents.engines.bundle import BundleError, changing, update_manifest
-from ustudents.engines.files import write_atomically
+from ustudents.engines.files import real_path, write_atomically
 from ustudents.engines.images import read_image
 from ustudents.engines.overlay import heatmap_overlay
 from ustudents.engines.runtime import Engine, map_to_frame
@@ -152,11 +152,11 @@ def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: No
     names = [p.stem for p in paths]
     if len(set(names)) < len(names):  # e.g. good/000.png and crack/000.png: keep every output apart
         names = [f"{i:04d}_{p.parent.name}_{p.stem}" for i, p in enumerate(paths)]
-    inputs = {p.resolve(): p for p in paths}
+    inputs = {real_path(p): p for p in paths}
     for written in [out / "results.json"] + [out / f"{n}_{kind}.png" for n in names for kind in ("mask", "overlay")]:
-        if written.resolve() in inputs:  # --out = the images' folder, holding an image named like an output
+        if real_path(written) in inputs:  # --out = the images' folder, holding an image named like an output
             raise ValueError(f"--out {out}: writing {written.name} would replace the input image "
-                             f"{inputs[written.resolve()]}; give an --out folder apart from the images")
+                             f"{inputs[real_path(written)]}; give an --out folder apart from the images")
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for start in range(0, len(paths), engine.max_batch):

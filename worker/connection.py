@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from typing import Callable
@@ -27,6 +28,21 @@ UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError
 # replica whose master is down (MASTERDOWN). The worker waits with backoff, not ready meanwhile.
 TRANSIENT_ERRORS = (redis.ReadOnlyError, redis.OutOfMemoryError, redis.exceptions.MasterDownError,
                     redis.exceptions.TryAgainError)
+
+
+# Redis before 7 reports an error raised inside a script as a generic one, its code buried in the text
+# ("Error running script (call to f_...): @user_script:50: ... -READONLY You can't write against a read
+# only replica."): a failover would read as a bug and stop the worker. Redis 7 keeps the code in front.
+SCRIPT_ERROR_CODES = {"READONLY": redis.ReadOnlyError, "OOM": redis.OutOfMemoryError,
+                      "MASTERDOWN": redis.exceptions.MasterDownError, "TRYAGAIN": redis.exceptions.TryAgainError,
+                      "LOADING": redis.BusyLoadingError}
+
+
+def script_error(err: redis.ResponseError) -> redis.ResponseError:
+    """`err` as the class of the error Redis raised inside the script, where Redis < 7 wrapped it."""
+    found = re.search(r": -([A-Z]+) ", str(err)) if str(err).startswith("Error running script") else None
+    cls = SCRIPT_ERROR_CODES.get(found.group(1)) if found else None
+    return cls(str(err)) if cls and not isinstance(err, cls) else err
 
 
 def unblocked(err: redis.ResponseError) -> bool:

@@ -350,10 +350,12 @@ class Worker:
                         log.info("claimed %d entries left pending by silent consumers", len(raw) + len(deleted),
                                  extra={"event": "claimed", "entries": len(raw) + len(deleted)})
                 else:
-                    raw, lost = self.io.read_new(s.batch, s.block_ms)
+                    raw, lost = self.io.read_new(s.batch)
                     source = "new"
-                    if lost:
+                    if lost:  # reported before the wait below, which may fail: the gap is counted once
                         self._trimmed_unread(lost)
+                    if not raw:
+                        raw = self.io.read(">", s.batch, s.block_ms)
                 self.redis_state.ok()
                 backoff.reset()
             except UNAVAILABLE as err:
@@ -396,9 +398,9 @@ class Worker:
         if lost > 0:
             self.metrics.trimmed_unread.labels(s.stream).inc(lost)
             what = f"{lost} entries left stream {s.stream} before any worker read them: lost"
-        else:  # Redis lost the group's read counter (a restart during a backlog): a gap, of unknown size
-            what = (f"entries may have left stream {s.stream} before any worker read them (Redis lost the group's "
-                    "read counter, so it cannot tell whether or how many)")
+        else:  # the group has no read counter (made at an id, a Redis restart), or entries were deleted
+            what = (f"entries may have left stream {s.stream} before any worker read them (Redis cannot tell "
+                    "whether or how many: the group has no read counter, or entries were deleted ahead of it)")
         self.throttled.warning("trimmed_unread", "%s; the backlog outgrew the input stream's MAXLEN: add workers or "
                                "raise the producer's MAXLEN", what, event="trimmed_unread",
                                entries=lost if lost > 0 else None)

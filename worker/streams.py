@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import redis
 
 from . import schema
+from .connection import script_error
 
 log = logging.getLogger(__name__)
 
@@ -118,18 +119,19 @@ end
 return 0
 """
 
-# Read new entries (XREADGROUP '>'), first counting entries that left the stream before the group read
-# them: the producer's MAXLEN (or XTRIM) cut them while every worker was behind, and a plain read skips
-# the gap silently. A gap is possible only where Redis' lag is the stream's length or more (Redis 7.0
-# estimates it as the length when the group's read counter is unknown) or Redis cannot tell the lag;
-# only then is XINFO STREAM read. The entries removed number entries-added - XLEN, of which the group
-# had read entries-read (every entry up to its last-delivered-id is gone, or there would be no gap; a
-# group that has read nothing has read none, though Redis 7.0 keeps no counter for it): the rest were
-# never read. The group is then moved to just before the first entry kept, with its
-# read counter set, so that a gap is counted once (by whichever worker reads first) and the lag is right
-# again. One script: a read outside it could jump the gap uncounted. Redis before 7 counts no entries
-# added and gets a plain read. KEYS: the stream. ARGV: group, consumer, count. Returns {trimmed unread
-# (-1: Redis cannot tell how many: the group's read counter was unknown), the XREADGROUP reply}.
+# Read new entries (XREADGROUP '>', without waiting), first counting entries that left the stream before
+# the group read them: the producer's MAXLEN (or XTRIM) cut them while every worker was behind, and a
+# plain read skips the gap silently. A gap is possible only where Redis' lag is the stream's length or
+# more (Redis 7.0 estimates it as the length when the group's read counter is unknown) or Redis cannot
+# tell the lag; only then is XINFO STREAM read. The entries removed number entries-added - XLEN, of which
+# the group had read entries-read (every entry up to its last-delivered-id is gone, or there would be no
+# gap; a group that has read nothing has read none, though Redis 7.0 keeps no counter for it): the rest
+# were never read. The group is then moved to just before the first entry kept, with its read counter
+# set, so that a gap is counted once (by whichever worker reads first) and the lag is right again. One
+# script: a read outside it could jump the gap uncounted. Redis before 7 counts no entries added and gets
+# a plain read. KEYS: the stream. ARGV: group, consumer, count. Returns {trimmed unread (-1: some may be,
+# Redis cannot tell how many: the group has no read counter, or entries were deleted ahead of it), the
+# XREADGROUP reply}.
 READ_NEW_SCRIPT = """
 local function fields(flat)
   local f = {}
@@ -172,8 +174,18 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
         if id_less(f['last-delivered-id'], upto) then
           local removed = s['entries-added'] - len
           local read = f['entries-read'] or (f['last-delivered-id'] == '0-0' and 0)
-          lost = read and math.max(0, removed - read) or -1
-          redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], upto, 'ENTRIESREAD', string.format('%d', removed))
+          -- an XDEL ahead of the group (trimming never moves max-deleted-entry-id) is in `removed`
+          -- wherever it was, in the gap or among the entries kept: then the gap's size is unknown
+          if id_less(f['last-delivered-id'], s['max-deleted-entry-id']) then read = nil end
+          if removed == 0 then
+            lost = 0
+          elseif read then
+            lost = math.max(0, removed - read)
+            redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], upto, 'ENTRIESREAD', string.format('%d', removed))
+          else
+            lost = -1
+            redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], upto)  -- Redis estimates the counter again
+          end
         end
       end
     end
@@ -316,7 +328,7 @@ class StreamIO:
     def group_info(self) -> dict:
         """XINFO GROUPS for our group: pending, lag (None where Redis < 7 or it cannot tell), ...
         A lag Redis kept for entries trimmed unread is repaired first (REPAIR_LAG_SCRIPT)."""
-        if self._repair_lag(keys=[self.stream], args=[self.group]):
+        if self._run(self._repair_lag, [self.stream], [self.group]):
             log.info("repaired the group's lag count, which Redis kept for entries trimmed before they were read "
                      "(redis/redis#13957)", extra={"event": "lag_repaired"})
         for g in self.r.xinfo_groups(self.stream):
@@ -345,7 +357,7 @@ class StreamIO:
         a group otherwise collects for as long as the line runs. One Lua script, so no entry can be
         delivered to a consumer between the check and its removal; a live worker removed by a wrong
         guess loses nothing (it had nothing pending) and is recreated by its next read."""
-        names = self._reap(keys=[self.stream], args=[self.group, idle_ms, self.consumer])
+        names = self._run(self._reap, [self.stream], [self.group, idle_ms, self.consumer])
         return [text_of(n) for n in names]
 
     # -- reading ---------------------------------------------------------------------------------
@@ -355,15 +367,21 @@ class StreamIO:
         reply = self.r.xreadgroup(self.group, self.consumer, {self.stream: last_id}, count=count, block=block_ms)
         return [e for _, entries in replies(reply) for e in entries]
 
-    def read_new(self, count: int, block_ms: int | None) -> tuple[list[RawEntry], int]:
-        """New entries, and how many entries the stream lost before the group read them (-1: some, Redis
-        cannot tell how many): READ_NEW_SCRIPT, then, if it found nothing, a read that waits up to
-        `block_ms` (a group that has read everything has no gap to count)."""
-        lost, reply = self._read_new(keys=[self.stream], args=[self.group, self.consumer, count])
+    def read_new(self, count: int) -> tuple[list[RawEntry], int]:
+        """New entries, without waiting, and how many entries the stream lost before the group read them
+        (READ_NEW_SCRIPT; -1: some may have been, Redis cannot tell how many). Where it finds none, the
+        caller waits on `read('>')`: a group that has read everything has no gap to count."""
+        lost, reply = self._run(self._read_new, [self.stream], [self.group, self.consumer, count])
         entries = [(eid, dict(zip(kv[::2], kv[1::2]))) for _, stream_entries in (reply or []) for eid, kv in stream_entries]
-        if entries or not block_ms:
-            return entries, int(lost)
-        return self.read(">", count, block_ms), int(lost)
+        return entries, int(lost)
+
+    @staticmethod
+    def _run(script, keys: list, args: list):
+        """Run a script, with the errors Redis raised inside it as their own classes (script_error)."""
+        try:
+            return script(keys=keys, args=args)
+        except redis.ResponseError as err:
+            raise script_error(err) from None
 
     def autoclaim(self, min_idle_ms: int, start: str, count: int) -> tuple[str, list[RawEntry], list[str]]:
         """XAUTOCLAIM entries idle longer than `min_idle_ms`: (next cursor, claimed entries, ids of
@@ -467,7 +485,7 @@ class StreamIO:
             args += [rec.entry_id, targets[rec.target], rec.fingerprint, schema.marker_value(rec.fingerprint, rec.kind),
                      len(fields), *fields]
         try:
-            numbers = self._publish(keys=keys, args=args)
+            numbers = self._run(self._publish, keys, args)
         except redis.ResponseError as err:
             if "USTUDENTS_WRONGTYPE" not in str(err):
                 raise
