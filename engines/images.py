@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import ustudents
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -135,7 +137,7 @@ def _decode_unchanged(data: bytes, source: str) -> np.ndarray:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as err:
         if "CV_IO_MAX_IMAGE_PIXELS" in str(err):
-            raise ImageError(f"{source}: more than {int(os.environ.get('OPENCV_IO_MAX_IMAGE_PIXELS', 1 << 30)):,} "
+            raise ImageError(f"{source}: more than {ustudents.OPENCV_MAX_PIXELS:,} "
                              "pixels, the most OpenCV is set to decode; a real image this large needs "
                              "OPENCV_IO_MAX_IMAGE_PIXELS raised") from None
         raise
@@ -161,15 +163,34 @@ def uint16_bits_of(path: str | Path) -> int | None:
     return _bits_used(img) if img.dtype == np.uint16 else None
 
 
+def to_8_bit(img: np.ndarray, bits: int) -> np.ndarray:
+    """uint16 pixels holding `bits` bits (8..16; a model's: engine.bundle.uint16_bits) as uint8, by
+    dropping the lowest bits - 8; values beyond `bits` saturate at 255. For 16-bit frames a camera SDK
+    hands over as arrays; decode_image does the same for encoded ones."""
+    check_bits(bits)
+    if np.asarray(img).dtype != np.uint16:
+        raise ImageError(f"to_8_bit: {np.asarray(img).dtype} pixels; it converts uint16 ones")
+    return np.minimum(np.asarray(img) >> (bits - 8), 255).astype(np.uint8)
+
+
+def check_bits(bits) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 8 <= bits <= 16:
+        raise ValueError(f"bits {bits!r}: the bits a 16-bit image's data holds are a whole number from 8 to 16")
+
+
 def decode_image(data: bytes, source: str = "<bytes>", bits: int | None = UINT16_BITS) -> np.ndarray:
     """Decode encoded image bytes as uint8 RGB (H, W, 3). 16-bit data is taken to hold `bits` bits
     (8..16; None: as many as this image uses, for pictures only, never for a model's input) and
-    scaled to 8 by dropping the lowest bits - 8; values beyond `bits` saturate at 255."""
+    scaled to 8 by to_8_bit."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"decode_image: {type(data).__name__} given, where the encoded image's bytes go")
+    if bits is not None:
+        check_bits(bits)
     img = _decode_unchanged(data, source)
     if img.dtype == np.uint16:
         bits = _bits_used(img) if bits is None else bits
         dark_16_bit_hint(img, bits, source)
-        img = np.minimum(img >> (bits - 8), 255).astype(np.uint8)
+        img = to_8_bit(img, bits)
     if img.ndim == 2:
         return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
     if img.shape[2] == 4:
@@ -213,19 +234,28 @@ def read_mask(path: str | Path) -> np.ndarray:
     return (colour > 0).any(axis=2)  # float TIFF masks with soft values in (0, 1) too
 
 
-def frame_tensor(frame: np.ndarray) -> torch.Tensor:
-    """A decoded camera frame, uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), as uint8 RGB (3, H, W)."""
+def frame_tensor(frame: np.ndarray, source: str = "frame") -> torch.Tensor:
+    """A decoded camera frame, uint8 (H, W), (H, W, 1) or (H, W, 3) RGB, at least MIN_IMAGE_SIDE on a
+    side, as uint8 RGB (3, H, W); `source` names it in errors."""
     arr = np.asarray(frame)
     if arr.dtype == np.uint16:
-        raise ImageError(f"frame of dtype uint16 and shape {arr.shape}: engines take 8-bit frames; read 16-bit ones "
-                         "with decode_image / read_image and bits=engine.bundle.uint16_bits, as the worker does")
-    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)) \
+        raise ImageError(f"{source}: dtype uint16 and shape {arr.shape}: engines take 8-bit frames; convert with "
+                         "images.to_8_bit(frame, engine.bundle.uint16_bits), or decode 16-bit files with decode_image "
+                         "/ read_image and bits=engine.bundle.uint16_bits, as the worker does")
+    if arr.ndim == 3 and arr.shape[2] == 4:  # OpenCV and most camera SDKs give BGRA, others RGBA: not guessed
+        raise ImageError(f"{source}: 4 channels, shape {arr.shape}, whose order (BGRA or RGBA) cannot be told; convert "
+                         "it to RGB first, e.g. cv2.cvtColor(frame, cv2.COLOR_BGRA2RGB) or cv2.COLOR_RGBA2RGB")
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3)) \
             or arr.size == 0:
-        raise ImageError(f"frame of dtype {arr.dtype} and shape {arr.shape}: expected a non-empty uint8 image "
+        raise ImageError(f"{source}: dtype {arr.dtype} and shape {arr.shape}: expected a non-empty uint8 image "
                          "(H, W) gray or (H, W, 3) RGB, as decode_image returns")
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    check_image_size(arr, source, "a frame")
+    # a read-only buffer (np.frombuffer over a camera's memory) is copied: torch warns of undefined
+    # behaviour on one it wraps, though nothing here writes the frame
+    arr = np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy()
+    t = torch.from_numpy(arr)
     t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
-    return t[:3].expand(3, -1, -1) if t.shape[0] == 1 else t[:3]
+    return t.expand(3, -1, -1) if t.shape[0] == 1 else t
 
 
 def resize_tensor(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """One inference API over every backend: camera frames in; anomaly maps, scores and masks out.
 
     engine = load_engine("models/magnetic_tile", backend="auto")
-    for p in engine.predict(frames):      # uint8 frames of any size, gray or RGB
+    for p in engine.predict(frames):      # a list of uint8 frames, gray or RGB, from 16 px a side
         p.score, p.anomalous, p.mask      # mask at the frame's own size
 
 An `Engine` owns everything between a decoded frame and the verdict: resizing and normalization (on
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .bundle import Bundle, load_bundle
 from .cuda_graphs import GraphedRunner
 from .fftconv import WORKSPACE
-from .images import frame_tensor, resize_tensor
+from .images import ImageError, frame_tensor, resize_tensor
 from .scoring import mask, max_score, position_z, position_z_max
 
 log = logging.getLogger(__name__)
@@ -56,15 +56,23 @@ class Prediction:
 
 
 def preprocess(frames: list[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
-    """uint8 frames of any size -> float32 (N, 3, S, S) in [0, 1] on `device`.
+    """uint8 frames of any size (from 16 px a side) -> float32 (N, 3, S, S) in [0, 1] on `device`.
 
     The frame goes to the device as uint8 (4x less to copy than floats) and is resized there. The
     result is rounded to 8 bits exactly as `images.resize` does for training and calibration."""
     out = torch.empty(len(frames), 3, size, size, device=device)
     for i, frame in enumerate(frames):
-        t = frame_tensor(frame).to(device, non_blocking=True)
+        t = frame_tensor(frame, f"frame {i}").to(device, non_blocking=True)
         out[i] = resize_tensor(t[None].float(), size)[0].round_().clamp_(0, 255)
     return out.div_(255.0)
+
+
+def frame_list(frames) -> list:
+    """The frames of a list, tuple or other iterable; one array is refused, not taken apart row by row."""
+    if isinstance(frames, (np.ndarray, torch.Tensor)):
+        raise ImageError(f"frames: one array of shape {tuple(frames.shape)}, where a list of frames goes; pass [frame] "
+                         "for one frame, list(batch) for a batch")
+    return list(frames)
 
 
 class Engine:
@@ -96,6 +104,7 @@ class Engine:
     def maps(self, frames: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames -> fused maps (N, S, S) and per-scale maps (N, n_scales, S, S) at the model's size,
         float32 on the engine's device."""
+        frames = frame_list(frames)
         if not frames:
             raise ValueError("Engine.maps: no frames given")
         fused, scales = [], []  # on prep_device
@@ -121,6 +130,7 @@ class Engine:
 
     @torch.no_grad()
     def predict(self, frames: list[np.ndarray]) -> list[Prediction]:
+        frames = frame_list(frames)
         if not frames:
             return []
         fused, _ = self.maps(frames)
@@ -176,7 +186,12 @@ def device_name(device: torch.device) -> str:
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EngineError(f"--device {device}: not a device; give auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise EngineError(f"--device {device}: ustudents runs on cpu or cuda; give auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu or auto")
     return device
@@ -278,8 +293,8 @@ def load_engine(model: str | Path | Bundle, backend: str = "auto", device: str |
     dev = resolve_device(device)
     if precision is not None and precision not in PRECISIONS:
         raise EngineError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
-    if max_batch < 1:
-        raise EngineError(f"max batch {max_batch}: must be at least 1")
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        raise EngineError(f"max batch {max_batch!r}: must be a whole number, at least 1")
     if backend == "auto":
         backend = auto_backend(bundle, dev, precision)
     if backend not in BACKENDS:

@@ -1,6 +1,7 @@
 """The MVTec AD dataset layer: discovery, loading, splitting, fingerprinting, and clear errors."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -469,3 +470,36 @@ def test_an_image_that_the_disk_cannot_read_is_named_with_what_to_check(mvtec, m
     assert str(image) in str(err.value)
     with pytest.raises(DatasetError, match="check the disk or share"):
         load_images(train_samples(mvtec, CAT), 32)
+
+
+def test_decode_image_refuses_bits_it_cannot_use_and_what_is_not_bytes():
+    """bits=7 raised OverflowError deep in numpy, bits=20 gave a black frame without a word."""
+    png16 = cv2.imencode(".png", np.full((32, 32), 4095, np.uint16))[1].tobytes()
+    assert decode_image(png16, bits=12).max() == 255
+    for bad in (7, 20, "12", 12.0, True):
+        with pytest.raises(ValueError, match=f"bits {bad!r}: .* a whole number from 8 to 16"):
+            decode_image(png16, bits=bad)
+    with pytest.raises(TypeError, match="decode_image: NoneType given, where the encoded image's bytes go"):
+        decode_image(None)
+
+
+def test_an_image_claiming_more_pixels_than_the_cap_is_refused_before_decoding(tmp_path):
+    """A PNG of a few hundred KB can claim gigapixels: OpenCV's cap (set by importing ustudents, 2^26)
+    refuses it with the limit in force, named."""
+    bomb = cv2.imencode(".png", np.zeros((9000, 8000), np.uint8))[1].tobytes()  # 72 megapixels, ~70 KB
+    assert len(bomb) < 1 << 20
+    with pytest.raises(ImageError, match="<bytes>: more than 67,108,864 pixels, the most OpenCV is set to decode"):
+        decode_image(bomb)
+
+
+def test_importing_cv2_before_ustudents_is_warned_of_and_the_cap_reported_as_opencvs_own():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    code = "import cv2, ustudents; print(ustudents.OPENCV_MAX_PIXELS)"
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert first.stdout.strip() == str(1 << 30) and "cv2 was imported before ustudents" in first.stderr
+    code = "import ustudents, cv2; print(ustudents.OPENCV_MAX_PIXELS)"
+    after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert after.stdout.strip() == str(1 << 26) and "imported before" not in after.stderr

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import shutil
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from click.testing import CliRunner
 from conftest import TINY_CATEGORY
 from ustudents.cli import main
 from ustudents.engines.bundle import MANIFEST, load_bundle, update_manifest
-from ustudents.engines.images import ImageError, read_image, resize, to_tensor
+from ustudents.engines.images import ImageError, read_image, resize, to_8_bit, to_tensor
 from ustudents.engines.onnx_engine import TOLERANCE, build_onnx
 from ustudents.engines.patchnet import PatchNet
 from ustudents.engines import runtime
@@ -77,8 +78,32 @@ def test_predict_gives_map_score_and_mask_at_the_frames_size(small_bundle, tiny_
     assert engine.image_threshold == engine.mask_threshold  # few validation images: the maximum's rule
     assert preds[3].score == pytest.approx(preds[0].score, abs=1e-5)  # gray = its RGB replica
     assert engine.describe() == "torch fp32 on cpu"
-    with pytest.raises(ImageError, match="bits=engine.bundle.uint16_bits"):  # whose bits only the bundle knows
+    with pytest.raises(ImageError, match=r"to_8_bit\(frame, engine.bundle.uint16_bits\)"):  # bits: the bundle's
         engine.predict([frames[0].astype(np.uint16) * 16])
+    assert engine.predict([to_8_bit(frames[0].astype(np.uint16) << 8, 16)])[0].score == pytest.approx(preds[0].score)
+
+
+def test_frames_the_engine_would_misread_are_refused_by_their_place_in_the_list(tiny_bundle, tiny_mvtec):
+    """Resized to the model's size, a 1 x 5000 strip or a 1-pixel frame got a confident verdict; a
+    4-channel frame was read as RGBA, where OpenCV and most camera SDKs give BGRA; one array passed
+    for the list was taken apart row by row (a numpy truth-value error)."""
+    engine = load_engine(tiny_bundle, backend="torch", device="cpu", precision="fp32")
+    frame = read_image(test_images(tiny_mvtec)[0])
+    h, w = frame.shape[:2]
+    cases = [([frame, np.zeros((1, 5000, 3), np.uint8)], "frame 1: a frame of 5000 x 1 pixels, under 16 on a side"),
+             ([np.zeros((15, 640), np.uint8)], "frame 0: a frame of 640 x 15 pixels"),
+             ([np.dstack([frame, np.full((h, w), 255, np.uint8)])], r"frame 0: 4 channels, shape .* "
+                                                                     r"cv2.COLOR_BGRA2RGB"),
+             (frame, rf"frames: one array of shape \({h}, {w}, 3\), where a list of frames goes; pass \[frame\]"),
+             (torch.from_numpy(np.stack([frame] * 2)), rf"one array of shape \(2, {h}, {w}, 3\)")]
+    for frames, says in cases:
+        with pytest.raises(ImageError, match=says):
+            engine.predict(frames)
+    read_only = np.frombuffer(frame.tobytes(), np.uint8).reshape(frame.shape)  # a camera SDK's buffer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "not writable ... undefined behavior" warning
+        got = engine.predict(iter([read_only, frame]))  # any iterable of frames
+    assert got[0].score == got[1].score
 
 
 @pytest.mark.slow
@@ -133,8 +158,12 @@ def test_bad_backend_and_precision_requests_are_refused_clearly(tiny_bundle):
                                           r"this device; build one with `ustudents build-engines \S+ --backend onnx "
                                           r"--precision int8 --calibration-images GOOD_IMAGES_DIR`"):
         load_engine(tiny_bundle, backend="auto", device="cpu", precision="int8")
-    with pytest.raises(EngineError, match="max batch 0: must be at least 1"):
-        load_engine(tiny_bundle, backend="torch", device="cpu", max_batch=0)
+    for bad in (0, 2.5, "4", True):  # a float or string went through, to fail inside the first predict
+        with pytest.raises(EngineError, match=f"max batch {bad!r}: must be a whole number, at least 1"):
+            load_engine(tiny_bundle, backend="torch", device="cpu", max_batch=bad)
+    for bad in ("gpu", "mps", 3.5):  # torch's own error lists 20 device types ustudents does not run on
+        with pytest.raises(EngineError, match=f"--device {bad}: .*give auto, cpu, cuda or cuda:N"):
+            load_engine(tiny_bundle, backend="torch", device=bad)
 
 
 def test_torch_runs_by_default_in_the_precision_the_bundle_was_calibrated_in_where_native(tiny_bundle, monkeypatch):

@@ -1,5 +1,7 @@
 """ustudents: Uninformed Students anomaly detection for production-line inspection."""
 import os
+import sys
+import warnings
 
 # Before torch is imported (this package's modules import it): PyTorch's CPU allocator backs large
 # tensors with transparent huge pages when this is set. The FFT convolutions' intermediates are
@@ -10,8 +12,14 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 # can claim gigapixels and take the process down for memory. 2^26 = 67 megapixels holds the largest
 # machine-vision sensors (65 MP); a value the user set wins. OpenCV reads it when cv2 is imported, so
 # this holds where ustudents is imported first (its commands, the worker); a program that imports cv2
-# before ustudents sets OPENCV_IO_MAX_IMAGE_PIXELS itself.
+# before ustudents is warned, and its images are decoded under OpenCV's default.
+_cv2_first = "cv2" in sys.modules and "OPENCV_IO_MAX_IMAGE_PIXELS" not in os.environ
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 26))
+OPENCV_MAX_PIXELS = 1 << 30 if _cv2_first else int(os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"])  # the limit in force
+if _cv2_first:
+    warnings.warn("cv2 was imported before ustudents, so OpenCV decodes images of up to 2^30 pixels (its default), "
+                  "not ustudents' 2^26: a small PNG claiming gigapixels can exhaust memory. Import ustudents first, "
+                  "or set OPENCV_IO_MAX_IMAGE_PIXELS in the environment.", stacklevel=2)
 # OpenCV logs its own "[ERROR:0@0.397] ... IHDR chunk shall be first" for every broken image it is
 # given; ustudents names each such file itself (what, where, what to do), so only OpenCV's fatal
 # messages are let through. A value the user set wins.

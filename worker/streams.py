@@ -98,7 +98,7 @@ def id_key(entry_id: str) -> tuple[int, int]:
 
 # Redis 7.0 counts entries trimmed before a group read them as lag for good (redis/redis#13957): the
 # lag gauge, the lag alert and KEDA's scale-out (which reads XINFO GROUPS itself) stay up. The counting
-# read (READ_NEW_SCRIPT) sets the count right at the gaps it finds; this repairs the rest (a gap that a
+# read (GAP_SCRIPT) sets the count right at the gaps it finds; this repairs the rest (a gap that a
 # waiting read jumped, entries deleted by XDEL ahead of the group). A group that
 # has read the stream's last entry has lag 0: there, and only there, its read counter is set to the
 # entries the stream ever had, in one atomic step (the group's position is unchanged). Returns 1 if
@@ -119,20 +119,20 @@ end
 return 0
 """
 
-# Read new entries (XREADGROUP '>', without waiting), first counting entries that left the stream before
-# the group read them: the producer's MAXLEN (or XTRIM) cut them while every worker was behind, and a
-# plain read skips the gap silently. A gap is possible only where Redis' lag is the stream's length or
-# more (Redis 7.0 estimates it as the length when the group's read counter is unknown) or Redis cannot
-# tell the lag; only then is XINFO STREAM read. The entries removed number entries-added - XLEN, of which
-# the group had read entries-read (every entry up to its last-delivered-id is gone, or there would be no
-# gap; a group that has read nothing has read none, though Redis 7.0 keeps no counter for it): the rest
-# were never read. The group is then moved to just before the first entry kept, with its read counter
-# set, so that a gap is counted once (by whichever worker reads first) and the lag is right again. One
-# script: a read outside it could jump the gap uncounted. Redis before 7 counts no entries added and gets
-# a plain read. KEYS: the stream. ARGV: group, consumer, count. Returns {trimmed unread (-1: some may be,
-# Redis cannot tell how many: the group has no read counter, or entries were deleted ahead of it), the
-# XREADGROUP reply}.
-READ_NEW_SCRIPT = """
+# Count the entries that left the stream before the group read them, ahead of a read of new entries
+# (StreamIO.read_new: this script and XREADGROUP in one MULTI, so no trim comes between them): the
+# producer's MAXLEN (or XTRIM) cut them while every worker was behind, and a plain read skips the gap
+# silently. A gap is possible only where Redis' lag is the stream's length or more (Redis 7.0 estimates
+# it as the length when the group's read counter is unknown) or Redis cannot tell the lag; only then is
+# XINFO STREAM read. The entries removed number entries-added - XLEN, of which the group had read
+# entries-read (every entry up to its last-delivered-id is gone, or there would be no gap; a group that
+# has read nothing has read none, though Redis 7.0 keeps no counter for it): the rest were never read.
+# The group is then moved to just before the first entry kept, with its read counter set, so that a gap
+# is counted once (by whichever worker reads first) and the lag is right again. Redis before 7 counts no
+# entries added: nothing is done there. KEYS: the stream. ARGV: group. Returns the entries trimmed unread
+# (-1: some may be, Redis cannot tell how many: the group has no read counter, or entries were deleted
+# ahead of it). The read itself is not in the script: Lua would copy every frame's image twice.
+GAP_SCRIPT = """
 local function fields(flat)
   local f = {}
   for i = 1, #flat, 2 do f[flat[i]] = flat[i + 1] end
@@ -191,7 +191,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     end
   end
 end
-return {lost, redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')}
+return lost
 """
 
 # newest_outcome: more than the entries in flight across a line's workers; each carries a mask PNG, and this
@@ -265,7 +265,7 @@ class StreamIO:
         self.dedupe_ttl_s = dedupe_ttl_s
         self._reap = client.register_script(REAP_SCRIPT)
         self._repair_lag = client.register_script(REPAIR_LAG_SCRIPT)
-        self._read_new = client.register_script(READ_NEW_SCRIPT)
+        self._gap = client.register_script(GAP_SCRIPT)
         self._publish = client.register_script(PUBLISH_SCRIPT)
 
     # -- the group -------------------------------------------------------------------------------
@@ -369,11 +369,16 @@ class StreamIO:
 
     def read_new(self, count: int) -> tuple[list[RawEntry], int]:
         """New entries, without waiting, and how many entries the stream lost before the group read them
-        (READ_NEW_SCRIPT; -1: some may have been, Redis cannot tell how many). Where it finds none, the
+        (GAP_SCRIPT; -1: some may have been, Redis cannot tell how many). Where it finds none, the
         caller waits on `read('>')`: a group that has read everything has no gap to count."""
-        lost, reply = self._run(self._read_new, [self.stream], [self.group, self.consumer, count])
-        entries = [(eid, dict(zip(kv[::2], kv[1::2]))) for _, stream_entries in (reply or []) for eid, kv in stream_entries]
-        return entries, int(lost)
+        pipe = self.r.pipeline(transaction=True)
+        self._gap(keys=[self.stream], args=[self.group], client=pipe)
+        pipe.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count)
+        try:
+            lost, reply = pipe.execute()
+        except redis.ResponseError as err:
+            raise script_error(err) from None
+        return [e for _, entries in replies(reply) for e in entries], int(lost)
 
     @staticmethod
     def _run(script, keys: list, args: list):
