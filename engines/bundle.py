@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from .files import real_path, write_atomically
 from .images import UINT16_BITS
 from .model import AnomalyModel
-from .patchnet import DESCRIPTOR_DIM, PatchNet
+from .patchnet import DESCRIPTOR_DIM, SCALES, PatchNet
 from .scoring import IMAGE_SCORES, MASK_RULES
 
 POSITION_TENSORS = ("image_score.position_mean", "image_score.position_std")
@@ -411,14 +411,18 @@ def load_bundle(path: str | Path) -> Bundle:
     try:
         wmeta = manifest["weights"]
         wpath = path / wmeta["file"]
-        scales, students = [int(p) for p in manifest["scales"]], int(manifest["students"])
+        if not isinstance(manifest["scales"], list) or not all(type(p) is int for p in manifest["scales"]):
+            raise ValueError("'scales' is not a list of receptive fields")
+        scales, students = manifest["scales"], int(manifest["students"])
+        if not scales or any(p not in SCALES for p in scales) or len(set(scales)) < len(scales):
+            raise ValueError(f"'scales' {scales} is not a set of receptive fields among {list(SCALES)}")
         stats = manifest["statistics"]
         for p in scales:
             for key in ("desc_mean", "desc_std", "e_mu", "e_sigma", "v_mu", "v_sigma"):
                 stats[str(p)][key]
         manifest["threshold"]["value"]
-        if not isinstance(manifest["scales"], list):
-            raise ValueError("'scales' is not a list")
+        if not isinstance(manifest["threshold"].get("method", ""), str):
+            raise ValueError("'threshold.method' is not a name")
         for key in ("category", "id"):
             if not isinstance(manifest[key], str) or not manifest[key]:
                 raise ValueError(f"{key!r} is not a name")

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .bundle import BundleError, changing, load_bundle
-from .files import real_path
+from .files import os_error_line, real_path
 from .images import (IMAGE_SUFFIXES, ImageError, image_files, missing_folder_hint, read_image,
                      subfolder_hint)
 from .runtime import BACKENDS, PRECISIONS, EngineError
@@ -34,7 +34,7 @@ def user_errors_for(errors: tuple[type[Exception], ...]):
             try:
                 return fn(*args, **kwargs)
             except errors as err:
-                raise InputError(str(err)) from None
+                raise InputError(os_error_line(err)) from None
             except KeyboardInterrupt:  # Click's own "Aborted!" exits 1, which reads as a failure, not a stop
                 click.echo("\ninterrupted", err=True)
                 raise SystemExit(130) from None

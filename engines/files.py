@@ -39,3 +39,24 @@ def real_path(path: str | Path) -> Path:
         if err.errno == errno.ELOOP:
             raise loop from None
     return real
+
+
+# What to do about the OSErrors a command meets writing its outputs, by errno.
+_OS_ERROR_HINTS = {errno.ENOSPC: "free space on that disk and run the command again",
+                   errno.EDQUOT: "free space in your quota and run the command again",
+                   errno.EROFS: "a read-only file system: choose another output path",
+                   errno.EACCES: "check its permissions, or choose another path",
+                   errno.EPERM: "check its permissions, or choose another path",
+                   errno.EEXIST: "a file stands where a folder goes: move it",
+                   errno.ENOTDIR: "a file stands where a folder goes in that path: move it",
+                   errno.EISDIR: "a folder stands where a file goes: move it"}
+
+
+def os_error_line(err: BaseException) -> str:
+    """An error as one line for the user; an OSError as '<file>: <reason>; <what to do>', not Python's
+    '[Errno 28] No space left on device', which names neither the file nor a fix."""
+    if not isinstance(err, OSError) or err.errno is None or not err.strerror:
+        return str(err)
+    hint = _OS_ERROR_HINTS.get(err.errno)
+    where = err.filename if err.filename is not None else "writing the output"
+    return f"{where}: {err.strerror}" + (f"; {hint}" if hint else "")

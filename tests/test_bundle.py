@@ -169,6 +169,9 @@ def test_manifest_claiming_other_shapes_is_refused(tmp_path):
     (lambda m: m.update(engines=[{"precision": "fp32", "file": "x.onnx", "sha256": "0"}]),
      "an 'engines' entry lacks its backend"),
     (lambda m: m.update(category=5), "'category' is not a name"),
+    (lambda m: m["threshold"].update(method=["x"]), "'threshold.method' is not a name"),
+    (lambda m: m.update(scales=["17"]), "'scales' is not a list of receptive fields"),
+    (lambda m: m.update(scales=[99]), "'scales' [99] is not a set of receptive fields among [17, 33, 65]"),
     (lambda m: m.update(image_size=100000), "image_size 100000 is not a whole number of pixels from 32 to 1024"),
     # calibrate deletes the files the old manifest named: never one outside the bundle
     (lambda m: m["weights"].update(file="../other/weights.safetensors"), "is not a file inside the bundle"),

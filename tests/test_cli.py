@@ -622,6 +622,33 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work_not_after(ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"] and list(a_dir.iterdir()) == []
 
 
+def test_predict_and_evaluate_never_replace_files_they_did_not_write(tiny_bundle, tiny_mvtec, eval_root, tmp_path):
+    """MVTec's ground truth is named <stem>_mask.png, as predict's masks are: --out the ground-truth
+    folder replaced the masks with predictions. And evaluate checked its outputs against the model's
+    category only, so --overlays over another category's test images replaced them."""
+    root = Path(shutil.copytree(tiny_mvtec, tmp_path / "root"))
+    truth = root / TINY_CATEGORY / "ground_truth" / "scratch"
+    image = root / TINY_CATEGORY / "test" / "scratch" / "000.png"
+    before = {p: p.read_bytes() for p in truth.iterdir()}
+    assert (truth / "000_mask.png") in before
+    assert_input_error(invoke("predict", tiny_bundle, image, "--out", truth),
+                       f"--out {truth}: holds 000_mask.png, which this command would replace and an earlier "
+                       "`ustudents predict` did not write")
+    assert {p: p.read_bytes() for p in truth.iterdir()} == before
+    out = tmp_path / "pred"
+    for _ in range(2):  # its own outputs, listed in its results.json, it replaces
+        assert_ok(invoke("predict", tiny_bundle, image, "--out", out))
+    assert sorted(p.name for p in out.iterdir()) == ["000_mask.png", "000_overlay.png", "results.json"]
+
+    other = Path(shutil.copytree(eval_root / TINY_CATEGORY, tmp_path / "other-root" / "other"))
+    kept = {p: p.read_bytes() for p in other.rglob("*.png")}
+    for option in ("--overlays", "--json"):
+        target = other / "test" if option == "--overlays" else other / "test" / "good" / "000.png"
+        result = invoke("evaluate", tiny_bundle, "--data-root", other.parent, option, target)
+        assert_input_error(result, f"{option} {target}: inside the data root {other.parent}")
+    assert {p: p.read_bytes() for p in other.rglob("*.png")} == kept
+
+
 def test_a_loop_of_symbolic_links_is_a_one_line_error_not_a_traceback(tiny_bundle, tiny_mvtec, eval_root, tmp_path):
     """pathlib raises RuntimeError on a link loop (Python before 3.13)."""
     loop = tmp_path / "current"
@@ -648,6 +675,27 @@ def test_evaluate_on_a_read_only_bundle_still_prints_and_writes_its_results(bund
     assert_ok(result)
     assert "results not stored in" in result.output and "Read-only file system" in result.output
     assert "au_pro_30" in json.loads((tmp_path / "r.json").read_text())
+
+
+def test_a_full_disk_loses_overlays_not_the_evaluation_and_is_named_with_a_fix(tiny_bundle, eval_root, tiny_mvtec,
+                                                                                tmp_path, monkeypatch):
+    """The overlays were written before the results were printed, stored or written to --json: a full
+    disk there threw the finished evaluation away with "[Errno 28] No space left on device"."""
+    import ustudents.train.evaluate as evaluate_module
+
+    def full(path, image):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate_module, "write_png", full)
+    result = invoke("evaluate", tiny_bundle, "--data-root", eval_root, "--overlays", tmp_path / "ov",
+                    "--json", tmp_path / "r.json")
+    assert_ok(result)
+    assert ("overlays not all written (writing the output: No space left on device; free space on that disk and "
+            "run the command again); the results follow") in result.output
+    assert "au_pro_30" in json.loads((tmp_path / "r.json").read_text())
+    image = tiny_mvtec / TINY_CATEGORY / "test" / "good" / "000.png"
+    assert_input_error(invoke("predict", tiny_bundle, image, "--out", tmp_path / "p"),
+                       "writing the output: No space left on device; free space on that disk and run the command again")
 
 
 @pytest.mark.parametrize("scales, says", [("17,20", "each scale must be one of 17,33,65"),
@@ -732,7 +780,7 @@ def test_evaluate_refuses_to_write_overlays_inside_the_data_root(tiny_bundle, ev
     before = {p: p.read_bytes() for p in test_dir.rglob("*") if p.is_file()}
     for inside in (test_dir, eval_root / TINY_CATEGORY):
         result = invoke("evaluate", tiny_bundle, "--data-root", eval_root, "--overlays", inside)
-        assert_input_error(result, f"--overlays {inside}: inside the category's images {eval_root / TINY_CATEGORY}")
+        assert_input_error(result, f"--overlays {inside}: inside the data root {eval_root}")
     assert {p: p.read_bytes() for p in test_dir.rglob("*") if p.is_file()} == before
 
 
@@ -742,7 +790,7 @@ def test_outputs_never_replace_inputs_the_bundle_or_the_test_set(bundle_copy, ev
     protected = [p for p in [*bundle_copy.rglob("*"), *(eval_root / TINY_CATEGORY).rglob("*")] if p.is_file()]
     before = {p: p.read_bytes() for p in protected}
     for target, where in ((bundle_copy / "manifest.json", "the model bundle"),
-                          (eval_root / TINY_CATEGORY / "test" / "good" / "000.png", "the category's images")):
+                          (eval_root / TINY_CATEGORY / "test" / "good" / "000.png", f"the data root {eval_root}")):
         result = invoke("evaluate", bundle_copy, "--data-root", eval_root, "--json", target)
         assert_input_error(result, f"--json {target}: inside {where}")
     assert_input_error(invoke("predict", bundle_copy, eval_root / TINY_CATEGORY / "test" / "good" / "000.png",
@@ -757,7 +805,11 @@ def test_outputs_never_replace_inputs_the_bundle_or_the_test_set(bundle_copy, ev
     assert_input_error(result, f"--out {shots}: writing a_mask.png would replace the input image {shots / 'a_mask.png'}")
     assert (shots / "a_mask.png").read_bytes() == kept and sorted(p.name for p in shots.iterdir()) == [
         "a.png", "a_mask.png", "b.png"]
-    assert_ok(invoke("predict", bundle_copy, shots / "a.png", shots / "b.png", "--out", shots))  # no clash: fine
+    # a_mask.png no longer an input, but still a file no predict wrote: kept too
+    assert_input_error(invoke("predict", bundle_copy, shots / "a.png", shots / "b.png", "--out", shots),
+                       f"--out {shots}: holds a_mask.png, which this command would replace")
+    assert (shots / "a_mask.png").read_bytes() == kept
+    assert_ok(invoke("predict", bundle_copy, shots / "b.png", "--out", shots))  # no clash: fine
 
 
 def test_a_negative_time_limit_is_refused_before_training(tmp_path, tiny_mvtec, random_teachers):

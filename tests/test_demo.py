@@ -165,7 +165,8 @@ def test_report_links_every_picture_and_escapes_names(tmp_path):
 
 def test_pictures_earlier_runs_wrote_are_removed_and_nothing_else(tmp_path):
     """A second run with fewer frames (or another sample) left the first run's masks and overlays beside
-    its own. What goes is what record_result writes; a user's files in those folders stay."""
+    its own. What goes is what the last run listed in results.json; a user's files in those folders
+    stay, named like the demo's or not."""
     import numpy as np
 
     from ustudents.worker import schema
@@ -174,17 +175,22 @@ def test_pictures_earlier_runs_wrote_are_removed_and_nothing_else(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "000_mask.png").write_bytes(cv2.imencode(".png", np.full((16, 16), 255, np.uint8))[1].tobytes())
-    out = tmp_path / "out"
+    out, rows = tmp_path / "out", []
     for frame_id, suffix in (("good/000", ".png"), ("spot/<1>", ".JPG"), ("crack/a.b", ".tiff")):
         path = src / f"{frame_id.replace('/', '-')}{suffix}"
         path.write_bytes(png)
         frame = Frame(frame_id, path, frame_id.split("/")[0], None if frame_id.startswith("good") else src / "000_mask.png")
-        demo.record_result(Row(frame), {schema.SCORE: b"1.5", schema.ANOMALOUS: b"1", schema.LATENCY_MS: b"2.0",
-                                        schema.MASK: png, schema.HEATMAP: png}, out)
+        row = Row(frame)
+        demo.record_result(row, {schema.SCORE: b"1.5", schema.ANOMALOUS: b"1", schema.LATENCY_MS: b"2.0",
+                                 schema.MASK: png, schema.HEATMAP: png}, out)
+        rows.append(row)
     written = sorted(p for p in out.rglob("*") if p.is_file())
     assert len(written) == 3 * 3 + 2  # frame, mask and overlay of each, and the two ground-truth masks
+    assert demo.clear_earlier_pictures(out) == 0  # an interrupted run: no list of what it wrote, nothing goes
+    (out / "results.json").write_text(json.dumps({"frames": [{"files": r.files} for r in rows]}))
     theirs = [out / "masks" / "notes.txt", out / "masks" / "keep" / "good_000_mask.png", out / "frames" / "README",
-              out / "overlays" / "mine_overlay.png.bak", out / "elsewhere_mask.png", out / "report.html"]
+              out / "overlays" / "mine_overlay.png.bak", out / "elsewhere_mask.png", out / "report.html",
+              out / "frames" / "IMG_0001.jpg", out / "masks" / "line3_mask.png"]  # named like the demo's, not listed
     for path in theirs:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("the user's")
@@ -407,7 +413,7 @@ def test_a_second_run_with_fewer_frames_leaves_only_its_own_pictures(small_bundl
                 for p in (out / folder).iterdir()}
     named = {f for frame in json.loads((out / "results.json").read_text())["frames"] for f in frame["files"].values()}
     assert len(named) == 8 * 3 + 4 and pictures == named | {"masks/notes.txt"}
-    assert "removed the 44 pictures earlier runs left" in second.output  # 12 frames, masks, overlays; 8 truths
+    assert "removed the 44 pictures the last run left" in second.output  # 12 frames, masks, overlays; 8 truths
 
 
 @pytest.mark.slow

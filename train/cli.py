@@ -316,7 +316,8 @@ def evaluate_cmd(model, data_root, json_file, overlays, batch, backend, precisio
     check_output(overlays, "--overlays", folder=True)
     bundle = load_bundle(model)  # once: loading verifies the weights' checksum
     for path, option in ((json_file, "--json"), (overlays, "--overlays")):  # never over an input
-        check_apart(path, option, Path(data_root) / bundle.manifest["category"], "the category's images")
+        # the whole data root, not the category's folder: another category's images are images too
+        check_apart(path, option, Path(data_root), "the data root")
         check_apart(path, option, bundle.path, "the model bundle")
     engine = load_engine(bundle, backend, device, precision, max_batch=batch)
     click.echo(f"engine: {engine.describe()}")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ustudents.engines.bundle import BundleError, changing, update_manifest
-from ustudents.engines.files import real_path, write_atomically
+from ustudents.engines.files import os_error_line, real_path, write_atomically
 from ustudents.engines.images import read_image
 from ustudents.engines.overlay import heatmap_overlay
 from ustudents.engines.runtime import Engine, map_to_frame
@@ -91,7 +91,10 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
                                                 bundle.mask_threshold), mask_rule=bundle.mask_rule)
     results["wall_s"] = round(time.time() - t0, 1)
     if overlays is not None:
-        write_overlays(overlays, samples, engine, fused_t, scores_t)
+        try:
+            write_overlays(overlays, samples, engine, fused_t, scores_t)
+        except OSError as err:  # a full disk: the pictures are lost, not the evaluation that just ran
+            log(f"overlays not all written ({os_error_line(err)}); the results follow")
     try:
         with changing(bundle.path):  # a calibrate meanwhile would be undone by the manifest read before it
             update_manifest(bundle.path, evaluation=results)
@@ -153,10 +156,17 @@ def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: No
     if len(set(names)) < len(names):  # e.g. good/000.png and crack/000.png: keep every output apart
         names = [f"{i:04d}_{p.parent.name}_{p.stem}" for i, p in enumerate(paths)]
     inputs = {real_path(p): p for p in paths}
+    earlier = earlier_predictions(out)
     for written in [out / "results.json"] + [out / f"{n}_{kind}.png" for n in names for kind in ("mask", "overlay")]:
         if real_path(written) in inputs:  # --out = the images' folder, holding an image named like an output
             raise ValueError(f"--out {out}: writing {written.name} would replace the input image "
                              f"{inputs[real_path(written)]}; give an --out folder apart from the images")
+        # a file of the same name that an earlier predict did not write: MVTec's ground truth is named
+        # <stem>_mask.png too, and --out its folder replaced the masks with predictions
+        if (written.exists() or written.is_symlink()) and written.name not in earlier:
+            raise ValueError(f"--out {out}: holds {written.name}, which this command would replace and an earlier "
+                             "`ustudents predict` did not write (it is not in results.json there); give an empty "
+                             "--out folder or one an earlier predict wrote")
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for start in range(0, len(paths), engine.max_batch):
@@ -174,6 +184,17 @@ def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: No
             on_result(results[-1])
     write_json(out / "results.json", results)
     return results
+
+
+def earlier_predictions(out: Path) -> set[str]:
+    """Names of the files an earlier predict wrote in `out` (its results.json and the masks and
+    overlays that lists), which a new one may replace; empty where there is none, or no such list."""
+    try:
+        records = json.loads((out / "results.json").read_text())
+        names = {Path(r[kind]).name for r in records for kind in ("mask", "overlay")}
+    except (OSError, ValueError, TypeError, KeyError):
+        return set()
+    return names | {"results.json"}
 
 
 def write_png(path: Path, image: np.ndarray) -> None:

@@ -11,8 +11,8 @@
    result as it arrives (frame, ground truth, score, verdict, how much of the defect the mask
    covers), then the detection rate;
 5. writes OUT/report.html with the frames, ground-truth masks, predicted masks and heatmap overlays
-   (files in OUT/frames, OUT/ground_truth, OUT/masks, OUT/overlays; the ones earlier runs wrote
-   there are removed before the first frame is published) and OUT/results.json.
+   (files in OUT/frames, OUT/ground_truth, OUT/masks, OUT/overlays; the ones the last finished run
+   listed in OUT/results.json are removed before the first frame is published) and OUT/results.json.
 
 Ctrl-C (or SIGTERM) at any point stops everything it started: the worker, the Redis server, and
 its temporary folder. Bad input ends with one line and exit code 2.
@@ -288,19 +288,24 @@ PICTURES = {"frames": re.compile(rf"{_NAME}({'|'.join(re.escape(s) for s in IMAG
 
 
 def clear_earlier_pictures(out: Path) -> int:
-    """Remove the pictures earlier runs wrote (PICTURES), so that OUT holds this run's only: a run with
-    fewer frames, or another --data-root, left the others beside its own. Returns how many went.
+    """Remove the pictures the last finished run listed in OUT/results.json, so that OUT holds this
+    run's only: a run with fewer frames, or another --data-root, left the others beside its own.
+    Returns how many went.
 
-    Only regular files named as record_result names them, directly in its four folders, go; not the
-    folders: --out is the user's choice, and anything else there (notes, subfolders, links) is theirs."""
+    Only what that list names goes, and of it only regular files named as record_result names them,
+    directly in its four folders: a name alone is no proof (a user's `frames/IMG_0001.jpg` matches
+    the frames' pattern), and --out is the user's choice, with anything else there theirs."""
+    try:
+        listed = {str(f) for r in json.loads((out / "results.json").read_text())["frames"] for f in r["files"].values()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return 0
     removed = 0
-    for folder, name in PICTURES.items():
-        if not (out / folder).is_dir():
-            continue
-        for path in (out / folder).iterdir():
-            if name.fullmatch(path.name) and path.is_file() and not path.is_symlink():
-                path.unlink()
-                removed += 1
+    for relative in sorted(listed):
+        folder, _, name = relative.partition("/")
+        path = out / folder / name
+        if folder in PICTURES and PICTURES[folder].fullmatch(name) and path.is_file() and not path.is_symlink():
+            path.unlink()
+            removed += 1
     return removed
 
 
@@ -685,7 +690,7 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
         # Here, not before training: a run that fails before its first frame leaves the last report whole.
         removed = clear_earlier_pictures(out)
         if removed:
-            demo.step(f"removed the {removed} pictures earlier runs left in {out} (frames, masks, overlays, "
+            demo.step(f"removed the {removed} pictures the last run left in {out} (frames, masks, overlays, "
                       "ground_truth)")
         demo.step(f"publishing {len(frames)} test frames to stream {stream} at "
                   f"{'full speed' if fps <= 0 else f'{fps:g} frames/s'}; results as they arrive:")
