@@ -141,16 +141,18 @@ def engine_options(fn):
     return fn
 
 
-def good_frames(folder: Path | None, bits: int, limit: int = 8) -> list:
-    """Up to `limit` images from a folder, for parity checks on real images (16-bit data: `bits`)."""
+def good_frames(folder: Path | None, bits: int, option: str, limit: int = 8) -> list:
+    """Up to `limit` images from a folder, for parity checks on real images (16-bit data: `bits`);
+    `option` names it in errors."""
     if folder is None:
         return []
     if not Path(folder).is_dir():
-        raise InputError(f"{folder}: folder not found{missing_folder_hint(folder)}; give a folder of good images")
+        raise InputError(f"{option} {folder}: folder not found{missing_folder_hint(folder)}; give a folder of good "
+                         "images")
     files = image_files(folder)
     if not files:
-        raise InputError(f"{folder}: no images ({'/'.join(IMAGE_SUFFIXES)}){subfolder_hint(folder)}; give a folder "
-                         "of good images")
+        raise InputError(f"{option} {folder}: no images ({'/'.join(IMAGE_SUFFIXES)}){subfolder_hint(folder)}; give a "
+                         "folder of good images")
     return [read_image(f, bits) for f in files[:limit]]
 
 
@@ -187,11 +189,12 @@ def _build_engines(bundle, backend, precision, max_batch, check_images, calibrat
     if backend == "tensorrt":
         from .tensorrt_build import require_tensorrt
         require_tensorrt()
-    calibration = good_frames(calibration_images, bundle.uint16_bits, limit=32) if precision == "int8" else None
+    calibration = (good_frames(calibration_images, bundle.uint16_bits, "--calibration-images", limit=32)
+                   if precision == "int8" else None)
     # int8 ranges are set on good images and saturate on noise, so its parity is checked on good
     # images too: --check-images, else the calibration images (on noise the documented command failed it)
-    frames = good_frames(check_images if check_images or precision != "int8" else calibration_images,
-                         bundle.uint16_bits)
+    frames = (good_frames(check_images, bundle.uint16_bits, "--check-images") if check_images or precision != "int8"
+              else good_frames(calibration_images, bundle.uint16_bits, "--calibration-images"))
     try:
         entry = build_onnx(bundle, precision, max_batch, frames, calibration)
     except ParityError as err:

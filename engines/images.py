@@ -84,8 +84,11 @@ def subfolder_hint(folder: Path) -> str:
 
 
 def missing_folder_hint(folder: Path) -> str:
-    """' (a symbolic link to X, which does not exist: ...)' for a link to nothing, else ''."""
+    """' (a symbolic link to X, which does not exist: ...)' for a link to nothing, ' (a file is there,
+    not a folder)' for a file, else ''."""
     folder = Path(folder)
+    if folder.is_file():
+        return " (a file is there, not a folder)"
     if folder.is_symlink() and not folder.exists():
         return f" (a symbolic link to {os.readlink(folder)}, which does not exist: mount the share it points into or fix the link)"
     return ""

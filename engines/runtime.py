@@ -217,8 +217,9 @@ def torch_runner(model: torch.nn.Module, device: torch.device, precision: str, c
     if precision not in ("fp32", "bf16", "fp16"):
         raise EngineError(f"--precision {precision}: the torch backend runs fp32, bf16 or fp16")
     if precision == "fp16" and device.type != "cuda":
+        here = "bf16 or fp32" if native_bf16(device) else "fp32 (this CPU has no native bfloat16 for bf16)"
         raise EngineError("--precision fp16: PyTorch's fp16 convolutions on CPU run tens of times slower than fp32; "
-                          "use bf16 or fp32 here, or the fp16 ONNX engine (--backend onnxruntime)")
+                          f"use {here} here, or the fp16 ONNX engine (--backend onnxruntime)")
     if precision == "bf16" and not native_bf16(device):
         raise EngineError(f"--precision bf16: {device_name(device)} has no native bfloat16; use fp32")
     model = model.to(device).eval()

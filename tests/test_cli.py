@@ -749,7 +749,10 @@ def test_calibrate_refuses_before_the_network_pass_what_it_could_not_finish(bund
         assert_input_error(invoke(*command), f"nas-link: folder not found (a symbolic link to {tmp_path / 'unmounted'}, "
                                              "which does not exist: mount the share")
     assert_input_error(invoke("build-engines", bundle_copy, "--check-images", by_day),
-                       "its images are in subfolders: day1")
+                       f"--check-images {by_day}: no images", "its images are in subfolders: day1")
+    image = sorted(good.iterdir())[0]  # one image given where its folder goes: not "not found"
+    for command in (["calibrate", bundle_copy, "--images", image], ["build-engines", bundle_copy, "--check-images", image]):
+        assert_input_error(invoke(*command), f"{image}: folder not found (a file is there, not a folder)")
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and not (Path(p) == bundle_copy and mode & os.W_OK))
     result = invoke("calibrate", bundle_copy, "--images", good)
