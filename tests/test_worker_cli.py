@@ -1,15 +1,20 @@
-"""Worker settings (flags > environment > .env > defaults) and the worker's one-line errors for bad
-input at start (exit 2). No Redis needed: every case fails before the worker would connect."""
+"""Worker settings (flags > environment > .env > defaults) and the one-line errors of the worker, publish
+and results for bad input at start (exit 2). No Redis needed, but for the tests taking `redis_stream`
+(REDIS_URL or 127.0.0.1:6379; skipped where neither answers): the other cases fail before a connection."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import uuid
+from pathlib import Path
 
 import pytest
+import redis
 from click.testing import CliRunner
 
 from ustudents.cli import main
-from ustudents.worker.settings import WorkerSettings
+from ustudents.worker.settings import WorkerSettings, check_env_file
 
 
 def test_flags_win_over_environment_over_env_file(tmp_path, monkeypatch):
@@ -107,3 +112,138 @@ def test_json_logs_are_one_object_per_line_with_the_event_fields():
     assert json.loads(line) | {"time": None} == {"time": None, "level": "warning", "logger": "ustudents.worker",
                                                   "message": "entry 1-0 dead-lettered", "event": "dead_letter",
                                                   "reason": "decode_error"}
+
+
+def one_error(result) -> str:
+    """The command's one error line, asserting exit code 2, no traceback and no second error line."""
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    return errors[0]
+
+
+@pytest.fixture
+def redis_stream():
+    """(URL, client, a fresh stream name) on a running Redis; the stream's keys are deleted afterwards."""
+    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as err:
+        pytest.skip(f"no Redis at {url} ({err})")
+    name = f"test-worker-cli-{uuid.uuid4().hex[:10]}"
+    yield url, client, name
+    client.delete(name, *client.scan_iter(match=f"{name}:*"))
+
+
+@pytest.mark.parametrize("args, env, expected", [
+    # each was accepted and crashed the worker later: at SIGTERM, in the monitor stage, at the first
+    # read (the socket timeout), at the first result (a crash loop through restarts)
+    (["--shutdown-timeout-s", "inf"], {}, "--shutdown-timeout-s / USTUDENTS_SHUTDOWN_TIMEOUT_S: Input should be a finite number"),
+    ([], {"USTUDENTS_STATS_INTERVAL_S": "inf"}, "--stats-interval-s / USTUDENTS_STATS_INTERVAL_S: Input should be a finite number"),
+    ([], {"USTUDENTS_BLOCK_MS": "99999999999999"},
+     "--block-ms / USTUDENTS_BLOCK_MS: Input should be less than or equal to 2147473647"),
+    (["--results-maxlen", "99999999999999999999"], {},
+     "--results-maxlen / USTUDENTS_RESULTS_MAXLEN: Input should be less than or equal to 9223372036854775807"),
+])
+def test_numbers_the_worker_cannot_use_are_refused_at_start(args, env, expected, tmp_path):
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    result = CliRunner().invoke(main, ["worker", "--stream", "line1", "--model", str(tmp_path), "--env-file", str(empty),
+                                       "--metrics-port", "0", "--redis-url", "redis://127.0.0.1:1/0", *args], env=env)
+    assert one_error(result) == f"Error: {expected}"
+
+
+def test_every_numeric_setting_has_a_bound_and_is_finite():
+    """Not only the four found: any count past Redis' integers, any duration past what a wait takes."""
+    base = {"_env_file": None, "stream": "line1", "model": "m"}
+    for name, field in WorkerSettings.model_fields.items():
+        if field.annotation not in (int, float):
+            continue
+        too_large = [2**63] + ([float("inf"), float("nan")] if field.annotation is float else [])
+        for value in too_large:
+            with pytest.raises(ValueError) as err:
+                WorkerSettings(**base, **{name: value})
+            assert [e["loc"] for e in err.value.errors()] == [(name,)], (name, value)
+
+
+@pytest.mark.parametrize("command", ["worker", "publish", "results"])
+@pytest.mark.parametrize("content, expected", [
+    # python-dotenv skipped the line (a warning naming no file) and the command went to the default Redis
+    (b"USTUDENTS_STREAM=line1\nUSTUDENTS_REDIS_URL=\"redis://127.0.0.1:6391/0\n",
+     ".env line 2: cannot be parsed (USTUDENTS_REDIS_URL=...: an unclosed quote, or a space outside quotes?); "
+     "fix or remove the line"),
+    (b"USTUDENTS_STREAM=l\xfcne1\n", ".env: not UTF-8 text (byte 0xfc on line 1); save it as UTF-8"),
+])
+def test_an_env_file_that_cannot_be_read_whole_is_refused_naming_it(command, content, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_bytes(content)
+    (tmp_path / "frame.png").write_bytes(b"")  # publish's source: read only once Redis answers
+    args = {"worker": ["worker", "--stream", "line1", "--model", "m", "--metrics-port", "0"],
+            "publish": ["publish", "frame.png", "--stream", "line1"],
+            "results": ["results", "--stream", "line1"]}[command]
+    # a Redis that is not there: were the file let through, the command fails at once, writing nowhere
+    result = CliRunner().invoke(main, args, env={"USTUDENTS_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert one_error(result) == f"Error: {expected}" and "6391" not in result.output  # the value may be a password
+    # and what python-dotenv reads whole passes: comments, export, quotes, a value over two lines
+    (tmp_path / ".env").write_text("# settings\n\nexport USTUDENTS_STREAM=line1\nUSTUDENTS_MODEL='/models/a b'\n"
+                                   "USTUDENTS_LOG_LEVEL=info  # quiet\nUSTUDENTS_METRICS_HOST=\"0.0.0.0\n\"\n")
+    check_env_file(tmp_path / ".env")
+
+
+def test_a_model_directory_with_a_comma_in_its_name_is_one_directory(tiny_bundle, tmp_path):
+    """--model was joined with commas and split again: "m,1" became the bundles m and 1."""
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "m,1")
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    # served twice: both load (no "m: not a model bundle directory"), then one category twice is refused
+    result = CliRunner().invoke(main, ["worker", "--stream", "line1", "--model", str(bundle), "--model", str(bundle),
+                                       "--device", "cpu", "--env-file", str(empty), "--metrics-port", "0",
+                                       "--redis-url", "redis://127.0.0.1:1/0"])
+    assert one_error(result).startswith(f"Error: {bundle}: a second model for category 'tiles' (also ")
+    # the variable keeps its documented form: directories separated by commas
+    assert WorkerSettings(_env_file=None, stream="line1", model="/m/a, /m/b").model_dirs == [Path("/m/a"), Path("/m/b")]
+
+
+def test_publish_reports_the_frames_it_sent_when_interrupted(tiny_mvtec, redis_stream, monkeypatch):
+    """Ctrl-C printed "published 0 frames" after frames had gone out: the count was publish()'s return."""
+    from ustudents.worker import publish
+
+    url, client, stream = redis_stream
+    source = publish.frames_from
+
+    def interrupted_after_3(*args, **kwargs):  # Ctrl-C while the fourth frame is read
+        frames = source(*args, **kwargs)
+        for _ in range(3):
+            yield next(frames)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(publish, "frames_from", interrupted_after_3)
+    result = CliRunner().invoke(main, ["publish", str(tiny_mvtec / "tiles" / "test" / "good"), "--stream", stream,
+                                       "--loop", "--fps", "0", "--redis-url", url])
+    assert result.exit_code == 0 and client.xlen(stream) == 3, result.output
+    assert result.output.splitlines()[-1].startswith(f"published 3 frames to {stream} in ")
+
+
+@pytest.mark.parametrize("command, option, bound", [
+    ("publish", "--maxlen", "0<=x<=9223372036854775807"), ("publish", "--key-ttl-s", "1<=x<=9223372036"),
+    ("publish", "--count", "0<=x<=9223372036854775807"), ("publish", "--inline-max", "0<=x<=9223372036854775807"),
+    ("results", "--count", "0<=x<=9223372036854775807"),
+])
+def test_the_tools_refuse_numbers_redis_cannot_take(command, option, bound, tmp_path):
+    """--maxlen 99999999999999999999 was "Redis stopped taking frames (value is not an integer or out of range)"."""
+    value = "99999999999999999999"
+    source = [str(tmp_path)] if command == "publish" else []
+    result = CliRunner().invoke(main, [command, *source, "--stream", "line1", option, value,
+                                       "--redis-url", "redis://127.0.0.1:1/0"])
+    assert one_error(result) == f"Error: Invalid value for '{option}': {value} is not in the range {bound}."
+
+
+def test_publish_names_a_stream_key_of_another_type(tiny_mvtec, redis_stream):
+    """It was "Redis stopped taking frames (WRONGTYPE ...)", as if Redis were at fault."""
+    url, client, stream = redis_stream
+    source = str(tiny_mvtec / "tiles" / "test" / "good")
+    client.set(stream, "a value of another program")
+    result = CliRunner().invoke(main, ["publish", source, "--stream", stream, "--redis-url", url])
+    assert one_error(result) == (f"Error: Redis key {stream} holds a string, not a stream, so no frame can be "
+                                 "written to it; rename or delete that key, or choose another --stream")
+    assert client.get(stream) == b"a value of another program"  # left as it was

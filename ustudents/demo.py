@@ -482,7 +482,7 @@ class Demo:
         from ustudents.worker.settings import WorkerSettings
 
         setup_logging("WARNING")
-        settings = WorkerSettings(_env_file=None, stream=stream, model=str(model), redis_url=redis_url,
+        settings = WorkerSettings(_env_file=None, stream=stream, model=[str(model)], redis_url=redis_url,
                                   backend="torch", device="cpu", precision="fp32", batch=batch,
                                   metrics_port=metrics_port, metrics_host="127.0.0.1", heatmap=True,
                                   shutdown_timeout_s=10.0, claim_idle_ms=60_000, consumer=f"demo-{os.getpid()}")

@@ -22,7 +22,8 @@ from ustudents.engines.cli import InputError, check_output
 from ustudents.engines.cli import user_errors as engine_errors
 from ustudents.engines.runtime import BACKENDS, PRECISIONS
 
-from .settings import ENV_PREFIX, ToolSettings, WorkerSettings, check_name, flag_name, shown_url
+from .settings import (ENV_PREFIX, MAX_COUNT, MAX_S, ToolSettings, WorkerSettings, check_env_file, check_name,
+                       flag_name, shown_url)
 
 
 def user_errors(fn):
@@ -50,6 +51,7 @@ def tool_client(redis_url: str | None) -> redis.Redis:
     """A checked client for publish/results: Redis must answer now (one-line error otherwise)."""
     from .connection import connect, missing_database
 
+    check_env_file(".env")
     # "" is a value (an unset $VAR in a script), refused as a URL, not taken as "no URL given"
     settings = ToolSettings(**({"redis_url": redis_url} if redis_url is not None else {}))
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
@@ -119,7 +121,8 @@ redis_url_option = click.option("--redis-url", default=None,
 @click.command("worker")
 @click.option("--stream", default=None, help="Input stream, e.g. line1 (results: <stream>:results).")
 @click.option("--model", multiple=True, type=click.Path(path_type=Path),
-              help="Model bundle directory; repeat to serve several categories (chosen by each frame's `category`).")
+              help="Model bundle directory; repeat to serve several categories (chosen by each frame's `category`). "
+                   "Each value is one directory, commas included.")
 @redis_url_option
 @click.option("--group", default=None, help="Consumer group shared by the workers of a stream.  [default: ustudents]")
 @click.option("--consumer", default=None, help="This worker's name in the group.  [default: HOSTNAME-PID]")
@@ -155,7 +158,8 @@ def worker_cmd(ctx, env_file, **flags):
 
     values = {k: v for k, v in flags.items() if v is not None and v != ()}
     if "model" in values:
-        values["model"] = ",".join(str(p) for p in values["model"])
+        values["model"] = [str(p) for p in values["model"]]  # a list: a comma in a directory's name is kept
+    check_env_file(env_file or ".env")
     settings = WorkerSettings(_env_file=env_file or ".env", **values)
     setup_logging(settings.log_level, settings.log_json)
     check_redis_setup(settings)
@@ -187,6 +191,21 @@ def worker_cmd(ctx, env_file, **flags):
 MIN_FPS = 1e-3  # one frame in 1000 s; slower is a typo, and 1e-300 overflowed the pacing clock
 
 
+def not_a_stream(client: redis.Redis, stream: str) -> str | None:
+    """The error for a --stream whose key holds another type (a string, a list), else None: Redis'
+    WRONGTYPE read as "Redis stopped taking frames"."""
+    from .streams import text_of
+
+    try:
+        kind = text_of(client.type(stream))
+    except redis.RedisError:
+        return None  # Redis away: publish holds the frame until it is back
+    if kind in ("stream", "none"):
+        return None
+    return (f"Redis key {stream} holds a {kind}, not a stream, so no frame can be written to it; rename or delete "
+            "that key, or choose another --stream")
+
+
 def stream_name(ctx, param, value: str) -> str:
     """--stream of the tools: a name the worker accepts (publishing to one it refuses loses the frames)."""
     try:
@@ -200,16 +219,18 @@ def stream_name(ctx, param, value: str) -> str:
 @click.option("--stream", required=True, callback=stream_name, help="Stream to write, e.g. line1.")
 @click.option("--fps", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Frames per second; 0 = as fast as possible.")
 @click.option("--loop", is_flag=True, help="Start the folder or video again at its end.")
-@click.option("--count", type=click.IntRange(min=0), default=0, show_default=True, help="Stop after this many frames; 0 = all.")
+@click.option("--count", type=click.IntRange(min=0, max=MAX_COUNT), default=0, show_default=True,
+              help="Stop after this many frames; 0 = all.")
 @click.option("--camera", default=None, help="`camera` field.  [default: the source's name]")
 @click.option("--category", default=None, help="`category` field: the model, where a worker serves several.")
 @click.option("--format", "fmt", type=click.Choice(["png", "jpg"]), default="png", show_default=True,
               help="Encoding of video and camera frames (image files are sent as they are).")
-@click.option("--maxlen", type=click.IntRange(min=0), default=10_000, show_default=True,
+@click.option("--maxlen", type=click.IntRange(min=0, max=MAX_COUNT), default=10_000, show_default=True,
               help="MAXLEN ~ of the input stream; keep it above the largest backlog workers may have. 0 = no cap.")
-@click.option("--inline-max", type=click.IntRange(min=0), default=1 << 20, show_default=True,
+@click.option("--inline-max", type=click.IntRange(min=0, max=MAX_COUNT), default=1 << 20, show_default=True,
               help="Larger frames go under their own key (image_key) instead of inline.")
-@click.option("--key-ttl-s", type=click.IntRange(min=1), default=3600, show_default=True, help="TTL of those keys.")
+@click.option("--key-ttl-s", type=click.IntRange(min=1, max=int(MAX_S)), default=3600, show_default=True,
+              help="TTL of those keys.")
 @redis_url_option
 @user_errors
 def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen, inline_max, key_ttl_s, redis_url):
@@ -224,16 +245,19 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
     publisher = FramePublisher(client, stream, camera=name, category=category, maxlen=maxlen,
                                inline_max=inline_max, key_ttl_s=key_ttl_s)
     start = time.monotonic()
-    n = 0
     try:
-        n = publish(frames, publisher, fps=fps, count=count,
-                    progress=lambda k, t: click.echo(f"{k} frames in {t:.0f} s ({k / t:.1f}/s)", err=True),
-                    outage=lambda message: click.echo(message, err=True))
+        if wrong := not_a_stream(client, stream):
+            raise InputError(wrong)
+        publish(frames, publisher, fps=fps, count=count,
+                progress=lambda k, t: click.echo(f"{k} frames in {t:.0f} s ({k / t:.1f}/s)", err=True),
+                outage=lambda message: click.echo(message, err=True))
     except KeyboardInterrupt:
-        pass
+        pass  # Ctrl-C: the frames sent so far are reported below
     except redis.RedisError as err:
-        raise InputError(f"stream {stream}: Redis stopped taking frames ({err})") from None
+        wrong = "WRONGTYPE" in str(err) and not_a_stream(client, stream)  # the key replaced meanwhile
+        raise InputError(wrong or f"stream {stream}: Redis stopped taking frames ({err})") from None
     elapsed = time.monotonic() - start
+    n = publisher.sent  # not publish()'s count, which Ctrl-C leaves unreturned
     click.echo(f"published {n} frames to {stream} in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.1f}/s)")
 
 
@@ -242,7 +266,8 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
 @click.option("--save", "save_to", type=click.Path(path_type=Path), default=None,
               help="Write <frame>_<entry id>_mask.png and <frame>_<entry id>_overlay.png here.")
 @click.option("--from-start", is_flag=True, help="Begin with the oldest kept result instead of new ones.")
-@click.option("--count", type=click.IntRange(min=0), default=0, show_default=True, help="Exit after this many frames; 0 = follow forever.")
+@click.option("--count", type=click.IntRange(min=0, max=MAX_COUNT), default=0, show_default=True,
+              help="Exit after this many frames; 0 = follow forever.")
 @redis_url_option
 @user_errors
 def results_cmd(stream, save_to, from_start, count, redis_url):

@@ -97,6 +97,7 @@ class FramePublisher:
                  maxlen: int = 10_000, inline_max: int = 1 << 20, key_ttl_s: int = 3600):
         self.r, self.stream, self.camera, self.category = client, stream, camera, category
         self.maxlen, self.inline_max, self.key_ttl_s = maxlen or None, inline_max, key_ttl_s
+        self.sent = 0  # entries written: what publish() has done when Ctrl-C leaves it without a return
 
     def send(self, frame_id: str, data: bytes, ts: float | None = None) -> str:
         """XADD one frame; returns the entry id."""
@@ -106,13 +107,16 @@ class FramePublisher:
             fields[schema.CATEGORY] = self.category
         if len(data) <= self.inline_max:
             fields[schema.IMAGE] = data
-            return self.r.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True).decode()
-        key = f"{self.stream}:frame:{uuid.uuid4().hex}"
-        fields[schema.IMAGE_KEY] = key
-        with self.r.pipeline(transaction=True) as pipe:
-            pipe.set(key, data, ex=self.key_ttl_s)
-            pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
-            return pipe.execute()[1].decode()
+            entry_id = self.r.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+        else:
+            key = f"{self.stream}:frame:{uuid.uuid4().hex}"
+            fields[schema.IMAGE_KEY] = key
+            with self.r.pipeline(transaction=True) as pipe:
+                pipe.set(key, data, ex=self.key_ttl_s)
+                pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+                entry_id = pipe.execute()[1]
+        self.sent += 1
+        return entry_id.decode()
 
 
 def publish(frames: Iterator[tuple[str, bytes]], publisher: FramePublisher, fps: float = 0.0, count: int = 0,

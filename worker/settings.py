@@ -6,17 +6,30 @@ Nothing else in the worker reads the environment.
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import socket
+import threading
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit
 
+from dotenv.parser import parse_stream
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "USTUDENTS_"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+# Bounds of the numeric settings: a value past them was accepted and crashed the worker later (a
+# traceback at SIGTERM, in a stage, at the first frame), or looped it through restarts.
+MAX_COUNT = 2**63 - 1  # Redis' integers (MAXLEN, counts, TTLs)
+MAX_S = threading.TIMEOUT_MAX  # the longest wait Python's threads and sockets take (292 years on Linux)
+MAX_MS = int(MAX_S * 1000)
+# The client's socket timeout is block_ms / 1000 + 10 s; poll() takes it as a C int of ms, and past
+# that the wait wraps round to a short one (a read timing out at random) or overflows
+MAX_BLOCK_MS = 2**31 - 1 - 10_000  # 24.8 days
 
 
 def check_redis_url(url: str) -> str:
@@ -50,6 +63,34 @@ def check_name(v: str, stream: bool = False) -> str:
     return v
 
 
+def check_env_file(path: str | Path) -> None:
+    """Refuse an env file python-dotenv would read only in part: it skips a line it cannot parse
+    (with a warning naming no file) and fails on bytes that are not UTF-8 (naming no file), and
+    the settings of that line then silently fall back to the defaults (another Redis)."""
+    path = Path(path)
+    if not path.is_file():
+        return  # no .env: nothing to read (a missing --env-file is refused by its option)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); save it as "
+                         "UTF-8") from None
+    # newline=None: universal newlines, as python-dotenv reads the file (line numbers alike)
+    for binding in parse_stream(io.StringIO(text, newline=None)):
+        if binding.error:
+            raise ValueError(f"{path} line {binding.original.line}: cannot be parsed "
+                             f"({shown_line(binding.original.string)}: an unclosed quote, or a space outside "
+                             "quotes?); fix or remove the line")
+
+
+def shown_line(line: str) -> str:
+    """An env file's line as an error shows it: the name, not the value (it may be a password)."""
+    name, eq, _ = line.strip().partition("=")
+    return f"{name}=..." if eq else line.strip()[:40]
+
+
 def default_consumer() -> str:
     """Unique per process: two workers on one host never share a pending list."""
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -61,7 +102,8 @@ class WorkerSettings(BaseSettings):
 
     # what to serve
     stream: str = Field(description="Input Redis stream, e.g. line1; results go to <stream>:results.")
-    model: str = Field(description="Model bundle directory; several separated by commas (chosen per frame by `category`).")
+    # NoDecode: the variable's value is split at commas below, not read as JSON; flags give a list
+    model: Annotated[list[str], NoDecode] = Field(description="Model bundle directory; several separated by commas (chosen per frame by `category`). Each `--model` is one directory, commas included: give a directory whose name holds a comma that way.")
     backend: str = Field("auto", description="auto, torch, onnxruntime or tensorrt.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: str | None = Field(None, description="fp32, bf16, fp16 or int8; empty or unset: the backend's default (on a CPU, the precision the bundle was calibrated in where the CPU has it natively, else fp32).")
@@ -72,30 +114,30 @@ class WorkerSettings(BaseSettings):
     redis_password: SecretStr | None = Field(None, description="Overrides a password in the URL.")
     group: str = Field("ustudents", description="Consumer group; workers of one group share the stream.")
     consumer: str = Field(default_factory=default_consumer, description="This worker's name in the group.")
-    block_ms: int = Field(1000, ge=1, description="XREADGROUP BLOCK: longest wait for new frames, ms.")
-    claim_idle_ms: int = Field(60_000, ge=1, description="Idle time after which another worker's pending entry is claimed.")
-    reap_idle_s: int = Field(3600, ge=0, description="Other consumers of the group idle this long with nothing pending are removed (workers gone without leaving it); 0 = never.")
-    max_deliveries: int = Field(3, ge=1, description="Attempts after which a frame that fails, or kills its worker, is dead-lettered (the first in a batch, each later one alone, so that it takes no other frame with it).")
-    max_failures_in_row: int = Field(32, ge=1, description="Frames in a row the model fails on, none scored between, after which the worker exits 1 (a broken model or GPU, not bad frames): they stay pending instead of being dead-lettered.")
-    max_frame_bytes: int = Field(32 << 20, ge=1, description="Encoded frames larger than this are dead-lettered.")
-    results_maxlen: int = Field(100_000, ge=1, description="MAXLEN ~ of <stream>:results.")
-    dead_maxlen: int = Field(10_000, ge=1, description="MAXLEN ~ of <stream>:dead.")
-    dead_image_max_bytes: int = Field(64 << 10, ge=0, description="A dead letter keeps its frame's inline image up to this size, else only `image_bytes` (the input stream keeps the frame until its MAXLEN trims it); with dead_maxlen it bounds the dead letters' images in Redis (default: 625 MiB).")
-    dedupe_ttl_s: int = Field(3600, ge=1, description="How long the per-entry 'done' marker that prevents a second result lives.")
-    backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between Redis retries.")
+    block_ms: int = Field(1000, ge=1, le=MAX_BLOCK_MS, description="XREADGROUP BLOCK: longest wait for new frames, ms.")
+    claim_idle_ms: int = Field(60_000, ge=1, le=MAX_MS, description="Idle time after which another worker's pending entry is claimed.")
+    reap_idle_s: int = Field(3600, ge=0, le=int(MAX_S), description="Other consumers of the group idle this long with nothing pending are removed (workers gone without leaving it); 0 = never.")
+    max_deliveries: int = Field(3, ge=1, le=MAX_COUNT, description="Attempts after which a frame that fails, or kills its worker, is dead-lettered (the first in a batch, each later one alone, so that it takes no other frame with it).")
+    max_failures_in_row: int = Field(32, ge=1, le=MAX_COUNT, description="Frames in a row the model fails on, none scored between, after which the worker exits 1 (a broken model or GPU, not bad frames): they stay pending instead of being dead-lettered.")
+    max_frame_bytes: int = Field(32 << 20, ge=1, le=MAX_COUNT, description="Encoded frames larger than this are dead-lettered.")
+    results_maxlen: int = Field(100_000, ge=1, le=MAX_COUNT, description="MAXLEN ~ of <stream>:results.")
+    dead_maxlen: int = Field(10_000, ge=1, le=MAX_COUNT, description="MAXLEN ~ of <stream>:dead.")
+    dead_image_max_bytes: int = Field(64 << 10, ge=0, le=MAX_COUNT, description="A dead letter keeps its frame's inline image up to this size, else only `image_bytes` (the input stream keeps the frame until its MAXLEN trims it); with dead_maxlen it bounds the dead letters' images in Redis (default: 625 MiB).")
+    dedupe_ttl_s: int = Field(3600, ge=1, le=int(MAX_S), description="How long the per-entry 'done' marker that prevents a second result lives.")
+    backoff_max_s: float = Field(5.0, gt=0, le=MAX_S, allow_inf_nan=False, description="Longest wait between Redis retries.")
 
     # pipeline
     heatmap: bool = Field(False, description="Add a `heatmap` PNG (the frame with what the mask thresholds in colour) to each result.")
-    decode_threads: int = Field(2, ge=1, description="Threads decoding frames while inference runs.")
-    queue_batches: int = Field(2, ge=1, description="Decoded batches waiting for inference (bounds memory).")
-    stall_timeout_s: float = Field(600.0, gt=0, description="/healthz fails when entries are in flight and no stage has moved for this long (a hung inference or decode), so that Kubernetes restarts the worker; at twice this long the worker exits (code 1) by itself, for compose, which restarts only a container that exits.")
-    shutdown_timeout_s: float = Field(30.0, gt=0, description="SIGTERM: longest time to finish and publish in-flight batches.")
+    decode_threads: int = Field(2, ge=1, le=MAX_COUNT, description="Threads decoding frames while inference runs.")
+    queue_batches: int = Field(2, ge=1, le=MAX_COUNT, description="Decoded batches waiting for inference (bounds memory).")
+    stall_timeout_s: float = Field(600.0, gt=0, le=MAX_S, allow_inf_nan=False, description="/healthz fails when entries are in flight and no stage has moved for this long (a hung inference or decode), so that Kubernetes restarts the worker; at twice this long the worker exits (code 1) by itself, for compose, which restarts only a container that exits.")
+    shutdown_timeout_s: float = Field(30.0, gt=0, le=MAX_S, allow_inf_nan=False, description="SIGTERM: longest time to finish and publish in-flight batches.")
 
     # observability
     metrics_port: int = Field(9108, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz; 0 = off.")
     metrics_host: str = Field("0.0.0.0", description="Address the metrics server binds.")
-    stats_interval_s: float = Field(5.0, gt=0, description="Refresh period of lag, pending and GPU gauges.")
-    log_interval_s: float = Field(60.0, gt=0, description="Period of the one-line throughput summary in the log.")
+    stats_interval_s: float = Field(5.0, gt=0, le=MAX_S, allow_inf_nan=False, description="Refresh period of lag, pending and GPU gauges.")
+    log_interval_s: float = Field(60.0, gt=0, le=MAX_S, allow_inf_nan=False, description="Period of the one-line throughput summary in the log.")
     log_json: bool = Field(False, description="One JSON object per log line.")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
@@ -104,12 +146,17 @@ class WorkerSettings(BaseSettings):
     def _name(cls, v: str, info) -> str:
         return check_name(v, stream=info.field_name == "stream")
 
-    @field_validator("model")
+    @field_validator("model", mode="before")
     @classmethod
-    def _models(cls, v: str) -> str:
-        if not [p for p in v.split(",") if p.strip()]:
-            raise ValueError("give a model bundle directory")
-        return v
+    def _models(cls, v: object) -> object:
+        # the variable (.env): directories separated by commas; the flags: a list, one directory a
+        # value, kept whole, so that a comma in a directory's name survives
+        paths = [p.strip() for p in v.split(",")] if isinstance(v, str) else v
+        if isinstance(paths, (list, tuple)):
+            paths = [str(p) for p in paths if str(p).strip()]
+            if not paths:
+                raise ValueError("give a model bundle directory")
+        return paths
 
     @field_validator("redis_url")
     @classmethod
@@ -142,7 +189,7 @@ class WorkerSettings(BaseSettings):
 
     @property
     def model_dirs(self) -> list[Path]:
-        return [Path(p.strip()) for p in self.model.split(",") if p.strip()]
+        return [Path(p) for p in self.model]
 
 
 def flag_name(field: str) -> str:
