@@ -140,7 +140,8 @@ def _decode_unchanged(data: bytes, source: str) -> np.ndarray:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as err:
         if "CV_IO_MAX_IMAGE_PIXELS" in str(err):
-            raise ImageError(f"{source}: more than {ustudents.OPENCV_MAX_PIXELS:,} "
+            limit = "the" if ustudents.OPENCV_MAX_PIXELS is None else f"{ustudents.OPENCV_MAX_PIXELS:,}"
+            raise ImageError(f"{source}: more than {limit} "
                              "pixels, the most OpenCV is set to decode; a real image this large needs "
                              "OPENCV_IO_MAX_IMAGE_PIXELS raised") from None
         raise

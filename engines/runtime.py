@@ -55,14 +55,15 @@ class Prediction:
     mask: np.ndarray  # bool (H, W): mask_level >= the mask threshold (position_z: on flagged frames only)
 
 
-def preprocess(frames: list[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
+def preprocess(frames: list[np.ndarray], size: int, device: torch.device, first: int = 0) -> torch.Tensor:
     """uint8 frames of any size (from 16 px a side) -> float32 (N, 3, S, S) in [0, 1] on `device`.
 
     The frame goes to the device as uint8 (4x less to copy than floats) and is resized there. The
-    result is rounded to 8 bits exactly as `images.resize` does for training and calibration."""
+    result is rounded to 8 bits exactly as `images.resize` does for training and calibration. `first`:
+    the first frame's place in the caller's list, for errors."""
     out = torch.empty(len(frames), 3, size, size, device=device)
     for i, frame in enumerate(frames):
-        t = frame_tensor(frame, f"frame {i}").to(device, non_blocking=True)
+        t = frame_tensor(frame, f"frame {first + i}").to(device, non_blocking=True)
         out[i] = resize_tensor(t[None].float(), size)[0].round_().clamp_(0, 255)
     return out.div_(255.0)
 
@@ -109,7 +110,7 @@ class Engine:
             raise ValueError("Engine.maps: no frames given")
         fused, scales = [], []  # on prep_device
         for i in range(0, len(frames), self.max_batch):
-            f, s = self.runner(preprocess(frames[i:i + self.max_batch], self.image_size, self.prep_device))
+            f, s = self.runner(preprocess(frames[i:i + self.max_batch], self.image_size, self.prep_device, first=i))
             fused.append(f.float())
             scales.append(s.float())
         return torch.cat(fused), torch.cat(scales)

@@ -28,6 +28,7 @@ from ustudents.cli import main
 from ustudents.engines.bundle import MANIFEST, WEIGHTS, load_bundle, sha256_file, update_manifest
 from ustudents.train import dataset
 from ustudents.train.cli import train_cmd
+from ustudents.train.evaluate import PREDICT_OUTPUTS
 
 # ----------------------------------------------------------------------------------------- helpers
 
@@ -232,7 +233,7 @@ def test_predict_writes_masks_overlays_and_results(tiny_bundle, tiny_mvtec, tmp_
             assert not mask.any(), "a mask on an image judged ok"
         overlay = cv2.imread(r["overlay"], cv2.IMREAD_UNCHANGED)
         assert overlay.shape == (h, w, 3)
-    assert no_hidden_leftovers(out) == []
+    assert no_hidden_leftovers(out) == [PREDICT_OUTPUTS]  # the list of what it writes there, kept by design
 
 
 @pytest.mark.slow
@@ -636,9 +637,16 @@ def test_predict_and_evaluate_never_replace_files_they_did_not_write(tiny_bundle
                        "`ustudents predict` did not write")
     assert {p: p.read_bytes() for p in truth.iterdir()} == before
     out = tmp_path / "pred"
-    for _ in range(2):  # its own outputs, listed in its results.json, it replaces
+    for _ in range(2):  # its own outputs it replaces
         assert_ok(invoke("predict", tiny_bundle, image, "--out", out))
-    assert sorted(p.name for p in out.iterdir()) == ["000_mask.png", "000_overlay.png", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [PREDICT_OUTPUTS, "000_mask.png", "000_overlay.png",
+                                                     "results.json"]
+    # a run stopped part-way (Ctrl-C, a full disk) wrote outputs before the results.json that lists them:
+    # the same command again replaces them, and a later run of other images leaves them replaceable too
+    (out / "results.json").unlink()
+    other = root / TINY_CATEGORY / "test" / "good" / "000.png"
+    assert_ok(invoke("predict", tiny_bundle, other, "--out", out))
+    assert_ok(invoke("predict", tiny_bundle, image, "--out", out))
 
     other = Path(shutil.copytree(eval_root / TINY_CATEGORY, tmp_path / "other-root" / "other"))
     kept = {p: p.read_bytes() for p in other.rglob("*.png")}

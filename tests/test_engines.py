@@ -99,6 +99,8 @@ def test_frames_the_engine_would_misread_are_refused_by_their_place_in_the_list(
     for frames, says in cases:
         with pytest.raises(ImageError, match=says):
             engine.predict(frames)
+    with pytest.raises(ImageError, match="frame 9: a frame of 5000 x 1 pixels"):  # its place past the first batch
+        engine.predict([frame] * 9 + [np.zeros((1, 5000, 3), np.uint8)])
     read_only = np.frombuffer(frame.tobytes(), np.uint8).reshape(frame.shape)  # a camera SDK's buffer
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch's "not writable ... undefined behavior" warning

@@ -170,7 +170,11 @@ def test_every_numeric_setting_has_a_bound_and_is_finite():
 @pytest.mark.parametrize("content, expected", [
     # python-dotenv skipped the line (a warning naming no file) and the command went to the default Redis
     (b"USTUDENTS_STREAM=line1\nUSTUDENTS_REDIS_URL=\"redis://127.0.0.1:6391/0\n",
-     ".env line 2: cannot be parsed (USTUDENTS_REDIS_URL=...: an unclosed quote, or a space outside quotes?); "
+     ".env line 2: cannot be parsed (USTUDENTS_REDIS_URL...: an unclosed quote, or a space outside quotes?); "
+     "fix or remove the line"),
+    # no '=': the whole line was shown, a password with it
+    (b"USTUDENTS_REDIS_PASSWORD hunter2\n",
+     ".env line 1: cannot be parsed (USTUDENTS_REDIS_PASSWORD...: an unclosed quote, or a space outside quotes?); "
      "fix or remove the line"),
     (b"USTUDENTS_STREAM=l\xfcne1\n", ".env: not UTF-8 text (byte 0xfc on line 1); save it as UTF-8"),
 ])
@@ -184,9 +188,11 @@ def test_an_env_file_that_cannot_be_read_whole_is_refused_naming_it(command, con
     # a Redis that is not there: were the file let through, the command fails at once, writing nowhere
     result = CliRunner().invoke(main, args, env={"USTUDENTS_REDIS_URL": "redis://127.0.0.1:1/0"})
     assert one_error(result) == f"Error: {expected}" and "6391" not in result.output  # the value may be a password
+    assert "hunter2" not in result.output
     # and what python-dotenv reads whole passes: comments, export, quotes, a value over two lines
     (tmp_path / ".env").write_text("# settings\n\nexport USTUDENTS_STREAM=line1\nUSTUDENTS_MODEL='/models/a b'\n"
-                                   "USTUDENTS_LOG_LEVEL=info  # quiet\nUSTUDENTS_METRICS_HOST=\"0.0.0.0\n\"\n")
+                                   "USTUDENTS_LOG_LEVEL=info  # quiet\nUSTUDENTS_METRICS_HOST=\"0.0.0.0\n\"\n"
+                                   "OTHER_TOOL: 1\n")  # another tool's line python-dotenv skips: skipped, not refused
     check_env_file(tmp_path / ".env")
 
 

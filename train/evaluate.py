@@ -168,6 +168,10 @@ def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: No
                              "`ustudents predict` did not write (it is not in results.json there); give an empty "
                              "--out folder or one an earlier predict wrote")
     out.mkdir(parents=True, exist_ok=True)
+    # listed before the first is written: a run stopped part-way (Ctrl-C, a full disk) leaves outputs that
+    # its results.json, written last, does not name, and the run again must be allowed to replace them
+    planned = sorted(earlier | {f"{n}_{kind}.png" for n in names for kind in ("mask", "overlay")})
+    write_json(out / PREDICT_OUTPUTS, planned)
     results = []
     for start in range(0, len(paths), engine.max_batch):
         batch = slice(start, start + engine.max_batch)
@@ -186,15 +190,23 @@ def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: No
     return results
 
 
+PREDICT_OUTPUTS = ".ustudents-predict.json"  # the names of the files predict writes in its --out, in one list
+
+
 def earlier_predictions(out: Path) -> set[str]:
-    """Names of the files an earlier predict wrote in `out` (its results.json and the masks and
-    overlays that lists), which a new one may replace; empty where there is none, or no such list."""
+    """Names of the files earlier predicts wrote in `out`, which a new one may replace: those its
+    list (PREDICT_OUTPUTS) or its results.json name; empty where neither is there."""
+    names: set[str] = set()
+    try:
+        names |= {str(n) for n in json.loads((out / PREDICT_OUTPUTS).read_text())}
+    except (OSError, ValueError, TypeError):
+        pass
     try:
         records = json.loads((out / "results.json").read_text())
-        names = {Path(r[kind]).name for r in records for kind in ("mask", "overlay")}
+        names |= {Path(r[kind]).name for r in records for kind in ("mask", "overlay")} | {"results.json"}
     except (OSError, ValueError, TypeError, KeyError):
-        return set()
-    return names | {"results.json"}
+        pass
+    return names
 
 
 def write_png(path: Path, image: np.ndarray) -> None:

@@ -12,6 +12,7 @@ import torch
 
 import ustudents
 from ustudents.engines.bundle import MAX_SERVED_SIZE, BundleError, check_writable, write_bundle
+from ustudents.engines.files import os_error_line
 from ustudents.engines.images import UINT16_BITS
 from ustudents.engines.model import INPUT_MEAN, INPUT_STD, AnomalyModel
 from ustudents.engines.patchnet import DESCRIPTOR_DIM, SCALES
@@ -244,7 +245,7 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
         path = write_bundle(cfg.out, manifest, tensors)
     except (OSError, BundleError) as err:  # a full disk; a file put into --out meanwhile: the students stay
         kept = checkpoints.describe(saves, keys)
-        raise OSError(f"{err}; no model was written to {cfg.out}" + (
+        raise OSError(f"{os_error_line(err)}; no model was written to {cfg.out}" + (
             f"; {saves} keeps the students ({kept}): run the same command again to finish from there"
             if kept else "")) from None
     log(f"bundle written to {path} in {time.time() - t0:.0f} s: {mask_line(threshold)}; "

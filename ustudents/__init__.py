@@ -13,9 +13,13 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 # machine-vision sensors (65 MP); a value the user set wins. OpenCV reads it when cv2 is imported, so
 # this holds where ustudents is imported first (its commands, the worker); a program that imports cv2
 # before ustudents is warned, and its images are decoded under OpenCV's default.
-_cv2_first = "cv2" in sys.modules and "OPENCV_IO_MAX_IMAGE_PIXELS" not in os.environ
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 26))
-OPENCV_MAX_PIXELS = 1 << 30 if _cv2_first else int(os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"])  # the limit in force
+_cv2_first = "cv2" in sys.modules and not os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS")
+if not os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", "").strip():  # empty (an unset compose variable): OpenCV
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(1 << 26)  # aborts the process parsing it at import
+try:  # the limit in force, for messages; a value OpenCV reads its own way (empty, "100MB") is not known here
+    OPENCV_MAX_PIXELS: int | None = 1 << 30 if _cv2_first else int(os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"])
+except ValueError:
+    OPENCV_MAX_PIXELS = None
 if _cv2_first:
     warnings.warn("cv2 was imported before ustudents, so OpenCV decodes images of up to 2^30 pixels (its default), "
                   "not ustudents' 2^26: a small PNG claiming gigapixels can exhaust memory. Import ustudents first, "

@@ -40,7 +40,8 @@ SCRIPT_ERROR_CODES = {"READONLY": redis.ReadOnlyError, "OOM": redis.OutOfMemoryE
 
 def script_error(err: redis.ResponseError) -> redis.ResponseError:
     """`err` as the class of the error Redis raised inside the script, where Redis < 7 wrapped it."""
-    found = re.search(r": -([A-Z]+) ", str(err)) if str(err).startswith("Error running script") else None
+    # "in", not startswith: a pipeline's error is "Command # 1 (EVALSHA ...) of pipeline caused error: Error ..."
+    found = re.search(r": -([A-Z]+) ", str(err)) if "Error running script" in str(err) else None
     cls = SCRIPT_ERROR_CODES.get(found.group(1)) if found else None
     return cls(str(err)) if cls and not isinstance(err, cls) else err
 

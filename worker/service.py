@@ -401,9 +401,10 @@ class Worker:
         else:  # the group has no read counter (made at an id, a Redis restart), or entries were deleted
             what = (f"entries may have left stream {s.stream} before any worker read them (Redis cannot tell "
                     "whether or how many: the group has no read counter, or entries were deleted ahead of it)")
-        self.throttled.warning("trimmed_unread", "%s; the backlog outgrew the input stream's MAXLEN: add workers or "
-                               "raise the producer's MAXLEN", what, event="trimmed_unread",
-                               entries=lost if lost > 0 else None)
+        # a possible loss is its only trace (no count, no alert): never held back behind a counted one
+        self.throttled.warning("trimmed_unread" if lost > 0 else "trimmed_unread_unknown", "%s; the backlog outgrew "
+                               "the input stream's MAXLEN: add workers or raise the producer's MAXLEN", what,
+                               event="trimmed_unread", entries=lost if lost > 0 else None)
 
     def _send(self, entries: list[Entry]) -> bool:
         """Prepare a micro-batch and queue it for inference; False if the worker abandons it first."""

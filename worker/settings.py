@@ -7,6 +7,7 @@ Nothing else in the worker reads the environment.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import socket
@@ -79,16 +80,22 @@ def check_env_file(path: str | Path) -> None:
                          "UTF-8") from None
     # newline=None: universal newlines, as python-dotenv reads the file (line numbers alike)
     for binding in parse_stream(io.StringIO(text, newline=None)):
-        if binding.error:
-            raise ValueError(f"{path} line {binding.original.line}: cannot be parsed "
-                             f"({shown_line(binding.original.string)}: an unclosed quote, or a space outside "
-                             "quotes?); fix or remove the line")
+        if not binding.error:
+            continue
+        name = line_name(binding.original.string)
+        what = (f"{path} line {binding.original.line}: cannot be parsed ({name}...: an unclosed quote, or a space "
+                "outside quotes?)")
+        if name.removeprefix("export ").startswith(ENV_PREFIX):
+            raise ValueError(f"{what}; fix or remove the line")
+        # a line of another tool's sharing the file: python-dotenv skips it, and so may ustudents
+        logging.getLogger("ustudents.worker").warning("%s; skipped: not a %s setting", what, ENV_PREFIX)
 
 
-def shown_line(line: str) -> str:
-    """An env file's line as an error shows it: the name, not the value (it may be a password)."""
-    name, eq, _ = line.strip().partition("=")
-    return f"{name}=..." if eq else line.strip()[:40]
+def line_name(line: str) -> str:
+    """An env file's line as an error shows it: its first word, never the value (it may be a password,
+    and a line that cannot be parsed may lack its '=')."""
+    words = re.split(r"[\s=:]", line.strip(), maxsplit=2)
+    return " ".join(words[:2]) if words[0] == "export" and len(words) > 1 else words[0][:60]
 
 
 def default_consumer() -> str:
