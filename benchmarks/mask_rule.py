@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import click
+import ustudents  # noqa: F401  before cv2: importing it caps the pixels OpenCV decodes
 import cv2
 import numpy as np
 import torch

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import ustudents  # noqa: F401  before cv2: importing it caps the pixels OpenCV decodes
 import cv2
 import numpy as np
 

@@ -16,6 +16,7 @@ import hashlib
 import sys
 from pathlib import Path
 
+import ustudents  # noqa: F401  before cv2: importing it caps the pixels OpenCV decodes
 import cv2
 import numpy as np
 
