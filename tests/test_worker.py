@@ -609,7 +609,7 @@ def test_a_redis_at_its_memory_cap_between_two_redelivered_frames_is_waited_out(
             calls.append(entry_id)
             if len(calls) == 2:  # Redis fills up after the first was published, before the second is counted
                 r.config_set("maxmemory-policy", "noeviction")
-                r.config_set("maxmemory", int(r.info("memory")["used_memory"]) - 10_000)
+                r.config_set("maxmemory", 1)  # full whatever it frees meanwhile (a 10 KB margin flaked in CI)
             try:
                 return real(entry_id, token)
             except redis.OutOfMemoryError:
