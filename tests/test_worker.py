@@ -1380,13 +1380,17 @@ def test_the_lag_is_checked_against_the_stream(redis_url, stream):
     assert io.group_info()["lag"] == 1  # and counting on from there
 
 
+def skip_before_redis_7(r: redis.Redis) -> None:
+    if int(r.info("server")["redis_version"].split(".")[0]) < 7:
+        pytest.skip("Redis before 7 counts no entries added: it cannot tell how many were trimmed")
+
+
 def test_entries_trimmed_before_the_group_read_them_are_counted_once_by_whichever_worker_reads_next(redis_url, stream):
     """The producer's MAXLEN cuts frames no worker has read while the line is behind: lost frames, with
     no dead letter (their fields are gone), which a plain XREADGROUP skips without a trace. Producer-set
     ids beyond 2^53 (a Lua number) must not break the count or the group's position."""
     r = client(redis_url)
-    if int(r.info("server")["redis_version"].split(".")[0]) < 7:
-        pytest.skip("Redis before 7 counts no entries added: it cannot tell how many were trimmed")
+    skip_before_redis_7(r)
     a, b = (StreamIO(r, stream, "ustudents", c, results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
             for c in ("c1", "c2"))
     assert a.ensure_group() == "0"
@@ -1419,8 +1423,7 @@ def test_frames_trimmed_before_the_group_was_made_are_not_counted_as_lost(redis_
     """A producer started before any worker, or a group made again: what the stream lost before the
     group existed was never this group's to read, and counted it paged for frames long gone."""
     r = client(redis_url)
-    if int(r.info("server")["redis_version"].split(".")[0]) < 7:
-        pytest.skip("Redis before 7 counts no entries added: it cannot tell how many were trimmed")
+    skip_before_redis_7(r)
     for k in range(1, 11):
         r.xadd(stream, {"frame_id": str(k)}, id=f"{k}-0", maxlen=4, approximate=False)
     io = StreamIO(r, stream, "ustudents", "c1", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
@@ -1436,8 +1439,7 @@ def test_a_gap_redis_cannot_size_is_reported_as_possible_once_and_not_counted(re
     """A group set to an id of Redis' choosing has no read counter (as after a Redis restart during a
     backlog): a gap at the stream's front is then of unknown size, -1, and not reported again."""
     r = client(redis_url)
-    if int(r.info("server")["redis_version"].split(".")[0]) < 7:
-        pytest.skip("Redis before 7 counts no entries added: it cannot tell how many were trimmed")
+    skip_before_redis_7(r)
     ids = [r.xadd(stream, {"frame_id": str(k)}, id=f"{k}-0").decode() for k in range(5, 11)]
     read, late = (StreamIO(r, stream, g, "c1", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
                   for g in ("ustudents", "late"))
@@ -1457,8 +1459,7 @@ def test_entries_deleted_ahead_of_the_group_make_a_gap_of_unknown_size_not_a_cou
     """XDEL removes entries anywhere, and Redis counts them among the entries removed: counted, they
     would page as frames trimmed unread, or add to a real gap's count."""
     r = client(redis_url)
-    if int(r.info("server")["redis_version"].split(".")[0]) < 7:
-        pytest.skip("Redis before 7 counts no entries added: it cannot tell how many were trimmed")
+    skip_before_redis_7(r)
     io = StreamIO(r, stream, "ustudents", "c1", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
     io.ensure_group()
     for k in range(1, 11):
@@ -1473,8 +1474,7 @@ def test_entries_deleted_ahead_of_the_group_make_a_gap_of_unknown_size_not_a_cou
 
 def test_a_worker_counts_and_reports_frames_trimmed_before_it_read_them(engines, frames, redis_url, stream, caplog):
     r = client(redis_url)
-    if int(r.info("server")["redis_version"].split(".")[0]) < 7:
-        pytest.skip("Redis before 7 counts no entries added: it cannot tell how many were trimmed")
+    skip_before_redis_7(r)
     r.xgroup_create(stream, "ustudents", id="0", mkstream=True)  # the line's group, its workers all down
     kept = [r.xadd(stream, {"frame_id": f.stem, "image": f.read_bytes()}, maxlen=2, approximate=False).decode()
             for f in frames[:5]][-2:]
