@@ -100,7 +100,8 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         args = [self.exe, "--bind", "127.0.0.1", "--dir", str(self.folder), "--appendonly", "yes",
-                "--appendfsync", "always", "--save", "", "--protected-mode", "no"]
+                "--appendfsync", "always", "--save", "", "--protected-mode", "no",
+                "--repl-diskless-sync-delay", "0"]  # a replica syncs at once, not after Redis 7's 5 s wait
         args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls["cert"], "--tls-key-file",
                  self.tls["key"], "--tls-ca-cert-file", self.tls["ca"], "--tls-auth-clients", "no"] if self.tls \
             else ["--port", str(self.port)]
@@ -118,12 +119,19 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: Redis shuts down gracefully, AOF flushed
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
+        """SIGTERM: Redis shuts down gracefully, AOF flushed. It ignores a SIGTERM while it writes its
+        first AOF (a replica just after its sync), so the signal is repeated until it exits."""
+        end = time.monotonic() + 20
+        while self.proc and self.proc.poll() is None:
+            if time.monotonic() > end:
                 self.proc.kill()
+                self.proc.wait()
+                break
+            self.proc.terminate()
+            try:
+                self.proc.wait(0.5)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def each_redis_server(tmp_path: Path):
