@@ -41,6 +41,9 @@ def real_path(path: str | Path) -> Path:
     return real
 
 
+# Errors only writing raises: one of them without a file name happened writing the output.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
 # What to do about the OSErrors a command meets writing its outputs, by errno.
 _OS_ERROR_HINTS = {errno.ENOSPC: "free space on that disk and run the command again",
                    errno.EDQUOT: "free space in your quota and run the command again",
@@ -58,5 +61,7 @@ def os_error_line(err: BaseException) -> str:
     if not isinstance(err, OSError) or err.errno is None or not err.strerror:
         return str(err)
     hint = _OS_ERROR_HINTS.get(err.errno)
-    where = err.filename if err.filename is not None else "writing the output"
+    # Python names no file for errors of read() and write() themselves (a full disk, a disk I/O error)
+    where = err.filename if err.filename is not None else \
+        "writing the output" if err.errno in _WRITE_ERRNOS else "a file the command read or wrote"
     return f"{where}: {err.strerror}" + (f"; {hint}" if hint else "")

@@ -706,6 +706,15 @@ def test_a_full_disk_loses_overlays_not_the_evaluation_and_is_named_with_a_fix(t
                        "writing the output: No space left on device; free space on that disk and run the command again")
 
 
+def test_an_os_error_without_a_file_name_is_not_blamed_on_writing_unless_only_writing_raises_it():
+    """A disk I/O error reading the bundle was reported as "writing the output: Input/output error"."""
+    from ustudents.engines.files import os_error_line
+
+    assert os_error_line(OSError(5, "Input/output error")) == "a file the command read or wrote: Input/output error"
+    assert os_error_line(OSError(28, "No space left on device")).startswith("writing the output: No space left")
+    assert os_error_line(OSError(5, "Input/output error", "/m/weights.safetensors")).startswith("/m/weights.safetensors:")
+
+
 @pytest.mark.parametrize("scales, says", [("17,20", "each scale must be one of 17,33,65"),
                                           ("17,33,17", "17 given more than once")])
 def test_unknown_or_repeated_scale_is_a_usage_error(tmp_path, tiny_mvtec, random_teachers, scales, says):

