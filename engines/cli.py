@@ -57,11 +57,11 @@ def check_output(path: Path | None, option: str, folder: bool) -> None:
     if not target.is_dir():
         raise InputError(f"{option} {path}: {target} is a file, so nothing can be made under it; choose another path")
     # A file made and removed, not os.access: root passes os.access where no file can be made (/proc,
-    # /sys, some FUSE and network mounts), which the write at the end, after minutes of work, would find
+    # /sys, some FUSE and network mounts), which the write at the end, after minutes of work, would find.
+    # TemporaryFile: a file without a name where the file system allows (O_TMPFILE), so a Ctrl-C here
+    # leaves no probe file behind; elsewhere one named and removed at once.
     try:
-        fd, probe = tempfile.mkstemp(dir=target, prefix=".ustudents-probe-")
-        os.close(fd)
-        os.unlink(probe)
+        tempfile.TemporaryFile(dir=target, prefix=".ustudents-probe-").close()
     except OSError as err:
         raise InputError(f"{option} {path}: no file can be made in {target} here ({err.strerror}); choose another "
                          "path") from None
