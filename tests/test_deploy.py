@@ -142,7 +142,7 @@ def test_worker_job_name_is_the_one_the_alerts_select():
 
 
 # -- metric names ----------------------------------------------------------------------------------
-METRIC_RE = re.compile(r"\bustudents_[a-z0-9_]+\b")
+METRIC_RE = re.compile(r"\b(?:ustudents|process)_[a-z0-9_]+\b")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 

@@ -1,7 +1,7 @@
 """Prometheus metrics of the worker and the HTTP server of /metrics, /healthz and /readyz.
 
 Names follow Prometheus conventions (base units, `_total` counters, `_seconds`); METRIC_NAMES is
-the list dashboards and alerts may use. Every metric carries the `stream` label.
+the list dashboards and alerts may use. Every ustudents_ metric carries the `stream` label.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               generate_latest)
 
 log = logging.getLogger("ustudents.worker")
 
@@ -32,6 +33,7 @@ METRIC_NAMES = (
     "ustudents_model_info",  # gauge = 1 {stream, model, version, category, backend, precision, device}
     "ustudents_gpu_memory_bytes",  # gauge {stream, device, kind=used|reserved}; only on a GPU
     "ustudents_ready",  # gauge {stream}: 1 when the model is loaded and Redis reachable
+    "process_start_time_seconds",  # gauge: when the worker process started (Unix time); the standard process metrics
 )
 
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -47,6 +49,9 @@ class WorkerMetrics:
         self.registry = registry or CollectorRegistry()
         self.stream, self.group = stream, group
         r = self.registry
+        # process_start_time_seconds tells a worker just started (whose counters are new) from a
+        # Prometheus that just started (to which every counter is new): alerts.yml
+        ProcessCollector(registry=r)
         self.processed = Counter("ustudents_frames_processed", "Frames scored and published.",
                                  ["stream", "category"], registry=r)
         self.dead_lettered = Counter("ustudents_frames_dead_lettered", "Frames sent to the dead-letter stream.",
