@@ -493,6 +493,10 @@ def test_k8s_worker_scaled_object_service_and_scrape_fit_together():
     models = next(m for m in c["volumeMounts"] if m["mountPath"] == "/models")
     assert models["readOnly"] is True
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # a roll whose new pod builds its plan for the whole startup allowance is not reported failed
+    start = c["startupProbe"]
+    assert dep["spec"]["progressDeadlineSeconds"] > start.get("initialDelaySeconds", 0) + \
+        start["periodSeconds"] * start["failureThreshold"]
     port = next(p for p in c["ports"] if p["name"] == "metrics")["containerPort"]
     assert str(port) == config["USTUDENTS_METRICS_PORT"]
     # settings are worker settings (or the GPU image's)
