@@ -284,6 +284,8 @@ def test_compose_demo_line_and_monitoring():
                for w in ("worker-cpu", "worker-gpu"))
     assert services["demo-model"]["command"][:2] == ["demo", "--train-only"]
     prom = services["prometheus"]
+    # nor alerts before: no worker can be up while the demo model trains (UstudentsNoWorkerUp)
+    assert prom["depends_on"]["demo-model"] == {"condition": "service_completed_successfully", "required": False}
     for v in prom["volumes"]:
         src = v.split(":")[0]
         if src.startswith("./"):
