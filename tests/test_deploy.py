@@ -336,6 +336,16 @@ def test_gpu_entrypoint_is_valid_sh_and_needs_a_model(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("USTUDENTS_")}
     done = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "USTUDENTS_MODEL is not set" in done.stderr
+    # the worker gets the bundles prepare_engines printed and runs the precision their plans were built in
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("python3", "echo /var/cache/ustudents/engines/tiles--gpu"),
+                       ("ustudents-worker", 'echo "$USTUDENTS_MODEL $USTUDENTS_PRECISION $*"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", USTUDENTS_MODEL="/models/tiles", USTUDENTS_ENGINE_PRECISION="fp16")
+    done = subprocess.run(["sh", str(script), "--stream", "line1"], env=env, capture_output=True, text=True, timeout=30)
+    assert done.stdout == "/var/cache/ustudents/engines/tiles--gpu fp16 --stream line1\n", done.stderr
 
 
 # -- the GPU image's engine step --------------------------------------------------------------------
@@ -359,16 +369,16 @@ def test_prepare_engines_builds_once_into_the_cache_and_never_touches_the_mount(
 
     def build(path, precision, batch):
         built.append((path, precision, batch))
-        (path / "plan.engine").write_bytes(b"plan")
+        (path / f"plan-{precision}-{batch}.engine").write_bytes(b"plan")
 
-    def has_plan(path):
-        return (path / "plan.engine").exists()
+    def has_plan(path, precision, batch):  # as the runtime's: this precision, a batch at least as large
+        return any(int(p.stem.split("-")[2]) >= batch for p in path.glob(f"plan-{precision}-*.engine"))
 
     kw = dict(has_plan=has_plan, tag=lambda: "NVIDIA H100 80GB HBM3-sm90-trt10.3.0", build=build)
     try:
         (served,) = pe.prepare([src], tmp_path / "cache", "fp16", 8, **kw)
         assert served.parent == tmp_path / "cache" and served.name.startswith("tiles-20250101T000000Z--NVIDIA-H100")
-        assert has_plan(served) and not has_plan(src) and sorted(p.name for p in src.iterdir()) == ["manifest.json",
+        assert has_plan(served, "fp16", 8) and not has_plan(src, "fp16", 8) and sorted(p.name for p in src.iterdir()) == ["manifest.json",
                                                                                                    "weights.safetensors"]
         assert built == [(tmp_path / "cache" / f".{served.name}.partial", "fp16", 8)]
         # a restart reuses the plan
@@ -382,10 +392,14 @@ def test_prepare_engines_builds_once_into_the_cache_and_never_touches_the_mount(
         # a raised USTUDENTS_BATCH builds a plan that serves it, not one capped at the old maximum
         (served3,) = pe.prepare([src], tmp_path / "cache", "fp16", 16, **kw)
         assert served3 != served2 and built[-1][2] == 16 and len(built) == 3
-        # a bundle that has a plan for this GPU is served as it is
+        # a bundle that has a plan for this GPU is served as it is, but only in the precision asked for
+        # and up to the batch it was built for
         other = fake_bundle(tmp_path / "models" / "other", "other-1")
-        (other / "plan.engine").write_bytes(b"plan")
+        (other / "plan-fp16-8.engine").write_bytes(b"plan")
         assert pe.prepare([other], tmp_path / "cache", "fp16", 8, **kw) == [other] and len(built) == 3
+        assert pe.prepare([other], tmp_path / "cache", "fp16", 4, **kw) == [other] and len(built) == 3
+        assert pe.prepare([other], tmp_path / "cache", "fp32", 8, **kw) != [other] and built[-1][1:] == ("fp32", 8)
+        assert pe.prepare([other], tmp_path / "cache", "fp16", 16, **kw) != [other] and built[-1][1:] == ("fp16", 16)
     finally:
         for f in (src, *src.iterdir()):
             f.chmod(0o755 if f.is_dir() else 0o644)
@@ -398,17 +412,20 @@ def test_prepare_engines_one_line_errors(tmp_path, capsys):
     def failing_build(path, precision, batch):
         raise pe.PrepareError(f"{path}: `ustudents build-engines` failed (exit 1)")
     with pytest.raises(pe.PrepareError, match="failed"):
-        pe.prepare([src], tmp_path / "cache", "fp16", 8, has_plan=lambda p: False, tag=lambda: "gpu",
+        pe.prepare([src], tmp_path / "cache", "fp16", 8, has_plan=lambda p, precision, batch: False, tag=lambda: "gpu",
                    build=failing_build)
     with pytest.raises(pe.PrepareError, match="not a model bundle"):
-        pe.prepare([tmp_path], tmp_path / "cache", "fp16", 8, has_plan=lambda p: False, tag=lambda: "gpu")
+        pe.prepare([tmp_path], tmp_path / "cache", "fp16", 8, has_plan=lambda p, precision, batch: False, tag=lambda: "gpu")
     with pytest.raises(pe.PrepareError, match="choose one of fp32, fp16"):
-        pe.prepare([src], tmp_path / "cache", "bf16", 8, has_plan=lambda p: False, tag=lambda: "gpu")
-    env = {**os.environ, "USTUDENTS_MODEL": str(tmp_path / "missing")}
-    done = subprocess.run([sys.executable, str(DEPLOY / "docker" / "prepare_engines.py")], env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.strip().count("\n") == 0 and "no such bundle directory" in done.stderr
+        pe.prepare([src], tmp_path / "cache", "bf16", 8, has_plan=lambda p, precision, batch: False, tag=lambda: "gpu")
+    for env, says in (({"USTUDENTS_MODEL": str(tmp_path / "missing")}, "no such bundle directory"),
+                      ({"USTUDENTS_MODEL": str(src), "USTUDENTS_PRECISION": "fp16", "USTUDENTS_ENGINE_PRECISION": "fp32"},
+                       "USTUDENTS_PRECISION=fp16 and USTUDENTS_ENGINE_PRECISION=fp32 differ")):
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("USTUDENTS_")}, **env}
+        done = subprocess.run([sys.executable, str(DEPLOY / "docker" / "prepare_engines.py")], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.strip().count("\n") == 0 and says in done.stderr, done.stderr
 
 
 def test_prepare_engines_serves_the_workers_endpoints_during_the_build(monkeypatch, capsys):

@@ -7,5 +7,8 @@ if [ -z "${USTUDENTS_MODEL:-}" ]; then
     exit 2
 fi
 USTUDENTS_MODEL="$(python3 /opt/ustudents/prepare_engines.py)"
-export USTUDENTS_MODEL
+# the worker runs the precision the plans were prepared for (unset, it would take the most faithful
+# plan a bundle holds, e.g. a shipped fp32 one where fp16 was asked for)
+USTUDENTS_PRECISION="${USTUDENTS_ENGINE_PRECISION:-fp32}"
+export USTUDENTS_MODEL USTUDENTS_PRECISION
 exec ustudents-worker "$@"

@@ -2,8 +2,8 @@
 
 Reads USTUDENTS_MODEL (bundle directories, comma-separated; mounted read-only),
 USTUDENTS_ENGINE_CACHE (a writable folder, a volume so builds survive restarts),
-USTUDENTS_ENGINE_PRECISION (fp32 or fp16) and USTUDENTS_BATCH (the worker's batch: the
-plan's largest batch). Prints the bundle directories the worker should serve, comma-separated:
+USTUDENTS_ENGINE_PRECISION (fp32 or fp16: the worker runs it, as USTUDENTS_PRECISION, which the
+entrypoint sets from it) and USTUDENTS_BATCH (the worker's batch: the plan's largest batch). Prints the bundle directories the worker should serve, comma-separated:
 a bundle that already has a usable plan as it is; otherwise its copy in the cache, into which
 `ustudents build-engines COPY --backend tensorrt` has built one. Progress goes to stderr.
 
@@ -38,12 +38,15 @@ def log(msg: str) -> None:
     print(f"prepare-engines: {msg}", file=sys.stderr, flush=True)
 
 
-def has_plan(bundle_dir: Path) -> bool:
-    """The runtime's own test: a TensorRT engine entry whose plan matches this GPU and TensorRT."""
+def has_plan(bundle_dir: Path, precision: str, max_batch: int) -> bool:
+    """The runtime's own test, a TensorRT engine entry whose plan matches this GPU and TensorRT, for
+    the precision the worker is to run and a batch as large as its own: a shipped fp16 plan must not
+    stand in for fp32, nor one built for batches up to 8 serve a worker batching 16."""
     from ustudents.engines.bundle import load_bundle
     from ustudents.engines.runtime import find_engine
 
-    return find_engine(load_bundle(bundle_dir), "tensorrt", None) is not None
+    entry = find_engine(load_bundle(bundle_dir), "tensorrt", precision)
+    return entry is not None and entry["max_batch"] >= max_batch
 
 
 def gpu_tag() -> str:
@@ -81,15 +84,15 @@ def slug(text: str) -> str:
 
 
 def prepare(model_dirs: list[Path], cache: Path, precision: str, max_batch: int, *,
-            has_plan: Callable[[Path], bool] = has_plan, tag: Callable[[], str] = gpu_tag,
+            has_plan: Callable[[Path, str, int], bool] = has_plan, tag: Callable[[], str] = gpu_tag,
             build: Callable[[Path, str, int], None] = build_plan) -> list[Path]:
     if precision not in PRECISIONS:
         raise PrepareError(f"USTUDENTS_ENGINE_PRECISION={precision}: choose one of {', '.join(PRECISIONS)}")
     served = []
     for src in model_dirs:
         ident, digest = bundle_key(src)
-        if has_plan(src):
-            log(f"{src}: has a TensorRT plan for this GPU")
+        if has_plan(src, precision, max_batch):
+            log(f"{src}: has a TensorRT {precision} plan for this GPU and batch {max_batch}")
             served.append(src)
             continue
         cache.mkdir(parents=True, exist_ok=True)
@@ -99,7 +102,7 @@ def prepare(model_dirs: list[Path], cache: Path, precision: str, max_batch: int,
         dst = cache / f"{family}{digest}"
         with open(cache / f".{dst.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another worker on this cache may be building it
-            if dst.is_dir() and has_plan(dst):
+            if dst.is_dir() and has_plan(dst, precision, max_batch):
                 log(f"{src}: using the plan built earlier in {dst}")
             else:
                 log(f"{src}: no TensorRT plan for this GPU; building one in {dst} (once; minutes)")
@@ -110,7 +113,7 @@ def prepare(model_dirs: list[Path], cache: Path, precision: str, max_batch: int,
                     f.chmod(f.stat().st_mode | 0o200)
                 tmp.chmod(tmp.stat().st_mode | 0o200)
                 build(tmp, precision, max_batch)
-                if not has_plan(tmp):
+                if not has_plan(tmp, precision, max_batch):
                     raise PrepareError(f"{src}: `ustudents build-engines` finished but the runtime finds no usable "
                                        f"TensorRT plan in {tmp}")
                 shutil.rmtree(dst, ignore_errors=True)
@@ -150,10 +153,15 @@ def main() -> int:
         batch = os.environ.get("USTUDENTS_BATCH", str(DEFAULT_BATCH))
         if not batch.isdigit() or int(batch) < 1:
             raise PrepareError(f"USTUDENTS_BATCH={batch}: give a positive whole number")
+        precision = os.environ.get("USTUDENTS_ENGINE_PRECISION", "fp32")
+        runs = os.environ.get("USTUDENTS_PRECISION") or precision
+        if runs != precision:  # the worker would run another precision than the plan built for it
+            raise PrepareError(f"USTUDENTS_PRECISION={runs} and USTUDENTS_ENGINE_PRECISION={precision} differ: "
+                               "set USTUDENTS_ENGINE_PRECISION alone")
         server = serve_while_building()
         try:
             served = prepare(models, Path(os.environ.get("USTUDENTS_ENGINE_CACHE", "/var/cache/ustudents/engines")),
-                             os.environ.get("USTUDENTS_ENGINE_PRECISION", "fp32"), int(batch))
+                             precision, int(batch))
         finally:
             if server:
                 server.stop()  # the worker binds the port next
