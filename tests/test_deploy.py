@@ -547,6 +547,13 @@ def test_k8s_worker_scaled_object_service_and_scrape_fit_together():
     pvc = docs[("PersistentVolumeClaim", "ustudents-models")]
     claim = next(v for v in pod["spec"]["volumes"] if v["name"] == models["name"])["persistentVolumeClaim"]
     assert claim["claimName"] == pvc["metadata"]["name"] and claim["readOnly"] is True
+    # the workers read it, and bundles can be put on it: a claim provisioned ReadOnlyMany stays empty
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    (loader,) = load_yaml_docs(K8S / "tools" / "models-loader.yaml")
+    validate_k8s(loader)
+    (vol,) = loader["spec"]["volumes"]
+    assert vol["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"] and not vol["persistentVolumeClaim"].get("readOnly")
+    assert loader["spec"]["securityContext"]["runAsUser"] == pod["spec"]["securityContext"]["runAsUser"]
 
 
 # -- settings table ---------------------------------------------------------------------------------
