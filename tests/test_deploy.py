@@ -321,6 +321,12 @@ def test_dockerfiles(name):
             for source in m.group(1).split():
                 assert (ROOT / source).exists(), ln
                 assert any(source == a or source.startswith(a + "/") for a in allowed), f"{source}: .dockerignore leaves it out"
+    # the dependencies in a layer before the wheel's (a code change must not reinstall them all), the
+    # same extras as the wheel's install
+    wheel_at = next(i for i, ln in enumerate(final) if ln.startswith("COPY --from=build /wheels"))
+    assert any("install -r /tmp/requirements.txt" in ln for ln in final[:wheel_at])
+    wheel_extras = re.search(r"ustudents-\*\.whl\)\[([a-z,]+)\]", text).group(1).split(",")
+    assert re.search(r"requirements\.py pyproject\.toml (.+) > /requirements\.txt", text).group(1).split() == wheel_extras
     if name == "Dockerfile.gpu":
         assert re.search(r"^ARG TENSORRT_IMAGE=nvcr\.io/nvidia/tensorrt:\S+-py3$", text, re.M)
         assert 'ENTRYPOINT ["/opt/ustudents/gpu-entrypoint.sh"]' in text
@@ -346,6 +352,15 @@ def test_gpu_entrypoint_is_valid_sh_and_needs_a_model(tmp_path):
     env.update(PATH=f"{bin_dir}:{env['PATH']}", USTUDENTS_MODEL="/models/tiles", USTUDENTS_ENGINE_PRECISION="fp16")
     done = subprocess.run(["sh", str(script), "--stream", "line1"], env=env, capture_output=True, text=True, timeout=30)
     assert done.stdout == "/var/cache/ustudents/engines/tiles--gpu fp16 --stream line1\n", done.stderr
+
+
+def test_the_images_requirements_are_the_projects_with_its_extras():
+    reqs = deploy_script("docker/requirements.py").requirements(str(ROOT / "pyproject.toml"), ["worker", "onnx"])
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert set(reqs) == set(project["dependencies"]) | set(project["optional-dependencies"]["worker"]) | \
+        set(project["optional-dependencies"]["onnx"])
+    assert any(r.startswith("torch") for r in reqs) and any(r.startswith("onnxruntime") for r in reqs)
 
 
 # -- the GPU image's engine step --------------------------------------------------------------------
