@@ -153,6 +153,15 @@ def test_numbers_the_worker_cannot_use_are_refused_at_start(args, env, expected,
     assert one_error(result) == f"Error: {expected}"
 
 
+def test_the_help_names_every_setting_as_a_flag_or_among_those_without_one():
+    from ustudents.worker.cli import worker_cmd
+
+    flags = {p.name for p in worker_cmd.params}
+    listed = worker_cmd.help.split("Settings without a flag:")[1]
+    without = {n.strip(" .\n") for n in listed.replace("\n", " ").split(",")}
+    assert set(WorkerSettings.model_fields) - flags == without
+
+
 def test_every_numeric_setting_has_a_bound_and_is_finite():
     """Not only the four found: any count past Redis' integers, any duration past what a wait takes."""
     base = {"_env_file": None, "stream": "line1", "model": "m"}
