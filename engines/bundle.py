@@ -247,9 +247,15 @@ def write_bundle(out: Path, manifest: dict[str, Any], tensors: dict[str, torch.T
             # aside under a fresh name: in a container the pid is always the same, and a name left by
             # a killed run would stop every later one
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            # Held as the commands that change a bundle hold it: a calibrate still writing the old
+            # bundle by its path would otherwise write into the new one, its old networks over the new
             try:
-                os.replace(out, old)
-                os.replace(tmp, out)
+                held = locked(out, f"{out}: another command is changing this bundle (calibrate, build-engines or "
+                                   "evaluate storing its results); the new bundle replaces it once that has "
+                                   "finished", wait=True) if out.is_dir() else contextlib.nullcontext()
+                with held:
+                    os.replace(out, old)
+                    os.replace(tmp, out)
             except BaseException:
                 # Ctrl-C lands after a rename returns: decided by what is on disk, not by how far the code got
                 if not os.path.lexists(out) and any(old.iterdir()):
@@ -308,18 +314,22 @@ _UNLOCKABLE_WARNED: set[str] = set()
 
 
 @contextlib.contextmanager
-def locked(path: str | Path, busy: str):
+def locked(path: str | Path, busy: str, wait: bool = False):
     """An exclusive flock on the folder `path` itself, held for the block; `busy`: the error when another
-    process holds it. No lock file to leave behind, and the OS lets go when the process ends, however
-    it ends."""
+    process holds it, or with `wait`, the warning before waiting for it to let go. No lock file to leave
+    behind, and the OS lets go when the process ends, however it ends."""
     import fcntl
 
     fd = os.open(path, os.O_RDONLY)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BundleError(busy) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise BundleError(busy) from None
+                logging.getLogger(__name__).warning("%s", busy)
+                fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as err:
             if err.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 raise

@@ -299,3 +299,29 @@ def test_a_folder_nfs_cannot_lock_is_used_unguarded_with_one_warning(tmp_path, m
     warnings = [r.getMessage() for r in caplog.records if "cannot lock this folder" in r.getMessage()]
     assert warnings == [f"{tmp_path}: cannot lock this folder on this file system (No locks available); make sure "
                         "no other command writes it meanwhile"]
+
+
+def test_a_new_bundle_waits_for_a_command_changing_the_old_one_then_replaces_it(tmp_path, caplog):
+    """calibrate, still writing the old bundle by its path when training put the new one there, wrote
+    the old networks and manifest into it: the retrained model was lost while both reported success."""
+    import threading
+
+    from ustudents.engines.bundle import changing
+
+    make_bundle(tmp_path / "b", seed=0)
+    written = threading.Event()
+
+    def train_again():
+        make_bundle(tmp_path / "b", seed=1)
+        written.set()
+
+    with caplog.at_level("WARNING"):
+        with changing(tmp_path / "b"):  # as calibrate holds it
+            thread = threading.Thread(target=train_again)
+            thread.start()
+            assert not written.wait(1.5)
+            assert load_bundle(tmp_path / "b").manifest["id"] == "t-0"
+        thread.join(60)
+    assert written.is_set() and load_bundle(tmp_path / "b").manifest["id"] == "t-1"
+    assert any("the new bundle replaces it once that has finished" in r.getMessage() for r in caplog.records)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
