@@ -363,6 +363,8 @@ def test_train_refuses_before_training_what_would_waste_it(tmp_path, tiny_mvtec,
     refused([a if a != TINY_CATEGORY else f"../{TINY_CATEGORY}" for a in evaluated], "give the name of one folder")
     refused(train_args(root, cat / "test" / "model", random_teachers), "inside the category's images")
     refused(train_args(root, tmp_path / "m", random_teachers, "--target-fpr", "1e-9"), "resolve rates down to")
+    for here in (".", "..", str(tmp_path / "m" / "..")):  # its work folders went inside it, found after training
+        refused(train_args(root, here, random_teachers), f"--out {here}: names no folder of its own")
     broken = tmp_path / "teachers"
     shutil.copytree(random_teachers, broken)
     (broken / "teachers.json").write_text('{"17": null}')

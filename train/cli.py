@@ -117,6 +117,10 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
     train_samples(data_root, category)
     dev = resolve_device(device)
     out = out or Path("models") / category
+    if out.name in ("", ".", ".."):  # it went through training, then failed, its work folders made inside it
+        raise InputError(f"--out {out}: names no folder of its own (a bundle replaces its folder whole, and its "
+                         "work folders go beside it); give the bundle's folder, e.g. --out ./"
+                         f"{category.strip('/') or 'model'}-model")
     cfg = TrainConfig(category=category, data_root=data_root, out=out, scales=scales, image_size=image_size,
                       val_fraction=val_fraction, target_fpr=target_fpr, image_fpr=image_fpr, teachers=teachers,
                       device=str(dev),
