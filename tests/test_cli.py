@@ -406,6 +406,11 @@ def test_train_refuses_before_training_what_would_waste_it(tmp_path, tiny_mvtec,
     result = invoke(*[a if a != tmp_path / "m" else current for a in evaluated])
     assert_ok(result)
     assert "test: not found, so the model will not be evaluated" in result.output
+    # two validation images: the mask threshold decides alone and flags one at least; --image-fpr is
+    # unused, and said to be
+    assert re.search(r"WARNING: (50|100)% of the 2 good images calibrated on are flagged anomalous: --image-fpr 0.05 "
+                     r"is not used, as the image score that sets it needs 30 of them; put more good images in "
+                     r"train/good, or raise --val-fraction \(0.2 now\), and train again", result.output), result.output
     # said, since a link to nothing may also be a share that is not mounted
     assert f"--out {current}: a symbolic link to {real}, which does not exist yet: the bundle is made there" in result.output
     assert current.is_symlink() and load_bundle(real).manifest["evaluation"] is None  # written through the link
@@ -789,7 +794,12 @@ def test_calibrate_skips_hidden_files_and_keeps_what_else_the_bundle_folder_hold
     shutil.copytree(tiny_mvtec / TINY_CATEGORY / "train" / "good", images)
     (images / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     (bundle_copy / "NOTES.txt").write_text("line 3, camera 2\n")
-    assert_ok(invoke("calibrate", bundle_copy, "--images", images))
+    result = invoke("calibrate", bundle_copy, "--images", images)
+    assert_ok(result)
+    # 16 images, under the 30 the position score needs: --image-fpr is unused, and said to be
+    assert re.search(r"WARNING: \d+% of the 16 good images calibrated on are flagged anomalous: --image-fpr 0.05 is "
+                     r"not used, as the image score that sets it needs 30 of them; calibrate again with more good "
+                     r"images in --images", result.output), result.output
     assert (bundle_copy / "NOTES.txt").read_text() == "line 3, camera 2\n"
     assert load_bundle(bundle_copy).manifest["threshold"]["source"] == str(images)
     assert no_hidden_leftovers(bundle_copy) == [] and no_hidden_leftovers(bundle_copy.parent) == []

@@ -254,7 +254,7 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
 def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     from .calibrate import calibrate, check_resolvable
     from .dataset import Sample, load_images, uint16_bits
-    from .pipeline import image_score_line, mask_line
+    from .pipeline import image_fpr_warning, image_score_line, mask_line
 
     if not Path(images).is_dir():
         raise InputError(f"--images {images}: folder not found{missing_folder_hint(images)}; give a folder of good "
@@ -290,6 +290,9 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     rewrite_bundle(bundle.path, manifest, {**bundle.network_tensors(), **cal.tensors})
     click.echo(f"{model}: recalibrated on {len(files)} images; {mask_line(threshold)}, non-empty masks on "
                f"{threshold['validation_image_fpr']:.1%} of these images; {image_score_line(cal.image_score)}")
+    warning = image_fpr_warning(cal.image_score, image_fpr, "calibrate again with more good images in --images")
+    if warning:
+        click.echo(warning)
     if bits != bundle.uint16_bits:
         click.echo(f"{model}: these images are 16-bit holding {bits} bits (the model read {bundle.uint16_bits}): "
                    "frames are read with that from now on")

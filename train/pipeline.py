@@ -19,8 +19,8 @@ from ustudents.engines.patchnet import DESCRIPTOR_DIM, SCALES
 from ustudents.engines.runtime import resolve_device
 
 from . import checkpoints, dataset
-from .calibrate import (DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, CalibrationError, calibrate, check_resolvable,
-                        predicted_share)
+from .calibrate import (DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, MIN_POSITION_IMAGES, CalibrationError, calibrate,
+                        check_resolvable, predicted_share)
 from .students import MAX_SEED, StudentConfig, TrainingDiverged, train_students
 from .teacher_files import DEFAULT_DIR, load_teachers
 
@@ -83,6 +83,16 @@ def image_score_line(record: dict) -> str:
         return f"image score: the map's maximum ({record['why']}), anomalous at the mask threshold"
     return (f"image score: position-standardized maximum, threshold {record['threshold']:.3f} "
             f"(flags {record['validation_image_fpr']:.1%} of {record['images']} validation images left out in turn)")
+
+
+def image_fpr_warning(record: dict, image_fpr: float, more: str) -> str | None:
+    """A warning where too few validation images left --image-fpr unused and the mask threshold, which
+    then decides, flags more good images than it asked for (up to all of them); `more`: how to add images."""
+    if record["method"] != "max" or record["validation_image_fpr"] <= image_fpr:
+        return None
+    return (f"WARNING: {record['validation_image_fpr']:.0%} of the {record['images']} good images calibrated on are "
+            f"flagged anomalous: --image-fpr {image_fpr} is not used, as the image score that sets it needs "
+            f"{MIN_POSITION_IMAGES} of them; {more}")
 
 
 def mask_line(threshold: dict) -> str:
@@ -250,4 +260,8 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
             if kept else "")) from None
     log(f"bundle written to {path} in {time.time() - t0:.0f} s: {mask_line(threshold)}; "
         f"{image_score_line(cal.image_score)}")
+    warning = image_fpr_warning(cal.image_score, cfg.image_fpr, "put more good images in train/good, or raise "
+                                f"--val-fraction ({cfg.val_fraction} now), and train again")
+    if warning:
+        log(warning)
     return path
