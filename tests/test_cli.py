@@ -720,6 +720,9 @@ def test_an_os_error_without_a_file_name_is_not_blamed_on_writing_unless_only_wr
     assert os_error_line(OSError(5, "Input/output error")) == "a file the command read or wrote: Input/output error"
     assert os_error_line(OSError(28, "No space left on device")).startswith("writing the output: No space left")
     assert os_error_line(OSError(5, "Input/output error", "/m/weights.safetensors")).startswith("/m/weights.safetensors:")
+    # an immutable manifest (chattr +i) was reported as "/m/.manifest.json.partial: Operation not permitted"
+    replaced = OSError(1, "Operation not permitted", "/m/.manifest.json.partial", None, "/m/manifest.json")
+    assert os_error_line(replaced).startswith("/m/manifest.json: Operation not permitted")
 
 
 @pytest.mark.parametrize("scales, says", [("17,20", "each scale must be one of 17,33,65"),
@@ -794,6 +797,9 @@ def test_calibrate_skips_hidden_files_and_keeps_what_else_the_bundle_folder_hold
     shutil.copytree(tiny_mvtec / TINY_CATEGORY / "train" / "good", images)
     (images / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     (bundle_copy / "NOTES.txt").write_text("line 3, camera 2\n")
+    manifest = json.loads((bundle_copy / MANIFEST).read_text())
+    del manifest["threshold"]["target_pixel_fpr"]  # a bundle edited by hand: a KeyError traceback
+    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
     result = invoke("calibrate", bundle_copy, "--images", images)
     assert_ok(result)
     # 16 images, under the 30 the position score needs: --image-fpr is unused, and said to be
@@ -802,6 +808,7 @@ def test_calibrate_skips_hidden_files_and_keeps_what_else_the_bundle_folder_hold
                      r"images in --images", result.output), result.output
     assert (bundle_copy / "NOTES.txt").read_text() == "line 3, camera 2\n"
     assert load_bundle(bundle_copy).manifest["threshold"]["source"] == str(images)
+    assert load_bundle(bundle_copy).manifest["threshold"]["target_pixel_fpr"] == 1e-3  # the default
     assert no_hidden_leftovers(bundle_copy) == [] and no_hidden_leftovers(bundle_copy.parent) == []
 
 

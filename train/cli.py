@@ -263,11 +263,13 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     if len(files) < 2:
         raise InputError(f"{images}: needs a folder with at least 2 good images ({'/'.join(IMAGE_SUFFIXES)})"
                          f"{subfolder_hint(images)}")
-    fpr = target_fpr if target_fpr is not None else bundle.manifest["threshold"]["target_pixel_fpr"]
+    # a bundle from before the field, or edited by hand, keeps the default
+    fpr = target_fpr if target_fpr is not None else bundle.manifest["threshold"].get("target_pixel_fpr",
+                                                                                     DEFAULT_TARGET_FPR)
     image_fpr = image_fpr if image_fpr is not None else bundle.manifest.get("image_score", {}).get(
         "target_image_fpr", DEFAULT_IMAGE_FPR)
     for option, rate in (("--target-fpr", fpr), ("--image-fpr", image_fpr)):
-        if not 0 < rate < 1:  # NaN too; checked before the network pass, not after it
+        if not (isinstance(rate, (int, float)) and 0 < rate < 1):  # NaN too; before the network pass, not after
             raise InputError(f"{option} {rate}: a false-positive rate must be between 0 and 1")
     check_resolvable(fpr, len(files), bundle.image_size)
     samples = [Sample(path=f, defect="good") for f in files]
