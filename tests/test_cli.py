@@ -365,6 +365,11 @@ def test_train_refuses_before_training_what_would_waste_it(tmp_path, tiny_mvtec,
     refused(train_args(root, tmp_path / "m", random_teachers, "--target-fpr", "1e-9"), "resolve rates down to")
     for here in (".", "..", str(tmp_path / "m" / "..")):  # its work folders went inside it, found after training
         refused(train_args(root, here, random_teachers), f"--out {here}: names no folder of its own")
+    # inside another bundle: it became part of that folder, which could then not be trained to again
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    refused(train_args(root, bundle / "v2", random_teachers), f"--out {bundle / 'v2'}: inside the model bundle {bundle}")
     broken = tmp_path / "teachers"
     shutil.copytree(random_teachers, broken)
     (broken / "teachers.json").write_text('{"17": null}')
