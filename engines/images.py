@@ -127,9 +127,9 @@ def check_image_size(img: np.ndarray, source: str, what: str = "an image") -> np
     return img
 
 
-def read_image(path: str | Path, bits: int = UINT16_BITS) -> np.ndarray:
-    """Read a PNG/JPEG/... file as uint8 RGB (H, W, 3); 16-bit data holding `bits` bits (module docstring).
-    One under MIN_IMAGE_SIDE on a side is refused."""
+def read_image(path: str | Path, bits: int | None = UINT16_BITS) -> np.ndarray:
+    """Read a PNG/JPEG/... file as uint8 RGB (H, W, 3); 16-bit data holding `bits` bits (module
+    docstring; None: the bits this file uses, for pictures). One under MIN_IMAGE_SIDE on a side is refused."""
     return check_image_size(decode_image(_read_bytes(path), str(path), bits), str(path))
 
 

@@ -156,6 +156,20 @@ def test_resnet18_loads_a_torchvision_format_file(tmp_path):
         build_backbone("resnet18", str(path))
 
 
+def test_natural_images_of_a_12_bit_camera_are_read_at_their_own_brightness(tmp_path, caplog):
+    """Read as 16-bit data they came out 16 times too dark, with advice to recalibrate a model."""
+    from ustudents.train.teacher import load_natural_images
+
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 4096, (40, 48, 3), dtype=np.uint16)  # 12 bits used
+    cv2.imwrite(str(tmp_path / "a.png"), photo)
+    with caplog.at_level("WARNING"):
+        (img,) = load_natural_images(str(tmp_path))
+    assert img.dtype == np.uint8 and img.max() >= 250  # 4095 >> 4, not >> 8 (at most 15)
+    assert np.array_equal(img, (photo >> 4).astype(np.uint8)[:, :, ::-1])
+    assert not any("calibrate" in r.getMessage() for r in caplog.records)
+
+
 def test_shipped_default_teachers_load_for_every_scale():
     # `ustudents-train` must work without pretraining: the package carries a teacher per scale,
     # with the record of how it was made.

@@ -115,8 +115,8 @@ def load_natural_images(source: str) -> list[np.ndarray]:
                            "images (e.g. an ImageNet train folder) or 'skimage'")
     images = []
     for f in files:
-        try:
-            images.append(read_image(f))
+        try:  # each picture with the bits its 16-bit data uses: a 12-bit camera's were read 16x too dark
+            images.append(read_image(f, bits=None))
         except ImageError as err:
             tqdm.write(f"skipping {err}")
     if not images:
