@@ -85,12 +85,18 @@ def subfolder_hint(folder: Path) -> str:
 
 def missing_folder_hint(folder: Path) -> str:
     """' (a symbolic link to X, which does not exist: ...)' for a link to nothing, ' (a file is there,
-    not a folder)' for a file, else ''."""
+    not a folder)' for a file, ' (X/Good is there: ...)' for a name in another case, else ''."""
     folder = Path(folder)
     if folder.is_file():
         return " (a file is there, not a folder)"
     if folder.is_symlink() and not folder.exists():
         return f" (a symbolic link to {os.readlink(folder)}, which does not exist: mount the share it points into or fix the link)"
+    try:
+        case = [p for p in folder.parent.iterdir() if p.name.lower() == folder.name.lower() and p.name != folder.name]
+    except OSError:  # no parent folder either
+        case = []
+    if case:
+        return f" ({case[0]} is there: names are case-sensitive, rename it to {folder.name})"
     return ""
 
 

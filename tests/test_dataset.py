@@ -164,6 +164,18 @@ def _move_files_into(folder: Path, sub: str) -> None:
             f.rename(folder / sub / f.name)
 
 
+def test_a_folder_named_in_another_case_is_named_with_the_fix(mvtec):
+    """train/Good gave "train/good: folder not found"; test/Good was read as a defect type and its
+    good images asked for masks ("missing mask ...; add it")."""
+    cat = mvtec / TINY_CATEGORY
+    (cat / "train" / "good").rename(cat / "train" / "Good")
+    msg = _raises_naming(cat / "train" / "good", train_samples, mvtec, TINY_CATEGORY)
+    assert f"({cat / 'train' / 'Good'} is there: names are case-sensitive, rename it to good)" in msg
+    (cat / "test" / "good").rename(cat / "test" / "Good")
+    msg = _raises_naming(cat / "test" / "Good", test_samples, mvtec, TINY_CATEGORY)
+    assert "the defect-free test images' folder is named 'good', in lower case" in msg and "mask" not in msg
+
+
 def test_images_sorted_into_subfolders_are_named_as_such(mvtec):
     """train/good/day1/*.png: the error said to remove the folder, which would delete the images."""
     _move_files_into(mvtec / TINY_CATEGORY / "train" / "good", "day1")

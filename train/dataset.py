@@ -146,6 +146,10 @@ def test_samples(root: str | Path, category: str) -> list[Sample]:
                    key=lambda t: (t != GOOD, t))
     if not types:
         raise DatasetError(f"{test_dir}: no test type folders; add e.g. test/good/ and test/<defect>/")
+    for t in types:  # else read as a defect type, and its good images asked for masks
+        if t.lower() == GOOD and t != GOOD:
+            raise DatasetError(f"{test_dir / t}: the defect-free test images' folder is named '{GOOD}', in lower case "
+                               "(names are case-sensitive); rename it")
     samples = []
     for defect in types:
         images = _images_in(test_dir / defect)
