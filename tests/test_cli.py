@@ -597,7 +597,8 @@ def test_a_broken_image_is_named_once_without_opencvs_own_log_line(tiny_bundle, 
     ("--image-size", "100000", "--image-size 100000: must be from 64 to 1024"),  # ran out of memory
     ("--students", "100", "--students 100: must be from 2"),
     ("--val-fraction", "0", "--val-fraction 0: must be between 0 and 1"),  # failed at calibration
-    ("--weight-decay", "-1", "--weight-decay -1: must be 0 or more"),
+    ("--weight-decay", "-1", "--weight-decay -1: must be from 0 to 1"),
+    ("--weight-decay", "1e30", "--weight-decay 1e+30: must be from 0 to 1"),  # "learned nothing: raise --epochs"
     ("--seed", str(2**63 - 1), "--seed 9223372036854775807: must be at most 4294967295"),  # overflowed after loading
     ("--max-minutes", "inf", "--max-minutes inf: must be 0 (no limit) or more, and finite"),  # not JSON: Infinity
 ])
@@ -1100,6 +1101,13 @@ def test_teacher_command_distils_dense_targets_on_windows(tmp_path, tiny_mvtec):
     for bad, needle in (("32", "map strides 8,16"), ("eight", "whole numbers separated by commas")):
         assert_input_error(invoke("teacher", "--scales", "17", "--images", images, "--target-strides", bad,
                                   "--out", tmp_path / "t4"), needle)
+    # an option of the other target was accepted and did nothing (--patches 0 with the dense target)
+    for args, needle in ((("--patches", "0"), "--patches: applies to --target patch only, and this is --target dense"),
+                         (("--backbone-input", "1"), "--backbone-input: applies to --target patch only"),
+                         (("--target", "patch", "--crop", "8"), "--crop: applies to --target dense only")):
+        assert_input_error(invoke("teacher", "--scales", "17", "--images", images, *args, "--out", tmp_path / "t5"),
+                           needle)
+    assert not (tmp_path / "t5").exists()
 
 
 def test_teacher_skips_an_unreadable_image_among_the_natural_images_and_says_which(tmp_path, tiny_mvtec):
@@ -1124,7 +1132,8 @@ def test_teacher_skips_an_unreadable_image_among_the_natural_images_and_says_whi
     (["--target", "patch", "--lambda-m", "1", "--margin", "nan"], "--margin nan: must be 0 or more"),
     (["--lambda-c", "-1"], "--lambda-c -1: must be 0 or more"),
     (["--lambda-k", "0"], "--lambda-k 0 and --lambda-m 0: the teacher would learn nothing of P"),
-    (["--weight-decay", "-1"], "--weight-decay -1: must be 0 or more"),
+    (["--weight-decay", "-1"], "--weight-decay -1: must be from 0 to 1"),
+    (["--weight-decay", "1e30"], "--weight-decay 1e+30: must be from 0 to 1"),
     (["--seed", "-1"], "--seed -1: must be from 0 to 4294967295"),
     (["--seed", str(2**40)], "--seed 1099511627776: must be from 0 to 4294967295"),  # overflowed in the generator
 ])

@@ -219,6 +219,14 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
     from .teacher import train_teacher
     from .teacher_files import read_records, save_teacher
 
+    # an option of the other target changes nothing: a user giving it meant something it will not do
+    ctx = click.get_current_context()
+    for option, applies_to in (("backbone_input", "patch"), ("patches", "patch"), ("crop", "dense"),
+                               ("target_strides", "dense")):
+        if target != applies_to and ctx.get_parameter_source(option) != click.core.ParameterSource.DEFAULT:
+            flag = "--" + option.replace("_", "-")
+            raise InputError(f"{flag}: applies to --target {applies_to} only, and this is --target {target}; leave "
+                             f"{flag} out, or add --target {applies_to}")
     check_output(out, "--out", folder=True)
     read_records(out)  # a damaged teachers.json there is reported now, not after distillation
     dev = resolve_device(device)

@@ -61,8 +61,9 @@ def check_config(cfg: TrainConfig) -> None:
                                ("--seed", st.seed, 0)):
         if value < low:
             raise ValueError(f"{option} {value}: must be at least {low}")
-    if not 0 <= st.weight_decay < float("inf"):  # NaN too
-        raise ValueError(f"--weight-decay {st.weight_decay:g}: must be 0 or more")
+    if not 0 <= st.weight_decay <= 1:  # NaN too; more pulls every weight to 0 within a step, and the
+        # run was then reported as having learnt nothing, blaming --epochs and --lr
+        raise ValueError(f"--weight-decay {st.weight_decay:g}: must be from 0 to 1 (paper: 1e-5)")
     if not 0 < cfg.val_fraction < 1:
         raise ValueError(f"--val-fraction {cfg.val_fraction:g}: must be between 0 and 1 (calibration needs held-out "
                          "good images)")
