@@ -142,7 +142,7 @@ def test_worker_job_name_is_the_one_the_alerts_select():
 
 
 # -- metric names ----------------------------------------------------------------------------------
-METRIC_RE = re.compile(r"\b(?:ustudents|process)_[a-z0-9_]+\b")
+METRIC_RE = re.compile(r"\bustudents_[a-z0-9_]+\b")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
@@ -174,6 +174,7 @@ def test_every_metric_in_the_dashboard_and_the_rules_is_exported_by_the_worker()
     metrics.lag.labels("line1", "ustudents").set(0)
     metrics.pending.labels("line1", "ustudents").set(0)
     metrics.length.labels("line1").set(0)
+    metrics.serving_since.labels("line1").set(0)
     metrics.gpu_memory.labels("line1", "cuda:0", "used").set(0)
     metrics.model_info.labels("line1", "tiles-1", "0.1.0", "tiles", "torch", "fp32", "cpu").set(1)
     exposed = {line.split("{")[0].split(" ")[0] for line in metrics.exposition().decode().splitlines()

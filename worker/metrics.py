@@ -1,7 +1,8 @@
 """Prometheus metrics of the worker and the HTTP server of /metrics, /healthz and /readyz.
 
 Names follow Prometheus conventions (base units, `_total` counters, `_seconds`); METRIC_NAMES is
-the list dashboards and alerts may use. Every ustudents_ metric carries the `stream` label.
+the list dashboards and alerts may use. Every one carries the `stream` label; the standard process_*
+metrics come with them.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ METRIC_NAMES = (
     "ustudents_model_info",  # gauge = 1 {stream, model, version, category, backend, precision, device}
     "ustudents_gpu_memory_bytes",  # gauge {stream, device, kind=used|reserved}; only on a GPU
     "ustudents_ready",  # gauge {stream}: 1 when the model is loaded and Redis reachable
-    "process_start_time_seconds",  # gauge: when the worker process started (Unix time); the standard process metrics
+    "ustudents_serving_since_seconds",  # gauge {stream}: Unix time the worker began reading the stream (model loaded)
 )
 
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -49,9 +50,7 @@ class WorkerMetrics:
         self.registry = registry or CollectorRegistry()
         self.stream, self.group = stream, group
         r = self.registry
-        # process_start_time_seconds tells a worker just started (whose counters are new) from a
-        # Prometheus that just started (to which every counter is new): alerts.yml
-        ProcessCollector(registry=r)
+        ProcessCollector(registry=r)  # the standard process_* metrics: memory and CPU of a worker running for months
         self.processed = Counter("ustudents_frames_processed", "Frames scored and published.",
                                  ["stream", "category"], registry=r)
         self.dead_lettered = Counter("ustudents_frames_dead_lettered", "Frames sent to the dead-letter stream.",
@@ -87,6 +86,12 @@ class WorkerMetrics:
         self.gpu_memory = Gauge("ustudents_gpu_memory_bytes", "GPU memory: used on the device, reserved by PyTorch.",
                                 ["stream", "device", "kind"], registry=r)
         self.ready = Gauge("ustudents_ready", "1 when the model is loaded and Redis reachable.", ["stream"], registry=r)
+        # tells a worker that just began serving (whose counters are new) from a Prometheus that just
+        # started (to which every counter is new): alerts.yml. Not the process' start: in the GPU image
+        # that comes before minutes of plan building
+        self.serving_since = Gauge("ustudents_serving_since_seconds",
+                                   "Unix time the worker began reading the stream, its model loaded.", ["stream"],
+                                   registry=r)
         self.ready.labels(stream).set(0)
         self.reconnects.labels(stream)
         self.failures.labels(stream)

@@ -177,6 +177,7 @@ class Worker:
                         "models": {c: e.info for c, e in self.engines.items()},
                         "metrics_port": self.server.port if self.server else None})
         stages = [("reader", self._reader), ("inference", self._inference), ("publisher", self._publisher)]
+        self.metrics.serving_since.labels(s.stream).set(time.time())  # set before the first read can count a gap
         self.threads = [self._spawn(name, fn) for name, fn in stages]
         helpers = [self._spawn("monitor", self._monitor), self._spawn("keeper", self._keep_inflight_claimed)]
         while not self.stopping.wait(0.5):
