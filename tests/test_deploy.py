@@ -351,8 +351,13 @@ def test_gpu_entrypoint_is_valid_sh_and_needs_a_model(tmp_path):
         (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_dir / name).chmod(0o755)
     env.update(PATH=f"{bin_dir}:{env['PATH']}", USTUDENTS_MODEL="/models/tiles", USTUDENTS_ENGINE_PRECISION="fp16")
-    done = subprocess.run(["sh", str(script), "--stream", "line1"], env=env, capture_output=True, text=True, timeout=30)
-    assert done.stdout == "/var/cache/ustudents/engines/tiles--gpu fp16 --stream line1\n", done.stderr
+    for extra, runs in (({}, "/var/cache/ustudents/engines/tiles--gpu fp16"),
+                        ({"USTUDENTS_PRECISION": "int8"}, "/var/cache/ustudents/engines/tiles--gpu int8"),
+                        # no plan used: the bundles as they are, in the backend's own default precision
+                        ({"USTUDENTS_BACKEND": "torch"}, "/models/tiles ")):
+        done = subprocess.run(["sh", str(script), "--stream", "line1"], env={**env, **extra}, capture_output=True,
+                              text=True, timeout=30)
+        assert done.stdout == f"{runs} --stream line1\n", (extra, done.stdout, done.stderr)
 
 
 def test_the_images_requirements_are_the_projects_with_its_extras():
@@ -421,6 +426,29 @@ def test_prepare_engines_builds_once_into_the_cache_and_never_touches_the_mount(
             f.chmod(0o755 if f.is_dir() else 0o644)
 
 
+def test_prepare_engines_asks_the_runtime_for_a_plan_of_the_precision_and_batch_the_worker_runs(small_bundle,
+                                                                                                 tmp_path, monkeypatch):
+    """The real has_plan: the runtime's find_engine for this GPU (its plan check stubbed: no TensorRT
+    here), in the precision asked for, built for batches at least as large as the worker's."""
+    import ustudents.engines.tensorrt_build as trt_build
+    from ustudents.engines.bundle import load_bundle, update_manifest
+    from ustudents.engines.runtime import model_digest
+    from ustudents.engines.tensorrt_build import plan_entry
+
+    pe = prepare_module()
+    bundle = Path(shutil.copytree(small_bundle, tmp_path / "tiles"))
+    entry = plan_entry("fp16", "NVIDIA H100", "10.14", 8, 32, "0" * 64, "0" * 64, model_digest(load_bundle(bundle)))
+    update_manifest(bundle, engines=[entry])
+    monkeypatch.setattr(trt_build, "plan_mismatch", lambda e: None)  # as if built on this GPU and TensorRT
+    assert pe.has_plan(bundle, "fp16", 8) and pe.has_plan(bundle, "fp16", 4)
+    assert not pe.has_plan(bundle, "fp32", 8) and not pe.has_plan(bundle, "fp16", 16)
+    monkeypatch.setattr(trt_build, "plan_mismatch", lambda e: "built for another GPU")
+    assert not pe.has_plan(bundle, "fp16", 8)
+    # int8 is never built at start (it needs calibration images): shipped, or refused with the command
+    with pytest.raises(pe.PrepareError, match=r"int8 plans are not built at start .* --precision int8 --max-batch 8"):
+        pe.prepare([bundle], tmp_path / "cache", "int8", 8, tag=lambda: "gpu", build=lambda *a: None)
+
+
 def test_prepare_engines_one_line_errors(tmp_path, capsys):
     pe = prepare_module()
     src = fake_bundle(tmp_path / "tiles")
@@ -432,11 +460,11 @@ def test_prepare_engines_one_line_errors(tmp_path, capsys):
                    build=failing_build)
     with pytest.raises(pe.PrepareError, match="not a model bundle"):
         pe.prepare([tmp_path], tmp_path / "cache", "fp16", 8, has_plan=lambda p, precision, batch: False, tag=lambda: "gpu")
-    with pytest.raises(pe.PrepareError, match="choose one of fp32, fp16"):
+    with pytest.raises(pe.PrepareError, match="TensorRT plans are one of fp32, fp16, int8"):
         pe.prepare([src], tmp_path / "cache", "bf16", 8, has_plan=lambda p, precision, batch: False, tag=lambda: "gpu")
     for env, says in (({"USTUDENTS_MODEL": str(tmp_path / "missing")}, "no such bundle directory"),
-                      ({"USTUDENTS_MODEL": str(src), "USTUDENTS_PRECISION": "fp16", "USTUDENTS_ENGINE_PRECISION": "fp32"},
-                       "USTUDENTS_PRECISION=fp16 and USTUDENTS_ENGINE_PRECISION=fp32 differ")):
+                      ({"USTUDENTS_MODEL": str(src), "USTUDENTS_PRECISION": "bf16", "USTUDENTS_ENGINE_PRECISION": "fp16"},
+                       "precision bf16 (USTUDENTS_PRECISION, else USTUDENTS_ENGINE_PRECISION)")):
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("USTUDENTS_")}, **env}
         done = subprocess.run([sys.executable, str(DEPLOY / "docker" / "prepare_engines.py")], env=env,
                               capture_output=True, text=True, timeout=60)

@@ -2,8 +2,10 @@
 
 Reads USTUDENTS_MODEL (bundle directories, comma-separated; mounted read-only),
 USTUDENTS_ENGINE_CACHE (a writable folder, a volume so builds survive restarts),
-USTUDENTS_ENGINE_PRECISION (fp32 or fp16: the worker runs it, as USTUDENTS_PRECISION, which the
-entrypoint sets from it) and USTUDENTS_BATCH (the worker's batch: the plan's largest batch). Prints the bundle directories the worker should serve, comma-separated:
+USTUDENTS_PRECISION, else USTUDENTS_ENGINE_PRECISION (the precision the worker runs: the entrypoint
+sets USTUDENTS_PRECISION from USTUDENTS_ENGINE_PRECISION where it is unset; fp32 and fp16 plans are
+built here, an int8 plan must come with the bundle, as it needs calibration images) and
+USTUDENTS_BATCH (the worker's batch: the plan's largest batch). Run only for the TensorRT backend. Prints the bundle directories the worker should serve, comma-separated:
 a bundle that already has a usable plan as it is; otherwise its copy in the cache, into which
 `ustudents build-engines COPY --backend tensorrt` has built one. Progress goes to stderr.
 
@@ -27,7 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 DEFAULT_BATCH = 8
-PRECISIONS = ("fp32", "fp16")
+BUILT = ("fp32", "fp16")  # built at start; int8 only shipped in the bundle
+PRECISIONS = BUILT + ("int8",)
 
 
 class PrepareError(Exception):
@@ -83,11 +86,16 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise PrepareError(f"precision {precision} (USTUDENTS_PRECISION, else USTUDENTS_ENGINE_PRECISION): TensorRT "
+                           f"plans are one of {', '.join(PRECISIONS)}")
+
+
 def prepare(model_dirs: list[Path], cache: Path, precision: str, max_batch: int, *,
             has_plan: Callable[[Path, str, int], bool] = has_plan, tag: Callable[[], str] = gpu_tag,
             build: Callable[[Path, str, int], None] = build_plan) -> list[Path]:
-    if precision not in PRECISIONS:
-        raise PrepareError(f"USTUDENTS_ENGINE_PRECISION={precision}: choose one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     served = []
     for src in model_dirs:
         ident, digest = bundle_key(src)
@@ -95,6 +103,11 @@ def prepare(model_dirs: list[Path], cache: Path, precision: str, max_batch: int,
             log(f"{src}: has a TensorRT {precision} plan for this GPU and batch {max_batch}")
             served.append(src)
             continue
+        if precision not in BUILT:
+            raise PrepareError(f"{src}: no TensorRT {precision} plan for this GPU and batch {max_batch}, and int8 plans "
+                               "are not built at start (they need calibration images): build one into the bundle "
+                               f"(ustudents build-engines BUNDLE --backend tensorrt --precision int8 --max-batch "
+                               f"{max_batch} --calibration-images DIR) or run fp16")
         cache.mkdir(parents=True, exist_ok=True)
         # the batch is in the key: a plan serves batches up to the max it was built for, so raising
         # USTUDENTS_BATCH must build a new one rather than quietly run at the old maximum
@@ -153,11 +166,8 @@ def main() -> int:
         batch = os.environ.get("USTUDENTS_BATCH", str(DEFAULT_BATCH))
         if not batch.isdigit() or int(batch) < 1:
             raise PrepareError(f"USTUDENTS_BATCH={batch}: give a positive whole number")
-        precision = os.environ.get("USTUDENTS_ENGINE_PRECISION", "fp32")
-        runs = os.environ.get("USTUDENTS_PRECISION") or precision
-        if runs != precision:  # the worker would run another precision than the plan built for it
-            raise PrepareError(f"USTUDENTS_PRECISION={runs} and USTUDENTS_ENGINE_PRECISION={precision} differ: "
-                               "set USTUDENTS_ENGINE_PRECISION alone")
+        precision = os.environ.get("USTUDENTS_PRECISION") or os.environ.get("USTUDENTS_ENGINE_PRECISION", "fp32")
+        check_precision(precision)  # before the endpoints: one line, not two
         server = serve_while_building()
         try:
             served = prepare(models, Path(os.environ.get("USTUDENTS_ENGINE_CACHE", "/var/cache/ustudents/engines")),
