@@ -163,18 +163,21 @@ class Bundle:
         return model.eval()
 
 
+def is_bundle(folder: Path) -> bool:
+    """A folder whose manifest says it is a ustudents bundle (not any manifest.json: web apps have them)."""
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_writable(out: Path) -> None:
     """`out` must be absent, an empty folder, or a bundle (which will be replaced): never anything
     else, which replacing would delete."""
     out = Path(out)
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
-    try:
-        manifest = json.loads((out / MANIFEST).read_text())
-        is_bundle = manifest.get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        is_bundle = False
-    if not is_bundle:
+    if not is_bundle(out):
         raise BundleError(f"{out}: exists and is not a model bundle; choose another --out (it would be replaced)")
     # Hidden names are the bundle's own leftovers (an interrupted write's .partial files, NFS's .nfs*) or
     # system files; a weights file the manifest no longer names is an interrupted recalibration's.

@@ -368,8 +368,10 @@ def test_train_refuses_before_training_what_would_waste_it(tmp_path, tiny_mvtec,
     # inside another bundle: it became part of that folder, which could then not be trained to again
     bundle = tmp_path / "b"
     bundle.mkdir()
-    (bundle / "manifest.json").write_text("{}")
+    (bundle / "manifest.json").write_text('{"format": "ustudents-bundle"}')
     refused(train_args(root, bundle / "v2", random_teachers), f"--out {bundle / 'v2'}: inside the model bundle {bundle}")
+    (bundle / "manifest.json").write_text('{"name": "a web app"}')  # not a bundle's: no reason to refuse
+    refused(train_args(root, bundle / "v2", tmp_path / "no-teachers"), "no-teachers")  # refused later, for that
     broken = tmp_path / "teachers"
     shutil.copytree(random_teachers, broken)
     (broken / "teachers.json").write_text('{"17": null}')

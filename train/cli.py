@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import torch
 
-from ustudents.engines.bundle import (MANIFEST, BundleError, check_replaceable, check_writable, load_bundle,
+from ustudents.engines.bundle import (BundleError, check_replaceable, check_writable, is_bundle, load_bundle,
                                       rewrite_bundle)
 from ustudents.engines.cli import (InputError, changing_bundle, check_apart, check_output,
                                    engine_options, sigterm_as_ctrl_c,
@@ -136,7 +136,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
         click.echo(f"--out {out}: a symbolic link to {os.readlink(out)}, which does not exist yet: the bundle is made "
                    "there (if that is a share, make sure it is mounted)")
     check_apart(out, "--out", Path(data_root) / category, "the category's images")
-    inside = next((p for p in real_path(out).parents if (p / MANIFEST).is_file()), None)
+    inside = next((p for p in real_path(out).parents if is_bundle(p)), None)
     if inside is not None:  # it became part of that bundle's folder, which could then not be trained to again
         check_apart(out, "--out", inside, "the model bundle")
     check_writable(out)  # these are cheap: before the test set is read
