@@ -684,6 +684,28 @@ def test_a_loop_of_symbolic_links_is_a_one_line_error_not_a_traceback(tiny_bundl
     assert loop.is_symlink() and sorted(tmp_path.iterdir()) == [loop]
 
 
+def test_evaluate_stores_no_results_in_a_bundle_retrained_or_recalibrated_while_it_ran(bundle_copy, eval_root,
+                                                                                       tmp_path, monkeypatch):
+    """It stored the old model's results in the manifest of the new one."""
+    import copy
+
+    import ustudents.train.evaluate as evaluate_module
+    from ustudents.engines.bundle import changing
+
+    def recalibrated_meanwhile(path):
+        statistics = copy.deepcopy(load_bundle(path).manifest["statistics"])
+        statistics["17"]["e_mu"] += 1.0
+        update_manifest(path, statistics=statistics)
+        return changing(path)
+
+    monkeypatch.setattr(evaluate_module, "changing", recalibrated_meanwhile)
+    result = invoke("evaluate", bundle_copy, "--data-root", eval_root, "--json", tmp_path / "r.json")
+    assert_ok(result)
+    assert "the model there changed while it was evaluated (retrained or recalibrated)" in result.output
+    assert load_bundle(bundle_copy).manifest["evaluation"] is None
+    assert "au_pro_30" in json.loads((tmp_path / "r.json").read_text())  # the results themselves are kept
+
+
 def test_evaluate_on_a_read_only_bundle_still_prints_and_writes_its_results(bundle_copy, eval_root, tmp_path,
                                                                            monkeypatch):
     """A container mounts the model read-only: storing the results in the manifest fails there, and

@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import torch
 
-from ustudents.engines.bundle import BundleError, changing, update_manifest
+from ustudents.engines.bundle import BundleError, changing, load_bundle, update_manifest
 from ustudents.engines.files import os_error_line, real_path, write_atomically
 from ustudents.engines.images import read_image
 from ustudents.engines.overlay import heatmap_overlay
-from ustudents.engines.runtime import Engine, map_to_frame
+from ustudents.engines.runtime import Engine, map_to_frame, model_digest
 from ustudents.engines.scoring import mask
 
 from . import dataset
@@ -97,7 +97,12 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
             log(f"overlays not all written ({os_error_line(err)}); the results follow")
     try:
         with changing(bundle.path):  # a calibrate meanwhile would be undone by the manifest read before it
-            update_manifest(bundle.path, evaluation=results)
+            # retrained or recalibrated while this ran: these results are another model's
+            if model_digest(load_bundle(bundle.path)) != model_digest(bundle):
+                log(f"results not stored in {bundle.path}/manifest.json: the model there changed while it was "
+                    "evaluated (retrained or recalibrated); evaluate it again for its own")
+            else:
+                update_manifest(bundle.path, evaluation=results)
     except OSError as err:  # a read-only bundle (a container's model mount): the results are still returned
         log(f"results not stored in {bundle.path}/manifest.json ({err.strerror or err})")
     except BundleError as err:  # another command holds it: storing is secondary, the results are returned
