@@ -257,7 +257,10 @@ def write_bundle(out: Path, manifest: dict[str, Any], tensors: dict[str, torch.T
                                    "evaluate storing its results); the new bundle replaces it once that has "
                                    "finished", wait=True) if out.is_dir() else contextlib.nullcontext()
                 with held:
-                    os.replace(out, old)
+                    try:
+                        os.replace(out, old)
+                    except OSError as err:  # named by the bundle, not by the hidden name it was to move to
+                        raise OSError(err.errno, err.strerror, str(out)) from None
                     os.replace(tmp, out)
             except BaseException:
                 # Ctrl-C lands after a rename returns: decided by what is on disk, not by how far the code got

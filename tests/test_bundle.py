@@ -1,6 +1,7 @@
 """The bundle format: round trip, atomic replacement, and refusal of damaged bundles."""
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -315,13 +316,38 @@ def test_a_new_bundle_waits_for_a_command_changing_the_old_one_then_replaces_it(
         make_bundle(tmp_path / "b", seed=1)
         written.set()
 
+    def waiting() -> bool:
+        return any("the new bundle replaces it once that has finished" in r.getMessage() for r in caplog.records)
+
     with caplog.at_level("WARNING"):
         with changing(tmp_path / "b"):  # as calibrate holds it
             thread = threading.Thread(target=train_again)
             thread.start()
-            assert not written.wait(1.5)
+            end = time.monotonic() + 60
+            while not waiting() and time.monotonic() < end:  # the new bundle written, the swap waiting
+                time.sleep(0.05)
+            assert waiting() and not written.is_set()
             assert load_bundle(tmp_path / "b").manifest["id"] == "t-0"
         thread.join(60)
     assert written.is_set() and load_bundle(tmp_path / "b").manifest["id"] == "t-1"
-    assert any("the new bundle replaces it once that has finished" in r.getMessage() for r in caplog.records)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_an_old_bundle_that_cannot_be_moved_aside_is_named_itself(tmp_path, monkeypatch):
+    """A sticky shared folder refuses the move: the error named the hidden folder it was to move to."""
+    import os
+
+    make_bundle(tmp_path / "b", seed=0)
+    real_replace = os.replace
+
+    def refuse_moving_the_bundle(src, dst):
+        if str(src) == str(tmp_path / "b"):
+            raise PermissionError(1, "Operation not permitted", str(src), None, str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_moving_the_bundle)
+    with pytest.raises(OSError) as err:
+        make_bundle(tmp_path / "b", seed=1)
+    assert err.value.filename == str(tmp_path / "b") and err.value.filename2 is None
+    monkeypatch.undo()
+    assert load_bundle(tmp_path / "b").manifest["id"] == "t-0" and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
