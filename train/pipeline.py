@@ -61,8 +61,8 @@ def check_config(cfg: TrainConfig) -> None:
                                ("--seed", st.seed, 0)):
         if value < low:
             raise ValueError(f"{option} {value}: must be at least {low}")
-    if not 0 <= st.weight_decay <= 1:  # NaN too; more pulls every weight to 0 within a step, and the
-        # run was then reported as having learnt nothing, blaming --epochs and --lr
+    if not 0 <= st.weight_decay <= 1:  # NaN too; Adam adds it to the gradient, where more drowns the
+        # loss's own: the run learnt nothing and was reported so, blaming --epochs and --lr
         raise ValueError(f"--weight-decay {st.weight_decay:g}: must be from 0 to 1 (paper: 1e-5)")
     if not 0 < cfg.val_fraction < 1:
         raise ValueError(f"--val-fraction {cfg.val_fraction:g}: must be between 0 and 1 (calibration needs held-out "

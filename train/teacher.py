@@ -262,7 +262,7 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     if not cfg.target_strides or not set(cfg.target_strides) <= set(FEATURE_STRIDES):
         raise TeacherError(f"--target-strides {','.join(map(str, cfg.target_strides))}: choose one or more of P's "
                            f"map strides {','.join(map(str, FEATURE_STRIDES))}")
-    if not 0 <= cfg.weight_decay <= 1:  # NaN too; more pulls every weight to 0 within a step
+    if not 0 <= cfg.weight_decay <= 1:  # NaN too; Adam adds it to the gradient, where more drowns the loss's
         raise TeacherError(f"--weight-decay {cfg.weight_decay:g}: must be from 0 to 1 (paper: 1e-5)")
     for option, weight in (("--lambda-k", cfg.lambda_k), ("--lambda-c", cfg.lambda_c), ("--lambda-m", cfg.lambda_m),
                            ("--margin", cfg.margin)):
