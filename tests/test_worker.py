@@ -1031,6 +1031,7 @@ def test_sigterm_publishes_everything_in_flight_and_exits_0(small_bundle, frames
         in_flight = pending_count(r, stream, consumer="term")
         t0 = time.monotonic()
         worker.send_signal(signal.SIGTERM)
+        worker.send_signal(signal.SIGTERM)  # as GNU timeout sends it: to the worker, then to its group
         code = worker.wait(60)
         elapsed = time.monotonic() - t0
         log = worker.stdout.read()
@@ -1045,6 +1046,27 @@ def test_sigterm_publishes_everything_in_flight_and_exits_0(small_bundle, frames
     exactly_one_result_each(r, stream, handed)  # everything the worker had read is published ...
     assert pending_count(r, stream) == 0  # ... and acknowledged
     assert not joined(r, stream, "term")  # a clean exit leaves no consumer behind
+
+
+def test_a_second_stop_signal_exits_at_once_unless_it_is_the_first_repeated(monkeypatch):
+    """GNU timeout sends SIGTERM to the worker and then to its process group: that one stop, taken as a
+    second, force-exited a worker that was finishing its batches (exit 1, frames left pending)."""
+    from ustudents.worker import service
+
+    worker = service.Worker.__new__(service.Worker)  # only the signal handling, no model or Redis
+    worker.stopping, worker.signalled_at = threading.Event(), None
+    worker.stop = worker.stopping.set
+    exits = []
+    monkeypatch.setattr(service.os, "_exit", exits.append)
+    now = [100.0]
+    monkeypatch.setattr(service.time, "monotonic", lambda: now[0])
+    worker._on_signal(signal.SIGTERM, None)
+    now[0] += 0.01
+    worker._on_signal(signal.SIGTERM, None)  # the same stop, repeated
+    assert worker.stopping.is_set() and exits == []
+    now[0] += service.REPEATED_SIGNAL_S
+    worker._on_signal(signal.SIGINT, None)  # a person's second Ctrl-C
+    assert exits == [1]
 
 
 def test_sigterm_past_the_deadline_mid_inference_exits_1_and_leaves_the_frames_pending(

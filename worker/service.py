@@ -46,6 +46,8 @@ log = logging.getLogger("ustudents.worker")
 # A worker stalled this many times stall_timeout_s exits by itself (run): liveness has failed since
 # stall_timeout_s, and an orchestrator that restarts on it (Kubernetes) has done so by then.
 STALL_EXIT_FACTOR = 2
+# A stop signal repeated within this many seconds is the same stop sent twice, not a second one
+REPEATED_SIGNAL_S = 1.0
 
 STOP = object()  # end of a queue
 # A `ts` this far ahead of the worker's clock (skewed camera clocks) or behind it (a backlog of a day)
@@ -129,6 +131,7 @@ class Worker:
         self.io = StreamIO(self.client, s.stream, s.group, s.consumer, results_maxlen=s.results_maxlen,
                            dead_maxlen=s.dead_maxlen, dedupe_ttl_s=s.dedupe_ttl_s)
         self.stopping = threading.Event()  # stop reading; finish what was read
+        self.signalled_at: float | None = None  # monotonic time of the first SIGTERM/SIGINT
         self.abandon = threading.Event()  # give up on what is in flight (deadline passed, or a stage crashed)
         self.decoded: queue.Queue = queue.Queue(maxsize=s.queue_batches)
         self.scored: queue.Queue = queue.Queue(maxsize=s.queue_batches)
@@ -222,10 +225,17 @@ class Worker:
         return code
 
     def _on_signal(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.signalled_at is not None and now - self.signalled_at < REPEATED_SIGNAL_S:
+            # one stop sent twice: GNU timeout signals the worker, then its own process group, and so
+            # do some supervisors; a person's second Ctrl-C comes later
+            log.info("%s again at once: taken as the same stop", signal.Signals(signum).name, extra={"event": "signal"})
+            return
         if self.stopping.is_set():
             log.warning("second %s: exiting now; unpublished entries stay pending for other workers",
                         signal.Signals(signum).name, extra={"event": "forced_exit"})
             os._exit(1)
+        self.signalled_at = now
         log.info("%s received", signal.Signals(signum).name, extra={"event": "signal"})
         self.stop()
 
