@@ -988,6 +988,20 @@ def test_students_that_barely_trained_give_a_model_with_a_warning_that_it_detect
     assert "--epochs, now 1" in result.output and (tmp_path / "m" / "manifest.json").is_file()
 
 
+def test_students_that_learned_a_little_of_the_teacher_are_warned_of_too():
+    """A one-epoch smoke run that learned 3% of the teacher gave no warning: only 0% or less did."""
+    from ustudents.train.pipeline import low_share_warning
+    from ustudents.train.students import StudentConfig
+
+    st = StudentConfig(epochs=1, lr=1e-4)
+    assert low_share_warning(17, 0.03, st) == ("WARNING p=17: the students predict only 3% of the teacher's "
+                                               "descriptor variance on good images: this scale cannot tell defects "
+                                               "from good parts; train longer (--epochs, now 1) or lower --lr (now "
+                                               "0.0001)")
+    assert "no better than its mean" in low_share_warning(33, -0.2, st)
+    assert low_share_warning(17, 0.64, st) is None  # the least a measured model predicts
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_gpu(tmp_path, tiny_mvtec, random_teachers, tiny_bundle, eval_root):
