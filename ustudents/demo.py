@@ -368,13 +368,21 @@ def summary_lines(s: Summary, threshold: float) -> list[str]:
     return lines
 
 
+def covered_text(share: float | None) -> str:
+    """A share of the defect under the mask; one above 0 never reads '0%', which the summary's count of
+    located defects would contradict."""
+    if share is None:
+        return ""
+    return "<1%" if 0 < share < 0.005 else f"{share:.0%}"
+
+
 TABLE_HEAD = f"{'frame':<28} {'ground truth':<12} {'score':>8}  {'anomalous':<9}  {'defect covered':>14}"
 
 
 def table_row(r: Row) -> str:
     if r.dead is not None:
         return f"{r.frame.frame_id[:28]:<28} {r.frame.truth:<12} DEAD {r.dead}"
-    covered = "" if r.defect_covered is None else f"{r.defect_covered:.0%}"
+    covered = covered_text(r.defect_covered)
     mark = "" if r.correct else "  (wrong)"
     return (f"{r.frame.frame_id[:28]:<28} {r.frame.truth:<12} {r.score:>8.3f}  {'yes' if r.anomalous else 'no':<9}  "
             f"{covered:>14}{mark}")
@@ -390,7 +398,7 @@ def write_report(out: Path, rows: list[Row], summary: Summary, info: dict) -> Pa
         verdict = ("DEAD " + e(r.dead or "")) if r.dead is not None else ("anomalous" if r.anomalous else "ok")
         cls = "dead" if r.dead is not None else ("right" if r.correct else "wrong")
         score = "" if r.score is None else f"{r.score:.3f}"
-        covered = "" if r.defect_covered is None else f"{r.defect_covered:.0%}"
+        covered = covered_text(r.defect_covered)
         cells.append(f'<tr class="{cls}"><td>{e(r.frame.frame_id)}</td><td>{e(r.frame.truth)}</td><td>{score}</td>'
                      f'<td>{verdict}</td><td>{covered}</td><td>{img("frame")}</td><td>{img("truth")}</td>'
                      f'<td>{img("mask")}</td><td>{img("overlay")}</td></tr>')
