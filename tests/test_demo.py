@@ -148,7 +148,7 @@ def test_table_rows(tmp_path):
     assert demo.TABLE_HEAD.split()[:4] == ["frame", "ground", "truth", "score"]
     # a defect the mask touches never reads 0%: the summary counts it as located
     r[2].defect_covered = 0.0028
-    assert demo.table_row(r[2]).split()[-1] == "<1%" and demo.summarize(r)["located"] >= 1
+    assert demo.table_row(r[2]).split()[-1] == "<1%" and demo.summarize(r).located >= 1
 
 
 def test_report_links_every_picture_and_escapes_names(tmp_path):
