@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -106,10 +107,19 @@ _told_of_dark_16_bit = False  # dark_16_bit_hint: once per process
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def _usual_suffix(folder: Path) -> str:
+    """The commonest image suffix in `folder` (.png if it holds none): the glob to suggest for it."""
+    try:
+        found = Counter(f.suffix for f in folder.iterdir() if is_image_file(f))
+    except OSError:
+        found = Counter()
+    return found.most_common(1)[0][0] if found else ".png"
+
+
 def _read_bytes(path: str | Path) -> bytes:
     path = Path(path)
     if path.is_dir():
-        raise ImageError(f"{path}: a folder, not an image; give image files (e.g. {path}/*.png)")
+        raise ImageError(f"{path}: a folder, not an image; give image files (e.g. {path}/*{_usual_suffix(path)})")
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
     try:

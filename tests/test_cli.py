@@ -555,6 +555,10 @@ def test_predict_on_a_non_image_file(tiny_bundle, tmp_path):
     assert not out.exists()
     assert_input_error(invoke("predict", tiny_bundle, tmp_path, "--out", out), f"{tmp_path}: a folder, not an image")
     assert not out.exists()
+    jpegs = tmp_path / "jpegs"  # the glob suggested was *.png, which matched none of its files
+    jpegs.mkdir()
+    (jpegs / "a.jpg").write_bytes(b"")
+    assert_input_error(invoke("predict", tiny_bundle, jpegs, "--out", out), f"give image files (e.g. {jpegs}/*.jpg)")
     # a 1-pixel file and a 1 x 500 strip were scored "ok" with confidence, resized to the model's size
     for name, shape in (("dot.png", (1, 1)), ("strip.png", (500, 1))):
         cv2.imwrite(str(tmp_path / name), np.full(shape, 128, np.uint8))
