@@ -94,8 +94,8 @@ amp_option = click.option("--amp", type=click.Choice(["auto", "on", "off"]), def
               help="Mask threshold: the share of validation pixels allowed above it.")
 @click.option("--image-fpr", default=DEFAULT_IMAGE_FPR, show_default=True,
               help="Image threshold: the share of good images flagged anomalous (position score; README: Scores).")
-@click.option("--teachers", type=click.Path(path_type=Path), default=DEFAULT_DIR, show_default="the shipped teachers",
-              help="Folder of teacher_p<P>.safetensors.")
+@click.option("--teachers", type=click.Path(path_type=Path), default=DEFAULT_DIR, show_default=False,
+              help="Folder of teacher_p<P>.safetensors.  [default: the shipped teachers]")
 @amp_option
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True,
               help="Evaluate on the category's test set afterwards (stored in the manifest).")
