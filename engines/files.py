@@ -61,9 +61,9 @@ def os_error_line(err: BaseException) -> str:
     if not isinstance(err, OSError) or err.errno is None or not err.strerror:
         return str(err)
     hint = _OS_ERROR_HINTS.get(err.errno)
-    # Python names no file for errors of read() and write() themselves (a full disk, a disk I/O error)
-    # a rename (os.replace) names the temporary file first, the file it replaces second: the one the user
-    # knows, and the one refused, except where the temporary file itself is gone
+    # A rename (os.replace) names the temporary file first and the file it replaces second: the one the
+    # user knows, and the one refused, unless the temporary file itself is gone. Python names no file
+    # for errors of read() and write() themselves (a full disk, a disk I/O error).
     second = err.filename2 is not None and err.errno != errno.ENOENT
     where = err.filename2 if second else err.filename if err.filename is not None else \
         "writing the output" if err.errno in _WRITE_ERRNOS else "a file the command read or wrote"

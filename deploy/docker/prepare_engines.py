@@ -5,9 +5,10 @@ USTUDENTS_ENGINE_CACHE (a writable folder, a volume so builds survive restarts),
 USTUDENTS_PRECISION, else USTUDENTS_ENGINE_PRECISION (the precision the worker runs: the entrypoint
 sets USTUDENTS_PRECISION from USTUDENTS_ENGINE_PRECISION where it is unset; fp32 and fp16 plans are
 built here, an int8 plan must come with the bundle, as it needs calibration images) and
-USTUDENTS_BATCH (the worker's batch: the plan's largest batch). Run only for the TensorRT backend. Prints the bundle directories the worker should serve, comma-separated:
-a bundle that already has a usable plan as it is; otherwise its copy in the cache, into which
-`ustudents build-engines COPY --backend tensorrt` has built one. Progress goes to stderr.
+USTUDENTS_BATCH (the worker's batch: the plan's largest batch). Run only for the TensorRT backend.
+Prints the bundle directories the worker should serve, comma-separated: a bundle that already has a
+usable plan as it is; otherwise its copy in the cache, into which `ustudents build-engines COPY
+--backend tensorrt` has built one. Progress goes to stderr.
 
 A copy in the cache is named after the bundle id, the GPU, the TensorRT version, the precision and
 a hash of the source manifest: a cache shared by different GPUs never mixes plans, and a
