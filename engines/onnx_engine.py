@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +60,53 @@ def onnxruntime_session(path: Path, threads: int | None = None):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def interruptible_run(session, feeds: dict) -> list:
+    """session.run(None, feeds), stoppable by Ctrl-C.
+
+    Python takes a signal only between bytecodes of the main thread, so a run (seconds to minutes
+    for an fp16 graph on a CPU without fp16 arithmetic) would hold Ctrl-C until it ended. The run
+    goes to a thread while the main thread waits; on KeyboardInterrupt ONNX Runtime is told to stop
+    before its next node (RunOptions.terminate) and the run's end is awaited, so nothing runs on
+    behind (a run still inside ONNX Runtime at interpreter exit aborts the process). The wait is
+    on an Event, not Thread.join: Python 3.11's join marks a thread finished when a signal
+    interrupts it."""
+    import onnxruntime as ort
+
+    if threading.current_thread() is not threading.main_thread():  # no signal reaches it there
+        return session.run(None, feeds)
+    options, outcome, done = ort.RunOptions(), {}, threading.Event()
+
+    def target():
+        try:
+            outcome["outputs"] = session.run(None, feeds, options)
+        except BaseException as exc:  # re-raised by the caller's thread
+            outcome["error"] = exc
+        finally:
+            done.set()
+    threading.Thread(target=target, name="onnxruntime-run", daemon=True).start()
+    try:
+        while not done.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        options.terminate = True
+        while True:
+            try:
+                done.wait()
+                break
+            except KeyboardInterrupt:  # a second Ctrl-C waits for the same stop
+                continue
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["outputs"]
+
+
 def onnxruntime_runner(path: Path, threads: int | None = None):
     """A runner (float (B, 3, S, S) CPU tensor -> fused, per-scale maps) over an ONNX file."""
     session = onnxruntime_session(path, threads)
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fused, scales = session.run(None, {INPUT: x.cpu().numpy()})
+        fused, scales = interruptible_run(session, {INPUT: x.cpu().numpy()})
         return torch.from_numpy(fused), torch.from_numpy(scales)
     return run
 

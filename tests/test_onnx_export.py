@@ -34,3 +34,56 @@ def test_onnx_matches_pytorch_with_dynamic_batch(tmp_path):
     assert fused.shape == (3, 64, 64) and scales.shape == (3, 2, 64, 64)
     np.testing.assert_allclose(fused, ref_fused.numpy(), atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(scales, ref_scales.numpy(), atol=1e-4, rtol=1e-4)
+
+
+LONG_RUN = """
+import sys, time
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from ustudents.engines.onnx_engine import interruptible_run
+
+# 60 chained 4096-square matrix products on one thread: at least 40 s even at a core's peak FLOP rate.
+n, steps = 4096, 60
+w = numpy_helper.from_array(np.eye(n, dtype=np.float32), "w")
+nodes = [helper.make_node("MatMul", [f"y{i}", "w"], [f"y{i + 1}"]) for i in range(steps)]
+graph = helper.make_graph(nodes, "long", [helper.make_tensor_value_info("y0", TensorProto.FLOAT, [n, n])],
+                          [helper.make_tensor_value_info(f"y{steps}", TensorProto.FLOAT, [n, n])], [w])
+opts = ort.SessionOptions()
+opts.intra_op_num_threads = 1
+opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the chain as it is
+session = ort.InferenceSession(helper.make_model(graph).SerializeToString(), sess_options=opts,
+                               providers=["CPUExecutionProvider"])
+print("running", flush=True)
+start = time.monotonic()
+try:
+    interruptible_run(session, {"y0": np.ones((n, n), np.float32)})
+except KeyboardInterrupt:
+    print(f"stopped after {time.monotonic() - start:.1f} s", flush=True)
+    sys.exit(130)
+print("ran to the end", flush=True)
+"""
+
+
+def test_ctrl_c_stops_an_onnxruntime_run_at_once():
+    """Ctrl-C during a long ONNX Runtime run (an fp16 check on a CPU) stops it at once, and the process
+    exits cleanly: not when the run would have ended, and not with a C++ abort at exit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", LONG_RUN], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        time.sleep(1.0)  # inside the run, which takes at least 40 s
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        waited = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert out.startswith("stopped after") and "terminate called" not in err, (out, err)
+    assert waited < 10, waited
