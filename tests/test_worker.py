@@ -40,6 +40,7 @@ from ustudents.engines.bundle import load_bundle, update_manifest
 from ustudents.engines.images import read_image
 from ustudents.engines.runtime import load_engine
 from ustudents.worker import schema
+from ustudents.worker.connection import refusal
 from ustudents.worker.metrics import METRIC_NAMES, starting
 from ustudents.worker.service import Worker
 from ustudents.worker.settings import WorkerSettings
@@ -629,16 +630,60 @@ def test_a_redis_at_its_memory_cap_between_two_redelivered_frames_is_waited_out(
         thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
         thread.start()
         assert refused.wait(30)
-        time.sleep(1.0)
+        time.sleep(1.0)  # reads still succeed meanwhile (the monitor's): they must not make it ready again
         assert worker.crashed is None and worker.alive()[0]
+        ready, why = worker.ready()
+        assert not ready and "redis refuses the reader" in why and "maxmemory" in why, why
         r.config_set("maxmemory", 0)
         wait_for(lambda: len(results_of(r, stream)) == 2, 30, "both results once Redis takes writes again")
+        assert worker.ready() == (True, "model loaded, redis reachable")
         worker.stop()
         thread.join(30)
         assert codes == [0]
         exactly_one_result_each(r, stream, ids)
     finally:
         server.stop()
+
+
+
+def test_a_redis_refusing_writes_for_a_full_disk_is_waited_out_not_ready(engines, frames, redis_url, stream,
+                                                                          monkeypatch):
+    """A failed RDB save (a full disk) makes Redis refuse every write with MISCONF, which redis-py
+    raises as a plain ResponseError: it crashed the worker, the computed results lost, and every
+    restart crashed again. It is a refusal to wait out, not ready meanwhile, as OOM is."""
+    misconf = ("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk. "
+               "Commands that may modify the data set are disabled, because this instance is configured to report "
+               "errors during writes if RDB snapshotting fails (stop-writes-on-bgsave-error option).")
+    assert refusal(redis.ResponseError(misconf)) and refusal(redis.ResponseError("NOREPLICAS Not enough good replicas"))
+    assert refusal(redis.ResponseError("Error running script (call to f_1): @user_script:9: @user_script: 9: -MISCONF "
+                                       "Redis is configured to save RDB snapshots"))  # Redis < 7 wraps it
+    assert refusal(redis.ResponseError(f"Command # 1 (HSETNX k t 1) of pipeline caused error: {misconf}"))
+    assert not refusal(redis.ResponseError("ERR unknown command 'XAUTOCLAIM'"))
+    assert not refusal(redis.ResponseError("Command # 2 (XADD r * a b) of pipeline caused error: WRONGTYPE Operation"))
+    r = client(redis_url)
+    ids = [add_frame(r, stream, f) for f in frames[:3]]
+    refusals = threading.Semaphore(0)
+    disk_full = threading.Event()
+    disk_full.set()
+    real = StreamIO.publish
+
+    def publish(io, records):
+        if disk_full.is_set():
+            refusals.release()
+            raise redis.ResponseError(misconf)
+        return real(io, records)
+
+    monkeypatch.setattr(StreamIO, "publish", publish)
+    with in_process_worker(engines, redis_url, stream, consumer="station-4") as worker:
+        assert refusals.acquire(timeout=60) and refusals.acquire(timeout=30)  # refused, and retried
+        ready, why = worker.ready()
+        assert not ready and why.startswith("redis refuses the publisher (MISCONF"), why
+        assert worker.crashed is None and worker.alive()[0]
+        assert results_of(r, stream) == [] and pending_count(r, stream) == 3
+        disk_full.clear()  # the operator frees the disk: the held results go out
+        wait_for(lambda: len(results_of(r, stream)) == 3, 30, "the results held while Redis refused them")
+        assert worker.ready()[0]
+    exactly_one_result_each(r, stream, ids)
 
 
 def test_two_workers_finishing_the_same_entry_publish_one_result(redis_url, stream):

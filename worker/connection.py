@@ -25,9 +25,14 @@ log = logging.getLogger("ustudents.worker")
 UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
 # Redis is there but cannot serve the worker now; each passes without anyone touching the worker:
 # a node demoted to replica by a failover (READONLY), a Redis full under noeviction (OOM), a
-# replica whose master is down (MASTERDOWN). The worker waits with backoff, not ready meanwhile.
+# replica whose master is down (MASTERDOWN), a cluster slot moving (TRYAGAIN). redis-py gives
+# these their own classes; three more come as plain ResponseError and are told by their code: a
+# failed RDB save with stop-writes-on-bgsave-error (MISCONF: a full disk), too few replicas for
+# min-replicas-to-write (NOREPLICAS), a script past its time limit (BUSY). The worker waits with
+# backoff, not ready meanwhile (RedisState.refused).
 TRANSIENT_ERRORS = (redis.ReadOnlyError, redis.OutOfMemoryError, redis.exceptions.MasterDownError,
                     redis.exceptions.TryAgainError)
+REFUSAL_CODES = ("MISCONF", "NOREPLICAS", "BUSY")
 
 
 # Redis before 7 reports an error raised inside a script as a generic one, its code buried in the text
@@ -44,6 +49,18 @@ def script_error(err: redis.ResponseError) -> redis.ResponseError:
     found = re.search(r": -([A-Z]+) ", str(err)) if "Error running script" in str(err) else None
     cls = SCRIPT_ERROR_CODES.get(found.group(1)) if found else None
     return cls(str(err)) if cls and not isinstance(err, cls) else err
+
+
+def refusal(err: BaseException) -> bool:
+    """Redis answered but refuses for now (TRANSIENT_ERRORS, REFUSAL_CODES): wait, do not fail."""
+    if isinstance(err, TRANSIENT_ERRORS):
+        return True
+    if not isinstance(err, redis.ResponseError):
+        return False
+    # the code leads the text, or follows a pipeline's "... of pipeline caused error: " or, from
+    # Redis < 7, a script's "Error running script ...: -"
+    codes = re.findall(r"(?:^|caused error: |: -)([A-Z]+)\b", str(err))
+    return any(code in REFUSAL_CODES for code in codes)
 
 
 def unblocked(err: redis.ResponseError) -> bool:
@@ -107,13 +124,19 @@ class Backoff:
 
 
 class RedisState:
-    """Reachable or not, as last seen by any thread; logs each transition once (no per-retry spam)."""
+    """Reachable or not, as last seen by any thread; logs each transition once (no per-retry spam).
+
+    Apart from that, which stages Redis refuses (`refused`: reachable, but a write refused for now,
+    e.g. OOM at its memory cap): reads still succeed then, so only the refused stage's own success
+    (`accepted`) ends it. The worker is not ready while either holds."""
 
     def __init__(self, on_change: Callable[[bool], None] = lambda up: None,
                  on_reconnect: Callable[[], None] = lambda: None):
         self._lock = threading.Lock()
         self.up: bool | None = None  # None: not tried yet
         self.down_since = 0.0
+        self.refusing: dict[str, str] = {}  # stage -> Redis' error
+        self.refused_since = 0.0
         self._on_change, self._on_reconnect = on_change, on_reconnect
 
     def ok(self) -> None:
@@ -137,3 +160,26 @@ class RedisState:
         log.warning("redis unreachable (%s); not ready, retrying with backoff", err,
                     extra={"event": "redis_down", "error": str(err)})
         self._on_change(False)
+
+    def refused(self, stage: str, err: BaseException) -> None:
+        """Redis refused `stage` (the reader, the publisher) for now; its warning is the caller's."""
+        with self._lock:
+            first = not self.refusing
+            if first:
+                self.refused_since = time.monotonic()
+            self.refusing[stage] = str(err)
+        if first:
+            self._on_change(False)
+
+    def accepted(self, stage: str) -> None:
+        """A call of `stage` went through: whatever refusal it had is over."""
+        if stage not in self.refusing:
+            return
+        with self._lock:
+            self.refusing.pop(stage, None)
+            cleared = not self.refusing
+        if cleared:
+            took = time.monotonic() - self.refused_since
+            log.info("redis takes the worker's writes again after %.1f s", took,
+                     extra={"event": "redis_accepts", "refused_s": round(took, 3)})
+            self._on_change(True)

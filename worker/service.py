@@ -36,7 +36,7 @@ from ustudents.engines.images import ImageError
 from ustudents.engines.runtime import Engine, Prediction, load_engine
 
 from . import codec, schema
-from .connection import TRANSIENT_ERRORS, UNAVAILABLE, Backoff, RedisState, connect, unblocked
+from .connection import UNAVAILABLE, Backoff, RedisState, connect, refusal, unblocked
 from .logs import Throttled
 from .metrics import HealthServer, WorkerMetrics
 from .settings import WorkerSettings
@@ -285,6 +285,9 @@ class Worker:
             return False, "shutting down"
         if self.redis_state.up is not True:
             return False, "redis unreachable" if self.redis_state.up is False else "connecting to redis"
+        refusing = dict(self.redis_state.refusing)
+        if refusing:
+            return False, "redis refuses " + "; ".join(f"the {stage} ({err})" for stage, err in sorted(refusing.items()))
         return True, "model loaded, redis reachable"
 
     def _update_ready(self) -> None:
@@ -309,6 +312,7 @@ class Worker:
         return STOP
 
     def _refused(self, err: redis.ResponseError) -> None:
+        self.redis_state.refused("reader", err)
         self.throttled.warning("redis_refused", "Redis refused the reader (%s); retrying with backoff",
                                err, event="redis_refused", error=str(err))
 
@@ -319,11 +323,14 @@ class Worker:
             try:
                 out = call()
                 self.redis_state.ok()
+                self.redis_state.accepted("reader")
                 return out
             except UNAVAILABLE as err:
                 self.redis_state.failed(err)
-            except TRANSIENT_ERRORS as err:  # reachable, but refusing for now (failover, full)
-                self._refused(err)
+            except redis.ResponseError as err:
+                if not refusal(err):
+                    raise
+                self._refused(err)  # reachable, but refusing for now (failover, full)
             self._beat()  # waiting on Redis (readiness says so), not hung
             if backoff.wait(interrupt):
                 return None
@@ -368,6 +375,7 @@ class Worker:
                     if not raw:
                         raw = self.io.read(">", s.batch, s.block_ms)
                 self.redis_state.ok()
+                self.redis_state.accepted("reader")
                 backoff.reset()
             except UNAVAILABLE as err:
                 self.redis_state.failed(err)
@@ -376,7 +384,7 @@ class Worker:
                     break
                 continue
             except redis.ResponseError as err:
-                if isinstance(err, TRANSIENT_ERRORS):  # reachable, but refusing for now (failover, full)
+                if refusal(err):  # reachable, but refusing for now (failover, full)
                     self._refused(err)
                 elif "NOGROUP" in str(err):
                     log.warning("consumer group %s is gone (Redis restarted without persistence?); recreating it",
@@ -669,12 +677,16 @@ class Worker:
             try:
                 written = self.io.publish(records)
                 self.redis_state.ok()
+                self.redis_state.accepted("publisher")
                 return written
             except UNAVAILABLE as err:
                 self.redis_state.failed(err)
-            except (PublishRefused, *TRANSIENT_ERRORS) as err:
+            except (PublishRefused, redis.ResponseError) as err:
+                if not (isinstance(err, PublishRefused) or refusal(err)):
+                    raise
                 # nothing was written or acknowledged: the results wait here and the frames stay
                 # pending, until the key is fixed or Redis takes writes again
+                self.redis_state.refused("publisher", err)
                 self.throttled.warning("publish_refused", "Redis refused the results (%s); retrying", err,
                                        event="publish_refused", error=str(err))
             self._beat()  # waiting on Redis (readiness says so), not hung
