@@ -384,6 +384,8 @@ def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_goes_on(e
         "fine": ({"image": good}, None),
         "blank-category": ({"image": good, "category": ""}, None),  # an unset variable: the one model served
         "this-schema": ({"image": good, "schema": "1"}, None),
+        # a producer's bug: Lua cannot unpack a copy of 5,000 fields, and the publish failed on every attempt
+        "wide": ({"image": b"not a PNG either", **{f"meta{i}": str(i) for i in range(5000)}}, schema.DECODE_ERROR),
     }
     ids = {name: add(r, stream, frame_id=name, camera="cam2", **fields) for name, (fields, _) in cases.items()}
     with in_process_worker(engines, redis_url, stream, max_frame_bytes=limit, dead_image_max_bytes=100,
@@ -402,7 +404,10 @@ def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_goes_on(e
     # ... but not an image over dead_image_max_bytes: broken frames must not fill Redis with copies
     assert schema.IMAGE not in dead["corrupt-large"] and int(dead["corrupt-large"][schema.IMAGE_BYTES]) == 240
     assert schema.IMAGE not in dead["oversized"] and int(dead["oversized"][schema.IMAGE_BYTES]) == limit + 1
-    assert counts[schema.DECODE_ERROR] == 3 and counts[schema.MISSING_IMAGE] == 2 and counts[schema.EMPTY] == 1
+    wide = dead["wide"]  # the contract's fields and the first others, up to DEAD_LETTER_FIELDS
+    assert len(wide) == schema.DEAD_LETTER_FIELDS + 5 and wide[schema.IMAGE] == b"not a PNG either"
+    assert "meta60" in wide and "meta61" not in wide and int(wide[schema.FIELDS_DROPPED]) == 5003 - 64
+    assert counts[schema.DECODE_ERROR] == 4 and counts[schema.MISSING_IMAGE] == 2 and counts[schema.EMPTY] == 1
     assert counts[schema.INVALID_ENTRY] == 2 and "both an `image` and an `image_key`" in s(dead["both"][schema.ERROR])
     assert "says schema '2'; this worker reads schema 1" in s(dead["future"][schema.ERROR])
     assert pending_count(r, stream) == 0

@@ -18,7 +18,8 @@ Result (stream `<stream>:results`), one per input entry that was scored:
 
 Dead letter (stream `<stream>:dead`): the input's fields plus schema, entry_id, reason, error
 (without `image` when the reason is too_large: a copy would defeat the limit; `image_bytes` then
-gives its size).
+gives its size). Of an entry with more than DEAD_LETTER_FIELDS fields, the contract's fields and
+the first others up to that many are kept; `fields_dropped` gives how many were left out.
 """
 from __future__ import annotations
 
@@ -36,7 +37,11 @@ SCHEMA, ENTRY_ID, SCORE, ANOMALOUS, THRESHOLD, MASK, MODEL, LATENCY_MS, CONSUMER
     "schema", "entry_id", "score", "anomalous", "threshold", "mask", "model", "latency_ms", "consumer", "heatmap")
 RESULT_FIELDS = (SCHEMA, FRAME_ID, ENTRY_ID, SCORE, ANOMALOUS, THRESHOLD, MASK, MODEL, LATENCY_MS, CONSUMER)
 # dead letter
-REASON, ERROR, IMAGE_BYTES = "reason", "error", "image_bytes"
+REASON, ERROR, IMAGE_BYTES, FIELDS_DROPPED = "reason", "error", "image_bytes", "fields_dropped"
+# Producer fields a dead letter copies at most. Redis' Lua refuses to unpack about 8,000 values, so
+# an entry of some 4,000 fields (a producer's bug) made the publish script fail on every attempt:
+# never dead-lettered, every worker that took it crashing. A frame needs six.
+DEAD_LETTER_FIELDS = 64
 
 # Dead-letter reasons: each is also the `reason` label of ustudents_frames_dead_lettered_total.
 DECODE_ERROR = "decode_error"  # the bytes are not a PNG/JPEG/... image
@@ -156,8 +161,14 @@ def dead_entry(entry_id: str, fields: dict[bytes, bytes], dead: DeadLetter,
     at, or publish again); a larger one is replaced by its size, so that a camera sending broken
     frames cannot fill Redis with copies of them (at most dead_maxlen x max_image_bytes)."""
     out: dict[bytes | str, bytes | str] = dict(fields)
-    for name in (SCHEMA, ENTRY_ID, REASON, ERROR, IMAGE_BYTES):  # the worker's, never the producer's
+    for name in (SCHEMA, ENTRY_ID, REASON, ERROR, IMAGE_BYTES, FIELDS_DROPPED):  # the worker's, never the producer's
         out.pop(name.encode(), None)
+    if len(out) > DEAD_LETTER_FIELDS:  # the contract's fields first, so that the letter can be replayed
+        contract = [n.encode() for n in (IMAGE, IMAGE_KEY, FRAME_ID, CAMERA, TS, CATEGORY) if n.encode() in out]
+        others = [n for n in out if n not in contract][:DEAD_LETTER_FIELDS - len(contract)]
+        dropped = len(out) - len(contract) - len(others)
+        out = {n: out[n] for n in contract + others}
+        out[FIELDS_DROPPED] = str(dropped)
     image = out.get(IMAGE.encode())
     if image is not None and len(image) > max_image_bytes:
         del out[IMAGE.encode()]
