@@ -691,6 +691,22 @@ def test_a_redis_refusing_writes_for_a_full_disk_is_waited_out_not_ready(engines
     exactly_one_result_each(r, stream, ids)
 
 
+
+def test_an_idle_worker_stops_cleanly_when_its_read_blocks_longer_than_the_shutdown_deadline(engines, redis_url,
+                                                                                               stream):
+    """USTUDENTS_BLOCK_MS=20000 with a 2 s shutdown deadline: SIGTERM to an idle worker waited for the
+    blocked read, passed the deadline, exited 1 and left its consumer behind."""
+    r = client(redis_url)
+    with in_process_worker(engines, redis_url, stream, block_ms=20_000, shutdown_timeout_s=2.0,
+                           consumer="station-5") as worker:
+        wait_for(lambda: worker.ready()[0], 30, "the worker ready")
+        time.sleep(0.5)  # blocked in its read now
+        started = time.monotonic()
+        worker.stop()
+    assert time.monotonic() - started < 2.0  # the block exits 0 (in_process_worker asserts it)
+    assert "station-5" not in {s(c["name"]) for c in r.xinfo_consumers(stream, "ustudents")}
+
+
 def test_two_workers_finishing_the_same_entry_publish_one_result(redis_url, stream):
     """The race that dedupe exists for: A stalls past claim_idle_ms, B claims the entry, both finish."""
     r = client(redis_url)
@@ -1363,6 +1379,12 @@ def test_publish_skips_hidden_files_and_results_keeps_frames_of_one_name_apart(f
                                          schema.HEATMAP: mask}, saved)
     assert sorted(p.name for p in saved.iterdir()) == ["000_1-0_mask.png", "000_1-0_overlay.png",
                                                         "000_2-0_mask.png", "000_2-0_overlay.png"]
+    # a 300-character frame id ("File name too long" stopped every run at that frame): cut, kept apart
+    for frame_id in ("x" * 300, "x" * 299 + "y"):
+        save(client(redis_url), stream, {schema.FRAME_ID: frame_id.encode(), schema.ENTRY_ID: b"3-0", schema.MASK: mask,
+                                         schema.HEATMAP: mask}, saved)
+    long_names = [p.name for p in saved.iterdir() if p.name.startswith("xxx")]
+    assert len(long_names) == 4 and max(len(n) for n in long_names) < 130, long_names
 
 
 def test_hand_written_entries_get_one_honest_outcome(engines, frames, redis_url, stream):

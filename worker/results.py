@@ -2,6 +2,7 @@
 optionally save each frame's mask and an overlay picture."""
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Callable
@@ -35,8 +36,16 @@ def describe(fields: dict[str, bytes], dead: bool) -> str:
             f"\t{float(get(schema.LATENCY_MS)):.1f} ms\t{get(schema.MODEL)}")
 
 
+SAFE_NAME_MAX = 100  # file systems allow 255 bytes a name; the entry id and the endings follow it
+
+
 def safe_name(frame_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", frame_id) or "frame"
+    """`frame_id` as a file name: other characters than [A-Za-z0-9._-] made `_`, and a long id cut to
+    SAFE_NAME_MAX characters with a digest of the whole, so that ids sharing a long start stay apart."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", frame_id) or "frame"
+    if len(name) <= SAFE_NAME_MAX:
+        return name
+    return f"{name[:SAFE_NAME_MAX - 9]}~{hashlib.blake2b(frame_id.encode(), digest_size=4).hexdigest()}"
 
 
 def mask_overlay(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:

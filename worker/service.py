@@ -341,6 +341,8 @@ class Worker:
         backoff = Backoff(s.backoff_max_s)
         history: str | None = "0"  # own pending entries first, from the start of the PEL
         claim_period = max(0.05, s.claim_idle_ms / 2000)
+        # a stop waits for the blocked read: within half the shutdown deadline, whatever block_ms says
+        block_ms = max(1, min(s.block_ms, int(s.shutdown_timeout_s * 500)))
         claim_at, claim_cursor = time.monotonic() + claim_period, "0-0"
         group_ready = False
         while not self.stopping.is_set():
@@ -373,7 +375,7 @@ class Worker:
                     if lost:  # reported before the wait below, which may fail: the gap is counted once
                         self._trimmed_unread(lost)
                     if not raw:
-                        raw = self.io.read(">", s.batch, s.block_ms)
+                        raw = self.io.read(">", s.batch, block_ms)
                 self.redis_state.ok()
                 self.redis_state.accepted("reader")
                 backoff.reset()

@@ -121,7 +121,7 @@ class WorkerSettings(BaseSettings):
     redis_password: SecretStr | None = Field(None, description="Overrides a password in the URL.")
     group: str = Field("ustudents", description="Consumer group; workers of one group share the stream.")
     consumer: str = Field(default_factory=default_consumer, description="This worker's name in the group.")
-    block_ms: int = Field(1000, ge=1, le=MAX_BLOCK_MS, description="XREADGROUP BLOCK: longest wait for new frames, ms.")
+    block_ms: int = Field(1000, ge=1, le=MAX_BLOCK_MS, description="XREADGROUP BLOCK: longest wait for new frames, ms (at most half of shutdown_timeout_s, so that a stop is not held).")
     claim_idle_ms: int = Field(60_000, ge=1, le=MAX_MS, description="Idle time after which another worker's pending entry is claimed.")
     reap_idle_s: int = Field(3600, ge=0, le=int(MAX_S), description="Other consumers of the group idle this long with nothing pending are removed (workers gone without leaving it); 0 = never.")
     max_deliveries: int = Field(3, ge=1, le=MAX_COUNT, description="Attempts after which a frame that fails, or kills its worker, is dead-lettered (the first in a batch, each later one alone, so that it takes no other frame with it).")
