@@ -707,6 +707,30 @@ def test_an_idle_worker_stops_cleanly_when_its_read_blocks_longer_than_the_shutd
     assert "station-5" not in {s(c["name"]) for c in r.xinfo_consumers(stream, "ustudents")}
 
 
+
+def test_a_redis_user_not_allowed_the_workers_commands_is_refused_in_one_line_at_start(small_bundle, tmp_path):
+    """An ACL user allowed stream commands but not scripts (nor SET, HSETNX) passed the start-up
+    check, loaded the model, then crashed with a traceback on its first frame, and on every restart."""
+    from ustudents.worker.cli import check_redis_setup
+
+    server = RedisServer(tmp_path).start()
+    try:
+        admin = client(server.url)
+        admin.execute_command("ACL", "SETUSER", "line", "on", ">pw", "~*", "+@read", "+@stream", "+type", "+@connection")
+        url = f"redis://line:pw@127.0.0.1:{server.port}/0"
+        out = CliRunner().invoke(main, ["worker", "--stream", "line-acl", "--model", str(small_bundle), "--redis-url",
+                                        url, "--metrics-port", "0", "--device", "cpu"])
+        assert out.exit_code == 2, out.output
+        assert "the user may not run what the worker needs" in out.output and "+@scripting" in out.output
+        assert "Traceback" not in out.output and len(out.output.strip().splitlines()) == 1, out.output
+        # given the categories the message names, it passes, and leaves no scratch key behind
+        admin.execute_command("ACL", "SETUSER", "line", "+@string", "+@hash", "+@keyspace", "+@scripting")
+        check_redis_setup(WorkerSettings(_env_file=None, stream="line-acl", model="unused", redis_url=url))
+        assert admin.keys("line-acl*") == []
+    finally:
+        server.stop()
+
+
 def test_two_workers_finishing_the_same_entry_publish_one_result(redis_url, stream):
     """The race that dedupe exists for: A stalls past claim_idle_ms, B claims the entry, both finish."""
     r = client(redis_url)

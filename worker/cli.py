@@ -70,13 +70,19 @@ def tool_client(redis_url: str | None) -> redis.Redis:
     return client
 
 
+# The ACL categories of the commands the worker runs: its streams, done markers (strings), attempt
+# counts (hashes), TTLs and deletes (keyspace), its Lua scripts, PING.
+ACL_NEEDED = "+@stream +@string +@hash +@keyspace +@scripting +@connection"
+
+
 def check_redis_setup(settings: WorkerSettings) -> None:
     """What would make the worker fail however long it retried, found before the model loads:
     a wrong password, a database index Redis does not have, a key of the stream's that is not a
-    stream. Redis being unreachable is not among them (the worker waits for it)."""
+    stream, a Redis user not allowed the commands the worker runs (ACL). Redis being unreachable is
+    not among them (the worker waits for it)."""
     from . import schema
     from .connection import UNAVAILABLE, connect, missing_database
-    from .streams import text_of
+    from .streams import SCRIPTS, text_of
 
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     client = connect(settings.redis_url, password)
@@ -87,9 +93,22 @@ def check_redis_setup(settings: WorkerSettings) -> None:
             pipe.type(key)
         kinds = [text_of(k) for k in pipe.execute()]
         groups = [text_of(g["name"]) for g in (client.xinfo_groups(settings.stream) if kinds[0] == "stream" else [])]
-    except (redis.AuthenticationError, redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError) as err:
+        # One command of each kind the worker writes with, on a scratch key of the stream's (so that an
+        # ACL key pattern applies), gone at once: a user without them passed this check, then crashed
+        # on its first frame, and on every restart.
+        scratch = f"{settings.stream}:access-check:{settings.consumer}"
+        pipe = client.pipeline(transaction=False)
+        for script in SCRIPTS:
+            pipe.script_load(script)
+        pipe.set(scratch, 1, px=1000).hsetnx(f"{scratch}:h", "f", 1).expire(f"{scratch}:h", 1)
+        pipe.delete(scratch, f"{scratch}:h")
+        pipe.execute()
+    except redis.exceptions.NoPermissionError as err:
+        raise InputError(f"Redis at {shown_url(settings.redis_url)}: the user may not run what the worker needs ({err}); "
+                         f"allow it {ACL_NEEDED} on the stream's keys ({settings.stream}*)") from None
+    except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as err:
         raise InputError(f"Redis at {shown_url(settings.redis_url)} refused the worker ({err}); give the password in the URL or "
-                         f"{ENV_PREFIX}REDIS_PASSWORD, and a user allowed stream commands") from None
+                         f"{ENV_PREFIX}REDIS_PASSWORD, and a user allowed {ACL_NEEDED}") from None
     except UNAVAILABLE:
         return  # not up yet: the worker retries with backoff and reports not-ready meanwhile
     except redis.ResponseError as err:

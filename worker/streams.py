@@ -251,6 +251,10 @@ return written
 """
 
 
+# Every script the worker runs (the start-up check loads them: a user not allowed scripts is told then)
+SCRIPTS = (REAP_SCRIPT, REPAIR_LAG_SCRIPT, GAP_SCRIPT, PUBLISH_SCRIPT)
+
+
 class PublishRefused(Exception):
     """Redis refused to take a batch's outcomes (a key of the wrong type): nothing was written or
     acknowledged; the message says which key and what to do."""
