@@ -127,10 +127,23 @@ def changing_bundle(model: Path, command: str):
 user_errors = user_errors_for((BundleError, EngineError, ImageError, ValueError, OSError))
 
 
+def device_form(ctx, param, value: str) -> str:
+    """--device as written: auto, cpu, cuda or cuda:N (whether that GPU is here is load_engine's check)."""
+    import torch
+
+    try:
+        ok = value == "auto" or torch.device(value).type in ("cpu", "cuda")
+    except (RuntimeError, ValueError):
+        ok = False
+    if not ok:
+        raise click.BadParameter(f"{value!r}: give auto, cpu, cuda or cuda:N (N as torch.cuda counts the visible GPUs)")
+    return value
+
+
 def engine_options(fn):
     """--backend, --precision and --device, as `load_engine` takes them."""
-    fn = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                      help="auto = cuda when PyTorch sees a GPU, else cpu.")(fn)
+    fn = click.option("--device", default="auto", show_default=True, callback=device_form,
+                      help="auto, cpu, cuda or cuda:N; auto = cuda when PyTorch sees a GPU, else cpu.")(fn)
     fn = click.option("--precision", type=click.Choice(PRECISIONS), default=None,
                       help="Network precision.  [default: torch: the one the bundle was calibrated in where the "
                            "device runs it natively, else fp32; built engines: the one built]")(fn)
@@ -184,8 +197,9 @@ def build_engines_cmd(model, backend, precision, max_batch, check_images, calibr
 
 
 def _build_engines(bundle, backend, precision, max_batch, check_images, calibration_images) -> None:
-    from .onnx_engine import ParityError, build_onnx
+    from .onnx_engine import ParityError, build_onnx, require_onnx
 
+    require_onnx()
     if backend == "tensorrt":
         from .tensorrt_build import require_tensorrt
         require_tensorrt()

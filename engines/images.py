@@ -149,18 +149,27 @@ def read_image(path: str | Path, bits: int | None = UINT16_BITS) -> np.ndarray:
     return check_image_size(decode_image(_read_bytes(path), str(path), bits), str(path))
 
 
-def _decode_unchanged(data: bytes, source: str) -> np.ndarray:
-    if len(data) == 0:
-        raise ImageError(f"{source}: empty (0 bytes); replace it with a valid PNG or JPEG image")
+def _imdecode(data: np.ndarray, source: str) -> np.ndarray | None:
+    """cv2.imdecode(IMREAD_UNCHANGED), or None where OpenCV cannot decode it. OpenCV raises, rather than
+    returning None, where the header claims a size past its limits: a damaged file, mostly."""
     try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        return cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error as err:
         if "CV_IO_MAX_IMAGE_PIXELS" in str(err):
             limit = "the" if ustudents.OPENCV_MAX_PIXELS is None else f"{ustudents.OPENCV_MAX_PIXELS:,}"
             raise ImageError(f"{source}: more than {limit} "
                              "pixels, the most OpenCV is set to decode; a real image this large needs "
                              "OPENCV_IO_MAX_IMAGE_PIXELS raised") from None
-        raise
+        if "CV_IO_MAX_IMAGE_WIDTH" in str(err) or "CV_IO_MAX_IMAGE_HEIGHT" in str(err):
+            raise ImageError(f"{source}: its header claims a width or height over OpenCV's limit (1,048,576 "
+                             "pixels a side): a damaged file? Replace or remove it") from None
+        return None
+
+
+def _decode_unchanged(data: bytes, source: str) -> np.ndarray:
+    if len(data) == 0:
+        raise ImageError(f"{source}: empty (0 bytes); replace it with a valid PNG or JPEG image")
+    img = _imdecode(np.frombuffer(data, np.uint8), source)
     if img is None or img.size == 0:
         raise ImageError(f"{source}: cannot be decoded as an image (PNG, JPEG, BMP or TIFF); replace or remove it")
     if img.dtype not in (np.uint8, np.uint16):
@@ -243,8 +252,8 @@ def read_mask(path: str | Path) -> np.ndarray:
     # cv2.imdecode raises (rather than returning None) on an empty buffer: a zero-byte file.
     # Unchanged, not gray: OpenCV's gray conversion keeps a 16-bit mask's top 8 bits, so 0/255 in a
     # 16-bit file read as empty. Any nonzero value in a colour channel (not alpha) marks a defect pixel.
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data is not None and data.size else None
-    if img is None:
+    img = _imdecode(data, str(path)) if data is not None and data.size else None
+    if img is None or img.size == 0:
         raise ImageError(f"{path}: cannot be read as a mask image; replace it with a PNG mask")
     # JPEG rings around every edge of a 0/255 mask: "nonzero" grows each defect, while the half level
     # gives back the drawn mask (tests/test_dataset.py). Told by the file's bytes, not its suffix.

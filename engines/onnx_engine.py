@@ -14,6 +14,7 @@ dequantize nodes around every convolution, calibrated on good images (`quantize`
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import threading
 from pathlib import Path
@@ -49,6 +50,17 @@ def model_for_export(model: AnomalyModel, precision: str) -> AnomalyModel:
         for ens in model.ensembles:
             ens.net.half()
     return model
+
+
+def require_onnx(modules: tuple[str, ...] = ("onnx", "onnxruntime")) -> None:
+    """An EngineError naming the missing packages of the optional `onnx` extra (export needs `onnx`,
+    the check and the backend `onnxruntime`), instead of an ImportError traceback."""
+    from .runtime import EngineError
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EngineError(f"{' and '.join(missing)} not installed here (ONNX engines need them): "
+                          "pip install 'ustudents[onnx]'")
 
 
 def onnxruntime_session(path: Path, threads: int | None = None):
@@ -159,13 +171,18 @@ def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
     tmp = final.with_name(f".{final.name}.partial")
     fp32 = final.with_name(f".{final.name}.fp32.partial")
     try:
-        if precision == "int8":
-            from .quantize import quantize_int8
-            from .runtime import preprocess
-            export_onnx(model_for_export(reference, "fp32"), bundle.image_size, fp32)
-            quantize_int8(fp32, tmp, preprocess(calibration, bundle.image_size, torch.device("cpu")))
-        else:
-            export_onnx(model_for_export(reference, precision), bundle.image_size, tmp)
+        try:
+            if precision == "int8":
+                from .quantize import quantize_int8
+                from .runtime import preprocess
+                export_onnx(model_for_export(reference, "fp32"), bundle.image_size, fp32)
+                quantize_int8(fp32, tmp, preprocess(calibration, bundle.image_size, torch.device("cpu")))
+            else:
+                export_onnx(model_for_export(reference, precision), bundle.image_size, tmp)
+        except OSError as err:  # the exporter's own errors name no file (a full disk, a file size limit)
+            if err.filename is None:
+                raise OSError(err.errno, err.strerror or str(err), str(final)) from None
+            raise
         images = check_images(bundle, frames)
         result = parity(reference, onnxruntime_runner(tmp), images, bundle.mask_threshold_on_map(), precision)
         if not result["ok"]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import platform
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -307,7 +308,8 @@ def load_engine(model: str | Path | Bundle, backend: str = "auto", device: str |
     elif backend == "onnxruntime":
         if dev.type != "cpu":
             raise EngineError("--backend onnxruntime runs on the CPU here; use --device cpu, or tensorrt/torch on a GPU")
-        from .onnx_engine import onnxruntime_runner
+        from .onnx_engine import onnxruntime_runner, require_onnx
+        require_onnx(("onnxruntime",))
         entry = require_engine(bundle, "onnx", precision)
         precision = entry["precision"]
         runner = onnxruntime_runner(verified_file(bundle, entry))
@@ -330,17 +332,25 @@ def load_engine(model: str | Path | Bundle, backend: str = "auto", device: str |
     return engine
 
 
+def torch_runs(precision: str, device: torch.device) -> bool:
+    """Whether the torch backend runs `precision` on `device` (torch_runner refuses the rest)."""
+    return (precision == "fp32" or (precision == "bf16" and native_bf16(device))
+            or (precision == "fp16" and device.type == "cuda"))
+
+
 def auto_backend(bundle: Bundle, device: torch.device, precision: str | None) -> str:
     """TensorRT where present with a plan for this GPU, else PyTorch; a precision PyTorch does not
-    run (int8) from the built engine that has it."""
+    run here (int8 anywhere, fp16 on a CPU) from the built engine that has it."""
     present = available_backends(device)
     if "tensorrt" in present and find_engine(bundle, "tensorrt", precision) is not None:
         return "tensorrt"
-    if precision is None or precision in TORCH_PRECISIONS:
+    if precision is None or torch_runs(precision, device):
         return "torch"
     for backend, kind in (("tensorrt", "tensorrt"), ("onnxruntime", "onnx")):
         if backend in present and find_engine(bundle, kind, precision) is not None:
             return backend
+    if precision in TORCH_PRECISIONS:  # fp16 on a CPU, bf16 where not native: torch says what to use instead
+        return "torch"
     plans = [e for e in bundle.manifest.get("engines", []) if e["backend"] == "tensorrt" and e["precision"] == precision]
     if device.type == "cuda" and device.index not in (None, 0) and plans:  # see load_engine
         raise EngineError(f"--precision {precision}: PyTorch does not run it, and the TensorRT backend that runs "
@@ -364,7 +374,7 @@ def model_digest(bundle: Bundle) -> str:
 def build_command(bundle: Bundle, backend: str, precision: str | None) -> str:
     """The `ustudents build-engines` command that makes the engine of `backend` ('onnx', 'tensorrt')
     and `precision`, with what int8 cannot be built without."""
-    cmd = f"ustudents build-engines {bundle.path} --backend {backend}"
+    cmd = f"ustudents build-engines {shlex.quote(str(bundle.path))} --backend {backend}"
     if precision:
         cmd += f" --precision {precision}"
     if precision == "int8":

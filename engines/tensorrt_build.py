@@ -13,6 +13,7 @@ runs as explicit quantization. The same code therefore builds identical plans on
 from __future__ import annotations
 
 import importlib.util
+import shlex
 
 from .onnx_engine import ENGINE_DIR
 from .export import INPUT
@@ -134,7 +135,7 @@ def build_tensorrt(bundle, precision: str, max_batch: int) -> dict:
     source = find_engine(bundle, "onnx", precision)
     if source is None:
         raise EngineError(f"{bundle.path}: no current {precision} ONNX engine to build from; run "
-                          f"`ustudents build-engines {bundle.path} --precision {precision}` first")
+                          f"`ustudents build-engines {shlex.quote(str(bundle.path))} --precision {precision}` first")
     from .tensorrt_runtime import build_plan
 
     plan = build_plan(bundle.path / source["file"], bundle.image_size, max_batch,

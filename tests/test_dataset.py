@@ -504,6 +504,28 @@ def test_an_image_claiming_more_pixels_than_the_cap_is_refused_before_decoding(t
         decode_image(bomb)
 
 
+
+def test_an_image_or_mask_whose_header_claims_an_absurd_size_is_refused_in_one_line(tmp_path):
+    """OpenCV raises, not returns None, past its limits: a BMP claiming 2,000,000 pixels of width, or a
+    mask PNG claiming 10,000 x 10,000, ended every command in a cv2.error traceback."""
+    import struct
+    import zlib
+
+    from ustudents.engines.images import read_mask
+
+    bmp = bytearray(cv2.imencode(".bmp", np.zeros((40, 48, 3), np.uint8))[1].tobytes())
+    struct.pack_into("<i", bmp, 18, 2_000_000)  # BITMAPINFOHEADER width
+    with pytest.raises(ImageError, match="cam.bmp: its header claims a width or height over OpenCV's limit"):
+        decode_image(bytes(bmp), "cam.bmp")
+    png = bytearray(cv2.imencode(".png", np.zeros((40, 48), np.uint8))[1].tobytes())
+    struct.pack_into(">II", png, 16, 10_000, 10_000)  # IHDR width, height, and its CRC made right
+    struct.pack_into(">I", png, 29, zlib.crc32(bytes(png[12:29])) & 0xFFFFFFFF)
+    mask = tmp_path / "000_mask.png"
+    mask.write_bytes(bytes(png))
+    with pytest.raises(ImageError, match="000_mask.png: more than 67,108,864 pixels"):
+        read_mask(mask)
+
+
 def test_importing_cv2_before_ustudents_is_warned_of_and_the_cap_reported_as_opencvs_own():
     import subprocess
     import sys

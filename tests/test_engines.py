@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -249,6 +250,62 @@ def test_auto_backend_on_cpu_takes_torch_the_fastest_even_with_an_onnx_engine(bu
     engine = load_engine(bundle_copy, backend="auto", device="cpu")
     assert (engine.backend, engine.precision) == ("torch", "fp32")
     assert load_engine(bundle_copy, backend="onnxruntime", device="cpu").backend == "onnxruntime"
+
+
+def test_auto_on_cpu_takes_a_built_fp16_engine_for_fp16_which_pytorch_runs_on_gpus_only(bundle_copy):
+    """auto with --precision fp16 on a CPU took torch, which refuses fp16 there, though the bundle had
+    a built fp16 ONNX engine (the README says auto takes the built engine that has it)."""
+    with pytest.raises(EngineError, match="PyTorch's fp16 convolutions on CPU"):  # none built: torch says why
+        load_engine(bundle_copy, backend="auto", device="cpu", precision="fp16")
+    build_onnx(load_bundle(bundle_copy), "fp16", max_batch=2)
+    engine = load_engine(bundle_copy, backend="auto", device="cpu", precision="fp16")
+    assert (engine.backend, engine.precision) == ("onnxruntime", "fp16")
+
+
+def test_without_the_onnx_extra_onnx_engines_are_refused_in_one_line(bundle_copy, tiny_mvtec, tmp_path, monkeypatch):
+    """Without `pip install 'ustudents[onnx]'` build-engines (its default backend) and --backend
+    onnxruntime ended in ImportError tracebacks."""
+    monkeypatch.setitem(sys.modules, "onnx", None)  # not importable, as where the extra is missing
+    result = invoke("build-engines", bundle_copy)
+    assert result.exit_code == 2 and "onnx not installed here" in result.output, result.output
+    assert "pip install 'ustudents[onnx]'" in result.output and "Traceback" not in result.output
+    assert not (bundle_copy / "engines").exists() or not any((bundle_copy / "engines").iterdir())
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    image = test_images(tiny_mvtec)[0]
+    result = invoke("predict", bundle_copy, image, "--out", tmp_path / "p", "--backend", "onnxruntime")
+    assert result.exit_code == 2 and "onnxruntime not installed here" in result.output, result.output
+
+
+def test_device_takes_cuda_n_as_the_messages_offer_and_refuses_what_is_no_device(bundle_copy, tiny_mvtec, tmp_path):
+    image = test_images(tiny_mvtec)[0]
+    result = invoke("predict", bundle_copy, image, "--out", tmp_path / "p", "--device", "cuda:1")
+    assert result.exit_code == 2 and "is not one of" not in result.output, result.output  # checked by load_engine
+    if not torch.cuda.is_available():
+        assert "--device cuda: PyTorch sees no CUDA GPU here" in result.output, result.output
+    result = invoke("predict", bundle_copy, image, "--out", tmp_path / "p", "--device", "gpu")
+    assert result.exit_code == 2 and "'gpu': give auto, cpu, cuda or cuda:N" in result.output, result.output
+
+
+def test_a_write_error_inside_the_onnx_exporter_names_the_engine_file(bundle_copy, monkeypatch):
+    """The exporter's own OSError (a full disk, `ulimit -f`) has no file name: the line read only
+    'writing the output: File too large'."""
+    import errno
+
+    from ustudents.engines import onnx_engine
+
+    def full(*args, **kwargs):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(onnx_engine, "export_onnx", full)
+    result = invoke("build-engines", bundle_copy)
+    assert result.exit_code == 2 and "engines/model-fp32.onnx: File too large" in result.output, result.output
+    assert not any(p.name.endswith(".partial") for p in bundle_copy.rglob("*"))
+
+
+def test_commands_in_messages_can_be_pasted_for_a_bundle_path_with_a_space(bundle_copy, tmp_path):
+    spaced = Path(shutil.move(bundle_copy, tmp_path / "my model"))
+    with pytest.raises(EngineError, match=f"ustudents build-engines '{spaced}' --backend onnx`"):
+        load_engine(spaced, backend="onnxruntime", device="cpu")
 
 
 # ------------------------------------------------------------------------------- ONNX engines

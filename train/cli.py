@@ -6,6 +6,7 @@ naming the file and the fix, with exit code 2; tracebacks are left for bugs.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 import click
@@ -170,10 +171,10 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
                 results = run_evaluation(engine, data_root, log=click.echo)
         except (ValueError, OSError) as err:  # the test set; the model is written and fine
             raise InputError(f"{err} (the model is written to {path}: fix the test set, then run `ustudents "
-                             f"evaluate {path} --data-root {data_root}`)") from None
+                             f"evaluate {shlex.quote(str(path))} --data-root {shlex.quote(str(data_root))}`)") from None
         except KeyboardInterrupt:
             click.echo(f"\ninterrupted while evaluating: the model is written to {path}; evaluate it with "
-                       f"`ustudents evaluate {path} --data-root {data_root}`", err=True)
+                       f"`ustudents evaluate {shlex.quote(str(path))} --data-root {shlex.quote(str(data_root))}`", err=True)
             raise SystemExit(130) from None
         click.echo(format_table(results))
 
