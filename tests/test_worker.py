@@ -731,6 +731,58 @@ def test_a_redis_user_not_allowed_the_workers_commands_is_refused_in_one_line_at
         server.stop()
 
 
+
+def test_two_workers_never_read_as_one_consumer(engines, frames, redis_url, stream, monkeypatch):
+    """Containers on the host's network share hostname and pid 1, so their default names
+    (hostname-pid) were equal: each took the other's in-flight entries for a dead worker's and scored
+    them again, and the first to leave the group dropped the other's entries from its pending list.
+    A default name held by a live worker gets a suffix; a given one is waited for, not ready; a
+    dead worker's hold (kill -9) is taken over once it goes unrenewed."""
+    from ustudents.worker import service
+
+    monkeypatch.setattr(service, "NAME_RENEW_S", 1)  # renewed every 1 s (5 in production)
+    r = client(redis_url)
+    ids = [add_frame(r, stream, f) for f in frames[:6]]
+    with in_process_worker(engines, redis_url, stream) as a:  # both default to this process's hostname-pid
+        wait_for(lambda: a.name_held, 30, "the first worker holding its name")
+        with in_process_worker(engines, redis_url, stream) as b:
+            wait_for(lambda: b.name_held, 30, "the second reading under a name of its own")
+            assert b.s.consumer.startswith(a.s.consumer + "-") and a.name_held
+            wait_for(lambda: len(results_of(r, stream)) == len(ids), 60, "every frame's result")
+    exactly_one_result_each(r, stream, ids)
+    with in_process_worker(engines, redis_url, stream, consumer="station-7") as a:
+        wait_for(lambda: a.name_held, 30, "the first station-7 holding its name")
+        config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
+                                                   "metrics_port": 0, "consumer": "station-7"})
+        b, codes = Worker(config, engines), []
+        thread = threading.Thread(target=lambda: codes.append(b.run()), daemon=True)
+        thread.start()
+        wait_for(lambda: "held by another live worker" in b.ready()[1], 30, "the second station-7 waiting")
+        assert not b.name_held and not b.ready()[0] and a.name_held
+    wait_for(lambda: b.name_held and b.ready()[0], 30, "the second station-7 reading once the first left")
+    b.stop()
+    thread.join(30)
+    assert codes == [0] and b.s.consumer == "station-7"
+    # a hold its worker no longer renews (killed): taken over, the name kept
+    r.set(schema.name_key(stream, "station-8"), "a-dead-worker 41", px=60_000)
+    started = time.monotonic()
+    with in_process_worker(engines, redis_url, stream, consumer="station-8") as c:
+        wait_for(lambda: c.name_held, 30, "the dead worker's name taken over")
+        assert c.s.consumer == "station-8" and time.monotonic() - started < 10
+    assert not r.exists(schema.name_key(stream, "station-8"))  # released at a clean stop
+    # a worker whose hold lapsed (Redis out of reach longer than NAME_HOLD_S) and was taken: it stops
+    config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
+                                               "metrics_port": 0, "consumer": "station-9"})
+    d, codes = Worker(config, engines), []
+    thread = threading.Thread(target=lambda: codes.append(d.run()), daemon=True)
+    thread.start()
+    wait_for(lambda: d.name_held, 30, "station-9 holding its name")
+    r.set(schema.name_key(stream, "station-9"), "another-worker 1", px=60_000)
+    thread.join(30)
+    assert codes == [1] and "station-9 was taken by another worker" in str(d.crashed)
+    assert r.get(schema.name_key(stream, "station-9")) == b"another-worker 1"  # not released: not its own
+
+
 def test_two_workers_finishing_the_same_entry_publish_one_result(redis_url, stream):
     """The race that dedupe exists for: A stalls past claim_idle_ms, B claims the entry, both finish."""
     r = client(redis_url)

@@ -102,6 +102,11 @@ def marks_entry(marker: bytes | None, fp: str) -> bool:
     return not sep or ANY_ENTRY in (marked, fp) or marked == fp
 
 
+def name_key(stream: str, consumer: str) -> str:
+    """Held by the live worker that reads as `consumer` (StreamIO.hold_name)."""
+    return f"{stream}:consumer:{consumer}"
+
+
 def tries_key(stream: str, entry_id: str) -> str:
     """Count of the attempts at a redelivered entry, each made alone (see StreamIO.begin_attempt)."""
     return f"{stream}:tries:{entry_id}"

@@ -48,6 +48,9 @@ log = logging.getLogger("ustudents.worker")
 STALL_EXIT_FACTOR = 2
 # A stop signal repeated within this many seconds is the same stop sent twice, not a second one
 REPEATED_SIGNAL_S = 1.0
+# A worker holds its consumer name in Redis for NAME_HOLD_S, renewed every NAME_RENEW_S
+# (StreamIO.hold_name): a crashed worker's name is free again within NAME_HOLD_S.
+NAME_HOLD_S, NAME_RENEW_S = 30, 5
 
 STOP = object()  # end of a queue
 # A `ts` this far ahead of the worker's clock (skewed camera clocks) or behind it (a backlog of a day)
@@ -148,6 +151,9 @@ class Worker:
         self.failures_in_row = 0  # frames the model failed on since it last scored one
         self.model_scored = False  # whether the model has scored a frame in this process (_failed)
         self.last_beat = time.monotonic()  # when a stage last moved a batch on (alive(): stall check)
+        self.name_token = uuid.uuid4().hex  # this worker's hold on its consumer name (_take_name)
+        self.name_held, self.name_stamp = False, 0
+        self.name_wait: str | None = None  # why it is not reading yet: its name is another live worker's
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start_server(self) -> None:
@@ -209,11 +215,16 @@ class Worker:
             why = "a stage stopped" if self.crashed is not None else "shutdown deadline passed"
             log.warning("%s with %d entries unpublished; they stay pending and another worker claims them "
                         "after claim_idle_ms", why, left, extra={"event": "stop_incomplete", "left": left})
-        else:
+        elif self.name_held:  # never another live worker's consumer, whose just-read entries would go with it
             try:
                 self.io.delete_consumer_if_idle()
             except redis.RedisError:
                 pass
+        if self.name_held:  # free at once for a restart under the same name, drained or not
+            try:
+                self.io.release_name(self.name_token)
+            except redis.RedisError:
+                pass  # it lapses within NAME_HOLD_S
         self.pool.shutdown(wait=False, cancel_futures=True)
         for t in helpers:  # so that none reports on a Redis its caller stops after run() (the demo's)
             t.join(2.0)
@@ -283,6 +294,8 @@ class Worker:
     def ready(self) -> tuple[bool, str]:
         if self.stopping.is_set():
             return False, "shutting down"
+        if self.name_wait:
+            return False, self.name_wait
         if self.redis_state.up is not True:
             return False, "redis unreachable" if self.redis_state.up is False else "connecting to redis"
         refusing = dict(self.redis_state.refusing)
@@ -336,7 +349,59 @@ class Worker:
                 return None
 
     # -- stage 1: reading ------------------------------------------------------------------------
+    def _hold_name(self, stale: str = "") -> bool | str:
+        self.name_stamp += 1
+        return self.io.hold_name(self.name_token, NAME_HOLD_S * 1000, self.name_stamp, stale)
+
+    def _take_name(self) -> bool:
+        """Hold this worker's consumer name before reading (StreamIO.hold_name). A hold not renewed
+        over a renewal period is a dead worker's (a restart under the same name): taken over. One
+        that is renewed is a live worker's: a default name (hostname-pid; containers on the host's
+        network share hostname and pid 1) then gets a random suffix; a name given by --consumer is
+        waited for, not ready meanwhile. False when stopped first."""
+        given, seen, stale = "consumer" in self.s.model_fields_set, None, ""
+        while not self.stopping.is_set():
+            held = self._retry(lambda: self._hold_name(stale), self.stopping)
+            if held is None:
+                return False
+            if held is True:
+                if self.name_wait:
+                    log.info("consumer name %s is free again: reading", self.s.consumer,
+                             extra={"event": "consumer_name_free", "consumer": self.s.consumer})
+                self.name_held, self.name_wait = True, None
+                self._update_ready()
+                return True
+            if seen == held:  # not renewed over a period: its worker is gone
+                log.info("consumer name %s: its last holder stopped renewing it (a worker that died); taking it over",
+                         self.s.consumer, extra={"event": "consumer_name_taken_over", "consumer": self.s.consumer})
+                stale = held
+                continue
+            if seen is not None and not given:  # renewed: a live worker's
+                taken, self.s = self.s.consumer, self.s.model_copy(
+                    update={"consumer": f"{self.s.consumer}-{uuid.uuid4().hex[:6]}"})
+                self.io.consumer = self.s.consumer
+                log.warning("consumer name %s is held by another live worker (containers on the host's network "
+                            "share its hostname and pid 1); this one reads as %s", taken, self.s.consumer,
+                            extra={"event": "consumer_renamed", "consumer": self.s.consumer, "taken": taken})
+                seen = None
+                continue
+            if seen is None:
+                self.name_wait = (f"consumer name {self.s.consumer} is held: checking whether its holder is alive "
+                                  f"(it renews every {NAME_RENEW_S} s)")
+            elif not self.name_wait.startswith("consumer name held by another live worker"):
+                self.name_wait = (f"consumer name held by another live worker: {self.s.consumer}; waiting for it (two "
+                                  "workers given one --consumer would share one pending list: give each its own)")
+                log.warning("%s", self.name_wait, extra={"event": "consumer_name_held", "consumer": self.s.consumer})
+            self._update_ready()
+            seen = held
+            if self.stopping.wait(2 * NAME_RENEW_S):  # a live holder renews meanwhile
+                return False
+        return False
+
     def _reader(self) -> None:
+        if not self._take_name():
+            self._put(self.decoded, STOP)
+            return
         s = self.s
         backoff = Backoff(s.backoff_max_s)
         history: str | None = "0"  # own pending entries first, from the start of the PEL
@@ -761,10 +826,13 @@ class Worker:
         batches; minutes on a CPU) outwait claim_idle_ms, and other workers, or this one's own
         XAUTOCLAIM, claim and score them again (found in review; a test asserts each is scored once)."""
         period = self.s.claim_idle_ms / 3000
-        due = time.monotonic() + period
+        due, name_due = time.monotonic() + period, time.monotonic() + NAME_RENEW_S
         while not (self.stopping.is_set() and not any(t.is_alive() for t in self.threads)):
             if self.abandon.wait(min(period, 0.5)):  # short waits: ends soon after the stages do
                 return
+            if self.name_held and time.monotonic() >= name_due:
+                name_due = time.monotonic() + NAME_RENEW_S
+                self._renew_name()
             if time.monotonic() < due:
                 continue
             due = time.monotonic() + period
@@ -775,6 +843,20 @@ class Worker:
                     self.io.keep_claimed(ids, self.s.claim_idle_ms // 3)
                 except (*UNAVAILABLE, redis.ResponseError):
                     pass  # Redis away (the reader reports it): entries may be claimed, as without this
+
+    def _renew_name(self) -> None:
+        try:
+            held = self._hold_name()
+        except (*UNAVAILABLE, redis.ResponseError):
+            return  # Redis away (the reader reports it); a hold that lapses meanwhile is taken again
+        if held is not True and self.crashed is None:
+            # Redis was out of reach longer than NAME_HOLD_S, and another worker took the name: two now
+            # share one pending list. Stop; a fresh start takes a name of its own.
+            self.crashed = RuntimeError(f"consumer name {self.s.consumer} was taken by another worker while this one "
+                                        "could not renew its hold")
+            log.error("%s; stopping", self.crashed, extra={"event": "consumer_name_lost"})
+            self.name_held = False
+            self.stop()
 
     def _reap_consumers(self) -> None:
         """Once per summary: remove consumers of workers that died without leaving the group."""

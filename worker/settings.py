@@ -99,7 +99,8 @@ def line_name(line: str) -> str:
 
 
 def default_consumer() -> str:
-    """Unique per process: two workers on one host never share a pending list."""
+    """Unique per process on a host of its own; containers on the host's network share hostname and pid 1,
+    and the worker then adds a suffix (Worker._take_name)."""
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
