@@ -672,11 +672,11 @@ def test_a_redis_refusing_writes_for_a_full_disk_is_waited_out_not_ready(engines
     disk_full.set()
     real = StreamIO.publish
 
-    def publish(io, records):
+    def publish(io, records, attempt=None):
         if disk_full.is_set():
             refusals.release()
             raise redis.ResponseError(misconf)
-        return real(io, records)
+        return real(io, records, attempt)
 
     monkeypatch.setattr(StreamIO, "publish", publish)
     with in_process_worker(engines, redis_url, stream, consumer="station-4") as worker:
@@ -801,6 +801,44 @@ def test_two_workers_finishing_the_same_entry_publish_one_result(redis_url, stre
     assert pending_count(r, stream) == 0
     # and once acknowledged, the entry is handed to nobody again
     assert a.read("0", 10, None) == [] and b.autoclaim(0, "0-0", 10)[1] == []
+
+
+
+def test_a_publish_whose_reply_was_lost_is_counted_once_when_retried(engines, frames, redis_url, stream,
+                                                                       monkeypatch):
+    """The retry of a publish whose reply was lost found its own markers and reported nothing
+    written: the frames had their results, once each, but ustudents_frames_processed_total (and the
+    anomaly, dead-letter and latency counts) missed the whole batch."""
+    r = client(redis_url)
+    r.xgroup_create(stream, "ustudents", id="0", mkstream=True)
+    eid = add(r, stream, frame_id="f1", image=b"x")
+    io = StreamIO(r, stream, "ustudents", "A", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+    io.read(">", 10, None)
+    record = Record(eid, io.results, {"entry_id": eid}, fingerprint="fp1")
+    assert [x.entry_id for x in io.publish([record], "attempt-1")] == [eid]
+    assert [x.entry_id for x in io.publish([record], "attempt-1")] == [eid]  # the same publish, retried
+    assert io.publish([record], "attempt-2") == []  # another worker's, or a later, publish: acknowledges only
+    exactly_one_result_each(r, stream, [eid])
+
+    line = f"{stream}:line"  # a stream of its own (deleted with `stream`'s keys)
+    ids = [add_frame(r, line, f) for f in frames[:4]]
+    real, lost = StreamIO.publish, []
+
+    def reply_lost(io, records, attempt=None):
+        written = real(io, records, attempt)
+        if not lost:  # the first call went through; its reply did not come back
+            lost.append(len(written))
+            raise redis.ConnectionError("Connection closed by server.")
+        return written
+
+    monkeypatch.setattr(StreamIO, "publish", reply_lost)
+    port = free_port()
+    with in_process_worker(engines, redis_url, line, metrics_port=port):
+        wait_for(lambda: len(results_of(r, line)) == len(ids), 60, "every frame's result")
+        wait_for(lambda: metric(port, "ustudents_frames_processed_total", stream=line) == len(ids), 30,
+                 "each frame counted once")
+    assert lost and lost[0] > 0
+    exactly_one_result_each(r, line, ids)
 
 
 def test_a_done_marker_stands_for_its_own_entry_only(redis_url, stream):

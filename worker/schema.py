@@ -87,9 +87,10 @@ def fingerprint(fields: dict[bytes, bytes]) -> str:
     return h.hexdigest()
 
 
-def marker_value(fp: str, kind: str) -> str:
-    """A done marker's value: the entry's fingerprint, then what was published ("result", "dead:<reason>")."""
-    return f"{fp} {kind}"
+def marker_value(fp: str, kind: str, attempt: str) -> str:
+    """A done marker's value: the entry's fingerprint, what was published ("result", "dead:<reason>"),
+    and the publish attempt that wrote it (a retried publish whose first reply was lost finds its own)."""
+    return f"{fp} {kind} {attempt}"
 
 
 def marks_entry(marker: bytes | None, fp: str) -> bool:

@@ -735,14 +735,14 @@ class Worker:
 
     def _publish(self, records: list[Record]) -> list[Record] | None:
         """streams.publish until it succeeds; None if the worker abandons its work first."""
-        backoff = Backoff(self.s.backoff_max_s)
+        backoff, attempt = Backoff(self.s.backoff_max_s), uuid.uuid4().hex  # one token over the retries
         while True:
             now = time.monotonic()
             for rec in records:  # up to this attempt: a publish that waited on Redis counts in the latency
                 if rec.received is not None:
                     rec.fields[schema.LATENCY_MS] = f"{(now - rec.received) * 1000:.3f}"
             try:
-                written = self.io.publish(records)
+                written = self.io.publish(records, attempt)
                 self.redis_state.ok()
                 self.redis_state.accepted("publisher")
                 return written

@@ -34,6 +34,7 @@ import functools
 import logging
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import redis
@@ -239,9 +240,12 @@ local ids, written, a = {}, {}, 5
 for r = 1, #KEYS - 3 do
   local id, target, fp, marker, n = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
   ids[r] = id
-  if target > 0 and not marks_entry(redis.pcall('GET', KEYS[r + 3]), fp) then
+  local found = redis.pcall('GET', KEYS[r + 3])
+  if target > 0 and not marks_entry(found, fp) then
     redis.call('XADD', KEYS[target + 1], 'MAXLEN', '~', maxlen[target], '*', unpack(ARGV, a + 5, a + 4 + n))
     redis.call('SET', KEYS[r + 3], marker, 'EX', ttl)
+    written[#written + 1] = r
+  elseif target > 0 and found == marker then  -- this very publish, retried: its first reply was lost
     written[#written + 1] = r
   end
   a = a + 5 + n
@@ -513,17 +517,21 @@ class StreamIO:
         return out
 
     # -- writing ---------------------------------------------------------------------------------
-    def publish(self, records: list[Record]) -> list[Record]:
+    def publish(self, records: list[Record], attempt: str | None = None) -> list[Record]:
         """Write each record's result or dead letter, set its marker and XACK every entry, all in one
         script; a record whose marker already exists is only acknowledged. Returns the records
-        written. See the module docstring for why this yields exactly one outcome per entry.
-        Raises PublishRefused when a key it writes is not a stream (then nothing was done)."""
+        written, by this call or by an earlier call of the same `attempt` (a token the caller keeps
+        over retries of one publish: when a reply is lost, the retry still reports what the first
+        call wrote, so it is counted once). See the module docstring for why this yields exactly one
+        outcome per entry. Raises PublishRefused when a key it writes is not a stream (then nothing
+        was done)."""
+        attempt = attempt or uuid.uuid4().hex
         targets = {None: 0, self.results: 1, self.dead: 2}
         keys = [self.stream, self.results, self.dead] + [schema.done_key(self.stream, r.entry_id) for r in records]
         args: list = [self.group, self.dedupe_ttl_s, self.maxlen[self.results], self.maxlen[self.dead]]
         for rec in records:
             fields = [x for kv in (rec.fields or {}).items() for x in kv]
-            args += [rec.entry_id, targets[rec.target], rec.fingerprint, schema.marker_value(rec.fingerprint, rec.kind),
+            args += [rec.entry_id, targets[rec.target], rec.fingerprint, schema.marker_value(rec.fingerprint, rec.kind, attempt),
                      len(fields), *fields]
         try:
             numbers = self._run(self._publish, keys, args)
