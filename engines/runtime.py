@@ -196,6 +196,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise EngineError(f"--device {device}: ustudents runs on cpu or cuda; give auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise EngineError(f"--device {device}: PyTorch sees {torch.cuda.device_count()} GPU(s) here, cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1} (CUDA_VISIBLE_DEVICES limits and renumbers them)")
     return device
 
 

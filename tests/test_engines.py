@@ -286,6 +286,14 @@ def test_device_takes_cuda_n_as_the_messages_offer_and_refuses_what_is_no_device
     assert result.exit_code == 2 and "'gpu': give auto, cpu, cuda or cuda:N" in result.output, result.output
 
 
+def test_a_gpu_index_past_the_visible_gpus_is_refused_with_what_is_there(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert runtime.resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(EngineError, match=r"--device cuda:1: PyTorch sees 1 GPU\(s\) here, cuda:0 to cuda:0"):
+        runtime.resolve_device("cuda:1")
+
+
 def test_a_write_error_inside_the_onnx_exporter_names_the_engine_file(bundle_copy, monkeypatch):
     """The exporter's own OSError (a full disk, `ulimit -f`) has no file name: the line read only
     'writing the output: File too large'."""

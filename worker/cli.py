@@ -71,8 +71,8 @@ def tool_client(redis_url: str | None) -> redis.Redis:
 
 
 # The ACL categories of the commands the worker runs: its streams, done markers (strings), attempt
-# counts (hashes), TTLs and deletes (keyspace), its Lua scripts, PING.
-ACL_NEEDED = "+@stream +@string +@hash +@keyspace +@scripting +@connection"
+# counts (hashes), TTLs and deletes (keyspace), its Lua scripts, MULTI/EXEC, PING.
+ACL_NEEDED = "+@stream +@string +@hash +@keyspace +@scripting +@transaction +@connection"
 
 
 def check_redis_setup(settings: WorkerSettings) -> None:
@@ -81,7 +81,7 @@ def check_redis_setup(settings: WorkerSettings) -> None:
     stream, a Redis user not allowed the commands the worker runs (ACL). Redis being unreachable is
     not among them (the worker waits for it)."""
     from . import schema
-    from .connection import UNAVAILABLE, connect, missing_database
+    from .connection import UNAVAILABLE, connect, missing_database, refusal
     from .streams import SCRIPTS, text_of
 
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
@@ -97,12 +97,20 @@ def check_redis_setup(settings: WorkerSettings) -> None:
         # ACL key pattern applies), gone at once: a user without them passed this check, then crashed
         # on its first frame, and on every restart.
         scratch = f"{settings.stream}:access-check:{settings.consumer}"
-        pipe = client.pipeline(transaction=False)
-        for script in SCRIPTS:
-            pipe.script_load(script)
-        pipe.set(scratch, 1, px=1000).hsetnx(f"{scratch}:h", "f", 1).expire(f"{scratch}:h", 1)
-        pipe.delete(scratch, f"{scratch}:h")
-        pipe.execute()
+        try:
+            pipe = client.pipeline(transaction=False)
+            for script in SCRIPTS:
+                pipe.script_load(script)
+            pipe.execute()
+            pipe = client.pipeline(transaction=True)  # MULTI/EXEC, as the worker's own pipelines
+            pipe.set(scratch, 1, px=1000).hsetnx(f"{scratch}:h", "f", 1).expire(f"{scratch}:h", 1)
+            pipe.delete(scratch, f"{scratch}:h")
+            pipe.execute()
+        except redis.ResponseError as err:
+            if not refusal(err):
+                raise
+            # full, a replica, a failed snapshot: the worker waits it out, not ready (its writes then
+            # meet the permissions)
     except redis.exceptions.NoPermissionError as err:
         raise InputError(f"Redis at {shown_url(settings.redis_url)}: the user may not run what the worker needs ({err}); "
                          f"allow it {ACL_NEEDED} on the stream's keys ({settings.stream}*)") from None

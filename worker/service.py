@@ -48,9 +48,10 @@ log = logging.getLogger("ustudents.worker")
 STALL_EXIT_FACTOR = 2
 # A stop signal repeated within this many seconds is the same stop sent twice, not a second one
 REPEATED_SIGNAL_S = 1.0
-# A worker holds its consumer name in Redis for NAME_HOLD_S, renewed every NAME_RENEW_S
-# (StreamIO.hold_name): a crashed worker's name is free again within NAME_HOLD_S.
-NAME_HOLD_S, NAME_RENEW_S = 30, 5
+# A worker holds its consumer name in Redis for NAME_HOLD_S, renewed every NAME_RENEW_S (a failed
+# renewal is tried again within a second) (StreamIO.hold_name): a dead worker's name is free again
+# within NAME_HOLD_S.
+NAME_HOLD_S, NAME_RENEW_S = 20, 5
 
 STOP = object()  # end of a queue
 # A `ts` this far ahead of the worker's clock (skewed camera clocks) or behind it (a backlog of a day)
@@ -153,6 +154,8 @@ class Worker:
         self.last_beat = time.monotonic()  # when a stage last moved a batch on (alive(): stall check)
         self.name_token = uuid.uuid4().hex  # this worker's hold on its consumer name (_take_name)
         self.name_held, self.name_stamp = False, 0
+        self.name_lock = threading.Lock()  # a renewal in flight, against the release at exit
+        self.ready_lock = threading.Lock()
         self.name_wait: str | None = None  # why it is not reading yet: its name is another live worker's
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -220,11 +223,16 @@ class Worker:
                 self.io.delete_consumer_if_idle()
             except redis.RedisError:
                 pass
-        if self.name_held:  # free at once for a restart under the same name, drained or not
+        held, self.name_held = self.name_held, False  # the keeper renews no more
+        # free at once for a restart under the same name, drained or not; not while a renewal is in
+        # flight, which would set it again after the release (a renewal stuck on Redis: it lapses)
+        if held and self.name_lock.acquire(timeout=2.0):
             try:
                 self.io.release_name(self.name_token)
             except redis.RedisError:
                 pass  # it lapses within NAME_HOLD_S
+            finally:
+                self.name_lock.release()
         self.pool.shutdown(wait=False, cancel_futures=True)
         for t in helpers:  # so that none reports on a Redis its caller stops after run() (the demo's)
             t.join(2.0)
@@ -304,7 +312,8 @@ class Worker:
         return True, "model loaded, redis reachable"
 
     def _update_ready(self) -> None:
-        self.metrics.ready.labels(self.s.stream).set(1 if self.ready()[0] else 0)
+        with self.ready_lock:  # two threads' changes at once: the gauge ends as ready() ends
+            self.metrics.ready.labels(self.s.stream).set(1 if self.ready()[0] else 0)
 
     # -- queues that give up when the worker abandons its work -------------------------------------
     def _put(self, q: queue.Queue, item) -> bool:
@@ -349,34 +358,33 @@ class Worker:
                 return None
 
     # -- stage 1: reading ------------------------------------------------------------------------
-    def _hold_name(self, stale: str = "") -> bool | str:
+    def _hold_name(self) -> bool | str:
         self.name_stamp += 1
-        return self.io.hold_name(self.name_token, NAME_HOLD_S * 1000, self.name_stamp, stale)
+        return self.io.hold_name(self.name_token, NAME_HOLD_S * 1000, self.name_stamp)
 
     def _take_name(self) -> bool:
-        """Hold this worker's consumer name before reading (StreamIO.hold_name). A hold not renewed
-        over a renewal period is a dead worker's (a restart under the same name): taken over. One
-        that is renewed is a live worker's: a default name (hostname-pid; containers on the host's
-        network share hostname and pid 1) then gets a random suffix; a name given by --consumer is
-        waited for, not ready meanwhile. False when stopped first."""
-        given, seen, stale = "consumer" in self.s.model_fields_set, None, ""
+        """Hold this worker's consumer name before reading (StreamIO.hold_name). Another worker's
+        hold is waited out, not ready meanwhile; one that is renewed over a renewal period is a live
+        worker's: a default name (hostname-pid; containers on the host's network share hostname and
+        pid 1) then gets a random suffix, a name given by --consumer is waited for as long as it is
+        held. One that is not renewed (a dead worker's) lapses within NAME_HOLD_S. False when
+        stopped first."""
+        given, seen = "consumer" in self.s.model_fields_set, None
         while not self.stopping.is_set():
-            held = self._retry(lambda: self._hold_name(stale), self.stopping)
+            held = self._retry(self._hold_name, self.stopping)
             if held is None:
                 return False
             if held is True:
                 if self.name_wait:
-                    log.info("consumer name %s is free again: reading", self.s.consumer,
+                    log.info("consumer name %s is free: reading", self.s.consumer,
                              extra={"event": "consumer_name_free", "consumer": self.s.consumer})
                 self.name_held, self.name_wait = True, None
                 self._update_ready()
                 return True
-            if seen == held:  # not renewed over a period: its worker is gone
-                log.info("consumer name %s: its last holder stopped renewing it (a worker that died); taking it over",
-                         self.s.consumer, extra={"event": "consumer_name_taken_over", "consumer": self.s.consumer})
-                stale = held
-                continue
-            if seen is not None and not given:  # renewed: a live worker's
+            if seen is None:
+                self.name_wait = (f"consumer name {self.s.consumer} is held: waiting for it (a dead worker's hold "
+                                  f"lapses within {NAME_HOLD_S} s)")
+            elif held != seen and not given:  # renewed: a live worker's
                 taken, self.s = self.s.consumer, self.s.model_copy(
                     update={"consumer": f"{self.s.consumer}-{uuid.uuid4().hex[:6]}"})
                 self.io.consumer = self.s.consumer
@@ -385,16 +393,13 @@ class Worker:
                             extra={"event": "consumer_renamed", "consumer": self.s.consumer, "taken": taken})
                 seen = None
                 continue
-            if seen is None:
-                self.name_wait = (f"consumer name {self.s.consumer} is held: checking whether its holder is alive "
-                                  f"(it renews every {NAME_RENEW_S} s)")
-            elif not self.name_wait.startswith("consumer name held by another live worker"):
+            elif held != seen and not self.name_wait.startswith("consumer name held by another live worker"):
                 self.name_wait = (f"consumer name held by another live worker: {self.s.consumer}; waiting for it (two "
                                   "workers given one --consumer would share one pending list: give each its own)")
                 log.warning("%s", self.name_wait, extra={"event": "consumer_name_held", "consumer": self.s.consumer})
             self._update_ready()
             seen = held
-            if self.stopping.wait(2 * NAME_RENEW_S):  # a live holder renews meanwhile
+            if self.stopping.wait(1.0):
                 return False
         return False
 
@@ -831,8 +836,7 @@ class Worker:
             if self.abandon.wait(min(period, 0.5)):  # short waits: ends soon after the stages do
                 return
             if self.name_held and time.monotonic() >= name_due:
-                name_due = time.monotonic() + NAME_RENEW_S
-                self._renew_name()
+                name_due = time.monotonic() + (NAME_RENEW_S if self._renew_name() else 1.0)
             if time.monotonic() < due:
                 continue
             due = time.monotonic() + period
@@ -844,19 +848,24 @@ class Worker:
                 except (*UNAVAILABLE, redis.ResponseError):
                     pass  # Redis away (the reader reports it): entries may be claimed, as without this
 
-    def _renew_name(self) -> None:
-        try:
-            held = self._hold_name()
-        except (*UNAVAILABLE, redis.ResponseError):
-            return  # Redis away (the reader reports it); a hold that lapses meanwhile is taken again
-        if held is not True and self.crashed is None:
-            # Redis was out of reach longer than NAME_HOLD_S, and another worker took the name: two now
-            # share one pending list. Stop; a fresh start takes a name of its own.
-            self.crashed = RuntimeError(f"consumer name {self.s.consumer} was taken by another worker while this one "
-                                        "could not renew its hold")
-            log.error("%s; stopping", self.crashed, extra={"event": "consumer_name_lost"})
-            self.name_held = False
-            self.stop()
+    def _renew_name(self) -> bool:
+        """Renew the hold; False when Redis did not take it (tried again at the keeper's next tick)."""
+        with self.name_lock:
+            if not self.name_held:  # released at exit
+                return True
+            try:
+                held = self._hold_name()
+            except (*UNAVAILABLE, redis.ResponseError):
+                return False  # Redis away or refusing writes (the stages report it); the hold lasts NAME_HOLD_S
+            if held is not True and self.crashed is None:
+                # Redis took no renewal for NAME_HOLD_S, the hold lapsed, and another worker took the name:
+                # two would share one pending list. Stop; a fresh start takes a name of its own.
+                self.name_held = False
+                self.crashed = RuntimeError(f"consumer name {self.s.consumer} was taken by another worker while "
+                                            "this one could not renew its hold")
+                log.error("%s; stopping", self.crashed, extra={"event": "consumer_name_lost"})
+                self.stop()
+            return True
 
     def _reap_consumers(self) -> None:
         """Once per summary: remove consumers of workers that died without leaving the group."""
