@@ -13,7 +13,6 @@ runs as explicit quantization. The same code therefore builds identical plans on
 from __future__ import annotations
 
 import importlib.util
-import shlex
 
 from .onnx_engine import ENGINE_DIR
 from .export import INPUT
@@ -128,14 +127,14 @@ def build_tensorrt(bundle, precision: str, max_batch: int) -> dict:
     from .bundle import sha256_file
     from .files import write_atomically
     from .onnx_engine import forget_engine, record_engine
-    from .runtime import EngineError, find_engine, model_digest
+    from .runtime import EngineError, build_command, find_engine, model_digest
 
     onnx_source(precision)
     version, gpu = require_tensorrt()
     source = find_engine(bundle, "onnx", precision)
     if source is None:
         raise EngineError(f"{bundle.path}: no current {precision} ONNX engine to build from; run "
-                          f"`ustudents build-engines {shlex.quote(str(bundle.path))} --precision {precision}` first")
+                          f"{build_command(bundle, 'onnx', precision)} first")
     from .tensorrt_runtime import build_plan
 
     plan = build_plan(bundle.path / source["file"], bundle.image_size, max_batch,

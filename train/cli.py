@@ -69,6 +69,11 @@ amp_option = click.option("--amp", type=click.Choice(["auto", "on", "off"]), def
                                "bfloat16. Targets, statistics and scores stay float32.")
 
 
+def evaluate_command(model: Path, data_root: Path) -> str:
+    """The `ustudents evaluate` command for a written model, quoted to paste."""
+    return f"`ustudents evaluate {shlex.quote(str(model))} --data-root {shlex.quote(str(data_root))}`"
+
+
 @click.command("train")
 @click.argument("category")
 @click.option("--data-root", type=click.Path(path_type=Path), required=True,
@@ -170,11 +175,11 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
                                      precision="bf16" if cfg.student.amp else "fp32")
                 results = run_evaluation(engine, data_root, log=click.echo)
         except (ValueError, OSError) as err:  # the test set; the model is written and fine
-            raise InputError(f"{err} (the model is written to {path}: fix the test set, then run `ustudents "
-                             f"evaluate {shlex.quote(str(path))} --data-root {shlex.quote(str(data_root))}`)") from None
+            raise InputError(f"{err} (the model is written to {path}: fix the test set, then run "
+                             f"{evaluate_command(path, data_root)})") from None
         except KeyboardInterrupt:
             click.echo(f"\ninterrupted while evaluating: the model is written to {path}; evaluate it with "
-                       f"`ustudents evaluate {shlex.quote(str(path))} --data-root {shlex.quote(str(data_root))}`", err=True)
+                       f"{evaluate_command(path, data_root)}", err=True)
             raise SystemExit(130) from None
         click.echo(format_table(results))
 

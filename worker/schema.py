@@ -31,6 +31,7 @@ SCHEMA_VERSION = 1
 
 # input
 IMAGE, IMAGE_KEY, FRAME_ID, CAMERA, TS, CATEGORY = "image", "image_key", "frame_id", "camera", "ts", "category"
+INPUT_FIELDS = (IMAGE, IMAGE_KEY, FRAME_ID, CAMERA, TS, CATEGORY)
 PASSED_THROUGH = (CAMERA, TS, CATEGORY)
 # result
 SCHEMA, ENTRY_ID, SCORE, ANOMALOUS, THRESHOLD, MASK, MODEL, LATENCY_MS, CONSUMER, HEATMAP = (
@@ -170,7 +171,7 @@ def dead_entry(entry_id: str, fields: dict[bytes, bytes], dead: DeadLetter,
     for name in (SCHEMA, ENTRY_ID, REASON, ERROR, IMAGE_BYTES, FIELDS_DROPPED):  # the worker's, never the producer's
         out.pop(name.encode(), None)
     if len(out) > DEAD_LETTER_FIELDS:  # the contract's fields first, so that the letter can be replayed
-        contract = [n.encode() for n in (IMAGE, IMAGE_KEY, FRAME_ID, CAMERA, TS, CATEGORY) if n.encode() in out]
+        contract = [n.encode() for n in INPUT_FIELDS if n.encode() in out]
         others = [n for n in out if n not in contract][:DEAD_LETTER_FIELDS - len(contract)]
         dropped = len(out) - len(contract) - len(others)
         out = {n: out[n] for n in contract + others}
