@@ -42,7 +42,8 @@ WORKER_JOB = "ustudents-worker"
 MAY_BE_EMPTY = ("ustudents_gpu_memory_bytes", "ustudents_frames_dead_lettered_total",
                 "ustudents_frame_failures_total", "ustudents_redis_reconnects_total")
 LAG_UNKNOWN = "it restarted during a backlog, redis/redis#10569; back once the group catches up"
-ACCOUNT_LAST = 5000  # newest results (and dead letters) the accounting reads
+ACCOUNT_LAST = 5000  # newest results (and dead letters), and newest input entries, the accounting reads
+INPUT_PAGE = 50  # input entries carry their frames (up to MiBs each): read a page at a time, ids kept
 ENTRY_ID = schema.ENTRY_ID.encode()  # the input entry a result or dead letter answers
 
 
@@ -84,6 +85,20 @@ def unaccounted(inputs: list[str], outputs: list[str], pending: set[str], last_d
     for o in outputs:
         seen[o] = seen.get(o, 0) + 1
     return handled - set(seen), {o for o, n in seen.items() if n > 1}
+
+
+def input_ids(r: redis.Redis, stream: str, since: str | None, last: str) -> list[str]:
+    """Ids of the input entries from `since` (or the first) to `last`, newest first, at most
+    ACCOUNT_LAST: a page at a time, since a whole stream of frames in one reply can be GBs."""
+    ids: list[str] = []
+    newest = last
+    while len(ids) < ACCOUNT_LAST:
+        page = r.xrevrange(stream, max=newest, min=since or "-", count=min(INPUT_PAGE, ACCOUNT_LAST - len(ids)))
+        ids += [i.decode() for i, _ in page]
+        if len(page) < INPUT_PAGE:
+            break
+        newest = f"({ids[-1]}"  # exclusive (Redis 6.2+): the page after the last one read
+    return ids
 
 
 def prometheus(base: str, path: str, **params) -> dict:
@@ -129,11 +144,11 @@ def check_accounting(r: redis.Redis, stream: str, group: str) -> Check:
     # One MULTI/EXEC: a consistent snapshot, so an entry acknowledged while we read is not missed.
     # Only the newest outputs are read (results carry their mask PNG).
     pipe = r.pipeline(transaction=True)
-    pipe.xinfo_groups(stream).xpending_range(stream, group, "-", "+", 100000).xrange(stream)
+    pipe.xinfo_groups(stream).xpending_range(stream, group, "-", "+", 100000)
     for out in (results_stream(stream), dead_stream(stream)):
         if r.exists(out):  # a stream nobody wrote to yet (often the dead letters) does not exist
             pipe.xrevrange(out, count=ACCOUNT_LAST).xlen(out).xinfo_stream(out)
-    info, pending, inputs, *outs = pipe.execute()
+    info, pending, *outs = pipe.execute()
     last = next(g["last-delivered-id"].decode() for g in info if g["name"].decode() == group)
     outputs, since = [], None
     for kept, length, meta in zip(outs[0::3], outs[1::3], outs[2::3]):
@@ -141,7 +156,11 @@ def check_accounting(r: redis.Redis, stream: str, group: str) -> Check:
         outputs += ids
         if ids and (len(kept) < length or meta["entries-added"] > length):  # older ones not read or trimmed
             since = max(since or ids[-1], ids[-1], key=entry_key)  # newest first: ids[-1] is the oldest
-    inputs = [i.decode() for i, _ in inputs]
+    # After the snapshot: inputs up to the last delivered one do not change, but for trimming (which
+    # only leaves fewer to check); read newest first, at most ACCOUNT_LAST of them
+    inputs = input_ids(r, stream, since, last)
+    if len(inputs) >= ACCOUNT_LAST:
+        since = max(since or inputs[-1], inputs[-1], key=entry_key)
     pending = {p["message_id"].decode() for p in pending}
     missing, duplicated = unaccounted(inputs, outputs, pending, last, since)
     return Check("accounting", not missing and not duplicated,

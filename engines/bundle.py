@@ -171,6 +171,16 @@ def is_bundle(folder: Path) -> bool:
         return False
 
 
+def _bundles_own(name: str) -> bool:
+    """A name a bundle's own commands leave in its folder: its files, an interrupted write's .partial,
+    a weights file an interrupted recalibration left unnamed, NFS's .nfs* stand-ins for files still open,
+    the writability probe, macOS Finder's .DS_Store. Any other name, hidden ones included (.git, a
+    user's .notes), is the user's."""
+    return (name in (MANIFEST, ENGINE_DIR, ".DS_Store") or name.endswith(".partial")
+            or name.startswith((".nfs", ".ustudents-probe-"))
+            or (name.startswith("weights") and name.endswith(".safetensors")))
+
+
 def check_writable(out: Path) -> None:
     """`out` must be absent, an empty folder, or a bundle (which will be replaced): never anything
     else, which replacing would delete."""
@@ -179,11 +189,8 @@ def check_writable(out: Path) -> None:
         return
     if not is_bundle(out):
         raise BundleError(f"{out}: exists and is not a model bundle; choose another --out (it would be replaced)")
-    # Hidden names are the bundle's own leftovers (an interrupted write's .partial files, NFS's .nfs*) or
-    # system files; a weights file the manifest no longer names is an interrupted recalibration's.
-    extra = sorted(f.name for f in out.iterdir() if f.name not in (MANIFEST, ENGINE_DIR) and not f.name.startswith(".")
-                   and not (f.name.startswith("weights") and f.name.endswith(".safetensors")))
-    if extra:  # a user's notes or overlays beside the bundle: replacing the folder would delete them
+    extra = sorted(f.name for f in out.iterdir() if not _bundles_own(f.name))
+    if extra:  # a user's notes, overlays or .git beside the bundle: replacing the folder would delete them
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
         raise BundleError(f"{out}: holds {shown} besides its model bundle, which replacing the bundle would delete; "
                           f"move them out of {out}, or choose another --out")

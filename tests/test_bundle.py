@@ -100,8 +100,15 @@ def test_only_a_users_own_files_stop_a_bundle_folder_being_replaced(tmp_path):
     (tmp_path / "b" / "weights.0123456789ab.safetensors").write_bytes(b"")
     (tmp_path / "b" / "engines").mkdir()
     check_writable(tmp_path / "b")
+    (tmp_path / "b" / ".weights.123.partial").write_bytes(b"")
+    (tmp_path / "b" / ".nfs000123").write_bytes(b"")
+    check_writable(tmp_path / "b")
     (tmp_path / "b" / "notes.txt").write_text("mine")
     with pytest.raises(BundleError, match="holds notes.txt besides its model bundle"):
+        check_writable(tmp_path / "b")
+    (tmp_path / "b" / "notes.txt").unlink()
+    (tmp_path / "b" / ".git").mkdir()  # a bundle folder under version control: hidden, and the user's
+    with pytest.raises(BundleError, match=r"holds \.git besides its model bundle"):
         check_writable(tmp_path / "b")
 
 

@@ -339,6 +339,22 @@ def test_calibrate_works_in_the_precision_the_bundle_runs_in_here(bundle_copy, t
     assert asked == [want_bf16]
 
 
+def test_training_with_amp_where_bf16_is_not_native_evaluates_as_a_worker_here_runs_it(tmp_path, eval_root,
+                                                                                         random_teachers, monkeypatch):
+    """train --amp on asked the evaluation for bf16, which a CPU without native bfloat16 refuses: the run
+    ended in exit 2 telling the user to fix a test set that was fine."""
+    from ustudents.engines import runtime
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    out = tmp_path / "m"
+    result = invoke("train", "--data-root", eval_root, TINY_CATEGORY, "--out", out, "--scales", "17", "--students", "2",
+                    "--epochs", "1", "--image-size", "64", "--teachers", random_teachers, "--amp", "on", "--crop", "8",
+                    "--batch", "16", "--val-fraction", "0.3")
+    assert_ok(result)
+    assert manifest_of(out)["threshold"]["precision"] == "bf16"  # calibrated as trained
+    assert manifest_of(out)["evaluation"]["precision"] == "fp32"  # the default here, as a worker's
+
+
 # ------------------------------------------------------------------------------------ bad input
 
 def train_args(root, out, teachers, *extra):
@@ -674,6 +690,18 @@ def test_predict_and_evaluate_never_replace_files_they_did_not_write(tiny_bundle
         result = invoke("evaluate", tiny_bundle, "--data-root", other.parent, option, target)
         assert_input_error(result, f"{option} {target}: inside the data root {other.parent}")
     assert {p: p.read_bytes() for p in other.rglob("*.png")} == kept
+    # a copy of the test images outside the data root (a backup): their names are the overlays' names
+    backup = Path(shutil.copytree(eval_root / TINY_CATEGORY / "test", tmp_path / "backup"))
+    kept = {p: p.read_bytes() for p in backup.rglob("*.png")}
+    result = invoke("evaluate", tiny_bundle, "--data-root", eval_root, "--overlays", backup)
+    name = sorted(p.relative_to(backup).as_posix() for p in kept)[0]
+    assert_input_error(result, f"--overlays {backup}: holds {name}, which an overlay would replace and an "
+                               "earlier `ustudents evaluate` did not write")
+    assert "evaluating" not in result.output  # refused before the networks ran
+    assert {p: p.read_bytes() for p in backup.rglob("*.png")} == kept
+    overlays = tmp_path / "overlays"
+    for _ in range(2):  # its own overlays it replaces
+        assert_ok(invoke("evaluate", tiny_bundle, "--data-root", eval_root, "--overlays", overlays))
 
 
 def test_a_loop_of_symbolic_links_is_a_one_line_error_not_a_traceback(tiny_bundle, tiny_mvtec, eval_root, tmp_path):
@@ -882,7 +910,15 @@ def test_outputs_never_replace_inputs_the_bundle_or_the_test_set(bundle_copy, ev
     assert_input_error(invoke("predict", bundle_copy, shots / "a.png", shots / "b.png", "--out", shots),
                        f"--out {shots}: holds a_mask.png, which this command would replace")
     assert (shots / "a_mask.png").read_bytes() == kept
-    assert_ok(invoke("predict", bundle_copy, shots / "b.png", "--out", shots))  # no clash: fine
+    # no clash of names, but the folder holds images: the outputs would mix with them. A dataset's
+    # train/good as --out had predict's masks and overlays trained on as good images.
+    good = eval_root / TINY_CATEGORY / "test" / "good"
+    for folder in (shots, good):
+        assert_input_error(invoke("predict", bundle_copy, shots / "b.png", "--out", folder),
+                           f"--out {folder}: holds images an earlier `ustudents predict` did not write (")
+    assert sorted(p.name for p in shots.iterdir()) == ["a.png", "a_mask.png", "b.png"]
+    assert {p: p.read_bytes() for p in protected} == before
+    assert_ok(invoke("predict", bundle_copy, shots / "b.png", "--out", tmp_path / "predictions"))
 
 
 def test_a_negative_time_limit_is_refused_before_training(tmp_path, tiny_mvtec, random_teachers):

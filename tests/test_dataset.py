@@ -14,6 +14,7 @@ from ustudents.engines.images import ImageError, decode_image, image_files, read
 
 from ustudents.train.dataset import (
     DatasetError,
+    checked_test_set,
     Sample,
     fingerprint,
     load_images,
@@ -118,6 +119,25 @@ def test_a_12_bit_frame_read_as_16_bits_is_told_once_with_the_fix(tmp_path, capl
     assert len(caplog.records) == 1  # once per process, not per frame
     assert "16-bit data using 12 bits, read with the model's 16, so it looks 16x darker" in caplog.text
     assert "ustudents calibrate MODEL --images DIR" in caplog.text
+
+
+def test_checking_a_12_bit_test_set_says_nothing_of_16_bits(tmp_path, caplog, monkeypatch):
+    """The test-set check reads images for their size and readability, not for a model: it read them
+    as 16 bits and told a 12-bit dataset's user to recalibrate a model that reads 12 (and used up the
+    once-per-process warning a real mismatch later would need)."""
+    import ustudents.engines.images as images
+
+    monkeypatch.setattr(images, "_told_of_dark_16_bit", False)
+    rng = np.random.default_rng(0)
+    for folder in ("train/good", "test/good", "test/spot", "ground_truth/spot"):
+        (tmp_path / CAT / folder).mkdir(parents=True)
+    for i in range(2):
+        for folder in ("test/good", "test/spot"):
+            write_image(tmp_path / CAT / folder / f"{i}.png", as_12_bit(rng.integers(0, 256, (32, 32), np.uint8), rng))
+        write_image(tmp_path / CAT / "ground_truth" / "spot" / f"{i}_mask.png", np.full((32, 32), 255, np.uint8))
+    with caplog.at_level("WARNING", logger="ustudents.engines.images"):
+        checked_test_set(tmp_path, CAT, 32, every_image=True)
+    assert caplog.records == []
 
 
 def test_a_16_bit_mask_is_read_as_the_mask_it_holds(tmp_path):
@@ -237,6 +257,21 @@ def test_image_links_to_nothing_are_refused_naming_them_not_skipped(mvtec, tmp_p
     mask.symlink_to(tmp_path / "nas" / "000_mask.png")
     msg = _raises_naming(mask.parent, test_samples, mvtec, CAT)  # not "missing mask ...; add it"
     assert "1 image file(s) are symbolic links to nothing (000_mask.png -> " in msg
+
+    # a defect type's folder, or its masks' folder, a link into the share: that type was left out of
+    # the metrics without a word, or its masks called missing
+    spot = cat / "test" / "spot"
+    shutil.move(spot, tmp_path / "spot")
+    spot.symlink_to(tmp_path / "nas" / "spot")
+    msg = _raises_naming(spot, test_samples, mvtec, CAT)
+    assert f"a test type folder (a symbolic link to {tmp_path / 'nas' / 'spot'}, which does not exist" in msg
+    spot.unlink()
+    shutil.move(tmp_path / "spot", spot)
+    truth = cat / "ground_truth" / "spot"
+    shutil.rmtree(truth)
+    truth.symlink_to(tmp_path / "nas" / "truth")
+    msg = _raises_naming(truth, test_samples, mvtec, CAT)
+    assert f"the masks' folder (a symbolic link to {tmp_path / 'nas' / 'truth'}, which does not exist" in msg
 
     shutil.rmtree(good)
     good.symlink_to(tmp_path / "nas" / "good")  # the whole folder a link into the share

@@ -168,8 +168,9 @@ def test_report_links_every_picture_and_escapes_names(tmp_path):
 
 def test_pictures_earlier_runs_wrote_are_removed_and_nothing_else(tmp_path):
     """A second run with fewer frames (or another sample) left the first run's masks and overlays beside
-    its own. What goes is what the last run listed in results.json; a user's files in those folders
-    stay, named like the demo's or not."""
+    its own. What goes is what the last run listed, as it wrote them (a run stopped part-way included),
+    or, for a run before that list, its results.json; with them its report, whose pictures are gone. A
+    user's files in those folders stay, named like the demo's or not."""
     import numpy as np
 
     from ustudents.worker import schema
@@ -177,31 +178,71 @@ def test_pictures_earlier_runs_wrote_are_removed_and_nothing_else(tmp_path):
     png = cv2.imencode(".png", np.zeros((16, 16), np.uint8))[1].tobytes()
     src = tmp_path / "src"
     src.mkdir()
-    (src / "000_mask.png").write_bytes(cv2.imencode(".png", np.full((16, 16), 255, np.uint8))[1].tobytes())
-    out, rows = tmp_path / "out", []
-    for frame_id, suffix in (("good/000", ".png"), ("spot/<1>", ".JPG"), ("crack/a.b", ".tiff")):
-        path = src / f"{frame_id.replace('/', '-')}{suffix}"
-        path.write_bytes(png)
-        frame = Frame(frame_id, path, frame_id.split("/")[0], None if frame_id.startswith("good") else src / "000_mask.png")
-        row = Row(frame)
-        demo.record_result(row, {schema.SCORE: b"1.5", schema.ANOMALOUS: b"1", schema.LATENCY_MS: b"2.0",
-                                 schema.MASK: png, schema.HEATMAP: png}, out)
-        rows.append(row)
-    written = sorted(p for p in out.rglob("*") if p.is_file())
-    assert len(written) == 3 * 3 + 2  # frame, mask and overlay of each, and the two ground-truth masks
-    assert demo.clear_earlier_pictures(out) == 0  # an interrupted run: no list of what it wrote, nothing goes
-    (out / "results.json").write_text(json.dumps({"frames": [{"files": r.files} for r in rows]}))
+    cv2.imwrite(str(src / "000_mask.tif"), np.full((16, 16), 255, np.uint8))  # a TIFF ground truth
+    out = tmp_path / "out"
+    long_id = "crack/" + "x" * 120  # safe_name cuts it and appends a digest after a ~
+
+    def record_all() -> list[Row]:
+        rows = []
+        for frame_id, suffix in (("good/000", ".png"), ("spot/<1>", ".JPG"), ("crack/a.b", ".tiff"), (long_id, ".png")):
+            path = src / f"{frame_id.replace('/', '-')[:40]}{suffix}"
+            if suffix == ".tiff":
+                cv2.imwrite(str(path), np.zeros((16, 16, 3), np.uint8))
+            else:
+                path.write_bytes(png)
+            frame = Frame(frame_id, path, frame_id.split("/")[0], None if frame_id.startswith("good") else src / "000_mask.tif")
+            row = Row(frame)
+            demo.record_result(row, {schema.SCORE: b"1.5", schema.ANOMALOUS: b"1", schema.LATENCY_MS: b"2.0",
+                                     schema.MASK: png, schema.HEATMAP: png}, out)
+            rows.append(row)
+        return rows
+
+    rows = record_all()
+    written = sorted(p for p in out.rglob("*") if p.is_file() and p.name != demo.PICTURE_LIST)
+    assert len(written) == 4 * 3 + 3  # frame, mask and overlay of each, and the three ground-truth masks
+    # what a browser shows: a TIFF frame and a TIFF ground truth are written as PNG, named .png
+    assert rows[2].files["frame"].endswith(".png") and rows[1].files["frame"].endswith(".jpg")
+    for row in rows[1:]:
+        assert cv2.imread(str(out / row.files["truth"]), cv2.IMREAD_GRAYSCALE).min() == 255
+    assert cv2.imread(str(out / rows[2].files["frame"])).shape == (16, 16, 3)
     theirs = [out / "masks" / "notes.txt", out / "masks" / "keep" / "good_000_mask.png", out / "frames" / "README",
               out / "overlays" / "mine_overlay.png.bak", out / "elsewhere_mask.png", out / "report.html",
               out / "frames" / "IMG_0001.jpg", out / "masks" / "line3_mask.png"]  # named like the demo's, not listed
     for path in theirs:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("the user's")
-    (out / "ground_truth" / "link_mask.png").symlink_to(src / "000_mask.png")  # a link is not the demo's
+    (out / "ground_truth" / "link_mask.png").symlink_to(src / "000_mask.tif")  # a link is not the demo's
+    # a run stopped part-way (no results.json): its list names what it wrote; a report.html with no
+    # results.json of the demo's beside it is not the demo's
     assert demo.clear_earlier_pictures(out) == len(written)
-    assert [p for p in written if p.exists()] == []
+    assert [p for p in written if p.exists()] == [] and not (out / demo.PICTURE_LIST).exists()
     assert all(p.read_text() == "the user's" for p in theirs) and (out / "ground_truth" / "link_mask.png").is_symlink()
+    # a finished run before there was a list: its results.json names the pictures, and its report goes too
+    rows = record_all()
+    (out / demo.PICTURE_LIST).unlink()
+    demo.write_report(out, rows, demo.summarize(rows), {"category": "tiles", "threshold": 2.5})
+    assert demo.clear_earlier_pictures(out) == len(written)
+    assert [p for p in written if p.exists()] == [] and not (out / "report.html").exists()
+    assert not (out / "results.json").exists()
+    assert all(p.read_text() == "the user's" for p in theirs if p.name != "report.html")
     assert demo.clear_earlier_pictures(tmp_path / "no-such-out") == 0
+
+
+def test_redis_lost_while_the_line_runs_is_one_line_not_a_traceback(tmp_path):
+    """redis' errors are not OSErrors: a Redis that went away mid-run ended the demo in a traceback."""
+    import numpy as np
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # a port nothing listens on: the server that was there has gone
+    image = tmp_path / "000.png"
+    cv2.imwrite(str(image), np.zeros((16, 16, 3), np.uint8))
+    d = demo.Demo(echo=lambda *a, **k: None)
+    d.client = redis.Redis(port=port, socket_connect_timeout=1)
+    with pytest.raises(demo.DemoError, match=r"^Redis: .* after 0 frames published and 0 of 1 judged; check that "
+                                             r"Redis is up and accepts writes, then run the demo again$"):
+        d.run_line([Frame("good/000", image, "good", None)], "line1", 0, tmp_path / "out", idle_timeout_s=5)
 
 
 # -- bad input ------------------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -358,6 +360,18 @@ def test_gpu_entrypoint_is_valid_sh_and_needs_a_model(tmp_path):
         done = subprocess.run(["sh", str(script), "--stream", "line1"], env={**env, **extra}, capture_output=True,
                               text=True, timeout=30)
         assert done.stdout == f"{runs} --stream line1\n", (extra, done.stdout, done.stderr)
+    # a stop while the plans build: passed on to the build, which ends; the worker is not started
+    (bin_dir / "python3").write_text("#!/bin/sh\ntrap 'echo build stopped >&2; exit 143' TERM\n"
+                                     "touch \"$STARTED\"\nwhile :; do sleep 0.1; done\n")
+    started = tmp_path / "started"
+    proc = subprocess.Popen(["sh", str(script)], env={**env, "STARTED": str(started)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 143 and "build stopped" in err and out == "", (proc.returncode, out, err)
 
 
 def test_the_images_requirements_are_the_projects_with_its_extras():
@@ -627,3 +641,23 @@ def test_settings_table_check_fails_on_a_stale_table(tmp_path, capsys):
     assert gen.main(["--write", str(stale)]) == 0 and gen.main(["--check", str(stale)]) == 0
     (tmp_path / "none.md").write_text("no markers\n")
     assert gen.main(["--check", str(tmp_path / "none.md")]) == 2
+
+
+def test_the_runbooks_readiness_command_prints_why_a_worker_is_not_ready():
+    """The runbook's command used urlopen, which raises on a 503 and never printed the reason."""
+    from ustudents.worker import metrics
+
+    command = re.search(r'python3 -c "(import http\.client[^"]+/readyz[^"]+)"', (ROOT / "README.md").read_text())
+    assert command, "README: the runbook's /readyz command is gone"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = metrics.starting("line1", "127.0.0.1", port, "loading the model")
+    try:
+        done = subprocess.run([sys.executable, "-c", command.group(1).replace("9108", str(port))],
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    status, body = done.stdout.split(" ", 1)
+    assert status == "503" and json.loads(body) == {"ok": False, "reason": "starting: loading the model"}

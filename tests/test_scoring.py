@@ -89,8 +89,10 @@ def test_image_threshold_flags_the_asked_share_of_good_images():
 def test_too_few_images_keep_the_maximum_against_the_mask_threshold():
     maps = np.zeros((MIN_POSITION_IMAGES - 1, 4, 4), np.float32)
     maps[0, 1, 1] = 5.0
-    record, tensors = image_score_calibration(maps, pixel_threshold=3.0, image_fpr=0.05)
+    record, tensors = image_score_calibration(maps, pixel_threshold=3.0, image_fpr=0.01)
     assert record["method"] == "max" and record["threshold"] == 3.0 and tensors == {}
+    # kept though unused here: a later `calibrate` on 30+ images takes it, not the default 0.05
+    assert record["target_image_fpr"] == 0.01
     assert record["validation_image_fpr"] == pytest.approx(1 / len(maps))  # one image has a mask
     with pytest.raises(CalibrationError, match="image false-positive rate"):
         image_score_calibration(maps, 3.0, image_fpr=1.5)

@@ -414,7 +414,7 @@ def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_goes_on(e
 
 
 def test_the_stack_check_accounts_for_every_frame_and_catches_a_lost_or_doubled_result(engines, frames, redis_url,
-                                                                                       stream):
+                                                                                       stream, monkeypatch):
     cs, r = deploy_script("check_stack.py"), client(redis_url)  # the operator's check of a running stack
     handled = [add_frame(r, stream, f) for f in frames[:3]] + [add(r, stream, image=b"not a PNG")]
     with in_process_worker(engines, redis_url, stream):
@@ -427,6 +427,14 @@ def test_the_stack_check_accounts_for_every_frame_and_catches_a_lost_or_doubled_
     ok = cs.check_accounting(r, stream, "ustudents")
     assert ok.ok, ok.detail
     assert "6 input entries, 4 results and dead letters read, 2 pending: 0 without a result" in ok.detail
+    # inputs carry their frames: read a page at a time (one reply of a whole stream could be GBs),
+    # and no more than the newest ACCOUNT_LAST
+    monkeypatch.setattr(cs, "INPUT_PAGE", 2)
+    assert cs.check_accounting(r, stream, "ustudents").detail == ok.detail
+    monkeypatch.setattr(cs, "ACCOUNT_LAST", 3)
+    capped = cs.check_accounting(r, stream, "ustudents")
+    assert capped.ok and capped.detail.startswith("3 input entries, 4 results and dead letters read"), capped.detail
+    monkeypatch.undo()
     flow = cs.check_flow(r, stream, "ustudents", 0.3)  # nothing scored while watching
     assert not flow.ok and "0 results in" in flow.detail
 

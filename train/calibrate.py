@@ -119,7 +119,9 @@ def image_score_calibration(fused: np.ndarray, pixel_threshold: float, image_fpr
     n = len(fused)
     if n < MIN_POSITION_IMAGES:
         flagged = fused.reshape(n, -1).max(1) >= pixel_threshold
-        return {"method": "max", "threshold": pixel_threshold, "images": n, "validation_image_fpr": float(flagged.mean()),
+        # target_image_fpr unused here, kept for a later recalibration on enough images (its default)
+        return {"method": "max", "threshold": pixel_threshold, "target_image_fpr": image_fpr, "images": n,
+                "validation_image_fpr": float(flagged.mean()),
                 "why": f"{n} validation images; the position score needs {MIN_POSITION_IMAGES}"}, {}
     mean, std = position_statistics(fused)
     loo = (leave_one_out_z_maps(fused) if loo_z is None else loo_z).reshape(n, -1).max(1).astype(np.float64)

@@ -148,9 +148,10 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
     check_writable(out)  # these are cheap: before the test set is read
     load_teachers(teachers, scales)
     checkpoints.check_free(checkpoints.folder_for(out), out)
-    if evaluate and not (Path(data_root) / category / "test").exists():
+    test_dir = Path(data_root) / category / "test"
+    if evaluate and not test_dir.exists():
         # a plant may have good images only: the model is still worth training
-        click.echo(f"{Path(data_root) / category / 'test'}: not found, so the model will not be evaluated (add "
+        click.echo(f"{test_dir}: not found{missing_folder_hint(test_dir)}, so the model will not be evaluated (add "
                    "test/<type>/ images and ground_truth/<type>/ masks to evaluate it)")
         evaluate = False
     if evaluate:
@@ -171,9 +172,12 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
         from ustudents.engines.runtime import load_engine
         try:
             with sigterm_as_ctrl_c():
-                engine = load_engine(path, backend="torch", device=dev,
-                                     precision="bf16" if cfg.student.amp else "fp32")
+                # the precision a worker here runs it in (calibrated bf16 only where bf16 is native)
+                engine = load_engine(path, backend="torch", device=dev, precision=None)
                 results = run_evaluation(engine, data_root, log=click.echo)
+        except EngineError as err:  # the engine, not the test set
+            raise InputError(f"{err} (the model is written to {path}; evaluate it with "
+                             f"{evaluate_command(path, data_root)})") from None
         except (ValueError, OSError) as err:  # the test set; the model is written and fine
             raise InputError(f"{err} (the model is written to {path}: fix the test set, then run "
                              f"{evaluate_command(path, data_root)})") from None

@@ -142,6 +142,9 @@ def test_samples(root: str | Path, category: str) -> list[Sample]:
     cat = _category_dir(root, category)
     test_dir = cat / "test"
     _require_dir(test_dir, "an MVTec AD category needs CATEGORY/test/<type>/ folders (type 'good' = defect-free)")
+    for p in sorted(test_dir.iterdir()):  # else that type was left out of the metrics without a word
+        if p.is_symlink() and not p.exists():
+            raise DatasetError(f"{p}: a test type folder{missing_folder_hint(p)}")
     types = sorted((p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
                    key=lambda t: (t != GOOD, t))
     if not types:
@@ -160,6 +163,8 @@ def test_samples(root: str | Path, category: str) -> list[Sample]:
                                    "found by name (<name>_mask.png), so rename or remove one")
             stems[image.stem] = image
         gt_dir = cat / "ground_truth" / defect
+        if defect != GOOD and gt_dir.is_symlink() and not gt_dir.exists():  # not "missing mask ...; add it"
+            raise DatasetError(f"{gt_dir}: the masks' folder{missing_folder_hint(gt_dir)}")
         masks = {} if defect == GOOD else _masks_in(gt_dir)
         for image in images:
             mask = None if defect == GOOD else _find_mask(masks, gt_dir, image)
@@ -233,7 +238,7 @@ def load_masks(samples: list[Sample], size: int) -> np.ndarray:
             continue
         try:
             mask = read_mask(s.mask_path)
-            ih, iw = read_image(s.path).shape[:2]
+            ih, iw = read_image(s.path, None).shape[:2]  # its size only: no hint about the model's bits
         except ImageError as e:
             raise DatasetError(str(e)) from None
         except OSError as e:
@@ -269,8 +274,8 @@ def checked_test_set(root: str | Path, category: str, size: int, samples: list[S
                 f"test/{defect} out")
     if every_image:
         for s in samples:
-            if s.defect == GOOD:
-                _read(s.path, read_image)
+            if s.defect == GOOD:  # readable, whatever its bits (the bundle's are not known here)
+                _read(s.path, lambda path: read_image(path, None))
     return samples, labels, masks
 
 

@@ -12,7 +12,7 @@ import torch
 
 from ustudents.engines.bundle import BundleError, changing, load_bundle, update_manifest
 from ustudents.engines.files import os_error_line, real_path, write_atomically
-from ustudents.engines.images import read_image
+from ustudents.engines.images import IMAGE_SUFFIXES, read_image
 from ustudents.engines.overlay import heatmap_overlay
 from ustudents.engines.runtime import Engine, map_to_frame, model_digest
 from ustudents.engines.scoring import mask
@@ -67,6 +67,8 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
     bundle = engine.bundle
     category, size = bundle.manifest["category"], bundle.image_size
     samples, labels, masks = dataset.checked_test_set(data_root, category, size, samples)
+    if overlays is not None:  # before minutes of scoring, not after
+        check_overlays(overlays, samples)
     images = dataset.load_images(samples, size, desc="loading test images", bits=bundle.uint16_bits)
     fused, per_scale = engine_maps(engine, images, desc="evaluating")
     fused_t = torch.from_numpy(fused).to(engine.prep_device)
@@ -110,11 +112,35 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
     return results
 
 
+OVERLAY_OUTPUTS = ".ustudents-overlays.json"  # the overlays evaluate wrote in its --overlays folder, in one list
+
+
+def overlay_names(samples: list[dataset.Sample]) -> list[str]:
+    return [f"{s.defect}/{s.path.stem}.png" for s in samples]
+
+
+def check_overlays(folder: Path, samples: list[dataset.Sample]) -> None:
+    """Refuse an --overlays folder holding a file an overlay would replace that an earlier evaluate did
+    not write: <defect>/<stem>.png are the names of MVTec's own test images, so --overlays at a copy of
+    the dataset's test folder replaced its images with heatmaps."""
+    earlier = listed_outputs(folder / OVERLAY_OUTPUTS)
+    for name in overlay_names(samples):
+        path = folder / name
+        if (path.exists() or path.is_symlink()) and name not in earlier:
+            raise ValueError(f"--overlays {folder}: holds {name}, which an overlay would replace and an earlier "
+                             "`ustudents evaluate` did not write; give an empty --overlays folder or one an "
+                             "earlier evaluate wrote")
+
+
 def write_overlays(folder: Path, samples: list[dataset.Sample], engine: Engine, fused: torch.Tensor,
                    scores: torch.Tensor) -> None:
     """<folder>/<defect>/<stem>.png: each test image with what its mask thresholds and its mask, at the
     image's own size (as `ustudents predict` draws them)."""
     levels, verdicts = engine.mask_levels(fused), engine.verdicts(scores)
+    folder.mkdir(parents=True, exist_ok=True)
+    earlier = listed_outputs(folder / OVERLAY_OUTPUTS)
+    # listed before the first is written: a run stopped part-way must be allowed to replace its own
+    write_json(folder / OVERLAY_OUTPUTS, sorted(earlier | set(overlay_names(samples))))
     for s, level, flagged in zip(samples, levels, verdicts):
         frame = read_image(s.path, engine.bundle.uint16_bits)
         full = map_to_frame(level, frame.shape[:2])
@@ -172,6 +198,15 @@ def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: No
             raise ValueError(f"--out {out}: holds {written.name}, which this command would replace and an earlier "
                              "`ustudents predict` did not write (it is not in results.json there); give an empty "
                              "--out folder or one an earlier predict wrote")
+    # images of the user's there (a dataset's train/good): masks and overlays put beside them would be
+    # read with them, e.g. trained on as good images
+    theirs = sorted(f.name for f in (out.iterdir() if out.is_dir() else ())
+                    if f.suffix.lower() in IMAGE_SUFFIXES and f.name not in earlier)
+    if theirs:
+        shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+        raise ValueError(f"--out {out}: holds images an earlier `ustudents predict` did not write ({shown}); masks "
+                         "and overlays written beside them would mix with them (in a dataset's folder, be read as "
+                         "its images); give an empty --out folder or one an earlier predict wrote")
     out.mkdir(parents=True, exist_ok=True)
     # listed before the first is written: a run stopped part-way (Ctrl-C, a full disk) leaves outputs that
     # its results.json, written last, does not name, and the run again must be allowed to replace them
@@ -198,14 +233,18 @@ def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: No
 PREDICT_OUTPUTS = ".ustudents-predict.json"  # the names of the files predict writes in its --out, in one list
 
 
+def listed_outputs(listing: Path) -> set[str]:
+    """The names in an output folder's list of what earlier runs wrote there; empty where there is none."""
+    try:
+        return {str(n) for n in json.loads(listing.read_text())}
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
 def earlier_predictions(out: Path) -> set[str]:
     """Names of the files earlier predicts wrote in `out`, which a new one may replace: those its
     list (PREDICT_OUTPUTS) or its results.json name; empty where neither is there."""
-    names: set[str] = set()
-    try:
-        names |= {str(n) for n in json.loads((out / PREDICT_OUTPUTS).read_text())}
-    except (OSError, ValueError, TypeError):
-        pass
+    names = listed_outputs(out / PREDICT_OUTPUTS)
     try:
         records = json.loads((out / "results.json").read_text())
         names |= {Path(r[kind]).name for r in records for kind in ("mask", "overlay")} | {"results.json"}

@@ -257,23 +257,31 @@ def record_result(row: Row, fields: dict[str, bytes], out: Path) -> None:
     import cv2
     import numpy as np
 
-    from ustudents.engines.images import read_mask
+    from ustudents.engines.images import read_image, read_mask
     from ustudents.worker import schema
 
     name = safe_name(row.frame.frame_id)
     row.score = float(fields[schema.SCORE])
     row.anomalous = fields[schema.ANOMALOUS] == b"1"
     row.latency_ms = float(fields[schema.LATENCY_MS])
-    files = {"mask": f"masks/{name}_mask.png", "frame": f"frames/{name}{row.frame.path.suffix.lower()}"}
-    _write(out / files["mask"], fields[schema.MASK])
-    _write(out / files["frame"], row.frame.path.read_bytes())
+    suffix = row.frame.path.suffix.lower()
+    web = suffix in WEB_SUFFIXES  # browsers show no TIFF in <img>: such frames are re-encoded as PNG
+    files = {"mask": f"masks/{name}_mask.png", "frame": f"frames/{name}{suffix if web else '.png'}"}
     if schema.HEATMAP in fields:
         files["overlay"] = f"overlays/{name}_overlay.png"
-        _write(out / files["overlay"], fields[schema.HEATMAP])
     if row.frame.mask_path is not None:
         files["truth"] = f"ground_truth/{name}_mask.png"
-        _write(out / files["truth"], row.frame.mask_path.read_bytes())
-        truth = read_mask(row.frame.mask_path)
+    list_pictures(out, files.values())  # before they are written: a run stopped part-way is cleared too
+    _write(out / files["mask"], fields[schema.MASK])
+    if web:
+        _write(out / files["frame"], row.frame.path.read_bytes())
+    else:
+        _write(out / files["frame"], cv2.imencode(".png", read_image(row.frame.path, None)[:, :, ::-1])[1].tobytes())
+    if schema.HEATMAP in fields:
+        _write(out / files["overlay"], fields[schema.HEATMAP])
+    if row.frame.mask_path is not None:
+        truth = read_mask(row.frame.mask_path)  # as PNG whatever its file's format, as its name says
+        _write(out / files["truth"], cv2.imencode(".png", truth.astype(np.uint8) * 255)[1].tobytes())
         pred = cv2.imdecode(np.frombuffer(fields[schema.MASK], np.uint8), cv2.IMREAD_GRAYSCALE) > 0
         if pred.shape == truth.shape and truth.any():
             row.defect_covered = float((pred & truth).sum() / truth.sum())
@@ -281,26 +289,47 @@ def record_result(row: Row, fields: dict[str, bytes], out: Path) -> None:
 
 
 # The pictures record_result writes: OUT/<folder>/<safe_name(frame id)><ending>.
-_NAME = r"[A-Za-z0-9._-]+"  # what safe_name leaves
+_NAME = r"[A-Za-z0-9._~-]+"  # what safe_name leaves (~: before the digest of a long id)
+WEB_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the frames' formats a browser shows as they are
+PICTURE_LIST = ".ustudents-demo-pictures.json"  # every picture the last run wrote, listed before it was written
+
+
+def listed(path: Path) -> set[str]:
+    try:
+        return {str(n) for n in json.loads(path.read_text())}
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
+def list_pictures(out: Path, names) -> None:
+    """Add `names` to OUT's list of the pictures this run writes."""
+    known = listed(out / PICTURE_LIST)
+    if not set(names) <= known:
+        _write(out / PICTURE_LIST, json.dumps(sorted(known | set(names))).encode())
 PICTURES = {"frames": re.compile(rf"{_NAME}({'|'.join(re.escape(s) for s in IMAGE_SUFFIXES)})"),
             "masks": re.compile(rf"{_NAME}_mask\.png"), "overlays": re.compile(rf"{_NAME}_overlay\.png"),
             "ground_truth": re.compile(rf"{_NAME}_mask\.png")}
 
 
 def clear_earlier_pictures(out: Path) -> int:
-    """Remove the pictures the last finished run listed in OUT/results.json, so that OUT holds this
-    run's only: a run with fewer frames, or another --data-root, left the others beside its own.
-    Returns how many went.
+    """Remove the pictures the last run wrote (its list, PICTURE_LIST; a run before there was one: those
+    its results.json names), so that OUT holds this run's only: a run with fewer frames, or another
+    --data-root, left the others beside its own. Its report.html and results.json go with them, so that
+    a run stopped part-way leaves no report of missing pictures. Returns how many pictures went.
 
-    Only what that list names goes, and of it only regular files named as record_result names them,
+    Only what those lists name goes, and of it only regular files named as record_result names them,
     directly in its four folders: a name alone is no proof (a user's `frames/IMG_0001.jpg` matches
     the frames' pattern), and --out is the user's choice, with anything else there theirs."""
+    names = listed(out / PICTURE_LIST)
     try:
-        listed = {str(f) for r in json.loads((out / "results.json").read_text())["frames"] for f in r["files"].values()}
+        names |= {str(f) for r in json.loads((out / "results.json").read_text())["frames"] for f in r["files"].values()}
+        for report in ("report.html", "results.json"):  # the demo's: its results.json reads as one
+            (out / report).unlink(missing_ok=True)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return 0
+        pass
+    (out / PICTURE_LIST).unlink(missing_ok=True)
     removed = 0
-    for relative in sorted(listed):
+    for relative in sorted(names):
         folder, _, name = relative.partition("/")
         path = out / folder / name
         if folder in PICTURES and PICTURES[folder].fullmatch(name) and path.is_file() and not path.is_symlink():
@@ -520,6 +549,8 @@ class Demo:
 
     def run_line(self, frames: list[Frame], stream: str, fps: float, out: Path, idle_timeout_s: float) -> list[Row]:
         """Publish every frame at `fps` and collect one result (or dead letter) per frame."""
+        import redis
+
         from ustudents.worker import schema
         from ustudents.worker.publish import FramePublisher
         from ustudents.worker.streams import replies
@@ -531,40 +562,45 @@ class Demo:
         sent, done = 0, 0
         start = last_progress = last_note = time.monotonic()
         self.echo(TABLE_HEAD)
-        while done < len(frames):
-            now = time.monotonic()
-            if sent < len(frames) and (fps <= 0 or now >= start + sent / fps):
-                f = frames[sent]
-                publisher.send(f.frame_id, f.path.read_bytes())
-                sent += 1
-                continue
-            wait_s = (start + sent / fps - now) if (fps > 0 and sent < len(frames)) else 1.0
-            got = replies(self.client.xread(ids, count=50, block=max(1, int(min(wait_s, 1.0) * 1000))))
-            for key, entries in got:
-                key = key.decode()
-                for eid, raw in entries:
-                    ids[key] = eid.decode()
-                    fields = schema.decode_fields(raw)
-                    row = rows.get(fields.get(schema.FRAME_ID, b"").decode("utf-8", "replace"))
-                    if row is None or row.score is not None or row.dead is not None:
-                        continue  # not one of ours, or seen already
-                    if keys[key]:
-                        row.dead = f"{fields.get(schema.REASON, b'').decode()}: {fields.get(schema.ERROR, b'').decode()}"
-                    else:
-                        record_result(row, fields, out)
-                    done += 1
-                    last_progress = time.monotonic()
-                    self.echo(table_row(row))
-            if not got:
-                if not self.worker_thread.is_alive():
-                    raise DemoError(f"the worker stopped (exit {self.worker_exit[:1] or '?'}) after {done} of "
-                                    f"{len(frames)} frames; see the log above")
-                if time.monotonic() - last_progress > idle_timeout_s:
-                    raise DemoError(f"no result for {idle_timeout_s:.0f} s after {done} of {len(frames)} frames "
-                                    f"(worker: {self.worker.ready()[1] or 'ready'})")
-                if time.monotonic() - max(last_progress, last_note) > 10:
-                    last_note = time.monotonic()
-                    self.echo(f"    ... {sent} frames published, {done} judged so far", err=True)
+        try:
+            while done < len(frames):
+                now = time.monotonic()
+                if sent < len(frames) and (fps <= 0 or now >= start + sent / fps):
+                    f = frames[sent]
+                    publisher.send(f.frame_id, f.path.read_bytes())
+                    sent += 1
+                    continue
+                wait_s = (start + sent / fps - now) if (fps > 0 and sent < len(frames)) else 1.0
+                got = replies(self.client.xread(ids, count=50, block=max(1, int(min(wait_s, 1.0) * 1000))))
+                for key, entries in got:
+                    key = key.decode()
+                    for eid, raw in entries:
+                        ids[key] = eid.decode()
+                        fields = schema.decode_fields(raw)
+                        row = rows.get(fields.get(schema.FRAME_ID, b"").decode("utf-8", "replace"))
+                        if row is None or row.score is not None or row.dead is not None:
+                            continue  # not one of ours, or seen already
+                        if keys[key]:
+                            row.dead = f"{fields.get(schema.REASON, b'').decode()}: {fields.get(schema.ERROR, b'').decode()}"
+                        else:
+                            record_result(row, fields, out)
+                        done += 1
+                        last_progress = time.monotonic()
+                        self.echo(table_row(row))
+                if not got:
+                    if not self.worker_thread.is_alive():
+                        raise DemoError(f"the worker stopped (exit {self.worker_exit[:1] or '?'}) after {done} of "
+                                        f"{len(frames)} frames; see the log above")
+                    if time.monotonic() - last_progress > idle_timeout_s:
+                        raise DemoError(f"no result for {idle_timeout_s:.0f} s after {done} of {len(frames)} frames "
+                                        f"(worker: {self.worker.ready()[1] or 'ready'})")
+                    if time.monotonic() - max(last_progress, last_note) > 10:
+                        last_note = time.monotonic()
+                        self.echo(f"    ... {sent} frames published, {done} judged so far", err=True)
+        except redis.RedisError as err:  # not an OSError: it came out as a traceback
+            raise DemoError(f"Redis: {' '.join(str(err).split())} after {sent} frames published and {done} of "
+                            f"{len(frames)} judged; check that Redis is up and accepts writes, then run the demo "
+                            "again") from None
         return [rows[f.frame_id] for f in frames]
 
     def stop(self) -> None:
@@ -699,7 +735,7 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
         removed = clear_earlier_pictures(out)
         if removed:
             demo.step(f"removed the {removed} pictures the last run left in {out} (frames, masks, overlays, "
-                      "ground_truth)")
+                      "ground_truth) and its report")
         demo.step(f"publishing {len(frames)} test frames to stream {stream} at "
                   f"{'full speed' if fps <= 0 else f'{fps:g} frames/s'}; results as they arrive:")
         t = time.monotonic()
