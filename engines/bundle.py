@@ -174,10 +174,10 @@ def is_bundle(folder: Path) -> bool:
 def _bundles_own(name: str) -> bool:
     """A name a bundle's own commands leave in its folder: its files, an interrupted write's .partial,
     a weights file an interrupted recalibration left unnamed, NFS's .nfs* stand-ins for files still open,
-    the writability probe, macOS Finder's .DS_Store. Any other name, hidden ones included (.git, a
-    user's .notes), is the user's."""
+    the writability probe, macOS's .DS_Store and ._* (AppleDouble files a Mac leaves beside each file it
+    copies to a stick or share). Any other name, hidden ones included (.git, a user's .notes), is the user's."""
     return (name in (MANIFEST, ENGINE_DIR, ".DS_Store") or name.endswith(".partial")
-            or name.startswith((".nfs", ".ustudents-probe-"))
+            or name.startswith((".nfs", ".ustudents-probe-", "._"))
             or (name.startswith("weights") and name.endswith(".safetensors")))
 
 

@@ -102,6 +102,7 @@ def test_only_a_users_own_files_stop_a_bundle_folder_being_replaced(tmp_path):
     check_writable(tmp_path / "b")
     (tmp_path / "b" / ".weights.123.partial").write_bytes(b"")
     (tmp_path / "b" / ".nfs000123").write_bytes(b"")
+    (tmp_path / "b" / "._manifest.json").write_bytes(b"")  # copied by a Mac
     check_writable(tmp_path / "b")
     (tmp_path / "b" / "notes.txt").write_text("mine")
     with pytest.raises(BundleError, match="holds notes.txt besides its model bundle"):

@@ -695,8 +695,8 @@ def test_predict_and_evaluate_never_replace_files_they_did_not_write(tiny_bundle
     kept = {p: p.read_bytes() for p in backup.rglob("*.png")}
     result = invoke("evaluate", tiny_bundle, "--data-root", eval_root, "--overlays", backup)
     name = sorted(p.relative_to(backup).as_posix() for p in kept)[0]
-    assert_input_error(result, f"--overlays {backup}: holds {name}, which an overlay would replace and an "
-                               "earlier `ustudents evaluate` did not write")
+    assert_input_error(result, f"--overlays {backup}: holds {name}, which an overlay would replace and no "
+                               "earlier `ustudents evaluate` listed in .ustudents-overlays.json there")
     assert "evaluating" not in result.output  # refused before the networks ran
     assert {p: p.read_bytes() for p in backup.rglob("*.png")} == kept
     overlays = tmp_path / "overlays"

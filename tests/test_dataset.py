@@ -263,6 +263,7 @@ def test_image_links_to_nothing_are_refused_naming_them_not_skipped(mvtec, tmp_p
     spot = cat / "test" / "spot"
     shutil.move(spot, tmp_path / "spot")
     spot.symlink_to(tmp_path / "nas" / "spot")
+    (cat / "test" / ".#notes.txt").symlink_to("user@host.1234")  # an editor's lock, hidden: not a type
     msg = _raises_naming(spot, test_samples, mvtec, CAT)
     assert f"a test type folder (a symbolic link to {tmp_path / 'nas' / 'spot'}, which does not exist" in msg
     spot.unlink()

@@ -143,7 +143,7 @@ def test_samples(root: str | Path, category: str) -> list[Sample]:
     test_dir = cat / "test"
     _require_dir(test_dir, "an MVTec AD category needs CATEGORY/test/<type>/ folders (type 'good' = defect-free)")
     for p in sorted(test_dir.iterdir()):  # else that type was left out of the metrics without a word
-        if p.is_symlink() and not p.exists():
+        if p.is_symlink() and not p.exists() and not p.name.startswith("."):  # .#x: an editor's lock
             raise DatasetError(f"{p}: a test type folder{missing_folder_hint(p)}")
     types = sorted((p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
                    key=lambda t: (t != GOOD, t))

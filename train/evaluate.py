@@ -127,9 +127,10 @@ def check_overlays(folder: Path, samples: list[dataset.Sample]) -> None:
     for name in overlay_names(samples):
         path = folder / name
         if (path.exists() or path.is_symlink()) and name not in earlier:
-            raise ValueError(f"--overlays {folder}: holds {name}, which an overlay would replace and an earlier "
-                             "`ustudents evaluate` did not write; give an empty --overlays folder or one an "
-                             "earlier evaluate wrote")
+            raise ValueError(f"--overlays {folder}: holds {name}, which an overlay would replace and no earlier "
+                             f"`ustudents evaluate` listed in {OVERLAY_OUTPUTS} there; give an empty --overlays "
+                             "folder or one an earlier evaluate wrote (overlays from before that list: empty the "
+                             "folder first)")
 
 
 def write_overlays(folder: Path, samples: list[dataset.Sample], engine: Engine, fused: torch.Tensor,
