@@ -1,4 +1,5 @@
 """Teacher distillation losses, patch sampling, the backbones, and learning rates that cannot train."""
+import json
 import re
 
 import cv2
@@ -251,3 +252,111 @@ def test_a_distillation_that_breaks_the_weights_on_its_last_step_writes_nothing(
                                            "lower --lr"):
         train_teacher(TeacherConfig(p=17, backbone="efficientnet-lite0", images=str(images), crop=8, steps=1,
                                     batch=2, lr=float("inf"), amp=False))
+
+
+def test_the_triplet_loss_takes_its_shifted_patches_only_from_images_with_room_for_them(tmp_path):
+    """The pyramid keeps images of p + 8 px a side; the triplet positives, shifted by p // 8 both ways,
+    need p + 2 (p // 8): at p = 65 a 75 px image (scikit-image's photos have three at 1/4) crashed the
+    run with a RuntimeError traceback at whatever step first drew it."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(images / "small.png"), rng.integers(0, 256, (75, 75, 3), dtype=np.uint8))
+    cfg = dict(p=65, backbone="efficientnet-lite0", images=str(images), target="patch", patches=4, backbone_input=32,
+               batch=2, steps=3, lambda_m=1.0, amp=False)
+    with pytest.raises(TeacherError, match=r"the triplet loss \(--lambda-m 1\) at p=65 needs images at least 81 "
+                                           r"pixels a side, and none is; use larger images or --lambda-m 0"):
+        train_teacher(TeacherConfig(**cfg))
+    cv2.imwrite(str(images / "large.png"), rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    state, record = train_teacher(TeacherConfig(**cfg))  # the small one still serves the other losses
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_weights_from_urls_are_cached_per_url_and_a_bad_download_is_not_kept(tmp_path, monkeypatch):
+    """torch.hub caches a download under the URL's file name: .../b/resnet18.pth was served the
+    weights of .../a/resnet18.pth, and a download that was an error page failed every later run."""
+    import functools
+    import http.server
+    import threading
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    site = tmp_path / "site"
+    weights = {}
+    for sub, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        weights[sub] = ResNet18Features().state_dict()
+        (site / sub).mkdir(parents=True)
+        torch.save(weights[sub], site / sub / "resnet18.pth")
+    (site / "c").mkdir()
+    (site / "c" / "resnet18.pth").write_text("<html>404</html>")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for sub in ("a", "b"):
+            got = build_backbone("resnet18", f"{url}/{sub}/resnet18.pth").features.state_dict()
+            assert torch.equal(got["conv1.weight"], weights[sub]["conv1.weight"]), sub
+        with pytest.raises(BackboneError, match="the download, removed from the cache, was "):
+            build_backbone("resnet18", f"{url}/c/resnet18.pth")
+        torch.save(weights["a"], site / "c" / "resnet18.pth")  # the server mended
+        build_backbone("resnet18", f"{url}/c/resnet18.pth")
+    finally:
+        server.shutdown()
+
+
+def test_a_teacher_and_its_record_parted_by_a_stop_are_found_not_used(tmp_path, monkeypatch):
+    """The weights were replaced before the record: a stop between the two left new weights under the
+    old run's record, which ustudents-train copies into every bundle as the teacher's settings."""
+    from ustudents.engines.patchnet import PatchNet
+    from ustudents.train import teacher_files
+    from ustudents.train.teacher_files import TeacherFileError, load_teacher, read_records, save_teacher
+
+    old, new = (PatchNet(17).state_dict() for _ in range(2))
+    save_teacher(tmp_path, 17, old, {"steps": 1})
+    kept = (tmp_path / "teacher_p17.safetensors").read_bytes()
+
+    def stopped(src, dst):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(teacher_files.os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        save_teacher(tmp_path, 17, new, {"steps": 2})
+    monkeypatch.undo()
+    # the old pair, whole: the record written before the weights' rename is put back
+    assert (tmp_path / "teacher_p17.safetensors").read_bytes() == kept and read_records(tmp_path)["17"]["steps"] == 1
+    load_teacher(tmp_path, 17)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher_p17.safetensors", "teachers.json"]
+    # a pair parted anyway (the process killed between the two): refused with the command that mends it
+    records = read_records(tmp_path)
+    records["17"]["sha256"] = "0" * 64
+    (tmp_path / "teachers.json").write_text(json.dumps(records))
+    with pytest.raises(TeacherFileError, match="not the teacher its record in .* describes .*; re-create it with "
+                                               "`ustudents teacher --scales 17 --out "):
+        load_teacher(tmp_path, 17)
+
+
+def test_teacher_refuses_the_shipped_folder_and_says_what_a_stopped_run_replaced(tmp_path, monkeypatch):
+    """--out train/default_teachers, as the model card's commands write it, replaced the teachers every
+    ustudents-train uses; and a run of several scales stopped part-way had replaced some without a word."""
+    from click.testing import CliRunner
+
+    from ustudents.cli import main
+    from ustudents.train import cli as train_cli
+    from ustudents.train.teacher_files import DEFAULT_DIR
+
+    before = {p.name: p.read_bytes() for p in DEFAULT_DIR.iterdir()}
+    result = CliRunner().invoke(main, ["teacher", "--scales", "17", "--out", str(DEFAULT_DIR), "--steps", "1"])
+    assert result.exit_code == 2 and "the shipped default teachers" in result.output and "--replace-shipped" in \
+        result.output
+    assert {p.name: p.read_bytes() for p in DEFAULT_DIR.iterdir()} == before
+
+    def distilled_then_stopped(scales, out, written, settings):
+        written.append(scales[0])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_cli, "distil", distilled_then_stopped)
+    result = CliRunner().invoke(main, ["teacher", "--scales", "17,33", "--out", str(tmp_path), "--steps", "1"])
+    assert result.exit_code == 130
+    assert (f"{tmp_path}: this run already wrote p=17 (and their records in teachers.json); the other scales there "
+            "are unchanged") in result.output

@@ -7,6 +7,8 @@ reference). Weights are read with `torch.load(weights_only=True)`, which never r
 """
 from __future__ import annotations
 
+import hashlib
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -90,14 +92,24 @@ def _load_state(weights: str, head: str) -> dict[str, torch.Tensor]:
     """The state dict in `weights`, without the classifier (keys starting `head`): never used here,
     and a network fine-tuned to other classes differs from ImageNet's only there."""
     fix = "pass a torchvision-format state dict file (e.g. resnet18-f37072fd.pth) or its URL"
+    cached = None
     try:
         if weights.startswith(("http://", "https://")):
-            state = torch.hub.load_state_dict_from_url(weights, map_location="cpu", weights_only=True)
+            # cached under a name of the whole URL: torch.hub's default, the file name alone, served
+            # .../a/resnet18.pth's download for .../b/resnet18.pth
+            name = Path(urllib.parse.urlparse(weights).path).name or "weights.pth"
+            name = f"{hashlib.sha256(weights.encode()).hexdigest()[:16]}-{name}"
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+            state = torch.hub.load_state_dict_from_url(weights, map_location="cpu", weights_only=True, file_name=name)
         else:
             state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as err:  # torch's own message runs to several lines of advice that does not apply
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BackboneError(f"{weights}: cannot load weights ({first}); {fix}") from None
+        removed = ""
+        if cached is not None and cached.is_file():  # else every later run reads the bad download again
+            cached.unlink()
+            removed = f"; the download, removed from the cache, was {cached}"
+        raise BackboneError(f"{weights}: cannot load weights ({first}){removed}; {fix}") from None
     if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                       for k, v in state.items())):
         raise BackboneError(f"{weights}: holds a {type(state).__name__}, not a state dict of named tensors; {fix}")

@@ -205,7 +205,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
               help="Side patches are resized to before P sees them (--target patch).")
 @click.option("--crop", default=32, show_default=True, help="Side of each training window's output (--target dense).")
 @click.option("--images", default=SKIMAGE_SOURCE, show_default=True,
-              help="Natural images to cut patches from: a folder (e.g. ImageNet train), or 'skimage' for the photos scikit-image ships.")
+              help="Natural images to cut patches from: a folder (all held in memory: a few hundred photos, e.g. an ImageNet subset), or 'skimage' for the photos scikit-image ships.")
 @click.option("--patches", default=6000, show_default=True,
               help="Patches whose P descriptors are computed once and trained on (--target patch).")
 @click.option("--steps", default=1500, show_default=True, help="Optimizer steps per teacher.")
@@ -220,14 +220,16 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
 @click.option("--lambda-m", default=0.0, show_default=True, help="Weight of the triplet (metric learning) loss.")
 @click.option("--margin", default=1.0, show_default=True, help="Triplet margin delta.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--replace-shipped", is_flag=True,
+              help="Allow --out to be the shipped default teachers' folder, which every ustudents-train without "
+                   "--teachers uses (to remake them, as their model card does).")
 @device_option
 @amp_option
 @user_errors
 def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides, backbone_input, crop, images, patches, steps, batch,
-                lr, schedule, weight_decay, lambda_k, lambda_c, lambda_m, margin, seed, device, amp):
+                lr, schedule, weight_decay, lambda_k, lambda_c, lambda_m, margin, seed, replace_shipped, device, amp):
     """Distil teacher patch networks from a pretrained ImageNet CNN."""
-    from .teacher import train_teacher
-    from .teacher_files import read_records, save_teacher
+    from .teacher_files import read_records
 
     # an option of the other target changes nothing: a user giving it meant something it will not do
     ctx = click.get_current_context()
@@ -238,17 +240,35 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
             raise InputError(f"{flag}: applies to --target {applies_to} only, and this is --target {target}; leave "
                              f"{flag} out, or add --target {applies_to}")
     check_output(out, "--out", folder=True)
+    if not replace_shipped and real_path(out) == real_path(DEFAULT_DIR):
+        raise InputError(f"--out {out}: the shipped default teachers, which every ustudents-train without --teachers "
+                         "uses; give another folder (and --teachers it to ustudents-train), or add --replace-shipped")
     read_records(out)  # a damaged teachers.json there is reported now, not after distillation
     dev = resolve_device(device)
+    written: list[int] = []
+    try:
+        distil(scales, out, written, dict(
+            backbone=backbone, backbone_weights=backbone_weights, target=target, target_strides=target_strides,
+            backbone_input=backbone_input, crop=crop, images=images, patches=patches, steps=steps, batch=batch, lr=lr,
+            schedule=schedule, weight_decay=weight_decay, lambda_k=lambda_k, lambda_c=lambda_c, lambda_m=lambda_m,
+            margin=margin, seed=seed, device=str(dev), amp=resolve_amp(amp, dev)))
+    except BaseException:
+        if written and set(written) != set(scales):  # scale by scale: say what a stopped run already replaced
+            click.echo(f"{out}: this run already wrote p={', p='.join(map(str, written))} (and their records in "
+                       "teachers.json); the other scales there are unchanged", err=True)
+        raise
+
+
+def distil(scales: list[int], out: Path, written: list[int], settings: dict) -> None:
+    """Distil and save each scale in turn, appending each saved one to `written`."""
+    from .teacher import train_teacher
+    from .teacher_files import save_teacher
+
     for p in scales:
-        cfg = TeacherConfig(p=p, backbone=backbone, backbone_weights=backbone_weights, target=target,
-                            target_strides=target_strides,
-                            backbone_input=backbone_input, crop=crop, images=images, patches=patches, steps=steps,
-                            batch=batch, lr=lr, schedule=schedule, weight_decay=weight_decay, lambda_k=lambda_k, lambda_c=lambda_c,
-                            lambda_m=lambda_m, margin=margin, seed=seed, device=str(dev), amp=resolve_amp(amp, dev))
         with sigterm_as_ctrl_c():  # `docker stop`: one line and exit 130, as Ctrl-C
-            state, record = train_teacher(cfg)
+            state, record = train_teacher(TeacherConfig(p=p, **settings))
             path = save_teacher(out, p, state, record)
+        written.append(p)
         click.echo(f"p={p}: {path} (decoder recovers {record['explained_variance_of_P']:.1%} of P's variance, "
                    f"{record['wall_s']:.0f} s)")
 

@@ -297,7 +297,14 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
         if cfg.target == "dense":
             raise TeacherError(f"{cfg.images}: no image holds a training window of --crop {cfg.crop} plus the p={cfg.p} "
                                "patch (--target dense); pass a smaller --crop or larger images")
-        raise TeacherError(f"{cfg.images}: every image is smaller than p={cfg.p} pixels; use larger images")
+        raise TeacherError(f"{cfg.images}: no image is at least {cfg.p + 8} pixels a side (p={cfg.p} and a margin); "
+                           "use larger images")
+    # the triplet loss's positives are shifted copies: they need p + 2 shifts of room, not the pyramid's p + 8
+    shift = max(1, cfg.p // 8)
+    triplet_levels = [t for t in levels if min(t.shape[1:]) >= cfg.p + 2 * shift] if cfg.lambda_m > 0 else []
+    if cfg.lambda_m > 0 and not triplet_levels:
+        raise TeacherError(f"{cfg.images}: the triplet loss (--lambda-m {cfg.lambda_m:g}) at p={cfg.p} needs images at "
+                           f"least {cfg.p + 2 * shift} pixels a side, and none is; use larger images or --lambda-m 0")
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights).to(device)
     if cfg.target == "dense":
         targets = dense_targets(backbone, levels, cfg.p, cfg.target_strides)
@@ -335,9 +342,9 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
         l_k = knowledge_distillation_loss(decoded.float(), target.to(device))
         loss = cfg.lambda_k * l_k + cfg.lambda_c * compactness_loss(desc)
         if cfg.lambda_m > 0:
-            anchors, positives = sample_patches(levels, cfg.p, cfg.batch, gen, shift=max(1, cfg.p // 8))
+            anchors, positives = sample_patches(triplet_levels, cfg.p, cfg.batch, gen, shift=shift)
             positives = (positives + 0.02 * torch.randn(positives.shape, generator=gen)).clamp(0, 1)
-            negatives, _ = sample_patches(levels, cfg.p, cfg.batch, gen)
+            negatives, _ = sample_patches(triplet_levels, cfg.p, cfg.batch, gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                 a, pp, n = (net(normalize_input(t.to(device)))[:, 0].float() for t in (anchors, positives, negatives))
             loss = loss + cfg.lambda_m * triplet_loss(a, pp, n, cfg.margin)

@@ -3,6 +3,7 @@ how each was made. The package ships a default set in `default_teachers/` (see i
 so `ustudents-train` works without pretraining anything."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ustudents.engines.bundle import sha256_file
 from ustudents.engines.files import write_atomically
 from ustudents.engines.patchnet import PatchNet
 
@@ -27,24 +29,32 @@ def teacher_path(folder: Path, p: int) -> Path:
 
 
 def save_teacher(folder: Path, p: int, state: dict[str, torch.Tensor], record: dict) -> Path:
-    """Write one teacher and merge its record into teachers.json (each file replaced atomically)."""
+    """Write one teacher and merge its record into teachers.json (each file replaced atomically). The
+    record names the weights' sha256, so that weights and record parted by a stop between the two
+    replacements are found (load_teacher), not trained with under the other run's record."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     records = read_records(folder)  # first: a damaged record file stops this before a teacher is replaced
+    before = json.dumps(records, indent=2) + "\n"
     path = teacher_path(folder, p)
     tmp = path.with_suffix(".partial")
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
         tmp.chmod(0o644)  # safetensors writes 0600; teachers are read by other users too
+        with open(tmp, "rb") as f:  # on disk before it replaces a good teacher: a power cut must not leave a torn one
+            os.fsync(f.fileno())
+        records[str(p)] = dict(record, sha256=sha256_file(tmp))
+        write_atomically(folder / RECORDS, json.dumps(records, indent=2) + "\n")
         os.replace(tmp, path)
     except SafetensorError as err:  # its I/O errors (a full disk) are not OSError
         tmp.unlink(missing_ok=True)
         raise OSError(f"{folder}: writing the p={p} teacher failed ({err}); free space there") from None
-    except BaseException:  # Ctrl-C: no half-written file left beside the teachers
-        tmp.unlink(missing_ok=True)
+    except BaseException:  # Ctrl-C: no half-written file left beside the teachers, the old record back
+        if tmp.exists():  # not yet in place: the teacher there is the one the old record describes
+            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                write_atomically(folder / RECORDS, before)
         raise
-    records[str(p)] = record
-    write_atomically(folder / RECORDS, json.dumps(records, indent=2) + "\n")
     return path
 
 
@@ -80,6 +90,11 @@ def load_teacher(folder: Path, p: int) -> dict[str, torch.Tensor]:
     if {k: v.shape for k, v in state.items()} != want:
         raise TeacherFileError(f"{path}: not a p={p} teacher (tensor names or shapes differ); "
                                f"re-create it with `ustudents teacher --scales {p} --out {folder}`")
+    recorded = read_records(folder).get(str(p), {}).get("sha256")  # records before the field have none
+    if recorded is not None and recorded != sha256_file(path):
+        raise TeacherFileError(f"{path}: not the teacher its record in {Path(folder) / RECORDS} describes (a run "
+                               "stopped between writing the two?); re-create it with "
+                               f"`ustudents teacher --scales {p} --out {folder}`")
     if not all(torch.isfinite(v).all() for v in state.values()):  # a diverged distillation: every descriptor NaN
         raise TeacherFileError(f"{path}: the teacher's weights hold NaN or infinite values; re-create it with "
                                f"`ustudents teacher --scales {p} --out {folder}` (at a lower --lr if it diverged)")
