@@ -700,8 +700,9 @@ def test_predict_and_evaluate_never_replace_files_they_did_not_write(tiny_bundle
     assert "evaluating" not in result.output  # refused before the networks ran
     assert {p: p.read_bytes() for p in backup.rglob("*.png")} == kept
     overlays = tmp_path / "overlays"
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))  # evaluate stores its results in the manifest
     for _ in range(2):  # its own overlays it replaces
-        assert_ok(invoke("evaluate", tiny_bundle, "--data-root", eval_root, "--overlays", overlays))
+        assert_ok(invoke("evaluate", bundle, "--data-root", eval_root, "--overlays", overlays))
 
 
 def test_a_loop_of_symbolic_links_is_a_one_line_error_not_a_traceback(tiny_bundle, tiny_mvtec, eval_root, tmp_path):
@@ -754,7 +755,7 @@ def test_evaluate_on_a_read_only_bundle_still_prints_and_writes_its_results(bund
     assert "au_pro_30" in json.loads((tmp_path / "r.json").read_text())
 
 
-def test_a_full_disk_loses_overlays_not_the_evaluation_and_is_named_with_a_fix(tiny_bundle, eval_root, tiny_mvtec,
+def test_a_full_disk_loses_overlays_not_the_evaluation_and_is_named_with_a_fix(bundle_copy, eval_root, tiny_mvtec,
                                                                                 tmp_path, monkeypatch):
     """The overlays were written before the results were printed, stored or written to --json: a full
     disk there threw the finished evaluation away with "[Errno 28] No space left on device"."""
@@ -764,14 +765,14 @@ def test_a_full_disk_loses_overlays_not_the_evaluation_and_is_named_with_a_fix(t
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(evaluate_module, "write_png", full)
-    result = invoke("evaluate", tiny_bundle, "--data-root", eval_root, "--overlays", tmp_path / "ov",
+    result = invoke("evaluate", bundle_copy, "--data-root", eval_root, "--overlays", tmp_path / "ov",
                     "--json", tmp_path / "r.json")
     assert_ok(result)
     assert ("overlays not all written (writing the output: No space left on device; free space on that disk and "
             "run the command again); the results follow") in result.output
     assert "au_pro_30" in json.loads((tmp_path / "r.json").read_text())
     image = tiny_mvtec / TINY_CATEGORY / "test" / "good" / "000.png"
-    assert_input_error(invoke("predict", tiny_bundle, image, "--out", tmp_path / "p"),
+    assert_input_error(invoke("predict", bundle_copy, image, "--out", tmp_path / "p"),
                        "writing the output: No space left on device; free space on that disk and run the command again")
 
 
