@@ -4,6 +4,7 @@ failure, Ctrl-C included, removes the temporary. And a path's real location (rea
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -68,3 +69,11 @@ def os_error_line(err: BaseException) -> str:
     where = err.filename2 if second else err.filename if err.filename is not None else \
         "writing the output" if err.errno in _WRITE_ERRNOS else "a file the command read or wrote"
     return f"{where}: {err.strerror}" + (f"; {hint}" if hint else "")
+
+
+def listed_outputs(listing: Path) -> set[str]:
+    """The names in an output folder's list of what earlier runs wrote there; empty where there is none."""
+    try:
+        return {str(n) for n in json.loads(listing.read_text())}
+    except (OSError, ValueError, TypeError):
+        return set()

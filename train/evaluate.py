@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ustudents.engines.bundle import BundleError, changing, load_bundle, update_manifest
-from ustudents.engines.files import os_error_line, real_path, write_atomically
+from ustudents.engines.files import listed_outputs, os_error_line, real_path, write_atomically
 from ustudents.engines.images import IMAGE_SUFFIXES, read_image
 from ustudents.engines.overlay import heatmap_overlay
 from ustudents.engines.runtime import Engine, map_to_frame, model_digest
@@ -232,14 +232,6 @@ def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: No
 
 
 PREDICT_OUTPUTS = ".ustudents-predict.json"  # the names of the files predict writes in its --out, in one list
-
-
-def listed_outputs(listing: Path) -> set[str]:
-    """The names in an output folder's list of what earlier runs wrote there; empty where there is none."""
-    try:
-        return {str(n) for n in json.loads(listing.read_text())}
-    except (OSError, ValueError, TypeError):
-        return set()
 
 
 def earlier_predictions(out: Path) -> set[str]:

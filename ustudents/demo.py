@@ -38,7 +38,7 @@ from pathlib import Path
 
 import click
 
-from ustudents.engines.files import write_atomically
+from ustudents.engines.files import listed_outputs, write_atomically
 from ustudents.engines.images import IMAGE_SUFFIXES
 from ustudents.worker.settings import shown_url
 from ustudents.train import cli as train_cli
@@ -294,16 +294,9 @@ WEB_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the frames' formats
 PICTURE_LIST = ".ustudents-demo-pictures.json"  # every picture the last run wrote, listed before it was written
 
 
-def listed(path: Path) -> set[str]:
-    try:
-        return {str(n) for n in json.loads(path.read_text())}
-    except (OSError, ValueError, TypeError):
-        return set()
-
-
 def list_pictures(out: Path, names) -> None:
     """Add `names` to OUT's list of the pictures this run writes."""
-    known = listed(out / PICTURE_LIST)
+    known = listed_outputs(out / PICTURE_LIST)
     if not set(names) <= known:
         _write(out / PICTURE_LIST, json.dumps(sorted(known | set(names))).encode())
 PICTURES = {"frames": re.compile(rf"{_NAME}({'|'.join(re.escape(s) for s in IMAGE_SUFFIXES)})"),
@@ -320,7 +313,7 @@ def clear_earlier_pictures(out: Path) -> int:
     Only what those lists name goes, and of it only regular files named as record_result names them,
     directly in its four folders: a name alone is no proof (a user's `frames/IMG_0001.jpg` matches
     the frames' pattern), and --out is the user's choice, with anything else there theirs."""
-    names = listed(out / PICTURE_LIST)
+    names = listed_outputs(out / PICTURE_LIST)
     try:
         names |= {str(f) for r in json.loads((out / "results.json").read_text())["frames"] for f in r["files"].values()}
         for report in ("report.html", "results.json"):  # the demo's: its results.json reads as one
