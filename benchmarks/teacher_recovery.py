@@ -29,8 +29,8 @@ from ustudents.engines.model import normalize_input
 from ustudents.engines.patchnet import PatchNet, geometry
 from ustudents.train import dataset
 from ustudents.train.backbones import FEATURE_STRIDES, build_backbone
-from ustudents.train.teacher import (SKIMAGE_SOURCE, TeacherConfig, dense_levels, dense_targets, load_natural_images,
-                                     pyramid)
+from ustudents.train.teacher import TeacherConfig, dense_levels, dense_targets
+from ustudents.train.teacher_images import SKIMAGE_SOURCE, load_natural_images, pyramid
 from ustudents.train.teacher_files import DEFAULT_DIR, load_teacher
 
 PIXELS_PER_IMAGE = 400  # random pixels per image (photo pyramid level or category image)

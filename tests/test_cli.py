@@ -658,49 +658,50 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work_not_after(ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"] and list(a_dir.iterdir()) == []
 
 
-def test_predict_and_evaluate_never_replace_files_they_did_not_write(tiny_bundle, tiny_mvtec, eval_root, tmp_path):
+def test_predict_and_evaluate_never_replace_files_they_did_not_write(small_bundle, tiny_mvtec, eval_root, tmp_path):
     """MVTec's ground truth is named <stem>_mask.png, as predict's masks are: --out the ground-truth
     folder replaced the masks with predictions. And evaluate checked its outputs against the model's
-    category only, so --overlays over another category's test images replaced them."""
+    category only, so --overlays over another category's test images replaced them. (The 32 px
+    bundle: what is refused does not depend on the networks.)"""
     root = Path(shutil.copytree(tiny_mvtec, tmp_path / "root"))
     truth = root / TINY_CATEGORY / "ground_truth" / "scratch"
     image = root / TINY_CATEGORY / "test" / "scratch" / "000.png"
     before = {p: p.read_bytes() for p in truth.iterdir()}
     assert (truth / "000_mask.png") in before
-    assert_input_error(invoke("predict", tiny_bundle, image, "--out", truth),
+    assert_input_error(invoke("predict", small_bundle, image, "--out", truth),
                        f"--out {truth}: holds 000_mask.png, which this command would replace and an earlier "
                        "`ustudents predict` did not write")
     assert {p: p.read_bytes() for p in truth.iterdir()} == before
     out = tmp_path / "pred"
     for _ in range(2):  # its own outputs it replaces
-        assert_ok(invoke("predict", tiny_bundle, image, "--out", out))
+        assert_ok(invoke("predict", small_bundle, image, "--out", out))
     assert sorted(p.name for p in out.iterdir()) == [PREDICT_OUTPUTS, "000_mask.png", "000_overlay.png",
                                                      "results.json"]
     # a run stopped part-way (Ctrl-C, a full disk) wrote outputs before the results.json that lists them:
     # the same command again replaces them, and a later run of other images leaves them replaceable too
     (out / "results.json").unlink()
     other = root / TINY_CATEGORY / "test" / "good" / "000.png"
-    assert_ok(invoke("predict", tiny_bundle, other, "--out", out))
-    assert_ok(invoke("predict", tiny_bundle, image, "--out", out))
+    assert_ok(invoke("predict", small_bundle, other, "--out", out))
+    assert_ok(invoke("predict", small_bundle, image, "--out", out))
 
     other = Path(shutil.copytree(eval_root / TINY_CATEGORY, tmp_path / "other-root" / "other"))
     kept = {p: p.read_bytes() for p in other.rglob("*.png")}
     for option in ("--overlays", "--json"):
         target = other / "test" if option == "--overlays" else other / "test" / "good" / "000.png"
-        result = invoke("evaluate", tiny_bundle, "--data-root", other.parent, option, target)
+        result = invoke("evaluate", small_bundle, "--data-root", other.parent, option, target)
         assert_input_error(result, f"{option} {target}: inside the data root {other.parent}")
     assert {p: p.read_bytes() for p in other.rglob("*.png")} == kept
     # a copy of the test images outside the data root (a backup): their names are the overlays' names
     backup = Path(shutil.copytree(eval_root / TINY_CATEGORY / "test", tmp_path / "backup"))
     kept = {p: p.read_bytes() for p in backup.rglob("*.png")}
-    result = invoke("evaluate", tiny_bundle, "--data-root", eval_root, "--overlays", backup)
+    result = invoke("evaluate", small_bundle, "--data-root", eval_root, "--overlays", backup)
     name = sorted(p.relative_to(backup).as_posix() for p in kept)[0]
     assert_input_error(result, f"--overlays {backup}: holds {name}, which an overlay would replace and no "
                                "earlier `ustudents evaluate` listed in .ustudents-overlays.json there")
     assert "evaluating" not in result.output  # refused before the networks ran
     assert {p: p.read_bytes() for p in backup.rglob("*.png")} == kept
     overlays = tmp_path / "overlays"
-    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))  # evaluate stores its results in the manifest
+    bundle = Path(shutil.copytree(small_bundle, tmp_path / "bundle"))  # evaluate stores its results in the manifest
     for _ in range(2):  # its own overlays it replaces
         assert_ok(invoke("evaluate", bundle, "--data-root", eval_root, "--overlays", overlays))
 
@@ -1174,9 +1175,13 @@ def test_teacher_command_distils_dense_targets_on_windows(tmp_path, tiny_mvtec):
                      "--steps", 1, "--out", tmp_path / "t2", "--amp", "off")
     assert_input_error(too_big, "--target dense")
     # --target-strides picks P's maps: the stride-16 map alone is EfficientNet-Lite0's 112 channels
-    assert_ok(invoke("teacher", "--scales", "17", "--crop", 8, "--images", images, "--steps", 1, "--target-strides", "16",
-                     "--out", tmp_path / "t3", "--amp", "off"))
+    # (and the 16 photos stream through a pool of 4, one replaced every step)
+    assert_ok(invoke("teacher", "--scales", "17", "--crop", 8, "--images", images, "--steps", 3, "--target-strides", "16",
+                     "--out", tmp_path / "t3", "--amp", "off", "--pool-images", 4, "--pool-refresh", 1))
     assert read_records(tmp_path / "t3")["17"]["target_dim"] == 112
+    assert read_records(tmp_path / "t3")["17"]["images"] == {"files": 16, "read": 4 + 2, "unreadable": 0,
+                                                            "streamed": True}
+    assert read_records(out)["17"]["images"] == {"files": 16, "read": 16, "unreadable": 0, "streamed": False}
     for bad, needle in (("32", "map strides 8,16"), ("eight", "whole numbers separated by commas")):
         assert_input_error(invoke("teacher", "--scales", "17", "--images", images, "--target-strides", bad,
                                   "--out", tmp_path / "t4"), needle)

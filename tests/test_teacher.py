@@ -159,7 +159,7 @@ def test_resnet18_loads_a_torchvision_format_file(tmp_path):
 
 def test_natural_images_of_a_12_bit_camera_are_read_at_their_own_brightness(tmp_path, caplog):
     """Read as 16-bit data they came out 16 times too dark, with advice to recalibrate a model."""
-    from ustudents.train.teacher import load_natural_images
+    from ustudents.train.teacher_images import load_natural_images
 
     rng = np.random.default_rng(0)
     photo = rng.integers(0, 4096, (40, 48, 3), dtype=np.uint16)  # 12 bits used
@@ -360,3 +360,54 @@ def test_teacher_refuses_the_shipped_folder_and_says_what_a_stopped_run_replaced
     assert result.exit_code == 130
     assert (f"{tmp_path}: this run already wrote p=17 (and their records in teachers.json); the other scales there "
             "are unchanged") in result.output
+
+
+def _photos(folder, n, rng, size=(40, 48)):
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    return folder
+
+
+def test_a_folder_larger_than_the_pool_streams_through_it_in_bounded_memory(tmp_path):
+    """--images held every photo in memory with P's maps of it (about 75 MB per ImageNet photo at
+    dense targets): a folder such as ImageNet's, which the option names, could not be used."""
+    from ustudents.train.teacher_images import ImagePool, natural_image_files
+
+    rng = np.random.default_rng(0)
+    folder = _photos(tmp_path / "photos", 9, rng)
+    (folder / "broken.png").write_bytes(b"not a PNG")
+    files = natural_image_files(str(folder))
+    pool = ImagePool(files, p=17, size=3, seed=0, usable=lambda levels: levels[:1])  # one level per image
+    pool.targets_of = lambda levels: [torch.full((1,), float(len(levels)))]  # images taken in later get theirs
+    pool.assign([torch.zeros(1)] * len(pool.levels))
+    assert pool.streaming and len(pool.levels) == 3 and len(pool.targets) == 3
+    seen = {tuple(t[0, :2, :2].flatten().tolist()) for t in pool.levels}
+    for _ in range(12):
+        pool.advance()
+        assert len(pool.levels) == len(pool.targets) == 3  # never more than the pool's size
+        held = [tuple(t[0, :2, :2].flatten().tolist()) for t in pool.levels]
+        assert len(set(held)) == 3  # no image held twice
+        seen.update(held)
+    assert len(seen) == 9 and pool.read >= 9 and pool.unreadable >= 1  # every readable photo came through
+    assert torch.equal(pool.targets[-1], torch.ones(1))  # made by targets_of as it came in
+
+    whole = ImagePool(files, p=17, size=10, seed=0, usable=lambda levels: levels[:1])
+    first = [t.clone() for t in whole.levels]
+    whole.advance(5)  # a folder that fits is held whole, in its files' order, and never replaced
+    assert not whole.streaming and len(first) == 9 and all(torch.equal(a, b) for a, b in zip(first, whole.levels))
+    corner = cv2.imread(str(files[0]))[:2, :2, ::-1].copy()  # 000.png first
+    assert torch.equal(first[0][:, :2, :2], torch.from_numpy(corner).permute(2, 0, 1).float() / 255)
+
+
+def test_teacher_distils_from_a_streamed_folder_and_records_what_it_read(tmp_path):
+    rng = np.random.default_rng(1)
+    folder = _photos(tmp_path / "photos", 6, rng, size=(64, 64))
+    state, record = train_teacher(TeacherConfig(p=17, images=str(folder), crop=8, batch=2, steps=8, amp=False,
+                                                pool_images=2, pool_refresh=2))
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert record["images"] == {"files": 6, "read": 2 + 3, "unreadable": 0, "streamed": True}  # 2, then one per 2 steps
+    for option, value, message in (("pool_images", 0, "--pool-images 0: the pool must hold at least 1 image"),
+                                   ("pool_refresh", -1, "--pool-refresh -1: steps per replaced image")):
+        with pytest.raises(TeacherError, match=message):
+            train_teacher(TeacherConfig(p=17, images=str(folder), crop=8, batch=2, steps=1, **{option: value}))

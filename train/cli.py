@@ -25,7 +25,8 @@ from ustudents.engines.patchnet import SCALES
 from .backbones import BACKBONES, BackboneError
 from .calibrate import DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, CalibrationError
 from .dataset import DatasetError
-from .teacher import SCHEDULES, SKIMAGE_SOURCE, TARGETS, TeacherConfig, TeacherError
+from .teacher import SCHEDULES, TARGETS, TeacherConfig, TeacherError
+from .teacher_images import POOL_IMAGES, POOL_REFRESH, SKIMAGE_SOURCE
 from .teacher_files import DEFAULT_DIR, TeacherFileError, load_teachers
 
 INPUT_ERRORS = (DatasetError, BundleError, ImageError, BackboneError, CalibrationError, TeacherError,
@@ -205,7 +206,13 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
               help="Side patches are resized to before P sees them (--target patch).")
 @click.option("--crop", default=32, show_default=True, help="Side of each training window's output (--target dense).")
 @click.option("--images", default=SKIMAGE_SOURCE, show_default=True,
-              help="Natural images to cut patches from: a folder (all held in memory: a few hundred photos, e.g. an ImageNet subset), or 'skimage' for the photos scikit-image ships.")
+              help="Natural images to cut patches from: a folder of any size (e.g. an ImageNet train folder; it "
+                   "streams through --pool-images), or 'skimage' for the photos scikit-image ships.")
+@click.option("--pool-images", default=POOL_IMAGES, show_default=True,
+              help="Images held in memory at once (with P's dense maps: about 75 MB per ImageNet-sized photo). "
+                   "A folder of more streams through the pool.")
+@click.option("--pool-refresh", default=POOL_REFRESH, show_default=True,
+              help="While a folder streams: steps per image replaced by the next (P runs on each); 0 = never.")
 @click.option("--patches", default=6000, show_default=True,
               help="Patches whose P descriptors are computed once and trained on (--target patch).")
 @click.option("--steps", default=1500, show_default=True, help="Optimizer steps per teacher.")
@@ -226,8 +233,9 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
 @device_option
 @amp_option
 @user_errors
-def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides, backbone_input, crop, images, patches, steps, batch,
-                lr, schedule, weight_decay, lambda_k, lambda_c, lambda_m, margin, seed, replace_shipped, device, amp):
+def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides, backbone_input, crop, images, pool_images,
+                pool_refresh, patches, steps, batch, lr, schedule, weight_decay, lambda_k, lambda_c, lambda_m, margin, seed,
+                replace_shipped, device, amp):
     """Distil teacher patch networks from a pretrained ImageNet CNN."""
     from .teacher_files import read_records
 
@@ -249,7 +257,8 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
     try:
         distil(scales, out, written, dict(
             backbone=backbone, backbone_weights=backbone_weights, target=target, target_strides=target_strides,
-            backbone_input=backbone_input, crop=crop, images=images, patches=patches, steps=steps, batch=batch, lr=lr,
+            backbone_input=backbone_input, crop=crop, images=images, pool_images=pool_images, pool_refresh=pool_refresh,
+            patches=patches, steps=steps, batch=batch, lr=lr,
             schedule=schedule, weight_decay=weight_decay, lambda_k=lambda_k, lambda_c=lambda_c, lambda_m=lambda_m,
             margin=margin, seed=seed, device=str(dev), amp=resolve_amp(amp, dev)))
     except BaseException:

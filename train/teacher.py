@@ -23,47 +23,34 @@ Two kinds of distillation target P(p) (`--target`):
   centred on it. T^ then trains in its dense (FDFE) form on windows of the images, which yields
   a descriptor per pixel at a fraction of the per-patch cost (p=17: about 6 MFLOP against 160 per
   descriptor), so a CPU budget covers far more of the images. Targets are standardized per channel
-  so that every channel of P weighs the same. The maps are computed once per image.
+  so that every channel of P weighs the same (mean and std of the first pool of images). The maps are
+  computed once per image, as it comes into the image pool (teacher_images: a folder of any size
+  streams through a pool of bounded memory).
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from ustudents.engines.images import ImageError, is_image_file, missing_folder_hint, read_image, refuse_broken_links
 from ustudents.engines.model import normalize_input
 from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet, geometry
 
 from .backbones import FEATURE_STRIDES, build_backbone
 from .progress import progress
 from .students import MAX_SEED
+from .teacher_images import POOL_IMAGES, POOL_REFRESH, SKIMAGE_SOURCE, ImagePool, TeacherError, natural_image_files
 
-SKIMAGE_SOURCE = "skimage"
-# The natural photographs scikit-image ships inside its wheel (no download): people, animals,
-# objects, textures, scenery, micrographs. Drawings and synthetic images are left out.
-SKIMAGE_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
-                  "coffee.png", "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
-                  "moon.png", "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg",
-                  "rocket.jpg", "text.png")
-PYRAMID = (1.0, 0.5, 0.25)  # patches are cut at several image scales for more varied content
 TARGETS = ("dense", "patch")
 SCHEDULES = ("constant", "cosine")
 MIN_BACKBONE_INPUT = 32  # P's coarsest feature map has stride 32
 DEFAULT_BATCH = {"patch": 64, "dense": 8}  # patches (the paper's 64) or windows of crop x crop descriptors per step
 DENSE_RF = 64  # dense targets: images are enlarged by DENSE_RF / p before P sees them (see above)
 DENSE_MAX_PIXELS = 2048 * 2048  # dense targets: pyramid levels P would see larger than this are left out (memory)
-
-
-class TeacherError(ValueError):
-    pass
 
 
 @dataclass
@@ -76,6 +63,8 @@ class TeacherConfig:
     crop: int = 32  # target "dense": side of each training window's output, pixels
     target_strides: tuple[int, ...] = FEATURE_STRIDES  # target "dense": which of P's maps (README: Teachers)
     images: str = SKIMAGE_SOURCE
+    pool_images: int = POOL_IMAGES  # images held at once; a folder of more streams through (teacher_images)
+    pool_refresh: int = POOL_REFRESH  # steps per image replaced while streaming; 0: never
     patches: int = 6000  # target "patch": size of the fixed patch pool whose P descriptors are cached
     steps: int = 1500
     batch: int | None = None  # patches or windows per step; None: DEFAULT_BATCH of the target
@@ -91,50 +80,6 @@ class TeacherConfig:
     seed: int = 0
     device: str = "cpu"
     amp: bool = True  # bfloat16 autocast: several times faster on CPUs with AVX512-BF16 and on GPUs
-
-
-def load_natural_images(source: str) -> list[np.ndarray]:
-    """uint8 RGB images: the scikit-image photos for `skimage`, else every image under a folder."""
-    if source == SKIMAGE_SOURCE:
-        try:
-            import skimage
-        except ImportError:
-            raise TeacherError("the default teacher images come from scikit-image: "
-                               "pip install 'ustudents[teacher]', or pass --images DIR") from None
-        folder = Path(skimage.__file__).parent / "data"
-        return [read_image(folder / name) for name in SKIMAGE_PHOTOS]
-    root = Path(source)
-    if not root.is_dir():
-        raise TeacherError(f"--images {root}: " + ("a file; give the folder that holds the images" if root.exists() else
-                           f"folder not found{missing_folder_hint(root)}") + ", or 'skimage' for scikit-image's photos")
-    entries = list(root.rglob("*"))
-    refuse_broken_links(root, entries)  # not skipped: links into an unmounted share would shrink the set unseen
-    files = sorted(f for f in entries if is_image_file(f))
-    if not files:
-        raise TeacherError(f"{root}: no images (.png/.jpg/...) found; --images must be a folder of natural "
-                           "images (e.g. an ImageNet train folder) or 'skimage'")
-    images = []
-    for f in files:
-        try:  # each picture with the bits its 16-bit data uses: a 12-bit camera's were read 16x too dark
-            images.append(read_image(f, bits=None))
-        except ImageError as err:
-            tqdm.write(f"skipping {err}")
-    if not images:
-        raise TeacherError(f"{root}: none of its {len(files)} image files could be read (each is named above); "
-                           "--images must be a folder of readable natural images")
-    return images
-
-
-def pyramid(images: list[np.ndarray], p: int) -> list[torch.Tensor]:
-    """Each image (3, H, W) in [0, 1] at the PYRAMID scales where a p x p patch, with a margin, fits."""
-    levels = []
-    for img in images:
-        t = torch.from_numpy(img).permute(2, 0, 1).float().div(255)
-        for s in PYRAMID:
-            h, w = int(t.shape[1] * s), int(t.shape[2] * s)
-            if min(h, w) >= p + 8:
-                levels.append(F.interpolate(t[None], size=(h, w), mode="area")[0] if s < 1 else t)
-    return levels
 
 
 def sample_patches(levels: list[torch.Tensor], p: int, n: int, gen: torch.Generator,
@@ -192,11 +137,11 @@ def backbone_descriptors(backbone: nn.Module, patches: torch.Tensor, size: int, 
 
 
 @torch.no_grad()
-def dense_targets(backbone: nn.Module, levels: list[torch.Tensor], p: int,
-                  strides: tuple[int, ...] = FEATURE_STRIDES) -> list[torch.Tensor]:
+def p_maps(backbone: nn.Module, levels: list[torch.Tensor], p: int,
+           strides: tuple[int, ...] = FEATURE_STRIDES) -> list[torch.Tensor]:
     """Per level (3, H, W): P's maps at `strides` (8 and/or 16) of the level enlarged by DENSE_RF / p,
-    resized to (H, W) and concatenated, standardized per channel over all levels; float16 to halve
-    the cache. `levels` must be small enough for P (`dense_levels`)."""
+    resized to (H, W) and concatenated; float16 to halve the cache. `levels` must be small enough
+    for P (`dense_levels`)."""
     device = next(backbone.buffers()).device
     maps = []
     for level in progress(levels, desc="  P feature maps", unit="image", leave=False):
@@ -205,13 +150,32 @@ def dense_targets(backbone: nn.Module, levels: list[torch.Tensor], p: int,
                           antialias=DENSE_RF < p)
         maps.append(torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
                                for m in backbone.feature_maps(x, strides)], 1)[0].half().cpu())
-    # per-channel mean and std over every pixel of every level, accumulated in float64
+    return maps
+
+
+def channel_stats(maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over every pixel of every map, accumulated in float64."""
     n = sum(m[0].numel() for m in maps)
     total = sum(m.double().sum((1, 2)) for m in maps)
     squares = sum(m.double().square().sum((1, 2)) for m in maps)
     mean = total / n
     std = (squares / n - mean.square()).clamp_min(0).sqrt() + 1e-6
-    return [((m.float() - mean.float()[:, None, None]) / std.float()[:, None, None]).half() for m in maps]
+    return mean.float(), std.float()
+
+
+def standardize_(maps: list[torch.Tensor], mean: torch.Tensor, std: torch.Tensor) -> list[torch.Tensor]:
+    """Standardize the maps in place of the list: each raw map is let go as its standardized one is
+    made, so the pool's first pass never holds both."""
+    for i, m in enumerate(maps):
+        maps[i] = ((m.float() - mean[:, None, None]) / std[:, None, None]).half()
+    return maps
+
+
+def dense_targets(backbone: nn.Module, levels: list[torch.Tensor], p: int,
+                  strides: tuple[int, ...] = FEATURE_STRIDES) -> list[torch.Tensor]:
+    """P's maps of each level (`p_maps`), standardized per channel over all of them."""
+    maps = p_maps(backbone, levels, p, strides)
+    return standardize_(maps, *channel_stats(maps))
 
 
 def dense_levels(levels: list[torch.Tensor], p: int, window: int) -> list[torch.Tensor]:
@@ -290,10 +254,18 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     if cfg.target == "patch" and cfg.backbone_input < MIN_BACKBONE_INPUT:
         raise TeacherError(f"--backbone-input {cfg.backbone_input}: P needs patches of at least {MIN_BACKBONE_INPUT} "
                            "pixels a side (its coarsest map has stride 32)")
-    levels = pyramid(load_natural_images(cfg.images), cfg.p)
-    if cfg.target == "dense":
-        levels = dense_levels(levels, cfg.p, cfg.crop + geometry(cfg.p).rf - 1)
-    if not levels:
+    if cfg.pool_images < 1:
+        raise TeacherError(f"--pool-images {cfg.pool_images}: the pool must hold at least 1 image")
+    if cfg.pool_refresh < 0:
+        raise TeacherError(f"--pool-refresh {cfg.pool_refresh}: steps per replaced image, 0 (never) or more")
+    files = natural_image_files(cfg.images)
+    window = cfg.crop + geometry(cfg.p).rf - 1
+    usable = (lambda levels: dense_levels(levels, cfg.p, window)) if cfg.target == "dense" else (lambda levels: levels)
+    images = ImagePool(files, cfg.p, cfg.pool_images, cfg.seed, usable)
+    if not images.levels:
+        if images.unreadable == len(files):
+            raise TeacherError(f"{cfg.images}: none of its {len(files)} image files could be read (each is named "
+                               "above); --images must be a folder of readable natural images")
         if cfg.target == "dense":
             raise TeacherError(f"{cfg.images}: no image holds a training window of --crop {cfg.crop} plus the p={cfg.p} "
                                "patch (--target dense); pass a smaller --crop or larger images")
@@ -301,24 +273,40 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
                            "use larger images")
     # the triplet loss's positives are shifted copies: they need p + 2 shifts of room, not the pyramid's p + 8
     shift = max(1, cfg.p // 8)
-    triplet_levels = [t for t in levels if min(t.shape[1:]) >= cfg.p + 2 * shift] if cfg.lambda_m > 0 else []
-    if cfg.lambda_m > 0 and not triplet_levels:
+
+    def triplet_levels() -> list[torch.Tensor]:
+        return [t for t in images.levels if min(t.shape[1:]) >= cfg.p + 2 * shift]
+
+    if cfg.lambda_m > 0 and not triplet_levels():
         raise TeacherError(f"{cfg.images}: the triplet loss (--lambda-m {cfg.lambda_m:g}) at p={cfg.p} needs images at "
                            f"least {cfg.p + 2 * shift} pixels a side, and none is; use larger images or --lambda-m 0")
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights).to(device)
     if cfg.target == "dense":
-        targets = dense_targets(backbone, levels, cfg.p, cfg.target_strides)
-        target_dim = targets[0].shape[0]
+        maps = p_maps(backbone, images.levels, cfg.p, cfg.target_strides)
+        mean, std = channel_stats(maps)  # of the first pool: the images streamed in later are standardized alike
+        images.assign(standardize_(maps, mean, std))
+        del maps
+        images.targets_of = lambda levels: standardize_(p_maps(backbone, levels, cfg.p, cfg.target_strides), mean, std)
+        target_dim = images.targets[0].shape[0]
     else:
-        pool, _ = sample_patches(levels, cfg.p, cfg.patches, gen)
+        # P's descriptors of a fixed pool of patches, cut from the images as they stream through
+        # the image pool, a share from each pool's worth (one share where all images fit)
+        rounds = -(-min(len(files), cfg.patches) // cfg.pool_images) if images.streaming else 1
+        parts = []
+        for r in range(rounds):
+            if r:
+                images.advance(cfg.pool_images)
+            parts.append(sample_patches(images.levels, cfg.p, cfg.patches // rounds + (r < cfg.patches % rounds), gen)[0])
+        pool = torch.cat(parts)
         targets = backbone_descriptors(backbone, pool.to(device), cfg.backbone_input).cpu()
         target_dim = targets.shape[1]
-    del backbone
+    if not (cfg.target == "dense" and images.streaming and cfg.pool_refresh):
+        del backbone  # no image comes in later that needs P
 
     def batch_of_descriptors() -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 128) descriptors of the step's inputs (autocast as configured) and their (N, dim P) targets."""
         if cfg.target == "dense":
-            x, t = sample_windows(levels, targets, cfg.p, cfg.crop, cfg.batch, gen)
+            x, t = sample_windows(images.levels, images.targets, cfg.p, cfg.crop, cfg.batch, gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                 desc = net.dense(normalize_input(x.to(device)))[:, 0]
             return desc.permute(0, 2, 3, 1).reshape(-1, DESCRIPTOR_DIM), t.permute(0, 2, 3, 1).reshape(-1, target_dim)
@@ -335,16 +323,19 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     history = []
     bar = progress(range(cfg.steps), desc=f"teacher p={cfg.p}", unit="step")
     for step in bar:
+        if cfg.pool_refresh and step and step % cfg.pool_refresh == 0:
+            images.advance()  # streaming: the image held longest makes room for the next (triplets, dense windows)
         desc, target = batch_of_descriptors()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             decoded = decoder(desc)
         desc = desc.float()  # the losses in float32: correlations and squared norms need the range
         l_k = knowledge_distillation_loss(decoded.float(), target.to(device))
         loss = cfg.lambda_k * l_k + cfg.lambda_c * compactness_loss(desc)
-        if cfg.lambda_m > 0:
-            anchors, positives = sample_patches(triplet_levels, cfg.p, cfg.batch, gen, shift=shift)
+        roomy = triplet_levels() if cfg.lambda_m > 0 else []
+        if roomy:  # (empty only while a streamed pool holds no image large enough: that step goes without)
+            anchors, positives = sample_patches(roomy, cfg.p, cfg.batch, gen, shift=shift)
             positives = (positives + 0.02 * torch.randn(positives.shape, generator=gen)).clamp(0, 1)
-            negatives, _ = sample_patches(triplet_levels, cfg.p, cfg.batch, gen)
+            negatives, _ = sample_patches(roomy, cfg.p, cfg.batch, gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                 a, pp, n = (net(normalize_input(t.to(device)))[:, 0].float() for t in (anchors, positives, negatives))
             loss = loss + cfg.lambda_m * triplet_loss(a, pp, n, cfg.margin)
@@ -375,7 +366,9 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
         r2 = 1 - (recon - wanted).square().sum() / (wanted - wanted.mean(0)).square().sum()
     record = {"config": asdict(cfg), "target_dim": int(target_dim),
               "patch_pool": len(pool) if cfg.target == "patch" else None,
-              "source_images": len(levels), "explained_variance_of_P": round(float(r2), 4),
+              "images": {"files": len(files), "read": images.read, "unreadable": images.unreadable,
+                         "streamed": images.streaming},
+              "explained_variance_of_P": round(float(r2), 4),
               "loss_history": history[-5:], "wall_s": round(time.time() - t0, 1)}
     state = {k: v.cpu() for k, v in net.state_dict().items()}
     if not all(torch.isfinite(v).all() for v in state.values()) or not math.isfinite(float(r2)):
