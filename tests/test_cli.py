@@ -1179,9 +1179,10 @@ def test_teacher_command_distils_dense_targets_on_windows(tmp_path, tiny_mvtec):
     assert_ok(invoke("teacher", "--scales", "17", "--crop", 8, "--images", images, "--steps", 3, "--target-strides", "16",
                      "--out", tmp_path / "t3", "--amp", "off", "--pool-images", 4, "--pool-refresh", 1))
     assert read_records(tmp_path / "t3")["17"]["target_dim"] == 112
-    assert read_records(tmp_path / "t3")["17"]["images"] == {"files": 16, "read": 4 + 2, "unreadable": 0,
-                                                            "streamed": True}
-    assert read_records(out)["17"]["images"] == {"files": 16, "read": 16, "unreadable": 0, "streamed": False}
+    assert read_records(tmp_path / "t3")["17"]["images"] == {"files": 16, "taken_in": 4 + 2, "unreadable": 0,
+                                                            "too_small": 0, "replaced": 2}
+    assert read_records(out)["17"]["images"] == {"files": 16, "taken_in": 16, "unreadable": 0, "too_small": 0,
+                                                 "replaced": 0}
     for bad, needle in (("32", "map strides 8,16"), ("eight", "whole numbers separated by commas")):
         assert_input_error(invoke("teacher", "--scales", "17", "--images", images, "--target-strides", bad,
                                   "--out", tmp_path / "t4"), needle)

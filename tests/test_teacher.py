@@ -136,10 +136,32 @@ def test_efficientnet_weights_fine_tuned_to_other_classes_load_and_wrong_files_a
                                   "for _conv_stem.weight"),
                                  ("list.pth", "efficientnet-lite0", "holds a list, not a state dict"),
                                  ("list.pth", "resnet18", "holds a list, not a state dict"),
-                                 ("image.png", "resnet18", "cannot load weights (")):
+                                 ("image.png", "resnet18", "cannot load weights (not a PyTorch weights file: "),
+                                 ("image.png", "efficientnet-lite0", "pass an EfficientNet-Lite0 state dict file")):
         with pytest.raises(BackboneError, match=re.escape(says)) as err:
             build_backbone(backbone, str(tmp_path / name))
         assert "\n" not in str(err.value) and str(err.value).startswith(str(tmp_path / name))
+        # torch's first line, advice to load with weights_only=False, is not passed on
+        assert "weights_only" not in str(err.value) and ("resnet18" in str(err.value)) == (backbone == "resnet18")
+
+
+def test_resnet18_weights_in_a_training_checkpoint_load_and_pickled_objects_are_named_not_unpickled(tmp_path):
+    """A fine-tuned ResNet-18 usually comes as a training script's checkpoint: its weights under
+    "state_dict" with DataParallel's "module." prefix, next to the epoch and the optimizer. It was
+    "holds a dict, not a state dict"; one that also pickled its argparse arguments gave torch's
+    advice to load it with weights_only=False."""
+    import argparse
+
+    state = ResNet18Features().state_dict()
+    torch.save({"epoch": 90, "optimizer": {"lr": 1e-3}, "state_dict": {f"module.{k}": v for k, v in state.items()}},
+               tmp_path / "checkpoint.pth")
+    resnet = build_backbone("resnet18", str(tmp_path / "checkpoint.pth"))
+    assert all(torch.equal(resnet.features.state_dict()[k], v) for k, v in state.items())
+    torch.save({"args": argparse.Namespace(lr=0.1), "state_dict": state}, tmp_path / "with_args.pth")
+    with pytest.raises(BackboneError, match=re.escape("holds a Python object (argparse.Namespace) besides tensors and "
+                                                      "numbers, not unpickled here since unpickling can run code; if you "
+                                                      "trust the file, save its weights alone")):
+        build_backbone("resnet18", str(tmp_path / "with_args.pth"))
 
 
 def test_resnet18_loads_a_torchvision_format_file(tmp_path):
@@ -370,7 +392,7 @@ def _photos(folder, n, rng, size=(40, 48)):
 
 
 def test_a_folder_larger_than_the_pool_streams_through_it_in_bounded_memory(tmp_path):
-    """--images held every photo in memory with P's maps of it (about 75 MB per ImageNet photo at
+    """--images held every photo in memory with P's maps of it (about 63 MB per ImageNet photo at
     dense targets): a folder such as ImageNet's, which the option names, could not be used."""
     from ustudents.train.teacher_images import ImagePool, natural_image_files
 
@@ -389,7 +411,8 @@ def test_a_folder_larger_than_the_pool_streams_through_it_in_bounded_memory(tmp_
         held = [tuple(t[0, :2, :2].flatten().tolist()) for t in pool.levels]
         assert len(set(held)) == 3  # no image held twice
         seen.update(held)
-    assert len(seen) == 9 and pool.read >= 9 and pool.unreadable >= 1  # every readable photo came through
+    assert len(seen) == 9 and len(pool.taken) == 9  # every readable photo came through
+    assert pool.unreadable == {files.index(folder / "broken.png")}  # tried once, not at every pass
     assert torch.equal(pool.targets[-1], torch.ones(1))  # made by targets_of as it came in
 
     whole = ImagePool(files, p=17, size=10, seed=0, usable=lambda levels: levels[:1])
@@ -399,6 +422,19 @@ def test_a_folder_larger_than_the_pool_streams_through_it_in_bounded_memory(tmp_
     corner = cv2.imread(str(files[0]))[:2, :2, ::-1].copy()  # 000.png first
     assert torch.equal(first[0][:, :2, :2], torch.from_numpy(corner).permute(2, 0, 1).float() / 255)
 
+    # more files than the pool holds, but fewer usable ones (8 broken): once a pass finds no more, the
+    # pool holds them all in their files' order, as a folder that fits, and reads nothing again
+    for i in range(8):
+        (folder / f"zz{i}.png").write_bytes(b"not a PNG")
+    files = natural_image_files(str(folder))
+    few = ImagePool(files, p=17, size=12, seed=0, usable=lambda levels: levels[:1])
+    assert not few.streaming and len(few.levels) == 9 and len(few.unreadable) == 9
+    assert all(torch.equal(a, b) for a, b in zip(first, few.levels))
+    last = ImagePool(files, p=17, size=8, seed=0, usable=lambda levels: levels[:1])  # one usable image to spare
+    for _ in range(5):
+        last.advance()
+    assert len(last.levels) == 8 and len(last.unreadable) == 9 and len(last.taken) == 9
+
 
 def test_teacher_distils_from_a_streamed_folder_and_records_what_it_read(tmp_path):
     rng = np.random.default_rng(1)
@@ -406,8 +442,20 @@ def test_teacher_distils_from_a_streamed_folder_and_records_what_it_read(tmp_pat
     state, record = train_teacher(TeacherConfig(p=17, images=str(folder), crop=8, batch=2, steps=8, amp=False,
                                                 pool_images=2, pool_refresh=2))
     assert all(torch.isfinite(v).all() for v in state.values())
-    assert record["images"] == {"files": 6, "read": 2 + 3, "unreadable": 0, "streamed": True}  # 2, then one per 2 steps
+    # 2, then one in place of another every 2 steps
+    assert record["images"] == {"files": 6, "taken_in": 2 + 3, "unreadable": 0, "too_small": 0, "replaced": 3}
     for option, value, message in (("pool_images", 0, "--pool-images 0: the pool must hold at least 1 image"),
                                    ("pool_refresh", -1, "--pool-refresh -1: steps per replaced image")):
         with pytest.raises(TeacherError, match=message):
             train_teacher(TeacherConfig(p=17, images=str(folder), crop=8, batch=2, steps=1, **{option: value}))
+
+
+def test_a_teachers_record_keeps_its_whole_loss_curve_thinned_not_only_its_last_points():
+    """The record kept the last 5 losses (of a loss read every 50 steps): 250 steps of a 6,000-step run."""
+    from ustudents.train.teacher import thinned
+
+    losses = list(range(121))  # 6,000 steps
+    kept = thinned(losses, 40)
+    assert kept[0] == 0 and kept[-1] == 120 and len(kept) <= 41 and kept == sorted(kept)
+    assert max(b - a for a, b in zip(kept, kept[1:])) <= 4  # evenly over the whole run
+    assert thinned(losses[:7], 40) == losses[:7] and thinned([], 40) == []

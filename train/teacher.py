@@ -50,6 +50,8 @@ SCHEDULES = ("constant", "cosine")
 MIN_BACKBONE_INPUT = 32  # P's coarsest feature map has stride 32
 DEFAULT_BATCH = {"patch": 64, "dense": 8}  # patches (the paper's 64) or windows of crop x crop descriptors per step
 DENSE_RF = 64  # dense targets: images are enlarged by DENSE_RF / p before P sees them (see above)
+STD_FLOOR = 1e-3  # dense targets: a channel's std is at least this share of the median channel's
+LOSS_HISTORY_POINTS = 40  # losses a teacher's record keeps (read every 50 steps): the whole curve, thinned
 DENSE_MAX_PIXELS = 2048 * 2048  # dense targets: pyramid levels P would see larger than this are left out (memory)
 
 
@@ -160,6 +162,9 @@ def channel_stats(maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     squares = sum(m.double().square().sum((1, 2)) for m in maps)
     mean = total / n
     std = (squares / n - mean.square()).clamp_min(0).sqrt() + 1e-6
+    # a channel (near) constant over these maps, e.g. one a ReLU zeroes on the first pool's images,
+    # would blow a later image's value past float16's range: no std below a thousandth of the median
+    std = std.clamp_min(STD_FLOOR * float(std.median()))
     return mean.float(), std.float()
 
 
@@ -202,6 +207,12 @@ def sample_windows(levels: list[torch.Tensor], targets: list[torch.Tensor], p: i
         r, c = r + g.pad_before, c + g.pad_before
         wanted.append(targets[i][:, r:r + crop, c:c + crop])
     return torch.stack(images), torch.stack(wanted).float()
+
+
+def thinned(points: list, n: int) -> list:
+    """At most about n of `points`, evenly spaced, the last always among them (the record's curve)."""
+    kept = points[::max(1, -(-len(points) // n))]
+    return kept if not points or kept[-1] is points[-1] else kept + points[-1:]
 
 
 def lr_scheduler(opt: torch.optim.Optimizer, schedule: str, steps: int):
@@ -263,7 +274,7 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     usable = (lambda levels: dense_levels(levels, cfg.p, window)) if cfg.target == "dense" else (lambda levels: levels)
     images = ImagePool(files, cfg.p, cfg.pool_images, cfg.seed, usable)
     if not images.levels:
-        if images.unreadable == len(files):
+        if len(images.unreadable) == len(files):
             raise TeacherError(f"{cfg.images}: none of its {len(files)} image files could be read (each is named "
                                "above); --images must be a folder of readable natural images")
         if cfg.target == "dense":
@@ -323,8 +334,8 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     history = []
     bar = progress(range(cfg.steps), desc=f"teacher p={cfg.p}", unit="step")
     for step in bar:
-        if cfg.pool_refresh and step and step % cfg.pool_refresh == 0:
-            images.advance()  # streaming: the image held longest makes room for the next (triplets, dense windows)
+        if cfg.pool_refresh and step and step % cfg.pool_refresh == 0 and (cfg.target == "dense" or cfg.lambda_m > 0):
+            images.advance()  # streaming: the image held longest makes room for the next (dense windows, triplets)
         desc, target = batch_of_descriptors()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             decoded = decoder(desc)
@@ -366,10 +377,10 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
         r2 = 1 - (recon - wanted).square().sum() / (wanted - wanted.mean(0)).square().sum()
     record = {"config": asdict(cfg), "target_dim": int(target_dim),
               "patch_pool": len(pool) if cfg.target == "patch" else None,
-              "images": {"files": len(files), "read": images.read, "unreadable": images.unreadable,
-                         "streamed": images.streaming},
+              "images": {"files": len(files), "taken_in": len(images.taken), "unreadable": len(images.unreadable),
+                         "too_small": len(images.unusable), "replaced": images.swaps},
               "explained_variance_of_P": round(float(r2), 4),
-              "loss_history": history[-5:], "wall_s": round(time.time() - t0, 1)}
+              "loss_history": thinned(history, LOSS_HISTORY_POINTS), "wall_s": round(time.time() - t0, 1)}
     state = {k: v.cpu() for k, v in net.state_dict().items()}
     if not all(torch.isfinite(v).all() for v in state.values()) or not math.isfinite(float(r2)):
         # the last step can break the weights after the last loss that was checked (e.g. --steps 1 at a huge --lr)

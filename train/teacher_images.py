@@ -97,7 +97,7 @@ class ImagePool:
     `usable` keeps the levels of an image that training can use (an image with none is passed over).
     Targets, when the training has per-pixel ones, are set with `assign` for the images held and made
     by `targets_of` for each image taken in later. `levels` and `targets` list every held image's, in
-    the order the images came in.
+    the order the images came in. A file that cannot be read, or has no usable level, is tried once.
     """
 
     def __init__(self, files: list[Path], p: int, size: int, seed: int,
@@ -109,17 +109,16 @@ class ImagePool:
         self._order = self._visiting_order(seed)
         self._held: deque[tuple[int, list[torch.Tensor], list[torch.Tensor] | None]] = deque()  # file, levels, targets
         self.targets_of: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
-        self.read = self.unreadable = 0  # images read and taken in; files that could not be read
+        self.taken: set[int] = set()  # files taken in at some time
+        self.swaps = 0  # images replaced by the next (streaming)
+        self.unreadable: set[int] = set()
+        self.unusable: set[int] = set()  # read, but no level training can use (too small)
         self.levels: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
-        visited = 0
-        while len(self._held) < size and visited < len(files):  # one pass at most: no image twice
-            taken, tried = self._take_next(len(files) - visited)
-            visited += tried
-            if not taken:
-                break
+        while len(self._held) < size and self._take_next():
+            pass
         if len(self._held) < size:  # every usable image is held: nothing left to stream
-            self.streaming = False
+            self._stop_streaming()
         self._flatten()
 
     def _visiting_order(self, seed: int) -> Iterator[int]:
@@ -130,26 +129,35 @@ class ImagePool:
         while True:  # a fresh shuffle for every pass over the folder
             yield from torch.randperm(len(self.files), generator=gen).tolist()
 
-    def _take_next(self, tries: int) -> tuple[bool, int]:
-        """Visit up to `tries` files of the order, taking in the first not held with usable levels.
-        Returns whether one was taken, and how many files were visited."""
-        held = {i for i, _, _ in self._held}
-        for tried in range(1, tries + 1):
+    def _stop_streaming(self) -> None:
+        """All the usable images are held: keep them in their files' order, as a folder that fits is."""
+        self.streaming = False
+        self._held = deque(sorted(self._held, key=lambda held: held[0]))
+
+    def _take_next(self) -> bool:
+        """Take in the next image of the order that is not held and has usable levels, within one pass
+        over the files; False when there is none."""
+        skip = {i for i, _, _ in self._held} | self.unreadable | self.unusable
+        if len(skip) >= len(self.files):
+            return False
+        for _ in range(2 * len(self.files)):  # two passes' worth of the order hold one whole pass
             i = next(self._order, None)
             if i is None:
-                return False, tried
-            if i in held:
+                return False
+            if i in skip:
                 continue
             img = read_natural_image(self.files[i])
             if img is None:
-                self.unreadable += 1
+                self.unreadable.add(i)
                 continue
             levels = self.usable(pyramid([img], self.p))
-            if levels:
-                self.read += 1
-                self._held.append((i, levels, self.targets_of(levels) if self.targets_of else None))
-                return True, tried
-        return False, tries
+            if not levels:
+                self.unusable.add(i)
+                continue
+            self.taken.add(i)
+            self._held.append((i, levels, self.targets_of(levels) if self.targets_of else None))
+            return True
+        return False
 
     def _flatten(self) -> None:
         self.levels = [t for _, levels, _ in self._held for t in levels]
@@ -163,11 +171,13 @@ class ImagePool:
         self._flatten()
 
     def advance(self, n: int = 1) -> None:
-        """Replace the n images held longest by the next ones (streaming only; else nothing changes)."""
-        if not self.streaming:
-            return
-        for _ in range(min(n, len(self._held))):
-            if not self._take_next(len(self.files))[0]:
+        """Replace the n images held longest by the next ones (streaming only; else nothing changes).
+        While an image is swapped, one more than `size` is held for a moment."""
+        for _ in range(min(n, len(self._held)) if self.streaming else 0):
+            if not self._take_next():
+                self._stop_streaming()  # no usable image is left outside the pool
                 break
             self._held.popleft()
+            self.swaps += 1
+            self._flatten()  # the old image's tensors go now, not after the last swap
         self._flatten()
