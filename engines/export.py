@@ -19,9 +19,10 @@ OPSET = 17
 
 
 def export_onnx(model: AnomalyModel, image_size: int, path: Path) -> Path:
-    """Export `model` as it is: in the dtypes it holds (onnx_engine.model_for_export makes the fp16 form)."""
+    """Export `model` as it is: in the dtypes it holds (onnx_engine.model_for_export makes the fp16 form),
+    traced on the device it is on."""
     model = model.eval()
-    example = torch.rand(1, 3, image_size, image_size)
+    example = torch.rand(1, 3, image_size, image_size, device=next(model.parameters()).device)
     dynamic = {name: {0: "batch"} for name in (INPUT, *OUTPUTS)}
     with warnings.catch_warnings():  # the legacy exporter's deprecation and constant-folding notes
         warnings.simplefilter("ignore")

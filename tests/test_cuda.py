@@ -85,3 +85,22 @@ def test_warm_up_captures_a_graph_for_every_batch_size_a_worker_may_form(tiny_bu
     assert engine.precision == "fp16"  # the GPU default for a bundle calibrated in fp32
     engine.warm_up()
     assert sorted(shape[0] for shape in engine.runner.graphs) == [1, 2, 3]
+
+
+def test_an_fp16_export_traced_on_the_gpu_is_the_graph_the_cpu_traces(tmp_path):
+    """An fp16 export traced on the CPU ran the half networks there, 100-300 times slower than fp32:
+    build-engines traces fp16 on the GPU where there is one, and the graph must not depend on where."""
+    import onnx
+
+    from ustudents.engines.export import export_onnx
+    from ustudents.engines.onnx_engine import model_for_export, trace_device
+
+    assert trace_device("fp16").type == "cuda" and trace_device("fp32").type == "cpu"
+    half = model_for_export(random_model(scales=(17,)), "fp16")
+    graphs = {}
+    for device in ("cpu", "cuda"):
+        export_onnx(half.to(device), 32, tmp_path / f"{device}.onnx")
+        graphs[device] = onnx.load(str(tmp_path / f"{device}.onnx")).graph
+    assert [n.op_type for n in graphs["cpu"].node] == [n.op_type for n in graphs["cuda"].node]
+    for a, b in zip(graphs["cpu"].initializer, graphs["cuda"].initializer):
+        assert (a.name, a.data_type, list(a.dims), a.raw_data) == (b.name, b.data_type, list(b.dims), b.raw_data)

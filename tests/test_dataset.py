@@ -573,3 +573,21 @@ def test_importing_cv2_before_ustudents_is_warned_of_and_the_cap_reported_as_ope
     code = "import ustudents, cv2; print(ustudents.OPENCV_MAX_PIXELS)"
     after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert after.stdout.strip() == str(1 << 26) and "imported before" not in after.stderr
+
+
+def test_elongated_images_are_named_as_squashed_with_what_to_do(tmp_path, caplog):
+    """A line-scan camera's 4:1 frames became 256 x 256 squares without a word: their defects shrank
+    4 times more along the long side, below what the 17 px patches see."""
+    from ustudents.train.dataset import Sample, load_images
+
+    rng = np.random.default_rng(0)
+    square, strip = tmp_path / "square.png", tmp_path / "strip.png"
+    write_image(square, rng.integers(0, 256, (60, 50, 3), dtype=np.uint8))
+    write_image(strip, rng.integers(0, 256, (40, 160, 3), dtype=np.uint8))
+    with caplog.at_level("WARNING", logger="ustudents.train.dataset"):
+        assert load_images([Sample(square, "good")], 32, desc="training images").shape == (1, 32, 32, 3)
+        assert caplog.records == []  # 1.2 : 1 is not worth a word
+        load_images([Sample(square, "good"), Sample(strip, "good")], 32, desc="training images")
+    assert len(caplog.records) == 1
+    assert (f"training images: images up to 4.0 times longer than wide (e.g. {strip}) are squashed into 32 x 32 "
+            "squares") in caplog.text and "cut such frames into near-square tiles" in caplog.text

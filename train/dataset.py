@@ -39,6 +39,7 @@ from .progress import progress
 GOOD = "good"
 _SUFFIX_LIST = "/".join(IMAGE_SUFFIXES)
 log = logging.getLogger(__name__)
+SQUASH_WARN = 2.0  # images longer than this many times their width (or the reverse) are warned about
 _checked_for_nested: set[Path] = set()  # warn once per folder: test_samples runs before training and after it
 
 
@@ -222,8 +223,20 @@ def load_images(samples: list[Sample], size: int, desc: str = "images", bits: in
     """Read and resize images to uint8 (N, size, size, 3) RGB; gray files become 3 channels, 16-bit
     data holding `bits` bits is scaled to 8 (images module)."""
     out = np.empty((len(samples), size, size, 3), np.uint8)
+    longest = (1.0, None)  # the most elongated image: (long side / short side, its path)
     for i, s in enumerate(progress(samples, desc=desc, unit="img", disable=None)):
-        out[i] = resize(_read(s.path, lambda path: read_image(path, bits)), size)
+        img = _read(s.path, lambda path: read_image(path, bits))
+        h, w = img.shape[:2]
+        longest = max(longest, (max(h, w) / min(h, w), s.path), key=lambda pair: pair[0])
+        out[i] = resize(img, size)
+    if longest[0] > SQUASH_WARN:
+        # every image becomes a size x size square (the paper's, on MVTec AD's square images): a
+        # line-scan frame's defects are squashed along its long side by this much, in training as in
+        # the worker, and shrink below what the smallest patch (17 px) sees
+        log.warning("%s: images up to %.1f times longer than wide (e.g. %s) are squashed into %d x %d squares, which "
+                    "shrinks their defects %.1f times more along the long side; cut such frames into near-square "
+                    "tiles (each an image of its own, here and on the stream) to keep the detail", desc,
+                    longest[0], longest[1], size, size, longest[0])
     return out
 
 
