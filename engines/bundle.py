@@ -50,6 +50,8 @@ MASK_RULE_OF = {"pixel_fpr": "map", "position_z_pixel_fpr": "position_z"}
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 ENGINE_DIR = "engines"  # built engines and TensorRT's timing cache, inside the bundle
+ENGINE_PRECISIONS = ("fp32", "fp16", "int8")  # what `ustudents build-engines` makes, for either backend
+ENGINE_KINDS = {(backend, p) for backend in ("onnx", "tensorrt") for p in ENGINE_PRECISIONS}
 # what the longest work name beside a bundle adds to its name: "." + ".XXXXXXXX.partial" (write_bundle's
 # mkdtemp); the checkpoint folder's ".checkpoint" and the swap's aside folder ".XXXXXXXX.old" are shorter
 WORK_NAME_EXTRA = 18
@@ -460,9 +462,18 @@ def load_bundle(path: str | Path) -> Bundle:
         for e in engines:
             if not all(isinstance(e.get(k), str) for k in ("backend", "precision", "file", "sha256")):
                 raise ValueError("an 'engines' entry lacks its backend, precision, file or checksum")
-        for f in [wmeta["file"]] + [e["file"] for e in engines]:  # calibrate deletes files the manifest named
-            if Path(f).is_absolute() or ".." in Path(f).parts:
-                raise ValueError(f"{f!r} is not a file inside the bundle")
+            if (e["backend"], e["precision"]) not in ENGINE_KINDS:  # a newer release's, or a typo ("FP32")
+                raise ValueError(f"an engine entry is {e['backend']} {e['precision']}, which this version does not "
+                                 f"know (it builds {', '.join(sorted({b for b, _ in ENGINE_KINDS}))} engines in "
+                                 f"{', '.join(ENGINE_PRECISIONS)})")
+        # calibrate and retraining delete the files the manifest named: the weights must be a file of the
+        # bundle's own folder, not its manifest, and engines files inside engines/
+        if Path(wmeta["file"]).name != wmeta["file"] or wmeta["file"] in (MANIFEST, ENGINE_DIR, "", ".", ".."):
+            raise ValueError(f"the weights {wmeta['file']!r} are not a file of the bundle's folder")
+        for e in engines:
+            parts = Path(e["file"]).parts
+            if len(parts) != 2 or parts[0] != ENGINE_DIR or parts[1] in (".", ".."):
+                raise ValueError(f"the engine file {e['file']!r} is not inside {ENGINE_DIR}/")
     except KeyError as err:
         raise BundleError(f"{mpath}: incomplete manifest (missing {err}); the manifest was edited or damaged: "
                           "restore the bundle from a copy, or retrain") from None

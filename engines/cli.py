@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .bundle import BundleError, changing, load_bundle
+from .bundle import ENGINE_DIR, BundleError, changing, load_bundle
 from .files import os_error_line, real_path
 from .images import (IMAGE_SUFFIXES, ImageError, image_files, missing_folder_hint, read_image,
                      subfolder_hint)
@@ -83,6 +83,10 @@ def check_bundle_writable(path: Path) -> None:
     if not os.access(path, os.W_OK):
         raise InputError(f"{path}: the bundle folder is not writable here (a read-only mount?); copy the bundle "
                          "to a writable folder and run the command on the copy")
+    engines = path / ENGINE_DIR
+    if engines.is_dir() and not os.access(engines, os.W_OK):  # else the error named a hidden temporary file in it
+        raise InputError(f"{engines}: the bundle's engines folder is not writable here; make it writable "
+                         f"(chmod u+w {engines}), or copy the bundle to a writable folder and run the command on the copy")
 
 
 @contextmanager

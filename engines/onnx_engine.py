@@ -16,17 +16,18 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .bundle import ENGINE_DIR, Bundle, load_bundle, sha256_file, update_manifest
+from .bundle import ENGINE_DIR, ENGINE_PRECISIONS, Bundle, load_bundle, sha256_file, update_manifest
 from .export import INPUT, export_onnx
 from .model import AnomalyModel
 
-ONNX_PRECISIONS = ("fp32", "fp16", "int8")
 # Largest allowed |map difference| against PyTorch fp32, in the anomaly map's units (standard
 # deviations of the validation scores). fp32: kernel order only. fp16: 10-bit mantissa through
 # four layers and a squared difference of 128 channels. int8: 7/8-bit steps at every convolution;
@@ -167,8 +168,8 @@ def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
     """Export, check under ONNX Runtime, and record the engine in the bundle's manifest.
     int8 needs `calibration`: good images whose activations set the quantization ranges.
     Raises ParityError (and keeps nothing) when the check fails."""
-    if precision not in ONNX_PRECISIONS:
-        raise ValueError(f"--precision {precision}: ONNX engines are built in {', '.join(ONNX_PRECISIONS)}")
+    if precision not in ENGINE_PRECISIONS:
+        raise ValueError(f"--precision {precision}: ONNX engines are built in {', '.join(ENGINE_PRECISIONS)}")
     if precision == "int8" and not calibration:
         raise ValueError("--precision int8: give good images to calibrate the quantization on "
                          "(--calibration-images DIR, e.g. the category's train/good)")
@@ -177,14 +178,26 @@ def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
     final = bundle.path / rel
     final.parent.mkdir(exist_ok=True)
     tmp = final.with_name(f".{final.name}.partial")
-    fp32 = final.with_name(f".{final.name}.fp32.partial")
+    # int8: the fp32 export and what the quantizer writes beside it (its shape-inferred copy) go
+    # in a folder of their own, removed with everything in it however the build ends
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)) \
+        if precision == "int8" else None
     try:
         try:
             if precision == "int8":
+                from google.protobuf.message import DecodeError
+
                 from .quantize import quantize_int8
-                from .runtime import preprocess
-                export_onnx(model_for_export(reference, "fp32"), bundle.image_size, fp32)
-                quantize_int8(fp32, tmp, preprocess(calibration, bundle.image_size, torch.device("cpu")))
+                from .runtime import EngineError, preprocess
+                export_onnx(model_for_export(reference, "fp32"), bundle.image_size, work / "model-fp32.onnx")
+                try:
+                    quantize_int8(work / "model-fp32.onnx", tmp,
+                                  preprocess(calibration, bundle.image_size, torch.device("cpu")))
+                except DecodeError:  # ONNX's shape inference writes its copy cut short on a full disk, silently
+                    free = shutil.disk_usage(final.parent).free
+                    raise EngineError(f"{final.parent}: the quantizer could not read back the model it wrote there "
+                                      f"(cut short; {free / 1e6:.0f} MB free on that disk); free space there and build "
+                                      "again") from None
             else:
                 export_onnx(model_for_export(reference, precision).to(trace_device(precision)), bundle.image_size, tmp)
         except OSError as err:  # the exporter's own errors name no file (a full disk, a file size limit)
@@ -201,7 +214,8 @@ def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-        fp32.unlink(missing_ok=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     from .runtime import model_digest
     entry = {"backend": "onnx", "precision": precision, "file": rel, "sha256": sha256_file(final),
              "model_digest": model_digest(bundle), "max_batch": max_batch, "image_size": bundle.image_size, "opset": 17,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bundle import Bundle, load_bundle
+from .bundle import ENGINE_PRECISIONS, Bundle, load_bundle
 from .cuda_graphs import GraphedRunner
 from .fftconv import WORKSPACE
 from .images import ImageError, frame_tensor, resize_tensor
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # most faithful first (find_engine's preference)
 TORCH_PRECISIONS = ("fp32", "bf16", "fp16")  # the torch backend casts the networks itself
-BUILT_PRECISIONS = ("fp32", "fp16", "int8")  # what `ustudents build-engines` makes for onnx and tensorrt
 Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -352,6 +351,10 @@ def auto_backend(bundle: Bundle, device: torch.device, precision: str | None) ->
     for backend, kind in (("tensorrt", "tensorrt"), ("onnxruntime", "onnx")):
         if backend in present and find_engine(bundle, kind, precision) is not None:
             return backend
+    if device.type == "cpu" and importlib.util.find_spec("onnxruntime") is None and \
+            find_engine(bundle, "onnx", precision) is not None:
+        from .onnx_engine import require_onnx
+        require_onnx(("onnxruntime",))  # the engine is built: what is missing is what runs it
     if precision in TORCH_PRECISIONS:  # fp16 on a CPU, bf16 where not native: torch says what to use instead
         return "torch"
     plans = [e for e in bundle.manifest.get("engines", []) if e["backend"] == "tensorrt" and e["precision"] == precision]
@@ -434,8 +437,8 @@ def require_engine(bundle: Bundle, backend: str, precision: str | None) -> dict:
         reasons = "; ".join(f"{e['file']}: {plan_mismatch(e)}" for e in built)
         commands = " and ".join(build_command(bundle, "tensorrt", e["precision"]) for e in built)
         raise EngineError(f"{bundle.path}: no usable TensorRT{want} plan ({reasons}); rebuild with {commands}")
-    if precision is not None and precision not in BUILT_PRECISIONS:
-        raise EngineError(f"--precision {precision}: built {cmd_backend} engines are {', '.join(BUILT_PRECISIONS)}; "
+    if precision is not None and precision not in ENGINE_PRECISIONS:
+        raise EngineError(f"--precision {precision}: built {cmd_backend} engines are {', '.join(ENGINE_PRECISIONS)}; "
                           f"choose one of those, or --backend torch for {precision}")
     raise EngineError(f"{bundle.path}: has no {backend}{want} engine; build one with "
                       f"{build_command(bundle, cmd_backend, precision)}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
+import re
 import shutil
 import sys
 import threading
@@ -650,3 +652,72 @@ def test_native_bfloat16_on_x86_means_bf16_instructions_not_onednns_emulation(mo
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert runtime.native_bf16(torch.device("cpu")) is native
+
+
+def test_an_int8_build_stopped_or_failing_inside_the_quantizer_leaves_nothing_in_the_bundle(bundle_copy, tiny_mvtec,
+                                                                                          monkeypatch):
+    """The quantizer writes a shape-inferred copy of its input beside it: the fp32 export sat in
+    engines/, so Ctrl-C there left a hidden 55 MB file in the bundle, and on a full disk the copy,
+    written cut short without an error, failed to load with a protobuf DecodeError traceback."""
+    from google.protobuf.message import DecodeError
+
+    from ustudents.engines import quantize
+
+    def quantizer(fails_with):
+        def stand_in(fp32_onnx, out, images):
+            Path(fp32_onnx).with_name(Path(fp32_onnx).stem + "-inferred.onnx").write_bytes(b"cut sh")
+            raise fails_with
+        return stand_in
+
+    frames = [read_image(p) for p in sorted((tiny_mvtec / TINY_CATEGORY / "train" / "good").iterdir())[:2]]
+    before = sorted(p.name for p in bundle_copy.rglob("*"))
+    for error in (KeyboardInterrupt(), DecodeError("Error parsing message with type 'onnx.ModelProto'")):
+        monkeypatch.setattr(quantize, "quantize_int8", quantizer(error))
+        with pytest.raises(type(error) if isinstance(error, KeyboardInterrupt) else EngineError) as raised:
+            build_onnx(load_bundle(bundle_copy), "int8", max_batch=2, calibration=frames)
+        assert sorted(p.name for p in bundle_copy.rglob("*")) == sorted(set(before) | {"engines"})  # an empty engines/
+        assert load_bundle(bundle_copy).manifest.get("engines", []) == []
+    assert str(raised.value).startswith(f"{bundle_copy / 'engines'}: the quantizer could not read back the model it "
+                                        "wrote there (cut short; ") and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("precision", "FP32", "an engine entry is onnx FP32, which this version does not know"),
+    ("file", "manifest.json", "the engine file 'manifest.json' is not inside engines/"),
+    ("file", "weights.safetensors", "the engine file 'weights.safetensors' is not inside engines/"),
+])
+def test_a_hand_edited_engine_entry_is_refused_on_load_and_calibrate_deletes_nothing(built_bundle, tmp_path, tiny_mvtec,
+                                                                                     field, value, says):
+    """An entry naming manifest.json made `calibrate`, which deletes the old engines' files, delete
+    the manifest; an unknown precision ended in "tuple.index(x): x not in tuple"."""
+    bundle = Path(shutil.copytree(built_bundle, tmp_path / "model"))
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["engines"][0][field] = value
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    good = tiny_mvtec / TINY_CATEGORY / "test" / "good"
+    for command in (["calibrate", bundle, "--images", good, "--device", "cpu"],
+                    ["predict", bundle, next(good.iterdir()), "--out", tmp_path / "out", "--backend", "onnxruntime"]):
+        result = invoke(*command)
+        assert result.exit_code == 2 and f"{bundle / MANIFEST}: malformed manifest ({says}" in result.output, \
+            result.output
+    assert {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
+
+
+def test_a_built_engine_without_onnx_runtime_installed_says_to_install_it_not_to_build_it(built_bundle, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(EngineError, match=re.escape("onnxruntime not installed here (ONNX engines need them): pip "
+                                                    "install 'ustudents[onnx]'")):
+        load_engine(built_bundle, backend="auto", device="cpu", precision="fp16")
+
+
+def test_build_engines_names_an_engines_folder_it_cannot_write(bundle_copy, monkeypatch):
+    from ustudents.engines import cli
+
+    (bundle_copy / "engines").mkdir(exist_ok=True)
+    real = os.access
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False if Path(path).name == "engines" else real(path, mode))
+    result = invoke("build-engines", bundle_copy)
+    assert result.exit_code == 2 and (f"{bundle_copy / 'engines'}: the bundle's engines folder is not writable here; "
+                                      f"make it writable (chmod u+w {bundle_copy / 'engines'})") in result.output
