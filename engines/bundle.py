@@ -469,7 +469,7 @@ def load_bundle(path: str | Path) -> Bundle:
         # calibrate and retraining delete the files the manifest named: the weights must be a file of the
         # bundle's own folder, not its manifest, and engines files inside engines/
         if Path(wmeta["file"]).name != wmeta["file"] or wmeta["file"] in (MANIFEST, ENGINE_DIR, "", ".", ".."):
-            raise ValueError(f"the weights {wmeta['file']!r} are not a file of the bundle's folder")
+            raise ValueError(f"the weights {wmeta['file']!r} is not a file inside the bundle (beside its manifest)")
         for e in engines:
             parts = Path(e["file"]).parts
             if len(parts) != 2 or parts[0] != ENGINE_DIR or parts[1] in (".", ".."):

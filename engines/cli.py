@@ -78,13 +78,14 @@ def check_apart(out: Path | None, option: str, source: Path, what: str) -> None:
                          "choose a path outside it")
 
 
-def check_bundle_writable(path: Path) -> None:
-    """Refuse now, before minutes of work, a bundle whose folder cannot be written (a read-only mount)."""
+def check_bundle_writable(path: Path, engines_too: bool = False) -> None:
+    """Refuse now, before minutes of work, a bundle whose folder (and, for `engines_too`, its engines/
+    folder, where build-engines writes) cannot be written (a read-only mount)."""
     if not os.access(path, os.W_OK):
         raise InputError(f"{path}: the bundle folder is not writable here (a read-only mount?); copy the bundle "
                          "to a writable folder and run the command on the copy")
     engines = path / ENGINE_DIR
-    if engines.is_dir() and not os.access(engines, os.W_OK):  # else the error named a hidden temporary file in it
+    if engines_too and engines.is_dir() and not os.access(engines, os.W_OK):  # else the error named a hidden temporary file in it
         raise InputError(f"{engines}: the bundle's engines folder is not writable here; make it writable "
                          f"(chmod u+w {engines}), or copy the bundle to a writable folder and run the command on the copy")
 
@@ -120,7 +121,7 @@ def changing_bundle(model: Path, command: str):
     try:
         with changing(model), sigterm_as_ctrl_c():
             bundle = load_bundle(model)
-            check_bundle_writable(bundle.path)
+            check_bundle_writable(bundle.path, engines_too=command == "build-engines")
             yield bundle
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: {model} holds nothing half-written ({command} replaces each file whole); run "

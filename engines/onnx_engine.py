@@ -182,6 +182,8 @@ def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
     # in a folder of their own, removed with everything in it however the build ends
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)) \
         if precision == "int8" else None
+    if work is not None:  # mkdtemp's 0700: left by a SIGKILL, it made the bundle uncopyable by other users
+        work.chmod(0o755)
     try:
         try:
             if precision == "int8":

@@ -184,6 +184,7 @@ def test_manifest_claiming_other_shapes_is_refused(tmp_path):
     (lambda m: m.update(image_size=100000), "image_size 100000 is not a whole number of pixels from 32 to 1024"),
     # calibrate deletes the files the old manifest named: never one outside the bundle
     (lambda m: m["weights"].update(file="../other/weights.safetensors"), "is not a file inside the bundle"),
+    (lambda m: m["weights"].update(file="manifest.json"), "the weights 'manifest.json' is not a file inside the bundle"),
 ])
 def test_a_hand_edited_manifest_value_the_model_cannot_run_with_is_refused_by_name(tmp_path, edit, needle):
     """Each of these loaded before and crashed later (a traceback in predict or the worker) or

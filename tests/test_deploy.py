@@ -440,6 +440,21 @@ def test_prepare_engines_builds_once_into_the_cache_and_never_touches_the_mount(
             f.chmod(0o755 if f.is_dir() else 0o644)
 
 
+def test_prepare_engines_leaves_an_interrupted_commands_leftovers_out_of_its_copy(tmp_path):
+    """A SIGKILLed int8 build left a hidden work folder of mode 0700 in engines/: the image's user could
+    not read it from the host's read-only mount, and the copy for the build failed with a traceback."""
+    pe = prepare_module()
+    src = fake_bundle(tmp_path / "models" / "tiles")
+    (src / "engines" / ".model-int8.onnx.k2j4.partial").mkdir(parents=True)
+    (src / "engines" / ".model-int8.onnx.k2j4.partial" / "model-fp32.onnx").write_bytes(b"fp32")
+    (src / "engines" / "model-fp32.onnx").write_bytes(b"onnx")
+    built = []
+    (served,) = pe.prepare([src], tmp_path / "cache", "fp16", 8, has_plan=lambda path, p, b: bool(built),
+                           tag=lambda: "GPU", build=lambda path, p, b: built.append(sorted(
+                               f.relative_to(path).as_posix() for f in path.rglob("*"))))
+    assert built == [["engines", "engines/model-fp32.onnx", "manifest.json", "weights.safetensors"]]
+
+
 def test_prepare_engines_asks_the_runtime_for_a_plan_of_the_precision_and_batch_the_worker_runs(small_bundle,
                                                                                                  tmp_path, monkeypatch):
     """The real has_plan: the runtime's find_engine for this GPU (its plan check stubbed: no TensorRT

@@ -665,6 +665,9 @@ def test_an_int8_build_stopped_or_failing_inside_the_quantizer_leaves_nothing_in
 
     def quantizer(fails_with):
         def stand_in(fp32_onnx, out, images):
+            # readable by all, as the bundle's files are: a SIGKILL leaves it, and a bundle copied by another
+            # user (the GPU image's) must not fail on it
+            assert Path(fp32_onnx).parent.stat().st_mode & 0o777 == 0o755
             Path(fp32_onnx).with_name(Path(fp32_onnx).stem + "-inferred.onnx").write_bytes(b"cut sh")
             raise fails_with
         return stand_in
@@ -712,7 +715,7 @@ def test_a_built_engine_without_onnx_runtime_installed_says_to_install_it_not_to
         load_engine(built_bundle, backend="auto", device="cpu", precision="fp16")
 
 
-def test_build_engines_names_an_engines_folder_it_cannot_write(bundle_copy, monkeypatch):
+def test_build_engines_names_an_engines_folder_it_cannot_write(bundle_copy, tiny_mvtec, monkeypatch):
     from ustudents.engines import cli
 
     (bundle_copy / "engines").mkdir(exist_ok=True)
@@ -721,3 +724,6 @@ def test_build_engines_names_an_engines_folder_it_cannot_write(bundle_copy, monk
     result = invoke("build-engines", bundle_copy)
     assert result.exit_code == 2 and (f"{bundle_copy / 'engines'}: the bundle's engines folder is not writable here; "
                                       f"make it writable (chmod u+w {bundle_copy / 'engines'})") in result.output
+    # calibrate writes nothing there: not refused for it
+    good = tiny_mvtec / TINY_CATEGORY / "test" / "good"
+    assert invoke("calibrate", bundle_copy, "--images", good, "--device", "cpu").exit_code == 0

@@ -1,6 +1,8 @@
 """Teacher distillation losses, patch sampling, the backbones, and learning rates that cannot train."""
 import json
 import re
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -157,11 +159,18 @@ def test_resnet18_weights_in_a_training_checkpoint_load_and_pickled_objects_are_
                tmp_path / "checkpoint.pth")
     resnet = build_backbone("resnet18", str(tmp_path / "checkpoint.pth"))
     assert all(torch.equal(resnet.features.state_dict()[k], v) for k, v in state.items())
-    torch.save({"args": argparse.Namespace(lr=0.1), "state_dict": state}, tmp_path / "with_args.pth")
+    # torchvision's reference scripts keep the weights under "model", beside their arguments
+    torch.save({"args": argparse.Namespace(lr=0.1), "model": state}, tmp_path / "with_args.pth")
     with pytest.raises(BackboneError, match=re.escape("holds a Python object (argparse.Namespace) besides tensors and "
                                                       "numbers, not unpickled here since unpickling can run code; if you "
-                                                      "trust the file, save its weights alone")):
+                                                      "trust the file, save its weights alone")) as err:
         build_backbone("resnet18", str(tmp_path / "with_args.pth"))
+    # the command it gives does that
+    command = re.search(r'python -c "([^"]+)"', str(err.value))[1]
+    command = command.replace("'IN'", repr(str(tmp_path / "with_args.pth")))
+    command = command.replace("'OUT.pth'", repr(str(tmp_path / "out.pth")))
+    subprocess.run([sys.executable, "-c", command], check=True)
+    assert build_backbone("resnet18", str(tmp_path / "out.pth"))(torch.rand(1, 3, 64, 64)).shape == (1, 512)
 
 
 def test_resnet18_loads_a_torchvision_format_file(tmp_path):

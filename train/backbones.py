@@ -122,8 +122,9 @@ def _load_state(weights: str, head: str, fix: str) -> dict[str, torch.Tensor]:
             raise BackboneError(
                 f"{weights}: holds a Python object ({obj[1]}) besides tensors and numbers, not unpickled here since "
                 f"unpickling can run code{removed}; if you trust the file, save its weights alone: python -c \"import "
-                "torch; c = torch.load('IN', weights_only=False); torch.save(c.get('state_dict', c), 'OUT.pth')\", "
-                "then pass OUT.pth") from None
+                "torch; c = torch.load('IN', weights_only=False); c = c.state_dict() if hasattr(c, 'state_dict') else "
+                f"next((c[k] for k in {CHECKPOINT_KEYS} if k in c), c); torch.save(c, 'OUT.pth')\", then pass OUT.pth") \
+                from None
         if unpickler:  # torch's first line is its advice on weights_only, which does not apply
             first = f"not a PyTorch weights file: {unpickler[1].strip()}"
         else:

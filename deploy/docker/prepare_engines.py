@@ -122,7 +122,8 @@ def prepare(model_dirs: list[Path], cache: Path, precision: str, max_batch: int,
                 log(f"{src}: no TensorRT plan for this GPU; building one in {dst} (once; minutes)")
                 tmp = cache / f".{dst.name}.partial"
                 shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(src, tmp)
+                # not an interrupted command's leftovers (.*.partial), which may not even be readable here
+                shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*.partial"))
                 for f in tmp.rglob("*"):  # the source may be a read-only mount: make the copy writable
                     f.chmod(f.stat().st_mode | 0o200)
                 tmp.chmod(tmp.stat().st_mode | 0o200)
