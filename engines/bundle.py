@@ -463,9 +463,11 @@ def load_bundle(path: str | Path) -> Bundle:
             if not all(isinstance(e.get(k), str) for k in ("backend", "precision", "file", "sha256")):
                 raise ValueError("an 'engines' entry lacks its backend, precision, file or checksum")
             if (e["backend"], e["precision"]) not in ENGINE_KINDS:  # a newer release's, or a typo ("FP32")
-                raise ValueError(f"an engine entry is {e['backend']} {e['precision']}, which this version does not "
-                                 f"know (it builds {', '.join(sorted({b for b, _ in ENGINE_KINDS}))} engines in "
-                                 f"{', '.join(ENGINE_PRECISIONS)})")
+                raise BundleError(
+                    f"{mpath}: its engines list a {e['backend']} {e['precision']} engine ({e['file']}), which this "
+                    f"version of ustudents does not know (it builds {' and '.join(sorted({b for b, _ in ENGINE_KINDS}))} "
+                    f"engines in {', '.join(ENGINE_PRECISIONS)}); a bundle from a newer ustudents needs that version, "
+                    "and an entry edited by hand must be put back or removed from 'engines'")
         # calibrate and retraining delete the files the manifest named: the weights must be a file of the
         # bundle's own folder, not its manifest, and engines files inside engines/
         if Path(wmeta["file"]).name != wmeta["file"] or wmeta["file"] in (MANIFEST, ENGINE_DIR, "", ".", ".."):
@@ -474,6 +476,8 @@ def load_bundle(path: str | Path) -> Bundle:
             parts = Path(e["file"]).parts
             if len(parts) != 2 or parts[0] != ENGINE_DIR or parts[1] in (".", ".."):
                 raise ValueError(f"the engine file {e['file']!r} is not inside {ENGINE_DIR}/")
+    except BundleError:
+        raise  # said in full where it was found
     except KeyError as err:
         raise BundleError(f"{mpath}: incomplete manifest (missing {err}); the manifest was edited or damaged: "
                           "restore the bundle from a copy, or retrain") from None
