@@ -85,9 +85,11 @@ def check_bundle_writable(path: Path, engines_too: bool = False) -> None:
         raise InputError(f"{path}: the bundle folder is not writable here (a read-only mount?); copy the bundle "
                          "to a writable folder and run the command on the copy")
     engines = path / ENGINE_DIR
-    if engines_too and engines.is_dir() and not os.access(engines, os.W_OK):  # else the error named a hidden temporary file in it
+    # checked here: else the error named a hidden temporary file in it
+    if engines_too and engines.is_dir() and not os.access(engines, os.W_OK):
         raise InputError(f"{engines}: the bundle's engines folder is not writable here; make it writable "
-                         f"(chmod u+w {engines}), or copy the bundle to a writable folder and run the command on the copy")
+                         f"(chmod u+w {engines}), or copy the bundle to a writable folder and run the command on "
+                         "the copy")
 
 
 @contextmanager

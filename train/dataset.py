@@ -226,8 +226,9 @@ def load_images(samples: list[Sample], size: int, desc: str = "images", bits: in
     longest = (1.0, None)  # the most elongated image: (long side / short side, its path)
     for i, s in enumerate(progress(samples, desc=desc, unit="img", disable=None)):
         img = _read(s.path, lambda path: read_image(path, bits))
-        h, w = img.shape[:2]
-        longest = max(longest, (max(h, w) / min(h, w), s.path), key=lambda pair: pair[0])
+        ratio = max(img.shape[:2]) / min(img.shape[:2])
+        if ratio > longest[0]:
+            longest = (ratio, s.path)
         out[i] = resize(img, size)
     if longest[0] > SQUASH_WARN:
         # every image becomes a size x size square (the paper's, on MVTec AD's square images): a

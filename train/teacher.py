@@ -43,7 +43,8 @@ from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet, geometry
 from .backbones import FEATURE_STRIDES, build_backbone
 from .progress import progress
 from .students import MAX_SEED
-from .teacher_images import POOL_IMAGES, POOL_REFRESH, SKIMAGE_SOURCE, ImagePool, TeacherError, natural_image_files
+from .teacher_images import (POOL_IMAGES, POOL_REFRESH, SKIMAGE_SOURCE, ImagePool, TeacherError, natural_image_files,
+                             none_readable)
 
 TARGETS = ("dense", "patch")
 SCHEDULES = ("constant", "cosine")
@@ -275,8 +276,7 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     images = ImagePool(files, cfg.p, cfg.pool_images, cfg.seed, usable)
     if not images.levels:
         if len(images.unreadable) == len(files):
-            raise TeacherError(f"{cfg.images}: none of its {len(files)} image files could be read (each is named "
-                               "above); --images must be a folder of readable natural images")
+            raise none_readable(cfg.images, len(files))
         if cfg.target == "dense":
             raise TeacherError(f"{cfg.images}: no image holds a training window of --crop {cfg.crop} plus the p={cfg.p} "
                                "patch (--target dense); pass a smaller --crop or larger images")
@@ -307,7 +307,8 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
         for r in range(rounds):
             if r:
                 images.advance(cfg.pool_images)
-            parts.append(sample_patches(images.levels, cfg.p, cfg.patches // rounds + (r < cfg.patches % rounds), gen)[0])
+            share = cfg.patches // rounds + (r < cfg.patches % rounds)
+            parts.append(sample_patches(images.levels, cfg.p, share, gen)[0])
         pool = torch.cat(parts)
         targets = backbone_descriptors(backbone, pool.to(device), cfg.backbone_input).cpu()
         target_dim = targets.shape[1]

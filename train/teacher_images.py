@@ -4,8 +4,8 @@ The paper cuts its patches from ImageNet: 1.28 million photos, far more than mem
 dense feature maps of each are cached (about 63 MB per 500 x 375 photo, measured at p = 17). So a
 folder is listed, not loaded: an `ImagePool` holds the pyramid levels (and targets) of at most
 `size` images at a time, and a folder of more streams through it, one image replacing the one held
-longest every few steps. A source that fits (scikit-image's 19 photos, a small folder) is held whole in its files' order and
-never replaced, which is what distillation did before the pool.
+longest every few steps. A source that fits (scikit-image's 19 photos, a small folder) is held whole
+in its files' order and never replaced, which is what distillation did before the pool.
 """
 from __future__ import annotations
 
@@ -72,11 +72,16 @@ def read_natural_image(path: Path) -> np.ndarray | None:
 
 def load_natural_images(source: str) -> list[np.ndarray]:
     """Every readable image of `source` at once (for small sets: the benchmarks' probes)."""
-    images = [img for img in map(read_natural_image, natural_image_files(source)) if img is not None]
+    files = natural_image_files(source)
+    images = [img for img in map(read_natural_image, files) if img is not None]
     if not images:
-        raise TeacherError(f"{source}: none of its image files could be read (each is named above); "
-                           "--images must be a folder of readable natural images")
+        raise none_readable(source, len(files))
     return images
+
+
+def none_readable(source: str, files: int) -> TeacherError:
+    return TeacherError(f"{source}: none of its {files} image files could be read (each is named above); "
+                        "--images must be a folder of readable natural images")
 
 
 def pyramid(images: list[np.ndarray], p: int) -> list[torch.Tensor]:
@@ -102,8 +107,6 @@ class ImagePool:
 
     def __init__(self, files: list[Path], p: int, size: int, seed: int,
                  usable: Callable[[list[torch.Tensor]], list[torch.Tensor]]):
-        if size < 1:
-            raise TeacherError(f"--pool-images {size}: the pool must hold at least 1 image")
         self.files, self.p, self.size, self.usable = files, p, size, usable
         self.streaming = len(files) > size
         self._order = self._visiting_order(seed)
