@@ -401,7 +401,7 @@ def _photos(folder, n, rng, size=(40, 48)):
 
 
 def test_a_folder_larger_than_the_pool_streams_through_it_in_bounded_memory(tmp_path):
-    """--images held every photo in memory with P's maps of it (about 63 MB per ImageNet photo at
+    """--images held every photo in memory with P's maps of it (about 60 MB per ImageNet photo at
     dense targets): a folder such as ImageNet's, which the option names, could not be used."""
     from ustudents.train.teacher_images import ImagePool, natural_image_files
 

@@ -210,7 +210,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
               help="Natural images to cut patches from: a folder of any size (e.g. an ImageNet train folder; it "
                    "streams through --pool-images), or 'skimage' for the photos scikit-image ships.")
 @click.option("--pool-images", default=POOL_IMAGES, show_default=True,
-              help="Images held in memory at once (with P's dense maps: about 63 MB per ImageNet-sized photo). "
+              help="Images held in memory at once (with P's dense maps: about 60 MB per ImageNet-sized photo). "
                    "A folder of more streams through the pool.")
 @click.option("--pool-refresh", default=POOL_REFRESH, show_default=True,
               help="While a folder streams: steps per image replaced by the next (P runs on each); 0 = never.")

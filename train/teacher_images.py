@@ -1,11 +1,12 @@
 """The natural images teachers are distilled on, and the pool that holds them.
 
 The paper cuts its patches from ImageNet: 1.28 million photos, far more than memory holds once P's
-dense feature maps of each are cached (about 63 MB per 500 x 375 photo, measured at p = 17). So a
-folder is listed, not loaded: an `ImagePool` holds the pyramid levels (and targets) of at most
-`size` images at a time, and a folder of more streams through it, one image replacing the one held
-longest every few steps. A source that fits (scikit-image's 19 photos, a small folder) is held whole
-in its files' order and never replaced, which is what distillation did before the pool.
+dense feature maps of each are cached (about 60 MB per 500 x 375 photo at p = 17, measured:
+benchmarks/results/teacher_pool_cpu_epyc.json). So a folder is listed, not loaded: an `ImagePool`
+holds the pyramid levels (and targets) of at most `size` images at a time, and a folder of more
+streams through it, one image replacing the one held longest every few steps. A source that fits
+(scikit-image's 19 photos, a small folder) is held whole in its files' order and never replaced,
+which is what distillation did before the pool.
 """
 from __future__ import annotations
 
