@@ -42,12 +42,13 @@ def device_label(info: dict) -> str:
     return info.get("gpu") or f"{info['cpu']} ({info['cores']} cores)"
 
 
-def peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
+def peak_gflops(device: torch.device, dtype: torch.dtype, tf32: bool = False) -> float:
     """Best of several 4096^2 (GPU) or 2048^2 (CPU) matrix products and, on CPU, 1x1 convolutions of
     the same arithmetic, after a warm-up each. The convolution is there because PyTorch's CPU matrix
     product can go through a library that picks a slower code path on some CPUs (measured on an
     AVX-512 EPYC: 226 GFLOP/s for the product, while oneDNN's convolutions ran at 391), and a peak
-    below what the networks reach would overstate every "% of peak"."""
+    below what the networks reach would overstate every "% of peak". `tf32`: float32 products on a
+    GPU's TF32 units (PyTorch's matrix products default to full float32, its cuDNN convolutions to TF32)."""
     n = 4096 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     candidates = [lambda: a @ a]
@@ -55,15 +56,19 @@ def peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
         x = torch.randn(1, n, 32, n // 32, dtype=dtype)
         w = torch.randn(n, n, 1, 1, dtype=dtype)
         candidates.append(lambda: torch.nn.functional.conv2d(x, w))
-    best = float("inf")
-    for op in candidates:
-        op()
-        for _ in range(10):
-            sync(device)
-            t = time.perf_counter()
+    best, allowed = float("inf"), torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        for op in candidates:
             op()
-            sync(device)
-            best = min(best, time.perf_counter() - t)
+            for _ in range(10):
+                sync(device)
+                t = time.perf_counter()
+                op()
+                sync(device)
+                best = min(best, time.perf_counter() - t)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
     return 2 * n ** 3 / best / 1e9
 
 
@@ -148,8 +153,9 @@ def validation_and_test_maps(engine, data_root: Path, test_every: int = 1) -> di
     _, val = dataset.split_train_val(dataset.train_samples(data_root, manifest["category"]),
                                      training["val_fraction"], training["student"]["seed"])
     test = every_kth_per_type(dataset.test_samples(data_root, manifest["category"]), test_every)
-    val_fused, val_scales = engine_maps(engine, dataset.load_images(val, size), desc="validation maps")
-    test_fused, test_scales = engine_maps(engine, dataset.load_images(test, size), desc="test maps")
+    bits = engine.bundle.uint16_bits  # 16-bit data scaled as training and evaluation scale it
+    val_fused, val_scales = engine_maps(engine, dataset.load_images(val, size, bits=bits), desc="validation maps")
+    test_fused, test_scales = engine_maps(engine, dataset.load_images(test, size, bits=bits), desc="test maps")
     return {"val": val, "test": test, "gt": dataset.load_masks(test, size),
             "labels": np.array([s.defect != dataset.GOOD for s in test]),
             "val_fused": val_fused, "val_scales": val_scales, "test_fused": test_fused, "test_scales": test_scales}

@@ -5,10 +5,14 @@
         --cuda-graphs on,off
 
 Per configuration (backend, precision, batch, scales): frames/s, p50/p99 latency of a batch (frame
-in -> map out at the frame's size, resizing included), achieved GFLOP/s against the machine's
-measured peak (a large matrix product), and peak memory. The naive baseline is what a reference
-implementation does: every network of every scale run one after another in plain PyTorch fp32,
-frame by frame; every speed is also given as a ratio to it.
+in -> map out at the frame's size: normalization, the networks, the scoring head, the thresholds;
+resizing too where --frame-size differs from the model's size, which by default it does not),
+achieved GFLOP/s against the machine's measured peak (a large matrix product), and peak memory.
+GFLOP/s counts the direct convolutions' operations: a configuration computing them another way
+(the CPU's FFT convolutions) does fewer, so its "% of peak" can pass 100; int8 rows are set
+against the fp32 peak, the naive baseline on a GPU against the TF32 peak (it runs with TF32).
+The naive baseline is what a reference implementation does: every network of every scale run one
+after another in plain PyTorch fp32, frame by frame; every speed is also given as a ratio to it.
 
 Weights are random (speed does not depend on them); the FLOP count is the convolutions' multiply-
 adds x 2, counted by PyTorch's FlopCounterMode. On CPU each configuration runs in its own process, so
@@ -129,13 +133,16 @@ def run_config(cfg: dict) -> dict:
             bundle = load_bundle(path)
             engine = Engine(bundle, naive_runner(bundle, device), "naive", "fp32", device, max_batch=1)
         else:
-            if cfg["backend"] == "onnxruntime":
+            if cfg["backend"] in ("onnxruntime", "tensorrt"):  # a TensorRT plan is built from the ONNX engine
                 from ustudents.engines.onnx_engine import build_onnx
                 calibration = frames_for(cfg["size"], 4, seed=1) if cfg["precision"] == "int8" else None
                 build_onnx(load_bundle(path), cfg["precision"], max_batch=cfg["batch"], calibration=calibration)
+            if cfg["backend"] == "tensorrt":
+                from ustudents.engines.tensorrt_build import build_tensorrt
+                build_tensorrt(load_bundle(path), cfg["precision"], cfg["batch"])
             engine = load_engine(path, cfg["backend"], device, cfg["precision"], max_batch=cfg["batch"],
                                  cuda_graphs=cfg.get("graphs", True))
-        frames = frames_for(cfg["size"], cfg["batch"])
+        frames = frames_for(cfg.get("frame_size", cfg["size"]), cfg["batch"])
         started = time.perf_counter()
         engine.predict(frames)  # warm-up: allocations, kernel selection, the forms' plan, graph capture
         first_s = time.perf_counter() - started
@@ -155,7 +162,7 @@ def run_config(cfg: dict) -> dict:
         del engine
     out = {"latency_ms": {k: v * 1e3 if k != "n" else v for k, v in percentiles(lat).items()},
            "frames_per_s": cfg["batch"] * len(lat) / sum(lat), "first_call_s": first_s,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6}  # Linux: KiB
     if plan.lines:
         out["plan"] = plan.lines
     if device.type == "cuda":
@@ -190,11 +197,14 @@ def in_subprocess(cfg: dict) -> dict:
 @click.command()
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--image-size", "size", default=256, show_default=True)
+@click.option("--frame-size", "frame_size", default=None, type=click.IntRange(min=1),
+              help="Side of the square frames fed in; a size other than --image-size times the engine's resize "
+                   "in and the map's resize back too.  [default: --image-size]")
 @click.option("--batches", default="1,2", show_default=True, help="Batch sizes to time.")
 @click.option("--backends", default="torch,onnxruntime", show_default=True)
 @click.option("--precisions", default="fp32,bf16,int8", show_default=True,
               help="Tried per backend where it applies (bf16: torch with native support; fp16: CUDA only; "
-                   "int8: onnxruntime, calibrated on random frames).")
+                   "int8: onnxruntime and tensorrt, calibrated on random frames).")
 @click.option("--repeats", default=3, show_default=True, help="Timed batches per configuration (after one warm-up).")
 @click.option("--seconds", default=None, type=float,
               help="Stop timing a configuration after this many seconds (at least 10 batches): a slow "
@@ -211,7 +221,7 @@ def in_subprocess(cfg: dict) -> dict:
 @click.option("--machine-from", "machine_from", type=click.Path(exists=True, path_type=Path), default=None,
               help="With --from-log, for logs without a machine line: a result JSON from the same run's machine.")
 @click.option("--config", default=None, hidden=True)
-def main(device, size, batches, backends, precisions, repeats, seconds, per_scale, graphs, name, from_log,
+def main(device, size, frame_size, batches, backends, precisions, repeats, seconds, per_scale, graphs, name, from_log,
          machine_from, config):
     if config:  # child process: one configuration
         print(json.dumps(run_config(json.loads(config))))
@@ -235,6 +245,8 @@ def main(device, size, batches, backends, precisions, repeats, seconds, per_scal
     # Measured before and after the configurations, keeping the higher: on a shared (virtual)
     # machine one measurement can catch a slow moment and overstate every "% of peak".
     peak = {k: peak_gflops(dev, t) for k, t in dtypes.items()}
+    if dev.type == "cuda":  # the naive baseline runs with TF32, as PyTorch's cuDNN default allows
+        peak["tf32"] = peak_gflops(dev, torch.float32, tf32=True)
     bandwidth = [memory_gbps(dev)]  # before and after: the FFT path's speed follows it
     full = [17, 33, 65]
     todo = [dict(backend="naive", precision="fp32", batch=1, scales=full)]
@@ -242,7 +254,7 @@ def main(device, size, batches, backends, precisions, repeats, seconds, per_scal
         for precision in precisions.split(","):
             if precision == "bf16" and (backend != "torch" or "bf16" not in peak):
                 continue
-            if precision == "int8" and backend != "onnxruntime":
+            if precision == "int8" and backend not in ("onnxruntime", "tensorrt"):
                 continue
             if precision == "fp16" and dev.type != "cuda":
                 continue
@@ -254,13 +266,15 @@ def main(device, size, batches, backends, precisions, repeats, seconds, per_scal
         torch_precisions = [q for q in precisions.split(",") if q in peak]
         for p in full:
             todo += [dict(backend="naive", precision="fp32", batch=1, scales=[p])]
-            todo += [dict(backend="torch", precision=q, batch=1, scales=[p], graphs=dev.type == "cuda")
+            todo += [dict(backend="torch", precision=q, batch=1, scales=[p],
+                          graphs=dev.type == "cuda" and graphs.split(",")[0] == "on")
                      for q in torch_precisions]
     rows = []
     name = name or f"engines_{dev.type}"
     click.echo("machine: " + json.dumps(info))
     for cfg in todo:
-        cfg.update(device=str(dev), size=size, batches=repeats, **({"seconds": seconds} if seconds else {}))
+        cfg.update(device=str(dev), size=size, frame_size=frame_size or size, batches=repeats,
+                   **({"seconds": seconds} if seconds else {}))
         graphed = f" graphs {'on' if cfg['graphs'] else 'off'}" if "graphs" in cfg and dev.type == "cuda" else ""
         click.echo(f"running {cfg['backend']} {cfg['precision']} batch {cfg['batch']} scales {cfg['scales']}{graphed} ...")
         res = run_one(cfg)
@@ -268,10 +282,11 @@ def main(device, size, batches, backends, precisions, repeats, seconds, per_scal
         click.echo("  -> " + json.dumps(res))
         rows.append({**{k: cfg[k] for k in ("backend", "precision", "batch", "scales", "graphs") if k in cfg}, **res})
         # and in the result file, rewritten after every configuration
-        write_record(name, rows, info, peak, bandwidth, size, repeats, dev.type, quiet=True)
-    peak = {k: max(v, peak_gflops(dev, dtypes[k])) for k, v in peak.items()}
+        write_record(name, rows, info, peak, bandwidth, size, repeats, dev.type, quiet=True,
+                     frame_size=frame_size or size)
+    peak = {k: max(v, peak_gflops(dev, dtypes.get(k, torch.float32), tf32=k == "tf32")) for k, v in peak.items()}
     bandwidth.append(memory_gbps(dev))
-    write_record(name, rows, info, peak, bandwidth, size, repeats, dev.type)
+    write_record(name, rows, info, peak, bandwidth, size, repeats, dev.type, frame_size=frame_size or size)
 
 
 def rows_from_log(log: Path, graphs: bool) -> tuple[dict | None, list[dict]]:
@@ -297,7 +312,7 @@ def rows_from_log(log: Path, graphs: bool) -> tuple[dict | None, list[dict]]:
 
 
 def write_record(name: str, rows: list[dict], info: dict, peak: dict, bandwidth: list, size: int, repeats: int,
-                 device_type: str, note: str | None = None, quiet: bool = False) -> None:
+                 device_type: str, note: str | None = None, quiet: bool = False, frame_size: int | None = None) -> None:
     """Derived figures (GFLOP/s, % of the measured peak, speed-up against the naive baseline of the
     same scales), the summary of the fastest 3-scale configuration, the JSON and the table.
     `bandwidth`: the copies measured so far (before the configurations, and after them once done)."""
@@ -309,7 +324,8 @@ def write_record(name: str, rows: list[dict], info: dict, peak: dict, bandwidth:
         base = next((x for x in rows if x["backend"] == "naive" and x["scales"] == r["scales"] and "error" not in x), None)
         r["gflop_per_frame"] = flops[tuple(r["scales"])] / 1e9
         r["gflop_per_s"] = r["gflop_per_frame"] * r["frames_per_s"]
-        rate = peak.get(r["precision"], peak.get("fp32")) if peak else None
+        kind = "tf32" if r["backend"] == "naive" and "tf32" in peak else r["precision"]
+        rate = peak.get(kind, peak.get("fp32")) if peak else None
         r["pct_of_peak"] = 100 * r["gflop_per_s"] / rate if rate else None
         r["speedup_vs_naive"] = r["frames_per_s"] / base["frames_per_s"] if base else None
     ok = [r for r in rows if "error" not in r and r["scales"] == full and r["backend"] != "naive"]
@@ -317,10 +333,13 @@ def write_record(name: str, rows: list[dict], info: dict, peak: dict, bandwidth:
     summary = None if best is None else {
         "device": device_label(info), "backend": best["backend"], "precision": best["precision"],
         "batch": best["batch"], "frames_per_s": best["frames_per_s"], "p99_ms": best["latency_ms"]["p99"],
-        "speedup_vs_naive": best["speedup_vs_naive"], "image_size": size,
+        "speedup_vs_naive": best["speedup_vs_naive"], "image_size": size, "frame_size": frame_size or size,
         **({"cuda_graphs": best["graphs"]} if device_type == "cuda" else {})}
     record = {"summary": summary, "machine": info, "peak_gflop_per_s": peak,
               "memory_gb_per_s": dict(zip(("before", "after"), bandwidth)) or None,
+              "frame_size": frame_size or size,
+              "flop_count": "the direct convolutions' multiply-adds x 2 per frame; FFT rows do fewer operations, "
+                            "int8 rows are set against the fp32 peak, a GPU's naive row against the TF32 peak",
               "students": STUDENTS, "repeats": repeats, "weights": "random (speed does not depend on them)",
               "results": rows, "command": "python benchmarks/engines.py " + " ".join(sys.argv[1:]),
               **({"note": note} if note else {})}
@@ -331,8 +350,10 @@ def write_record(name: str, rows: list[dict], info: dict, peak: dict, bandwidth:
     path = write_result(name, record,
         f"# Engines: {name}\n\nMachine: {device_label(info)}, {', '.join(info['cpu_features'])}; "
         f"torch {info['torch']}. {measured}"
-        f"{size}x{size} frames, M={STUDENTS}, up to {repeats} timed batches per row after a warm-up; "
-        f"latency = one batch, frame in to map out; " + (
+        f"{size}x{size} model, {frame_size or size}x{frame_size or size} frames, M={STUDENTS}, up to {repeats} "
+        f"timed batches per row after a warm-up; latency = one batch, frame in to map out; GFLOP/s = the direct "
+        f"convolutions' count x frames/s (FFT rows do fewer operations, so %peak can pass 100; int8 against "
+        f"the fp32 peak{', the naive row against the TF32 peak' if device_type == 'cuda' else ''}); " + (
             "GPU MB = the configuration's peak of allocated GPU memory while serving (where a row has only "
             "`peak_gpu_mb_first_call`, its first call's included); `torch+graph` = CUDA graphs; the naive "
             "baseline with PyTorch's default cuDNN settings (TF32 allowed), the torch engine's fp32 without "

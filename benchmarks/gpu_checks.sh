@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU is used for, in one call (device time is short and each start costs minutes):
 #   1. the CUDA tests (tests/test_cuda.py: graphs, forms, parity with the CPU engine) and FDFE's;
-#   2. the engines benchmark on CUDA: naive baseline, torch fp32/bf16/fp16 at batch 1 and 8 with CUDA
-#      graphs, each scale alone; then fp16 at batch 1 without graphs, for what the graphs buy;
+#   2. the engines benchmark on CUDA: naive baseline, torch bf16/fp16 at batch 1 and 8 with CUDA
+#      graphs, each scale alone (fp32 is left out: see step 2 below); it runs first;
 #   3. fp16 accuracy on real data: a model trained on CUDA with the demo's settings on the shipped
 #      sample, evaluated on the whole magnetic_tile test set in fp32 and fp16 (CUDA).
 # Usage, from the repository root on the GPU machine:  bash benchmarks/gpu_checks.sh

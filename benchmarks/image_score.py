@@ -44,9 +44,10 @@ def border_distance_of_max(maps: np.ndarray) -> np.ndarray:
 
 def score_alternatives(test: np.ndarray, z: np.ndarray, border: int) -> dict[str, np.ndarray]:
     """Image scores from the maps (N, H, W) and their position-standardized form z."""
-    flat = test.reshape(len(test), -1)
+    flat, (h, w) = test.reshape(len(test), -1), test.shape[1:]
     return {"max": flat.max(1),
-            **{f"interior_max_{b}": test[:, b:-b, b:-b].reshape(len(test), -1).max(1) for b in (border // 2, border)},
+            **{f"interior_max_{b}": test[:, b:h - b, b:w - b].reshape(len(test), -1).max(1)
+               for b in (border // 2, border)},
             "top_99": np.percentile(flat, 99, axis=1),
             "top_99.9": np.percentile(flat, 99.9, axis=1),
             "position_z_max": z.reshape(len(z), -1).max(1)}
@@ -56,7 +57,8 @@ def score_alternatives(test: np.ndarray, z: np.ndarray, border: int) -> dict[str
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("--data-root", type=click.Path(path_type=Path), required=True)
 @click.option("--test-every", default=1, show_default=True, help="Use every k-th test image of each type.")
-@click.option("--border", default=8, show_default=True, help="Pixels counted as the border.")
+@click.option("--border", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Pixels counted as the border.")
 @click.option("--image-fpr", default=DEFAULT_IMAGE_FPR, show_default=True, help="As `ustudents calibrate --image-fpr`.")
 @click.option("--name", default="image_score_cpu", show_default=True)
 def main(model, data_root, test_every, border, image_fpr, name):

@@ -69,7 +69,7 @@ def emulated_fp16_engine(model: Path):
 @click.option("--data-root", type=click.Path(path_type=Path), default=REPO / "ustudents" / "demo_data", show_default=True)
 @click.option("--category", default="magnetic_tile", show_default=True)
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="An existing bundle (skips training).")
-@click.option("--image-size", default=64, show_default=True)
+@click.option("--image-size", default=64, show_default=True, help="Of the model trained here (--model: its own).")
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--crop", default=16, show_default=True)
 @click.option("--batch", default=4, show_default=True)
@@ -89,6 +89,7 @@ def main(precision, device, data_root, category, model, image_size, epochs, crop
                       "--epochs", epochs, "--crop", crop, "--batch", batch, "--amp", amp, "--device", device,
                       "--no-evaluate")
         trained = time.time()
+        image_size = json.loads((Path(model) / "manifest.json").read_text())["image_size"]  # --model's own, not the flag
         # the torch backend serves fp16 on CUDA only; on CPU fp16 is the ONNX graph or the emulation
         cpu_fp16 = precision == "fp16" and torch.device(device).type != "cuda"
         emulated = cpu_fp16 and fp16_mode == "emulated"

@@ -46,7 +46,7 @@ def run_teacher(images: str, steps: int, options: list[str], out: Path) -> tuple
     wall = time.monotonic() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"`{' '.join(cmd)}` failed:\n{proc.stderr.read()[-3000:]}")
-    return wall, usage.ru_maxrss / 1e6  # Linux: kilobytes
+    return wall, usage.ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
 @click.command()

@@ -18,7 +18,7 @@ import click
 
 from common import device_label, every_kth_per_type, machine, write_result
 from ustudents.engines.bundle import load_bundle
-from ustudents.engines.runtime import load_engine, resolve_device
+from ustudents.engines.runtime import load_engine, native_bf16, resolve_device
 from ustudents.train import dataset
 from ustudents.train.evaluate import evaluate, format_table
 from ustudents.train.pipeline import TrainConfig, train
@@ -37,7 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 @click.option("--batch", default=8, show_default=True)
 @click.option("--students", default=3, show_default=True)
 @click.option("--scales", default="17,33,65", show_default=True)
-@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Student training (autocast) and evaluation; auto: bf16 where the device has native bfloat16, "
+                   "else fp32.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--test-every", default=1, show_default=True,
               help="Evaluate on every k-th test image of each type (1: the whole test set).")
@@ -50,6 +52,10 @@ def main(data_root, category, image_size, epochs, crop, batch, students, scales,
     if not (data_root / category / "train" / "good").is_dir():
         raise click.ClickException(f"{data_root / category}: dataset not found; pass --data-root (skipped)")
     dev = resolve_device(device)
+    if precision == "auto":
+        precision = "bf16" if native_bf16(dev) else "fp32"
+    elif precision == "bf16" and not native_bf16(dev):  # refused now, not by evaluation after hours of training
+        raise click.BadParameter(f"{dev} has no native bfloat16: use fp32 or auto", param_hint="--precision")
     bf16 = precision == "bf16"
     cfg = TrainConfig(category=category, data_root=data_root, out=out, scales=[int(s) for s in scales.split(",")],
                       image_size=image_size, device=str(dev), teachers=teachers or DEFAULT_DIR,

@@ -163,8 +163,9 @@ def send_paced(r: redis.Redis, stream: str, frames: list[bytes], fps: float, sec
 @click.option("--backend", default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", default=None)
-@click.option("--batch", default=8, show_default=True)
-@click.option("--frames", "n_frames", default=400, show_default=True, help="Frames of the throughput runs.")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--frames", "n_frames", default=400, show_default=True, type=click.IntRange(min=1),
+              help="Frames of the throughput runs; at least 3 batches (the first batch starts the clock).")
 @click.option("--frame-size", default=None, type=int, help="Side of the square frames.  [default: the model's]")
 @click.option("--paced-seconds", default=15.0, show_default=True, help="Duration of the latency run.")
 @click.option("--soak-minutes", default=0.0, show_default=True, help="Soak duration; 0 = no soak.")
@@ -173,6 +174,8 @@ def send_paced(r: redis.Redis, stream: str, frames: list[bytes], fps: float, sec
 @click.option("--name", default=None, help="Result file name.  [default: worker_<device type>]")
 def main(model, backend, device, precision, batch, n_frames, frame_size, paced_seconds, soak_minutes, soak_fps,
          redis_url, name):
+    if n_frames < 3 * batch:  # throughput is timed from the first batch's end: a rate needs batches after it
+        raise click.BadParameter(f"{n_frames} frames at batch {batch}: give at least {3 * batch}", param_hint="--frames")
     engine = load_engine(model, backend=backend, device=device, precision=precision, max_batch=batch)
     info = engine.info
     size = frame_size or engine.image_size

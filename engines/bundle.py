@@ -381,6 +381,7 @@ def _uint16_bits(manifest: dict[str, Any]) -> Any:
 
 MIN_SERVED_SIZE = 32  # the smallest image size a bundle is served at (the tests serve at 32 px)
 MAX_SERVED_SIZE = 1024  # the largest ustudents-train makes (pipeline.MAX_IMAGE_SIZE); a larger one is an edit
+MAX_STUDENTS = 16  # the most ustudents-train makes; more is an edit, and each is a network held in memory
 
 
 def bad_value(manifest: dict[str, Any], scales: list[int]) -> str | None:
@@ -392,8 +393,8 @@ def bad_value(manifest: dict[str, Any], scales: list[int]) -> str | None:
     size, students = manifest["image_size"], manifest["students"]
     if not (isinstance(size, int) and not isinstance(size, bool) and MIN_SERVED_SIZE <= size <= MAX_SERVED_SIZE):
         return f"image_size {size!r} is not a whole number of pixels from {MIN_SERVED_SIZE} to {MAX_SERVED_SIZE}"
-    if not (isinstance(students, int) and students >= 2):
-        return f"students {students!r} is not a whole number from 2"
+    if not (isinstance(students, int) and not isinstance(students, bool) and 2 <= students <= MAX_STUDENTS):
+        return f"students {students!r} is not a whole number from 2 to {MAX_STUDENTS}"
     if not isinstance(manifest.get("input", {}), dict):
         return f"input {manifest['input']!r} is not an object"
     for p in scales:
@@ -481,7 +482,7 @@ def load_bundle(path: str | Path) -> Bundle:
     except KeyError as err:
         raise BundleError(f"{mpath}: incomplete manifest (missing {err}); the manifest was edited or damaged: "
                           "restore the bundle from a copy, or retrain") from None
-    except (TypeError, ValueError, AttributeError) as err:
+    except (TypeError, ValueError, AttributeError, OverflowError) as err:  # OverflowError: int(1e999)
         raise BundleError(f"{mpath}: malformed manifest ({err}); the manifest was edited or damaged: restore the "
                           "bundle from a copy, or retrain") from None
     bad = bad_value(manifest, scales)

@@ -267,8 +267,9 @@ def default_torch_precision(bundle: Bundle, device: torch.device) -> str:
     (engines_cpu_avx512_bf16_same_day.json) and 3.21x on an AMX Xeon (engines_cpu_amx_forms.json).
     fp16 on a GPU because there it kept au_pro_30 within 0.00001 of fp32, with the same image
     verdicts and pixel false-positive rate at the bundle's thresholds on all 594 test images
-    (fp16_accuracy_cuda_demo_model_magnetic_tile.json), while fp32 without TF32 ran 7.5x slower
-    (engines_cuda_h200.json; all under benchmarks/results/)."""
+    (fp16_accuracy_cuda_demo_model_magnetic_tile.json), while fp32 without TF32 ran 7.5x slower than
+    bf16 on an H200 (10.9 against 81.4 frames/s at batch 1: engines_cuda_h200_first_try.json and
+    engines_cuda_h200.json; all under benchmarks/results/)."""
     calibrated = bundle.manifest.get("threshold", {}).get("precision", "fp32")
     if calibrated == "bf16" and native_bf16(device):
         return "bf16"

@@ -182,6 +182,9 @@ def test_manifest_claiming_other_shapes_is_refused(tmp_path):
     (lambda m: m.update(scales=["17"]), "'scales' is not a list of receptive fields"),
     (lambda m: m.update(scales=[99]), "'scales' [99] is not a set of receptive fields among [17, 33, 65]"),
     (lambda m: m.update(image_size=100000), "image_size 100000 is not a whole number of pixels from 32 to 1024"),
+    (lambda m: m.update(students=float("inf")), "malformed manifest (cannot convert float infinity to integer)"),
+    (lambda m: m.update(image_size=float("inf")), "malformed manifest (cannot convert float infinity to integer)"),
+    (lambda m: m.update(students=40), "students 40 is not a whole number from 2 to 16"),  # 40 networks built to load
     # calibrate deletes the files the old manifest named: never one outside the bundle
     (lambda m: m["weights"].update(file="../other/weights.safetensors"), "is not a file inside the bundle"),
     (lambda m: m["weights"].update(file="manifest.json"), "the weights 'manifest.json' is not a file inside the bundle"),

@@ -575,6 +575,25 @@ def test_importing_cv2_before_ustudents_is_warned_of_and_the_cap_reported_as_ope
     assert after.stdout.strip() == str(1 << 26) and "imported before" not in after.stderr
 
 
+def test_a_pixel_cap_opencv_cannot_read_is_refused_naming_it_not_aborted_in_opencv():
+    """OpenCV parses OPENCV_IO_MAX_IMAGE_PIXELS when cv2 is imported and kills the process on a value
+    it cannot read ("terminate called ... stoull"), whatever was run, --help included."""
+    import subprocess
+    import sys
+
+    code = "import ustudents, cv2; print(ustudents.OPENCV_MAX_PIXELS)"
+    for bad in ("abc", "-1", "0", "5 ", "100GB", "5kB", "9" * 20):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": bad})
+        assert run.returncode == 2 and run.stderr.strip() == (
+            f"Error: OPENCV_IO_MAX_IMAGE_PIXELS={bad!r} is not a pixel count: set a whole number above 0 "
+            "(ustudents' default is 67108864) or unset it"), run.stderr
+    for good, cap in (("1000", "1000"), ("100MB", "None")):  # OpenCV's own suffixes pass to it
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": good})
+        assert run.returncode == 0 and run.stdout.strip() == cap, run.stderr
+
+
 def test_elongated_images_are_named_as_squashed_with_what_to_do(tmp_path, caplog):
     """A line-scan camera's 4:1 frames became 256 x 256 squares without a word: their defects shrank
     4 times more along the long side, below what the 17 px patches see."""

@@ -228,6 +228,83 @@ def test_pictures_earlier_runs_wrote_are_removed_and_nothing_else(tmp_path):
     assert demo.clear_earlier_pictures(tmp_path / "no-such-out") == 0
 
 
+def test_a_users_files_where_the_demo_would_write_are_refused_before_anything_runs(tiny_mvtec, tiny_bundle, tmp_path):
+    """The demo wrote its report.html and results.json over a user's own in --out, and its pictures
+    over a user's of the same names, though only the last demo run's files may go."""
+    out = tmp_path / "out"
+    frames = demo.test_frames(tiny_mvtec, TINY_CATEGORY)
+    mine = {out / "results.json": '{"my": "precious results"}', out / "report.html": "<h1>my report</h1>",
+            out / demo.picture_names(frames[0])["mask"]: "my mask"}
+    for path, text in mine.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert sorted(demo.not_the_demos(out, frames)) == sorted(mine)
+    result = CliRunner().invoke(demo_cmd, ["--out", str(out), "--data-root", str(tiny_mvtec), "--category",
+                                           TINY_CATEGORY, "--redis-url", "redis://127.0.0.1:1/0"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"--out {out}: " in result.output and "and 2 more would be written over and not the demo's own; move " \
+        "them, or choose another --out" in result.output
+    assert all(path.read_text() == text for path, text in mine.items()) and not (out / "model").exists()
+    # --train-only writes OUT/model alone: nothing of the user's is in its way
+    trained = CliRunner().invoke(demo_cmd, ["--out", str(out), "--data-root", str(tiny_mvtec), "--category",
+                                            TINY_CATEGORY, "--model", str(tiny_bundle), "--train-only"])
+    assert trained.exit_code == 0 and "model ready" in trained.output, trained.output
+    # the last demo run's own files are its to replace: listed pictures, and a results.json that reads as its
+    (out / "results.json").write_text(json.dumps({"frames": [{"files": {"mask": demo.picture_names(frames[0])["mask"]}}]}))
+    assert demo.not_the_demos(out, frames) == []
+    # a report cut short (a full disk) leaves no report.html without its results.json, for the next run to refuse
+    rows = [Row(f, score=1.0, anomalous=False) for f in frames]
+    real_write = demo._write
+
+    for failing in ("results.json", "report.html"):
+        def full_disk(path, data):
+            if path.name == failing:
+                raise OSError(28, "No space left on device")
+            real_write(path, data)
+        demo.clear_earlier_pictures(out)  # a results.json that reads as the demo's: it and report.html go
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(demo, "_write", full_disk)
+            with pytest.raises(OSError):
+                demo.write_report(out, rows, demo.summarize(rows), {"category": TINY_CATEGORY, "threshold": 2.5})
+        assert demo.not_the_demos(out, frames) == [], failing
+
+
+def test_a_slow_camera_rate_waits_for_its_frames_not_the_idle_limit(tmp_path, monkeypatch):
+    """At --fps below 1 / the idle limit, the wait for the next frame to be published counted as the
+    worker being silent: the demo ended with 'no result for 300 s' after the first frame."""
+    import threading
+
+    import numpy as np
+
+    from ustudents.worker import publish, schema
+
+    image = tmp_path / "000.png"
+    cv2.imwrite(str(image), np.zeros((16, 16, 3), np.uint8))
+    frames = [Frame(f"good/{i:03d}", image, "good", None) for i in range(3)]
+    sent: list[str] = []
+
+    class Publisher:  # the camera stand-in, into a list
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def send(self, frame_id, data):
+            sent.append(frame_id)
+
+    class Client:  # a worker answering each frame at once
+        def xread(self, ids, count, block):
+            time.sleep(min(block, 50) / 1000)
+            if not sent:
+                return []
+            return [[schema.results_stream("line1").encode(), [(b"1-1", {schema.FRAME_ID.encode(): sent.pop().encode()})]]]
+
+    monkeypatch.setattr(publish, "FramePublisher", Publisher)
+    monkeypatch.setattr(demo, "record_result", lambda row, fields, out: setattr(row, "score", 1.0))
+    d = demo.Demo(echo=lambda *a, **k: None)
+    d.client, d.worker_thread = Client(), threading.current_thread()
+    rows = d.run_line(frames, "line1", fps=2.0, out=tmp_path / "out", idle_timeout_s=0.3)  # 0.5 s a frame
+    assert [r.score for r in rows] == [1.0, 1.0, 1.0]
+
+
 def test_redis_lost_while_the_line_runs_is_one_line_not_a_traceback(tmp_path):
     """redis' errors are not OSErrors: a Redis that went away mid-run ended the demo in a traceback."""
     import numpy as np
@@ -258,10 +335,15 @@ def busy_port() -> socket.socket:
     (["--scales", "5"], "each scale must be one of"),
     (["--redis-url", "http://localhost"], "is not a Redis URL"),
     (["--redis-url", "redis://127.0.0.1:1/0"], "cannot reach Redis"),
-    (["--crop", "-1"], "must not be negative"),
+    (["--crop", "-1"], "--crop -1: must not be negative (0: whole images)"),
+    # nan published no frame and hung until the idle limit; 1e-9 stalled after the first; -1 blamed --crop
+    (["--fps", "nan"], "--fps nan: give 0 (all at once) or a rate from 0.001 frames/s"),
+    (["--fps", "1e-9"], "--fps 1e-09: give 0 (all at once) or a rate from 0.001 frames/s"),
+    (["--fps", "-1"], "--fps -1.0: give 0 (all at once) or a rate from 0.001 frames/s"),
     (["--epochs", "0"], "must be at least 1"),
     (["--max-minutes", "-1"], "--max-minutes -1: must be 0 (no limit) or more"),
     (["--lr", "0"], "--lr 0: a learning rate must be more than 0"),
+    (["--lr", "inf"], "--lr inf: a learning rate must be more than 0, and finite"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path / "o"), *args], env={"REDIS_URL": None})

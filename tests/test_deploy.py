@@ -246,6 +246,21 @@ def worker_settings_env() -> set[str]:
 GPU_IMAGE_ENV = {"USTUDENTS_ENGINE_CACHE", "USTUDENTS_ENGINE_PRECISION"}  # deploy/docker/prepare_engines.py
 
 
+def test_every_ustudents_variable_of_the_deploy_files_is_a_setting_or_one_the_worker_knows_of():
+    """The worker warns of USTUDENTS_* variables that set nothing (a misspelt setting is otherwise
+    ignored); the deploy files' own variables must not be among them, and each it knows must be used."""
+    from ustudents.worker.settings import DEPLOY_VARIABLES, unknown_variables
+
+    used = set()
+    for path in DEPLOY.rglob("*"):
+        if path.is_file() and path.suffix not in (".json", ".pyc"):
+            used |= set(re.findall(r"USTUDENTS_[A-Z0-9_]*[A-Z0-9]", path.read_text(errors="replace")))
+    assert unknown_variables(used) == []
+    assert {f"USTUDENTS_{v}" for v in DEPLOY_VARIABLES} <= used
+    assert unknown_variables(["USTUDENTS_BATCHSIZE", "USTUDENTS_BATCH", "ustudents_log_level", "PATH"]) == \
+        ["USTUDENTS_BATCHSIZE"]
+
+
 def test_compose_redis_persists_and_is_capped():
     redis = compose()["services"]["redis"]
     cmd = " ".join(redis["command"])

@@ -245,6 +245,7 @@ def test_unknown_schedule_is_refused_before_any_work():
 
 
 @pytest.mark.parametrize("lr, message", [(0.0, "--lr 0: a learning rate must be more than 0"),
+                                         (float("inf"), "--lr inf: a learning rate must be more than 0, and finite"),
                                          (1e9, "the teacher's loss became")])
 def test_a_learning_rate_that_cannot_train_is_refused_or_reported_not_saved(lr, message, tmp_path):
     images = tmp_path / "photos"
@@ -255,7 +256,7 @@ def test_a_learning_rate_that_cannot_train_is_refused_or_reported_not_saved(lr, 
     with pytest.raises(TeacherError, match=message) as err:
         train_teacher(TeacherConfig(p=17, backbone="efficientnet-lite0", images=str(images), crop=8, steps=51,
                                     batch=2, lr=lr, amp=False))
-    if lr > 0:
+    if 0 < lr < float("inf"):
         assert "diverged; train again with a lower --lr (now 1e+09)" in str(err.value)
 
 

@@ -139,9 +139,21 @@ def redis_stream():
     # each was accepted and crashed the worker later: at SIGTERM, in the monitor stage, at the first
     # read (the socket timeout), at the first result (a crash loop through restarts)
     (["--shutdown-timeout-s", "inf"], {}, "--shutdown-timeout-s / USTUDENTS_SHUTDOWN_TIMEOUT_S: Input should be a finite number"),
-    ([], {"USTUDENTS_STATS_INTERVAL_S": "inf"}, "--stats-interval-s / USTUDENTS_STATS_INTERVAL_S: Input should be a finite number"),
+    # settings without a flag are named by their variable alone: "--block-ms" sent users to no flag
+    ([], {"USTUDENTS_STATS_INTERVAL_S": "inf"}, "USTUDENTS_STATS_INTERVAL_S: Input should be a finite number"),
     ([], {"USTUDENTS_BLOCK_MS": "99999999999999"},
-     "--block-ms / USTUDENTS_BLOCK_MS: Input should be less than or equal to 2147473647"),
+     "USTUDENTS_BLOCK_MS: Input should be less than or equal to 2147473647"),
+    # the port and the database as urllib and redis-py word them named no setting; unix:// retried for ever
+    (["--redis-url", "redis://127.0.0.1:abc/0"], {},
+     "--redis-url / USTUDENTS_REDIS_URL: 'redis://127.0.0.1:abc/0': the port 'abc' is not a number from 1 to 65535; "
+     "use redis://HOST:PORT/DB"),
+    (["--redis-url", "redis://127.0.0.1:99999/0"], {},
+     "--redis-url / USTUDENTS_REDIS_URL: 'redis://127.0.0.1:99999/0': the port '99999' is not a number from 1 to "
+     "65535; use redis://HOST:PORT/DB"),
+    (["--redis-url", "unix://"], {},
+     "--redis-url / USTUDENTS_REDIS_URL: 'unix://' names no socket; use unix:///PATH/TO/redis.sock"),
+    (["--redis-url", "redis://127.0.0.1/0?db=x"], {},
+     "--redis-url / USTUDENTS_REDIS_URL: 'redis://127.0.0.1/0?db=x': the database 'x' (?db=) is not a number"),
     (["--results-maxlen", "99999999999999999999"], {},
      "--results-maxlen / USTUDENTS_RESULTS_MAXLEN: Input should be less than or equal to 9223372036854775807"),
 ])
@@ -151,6 +163,30 @@ def test_numbers_the_worker_cannot_use_are_refused_at_start(args, env, expected,
     result = CliRunner().invoke(main, ["worker", "--stream", "line1", "--model", str(tmp_path), "--env-file", str(empty),
                                        "--metrics-port", "0", "--redis-url", "redis://127.0.0.1:1/0", *args], env=env)
     assert one_error(result) == f"Error: {expected}"
+
+
+def test_a_variable_that_sets_nothing_is_warned_of_at_start(tmp_path):
+    """USTUDENTS_BATCHSIZE=4 (for USTUDENTS_BATCH) was ignored in silence: the worker served batch 8."""
+    env_file = tmp_path / "line.env"
+    env_file.write_text("USTUDENTS_LOGLEVEL=DEBUG\nUSTUDENTS_BATCH=4\n")
+    result = CliRunner().invoke(main, ["worker", "--stream", "line1", "--model", str(tmp_path), "--env-file",
+                                       str(env_file), "--metrics-port", "0", "--redis-url", "redis://127.0.0.1:1/0"],
+                                env={"USTUDENTS_BATCHSIZE": "4", "USTUDENTS_MODEL_NAME": "x"})
+    one_error(result)  # then refused as no bundle, as before
+    assert "USTUDENTS_BATCHSIZE, USTUDENTS_LOGLEVEL: not a setting of the worker, ignored (misspelt?" in result.output
+    assert "USTUDENTS_BATCH," not in result.output and "USTUDENTS_MODEL_NAME" not in result.output
+
+
+def test_a_metrics_address_not_of_this_machine_is_named_not_the_port(tmp_path):
+    """USTUDENTS_METRICS_HOST=999.1.1.1 said '--metrics-port 19999: cannot listen ...; choose a free port'."""
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    for host in ("999.1.1.1", "192.0.2.1"):  # not an address; an address (TEST-NET-1) of no interface here
+        result = CliRunner().invoke(main, ["worker", "--stream", "line1", "--model", str(tmp_path), "--env-file",
+                                           str(empty), "--metrics-port", "19999"], env={"USTUDENTS_METRICS_HOST": host})
+        error = one_error(result)
+        assert error.startswith(f"Error: USTUDENTS_METRICS_HOST {host}: cannot listen there (") and error.endswith(
+            "); give an address of this machine (0.0.0.0: all of them)"), error
 
 
 def test_the_help_names_every_setting_as_a_flag_or_among_those_without_one():

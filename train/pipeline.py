@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import ustudents
-from ustudents.engines.bundle import MAX_SERVED_SIZE, BundleError, check_writable, write_bundle
+from ustudents.engines.bundle import MAX_SERVED_SIZE, MAX_STUDENTS, BundleError, check_writable, write_bundle
 from ustudents.engines.files import os_error_line
 from ustudents.engines.images import UINT16_BITS
 from ustudents.engines.model import INPUT_MEAN, INPUT_STD, AnomalyModel
@@ -28,7 +28,6 @@ MIN_IMAGE_SIZE = 64
 # Every training image's teacher descriptors are cached (N x 128 x S x S float16: 50 GB for 600 images at
 # 1024 px), so larger sizes are refused rather than left to fail on memory or disk.
 MAX_IMAGE_SIZE = MAX_SERVED_SIZE  # 1024: what a bundle may hold (bundle.py)
-MAX_STUDENTS = 16
 
 
 @dataclass
@@ -67,8 +66,8 @@ def check_config(cfg: TrainConfig) -> None:
     if not 0 < cfg.val_fraction < 1:
         raise ValueError(f"--val-fraction {cfg.val_fraction:g}: must be between 0 and 1 (calibration needs held-out "
                          "good images)")
-    if not cfg.student.lr > 0:  # NaN too
-        raise ValueError(f"--lr {cfg.student.lr:g}: a learning rate must be more than 0")
+    if not 0 < cfg.student.lr < float("inf"):  # NaN too; inf diverged only after the teacher-target pass
+        raise ValueError(f"--lr {cfg.student.lr:g}: a learning rate must be more than 0, and finite")
     if st.seed > MAX_SEED:
         raise ValueError(f"--seed {st.seed}: must be at most {MAX_SEED}")
     if not 0 <= cfg.student.max_minutes < float("inf"):  # NaN too; inf is not JSON for the manifest

@@ -233,8 +233,8 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
         raise TeacherError(f"unknown target {cfg.target!r}; choose one of {', '.join(TARGETS)}")
     if cfg.schedule not in SCHEDULES:
         raise TeacherError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if not cfg.lr > 0:  # NaN too
-        raise TeacherError(f"--lr {cfg.lr:g}: a learning rate must be more than 0")
+    if not 0 < cfg.lr < float("inf"):  # NaN too; inf diverged only after P's targets were computed
+        raise TeacherError(f"--lr {cfg.lr:g}: a learning rate must be more than 0, and finite")
     if not cfg.target_strides or not set(cfg.target_strides) <= set(FEATURE_STRIDES):
         raise TeacherError(f"--target-strides {','.join(map(str, cfg.target_strides))}: choose one or more of P's "
                            f"map strides {','.join(map(str, FEATURE_STRIDES))}")

@@ -1,5 +1,6 @@
 """ustudents: Uninformed Students anomaly detection for production-line inspection."""
 import os
+import re
 import sys
 import warnings
 
@@ -16,6 +17,13 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 _cv2_first = "cv2" in sys.modules and not os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS")
 if not os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", "").strip():  # empty (an unset compose variable): OpenCV
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(1 << 26)  # aborts the process parsing it at import
+elif "cv2" not in sys.modules and not re.fullmatch(r"0*[1-9][0-9]{0,18}(KB|Kb|kb|MB|Mb|mb)?",
+                                                   os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"]):
+    # OpenCV reads digits (into 64 bits) with an optional KB/MB suffix; anything else aborts the process
+    # at `import cv2` ("terminate called ... stoull"), naming nothing, whatever was run, --help included
+    sys.stderr.write(f"Error: OPENCV_IO_MAX_IMAGE_PIXELS={os.environ['OPENCV_IO_MAX_IMAGE_PIXELS']!r} is not a pixel "
+                     f"count: set a whole number above 0 (ustudents' default is {1 << 26}) or unset it\n")
+    raise SystemExit(2)
 try:  # the limit in force, for messages; a value OpenCV reads its own way (empty, "100MB") is not known here
     OPENCV_MAX_PIXELS: int | None = 1 << 30 if _cv2_first else int(os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"])
 except ValueError:

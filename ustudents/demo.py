@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import html
 import json
+import math
 import os
 import re
 import shutil
@@ -260,17 +261,11 @@ def record_result(row: Row, fields: dict[str, bytes], out: Path) -> None:
     from ustudents.engines.images import read_image, read_mask
     from ustudents.worker import schema
 
-    name = safe_name(row.frame.frame_id)
     row.score = float(fields[schema.SCORE])
     row.anomalous = fields[schema.ANOMALOUS] == b"1"
     row.latency_ms = float(fields[schema.LATENCY_MS])
-    suffix = row.frame.path.suffix.lower()
-    web = suffix in WEB_SUFFIXES  # browsers show no TIFF in <img>: such frames are re-encoded as PNG
-    files = {"mask": f"masks/{name}_mask.png", "frame": f"frames/{name}{suffix if web else '.png'}"}
-    if schema.HEATMAP in fields:
-        files["overlay"] = f"overlays/{name}_overlay.png"
-    if row.frame.mask_path is not None:
-        files["truth"] = f"ground_truth/{name}_mask.png"
+    web = row.frame.path.suffix.lower() in WEB_SUFFIXES
+    files = picture_names(row.frame, heatmap=schema.HEATMAP in fields)
     list_pictures(out, files.values())  # before they are written: a run stopped part-way is cleared too
     _write(out / files["mask"], fields[schema.MASK])
     if web:
@@ -286,6 +281,18 @@ def record_result(row: Row, fields: dict[str, bytes], out: Path) -> None:
         if pred.shape == truth.shape and truth.any():
             row.defect_covered = float((pred & truth).sum() / truth.sum())
     row.files = files
+
+
+def picture_names(frame: Frame, heatmap: bool = True) -> dict[str, str]:
+    """The pictures record_result writes for a frame, relative to OUT: <folder>/<safe_name(frame id)><ending>."""
+    name, suffix = safe_name(frame.frame_id), frame.path.suffix.lower()
+    # browsers show no TIFF in <img>: such frames are re-encoded as PNG
+    files = {"mask": f"masks/{name}_mask.png", "frame": f"frames/{name}{suffix if suffix in WEB_SUFFIXES else '.png'}"}
+    if heatmap:
+        files["overlay"] = f"overlays/{name}_overlay.png"
+    if frame.mask_path is not None:
+        files["truth"] = f"ground_truth/{name}_mask.png"
+    return files
 
 
 # The pictures record_result writes: OUT/<folder>/<safe_name(frame id)><ending>.
@@ -314,13 +321,11 @@ def clear_earlier_pictures(out: Path) -> int:
     directly in its four folders: a name alone is no proof (a user's `frames/IMG_0001.jpg` matches
     the frames' pattern), and --out is the user's choice, with anything else there theirs."""
     names = listed_outputs(out / PICTURE_LIST)
-    try:
-        names |= {str(f) for r in json.loads((out / "results.json").read_text())["frames"] for f in r["files"].values()}
+    reported = reported_pictures(out)
+    if reported is not None:
+        names |= reported
         for report in ("report.html", "results.json"):  # the demo's: its results.json reads as one
             (out / report).unlink(missing_ok=True)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        pass
-    (out / PICTURE_LIST).unlink(missing_ok=True)
     removed = 0
     for relative in sorted(names):
         folder, _, name = relative.partition("/")
@@ -328,7 +333,32 @@ def clear_earlier_pictures(out: Path) -> int:
         if folder in PICTURES and PICTURES[folder].fullmatch(name) and path.is_file() and not path.is_symlink():
             path.unlink()
             removed += 1
+    (out / PICTURE_LIST).unlink(missing_ok=True)  # last: pictures left by a stop part-way stay listed
     return removed
+
+
+def reported_pictures(out: Path) -> set[str] | None:
+    """The pictures OUT/results.json names where it is the demo's (it reads as one), else None."""
+    try:
+        return {str(f) for r in json.loads((out / "results.json").read_text())["frames"] for f in r["files"].values()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def not_the_demos(out: Path, frames: list[Frame]) -> list[Path]:
+    """Files in OUT this run would write over that are not a demo run's: a report.html or results.json
+    beside no results.json of the demo's, pictures at the names this run writes that no list of the
+    demo's names (or links there). --out is the user's choice, and what was there before stays theirs."""
+    reported = reported_pictures(out)
+    ours = listed_outputs(out / PICTURE_LIST) | (reported or set())
+    theirs = [] if reported is not None else [
+        out / f for f in ("report.html", "results.json") if (out / f).exists() or (out / f).is_symlink()]
+    for frame in frames:
+        for relative in picture_names(frame).values():
+            path = out / relative
+            if (path.exists() or path.is_symlink()) and (relative not in ours or path.is_symlink() or not path.is_file()):
+                theirs.append(path)
+    return theirs
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -445,12 +475,14 @@ tr.wrong td:nth-child(4) {{ color: #b00; font-weight: bold; }} tr.dead td {{ col
 <p>{e(info.get("credit", ""))}</p>
 </body></html>
 """
-    _write(out / "report.html", page.encode())
     results = [{"frame": r.frame.frame_id, "ground_truth": r.frame.truth, "score": r.score, "anomalous": r.anomalous,
                 "dead_letter": r.dead, "latency_ms": r.latency_ms, "defect_covered": r.defect_covered, "files": r.files}
                for r in rows]
+    # results.json first: it marks the folder's report as the demo's (not_the_demos), so a report.html
+    # never stands without it, which the next run would take for the user's and refuse
     _write(out / "results.json", (json.dumps({"summary": asdict(summary), "info": info, "frames": results},
                                              indent=2) + "\n").encode())
+    _write(out / "report.html", page.encode())
     return out / "report.html"
 
 
@@ -562,6 +594,7 @@ class Demo:
                     f = frames[sent]
                     publisher.send(f.frame_id, f.path.read_bytes())
                     sent += 1
+                    last_progress = time.monotonic()  # at a slow --fps, the next result is 1/fps away
                     continue
                 wait_s = (start + sent / fps - now) if (fps > 0 and sent < len(frames)) else 1.0
                 got = replies(self.client.xread(ids, count=50, block=max(1, int(min(wait_s, 1.0) * 1000))))
@@ -584,7 +617,7 @@ class Demo:
                     if not self.worker_thread.is_alive():
                         raise DemoError(f"the worker stopped (exit {self.worker_exit[:1] or '?'}) after {done} of "
                                         f"{len(frames)} frames; see the log above")
-                    if time.monotonic() - last_progress > idle_timeout_s:
+                    if sent > done and time.monotonic() - last_progress > idle_timeout_s:  # a frame is awaited
                         raise DemoError(f"no result for {idle_timeout_s:.0f} s after {done} of {len(frames)} frames "
                                         f"(worker: {self.worker.ready()[1] or 'ready'})")
                     if time.monotonic() - max(last_progress, last_note) > 10:
@@ -669,8 +702,12 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
     from ustudents.train.dataset import DatasetError
 
     t0 = time.monotonic()
-    if crop < 0 or fps < 0:
-        raise DemoError(f"--crop {crop} / --fps {fps}: must not be negative")
+    from ustudents.worker.cli import MIN_FPS
+
+    if crop < 0:
+        raise DemoError(f"--crop {crop}: must not be negative (0: whole images)")
+    if not math.isfinite(fps) or fps < 0 or 0 < fps < MIN_FPS:  # nan never published a frame, and hung
+        raise DemoError(f"--fps {fps}: give 0 (all at once) or a rate from {MIN_FPS} frames/s")
     if metrics_port is not None and not train_only and not port_free(metrics_port):
         raise DemoError(f"--metrics-port {metrics_port}: not a free port on 127.0.0.1; choose another")
     port = metrics_port or (DEFAULT_METRICS_PORT if port_free(DEFAULT_METRICS_PORT) else free_port())
@@ -692,6 +729,10 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
     previous_int = signal.getsignal(signal.SIGINT)
     try:
         frames = test_frames(data_root, category)
+        theirs = [] if train_only else not_the_demos(out, frames)  # --train-only writes OUT/model alone
+        if theirs:
+            raise DemoError(f"--out {out}: {theirs[0]}{f' and {len(theirs) - 1} more' if len(theirs) > 1 else ''} "
+                            "would be written over and not the demo's own; move them, or choose another --out")
         if not train_only:
             demo.check_redis(redis_url)
         # -- model

@@ -6,16 +6,19 @@ one of them for the worker: it retries with backoff and reports not-ready meanwh
 """
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 
 import click
 import redis
+from dotenv import dotenv_values
 from pydantic import ValidationError
 
 from ustudents.engines.cli import InputError, check_output
@@ -23,7 +26,7 @@ from ustudents.engines.cli import user_errors as engine_errors
 from ustudents.engines.runtime import BACKENDS, PRECISIONS
 
 from .settings import (ENV_PREFIX, MAX_COUNT, MAX_S, ToolSettings, WorkerSettings, check_env_file, check_name,
-                       flag_name, shown_url)
+                       flag_name, shown_url, unknown_variables)
 
 
 def user_errors(fn):
@@ -43,8 +46,13 @@ def settings_error(err: ValidationError) -> str:
     for e in err.errors():
         field = str(e["loc"][0]) if e["loc"] else "settings"
         msg = "required" if e["type"] == "missing" else e["msg"].removeprefix("Value error, ")
-        parts.append(f"{flag_name(field)}: {msg}")
+        parts.append(f"{flag_name(field, worker_flags())}: {msg}")
     return "; ".join(parts)
+
+
+def worker_flags() -> set[str]:
+    """The settings `ustudents worker` has a flag for (the others are set by variable or .env only)."""
+    return {p.name for p in worker_cmd.params}
 
 
 def tool_client(redis_url: str | None) -> redis.Redis:
@@ -190,12 +198,22 @@ def worker_cmd(ctx, env_file, **flags):
     check_env_file(env_file or ".env")
     settings = WorkerSettings(_env_file=env_file or ".env", **values)
     setup_logging(settings.log_level, settings.log_json)
+    env_path = Path(env_file or ".env")
+    unknown = unknown_variables([*os.environ, *(dotenv_values(env_path) if env_path.is_file() else ())])
+    if unknown:
+        logging.getLogger("ustudents.worker").warning(
+            "%s: not a setting of the worker, ignored (misspelt? the settings: ustudents worker --help, README "
+            "'Settings')", ", ".join(unknown))
     check_redis_setup(settings)
     server = None
     if settings.metrics_port:
         try:
             server = starting(settings.stream, settings.metrics_host, settings.metrics_port, "loading the models")
         except OSError as err:
+            if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:  # the host, not the port
+                raise InputError(f"{flag_name('metrics_host', worker_flags())} {settings.metrics_host}: cannot listen "
+                                 f"there ({err.strerror or err}); give an address of this machine (0.0.0.0: all of "
+                                 "them)") from None
             raise InputError(f"--metrics-port {settings.metrics_port}: cannot listen on {settings.metrics_host}:"
                              f"{settings.metrics_port} ({err.strerror or err}); choose a free port, or 0 for no metrics") from None
     try:

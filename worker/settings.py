@@ -14,7 +14,7 @@ import socket
 import threading
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from dotenv.parser import parse_stream
 from pydantic import Field, SecretStr, field_validator
@@ -37,10 +37,25 @@ def check_redis_url(url: str) -> str:
     if not url.startswith(REDIS_SCHEMES):
         raise ValueError(f"{shown_url(url)!r} is not a Redis URL; use redis://HOST:PORT/DB, rediss://... (TLS) or "
                          "unix://PATH")
-    path = urlsplit(url).path
-    if not url.startswith("unix://") and not re.fullmatch(r"/?|/\d+", path):
-        # redis-py would silently use database 0 for redis://host/abc
-        raise ValueError(f"{shown_url(url)!r}: the database {path[1:]!r} is not a number; use redis://HOST:PORT/DB")
+    parts = urlsplit(url)
+    if url.startswith("unix://"):
+        if not parts.path:  # unix:// retried connecting to "" for ever
+            raise ValueError(f"{shown_url(url)!r} names no socket; use unix:///PATH/TO/redis.sock")
+    else:
+        if not re.fullmatch(r"/?|/\d+", parts.path):
+            # redis-py would silently use database 0 for redis://host/abc
+            raise ValueError(f"{shown_url(url)!r}: the database {parts.path[1:]!r} is not a number; use redis://HOST:PORT/DB")
+        try:
+            port = parts.port
+        except ValueError:  # urllib's "Port could not be cast to integer value as 'abc'" names no setting
+            port = 0
+        if port == 0:
+            port_text = parts.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]
+            raise ValueError(f"{shown_url(url)!r}: the port {port_text!r} is not a number from 1 to 65535; use "
+                             "redis://HOST:PORT/DB")
+    db = parse_qs(parts.query).get("db")
+    if db is not None and not (len(db) == 1 and db[0].isdigit()):
+        raise ValueError(f"{shown_url(url)!r}: the database {','.join(db)!r} (?db=) is not a number")
     return url
 
 
@@ -200,9 +215,23 @@ class WorkerSettings(BaseSettings):
         return [Path(p) for p in self.model]
 
 
-def flag_name(field: str) -> str:
-    """How a user sets `field`: the flag and the environment variable."""
-    return f"--{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}"
+# USTUDENTS_* variables of deploy/ that are not worker settings: the images' entrypoint reads the
+# first three, compose interpolates the last two (tests/test_deploy.py keeps this list whole).
+DEPLOY_VARIABLES = ("MODELS_DIR", "MODEL_NAME", "ENGINE_CACHE", "ENGINE_PRECISION", "TAG", "CPU_PRECISION")
+
+
+def unknown_variables(names) -> list[str]:
+    """The USTUDENTS_* names among `names` (the environment's, a .env file's) that set nothing: a
+    misspelt setting (USTUDENTS_BATCHSIZE) is otherwise ignored in silence and its default served."""
+    known = {f.upper() for f in WorkerSettings.model_fields} | set(DEPLOY_VARIABLES)
+    return sorted(n for n in names if n.upper().startswith(ENV_PREFIX) and n.upper()[len(ENV_PREFIX):] not in known)
+
+
+def flag_name(field: str, flags: set[str]) -> str:
+    """How a user sets `field`: its flag where `flags` (the command's parameters) has one, and the
+    environment variable (block_ms has no --block-ms: naming one sent users to a flag that is not there)."""
+    variable = f"{ENV_PREFIX}{field.upper()}"
+    return f"--{field.replace('_', '-')} / {variable}" if field in flags else variable
 
 
 class ToolSettings(BaseSettings):
