@@ -343,7 +343,8 @@ def busy_port() -> socket.socket:
     (["--epochs", "0"], "must be at least 1"),
     (["--max-minutes", "-1"], "--max-minutes -1: must be 0 (no limit) or more"),
     (["--lr", "0"], "--lr 0: a learning rate must be more than 0"),
-    (["--lr", "inf"], "--lr inf: a learning rate must be more than 0, and finite"),
+    (["--lr", "inf"], "--lr inf: a learning rate must be more than 0, and at most 1e+30"),
+    (["--lr", "1e38"], "--lr 1e+38: a learning rate must be more than 0, and at most 1e+30"),  # was a traceback
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path / "o"), *args], env={"REDIS_URL": None})

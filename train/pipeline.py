@@ -21,7 +21,7 @@ from ustudents.engines.runtime import resolve_device
 from . import checkpoints, dataset
 from .calibrate import (DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, MIN_POSITION_IMAGES, CalibrationError, calibrate,
                         check_resolvable, predicted_share)
-from .students import MAX_SEED, StudentConfig, TrainingDiverged, train_students
+from .students import MAX_LR, MAX_SEED, StudentConfig, TrainingDiverged, train_students
 from .teacher_files import DEFAULT_DIR, load_teachers
 
 MIN_IMAGE_SIZE = 64
@@ -66,8 +66,8 @@ def check_config(cfg: TrainConfig) -> None:
     if not 0 < cfg.val_fraction < 1:
         raise ValueError(f"--val-fraction {cfg.val_fraction:g}: must be between 0 and 1 (calibration needs held-out "
                          "good images)")
-    if not 0 < cfg.student.lr < float("inf"):  # NaN too; inf diverged only after the teacher-target pass
-        raise ValueError(f"--lr {cfg.student.lr:g}: a learning rate must be more than 0, and finite")
+    if not 0 < cfg.student.lr <= MAX_LR:  # NaN too; inf diverged only after the teacher-target pass
+        raise ValueError(f"--lr {cfg.student.lr:g}: a learning rate must be more than 0, and at most {MAX_LR:g}")
     if st.seed > MAX_SEED:
         raise ValueError(f"--seed {st.seed}: must be at most {MAX_SEED}")
     if not 0 <= cfg.student.max_minutes < float("inf"):  # NaN too; inf is not JSON for the manifest

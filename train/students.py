@@ -27,6 +27,9 @@ from ustudents.engines.scoring import standardize
 from . import checkpoints
 from .progress import progress
 
+# A student's or teacher's --lr: Adam's first step divides it by 1 - beta1 in float32, which overflows
+# past about 3e37 (a RuntimeError traceback); far below that every run diverges anyway, and is told so
+MAX_LR = 1e30
 MAX_SEED = 2**32 - 1  # a student's or teacher's --seed; far larger ones overflow on their way into the generators
 
 

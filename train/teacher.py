@@ -42,7 +42,7 @@ from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet, geometry
 
 from .backbones import FEATURE_STRIDES, build_backbone
 from .progress import progress
-from .students import MAX_SEED
+from .students import MAX_LR, MAX_SEED
 from .teacher_images import (POOL_IMAGES, POOL_REFRESH, SKIMAGE_SOURCE, ImagePool, TeacherError, natural_image_files,
                              none_readable)
 
@@ -233,8 +233,8 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
         raise TeacherError(f"unknown target {cfg.target!r}; choose one of {', '.join(TARGETS)}")
     if cfg.schedule not in SCHEDULES:
         raise TeacherError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if not 0 < cfg.lr < float("inf"):  # NaN too; inf diverged only after P's targets were computed
-        raise TeacherError(f"--lr {cfg.lr:g}: a learning rate must be more than 0, and finite")
+    if not 0 < cfg.lr <= MAX_LR:  # NaN too; inf diverged only after P's targets were computed
+        raise TeacherError(f"--lr {cfg.lr:g}: a learning rate must be more than 0, and at most {MAX_LR:g}")
     if not cfg.target_strides or not set(cfg.target_strides) <= set(FEATURE_STRIDES):
         raise TeacherError(f"--target-strides {','.join(map(str, cfg.target_strides))}: choose one or more of P's "
                            f"map strides {','.join(map(str, FEATURE_STRIDES))}")
