@@ -236,6 +236,7 @@ def main(device, size, frame_size, batches, backends, precisions, repeats, secon
         return
     dev = resolve_device(device)
     info = machine(dev)
+    frame_size = frame_size or size
     from ustudents.engines.runtime import native_bf16
     dtypes = {"fp32": torch.float32}
     if native_bf16(dev):
@@ -273,7 +274,7 @@ def main(device, size, frame_size, batches, backends, precisions, repeats, secon
     name = name or f"engines_{dev.type}"
     click.echo("machine: " + json.dumps(info))
     for cfg in todo:
-        cfg.update(device=str(dev), size=size, frame_size=frame_size or size, batches=repeats,
+        cfg.update(device=str(dev), size=size, frame_size=frame_size, batches=repeats,
                    **({"seconds": seconds} if seconds else {}))
         graphed = f" graphs {'on' if cfg['graphs'] else 'off'}" if "graphs" in cfg and dev.type == "cuda" else ""
         click.echo(f"running {cfg['backend']} {cfg['precision']} batch {cfg['batch']} scales {cfg['scales']}{graphed} ...")
@@ -282,11 +283,10 @@ def main(device, size, frame_size, batches, backends, precisions, repeats, secon
         click.echo("  -> " + json.dumps(res))
         rows.append({**{k: cfg[k] for k in ("backend", "precision", "batch", "scales", "graphs") if k in cfg}, **res})
         # and in the result file, rewritten after every configuration
-        write_record(name, rows, info, peak, bandwidth, size, repeats, dev.type, quiet=True,
-                     frame_size=frame_size or size)
+        write_record(name, rows, info, peak, bandwidth, size, repeats, dev.type, quiet=True, frame_size=frame_size)
     peak = {k: max(v, peak_gflops(dev, dtypes.get(k, torch.float32), tf32=k == "tf32")) for k, v in peak.items()}
     bandwidth.append(memory_gbps(dev))
-    write_record(name, rows, info, peak, bandwidth, size, repeats, dev.type, frame_size=frame_size or size)
+    write_record(name, rows, info, peak, bandwidth, size, repeats, dev.type, frame_size=frame_size)
 
 
 def rows_from_log(log: Path, graphs: bool) -> tuple[dict | None, list[dict]]:
@@ -316,7 +316,7 @@ def write_record(name: str, rows: list[dict], info: dict, peak: dict, bandwidth:
     """Derived figures (GFLOP/s, % of the measured peak, speed-up against the naive baseline of the
     same scales), the summary of the fastest 3-scale configuration, the JSON and the table.
     `bandwidth`: the copies measured so far (before the configurations, and after them once done)."""
-    full = [17, 33, 65]
+    full, frame_size = [17, 33, 65], frame_size or size
     flops = {tuple(s): flops_per_frame(list(s), size) for s in {tuple(r["scales"]) for r in rows}}
     for r in rows:
         if "error" in r:
@@ -333,11 +333,11 @@ def write_record(name: str, rows: list[dict], info: dict, peak: dict, bandwidth:
     summary = None if best is None else {
         "device": device_label(info), "backend": best["backend"], "precision": best["precision"],
         "batch": best["batch"], "frames_per_s": best["frames_per_s"], "p99_ms": best["latency_ms"]["p99"],
-        "speedup_vs_naive": best["speedup_vs_naive"], "image_size": size, "frame_size": frame_size or size,
+        "speedup_vs_naive": best["speedup_vs_naive"], "image_size": size, "frame_size": frame_size,
         **({"cuda_graphs": best["graphs"]} if device_type == "cuda" else {})}
     record = {"summary": summary, "machine": info, "peak_gflop_per_s": peak,
               "memory_gb_per_s": dict(zip(("before", "after"), bandwidth)) or None,
-              "frame_size": frame_size or size,
+              "frame_size": frame_size,
               "flop_count": "the direct convolutions' multiply-adds x 2 per frame; FFT rows do fewer operations, "
                             "int8 rows are set against the fp32 peak, a GPU's naive row against the TF32 peak",
               "students": STUDENTS, "repeats": repeats, "weights": "random (speed does not depend on them)",
@@ -350,7 +350,7 @@ def write_record(name: str, rows: list[dict], info: dict, peak: dict, bandwidth:
     path = write_result(name, record,
         f"# Engines: {name}\n\nMachine: {device_label(info)}, {', '.join(info['cpu_features'])}; "
         f"torch {info['torch']}. {measured}"
-        f"{size}x{size} model, {frame_size or size}x{frame_size or size} frames, M={STUDENTS}, up to {repeats} "
+        f"{size}x{size} model, {frame_size}x{frame_size} frames, M={STUDENTS}, up to {repeats} "
         f"timed batches per row after a warm-up; latency = one batch, frame in to map out; GFLOP/s = the direct "
         f"convolutions' count x frames/s (FFT rows do fewer operations, so %peak can pass 100; int8 against "
         f"the fp32 peak{', the naive row against the TF32 peak' if device_type == 'cuda' else ''}); " + (

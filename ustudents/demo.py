@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import html
 import json
-import math
 import os
 import re
 import shutil
@@ -702,11 +701,11 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
     from ustudents.train.dataset import DatasetError
 
     t0 = time.monotonic()
-    from ustudents.worker.cli import MIN_FPS
+    from ustudents.worker.cli import MIN_FPS, usable_fps
 
     if crop < 0:
         raise DemoError(f"--crop {crop}: must not be negative (0: whole images)")
-    if not math.isfinite(fps) or fps < 0 or 0 < fps < MIN_FPS:  # nan never published a frame, and hung
+    if not usable_fps(fps):  # nan never published a frame, and hung
         raise DemoError(f"--fps {fps}: give 0 (all at once) or a rate from {MIN_FPS} frames/s")
     if metrics_port is not None and not train_only and not port_free(metrics_port):
         raise DemoError(f"--metrics-port {metrics_port}: not a free port on 127.0.0.1; choose another")

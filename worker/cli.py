@@ -237,6 +237,11 @@ def worker_cmd(ctx, env_file, **flags):
 MIN_FPS = 1e-3  # one frame in 1000 s; slower is a typo, and 1e-300 overflowed the pacing clock
 
 
+def usable_fps(fps: float) -> bool:
+    """A camera stand-in's rate: 0 (as fast as possible) or from MIN_FPS (publish, and the demo's line)."""
+    return fps == 0 or MIN_FPS <= fps < math.inf  # NaN is neither
+
+
 def not_a_stream(client: redis.Redis, stream: str) -> str | None:
     """The error for a --stream whose key holds another type (a string, a list), else None: Redis'
     WRONGTYPE read as "Redis stopped taking frames"."""
@@ -283,7 +288,7 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
     """Camera stand-in: write frames from SOURCE (image folder, video file or camera index) to a stream."""
     from .publish import FramePublisher, frames_from, publish
 
-    if not math.isfinite(fps) or 0 < fps < MIN_FPS:
+    if not usable_fps(fps):
         raise InputError(f"--fps {fps}: give 0 (as fast as possible) or a rate from {MIN_FPS} frames/s")
     frames = frames_from(source, fmt, loop, warn=lambda message: click.echo(message, err=True))
     client = tool_client(redis_url)
