@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -239,12 +240,30 @@ def _save_weights(path: Path, tensors: dict[str, torch.Tensor], where: Path) -> 
             "tensors": {k: list(v.shape) for k, v in sorted(weights.items())}}
 
 
+def _sweep_killed_write(out: Path) -> None:
+    """What an earlier write_bundle to `out` that was killed (SIGKILL, an OOM kill, a power cut) left
+    beside it: its new bundle in the making (`.NAME.xxxxxxxx.partial`, removed), and, killed between
+    the swap's two renames, the old bundle moved aside (`.NAME.xxxxxxxx.old`: put back where `out` is
+    missing, else removed). One training runs to an --out at a time (its checkpoint folder's lock),
+    so none of these is another run's."""
+    leftover = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.(partial|old)")  # mkdtemp's names
+    for p in sorted(out.parent.iterdir()):
+        kind = leftover.fullmatch(p.name)
+        if kind is None or not p.is_dir() or p.is_symlink():
+            continue
+        if kind[1] == "old" and not os.path.lexists(out) and (p / MANIFEST).is_file():
+            os.replace(p, out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def write_bundle(out: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Write a complete bundle to `out` atomically, replacing an existing bundle there (through a
     symlink: at its target, so that the link, a plant's `current`, keeps pointing at the bundle)."""
     out = real_path(out) if Path(out).is_symlink() else Path(out)
     check_writable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_killed_write(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes 0700; a bundle is read by other users (e.g. a worker container)
@@ -288,6 +307,14 @@ def write_bundle(out: Path, manifest: dict[str, Any], tensors: dict[str, torch.T
     return out
 
 
+def _named_weights(path: Path) -> str | None:
+    """The weights file the folder's manifest names now (None if it cannot be read)."""
+    try:
+        return json.loads((path / MANIFEST).read_text())["weights"]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """Give an existing bundle new weights and manifest in place (recalibration). The folder stays, with
     whatever else it holds and any symlink to it; write_bundle's swap would replace it. Weights that
@@ -312,11 +339,12 @@ def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torc
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, weights=dict(record, file=name))
     try:
         write_atomically(path / MANIFEST, json.dumps(manifest, indent=2) + "\n", mode=0o644)
-        _fsync_dir(path)
     except BaseException:
-        if name != old["weights"]["file"]:  # the old manifest still names the old weights: the new go
+        # Ctrl-C can land after the manifest's rename: what the folder's manifest names decides
+        if name != old["weights"]["file"] and _named_weights(path) != name:
             (path / name).unlink(missing_ok=True)
         raise
+    _fsync_dir(path)
     kept = {e["file"] for e in manifest.get("engines") or []} | {name}
     for f in [old["weights"]["file"]] + [e["file"] for e in old.get("engines") or []]:
         if f not in kept:
@@ -415,7 +443,26 @@ def bad_value(manifest: dict[str, Any], scales: list[int]) -> str | None:
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Load and verify a bundle: format version, checksum, tensor names and shapes."""
+    """Load and verify a bundle: format version, checksum, tensor names and shapes. A bundle rewritten
+    while it loads (`ustudents calibrate` removes the weights file the old manifest named; retraining
+    swaps the folder) is read again: a worker starting at that instant must not call it damaged."""
+    before = _manifest_bytes(path)
+    try:
+        return _load_bundle(path)
+    except BundleError:
+        if before is None or _manifest_bytes(path) in (before, None):
+            raise
+    return _load_bundle(path)
+
+
+def _manifest_bytes(path: str | Path) -> bytes | None:
+    try:
+        return (Path(path) / MANIFEST).read_bytes()
+    except OSError:
+        return None
+
+
+def _load_bundle(path: str | Path) -> Bundle:
     path = Path(path)
     mpath = path / MANIFEST
     if not path.is_dir():
@@ -501,9 +548,14 @@ def load_bundle(path: str | Path) -> Bundle:
     if not (isinstance(bits, int) and 8 <= bits <= 16):
         raise BundleError(f"{mpath}: input.uint16_bits {bits!r} is not a bit count from 8 to 16; restore the bundle "
                           "or retrain")
+    missing = BundleError(f"{wpath}: weights file missing; restore the bundle from a copy or retrain")
     if not wpath.is_file():
-        raise BundleError(f"{wpath}: weights file missing; restore the bundle from a copy or retrain")
-    if sha256_file(wpath) != wmeta["sha256"]:
+        raise missing
+    try:
+        digest = sha256_file(wpath)
+    except FileNotFoundError:  # removed since: a calibrate meanwhile (load_bundle reads again)
+        raise missing from None
+    if digest != wmeta["sha256"]:
         raise BundleError(f"{wpath}: checksum mismatch, the weights are damaged; restore the bundle or retrain")
     try:
         tensors = load_file(str(wpath))

@@ -80,3 +80,15 @@ def test_bf16_training_is_refused_up_front_where_evaluation_could_not_run_it(tmp
     monkeypatch.setattr(bench, "native_bf16", lambda device: True)
     CliRunner().invoke(bench.main, args)  # auto: bf16 where native
     assert trained == [False, True]
+
+
+def test_resampled_calibrations_count_new_good_images_at_or_above_the_threshold():
+    image_threshold = benchmark_script("image_threshold")
+    rng = np.random.default_rng(4)
+    maps = (rng.normal(size=(6, 6)) + rng.uniform(0.5, 2, (6, 6)) * rng.normal(size=(200, 6, 6))).astype(np.float32)
+    row = image_threshold.resampled_fpr(maps, n=30, trials=150, image_fpr=0.05)
+    assert (row["calibration_images"], row["judged_images"], row["trials"]) == (30, 170, 150)
+    assert row["product"]["mean"] == pytest.approx(0.05, abs=0.012)
+    assert row["numpy_default"]["mean"] > row["product"]["mean"] + 0.01  # the rule it replaced flags more
+    with pytest.raises(Exception, match="needs 30 or more"):
+        image_threshold.resampled_fpr(maps, n=29, trials=1, image_fpr=0.05)

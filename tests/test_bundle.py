@@ -1,7 +1,9 @@
 """The bundle format: round trip, atomic replacement, and refusal of damaged bundles."""
 import json
+import os
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,6 +228,74 @@ def test_rewrite_in_place_keeps_the_folder_its_other_files_and_a_symlink_to_it(t
     rewrite_bundle(path, dict(b.manifest, threshold={"value": 6.0}), new_tensors)
     assert load_bundle(path).manifest["weights"] == b.manifest["weights"]
     assert sorted(p.name for p in path.iterdir()) == files
+
+
+@pytest.mark.parametrize("late", [True, False])
+def test_an_interrupted_rewrite_leaves_a_bundle_that_loads(tmp_path, monkeypatch, late):
+    """Ctrl-C just after the new manifest's rename (late) must keep the weights it names; just before
+    it, the old manifest and weights stay. Either way the bundle loads (it did not after a late one)."""
+    import ustudents.engines.files as files_module
+
+    path, tensors = make_bundle(tmp_path / "b", position=True)
+    old = load_bundle(path).manifest
+    new_tensors = dict(tensors, **{POSITION_TENSORS[1]: tensors[POSITION_TENSORS[1]] + 1})
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        if Path(dst).name == "manifest.json":
+            if late:
+                real_replace(src, dst)
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files_module.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rewrite_bundle(path, dict(old, threshold={"value": 5.0}), new_tensors)
+    monkeypatch.setattr(files_module.os, "replace", real_replace)
+    b = load_bundle(path)
+    assert b.mask_threshold == (5.0 if late else old["threshold"]["value"])
+    assert torch.equal(b.tensors[POSITION_TENSORS[1]], (new_tensors if late else tensors)[POSITION_TENSORS[1]])
+
+
+def test_a_bundle_recalibrated_while_it_loads_is_read_again_not_called_damaged(tmp_path, monkeypatch):
+    """A worker starting while `ustudents calibrate` runs: it read the old manifest, calibrate then
+    removed the weights that manifest named. It was told to restore the bundle or retrain."""
+    import ustudents.engines.bundle as bundle_module
+
+    path, tensors = make_bundle(tmp_path / "b", position=True)
+    old = load_bundle(path).manifest
+    new_tensors = dict(tensors, **{POSITION_TENSORS[1]: tensors[POSITION_TENSORS[1]] + 1})
+    real, rewritten = bundle_module._uint16_bits, []
+
+    def calibrated_meanwhile(manifest):  # between reading the manifest and the weights
+        if not rewritten:
+            rewritten.append(True)
+            rewrite_bundle(path, dict(old, threshold={"value": 5.0}), new_tensors)
+        return real(manifest)
+
+    monkeypatch.setattr(bundle_module, "_uint16_bits", calibrated_meanwhile)
+    b = load_bundle(path)
+    assert rewritten and b.mask_threshold == 5.0
+    assert torch.equal(b.tensors[POSITION_TENSORS[1]], new_tensors[POSITION_TENSORS[1]])
+
+
+def test_what_a_killed_write_left_beside_a_bundle_is_cleared_or_put_back_by_the_next(tmp_path):
+    """SIGKILL during the weights' write left `.b.xxxxxxxx.partial` (46 MB at p = 17, one per kill, never
+    removed); between the swap's two renames, no bundle at `b` and the old one hidden in `.old`."""
+    from ustudents.engines.bundle import _sweep_killed_write
+
+    path, tensors = make_bundle(tmp_path / "b")
+    for name in (".b.k1_3abcd.partial", ".b.zz9x0y1w.old", ".b.x.abcdefgh.partial", ".bx.abcdefgh.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights.safetensors").write_bytes(b"x")
+    manifest = load_bundle(path).manifest
+    write_bundle(path, dict(manifest, id="t-new"), tensors)
+    assert load_bundle(path).manifest["id"] == "t-new"
+    # another bundle's leftovers (b.x, bx) are not this one's
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.x.abcdefgh.partial", ".bx.abcdefgh.partial", "b"]
+    os.replace(path, tmp_path / ".b.q2w3e4r5.old")  # killed between the two renames
+    _sweep_killed_write(path)
+    assert load_bundle(path).manifest["id"] == "t-new"
 
 
 def test_update_manifest_keeps_weights(tmp_path):

@@ -718,18 +718,23 @@ def test_a_loop_of_symbolic_links_is_a_one_line_error_not_a_traceback(tiny_bundl
     assert loop.is_symlink() and sorted(tmp_path.iterdir()) == [loop]
 
 
+@pytest.mark.parametrize("changed", ["statistics", "threshold"])
 def test_evaluate_stores_no_results_in_a_bundle_retrained_or_recalibrated_while_it_ran(bundle_copy, eval_root,
-                                                                                       tmp_path, monkeypatch):
-    """It stored the old model's results in the manifest of the new one."""
+                                                                                       tmp_path, monkeypatch, changed):
+    """It stored the old model's results in the manifest of the new one; also after a recalibration
+    that moved only the thresholds (the same images, another --target-fpr): results at the old ones."""
     import copy
 
     import ustudents.train.evaluate as evaluate_module
     from ustudents.engines.bundle import changing
 
     def recalibrated_meanwhile(path):
-        statistics = copy.deepcopy(load_bundle(path).manifest["statistics"])
-        statistics["17"]["e_mu"] += 1.0
-        update_manifest(path, statistics=statistics)
+        value = copy.deepcopy(load_bundle(path).manifest[changed])
+        if changed == "statistics":
+            value["17"]["e_mu"] += 1.0
+        else:
+            value["value"] -= 1.0
+        update_manifest(path, **{changed: value})
         return changing(path)
 
     monkeypatch.setattr(evaluate_module, "changing", recalibrated_meanwhile)
@@ -942,6 +947,30 @@ def test_a_time_limit_cuts_every_scale_short_and_says_so(tmp_path, tiny_mvtec, r
         assert (per_scale[p]["epochs_trained"], per_scale[p]["stopped_by_time_limit"]) == (1, True)
         assert f"p={p}: students trained in" in result.output
     assert result.output.count("1 of 3 epochs: the rest would overrun --max-minutes 0.0001") == 2
+
+
+def test_ctrl_c_after_the_bundle_is_in_place_says_it_was_written(tmp_path, tiny_mvtec, random_teachers, monkeypatch):
+    """The swap done, an interrupt in the steps after it (syncing the folder, removing the old bundle
+    and the checkpoints) was reported as "no model written", the model there all the same."""
+    import ustudents.engines.bundle as bundle_module
+
+    out = tmp_path / "m"
+    real = bundle_module._fsync_dir
+
+    def ctrl_c_once_in_place(folder):
+        if folder == out.parent and (out / "manifest.json").exists():
+            raise KeyboardInterrupt
+        return real(folder)
+
+    monkeypatch.setattr(bundle_module, "_fsync_dir", ctrl_c_once_in_place)
+    stopped = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", out, "--scales", "17",
+                     "--students", "2", "--epochs", "1", "--image-size", "64", "--teachers", random_teachers,
+                     "--amp", "off", "--crop", "8", "--batch", "16", "--val-fraction", "0.1")
+    assert stopped.exit_code == 130
+    assert f"interrupted after the model was written to {out}; not evaluated: `ustudents evaluate" in stopped.output
+    assert "no model written" not in stopped.output
+    load_bundle(out)
+    assert not (tmp_path / ".m.checkpoint").exists()
 
 
 def test_ctrl_c_during_training_says_how_to_continue_and_the_same_command_does(tmp_path, tiny_mvtec, random_teachers,

@@ -8,6 +8,7 @@ from ustudents.engines.scoring import (ScoreStats, fuse, mask, max_score, positi
                                        regression_error, scale_score, standardize)
 from ustudents.train.calibrate import (MIN_POSITION_IMAGES, STD_FLOOR, CalibrationError, image_score_calibration,
                                        leave_one_out_z_maps, position_mask_threshold, position_statistics)
+from ustudents.train.pipeline import image_fpr_warning
 
 
 def test_regression_error_is_squared_distance_of_the_ensemble_mean():
@@ -84,6 +85,37 @@ def test_image_threshold_flags_the_asked_share_of_good_images():
     mean, std = tensors[POSITION_TENSORS[0]], tensors[POSITION_TENSORS[1]]
     assert mean.shape == std.shape == (8, 8)
     assert float(std[0].mean()) > float(std[1:].mean())  # the border's spread is measured where it is
+
+
+def test_image_threshold_flags_the_asked_share_of_new_good_images_on_average():
+    # What a plant sees: good parts made after calibration, scored against all the validation images'
+    # statistics. Over many calibrations on MIN_POSITION_IMAGES images, the share of new good images at
+    # or above the threshold averages --image-fpr (numpy's default quantile gave 7.9% for 5% here).
+    rng = np.random.default_rng(2)
+    shape = (6, 6)
+    centre, spread = rng.normal(size=shape), rng.uniform(0.5, 2.0, size=shape)
+    flagged = []
+    for _ in range(400):
+        maps = (centre + spread * rng.normal(size=(MIN_POSITION_IMAGES, *shape))).astype(np.float32)
+        new = centre + spread * rng.normal(size=(100, *shape))
+        record, tensors = image_score_calibration(maps, pixel_threshold=3.0, image_fpr=0.05)
+        mean, std = (t.double().numpy() for t in (tensors[POSITION_TENSORS[0]], tensors[POSITION_TENSORS[1]]))
+        flagged.append((((new - mean) / std).reshape(100, -1).max(1) >= record["threshold"]).mean())
+    assert record["expected_image_fpr"] == 0.05
+    assert np.mean(flagged) == pytest.approx(0.05, abs=0.01)
+
+
+def test_an_image_rate_too_small_for_the_images_is_met_as_closely_as_they_allow_and_warned():
+    rng = np.random.default_rng(3)
+    maps = rng.normal(size=(40, 4, 4)).astype(np.float32)
+    record, _ = image_score_calibration(maps, pixel_threshold=3.0, image_fpr=0.01)
+    loo = leave_one_out_z_maps(maps).reshape(len(maps), -1).max(1)
+    # 1% needs 99 images: from 40 the threshold is the highest score, topped by 1 new good image in 41
+    assert record["threshold"] == pytest.approx(float(loo.max()))
+    assert record["expected_image_fpr"] == pytest.approx(1 / 41)
+    warning = image_fpr_warning(record, 0.01, "add images")
+    assert warning.startswith("WARNING: --image-fpr 0.01 needs at least 99 good images") and "(1 in 41)" in warning
+    assert image_fpr_warning(image_score_calibration(maps, 3.0, image_fpr=0.05)[0], 0.05, "add images") is None
 
 
 def test_too_few_images_keep_the_maximum_against_the_mask_threshold():

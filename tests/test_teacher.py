@@ -370,6 +370,29 @@ def test_a_teacher_and_its_record_parted_by_a_stop_are_found_not_used(tmp_path, 
         load_teacher(tmp_path, 17)
 
 
+def test_a_teacher_killed_between_its_record_and_its_weights_is_finished_at_the_next_load(tmp_path):
+    """SIGKILL or a power cut after the record's rename and before the weights': the new teacher lies
+    complete beside the old one, as the record describes. It was refused, the old one with it."""
+    import shutil
+
+    import torch
+
+    from ustudents.engines.bundle import sha256_file
+    from ustudents.engines.patchnet import PatchNet
+    from ustudents.train.teacher_files import load_teacher, read_records, save_teacher
+
+    old, new = PatchNet(17).state_dict(), {k: v + 1 for k, v in PatchNet(17).state_dict().items()}
+    save_teacher(tmp_path / "a", 17, old, {"steps": 1})
+    save_teacher(tmp_path / "b", 17, new, {"steps": 2})
+    # the killed run's folder: the new record, the old weights in place, the new beside them
+    shutil.copy(tmp_path / "b" / "teachers.json", tmp_path / "a" / "teachers.json")
+    shutil.copy(tmp_path / "b" / "teacher_p17.safetensors", tmp_path / "a" / "teacher_p17.partial")
+    state = load_teacher(tmp_path / "a", 17)
+    assert all(torch.equal(state[k], new[k]) for k in new)
+    assert sha256_file(tmp_path / "a" / "teacher_p17.safetensors") == read_records(tmp_path / "a")["17"]["sha256"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["teacher_p17.safetensors", "teachers.json"]
+
+
 def test_teacher_refuses_the_shipped_folder_and_says_what_a_stopped_run_replaced(tmp_path, monkeypatch):
     """--out train/default_teachers, as the model card's commands write it, replaced the teachers every
     ustudents-train uses; and a run of several scales stopped part-way had replaced some without a word."""

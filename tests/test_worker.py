@@ -1796,3 +1796,91 @@ def test_a_stream_key_of_another_type_is_waited_out(engines, frames, redis_url, 
         entry = add_frame(r, stream, frames[0])
         wait_for(lambda: results_of(r, stream), 60, "the frame's result")
     exactly_one_result_each(r, stream, [entry])
+
+
+def test_keeping_held_entries_claimed_never_drops_one_the_stream_lost(redis_url, stream):
+    """XCLAIM of an entry trimmed from the stream removes it from the pending list (Redis 7): the
+    keeper did that to frames in a worker's pipeline, and one whose attempt then failed, or whose
+    worker died, vanished with no result and no `trimmed` dead letter."""
+    r = client(redis_url)
+    io = StreamIO(r, stream, "ustudents", "A", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+    io.ensure_group()
+    ids = [add(r, stream, frame_id=str(i), image=b"x") for i in range(3)]
+    r.xreadgroup("ustudents", "A", {stream: ">"}, count=10)
+    r.xtrim(stream, maxlen=1, approximate=False)  # the producer's MAXLEN cuts the first two
+    time.sleep(0.05)
+    io.keep_claimed(ids, 1)
+    assert [s(p["message_id"]) for p in r.xpending_range(stream, "ustudents", "-", "+", 10)] == ids
+    assert [p["time_since_delivered"] < 40 for p in r.xpending_range(stream, "ustudents", "-", "+", 10)] == \
+        [False, False, True]  # the kept one was refreshed; the lost ones wait to be dead-lettered
+
+
+def test_a_frame_trimmed_while_its_failing_attempt_runs_is_dead_lettered_as_trimmed(engines, frames, redis_url,
+                                                                                     stream, monkeypatch):
+    """Its pending entry is dropped by the worker's own XAUTOCLAIM meanwhile (Redis 7), so it cannot
+    stay pending for a retry: it ends as one `trimmed` dead letter with the error, not nowhere."""
+    (engine,) = engines.values()
+    r = client(redis_url)
+    skip_before_redis_7(r)
+
+    def trimmed_then_fails(batch):
+        r.xtrim(stream, maxlen=0, approximate=False)
+        time.sleep(1.5)  # past claim_idle_ms: the worker's XAUTOCLAIM finds the entry gone
+        raise ValueError("cannot score this one")
+
+    monkeypatch.setattr(engine, "predict", trimmed_then_fails)
+    eid = add_frame(r, stream, frames[0])
+    with in_process_worker(engines, redis_url, stream, claim_idle_ms=300, batch=1):
+        wait_for(lambda: dead_of(r, stream), 30, "a dead letter")
+    (dead,) = dead_of(r, stream)
+    assert s(dead[schema.ENTRY_ID]) == eid and s(dead[schema.REASON]) == schema.TRIMMED
+    assert "while attempt 1 processed it, and that attempt failed: ValueError: cannot score this one" in \
+        s(dead[schema.ERROR])
+    assert results_of(r, stream) == [] and pending_count(r, stream) == 0
+
+
+def test_entries_whose_read_reply_was_lost_are_read_back_at_once(engines, frames, redis_url, stream, monkeypatch):
+    """Redis handed the entries out (they are pending on this consumer) but the connection broke
+    before the reply came: the worker reads its own pending list again after reconnecting, instead
+    of leaving them to XAUTOCLAIM after claim_idle_ms (10 minutes here)."""
+    real, cut = StreamIO.read_new, []
+
+    def reply_lost(self, count):
+        raw, lost = real(self, count)
+        if raw and not cut:
+            cut.append(len(raw))
+            raise redis.ConnectionError("connection reset after Redis served the read")
+        return raw, lost
+
+    monkeypatch.setattr(StreamIO, "read_new", reply_lost)
+    r = client(redis_url)
+    ids = [add_frame(r, stream, f) for f in frames[:3]]
+    with in_process_worker(engines, redis_url, stream, claim_idle_ms=600_000):
+        wait_for(lambda: len(results_of(r, stream)) == len(ids), 30, "a result for every frame")
+    assert cut == [3]
+    exactly_one_result_each(r, stream, ids)
+    assert dead_of(r, stream) == [] and pending_count(r, stream) == 0
+
+
+def test_checking_an_existing_group_reads_no_outcomes(redis_url, stream, monkeypatch):
+    """ensure_group runs after every Redis outage; the last outcomes (masks, heatmaps: MBs each) are
+    read only to place a group it has to create."""
+    io = StreamIO(client(redis_url), stream, "ustudents", "A", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+    assert io.ensure_group() == "0"
+
+    def reads_outcomes():
+        raise AssertionError("read the outcome streams for a group that exists")
+
+    monkeypatch.setattr(io, "newest_outcome", reads_outcomes)
+    assert io.ensure_group() is None
+
+
+def test_the_first_frame_after_an_idle_spell_starts_the_stall_clock(engines, redis_url, stream):
+    """An hour idle is no stall: the frame that arrives after it must not find the worker stalled
+    for an hour (it would exit 1 at twice stall_timeout_s)."""
+    config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
+                                               "metrics_port": 0, "stall_timeout_s": 1.0})
+    worker = Worker(config, engines)
+    worker.last_beat = time.monotonic() - 3600
+    worker._hold(["1-0"])
+    assert worker.stalled_s() < 1.0 and worker.alive() == (True, "alive")

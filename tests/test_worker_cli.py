@@ -298,3 +298,27 @@ def test_publish_names_a_stream_key_of_another_type(tiny_mvtec, redis_stream):
     assert one_error(result) == (f"Error: Redis key {stream} holds a string, not a stream, so no frame can be "
                                  "written to it; rename or delete that key, or choose another --stream")
     assert client.get(stream) == b"a value of another program"  # left as it was
+
+
+def test_max_deliveries_below_2_is_refused():
+    """A redelivered frame counts its first delivery: with 1, every frame a stopped worker held would
+    be dead-lettered without being tried."""
+    base = {"_env_file": None, "stream": "line1", "model": "m"}
+    with pytest.raises(ValueError, match="greater than or equal to 2"):
+        WorkerSettings(**base, max_deliveries=1)
+    assert WorkerSettings(**base, max_deliveries=2).max_deliveries == 2
+
+
+def test_a_first_contact_after_a_start_without_redis_is_no_reconnect():
+    """ustudents_redis_reconnects_total counts Redis coming back; a worker that started while Redis
+    was down had never been connected, and reaching it then is no reconnect."""
+    from ustudents.worker.connection import RedisState
+
+    reconnects = []
+    state = RedisState(on_reconnect=lambda: reconnects.append(1))
+    state.failed(ConnectionError("refused"))
+    state.ok()
+    assert reconnects == []
+    state.failed(ConnectionError("reset"))
+    state.ok()
+    assert reconnects == [1]

@@ -165,6 +165,10 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
         with sigterm_as_ctrl_c():
             path = train(cfg, log=click.echo)
     except TrainingInterrupted as stop:
+        if stop.written is not None:
+            click.echo(f"\ninterrupted after the model was written to {out}" + (
+                f"; not evaluated: {evaluate_command(out, data_root)} does it" if evaluate else ""), err=True)
+            raise SystemExit(130) from None
         how = "the same command" if resume else "the command without --no-resume"
         click.echo(f"\ninterrupted: no model written to {out}" + (
             f"; {stop.folder} holds {stop.held} ({checkpoints.size_on_disk(stop.folder)}): run {how} again to "

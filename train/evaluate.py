@@ -100,7 +100,7 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
     try:
         with changing(bundle.path):  # a calibrate meanwhile would be undone by the manifest read before it
             # retrained or recalibrated while this ran: these results are another model's
-            if model_digest(load_bundle(bundle.path)) != model_digest(bundle):
+            if evaluated_model(load_bundle(bundle.path)) != evaluated_model(bundle):
                 log(f"results not stored in {bundle.path}/manifest.json: the model there changed while it was "
                     "evaluated (retrained or recalibrated); evaluate it again for its own")
             else:
@@ -110,6 +110,12 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
     except BundleError as err:  # another command holds it: storing is secondary, the results are returned
         log(f"results not stored in {bundle.path}/manifest.json ({err})")
     return results
+
+
+def evaluated_model(bundle) -> tuple:
+    """What evaluation results describe: what an engine bakes in (weights, statistics, size) and the
+    thresholds the decisions were taken at."""
+    return model_digest(bundle), bundle.manifest.get("threshold"), bundle.manifest.get("image_score")
 
 
 OVERLAY_OUTPUTS = ".ustudents-overlays.json"  # the overlays evaluate wrote in its --overlays folder, in one list

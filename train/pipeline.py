@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -82,7 +84,8 @@ def image_score_line(record: dict) -> str:
     if record["method"] == "max":
         return f"image score: the map's maximum ({record['why']}), anomalous at the mask threshold"
     return (f"image score: position-standardized maximum, threshold {record['threshold']:.3f} "
-            f"(flags {record['validation_image_fpr']:.1%} of {record['images']} validation images left out in turn)")
+            f"(flags about {record['expected_image_fpr']:.1%} of new good images; "
+            f"{record['validation_image_fpr']:.1%} of {record['images']} validation images left out in turn)")
 
 
 # Below this share of the teacher's variance predicted on good images, a scale hardly detects: the
@@ -101,9 +104,18 @@ def low_share_warning(p: int, share: float, st: StudentConfig) -> str | None:
 
 
 def image_fpr_warning(record: dict, image_fpr: float, more: str) -> str | None:
-    """A warning where too few validation images left --image-fpr unused and the mask threshold, which
-    then decides, flags more good images than it asked for (up to all of them); `more`: how to add images."""
-    if record["method"] != "max" or record["validation_image_fpr"] <= image_fpr:
+    """A warning where too few validation images flag more good images than --image-fpr asked for:
+    with the position score, a rate below 1 in images + 1 (its threshold is then their highest
+    score); without it, --image-fpr is unused and the mask threshold decides (up to all of them).
+    `more`: how to add images."""
+    if record["method"] != "max":
+        if record["expected_image_fpr"] <= image_fpr:
+            return None
+        n = record["images"]
+        return (f"WARNING: --image-fpr {image_fpr} needs at least {math.ceil(1 / image_fpr) - 1} good images to "
+                f"calibrate on; from {n}, the image threshold is the highest of their scores and flags about "
+                f"{record['expected_image_fpr']:.1%} (1 in {n + 1}) of good images; {more}")
+    if record["validation_image_fpr"] <= image_fpr:
         return None
     return (f"WARNING: {record['validation_image_fpr']:.0%} of the {record['images']} good images calibrated on are "
             f"flagged anomalous: --image-fpr {image_fpr} is not used, as the image score that sets it needs "
@@ -124,12 +136,21 @@ def environment() -> dict:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C before the bundle was written (still a KeyboardInterrupt to callers that stop on one);
-    `held`: what the checkpoint folder keeps for this run."""
+    """Ctrl-C or SIGTERM during training (still a KeyboardInterrupt to callers that stop on one);
+    `held`: what the checkpoint folder keeps for this run; `written`: the bundle's path where the
+    interrupt came after this run's bundle was in place (its last clean-up steps), else None."""
 
-    def __init__(self, folder: Path, held: str):
+    def __init__(self, folder: Path, held: str, written: Path | None = None):
         super().__init__(held)
-        self.folder, self.held = folder, held
+        self.folder, self.held, self.written = folder, held, written
+
+
+def bundle_id_at(out: Path) -> str | None:
+    """The id in the manifest at `out` (None where there is none to read)."""
+    try:
+        return json.loads((Path(out) / "manifest.json").read_text())["id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def train(cfg: TrainConfig, log=print) -> Path:
@@ -140,26 +161,30 @@ def train(cfg: TrainConfig, log=print) -> Path:
     # that no second run to the same --out can use or remove it in between; a run that stops before
     # holding it (refused, or a bad teacher) leaves it alone: it may be another run's.
     with contextlib.ExitStack() as lock:
-        held: list[bool] = []  # _train appends once it holds the folder
+        run: dict = {}  # _train sets "held" once it holds the folder, "bundle_id" before writing the bundle
         try:
-            path = _train(cfg, log, saves, keys, lock, held)
+            path = _train(cfg, log, saves, keys, lock, run)
+            checkpoints.remove(saves)  # the bundle holds it all now
         except KeyboardInterrupt:
-            if held:
+            # decided by what is on disk: an interrupt can land after the bundle's swap, in the steps after it
+            if run.get("bundle_id") is not None and bundle_id_at(cfg.out) == run["bundle_id"]:
+                with contextlib.suppress(OSError):
+                    checkpoints.remove(saves)
+                raise TrainingInterrupted(saves, "", written=cfg.out) from None
+            if run.get("held"):
                 checkpoints.drop_if_empty(saves)
-            raise TrainingInterrupted(saves, checkpoints.describe(saves, keys) if held else "") from None
+            raise TrainingInterrupted(saves, checkpoints.describe(saves, keys) if run.get("held") else "") from None
         except TrainingDiverged:
             checkpoints.remove(saves)  # continuing a run that learned nothing would fail the same way
             raise
         except BaseException:
-            if held:
+            if run.get("held"):
                 checkpoints.drop_if_empty(saves)  # an error before any checkpoint leaves nothing behind
             raise
-        checkpoints.remove(saves)  # the bundle holds it all now
     return path
 
 
-def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: contextlib.ExitStack,
-           held: list[bool]) -> Path:
+def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: contextlib.ExitStack, run: dict) -> Path:
     check_config(cfg)
     device = resolve_device(cfg.device)
     t0 = time.time()
@@ -170,7 +195,7 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
     check_resolvable(cfg.target_fpr, len(val), cfg.image_size)  # calibration's pixels, as `calibrate` checks
     teachers, teacher_records = load_teachers(cfg.teachers, cfg.scales)  # a damaged file stops the run now
     lock.enter_context(checkpoints.opened(saves, cfg.resume, cfg.out))  # makes out's parent folders too
-    held.append(True)
+    run["held"] = True
     log(f"{cfg.category}: {len(fit)} training and {len(val)} validation images (of train/good), "
         f"scales {cfg.scales}, M={cfg.student.students}, {cfg.image_size}px, device {device}")
     for p in cfg.scales:
@@ -265,6 +290,7 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
                  "fingerprint": data_fingerprint},
         "evaluation": None,
     }
+    run["bundle_id"] = manifest["id"]
     try:
         path = write_bundle(cfg.out, manifest, tensors)
     except (OSError, BundleError) as err:  # a full disk; a file put into --out meanwhile: the students stay

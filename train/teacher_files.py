@@ -58,6 +58,20 @@ def save_teacher(folder: Path, p: int, state: dict[str, torch.Tensor], record: d
     return path
 
 
+def _finish_save(path: Path, recorded: str) -> bool:
+    """A save_teacher stopped (killed, a power cut) between replacing the record and the weights left
+    the new teacher complete beside the old one, as the record describes: put it in place. False
+    where there is none, or it cannot be moved (a read-only folder)."""
+    partial = path.with_suffix(".partial")
+    try:
+        if not (partial.is_file() and sha256_file(partial) == recorded):
+            return False
+        os.replace(partial, path)
+    except OSError:
+        return False
+    return True
+
+
 def read_records(folder: Path) -> dict:
     path = Path(folder) / RECORDS
     if not path.is_file():
@@ -92,6 +106,8 @@ def load_teacher(folder: Path, p: int) -> dict[str, torch.Tensor]:
                                f"re-create it with `ustudents teacher --scales {p} --out {folder}`")
     recorded = read_records(folder).get(str(p), {}).get("sha256")  # records before the field have none
     if recorded is not None and recorded != sha256_file(path):
+        if _finish_save(path, recorded):
+            return load_teacher(folder, p)
         raise TeacherFileError(f"{path}: not the teacher its record in {Path(folder) / RECORDS} describes (a run "
                                "stopped between writing the two?); re-create it with "
                                f"`ustudents teacher --scales {p} --out {folder}`")

@@ -134,6 +134,7 @@ class RedisState:
                  on_reconnect: Callable[[], None] = lambda: None):
         self._lock = threading.Lock()
         self.up: bool | None = None  # None: not tried yet
+        self.reached = False  # ever reachable: only then is coming back a reconnect
         self.down_since = 0.0
         self.refusing: dict[str, str] = {}  # stage -> Redis' error
         self.refused_since = 0.0
@@ -143,10 +144,13 @@ class RedisState:
         if self.up is True:
             return
         with self._lock:
-            was, self.up = self.up, True
-        if was is False:
+            was, reached, self.up, self.reached = self.up, self.reached, True, True
+        if was is False and reached:
             self._on_reconnect()
             log.info("redis reachable again after %.1f s", time.monotonic() - self.down_since,
+                     extra={"event": "redis_up", "down_s": round(time.monotonic() - self.down_since, 3)})
+        elif was is False:  # unreachable from the start: a first contact, not a reconnect
+            log.info("redis reachable after %.1f s", time.monotonic() - self.down_since,
                      extra={"event": "redis_up", "down_s": round(time.monotonic() - self.down_since, 3)})
         elif was is None:
             log.info("redis reachable", extra={"event": "redis_up"})

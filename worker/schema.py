@@ -52,7 +52,7 @@ MISSING_IMAGE = "missing_image"  # neither image nor image_key, or image_key hol
 INVALID_ENTRY = "invalid_entry"  # both image and image_key, or a schema version this worker does not read
 UNKNOWN_CATEGORY = "unknown_category"  # no model served here for the entry's category
 MAX_DELIVERIES = "max_deliveries"  # failed, or its worker died, on each of max_deliveries attempts
-TRIMMED = "trimmed"  # the entry left the input stream (MAXLEN) before it was processed
+TRIMMED = "trimmed"  # the entry left the input stream (MAXLEN) before it was processed, or while a failed attempt did
 REASONS = (DECODE_ERROR, EMPTY, TOO_LARGE, MISSING_IMAGE, INVALID_ENTRY, UNKNOWN_CATEGORY, MAX_DELIVERIES, TRIMMED)
 
 

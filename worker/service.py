@@ -142,6 +142,9 @@ class Worker:
         self.pool = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="decode")
         self.inflight: set[str] = set()
         self.inflight_lock = threading.Lock()
+        # in flight, trimmed from the stream meanwhile and so no longer pending (Redis 7's XAUTOCLAIM
+        # drops such entries): a failed attempt cannot stay pending for a retry (_failed)
+        self.unpended: set[str] = set()
         self.last_errors: OrderedDict[str, str] = OrderedDict()  # entry id -> its last processing error
         self.crashed: BaseException | None = None
         self.threads: list[threading.Thread] = []
@@ -299,6 +302,14 @@ class Worker:
     def _beat(self) -> None:
         self.last_beat = time.monotonic()
 
+    def _hold(self, ids) -> None:
+        """Put entries in flight. The first after an idle spell starts the stall clock: the last beat
+        was before the spell, and an hour idle is no stall."""
+        with self.inflight_lock:
+            if not self.inflight:
+                self._beat()
+            self.inflight.update(ids)
+
     def ready(self) -> tuple[bool, str]:
         if self.stopping.is_set():
             return False, "shutting down"
@@ -452,6 +463,9 @@ class Worker:
             except UNAVAILABLE as err:
                 self.redis_state.failed(err)
                 group_ready = False
+                # Redis may have handed out entries whose reply was lost: they sit pending on this
+                # consumer, and no one else takes them before claim_idle_ms. Read them back first.
+                history = "0"
                 if backoff.wait(self.stopping):
                     break
                 continue
@@ -475,9 +489,13 @@ class Worker:
                     break
                 continue
             entries = [Entry(eid.decode(), fields) for eid, fields in raw] + [Entry(eid, {}) for eid in deleted]
-            if source == "claimed":  # XAUTOCLAIM also returns our own entries that wait in the pipeline
+            if source != "new":  # our own pending entries include those that wait in the pipeline
                 with self.inflight_lock:
+                    # in flight and gone from the stream: XAUTOCLAIM dropped them from the pending list
+                    self.unpended.update(i for i in deleted if i in self.inflight)
                     entries = [e for e in entries if e.id not in self.inflight]
+                if source == "pending":  # a failed attempt's frame waits claim_idle_ms for its retry
+                    entries = [e for e in entries if e.id not in self.last_errors]
             if entries and not (self._send(entries) if source == "new" else self._send_redelivered(entries)):
                 break
         self._put(self.decoded, STOP)
@@ -517,8 +535,7 @@ class Worker:
             e.already_done = d
         settled = [e for e in entries if e.already_done or not e.fields]  # acknowledge, or dead-letter as trimmed
         suspects = [e for e in entries if not (e.already_done or not e.fields)]
-        with self.inflight_lock:
-            self.inflight.update(e.id for e in suspects)  # kept claimed (keeper) while they wait their turn
+        self._hold(e.id for e in suspects)  # kept claimed (keeper) while they wait their turn
         if settled and not self._send(settled):
             return False
         if suspects:
@@ -592,8 +609,7 @@ class Worker:
                                          self.engines[category].bundle.uint16_bits)
             prepared.append(item)
             categories.append(category)
-        with self.inflight_lock:
-            self.inflight.update(ids)
+        self._hold(ids)
         return Work(entries, prepared, categories)
 
     def _category(self, fields: dict[bytes, bytes]) -> str | schema.DeadLetter:
@@ -681,6 +697,12 @@ class Worker:
         # restarted worker whose model fails on every frame), so the attempt is not charged to the
         # frame (its count is taken back); ModelFailing ends such a worker.
         charged = self.model_scored
+        with self.inflight_lock:
+            unpended = entry.id in self.unpended
+        if unpended:  # no retry can read it: the stream lost it during this attempt
+            return Outcome("dead", dead=schema.DeadLetter(schema.TRIMMED, (
+                f"the entry was removed from the input stream (MAXLEN trimming or XDEL) while attempt "
+                f"{entry.attempt} processed it, and that attempt failed: {message}")))
         if charged and entry.attempt >= self.s.max_deliveries:
             return Outcome("dead", dead=schema.DeadLetter(
                 schema.MAX_DELIVERIES, f"failed on attempt {entry.attempt} of max_deliveries="
@@ -710,6 +732,7 @@ class Worker:
                                 [(e.id, o.uncharge) for e, o in zip(work.entries, outcomes) if o.uncharge])
             with self.inflight_lock:
                 self.inflight.difference_update(e.id for e in work.entries)
+                self.unpended.difference_update(e.id for e in work.entries)
             self._beat()
 
     def _drop_attempts(self, ids: list[str], taken_back: list[tuple[str, str]] = ()) -> None:

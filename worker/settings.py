@@ -140,7 +140,7 @@ class WorkerSettings(BaseSettings):
     block_ms: int = Field(1000, ge=1, le=MAX_BLOCK_MS, description="XREADGROUP BLOCK: longest wait for new frames, ms (at most half of shutdown_timeout_s, so that a stop is not held).")
     claim_idle_ms: int = Field(60_000, ge=1, le=MAX_MS, description="Idle time after which another worker's pending entry is claimed.")
     reap_idle_s: int = Field(3600, ge=0, le=int(MAX_S), description="Other consumers of the group idle this long with nothing pending are removed (workers gone without leaving it); 0 = never.")
-    max_deliveries: int = Field(3, ge=1, le=MAX_COUNT, description="Attempts after which a frame that fails, or kills its worker, is dead-lettered (the first in a batch, each later one alone, so that it takes no other frame with it).")
+    max_deliveries: int = Field(3, ge=2, le=MAX_COUNT, description="Attempts after which a frame that fails, or kills its worker, is dead-lettered (the first in a batch, each later one alone, so that it takes no other frame with it). At least 2: the frames a stopped worker held are delivered again, and with 1 they would be dead-lettered untried.")
     max_failures_in_row: int = Field(32, ge=1, le=MAX_COUNT, description="Frames in a row the model fails on, none scored between, after which the worker exits 1 (a broken model or GPU, not bad frames): they stay pending instead of being dead-lettered.")
     max_frame_bytes: int = Field(32 << 20, ge=1, le=MAX_COUNT, description="Encoded frames larger than this are dead-lettered.")
     results_maxlen: int = Field(100_000, ge=1, le=MAX_COUNT, description="MAXLEN ~ of <stream>:results.")

@@ -214,6 +214,21 @@ return removed
 """
 
 
+# Reset the idle time of entries a worker holds (StreamIO.keep_claimed). KEYS: input stream. ARGV:
+# group, consumer, min idle ms, then the ids. Only entries still in the stream: XCLAIM of one trimmed
+# away drops it from the pending list (Redis 7), and a frame whose attempt then fails, or whose worker
+# dies, would vanish instead of ending as a `trimmed` dead letter.
+KEEP_SCRIPT = """
+local call = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3]}
+for i = 4, #ARGV do
+  if #redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i], 'COUNT', 1) > 0 then call[#call + 1] = ARGV[i] end
+end
+if #call == 5 then return 0 end
+call[#call + 1] = 'JUSTID'
+return #redis.call(unpack(call))
+"""
+
+
 # Publish a batch's outcomes (StreamIO.publish). KEYS: input stream, results stream, dead stream,
 # then one marker per record. ARGV: group, marker TTL, results MAXLEN, dead MAXLEN, then per
 # record: entry id, target (0: acknowledge only, 1: results, 2: dead), the entry's fingerprint,
@@ -292,6 +307,7 @@ class StreamIO:
         self._gap = client.register_script(GAP_SCRIPT)
         self._publish = client.register_script(PUBLISH_SCRIPT)
         self._name = client.register_script(NAME_SCRIPT)
+        self._keep = client.register_script(KEEP_SCRIPT)
 
     # -- the group -------------------------------------------------------------------------------
     def ensure_group(self) -> str | None:
@@ -302,13 +318,19 @@ class StreamIO:
         score the whole kept stream again, and publish second outcomes once their done markers expired.
         Unless the stream never reached that id: then it is a new stream (deleted and written again, ids
         set by the producer starting over) and every entry in it is new."""
+        info = self.stream_info()
+        # Called again after every Redis outage: when the group exists, nothing else is read (the
+        # newest outcome reads the last results and dead letters, their masks and heatmaps too)
+        if info is not None and self.group in self.group_names():
+            return None
+        info = info or {}
         start = self.newest_outcome()
-        if start != "0" and id_key(start) > id_key(self.last_generated_id()):
+        if start != "0" and id_key(start) > id_key(text_of(info.get("last-generated-id", "0-0"))):
             start = "0"
         # From the start: the entries the stream already lost (trimmed before this group existed, or
         # read by a group destroyed since) count as read, so GAP_SCRIPT does not page for them (Redis 7)
-        info = self.r.xinfo_stream(self.stream) if start == "0" and self.r.exists(self.stream) else {}
-        before = int(info["entries-added"]) - int(info["length"]) if "entries-added" in info else None
+        before = (int(info["entries-added"]) - int(info["length"])
+                  if start == "0" and "entries-added" in info else None)
         try:
             self.r.xgroup_create(self.stream, self.group, id=start, mkstream=True, entries_read=before)
         except redis.ResponseError as err:
@@ -336,11 +358,26 @@ class StreamIO:
             removed += self.r.unlink(*batch)
         return removed
 
-    def last_generated_id(self) -> str:
-        """The largest id the stream ever had ('0-0' when it does not exist)."""
+    def stream_info(self) -> dict | None:
+        """XINFO STREAM of the input stream; None when it does not exist (also when it is deleted
+        between the check and the call)."""
         if not self.r.exists(self.stream):
-            return "0-0"
-        return text_of(self.r.xinfo_stream(self.stream)["last-generated-id"])
+            return None
+        try:
+            return self.r.xinfo_stream(self.stream)
+        except redis.ResponseError as err:
+            if "no such key" in str(err).lower():
+                return None
+            raise
+
+    def group_names(self) -> list[str]:
+        """The input stream's consumer groups ([] when the stream does not exist)."""
+        try:
+            return [text_of(g["name"]) for g in self.r.xinfo_groups(self.stream)]
+        except redis.ResponseError as err:
+            if "no such key" in str(err).lower():
+                return []
+            raise
 
     def newest_outcome(self) -> str:
         """The largest input entry id among the last OUTCOMES_SEEN results and dead letters (outcomes are
@@ -454,10 +491,11 @@ class StreamIO:
     def keep_claimed(self, ids: list[str], min_idle_ms: int) -> None:
         """Reset the idle time of entries this worker holds, so that no other worker takes them for
         abandoned while they wait in its pipeline: XCLAIM JUSTID (which counts no delivery) of those
-        idle at least `min_idle_ms`. An entry another worker claimed meanwhile is idle for less, so
-        it stays theirs; an entry acknowledged meanwhile is not pending and is left alone."""
+        idle at least `min_idle_ms` and still in the stream (KEEP_SCRIPT). An entry another worker
+        claimed meanwhile is idle for less, so it stays theirs; an entry acknowledged meanwhile is not
+        pending and is left alone."""
         for i in range(0, len(ids), 1000):
-            self.r.xclaim(self.stream, self.group, self.consumer, min_idle_ms, ids[i:i + 1000], justid=True)
+            self._run(self._keep, [self.stream], [self.group, self.consumer, min_idle_ms, *ids[i:i + 1000]])
 
     def begin_attempt(self, entry_id: str, token: str) -> int:
         """Count the start of one more attempt at an entry that was handed out before and never
