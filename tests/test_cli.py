@@ -242,8 +242,9 @@ def test_a_12_bit_camera_trains_predicts_and_recalibrates_as_the_8_bit_images_it
     frames with them, so the model equals one trained on the same images in 8 bits; calibrate on a
     new camera's 16-bit images takes their bits."""
     runs = {}
+    few = copy_dataset(tiny_mvtec, tmp_path / "few", keep_train=6, keep_test=2)  # two trainings, two calibrations
     for bits in (8, 12):
-        root = copy_as_png(tiny_mvtec, tmp_path / f"data{bits}", bits)
+        root = copy_as_png(few, tmp_path / f"data{bits}", bits)
         out = tmp_path / f"model{bits}"
         trained = invoke("train", "--data-root", root, TINY_CATEGORY, "--out", out, "--scales", "17", "--students", "2",
                          "--epochs", "1", "--image-size", "64", "--teachers", random_teachers, "--no-evaluate",
@@ -347,7 +348,9 @@ def test_training_with_amp_where_bf16_is_not_native_evaluates_as_a_worker_here_r
 
     monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
     out = tmp_path / "m"
-    result = invoke("train", "--data-root", eval_root, TINY_CATEGORY, "--out", out, "--scales", "17", "--students", "2",
+    # 6 training images: bfloat16 is emulated, and slow, on a CPU without it (a minute with all 16)
+    root = copy_dataset(eval_root, tmp_path / "root", keep_train=6)
+    result = invoke("train", "--data-root", root, TINY_CATEGORY, "--out", out, "--scales", "17", "--students", "2",
                     "--epochs", "1", "--image-size", "64", "--teachers", random_teachers, "--amp", "on", "--crop", "8",
                     "--batch", "16", "--val-fraction", "0.3")
     assert_ok(result)
@@ -978,7 +981,8 @@ def test_ctrl_c_during_training_says_how_to_continue_and_the_same_command_does(t
     from ustudents.train import checkpoints, students
 
     out = tmp_path / "m"
-    args = ["train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", out, "--scales", "17,33", "--students", "2",
+    root = copy_dataset(tiny_mvtec, tmp_path / "root", keep_train=6)  # trained four times over: few images
+    args = ["train", "--data-root", root, TINY_CATEGORY, "--out", out, "--scales", "17,33", "--students", "2",
             "--epochs", "2", "--image-size", "64", "--teachers", random_teachers, "--no-evaluate", "--amp", "off",
             "--crop", "8", "--batch", "16", "--val-fraction", "0.1"]
     real, calls = students.another_epoch_fits, []
