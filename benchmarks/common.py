@@ -141,6 +141,17 @@ def write_layer_result(name: str, title: str, table: str, fields: dict, bandwidt
     print(f"wrote {path}")
 
 
+def validation_samples(manifest: dict, data_root: Path) -> list:
+    """The bundle's validation images: train/good split as its training split it (the images it was
+    calibrated on, never trained on)."""
+    from ustudents.train import dataset
+
+    training = manifest["training"]
+    _, val = dataset.split_train_val(dataset.train_samples(data_root, manifest["category"]),
+                                     training["val_fraction"], training["student"]["seed"])
+    return val
+
+
 def validation_and_test_maps(engine, data_root: Path, test_every: int = 1) -> dict:
     """A bundle's maps on the validation images it was calibrated on (its training split of
     train/good, never the test set) and on every k-th test image of each type: fused (N, S, S) and
@@ -149,9 +160,7 @@ def validation_and_test_maps(engine, data_root: Path, test_every: int = 1) -> di
     from ustudents.train.evaluate import engine_maps
 
     manifest, size = engine.bundle.manifest, engine.image_size
-    training = manifest["training"]  # the same split as training: these images calibrated the bundle
-    _, val = dataset.split_train_val(dataset.train_samples(data_root, manifest["category"]),
-                                     training["val_fraction"], training["student"]["seed"])
+    val = validation_samples(manifest, data_root)
     test = every_kth_per_type(dataset.test_samples(data_root, manifest["category"]), test_every)
     bits = engine.bundle.uint16_bits  # 16-bit data scaled as training and evaluation scale it
     val_fused, val_scales = engine_maps(engine, dataset.load_images(val, size, bits=bits), desc="validation maps")

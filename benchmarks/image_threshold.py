@@ -21,7 +21,7 @@ import click
 import numpy as np
 import torch
 
-from common import device_label, machine, write_result  # noqa: E402
+from common import device_label, machine, validation_samples, write_result  # noqa: E402
 
 from ustudents.engines.bundle import POSITION_TENSORS
 from ustudents.engines.runtime import load_engine
@@ -65,10 +65,8 @@ def main(model, data_root, sizes, trials, image_fpr, name):
     t0 = time.time()
     engine = load_engine(model, backend="torch", device="cpu", max_batch=4)
     manifest, size = engine.bundle.manifest, engine.image_size
-    training = manifest["training"]  # the same split as training: never an image the students saw
-    _, val = dataset.split_train_val(dataset.train_samples(data_root, manifest["category"]),
-                                     training["val_fraction"], training["student"]["seed"])
-    good = val + [s for s in dataset.test_samples(data_root, manifest["category"]) if s.defect == dataset.GOOD]
+    test = dataset.test_samples(data_root, manifest["category"])
+    good = validation_samples(manifest, data_root) + [s for s in test if s.defect == dataset.GOOD]
     maps, _ = engine_maps(engine, dataset.load_images(good, size, bits=engine.bundle.uint16_bits), desc="good maps")
     rows = [resampled_fpr(maps, int(n), trials, image_fpr) for n in sizes.split(",")]
     info = machine(torch.device("cpu"))

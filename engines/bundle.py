@@ -307,12 +307,14 @@ def write_bundle(out: Path, manifest: dict[str, Any], tensors: dict[str, torch.T
     return out
 
 
-def _named_weights(path: Path) -> str | None:
-    """The weights file the folder's manifest names now (None if it cannot be read)."""
+def manifest_on_disk(path: str | Path) -> dict[str, Any] | None:
+    """The manifest in the folder now, unchecked (None where there is none to read): for deciding
+    what an interrupted or concurrent write left, not for loading (load_bundle)."""
     try:
-        return json.loads((path / MANIFEST).read_text())["weights"]["file"]
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -341,7 +343,7 @@ def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torc
         write_atomically(path / MANIFEST, json.dumps(manifest, indent=2) + "\n", mode=0o644)
     except BaseException:
         # Ctrl-C can land after the manifest's rename: what the folder's manifest names decides
-        if name != old["weights"]["file"] and _named_weights(path) != name:
+        if name != old["weights"]["file"] and (manifest_on_disk(path) or {}).get("weights") != manifest["weights"]:
             (path / name).unlink(missing_ok=True)
         raise
     _fsync_dir(path)
@@ -446,20 +448,13 @@ def load_bundle(path: str | Path) -> Bundle:
     """Load and verify a bundle: format version, checksum, tensor names and shapes. A bundle rewritten
     while it loads (`ustudents calibrate` removes the weights file the old manifest named; retraining
     swaps the folder) is read again: a worker starting at that instant must not call it damaged."""
-    before = _manifest_bytes(path)
+    before = manifest_on_disk(path)
     try:
         return _load_bundle(path)
     except BundleError:
-        if before is None or _manifest_bytes(path) in (before, None):
+        if before is None or manifest_on_disk(path) in (before, None):
             raise
     return _load_bundle(path)
-
-
-def _manifest_bytes(path: str | Path) -> bytes | None:
-    try:
-        return (Path(path) / MANIFEST).read_bytes()
-    except OSError:
-        return None
 
 
 def _load_bundle(path: str | Path) -> Bundle:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import platform
 import time
@@ -13,7 +12,8 @@ from pathlib import Path
 import torch
 
 import ustudents
-from ustudents.engines.bundle import MAX_SERVED_SIZE, MAX_STUDENTS, BundleError, check_writable, write_bundle
+from ustudents.engines.bundle import (MAX_SERVED_SIZE, MAX_STUDENTS, BundleError, check_writable, manifest_on_disk,
+                                      write_bundle)
 from ustudents.engines.files import os_error_line
 from ustudents.engines.images import UINT16_BITS
 from ustudents.engines.model import INPUT_MEAN, INPUT_STD, AnomalyModel
@@ -145,14 +145,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.folder, self.held, self.written = folder, held, written
 
 
-def bundle_id_at(out: Path) -> str | None:
-    """The id in the manifest at `out` (None where there is none to read)."""
-    try:
-        return json.loads((Path(out) / "manifest.json").read_text())["id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def train(cfg: TrainConfig, log=print) -> Path:
     """Train every scale, calibrate, write the bundle atomically to cfg.out and return its path.
     Ctrl-C before the bundle is written raises TrainingInterrupted (see checkpoints)."""
@@ -167,7 +159,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
             checkpoints.remove(saves)  # the bundle holds it all now
         except KeyboardInterrupt:
             # decided by what is on disk: an interrupt can land after the bundle's swap, in the steps after it
-            if run.get("bundle_id") is not None and bundle_id_at(cfg.out) == run["bundle_id"]:
+            written = (manifest_on_disk(cfg.out) or {}).get("id")
+            if run.get("bundle_id") is not None and written == run["bundle_id"]:
                 with contextlib.suppress(OSError):
                     checkpoints.remove(saves)
                 raise TrainingInterrupted(saves, "", written=cfg.out) from None

@@ -361,22 +361,20 @@ class StreamIO:
     def stream_info(self) -> dict | None:
         """XINFO STREAM of the input stream; None when it does not exist (also when it is deleted
         between the check and the call)."""
-        if not self.r.exists(self.stream):
-            return None
-        try:
-            return self.r.xinfo_stream(self.stream)
-        except redis.ResponseError as err:
-            if "no such key" in str(err).lower():
-                return None
-            raise
+        return self._unless_missing(lambda: self.r.xinfo_stream(self.stream)) if self.r.exists(self.stream) else None
 
     def group_names(self) -> list[str]:
         """The input stream's consumer groups ([] when the stream does not exist)."""
+        return [text_of(g["name"]) for g in self._unless_missing(lambda: self.r.xinfo_groups(self.stream)) or []]
+
+    @staticmethod
+    def _unless_missing(call):
+        """call()'s reply, None where Redis answers that the stream does not exist."""
         try:
-            return [text_of(g["name"]) for g in self.r.xinfo_groups(self.stream)]
+            return call()
         except redis.ResponseError as err:
             if "no such key" in str(err).lower():
-                return []
+                return None
             raise
 
     def newest_outcome(self) -> str:
