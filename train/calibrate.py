@@ -136,7 +136,7 @@ def image_score_calibration(fused: np.ndarray, pixel_threshold: float, image_fpr
     # Weibull plotting position: the (1 - image_fpr)(n + 1)-th smallest score, interpolated. A new good
     # image's score, exchangeable with these n, lands above it with probability image_fpr on average.
     # numpy's default quantile (position (1 - image_fpr)(n - 1) + 1) sits lower: at n = 30 it flags
-    # about 8% of new good images on average instead of 5% (tests/test_scoring.py).
+    # 7.9% of new good images on average instead of 5% (the Weibull rule: tests/test_scoring.py).
     value = float(np.quantile(loo, 1.0 - image_fpr, method="weibull"))
     record = {"method": "position_z_max", "threshold": value, "target_image_fpr": image_fpr, "images": n,
               "validation_image_fpr": float((loo >= value).mean()),
