@@ -471,7 +471,7 @@ def _load_bundle(path: str | Path) -> Bundle:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{mpath}: not a ustudents bundle manifest; retrain with `ustudents-train`")
     version = manifest.get("format_version")
-    if version not in READABLE_VERSIONS:
+    if type(version) is not int or version not in READABLE_VERSIONS:  # JSON true == 1 in Python
         raise BundleError(
             f"{mpath}: bundle format version {version!r}, but this ustudents reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}; retrain the model with this version or use the ustudents "

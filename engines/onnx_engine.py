@@ -54,10 +54,9 @@ def model_for_export(model: AnomalyModel, precision: str) -> AnomalyModel:
 
 
 def trace_device(precision: str) -> torch.device:
-    """Where the export traces the model (runs it once): a CUDA GPU for fp16 where there is one. On a
-    CPU without fp16 arithmetic PyTorch's fp16 convolutions ran 69-362 times slower than fp32
-    (benchmarks/results/cpu_fp16_conv_epyc.json, AMD EPYC): the tests' 32 px fp16 export took about
-    30 s there, and the time grows with the image's area."""
+    """Where the export traces the model (runs it once): a CUDA GPU for fp16 where there is one. A CPU
+    has no fp16 arithmetic, and traces it in channels-last (export.export_onnx), where PyTorch's fp16
+    convolutions ran 4.5-5.9 times slower than fp32 (benchmarks/results/cpu_fp16_conv_channels_last_epyc.json)."""
     return torch.device("cuda") if precision == "fp16" and torch.cuda.is_available() else torch.device("cpu")
 
 

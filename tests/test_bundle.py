@@ -150,10 +150,11 @@ def test_damaged_bundles_are_refused_with_the_reason(tmp_path):
         load_bundle(path)
 
 
-def test_other_format_version_is_refused(tmp_path):
+@pytest.mark.parametrize("version, shown", [(99, "99"), (True, "True"), (3.0, "3.0"), ("3", "'3'")])
+def test_other_format_version_is_refused(tmp_path, version, shown):
     path, _ = make_bundle(tmp_path / "b")
-    edit_manifest(path, lambda m: m.update(format_version=99))
-    with pytest.raises(BundleError, match="format version 99"):
+    edit_manifest(path, lambda m: m.update(format_version=version))
+    with pytest.raises(BundleError, match=f"format version {re.escape(shown)},"):
         load_bundle(path)
 
 

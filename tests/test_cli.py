@@ -1189,9 +1189,16 @@ def test_teacher_command_distils_from_a_folder_of_images(tmp_path, tiny_mvtec):
     assert len(record["loss_history"]) >= 1
 
 
+def few_images(root: Path, folder: Path, n: int) -> Path:
+    """A folder of the tiny category's first n training images: a gray PNG and a colour JPEG among them."""
+    folder.mkdir()
+    for path in sorted((root / TINY_CATEGORY / "train" / "good").iterdir())[:n]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
 def test_teacher_command_distils_dense_targets_on_windows(tmp_path, tiny_mvtec):
     out = tmp_path / "teachers"
-    images = tiny_mvtec / TINY_CATEGORY / "train" / "good"
+    images = few_images(tiny_mvtec, tmp_path / "natural", 4)  # P's dense maps take about a second an image
     result = invoke("teacher", "--scales", "17", "--crop", 8, "--images", images, "--steps", 3, "--out", out,
                     "--amp", "off")  # --target dense is the default
     assert_ok(result)
@@ -1208,13 +1215,13 @@ def test_teacher_command_distils_dense_targets_on_windows(tmp_path, tiny_mvtec):
                      "--steps", 1, "--out", tmp_path / "t2", "--amp", "off")
     assert_input_error(too_big, "--target dense")
     # --target-strides picks P's maps: the stride-16 map alone is EfficientNet-Lite0's 112 channels
-    # (and the 16 photos stream through a pool of 4, one replaced every step)
+    # (and the 4 photos stream through a pool of 2, one replaced every step)
     assert_ok(invoke("teacher", "--scales", "17", "--crop", 8, "--images", images, "--steps", 3, "--target-strides", "16",
-                     "--out", tmp_path / "t3", "--amp", "off", "--pool-images", 4, "--pool-refresh", 1))
+                     "--out", tmp_path / "t3", "--amp", "off", "--pool-images", 2, "--pool-refresh", 1))
     assert read_records(tmp_path / "t3")["17"]["target_dim"] == 112
-    assert read_records(tmp_path / "t3")["17"]["images"] == {"files": 16, "taken_in": 4 + 2, "unreadable": 0,
+    assert read_records(tmp_path / "t3")["17"]["images"] == {"files": 4, "taken_in": 2 + 2, "unreadable": 0,
                                                             "too_small": 0, "replaced": 2}
-    assert read_records(out)["17"]["images"] == {"files": 16, "taken_in": 16, "unreadable": 0, "too_small": 0,
+    assert read_records(out)["17"]["images"] == {"files": 4, "taken_in": 4, "unreadable": 0, "too_small": 0,
                                                  "replaced": 0}
     for bad, needle in (("32", "map strides 8,16"), ("eight", "whole numbers separated by commas")):
         assert_input_error(invoke("teacher", "--scales", "17", "--images", images, "--target-strides", bad,
@@ -1229,8 +1236,7 @@ def test_teacher_command_distils_dense_targets_on_windows(tmp_path, tiny_mvtec):
 
 
 def test_teacher_skips_an_unreadable_image_among_the_natural_images_and_says_which(tmp_path, tiny_mvtec):
-    images = tmp_path / "natural"
-    shutil.copytree(tiny_mvtec / TINY_CATEGORY / "train" / "good", images)
+    images = few_images(tiny_mvtec, tmp_path / "natural", 2)
     (images / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     result = invoke("teacher", "--scales", "17", "--crop", 8, "--images", images, "--steps", 1, "--out",
                     tmp_path / "t", "--amp", "off")

@@ -116,6 +116,56 @@ def test_every_dashboard_query_is_valid_promql(tmp_path):
     assert promtool("check", "rules", str(tmp_path / "bad.yml")).returncode != 0
 
 
+
+def panel_query(title: str, ref: str, stream: str) -> str:
+    """A panel target's PromQL as Grafana sends it with one line selected in the stream variable."""
+    panel = next(p for p in dashboard()["panels"] if p["title"] == title)
+    expr = next(t["expr"] for t in panel["targets"] if t["refId"] == ref)
+    return expr.replace("$stream", stream).replace("$__rate_interval", "2m")
+
+
+@needs_promtool
+def test_dashboard_queries_show_the_selected_lines_workers_and_traffic(tmp_path):
+    """Grafana is not run here, so Prometheus' own engine (promtool's expression tests) evaluates
+    the panels' queries on a plant of four workers: a and b (not ready) serve line1, c serves line2,
+    d served line1 and went down. Selecting line1 must show line1's workers and traffic only."""
+    w = 'job="ustudents-worker", instance="{}:9108"'
+    series = {
+        f'up{{{w.format("a")}}}': "1x10", f'up{{{w.format("b")}}}': "1x10",
+        f'up{{{w.format("c")}}}': "1x10", f'up{{{w.format("d")}}}': "1 1 1 1 0 0 0 0 0 0 0",
+        f'ustudents_ready{{{w.format("a")}, stream="line1"}}': "1x10",
+        f'ustudents_ready{{{w.format("b")}, stream="line1"}}': "0x10",
+        f'ustudents_ready{{{w.format("c")}, stream="line2"}}': "1x10",
+        f'ustudents_ready{{{w.format("d")}, stream="line1"}}': "1 1 1 1 stale",
+        # a scores 1 frame/s on line1, 1 in 10 anomalous; c scores 2 frames/s on line2, none anomalous
+        f'ustudents_frames_processed_total{{{w.format("a")}, stream="line1"}}': "0+60x10",
+        f'ustudents_anomalies_total{{{w.format("a")}, stream="line1"}}': "0+6x10",
+        f'ustudents_frames_processed_total{{{w.format("c")}, stream="line2"}}': "0+120x10",
+        f'ustudents_anomalies_total{{{w.format("c")}, stream="line2"}}': "0x10",
+    }
+    at = "10m"
+    cases = [
+        ("Workers up", "A", "line1", [("{}", 2)]),
+        ("Workers up", "B", "line1", [("{}", 1)]),
+        ("Workers up", "C", "line1", [("{}", 1)]),
+        ("Workers up", "A", ".*", [("{}", 3)]),
+        ("Workers up", "C", "line2", [("{}", 0)]),
+        ("Worker up", "A", "line1", [(f"{{__name__=\"up\", {w.format(i)}}}", v) for i, v in
+                                     (("a", 1), ("b", 1), ("d", 0))]),
+        ("Frames/s per line", "A", "line1", [('{stream="line1"}', 1)]),
+        ("Anomaly rate", "A", "line1", [('{stream="line1"}', 0.1)]),
+        ("Anomaly rate", "A", ".*", [('{stream="line1"}', 0.1), ('{stream="line2"}', 0)]),
+    ]
+    test = {"evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": k, "values": v} for k, v in series.items()],
+        "promql_expr_test": [{"expr": panel_query(title, ref, stream), "eval_time": at,
+                              "exp_samples": [{"labels": lab, "value": val} for lab, val in want]}
+                             for title, ref, stream, want in cases]}]}
+    (tmp_path / "dashboard_test.yml").write_text(yaml.safe_dump(test, sort_keys=False))
+    done = promtool("test", "rules", str(tmp_path / "dashboard_test.yml"))
+    assert done.returncode == 0 and "SUCCESS" in done.stdout, done.stdout + done.stderr
+
 def test_every_alert_has_a_unit_test_that_fires_it_and_a_runbook_entry():
     names = [r["alert"] for r in alert_rules()]
     assert {"UstudentsWorkerDown", "UstudentsLagGrowing", "UstudentsDeadLetterRate", "UstudentsAnomalyRateSpike",

@@ -52,8 +52,7 @@ def bundle_copy(small_bundle, tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def built_bundle(small_bundle, tiny_mvtec, tmp_path_factory) -> Path:
     """small_bundle with fp32 and fp16 ONNX engines built (max batch 2, parity checked on two real
-    test images), once: the fp16 export runs the half network on the CPU, where PyTorch's fp16
-    convolutions are naive (30-60 s). Read-only: copy it before changing anything."""
+    test images), once. Read-only: copy it before changing anything."""
     path = Path(shutil.copytree(small_bundle, tmp_path_factory.mktemp("built") / "model"))
     frames = [read_image(p) for p in test_images(tiny_mvtec)[:2]]
     for precision in ("fp32", "fp16"):

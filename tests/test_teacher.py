@@ -418,6 +418,63 @@ def test_teacher_refuses_the_shipped_folder_and_says_what_a_stopped_run_replaced
             "are unchanged") in result.output
 
 
+
+def test_a_second_teacher_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path, monkeypatch):
+    """Two runs into one --out each read teachers.json at the start and rewrote it at every scale, so
+    the one finishing last dropped the other's records. The second is now refused before any work,
+    and a refused or failed run leaves no empty --out folder behind."""
+    from click.testing import CliRunner
+
+    from ustudents.cli import main
+    from ustudents.engines.bundle import locked
+    from ustudents.train import cli as train_cli
+
+    def not_run(*args, **kwargs):
+        raise AssertionError("distilled beside a running teacher command")
+    monkeypatch.setattr(train_cli, "distil", not_run)
+    out = tmp_path / "teachers"
+    out.mkdir()
+    with locked(out, "busy"):  # the first run, distilling
+        result = CliRunner().invoke(main, ["teacher", "--scales", "17", "--out", str(out), "--steps", "1"])
+    assert result.exit_code == 2, result.output
+    assert f"--out {out}: another `ustudents teacher` is writing teachers there now" in result.output
+    assert out.is_dir() and not any(out.iterdir())  # the first run's folder, untouched
+
+    def stopped(scales, out, written, settings):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_cli, "distil", stopped)
+    result = CliRunner().invoke(main, ["teacher", "--scales", "17", "--out", str(tmp_path / "new" / "t"), "--steps", "1"])
+    assert result.exit_code == 130 and not (tmp_path / "new" / "t").exists()
+
+
+def test_sigterm_between_two_teachers_stops_as_ctrl_c_and_says_what_was_written(tmp_path):
+    """`docker stop` while one scale's teacher was being reported, after it was saved and before the
+    next began, killed the command outright: no word of what it had replaced, exit 143."""
+    script = f"""
+import os, signal, sys
+import torch
+from click.testing import CliRunner
+from ustudents.cli import main
+from ustudents.engines.patchnet import PatchNet
+from ustudents.train import teacher
+
+class StopWhenShown(float):  # the report line after a save formats it: the signal lands between scales
+    def __format__(self, spec):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return float.__format__(self, spec)
+
+teacher.train_teacher = lambda cfg: (PatchNet(cfg.p).state_dict(), dict(explained_variance_of_P=StopWhenShown(0.5),
+                                                                       wall_s=1.0))
+result = CliRunner().invoke(main, ["teacher", "--scales", "17,33", "--out", {str(tmp_path / "t")!r}])
+print(result.output)
+sys.exit(result.exit_code)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, (done.returncode, done.stdout, done.stderr)
+    assert "this run already wrote p=17" in done.stdout
+    assert (tmp_path / "t" / "teacher_p17.safetensors").is_file()
+    assert not (tmp_path / "t" / "teacher_p33.safetensors").exists()
+
 def _photos(folder, n, rng, size=(40, 48)):
     folder.mkdir(exist_ok=True)
     for i in range(n):

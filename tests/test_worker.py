@@ -1363,6 +1363,22 @@ def test_consumers_of_dead_workers_are_reaped_but_none_holding_frames(engines, r
         assert consumers() == {"holding", worker.s.consumer}
 
 
+
+def test_the_summary_line_reports_the_time_it_covers_when_the_log_interval_is_below_the_stats_interval(
+        engines, redis_url, stream, caplog):
+    """The summary comes from the gauge loop (every stats_interval_s). With a shorter log_interval_s it
+    said "last 0.1 s" of spans 5 times as long, divided the frames by the asked interval (a rate
+    5 times too high), and fell further behind the clock at every tick."""
+    caplog.set_level("INFO", logger="ustudents.worker")
+    started = time.monotonic()
+    with in_process_worker(engines, redis_url, stream, stats_interval_s=0.5, log_interval_s=0.1):
+        wait_for(lambda: sum(getattr(r, "event", None) == "summary" for r in caplog.records) >= 3, 10,
+                 "three summaries")
+    said = [float(re.match(r"last ([0-9.]+) s: ", r.getMessage()).group(1)) for r in caplog.records
+            if getattr(r, "event", None) == "summary"]
+    assert all(0.4 <= span <= 2 for span in said), said  # each covers a loop of about 0.5 s
+    assert sum(said) <= time.monotonic() - started
+
 def test_a_lag_redis_cannot_tell_is_withdrawn_not_left_stale(engines, redis_url, stream, caplog):
     """After a Redis restart during a backlog, XINFO GROUPS answers lag = nil (the AOF replay drops
     the group's read counter). The gauge must then vanish, not keep its last value, with one

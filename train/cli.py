@@ -13,7 +13,7 @@ import click
 import torch
 
 from ustudents.engines.bundle import (BundleError, check_replaceable, check_writable, is_bundle, load_bundle,
-                                      rewrite_bundle)
+                                      locked, rewrite_bundle)
 from ustudents.engines.cli import (InputError, changing_bundle, check_apart, check_output,
                                    engine_options, sigterm_as_ctrl_c,
                                    user_errors_for)
@@ -256,21 +256,28 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
     if not replace_shipped and real_path(out) == real_path(DEFAULT_DIR):
         raise InputError(f"--out {out}: the shipped default teachers, which every ustudents-train without --teachers "
                          "uses; give another folder (and --teachers it to ustudents-train), or add --replace-shipped")
-    read_records(out)  # a damaged teachers.json there is reported now, not after distillation
     dev = resolve_device(device)
-    written: list[int] = []
+    made = not Path(out).exists()
+    Path(out).mkdir(parents=True, exist_ok=True)  # to lock it: a second run into it read and rewrote teachers.json
+    written: list[int] = []                       # from under this one, losing a scale's record
     try:
-        distil(scales, out, written, dict(
-            backbone=backbone, backbone_weights=backbone_weights, target=target, target_strides=target_strides,
-            backbone_input=backbone_input, crop=crop, images=images, pool_images=pool_images, pool_refresh=pool_refresh,
-            patches=patches, steps=steps, batch=batch, lr=lr,
-            schedule=schedule, weight_decay=weight_decay, lambda_k=lambda_k, lambda_c=lambda_c, lambda_m=lambda_m,
-            margin=margin, seed=seed, device=str(dev), amp=resolve_amp(amp, dev)))
+        with locked(out, f"--out {out}: another `ustudents teacher` is writing teachers there now; wait for it to "
+                         "finish, or give another --out"):
+            read_records(out)  # a damaged teachers.json there is reported now, not after distillation
+            distil(scales, out, written, dict(
+                backbone=backbone, backbone_weights=backbone_weights, target=target, target_strides=target_strides,
+                backbone_input=backbone_input, crop=crop, images=images, pool_images=pool_images,
+                pool_refresh=pool_refresh, patches=patches, steps=steps, batch=batch, lr=lr,
+                schedule=schedule, weight_decay=weight_decay, lambda_k=lambda_k, lambda_c=lambda_c, lambda_m=lambda_m,
+                margin=margin, seed=seed, device=str(dev), amp=resolve_amp(amp, dev)))
     except BaseException:
         if written and set(written) != set(scales):  # scale by scale: say what a stopped run already replaced
             click.echo(f"{out}: this run already wrote p={', p='.join(map(str, written))} (and their records in "
                        "teachers.json); the other scales there are unchanged", err=True)
         raise
+    finally:
+        if made and not any(Path(out).iterdir()):  # nothing written: no empty folder left behind
+            Path(out).rmdir()
 
 
 def distil(scales: list[int], out: Path, written: list[int], settings: dict) -> None:
@@ -278,13 +285,13 @@ def distil(scales: list[int], out: Path, written: list[int], settings: dict) -> 
     from .teacher import train_teacher
     from .teacher_files import save_teacher
 
-    for p in scales:
-        with sigterm_as_ctrl_c():  # `docker stop`: one line and exit 130, as Ctrl-C
+    with sigterm_as_ctrl_c():  # `docker stop`, between scales too: one line and exit 130, as Ctrl-C
+        for p in scales:
             state, record = train_teacher(TeacherConfig(p=p, **settings))
             path = save_teacher(out, p, state, record)
-        written.append(p)
-        click.echo(f"p={p}: {path} (decoder recovers {record['explained_variance_of_P']:.1%} of P's variance, "
-                   f"{record['wall_s']:.0f} s)")
+            written.append(p)
+            click.echo(f"p={p}: {path} (decoder recovers {record['explained_variance_of_P']:.1%} of P's variance, "
+                       f"{record['wall_s']:.0f} s)")
 
 
 @click.command("calibrate")
