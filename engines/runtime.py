@@ -52,7 +52,9 @@ class Prediction:
     # float32 (H, W): what the mask thresholds (scoring.mask), and what overlays colour: anomaly_map
     # itself under the map rule, its position-standardized form under the position_z rule
     mask_level: np.ndarray
-    mask: np.ndarray  # bool (H, W): mask_level >= the mask threshold (position_z: on flagged frames only)
+    # bool (H, W): mask_level >= the mask threshold (position_z: on flagged frames only); a flagged frame
+    # whose resized peak fell under it keeps its model-size mask, nearest-resized
+    mask: np.ndarray
 
 
 def preprocess(frames: list[np.ndarray], size: int, device: torch.device, first: int = 0) -> torch.Tensor:
@@ -104,7 +106,7 @@ class Engine:
     @torch.no_grad()
     def maps(self, frames: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames -> fused maps (N, S, S) and per-scale maps (N, n_scales, S, S) at the model's size,
-        float32 on the engine's device."""
+        float32 on `prep_device` (the engine's device; the host for TensorRT, which returns host buffers)."""
         frames = frame_list(frames)
         if not frames:
             raise ValueError("Engine.maps: no frames given")
@@ -138,11 +140,18 @@ class Engine:
         scores = self.image_scores(fused)
         anomalous = self.verdicts(scores)
         levels = self.mask_levels(fused)
+        model_masks = mask(levels, self.mask_threshold, self.mask_rule, anomalous)
         out = []
-        for frame, m, level, score, flagged in zip(frames, fused, levels, scores.tolist(), anomalous):
-            full = map_to_frame(m, frame.shape[:2])
-            level = full if self.mask_rule == "map" else map_to_frame(level, frame.shape[:2])
+        for frame, m, level, model_mask, score, flagged in zip(frames, fused, levels, model_masks, scores.tolist(),
+                                                              anomalous):
+            shape = np.shape(frame)[:2]  # what maps() took: an array, or anything np.asarray makes one of
+            full = map_to_frame(m, shape)
+            level = full if self.mask_rule == "map" else map_to_frame(level, shape)
             over = mask(level[None], self.mask_threshold, self.mask_rule, flagged[None])[0]
+            if flagged and not over.any() and model_mask.any():
+                # Bilinear resizing can lower a peak just over the threshold below it: an anomalous
+                # frame keeps its model-size mask (nearest) rather than come out with none
+                over = F.interpolate(model_mask[None, None].float(), size=tuple(shape), mode="nearest")[0, 0].bool()
             full_np = full.cpu().numpy()
             out.append(Prediction(score=score, anomalous=bool(flagged), anomaly_map=full_np,
                                   mask_level=full_np if self.mask_rule == "map" else level.cpu().numpy(),

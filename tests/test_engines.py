@@ -26,7 +26,7 @@ from ustudents.engines.images import ImageError, read_image, resize, to_8_bit, t
 from ustudents.engines.onnx_engine import TOLERANCE, build_onnx
 from ustudents.engines.patchnet import PatchNet
 from ustudents.engines import runtime
-from ustudents.engines.runtime import EngineError, load_engine, preprocess
+from ustudents.engines.runtime import Engine, EngineError, load_engine, preprocess
 from ustudents.engines.tensorrt_build import (network_flags, plan_entry, plan_file, plan_mismatch, profile_shapes,
                                               timing_cache_file)
 
@@ -93,7 +93,7 @@ def test_predict_gives_map_score_and_mask_at_the_frames_size(small_bundle, tiny_
         # convolution's outputs) and the second runs the plan: equal up to float rounding.
         assert pred.score == pytest.approx(float(m.max()), rel=1e-5)
         assert pred.anomalous == (pred.score >= engine.image_threshold)
-        assert np.array_equal(pred.mask, pred.anomaly_map >= engine.mask_threshold)
+        assert np.array_equal(pred.mask, pred.anomaly_map.astype(np.float64) >= engine.mask_threshold)
     assert engine.image_threshold == engine.mask_threshold  # few validation images: the maximum's rule
     assert preds[3].score == pytest.approx(preds[0].score, abs=1e-5)  # gray = its RGB replica
     assert engine.describe() == "torch fp32 on cpu"
@@ -101,6 +101,37 @@ def test_predict_gives_map_score_and_mask_at_the_frames_size(small_bundle, tiny_
         engine.predict([frames[0].astype(np.uint16) * 16])
     assert engine.predict([to_8_bit(frames[0].astype(np.uint16) << 8, 16)])[0].score == pytest.approx(preds[0].score)
 
+
+
+def test_an_anomalous_frame_has_a_mask_and_a_good_one_none_at_the_threshold_itself(small_bundle):
+    """The map rule promises anomalous = a non-empty mask. The mask compared the map with the threshold
+    rounded to float32 (a map just under it: a whole mask on a frame judged good), and bilinear
+    resizing to the frame could lower a peak just over it below it (anomalous, no mask)."""
+    bundle = load_bundle(small_bundle)
+    assert bundle.mask_rule == "map"
+    size, level = bundle.image_size, np.float32(15.5)
+    peak = torch.zeros(size, size)
+    peak[5, 7] = float(level) + 0.01  # one pixel just over the threshold
+    maps = {"flat": torch.full((size, size), float(level)), "peak": peak}
+    shown = []
+    engine = Engine(bundle, lambda x: (maps[shown[-1]].expand(len(x), -1, -1),
+                                       maps[shown[-1]].expand(len(x), 1, -1, -1)), "torch", "fp32", torch.device("cpu"))
+    # a recorded threshold a little over a float32 value: float32 rounds it down onto the flat map
+    engine.mask_threshold = engine.image_threshold = float(level) + 1e-7
+    assert np.float32(engine.mask_threshold) == level
+    shown.append("flat")
+    (flat,) = engine.predict([np.zeros((size, size, 3), np.uint8)])
+    assert not flat.anomalous and not flat.mask.any()
+    shown.append("peak")
+    class SdkBuffer:  # a camera SDK's image object (PIL's Image too): np.asarray reads it, it has no .shape
+        def __array__(self, dtype=None, copy=None):
+            return np.zeros((3 * size + 1, 2 * size + 3, 3), np.uint8)
+
+    (pred,) = engine.predict([SdkBuffer()])
+    assert pred.anomalous and pred.anomaly_map.max() < engine.mask_threshold  # the resize lowered the peak
+    assert pred.mask.shape == (3 * size + 1, 2 * size + 3) and pred.mask.any()
+    rows, cols = np.nonzero(pred.mask)  # the peak's pixel, nearest-resized: where the defect is
+    assert 5 * 3 <= rows.min() <= rows.max() <= 6 * 3 + 1 and 7 * 2 <= cols.min() <= cols.max() <= 8 * 2 + 1
 
 def test_frames_the_engine_would_misread_are_refused_by_their_place_in_the_list(small_bundle, tiny_mvtec):
     """Resized to the model's size, a 1 x 5000 strip or a 1-pixel frame got a confident verdict; a

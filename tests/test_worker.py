@@ -658,6 +658,30 @@ def test_a_redis_at_its_memory_cap_between_two_redelivered_frames_is_waited_out(
         server.stop()
 
 
+def test_a_full_redis_keeps_the_worker_not_ready_until_the_refused_operation_goes_through(engines, frames, tmp_path,
+                                                                                         caplog):
+    """At its memory cap Redis 7 refuses some of the reader's operations and not others (XAUTOCLAIM goes
+    through). Any one's success ended the refusal: every claim period the worker turned ready for a
+    moment, while it could read nothing new, and logged that Redis took its writes again."""
+    caplog.set_level("INFO", logger="ustudents.worker")
+    for url, r, version in each_redis_server(tmp_path):
+        stream = "line-full"
+        with in_process_worker(engines, url, stream, consumer="station-5", claim_idle_ms=300) as worker:
+            wait_for(lambda: worker.ready()[0], 60, "the worker ready")
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", 1)
+            wait_for(lambda: "redis refuses the reader" in worker.ready()[1], 30, "the refusal")
+            caplog.clear()
+            time.sleep(2.0)  # about 13 claim periods
+            assert not worker.ready()[0]
+            assert [getattr(rec, "event", None) for rec in caplog.records].count("redis_accepts") == 0, version
+            r.config_set("maxmemory", 0)
+            wait_for(lambda: worker.ready()[0], 30, "ready once Redis takes the refused operation again")
+            assert [getattr(rec, "event", None) for rec in caplog.records].count("redis_accepts") == 1, version
+            ids = [add_frame(r, stream, f) for f in frames[:2]]
+            wait_for(lambda: len(results_of(r, stream)) == 2, 60, "the frames scored")
+        exactly_one_result_each(r, stream, ids)
+
 
 def test_a_redis_refusing_writes_for_a_full_disk_is_waited_out_not_ready(engines, frames, redis_url, stream,
                                                                           monkeypatch):
@@ -1498,8 +1522,9 @@ def test_the_tools_refuse_at_once_what_would_lose_frames_or_leak_a_password(fram
     ]
     for args, needle in cases:
         out = runner.invoke(main, args + (["--redis-url", redis_url] if "--redis-url" not in args else []))
-        errors = [line for line in out.output.splitlines() if line.startswith("Error: ")]
-        assert out.exit_code == 2 and len(errors) == 1 and needle in errors[0], (args, out.output)
+        lines = out.output.strip().splitlines()  # one line, no usage text
+        assert out.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], \
+            (args, out.output)
     client(redis_url).set(f"{stream}:results", "not a stream")
     out = runner.invoke(main, ["results", "--stream", stream, "--count", "1", "--redis-url", redis_url])
     assert out.exit_code == 2 and f"{stream}:results or {stream}:dead is a Redis key of another type" in out.output

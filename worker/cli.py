@@ -257,17 +257,18 @@ def not_a_stream(client: redis.Redis, stream: str) -> str | None:
             "that key, or choose another --stream")
 
 
-def stream_name(ctx, param, value: str) -> str:
-    """--stream of the tools: a name the worker accepts (publishing to one it refuses loses the frames)."""
+def checked_stream(stream: str) -> str:
+    """--stream of the tools: a name the worker accepts (publishing to one it refuses loses the frames),
+    else one line (InputError), as the tools' other refusals, not Click's usage text."""
     try:
-        return check_name(value, stream=True)
+        return check_name(stream, stream=True)
     except ValueError as err:
-        raise click.BadParameter(str(err)) from None
+        raise InputError(f"--stream: {err}") from None
 
 
 @click.command("publish")
 @click.argument("source")
-@click.option("--stream", required=True, callback=stream_name, help="Stream to write, e.g. line1.")
+@click.option("--stream", required=True, help="Stream to write, e.g. line1.")
 @click.option("--fps", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Frames per second; 0 = as fast as possible.")
 @click.option("--loop", is_flag=True, help="Start the folder or video again at its end.")
 @click.option("--count", type=click.IntRange(min=0, max=MAX_COUNT), default=0, show_default=True,
@@ -288,6 +289,7 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
     """Camera stand-in: write frames from SOURCE (image folder, video file or camera index) to a stream."""
     from .publish import FramePublisher, frames_from, publish
 
+    stream = checked_stream(stream)
     if not usable_fps(fps):
         raise InputError(f"--fps {fps}: give 0 (as fast as possible) or a rate from {MIN_FPS} frames/s")
     frames = frames_from(source, fmt, loop, warn=lambda message: click.echo(message, err=True))
@@ -313,7 +315,7 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
 
 
 @click.command("results")
-@click.option("--stream", required=True, callback=stream_name, help="Input stream whose results to follow, e.g. line1.")
+@click.option("--stream", required=True, help="Input stream whose results to follow, e.g. line1.")
 @click.option("--save", "save_to", type=click.Path(path_type=Path), default=None,
               help="Write <frame>_<entry id>_mask.png and <frame>_<entry id>_overlay.png here.")
 @click.option("--from-start", is_flag=True, help="Begin with the oldest kept result instead of new ones.")
@@ -325,6 +327,7 @@ def results_cmd(stream, save_to, from_start, count, redis_url):
     """Follow <stream>:results and <stream>:dead: one line per frame."""
     from .results import follow
 
+    stream = checked_stream(stream)
     check_output(save_to, "--save", folder=True)
     client = tool_client(redis_url)
     try:

@@ -344,26 +344,33 @@ class Worker:
                 pass
         return STOP
 
-    def _refused(self, err: redis.ResponseError) -> None:
-        self.redis_state.refused("reader", err)
-        self.throttled.warning("redis_refused", "Redis refused the reader (%s); retrying with backoff",
-                               err, event="redis_refused", error=str(err))
+    def _refused(self, err: redis.ResponseError, op: str) -> None:
+        """Redis refused the reader's `op`. Each operation is its own refusal, ended only by its own
+        success: at its memory cap Redis refuses the scripts and the group's writes but not XAUTOCLAIM,
+        whose success every claim period made a worker that could read nothing new ready again."""
+        self.redis_state.refused(f"reader's {op}", err)
+        self.throttled.warning("redis_refused", "Redis refused the reader's %s (%s); retrying with backoff",
+                               op, err, event="redis_refused", error=str(err), operation=op)
 
-    def _retry(self, call, interrupt: threading.Event):
-        """call() until Redis answers and takes it; None if `interrupt` is set first."""
+    def _accepted(self, *ops: str) -> None:
+        self.redis_state.ok()
+        for op in ops:
+            self.redis_state.accepted(f"reader's {op}")
+
+    def _retry(self, call, interrupt: threading.Event, op: str):
+        """call() until Redis answers and takes it; None if `interrupt` is set first. `op` names it."""
         backoff = Backoff(self.s.backoff_max_s)
         while True:
             try:
                 out = call()
-                self.redis_state.ok()
-                self.redis_state.accepted("reader")
+                self._accepted(op)
                 return out
             except UNAVAILABLE as err:
                 self.redis_state.failed(err)
             except redis.ResponseError as err:
                 if not refusal(err):
                     raise
-                self._refused(err)  # reachable, but refusing for now (failover, full)
+                self._refused(err, op)  # reachable, but refusing for now (failover, full)
             self._beat()  # waiting on Redis (readiness says so), not hung
             if backoff.wait(interrupt):
                 return None
@@ -382,7 +389,7 @@ class Worker:
         stopped first."""
         given, seen = "consumer" in self.s.model_fields_set, None
         while not self.stopping.is_set():
-            held = self._retry(self._hold_name, self.stopping)
+            held = self._retry(self._hold_name, self.stopping, "name hold")
             if held is None:
                 return False
             if held is True:
@@ -427,8 +434,12 @@ class Worker:
         claim_at, claim_cursor = time.monotonic() + claim_period, "0-0"
         group_ready = False
         while not self.stopping.is_set():
+            # what this pass asks of Redis, in order: the last is the one an error came from; each is retried
+            # until it goes through (the group made, the pending read, the claim, the new read)
+            ops: list[str] = []
             try:
                 if not group_ready:
+                    ops.append("group check")
                     start = self.io.ensure_group()
                     if start is not None:
                         log.info("created consumer group %s on %s, reading after entry %s (%s)", s.group, s.stream,
@@ -437,13 +448,16 @@ class Worker:
                     group_ready = True
                 deleted: list[str] = []
                 if history is not None:
+                    ops.append("pending read")
                     raw = self.io.read(history, s.batch, None)
                     source = "pending"
                     if not raw:
                         history = None
+                        self._accepted(*ops)
                         continue
                     history = raw[-1][0].decode()
                 elif time.monotonic() >= claim_at:
+                    ops.append("claim")
                     claim_cursor, raw, deleted = self.io.autoclaim(s.claim_idle_ms, claim_cursor, s.batch)
                     claim_at = time.monotonic() + (0 if claim_cursor != "0-0" else claim_period)
                     source = "claimed"
@@ -451,14 +465,14 @@ class Worker:
                         log.info("claimed %d entries left pending by silent consumers", len(raw) + len(deleted),
                                  extra={"event": "claimed", "entries": len(raw) + len(deleted)})
                 else:
+                    ops.append("new read")
                     raw, lost = self.io.read_new(s.batch)
                     source = "new"
                     if lost:  # reported before the wait below, which may fail: the gap is counted once
                         self._trimmed_unread(lost)
-                    if not raw:
+                    if not raw:  # the same operation: a refusal of it ends when either read goes through
                         raw = self.io.read(">", s.batch, block_ms)
-                self.redis_state.ok()
-                self.redis_state.accepted("reader")
+                self._accepted(*ops)
                 backoff.reset()
             except UNAVAILABLE as err:
                 self.redis_state.failed(err)
@@ -471,7 +485,8 @@ class Worker:
                 continue
             except redis.ResponseError as err:
                 if refusal(err):  # reachable, but refusing for now (failover, full)
-                    self._refused(err)
+                    self._accepted(*ops[:-1])
+                    self._refused(err, ops[-1])
                 elif "NOGROUP" in str(err):
                     log.warning("consumer group %s is gone (Redis restarted without persistence?); recreating it",
                                 s.group, extra={"event": "group_lost"})
@@ -517,7 +532,7 @@ class Worker:
 
     def _send(self, entries: list[Entry]) -> bool:
         """Prepare a micro-batch and queue it for inference; False if the worker abandons it first."""
-        work = self._retry(lambda: self._prepare(entries), self.abandon)
+        work = self._retry(lambda: self._prepare(entries), self.abandon, "frame preparation")
         self._beat()
         return work is not None and self._put(self.decoded, work)
 
@@ -528,7 +543,7 @@ class Worker:
         processed alone, nothing else in flight from its decoding to its publishing, and counted in
         Redis before it starts: the frame that kills workers reaches max_deliveries by itself and is
         dead-lettered, and the frames that only shared its batch are scored."""
-        done = self._retry(lambda: self.io.done(entries), self.abandon)
+        done = self._retry(lambda: self.io.done(entries), self.abandon, "done-marker check")
         if done is None:
             return False
         for e, d in zip(entries, done):
@@ -550,7 +565,7 @@ class Worker:
             tries = None
             if not self.stopping.is_set():
                 token = f"{self.s.consumer}:{uuid.uuid4().hex}"  # one per attempt: a resent count counts once
-                tries = self._retry(lambda: self.io.begin_attempt(e.id, token), self.stopping)
+                tries = self._retry(lambda: self.io.begin_attempt(e.id, token), self.stopping, "attempt count")
                 e.token = token
             if tries is None:  # stopping: the rest stay pending, uncounted, for the restarted worker or another one
                 with self.inflight_lock:
