@@ -126,9 +126,9 @@ class Backoff:
 class RedisState:
     """Reachable or not, as last seen by any thread; logs each transition once (no per-retry spam).
 
-    Apart from that, which stages Redis refuses (`refused`: reachable, but a write refused for now,
-    e.g. OOM at its memory cap): reads still succeed then, so only the refused stage's own success
-    (`accepted`) ends it. The worker is not ready while either holds."""
+    Apart from that, which operations Redis refuses (`refused`: reachable, but a write refused for
+    now, e.g. OOM at its memory cap): others still succeed then, so only the refused operation's own
+    success (`accepted`) ends it. The worker is not ready while either holds."""
 
     def __init__(self, on_change: Callable[[bool], None] = lambda up: None,
                  on_reconnect: Callable[[], None] = lambda: None):
@@ -166,7 +166,8 @@ class RedisState:
         self._on_change(False)
 
     def refused(self, stage: str, err: BaseException) -> None:
-        """Redis refused `stage` (the reader, the publisher) for now; its warning is the caller's."""
+        """Redis refused `stage` (one of the reader's operations, the publisher) for now; its warning is
+        the caller's."""
         with self._lock:
             first = not self.refusing
             if first:
