@@ -54,6 +54,16 @@ def resampled_fpr(maps: np.ndarray, n: int, trials: int, image_fpr: float, seed:
             **{k: {"mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in shares.items()}}
 
 
+def fpr_table(rows: list[dict], first: str | None = None) -> str:
+    """resampled_fpr rows as a text table, led by the column `first` of each row where given."""
+    lead = (lambda r: f"{r[first]:>6}") if first else (lambda r: "")
+    head = (f"{first:>6}" if first else "") + f"{'n':>5}{'judged':>8}{'trials':>8}{'expected':>10}{'product':>16}" \
+        f"{'numpy default':>16}"
+    return "\n".join([head] + [
+        f"{lead(r)}{r['calibration_images']:5d}{r['judged_images']:8d}{r['trials']:8d}{r['expected_image_fpr']:10.3f}"
+        f"{r['product']['mean']:9.3f} ± {r['product']['std']:.3f}"
+        f"{r['numpy_default']['mean']:9.3f} ± {r['numpy_default']['std']:.3f}" for r in rows])
+
 @click.command()
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("--data-root", type=click.Path(path_type=Path), required=True)
@@ -75,10 +85,7 @@ def main(model, data_root, sizes, trials, image_fpr, name):
                           "target_image_fpr": image_fpr, "rows": rows},
               "machine": info, "wall_s": round(time.time() - t0, 1),
               "command": "python benchmarks/image_threshold.py " + " ".join(sys.argv[1:])}
-    table = "\n".join([f"{'n':>4}{'judged':>8}{'trials':>8}{'expected':>10}{'product':>16}{'numpy default':>16}"] + [
-        f"{r['calibration_images']:4d}{r['judged_images']:8d}{r['trials']:8d}{r['expected_image_fpr']:10.3f}"
-        f"{r['product']['mean']:9.3f} ± {r['product']['std']:.3f}"
-        f"{r['numpy_default']['mean']:9.3f} ± {r['numpy_default']['std']:.3f}" for r in rows])
+    table = fpr_table(rows)
     click.echo(table)
     path = write_result(name, record, f"# Image threshold on new good images: {name}\n\nMachine: "
                         f"{record['summary']['device']}. Model {model.name} ({size} px); {len(good)} good images it "

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from common import device_label, machine, write_result
-from image_threshold import resampled_fpr
+from image_threshold import fpr_table, resampled_fpr
 
 from ustudents.train.calibrate import DEFAULT_IMAGE_FPR
 
@@ -48,10 +48,7 @@ def main(sides, sizes, trials, image_fpr, name):
     record = {"summary": {"device": device_label(info), "maps": POOL, "target_image_fpr": image_fpr, "rows": rows},
               "machine": info, "wall_s": round(time.time() - t0, 1),
               "command": "python benchmarks/image_threshold_gaussian.py " + " ".join(sys.argv[1:])}
-    table = "\n".join([f"{'side':>5}{'n':>5}{'trials':>8}{'expected':>10}{'product':>16}{'numpy default':>16}"] + [
-        f"{r['side']:5d}{r['calibration_images']:5d}{r['trials']:8d}{r['expected_image_fpr']:10.3f}"
-        f"{r['product']['mean']:9.3f} ± {r['product']['std']:.3f}"
-        f"{r['numpy_default']['mean']:9.3f} ± {r['numpy_default']['std']:.3f}" for r in rows])
+    table = fpr_table(rows, "side")
     click.echo(table)
     path = write_result(name, record, f"# Image threshold on simulated Gaussian maps: {name}\n\n{POOL} maps per "
                         f"side, each pixel Gaussian with its own mean and spread. Per row: n maps drawn at random "
