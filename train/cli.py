@@ -257,7 +257,7 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
         raise InputError(f"--out {out}: the shipped default teachers, which every ustudents-train without --teachers "
                          "uses; give another folder (and --teachers it to ustudents-train), or add --replace-shipped")
     dev = resolve_device(device)
-    made = not Path(out).exists()
+    made = [f for f in (Path(out), *Path(out).parents) if not f.exists()]  # what mkdir makes, deepest first
     Path(out).mkdir(parents=True, exist_ok=True)  # to lock it: a second run into it read and rewrote teachers.json
     written: list[int] = []                       # from under this one, losing a scale's record
     try:
@@ -276,8 +276,10 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
                        "teachers.json); the other scales there are unchanged", err=True)
         raise
     finally:
-        if made and not any(Path(out).iterdir()):  # nothing written: no empty folder left behind
-            Path(out).rmdir()
+        for folder in made:  # nothing written: no empty folder of this run's left behind
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
 
 
 def distil(scales: list[int], out: Path, written: list[int], settings: dict) -> None:
