@@ -54,15 +54,16 @@ class Check:
     detail: str
 
 
+def grafana_query(expr: str, stream: str = ".*", rate_interval: str = "1m") -> str:
+    """A panel target's PromQL with Grafana's variables filled in as Grafana would: `stream` the line
+    selected (".*": all of them), `rate_interval` the range."""
+    return expr.replace("$stream", stream).replace("$__rate_interval", rate_interval)
+
+
 def dashboard_queries(dashboard: dict, rate_interval: str = "1m") -> list[tuple[str, str]]:
-    """(panel title, PromQL) for every target, with Grafana's variables filled in as Grafana would
-    for "all streams" and a short range."""
-    out = []
-    for panel in dashboard["panels"]:
-        for target in panel.get("targets", []):
-            expr = target["expr"].replace("$stream", ".*").replace("$__rate_interval", rate_interval)
-            out.append((panel["title"], expr))
-    return out
+    """(panel title, PromQL) for every target, for "all streams" and a short range."""
+    return [(panel["title"], grafana_query(target["expr"], rate_interval=rate_interval))
+            for panel in dashboard["panels"] for target in panel.get("targets", [])]
 
 
 def alert_names(rules_yaml: dict) -> list[str]:

@@ -30,7 +30,7 @@ from .bundle import ENGINE_PRECISIONS, Bundle, load_bundle
 from .cuda_graphs import GraphedRunner
 from .fftconv import WORKSPACE
 from .images import ImageError, frame_tensor, resize_tensor
-from .scoring import mask, max_score, position_z, position_z_max
+from .scoring import mask, max_score, position_z, position_z_max, reaches
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +169,8 @@ class Engine:
         return mask(self.mask_levels(fused), self.mask_threshold, self.mask_rule, self.verdicts(scores))
 
     def verdicts(self, scores: torch.Tensor) -> torch.Tensor:
-        """Image scores (N,) -> anomalous (N,) bool: score >= the image threshold, compared in float64
-        so that the float32 score meets the threshold exactly as recorded."""
-        return scores.double() >= self.image_threshold
+        """Image scores (N,) -> anomalous (N,) bool: score >= the image threshold, exactly as recorded."""
+        return reaches(scores, self.image_threshold)
 
     def image_scores(self, fused: torch.Tensor) -> torch.Tensor:
         """Fused maps (N, S, S) at the model's size -> image scores (N,), by the bundle's method."""

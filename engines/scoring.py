@@ -83,18 +83,20 @@ def position_z_max(fused: torch.Tensor, position_mean: torch.Tensor, position_st
 MASK_RULES = ("map", "position_z")
 
 
-def float32_at_least(threshold: float) -> float:
-    """The smallest float32 value >= `threshold`: a float32 map compared with it meets the threshold
-    exactly as recorded (float64), as the verdicts do. PyTorch compares a float32 tensor with a Python
-    float in float32, rounding the threshold to the nearest float32, which can lie below it: a map
-    just under the threshold then made a mask on an image judged good."""
+def reaches(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """values >= `threshold` exactly as recorded (float64), for scores and maps alike. PyTorch compares
+    a float32 tensor with a Python float in float32, rounding the threshold to the nearest float32,
+    which can lie below it (a map just under the threshold made a mask on an image judged good): a
+    float32 tensor is compared with the smallest float32 >= the threshold instead, which is exact."""
+    if values.dtype != torch.float32:
+        return values >= threshold
     t = np.float32(threshold)
-    return float(np.nextafter(t, np.float32(np.inf)) if float(t) < threshold else t)  # compared in float64
+    return values >= float(np.nextafter(t, np.float32(np.inf)) if float(t) < threshold else t)  # in float64
 
 
 def mask(level: torch.Tensor, threshold: float, rule: str, anomalous: torch.Tensor) -> torch.Tensor:
     """Boolean masks from the maps the rule thresholds, `level` (B, H, W), and the verdicts (B,)."""
-    over = level >= float32_at_least(threshold) if level.dtype == torch.float32 else level >= threshold
+    over = reaches(level, threshold)
     if rule == "position_z":
         over &= anomalous.reshape(-1, *([1] * (over.dim() - 1)))
     return over

@@ -121,7 +121,7 @@ def panel_query(title: str, ref: str, stream: str) -> str:
     """A panel target's PromQL as Grafana sends it with one line selected in the stream variable."""
     panel = next(p for p in dashboard()["panels"] if p["title"] == title)
     expr = next(t["expr"] for t in panel["targets"] if t["refId"] == ref)
-    return expr.replace("$stream", stream).replace("$__rate_interval", "2m")
+    return deploy_script("check_stack.py").grafana_query(expr, stream, "2m")
 
 
 @needs_promtool
