@@ -198,7 +198,9 @@ class PatchNet(nn.Module):
             x = self._conv(i, x, step, dense)
             i += 1
             if j < len(layers) - 1:
-                x = F.leaky_relu(x, LEAKY_SLOPE)
+                # in place: the convolution's output has no other reader (autograd keeps what it needs),
+                # and a dense layer's output is hundreds of MB whose fresh pages cost time to map
+                x = F.leaky_relu(x, LEAKY_SLOPE, inplace=True)
         return x
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:

@@ -63,10 +63,23 @@ def profile_shapes(image_size: int, max_batch: int) -> dict[str, tuple[tuple[int
 
 def network_flags(trt) -> int:
     """Creation flags: strongly typed (precision from the ONNX types). Explicit batch is the only
-    mode since TensorRT 10, so it is never set. TensorRT 11 deprecates the STRONGLY_TYPED flag
-    (networks are always strongly typed there, the flag ignored): a release without it gets none."""
+    mode since TensorRT 10, so it is never set (11 removed the flag). TensorRT 11 keeps
+    STRONGLY_TYPED, as value 0 instead of 10's 1, deprecated and ignored (networks are always strongly
+    typed there): it is set by its value wherever it exists, and a release without it gets none."""
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     return 0 if flag is None else 1 << int(flag)
+
+
+def context_gpu_mismatch(context_bus_id: str, first_bus_id: str) -> str | None:
+    """Why pycuda's context is on the wrong GPU, or None. The TensorRT backend runs on the first
+    visible GPU, whose name the plans are checked against; pycuda.autoprimaryctx attaches to the GPU
+    that CUDA_DEVICE or ~/.cuda_device names, if any. Arguments: PCI bus ids (Device.pci_bus_id())."""
+    if context_bus_id == first_bus_id:
+        return None
+    return (f"pycuda attached to the GPU at PCI {context_bus_id}, not the first visible one at {first_bus_id} that "
+            "TensorRT plans are checked against (the environment variable CUDA_DEVICE or the file ~/.cuda_device "
+            "chooses pycuda's GPU): unset CUDA_DEVICE and remove ~/.cuda_device, and choose the GPU with "
+            "CUDA_VISIBLE_DEVICES instead")
 
 
 def plan_entry(precision: str, gpu: str, trt_version: str, max_batch: int, image_size: int,

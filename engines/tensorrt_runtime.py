@@ -12,6 +12,7 @@ which hangs or fails with invalid resource handles (NVIDIA/TensorRT#4608).
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +20,33 @@ import torch
 
 from .files import write_atomically
 from .runtime import EngineError
-from .tensorrt_build import ALLOW_TF32, WORKSPACE_BYTES, network_flags, profile_shapes
+from .tensorrt_build import ALLOW_TF32, WORKSPACE_BYTES, context_gpu_mismatch, network_flags, profile_shapes
 
 
+@functools.lru_cache(maxsize=None)
 def _trt():
+    """TensorRT and the process's one logger: TensorRT keeps the first logger it is given for the
+    process and warns at each different one, which a runtime freed earlier may leave dangling."""
     import tensorrt as trt
     return trt, trt.Logger(trt.Logger.WARNING)
+
+
+def _primary_context():
+    """pycuda's primary context, checked to be the first visible GPU's: autoprimaryctx takes the GPU
+    that CUDA_DEVICE or ~/.cuda_device names, while plans are checked against PyTorch's cuda:0."""
+    import pycuda.autoprimaryctx as primary
+    import pycuda.driver as cuda
+
+    problem = context_gpu_mismatch(primary.device.pci_bus_id(), cuda.Device(0).pci_bus_id())
+    if problem:
+        raise EngineError(problem)
+    return primary.context
 
 
 def build_plan(onnx_path: Path, image_size: int, max_batch: int, cache_path: Path) -> bytes:
     """ONNX -> serialized plan, with one optimization profile for batch 1..max_batch and the
     timing cache at `cache_path` read before and written back after the build."""
-    import pycuda.autoprimaryctx  # noqa: F401  (the builder times kernels on the primary context)
-
+    _primary_context()  # the builder times kernels on the primary context
     trt, logger = _trt()
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
@@ -67,13 +82,12 @@ class TensorRTRunner:
     download on one pycuda stream, then return (fused, per-scale) as CPU tensors."""
 
     def __init__(self, plan_path: Path, max_batch: int):
-        import pycuda.autoprimaryctx as primary
         import pycuda.driver as cuda
 
         # A CUDA context is current per thread, and autoprimaryctx makes it current only in the thread
         # that imports it: the runner is made in one thread and called from another (a worker's
         # inference thread), so making it and each call push the context.
-        self.ctx = primary.context
+        self.ctx = _primary_context()
         self.cuda = cuda
         self.ctx.push()
         try:

@@ -168,6 +168,32 @@ def test_evaluate_writes_metrics_overlays_and_manifest(bundle_copy, eval_root, t
 
     samples = dataset.test_samples(eval_root, TINY_CATEGORY)
     assert results["test_images"] == len(samples) == 3
+    # The figures are those of the model's own maps, recomputed here metric by metric: the fused map's
+    # at the top, each scale's map under its p, each defect type's on the good images and that type's
+    from ustudents.engines.runtime import load_engine
+    from ustudents.train.metrics import au_pro, image_auroc, pixel_auroc
+
+    samples, labels, masks = dataset.checked_test_set(eval_root, TINY_CATEGORY, 64)
+    fused, scales = (t.numpy() for t in load_engine(bundle_copy, backend="torch", device="cpu").maps(
+        list(dataset.load_images(samples, 64))))
+
+    def figures(maps, chosen):
+        return {"image_auroc": image_auroc(maps[chosen].reshape(chosen.sum(), -1).max(1), labels[chosen]),
+                "pixel_auroc": pixel_auroc(maps[chosen], masks[chosen]),
+                "au_pro_30": au_pro(maps[chosen], masks[chosen], fpr_limit=0.3)}
+
+    def same(got, expected):
+        assert {k: got[k] for k in expected} == pytest.approx(expected, abs=1e-6)
+
+    every = np.ones(len(samples), bool)
+    same(results, figures(fused, every))
+    assert np.abs(scales[:, 0] - scales[:, 1]).max() > 0.1  # the scales differ, so each must be its own
+    for k, p in enumerate(("17", "33")):
+        same(results["per_scale"][p], figures(scales[:, k], every))
+    for defect in ("scratch", "spot"):
+        chosen = ~labels | np.array([s.defect == defect for s in samples])
+        assert results["per_defect"][defect]["images"] == 1
+        same(results["per_defect"][defect], figures(fused, chosen))
     for s in samples:
         png = overlays / s.defect / f"{s.path.stem}.png"
         img = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
@@ -215,6 +241,10 @@ def test_predict_writes_masks_overlays_and_results(tiny_bundle, tiny_mvtec, tmp_
     threshold = manifest_of(tiny_bundle)["threshold"]["value"]
     records = json.loads((out / "results.json").read_text())
     assert [r["image"] for r in records] == [str(p) for p in images]
+    from ustudents.engines.images import read_image
+    from ustudents.engines.runtime import load_engine
+
+    engine = load_engine(tiny_bundle, backend="torch", device="cpu")
     engine_line, *lines = result.stdout.strip().splitlines()
     assert engine_line == "engine: torch fp32 on cpu" and len(lines) == len(images)  # which engine scored them
     for image, r, line in zip(images, records, lines):
@@ -231,6 +261,11 @@ def test_predict_writes_masks_overlays_and_results(tiny_bundle, tiny_mvtec, tmp_
         assert set(np.unique(mask)) <= {0, 255}
         if not r["anomalous"]:
             assert not mask.any(), "a mask on an image judged ok"
+        # what was written is the engine's prediction for that image, score and mask
+        expected = engine.predict([read_image(image)])[0]
+        # (up to float rounding: the command scored both images in one batch)
+        assert r["score"] == pytest.approx(expected.score, rel=1e-5) and r["anomalous"] == expected.anomalous
+        assert np.array_equal(mask > 0, expected.mask)
         overlay = cv2.imread(r["overlay"], cv2.IMREAD_UNCHANGED)
         assert overlay.shape == (h, w, 3)
     assert no_hidden_leftovers(out) == [PREDICT_OUTPUTS]  # the list of what it writes there, kept by design
@@ -296,6 +331,14 @@ def test_calibrate_changes_threshold_and_statistics_only(bundle_copy, tiny_mvtec
     assert sha256_file(bundle_copy / WEIGHTS) == weights_sha == after["weights"]["sha256"]
     assert load_bundle(bundle_copy).mask_threshold == after["threshold"]["value"]
     assert no_hidden_leftovers(bundle_copy) == []
+    # what the threshold promises, as the engine a worker runs scores those images: 1% of their pixels
+    from ustudents.engines.images import read_image
+    from ustudents.engines.runtime import load_engine
+
+    fused, _ = load_engine(bundle_copy, backend="torch", device="cpu").maps(
+        [read_image(f) for f in sorted(good.iterdir())])
+    flagged = (fused.double() >= after["threshold"]["value"]).double().mean().item()
+    assert flagged == pytest.approx(0.01, abs=2 / fused.numel())
 
 
 @pytest.mark.slow

@@ -27,8 +27,8 @@ from ustudents.engines.onnx_engine import TOLERANCE, build_onnx
 from ustudents.engines.patchnet import PatchNet
 from ustudents.engines import runtime
 from ustudents.engines.runtime import Engine, EngineError, load_engine, preprocess
-from ustudents.engines.tensorrt_build import (network_flags, plan_entry, plan_file, plan_mismatch, profile_shapes,
-                                              timing_cache_file)
+from ustudents.engines.tensorrt_build import (context_gpu_mismatch, network_flags, plan_entry, plan_file, plan_mismatch,
+                                              profile_shapes, timing_cache_file)
 
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'ustudents[onnx]')")
 
@@ -615,13 +615,26 @@ def test_each_gpu_and_tensorrt_version_keeps_its_own_timing_cache():
 
 
 def test_networks_are_strongly_typed_where_the_flag_exists_and_need_none_where_it_is_gone():
-    """TensorRT 10 needs the flag for precision from the ONNX types; 11 deprecates it (always strongly
-    typed): a release without it must still build, not fail on a missing attribute."""
+    """TensorRT 10 needs the flag for precision from the ONNX types (STRONGLY_TYPED = 1 beside the
+    deprecated EXPLICIT_BATCH = 0); 11 removed EXPLICIT_BATCH and keeps STRONGLY_TYPED as 0, ignored
+    (always strongly typed); a release without it must still build, not fail on a missing attribute."""
     from types import SimpleNamespace
 
-    flags = SimpleNamespace(STRONGLY_TYPED=1, EXPLICIT_BATCH=0)
-    assert network_flags(SimpleNamespace(NetworkDefinitionCreationFlag=flags)) == 0b10
-    assert network_flags(SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(EXPLICIT_BATCH=0))) == 0
+    def flags(**values):
+        return network_flags(SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(**values)))
+
+    assert flags(EXPLICIT_BATCH=0, STRONGLY_TYPED=1) == 0b10  # TensorRT 10
+    assert flags(STRONGLY_TYPED=0) == 0b1  # TensorRT 11
+    assert flags() == 0
+
+
+def test_tensorrt_refuses_a_pycuda_context_on_another_gpu_than_the_first_visible_one():
+    """pycuda.autoprimaryctx attaches to the GPU that CUDA_DEVICE or ~/.cuda_device names: a plan
+    checked against the first visible GPU's name would be built or run on another GPU."""
+    assert context_gpu_mismatch("0000:17:00.0", "0000:17:00.0") is None
+    problem = context_gpu_mismatch("0000:65:00.0", "0000:17:00.0")
+    assert "0000:65:00.0" in problem and "0000:17:00.0" in problem
+    assert "unset CUDA_DEVICE" in problem and "CUDA_VISIBLE_DEVICES" in problem
 
 
 def test_tensorrt_runs_on_the_first_visible_gpu_and_says_how_to_choose_another(tiny_bundle, monkeypatch):

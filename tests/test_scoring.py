@@ -44,6 +44,40 @@ def test_scale_score_and_fusion():
     assert fuse(maps).item() == 1.0
 
 
+def test_the_model_scores_each_scale_with_its_own_statistics_and_averages_the_scales():
+    """What every engine exports and runs (AnomalyModel.forward) is the paper's map: per scale, the
+    teacher standardized by that scale's descriptor statistics, e and v (eqs. 6-7) normalized by that
+    scale's e_mu, e_sigma, v_mu, v_sigma (eq. 8), then the mean over scales. Recomputed here in
+    float64 numpy from the networks' raw output; every statistic differs, so a swapped or shared one
+    shows."""
+    from ustudents.engines.model import INPUT_MEAN, INPUT_STD, AnomalyModel
+
+    torch.manual_seed(0)
+    model = AnomalyModel([17, 33], students=3).eval()
+    for k, ens in enumerate(model.ensembles):
+        ens.desc_mean.copy_(torch.randn(128) * 0.05)
+        ens.desc_std.copy_(torch.rand(128) * 0.5 + 0.2)
+        ens.score_stats.copy_(torch.tensor([0.5 + k, 2.0 + 3 * k, 0.2 + 2 * k, 0.4 + 5 * k]))
+    images = torch.rand(2, 3, 20, 20)
+    with torch.no_grad():
+        fused, maps = model(images)
+        x = (images - torch.tensor(INPUT_MEAN)[:, None, None]) / torch.tensor(INPUT_STD)[:, None, None]
+        outs = [ens.net.dense_image(x).double().numpy() for ens in model.ensembles]  # (B, M+1, 128, H, W)
+    expected = []
+    for ens, out in zip(model.ensembles, outs):
+        mean, std = (t.double().numpy()[:, None, None] for t in (ens.desc_mean, ens.desc_std))
+        y, mu = (out[:, 0] - mean) / std, out[:, 1:]
+        e = ((mu.mean(1) - y) ** 2).sum(1)  # eq. 6
+        v = (mu ** 2).sum(2).mean(1) - (mu.mean(1) ** 2).sum(1)  # eq. 7
+        e_mu, e_sigma, v_mu, v_sigma = ens.score_stats.double().tolist()
+        expected.append((e - e_mu) / e_sigma + (v - v_mu) / v_sigma)  # eq. 8
+    expected = np.stack(expected, axis=1)
+    assert maps.shape == (2, 2, 20, 20) and fused.shape == (2, 20, 20)
+    assert np.abs(expected[:, 0] - expected[:, 1]).max() > 1.0  # the scales' maps differ: their mean is a test
+    np.testing.assert_allclose(maps.numpy(), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fused.numpy(), expected.mean(axis=1), rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------ image score
 
 def test_position_z_max_scores_each_pixel_against_its_own_position():

