@@ -47,7 +47,7 @@ echo "== 2. engines benchmark"
 echo "engines exit $?"; keep
 
 echo "== 1. CUDA tests"
-(cd /tmp && timeout 80 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_cuda.py" "$REPO/tests/test_fdfe.py") \
+(cd /tmp && timeout 80 python3 -m pytest -q -o addopts=-ra -p no:cacheprovider "$REPO/tests/test_cuda.py" "$REPO/tests/test_fdfe.py") \
     > "$OUT/pytest_cuda.log" 2>&1
 echo "pytest exit $?"; tail -6 "$OUT/pytest_cuda.log"
 

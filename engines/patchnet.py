@@ -128,7 +128,8 @@ class PatchNet(nn.Module):
         """Run the dense form in whichever of four equivalent forms is fastest: the n networks in one
         grouped pass or apart (one after another), each on NCHW or channels-last memory. Same
         descriptors; which is fastest depends on the device's kernels. With bfloat16 weights on a
-        2-core Xeon with AMX, channels-last ran p=17 1.5x faster than NCHW, and the networks apart
+        2-core Xeon with AMX, channels-last ran p=17 1.33-1.39x faster than NCHW (networks apart:
+        benchmarks/results/engines_cpu_amx_forms.json), and the networks apart
         beat the grouped pass at p=17 and p=33; on an AVX512-BF16 EPYC, where channels-last under
         autocast had measured slower, the networks apart on channels-last in bf16 won every scale too;
         on an H200 in half precision the networks apart on channels-last won every

@@ -6,10 +6,16 @@ read-only (copy it with shutil.copytree to tmp_path before changing anything).
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import sys
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs in one process per core (pytest-xdist, pyproject's addopts): each takes one thread,
+    # as two processes of two threads each would make OpenMP's threads wait on each other. Set before
+    # torch is imported, and inherited by the commands the tests start as subprocesses.
+    os.environ["OMP_NUM_THREADS"] = "1"
 importlib.import_module("ustudents")  # before cv2, as the commands and the worker: it caps OpenCV's decoding
 import cv2  # noqa: E402
 import numpy as np

@@ -27,7 +27,7 @@ from .students import MAX_LR, MAX_SEED, StudentConfig, TrainingDiverged, train_s
 from .teacher_files import DEFAULT_DIR, load_teachers
 
 MIN_IMAGE_SIZE = 64
-# Every training image's teacher descriptors are cached (N x 128 x S x S float16: 50 GB for 600 images at
+# Every training image's teacher descriptors are cached (N x 128 x S x S float16, per scale: 161 GB for 600 images at
 # 1024 px), so larger sizes are refused rather than left to fail on memory or disk.
 MAX_IMAGE_SIZE = MAX_SERVED_SIZE  # 1024: what a bundle may hold (bundle.py)
 

@@ -181,10 +181,11 @@ class RedisState:
         if stage not in self.refusing:
             return
         with self._lock:
+            cleared = set(self.refusing) == {stage}
+            if cleared:  # said before readiness shows it: whoever sees the worker ready finds the line logged
+                took = time.monotonic() - self.refused_since
+                log.info("redis takes the worker's writes again after %.1f s", took,
+                         extra={"event": "redis_accepts", "refused_s": round(took, 3)})
             self.refusing.pop(stage, None)
-            cleared = not self.refusing
         if cleared:
-            took = time.monotonic() - self.refused_since
-            log.info("redis takes the worker's writes again after %.1f s", took,
-                     extra={"event": "redis_accepts", "refused_s": round(took, 3)})
             self._on_change(True)
