@@ -173,9 +173,10 @@ def test_evaluate_writes_metrics_overlays_and_manifest(bundle_copy, eval_root, t
     from ustudents.engines.runtime import load_engine
     from ustudents.train.metrics import au_pro, image_auroc, pixel_auroc
 
-    samples, labels, masks = dataset.checked_test_set(eval_root, TINY_CATEGORY, 64)
+    checked, labels, masks = dataset.checked_test_set(eval_root, TINY_CATEGORY, 64)
+    assert checked == samples
     fused, scales = (t.numpy() for t in load_engine(bundle_copy, backend="torch", device="cpu").maps(
-        list(dataset.load_images(samples, 64))))
+        list(dataset.load_images(checked, 64))))
 
     def figures(maps, chosen):
         return {"image_auroc": image_auroc(maps[chosen].reshape(chosen.sum(), -1).max(1), labels[chosen]),
@@ -191,7 +192,7 @@ def test_evaluate_writes_metrics_overlays_and_manifest(bundle_copy, eval_root, t
     for k, p in enumerate(("17", "33")):
         same(results["per_scale"][p], figures(scales[:, k], every))
     for defect in ("scratch", "spot"):
-        chosen = ~labels | np.array([s.defect == defect for s in samples])
+        chosen = ~labels | np.array([s.defect == defect for s in checked])
         assert results["per_defect"][defect]["images"] == 1
         same(results["per_defect"][defect], figures(fused, chosen))
     for s in samples:
