@@ -26,6 +26,8 @@ from click.testing import CliRunner
 from conftest import TINY_CATEGORY, copy_as_png, write_image
 from ustudents.cli import main
 from ustudents.engines.bundle import MANIFEST, WEIGHTS, load_bundle, sha256_file, update_manifest
+from ustudents.engines.images import read_image
+from ustudents.engines.runtime import load_engine
 from ustudents.train import dataset
 from ustudents.train.cli import train_cmd
 from ustudents.train.evaluate import PREDICT_OUTPUTS
@@ -170,7 +172,6 @@ def test_evaluate_writes_metrics_overlays_and_manifest(bundle_copy, eval_root, t
     assert results["test_images"] == len(samples) == 3
     # The figures are those of the model's own maps, recomputed here metric by metric: the fused map's
     # at the top, each scale's map under its p, each defect type's on the good images and that type's
-    from ustudents.engines.runtime import load_engine
     from ustudents.train.metrics import au_pro, image_auroc, pixel_auroc
 
     checked, labels, masks = dataset.checked_test_set(eval_root, TINY_CATEGORY, 64)
@@ -209,7 +210,6 @@ def test_evaluate_writes_metrics_overlays_and_manifest(bundle_copy, eval_root, t
 def test_evaluate_on_chosen_samples_scores_them_as_a_test_set_of_only_them(tiny_bundle, tiny_mvtec, eval_root, tmp_path):
     # benchmarks evaluate every k-th test image through `samples=`: the figures must be those of a
     # test set holding only those images, not of the whole set or a mix
-    from ustudents.engines.runtime import load_engine
     from ustudents.train.evaluate import evaluate
 
     engine = load_engine(Path(shutil.copytree(tiny_bundle, tmp_path / "b")), backend="torch", device=torch.device("cpu"))
@@ -242,9 +242,6 @@ def test_predict_writes_masks_overlays_and_results(tiny_bundle, tiny_mvtec, tmp_
     threshold = manifest_of(tiny_bundle)["threshold"]["value"]
     records = json.loads((out / "results.json").read_text())
     assert [r["image"] for r in records] == [str(p) for p in images]
-    from ustudents.engines.images import read_image
-    from ustudents.engines.runtime import load_engine
-
     engine = load_engine(tiny_bundle, backend="torch", device="cpu")
     engine_line, *lines = result.stdout.strip().splitlines()
     assert engine_line == "engine: torch fp32 on cpu" and len(lines) == len(images)  # which engine scored them
@@ -333,9 +330,6 @@ def test_calibrate_changes_threshold_and_statistics_only(bundle_copy, tiny_mvtec
     assert load_bundle(bundle_copy).mask_threshold == after["threshold"]["value"]
     assert no_hidden_leftovers(bundle_copy) == []
     # what the threshold promises, as the engine a worker runs scores those images: 1% of their pixels
-    from ustudents.engines.images import read_image
-    from ustudents.engines.runtime import load_engine
-
     fused, _ = load_engine(bundle_copy, backend="torch", device="cpu").maps(
         [read_image(f) for f in sorted(good.iterdir())])
     flagged = (fused.double() >= after["threshold"]["value"]).double().mean().item()
