@@ -124,6 +124,9 @@ class PlanLog(logging.Handler):
 def run_config(cfg: dict) -> dict:
     """One configuration, in this process: warm up, then time `batches` calls of engine.predict."""
     device = resolve_device(cfg["device"])
+    if "fft_chunk_mb" in cfg:
+        from ustudents.engines import fftconv
+        fftconv.CHUNK_BYTES = cfg["fft_chunk_mb"] * 2 ** 20
     plan = PlanLog()  # what the engine's first batch measured and chose (PatchNet's planning log lines)
     logging.getLogger("ustudents.engines.patchnet").addHandler(plan)
     logging.getLogger("ustudents.engines.patchnet").setLevel(logging.INFO)
@@ -214,6 +217,9 @@ def in_subprocess(cfg: dict) -> dict:
                    "naive baseline).")
 @click.option("--cuda-graphs", "graphs", default="on", show_default=True,
               help="GPU: time the torch backend with CUDA graphs (on), without (off), or both (on,off).")
+@click.option("--fft-chunk-mb", "chunk_mb", default=None, type=click.IntRange(min=1),
+              help="Cap the CPU FFT convolutions' complex intermediates at this many MB each (fftconv.CHUNK_BYTES), "
+                   "to time the cap against memory.  [default: the code's]")
 @click.option("--name", default=None, help="Result file name.  [default: engines_<device>]")
 @click.option("--from-log", "from_log", type=click.Path(exists=True, path_type=Path), default=None,
               help="Write the result from the log of a run that a time limit cut short (its configurations' "
@@ -221,8 +227,8 @@ def in_subprocess(cfg: dict) -> dict:
 @click.option("--machine-from", "machine_from", type=click.Path(exists=True, path_type=Path), default=None,
               help="With --from-log, for logs without a machine line: a result JSON from the same run's machine.")
 @click.option("--config", default=None, hidden=True)
-def main(device, size, frame_size, batches, backends, precisions, repeats, seconds, per_scale, graphs, name, from_log,
-         machine_from, config):
+def main(device, size, frame_size, batches, backends, precisions, repeats, seconds, per_scale, graphs, chunk_mb, name,
+         from_log, machine_from, config):
     if config:  # child process: one configuration
         print(json.dumps(run_config(json.loads(config))))
         return
@@ -275,7 +281,7 @@ def main(device, size, frame_size, batches, backends, precisions, repeats, secon
     click.echo("machine: " + json.dumps(info))
     for cfg in todo:
         cfg.update(device=str(dev), size=size, frame_size=frame_size, batches=repeats,
-                   **({"seconds": seconds} if seconds else {}))
+                   **({"seconds": seconds} if seconds else {}), **({"fft_chunk_mb": chunk_mb} if chunk_mb else {}))
         graphed = f" graphs {'on' if cfg['graphs'] else 'off'}" if "graphs" in cfg and dev.type == "cuda" else ""
         click.echo(f"running {cfg['backend']} {cfg['precision']} batch {cfg['batch']} scales {cfg['scales']}{graphed} ...")
         res = run_one(cfg)

@@ -6,6 +6,8 @@ Per FFT candidate layer of the 3-scale model at 256 px (real shapes, M=3, random
 versions of `engines/fftconv.py` run the layer at the tile the engine picks, timed in alternating
 rounds after a warm-up each (a slow moment of a shared machine falls on both alike), median of the
 rounds; their outputs must agree (largest difference relative to the output's largest value). The
+kernel spectra, which each version makes once per layer at an engine's first batch, are timed the
+same way (`spectra_median_s`). The
 baseline is read with `git show REV:engines/fftconv.py` and loaded as a module of its own, with its
 own workspace. Writes benchmarks/results/<name>.json and a .md table.
 """
@@ -51,15 +53,20 @@ def time_layer(layer: dict, versions: dict, rounds: int) -> dict:
     reference = outputs["baseline"]
     difference = max((y - reference).abs().max().item() for y in outputs.values()) / reference.abs().max().item()
     del outputs, reference
+    tile = convs["this tree"].tile_for(x, d)
     runs = {label: [] for label in convs}
+    spectra = {label: [] for label in convs}
     for _ in range(rounds):
         for label, conv in convs.items():
             t0 = time.perf_counter()
             conv(x, d)
             runs[label].append(time.perf_counter() - t0)
-    return {**layer, "tile": convs["this tree"].tile_for(x, d), "relative_difference": difference,
+            t0 = time.perf_counter()
+            versions[label].kernel_spectrum(weight, g, tile)
+            spectra[label].append(time.perf_counter() - t0)
+    return {**layer, "tile": tile, "relative_difference": difference,
             "median_s": {label: statistics.median(v) for label, v in runs.items()},
-            "runs_s": runs}
+            "runs_s": runs, "spectra_median_s": {label: statistics.median(v) for label, v in spectra.items()}}
 
 
 @click.command()
@@ -77,18 +84,22 @@ def main(baseline, size, rounds, name):
         rows = [time_layer(layer, versions, rounds) for layer in candidate_layers(size)]
         bandwidth.append(memory_gbps(torch.device("cpu")))
     total = {label: sum(r["median_s"][label] for r in rows) for label in versions}
+    spectra = {label: sum(r["spectra_median_s"][label] for r in rows) for label in versions}
     lines = [f"{'scale':<6}{'layer':>6}{'input':>16}{'dil':>4}{'k':>3}{'tile':>5}{commit + ' s':>12}"
-             f"{'this tree s':>12}{'speed-up':>9}{'rel. diff':>10}"]
+             f"{'this tree s':>12}{'speed-up':>9}{'rel. diff':>10}{'spectra s (' + commit + ' / this)':>28}"]
     for r in rows:
-        med = r["median_s"]
+        med, spec = r["median_s"], r["spectra_median_s"]
         lines.append(f"p={r['p']:<4}{r['layer']:>6}{'x'.join(map(str, r['input'][1:])):>16}{r['dilation']:>4}"
                      f"{r['weight'][-1]:>3}{r['tile']:>5}{med['baseline']:>12.3f}{med['this tree']:>12.3f}"
-                     f"{med['baseline'] / med['this tree']:>9.2f}{r['relative_difference']:>10.1e}")
+                     f"{med['baseline'] / med['this tree']:>9.2f}{r['relative_difference']:>10.1e}"
+                     f"{spec['baseline']:>19.3f} / {spec['this tree']:.3f}")
     lines.append(f"sum of medians: {commit} {total['baseline']:.2f} s, this tree {total['this tree']:.2f} s "
-                 f"({total['baseline'] / total['this tree']:.2f}x)")
+                 f"({total['baseline'] / total['this tree']:.2f}x); kernel spectra {spectra['baseline']:.2f} s "
+                 f"against {spectra['this tree']:.2f} s")
     write_layer_result(name, f"FFT convolution layers: this tree against {commit}", "\n".join(lines),
                        {"baseline": commit, "results": rows, "total_median_s": total,
-                        "speedup": total["baseline"] / total["this tree"]}, bandwidth, size, rounds)
+                        "speedup": total["baseline"] / total["this tree"], "spectra_total_median_s": spectra},
+                       bandwidth, size, rounds)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ import math
 import threading
 
 import torch
-import torch.nn.functional as F
 
 TILE = 16
 # Larger tile sides a layer may take instead (FFT sizes with small prime factors), chosen by
@@ -61,7 +60,8 @@ TRANSFORM_WEIGHT = 1.5
 # operations: the transforms and the shuffling of tiles cost the rest.
 MAX_COST_RATIO = 0.5
 # Upper bound on each complex intermediate (tiles' and outputs' spectra) of one layer: a memory cap
-# that still leaves each matrix product a few hundred columns.
+# that still leaves each matrix product a few hundred columns. 64 MB took 0.6 of the 3-scale model's
+# 5.8 GB peak off, at a speed two alternating runs could not tell from 256's (benchmarks/README.md).
 CHUNK_BYTES = 256 * 2 ** 20
 
 
@@ -126,11 +126,21 @@ def choose_tile(out_h: int, out_w: int, kernel: int, c_in: int, c_in_g: int, c_o
 
 
 def kernel_spectrum(weight: torch.Tensor, groups: int, tile: int = TILE) -> torch.Tensor:
-    """conj(rFFT) of each kernel zero-padded to the tile: (frequencies, groups, c_out/groups, c_in/groups)."""
+    """conj(rFFT) of each kernel zero-padded to the tile: (frequencies, groups, c_out/groups, c_in/groups).
+
+    As two products with the first k columns of the conjugated DFT matrices (the padding's zeros add
+    nothing), which write this frequency-major layout directly. rfft2 followed by the transpose to it
+    (a strided copy of hundreds of MB) took an order of magnitude longer, paid by each layer at every
+    engine load: seconds of each command's and worker's start."""
     c_out, c_in_g, k, _ = weight.shape
-    padded = F.pad(weight, (0, tile - k, 0, tile - k))
-    spectrum = torch.fft.rfft2(padded).conj()
-    return spectrum.reshape(groups, c_out // groups, c_in_g, -1).permute(3, 0, 1, 2).contiguous()
+    half = tile // 2 + 1
+    along_x, along_y = forward_dft_matrices(tile)
+    conj_x = torch.complex(along_x[:half, :k], -along_x[half:, :k])  # (half, k)
+    conj_y = along_y[:, :k].conj()  # (tile, k)
+    kernels = weight.detach().permute(2, 3, 0, 1).reshape(k, k, c_out * c_in_g).to(conj_x.dtype)
+    rows = torch.matmul(conj_x, kernels)  # along x: (k rows, half, pairs)
+    spectrum = torch.mm(conj_y, rows.view(k, half * c_out * c_in_g))  # along y: (tile, half * pairs)
+    return spectrum.view(tile * half, groups, c_out // groups, c_in_g)
 
 
 def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: torch.Tensor | None,

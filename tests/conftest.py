@@ -1,7 +1,8 @@
 """Shared fixtures for the whole test suite.
 
-`tiny_mvtec` writes a small MVTec-AD-layout dataset once per session; tests must treat it as
-read-only (copy it with shutil.copytree to tmp_path before changing anything).
+`tiny_mvtec` writes a small MVTec-AD-layout dataset once per run (shared by the run's processes:
+`made_once`); tests must treat it as read-only (copy it with shutil.copytree to tmp_path before
+changing anything), as every session fixture's folder.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ importlib.import_module("ustudents")  # before cv2, as the commands and the work
 import cv2  # noqa: E402
 import numpy as np
 import pytest
+from filelock import FileLock
 
 TINY_CATEGORY = "tiles"
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -81,12 +83,35 @@ def _texture(rng: np.random.Generator, h: int, w: int, color: bool) -> np.ndarra
     return np.clip(gray[..., None] * tint, 0, 255).astype(np.uint8)
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """The folder `name`, filled by make(folder) once per test run. Under pytest-xdist the first
+    process to ask makes it while holding a file lock and the others wait and share it, where each
+    would make its own (the trained bundles take 13-15 s each; the xdist docs' pattern). What the
+    session fixtures return is read-only, so sharing it between processes changes nothing."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-N/popen-gwK: pytest-N is this run's, the same for all its processes
+    folder = base / "made-once" / name
+    folder.parent.mkdir(exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        if not folder.exists():
+            partial = folder.with_name(f"{name}.partial")  # a fixture that failed part-way is no folder
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+            make(partial)
+            partial.rename(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_mvtec(tmp_path_factory) -> Path:
     """ROOT/tiles/{train/good (16), test/good (4), test/scratch (4), test/spot (4)} with
     ROOT/tiles/ground_truth/{scratch,spot}/NNN_mask.png. Images are 48..64 px per side
     (not square), even indices gray PNG, odd indices colour JPEG. Returns ROOT."""
-    root = tmp_path_factory.mktemp("mvtec")
+    return made_once(tmp_path_factory, "mvtec", write_tiny_mvtec)
+
+
+def write_tiny_mvtec(root: Path) -> None:
     cat = root / TINY_CATEGORY
     rng = np.random.default_rng(1234)
 
@@ -119,7 +144,6 @@ def tiny_mvtec(tmp_path_factory) -> Path:
                 cv2.circle(mask, c, r, 255, -1)
             write_image(cat / "test" / defect / f"{i:03d}{suffix}", img)
             write_image(cat / "ground_truth" / defect / f"{i:03d}_mask.png", mask)
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -130,11 +154,12 @@ def random_teachers(tmp_path_factory) -> Path:
     from ustudents.engines.patchnet import PatchNet
     from ustudents.train.teacher_files import save_teacher
 
-    folder = tmp_path_factory.mktemp("teachers")
-    for p in (17, 33):
-        torch.manual_seed(p)
-        save_teacher(folder, p, PatchNet(p).state_dict(), {"config": {"random_init": True}})
-    return folder
+    def make(folder: Path) -> None:
+        for p in (17, 33):
+            torch.manual_seed(p)
+            save_teacher(folder, p, PatchNet(p).state_dict(), {"config": {"random_init": True}})
+
+    return made_once(tmp_path_factory, "teachers", make)
 
 
 @pytest.fixture(scope="session")
@@ -145,16 +170,17 @@ def tiny_bundle(tmp_path_factory, tiny_mvtec, random_teachers) -> Path:
 
     from ustudents.cli import main
 
-    out = tmp_path_factory.mktemp("bundle") / "tiles-model"
-    result = CliRunner().invoke(main, [
-        "train", "--data-root", str(tiny_mvtec), TINY_CATEGORY, "--out", str(out), "--scales", "17,33",
-        "--students", "2", "--epochs", "1", "--image-size", "64", "--teachers", str(random_teachers),
-        "--no-evaluate", "--amp", "off", "--seed", "0",
-        # CPU economy (same code paths): one step per epoch on 8x8 windows of the dense output, and
-        # 3 instead of 5 validation images (calibration runs all networks on whole images)
-        "--crop", "8", "--batch", "16", "--val-fraction", "0.1"])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return out
+    def make(folder: Path) -> None:
+        result = CliRunner().invoke(main, [
+            "train", "--data-root", str(tiny_mvtec), TINY_CATEGORY, "--out", str(folder / "tiles-model"),
+            "--scales", "17,33", "--students", "2", "--epochs", "1", "--image-size", "64",
+            "--teachers", str(random_teachers), "--no-evaluate", "--amp", "off", "--seed", "0",
+            # CPU economy (same code paths): one step per epoch on 8x8 windows of the dense output, and
+            # 3 instead of 5 validation images (calibration runs all networks on whole images)
+            "--crop", "8", "--batch", "16", "--val-fraction", "0.1"])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+
+    return made_once(tmp_path_factory, "bundle", make) / "tiles-model"
 
 
 @pytest.fixture(scope="session")
@@ -163,10 +189,11 @@ def small_bundle(tiny_bundle, tmp_path_factory) -> Path:
     a quarter of the CPU time, for tests of what surrounds the networks. Read-only."""
     from ustudents.engines.bundle import update_manifest
 
-    path = tmp_path_factory.mktemp("small-bundle") / "tiles-32"
-    shutil.copytree(tiny_bundle, path)
-    update_manifest(path, image_size=32)
-    return path
+    def make(folder: Path) -> None:
+        shutil.copytree(tiny_bundle, folder / "tiles-32")
+        update_manifest(folder / "tiles-32", image_size=32)
+
+    return made_once(tmp_path_factory, "small-bundle", make) / "tiles-32"
 
 
 @pytest.fixture(scope="session")
@@ -174,11 +201,12 @@ def many_good_images(tmp_path_factory) -> Path:
     """A folder of 32 defect-free textures like tiny_mvtec's: enough for the position image score."""
     from ustudents.train.calibrate import MIN_POSITION_IMAGES
 
-    folder = tmp_path_factory.mktemp("many-good")
-    rng = np.random.default_rng(99)
-    for i in range(MIN_POSITION_IMAGES + 2):
-        write_image(folder / f"{i:03d}.png", _texture(rng, 48, 56, color=i % 2 == 1))
-    return folder
+    def make(folder: Path) -> None:
+        rng = np.random.default_rng(99)
+        for i in range(MIN_POSITION_IMAGES + 2):
+            write_image(folder / f"{i:03d}.png", _texture(rng, 48, 56, color=i % 2 == 1))
+
+    return made_once(tmp_path_factory, "many-good", make)
 
 
 @pytest.fixture(scope="session")
@@ -189,9 +217,10 @@ def position_bundle(small_bundle, many_good_images, tmp_path_factory) -> Path:
 
     from ustudents.cli import main
 
-    path = tmp_path_factory.mktemp("position-bundle") / "tiles-32"
-    shutil.copytree(small_bundle, path)
-    result = CliRunner().invoke(main, ["calibrate", str(path), "--images", str(many_good_images),
-                                       "--image-fpr", "0.1", "--device", "cpu"])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return path
+    def make(folder: Path) -> None:
+        path = Path(shutil.copytree(small_bundle, folder / "tiles-32"))
+        result = CliRunner().invoke(main, ["calibrate", str(path), "--images", str(many_good_images),
+                                           "--image-fpr", "0.1", "--device", "cpu"])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+
+    return made_once(tmp_path_factory, "position-bundle", make) / "tiles-32"

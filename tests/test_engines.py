@@ -19,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import TINY_CATEGORY
+from conftest import TINY_CATEGORY, made_once
 from ustudents.cli import main
 from ustudents.engines.bundle import MANIFEST, load_bundle, update_manifest
 from ustudents.engines.images import ImageError, read_image, resize, to_8_bit, to_tensor
@@ -53,11 +53,13 @@ def bundle_copy(small_bundle, tmp_path) -> Path:
 def built_bundle(small_bundle, tiny_mvtec, tmp_path_factory) -> Path:
     """small_bundle with fp32 and fp16 ONNX engines built (max batch 2, parity checked on two real
     test images), once. Read-only: copy it before changing anything."""
-    path = Path(shutil.copytree(small_bundle, tmp_path_factory.mktemp("built") / "model"))
-    frames = [read_image(p) for p in test_images(tiny_mvtec)[:2]]
-    for precision in ("fp32", "fp16"):
-        build_onnx(load_bundle(path), precision, max_batch=2, frames=frames)
-    return path
+    def make(folder: Path) -> None:
+        path = Path(shutil.copytree(small_bundle, folder / "model"))
+        frames = [read_image(p) for p in test_images(tiny_mvtec)[:2]]
+        for precision in ("fp32", "fp16"):
+            build_onnx(load_bundle(path), precision, max_batch=2, frames=frames)
+
+    return made_once(tmp_path_factory, "built-bundle", make) / "model"
 
 
 def built_entry(bundle: Path, precision: str) -> dict:

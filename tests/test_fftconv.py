@@ -45,6 +45,18 @@ def test_every_tile_side_gives_conv2d(tile, k, dilation, h, w):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+@pytest.mark.parametrize("tile", fftconv.TILES)
+@pytest.mark.parametrize("k", [2, 4, 5, 6])
+def test_kernel_spectrum_is_the_conjugated_rfft_of_the_padded_kernel_frequency_major(tile, k):
+    torch.manual_seed(k)
+    weight = torch.randn(12, 8, k, k)
+    want = torch.fft.rfft2(F.pad(weight, (0, tile - k, 0, tile - k))).conj()  # (c_out, c_in_g, tile, half)
+    want = want.reshape(3, 4, 8, -1).permute(3, 0, 1, 2)
+    got = fftconv.kernel_spectrum(weight, 3, tile)
+    assert got.shape == want.shape == (tile * (tile // 2 + 1), 3, 4, 8)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def test_a_larger_tile_is_taken_only_where_it_saves_enough():
     # p=65's last 4x4 layer at 256 px (M=3): 32 outputs per sub-grid fill 2 tiles of 17 at 20 but
     # 3 of 13 at 16; p=17's first 5x5 layer fills 22 tiles of 12 almost exactly and keeps 16.
