@@ -66,20 +66,22 @@ CHUNK_BYTES = 256 * 2 ** 20
 
 
 class Workspace(threading.local):
-    """Scratch tensors by role, grown to the largest size asked and reused by every layer and call
-    of this thread (a worker's inference thread, say): about 7 x CHUNK_BYTES at most for the
-    tiles, their transforms and spectra, plus the largest layer's padded input (and its sub-grids for a dilated one)."""
+    """Scratch memory by role, grown to the largest size asked and reused by every layer and call of
+    this thread (a worker's inference thread, say): the largest layer's padded input (and its
+    sub-grids for a dilated one), and two roles that the steps on the tiles take turns in (each step
+    reads what the one before wrote and writes the other), about 2 x CHUNK_BYTES at most."""
 
     def __init__(self):
         self.buffers: dict[str, torch.Tensor] = {}
 
     def get(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A tensor of `shape` with the dtype and device of `like`, reusing the role's memory."""
-        numel = math.prod(shape)
+        """A tensor of `shape` with the dtype and device of `like`, in the role's memory (bytes, so
+        that a role serves real and complex steps alike)."""
+        nbytes = math.prod(shape) * like.element_size()
         flat = self.buffers.get(role)
-        if flat is None or flat.numel() < numel or flat.dtype != like.dtype or flat.device != like.device:
-            flat = self.buffers[role] = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return flat[:numel].view(shape)
+        if flat is None or flat.numel() < nbytes or flat.device != like.device:
+            flat = self.buffers[role] = torch.empty(nbytes, dtype=torch.uint8, device=like.device)
+        return flat[:nbytes].view(like.dtype).view(shape)
 
     def release(self) -> None:
         """Free this thread's scratch tensors (the next call allocates them again)."""
@@ -183,30 +185,34 @@ def spectral_conv2d(x: torch.Tensor, spectrum: torch.Tensor, kernel: int, bias: 
     # Rows of tiles in chunks: bounds the complex intermediates to about CHUNK_BYTES each.
     per_row = b * d * d * nw * freqs * 8 * max(c_in, c_out)
     rows = max(1, min(nh, CHUNK_BYTES // per_row))
+    # The steps below take turns in two scratch roles, "even" and "odd": each reads what the step
+    # before it wrote and writes the other role, whose last contents nothing reads any more. For the
+    # 3-scale model at 256 px the workspace held 2.5 GB with a role per step, 1.2 GB with the two
+    # (the padded input and its sub-grids are the rest; benchmarks/README.md).
     for i in range(0, nh, rows):
         r = min(rows, nh - i)
         n = b * d * d * r * nw  # tiles in this chunk
         # (tile_y, c_in, tiles, tile_x): each tile row as contiguous as in the image.
-        pixels = ws.get("tile_pixels", (tile, c_in, b * d * d, r, nw, tile), x)
+        pixels = ws.get("even", (tile, c_in, b * d * d, r, nw, tile), x)
         pixels.copy_(tiles[:, :, i:i + r].permute(4, 1, 0, 2, 3, 5))
         # Along x, real in, a real and an imaginary plane out: (tile_y, 2, half, c_in*n) ...
-        planes = ws.get("forward_x", (tile, 2 * half, c_in * n), x)
+        planes = ws.get("odd", (tile, 2 * half, c_in * n), x)
         torch.matmul(forward_x, pixels.view(tile, c_in * n, tile).transpose(1, 2), out=planes)
         # ... interleaved to complex (tile_y, half, c_in*n) for the complex products from here on.
-        along_x = ws.get("forward_x_complex", (tile, half, c_in * n), spectrum)
+        along_x = ws.get("even", (tile, half, c_in * n), spectrum)
         torch.view_as_real(along_x).copy_(planes.view(tile, 2, half, c_in * n).permute(0, 2, 3, 1))
         # Along y: frequency-major (tile, half, c_in, tiles), what the channel mixing takes.
-        xf = ws.get("frequency_major", (tile, half * c_in * n), spectrum)
+        xf = ws.get("odd", (tile, half * c_in * n), spectrum)
         torch.mm(forward_y, along_x.view(tile, half * c_in * n), out=xf)
         major = xf.view(freqs, groups, c_in // groups, n)
-        yf = torch.matmul(spectrum, major, out=ws.get("mixed", (freqs, groups, co_g, n), spectrum))
+        yf = torch.matmul(spectrum, major, out=ws.get("even", (freqs, groups, co_g, n), spectrum))
         if bias is not None:  # a constant on every output is the DC bin times tile*tile: no pass over y
             yf[0] += (bias * (tile * tile)).reshape(groups, co_g, 1)
         # Inverse along y, (step_y, half, c_out*n), then along x to (step_y, c_out*n, step_x): each
         # tile's output rows contiguous, as y holds them.
-        a = ws.get("inverse_y", (step, half * c_out * n), spectrum)
+        a = ws.get("odd", (step, half * c_out * n), spectrum)
         torch.mm(inverse_y, yf.view(tile, half * c_out * n), out=a)
-        out = ws.get("inverse_xy", (step, c_out * n, step), spectrum)
+        out = ws.get("even", (step, c_out * n, step), spectrum)
         torch.matmul(a.view(step, half, c_out * n).transpose(1, 2), inverse_x, out=out)
         y[:, :, i:i + r] = out.real.view(step, c_out, b, d, d, r, nw, step).permute(2, 1, 5, 0, 3, 6, 7, 4)
     return y.reshape(b, c_out, nh * step * d, nw * step * d)[:, :, :out_h, :out_w]

@@ -33,6 +33,22 @@ def test_spectral_conv_equals_conv2d(c_in, c_out, groups, k, dilation, h, w):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_chunks_of_one_tile_row_each_reusing_two_scratch_roles_give_conv2d(dilation, monkeypatch):
+    """At 256 px a layer runs in several chunks of tile rows, its steps taking turns in two scratch
+    roles; a step that read memory the step before had reused would go unseen in one chunk."""
+    monkeypatch.setattr(fftconv, "CHUNK_BYTES", 1)  # one tile row per chunk
+    monkeypatch.setattr(fftconv, "WORKSPACE", fftconv.Workspace())
+    torch.manual_seed(dilation)
+    x = torch.randn(2, 32, 75, 61)
+    weight, bias = torch.randn(48, 16, 5, 5) / (16 * 25) ** 0.5, torch.randn(48)
+    want = F.conv2d(x, weight, bias, dilation=dilation, groups=2)
+    got = SpectralConv(weight, bias, 2)(x, dilation)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert set(fftconv.WORKSPACE.buffers) == {"padded", "even", "odd"} | ({"sub_grids"} if dilation > 1 else set())
+
+
 @pytest.mark.parametrize("tile", fftconv.TILES)
 @pytest.mark.parametrize("k,dilation,h,w", [(5, 1, 53, 47), (4, 8, 77, 70), (5, 2, 61, 58)])
 def test_every_tile_side_gives_conv2d(tile, k, dilation, h, w):
