@@ -25,6 +25,17 @@ class InputError(click.ClickException):
     exit_code = 2
 
 
+class PathArg(click.Path):
+    """click.Path refusing an empty value. Click takes "" (an unset variable in a script) for the
+    current folder: `--out ""` wrote outputs there, and `calibrate --images ""` recalibrated a model
+    on whatever images the current folder held."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("an empty path (an unset variable in a script?); give the file or folder", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def user_errors_for(errors: tuple[type[Exception], ...]):
     """A decorator turning the expected failures `errors` into InputError (one line, exit 2), and
     Ctrl-C into exit 130; anything else is a bug and keeps its traceback."""
@@ -177,17 +188,17 @@ def good_frames(folder: Path | None, bits: int, option: str, limit: int = 8) -> 
 
 
 @click.command("build-engines")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=PathArg(path_type=Path))
 @click.option("--backend", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
               help="onnx: an ONNX Runtime engine (any machine); tensorrt: a plan for this machine's GPU.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="fp16: the networks in half precision, the scoring head in fp32. int8: quantize/dequantize "
                    "nodes around every convolution, ranges calibrated on --calibration-images.")
 @click.option("--max-batch", default=8, show_default=True, help="Largest batch the engine serves.")
-@click.option("--check-images", type=click.Path(path_type=Path), default=None,
+@click.option("--check-images", type=PathArg(path_type=Path), default=None,
               help="Good images for the parity check against PyTorch.  [default: random noise images; int8: "
                    "the --calibration-images]")
-@click.option("--calibration-images", type=click.Path(path_type=Path), default=None,
+@click.option("--calibration-images", type=PathArg(path_type=Path), default=None,
               help="int8 only, required: good images (e.g. the category's train/good) whose activations set "
                    "the quantization ranges; up to 32 are used.")
 @user_errors

@@ -743,8 +743,36 @@ def test_predict_and_evaluate_never_replace_files_they_did_not_write(small_bundl
     assert {p: p.read_bytes() for p in backup.rglob("*.png")} == kept
     overlays = tmp_path / "overlays"
     bundle = Path(shutil.copytree(small_bundle, tmp_path / "bundle"))  # evaluate stores its results in the manifest
-    for _ in range(2):  # its own overlays it replaces
-        assert_ok(invoke("evaluate", bundle, "--data-root", eval_root, "--overlays", overlays))
+    # --json wrote over any file: another bundle's manifest, an image outside the data root
+    other_bundle = Path(shutil.copytree(small_bundle, tmp_path / "other-bundle"))
+    for target in (other_bundle / MANIFEST, backup / "good" / "000.png"):
+        before = target.read_bytes()
+        assert_input_error(invoke("evaluate", bundle, "--data-root", eval_root, "--json", target),
+                           f"--json {target}: holds a file that is not an earlier `ustudents evaluate` result")
+        assert target.read_bytes() == before
+    report = tmp_path / "results.json"
+    for _ in range(2):  # its own overlays and results it replaces
+        assert_ok(invoke("evaluate", bundle, "--data-root", eval_root, "--overlays", overlays, "--json", report))
+    assert json.loads(report.read_text())["test_images"] == 3
+
+
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(small_bundle, tiny_mvtec, tmp_path, monkeypatch):
+    """Click reads "" (an unset variable in a script) as the current folder: `predict --out ""` wrote
+    there and `calibrate --images ""` recalibrated the model on whatever images it held (an audit)."""
+    image = tiny_mvtec / TINY_CATEGORY / "test" / "good" / "000.png"
+    bundle = Path(shutil.copytree(small_bundle, tmp_path / "bundle"))
+    before = (bundle / MANIFEST).read_bytes()
+    shutil.copy(image, tmp_path / "frame.png")
+    monkeypatch.chdir(tmp_path)  # a folder holding an image, as the audit's did
+    for args, option in ((("predict", bundle, image, "--out", ""), "'--out'"),
+                         (("predict", "", image, "--out", tmp_path / "out"), "'MODEL'"),
+                         (("calibrate", bundle, "--images", ""), "'--images'"),
+                         (("evaluate", bundle, "--data-root", tiny_mvtec, "--overlays", ""), "'--overlays'"),
+                         (("build-engines", bundle, "--check-images", ""), "'--check-images'")):
+        result = invoke(*args)
+        assert result.exit_code == 2 and f"Invalid value for {option}: an empty path" in result.output, result.output
+    assert (bundle / MANIFEST).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "frame.png"]
 
 
 def test_a_loop_of_symbolic_links_is_a_one_line_error_not_a_traceback(tiny_bundle, tiny_mvtec, eval_root, tmp_path):

@@ -289,6 +289,15 @@ def test_the_tools_refuse_numbers_redis_cannot_take(command, option, bound, tmp_
     assert one_error(result) == f"Error: Invalid value for '{option}': {value} is not in the range {bound}."
 
 
+def test_publish_refuses_an_empty_source_instead_of_the_current_folder(tiny_mvtec, monkeypatch):
+    """"" (an unset variable in a script) published the images of whatever folder it ran in."""
+    monkeypatch.chdir(tiny_mvtec / "tiles" / "test" / "good")
+    result = CliRunner().invoke(main, ["publish", "", "--stream", "line1", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert result.exit_code == 2
+    assert one_error(result) == ("Error: SOURCE: empty (an unset variable in a script?); give an image folder, a "
+                                 "video file or a camera index")
+
+
 def test_publish_names_a_stream_key_of_another_type(tiny_mvtec, redis_stream):
     """It was "Redis stopped taking frames (WRONGTYPE ...)", as if Redis were at fault."""
     url, client, stream = redis_stream

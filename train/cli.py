@@ -5,6 +5,7 @@ naming the file and the fix, with exit code 2; tracebacks are left for bugs.
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 
 from ustudents.engines.bundle import (BundleError, check_replaceable, check_writable, is_bundle, load_bundle,
                                       locked, rewrite_bundle)
-from ustudents.engines.cli import (InputError, changing_bundle, check_apart, check_output,
+from ustudents.engines.cli import (InputError, PathArg, changing_bundle, check_apart, check_output,
                                    engine_options, sigterm_as_ctrl_c,
                                    user_errors_for)
 from ustudents.engines.files import real_path
@@ -70,6 +71,22 @@ amp_option = click.option("--amp", type=click.Choice(["auto", "on", "off"]), def
                                "bfloat16. Targets, statistics and scores stay float32.")
 
 
+def check_json_replaceable(path: Path | None) -> None:
+    """`evaluate --json` replaces an earlier evaluation's results, never another file: it wrote over
+    another bundle's manifest.json, a teachers.json, an image (found in an audit)."""
+    if path is None or not path.is_file():
+        return
+    earlier = None
+    if path.stat().st_size < 2 ** 24:  # results are kilobytes; an image or a video is not read whole
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+            pass
+    if not (isinstance(earlier, dict) and {"bundle", "test_images", "image_auroc", "per_scale"} <= earlier.keys()):
+        raise InputError(f"--json {path}: holds a file that is not an earlier `ustudents evaluate` result, which "
+                         "this command would replace; give a new file name or move that file away")
+
+
 def evaluate_command(model: Path, data_root: Path) -> str:
     """The `ustudents evaluate` command for a written model, quoted to paste."""
     return f"`ustudents evaluate {shlex.quote(str(model))} --data-root {shlex.quote(str(data_root))}`"
@@ -77,9 +94,9 @@ def evaluate_command(model: Path, data_root: Path) -> str:
 
 @click.command("train")
 @click.argument("category")
-@click.option("--data-root", type=click.Path(path_type=Path), required=True,
+@click.option("--data-root", type=PathArg(path_type=Path), required=True,
               help="MVTec AD root: DIR/CATEGORY/train/good, DIR/CATEGORY/test/<type>, DIR/CATEGORY/ground_truth.")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=PathArg(path_type=Path), default=None,
               help="Bundle directory to write.  [default: models/CATEGORY]")
 @scales_option
 @click.option("--students", default=3, show_default=True, help="M, students per scale.")
@@ -102,7 +119,7 @@ def evaluate_command(model: Path, data_root: Path) -> str:
               help="Mask threshold: the share of validation pixels allowed above it.")
 @click.option("--image-fpr", default=DEFAULT_IMAGE_FPR, show_default=True,
               help="Image threshold: the share of good images flagged anomalous (position score; README: Scores).")
-@click.option("--teachers", type=click.Path(path_type=Path), default=DEFAULT_DIR, show_default=False,
+@click.option("--teachers", type=PathArg(path_type=Path), default=DEFAULT_DIR, show_default=False,
               help="Folder of teacher_p<P>.safetensors.  [default: the shipped teachers]")
 @amp_option
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True,
@@ -196,7 +213,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
 
 @click.command("teacher")
 @scales_option
-@click.option("--out", type=click.Path(path_type=Path), default=Path("teachers"), show_default=True,
+@click.option("--out", type=PathArg(path_type=Path), default=Path("teachers"), show_default=True,
               help="Folder to write teacher_p<P>.safetensors and teachers.json into.")
 @click.option("--backbone", type=click.Choice(BACKBONES), default="efficientnet-lite0", show_default=True,
               help="Pretrained ImageNet network P to distil.")
@@ -297,8 +314,8 @@ def distil(scales: list[int], out: Path, written: list[int], settings: dict) -> 
 
 
 @click.command("calibrate")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--images", type=click.Path(path_type=Path), required=True,
+@click.argument("model", type=PathArg(path_type=Path))
+@click.option("--images", type=PathArg(path_type=Path), required=True,
               help="Folder of defect-free images from the new setup (camera, lighting).")
 @click.option("--target-fpr", default=None, type=float,
               help="Share of pixels allowed above the mask threshold.  [default: the bundle's]")
@@ -372,10 +389,10 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
 
 
 @click.command("evaluate")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--data-root", type=click.Path(path_type=Path), required=True, help="MVTec AD root holding the bundle's category.")
-@click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
-@click.option("--overlays", type=click.Path(path_type=Path), default=None, help="Write a heatmap overlay per test image here.")
+@click.argument("model", type=PathArg(path_type=Path))
+@click.option("--data-root", type=PathArg(path_type=Path), required=True, help="MVTec AD root holding the bundle's category.")
+@click.option("--json", "json_file", type=PathArg(path_type=Path), default=None, help="Also write the results here.")
+@click.option("--overlays", type=PathArg(path_type=Path), default=None, help="Write a heatmap overlay per test image here.")
 @click.option("--batch", default=4, show_default=True, help="Images per forward pass.")
 @engine_options
 @user_errors
@@ -394,6 +411,7 @@ def evaluate_cmd(model, data_root, json_file, overlays, batch, backend, precisio
         # the whole data root, not the category's folder: another category's images are images too
         check_apart(path, option, Path(data_root), "the data root")
         check_apart(path, option, bundle.path, "the model bundle")
+    check_json_replaceable(json_file)
     engine = load_engine(bundle, backend, device, precision, max_batch=batch)
     click.echo(f"engine: {engine.describe()}")
     results = evaluate(engine, data_root, overlays, log=click.echo)
@@ -403,9 +421,9 @@ def evaluate_cmd(model, data_root, json_file, overlays, batch, backend, precisio
 
 
 @click.command("predict")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for masks, overlays and results.json.")
+@click.argument("model", type=PathArg(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=PathArg(path_type=Path))
+@click.option("--out", type=PathArg(path_type=Path), required=True, help="Folder for masks, overlays and results.json.")
 @engine_options
 @user_errors
 def predict_cmd(model, images, out, backend, precision, device):

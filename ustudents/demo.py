@@ -38,6 +38,7 @@ from pathlib import Path
 
 import click
 
+from ustudents.engines.cli import PathArg
 from ustudents.engines.files import listed_outputs, write_atomically
 from ustudents.engines.images import IMAGE_SUFFIXES
 from ustudents.worker.settings import shown_url
@@ -662,12 +663,12 @@ def _positive(ctx, param, value):
 
 
 @click.command("demo")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("ustudents-demo"), show_default=True,
+@click.option("--out", type=PathArg(path_type=Path), default=Path("ustudents-demo"), show_default=True,
               help="Folder for the model (OUT/model), report.html, results.json, masks and overlays.")
-@click.option("--data-root", type=click.Path(path_type=Path), default=SAMPLE_ROOT, show_default=False,
+@click.option("--data-root", type=PathArg(path_type=Path), default=SAMPLE_ROOT, show_default=False,
               help="MVTec AD-layout root to use instead of the shipped sample.  [default: the shipped magnetic_tile sample]")
 @click.option("--category", default=SAMPLE_CATEGORY, show_default=True, help="Category folder under --data-root.")
-@click.option("--model", type=click.Path(path_type=Path), default=None,
+@click.option("--model", type=PathArg(path_type=Path), default=None,
               help="Serve this bundle instead of training one (it must be of --category).")
 @click.option("--retrain", is_flag=True, help="Train even if OUT/model was trained with the same settings and data.")
 @click.option("--train-only", is_flag=True, help="Stop after training (used by the compose stack's demo-model service).")

@@ -21,7 +21,7 @@ import redis
 from dotenv import dotenv_values
 from pydantic import ValidationError
 
-from ustudents.engines.cli import InputError, check_output
+from ustudents.engines.cli import InputError, PathArg, check_output
 from ustudents.engines.cli import user_errors as engine_errors
 from ustudents.engines.runtime import BACKENDS, PRECISIONS
 
@@ -155,7 +155,7 @@ redis_url_option = click.option("--redis-url", default=None,
 
 @click.command("worker")
 @click.option("--stream", default=None, help="Input stream, e.g. line1 (results: <stream>:results).")
-@click.option("--model", multiple=True, type=click.Path(path_type=Path),
+@click.option("--model", multiple=True, type=PathArg(path_type=Path),
               help="Model bundle directory; repeat to serve several categories (chosen by each frame's `category`). "
                    "Each value is one directory, commas included.")
 @redis_url_option
@@ -175,7 +175,7 @@ redis_url_option = click.option("--redis-url", default=None,
               help="SIGTERM: time to finish and publish the batches in flight.  [default: 30]")
 @click.option("--heatmap/--no-heatmap", default=None, help="Add a heatmap overlay PNG to each result.  [default: off]")
 @click.option("--log-json/--no-log-json", default=None, help="One JSON object per log line.  [default: off]")
-@click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+@click.option("--env-file", type=PathArg(exists=True, dir_okay=False, path_type=Path), default=None,
               help=f"Read {ENV_PREFIX}* settings from this file.  [default: ./.env]")
 @click.pass_context
 @user_errors
@@ -289,6 +289,9 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
     """Camera stand-in: write frames from SOURCE (image folder, video file or camera index) to a stream."""
     from .publish import FramePublisher, frames_from, publish
 
+    if not source.strip():  # "" (an unset variable in a script) would read the current folder
+        raise InputError("SOURCE: empty (an unset variable in a script?); give an image folder, a video file "
+                         "or a camera index")
     stream = checked_stream(stream)
     if not usable_fps(fps):
         raise InputError(f"--fps {fps}: give 0 (as fast as possible) or a rate from {MIN_FPS} frames/s")
@@ -316,7 +319,7 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
 
 @click.command("results")
 @click.option("--stream", required=True, help="Input stream whose results to follow, e.g. line1.")
-@click.option("--save", "save_to", type=click.Path(path_type=Path), default=None,
+@click.option("--save", "save_to", type=PathArg(path_type=Path), default=None,
               help="Write <frame>_<entry id>_mask.png and <frame>_<entry id>_overlay.png here.")
 @click.option("--from-start", is_flag=True, help="Begin with the oldest kept result instead of new ones.")
 @click.option("--count", type=click.IntRange(min=0, max=MAX_COUNT), default=0, show_default=True,
