@@ -60,8 +60,9 @@ TRANSFORM_WEIGHT = 1.5
 # operations: the transforms and the shuffling of tiles cost the rest.
 MAX_COST_RATIO = 0.5
 # Upper bound on each complex intermediate (tiles' and outputs' spectra) of one layer: a memory cap
-# that still leaves each matrix product a few hundred columns. 64 MB took 0.6 of the 3-scale model's
-# 5.8 GB peak off, at a speed two alternating runs could not tell from 256's (benchmarks/README.md).
+# that still leaves each matrix product a few hundred columns. With a scratch tensor per step (before
+# the two roles of `spectral_conv2d`), 64 MB took 0.6 of the 3-scale model's 5.8 GB peak off, at a
+# speed two alternating runs could not tell from 256's (benchmarks/README.md).
 CHUNK_BYTES = 256 * 2 ** 20
 
 

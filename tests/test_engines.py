@@ -246,7 +246,8 @@ def test_on_a_gpu_the_default_is_fp16_unless_the_bundle_was_calibrated_in_native
 
 def test_warm_up_leaves_no_fft_scratch_memory_held_by_its_thread(tiny_bundle):
     """A worker warms up on its main thread and serves from another; the FFT workspace is per thread,
-    so the warming thread's (1.2 GB for the 3-scale model at 256 px) would otherwise be held for the process's life."""
+    so the warming thread's (1.2 GB for the 3-scale model at 256 px) would otherwise be held for the
+    process's life."""
     from ustudents.engines.fftconv import WORKSPACE
 
     engine = load_engine(tiny_bundle, backend="torch", device="cpu", precision="fp32")
