@@ -32,8 +32,19 @@ class PathArg(click.Path):
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
-            self.fail("an empty path (an unset variable in a script?); give the file or folder", param, ctx)
+            self.fail(EMPTY_PATH, param, ctx)
         return super().convert(value, param, ctx)
+
+
+EMPTY_PATH = "an empty path (an unset variable in a script?); give the file or folder"
+
+
+def not_empty(ctx, param, value):
+    """Click callback for a string option that holds a path or a name (`teacher --images skimage|DIR`):
+    refuses "" as PathArg does."""
+    if isinstance(value, str) and not value.strip():
+        raise click.BadParameter(EMPTY_PATH)
+    return value
 
 
 def user_errors_for(errors: tuple[type[Exception], ...]):

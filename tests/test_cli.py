@@ -768,7 +768,9 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(small_bundle,
                          (("predict", "", image, "--out", tmp_path / "out"), "'MODEL'"),
                          (("calibrate", bundle, "--images", ""), "'--images'"),
                          (("evaluate", bundle, "--data-root", tiny_mvtec, "--overlays", ""), "'--overlays'"),
-                         (("build-engines", bundle, "--check-images", ""), "'--check-images'")):
+                         (("build-engines", bundle, "--check-images", ""), "'--check-images'"),
+                         (("teacher", "--images", "", "--out", tmp_path / "t"), "'--images'"),
+                         (("teacher", "--backbone-weights", "", "--out", tmp_path / "t"), "'--backbone-weights'")):
         result = invoke(*args)
         assert result.exit_code == 2 and f"Invalid value for {option}: an empty path" in result.output, result.output
     assert (bundle / MANIFEST).read_bytes() == before

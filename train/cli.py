@@ -16,7 +16,7 @@ import torch
 from ustudents.engines.bundle import (BundleError, check_replaceable, check_writable, is_bundle, load_bundle,
                                       locked, rewrite_bundle)
 from ustudents.engines.cli import (InputError, PathArg, changing_bundle, check_apart, check_output,
-                                   engine_options, sigterm_as_ctrl_c,
+                                   engine_options, not_empty, sigterm_as_ctrl_c,
                                    user_errors_for)
 from ustudents.engines.files import real_path
 from ustudents.engines.images import IMAGE_SUFFIXES, ImageError, image_files, missing_folder_hint, subfolder_hint
@@ -217,7 +217,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
               help="Folder to write teacher_p<P>.safetensors and teachers.json into.")
 @click.option("--backbone", type=click.Choice(BACKBONES), default="efficientnet-lite0", show_default=True,
               help="Pretrained ImageNet network P to distil.")
-@click.option("--backbone-weights", default=None,
+@click.option("--backbone-weights", default=None, callback=not_empty,
               help="Weights file or URL for P (torchvision format for resnet18).  [default: efficientnet-lite0's packaged weights]")
 @click.option("--target", type=click.Choice(TARGETS), default="dense", show_default=True,
               help="What the teacher learns from P: 'dense' = P's stride-8/16 feature maps of whole images, learnt "
@@ -227,7 +227,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
 @click.option("--backbone-input", default=128, show_default=True,
               help="Side patches are resized to before P sees them (--target patch).")
 @click.option("--crop", default=32, show_default=True, help="Side of each training window's output (--target dense).")
-@click.option("--images", default=SKIMAGE_SOURCE, show_default=True,
+@click.option("--images", default=SKIMAGE_SOURCE, show_default=True, callback=not_empty,
               help="Natural images to cut patches from: a folder of any size (e.g. an ImageNet train folder; it "
                    "streams through --pool-images), or 'skimage' for the photos scikit-image ships.")
 @click.option("--pool-images", default=POOL_IMAGES, show_default=True,
