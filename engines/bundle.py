@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .files import real_path, write_atomically
-from .images import UINT16_BITS
+from .images import UINT16_BITS, missing_folder_hint
 from .model import AnomalyModel
 from .patchnet import DESCRIPTOR_DIM, SCALES, PatchNet
 from .scoring import IMAGE_SCORES, MASK_RULES
@@ -461,9 +461,15 @@ def _load_bundle(path: str | Path) -> Bundle:
     path = Path(path)
     mpath = path / MANIFEST
     if not path.is_dir():
-        raise BundleError(f"{path}: not a model bundle directory; pass the --out directory of `ustudents-train`")
+        if path.name == MANIFEST and path.is_file():
+            raise BundleError(f"{path}: the bundle's manifest file; pass its folder, {path.parent}")
+        what = "a file, not a folder" if path.exists() else f"not found{missing_folder_hint(path)}"
+        raise BundleError(f"{path}: {what}; pass a model bundle, the folder `ustudents-train --out` wrote (the one "
+                          f"holding {MANIFEST})")
     if not mpath.is_file():
-        raise BundleError(f"{mpath}: missing; {path} is not a model bundle (retrain with `ustudents-train`)")
+        what = "a folder, not the bundle's manifest file" if mpath.is_dir() else "missing"
+        raise BundleError(f"{mpath}: {what}; {path} is not a model bundle (restore it from a copy, or retrain with "
+                          "`ustudents-train`)")
     try:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

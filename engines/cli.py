@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .bundle import ENGINE_DIR, BundleError, changing, load_bundle
+from .bundle import ENGINE_DIR, BundleError, changing, is_bundle, load_bundle
 from .files import os_error_line, real_path
 from .images import (IMAGE_SUFFIXES, ImageError, image_files, missing_folder_hint, read_image,
                      subfolder_hint)
@@ -31,19 +31,17 @@ class PathArg(click.Path):
     on whatever images the current folder held."""
 
     def convert(self, value, param, ctx):
-        if isinstance(value, str) and not value.strip():
-            self.fail(EMPTY_PATH, param, ctx)
-        return super().convert(value, param, ctx)
+        return super().convert(not_empty(ctx, param, value), param, ctx)
 
 
 EMPTY_PATH = "an empty path (an unset variable in a script?); give the file or folder"
 
 
 def not_empty(ctx, param, value):
-    """Click callback for a string option that holds a path or a name (`teacher --images skimage|DIR`):
-    refuses "" as PathArg does."""
+    """Click callback for a string option that holds a path or a name (`teacher --images skimage|DIR`),
+    and PathArg's check: refuses "" and blanks."""
     if isinstance(value, str) and not value.strip():
-        raise click.BadParameter(EMPTY_PATH)
+        raise click.BadParameter(EMPTY_PATH, ctx=ctx, param=param)
     return value
 
 
@@ -98,6 +96,20 @@ def check_apart(out: Path | None, option: str, source: Path, what: str) -> None:
     if o == s or s in o.parents:
         raise InputError(f"{option} {out}: inside {what} {source}, where it could overwrite the files there; "
                          "choose a path outside it")
+
+
+def check_outside_bundles(out: Path | None, option: str, replaces_itself: bool = False) -> None:
+    """Refuse an output in a model bundle's folder (any bundle's, not only the command's model):
+    `ustudents-train --out` that bundle replaces its folder whole, deleting what else is there.
+    `replaces_itself`: `out` is a bundle to be replaced (train's --out), so only its parents count."""
+    if out is None:
+        return
+    real = real_path(out)
+    folders = real.parents if replaces_itself else (real, *real.parents)
+    bundle = next((f for f in folders if is_bundle(f)), None)
+    if bundle is not None:
+        raise InputError(f"{option} {out}: inside the model bundle {bundle}, whose folder is replaced whole when it "
+                         "is trained again (deleting what else is there); choose a path outside it")
 
 
 def check_bundle_writable(path: Path, engines_too: bool = False) -> None:

@@ -245,6 +245,27 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_MASK_LEVEL = 128  # lossy masks: a defect pixel is one at least this bright (see read_mask)
 
 
+PHOTO_GREY_SHARE = 0.25  # a mask with more of its pixels at grey levels than this is taken for a photograph
+PHOTO_LEVELS = 16       # ... if it has more distinct levels than this (a label mask 0, 1, 2, 3 has few)
+
+
+def _refuse_photo(value: np.ndarray, path: Path, lossy: bool) -> None:
+    """A test image copied as its mask (or a screenshot, a heatmap) would be read as all defect, which
+    ruins its type's pixel metrics: refused. A mask is background with defects at one level; other levels
+    lie only on its edges (anti-aliasing, resizing): at most 3% of the pixels of any magnetic_tile
+    mask, against nearly all of a photograph's. In a JPEG, whose ringing shifts the levels near every
+    edge, only values in the middle three quarters between the darkest and brightest count."""
+    lo, hi = float(value.min()), float(value.max())
+    if hi <= lo:
+        return
+    margin = (hi - lo) / 8 if lossy else 0.0
+    grey = float(((value > lo + margin) & (value < hi - margin)).mean())
+    if grey > PHOTO_GREY_SHARE and len(np.unique(value)) > PHOTO_LEVELS:
+        raise ImageError(f"{path}: {grey:.0%} of its pixels are grey levels between its darkest and brightest, as in "
+                         "a photograph, not a defect mask (0 = background, nonzero = defect): is it a copy of the "
+                         "image? Replace it with the defect's mask, e.g. a PNG of 0 and 255")
+
+
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a ground-truth mask as bool (H, W): nonzero = defect; in a JPEG file, >= JPEG_MASK_LEVEL."""
     path = Path(path)
@@ -258,7 +279,9 @@ def read_mask(path: str | Path) -> np.ndarray:
     # JPEG rings around every edge of a 0/255 mask: "nonzero" grows each defect, while the half level
     # gives back the drawn mask (tests/test_dataset.py). Told by the file's bytes, not its suffix.
     colour = img[:, :, : 3 if img.shape[2] >= 3 else 1] if img.ndim == 3 else img[:, :, None]
-    if data[:3].tobytes() == JPEG_MAGIC:
+    lossy = data[:3].tobytes() == JPEG_MAGIC
+    _refuse_photo(colour.max(axis=2), path, lossy)
+    if lossy:
         return (colour >= JPEG_MASK_LEVEL).any(axis=2)
     return (colour > 0).any(axis=2)  # float TIFF masks with soft values in (0, 1) too
 

@@ -150,6 +150,21 @@ def test_damaged_bundles_are_refused_with_the_reason(tmp_path):
         load_bundle(path)
 
 
+def test_a_path_that_is_no_bundle_folder_is_told_for_what_it_is(tmp_path):
+    """Each was "not a model bundle directory" or "manifest.json: missing", whatever the path held."""
+    path, _ = make_bundle(tmp_path / "b")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "fake" / "manifest.json").mkdir(parents=True)
+    for given, told in ((tmp_path / "nope", "nope: not found; pass a model bundle, the folder"),
+                        (tmp_path / "B", "B: not found (" + str(path) + " is there: names are case-sensitive"),
+                        (tmp_path / "notes.txt", "notes.txt: a file, not a folder; pass a model bundle"),
+                        (path / "manifest.json", f"manifest.json: the bundle's manifest file; pass its folder, {path}"),
+                        (tmp_path / "fake", "manifest.json: a folder, not the bundle's manifest file")):
+        with pytest.raises(BundleError) as info:
+            load_bundle(given)
+        assert told in str(info.value)
+
+
 @pytest.mark.parametrize("version, shown", [(99, "99"), (True, "True"), (3.0, "3.0"), ("3", "'3'")])
 def test_other_format_version_is_refused(tmp_path, version, shown):
     path, _ = make_bundle(tmp_path / "b")

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from conftest import TINY_CATEGORY, copy_as_png, write_image
 from ustudents.cli import main
-from ustudents.engines.bundle import MANIFEST, WEIGHTS, load_bundle, sha256_file, update_manifest
+from ustudents.engines.bundle import FORMAT, MANIFEST, WEIGHTS, load_bundle, sha256_file, update_manifest
 from ustudents.engines.images import read_image
 from ustudents.engines.runtime import load_engine
 from ustudents.train import dataset
@@ -511,6 +511,36 @@ def test_train_corrupt_image_fails_before_writing_anything(tmp_path, tiny_mvtec,
     assert list(models.iterdir()) == []  # no bundle, no hidden partial directory
 
 
+def test_train_refuses_a_test_image_copied_as_its_mask_before_training(tmp_path, tiny_mvtec, random_teachers):
+    """Read as all defect, it was trained and evaluated with, its type's pixel metrics meaningless."""
+    root = copy_dataset(tiny_mvtec, tmp_path / "root")
+    mask = root / TINY_CATEGORY / "ground_truth" / "spot" / "000_mask.png"
+    shutil.copyfile(next((root / TINY_CATEGORY / "test" / "spot").glob("000.*")), mask)
+    result = invoke(*(a for a in train_args(root, tmp_path / "m", random_teachers) if a != "--no-evaluate"))
+    assert_input_error(result, mask, "as in a photograph, not a defect mask")
+    assert not (tmp_path / "m").exists() and "students p=" not in result.output
+
+
+def test_blank_training_frames_are_refused_all_or_warned_of_some(tmp_path, tiny_mvtec, random_teachers):
+    """All blank (a lens cap), training ran and calibration failed after it; some blank, and the model
+    learned that a blank frame is a good part, without a word."""
+    root = copy_dataset(tiny_mvtec, tmp_path / "root")
+    good = root / TINY_CATEGORY / "train" / "good"
+    images = sorted(good.iterdir())
+    for image in images[:2]:
+        write_image(image, np.full((64, 64), 90, np.uint8))
+    result = invoke(*train_args(root, tmp_path / "m", random_teachers, "--scales", "17"))
+    assert_ok(result)
+    warning = next(line for line in result.output.splitlines() if "flat colour" in line)
+    assert warning.startswith(f"WARNING {good}: 2 image(s) are one flat colour (blank frames?), e.g. ")
+    assert images[0].name in warning and images[1].name in warning
+    for image in images[2:]:
+        write_image(image, np.zeros((50, 60, 3), np.uint8))
+    result = invoke(*train_args(root, tmp_path / "m2", random_teachers, "--scales", "17"))
+    assert_input_error(result, f"{good}: every image is one flat colour (blank frames?), so there is nothing to learn")
+    assert "students p=" not in result.output and not (tmp_path / "m2").exists()
+
+
 def test_train_refuses_image_links_to_nothing_in_one_line(tmp_path, tiny_mvtec, random_teachers):
     """Images linked from a network share that is not mounted: each was skipped without a word."""
     root = copy_dataset(tiny_mvtec, tmp_path / "root")
@@ -745,10 +775,10 @@ def test_predict_and_evaluate_never_replace_files_they_did_not_write(small_bundl
     bundle = Path(shutil.copytree(small_bundle, tmp_path / "bundle"))  # evaluate stores its results in the manifest
     # --json wrote over any file: another bundle's manifest, an image outside the data root
     other_bundle = Path(shutil.copytree(small_bundle, tmp_path / "other-bundle"))
-    for target in (other_bundle / MANIFEST, backup / "good" / "000.png"):
+    for target, why in ((other_bundle / MANIFEST, f"inside the model bundle {other_bundle}"),
+                        (backup / "good" / "000.png", "holds a file that is not an earlier `ustudents evaluate` result")):
         before = target.read_bytes()
-        assert_input_error(invoke("evaluate", bundle, "--data-root", eval_root, "--json", target),
-                           f"--json {target}: holds a file that is not an earlier `ustudents evaluate` result")
+        assert_input_error(invoke("evaluate", bundle, "--data-root", eval_root, "--json", target), f"--json {target}: {why}")
         assert target.read_bytes() == before
     report = tmp_path / "results.json"
     for _ in range(2):  # its own overlays and results it replaces
@@ -929,6 +959,18 @@ def test_calibrate_refuses_before_the_network_pass_what_it_could_not_finish(bund
     assert "loading images" not in result.output and (bundle_copy / MANIFEST).read_bytes() == manifest
 
 
+def test_calibrate_on_blank_frames_names_the_images_folder_and_keeps_the_bundle(bundle_copy, tmp_path):
+    """A capture of a closed shutter: the error said "the validation images", which calibrate has none of."""
+    manifest = (bundle_copy / MANIFEST).read_bytes()
+    blank = tmp_path / "blank"
+    for i in range(3):
+        write_image(blank / f"{i}.png", np.full((64, 64), 90, np.uint8))
+    result = invoke("calibrate", bundle_copy, "--images", blank)
+    assert_input_error(result, f"--images {blank}: the regression error or predictive variance is the same at "
+                               "every pixel of these images (blank or identical frames?)")
+    assert (bundle_copy / MANIFEST).read_bytes() == manifest
+
+
 @pytest.mark.slow
 def test_calibrate_skips_hidden_files_and_keeps_what_else_the_bundle_folder_holds(bundle_copy, tiny_mvtec, tmp_path):
     """macOS leaves '._000.png' beside every image on a stick; calibrate stopped on it. And calibrate
@@ -950,6 +992,27 @@ def test_calibrate_skips_hidden_files_and_keeps_what_else_the_bundle_folder_hold
     assert load_bundle(bundle_copy).manifest["threshold"]["source"] == str(images)
     assert load_bundle(bundle_copy).manifest["threshold"]["target_pixel_fpr"] == 1e-3  # the default
     assert no_hidden_leftovers(bundle_copy) == [] and no_hidden_leftovers(bundle_copy.parent) == []
+
+
+def test_no_output_goes_into_another_model_bundles_folder(tiny_bundle, eval_root, tiny_mvtec, tmp_path):
+    """Training that bundle again replaces its folder whole: overlays, predictions, teachers, saved
+    frames or a demo put there (into any bundle, not only the command's model) were deleted with it."""
+    other = tmp_path / "models" / "line2"
+    other.mkdir(parents=True)
+    (other / MANIFEST).write_text(json.dumps({"format": FORMAT}))
+    image = eval_root / TINY_CATEGORY / "test" / "good" / "000.png"
+    for option, target, command in (
+            ("--overlays", other, ("evaluate", tiny_bundle, "--data-root", eval_root)),
+            ("--json", other / "r.json", ("evaluate", tiny_bundle, "--data-root", eval_root)),
+            ("--out", other / "predictions", ("predict", tiny_bundle, image)),
+            ("--out", other, ("predict", tiny_bundle, image)),
+            ("--out", other / "teachers", ("teacher", "--scales", "17", "--images", tiny_mvtec / TINY_CATEGORY / "train"
+                                          / "good", "--steps", 1)),
+            ("--save", other / "frames", ("results", "--stream", "line1", "--redis-url", "redis://127.0.0.1:9")),
+            ("--out", other / "demo", ("demo", "--data-root", tiny_mvtec, "--category", TINY_CATEGORY))):
+        result = invoke(*command, option, target)
+        assert_input_error(result, f"{option} {target}: inside the model bundle {other}")
+    assert sorted(p.name for p in other.iterdir()) == [MANIFEST]
 
 
 @pytest.mark.slow

@@ -177,6 +177,32 @@ def test_a_jpeg_mask_is_the_mask_drawn_not_its_compression_ringing(tmp_path):
     assert (read_mask(tmp_path / "soft.tiff") == (mask > 0)).all()
 
 
+def test_a_photograph_given_as_a_mask_is_refused_and_real_masks_are_not(tmp_path):
+    """A test image copied as its mask was read as all defect (every pixel nonzero), and scored. Real
+    masks with grey edges (resized, anti-aliased, JPEG), label masks and binary pictures stay masks."""
+    from ustudents.engines.images import read_mask
+
+    rng = np.random.default_rng(0)
+    photo = cv2.GaussianBlur(rng.integers(40, 220, (96, 128)).astype(np.uint8), (0, 0), 3)
+    dark = rng.integers(0, 40, (96, 128)).astype(np.uint8)  # an underexposed frame: dark, nearly all nonzero
+    dark[0, 0] = 255
+    for name, image in (("photo.png", photo), ("photo.jpg", photo), ("dark.png", dark),
+                        ("colour.png", np.dstack([photo, photo[::-1], photo[:, ::-1]]))):
+        write_image(tmp_path / name, image)
+        with pytest.raises(ImageError, match="as in a photograph, not a defect mask") as info:
+            read_mask(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value)
+    mask = np.zeros((256, 256), np.uint8)
+    for _ in range(60):
+        y, x = rng.integers(0, 256, 2)
+        cv2.circle(mask, (int(x), int(y)), int(rng.integers(2, 8)), 255, -1)
+    shrunk = cv2.resize(mask, (64, 64), interpolation=cv2.INTER_AREA)  # grey on every edge: 9% of its pixels
+    labels = (mask > 0).astype(np.uint8) * rng.integers(1, 4, mask.shape).astype(np.uint8)  # classes 1, 2, 3
+    for name, good_mask in (("shrunk.png", shrunk), ("labels.png", labels), ("blobs.jpg", mask)):
+        write_image(tmp_path / name, good_mask)
+        assert (read_mask(tmp_path / name) == (good_mask > 0 if name != "blobs.jpg" else mask > 0)).mean() > 0.99
+
+
 def _move_files_into(folder: Path, sub: str) -> None:
     (folder / sub).mkdir()
     for f in list(folder.iterdir()):
@@ -399,9 +425,12 @@ def test_missing_root(tmp_path):
     _raises_naming(root, test_samples, root, CAT)
 
 
-def test_missing_category_lists_the_ones_found(tiny_mvtec):
+def test_missing_category_lists_the_ones_found(tiny_mvtec, mvtec):
     msg = _raises_naming(tiny_mvtec / "bottle", train_samples, tiny_mvtec, "bottle")
     assert CAT in msg
+    (mvtec / "bottle.zip").write_bytes(b"PK")  # a category not unpacked: a file of its name is there
+    msg = _raises_naming(mvtec / "bottle.zip", train_samples, mvtec, "bottle.zip")
+    assert "(a file is there, not a folder)" in msg and CAT in msg
 
 
 def test_missing_train_folder(mvtec):

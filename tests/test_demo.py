@@ -375,7 +375,8 @@ def test_a_database_the_redis_server_does_not_have_is_named_as_such(server, tmp_
         if server == "unix":
             own.stop()
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
-    assert f"REDIS_URL={url}: Redis answers, but has no database 99 (it has 16: 0 to 15); give one it has in the URL" \
+    assert f"--redis-url / REDIS_URL {url}: Redis answers, but has no database 99 (it has 16: 0 to 15); give one it has " \
+           "in the URL" \
         in result.output
     assert "cannot reach" not in result.output
     assert not (tmp_path / "o").exists()  # before any training

@@ -1496,6 +1496,12 @@ def test_publish_sends_large_frames_by_key_and_reads_videos(frames, redis_url, s
         bad = runner.invoke(main, ["publish", "--stream", stream, source if "nothing" in source else str(tmp_path / "empty"),
                                    "--redis-url", redis_url])
         assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output
+    by_day = tmp_path / "by-day"  # a camera's frames sorted by day: said as such, not "no images"
+    (by_day / "day1").mkdir(parents=True)
+    shutil.copy(frames[0], by_day / "day1")
+    bad = runner.invoke(main, ["publish", "--stream", stream, str(by_day), "--redis-url", redis_url])
+    assert bad.exit_code == 2 and f"{by_day}: no images" in bad.output and "its images are in subfolders: day1" in \
+        bad.output, bad.output
     unreachable = runner.invoke(main, ["publish", "--stream", stream, str(frames[0]), "--redis-url",
                                        f"redis://127.0.0.1:{free_port()}/0"])
     assert unreachable.exit_code == 2 and "cannot reach Redis" in unreachable.output

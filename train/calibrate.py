@@ -62,8 +62,8 @@ def score_stats(e: np.ndarray, v: np.ndarray) -> ScoreStats:
     e64, v64 = e.astype(np.float64), v.astype(np.float64)
     e_sigma, v_sigma = float(e64.std()), float(v64.std())
     if not (e_sigma > 0 and v_sigma > 0):
-        raise CalibrationError("the regression error or predictive variance is constant over the validation "
-                               "images; calibrate on more (and more varied) good images")
+        raise CalibrationError("the regression error or predictive variance is the same at every pixel of these "
+                               "images (blank or identical frames?); give more, and more varied, good images")
     return ScoreStats(e_mu=float(e64.mean()), e_sigma=e_sigma, v_mu=float(v64.mean()), v_sigma=v_sigma)
 
 

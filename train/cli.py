@@ -13,10 +13,10 @@ from pathlib import Path
 import click
 import torch
 
-from ustudents.engines.bundle import (BundleError, check_replaceable, check_writable, is_bundle, load_bundle,
-                                      locked, rewrite_bundle)
+from ustudents.engines.bundle import (BundleError, check_replaceable, check_writable, load_bundle, locked,
+                                      rewrite_bundle)
 from ustudents.engines.cli import (InputError, PathArg, changing_bundle, check_apart, check_output,
-                                   engine_options, not_empty, sigterm_as_ctrl_c,
+                                   check_outside_bundles, engine_options, not_empty, sigterm_as_ctrl_c,
                                    user_errors_for)
 from ustudents.engines.files import real_path
 from ustudents.engines.images import IMAGE_SUFFIXES, ImageError, image_files, missing_folder_hint, subfolder_hint
@@ -161,9 +161,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
         click.echo(f"--out {out}: a symbolic link to {os.readlink(out)}, which does not exist yet: the bundle is made "
                    "there (if that is a share, make sure it is mounted)")
     check_apart(out, "--out", Path(data_root) / category, "the category's images")
-    inside = next((p for p in real_path(out).parents if is_bundle(p)), None)
-    if inside is not None:  # it became part of that bundle's folder, which could then not be trained to again
-        check_apart(out, "--out", inside, "the model bundle")
+    check_outside_bundles(out, "--out", replaces_itself=True)
     check_writable(out)  # these are cheap: before the test set is read
     load_teachers(teachers, scales)
     checkpoints.check_free(checkpoints.folder_for(out), out)
@@ -270,6 +268,7 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
             raise InputError(f"{flag}: applies to --target {applies_to} only, and this is --target {target}; leave "
                              f"{flag} out, or add --target {applies_to}")
     check_output(out, "--out", folder=True)
+    check_outside_bundles(out, "--out")
     if not replace_shipped and real_path(out) == real_path(DEFAULT_DIR):
         raise InputError(f"--out {out}: the shipped default teachers, which every ustudents-train without --teachers "
                          "uses; give another folder (and --teachers it to ustudents-train), or add --replace-shipped")
@@ -362,7 +361,10 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     dev = resolve_device(device)
     # the statistics and threshold must hold for the engine that will use them
     bf16 = default_torch_precision(bundle, dev) == "bf16"
-    cal = calibrate(bundle.model(), arr, dev, fpr, image_fpr, bf16=bf16)
+    try:
+        cal = calibrate(bundle.model(), arr, dev, fpr, image_fpr, bf16=bf16)
+    except CalibrationError as err:
+        raise InputError(f"--images {images}: {err}") from None
     statistics = bundle.manifest["statistics"]
     for p, s in cal.stats.items():
         statistics[str(p)].update(e_mu=s.e_mu, e_sigma=s.e_sigma, v_mu=s.v_mu, v_sigma=s.v_sigma)
@@ -410,7 +412,7 @@ def evaluate_cmd(model, data_root, json_file, overlays, batch, backend, precisio
     for path, option in ((json_file, "--json"), (overlays, "--overlays")):  # never over an input
         # the whole data root, not the category's folder: another category's images are images too
         check_apart(path, option, Path(data_root), "the data root")
-        check_apart(path, option, bundle.path, "the model bundle")
+        check_outside_bundles(path, option)
     check_json_replaceable(json_file)
     engine = load_engine(bundle, backend, device, precision, max_batch=batch)
     click.echo(f"engine: {engine.describe()}")
@@ -433,7 +435,8 @@ def predict_cmd(model, images, out, backend, precision, device):
     from .evaluate import predict
 
     check_output(out, "--out", folder=True)
-    check_apart(out, "--out", model, "the model bundle")
+    check_apart(out, "--out", model, "the model bundle")  # also when MODEL is not a bundle: never over an input
+    check_outside_bundles(out, "--out")
 
     def line(r: dict) -> None:
         verdict = "ANOMALOUS" if r["anomalous"] else "ok"

@@ -106,7 +106,8 @@ def _category_dir(root: str | Path, category: str) -> Path:
     if not cat.is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         raise DatasetError(
-            f"{cat}: category folder not found; categories under {root}: {', '.join(found) or 'none'}"
+            f"{cat}: category folder not found{missing_folder_hint(cat)}; categories under {root}: "
+            f"{', '.join(found) or 'none'}"
         )
     return cat
 

@@ -145,6 +145,18 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.folder, self.held, self.written = folder, held, written
 
 
+def check_not_blank(good: Path, samples: list, images: list, log) -> None:
+    """Blank frames (a lens cap, a dropped exposure) in train/good: all blank, there is nothing to learn,
+    which calibration found only after training; some, and the model learns that a blank frame is good."""
+    blank = [s.path.name for s, img in zip(samples, images) if img.min() == img.max()]
+    if blank and len(blank) == len(samples):
+        raise dataset.DatasetError(f"{good}: every image is one flat colour (blank frames?), so there is nothing to "
+                                   "learn; put images of good parts there")
+    if blank:
+        log(f"WARNING {good}: {len(blank)} image(s) are one flat colour (blank frames?), e.g. {', '.join(blank[:3])}; "
+            "the model learns that such a frame is good: remove them and train again")
+
+
 def train(cfg: TrainConfig, log=print) -> Path:
     """Train every scale, calibrate, write the bundle atomically to cfg.out and return its path.
     Ctrl-C before the bundle is written raises TrainingInterrupted (see checkpoints)."""
@@ -202,6 +214,7 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
             f"dropping the lowest {bits - 8} (brighter frames saturate)")
     fit_images = dataset.load_images(fit, cfg.image_size, desc="loading training images", bits=bits)
     val_images = dataset.load_images(val, cfg.image_size, desc="loading validation images", bits=bits)
+    check_not_blank(Path(cfg.data_root) / cfg.category / "train" / "good", fit + val, [*fit_images, *val_images], log)
 
     model = AnomalyModel(cfg.scales, cfg.student.students)
     tensors, records = {}, {}
@@ -232,7 +245,7 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
 
     try:
         cal = calibrate(model, val_images, device, cfg.target_fpr, cfg.image_fpr, bf16=cfg.student.amp)
-    except CalibrationError:
+    except CalibrationError as err:
         # A far too high --lr can leave the students with one constant output and finite weights: they
         # then predict no more of the teacher than its mean (a loss of DESCRIPTOR_DIM per student), and
         # calibration finds a constant error. That is training's fault, not the validation images'.
@@ -244,7 +257,8 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
                 f", no better than predicting the teacher's mean ({DESCRIPTOR_DIM}): the students learned nothing; "
                 f"train again with a lower --lr (now {cfg.student.lr:g}) or more --epochs. No model was written"
             ) from None
-        raise
+        good = Path(cfg.data_root) / cfg.category / "train" / "good"
+        raise CalibrationError(f"{good}: on its {len(val_images)} validation images, {err}") from None
     stats, threshold = cal.stats, cal.threshold
     tensors.update(cal.tensors)
     for p, s in stats.items():

@@ -138,6 +138,9 @@ class OwnRedis:
                 self.proc.wait()
 
 
+REDIS_URL_SOURCE = "--redis-url / REDIS_URL"  # the option, or the variable it reads: errors name both
+
+
 def redis_client(url: str):
     """The worker's client (its timeouts, no retries of its own); a bad URL is a DemoError."""
     from ustudents.worker.connection import connect
@@ -145,23 +148,23 @@ def redis_client(url: str):
     try:
         return connect(url)
     except ValueError as err:
-        raise DemoError(f"REDIS_URL: {err}") from None
+        raise DemoError(f"{REDIS_URL_SOURCE}: {err}") from None
 
 
 def check_redis_url(url: str):
     import redis
 
-    from ustudents.worker.connection import missing_database
+    from ustudents.worker.connection import missing_database, tls_hint
 
     client = redis_client(url)
     try:
         client.ping()
     except redis.RedisError as err:
         if missing := missing_database(client, err):
-            raise DemoError(f"REDIS_URL={shown_url(url)}: Redis answers, but has {missing}; give one it has in the URL "
-                            "(redis://HOST:PORT/0), or raise `databases` in the server's config") from None
-        raise DemoError(f"REDIS_URL={shown_url(url)}: cannot reach Redis ({err}); start it, or unset REDIS_URL and the "
-                        "demo starts its own") from None
+            raise DemoError(f"{REDIS_URL_SOURCE} {shown_url(url)}: Redis answers, but has {missing}; give one it has "
+                            "in the URL (redis://HOST:PORT/0), or raise `databases` in the server's config") from None
+        raise DemoError(f"{REDIS_URL_SOURCE} {shown_url(url)}: cannot reach Redis ({err}{tls_hint(url, err)}); start "
+                        "it, or give neither (unset REDIS_URL) and the demo starts its own") from None
     return client
 
 
@@ -526,7 +529,7 @@ class Demo:
 
     def start_redis(self, redis_url: str | None) -> str:
         if redis_url:
-            self.step(f"Redis: {shown_url(redis_url)} (REDIS_URL)")
+            self.step(f"Redis: {shown_url(redis_url)} ({REDIS_URL_SOURCE})")
             return redis_url
         binary = redis_binary()
         self.tmp = Path(tempfile.mkdtemp(prefix="ustudents-demo-"))
@@ -697,7 +700,7 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
              lr, max_minutes, seed, redis_url, metrics_port, fps, serve):
     """Train a small model on a real sample, serve it through Redis and a worker, and report."""
     from ustudents.engines.bundle import BundleError, load_bundle
-    from ustudents.engines.cli import check_output
+    from ustudents.engines.cli import check_output, check_outside_bundles
     from ustudents.engines.runtime import EngineError
     from ustudents.train.dataset import DatasetError
 
@@ -713,6 +716,7 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
     port = metrics_port or (DEFAULT_METRICS_PORT if port_free(DEFAULT_METRICS_PORT) else free_port())
     out = Path(out)
     check_output(out, "--out", folder=True)
+    check_outside_bundles(out, "--out")
     demo = Demo()
 
     def on_sigterm(signum, frame):

@@ -21,7 +21,7 @@ import redis
 from dotenv import dotenv_values
 from pydantic import ValidationError
 
-from ustudents.engines.cli import InputError, PathArg, check_output
+from ustudents.engines.cli import InputError, PathArg, check_output, check_outside_bundles
 from ustudents.engines.cli import user_errors as engine_errors
 from ustudents.engines.runtime import BACKENDS, PRECISIONS
 
@@ -57,7 +57,7 @@ def worker_flags() -> set[str]:
 
 def tool_client(redis_url: str | None) -> redis.Redis:
     """A checked client for publish/results: Redis must answer now (one-line error otherwise)."""
-    from .connection import connect, missing_database
+    from .connection import connect, missing_database, tls_hint
 
     check_env_file(".env")
     # "" is a value (an unset $VAR in a script), refused as a URL, not taken as "no URL given"
@@ -73,8 +73,8 @@ def tool_client(redis_url: str | None) -> redis.Redis:
         if missing := missing_database(client, err):
             raise InputError(f"Redis at {shown_url(settings.redis_url)} answers, but has {missing}; give one it has "
                              "in --redis-url (redis://HOST:PORT/0)") from None
-        raise InputError(f"cannot reach Redis at {shown_url(settings.redis_url)} ({err}); start it or pass "
-                         "--redis-url") from None
+        raise InputError(f"cannot reach Redis at {shown_url(settings.redis_url)} ({err}"
+                         f"{tls_hint(settings.redis_url, err)}); start it or pass --redis-url") from None
     return client
 
 
@@ -332,6 +332,7 @@ def results_cmd(stream, save_to, from_start, count, redis_url):
 
     stream = checked_stream(stream)
     check_output(save_to, "--save", folder=True)
+    check_outside_bundles(save_to, "--save")
     client = tool_client(redis_url)
     try:
         follow(client, stream, click.echo, from_start=from_start, count=count, save_to=save_to)

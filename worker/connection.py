@@ -90,6 +90,21 @@ def missing_database(client: redis.Redis, err: redis.RedisError) -> str | None:
     return f"no database {db} ({has})"
 
 
+def tls_hint(url: str, err: BaseException) -> str:
+    """'; ...' saying what a TLS mismatch looks like from the client, else ''. A plain server given a
+    rediss:// URL never answers the handshake (a connect timeout); a TLS server given redis:// resets
+    the connection; a certificate signed by a private CA fails verification."""
+    text = str(err)
+    if url.startswith("rediss://") and "CERTIFICATE_VERIFY_FAILED" in text:
+        return ("; the server's certificate is not trusted here: give the CA that signed it in the URL "
+                "(?ssl_ca_certs=/path/ca.pem), and the host name the certificate names")
+    if url.startswith("rediss://") and isinstance(err, redis.TimeoutError):
+        return "; rediss:// is Redis over TLS: if this server does not use TLS, use redis://"
+    if url.startswith("redis://") and "reset by peer" in text:
+        return "; if this server takes TLS connections only, use rediss://"
+    return ""
+
+
 def connect(url: str, password: str | None = None, read_timeout_s: float = 10.0) -> redis.Redis:
     """A client for `url` (redis://, rediss:// with TLS, unix://; a password in the URL or given
     here). Raises ValueError for a malformed URL; connecting happens on first use."""
@@ -131,8 +146,9 @@ class RedisState:
     success (`accepted`) ends it. The worker is not ready while either holds."""
 
     def __init__(self, on_change: Callable[[bool], None] = lambda up: None,
-                 on_reconnect: Callable[[], None] = lambda: None):
+                 on_reconnect: Callable[[], None] = lambda: None, url: str = ""):
         self._lock = threading.Lock()
+        self.url = url  # for the TLS hint only
         self.up: bool | None = None  # None: not tried yet
         self.reached = False  # ever reachable: only then is coming back a reconnect
         self.down_since = 0.0
@@ -161,7 +177,7 @@ class RedisState:
             return
         with self._lock:
             self.up, self.down_since = False, time.monotonic()
-        log.warning("redis unreachable (%s); not ready, retrying with backoff", err,
+        log.warning("redis unreachable (%s%s); not ready, retrying with backoff", err, tls_hint(self.url, err),
                     extra={"event": "redis_down", "error": str(err)})
         self._on_change(False)
 

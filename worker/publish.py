@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import cv2
 import redis
 
-from ustudents.engines.images import IMAGE_SUFFIXES, image_files
+from ustudents.engines.images import IMAGE_SUFFIXES, image_files, subfolder_hint
 
 from . import schema
 from .connection import UNAVAILABLE, Backoff
@@ -38,8 +38,8 @@ def frames_from(source: str, fmt: str = "png", loop: bool = False,
     if path.is_dir():
         files = image_files(path)
         if not files:
-            raise ValueError(f"{path}: no images ({'/'.join(IMAGE_SUFFIXES)}); give a folder of frames, a video "
-                             "file or a camera index")
+            raise ValueError(f"{path}: no images ({'/'.join(IMAGE_SUFFIXES)}){subfolder_hint(path)}; give a folder "
+                             "of frames, a video file or a camera index")
         return _files(files, loop)
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         return _files([path], loop)

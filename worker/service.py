@@ -132,7 +132,8 @@ class Worker:
             self.metrics.model_info.labels(s.stream, info["model"], __version__, info["category"], info["backend"],
                                            info["precision"], info["device"]).set(1)
         self.redis_state = RedisState(on_change=lambda up: self._update_ready(),
-                                      on_reconnect=lambda: self.metrics.reconnects.labels(s.stream).inc())
+                                      on_reconnect=lambda: self.metrics.reconnects.labels(s.stream).inc(),
+                                      url=s.redis_url)
         password = s.redis_password.get_secret_value() if s.redis_password else None
         self.client = client or connect(s.redis_url, password, read_timeout_s=s.block_ms / 1000 + 10)
         self.io = StreamIO(self.client, s.stream, s.group, s.consumer, results_maxlen=s.results_maxlen,
