@@ -1167,6 +1167,7 @@ def test_diverging_training_names_the_learning_rate_and_writes_no_model(tmp_path
     assert list(tmp_path.iterdir()) == []  # nor an empty checkpoint folder
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # their overflowing error is told, not warned of by numpy
 def test_students_that_learned_nothing_are_named_as_such_not_blamed_on_the_validation_images(tmp_path, tiny_mvtec,
                                                                                           random_teachers):
     """--lr 1e3 left the students with one constant output and finite weights; calibration then said

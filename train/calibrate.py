@@ -60,6 +60,9 @@ def errors_and_variances(model: AnomalyModel, images: np.ndarray, device: torch.
 def score_stats(e: np.ndarray, v: np.ndarray) -> ScoreStats:
     """e_mu, e_sigma, v_mu, v_sigma over all given pixels of one scale (float64 accumulation)."""
     e64, v64 = e.astype(np.float64), v.astype(np.float64)
+    if not (np.isfinite(e64).all() and np.isfinite(v64).all()):  # std would warn, then give NaN
+        raise CalibrationError("the regression error or predictive variance is not finite on these images (the "
+                               "students' outputs overflow); train again with a lower --lr")
     e_sigma, v_sigma = float(e64.std()), float(v64.std())
     if not (e_sigma > 0 and v_sigma > 0):
         raise CalibrationError("the regression error or predictive variance is the same at every pixel of these "
