@@ -368,13 +368,25 @@ def locked(path: str | Path, busy: str, wait: bool = False):
     fd = os.open(path, os.O_RDONLY)
     try:
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not wait:
-                    raise BundleError(busy) from None
-                logging.getLogger(__name__).warning("%s", busy)
-                fcntl.flock(fd, fcntl.LOCK_EX)
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if not wait:
+                        raise BundleError(busy) from None
+                    if not told:
+                        logging.getLogger(__name__).warning("%s", busy)
+                        told = True
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                # A new bundle swapped in (write_bundle) between the open and the lock: the lock is on
+                # the old folder, moved aside, and guards nothing. Lock the folder now at `path`.
+                now = os.stat(path)
+                held = os.fstat(fd)
+                if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                    break
+                os.close(fd)
+                fd = os.open(path, os.O_RDONLY)
         except OSError as err:
             if err.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 raise

@@ -431,6 +431,34 @@ def test_a_new_bundle_waits_for_a_command_changing_the_old_one_then_replaces_it(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
+def test_a_lock_taken_as_a_new_bundle_is_swapped_in_holds_the_new_folder(tmp_path, monkeypatch):
+    """Opened before the swap, locked after it: the lock was on the old folder, moved aside, and a
+    second command could change the new bundle at the same time."""
+    import fcntl
+
+    from ustudents.engines.bundle import locked
+
+    path = tmp_path / "b"
+    path.mkdir()
+    real_flock, swapped = fcntl.flock, []
+
+    def swap_then_flock(fd, op):
+        if not swapped:  # training's swap, between this command's open and its lock
+            os.replace(path, tmp_path / ".b.old")
+            path.mkdir()
+            swapped.append(True)
+        return real_flock(fd, op)
+    monkeypatch.setattr(fcntl, "flock", swap_then_flock)
+    with locked(path, "busy"):
+        other = os.open(path, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # the folder at the path now is the one held
+                real_flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+    assert swapped
+
+
 def test_an_old_bundle_that_cannot_be_moved_aside_is_named_itself(tmp_path, monkeypatch):
     """A sticky shared folder refuses the move: the error named the hidden folder it was to move to."""
     import os
