@@ -660,7 +660,7 @@ def test_a_redis_at_its_memory_cap_between_two_redelivered_frames_is_waited_out(
 
 def test_a_full_redis_keeps_the_worker_not_ready_until_the_refused_operation_goes_through(engines, frames, tmp_path,
                                                                                          caplog):
-    """At its memory cap Redis 7 refuses some of the reader's operations and not others (XAUTOCLAIM goes
+    """At its memory cap Redis 7 refuses some of the reader's operations and not others (the claim goes
     through). Any one's success ended the refusal: every claim period the worker turned ready for a
     moment, while it could read nothing new, and logged that Redis took its writes again."""
     caplog.set_level("INFO", logger="ustudents.worker")
@@ -1117,8 +1117,9 @@ def test_the_reader_goes_on_when_its_stream_is_deleted_under_a_blocked_read(engi
 
 def test_an_entry_trimmed_while_pending_on_a_dead_consumer_is_dead_lettered_on_every_redis_here(engines, frames,
                                                                                                tmp_path):
-    """XAUTOCLAIM returns a deleted entry's id in a list of its own on Redis 7, but as nil, left
-    pending, on Redis 6.2 (the one the demo embeds): on both it must end as one `trimmed` dead letter."""
+    """XAUTOCLAIM, which the claim used before, named a deleted entry's id in a list of its own on Redis 7,
+    but as nil, left pending, on Redis 6.2 (the one the demo embeds): on both it must end as one
+    `trimmed` dead letter."""
     for url, r, version in each_redis_server(tmp_path):
         r.xgroup_create("line", "ustudents", id="0", mkstream=True)
         eid = add_frame(r, "line", frames[0])
@@ -1129,6 +1130,33 @@ def test_an_entry_trimmed_while_pending_on_a_dead_consumer_is_dead_lettered_on_e
         (dead,) = dead_of(r, "line")
         assert s(dead[schema.ENTRY_ID]) == eid and s(dead[schema.REASON]) == schema.TRIMMED, version
         assert pending_count(r, "line") == 0, version
+
+
+def test_a_claimer_killed_before_it_dead_letters_a_trimmed_entry_leaves_it_for_the_next(tmp_path):
+    """XAUTOCLAIM dropped an entry trimmed away from the pending list as it reported it (Redis 7): a
+    worker killed before writing its `trimmed` dead letter left no trace of the frame. The claim also
+    pages through the pending list, on every Redis here."""
+    for url, r, version in each_redis_server(tmp_path):
+        a, b = (StreamIO(r, "line", "ustudents", name, results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+                for name in ("A", "B"))
+        a.ensure_group()
+        ids = [add(r, "line", frame_id=str(i), image=b"x") for i in range(5)]
+        r.xreadgroup("ustudents", "died", {"line": ">"}, count=10)
+        r.xdel("line", ids[1], ids[3])
+        start, claimed, gone = "0-0", [], []
+        while True:  # two at a time
+            start, got, lost = a.autoclaim(0, start, 2)
+            claimed, gone = claimed + [s(eid) for eid, _ in got], gone + lost
+            if start == "0-0":
+                break
+        assert claimed == [ids[0], ids[2], ids[4]] and gone == [ids[1], ids[3]], version
+        # A is killed here, before its dead letters: the next claimer finds them, still pending
+        _, got, lost = b.autoclaim(0, "0-0", 10)
+        assert lost == [ids[1], ids[3]] and [s(eid) for eid, _ in got] == claimed, version
+        assert got[0][1] == {b"frame_id": b"0", b"image": b"x"}, version
+        b.publish([Record(i, b.dead, {"entry_id": i}, kind="dead:trimmed") for i in lost])
+        assert [s(p["message_id"]) for p in r.xpending_range("line", "ustudents", "-", "+", 10)] == claimed, version
+        assert b.autoclaim(0, "0-0", 10)[2] == [], version
 
 
 @pytest.mark.parametrize("case", ["wrong-type-stream", "no-such-db", "another-group"])
@@ -1864,15 +1892,15 @@ def test_keeping_held_entries_claimed_never_drops_one_the_stream_lost(redis_url,
 
 def test_a_frame_trimmed_while_its_failing_attempt_runs_is_dead_lettered_as_trimmed(engines, frames, redis_url,
                                                                                      stream, monkeypatch):
-    """Its pending entry is dropped by the worker's own XAUTOCLAIM meanwhile (Redis 7), so it cannot
-    stay pending for a retry: it ends as one `trimmed` dead letter with the error, not nowhere."""
+    """The stream loses its entry meanwhile, as the worker's own claim finds, so no retry could read it:
+    it ends as one `trimmed` dead letter with the error, not nowhere."""
     (engine,) = engines.values()
     r = client(redis_url)
     skip_before_redis_7(r)
 
     def trimmed_then_fails(batch):
         r.xtrim(stream, maxlen=0, approximate=False)
-        time.sleep(1.5)  # past claim_idle_ms: the worker's XAUTOCLAIM finds the entry gone
+        time.sleep(1.5)  # past claim_idle_ms: the worker's claim finds the entry gone
         raise ValueError("cannot score this one")
 
     monkeypatch.setattr(engine, "predict", trimmed_then_fails)
@@ -1889,7 +1917,7 @@ def test_a_frame_trimmed_while_its_failing_attempt_runs_is_dead_lettered_as_trim
 def test_entries_whose_read_reply_was_lost_are_read_back_at_once(engines, frames, redis_url, stream, monkeypatch):
     """Redis handed the entries out (they are pending on this consumer) but the connection broke
     before the reply came: the worker reads its own pending list again after reconnecting, instead
-    of leaving them to XAUTOCLAIM after claim_idle_ms (10 minutes here)."""
+    of leaving them to the claim after claim_idle_ms (10 minutes here)."""
     real, cut = StreamIO.read_new, []
 
     def reply_lost(self, count):

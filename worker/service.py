@@ -5,10 +5,10 @@ publishing the previous one overlap inference, and memory stays bounded (at most
 `2 * queue_batches + 3` batches in flight):
 
     reader ──(decode pool)──► [decoded] ──► inference ──► [scored] ──► publisher
-    XREADGROUP / XAUTOCLAIM                 Engine.predict            PNG, publish + XACK (one script)
+    XREADGROUP / claim script               Engine.predict            PNG, publish + XACK (one script)
 
 The reader first re-reads this consumer's own pending entries (id 0), then new ones (`>`); every
-`claim_idle_ms / 2` it claims entries that silent consumers left pending (XAUTOCLAIM). Those two
+`claim_idle_ms / 2` it claims entries that silent consumers left pending (streams.CLAIM_SCRIPT). Those two
 kinds were handed out before and never completed, maybe because they killed a worker, so they go
 through one at a time with nothing else in flight (`_send_redelivered`). Every
 Redis call retries with backoff while Redis is away (not ready meanwhile); nothing is acknowledged
@@ -146,9 +146,9 @@ class Worker:
         self.pool = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="decode")
         self.inflight: set[str] = set()
         self.inflight_lock = threading.Lock()
-        # in flight, trimmed from the stream meanwhile and so no longer pending (Redis 7's XAUTOCLAIM
-        # drops such entries): a failed attempt cannot stay pending for a retry (_failed)
-        self.unpended: set[str] = set()
+        # in flight, trimmed from the stream meanwhile (the claim reports them gone): no retry could
+        # read a failed attempt's frame, so it is dead-lettered `trimmed` at once (_failed)
+        self.gone_in_flight: set[str] = set()
         self.last_errors: OrderedDict[str, str] = OrderedDict()  # entry id -> its last processing error
         self.crashed: BaseException | None = None
         self.threads: list[threading.Thread] = []
@@ -350,8 +350,8 @@ class Worker:
 
     def _refused(self, err: redis.ResponseError, op: str) -> None:
         """Redis refused the reader's `op`. Each operation is its own refusal, ended only by its own
-        success: at its memory cap Redis refuses the scripts and the group's writes but not XAUTOCLAIM,
-        whose success every claim period made a worker that could read nothing new ready again."""
+        success: at its memory cap Redis refuses the publish script and the group's writes but not the
+        claim, whose success every claim period made a worker that could read nothing new ready again."""
         self.redis_state.refused(f"reader's {op}", err)
         self.throttled.warning("redis_refused", "Redis refused the reader's %s (%s); retrying with backoff",
                                op, err, event="redis_refused", error=str(err), operation=op)
@@ -510,8 +510,8 @@ class Worker:
             entries = [Entry(eid.decode(), fields) for eid, fields in raw] + [Entry(eid, {}) for eid in deleted]
             if source != "new":  # our own pending entries include those that wait in the pipeline
                 with self.inflight_lock:
-                    # in flight and gone from the stream: XAUTOCLAIM dropped them from the pending list
-                    self.unpended.update(i for i in deleted if i in self.inflight)
+                    # in flight and gone from the stream: a failed attempt at one cannot be retried
+                    self.gone_in_flight.update(i for i in deleted if i in self.inflight)
                     entries = [e for e in entries if e.id not in self.inflight]
                 if source == "pending":  # a failed attempt's frame waits claim_idle_ms for its retry
                     entries = [e for e in entries if e.id not in self.last_errors]
@@ -717,8 +717,8 @@ class Worker:
         # frame (its count is taken back); ModelFailing ends such a worker.
         charged = self.model_scored
         with self.inflight_lock:
-            unpended = entry.id in self.unpended
-        if unpended:  # no retry can read it: the stream lost it during this attempt
+            gone = entry.id in self.gone_in_flight
+        if gone:  # no retry can read it: the stream lost it during this attempt
             return Outcome("dead", dead=schema.DeadLetter(schema.TRIMMED, (
                 f"the entry was removed from the input stream (MAXLEN trimming or XDEL) while attempt "
                 f"{entry.attempt} processed it, and that attempt failed: {message}")))
@@ -751,7 +751,7 @@ class Worker:
                                 [(e.id, o.uncharge) for e, o in zip(work.entries, outcomes) if o.uncharge])
             with self.inflight_lock:
                 self.inflight.difference_update(e.id for e in work.entries)
-                self.unpended.difference_update(e.id for e in work.entries)
+                self.gone_in_flight.difference_update(e.id for e in work.entries)
             self._beat()
 
     def _drop_attempts(self, ids: list[str], taken_back: list[tuple[str, str]] = ()) -> None:
@@ -874,7 +874,7 @@ class Worker:
         """Every claim_idle_ms / 3, refresh the entries waiting in this worker's pipeline
         (StreamIO.keep_claimed). Without it a busy worker's queued frames (up to 2 * queue_batches + 3
         batches; minutes on a CPU) outwait claim_idle_ms, and other workers, or this one's own
-        XAUTOCLAIM, claim and score them again (found in review; a test asserts each is scored once)."""
+        claim, take and score them again (found in review; a test asserts each is scored once)."""
         period = self.s.claim_idle_ms / 3000
         due, name_due = time.monotonic() + period, time.monotonic() + NAME_RENEW_S
         while not (self.stopping.is_set() and not any(t.is_alive() for t in self.threads)):

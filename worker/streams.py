@@ -13,9 +13,9 @@ is of the wrong type; then nothing can fail. Hence:
 
 * At least one: until the script has run the entry stays pending, so a worker that dies (or whose
   Redis connection dies) at any point before it leaves the entry to be re-read (its own pending,
-  on restart) or claimed by a live worker (XAUTOCLAIM after `claim_idle_ms`).
+  on restart) or claimed by a live worker (CLAIM_SCRIPT after `claim_idle_ms`).
 * At most one: after it the entry is acknowledged, and neither XREADGROUP `>` (new entries
-  only), nor a history read, nor XAUTOCLAIM (both: pending entries only) hands it out again. The one
+  only), nor a history read, nor the claim (both: pending entries only) hands it out again. The one
   remaining way to two results is two workers holding the same entry at once: a worker stalls
   longer than `claim_idle_ms`, another claims the entry, both finish. Both publish through the
   script, which writes a result only where the marker is absent; scripts run one at a time, so
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 # (Kubernetes backs off to 5 min), and a few bytes each for the rare entries that were redelivered.
 TRIES_TTL_S = 24 * 3600
 
-# A reply of XREADGROUP/XAUTOCLAIM: (entry id, fields); fields are {} for an entry trimmed away.
+# An entry as XREADGROUP or the claim gives it: (entry id, fields); fields are {} for an entry trimmed away.
 RawEntry = tuple[bytes, dict[bytes, bytes]]
 
 
@@ -229,6 +229,27 @@ return #redis.call(unpack(call))
 """
 
 
+# Claim entries left pending by silent consumers (StreamIO.autoclaim). KEYS: input stream. ARGV: group,
+# consumer, min idle ms, start (an id, or '(' and an id: after it), count. Returns {next start ('0-0':
+# done), claimed entries as XCLAIM gives them, ids of entries gone from the stream}. XAUTOCLAIM would
+# drop the gone ones from the pending list (Redis 7), so that a worker killed before it dead-lettered
+# them left no trace of those frames: here they stay pending, on whichever consumer held them, until
+# the `trimmed` dead letter that acknowledges them is written (by this worker, or the next one).
+CLAIM_SCRIPT = """
+local rows = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+', ARGV[5])
+local call, gone = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3]}, {}
+for _, row in ipairs(rows) do
+  if #redis.call('XRANGE', KEYS[1], row[1], row[1], 'COUNT', 1) > 0 then call[#call + 1] = row[1]
+  else gone[#gone + 1] = row[1] end
+end
+local claimed = {}
+if #call > 5 then claimed = redis.call(unpack(call)) end
+local cursor = '0-0'
+if #rows == tonumber(ARGV[5]) then cursor = '(' .. rows[#rows][1] end
+return {cursor, claimed, gone}
+"""
+
+
 # Publish a batch's outcomes (StreamIO.publish). KEYS: input stream, results stream, dead stream,
 # then one marker per record. ARGV: group, marker TTL, results MAXLEN, dead MAXLEN, then per
 # record: entry id, target (0: acknowledge only, 1: results, 2: dead), the entry's fingerprint,
@@ -308,6 +329,7 @@ class StreamIO:
         self._publish = client.register_script(PUBLISH_SCRIPT)
         self._name = client.register_script(NAME_SCRIPT)
         self._keep = client.register_script(KEEP_SCRIPT)
+        self._claim = client.register_script(CLAIM_SCRIPT)
 
     # -- the group -------------------------------------------------------------------------------
     def ensure_group(self) -> str | None:
@@ -464,27 +486,13 @@ class StreamIO:
             raise script_error(err) from None
 
     def autoclaim(self, min_idle_ms: int, start: str, count: int) -> tuple[str, list[RawEntry], list[str]]:
-        """XAUTOCLAIM entries idle longer than `min_idle_ms`: (next cursor, claimed entries, ids of
-        entries that were pending but are gone from the stream; Redis 7 drops those from the PEL)."""
-        reply = self.r.xautoclaim(self.stream, self.group, self.consumer, min_idle_ms, start, count=count)
-        cursor, claimed = text_of(reply[0]), reply[1]
-        deleted = [text_of(i) for i in reply[2]] if len(reply) > 2 else []
-        if any(eid is None for eid, _ in claimed):
-            # Redis < 7 claims a deleted entry but names it nil and keeps it pending: left so, it
-            # would be claimed again forever and never dead-lettered. Find it among our own.
-            deleted = self._gone_own_pending(start, cursor)
-        return cursor, [(eid, fields or {}) for eid, fields in claimed if eid is not None], deleted
-
-    def _gone_own_pending(self, start: str, end: str) -> list[str]:
-        """Ids pending on this consumer in [start, end) ('0-0': to the stream's end) whose entries
-        are gone from the stream."""
-        rows = self.r.xpending_range(self.stream, self.group, min=start, max="+" if end == "0-0" else f"({end}",
-                                     count=100_000, consumername=self.consumer)
-        ids = [text_of(row["message_id"]) for row in rows]
-        pipe = self.r.pipeline(transaction=False)
-        for i in ids:
-            pipe.xrange(self.stream, min=i, max=i, count=1)
-        return [i for i, found in zip(ids, pipe.execute()) if not found]
+        """Claim up to `count` entries from `start` idle longer than `min_idle_ms` (CLAIM_SCRIPT): (next
+        start, '0-0' when done; claimed entries; ids of entries pending but gone from the stream, left
+        pending for their dead letter to acknowledge). On Redis 6.2 as on 7."""
+        cursor, claimed, gone = self._run(self._claim, [self.stream], [self.group, self.consumer, min_idle_ms, start,
+                                                                       count])
+        entries = [(eid, dict(zip(fields[::2], fields[1::2]))) for eid, fields in claimed]
+        return text_of(cursor), entries, [text_of(i) for i in gone]
 
     def keep_claimed(self, ids: list[str], min_idle_ms: int) -> None:
         """Reset the idle time of entries this worker holds, so that no other worker takes them for
