@@ -1324,6 +1324,63 @@ def test_a_second_stop_signal_exits_at_once_unless_it_is_the_first_repeated(monk
     assert exits == [1]
 
 
+def test_a_second_signal_exits_at_once_while_the_worker_waits_for_a_stage(engines, frames, redis_url, stream,
+                                                                          monkeypatch):
+    """The kernel may hand a signal to any thread; its Python handler runs in the main thread, which was
+    waiting in a join of a stage that does not wake for it: a second Ctrl-C forced the exit only when
+    that stage finished or the shutdown deadline passed (in CI a repeated SIGTERM ran 1 s late)."""
+    (engine,) = engines.values()
+    entered, release = threading.Event(), threading.Event()
+
+    def held(batch):
+        # in the networks for as long as the test needs; never scored, as the real exit would have ended
+        # the process (the networks run after the faked exit aborted the test process at its end)
+        entered.set()
+        release.wait(30)
+        raise RuntimeError("the process had exited")
+
+    class ForcedExit(Exception):
+        pass
+
+    def forced_exit(code):
+        raise ForcedExit(code)
+    monkeypatch.setattr(engine, "predict", held)
+    monkeypatch.setattr(service, "REPEATED_SIGNAL_S", 0.2)
+    monkeypatch.setattr(service.os, "_exit", forced_exit)
+    config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
+                                               "metrics_port": 0, "shutdown_timeout_s": 10})
+    worker = Worker(config, engines)
+    add_frame(client(redis_url), stream, frames[0])
+    sent: list[float] = []
+
+    def signals():
+        entered.wait(30)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # the stop
+        time.sleep(0.5)  # past REPEATED_SIGNAL_S: a person's second Ctrl-C, given to this thread
+        sent.append(time.monotonic())
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    helper = threading.Thread(target=signals)
+    helper.start()
+    try:
+        with pytest.raises(ForcedExit):
+            worker.run()  # in the main thread, as the worker runs: its handlers are installed
+        forced_after = time.monotonic() - sent[0]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        release.set()
+        helper.join(30)
+        worker.abandon.set()
+        for t in worker.threads:  # none left inside the networks when the interpreter exits
+            t.join(30)
+        worker.pool.shutdown(wait=True)
+        if worker.server:
+            worker.server.stop()
+    assert forced_after < 2, f"the second signal forced the exit {forced_after:.1f} s after it was sent"
+
+
 def test_sigterm_past_the_deadline_mid_inference_exits_1_and_leaves_the_frames_pending(
         tiny_bundle, frames, redis_url, stream, tmp_path):
     """The deadline passes while a batch is inside the networks (served at 160 px: a second or more per

@@ -47,10 +47,11 @@ log = logging.getLogger("ustudents.worker")
 # stall_timeout_s, and an orchestrator that restarts on it (Kubernetes) has done so by then.
 STALL_EXIT_FACTOR = 2
 # A stop signal repeated within this many seconds is the same stop sent twice, not a second one. The
-# time is taken when Python runs the handler, not when the signal came: on a loaded 2-core CI machine
-# the handler of GNU timeout's second SIGTERM, sent at once, ran 1.01 s after the first's, so 1.0
-# took it for a person's second stop and exited 1.
+# time is taken when Python runs the handler, not when the signal came: in CI the handler of GNU
+# timeout's second SIGTERM, sent at once, ran 1.01 s after the first's (the main thread was in a
+# join that did not wake for it: JOIN_SLICE_S now bounds that), so 1.0 took it for a second stop.
 REPEATED_SIGNAL_S = 3.0
+JOIN_SLICE_S = 0.2  # the longest a signal handler waits while the main thread waits for the stages
 # A worker holds its consumer name in Redis for NAME_HOLD_S, renewed every NAME_RENEW_S (a failed
 # renewal is tried again within a second) (StreamIO.hold_name): a dead worker's name is free again
 # within NAME_HOLD_S.
@@ -216,7 +217,11 @@ class Worker:
             log.info("stopping: finishing the batches in flight (deadline %.0f s)", s.shutdown_timeout_s,
                      extra={"event": "stopping"})
         for t in self.threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+            # In slices: the kernel may give a signal (a person's second Ctrl-C) to any thread, and
+            # Python runs its handler in this one, which a join does not wake for: the forced exit
+            # waited for the stage to finish or the deadline to pass.
+            while t.is_alive() and time.monotonic() < deadline:
+                t.join(min(JOIN_SLICE_S, max(0.0, deadline - time.monotonic())))
         drained = not any(t.is_alive() for t in self.threads) and not self.abandon.is_set()
         if not drained:
             self.abandon.set()
