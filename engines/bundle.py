@@ -479,9 +479,14 @@ def _load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{path}: {what}; pass a model bundle, the folder `ustudents-train --out` wrote (the one "
                           f"holding {MANIFEST})")
     if not mpath.is_file():
-        what = "a folder, not the bundle's manifest file" if mpath.is_dir() else "missing"
-        raise BundleError(f"{mpath}: {what}; {path} is not a model bundle (restore it from a copy, or retrain with "
-                          "`ustudents-train`)")
+        if mpath.is_dir() or (path / ENGINE_DIR).is_dir() or any(path.glob("weights*.safetensors")):
+            what = "a folder, not the bundle's manifest file" if mpath.is_dir() else "missing"
+            raise BundleError(f"{mpath}: {what}; {path} holds a model bundle's files but no manifest (restore it from "
+                              "a copy, or retrain with `ustudents-train`)")
+        dataset = [d for d in ("train", "test", "ground_truth") if (path / d).is_dir()]
+        looks = f" (it looks like a dataset's category: {', '.join(dataset)}/)" if dataset else ""
+        raise BundleError(f"{path}: no {MANIFEST} here, so not a model bundle{looks}; pass the folder "
+                          "`ustudents-train --out` wrote")
     try:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -115,9 +115,10 @@ def check_outside_bundles(out: Path | None, option: str, replaces_itself: bool =
 def check_bundle_writable(path: Path, engines_too: bool = False) -> None:
     """Refuse now, before minutes of work, a bundle whose folder (and, for `engines_too`, its engines/
     folder, where build-engines writes) cannot be written (a read-only mount)."""
-    if not os.access(path, os.W_OK):
-        raise InputError(f"{path}: the bundle folder is not writable here (a read-only mount?); copy the bundle "
-                         "to a writable folder and run the command on the copy")
+    # and the write bits too: root passes os.access on a folder made read-only with chmod a-w
+    if not os.access(path, os.W_OK) or not Path(path).stat().st_mode & 0o222:
+        raise InputError(f"{path}: the bundle folder is not writable here (a read-only mount, or chmod a-w?); copy "
+                         "the bundle to a writable folder and run the command on the copy")
     engines = path / ENGINE_DIR
     # checked here: else the error named a hidden temporary file in it
     if engines_too and engines.is_dir() and not os.access(engines, os.W_OK):
@@ -195,6 +196,9 @@ def engine_options(fn):
     return fn
 
 
+MIN_CALIBRATION_IMAGES = 8
+
+
 def good_frames(folder: Path | None, bits: int, option: str, limit: int = 8) -> list:
     """Up to `limit` images from a folder, for parity checks on real images (16-bit data: `bits`);
     `option` names it in errors."""
@@ -246,6 +250,11 @@ def _build_engines(bundle, backend, precision, max_batch, check_images, calibrat
         require_tensorrt()
     calibration = (good_frames(calibration_images, bundle.uint16_bits, "--calibration-images", limit=32)
                    if precision == "int8" else None)
+    if calibration is not None and len(calibration) < MIN_CALIBRATION_IMAGES:
+        # ranges from one image saturate on the next frame's variation, and the parity check then runs
+        # on that same image, proving nothing
+        raise InputError(f"--calibration-images {calibration_images}: {len(calibration)} image(s); int8 ranges need "
+                         f"at least {MIN_CALIBRATION_IMAGES} good images (up to 32 are used)")
     # int8 ranges are set on good images and saturate on noise, so its parity is checked on good
     # images too: --check-images, else the calibration images (on noise the documented command failed it)
     frames = (good_frames(check_images, bundle.uint16_bits, "--check-images") if check_images or precision != "int8"

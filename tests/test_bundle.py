@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -155,7 +156,16 @@ def test_a_path_that_is_no_bundle_folder_is_told_for_what_it_is(tmp_path):
     path, _ = make_bundle(tmp_path / "b")
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "fake" / "manifest.json").mkdir(parents=True)
+    (tmp_path / "tiles" / "train" / "good").mkdir(parents=True)  # a dataset's category given for the bundle
+    (tmp_path / "empty").mkdir()
+    lost = Path(shutil.copytree(path, tmp_path / "lost"))
+    (lost / "manifest.json").unlink()
     for given, told in ((tmp_path / "nope", "nope: not found; pass a model bundle, the folder"),
+                        (tmp_path / "tiles", "tiles: no manifest.json here, so not a model bundle (it looks like a "
+                                             "dataset's category: train/); pass the folder `ustudents-train --out`"),
+                        (tmp_path / "empty", "empty: no manifest.json here, so not a model bundle; pass the folder"),
+                        (lost, "manifest.json: missing; " + str(lost) + " holds a model bundle's files but no "
+                               "manifest (restore it from a copy"),
                         (tmp_path / "B", "B: not found (" + str(path) + " is there: names are case-sensitive"),
                         (tmp_path / "notes.txt", "notes.txt: a file, not a folder; pass a model bundle"),
                         (path / "manifest.json", f"manifest.json: the bundle's manifest file; pass its folder, {path}"),

@@ -431,6 +431,10 @@ def test_missing_category_lists_the_ones_found(tiny_mvtec, mvtec):
     (mvtec / "bottle.zip").write_bytes(b"PK")  # a category not unpacked: a file of its name is there
     msg = _raises_naming(mvtec / "bottle.zip", train_samples, mvtec, "bottle.zip")
     assert "(a file is there, not a folder)" in msg and CAT in msg
+    # the category's own folder given as the data root: its train/test/ground_truth are no categories
+    msg = _raises_naming(mvtec / CAT / CAT, train_samples, mvtec / CAT, CAT)
+    assert f"{mvtec / CAT} holds train/good itself, so it is a category's folder: give its parent, --data-root " \
+           f"{mvtec}" in msg
 
 
 def test_missing_train_folder(mvtec):

@@ -763,6 +763,28 @@ def test_a_built_engine_without_onnx_runtime_installed_says_to_install_it_not_to
         load_engine(built_bundle, backend="auto", device="cpu", precision="fp16")
 
 
+def test_build_engines_refuses_int8_ranges_from_too_few_images_and_a_bundle_made_read_only(bundle_copy, tiny_mvtec,
+                                                                                          tmp_path):
+    """One calibration image was taken (its parity checked on that same image), and root, for whom
+    os.access passes everywhere, wrote into a bundle folder made read-only with chmod a-w."""
+    few = tmp_path / "few"
+    few.mkdir()
+    for f in sorted((tiny_mvtec / TINY_CATEGORY / "train" / "good").iterdir())[:3]:
+        shutil.copy(f, few)
+    result = invoke("build-engines", bundle_copy, "--precision", "int8", "--calibration-images", few)
+    assert result.exit_code == 2 and f"--calibration-images {few}: 3 image(s); int8 ranges need at least 8 good " \
+        "images" in result.output, result.output
+    before = {p: p.read_bytes() for p in bundle_copy.rglob("*") if p.is_file()}
+    bundle_copy.chmod(0o555)
+    try:
+        result = invoke("build-engines", bundle_copy)
+    finally:
+        bundle_copy.chmod(0o755)
+    assert result.exit_code == 2 and f"{bundle_copy}: the bundle folder is not writable here (a read-only mount, or " \
+        "chmod a-w?)" in result.output, result.output
+    assert {p: p.read_bytes() for p in bundle_copy.rglob("*") if p.is_file()} == before
+
+
 def test_build_engines_names_an_engines_folder_it_cannot_write(bundle_copy, tiny_mvtec, monkeypatch):
     from ustudents.engines import cli
 

@@ -1538,6 +1538,14 @@ def test_redis_unreachable_at_start_is_not_fatal(engines):
 
 def test_publish_sends_large_frames_by_key_and_reads_videos(frames, redis_url, stream, tmp_path):
     r = client(redis_url)
+    not_video = tmp_path / "x.mp4"  # FFmpeg's own "moov atom not found" came before ustudents' one line
+    not_video.write_text("not a video")
+    cmd = [sys.executable, "-c", "from ustudents.cli import main; main()", "publish", "--stream", stream, str(not_video),
+           "--redis-url", redis_url]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == f"Error: {not_video}: cannot be opened as a video; give a video " \
+        "OpenCV reads (e.g. .mp4, .avi)\n", proc.stderr
     runner = CliRunner()
     out = runner.invoke(main, ["publish", "--stream", stream, str(frames[0]), "--inline-max", "100", "--key-ttl-s", "30",
                                "--category", "tiles", "--redis-url", redis_url])

@@ -104,10 +104,13 @@ def _category_dir(root: str | Path, category: str) -> Path:
     _require_dir(root, "--data-root must be an MVTec AD root containing CATEGORY/train/good")
     cat = root / category
     if not cat.is_dir():
+        if (root / "train" / "good").is_dir():  # --data-root given the category folder itself
+            raise DatasetError(f"{cat}: category folder not found; {root} holds train/good itself, so it is a "
+                               f"category's folder: give its parent, --data-root {root.parent}")
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         raise DatasetError(
             f"{cat}: category folder not found{missing_folder_hint(cat)}; categories under {root}: "
-            f"{', '.join(found) or 'none'}"
+            f"{', '.join(found) or 'none'}: give one of them, or the --data-root that holds {category}/"
         )
     return cat
 

@@ -36,5 +36,8 @@ if _cv2_first:
 # given; ustudents names each such file itself (what, where, what to do), so only OpenCV's fatal
 # messages are let through. A value the user set wins.
 os.environ.setdefault("OPENCV_LOG_LEVEL", "FATAL")
+# FFmpeg, which reads videos for `publish`, logs through its own channel ("moov atom not found" for a
+# file that is no video): fatal messages only (AV_LOG_FATAL), for the same reason.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "8")
 
 __version__ = "0.1.0"
