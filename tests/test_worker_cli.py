@@ -78,7 +78,8 @@ def test_bad_input_at_start_is_one_line_and_exit_2(case, tiny_bundle, damaged_bu
         "damaged-bundle": (["worker", "--stream", "line1", "--model", str(damaged_bundle), "--metrics-port", "0"],
                            "checksum mismatch"),
         "bad-url": (base + ["--redis-url", "localhost:6379"], "is not a Redis URL"),
-        "bad-batch": (base + ["--batch", "0"], "--batch / USTUDENTS_BATCH: Input should be greater than or equal to 1"),
+        "bad-batch": (base + ["--batch", "0"], "--batch / USTUDENTS_BATCH: Input should be greater than or equal to 1 "
+                                               "(given: 0)"),
         "bad-backend": (base + ["--backend", "tensorrt"], "tensorrt needs a CUDA GPU"),
         # told before the models load (minutes on a GPU's first start), so even with a damaged bundle
         "port-taken": (["worker", "--stream", "line1", "--model", str(damaged_bundle), "--env-file", str(empty),
@@ -138,11 +139,13 @@ def redis_stream():
 @pytest.mark.parametrize("args, env, expected", [
     # each was accepted and crashed the worker later: at SIGTERM, in the monitor stage, at the first
     # read (the socket timeout), at the first result (a crash loop through restarts)
-    (["--shutdown-timeout-s", "inf"], {}, "--shutdown-timeout-s / USTUDENTS_SHUTDOWN_TIMEOUT_S: Input should be a finite number"),
+    (["--shutdown-timeout-s", "inf"], {},
+     "--shutdown-timeout-s / USTUDENTS_SHUTDOWN_TIMEOUT_S: Input should be a finite number (given: inf)"),
     # settings without a flag are named by their variable alone: "--block-ms" sent users to no flag
-    ([], {"USTUDENTS_STATS_INTERVAL_S": "inf"}, "USTUDENTS_STATS_INTERVAL_S: Input should be a finite number"),
+    ([], {"USTUDENTS_STATS_INTERVAL_S": "inf"},
+     "USTUDENTS_STATS_INTERVAL_S: Input should be a finite number (given: 'inf')"),
     ([], {"USTUDENTS_BLOCK_MS": "99999999999999"},
-     "USTUDENTS_BLOCK_MS: Input should be less than or equal to 2147473647"),
+     "USTUDENTS_BLOCK_MS: Input should be less than or equal to 2147473647 (given: '99999999999999')"),
     # the port and the database as urllib and redis-py word them named no setting; unix:// retried for ever
     (["--redis-url", "redis://127.0.0.1:abc/0"], {},
      "--redis-url / USTUDENTS_REDIS_URL: 'redis://127.0.0.1:abc/0': the port 'abc' is not a number from 1 to 65535; "
@@ -155,7 +158,8 @@ def redis_stream():
     (["--redis-url", "redis://127.0.0.1/0?db=x"], {},
      "--redis-url / USTUDENTS_REDIS_URL: 'redis://127.0.0.1/0?db=x': the database 'x' (?db=) is not a number"),
     (["--results-maxlen", "99999999999999999999"], {},
-     "--results-maxlen / USTUDENTS_RESULTS_MAXLEN: Input should be less than or equal to 9223372036854775807"),
+     "--results-maxlen / USTUDENTS_RESULTS_MAXLEN: Input should be less than or equal to 9223372036854775807 "
+     "(given: 99999999999999999999)"),
 ])
 def test_numbers_the_worker_cannot_use_are_refused_at_start(args, env, expected, tmp_path):
     empty = tmp_path / "empty.env"

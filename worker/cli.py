@@ -46,6 +46,12 @@ def settings_error(err: ValidationError) -> str:
     for e in err.errors():
         field = str(e["loc"][0]) if e["loc"] else "settings"
         msg = "required" if e["type"] == "missing" else e["msg"].removeprefix("Value error, ")
+        given = e.get("input")
+        # pydantic's own checks do not say what they were given (ours do); never a password or a URL,
+        # which may hold one
+        if e["type"] not in ("missing", "value_error") and isinstance(given, (str, int, float)) \
+                and field not in ("redis_password", "redis_url"):
+            msg += f" (given: {given!r})" if isinstance(given, str) else f" (given: {given})"
         parts.append(f"{flag_name(field, worker_flags())}: {msg}")
     return "; ".join(parts)
 
