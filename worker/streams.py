@@ -234,18 +234,24 @@ return #redis.call(unpack(call))
 # done), claimed entries as XCLAIM gives them, ids of entries gone from the stream}. XAUTOCLAIM would
 # drop the gone ones from the pending list (Redis 7), so that a worker killed before it dead-lettered
 # them left no trace of those frames: here they stay pending, on whichever consumer held them, until
-# the `trimmed` dead letter that acknowledges them is written (by this worker, or the next one).
+# the `trimmed` dead letter that acknowledges them is written (by this worker, or the next one). Like
+# XAUTOCLAIM it looks at no more than 10 x count pending entries a call: an IDLE filter scanned the
+# whole list (15 ms with 200,000 pending and none idle, against 0.3 ms), blocking Redis meanwhile.
 CLAIM_SCRIPT = """
-local rows = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+', ARGV[5])
-local call, gone = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3]}, {}
+local min_idle, count = tonumber(ARGV[3]), tonumber(ARGV[5])
+local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[4], '+', count * 10)
+local call, gone, taken, cursor = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3]}, {}, 0, nil
 for _, row in ipairs(rows) do
-  if #redis.call('XRANGE', KEYS[1], row[1], row[1], 'COUNT', 1) > 0 then call[#call + 1] = row[1]
-  else gone[#gone + 1] = row[1] end
+  if row[3] >= min_idle then
+    if #redis.call('XRANGE', KEYS[1], row[1], row[1], 'COUNT', 1) > 0 then call[#call + 1] = row[1]
+    else gone[#gone + 1] = row[1] end
+    taken = taken + 1
+    if taken == count then cursor = '(' .. row[1] break end
+  end
 end
+if cursor == nil then cursor = (#rows == count * 10) and ('(' .. rows[#rows][1]) or '0-0' end
 local claimed = {}
 if #call > 5 then claimed = redis.call(unpack(call)) end
-local cursor = '0-0'
-if #rows == tonumber(ARGV[5]) then cursor = '(' .. rows[#rows][1] end
 return {cursor, claimed, gone}
 """
 
