@@ -242,6 +242,13 @@ def dark_16_bit_hint(img: np.ndarray, bits: int, source: str) -> None:
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+# The first bytes of each format in IMAGE_SUFFIXES (WebP: RIFF, a size, then WEBP)
+IMAGE_MAGICS = (b"\x89PNG\r\n\x1a\n", JPEG_MAGIC, b"BM", b"II*\x00", b"MM\x00*")
+
+
+def looks_like_image(data: bytes) -> bool:
+    """Whether `data` starts as an image file of a format ustudents reads (not whether it decodes)."""
+    return data.startswith(IMAGE_MAGICS) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 JPEG_MASK_LEVEL = 128  # lossy masks: a defect pixel is one at least this bright (see read_mask)
 
 

@@ -203,6 +203,17 @@ def test_a_photograph_given_as_a_mask_is_refused_and_real_masks_are_not(tmp_path
         assert (read_mask(tmp_path / name) == (good_mask > 0 if name != "blobs.jpg" else mask > 0)).mean() > 0.99
 
 
+def test_every_image_format_read_is_told_by_its_first_bytes():
+    from ustudents.engines.images import IMAGE_SUFFIXES, looks_like_image
+
+    image = np.full((20, 24, 3), 100, np.uint8)
+    for suffix in IMAGE_SUFFIXES:
+        ok, buf = cv2.imencode(suffix, image)
+        assert ok and looks_like_image(buf.tobytes()), suffix
+    for data in (b"", b"notapng", b"RIFF\x00\x00\x00\x00WAVE", b"\x89PN"):
+        assert not looks_like_image(data), data
+
+
 def _move_files_into(folder: Path, sub: str) -> None:
     (folder / sub).mkdir()
     for f in list(folder.iterdir()):

@@ -1608,6 +1608,14 @@ def test_publish_sends_large_frames_by_key_and_reads_videos(frames, redis_url, s
         bad = runner.invoke(main, ["publish", "--stream", stream, source if "nothing" in source else str(tmp_path / "empty"),
                                    "--redis-url", redis_url])
         assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output
+    mixed = tmp_path / "mixed"  # files that are no image went out in silence, to be dead-lettered later
+    mixed.mkdir()
+    shutil.copy(frames[0], mixed / "a.png")
+    (mixed / "b.png").write_text("notapng")
+    out = runner.invoke(main, ["publish", "--stream", stream, str(mixed), "--fps", "0", "--redis-url", redis_url])
+    assert out.exit_code == 0 and "published 2 frames" in out.output, out.output
+    assert f"{mixed / 'b.png'}: not an image file by its first bytes; sent as it is" in out.output
+    assert "a.png" not in out.output
     by_day = tmp_path / "by-day"  # a camera's frames sorted by day: said as such, not "no images"
     (by_day / "day1").mkdir(parents=True)
     shutil.copy(frames[0], by_day / "day1")

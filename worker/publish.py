@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import cv2
 import redis
 
-from ustudents.engines.images import IMAGE_SUFFIXES, image_files, subfolder_hint
+from ustudents.engines.images import IMAGE_SUFFIXES, image_files, looks_like_image, subfolder_hint
 
 from . import schema
 from .connection import UNAVAILABLE, Backoff
@@ -40,20 +40,24 @@ def frames_from(source: str, fmt: str = "png", loop: bool = False,
         if not files:
             raise ValueError(f"{path}: no images ({'/'.join(IMAGE_SUFFIXES)}){subfolder_hint(path)}; give a folder "
                              "of frames, a video file or a camera index")
-        return _files(files, loop)
+        return _files(files, loop, warn)
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        return _files([path], loop)
+        return _files([path], loop, warn)
     if path.is_file():
         return _capture(_open(str(path), f"{path}: cannot be opened as a video; give a video OpenCV reads "
                                          "(e.g. .mp4, .avi)"), path.stem, fmt, loop, warn=warn, source=str(path))
     raise ValueError(f"{source}: no such folder, image, video file or camera index")
 
 
-def _files(files: list[Path], loop: bool) -> Iterator[tuple[str, bytes]]:
+def _files(files: list[Path], loop: bool, warn: Callable[[str], None]) -> Iterator[tuple[str, bytes]]:
     n = 0
     while True:
         for f in files:
-            yield (f.stem if n == 0 else f"{f.stem}-{n}"), f.read_bytes()
+            data = f.read_bytes()
+            if n == 0 and not looks_like_image(data):  # sent all the same: a camera's bad frame is a case to test
+                warn(f"{f}: not an image file by its first bytes; sent as it is, so the worker dead-letters it "
+                     "(decode_error)")
+            yield (f.stem if n == 0 else f"{f.stem}-{n}"), data
         n += 1
         if not loop:
             return
