@@ -600,9 +600,24 @@ def test_a_damaged_teachers_record_is_named_before_any_training(tmp_path, tiny_m
     assert not (tmp_path / "m").exists() and "students p=" not in result.output
     before = (teachers / "teacher_p17.safetensors").read_bytes()
     result = invoke("teacher", "--scales", "17", "--crop", 8, "--images", tiny_mvtec / TINY_CATEGORY / "train" / "good",
-                    "--steps", 1, "--out", teachers, "--amp", "off")
+                    "--steps", 1, "--out", teachers, "--amp", "off", "--replace")
     assert_input_error(result, str(teachers / "teachers.json"))
     assert (teachers / "teacher_p17.safetensors").read_bytes() == before  # no teacher replaced without its record
+
+
+def test_a_teacher_already_in_out_is_replaced_only_when_asked(tmp_path, tiny_mvtec, random_teachers):
+    """A finished distillation (hours) was replaced by a one-step teacher without a word."""
+    teachers = Path(shutil.copytree(random_teachers, tmp_path / "teachers"))
+    before = (teachers / "teacher_p17.safetensors").read_bytes()
+    args = ("teacher", "--scales", "17", "--crop", 8, "--images", tiny_mvtec / TINY_CATEGORY / "train" / "good",
+            "--steps", 1, "--out", teachers, "--amp", "off")
+    assert_input_error(invoke(*args), f"--out {teachers}: holds teachers for p=17 already", "add --replace")
+    assert (teachers / "teacher_p17.safetensors").read_bytes() == before
+    assert_ok(invoke(*args, "--replace"))
+    assert (teachers / "teacher_p17.safetensors").read_bytes() != before
+    for scales in ("17,,33", "17,", ",17"):  # a scale left out by a slip was trained without it
+        assert_input_error(invoke("teacher", "--scales", scales, "--out", tmp_path / "t2"), repr(scales),
+                           "give receptive fields separated by commas")
 
 
 @pytest.mark.slow

@@ -39,7 +39,10 @@ user_errors = user_errors_for(INPUT_ERRORS)
 
 def parse_scales(ctx, param, value: str) -> list[int]:
     try:
-        given = [int(s) for s in value.split(",") if s.strip()]
+        items = value.split(",")
+        if len(items) > 1 and not all(s.strip() for s in items):  # "17,,33": a scale left out by a slip?
+            raise ValueError
+        given = [int(s) for s in items if s.strip()]
     except ValueError:
         raise click.BadParameter(f"{value!r}: give receptive fields separated by commas, e.g. 17,33,65") from None
     if not given or any(p not in SCALES for p in given):
@@ -250,14 +253,16 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
 @click.option("--replace-shipped", is_flag=True,
               help="Allow --out to be the shipped default teachers' folder, which every ustudents-train without "
                    "--teachers uses (to remake them, as their model card does).")
+@click.option("--replace", is_flag=True,
+              help="Replace teachers of these scales that --out already holds (else refused: each took hours).")
 @device_option
 @amp_option
 @user_errors
 def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides, backbone_input, crop, images, pool_images,
                 pool_refresh, patches, steps, batch, lr, schedule, weight_decay, lambda_k, lambda_c, lambda_m, margin, seed,
-                replace_shipped, device, amp):
+                replace_shipped, replace, device, amp):
     """Distil teacher patch networks from a pretrained ImageNet CNN."""
-    from .teacher_files import read_records
+    from .teacher_files import read_records, teacher_path
 
     # an option of the other target changes nothing: a user giving it meant something it will not do
     ctx = click.get_current_context()
@@ -272,6 +277,10 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
     if not replace_shipped and real_path(out) == real_path(DEFAULT_DIR):
         raise InputError(f"--out {out}: the shipped default teachers, which every ustudents-train without --teachers "
                          "uses; give another folder (and --teachers it to ustudents-train), or add --replace-shipped")
+    held = [p for p in scales if teacher_path(out, p).exists()]
+    if held and not (replace or replace_shipped):  # a finished distillation was replaced without a word
+        raise InputError(f"--out {out}: holds teachers for p={','.join(map(str, held))} already, which distilling "
+                         "again would replace; give another --out, or add --replace")
     dev = resolve_device(device)
     made = [f for f in (Path(out), *Path(out).parents) if not f.exists()]  # what mkdir makes, deepest first
     Path(out).mkdir(parents=True, exist_ok=True)  # to lock it: a second run into it read and rewrote teachers.json
