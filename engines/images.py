@@ -288,9 +288,12 @@ def read_mask(path: str | Path) -> np.ndarray:
     colour = img[:, :, : 3 if img.shape[2] >= 3 else 1] if img.ndim == 3 else img[:, :, None]
     lossy = data[:3].tobytes() == JPEG_MAGIC
     _refuse_photo(colour.max(axis=2), path, lossy)
-    if lossy:
-        return (colour >= JPEG_MASK_LEVEL).any(axis=2)
-    return (colour > 0).any(axis=2)  # float TIFF masks with soft values in (0, 1) too
+    # float TIFF masks with soft values in (0, 1) count by the nonzero rule too
+    mask = (colour >= JPEG_MASK_LEVEL).any(axis=2) if lossy else (colour > 0).any(axis=2)
+    if mask.all():  # an all-white file: every pixel a defect, and the type's pixel metrics meaningless
+        raise ImageError(f"{path}: every pixel is marked defect (an all-white file?); a mask marks the defect's pixels "
+                         "only, 0 elsewhere")
+    return mask
 
 
 def frame_tensor(frame: np.ndarray, source: str = "frame") -> torch.Tensor:

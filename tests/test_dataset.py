@@ -134,7 +134,9 @@ def test_checking_a_12_bit_test_set_says_nothing_of_16_bits(tmp_path, caplog, mo
     for i in range(2):
         for folder in ("test/good", "test/spot"):
             write_image(tmp_path / CAT / folder / f"{i}.png", as_12_bit(rng.integers(0, 256, (32, 32), np.uint8), rng))
-        write_image(tmp_path / CAT / "ground_truth" / "spot" / f"{i}_mask.png", np.full((32, 32), 255, np.uint8))
+        mask = np.zeros((32, 32), np.uint8)
+        mask[4:12, 4:12] = 255
+        write_image(tmp_path / CAT / "ground_truth" / "spot" / f"{i}_mask.png", mask)
     with caplog.at_level("WARNING", logger="ustudents.engines.images"):
         checked_test_set(tmp_path, CAT, 32, every_image=True)
     assert caplog.records == []
@@ -198,6 +200,10 @@ def test_a_photograph_given_as_a_mask_is_refused_and_real_masks_are_not(tmp_path
         cv2.circle(mask, (int(x), int(y)), int(rng.integers(2, 8)), 255, -1)
     shrunk = cv2.resize(mask, (64, 64), interpolation=cv2.INTER_AREA)  # grey on every edge: 9% of its pixels
     labels = (mask > 0).astype(np.uint8) * rng.integers(1, 4, mask.shape).astype(np.uint8)  # classes 1, 2, 3
+    white = tmp_path / "white.png"  # every pixel a defect: accepted, and its type's pixel metrics meaningless
+    write_image(white, np.full((40, 40), 255, np.uint8))
+    with pytest.raises(ImageError, match="every pixel is marked defect"):
+        read_mask(white)
     for name, good_mask in (("shrunk.png", shrunk), ("labels.png", labels), ("blobs.jpg", mask)):
         write_image(tmp_path / name, good_mask)
         assert (read_mask(tmp_path / name) == (good_mask > 0 if name != "blobs.jpg" else mask > 0)).mean() > 0.99

@@ -178,7 +178,9 @@ def test_pictures_earlier_runs_wrote_are_removed_and_nothing_else(tmp_path):
     png = cv2.imencode(".png", np.zeros((16, 16), np.uint8))[1].tobytes()
     src = tmp_path / "src"
     src.mkdir()
-    cv2.imwrite(str(src / "000_mask.tif"), np.full((16, 16), 255, np.uint8))  # a TIFF ground truth
+    truth = np.zeros((16, 16), np.uint8)
+    truth[4:9, 4:9] = 255
+    cv2.imwrite(str(src / "000_mask.tif"), truth)  # a TIFF ground truth
     out = tmp_path / "out"
     long_id = "crack/" + "x" * 120  # safe_name cuts it and appends a digest after a ~
 
