@@ -541,6 +541,15 @@ def test_blank_training_frames_are_refused_all_or_warned_of_some(tmp_path, tiny_
     assert "students p=" not in result.output and not (tmp_path / "m2").exists()
 
 
+def test_a_validation_share_that_leaves_fewer_images_to_train_on_is_refused(tmp_path, tiny_mvtec, random_teachers):
+    """--val-fraction 0.999 trained on one image of 16, and its warning said to raise the fraction."""
+    result = invoke(*train_args(tiny_mvtec, tmp_path / "m", random_teachers, "--scales", "17", "--val-fraction",
+                                "0.999"))
+    assert_input_error(result, "--val-fraction 0.999: leaves 1 of the 16 images in train/good to train on (15 to "
+                               "calibrate)")
+    assert "students p=" not in result.output and not (tmp_path / "m").exists()
+
+
 def test_train_refuses_image_links_to_nothing_in_one_line(tmp_path, tiny_mvtec, random_teachers):
     """Images linked from a network share that is not mounted: each was skipped without a word."""
     root = copy_dataset(tiny_mvtec, tmp_path / "root")

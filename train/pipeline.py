@@ -197,6 +197,10 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
     check_writable(cfg.out)
     train_all = dataset.train_samples(cfg.data_root, cfg.category)
     fit, val = dataset.split_train_val(train_all, cfg.val_fraction, cfg.student.seed)
+    if len(fit) < len(val):  # --val-fraction 0.999 trained on one image, and its warnings said to raise it
+        raise dataset.DatasetError(f"--val-fraction {cfg.val_fraction:g}: leaves {len(fit)} of the {len(train_all)} "
+                                   f"images in train/good to train on ({len(val)} to calibrate); keep most for "
+                                   "training (the default is 0.2)")
     check_resolvable(cfg.target_fpr, len(val), cfg.image_size)  # calibration's pixels, as `calibrate` checks
     teachers, teacher_records = load_teachers(cfg.teachers, cfg.scales)  # a damaged file stops the run now
     lock.enter_context(checkpoints.opened(saves, cfg.resume, cfg.out))  # makes out's parent folders too
