@@ -448,6 +448,10 @@ def test_missing_category_lists_the_ones_found(tiny_mvtec, mvtec):
     (mvtec / "bottle.zip").write_bytes(b"PK")  # a category not unpacked: a file of its name is there
     msg = _raises_naming(mvtec / "bottle.zip", train_samples, mvtec, "bottle.zip")
     assert "(a file is there, not a folder)" in msg and CAT in msg
+    msg = _raises_naming(mvtec, train_samples, mvtec, " tiles")  # a quoting slip in a script
+    assert "CATEGORY ' tiles': no such folder" in msg and "spaces at its ends" in msg
+    msg = _raises_naming(mvtec / CAT.upper(), train_samples, mvtec, CAT.upper())
+    assert f"names are case-sensitive: give CATEGORY as {CAT!r}" in msg and "rename" not in msg
     # the category's own folder given as the data root: its train/test/ground_truth are no categories
     msg = _raises_naming(mvtec / CAT / CAT, train_samples, mvtec / CAT, CAT)
     assert f"{mvtec / CAT} holds train/good itself, so it is a category's folder: give its parent, --data-root " \
@@ -466,6 +470,7 @@ def test_empty_train_good(mvtec):
     (good / "readme.txt").write_text("no images here")
     msg = _raises_naming(good, train_samples, mvtec, CAT)
     assert "no images" in msg and ".png" in msg
+    assert msg.endswith("put images of good parts there")  # not "or remove the folder", which training needs
 
 
 def test_empty_test_type_folder(mvtec):

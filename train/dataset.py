@@ -87,12 +87,12 @@ def _refuse_only_nested(folder: Path) -> None:
                            "MVTec AD layout wants them directly in this folder: move them up")
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """The image files directly in `folder`, sorted by name; an error if there are none."""
+def _images_in(folder: Path, fix: str = "add some or remove the folder") -> list[Path]:
+    """The image files directly in `folder`, sorted by name; an error if there are none (`fix`: what to do)."""
     images = _listed(folder)
     if not images:
         _refuse_only_nested(folder)
-        raise DatasetError(f"{folder}: no images ({_SUFFIX_LIST}) in this folder; add some or remove the folder")
+        raise DatasetError(f"{folder}: no images ({_SUFFIX_LIST}) in this folder; {fix}")
     return images
 
 
@@ -104,6 +104,13 @@ def _category_dir(root: str | Path, category: str) -> Path:
     _require_dir(root, "--data-root must be an MVTec AD root containing CATEGORY/train/good")
     cat = root / category
     if not cat.is_dir():
+        if category != category.strip():
+            raise DatasetError(f"CATEGORY {category!r}: no such folder under {root}; the name has spaces at its ends "
+                               "(a quoting slip?): give it without them")
+        case = [d.name for d in root.iterdir() if d.is_dir() and d.name.lower() == category.lower()]
+        if case:  # not "rename it", as for a folder the layout names: CATEGORY is the user's to change
+            raise DatasetError(f"{cat}: category folder not found; {root / case[0]} is there, and names are "
+                               f"case-sensitive: give CATEGORY as {case[0]!r}")
         if (root / "train" / "good").is_dir():  # --data-root given the category folder itself
             raise DatasetError(f"{cat}: category folder not found; {root} holds train/good itself, so it is a "
                                f"category's folder: give its parent, --data-root {root.parent}")
@@ -119,7 +126,7 @@ def train_samples(root: str | Path, category: str) -> list[Sample]:
     """The defect-free training images of one category, sorted by file name."""
     folder = _category_dir(root, category) / "train" / GOOD
     _require_dir(folder, "--data-root must be an MVTec AD root containing CATEGORY/train/good")
-    return [Sample(p, GOOD, None) for p in _images_in(folder)]
+    return [Sample(p, GOOD, None) for p in _images_in(folder, "put images of good parts there")]
 
 
 def _masks_in(gt_dir: Path) -> dict[str, Path]:

@@ -197,7 +197,9 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
     check_writable(cfg.out)
     train_all = dataset.train_samples(cfg.data_root, cfg.category)
     fit, val = dataset.split_train_val(train_all, cfg.val_fraction, cfg.student.seed)
-    if len(fit) < len(val):  # --val-fraction 0.999 trained on one image, and its warnings said to raise it
+    # --val-fraction 0.999 trained on one image, and its warnings said to raise it (a tiny train/good,
+    # where calibration's minimum of validation images outweighs the rest, is not the fraction's doing)
+    if cfg.val_fraction > 0.5 and len(fit) < len(val):
         raise dataset.DatasetError(f"--val-fraction {cfg.val_fraction:g}: leaves {len(fit)} of the {len(train_all)} "
                                    f"images in train/good to train on ({len(val)} to calibrate); keep most for "
                                    "training (the default is 0.2)")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from ustudents.engines.bundle import sha256_file
 from ustudents.engines.files import write_atomically
+from ustudents.engines.images import missing_folder_hint
 from ustudents.engines.patchnet import PatchNet
 
 DEFAULT_DIR = Path(__file__).parent / "default_teachers"
@@ -91,6 +92,9 @@ def load_teacher(folder: Path, p: int) -> dict[str, torch.Tensor]:
     """The PatchNet(p) state dict of a teacher, checked against the architecture."""
     if Path(folder).is_file():
         raise TeacherFileError(f"--teachers {folder}: a file; give the folder that holds teacher_p<P>.safetensors")
+    if not Path(folder).is_dir():  # a mistyped path: not a reason to distil for hours
+        raise TeacherFileError(f"--teachers {folder}: folder not found{missing_folder_hint(Path(folder))}; give the "
+                               "folder that holds teacher_p<P>.safetensors")
     path = teacher_path(folder, p)
     if not path.is_file():
         raise TeacherFileError(f"{path}: no teacher for p={p}; make one with "
