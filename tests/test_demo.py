@@ -343,6 +343,7 @@ def busy_port() -> socket.socket:
     (["--fps", "1e-9"], "--fps 1e-09: give 0 (all at once) or a rate from 0.001 frames/s"),
     (["--fps", "-1"], "--fps -1.0: give 0 (all at once) or a rate from 0.001 frames/s"),
     (["--epochs", "0"], "must be at least 1"),
+    (["--image-size", "10"], "--image-size 10: must be from 64 to 1024 pixels"),
     (["--max-minutes", "-1"], "--max-minutes -1: must be 0 (no limit) or more"),
     (["--lr", "0"], "--lr 0: a learning rate must be more than 0"),
     (["--lr", "inf"], "--lr inf: a learning rate must be more than 0, and at most 1e+30"),
@@ -353,6 +354,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "o").exists()  # failed before any training
+    assert "==> training" not in result.output  # nor announced a run with the values it refused
 
 
 @pytest.mark.parametrize("server", ["tcp", "unix"])

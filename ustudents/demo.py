@@ -743,6 +743,8 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
         if model is None:
             cfg = train_config(data_root, category, out / "model", image_size, scales, students, epochs, crop, batch, lr,
                                max_minutes, seed)
+            from ustudents.train.pipeline import check_config
+            check_config(cfg)  # before the banner: it announced a run with the values it then refused
             if not retrain and reusable(cfg):
                 demo.step(f"model: reusing {cfg.out} (trained earlier with these settings on these images)")
             else:
