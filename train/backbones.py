@@ -186,7 +186,7 @@ EFFICIENTNET_FIX = ("give an EfficientNet-Lite0 state dict file (the efficientne
 
 def _first_mismatch(err: RuntimeError) -> str:
     """The first named problem of load_state_dict's error, whose first line only says that there are some;
-    its list of keys cut to three (another network's weights miss all 60 of ResNet-18's)."""
+    its list of keys cut to three (another network's weights miss all 100 of ResNet-18's)."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     line = lines[1] if len(lines) > 1 else lines[0]
     head, sep, keys = line.partition(": ")
