@@ -1430,30 +1430,58 @@ def test_sigterm_past_the_deadline_mid_inference_exits_1_and_leaves_the_frames_p
     assert pending_count(r, stream, consumer="late") > 0
 
 
-def test_tls_and_password(engines, frames, tmp_path):
-    """rediss:// with a CA file and a password in the URL."""
+def tls_server(folder: Path, password: str | None = None) -> RedisServer:
+    """A started RedisServer taking TLS only, with a self-signed certificate for 127.0.0.1 (its CA file
+    in the URL); skips the test where openssl or a redis-server built with TLS is missing."""
     if not shutil.which("openssl"):
         pytest.skip("needs the openssl command to make a certificate")
-    ca, cert, key = (str(tmp_path / n) for n in ("ca.pem", "cert.pem", "key.pem"))
+    ca, cert, key = (str(folder / n) for n in ("ca.pem", "cert.pem", "key.pem"))
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
                    check=True, capture_output=True)
     shutil.copy(cert, ca)
-    server = None
     for exe in redis_server_binaries():
         try:
-            server = RedisServer(tmp_path, password="pw", tls={"ca": ca, "cert": cert, "key": key}, exe=exe).start()
-            break
+            return RedisServer(folder, password=password, tls={"ca": ca, "cert": cert, "key": key}, exe=exe).start()
         except RuntimeError as err:
             assert "tls" in str(err).lower(), err  # only a build without TLS may fail here
-    if server is None:
-        pytest.skip(f"no redis-server built with TLS among {redis_server_binaries()}")
+    pytest.skip(f"no redis-server built with TLS among {redis_server_binaries()}")
+
+
+def test_tls_and_password(engines, frames, tmp_path):
+    """rediss:// with a CA file and a password in the URL."""
+    server = tls_server(tmp_path, password="pw")
     try:
         r = client(server.url)
         with in_process_worker(engines, server.url, "line2"):
             eid = add_frame(r, "line2", frames[0])
             wait_for(lambda: results_of(r, "line2"), 30, "a result over TLS")
         exactly_one_result_each(r, "line2", [eid])
+    finally:
+        server.stop()
+
+
+def test_a_tls_mismatch_is_said_with_the_fix(redis_url, tmp_path, caplog):
+    """rediss:// to a plain server (a connect timeout), redis:// to a TLS one (a reset) and a private CA
+    (verification failed) each said only "cannot reach Redis ...; start it", of a server that was running."""
+    from ustudents.worker.connection import RedisState, connect
+
+    server = tls_server(tmp_path)
+    try:
+        plain, port = redis_url.replace("redis://", "rediss://", 1), server.port
+        for url, fix in ((plain, "rediss:// is Redis over TLS: if this server does not use TLS, use redis://"),
+                         (f"redis://127.0.0.1:{port}/0", "if this server takes TLS connections only, use rediss://"),
+                         (f"rediss://127.0.0.1:{port}/0", "the server's certificate is not trusted here: give the CA "
+                                                          "that signed it in the URL (?ssl_ca_certs=/path/ca.pem)")):
+            result = CliRunner().invoke(main, ["results", "--stream", "line1", "--redis-url", url])
+            assert result.exit_code == 2 and f"cannot reach Redis at {url} (" in result.output and fix in \
+                result.output, result.output
+        assert connect(server.url).ping()  # the fix the hint gives (the CA file in the URL) works
+        try:  # the worker, which retries rather than exits, logs the hint with its first "unreachable"
+            connect(f"redis://127.0.0.1:{port}/0").ping()
+        except redis.ConnectionError as err:
+            RedisState(url=f"redis://127.0.0.1:{port}/0").failed(err)
+        assert "if this server takes TLS connections only, use rediss://" in caplog.text
     finally:
         server.stop()
 
