@@ -929,18 +929,24 @@ def test_unknown_or_repeated_scale_is_a_usage_error(tmp_path, tiny_mvtec, random
 
 
 @pytest.mark.parametrize("option", ["--image-fpr", "--target-fpr"])
-def test_a_false_positive_rate_outside_0_1_is_refused_before_training(tmp_path, tiny_mvtec, random_teachers, option):
+@pytest.mark.parametrize("rate, says", [("5", "between 0 and 1"), ("0.5", "50% of good"), ("0.9", "below 0.5")])
+def test_a_false_positive_rate_outside_0_half_is_refused_before_training(tmp_path, tiny_mvtec, random_teachers,
+                                                                         option, rate, says):
+    """0.5 and more were trained on: a threshold at or below the good images' median, half of every good
+    part masked or every other one flagged, and the warnings then blamed --val-fraction."""
     result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", tmp_path / "m",
-                    option, "5", "--teachers", random_teachers)
-    assert_input_error(result, option, "between 0 and 1")
+                    option, rate, "--teachers", random_teachers)
+    assert_input_error(result, f"{option} {float(rate):g}", says)
     assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("option", ["--image-fpr", "--target-fpr"])
-def test_calibrate_refuses_a_false_positive_rate_outside_0_1_before_reading_images(bundle_copy, tiny_mvtec, option):
+@pytest.mark.parametrize("rate, says", [("2", "between 0 and 1"), ("0.6", "60% of good")])
+def test_calibrate_refuses_a_false_positive_rate_outside_0_half_before_reading_images(bundle_copy, tiny_mvtec,
+                                                                                      option, rate, says):
     manifest = (bundle_copy / MANIFEST).read_bytes()
-    result = invoke("calibrate", bundle_copy, "--images", tiny_mvtec / TINY_CATEGORY / "train" / "good", option, "2")
-    assert_input_error(result, f"{option} 2.0", "between 0 and 1")
+    result = invoke("calibrate", bundle_copy, "--images", tiny_mvtec / TINY_CATEGORY / "train" / "good", option, rate)
+    assert_input_error(result, option, says)
     assert "loading images" not in result.output and (bundle_copy / MANIFEST).read_bytes() == manifest
 
 

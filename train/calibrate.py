@@ -36,6 +36,9 @@ DEFAULT_TARGET_FPR = 1e-3
 DEFAULT_IMAGE_FPR = 0.05  # share of good images flagged: 1 in 20 good parts goes to a second look
 MIN_POSITION_IMAGES = 30  # per-position std from 30 images: about 13% relative error
 STD_FLOOR = 0.01  # position std floor, as a share of the map's overall std (see position_statistics)
+# At half or more, the threshold sits at or below the good images' median: half of every good part
+# masked, or every other good part sent back. No inspection wants that; it is a typo (0.5 for 0.005).
+MAX_RATE = 0.5
 
 
 class CalibrationError(ValueError):
@@ -75,6 +78,16 @@ def predicted_share(s: ScoreStats) -> float:
     channel, on the training images) that the students' mean predicts on the validation pixels.
     1 = perfect regression; 0 = no better than predicting the training mean; negative = worse."""
     return 1.0 - s.e_mu / DESCRIPTOR_DIM
+
+
+def check_rate(option: str, rate: object) -> None:
+    """A false-positive rate from the command line or a manifest: ValueError unless 0 < rate < MAX_RATE."""
+    if not (isinstance(rate, (int, float)) and 0 < rate < 1):  # NaN too
+        raise ValueError(f"{option} {rate}: a false-positive rate must be between 0 and 1")
+    if rate >= MAX_RATE:
+        what = "good pixels masked" if option == "--target-fpr" else "good images flagged"
+        raise ValueError(f"{option} {rate:g}: {rate:.0%} of {what} is no inspection; a rate is a small share, "
+                         f"below {MAX_RATE:g} (default {DEFAULT_TARGET_FPR if option == '--target-fpr' else DEFAULT_IMAGE_FPR:g})")
 
 
 def check_resolvable(target_fpr: float, images: int, size: int) -> None:

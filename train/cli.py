@@ -343,7 +343,7 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
 
 
 def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
-    from .calibrate import calibrate, check_resolvable
+    from .calibrate import calibrate, check_rate, check_resolvable
     from .dataset import Sample, load_images, uint16_bits
     from .pipeline import image_fpr_warning, image_score_line, mask_line
 
@@ -360,8 +360,10 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     image_fpr = image_fpr if image_fpr is not None else bundle.manifest.get("image_score", {}).get(
         "target_image_fpr", DEFAULT_IMAGE_FPR)
     for option, rate in (("--target-fpr", fpr), ("--image-fpr", image_fpr)):
-        if not (isinstance(rate, (int, float)) and 0 < rate < 1):  # NaN too; before the network pass, not after
-            raise InputError(f"{option} {rate}: a false-positive rate must be between 0 and 1")
+        try:  # before the network pass, not after
+            check_rate(option, rate)
+        except ValueError as err:
+            raise InputError(str(err)) from None
     check_resolvable(fpr, len(files), bundle.image_size)
     samples = [Sample(path=f, defect="good") for f in files]
     # A new camera may write more bits (a 12-bit one after an 8-bit one): its 16-bit images say how many.

@@ -21,7 +21,7 @@ from ustudents.engines.patchnet import DESCRIPTOR_DIM, SCALES
 from ustudents.engines.runtime import resolve_device
 
 from . import checkpoints, dataset
-from .calibrate import (DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, MIN_POSITION_IMAGES, CalibrationError, calibrate,
+from .calibrate import (DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, MIN_POSITION_IMAGES, CalibrationError, calibrate, check_rate,
                         check_resolvable, predicted_share)
 from .students import MAX_LR, MAX_SEED, StudentConfig, TrainingDiverged, train_students
 from .teacher_files import DEFAULT_DIR, load_teachers
@@ -75,8 +75,7 @@ def check_config(cfg: TrainConfig) -> None:
     if not 0 <= cfg.student.max_minutes < float("inf"):  # NaN too; inf is not JSON for the manifest
         raise ValueError(f"--max-minutes {cfg.student.max_minutes:g}: must be 0 (no limit) or more, and finite")
     for option, rate in (("--target-fpr", cfg.target_fpr), ("--image-fpr", cfg.image_fpr)):
-        if not 0 < rate < 1:
-            raise ValueError(f"{option} {rate}: a false-positive rate must be between 0 and 1")
+        check_rate(option, rate)
 
 
 def image_score_line(record: dict) -> str:
