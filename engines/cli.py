@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import tempfile
@@ -45,12 +46,21 @@ def not_empty(ctx, param, value):
     return value
 
 
+def warnings_as_lines() -> None:
+    """The library's logged warnings print as "WARNING: ..." like a command's own, not as a bare line:
+    a command installs no logging handler, so Python's last-resort handler prints them, by default the
+    message alone. The worker installs its own handler (worker.logs), which this leaves alone."""
+    if logging.lastResort is not None:
+        logging.lastResort.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+
+
 def user_errors_for(errors: tuple[type[Exception], ...]):
     """A decorator turning the expected failures `errors` into InputError (one line, exit 2), and
     Ctrl-C into exit 130; anything else is a bug and keeps its traceback."""
     def decorator(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            warnings_as_lines()
             try:
                 return fn(*args, **kwargs)
             except errors as err:

@@ -143,10 +143,11 @@ def check_image_size(img: np.ndarray, source: str, what: str = "an image") -> np
     return img
 
 
-def read_image(path: str | Path, bits: int | None = UINT16_BITS) -> np.ndarray:
+def read_image(path: str | Path, bits: int | None = UINT16_BITS, dark_hint: bool = True) -> np.ndarray:
     """Read a PNG/JPEG/... file as uint8 RGB (H, W, 3); 16-bit data holding `bits` bits (module
-    docstring; None: the bits this file uses, for pictures). One under MIN_IMAGE_SIDE on a side is refused."""
-    return check_image_size(decode_image(_read_bytes(path), str(path), bits), str(path))
+    docstring; None: the bits this file uses, for pictures). One under MIN_IMAGE_SIDE on a side is refused.
+    `dark_hint`: as decode_image."""
+    return check_image_size(decode_image(_read_bytes(path), str(path), bits, dark_hint), str(path))
 
 
 def _imdecode(data: np.ndarray, source: str) -> np.ndarray | None:
@@ -207,10 +208,12 @@ def check_bits(bits) -> None:
         raise ValueError(f"bits {bits!r}: the bits a 16-bit image's data holds are a whole number from 8 to 16")
 
 
-def decode_image(data: bytes, source: str = "<bytes>", bits: int | None = UINT16_BITS) -> np.ndarray:
+def decode_image(data: bytes, source: str = "<bytes>", bits: int | None = UINT16_BITS,
+                 dark_hint: bool = True) -> np.ndarray:
     """Decode encoded image bytes as uint8 RGB (H, W, 3). 16-bit data is taken to hold `bits` bits
     (8..16; None: as many as this image uses, for pictures only, never for a model's input) and
-    scaled to 8 by to_8_bit."""
+    scaled to 8 by to_8_bit. `dark_hint`: where `bits` is a model's, dark_16_bit_hint on data that
+    uses far fewer; off while training, where no model exists yet."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode_image: {type(data).__name__} given, where the encoded image's bytes go")
     if bits is not None:
@@ -218,7 +221,8 @@ def decode_image(data: bytes, source: str = "<bytes>", bits: int | None = UINT16
     img = _decode_unchanged(data, source)
     if img.dtype == np.uint16:
         bits = _bits_used(img) if bits is None else bits
-        dark_16_bit_hint(img, bits, source)
+        if dark_hint:
+            dark_16_bit_hint(img, bits, source)
         img = to_8_bit(img, bits)
     if img.ndim == 2:
         return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)

@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from conftest import TINY_CATEGORY, copy_as_png, write_image
 from ustudents.cli import main
 from ustudents.engines.bundle import FORMAT, MANIFEST, WEIGHTS, load_bundle, sha256_file, update_manifest
+from ustudents.engines import images
 from ustudents.engines.images import read_image
 from ustudents.engines.runtime import load_engine
 from ustudents.train import dataset
@@ -302,6 +303,39 @@ def test_a_12_bit_camera_trains_predicts_and_recalibrates_as_the_8_bit_images_it
     assert "16-bit holding 12 bits (the model read 16)" in recalibrated[12][0] and "16-bit" not in recalibrated[8][0]
     assert (recalibrated[8][1]["input"]["uint16_bits"], recalibrated[12][1]["input"]["uint16_bits"]) == (16, 12)
     assert recalibrated[12][1]["statistics"] == recalibrated[8][1]["statistics"]
+
+
+def test_16_bit_images_of_mixed_depths_are_named_where_they_are_read(tmp_path, tiny_mvtec, random_teachers,
+                                                                    bundle_copy, monkeypatch):
+    """One 8-bit image saved as 16-bit (x 257 fills all 16 bits) among a 12-bit camera's: all were read
+    with 16 bits, the camera's 16x darker, with no word of which image did it, only the frame hint's
+    bare line (no WARNING:) advising to recalibrate a model that did not exist yet."""
+    monkeypatch.setattr(images, "_told_of_dark_16_bit", False)
+    root = copy_as_png(copy_dataset(tiny_mvtec, tmp_path / "few", keep_train=6, keep_test=2), tmp_path / "data", 12)
+    good = root / TINY_CATEGORY / "train" / "good"
+    odd, eight = sorted(good.iterdir())[:2]
+    cv2.imwrite(str(odd), read_image(odd, 12)[..., 0].astype(np.uint16) * 257)
+    cv2.imwrite(str(eight), read_image(eight, 12)[..., 0])  # and one 8-bit image, which was not named either
+    said = f"the 16-bit images use different bit depths: 16 bits in 1 (e.g. {odd.name}), at most 12 in 4 (e.g. "
+    trained = invoke("train", "--data-root", root, TINY_CATEGORY, "--out", tmp_path / "m", "--scales", "17",
+                     "--students", "2", "--epochs", "1", "--image-size", "64", "--teachers", random_teachers,
+                     "--no-evaluate", "--crop", "8", "--batch", "16", "--val-fraction", "0.1")
+    assert_ok(trained)
+    assert f"WARNING: {good}: {said}" in trained.output and "16x darker or more" in trained.output
+    assert "recalibrate on its frames" not in trained.output
+    assert f"5 of the 6 training images are 16-bit (e.g. {odd.name}), the others 8-bit; the 16-bit ones hold 16 bits" \
+        in trained.output
+    result = invoke("calibrate", bundle_copy, "--images", good, "--device", "cpu")
+    assert_ok(result)
+    assert f"WARNING: --images {good}: {said}" in result.output and "recalibrate on its frames" not in result.output
+    # the model (reading 16 bits) given a 12-bit frame: the hint, now that there is a model, as a warning
+    # (a real process: under pytest, logging goes to pytest's handlers, not the command's stderr)
+    frame = tmp_path / "frame.png"
+    cv2.imwrite(str(frame), np.full((64, 64), 3000, np.uint16))
+    done = subprocess.run([sys.executable, "-c", "from ustudents.cli import main; main()", "predict", str(tmp_path / "m"),
+                           str(frame), "--out", str(tmp_path / "pred")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(f"WARNING: {frame}: 16-bit data using 12 bits, read with the model's 16"), done.stderr
 
 
 # ------------------------------------------------------------------------------------- calibrate

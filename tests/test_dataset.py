@@ -20,7 +20,7 @@ from ustudents.train.dataset import (
     load_images,
     load_masks,
     split_train_val,
-    uint16_bits,
+    bit_depths,
     test_samples,
     train_samples,
 )
@@ -328,8 +328,10 @@ def test_the_bits_of_a_training_set_are_the_most_any_image_uses(tmp_path):
     paths = [write_image(tmp_path / "a.png", rng.integers(0, 256, (16, 16), dtype=np.uint8)),
              write_image(tmp_path / "b.png", np.full((16, 16), 1000, np.uint16)),
              write_image(tmp_path / "c.png", np.full((16, 16), 3000, np.uint16))]
-    assert uint16_bits([Sample(p, "good") for p in paths]) == 12
-    assert uint16_bits([Sample(paths[0], "good")]) is None
+    depths = bit_depths([Sample(p, "good") for p in paths])
+    assert (depths.bits, depths.eight_bit) == (12, 1)
+    assert depths.mixed_warning("train/good") is None  # 10 and 12 bits: one camera's dark and bright frames
+    assert bit_depths([Sample(paths[0], "good")]).bits is None
 
 
 def test_float_images_are_refused_with_what_to_do(tmp_path):

@@ -344,7 +344,7 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
 
 def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     from .calibrate import calibrate, check_rate, check_resolvable
-    from .dataset import Sample, load_images, uint16_bits
+    from .dataset import Sample, bit_depths, load_images
     from .pipeline import image_fpr_warning, image_score_line, mask_line
 
     if not Path(images).is_dir():
@@ -367,8 +367,12 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     check_resolvable(fpr, len(files), bundle.image_size)
     samples = [Sample(path=f, defect="good") for f in files]
     # A new camera may write more bits (a 12-bit one after an 8-bit one): its 16-bit images say how many.
-    bits = uint16_bits(samples) or bundle.uint16_bits
-    arr = load_images(samples, bundle.image_size, desc="loading images", bits=bits)
+    depths = bit_depths(samples)
+    bits = depths.bits or bundle.uint16_bits
+    warning = depths.mixed_warning(f"--images {images}")
+    if warning:
+        click.echo(warning)
+    arr = load_images(samples, bundle.image_size, desc="loading images", bits=bits, dark_hint=False)  # bits: theirs
     dev = resolve_device(device)
     # the statistics and threshold must hold for the engine that will use them
     bf16 = default_torch_precision(bundle, dev) == "bf16"

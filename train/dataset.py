@@ -224,19 +224,48 @@ def _read(path: Path, read):
         raise DatasetError(f"{path}: cannot be read ({e.strerror or e}); fix its permissions") from None
 
 
-def uint16_bits(samples: list[Sample]) -> int | None:
-    """How many bits the 16-bit images among `samples` use (the most any uses); None if none is 16-bit."""
-    found = [b for s in samples if (b := _read(s.path, uint16_bits_of)) is not None]
-    return max(found) if found else None
+@dataclass(frozen=True)
+class BitDepths:
+    """The bits each 16-bit image among a set of images uses (uint16_bits_of); 8-bit ones are counted."""
+    used: dict[Path, int]  # 16-bit images only
+    eight_bit: int
+
+    @property
+    def bits(self) -> int | None:
+        """The bits to read them with: the most any uses (a camera's depth shows in its brightest
+        frame); None if none is 16-bit."""
+        return max(self.used.values(), default=None)
+
+    def mixed_warning(self, what: str) -> str | None:
+        """A warning where 16-bit images use 3 or more bits fewer than the most any uses: read with
+        that, they come out 8x darker or more (one 8-bit image saved as 16-bit, which fills all 16,
+        darkens a 12-bit camera's 16 times), naming examples of both."""
+        top = self.bits
+        darker = sorted(p for p, b in self.used.items() if top is not None and b <= top - 3)
+        if not darker:
+            return None
+        widest = sorted(p for p, b in self.used.items() if b == top)
+        most = max(self.used[p] for p in darker)
+        return (f"WARNING: {what}: the 16-bit images use different bit depths: {top} bits in {len(widest)} (e.g. "
+                f"{widest[0].name}), at most {most} in {len(darker)} (e.g. {darker[0].name}); all are read with {top} "
+                f"bits, so those {len(darker)} come out {1 << (top - most)}x darker or more. If they come from different "
+                "cameras, or some were converted from 8 bits (which fills all 16), use images of one kind")
 
 
-def load_images(samples: list[Sample], size: int, desc: str = "images", bits: int = UINT16_BITS) -> np.ndarray:
+def bit_depths(samples: list[Sample]) -> BitDepths:
+    used = {s.path: b for s in samples if (b := _read(s.path, uint16_bits_of)) is not None}
+    return BitDepths(used=used, eight_bit=len(samples) - len(used))
+
+
+def load_images(samples: list[Sample], size: int, desc: str = "images", bits: int = UINT16_BITS,
+                dark_hint: bool = True) -> np.ndarray:
     """Read and resize images to uint8 (N, size, size, 3) RGB; gray files become 3 channels, 16-bit
-    data holding `bits` bits is scaled to 8 (images module)."""
+    data holding `bits` bits is scaled to 8 (images module). `dark_hint`: images.dark_16_bit_hint's
+    advice to recalibrate a model, off where the images make one (BitDepths.mixed_warning says it)."""
     out = np.empty((len(samples), size, size, 3), np.uint8)
     longest = (1.0, None)  # the most elongated image: (long side / short side, its path)
     for i, s in enumerate(progress(samples, desc=desc, unit="img", disable=None)):
-        img = _read(s.path, lambda path: read_image(path, bits))
+        img = _read(s.path, lambda path: read_image(path, bits, dark_hint=dark_hint))
         ratio = max(img.shape[:2]) / min(img.shape[:2])
         if ratio > longest[0]:
             longest = (ratio, s.path)

@@ -212,13 +212,20 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
         if p > cfg.image_size:
             log(f"WARNING p={p}: a patch wider than the {cfg.image_size} px image: this scale sees only whole "
                 f"images, padded; use --image-size of at least {p} or leave p={p} out (--scales)")
-    found_bits = dataset.uint16_bits(train_all)
-    bits = found_bits or UINT16_BITS
-    if found_bits:
-        log(f"16-bit training images holding {bits} bits: every image and frame for this model becomes 8 bits by "
-            f"dropping the lowest {bits - 8} (brighter frames saturate)")
-    fit_images = dataset.load_images(fit, cfg.image_size, desc="loading training images", bits=bits)
-    val_images = dataset.load_images(val, cfg.image_size, desc="loading validation images", bits=bits)
+    depths = dataset.bit_depths(train_all)
+    bits = depths.bits or UINT16_BITS
+    if depths.used:
+        which = (f"{len(depths.used)} of the {len(train_all)} training images are 16-bit (e.g. "
+                 f"{min(depths.used).name}), the others 8-bit; the 16-bit ones hold" if depths.eight_bit else
+                 "16-bit training images holding")
+        log(f"{which} {bits} bits: every 16-bit image and frame for this model becomes 8 bits by dropping the "
+            f"lowest {bits - 8} (brighter frames saturate)")
+        warning = depths.mixed_warning(f"{Path(cfg.data_root) / cfg.category / 'train' / 'good'}")
+        if warning:
+            log(warning)
+    fit_images = dataset.load_images(fit, cfg.image_size, desc="loading training images", bits=bits, dark_hint=False)
+    val_images = dataset.load_images(val, cfg.image_size, desc="loading validation images", bits=bits,
+                                     dark_hint=False)
     check_not_blank(Path(cfg.data_root) / cfg.category / "train" / "good", fit + val, [*fit_images, *val_images], log)
 
     model = AnomalyModel(cfg.scales, cfg.student.students)
