@@ -150,11 +150,33 @@ def read_image(path: str | Path, bits: int | None = UINT16_BITS, dark_hint: bool
     return check_image_size(decode_image(_read_bytes(path), str(path), bits, dark_hint), str(path))
 
 
-def _imdecode(data: np.ndarray, source: str) -> np.ndarray | None:
-    """cv2.imdecode(IMREAD_UNCHANGED), or None where OpenCV cannot decode it. OpenCV raises, rather than
-    returning None, where the header claims a size past its limits: a damaged file, mostly."""
+def without_colour_profile(data: bytes) -> bytes:
+    """A PNG's bytes without its iCCP chunk (the colour profile), else `data` itself. OpenCV ignores
+    the profile, but libpng checks it, and on a faulty one ("iCCP: known incorrect sRGB profile", common
+    from image editors; "invalid rendering intent") prints a warning straight to stderr: a line outside
+    the logs for every such frame a worker decodes. The pixels are the same without it."""
+    view = memoryview(data).cast("B")  # a frame's bytes are not copied to look at its chunk headers
+    if bytes(view[:8]) != PNG_SIGNATURE:
+        return data
+    at = len(PNG_SIGNATURE)
+    while at + 8 <= len(view):  # chunks: length, type, data, CRC; the profile comes before the pixels
+        length = int.from_bytes(view[at:at + 4], "big")
+        kind = bytes(view[at + 4:at + 8])
+        end = at + 12 + length
+        if kind == b"iCCP":
+            return bytes(view[:at]) + bytes(view[end:])
+        if kind in (b"IDAT", b"IEND"):
+            break
+        at = end
+    return data
+
+
+def _imdecode(data, source: str) -> np.ndarray | None:
+    """cv2.imdecode(IMREAD_UNCHANGED) of encoded bytes (any buffer), or None where OpenCV cannot decode
+    it. OpenCV raises, rather than returning None, where the header claims a size past its limits: a
+    damaged file, mostly."""
     try:
-        return cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        return cv2.imdecode(np.frombuffer(without_colour_profile(data), np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as err:
         if "CV_IO_MAX_IMAGE_PIXELS" in str(err):
             limit = "the" if ustudents.OPENCV_MAX_PIXELS is None else f"{ustudents.OPENCV_MAX_PIXELS:,}"
@@ -170,7 +192,7 @@ def _imdecode(data: np.ndarray, source: str) -> np.ndarray | None:
 def _decode_unchanged(data: bytes, source: str) -> np.ndarray:
     if len(data) == 0:
         raise ImageError(f"{source}: empty (0 bytes); replace it with a valid PNG or JPEG image")
-    img = _imdecode(np.frombuffer(data, np.uint8), source)
+    img = _imdecode(data, source)
     if img is None or img.size == 0:
         raise ImageError(f"{source}: cannot be decoded as an image (PNG, JPEG, BMP or TIFF); replace or remove it")
     if img.dtype not in (np.uint8, np.uint16):

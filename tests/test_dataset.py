@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import TINY_CATEGORY, as_12_bit, write_image
 
-from ustudents.engines.images import ImageError, decode_image, image_files, read_image, uint16_bits_of
+from ustudents.engines.images import ImageError, decode_image, image_files, read_image, read_mask, uint16_bits_of
 
 from ustudents.train.dataset import (
     DatasetError,
@@ -332,6 +334,27 @@ def test_the_bits_of_a_training_set_are_the_most_any_image_uses(tmp_path):
     assert (depths.bits, depths.eight_bit) == (12, 1)
     assert depths.mixed_warning("train/good") is None  # 10 and 12 bits: one camera's dark and bright frames
     assert bit_depths([Sample(paths[0], "good")]).bits is None
+
+
+def test_a_faulty_colour_profile_decodes_the_same_pixels_without_libpngs_stderr_line(tmp_path, capfd):
+    """libpng printed "libpng warning: iCCP: too short" (or "known incorrect sRGB profile", common from
+    image editors; scikit-image's page.png, a default teacher photo, has one) straight to the process's
+    stderr, outside the logs, for every such frame or image."""
+    def png_with_faulty_profile(array: np.ndarray) -> tuple[bytes, bytes]:
+        png = cv2.imencode(".png", array)[1].tobytes()
+        body = b"ICC Profile\x00\x00" + zlib.compress(b"\x00" * 200)  # a profile too short to be one
+        chunk = struct.pack(">I", len(body)) + b"iCCP" + body + struct.pack(">I", zlib.crc32(b"iCCP" + body))
+        return png, png[:33] + chunk + png[33:]  # after IHDR (8 + 25 bytes), as image editors write it
+
+    png, with_profile = png_with_faulty_profile(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:20, 5:9] = 255
+    (tmp_path / "mask.png").write_bytes(png_with_faulty_profile(mask)[1])
+    capfd.readouterr()
+    assert np.array_equal(decode_image(with_profile), decode_image(png))
+    assert np.array_equal(decode_image(memoryview(with_profile)), decode_image(png))
+    assert np.array_equal(read_mask(tmp_path / "mask.png"), mask > 0)  # masks too
+    assert capfd.readouterr().err == ""
 
 
 def test_float_images_are_refused_with_what_to_do(tmp_path):

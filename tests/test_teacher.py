@@ -280,6 +280,18 @@ def test_unknown_schedule_is_refused_before_any_work():
         train_teacher(TeacherConfig(p=17, schedule="linear", images="/nonexistent"))
 
 
+def test_resnet18_without_weights_is_refused_before_the_photos_load(monkeypatch):
+    """It was found only after every photo had been read and cut into its pyramid (a minute at p = 65)."""
+    import ustudents.train.teacher as teacher
+
+    def loading(*args, **kwargs):
+        raise AssertionError("the photos were loaded before the backbone was checked")
+
+    monkeypatch.setattr(teacher, "ImagePool", loading)
+    with pytest.raises(BackboneError, match="resnet18 needs --backbone-weights"):
+        train_teacher(TeacherConfig(p=17, backbone="resnet18"))
+
+
 @pytest.mark.parametrize("lr, message", [(0.0, "--lr 0: a learning rate must be more than 0"),
                                          (float("inf"), re.escape("--lr inf: a learning rate must be more than 0, and at most 1e+30")),
                                          (1e38, re.escape("--lr 1e+38: a learning rate must be more than 0, and at most 1e+30")),

@@ -271,6 +271,8 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     if cfg.pool_refresh < 0:
         raise TeacherError(f"--pool-refresh {cfg.pool_refresh}: steps per replaced image, 0 (never) or more")
     files = natural_image_files(cfg.images)
+    # before the photos load (a minute at p = 65): a resnet18 without --backbone-weights, or a bad file
+    backbone = build_backbone(cfg.backbone, cfg.backbone_weights).to(device)
     window = cfg.crop + geometry(cfg.p).rf - 1
     usable = (lambda levels: dense_levels(levels, cfg.p, window)) if cfg.target == "dense" else (lambda levels: levels)
     images = ImagePool(files, cfg.p, cfg.pool_images, cfg.seed, usable)
@@ -291,7 +293,6 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     if cfg.lambda_m > 0 and not triplet_levels():
         raise TeacherError(f"{cfg.images}: the triplet loss (--lambda-m {cfg.lambda_m:g}) at p={cfg.p} needs images at "
                            f"least {cfg.p + 2 * shift} pixels a side, and none is; use larger images or --lambda-m 0")
-    backbone = build_backbone(cfg.backbone, cfg.backbone_weights).to(device)
     if cfg.target == "dense":
         maps = p_maps(backbone, images.levels, cfg.p, cfg.target_strides)
         mean, std = channel_stats(maps)  # of the first pool: the images streamed in later are standardized alike
