@@ -282,6 +282,30 @@ def test_images_in_subfolders_beside_top_level_ones_are_named_once_as_not_used(m
     assert messages[2].startswith(f"{cat / 'ground_truth' / 'spot'}: 1 image(s) in its subfolders old (1) are not used")
 
 
+def test_masks_no_test_image_uses_are_named_once(mvtec, caplog):
+    """A defect type whose test images were not copied, a mask whose image was renamed or deleted, masks
+    put in ground_truth/good: each was left out of the metrics without a word."""
+    cat = mvtec / CAT
+    gt = cat / "ground_truth"
+    shutil.copytree(gt / "spot", gt / "dent")  # no test/dent
+    (cat / "test" / "scratch" / "001.jpg").rename(cat / "test" / "scratch" / "001.jpg.bak")  # set aside
+    (cat / "test" / "scratch" / "003.jpg").unlink()  # deleted: their masks stay
+    (gt / "good").mkdir()
+    shutil.copy(gt / "spot" / "000_mask.png", gt / "good" / "000_mask.png")
+    with caplog.at_level("WARNING", logger="ustudents.train.dataset"):
+        samples = test_samples(mvtec, CAT)
+        test_samples(mvtec, CAT)  # `ustudents-train` lists the test set before training and after it
+    assert {s.defect for s in samples} == {"good", "scratch", "spot"}
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        f"{gt / 'dent'}: 4 mask(s) of defect type 'dent', but {cat / 'test' / 'dent'} does not exist, so that type is "
+        "not evaluated; put its images there",
+        f"{gt / 'good'}: 1 mask(s) of good test images, which are defect-free by definition and scored as such; move a "
+        "defective image to test/<type> and its mask to ground_truth/<type>",
+        f"{gt / 'scratch'}: 2 mask(s) match no image in {cat / 'test' / 'scratch'} (e.g. 001_mask.png), so those images "
+        "are not evaluated; put them back, or remove the masks"]
+
+
 def test_image_links_to_nothing_are_refused_naming_them_not_skipped(mvtec, tmp_path):
     """Images that are links into a network share that is not mounted were skipped without a word: a
     training set silently smaller, or 'no images' for a folder full of them."""

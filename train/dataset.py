@@ -41,6 +41,7 @@ _SUFFIX_LIST = "/".join(IMAGE_SUFFIXES)
 log = logging.getLogger(__name__)
 SQUASH_WARN = 2.0  # images longer than this many times their width (or the reverse) are warned about
 _checked_for_nested: set[Path] = set()  # warn once per folder: test_samples runs before training and after it
+_checked_for_unused: set[Path] = set()  # ground_truth folders checked for masks no test image uses: once each
 
 
 class DatasetError(ValueError):
@@ -181,7 +182,37 @@ def test_samples(root: str | Path, category: str) -> list[Sample]:
         for image in images:
             mask = None if defect == GOOD else _find_mask(masks, gt_dir, image)
             samples.append(Sample(image, defect, mask))
+    _warn_of_unused_masks(cat, types, samples)
     return samples
+
+
+def _warn_of_unused_masks(cat: Path, types: list[str], samples: list[Sample]) -> None:
+    """A warning for each ground_truth folder holding masks that no test image uses: a defect type with
+    no test/<type> folder (the type left out of the metrics), masks of no test image (renamed or deleted
+    images), masks in ground_truth/good (good images are defect-free by definition, so a defective one
+    there is scored as good). Each was left out without a word."""
+    gt = cat / "ground_truth"
+    if not gt.is_dir() or real_path(gt) in _checked_for_unused:
+        return
+    _checked_for_unused.add(real_path(gt))
+    used = {s.mask_path for s in samples}
+    for folder in sorted(p for p in gt.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            unused = [m for m in image_files(folder) if m not in used]
+        except ImageError:  # a link to nothing among them: not read, so not this warning's to report
+            continue
+        if not unused:
+            continue
+        test = cat / "test" / folder.name
+        if folder.name == GOOD:
+            log.warning("%s: %d mask(s) of good test images, which are defect-free by definition and scored as such; "
+                        "move a defective image to test/<type> and its mask to ground_truth/<type>", folder, len(unused))
+        elif folder.name not in types:
+            log.warning("%s: %d mask(s) of defect type '%s', but %s does not exist, so that type is not evaluated; "
+                        "put its images there", folder, len(unused), folder.name, test)
+        else:
+            log.warning("%s: %d mask(s) match no image in %s (e.g. %s), so those images are not evaluated; put them "
+                        "back, or remove the masks", folder, len(unused), test, unused[0].name)
 
 
 test_samples.__test__ = False  # not a pytest test, though its name starts with "test_"
