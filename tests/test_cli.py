@@ -555,6 +555,24 @@ def test_train_refuses_a_test_image_copied_as_its_mask_before_training(tmp_path,
     assert not (tmp_path / "m").exists() and "students p=" not in result.output
 
 
+def test_copies_among_good_images_are_refused_before_training_or_recalibration(tmp_path, tiny_mvtec, random_teachers,
+                                                                                bundle_copy):
+    """40 copies of one image recalibrated a bundle in place to a threshold of 0 that flagged every good
+    part, exit 0; copies in train/good narrow the validation statistics the same way."""
+    root = copy_dataset(tiny_mvtec, tmp_path / "root")
+    good = root / TINY_CATEGORY / "train" / "good"
+    images = sorted(good.iterdir())
+    copy = images[5].with_name("copy" + images[2].suffix)
+    shutil.copy(images[2], copy)
+    result = invoke(*train_args(root, tmp_path / "m", random_teachers, "--scales", "17"))
+    assert_input_error(result, f"{good}: {images[2].name} and {copy.name} are the same picture: copies narrow")
+    assert "students p=" not in result.output and not (tmp_path / "m").exists()
+    manifest = (bundle_copy / MANIFEST).read_bytes()
+    result = invoke("calibrate", bundle_copy, "--images", good, "--device", "cpu")
+    assert_input_error(result, f"--images {good}: {images[2].name} and {copy.name} are the same picture")
+    assert (bundle_copy / MANIFEST).read_bytes() == manifest
+
+
 def test_blank_training_frames_are_refused_all_or_warned_of_some(tmp_path, tiny_mvtec, random_teachers):
     """All blank (a lens cap), training ran and calibration failed after it; some blank, and the model
     learned that a blank frame is a good part, without a word."""
@@ -566,7 +584,7 @@ def test_blank_training_frames_are_refused_all_or_warned_of_some(tmp_path, tiny_
     result = invoke(*train_args(root, tmp_path / "m", random_teachers, "--scales", "17"))
     assert_ok(result)
     warning = next(line for line in result.output.splitlines() if "flat colour" in line)
-    assert warning.startswith(f"WARNING {good}: 2 image(s) are one flat colour (blank frames?), e.g. ")
+    assert warning.startswith(f"WARNING: {good}: 2 image(s) are one flat colour (blank frames?), e.g. ")
     assert images[0].name in warning and images[1].name in warning
     for image in images[2:]:
         write_image(image, np.zeros((50, 60, 3), np.uint8))
@@ -1255,7 +1273,7 @@ def test_students_that_barely_trained_give_a_model_with_a_warning_that_it_detect
                     random_teachers, "--no-evaluate", "--amp", "off", "--crop", "8", "--batch", "16",
                     "--val-fraction", "0.1")
     assert result.exit_code == 0, result.output
-    assert "WARNING p=17: the students predict the teacher no better than its mean" in result.output
+    assert "WARNING: p=17: the students predict the teacher no better than its mean" in result.output
     assert "--epochs, now 1" in result.output and (tmp_path / "m" / "manifest.json").is_file()
 
 
@@ -1265,7 +1283,7 @@ def test_students_that_learned_a_little_of_the_teacher_are_warned_of_too():
     from ustudents.train.students import StudentConfig
 
     st = StudentConfig(epochs=1, lr=1e-4)
-    assert low_share_warning(17, 0.03, st) == ("WARNING p=17: the students predict only 3% of the teacher's "
+    assert low_share_warning(17, 0.03, st) == ("WARNING: p=17: the students predict only 3% of the teacher's "
                                                "descriptor variance on good images: this scale cannot tell defects "
                                                "from good parts; train longer (--epochs, now 1) or lower --lr (now "
                                                "0.0001)")

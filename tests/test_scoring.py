@@ -164,6 +164,17 @@ def test_too_few_images_keep_the_maximum_against_the_mask_threshold():
         image_score_calibration(maps, 3.0, image_fpr=1.5)
 
 
+def test_validation_images_that_score_the_same_are_refused_not_given_a_threshold_every_one_reaches():
+    """40 copies of one image: every leave-one-out score was 0, the threshold 0, and every new good part
+    was flagged, while the record said it would flag 5% of them."""
+    rng = np.random.default_rng(0)
+    one = rng.normal(size=(8, 8)).astype(np.float32)
+    with pytest.raises(CalibrationError, match="100% of the 40 good images calibrated on score the same"):
+        image_score_calibration(np.repeat(one[None], 40, axis=0), pixel_threshold=3.0, image_fpr=0.05)
+    varied = np.repeat(one[None], 40, axis=0) + rng.normal(scale=0.1, size=(40, 8, 8)).astype(np.float32)
+    assert image_score_calibration(varied, 3.0, image_fpr=0.05)[0]["validation_image_fpr"] <= 0.1
+
+
 # ------------------------------------------------------------------------------------------ masks
 
 def test_position_mask_threshold_is_the_pixel_quantile_capped_at_the_image_threshold():

@@ -154,6 +154,10 @@ def image_score_calibration(fused: np.ndarray, pixel_threshold: float, image_fpr
     # numpy's default quantile (position (1 - image_fpr)(n - 1) + 1) sits lower: at n = 30 it flags
     # 7.9% of new good images on average instead of 5% (the Weibull rule: tests/test_scoring.py).
     value = float(np.quantile(loo, 1.0 - image_fpr, method="weibull"))
+    if (loo >= value).mean() >= MAX_RATE:  # a threshold every other good image reaches: it flags every part
+        raise CalibrationError(f"{(loo >= value).mean():.0%} of the {n} good images calibrated on score the same, so no "
+                               "threshold sets them apart (near-copies: frames that hardly differ?); give good images "
+                               "of different parts")
     record = {"method": "position_z_max", "threshold": value, "target_image_fpr": image_fpr, "images": n,
               "validation_image_fpr": float((loo >= value).mean()),
               "expected_image_fpr": expected_image_fpr(image_fpr, n)}

@@ -344,7 +344,7 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
 
 def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     from .calibrate import calibrate, check_rate, check_resolvable
-    from .dataset import Sample, bit_depths, load_images
+    from .dataset import Sample, bit_depths, load_images, refuse_copies
     from .pipeline import image_fpr_warning, image_score_line, mask_line
 
     if not Path(images).is_dir():
@@ -373,6 +373,7 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     if warning:
         click.echo(warning)
     arr = load_images(samples, bundle.image_size, desc="loading images", bits=bits, dark_hint=False)  # bits: theirs
+    refuse_copies(f"--images {images}", samples, arr)
     dev = resolve_device(device)
     # the statistics and threshold must hold for the engine that will use them
     bf16 = default_torch_precision(bundle, dev) == "bf16"

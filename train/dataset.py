@@ -312,6 +312,28 @@ def load_images(samples: list[Sample], size: int, desc: str = "images", bits: in
     return out
 
 
+def refuse_copies(folder: str, samples: list[Sample], images) -> None:
+    """DatasetError naming a pair where two images are the same picture as loaded (a copy, or the same
+    frame saved twice): a camera's frames differ at least by its noise. Copies make the good images'
+    statistics narrower than the line's, so good parts get flagged; 40 copies of one image calibrated
+    a threshold of 0 that flagged every part."""
+    seen: dict[bytes, Sample] = {}
+    pairs = []
+    for s, img in zip(samples, images):
+        if img.min() == img.max():  # blank frames (a lens cap) are alike by nature; training warns of them
+            continue
+        key = hashlib.sha256(np.ascontiguousarray(img).tobytes()).digest()
+        if key in seen:
+            pairs.append((seen[key], s))
+        else:
+            seen[key] = s
+    if pairs:
+        a, b = sorted(s.path.name for s in min(pairs, key=lambda pair: sorted(s.path.name for s in pair)))
+        more = f" ({len(pairs)} copies in all)" if len(pairs) > 1 else ""
+        raise DatasetError(f"{folder}: {a} and {b} are the same picture{more}: copies narrow the good images' "
+                           "statistics, so good parts would be flagged; remove them")
+
+
 def load_masks(samples: list[Sample], size: int) -> np.ndarray:
     """Ground-truth masks as bool (N, size, size); all False for good samples. Each mask must have
     its image's original size."""

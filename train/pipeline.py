@@ -98,7 +98,7 @@ def low_share_warning(p: int, share: float, st: StudentConfig) -> str | None:
         return None
     how = ("predict the teacher no better than its mean" if share <= 0 else
            f"predict only {share:.0%} of the teacher's descriptor variance on good images")
-    return (f"WARNING p={p}: the students {how}: this scale cannot tell defects from good parts; train longer "
+    return (f"WARNING: p={p}: the students {how}: this scale cannot tell defects from good parts; train longer "
             f"(--epochs, now {st.epochs}) or lower --lr (now {st.lr:g})")
 
 
@@ -152,7 +152,7 @@ def check_not_blank(good: Path, samples: list, images: list, log) -> None:
         raise dataset.DatasetError(f"{good}: every image is one flat colour (blank frames?), so there is nothing to "
                                    "learn; put images of good parts there")
     if blank:
-        log(f"WARNING {good}: {len(blank)} image(s) are one flat colour (blank frames?), e.g. {', '.join(blank[:3])}; "
+        log(f"WARNING: {good}: {len(blank)} image(s) are one flat colour (blank frames?), e.g. {', '.join(blank[:3])}; "
             "the model learns that such a frame is good: remove them and train again")
 
 
@@ -210,7 +210,7 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
         f"scales {cfg.scales}, M={cfg.student.students}, {cfg.image_size}px, device {device}")
     for p in cfg.scales:
         if p > cfg.image_size:
-            log(f"WARNING p={p}: a patch wider than the {cfg.image_size} px image: this scale sees only whole "
+            log(f"WARNING: p={p}: a patch wider than the {cfg.image_size} px image: this scale sees only whole "
                 f"images, padded; use --image-size of at least {p} or leave p={p} out (--scales)")
     depths = dataset.bit_depths(train_all)
     bits = depths.bits or UINT16_BITS
@@ -226,7 +226,9 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
     fit_images = dataset.load_images(fit, cfg.image_size, desc="loading training images", bits=bits, dark_hint=False)
     val_images = dataset.load_images(val, cfg.image_size, desc="loading validation images", bits=bits,
                                      dark_hint=False)
-    check_not_blank(Path(cfg.data_root) / cfg.category / "train" / "good", fit + val, [*fit_images, *val_images], log)
+    good = Path(cfg.data_root) / cfg.category / "train" / "good"
+    check_not_blank(good, fit + val, [*fit_images, *val_images], log)
+    dataset.refuse_copies(str(good), fit + val, [*fit_images, *val_images])
 
     model = AnomalyModel(cfg.scales, cfg.student.students)
     tensors, records = {}, {}
