@@ -174,14 +174,30 @@ def is_bundle(folder: Path) -> bool:
         return False
 
 
+# The names the commands give weights (rewrite_bundle: weights.<sha256[:12]>.safetensors) and engine
+# files (onnx_engine.engine_file, tensorrt_build: model-<precision>[-<gpu>].onnx/.plan and the timing
+# cache): a user's weights-before-recalibration.safetensors or engines/README.txt is not one of them.
+OWN_WEIGHTS = re.compile(r"weights(\.[0-9a-f]{12})?\.safetensors")
+OWN_ENGINE_FILE = re.compile(r"model-[a-z0-9-]+\.(onnx|plan)|tensorrt-[a-z0-9-]+\.timing-cache")
+
+
+def _passing(name: str) -> bool:
+    """A name left by an interrupted write (.partial), NFS's .nfs* stand-ins for files still open, the
+    writability probe, macOS's .DS_Store and ._* (AppleDouble files a Mac leaves beside each file it
+    copies to a stick or share)."""
+    return name == ".DS_Store" or name.endswith(".partial") or name.startswith((".nfs", ".ustudents-probe-", "._"))
+
+
 def _bundles_own(name: str) -> bool:
-    """A name a bundle's own commands leave in its folder: its files, an interrupted write's .partial,
-    a weights file an interrupted recalibration left unnamed, NFS's .nfs* stand-ins for files still open,
-    the writability probe, macOS's .DS_Store and ._* (AppleDouble files a Mac leaves beside each file it
-    copies to a stick or share). Any other name, hidden ones included (.git, a user's .notes), is the user's."""
-    return (name in (MANIFEST, ENGINE_DIR, ".DS_Store") or name.endswith(".partial")
-            or name.startswith((".nfs", ".ustudents-probe-", "._"))
-            or (name.startswith("weights") and name.endswith(".safetensors")))
+    """A name a bundle's own commands leave in its folder: its files, a weights file an interrupted
+    recalibration left unnamed, _passing ones. Any other name, hidden ones included (.git, a user's
+    .notes, a backup of the weights), is the user's."""
+    return name in (MANIFEST, ENGINE_DIR) or _passing(name) or OWN_WEIGHTS.fullmatch(name) is not None
+
+
+def _engines_own(name: str) -> bool:
+    """The same for the bundle's engines/ folder."""
+    return _passing(name) or OWN_ENGINE_FILE.fullmatch(name) is not None
 
 
 def check_writable(out: Path) -> None:
@@ -193,6 +209,8 @@ def check_writable(out: Path) -> None:
     if not is_bundle(out):
         raise BundleError(f"{out}: exists and is not a model bundle; choose another --out (it would be replaced)")
     extra = sorted(f.name for f in out.iterdir() if not _bundles_own(f.name))
+    if (out / ENGINE_DIR).is_dir():
+        extra += sorted(f"{ENGINE_DIR}/{f.name}" for f in (out / ENGINE_DIR).iterdir() if not _engines_own(f.name))
     if extra:  # a user's notes, overlays or .git beside the bundle: replacing the folder would delete them
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
         raise BundleError(f"{out}: holds {shown} besides its model bundle, which replacing the bundle would delete; "

@@ -114,6 +114,17 @@ def test_only_a_users_own_files_stop_a_bundle_folder_being_replaced(tmp_path):
     (tmp_path / "b" / ".git").mkdir()  # a bundle folder under version control: hidden, and the user's
     with pytest.raises(BundleError, match=r"holds \.git besides its model bundle"):
         check_writable(tmp_path / "b")
+    (tmp_path / "b" / ".git").rmdir()
+    # built engines are the bundle's; a backup of the weights, or a note among the engines, the user's
+    for name in ("model-fp32.onnx", "model-fp16-nvidia-h100-80gb-hbm3.plan",
+                 "tensorrt-nvidia-h100-80gb-hbm3-10-3-0.timing-cache", ".model-int8.onnx.partial"):
+        (tmp_path / "b" / "engines" / name).write_bytes(b"")
+    check_writable(tmp_path / "b")
+    for mine in ("weights-before-recalibration.safetensors", "engines/README.txt"):
+        (tmp_path / "b" / mine).write_text("mine")
+        with pytest.raises(BundleError, match=f"holds {mine} besides its model bundle"):
+            check_writable(tmp_path / "b")
+        (tmp_path / "b" / mine).unlink()
 
 
 def test_a_full_disk_while_writing_weights_is_an_oserror_naming_the_folder(tmp_path, monkeypatch):
