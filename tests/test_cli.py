@@ -1562,6 +1562,10 @@ def test_a_second_training_to_the_same_out_is_refused_while_the_first_runs(tmp_p
         with monkeypatch.context() as m:
             m.setattr(dataset, "checked_test_set", not_read)
             result = invoke(*train_args(tiny_mvtec, out, random_teachers))
+            link = tmp_path / "current"  # a plant's link to the model: the same bundle (both trained at once)
+            link.symlink_to(out)
+            through_link = invoke(*train_args(tiny_mvtec, link, random_teachers))
+        assert_input_error(through_link, f"{link}: another training run (ustudents-train or ustudents demo) is writing")
         assert checkpoints.folder_for(out).is_dir()  # the first run's folder, untouched by the refused one
         # nor by a run that fails before it would take the folder (a teacher missing)
         # (a mistyped --teachers is said as such, not as a teacher to distil for hours)

@@ -26,13 +26,17 @@ from safetensors.torch import load_file, save
 
 import ustudents
 from ustudents.engines.bundle import locked
-from ustudents.engines.files import write_atomically
+from ustudents.engines.files import real_path, write_atomically
 
 CHECKPOINT_EVERY_S = 120.0  # at most one save per this many seconds (p=17, M=3: 108 MB, 0.5 s to write here)
 
 
 def folder_for(out: Path) -> Path:
-    return out.parent / f".{out.name}.checkpoint"
+    """Beside the bundle's real path, where its .partial folders are made too: a run to a symbolic link
+    and one to the folder it points at share the folder, and so its lock (beside the name given, both
+    trained at once, the second overwriting the first)."""
+    real = real_path(out)
+    return real.parent / f".{real.name}.checkpoint"
 
 
 def scale_key(p: int, teacher_state: dict[str, torch.Tensor], student_settings: dict, image_size: int,
