@@ -1673,12 +1673,22 @@ def test_the_tools_refuse_at_once_what_would_lose_frames_or_leak_a_password(fram
         (["results", "--stream", stream, "--save", str(taken)], f"--save {taken}: is a file"),
         (["results", "--stream", stream, "--redis-url", "redis://127.0.0.1:1/0", "--save", str(taken / "x")],
          "nothing can be made under it"),
+        # a dataset's train/good: the masks saved there were trained on as good images
+        (["results", "--stream", stream, "--save", str(frames[0].parent)],
+         f"--save {frames[0].parent}: holds images that `ustudents results` did not write ({frames[0].name}"),
     ]
     for args, needle in cases:
         out = runner.invoke(main, args + (["--redis-url", redis_url] if "--redis-url" not in args else []))
         lines = out.output.strip().splitlines()  # one line, no usage text
         assert out.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], \
             (args, out.output)
+    from ustudents.worker.results import check_save_folder
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "cam 1_frame-7_1796590723711-0_mask.png").write_bytes(b"")  # its own: they accumulate
+    (saved / "cam 1_frame-7_1796590723711-0_overlay.png").write_bytes(b"")
+    (saved / "notes.txt").write_text("")
+    check_save_folder(saved)
     client(redis_url).set(f"{stream}:results", "not a stream")
     out = runner.invoke(main, ["results", "--stream", stream, "--count", "1", "--redis-url", redis_url])
     assert out.exit_code == 2 and f"{stream}:results or {stream}:dead is a Redis key of another type" in out.output

@@ -334,11 +334,13 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
 @user_errors
 def results_cmd(stream, save_to, from_start, count, redis_url):
     """Follow <stream>:results and <stream>:dead: one line per frame."""
-    from .results import follow
+    from .results import check_save_folder, follow
 
     stream = checked_stream(stream)
     check_output(save_to, "--save", folder=True)
     check_outside_bundles(save_to, "--save")
+    if save_to is not None:
+        check_save_folder(save_to)
     client = tool_client(redis_url)
     try:
         follow(client, stream, click.echo, from_start=from_start, count=count, save_to=save_to)

@@ -12,6 +12,7 @@ import numpy as np
 import redis
 
 from ustudents.engines.files import write_atomically
+from ustudents.engines.images import is_image_file
 
 from . import codec, schema
 from .streams import replies
@@ -70,6 +71,22 @@ def input_frame(client: redis.Redis, stream: str, entry_id: str) -> np.ndarray |
         return codec.decode(data, entry_id, uint16_bits=None) if data else None  # a picture: its own range
     except ValueError:
         return None
+
+
+SAVED_NAME = re.compile(r".+_\d+-\d+_(mask|overlay)\.png")  # save's: <frame>_<entry id>_<kind>.png
+
+
+def check_save_folder(folder: Path) -> None:
+    """ValueError where `folder` holds images that `save` did not write: masks and overlays put beside a
+    user's images mix with them, and in a dataset's folder are read as its images (trained on as good
+    parts from train/good; in test/<type>, asked for masks of their own). Its own accumulate."""
+    theirs = sorted(f.name for f in (folder.iterdir() if folder.is_dir() else ())
+                    if is_image_file(f) and not SAVED_NAME.fullmatch(f.name))
+    if theirs:
+        shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+        raise ValueError(f"--save {folder}: holds images that `ustudents results` did not write ({shown}); masks and "
+                         "overlays written beside them would mix with them (in a dataset's folder, be read as its "
+                         "images); give an empty folder or one that results --save wrote")
 
 
 def save(client: redis.Redis, stream: str, fields: dict[str, bytes], folder: Path) -> str:
