@@ -247,6 +247,12 @@ def test_a_users_files_where_the_demo_would_write_are_refused_before_anything_ru
     assert f"--out {out}: " in result.output and "and 2 more would be written over and not the demo's own; move " \
         "them, or choose another --out" in result.output
     assert all(path.read_text() == text for path, text in mine.items()) and not (out / "model").exists()
+    # inside the data root: its frames/, masks/ and ground_truth/ broke the dataset for the next run
+    for inside in (tiny_mvtec, tiny_mvtec / TINY_CATEGORY / "test"):
+        result = CliRunner().invoke(demo_cmd, ["--out", str(inside), "--data-root", str(tiny_mvtec), "--category",
+                                               TINY_CATEGORY, "--redis-url", "redis://127.0.0.1:1/0"])
+        assert result.exit_code == 2 and f"--out {inside}: inside the data root {tiny_mvtec}" in result.output, \
+            result.output
     # --train-only writes OUT/model alone: nothing of the user's is in its way
     trained = CliRunner().invoke(demo_cmd, ["--out", str(out), "--data-root", str(tiny_mvtec), "--category",
                                             TINY_CATEGORY, "--model", str(tiny_bundle), "--train-only"])

@@ -700,7 +700,7 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
              lr, max_minutes, seed, redis_url, metrics_port, fps, serve):
     """Train a small model on a real sample, serve it through Redis and a worker, and report."""
     from ustudents.engines.bundle import BundleError, load_bundle
-    from ustudents.engines.cli import check_output, check_outside_bundles
+    from ustudents.engines.cli import check_apart, check_output, check_outside_bundles
     from ustudents.engines.runtime import EngineError
     from ustudents.train.dataset import DatasetError
 
@@ -717,6 +717,8 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
     out = Path(out)
     check_output(out, "--out", folder=True)
     check_outside_bundles(out, "--out")
+    # its frames/, masks/ and ground_truth/ there were read as test types and masks of the dataset
+    check_apart(out, "--out", Path(data_root), "the data root")
     demo = Demo()
 
     def on_sigterm(signum, frame):
