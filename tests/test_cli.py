@@ -805,6 +805,28 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work_not_after(ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"] and list(a_dir.iterdir()) == []
 
 
+def test_a_predict_into_an_earlier_ones_out_replaces_its_results_whole_and_one_runs_at_a_time(small_bundle, tiny_mvtec,
+                                                                                              tmp_path):
+    """A later predict into the same --out left the earlier run's masks beside its own, while its
+    results.json named its own alone; two at once wrote each other's masks under one name, and the first's
+    results.json was lost."""
+    from ustudents.engines.bundle import locked
+
+    test = tiny_mvtec / TINY_CATEGORY / "test"
+    out = tmp_path / "pred"
+    assert_ok(invoke("predict", small_bundle, test / "scratch" / "000.png", test / "scratch" / "001.jpg", "--out", out))
+    result = invoke("predict", small_bundle, test / "good" / "002.png", "--out", out)
+    assert_ok(result)
+    assert f"--out {out}: this run's results replace those of the earlier predict there" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [PREDICT_OUTPUTS, "002_mask.png", "002_overlay.png", "results.json"]
+    assert [Path(r["image"]).name for r in json.loads((out / "results.json").read_text())] == ["002.png"]
+    kept = {p: p.read_bytes() for p in out.iterdir()}
+    with locked(out, "held"):  # another predict writing there
+        result = invoke("predict", small_bundle, test / "good" / "000.png", "--out", out)
+    assert_input_error(result, f"--out {out}: another `ustudents predict` is writing there now")
+    assert {p: p.read_bytes() for p in out.iterdir()} == kept
+
+
 def test_predict_and_evaluate_never_replace_files_they_did_not_write(small_bundle, tiny_mvtec, eval_root, tmp_path):
     """MVTec's ground truth is named <stem>_mask.png, as predict's masks are: --out the ground-truth
     folder replaced the masks with predictions. And evaluate checked its outputs against the model's

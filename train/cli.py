@@ -448,7 +448,7 @@ def predict_cmd(model, images, out, backend, precision, device):
     """Score IMAGE files: per image its score, verdict, mask PNG and heatmap overlay PNG."""
     from ustudents.engines.runtime import load_engine
 
-    from .evaluate import predict
+    from .evaluate import earlier_predictions, predict
 
     check_output(out, "--out", folder=True)
     check_apart(out, "--out", model, "the model bundle")  # also when MODEL is not a bundle: never over an input
@@ -459,6 +459,8 @@ def predict_cmd(model, images, out, backend, precision, device):
         click.echo(f"{r['image']}\tscore {r['score']:.3f}\t{verdict}\tmask {r['mask']}")
     engine = load_engine(model, backend, device, precision)
     click.echo(f"engine: {engine.describe()}")
+    if earlier_predictions(out):
+        click.echo(f"--out {out}: this run's results replace those of the earlier predict there")
     predict(engine, list(images), out, on_result=line)
 
 

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import torch
 
-from ustudents.engines.bundle import BundleError, changing, load_bundle, update_manifest
+from ustudents.engines.bundle import BundleError, changing, load_bundle, locked, update_manifest
 from ustudents.engines.files import listed_outputs, os_error_line, real_path, write_atomically
 from ustudents.engines.images import IMAGE_SUFFIXES, read_image
 from ustudents.engines.overlay import heatmap_overlay
@@ -182,7 +182,8 @@ def _share(value: float | None, spec: str) -> str:
 def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: None) -> list[dict]:
     """Score images; write <out>/<stem>_mask.png, <stem>_overlay.png and results.json (names are
     prefixed with index and folder when two images share a file name); `on_result` sees each image's
-    record as it is written.
+    record as it is written. An earlier predict's outputs in `out` are replaced: at the end `out` holds
+    this run's alone. One run at a time per `out`.
 
     Every image is decoded once before anything is written, so a bad one among thousands leaves no
     partial output; then they are scored a batch at a time, so memory holds one batch of frames and
@@ -215,10 +216,19 @@ def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: No
                          "and overlays written beside them would mix with them (in a dataset's folder, be read as "
                          "its images); give an empty --out folder or one an earlier predict wrote")
     out.mkdir(parents=True, exist_ok=True)
+    # one run at a time: two wrote each other's masks under one name, and the first's results.json was lost
+    with locked(out, f"--out {out}: another `ustudents predict` is writing there now; wait for it to finish, or "
+                     "give another --out"):
+        return _predict(engine, paths, names, out, earlier, inputs, on_result)
+
+
+def _predict(engine: Engine, paths: list[Path], names: list[str], out: Path, earlier: set[str],
+             inputs: dict[Path, Path], on_result) -> list[dict]:
+    bundle = engine.bundle
     # listed before the first is written: a run stopped part-way (Ctrl-C, a full disk) leaves outputs that
     # its results.json, written last, does not name, and the run again must be allowed to replace them
-    planned = sorted(earlier | {f"{n}_{kind}.png" for n in names for kind in ("mask", "overlay")})
-    write_json(out / PREDICT_OUTPUTS, planned)
+    own = {f"{n}_{kind}.png" for n in names for kind in ("mask", "overlay")}
+    write_json(out / PREDICT_OUTPUTS, sorted(earlier | own))
     results = []
     for start in range(0, len(paths), engine.max_batch):
         batch = slice(start, start + engine.max_batch)
@@ -234,6 +244,12 @@ def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: No
                             "model": bundle.manifest["id"], "engine": engine.describe()})
             on_result(results[-1])
     write_json(out / "results.json", results)
+    # --out holds this run's results alone: an earlier run's masks and overlays left beside them, which
+    # results.json no longer names, would read as this run's
+    for name in sorted(earlier - own - {"results.json"}):
+        if real_path(out / name) not in inputs:
+            (out / name).unlink(missing_ok=True)
+    write_json(out / PREDICT_OUTPUTS, sorted(own))
     return results
 
 
