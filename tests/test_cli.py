@@ -958,6 +958,17 @@ def test_evaluate_on_a_read_only_bundle_still_prints_and_writes_its_results(bund
     assert_ok(result)
     assert "results not stored in" in result.output and "Read-only file system" in result.output
     assert "au_pro_30" in json.loads((tmp_path / "r.json").read_text())
+    # made read-only with chmod a-w, which root's writes pass: left as calibrate and build-engines leave it
+    monkeypatch.undo()
+    manifest = (bundle_copy / MANIFEST).read_bytes()
+    bundle_copy.chmod(0o555)
+    try:
+        result = invoke("evaluate", bundle_copy, "--data-root", eval_root)
+    finally:
+        bundle_copy.chmod(0o755)
+    assert_ok(result)
+    assert "results not stored in" in result.output and "read-only, chmod a-w" in result.output
+    assert (bundle_copy / MANIFEST).read_bytes() == manifest
 
 
 def test_a_full_disk_loses_overlays_not_the_evaluation_and_is_named_with_a_fix(bundle_copy, eval_root, tiny_mvtec,
@@ -1128,6 +1139,12 @@ def test_evaluate_refuses_to_write_overlays_inside_the_data_root(tiny_bundle, ev
         result = invoke("evaluate", tiny_bundle, "--data-root", eval_root, "--overlays", inside)
         assert_input_error(result, f"--overlays {inside}: inside the data root {eval_root}")
     assert {p: p.read_bytes() for p in test_dir.rglob("*") if p.is_file()} == before
+    # --json among the overlays: an overlay replaced it, or it failed after all the overlays were written
+    for json_file in (tmp_path / "ov", tmp_path / "ov" / "good" / "000.png"):
+        result = invoke("evaluate", tiny_bundle, "--data-root", eval_root, "--overlays", tmp_path / "ov", "--json",
+                        json_file)
+        assert_input_error(result, f"--json {json_file}: the --overlays folder or inside it")
+        assert "evaluating" not in result.output and not (tmp_path / "ov").exists()
 
 
 def test_outputs_never_replace_inputs_the_bundle_or_the_test_set(bundle_copy, eval_root, tmp_path):

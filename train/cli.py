@@ -430,6 +430,10 @@ def evaluate_cmd(model, data_root, json_file, overlays, batch, backend, precisio
         check_apart(path, option, Path(data_root), "the data root")
         check_outside_bundles(path, option)
     check_json_replaceable(json_file)
+    if json_file is not None and overlays is not None and (real_path(json_file) == real_path(overlays)
+                                                           or real_path(overlays) in real_path(json_file).parents):
+        raise InputError(f"--json {json_file}: the --overlays folder or inside it, where an overlay could replace it; "
+                         "give it a path apart")
     engine = load_engine(bundle, backend, device, precision, max_batch=batch)
     click.echo(f"engine: {engine.describe()}")
     results = evaluate(engine, data_root, overlays, log=click.echo)

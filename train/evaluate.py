@@ -98,6 +98,8 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
         except OSError as err:  # a full disk: the pictures are lost, not the evaluation that just ran
             log(f"overlays not all written ({os_error_line(err)}); the results follow")
     try:
+        if not Path(bundle.path).stat().st_mode & 0o222:  # as calibrate and build-engines: root writes past it
+            raise PermissionError("the bundle folder is read-only, chmod a-w")
         with changing(bundle.path):  # a calibrate meanwhile would be undone by the manifest read before it
             # retrained or recalibrated while this ran: these results are another model's
             if evaluated_model(load_bundle(bundle.path)) != evaluated_model(bundle):
