@@ -666,6 +666,23 @@ def test_a_damaged_teachers_record_is_named_before_any_training(tmp_path, tiny_m
     assert (teachers / "teacher_p17.safetensors").read_bytes() == before  # no teacher replaced without its record
 
 
+def test_teachers_are_not_written_among_images_nor_looked_for_in_a_bundle(tmp_path, tiny_mvtec, tiny_bundle):
+    """teacher --out the --images folder (or a dataset's train/good) wrote 12 MB teachers among the
+    images; --teachers a bundle advised `ustudents teacher --out BUNDLE`, which is refused."""
+    good = tiny_mvtec / TINY_CATEGORY / "train" / "good"
+    photos = Path(shutil.copytree(good, tmp_path / "photos"))
+    before = sorted(photos.iterdir())
+    for out, says in ((photos, f"--out {photos}: inside the --images folder {photos}"),
+                      (photos / "teachers", f"--out {photos / 'teachers'}: inside the --images folder"),
+                      (good, f"--out {good}: holds images (000.png, 001.jpg, 002.png ...), not teachers")):
+        result = invoke("teacher", "--scales", "17", "--crop", 8, "--images", photos, "--steps", 1, "--out", out)
+        assert_input_error(result, says)
+    assert sorted(photos.iterdir()) == before and not (good / "teacher_p17.safetensors").exists()
+    result = invoke("train", "--data-root", tiny_mvtec, TINY_CATEGORY, "--out", tmp_path / "m", "--scales", "17",
+                    "--teachers", tiny_bundle)
+    assert_input_error(result, f"--teachers {tiny_bundle}: a model bundle, not a folder of teachers")
+
+
 def test_a_teacher_already_in_out_is_replaced_only_when_asked(tmp_path, tiny_mvtec, random_teachers):
     """A finished distillation (hours) was replaced by a one-step teacher without a word."""
     teachers = Path(shutil.copytree(random_teachers, tmp_path / "teachers"))

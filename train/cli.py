@@ -19,7 +19,8 @@ from ustudents.engines.cli import (InputError, PathArg, changing_bundle, check_a
                                    check_outside_bundles, engine_options, not_empty, sigterm_as_ctrl_c,
                                    user_errors_for)
 from ustudents.engines.files import real_path
-from ustudents.engines.images import IMAGE_SUFFIXES, ImageError, image_files, missing_folder_hint, subfolder_hint
+from ustudents.engines.images import (IMAGE_SUFFIXES, ImageError, image_files, is_image_file, missing_folder_hint,
+                                     subfolder_hint)
 from ustudents.engines.runtime import EngineError, default_torch_precision, native_bf16, resolve_device
 from ustudents.engines.patchnet import SCALES
 
@@ -274,6 +275,12 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
                              f"{flag} out, or add --target {applies_to}")
     check_output(out, "--out", folder=True)
     check_outside_bundles(out, "--out")
+    if images != SKIMAGE_SOURCE:
+        check_apart(out, "--out", Path(images), "the --images folder")
+    pictures = sorted(f.name for f in (Path(out).iterdir() if Path(out).is_dir() else ()) if is_image_file(f))
+    if pictures:  # a dataset's train/good: teachers written among its images
+        raise InputError(f"--out {out}: holds images ({', '.join(pictures[:3])}{' ...' if len(pictures) > 3 else ''}), "
+                         "not teachers; give a folder of teachers, or a new one")
     if not replace_shipped and real_path(out) == real_path(DEFAULT_DIR):
         raise InputError(f"--out {out}: the shipped default teachers, which every ustudents-train without --teachers "
                          "uses; give another folder (and --teachers it to ustudents-train), or add --replace-shipped")

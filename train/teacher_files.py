@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ustudents.engines.bundle import sha256_file
+from ustudents.engines.bundle import is_bundle, sha256_file
 from ustudents.engines.files import write_atomically
 from ustudents.engines.images import missing_folder_hint
 from ustudents.engines.patchnet import PatchNet
@@ -96,6 +96,9 @@ def load_teacher(folder: Path, p: int) -> dict[str, torch.Tensor]:
         raise TeacherFileError(f"--teachers {folder}: folder not found{missing_folder_hint(Path(folder))}; give the "
                                "folder that holds teacher_p<P>.safetensors")
     path = teacher_path(folder, p)
+    if not path.is_file() and is_bundle(folder):  # the advice below would be refused: --out inside a bundle
+        raise TeacherFileError(f"--teachers {folder}: a model bundle, not a folder of teachers; give the folder that "
+                               "holds teacher_p<P>.safetensors, or leave --teachers out for the shipped ones")
     if not path.is_file():
         raise TeacherFileError(f"{path}: no teacher for p={p}; make one with "
                                f"`ustudents teacher --scales {p} --out {folder}` or pass --teachers DIR")
