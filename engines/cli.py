@@ -46,6 +46,10 @@ def not_empty(ctx, param, value):
     return value
 
 
+# Every command's, under `ustudents` and as the standalone ustudents-train and ustudents-worker alike
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
 def warnings_as_lines() -> None:
     """The library's logged warnings print as "WARNING: ..." like a command's own, not as a bare line:
     a command installs no logging handler, so Python's last-resort handler prints them, by default the

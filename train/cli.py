@@ -15,7 +15,7 @@ import torch
 
 from ustudents.engines.bundle import (BundleError, check_replaceable, check_writable, load_bundle, locked,
                                       rewrite_bundle)
-from ustudents.engines.cli import (InputError, PathArg, changing_bundle, check_apart, check_output,
+from ustudents.engines.cli import (CONTEXT_SETTINGS, InputError, PathArg, changing_bundle, check_apart, check_output,
                                    check_outside_bundles, engine_options, not_empty, sigterm_as_ctrl_c,
                                    user_errors_for)
 from ustudents.engines.files import real_path
@@ -470,9 +470,10 @@ def predict_cmd(model, images, out, backend, precision, device):
         click.echo(f"{r['image']}\tscore {r['score']:.3f}\t{verdict}\tmask {r['mask']}")
     engine = load_engine(model, backend, device, precision)
     click.echo(f"engine: {engine.describe()}")
-    if earlier_predictions(out):
-        click.echo(f"--out {out}: this run's results replace those of the earlier predict there")
+    replacing = bool(earlier_predictions(out))
     predict(engine, list(images), out, on_result=line)
+    if replacing:  # said once done: a refusal would have left the earlier results as they were
+        click.echo(f"--out {out}: these results replaced those of the earlier predict there")
 
 
 COMMANDS = (train_cmd, teacher_cmd, calibrate_cmd, evaluate_cmd, predict_cmd)
@@ -480,5 +481,5 @@ COMMANDS = (train_cmd, teacher_cmd, calibrate_cmd, evaluate_cmd, predict_cmd)
 
 def train_main() -> None:
     """`ustudents-train` = `ustudents train`."""
-    train_cmd(prog_name="ustudents-train")
+    train_cmd(prog_name="ustudents-train", **CONTEXT_SETTINGS)
 

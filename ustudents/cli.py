@@ -4,9 +4,10 @@ from __future__ import annotations
 import click
 
 from ustudents import __version__
+from ustudents.engines.cli import CONTEXT_SETTINGS
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, prog_name="ustudents")
 def main() -> None:
     """Student-teacher anomaly detection (Uninformed Students, CVPR 2020) for visual inspection."""

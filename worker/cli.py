@@ -21,7 +21,7 @@ import redis
 from dotenv import dotenv_values
 from pydantic import ValidationError
 
-from ustudents.engines.cli import InputError, PathArg, check_output, check_outside_bundles
+from ustudents.engines.cli import CONTEXT_SETTINGS, InputError, PathArg, check_output, check_outside_bundles
 from ustudents.engines.cli import user_errors as engine_errors
 from ustudents.engines.runtime import BACKENDS, PRECISIONS
 
@@ -360,4 +360,4 @@ COMMANDS = (worker_cmd, publish_cmd, results_cmd)
 
 def worker_main() -> None:
     """`ustudents-worker` = `ustudents worker`."""
-    worker_cmd(prog_name="ustudents-worker")
+    worker_cmd(prog_name="ustudents-worker", **CONTEXT_SETTINGS)
