@@ -85,9 +85,10 @@ def check_rate(option: str, rate: object) -> None:
     if not (isinstance(rate, (int, float)) and 0 < rate < 1):  # NaN too
         raise ValueError(f"{option} {rate}: a false-positive rate must be between 0 and 1")
     if rate >= MAX_RATE:
-        what = "good pixels masked" if option == "--target-fpr" else "good images flagged"
+        what, default = (("good pixels masked", DEFAULT_TARGET_FPR) if option == "--target-fpr" else
+                         ("good images flagged", DEFAULT_IMAGE_FPR))
         raise ValueError(f"{option} {rate:g}: {rate:.0%} of {what} is no inspection; a rate is a small share, "
-                         f"below {MAX_RATE:g} (default {DEFAULT_TARGET_FPR if option == '--target-fpr' else DEFAULT_IMAGE_FPR:g})")
+                         f"below {MAX_RATE:g} (default {default:g})")
 
 
 def check_resolvable(target_fpr: float, images: int, size: int) -> None:
@@ -154,12 +155,13 @@ def image_score_calibration(fused: np.ndarray, pixel_threshold: float, image_fpr
     # numpy's default quantile (position (1 - image_fpr)(n - 1) + 1) sits lower: at n = 30 it flags
     # 7.9% of new good images on average instead of 5% (the Weibull rule: tests/test_scoring.py).
     value = float(np.quantile(loo, 1.0 - image_fpr, method="weibull"))
-    if (loo >= value).mean() >= MAX_RATE:  # a threshold every other good image reaches: it flags every part
-        raise CalibrationError(f"{(loo >= value).mean():.0%} of the {n} good images calibrated on score the same, so no "
-                               "threshold sets them apart (near-copies: frames that hardly differ?); give good images "
-                               "of different parts")
+    flagged = float((loo >= value).mean())
+    if flagged >= MAX_RATE:  # a threshold every other good image reaches: it flags every part
+        raise CalibrationError(f"{flagged:.0%} of the {n} good images calibrated on score the same, so no threshold "
+                               "sets them apart (near-copies: frames that hardly differ?); give good images of "
+                               "different parts")
     record = {"method": "position_z_max", "threshold": value, "target_image_fpr": image_fpr, "images": n,
-              "validation_image_fpr": float((loo >= value).mean()),
+              "validation_image_fpr": flagged,
               "expected_image_fpr": expected_image_fpr(image_fpr, n)}
     tensors = dict(zip(POSITION_TENSORS, (torch.from_numpy(mean).float(), torch.from_numpy(std).float())))
     return record, tensors

@@ -186,6 +186,9 @@ def test_samples(root: str | Path, category: str) -> list[Sample]:
     return samples
 
 
+test_samples.__test__ = False  # not a pytest test, though its name starts with "test_"
+
+
 def _warn_of_unused_masks(cat: Path, types: list[str], samples: list[Sample]) -> None:
     """A warning for each ground_truth folder holding masks that no test image uses: a defect type with
     no test/<type> folder (the type left out of the metrics), masks of no test image (renamed or deleted
@@ -213,9 +216,6 @@ def _warn_of_unused_masks(cat: Path, types: list[str], samples: list[Sample]) ->
         else:
             log.warning("%s: %d mask(s) match no image in %s (e.g. %s), so those images are not evaluated; put them "
                         "back, or remove the masks", folder, len(unused), test, unused[0].name)
-
-
-test_samples.__test__ = False  # not a pytest test, though its name starts with "test_"
 
 
 def _unit_hash(seed: int, name: str) -> float:
@@ -328,7 +328,7 @@ def refuse_copies(folder: str, samples: list[Sample], images) -> None:
         else:
             seen[key] = s
     if pairs:
-        a, b = sorted(s.path.name for s in min(pairs, key=lambda pair: sorted(s.path.name for s in pair)))
+        a, b = min(sorted((x.path.name, y.path.name)) for x, y in pairs)
         more = f" ({len(pairs)} copies in all)" if len(pairs) > 1 else ""
         raise DatasetError(f"{folder}: {a} and {b} are the same picture{more}: copies narrow the good images' "
                            "statistics, so good parts would be flagged; remove them")

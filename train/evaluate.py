@@ -226,6 +226,7 @@ def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: No
 
 def _predict(engine: Engine, paths: list[Path], names: list[str], out: Path, earlier: set[str],
              inputs: dict[Path, Path], on_result) -> list[dict]:
+    """predict's writing, once its checks passed and it holds `out`."""
     bundle = engine.bundle
     # listed before the first is written: a run stopped part-way (Ctrl-C, a full disk) leaves outputs that
     # its results.json, written last, does not name, and the run again must be allowed to replace them

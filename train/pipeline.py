@@ -21,8 +21,8 @@ from ustudents.engines.patchnet import DESCRIPTOR_DIM, SCALES
 from ustudents.engines.runtime import resolve_device
 
 from . import checkpoints, dataset
-from .calibrate import (DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, MIN_POSITION_IMAGES, CalibrationError, calibrate, check_rate,
-                        check_resolvable, predicted_share)
+from .calibrate import (DEFAULT_IMAGE_FPR, DEFAULT_TARGET_FPR, MIN_POSITION_IMAGES, CalibrationError, calibrate,
+                        check_rate, check_resolvable, predicted_share)
 from .students import MAX_LR, MAX_SEED, StudentConfig, TrainingDiverged, train_students
 from .teacher_files import DEFAULT_DIR, load_teachers
 
@@ -212,6 +212,7 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
         if p > cfg.image_size:
             log(f"WARNING: p={p}: a patch wider than the {cfg.image_size} px image: this scale sees only whole "
                 f"images, padded; use --image-size of at least {p} or leave p={p} out (--scales)")
+    good = Path(cfg.data_root) / cfg.category / "train" / "good"
     depths = dataset.bit_depths(train_all)
     bits = depths.bits or UINT16_BITS
     if depths.used:
@@ -220,13 +221,12 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
                  "16-bit training images holding")
         log(f"{which} {bits} bits: every 16-bit image and frame for this model becomes 8 bits by dropping the "
             f"lowest {bits - 8} (brighter frames saturate)")
-        warning = depths.mixed_warning(f"{Path(cfg.data_root) / cfg.category / 'train' / 'good'}")
+        warning = depths.mixed_warning(str(good))
         if warning:
             log(warning)
     fit_images = dataset.load_images(fit, cfg.image_size, desc="loading training images", bits=bits, dark_hint=False)
     val_images = dataset.load_images(val, cfg.image_size, desc="loading validation images", bits=bits,
                                      dark_hint=False)
-    good = Path(cfg.data_root) / cfg.category / "train" / "good"
     check_not_blank(good, fit + val, [*fit_images, *val_images], log)
     dataset.refuse_copies(str(good), fit + val, [*fit_images, *val_images])
 
