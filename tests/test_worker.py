@@ -1784,10 +1784,11 @@ def test_a_group_made_again_starts_after_the_newest_outcome(engines, frames, red
 
 
 def test_a_stream_deleted_and_written_again_with_the_producers_ids_is_read_from_its_start(engines, frames,
-                                                                                            redis_url, stream):
+                                                                                            redis_url, stream, caplog):
     """A camera that sets its own entry ids (its frame counter) starts again at 1-0 after the stream was
     deleted: the worker recreated the group after the newest id with an outcome (say 3-0), so the new
-    stream's frames 1-0 .. 3-0 were never read."""
+    stream's frames 1-0 .. 3-0 were never read. And the group's loss (so the loss of frames read and not
+    yet judged, as after a Redis restart without persistence) was an INFO line, or nothing."""
     r = client(redis_url)
     old = [r.xadd(stream, {"frame_id": f.stem, "image": f.read_bytes()}, id=f"{i + 1}-0").decode()
            for i, f in enumerate(frames[:3])]
@@ -1800,6 +1801,9 @@ def test_a_stream_deleted_and_written_again_with_the_producers_ids_is_read_from_
     assert old[:2] == new and sorted(s(x["frame_id"]) for x in results_of(r, stream)) == sorted(
         [f.stem for f in frames[:3]] + [f"again-{f.stem}" for f in frames[3:5]])
     assert pending_count(r, stream) == 0
+    lost = [rec for rec in caplog.records if getattr(rec, "event", None) == "group_lost"]
+    assert len(lost) == 1 and lost[0].levelname == "WARNING" and "frames not yet judged when it went are lost" \
+        in lost[0].getMessage() and "AOF" in lost[0].getMessage()
 
 
 def test_the_lag_is_checked_against_the_stream(redis_url, stream):

@@ -441,7 +441,7 @@ class Worker:
         # a stop waits for the blocked read: within half the shutdown deadline, whatever block_ms says
         block_ms = max(1, min(s.block_ms, int(s.shutdown_timeout_s * 500)))
         claim_at, claim_cursor = time.monotonic() + claim_period, "0-0"
-        group_ready = False
+        group_ready = had_group = False
         while not self.stopping.is_set():
             # what this pass asks of Redis, in order: the last is the one an error came from; each is retried
             # until it goes through (the group made, the pending read, the claim, the new read)
@@ -450,11 +450,19 @@ class Worker:
                 if not group_ready:
                     ops.append("group check")
                     start = self.io.ensure_group()
-                    if start is not None:
+                    where = "the stream's start" if start == "0" else "the newest with an outcome"
+                    if start is not None and had_group:
+                        # the group this worker read from is gone: Redis came back without its data (no
+                        # AOF), or the group or stream was deleted. Frames read and not yet judged went
+                        # with it, and the outcomes held for them answer entries that no longer exist.
+                        log.warning("consumer group %s on %s was gone (Redis restarted without persistence, or the "
+                                    "group or stream deleted): frames not yet judged when it went are lost; made it "
+                                    "again, reading after entry %s (%s). Keep Redis's data with AOF (appendonly yes)",
+                                    s.group, s.stream, start, where, extra={"event": "group_lost", "entry_id": start})
+                    elif start is not None:
                         log.info("created consumer group %s on %s, reading after entry %s (%s)", s.group, s.stream,
-                                 start, "the stream's start" if start == "0" else "the newest with an outcome",
-                                 extra={"event": "group_created", "entry_id": start})
-                    group_ready = True
+                                 start, where, extra={"event": "group_created", "entry_id": start})
+                    group_ready = had_group = True
                 deleted: list[str] = []
                 if history is not None:
                     ops.append("pending read")
@@ -496,9 +504,8 @@ class Worker:
                 if refusal(err):  # reachable, but refusing for now (failover, full)
                     self._accepted(*ops[:-1])
                     self._refused(err, ops[-1])
-                elif "NOGROUP" in str(err):
-                    log.warning("consumer group %s is gone (Redis restarted without persistence?); recreating it",
-                                s.group, extra={"event": "group_lost"})
+                elif "NOGROUP" in str(err):  # said where the group is made again (or by the worker that does)
+                    pass
                 elif unblocked(err):
                     log.warning("Redis ended the blocked read (%s); checking the group and reading on", err,
                                 extra={"event": "read_unblocked", "error": str(err)})
