@@ -30,7 +30,7 @@ from ustudents.engines import images
 from ustudents.engines.images import read_image
 from ustudents.engines.runtime import load_engine
 from ustudents.train import dataset
-from ustudents.train.cli import train_cmd
+from ustudents.train.cli import recalibrated_id, train_cmd
 from ustudents.train.evaluate import PREDICT_OUTPUTS
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -357,6 +357,10 @@ def test_calibrate_changes_threshold_and_statistics_only(bundle_copy, tiny_mvtec
     assert after["threshold"]["value"] != before["threshold"]["value"]
     assert after["threshold"]["source"] == str(good)
     assert after["evaluation"] is None  # it described the old calibration
+    # a new id (results and ustudents_model_info named both calibrations alike), naming the same training
+    assert re.fullmatch(re.escape(before["id"]) + r"-cal\d{8}T\d{6}Z", after["id"]), after["id"]
+    again = recalibrated_id(after["id"])
+    assert again.startswith(before["id"] + "-cal") and again.count("-cal") == 1
     for p in ("17", "33"):  # the students' targets are not re-estimated
         assert after["statistics"][p]["desc_mean"] == before["statistics"][p]["desc_mean"]
         assert after["statistics"][p]["e_sigma"] > 0 and after["statistics"][p]["v_sigma"] > 0

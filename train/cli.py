@@ -5,8 +5,10 @@ naming the file and the fix, with exit code 2; tracebacks are left for bugs.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -349,6 +351,14 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, device):
         _calibrate(bundle, model, images, target_fpr, image_fpr, device)
 
 
+def recalibrated_id(model_id: str) -> str:
+    """The trained model's id with the time of this calibration: results and ustudents_model_info tell
+    the new thresholds from the old (two workers of a rolling update, a copy recalibrated for a second
+    camera), and still name the training they share."""
+    trained = re.sub(r"-cal\d{8}T\d{6}Z$", "", model_id)
+    return f"{trained}-cal{datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+
+
 def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     from .calibrate import calibrate, check_rate, check_resolvable
     from .dataset import Sample, bit_depths, load_images, refuse_copies
@@ -396,7 +406,8 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     # in: neither applies any more. The position statistics are tensors, so weights and manifest are
     # rewritten, in place (rewrite_bundle: the folder and what else it holds stay).
     manifest = dict(bundle.manifest, statistics=statistics, threshold=threshold, image_score=cal.image_score,
-                    evaluation=None, engines=[], input={**bundle.manifest.get("input", {}), "uint16_bits": bits})
+                    evaluation=None, engines=[], input={**bundle.manifest.get("input", {}), "uint16_bits": bits},
+                    id=recalibrated_id(bundle.manifest["id"]))
     rewrite_bundle(bundle.path, manifest, {**bundle.network_tensors(), **cal.tensors})
     click.echo(f"{model}: recalibrated on {len(files)} images; {mask_line(threshold)}, non-empty masks on "
                f"{threshold['validation_image_fpr']:.1%} of these images; {image_score_line(cal.image_score)}")
