@@ -1729,7 +1729,7 @@ def test_publish_skips_hidden_files_and_results_keeps_frames_of_one_name_apart(f
     assert len(long_names) == 4 and max(len(n) for n in long_names) < 130, long_names
 
 
-def test_hand_written_entries_get_one_honest_outcome(engines, frames, redis_url, stream):
+def test_hand_written_entries_get_one_honest_outcome(engines, frames, redis_url, stream, caplog):
     """A camera integrator's entries, found in an audit: fields named like the worker's own were
     repeated in the dead letter (two `reason`s); a 1-pixel frame got a confident verdict; an
     `image_key` whose name is not UTF-8 was looked up as another key; a `ts` that is not a float was
@@ -1765,6 +1765,9 @@ def test_hand_written_entries_get_one_honest_outcome(engines, frames, redis_url,
     assert s(dead["pixel"][schema.REASON]) == schema.DECODE_ERROR and "1 x 1 pixels" in s(dead["pixel"][schema.ERROR])
     assert schema.TS not in res["words"] and float(res["fine"][schema.TS]) == now
     assert latencies == 1 and 0 <= latency_sum < 60  # only the real capture time counts
+    said = [rec.getMessage() for rec in caplog.records if getattr(rec, "event", None) == "bad_ts"]
+    assert any(f"entry {ids['words']}: ts 'yesterday' is not a number; give the capture time in Unix seconds" in m
+               for m in said), said  # it was left out without a word
 
 
 def test_a_group_made_again_starts_after_the_newest_outcome(engines, frames, redis_url, stream):
