@@ -1998,15 +1998,17 @@ def test_a_group_made_again_starts_after_the_largest_entry_with_an_outcome(redis
 
 
 def test_a_stream_key_of_another_type_is_waited_out(engines, frames, redis_url, stream):
-    """SET line1 x (a typo in a script) crashed the reader with WRONGTYPE; the worker now waits."""
+    """SET line1 x (a typo in a script) crashed the reader with WRONGTYPE; the worker now waits, not
+    ready meanwhile (it answered ready while reading nothing)."""
     r = client(redis_url)
     r.set(stream, "not a stream")
     with in_process_worker(engines, redis_url, stream) as worker:
-        time.sleep(0.5)
-        assert worker.alive()[0]
+        wait_for(lambda: "WRONGTYPE" in worker.ready()[1], 30, "not ready, saying why")
+        assert worker.alive()[0] and not worker.ready()[0]
         r.delete(stream)
         entry = add_frame(r, stream, frames[0])
         wait_for(lambda: results_of(r, stream), 60, "the frame's result")
+        assert worker.ready() == (True, "model loaded, redis reachable")
     exactly_one_result_each(r, stream, [entry])
 
 

@@ -509,7 +509,8 @@ class Worker:
                 elif unblocked(err):
                     log.warning("Redis ended the blocked read (%s); checking the group and reading on", err,
                                 extra={"event": "read_unblocked", "error": str(err)})
-                elif "WRONGTYPE" in str(err):  # a stray SET on one of the line's keys: wait for it to be fixed
+                elif "WRONGTYPE" in str(err):  # a stray SET on one of the line's keys: wait for it to be fixed,
+                    self.redis_state.refused(f"reader's {ops[-1]}", err)  # not ready meanwhile (nothing is read)
                     self.throttled.warning("stream_wrongtype", "%s, %s:results or %s:dead is a Redis key of another "
                                            "type, not a stream (TYPE tells which); waiting for it to be fixed",
                                            s.stream, s.stream, s.stream, event="stream_wrongtype", error=str(err))
