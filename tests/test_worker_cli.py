@@ -337,6 +337,27 @@ def test_a_first_contact_after_a_start_without_redis_is_no_reconnect():
     assert reconnects == [1]
 
 
+def test_a_password_redis_refuses_is_said_as_such_not_as_an_outage(caplog):
+    """A password set on a running Redis was logged as "redis unreachable (Connection closed by server.)"
+    and nothing more for as long as it lasted, /readyz saying the same, while redis-cli ping worked."""
+    import redis
+
+    from ustudents.worker.connection import RedisState
+
+    state = RedisState()
+    with caplog.at_level("WARNING", logger="ustudents.worker"):
+        state.failed(redis.ConnectionError("Connection closed by server."))
+        state.failed(redis.ConnectionError("Connection closed by server."))  # the same outage: said once
+        state.failed(redis.AuthenticationError("Authentication required."))  # what it turns out to be: said
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and messages[0].startswith("redis unreachable (Connection closed by server.)")
+    assert messages[1].startswith("redis refuses the worker's password (Authentication required.)") and \
+        "USTUDENTS_REDIS_PASSWORD" in messages[1]
+    assert state.up is False and state.password_refused
+    state.ok()
+    assert state.up is True and not state.password_refused
+
+
 class FakeClock:
     """time for worker.publish: sleeping advances it, nothing waits."""
 

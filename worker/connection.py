@@ -150,6 +150,7 @@ class RedisState:
         self._lock = threading.Lock()
         self.url = url  # for the TLS hint only
         self.up: bool | None = None  # None: not tried yet
+        self.password_refused = False  # down because Redis refuses the worker's password (NOAUTH, WRONGPASS)
         self.reached = False  # ever reachable: only then is coming back a reconnect
         self.down_since = 0.0
         self.refusing: dict[str, str] = {}  # stage -> Redis' error
@@ -161,6 +162,7 @@ class RedisState:
             return
         with self._lock:
             was, reached, self.up, self.reached = self.up, self.reached, True, True
+            self.password_refused = False
         if was is False and reached:
             self._on_reconnect()
             log.info("redis reachable again after %.1f s", time.monotonic() - self.down_since,
@@ -173,12 +175,22 @@ class RedisState:
         self._on_change(True)
 
     def failed(self, err: BaseException) -> None:
-        if self.up is False:
+        # redis-py raises a refused password as a ConnectionError: a password set on a running Redis
+        # read as an outage for as long as it lasted, with no word of the password
+        refused = isinstance(err, redis.AuthenticationError) or any(code in str(err) for code in ("NOAUTH", "WRONGPASS"))
+        if self.up is False and refused == self.password_refused:
             return
         with self._lock:
-            self.up, self.down_since = False, time.monotonic()
-        log.warning("redis unreachable (%s%s); not ready, retrying with backoff", err, tls_hint(self.url, err),
-                    extra={"event": "redis_down", "error": str(err)})
+            if self.up is not False:
+                self.down_since = time.monotonic()
+            self.up, self.password_refused = False, refused
+        if refused:
+            log.warning("redis refuses the worker's password (%s); not ready, retrying with backoff: give the password "
+                        "in the URL or USTUDENTS_REDIS_PASSWORD and restart the worker", err,
+                        extra={"event": "redis_auth", "error": str(err)})
+        else:
+            log.warning("redis unreachable (%s%s); not ready, retrying with backoff", err, tls_hint(self.url, err),
+                        extra={"event": "redis_down", "error": str(err)})
         self._on_change(False)
 
     def refused(self, stage: str, err: BaseException) -> None:

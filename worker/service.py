@@ -325,6 +325,8 @@ class Worker:
         if self.name_wait:
             return False, self.name_wait
         if self.redis_state.up is not True:
+            if self.redis_state.password_refused:
+                return False, "redis refuses the worker's password"
             return False, "redis unreachable" if self.redis_state.up is False else "connecting to redis"
         refusing = dict(self.redis_state.refusing)
         if refusing:
