@@ -177,7 +177,8 @@ class RedisState:
     def failed(self, err: BaseException) -> None:
         # redis-py raises a refused password as a ConnectionError: a password set on a running Redis
         # read as an outage for as long as it lasted, with no word of the password
-        refused = isinstance(err, redis.AuthenticationError) or any(code in str(err) for code in ("NOAUTH", "WRONGPASS"))
+        refused = isinstance(err, redis.AuthenticationError) or any(code in str(err)
+                                                                     for code in ("NOAUTH", "WRONGPASS"))
         if self.up is False and refused == self.password_refused:
             return
         with self._lock:
