@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -1534,6 +1535,28 @@ def test_the_summary_line_reports_the_time_it_covers_when_the_log_interval_is_be
             if getattr(r, "event", None) == "summary"]
     assert all(0.4 <= span <= 2 for span in said), said  # each covers a loop of about 0.5 s
     assert sum(said) <= time.monotonic() - started
+
+
+def test_the_summary_splits_dead_letters_by_reason(engines, frames, redis_url, stream, caplog):
+    """A burst of bad frames logged one dead-letter line per reason (throttled), and the summary said
+    only "3 dead-lettered": which kinds, and how many of each, was nowhere in the log."""
+    caplog.set_level("INFO", logger="ustudents.worker")
+    r = client(redis_url)
+    for i in range(2):
+        add(r, stream, frame_id=f"junk{i}", image=b"not an image")
+    add(r, stream, frame_id="elsewhere", image=frames[0].read_bytes(), category="no-such-category")
+    with in_process_worker(engines, redis_url, stream, stats_interval_s=0.2, log_interval_s=0.2):
+        wait_for(lambda: len(dead_of(r, stream)) == 3, 60, "three dead letters")
+        wait_for(lambda: sum(getattr(rec, "dead_lettered", 0) for rec in caplog.records
+                             if getattr(rec, "event", None) == "summary") == 3, 10, "summaries counting them")
+    summaries = [rec for rec in caplog.records if getattr(rec, "event", None) == "summary"]
+    totals: dict[str, int] = defaultdict(int)
+    for rec in summaries:
+        for reason, n in rec.dead_by_reason.items():
+            totals[reason] += n
+    assert totals == {schema.DECODE_ERROR: 2, schema.UNKNOWN_CATEGORY: 1}
+    assert any(re.search(r"\d dead-lettered \((decode_error \d(, )?)?(unknown_category 1)?\)$", rec.getMessage())
+               for rec in summaries if rec.dead_lettered), [rec.getMessage() for rec in summaries]
 
 def test_a_lag_redis_cannot_tell_is_withdrawn_not_left_stale(engines, redis_url, stream, caplog):
     """After a Redis restart during a backlog, XINFO GROUPS answers lag = nil (the AOF replay drops

@@ -861,7 +861,7 @@ class Worker:
     def _monitor(self) -> None:
         s, m = self.s, self.metrics
         since = time.monotonic()
-        next_summary, last = since + s.log_interval_s, (0, 0, 0)
+        next_summary, last, last_dead = since + s.log_interval_s, (0, 0, 0), {}
         while True:
             try:
                 info = self.io.group_info()
@@ -882,11 +882,16 @@ class Worker:
                 now, span = (t.processed, t.anomalies, sum(t.dead.values())), at - since
                 # the span measured: a summary can come no oftener than this loop (stats_interval_s),
                 # however short log_interval_s is, and a rate over the asked interval overstated it
-                log.info("last %.3g s: %d frames processed (%.1f/s), %d anomalous, %d dead-lettered",
-                         span, now[0] - last[0], (now[0] - last[0]) / span, now[1] - last[1], now[2] - last[2],
+                # by reason: the dead-letter lines are throttled per reason, so a burst shows one of each
+                dead = dict(t.dead)
+                by_reason = {r: n - last_dead.get(r, 0) for r, n in sorted(dead.items()) if n > last_dead.get(r, 0)}
+                why = f" ({', '.join(f'{r} {n}' for r, n in by_reason.items())})" if by_reason else ""
+                log.info("last %.3g s: %d frames processed (%.1f/s), %d anomalous, %d dead-lettered%s",
+                         span, now[0] - last[0], (now[0] - last[0]) / span, now[1] - last[1], now[2] - last[2], why,
                          extra={"event": "summary", "processed": now[0] - last[0], "anomalies": now[1] - last[1],
-                                "dead_lettered": now[2] - last[2], "span_s": round(span, 3)})
-                next_summary, last, since = max(next_summary + s.log_interval_s, at), now, at
+                                "dead_lettered": now[2] - last[2], "dead_by_reason": by_reason,
+                                "span_s": round(span, 3)})
+                next_summary, last, last_dead, since = max(next_summary + s.log_interval_s, at), now, dead, at
             if self.stopping.wait(s.stats_interval_s):
                 return
 
