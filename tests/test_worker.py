@@ -672,6 +672,8 @@ def test_a_full_redis_keeps_the_worker_not_ready_until_the_refused_operation_goe
             r.config_set("maxmemory-policy", "noeviction")
             r.config_set("maxmemory", 1)
             wait_for(lambda: "redis refuses the reader" in worker.ready()[1], 30, "the refusal")
+            said = [rec.getMessage() for rec in caplog.records if getattr(rec, "event", None) == "redis_refused"]
+            assert said and "at its memory cap (maxmemory): raise it" in said[0], said  # what to do, not only what
             caplog.clear()
             time.sleep(2.0)  # about 13 claim periods
             assert not worker.ready()[0]

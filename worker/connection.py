@@ -63,6 +63,30 @@ def refusal(err: BaseException) -> bool:
     return any(code in REFUSAL_CODES for code in codes)
 
 
+# What each refusal means for a plant, and what ends it: Redis's own text says what, not what to do.
+REFUSAL_ADVICE = {
+    "READONLY": "the node is a replica now (a failover?): point the URL at the primary, or wait for it",
+    "OOM": "Redis is at its memory cap (maxmemory): raise it, or lower USTUDENTS_RESULTS_MAXLEN, USTUDENTS_DEAD_MAXLEN "
+           "and the producer's MAXLEN",
+    "MASTERDOWN": "the replica's primary is down: bring it back",
+    "TRYAGAIN": "a cluster slot is moving: it passes by itself",
+    "MISCONF": "Redis cannot save its snapshot (a full disk?): free disk space on the Redis host",
+    "NOREPLICAS": "fewer replicas than min-replicas-to-write: bring a replica back",
+    "BUSY": "a script runs past its time limit: it passes, or SCRIPT KILL ends it",
+}
+_ADVICE_OF_CLASS = ((redis.ReadOnlyError, "READONLY"), (redis.OutOfMemoryError, "OOM"),
+                    (redis.exceptions.MasterDownError, "MASTERDOWN"), (redis.exceptions.TryAgainError, "TRYAGAIN"))
+
+
+def refusal_advice(err: BaseException) -> str:
+    """What to do about a refusal (refusal(err)), for the log line that reports it; "" if unknown."""
+    for cls, code in _ADVICE_OF_CLASS:
+        if isinstance(err, cls):
+            return REFUSAL_ADVICE[code]
+    codes = re.findall(r"(?:^|caused error: |: -)([A-Z]+)\b", str(err))
+    return next((REFUSAL_ADVICE[c] for c in codes if c in REFUSAL_ADVICE), "")
+
+
 def unblocked(err: redis.ResponseError) -> bool:
     """A blocked XREADGROUP cut short by Redis: the stream was deleted, or a failover demoted the
     node (`UNBLOCKED ...`). The group has to be checked again, and then reading goes on."""

@@ -36,7 +36,7 @@ from ustudents.engines.images import ImageError
 from ustudents.engines.runtime import Engine, Prediction, load_engine
 
 from . import codec, schema
-from .connection import UNAVAILABLE, Backoff, RedisState, connect, refusal, unblocked
+from .connection import UNAVAILABLE, Backoff, RedisState, connect, refusal, refusal_advice, unblocked
 from .logs import Throttled
 from .metrics import HealthServer, WorkerMetrics
 from .settings import WorkerSettings
@@ -102,6 +102,12 @@ class Outcome:
     category: str | None = None
     error: str = ""
     uncharge: str | None = None  # "failed": the attempt token to take back (StreamIO.forget_attempts)
+
+
+def advice(err: BaseException) -> str:
+    """A refusal's advice (connection.refusal_advice) as "; <what to do>" for its log line; "" if none."""
+    found = refusal_advice(err)
+    return f"; {found}" if found else ""
 
 
 @dataclass
@@ -360,8 +366,8 @@ class Worker:
         success: at its memory cap Redis refuses the publish script and the group's writes but not the
         claim, whose success every claim period made a worker that could read nothing new ready again."""
         self.redis_state.refused(f"reader's {op}", err)
-        self.throttled.warning("redis_refused", "Redis refused the reader's %s (%s); retrying with backoff",
-                               op, err, event="redis_refused", error=str(err), operation=op)
+        self.throttled.warning("redis_refused", "Redis refused the reader's %s (%s); retrying with backoff%s",
+                               op, err, advice(err), event="redis_refused", error=str(err), operation=op)
 
     def _accepted(self, *ops: str) -> None:
         self.redis_state.ok()
@@ -816,8 +822,8 @@ class Worker:
                 # nothing was written or acknowledged: the results wait here and the frames stay
                 # pending, until the key is fixed or Redis takes writes again
                 self.redis_state.refused("publisher", err)
-                self.throttled.warning("publish_refused", "Redis refused the results (%s); retrying", err,
-                                       event="publish_refused", error=str(err))
+                self.throttled.warning("publish_refused", "Redis refused the results (%s); retrying%s", err,
+                                       advice(err), event="publish_refused", error=str(err))
             self._beat()  # waiting on Redis (readiness says so), not hung
             if backoff.wait(self.abandon):
                 return None
