@@ -1727,6 +1727,33 @@ def test_the_tools_refuse_at_once_what_would_lose_frames_or_leak_a_password(fram
     assert client(redis_url).exists(stream) == 0  # nothing was sent by any of them
 
 
+def test_results_follows_on_through_a_redis_outage(redis_url, stream):
+    """`ustudents results` exited at the first Redis outage ("lost Redis ...; run the command again"),
+    where the worker and `publish` wait for Redis and go on."""
+    from ustudents.worker.results import follow
+
+    r = client(redis_url)
+    r.xadd(schema.dead_stream(stream), {"frame_id": "before", "reason": "decode_error", "error": "junk"})
+
+    class Restarting:  # Redis away for two reads, between the first dead letter and the second
+        def __init__(self):
+            self.reads, self.down = 0, 0
+
+        def xread(self, *args, **kwargs):
+            self.reads += 1
+            if self.reads in (2, 3):
+                self.down += 1
+                if self.down == 2:
+                    r.xadd(schema.dead_stream(stream), {"frame_id": "after", "reason": "too_large", "error": "big"})
+                raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+            return r.xread(*args, **kwargs)
+
+    lines, said = [], []
+    assert follow(Restarting(), stream, lines.append, from_start=True, count=2, block_ms=100, outage=said.append) == 2
+    assert lines == ["before\tDEAD decode_error: junk", "after\tDEAD too_large: big"]
+    assert len(said) == 2 and said[0].startswith("Redis unreachable (Error 111") and said[1].startswith("Redis back")
+
+
 def test_publish_skips_hidden_files_and_results_keeps_frames_of_one_name_apart(frames, redis_url, stream, tmp_path):
     """'._x.png' (macOS metadata) was sent as a frame and dead-lettered; two frames named alike (two
     cameras, a folder sent twice) saved one mask over the other."""

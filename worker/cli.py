@@ -343,7 +343,8 @@ def results_cmd(stream, save_to, from_start, count, redis_url):
         check_save_folder(save_to)
     client = tool_client(redis_url)
     try:
-        follow(client, stream, click.echo, from_start=from_start, count=count, save_to=save_to)
+        follow(client, stream, click.echo, from_start=from_start, count=count, save_to=save_to,
+               outage=lambda line: click.echo(line, err=True))
     except KeyboardInterrupt:
         pass
     except redis.ResponseError as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +16,7 @@ from ustudents.engines.files import write_atomically
 from ustudents.engines.images import is_image_file
 
 from . import codec, schema
+from .connection import UNAVAILABLE, Backoff
 from .streams import replies
 
 
@@ -110,16 +112,31 @@ def save(client: redis.Redis, stream: str, fields: dict[str, bytes], folder: Pat
 
 
 def follow(client: redis.Redis, stream: str, echo: Callable[[str], None], *, from_start: bool = False,
-           count: int = 0, save_to: Path | None = None, block_ms: int = 1000) -> int:
+           count: int = 0, save_to: Path | None = None, block_ms: int = 1000,
+           outage: Callable[[str], None] = lambda line: None) -> int:
     """Print one line per result and dead letter as they arrive (only new ones unless
-    `from_start`); stop after `count` lines (0: never). Returns the number of lines."""
+    `from_start`); stop after `count` lines (0: never). Returns the number of lines. While Redis is
+    unreachable it waits and says so through `outage`, then goes on after the last line it printed:
+    a follower on a line's screen outlives a Redis restart, as the worker and `publish` do."""
     keys = {schema.results_stream(stream): False, schema.dead_stream(stream): True}
     ids = {k: ("0-0" if from_start else last_id(client, k)) for k in keys}
     if save_to is not None:
         save_to.mkdir(parents=True, exist_ok=True)
-    n = 0
+    n, backoff, down_since = 0, Backoff(), None
     while not count or n < count:
-        for key, entries in replies(client.xread(ids, count=100, block=block_ms)):
+        try:
+            read = replies(client.xread(ids, count=100, block=block_ms))
+        except UNAVAILABLE as err:
+            if down_since is None:
+                down_since = time.monotonic()
+                outage(f"Redis unreachable ({err}); following again once it is back")
+            time.sleep(backoff.delay())
+            continue
+        if down_since is not None:
+            outage(f"Redis back after {time.monotonic() - down_since:.1f} s; following on")
+            down_since = None
+            backoff.reset()
+        for key, entries in read:
             key = key.decode()
             for eid, raw in entries:
                 ids[key] = eid.decode()
