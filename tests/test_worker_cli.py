@@ -337,6 +337,19 @@ def test_a_first_contact_after_a_start_without_redis_is_no_reconnect():
     assert reconnects == [1]
 
 
+def test_a_results_frame_id_is_the_producers_own_bytes():
+    """A frame id that is not UTF-8 came back as replacement characters, matching no frame of the
+    producer's, while `camera` came back byte for byte."""
+    from ustudents.worker import schema
+
+    fields = {b"frame_id": b"\xff\xfe\x80id", b"camera": b"\xffcam"}
+    out = schema.result_entry("1-0", fields, score=1.0, anomalous=False, threshold=2.0, mask_png=b"", model="m",
+                              latency_ms=1.0, consumer="c")
+    assert out["frame_id"] == b"\xff\xfe\x80id" and out["camera"] == b"\xffcam"
+    assert schema.result_entry("1-0", {}, score=1.0, anomalous=False, threshold=2.0, mask_png=b"", model="m",
+                               latency_ms=1.0, consumer="c")["frame_id"] == "1-0"  # none given: the entry's id
+
+
 def test_a_password_redis_refuses_is_said_as_such_not_as_an_outage(caplog):
     """A password set on a running Redis was logged as "redis unreachable (Connection closed by server.)"
     and nothing more for as long as it lasted, /readyz saying the same, while redis-cli ping worked."""

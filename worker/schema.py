@@ -150,7 +150,8 @@ def result_entry(entry_id: str, fields: dict[bytes, bytes], *, score: float, ano
                  mask_png: bytes, model: str, latency_ms: float, consumer: str,
                  heatmap_png: bytes | None = None) -> dict[str, bytes | str]:
     out: dict[str, bytes | str] = {
-        SCHEMA: str(SCHEMA_VERSION), FRAME_ID: text(fields, FRAME_ID) or entry_id, ENTRY_ID: entry_id,
+        # the frame id's own bytes, as `camera`'s: one that is not UTF-8 came back altered, matching no frame
+        SCHEMA: str(SCHEMA_VERSION), FRAME_ID: fields.get(FRAME_ID.encode()) or entry_id, ENTRY_ID: entry_id,
         SCORE: repr(float(score)), ANOMALOUS: "1" if anomalous else "0", THRESHOLD: repr(float(threshold)),
         MASK: mask_png, MODEL: model, LATENCY_MS: f"{latency_ms:.3f}", CONSUMER: consumer}
     for name in PASSED_THROUGH:
