@@ -55,12 +55,13 @@ def refusal(err: BaseException) -> bool:
     """Redis answered but refuses for now (TRANSIENT_ERRORS, REFUSAL_CODES): wait, do not fail."""
     if isinstance(err, TRANSIENT_ERRORS):
         return True
-    if not isinstance(err, redis.ResponseError):
-        return False
-    # the code leads the text, or follows a pipeline's "... of pipeline caused error: " or, from
-    # Redis < 7, a script's "Error running script ...: -"
-    codes = re.findall(r"(?:^|caused error: |: -)([A-Z]+)\b", str(err))
-    return any(code in REFUSAL_CODES for code in codes)
+    return isinstance(err, redis.ResponseError) and any(code in REFUSAL_CODES for code in error_codes(err))
+
+
+def error_codes(err: BaseException) -> list[str]:
+    """The Redis error codes in `err`'s text: the code leads it, or follows a pipeline's "... of
+    pipeline caused error: " or, from Redis < 7, a script's "Error running script ...: -"."""
+    return re.findall(r"(?:^|caused error: |: -)([A-Z]+)\b", str(err))
 
 
 # What each refusal means for a plant, and what ends it: Redis's own text says what, not what to do.
@@ -83,8 +84,7 @@ def refusal_advice(err: BaseException) -> str:
     for cls, code in _ADVICE_OF_CLASS:
         if isinstance(err, cls):
             return REFUSAL_ADVICE[code]
-    codes = re.findall(r"(?:^|caused error: |: -)([A-Z]+)\b", str(err))
-    return next((REFUSAL_ADVICE[c] for c in codes if c in REFUSAL_ADVICE), "")
+    return next((REFUSAL_ADVICE[c] for c in error_codes(err) if c in REFUSAL_ADVICE), "")
 
 
 def unblocked(err: redis.ResponseError) -> bool:

@@ -885,11 +885,11 @@ class Worker:
             if at >= next_summary:
                 self._reap_consumers()
                 t = self.totals
-                now, span = (t.processed, t.anomalies, sum(t.dead.values())), at - since
+                dead = dict(t.dead)  # one snapshot for the total and the split (the publisher adds meanwhile)
+                now, span = (t.processed, t.anomalies, sum(dead.values())), at - since
                 # the span measured: a summary can come no oftener than this loop (stats_interval_s),
                 # however short log_interval_s is, and a rate over the asked interval overstated it
                 # by reason: the dead-letter lines are throttled per reason, so a burst shows one of each
-                dead = dict(t.dead)
                 by_reason = {r: n - last_dead.get(r, 0) for r, n in sorted(dead.items()) if n > last_dead.get(r, 0)}
                 why = f" ({', '.join(f'{r} {n}' for r, n in by_reason.items())})" if by_reason else ""
                 log.info("last %.3g s: %d frames processed (%.1f/s), %d anomalous, %d dead-lettered%s",
