@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from .bundle import ENGINE_DIR, BundleError, changing, is_bundle, load_bundle
+from .bundle import ENGINE_DIR, MANIFEST, BundleError, changing, is_bundle, load_bundle
 from .files import os_error_line, real_path
-from .images import (IMAGE_SUFFIXES, ImageError, image_files, missing_folder_hint, read_image,
+from .images import (IMAGE_SUFFIXES, ImageError, first_copy, image_files, missing_folder_hint, read_image,
                      subfolder_hint)
 from .runtime import BACKENDS, PRECISIONS, EngineError
 
@@ -134,6 +134,11 @@ def check_bundle_writable(path: Path, engines_too: bool = False) -> None:
         raise InputError(f"{path}: the bundle folder is not writable here (a read-only mount, or chmod a-w?); copy "
                          "the bundle to a writable folder and run the command on the copy")
     engines = path / ENGINE_DIR
+    # the manifest and engines/ too: root's writes passed their chmod a-w and changed their mode
+    for inner in (path / MANIFEST, engines):
+        if inner.exists() and not inner.stat().st_mode & 0o222:
+            raise InputError(f"{inner}: made read-only (chmod a-w) inside the bundle; make it writable (chmod u+w "
+                             f"{inner}), or copy the bundle to a writable folder and run the command on the copy")
     # checked here: else the error named a hidden temporary file in it
     if engines_too and engines.is_dir() and not os.access(engines, os.W_OK):
         raise InputError(f"{engines}: the bundle's engines folder is not writable here; make it writable "
@@ -211,6 +216,7 @@ def engine_options(fn):
 
 
 MIN_CALIBRATION_IMAGES = 8
+MAX_ENGINE_BATCH = 256  # the largest batch a worker asks for (its --batch); TensorRT plans size memory by it
 
 
 def good_frames(folder: Path | None, bits: int, option: str, limit: int = 8) -> list:
@@ -235,7 +241,8 @@ def good_frames(folder: Path | None, bits: int, option: str, limit: int = 8) -> 
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="fp16: the networks in half precision, the scoring head in fp32. int8: quantize/dequantize "
                    "nodes around every convolution, ranges calibrated on --calibration-images.")
-@click.option("--max-batch", default=8, show_default=True, help="Largest batch the engine serves.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, MAX_ENGINE_BATCH),
+              help="Largest batch the engine serves (a worker's --batch is at most 256).")
 @click.option("--check-images", type=PathArg(path_type=Path), default=None,
               help="Good images for the parity check against PyTorch.  [default: random noise images; int8: "
                    "the --calibration-images]")
@@ -246,8 +253,9 @@ def good_frames(folder: Path | None, bits: int, option: str, limit: int = 8) -> 
 def build_engines_cmd(model, backend, precision, max_batch, check_images, calibration_images):
     """Export MODEL's fused ensemble to ONNX, check it against PyTorch and store it in the bundle;
     with --backend tensorrt, also build a TensorRT plan for this GPU."""
-    if max_batch < 1:
-        raise InputError(f"--max-batch {max_batch}: must be at least 1")
+    if precision == "int8" and calibration_images is None:
+        raise InputError("--precision int8: needs --calibration-images DIR, good images (e.g. the category's "
+                         "train/good) whose activations set the quantization ranges")
     if calibration_images is not None and precision != "int8":  # silently unused, it suggested an int8 engine
         raise InputError(f"--calibration-images: only --precision int8 is calibrated (this is {precision}); leave "
                          "it out, or add --precision int8")
@@ -269,6 +277,18 @@ def _build_engines(bundle, backend, precision, max_batch, check_images, calibrat
         # on that same image, proving nothing
         raise InputError(f"--calibration-images {calibration_images}: {len(calibration)} image(s); int8 ranges need "
                          f"at least {MIN_CALIBRATION_IMAGES} good images (up to 32 are used)")
+    if calibration is not None:
+        # ranges set on blank frames or copies miss the good images' spread, and the parity check, run on
+        # the same images, passed an engine that called every defect ok
+        names = [f.name for f in image_files(calibration_images)[:len(calibration)]]
+        blank = [n for n, img in zip(names, calibration) if img.min() == img.max()]
+        if blank:
+            raise InputError(f"--calibration-images {calibration_images}: {len(blank)} of the {len(names)} images are "
+                             f"one flat colour (blank frames?), e.g. {blank[0]}; int8 ranges must come from good parts")
+        pair = first_copy(calibration)
+        if pair is not None:
+            raise InputError(f"--calibration-images {calibration_images}: {names[pair[0]]} and {names[pair[1]]} are "
+                             "the same picture; int8 ranges need varied good images: remove the copies")
     # int8 ranges are set on good images and saturate on noise, so its parity is checked on good
     # images too: --check-images, else the calibration images (on noise the documented command failed it)
     frames = (good_frames(check_images, bundle.uint16_bits, "--check-images") if check_images or precision != "int8"
@@ -276,7 +296,10 @@ def _build_engines(bundle, backend, precision, max_batch, check_images, calibrat
     try:
         entry = build_onnx(bundle, precision, max_batch, frames, calibration)
     except ParityError as err:
-        raise click.ClickException(str(err)) from None
+        if precision == "int8":  # the ranges, set on the user's images, did not hold: theirs to change
+            raise InputError(f"{err}; int8 ranges from --calibration-images did not hold: give more, and more "
+                             "varied, good images (e.g. all of train/good), or build fp16 or fp32") from None
+        raise click.ClickException(f"{err}. Report this with the bundle and precision") from None
     p = entry["parity"]
     click.echo(f"{bundle.path / entry['file']}: ONNX Runtime vs PyTorch on {p['images']} {p['on']}: max |diff| "
                f"{p['max_abs_diff']:.2e} (tolerance {p['tolerance']}), masks agree on {p['mask_agreement']:.4%} of pixels")

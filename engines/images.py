@@ -11,6 +11,7 @@ that bundle converts with it, in training and in production alike.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import Counter
@@ -265,6 +266,20 @@ def dark_16_bit_hint(img: np.ndarray, bits: int, source: str) -> None:
         log.warning("%s: 16-bit data using %d bits, read with the model's %d, so it looks %dx darker than it is; "
                     "if the camera changed, recalibrate on its frames (ustudents calibrate MODEL --images DIR: the "
                     "bundle then reads %d bits)", source, used, bits, 1 << (bits - used), used)
+
+
+def first_copy(images) -> tuple[int, int] | None:
+    """(i, j), i < j, where images[j] is the same picture as images[i], pixel for pixel (the first such
+    j); None if none is. Blank frames (one flat colour) are alike by nature and left out."""
+    seen: dict[bytes, int] = {}
+    for j, img in enumerate(images):
+        if img.min() == img.max():
+            continue
+        key = hashlib.sha256(np.ascontiguousarray(img).tobytes()).digest()
+        if key in seen:
+            return seen[key], j
+        seen[key] = j
+    return None
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"

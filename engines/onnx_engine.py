@@ -210,7 +210,7 @@ def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
         if not result["ok"]:
             raise ParityError(f"{final}: ONNX Runtime differs from PyTorch by {result['max_abs_diff']:.3g} "
                               f"(tolerance {result['tolerance']}), {result['mask_flips_beyond_tolerance']} mask "
-                              f"pixels flipped; not stored. Report this with the bundle and precision.")
+                              f"pixels flipped; not stored")
         forget_engine(bundle, "onnx", precision)  # an interrupt next must not leave it naming the new file
         os.replace(tmp, final)
     finally:

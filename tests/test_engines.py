@@ -14,6 +14,7 @@ import threading
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -774,7 +775,23 @@ def test_build_engines_refuses_int8_ranges_from_too_few_images_and_a_bundle_made
     result = invoke("build-engines", bundle_copy, "--precision", "int8", "--calibration-images", few)
     assert result.exit_code == 2 and f"--calibration-images {few}: 3 image(s); int8 ranges need at least 8 good " \
         "images" in result.output, result.output
+    # blank frames or copies: ranges from them, checked on them, passed an engine that called every defect ok
+    blank, copies = tmp_path / "blank", tmp_path / "copies"
+    blank.mkdir()
+    copies.mkdir()
+    for i, f in enumerate(sorted((tiny_mvtec / TINY_CATEGORY / "train" / "good").iterdir())[:8]):
+        cv2.imwrite(str(blank / f"{i:02d}.png"), np.full((64, 64), 128, np.uint8))
+        shutil.copy(f, copies / f"{i:02d}{f.suffix}")
+    shutil.copy(copies / "00.png", copies / "08.png")
     before = {p: p.read_bytes() for p in bundle_copy.rglob("*") if p.is_file()}
+    for folder, says in ((blank, "8 of the 8 images are one flat colour (blank frames?), e.g. 00.png"),
+                         (copies, "00.png and 08.png are the same picture")):
+        result = invoke("build-engines", bundle_copy, "--precision", "int8", "--calibration-images", folder)
+        assert result.exit_code == 2 and f"--calibration-images {folder}: {says}" in result.output, result.output
+    for args, says in ((["--max-batch", "99999999999999999999"], "--max-batch"),
+                       (["--max-batch", "0"], "--max-batch")):
+        result = invoke("build-engines", bundle_copy, *args)
+        assert result.exit_code == 2 and says in result.output and "range" in result.output, result.output
     bundle_copy.chmod(0o555)
     try:
         result = invoke("build-engines", bundle_copy)
@@ -782,6 +799,30 @@ def test_build_engines_refuses_int8_ranges_from_too_few_images_and_a_bundle_made
         bundle_copy.chmod(0o755)
     assert result.exit_code == 2 and f"{bundle_copy}: the bundle folder is not writable here (a read-only mount, or " \
         "chmod a-w?)" in result.output, result.output
+    (bundle_copy / "manifest.json").chmod(0o444)  # inside it: root's write passed, and changed its mode
+    try:
+        result = invoke("build-engines", bundle_copy)
+    finally:
+        (bundle_copy / "manifest.json").chmod(0o644)
+    assert result.exit_code == 2 and f"{bundle_copy / 'manifest.json'}: made read-only (chmod a-w) inside the " \
+        "bundle" in result.output, result.output
+    assert {p: p.read_bytes() for p in bundle_copy.rglob("*") if p.is_file()} == before
+
+
+def test_a_failed_parity_check_says_whose_to_fix(bundle_copy, tiny_mvtec, monkeypatch):
+    """int8 ranges that do not hold come from the user's calibration images: it said "Report this with the
+    bundle and precision" (exit 1), as for a bug, with no way forward. fp32 and fp16 failing it is one."""
+    from ustudents.engines import onnx_engine
+
+    real = onnx_engine.parity
+    monkeypatch.setattr(onnx_engine, "parity", lambda *a, **k: {**real(*a, **k), "ok": False})
+    before = {p: p.read_bytes() for p in bundle_copy.rglob("*") if p.is_file()}
+    good = tiny_mvtec / TINY_CATEGORY / "train" / "good"
+    result = invoke("build-engines", bundle_copy, "--precision", "int8", "--calibration-images", good)
+    assert result.exit_code == 2 and "not stored; int8 ranges from --calibration-images did not hold: give more, and " \
+        "more varied, good images (e.g. all of train/good), or build fp16 or fp32" in result.output, result.output
+    result = invoke("build-engines", bundle_copy)
+    assert result.exit_code == 1 and "not stored. Report this with the bundle and precision" in result.output
     assert {p: p.read_bytes() for p in bundle_copy.rglob("*") if p.is_file()} == before
 
 

@@ -24,6 +24,7 @@ from ustudents.engines.images import (
     IMAGE_SUFFIXES,
     UINT16_BITS,
     ImageError,
+    first_copy,
     image_files,
     images_in_subfolders,
     missing_folder_hint,
@@ -316,21 +317,11 @@ def refuse_copies(folder: str, samples: list[Sample], images) -> None:
     """DatasetError naming a pair where two images are the same picture as loaded (a copy, or the same
     frame saved twice): a camera's frames differ at least by its noise. Copies make the good images'
     statistics narrower than the line's, so good parts get flagged; 40 copies of one image calibrated
-    a threshold of 0 that flagged every part."""
-    seen: dict[bytes, Sample] = {}
-    pairs = []
-    for s, img in zip(samples, images):
-        if img.min() == img.max():  # blank frames (a lens cap) are alike by nature; training warns of them
-            continue
-        key = hashlib.sha256(np.ascontiguousarray(img).tobytes()).digest()
-        if key in seen:
-            pairs.append((seen[key], s))
-        else:
-            seen[key] = s
-    if pairs:
-        a, b = min(sorted((x.path.name, y.path.name)) for x, y in pairs)
-        more = f" ({len(pairs)} copies in all)" if len(pairs) > 1 else ""
-        raise DatasetError(f"{folder}: {a} and {b} are the same picture{more}: copies narrow the good images' "
+    a threshold of 0 that flagged every part. Blank frames are left to check_not_blank's warning."""
+    pair = first_copy(images)
+    if pair is not None:
+        a, b = sorted(samples[i].path.name for i in pair)
+        raise DatasetError(f"{folder}: {a} and {b} are the same picture: copies narrow the good images' "
                            "statistics, so good parts would be flagged; remove them")
 
 
