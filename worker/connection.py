@@ -11,7 +11,7 @@ import random
 import re
 import threading
 import time
-from typing import Callable
+from typing import Callable, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
@@ -20,6 +20,7 @@ from redis.retry import Retry
 from .settings import check_redis_url
 
 log = logging.getLogger("ustudents.worker")
+T = TypeVar("T")
 
 # What "Redis is not there (now)" looks like; anything else from Redis is a bug or a bad setup.
 UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
@@ -160,6 +161,27 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+def through_outages(call: Callable[[], T], outage: Callable[[str], None], backoff: Backoff, waiting: str,
+                    back: str, clock=time) -> tuple[T, bool]:
+    """call() until Redis is reachable for it: the tools' way through an outage (the worker's is
+    RedisState). Says "Redis unreachable (error); `waiting`" once, and "Redis back after N s; `back`"
+    when it goes through. Returns (call's result, whether it had to wait). `clock`: sleep and
+    monotonic (publish paces frames on its own clock)."""
+    down_since = None
+    while True:
+        try:
+            result = call()
+        except UNAVAILABLE as err:
+            if down_since is None:
+                down_since = clock.monotonic()
+                outage(f"Redis unreachable ({err}); {waiting}")
+            clock.sleep(backoff.delay())
+            continue
+        if down_since is not None:
+            outage(f"Redis back after {clock.monotonic() - down_since:.1f} s; {back}")
+        return result, down_since is not None
 
 
 class RedisState:

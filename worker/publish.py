@@ -23,7 +23,7 @@ import redis
 from ustudents.engines.images import IMAGE_SUFFIXES, image_files, looks_like_image, subfolder_hint
 
 from . import schema
-from .connection import UNAVAILABLE, Backoff
+from .connection import Backoff, through_outages
 
 
 def frames_from(source: str, fmt: str = "png", loop: bool = False,
@@ -150,16 +150,8 @@ def send_through_outages(publisher: FramePublisher, frame_id: str, data: bytes, 
                          backoff: Backoff) -> bool:
     """Send one frame, retrying while Redis is unreachable; True if it had to wait. The capture
     time (`ts`) stays that of the first attempt."""
-    ts, down_since = time.time(), None
-    while True:
-        try:
-            publisher.send(frame_id, data, ts=ts)
-        except UNAVAILABLE as err:
-            if down_since is None:
-                down_since = time.monotonic()
-                outage(f"Redis unreachable ({err}); holding frame {frame_id} and retrying")
-            time.sleep(backoff.delay())
-            continue
-        if down_since is not None:
-            outage(f"Redis back after {time.monotonic() - down_since:.1f} s; frame {frame_id} sent, resuming")
-        return down_since is not None
+    ts = time.time()
+    _, waited = through_outages(lambda: publisher.send(frame_id, data, ts=ts), outage, backoff,
+                                f"holding frame {frame_id} and retrying", f"frame {frame_id} sent, resuming",
+                                clock=time)
+    return waited

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +15,7 @@ from ustudents.engines.files import write_atomically
 from ustudents.engines.images import is_image_file
 
 from . import codec, schema
-from .connection import UNAVAILABLE, Backoff
+from .connection import Backoff, through_outages
 from .streams import replies
 
 
@@ -122,19 +121,11 @@ def follow(client: redis.Redis, stream: str, echo: Callable[[str], None], *, fro
     ids = {k: ("0-0" if from_start else last_id(client, k)) for k in keys}
     if save_to is not None:
         save_to.mkdir(parents=True, exist_ok=True)
-    n, backoff, down_since = 0, Backoff(), None
+    n, backoff = 0, Backoff()
     while not count or n < count:
-        try:
-            read = replies(client.xread(ids, count=100, block=block_ms))
-        except UNAVAILABLE as err:
-            if down_since is None:
-                down_since = time.monotonic()
-                outage(f"Redis unreachable ({err}); following again once it is back")
-            time.sleep(backoff.delay())
-            continue
-        if down_since is not None:
-            outage(f"Redis back after {time.monotonic() - down_since:.1f} s; following on")
-            down_since = None
+        read, waited = through_outages(lambda: replies(client.xread(ids, count=100, block=block_ms)), outage,
+                                       backoff, "following again once it is back", "following on")
+        if waited:
             backoff.reset()
         for key, entries in read:
             key = key.decode()
