@@ -8,12 +8,15 @@ It watches the stream for `--watch` seconds, then prints one line per check and 
 failed. The checks:
   - stream: the consumer group exists and has consumers; results arrive during the watch;
   - accounting: every input entry the group has been handed and acknowledged has exactly one
-    result or dead letter (entries older than the oldest kept result are skipped: MAXLEN);
+    result or dead letter (where results were trimmed, MAXLEN, only the entries added after the
+    oldest kept result was written are checked);
   - targets: Prometheus scrapes every worker and each is up and ready;
   - rules: every alert of deploy/prometheus/alerts.yml is loaded and evaluates without error;
   - dashboard: every query of the Grafana dashboard evaluates on this Prometheus; the panels that
     only a GPU, a failure or a restart fills may be empty, and the lag where Redis cannot tell it
     (the workers then withdraw the gauge); any other empty query fails.
+It needs Redis 7 or later (the streams' entries-added and the group's lag); before it, one line, exit 2.
+`--json FILE` replaces only an earlier report of this script; it is checked before the watch.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from pathlib import Path
 import redis
 import yaml
 
+from ustudents.engines.files import os_error_line, real_path, write_atomically
 from ustudents.worker import schema
 from ustudents.worker.schema import dead_stream, results_stream
 
@@ -45,6 +49,8 @@ LAG_UNKNOWN = "it restarted during a backlog, redis/redis#10569; back once the g
 ACCOUNT_LAST = 5000  # newest results (and dead letters), and newest input entries, the accounting reads
 INPUT_PAGE = 50  # input entries carry their frames (up to MiBs each): read a page at a time, ids kept
 ENTRY_ID = schema.ENTRY_ID.encode()  # the input entry a result or dead letter answers
+READS = (ALERTS, DASHBOARD, Path(__file__).resolve())  # files --json must never replace
+REPORT_KEYS = {"time", "machine", "checks"}  # what marks a file as an earlier report (the oldest too)
 
 
 @dataclass
@@ -78,8 +84,8 @@ def entry_key(entry_id: str) -> tuple[int, int]:
 def unaccounted(inputs: list[str], outputs: list[str], pending: set[str], last_delivered: str,
                 since: str | None = None) -> tuple[set, set]:
     """(missing, duplicated) entry ids: input entries the group was handed (id <= last delivered),
-    no longer pending and, when outputs were trimmed, at least as new as `since`, that have no
-    output or more than one."""
+    no longer pending and, when outputs were trimmed, at least `since`, that have no output or more
+    than one."""
     last, first = entry_key(last_delivered), entry_key(since) if since else (0, 0)
     handled = {i for i in inputs if first <= entry_key(i) <= last and i not in pending}
     seen: dict[str, int] = {}
@@ -153,10 +159,15 @@ def check_accounting(r: redis.Redis, stream: str, group: str) -> Check:
     last = next(g["last-delivered-id"].decode() for g in info if g["name"].decode() == group)
     outputs, since = [], None
     for kept, length, meta in zip(outs[0::3], outs[1::3], outs[2::3]):
-        ids = [f[ENTRY_ID].decode() for _, f in kept if ENTRY_ID in f]
-        outputs += ids
-        if ids and (len(kept) < length or meta["entries-added"] > length):  # older ones not read or trimmed
-            since = max(since or ids[-1], ids[-1], key=entry_key)  # newest first: ids[-1] is the oldest
+        outputs += [f[ENTRY_ID].decode() for _, f in kept if ENTRY_ID in f]
+        if kept and (len(kept) < length or meta["entries-added"] > length):  # older ones not read or trimmed
+            # Outputs are written as frames finish, not in input order: with two workers, inputs newer
+            # than the one the oldest kept output answers can have had theirs trimmed already. So cut at
+            # that output's own id, its write time (input and output ids are both this Redis' clock): an
+            # input added after it was answered after it, so its output is kept. Not its millisecond:
+            # an input of the same millisecond may have come before it.
+            cut = f"{entry_key(kept[-1][0].decode())[0] + 1}-0"  # newest first: kept[-1] is the oldest
+            since = max(since or cut, cut, key=entry_key)
     # After the snapshot: inputs up to the last delivered one do not change, but for trimming (which
     # only leaves fewer to check); read newest first, at most ACCOUNT_LAST of them
     inputs = input_ids(r, stream, since, last)
@@ -211,6 +222,60 @@ def check_prometheus(base: str, lag_known: bool = True) -> list[Check]:
     return checks
 
 
+def redis_too_old(r: redis.Redis) -> str | None:
+    """Why this Redis cannot be checked: before 7 it keeps no entries-added nor lag (a KeyError)."""
+    version = r.info("server")["redis_version"]
+    if int(version.split(".")[0]) >= 7:
+        return None
+    kw = r.connection_pool.connection_kwargs
+    where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
+    return (f"the Redis at {where} is version {version}; this check needs Redis 7 or later (the streams' "
+            "entries-added and the group's lag): point --redis-url at the stack's Redis (compose runs Redis 7), "
+            "or upgrade that one")
+
+
+def positive_seconds(text: str) -> float:
+    """--watch: seconds above 0 (0 divided the rate by zero; a negative one failed in time.sleep)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):  # nan fails this too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0: give how long to watch "
+                                         "the results stream, e.g. 30")
+    return value
+
+
+def json_refusal(path: Path) -> str | None:
+    """Why --json PATH cannot be written, found before the checks run (a bad path failed only after
+    them, with a traceback), or None. It replaces only an earlier report: it wrote over any file."""
+    where = f"--json {path}"
+    try:
+        real = real_path(path)  # a symbolic link: its target is written
+    except OSError as err:
+        return f"--json {os_error_line(err)}"  # a loop of links: names the path
+    if real.is_dir():
+        return f"{where}: is a folder; give a file name, e.g. {path / 'check_stack.json'}"
+    if real.exists() and any(p.exists() and os.path.samefile(real, p) for p in READS):
+        return f"{where}: is a file this script reads; give another file name"
+    if not real.parent.is_dir():
+        return (f"{where}: folder {real.parent} " + ("is not a folder" if real.parent.exists() else "does not exist")
+                + "; create the folder or give another path")
+    if not os.access(real.parent, os.W_OK | os.X_OK):
+        return f"{where}: cannot write in folder {real.parent}; check its permissions, or give another path"
+    if real.exists():
+        earlier = None
+        if real.is_file() and real.stat().st_size < 2 ** 20:  # a report is kilobytes; nothing larger is read whole
+            try:
+                earlier = json.loads(real.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+                pass
+        if not (isinstance(earlier, dict) and REPORT_KEYS <= earlier.keys()):
+            return (f"{where}: holds a file that is not an earlier report of check_stack.py, which this would "
+                    "replace; give a new file name or move that file away")
+    return None
+
+
 def cpu_model() -> str:
     try:
         return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -225,12 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prometheus", default="http://127.0.0.1:9090")
     ap.add_argument("--stream", default="line1")
     ap.add_argument("--group", default="ustudents")
-    ap.add_argument("--watch", type=float, default=30.0, help="seconds to watch the results stream")
-    ap.add_argument("--json", type=Path, help="write the checks and the machine here")
+    ap.add_argument("--watch", type=positive_seconds, default=30.0, help="seconds to watch the results stream")
+    ap.add_argument("--json", type=Path, help="write the checks and the machine here (replaces only an earlier report)")
     args = ap.parse_args(argv)
+    if args.json and (problem := json_refusal(args.json)):
+        print(f"Error: {problem}", file=sys.stderr)
+        return 2
     try:
         r = redis.Redis.from_url(args.redis_url)
         r.ping()
+        if problem := redis_too_old(r):
+            print(f"Error: {problem}", file=sys.stderr)
+            return 2
         checks = [check_flow(r, args.stream, args.group, args.watch), check_accounting(r, args.stream, args.group)]
         lag_known = not r.exists(args.stream) or lag_of(r, args.stream, args.group) is not None
         checks += check_prometheus(args.prometheus, lag_known)
@@ -240,12 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     for c in checks:
         print(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<10}  {c.detail}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
+        report = json.dumps({
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": {"host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(), "os": platform.platform()},
             "command": "python deploy/check_stack.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "stream": args.stream, "watch_s": args.watch, "checks": [asdict(c) for c in checks]}, indent=2) + "\n")
+            "stream": args.stream, "watch_s": args.watch, "checks": [asdict(c) for c in checks]}, indent=2) + "\n"
+        try:  # atomically: an interrupted write leaves the earlier report whole
+            write_atomically(real_path(args.json), report)
+        except OSError as err:  # checked above, but a disk can fill or a folder go during the watch
+            print(f"Error: --json {args.json}: {os_error_line(err)} (the checks above ran; their report was not "
+                  "written)", file=sys.stderr)
+            return 2
     return 0 if all(c.ok for c in checks) else 1
 
 

