@@ -1665,3 +1665,31 @@ def test_ctrl_c_while_evaluating_after_training_names_the_written_model_and_exit
     # a command that is not training: Ctrl-C exits 130 in one line, not Click's "Aborted!" with 1
     result = invoke("evaluate", tmp_path / "m", "--data-root", root)
     assert result.exit_code == 130 and result.stderr.strip() == "interrupted", result.output
+
+
+@pytest.mark.parametrize("where", ["type-file", "type-dangling", "overlays-dangling", "list-folder"])
+def test_evaluate_refuses_overlays_where_a_type_folder_cannot_be_made(where, small_bundle, eval_root, tmp_path):
+    """--overlays DIR with a file at DIR/<defect type> (or a link to nothing, or DIR itself one) was found
+    only after the whole test set was scored: 'overlays not all written (...: File exists ...)', exit 0.
+    Refused up front, as a file an overlay would replace is. (The 32 px bundle: nothing here scores.)"""
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    if where == "type-file":
+        (overlays / "scratch").write_text("the user's")
+        needle = f"--overlays {overlays}: {overlays / 'scratch'} is a file, where the overlays of the 'scratch' test " \
+                 "images go in a folder; move it"
+    elif where == "type-dangling":
+        (overlays / "spot").symlink_to(tmp_path / "nowhere")
+        needle = f"--overlays {overlays}: {overlays / 'spot'} is a link to nothing, where the overlays of the 'spot'"
+    elif where == "overlays-dangling":
+        overlays.rmdir()
+        overlays.symlink_to(tmp_path / "nowhere")
+        needle = f"--overlays {overlays}: a link to {tmp_path / 'nowhere'}, which does not exist; make that folder"
+    else:
+        (overlays / ".ustudents-overlays.json").mkdir()
+        needle = f"--overlays {overlays}: {overlays / '.ustudents-overlays.json'} is a folder, where evaluate lists"
+    result = invoke("evaluate", small_bundle, "--data-root", eval_root, "--overlays", overlays)
+    assert_input_error(result, needle)
+    assert "evaluating" not in result.output and "overlays not all written" not in result.output
+    assert where != "type-file" or (overlays / "scratch").read_text() == "the user's"
+    assert not (tmp_path / "nowhere").exists()

@@ -577,7 +577,7 @@ def test_ctrl_c_during_training_leaves_nothing_behind(tiny_mvtec, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 130, "".join(lines) + rest
-    assert "interrupted: stopping the worker and Redis" in rest
+    assert "\ninterrupted\n" in rest and "stopping the worker" not in rest  # neither was started yet
     assert not out.exists() or list(out.rglob("*")) == [], list(out.rglob("*"))
 
 
@@ -601,5 +601,130 @@ def test_a_second_signal_while_stopping_does_not_cut_the_stop_short(tiny_mvtec, 
     result = CliRunner().invoke(demo_cmd, ["--data-root", str(tiny_mvtec), "--category", TINY_CATEGORY,
                                            "--out", str(tmp_path / "demo")], env={"REDIS_URL": None})
     assert result.exit_code == 130 and calls, (result.output, result.exception)
-    assert "interrupted: stopping the worker and Redis" in result.output
+    assert result.output == "\ninterrupted\n"  # stopped before its worker and Redis started
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # given back
+
+
+# -- refused before anything runs, not after the training ------------------------------------------------
+def test_a_batch_the_worker_cannot_take_is_refused_before_training(tmp_path):
+    """--batch is the worker's micro-batch too: 100000 trained the whole model, then ended in pydantic's
+    'Error: 1 validation error for WorkerSettings batch ...'."""
+    from ustudents.worker.settings import WorkerSettings
+
+    limit = next(m.le for m in WorkerSettings.model_fields["batch"].metadata if getattr(m, "le", None))
+    result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path / "o"), "--batch", str(limit + 1)],
+                                env={"REDIS_URL": None})
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"--batch {limit + 1}: the worker takes at most {limit} frames a micro-batch" in result.output
+    assert f"give --batch {limit} or less" in result.output
+    assert "==> training" not in result.output and not (tmp_path / "o").exists()
+
+
+def test_a_bad_worker_variable_in_the_environment_is_refused_before_anything_runs(tiny_bundle, tiny_mvtec, tmp_path):
+    """The demo's worker reads the USTUDENTS_* environment as any worker does: a bad value there ended
+    the demo after training, its Redis and its worker had started, in pydantic's words."""
+    result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path / "o"), "--model", str(tiny_bundle), "--data-root",
+                                           str(tiny_mvtec), "--category", TINY_CATEGORY],
+                                env={"REDIS_URL": None, "USTUDENTS_DECODE_THREADS": "0"})
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "USTUDENTS_DECODE_THREADS (in the environment; the demo's worker reads it): Input should be greater than " \
+           "or equal to 1 (given: '0'); fix or unset it" in result.output
+    assert "validation error" not in result.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where", ["masks", "frames", "overlays", "ground_truth", "report.html", "dangling-out"])
+def test_an_out_whose_folders_cannot_be_made_is_refused_before_anything_runs(where, tmp_path):
+    """A file named masks (frames, ...) in --out, or an --out linking to nothing with --model, passed the
+    checks: the worker started, the last run's report was deleted, then 'Error: [Errno 17] File exists:
+    'o1/masks''. Refused before training and before anything is deleted."""
+    out = tmp_path / "o1"
+    out.mkdir()
+    # the last run's report (a results.json of the demo's), which a failed run must leave whole
+    (out / "results.json").write_text(json.dumps({"frames": []}))
+    (out / "report.html").write_text("the last report")
+    model = []
+    if where == "dangling-out":
+        out = tmp_path / "link"
+        out.symlink_to(tmp_path / "nowhere")
+        model = ["--model", str(tmp_path / "bundle")]  # without training nothing makes the folder linked to
+        expected = f"--out {out}: a link to {tmp_path / 'nowhere'}, which does not exist; make that folder"
+    elif where == "report.html":
+        (out / "report.html").unlink()
+        (out / "report.html").mkdir()
+        expected = f"--out {out}: {out / 'report.html'} is a folder, where the demo writes that file; move it"
+    else:
+        (out / where).write_text("the user's")
+        expected = f"--out {out}: {out / where} is a file, where the demo writes its {where} folder; move it"
+    result = CliRunner().invoke(demo_cmd, ["--out", str(out), *model, "--redis-url", "redis://127.0.0.1:1/0"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert expected in result.output and "or choose another --out" in result.output and "Errno" not in result.output
+    if where != "dangling-out":
+        assert (out / "results.json").read_text() == json.dumps({"frames": []})
+        assert where == "report.html" or (out / "report.html").read_text() == "the last report"
+        assert not (out / "model").exists()
+    else:
+        assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_file_error_after_the_checks_names_the_file_and_what_to_do(tiny_bundle, tiny_mvtec, tmp_path, monkeypatch):
+    """An OSError while the line runs (a full disk, a file put in the way meanwhile) printed Python's
+    '[Errno 17] File exists: ...', with no advice."""
+    import errno
+
+    monkeypatch.setattr(demo.Demo, "check_redis", lambda self, url: None)
+    monkeypatch.setattr(demo.Demo, "start_redis", lambda self, url: "unix:///x.sock")
+    monkeypatch.setattr(demo.Demo, "start_worker", lambda self, *a, **k: 9108)
+
+    def full(self, frames, stream, fps, out, idle_timeout_s):
+        raise FileExistsError(errno.EEXIST, "File exists", str(out / "masks"))
+    monkeypatch.setattr(demo.Demo, "run_line", full)
+    out = tmp_path / "o1"
+    result = CliRunner().invoke(demo_cmd, ["--out", str(out), "--model", str(tiny_bundle), "--data-root",
+                                           str(tiny_mvtec), "--category", TINY_CATEGORY], env={"REDIS_URL": None})
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == f"Error: {out / 'masks'}: File exists; a file stands where a folder " \
+                                             "goes: move it"
+
+
+# -- what the demo says ---------------------------------------------------------------------------------
+def test_ctrl_c_names_only_what_was_started(tiny_mvtec, tmp_path, monkeypatch):
+    """With --train-only (and while training) neither a worker nor Redis runs, yet Ctrl-C said
+    'stopping the worker and Redis'."""
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo, "test_frames", interrupted)
+    for extra in (["--train-only"], []):
+        result = CliRunner().invoke(demo_cmd, ["--data-root", str(tiny_mvtec), "--category", TINY_CATEGORY,
+                                               "--out", str(tmp_path / "demo"), *extra], env={"REDIS_URL": None})
+        assert result.exit_code == 130 and result.output == "\ninterrupted\n", (extra, result.output)
+
+
+def test_the_pictures_removed_are_said_with_a_report_only_where_there_was_one(tiny_bundle, tiny_mvtec, tmp_path,
+                                                                              monkeypatch):
+    """After a run stopped part-way (pictures listed, no results.json) the demo said it removed 'the 6
+    pictures ... and its report': there was no report."""
+    monkeypatch.setattr(demo.Demo, "check_redis", lambda self, url: None)
+    monkeypatch.setattr(demo.Demo, "start_redis", lambda self, url: "unix:///x.sock")
+    monkeypatch.setattr(demo.Demo, "start_worker", lambda self, *a, **k: 9108)
+
+    def stopped(self, *a, **k):  # the line: stopped at once, after the clearing
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo.Demo, "run_line", stopped)
+    out = tmp_path / "o1"
+    frames = demo.test_frames(tiny_mvtec, TINY_CATEGORY)
+    names = sorted(demo.picture_names(frames[-1]).values())  # a defective frame: 4 pictures
+    args = ["--out", str(out), "--model", str(tiny_bundle), "--data-root", str(tiny_mvtec), "--category", TINY_CATEGORY]
+    for report in (False, True):
+        for name in names:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(b"png")
+        demo.list_pictures(out, names)
+        if report:
+            (out / "results.json").write_text(json.dumps({"frames": [{"files": {"mask": names[0]}}]}))
+            (out / "report.html").write_text("the last report")
+        result = CliRunner().invoke(demo_cmd, args, env={"REDIS_URL": None})
+        assert result.exit_code == 130, result.output
+        said = next(line for line in result.output.splitlines() if "removed the" in line)
+        assert said.endswith(f"removed the {len(names)} pictures the last run left in {out} (frames, masks, overlays, "
+                             f"ground_truth){' and its report' if report else ''}"), said
+        assert not any((out / name).exists() for name in names) and not (out / "report.html").exists()

@@ -3,6 +3,7 @@ masks and overlays for single images."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -131,6 +132,20 @@ def check_overlays(folder: Path, samples: list[dataset.Sample]) -> None:
     """Refuse an --overlays folder holding a file an overlay would replace that an earlier evaluate did
     not write: <defect>/<stem>.png are the names of MVTec's own test images, so --overlays at a copy of
     the dataset's test folder replaced its images with heatmaps."""
+    # a file (or a link to nothing) where a folder of overlays goes, or a folder where their list goes:
+    # write_overlays failed on it after the whole test set was scored, and skipped the overlays
+    if folder.is_symlink() and not folder.exists():
+        raise ValueError(f"--overlays {folder}: a link to {os.readlink(folder)}, which does not exist; make that "
+                         "folder, or give another --overlays")
+    for defect in sorted({s.defect for s in samples}):
+        path = folder / defect
+        if (path.exists() or path.is_symlink()) and not path.is_dir():
+            raise ValueError(f"--overlays {folder}: {path} is {'a file' if path.exists() else 'a link to nothing'}, "
+                             f"where the overlays of the {defect!r} test images go in a folder; move it, or give "
+                             "another --overlays folder")
+    if (folder / OVERLAY_OUTPUTS).is_dir():
+        raise ValueError(f"--overlays {folder}: {folder / OVERLAY_OUTPUTS} is a folder, where evaluate lists the "
+                         "overlays it writes; move it, or give another --overlays folder")
     earlier = listed_outputs(folder / OVERLAY_OUTPUTS)
     for name in overlay_names(samples):
         path = folder / name

@@ -39,9 +39,9 @@ from pathlib import Path
 import click
 
 from ustudents.engines.cli import PathArg
-from ustudents.engines.files import listed_outputs, write_atomically
+from ustudents.engines.files import listed_outputs, os_error_line, write_atomically
 from ustudents.engines.images import IMAGE_SUFFIXES
-from ustudents.worker.settings import shown_url
+from ustudents.worker.settings import ENV_PREFIX, WorkerSettings, shown_url
 from ustudents.train import cli as train_cli
 
 SAMPLE_ROOT = Path(__file__).resolve().parent / "demo_data"
@@ -364,6 +364,58 @@ def not_the_demos(out: Path, frames: list[Frame]) -> list[Path]:
     return theirs
 
 
+REPORT_FILES = ("report.html", "results.json", PICTURE_LIST)  # the files the demo writes directly in OUT
+
+
+def blocked_out(out: Path, model_given: bool) -> str | None:
+    """Why the demo could not write its report into OUT, or None: a file (or a link to nothing) where it
+    makes one of its folders, a folder where it writes one of its files, or, with --model, an OUT that
+    is a link to nothing (training makes the folder it points to; without training nothing does).
+    Found only at the first frame, this failed after training, with the last report already deleted."""
+    if model_given and out.is_symlink() and not out.exists():
+        return f"a link to {os.readlink(out)}, which does not exist; make that folder, or choose another --out"
+    for folder in PICTURES:
+        path = out / folder
+        if (path.exists() or path.is_symlink()) and not path.is_dir():
+            return (f"{path} is {'a link to nothing' if not path.exists() else 'a file'}, where the demo writes its "
+                    f"{folder} folder; move it, or choose another --out")
+    for name in REPORT_FILES:
+        if (out / name).is_dir():
+            return f"{out / name} is a folder, where the demo writes that file; move it, or choose another --out"
+    return None
+
+
+def worker_limit(name: str) -> int:
+    """The largest value WorkerSettings takes for the numeric setting `name` (its field's `le`)."""
+    return next(m.le for m in WorkerSettings.model_fields[name].metadata if getattr(m, "le", None) is not None)
+
+
+def worker_settings(stream: str, model: Path, redis_url: str, metrics_port: int, batch: int) -> WorkerSettings:
+    """The demo's worker's settings; the rest come from the USTUDENTS_* environment, as for any worker."""
+    return WorkerSettings(_env_file=None, stream=stream, model=[str(model)], redis_url=redis_url,
+                          backend="torch", device="cpu", precision="fp32", batch=batch,
+                          metrics_port=metrics_port, metrics_host="127.0.0.1", heatmap=True,
+                          shutdown_timeout_s=10.0, claim_idle_ms=60_000, consumer=f"demo-{os.getpid()}")
+
+
+def check_worker_settings(model: Path, redis_url: str | None, metrics_port: int, batch: int) -> None:
+    """Refuse now, not after training, what the worker's settings would refuse once the model is
+    trained. The demo's options are checked on their own (--batch in demo_cmd, --redis-url by
+    check_redis); what is left is a USTUDENTS_* variable in the environment, which the worker reads."""
+    from pydantic import ValidationError
+
+    try:  # the demo's own Redis has no URL yet: a URL of the same kind stands in for it
+        worker_settings("line1", model, redis_url or "unix:///ustudents-demo/redis.sock", metrics_port, batch)
+    except ValidationError as err:
+        e = err.errors()[0]
+        field = str(e["loc"][0]) if e["loc"] else ""
+        # the value, which pydantic's own checks do not say; never a password or a URL, which may hold one
+        given = "" if field in ("redis_password", "redis_url") or e["type"] == "value_error" else \
+            f" (given: {e.get('input')!r})"
+        raise DemoError(f"{ENV_PREFIX}{field.upper() or '*'} (in the environment; the demo's worker reads it): "
+                        f"{e['msg'].removeprefix('Value error, ')}{given}; fix or unset it") from None
+
+
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, data)
@@ -544,13 +596,9 @@ class Demo:
         """Start the worker in a thread; returns the metrics port it serves on."""
         from ustudents.worker.logs import setup_logging
         from ustudents.worker.service import Worker, load_engines
-        from ustudents.worker.settings import WorkerSettings
 
         setup_logging("WARNING")
-        settings = WorkerSettings(_env_file=None, stream=stream, model=[str(model)], redis_url=redis_url,
-                                  backend="torch", device="cpu", precision="fp32", batch=batch,
-                                  metrics_port=metrics_port, metrics_host="127.0.0.1", heatmap=True,
-                                  shutdown_timeout_s=10.0, claim_idle_ms=60_000, consumer=f"demo-{os.getpid()}")
+        settings = worker_settings(stream, model, redis_url, metrics_port, batch)
         self.worker = Worker(settings, load_engines(settings))
         try:
             self.worker.start_server()
@@ -711,6 +759,10 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
         raise DemoError(f"--crop {crop}: must not be negative (0: whole images)")
     if not usable_fps(fps):  # nan never published a frame, and hung
         raise DemoError(f"--fps {fps}: give 0 (all at once) or a rate from {MIN_FPS} frames/s")
+    # training takes any batch, the worker's micro-batch is bounded: refused here, not after the training
+    if not train_only and batch > (limit := worker_limit("batch")):
+        raise DemoError(f"--batch {batch}: the worker takes at most {limit} frames a micro-batch (--batch is both "
+                        f"the training batch and the worker's); give --batch {limit} or less")
     if metrics_port is not None and not train_only and not port_free(metrics_port):
         raise DemoError(f"--metrics-port {metrics_port}: not a free port on 127.0.0.1; choose another")
     port = metrics_port or (DEFAULT_METRICS_PORT if port_free(DEFAULT_METRICS_PORT) else free_port())
@@ -719,6 +771,8 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
     check_outside_bundles(out, "--out")
     # its frames/, masks/ and ground_truth/ there were read as test types and masks of the dataset
     check_apart(out, "--out", Path(data_root), "the data root")
+    if not train_only and (blocked := blocked_out(out, model is not None)):  # --train-only writes OUT/model alone
+        raise DemoError(f"--out {out}: {blocked}")
     demo = Demo()
 
     def on_sigterm(signum, frame):
@@ -741,6 +795,7 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
                             "would be written over and not the demo's own; move them, or choose another --out")
         if not train_only:
             demo.check_redis(redis_url)
+            check_worker_settings(out / "model" if model is None else Path(model), redis_url, port, batch)
         # -- model
         if model is None:
             cfg = train_config(data_root, category, out / "model", image_size, scales, students, epochs, crop, batch, lr,
@@ -774,10 +829,11 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
             demo.external_stream = stream
         port = demo.start_worker(stream, Path(model), url, port, batch, port_chosen=metrics_port is not None)
         # Here, not before training: a run that fails before its first frame leaves the last report whole.
+        had_report = reported_pictures(out) is not None  # a run stopped part-way wrote none
         removed = clear_earlier_pictures(out)
         if removed:
             demo.step(f"removed the {removed} pictures the last run left in {out} (frames, masks, overlays, "
-                      "ground_truth) and its report")
+                      f"ground_truth){' and its report' if had_report else ''}")
         demo.step(f"publishing {len(frames)} test frames to stream {stream} at "
                   f"{'full speed' if fps <= 0 else f'{fps:g} frames/s'}; results as they arrive:")
         t = time.monotonic()
@@ -801,11 +857,14 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
                 demo.worker_thread.join(1.0)
     except (KeyboardInterrupt, Stopped):
         hold_signals()
-        click.echo("\ninterrupted: stopping the worker and Redis", err=True)
+        # only what was started: while training (or with --train-only) neither the worker nor Redis was
+        running = [name for name, started in (("the worker", demo.worker is not None),
+                                              ("Redis", demo.redis is not None)) if started]
+        click.echo(f"\ninterrupted{': stopping ' + ' and '.join(running) if running else ''}", err=True)
         demo.stop()
         sys.exit(130)
     except (DatasetError, BundleError, EngineError, ValueError, OSError) as err:  # OSError: a full disk too
-        raise DemoError(" ".join(str(err).split())) from None
+        raise DemoError(" ".join(os_error_line(err).split())) from None  # an OSError: its file and what to do
     finally:
         hold_signals()
         demo.stop()
