@@ -155,7 +155,7 @@ def validation_samples(manifest: dict, data_root: Path) -> list:
 def validation_and_test_maps(engine, data_root: Path, test_every: int = 1) -> dict:
     """A bundle's maps on the validation images it was calibrated on (its training split of
     train/good, never the test set) and on every k-th test image of each type: fused (N, S, S) and
-    per-scale (N, n_scales, S, S) maps, with the samples, ground-truth masks and labels."""
+    per-scale (N, n_scales, S, S) maps, with the samples, ground-truth masks, defect regions and labels."""
     from ustudents.train import dataset
     from ustudents.train.evaluate import engine_maps
 
@@ -165,7 +165,8 @@ def validation_and_test_maps(engine, data_root: Path, test_every: int = 1) -> di
     bits = engine.bundle.uint16_bits  # 16-bit data scaled as training and evaluation scale it
     val_fused, val_scales = engine_maps(engine, dataset.load_images(val, size, bits=bits), desc="validation maps")
     test_fused, test_scales = engine_maps(engine, dataset.load_images(test, size, bits=bits), desc="test maps")
-    return {"val": val, "test": test, "gt": dataset.load_masks(test, size),
+    regions = dataset.load_regions(test, size)  # for PRO; gt: the masks
+    return {"val": val, "test": test, "gt": regions > 0, "regions": regions,
             "labels": np.array([s.defect != dataset.GOOD for s in test]),
             "val_fused": val_fused, "val_scales": val_scales, "test_fused": test_fused, "test_scales": test_scales}
 

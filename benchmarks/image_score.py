@@ -86,8 +86,8 @@ def main(model, data_root, test_every, border, image_fpr, name):
                           "calibrated_image_score": calibrated, "calibrated_at_threshold": decisions,
                           f"share_of_maxima_within_{border}px_of_border": {"good": float(near[~labels].mean()),
                                                                           "defective": float(near[labels].mean())}},
-              "maps": {"as_is": metrics_for(test_maps, masks, labels),
-                       "position_standardized": metrics_for(z_maps, masks, labels)},
+              "maps": {"as_is": metrics_for(test_maps, m["regions"], labels),
+                       "position_standardized": metrics_for(z_maps, m["regions"], labels)},
               "machine": machine(torch.device("cpu")), "wall_s": round(time.time() - t0, 1),
               "command": "python benchmarks/image_score.py " + " ".join(sys.argv[1:])}
     table = "\n".join([f"{'image score':22}{'image AUROC':>12}"] + [f"{k:22}{v:12.3f}" for k, v in scores.items()])

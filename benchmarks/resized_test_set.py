@@ -4,7 +4,7 @@
 
 The GPU machine takes the working tree only (64 MiB, the dataset is 53 MB), so gpu_checks.sh
 evaluates on this copy: every test image resized by the engines' own resize (images.resize) and
-written as lossless PNG, every mask by the evaluation's (images.resize_mask), plus a few train/good
+written as lossless PNG, every mask by the evaluation's (images.resize_regions), plus a few train/good
 images so the layout is complete. A model of that size evaluates on it exactly as on the originals:
 the engine's resize of an image already at its size is the identity (checked here per image).
 """
@@ -17,7 +17,7 @@ import ustudents  # noqa: F401  before cv2: importing it caps the pixels OpenCV 
 import cv2
 import numpy as np
 
-from ustudents.engines.images import IMAGE_SUFFIXES, read_image, read_mask, resize, resize_mask
+from ustudents.engines.images import IMAGE_SUFFIXES, defect_regions, read_image, read_mask, resize, resize_regions
 
 TRAIN_IMAGES = 8
 
@@ -46,7 +46,7 @@ def main(category_dir: Path, out: Path, size: int) -> None:
             n += 1
     for folder in sorted((category_dir / "ground_truth").iterdir()):
         for path in images(folder):
-            mask = resize_mask(read_mask(path), size).astype(np.uint8) * 255
+            mask = (resize_regions(defect_regions(read_mask(path)), size) > 0).astype(np.uint8) * 255
             (out / "ground_truth" / folder.name).mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(out / "ground_truth" / folder.name / f"{path.stem}.png"), mask)
     for path in images(category_dir / "train" / "good")[:TRAIN_IMAGES]:

@@ -40,7 +40,7 @@ def main(model, data_root, test_every, name):
     if len(scales) < 2:
         raise click.ClickException(f"{model}: one scale ({scales[0]}); give a bundle trained with several")
     m = validation_and_test_maps(engine, data_root, test_every)
-    val, test, masks, labels = m["val"], m["test"], m["gt"], m["labels"]
+    val, test, labels = m["val"], m["test"], m["labels"]
     val_scales, test_scales = m["val_scales"], m["test_scales"]
 
     results = {}
@@ -49,7 +49,7 @@ def main(model, data_root, test_every, name):
             key = "+".join(str(scales[k]) for k in subset)
             fused_val, fused_test = val_scales[:, subset].mean(1), test_scales[:, subset].mean(1)
             position = position_standardized(fused_test, fused_val).reshape(len(test), -1).max(1)
-            results[key] = {**metrics_for(fused_test, masks, labels, position),
+            results[key] = {**metrics_for(fused_test, m["regions"], labels, position),
                             "image_auroc_of_max": image_auroc(max_scores(fused_test), labels)}
             click.echo(f"{key:12} " + "  ".join(f"{k} {v:.3f}" for k, v in results[key].items()))
     record = {"summary": {"device": device_label(machine(torch.device("cpu"))), "dataset": str(data_root / category),

@@ -137,7 +137,7 @@ def main(data_root, category, image_size, teacher_dirs, scales, reference, train
     train_img = dataset.load_images(train, image_size, "train images")
     test_img = dataset.load_images(test, image_size, "test images")
     holdout_img = dataset.load_images(held_out, image_size, "held-out good images") if held_out else None
-    masks = dataset.load_masks(test, image_size)
+    regions = dataset.load_regions(test, image_size)
     labels = np.array([s.defect != dataset.GOOD for s in test])
 
     extractors = {}  # label -> (teacher folder or None, a function making the extractor)
@@ -149,7 +149,7 @@ def main(data_root, category, image_size, teacher_dirs, scales, reference, train
     results, per_folder = {}, {}
 
     def report(label, scores, wall_s):
-        results[label] = metrics_for(scores.numpy(), masks, labels)
+        results[label] = metrics_for(scores.numpy(), regions, labels)
         results[label]["wall_s"] = round(wall_s, 1)
         click.echo(f"{label:40}" + "".join(f"{results[label][k]:8.3f}" for k in KEYS))
 

@@ -378,8 +378,17 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return x[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+def defect_regions(mask: np.ndarray) -> np.ndarray:
+    """A bool mask (H, W) -> int32 (H, W): 0 where it is False, else the number (1, 2, ...) of the
+    pixel's 8-connected region (MVTec AD's regions of PRO)."""
+    return cv2.connectedComponents(np.ascontiguousarray(mask, dtype=np.uint8), connectivity=8, ltype=cv2.CV_32S)[1]
+
+
+def resize_regions(regions: np.ndarray, size: int) -> np.ndarray:
+    """Region numbers (H, W) int32 -> (size, size), nearest: each pixel keeps one region's number."""
+    if regions.shape == (size, size):
+        return regions
+    return cv2.resize(regions, (size, size), interpolation=cv2.INTER_NEAREST)
 
 
 def to_tensor(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:

@@ -714,3 +714,26 @@ def test_elongated_images_are_named_as_squashed_with_what_to_do(tmp_path, caplog
     assert len(caplog.records) == 1
     assert (f"training images: images up to 4.0 times longer than wide (e.g. {strip}) are squashed into 32 x 32 "
             "squares") in caplog.text and "cut such frames into near-square tiles" in caplog.text
+
+
+def test_an_empty_or_inverted_mask_of_a_defect_image_is_named_once(mvtec, caplog):
+    """A defect image whose mask marks nothing (empty, or drawn in the alpha channel only) had all its
+    pixels scored as defect-free, and an inverted mask (background 255) lowered the pixel AUROC, both
+    in silence; only a type without any defect pixel, or an all-white mask, was refused."""
+    gt = mvtec / CAT / "ground_truth"
+    empty, inverted = gt / "scratch" / "000_mask.png", gt / "spot" / "001_mask.png"
+    drawn = cv2.imread(str(empty), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(empty), np.zeros_like(drawn))
+    spot = cv2.imread(str(inverted), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(inverted), np.where(spot > 0, 0, 255).astype(np.uint8))
+    with caplog.at_level("WARNING", logger="ustudents.train.dataset"):
+        checked_test_set(mvtec, CAT, 32)
+        checked_test_set(mvtec, CAT, 32)  # `ustudents-train` checks the test set before training and after it
+    messages = [r.getMessage() for r in caplog.records if "defect pixel at" in r.getMessage() or "inverted" in
+                r.getMessage()]
+    assert messages == [
+        f"{gt}: 1 mask(s) of defect images have no defect pixel at the model's 32 px (e.g. {empty}), so all their "
+        "pixels are scored as defect-free: an empty mask, one drawn in the alpha channel only, or a defect smaller "
+        "than a pixel at that size; fix those masks, or move the images to test/good if they are good",
+        f"{gt}: 1 mask(s) mark more than half of their image as defect (e.g. {inverted}): inverted (background 255, "
+        "defect 0)? a mask marks the defect's pixels, 0 elsewhere"]

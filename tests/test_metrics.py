@@ -260,3 +260,29 @@ def test_at_threshold_reports_what_the_thresholds_do_on_hand_made_masks():
     assert r["pixel_fpr"] == 2 / 10  # 2 of the 10 good pixels predicted
     assert r["pixel_tpr"] == 1 / 2  # 1 of the 2 defect pixels
     assert r["defective_images_mask_on_defect"] == 1 / 2  # image 1's mask misses its defect
+
+
+def test_a_thin_scratch_stays_one_region_when_its_mask_is_shrunk_to_the_models_size(tmp_path):
+    """Regions are found at the mask's own size: a 2 px scratch across a 512 px image, shrunk
+    (nearest) to 64 px first, fell apart into dozens of pieces, each weighed by PRO as a defect of
+    its own; a map that finds the blob and misses the scratch scored far below the 0.575 of two
+    regions (PRO 0.5 at FPR 0, rising linearly to 1 at FPR 1)."""
+    import cv2
+
+    from ustudents.train.dataset import Sample, load_masks, load_regions
+
+    size = 512
+    mask = np.zeros((size, size), np.uint8)
+    cv2.line(mask, (5, 100), (505, 140), 255, 2)
+    mask[300:400, 200:300] = 255
+    cv2.imwrite(str(tmp_path / "img.png"), np.full((size, size), 90, np.uint8))
+    cv2.imwrite(str(tmp_path / "mask.png"), mask)
+    samples = [Sample(tmp_path / "img.png", "scratch", tmp_path / "mask.png"), Sample(tmp_path / "img.png", "good")]
+    regions = load_regions(samples, 64)
+    assert sorted(np.unique(regions[0])) == [0, 1, 2] and not regions[1].any()
+    masks = load_masks(samples, 64)
+    assert np.array_equal(masks, regions > 0)
+    maps = np.zeros((2, 64, 64), np.float32)
+    maps[0][regions[0] == regions[0][45, 35]] = 1.0  # the blob's region, and nothing of the scratch
+    assert au_pro(maps, regions) == pytest.approx(0.575, abs=1e-12)
+    assert au_pro(maps, masks) < 0.35  # labelled after shrinking: the scratch's pieces outweigh the blob

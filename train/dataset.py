@@ -30,8 +30,9 @@ from ustudents.engines.images import (
     missing_folder_hint,
     read_image,
     read_mask,
+    defect_regions,
     resize,
-    resize_mask,
+    resize_regions,
     uint16_bits_of,
 )
 
@@ -326,9 +327,18 @@ def refuse_copies(folder: str, samples: list[Sample], images) -> None:
 
 
 def load_masks(samples: list[Sample], size: int) -> np.ndarray:
-    """Ground-truth masks as bool (N, size, size); all False for good samples. Each mask must have
+    """Ground-truth masks as bool (N, size, size); all False for good samples (load_regions > 0)."""
+    return load_regions(samples, size) > 0
+
+
+def load_regions(samples: list[Sample], size: int) -> np.ndarray:
+    """Ground-truth defect regions as int32 (N, size, size): 0 where defect-free (all of a good
+    sample), else the number of the pixel's 8-connected defect region in its image, 1, 2, ...
+    Regions are found at the mask's own size, then resized (nearest) with their numbers: a scratch a
+    few pixels wide, shrunk to the model's size first, falls apart into pieces that PRO would weigh
+    as defects of their own (a 2 px line at 1024 px became 51 regions at 256). Each mask must have
     its image's original size."""
-    out = np.zeros((len(samples), size, size), bool)
+    out = np.zeros((len(samples), size, size), np.int32)
     for i, s in enumerate(samples):
         if s.defect == GOOD or s.mask_path is None:
             if s.defect != GOOD:
@@ -347,7 +357,7 @@ def load_masks(samples: list[Sample], size: int) -> np.ndarray:
                 f"mask {s.mask_path} is {mw}x{mh} but its image {s.path} is {iw}x{ih}; "
                 "masks must have the image's size"
             )
-        out[i] = resize_mask(mask, size)
+        out[i] = resize_regions(defect_regions(mask), size)
     return out
 
 
@@ -355,7 +365,7 @@ def checked_test_set(root: str | Path, category: str, size: int, samples: list[S
                      every_image: bool = False) -> tuple[list[Sample], np.ndarray, np.ndarray]:
     """The test set (or `samples` of it) with what evaluation needs of it checked: both good and
     defective images, each mask of its image's size, and a defect pixel at `size` in some mask of each
-    type. Returns (samples, labels: defective, masks at `size`). `every_image` also reads the good
+    type. Returns (samples, labels: defective, defect regions at `size`: load_regions). `every_image` also reads the good
     images (the masked ones are read for their size anyway): `ustudents-train` checks all this before
     training, not after hours of it with the bundle already written."""
     samples = test_samples(root, category) if samples is None else samples
@@ -363,18 +373,44 @@ def checked_test_set(root: str | Path, category: str, size: int, samples: list[S
     if labels.all() or not labels.any():
         raise DatasetError(f"{Path(root) / category / 'test'}: needs both good and defective images to compute "
                            "AUROC")
-    masks = load_masks(samples, size)
+    regions = load_regions(samples, size)
     for defect in sorted({s.defect for s in samples} - {GOOD}):
-        if not masks[[s.defect == defect for s in samples]].any():
+        if not regions[[s.defect == defect for s in samples]].any():
             raise DatasetError(
                 f"{Path(root) / category / 'ground_truth' / defect}: no mask of defect type {defect!r} has a defect "
                 f"pixel (at the model's {size} px), so its pixel metrics cannot be computed; fix those masks or leave "
                 f"test/{defect} out")
+    _warn_of_odd_masks(Path(root) / category / "ground_truth", samples, regions, size)
     if every_image:
         for s in samples:
             if s.defect == GOOD:  # readable, whatever its bits (the bundle's are not known here)
                 _read(s.path, lambda path: read_image(path, None))
-    return samples, labels, masks
+    return samples, labels, regions
+
+
+_checked_masks: set[tuple[Path, int]] = set()  # (ground_truth folder, size) warned about once each
+
+
+def _warn_of_odd_masks(gt: Path, samples: list[Sample], regions: np.ndarray, size: int) -> None:
+    """Masks that are no error but likely a mistake, each a warning naming one: a defect image whose
+    mask holds no defect pixel at the model's size (an empty mask, its defect in the alpha channel
+    only, or smaller than a pixel there), whose pixels are then all scored as defect-free; and a mask
+    marking most of its image (inverted: background 255, defect 0), which lowered the pixel AUROC
+    in silence. Only a type without any defect pixel, or an all-white mask, is refused."""
+    if (real_path(gt), size) in _checked_masks:
+        return  # ustudents-train checks the test set before training and evaluates it after
+    _checked_masks.add((real_path(gt), size))
+    defective = [(s, r) for s, r in zip(samples, regions) if s.defect != GOOD]
+    empty = [s.mask_path for s, r in defective if not r.any()]
+    most = [s.mask_path for s, r in defective if np.count_nonzero(r) > r.size / 2]
+    if empty:
+        log.warning("%s: %d mask(s) of defect images have no defect pixel at the model's %d px (e.g. %s), so all their "
+                    "pixels are scored as defect-free: an empty mask, one drawn in the alpha channel only, or a defect "
+                    "smaller than a pixel at that size; fix those masks, or move the images to test/good if they are "
+                    "good", gt, len(empty), size, empty[0])
+    if most:
+        log.warning("%s: %d mask(s) mark more than half of their image as defect (e.g. %s): inverted (background 255, "
+                    "defect 0)? a mask marks the defect's pixels, 0 elsewhere", gt, len(most), most[0])
 
 
 def _file_digest(path: Path) -> tuple[int, str]:

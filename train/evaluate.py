@@ -28,11 +28,12 @@ def max_scores(maps: np.ndarray) -> np.ndarray:
     return maps.reshape(len(maps), -1).max(axis=1)
 
 
-def metrics_for(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, scores: np.ndarray | None = None) -> dict:
-    """image AUROC of `scores` (default: the maps' maxima), pixel AUROC and au_pro_30 of the maps."""
+def metrics_for(maps: np.ndarray, regions: np.ndarray, labels: np.ndarray, scores: np.ndarray | None = None) -> dict:
+    """image AUROC of `scores` (default: the maps' maxima), pixel AUROC and au_pro_30 of the maps
+    against the ground truth's defect regions (dataset.load_regions)."""
     return {"image_auroc": image_auroc(max_scores(maps) if scores is None else scores, labels),
-            "pixel_auroc": pixel_auroc(maps, masks),
-            "au_pro_30": au_pro(maps, masks, fpr_limit=0.3)}
+            "pixel_auroc": pixel_auroc(maps, regions),
+            "au_pro_30": au_pro(maps, regions, fpr_limit=0.3)}
 
 
 def at_threshold(predicted: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: np.ndarray,
@@ -67,7 +68,8 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
     t0 = time.time()
     bundle = engine.bundle
     category, size = bundle.manifest["category"], bundle.image_size
-    samples, labels, masks = dataset.checked_test_set(data_root, category, size, samples)
+    samples, labels, regions = dataset.checked_test_set(data_root, category, size, samples)
+    masks = regions > 0
     if overlays is not None:  # before minutes of scoring, not after
         check_overlays(overlays, samples)
     images = dataset.load_images(samples, size, desc="loading test images", bits=bundle.uint16_bits)
@@ -78,18 +80,18 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
     results = {"category": category, "bundle": bundle.manifest["id"], "test_images": len(samples),
                "image_size": size, "image_score": bundle.image_score,
                "backend": engine.backend, "precision": engine.precision, "device": engine.describe(),
-               **metrics_for(fused, masks, labels, scores)}
+               **metrics_for(fused, regions, labels, scores)}
     if bundle.image_score != "max":
         # the single scales' image AUROC is of their maps' maxima (the position statistics are the
         # fused map's): this is the fused model's on the same footing
         results["image_auroc_of_max"] = image_auroc(max_scores(fused), labels)
-    results["per_scale"] = {str(p): metrics_for(per_scale[:, k], masks, labels) for k, p in enumerate(bundle.scales)}
+    results["per_scale"] = {str(p): metrics_for(per_scale[:, k], regions, labels) for k, p in enumerate(bundle.scales)}
     good = ~labels
     results["per_defect"] = {}
     for defect in sorted({s.defect for s in samples} - {dataset.GOOD}):
         sel = good | np.array([s.defect == defect for s in samples])
         results["per_defect"][defect] = {"images": int((sel & labels).sum()),
-                                         **metrics_for(fused[sel], masks[sel], labels[sel], scores[sel])}
+                                         **metrics_for(fused[sel], regions[sel], labels[sel], scores[sel])}
     results["at_threshold"] = dict(at_threshold(predicted, scores, masks, labels, bundle.image_threshold,
                                                 bundle.mask_threshold), mask_rule=bundle.mask_rule)
     results["wall_s"] = round(time.time() - t0, 1)

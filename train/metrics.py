@@ -6,8 +6,9 @@ thresholds), so pixel inputs of tens of millions of values cost a few arrays of 
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
+
+from ustudents.engines.images import defect_regions
 
 __all__ = ["roc_auc", "image_auroc", "pixel_auroc", "pro_curve", "au_pro"]
 
@@ -65,21 +66,28 @@ def _check_maps(anomaly_maps, gt_masks) -> tuple[np.ndarray, np.ndarray]:
 def pro_curve(anomaly_maps: np.ndarray, gt_masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(fpr, pro) at every distinct score threshold, descending, starting at (0, 0).
 
-    Regions are the 8-connected components of each ground-truth mask (Bergmann et al., MVTec AD).
+    Regions are the 8-connected components of each ground-truth mask (Bergmann et al., MVTec AD):
+    found here for bool masks, or given as integer region numbers per image (dataset.load_regions,
+    which finds them at the masks' own size before resizing them to the maps').
     """
     maps, masks = _check_maps(anomaly_maps, gt_masks)
     if np.isnan(maps).any():
         raise ValueError("anomaly maps contain NaN")
-    # region id per pixel: 0 = ground-truth negative, 1..R = connected components numbered across images
+    given = np.asarray(gt_masks)
+    given = given[None] if given.ndim == 2 else given
+    # region id per pixel: 0 = ground-truth negative, 1..R = regions numbered across images
     region = np.zeros(masks.shape, dtype=np.int32)
     n_regions = 0
     for i, mask in enumerate(masks):
         if not mask.any():
             continue  # defect-free image: negatives only
-        mask_u8 = np.ascontiguousarray(mask, dtype=np.uint8)
-        n_labels, lab = cv2.connectedComponents(mask_u8, connectivity=8, ltype=cv2.CV_32S)
+        if given.dtype == bool:
+            lab = defect_regions(mask)
+        else:  # numbered consecutively: a region resizing left without a pixel is no region here
+            numbers, inverse = np.unique(given[i], return_inverse=True)
+            lab = (inverse.reshape(mask.shape) + int(numbers[0] != 0)).astype(np.int32)
         region[i] = np.where(lab > 0, lab + n_regions, 0)
-        n_regions += n_labels - 1
+        n_regions += int(lab.max())
     region = region.ravel()
     n_neg = int(np.count_nonzero(region == 0))
     if n_regions == 0:

@@ -1,0 +1,70 @@
+"""How many defect regions PRO weighs on a real dataset's ground truth, found at the masks' own size
+(as `ustudents evaluate` does: dataset.load_regions) against found after shrinking each mask to the
+model's size (the earlier way, which split thin defects into pieces).
+
+    python benchmarks/mask_regions.py ../shared/datasets/magnetic_tile --size 256 --name mask_regions_magnetic_tile
+
+Per defect type: masks, 8-connected regions at the masks' own size, regions left at --size (a region
+smaller than a pixel there can vanish), and regions counted after shrinking; with the masks whose
+count changed. Writes benchmarks/results/<name>.json and .md, with the machine named.
+"""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from common import machine, write_result
+from ustudents.engines.images import IMAGE_SUFFIXES, defect_regions, read_mask, resize_regions
+
+
+def counts(mask: np.ndarray, size: int) -> tuple[int, int, int]:
+    """(regions at the mask's size, of them left at `size`, regions of the mask shrunk to `size`)."""
+    regions = defect_regions(mask)
+    kept = np.unique(resize_regions(regions, size))
+    shrunk = defect_regions(resize_regions(regions, size) > 0)
+    return int(regions.max()), int((kept > 0).sum()), int(shrunk.max())
+
+
+@click.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--size", default=256, show_default=True, type=click.IntRange(16, 4096), help="The model's image size.")
+@click.option("--name", default=None, help="Result file name.  [default: mask_regions_<folder>_<size>]")
+def main(root, size, name):
+    by_type: dict[str, dict] = defaultdict(lambda: {"masks": 0, "regions": 0, "kept": 0, "shrunk": 0,
+                                                    "masks_split": 0, "masks_losing_a_region": 0})
+    for path in sorted((root / "ground_truth").rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        own, kept, shrunk = counts(read_mask(path), size)
+        row = by_type[path.parent.name]
+        row["masks"] += 1
+        row["regions"] += own
+        row["kept"] += kept
+        row["shrunk"] += shrunk
+        row["masks_split"] += shrunk > own
+        row["masks_losing_a_region"] += kept < own
+    total = {k: sum(r[k] for r in by_type.values()) for k in ("masks", "regions", "kept", "shrunk", "masks_split",
+                                                              "masks_losing_a_region")}
+    rows = {**dict(sorted(by_type.items())), "all": total}
+    table = "\n".join(["| type | masks | regions (own size) | left at size | counted after shrinking | masks split | "
+                       "masks losing a region |", "|---|---|---|---|---|---|---|"] +
+                      [f"| {t} | {r['masks']} | {r['regions']} | {r['kept']} | {r['shrunk']} | {r['masks_split']} | "
+                       f"{r['masks_losing_a_region']} |" for t, r in rows.items()])
+    click.echo(table)
+    name = name or f"mask_regions_{root.name}_{size}"
+    command = " ".join(["python", "benchmarks/mask_regions.py"] + sys.argv[1:])
+    m = machine(torch.device("cpu"))
+    path = write_result(name, {"summary": total, "machine": m, "root": root.name, "size": size, "by_type": rows,
+                               "command": command},
+                        f"# Defect regions: {name}\n\n{root.name} ground truth at {size} px.\n\n{table}\n\n"
+                        f"Reproduce: `{command}`\n")
+    click.echo(f"wrote {path} and .md")
+
+
+if __name__ == "__main__":
+    main()
