@@ -44,6 +44,7 @@ from ustudents.engines.runtime import load_engine
 from ustudents.worker import schema, service
 from ustudents.worker.connection import refusal
 from ustudents.worker.metrics import METRIC_NAMES, starting
+from ustudents.worker.publish import FramePublisher, frames_from, publish
 from ustudents.worker.service import Worker
 from ustudents.worker.settings import WorkerSettings
 from ustudents.worker.streams import Entry, PublishRefused, Record, StreamIO
@@ -1809,6 +1810,131 @@ def test_publish_sends_large_frames_by_key_and_reads_videos(frames, redis_url, s
     unreachable = runner.invoke(main, ["publish", "--stream", stream, str(frames[0]), "--redis-url",
                                        f"redis://127.0.0.1:{free_port()}/0"])
     assert unreachable.exit_code == 2 and "cannot reach Redis" in unreachable.output
+
+
+def test_publish_at_redis_memory_cap_makes_room_from_finished_frames_and_holds_the_frame(frames, tmp_path):
+    """Redis keeps acknowledged frames until MAXLEN trims them, and at its cap (noeviction) it refuses
+    the XADD that would trim: publish stopped the line with Python's text and the frame's bytes in
+    the message. Now it warns at the first frame that what Redis keeps exceeds its cap, holds the
+    frame, trims what every group has finished with (never a frame still pending or unread), and
+    goes on; a refusal with nothing to trim (a failover) is waited out with its advice."""
+    server = RedisServer(tmp_path).start()
+    try:
+        r = client(server.url)
+        stream, image = "capped", frames[0].read_bytes()
+        finished = [add(r, stream, image=image * 40) for _ in range(12)]  # ~100 KB each
+        r.xgroup_create(stream, "ustudents", id="0")
+        r.xreadgroup("ustudents", "w1", {stream: ">"}, count=len(finished))
+        r.xack(stream, "ustudents", *finished[:10])  # the last two still pending: a worker is on them
+        unread = add(r, stream, image=image * 40)  # delivered to no worker yet
+        used = int(r.info("memory")["used_memory"])
+        r.config_set("maxmemory", str(used + 20_000))
+        r.config_set("maxmemory-policy", "noeviction")
+        with pytest.raises(redis.OutOfMemoryError):
+            r.xadd(stream, {"image": image * 40})
+        heard: list[str] = []
+        publisher = FramePublisher(r, stream, camera="cam", maxlen=1000)
+        sent = publish(iter([("a", image * 40), ("b", image * 40)]), publisher, outage=heard.append, backoff_cap_s=0.05)
+        assert sent == 2 and publisher.sent == 2
+        assert heard[0].startswith("WARNING: Redis keeps the last 1000 frames (--maxlen 1000: ") and \
+            "lower --maxlen to about" in heard[0], heard
+        assert any(h.startswith("Redis refuses for now (command not allowed when used memory > 'maxmemory'") and
+                   "Redis is at its memory cap (maxmemory)" in h for h in heard), heard
+        assert any(h.startswith("made room: trimmed ") for h in heard), heard
+        assert not any("\\x" in h or "PNG" in h for h in heard), heard  # no frame bytes in the messages
+        kept = [eid.decode() for eid, _ in r.xrange(stream)]
+        assert kept[:3] == finished[10:] + [unread] and len(kept) == 5  # pending and unread frames stay
+        assert [f.get(b"frame_id") for _, f in r.xrange(stream)][3:] == [b"a", b"b"]
+
+        r.config_set("maxmemory", "0")  # a failover: nothing to trim, the frame waits for the primary
+        (tmp_path / "other").mkdir()
+        replica_of = RedisServer(tmp_path / "other").start()
+        try:
+            r.replicaof("127.0.0.1", replica_of.port)
+            wait_for(lambda: r.info("replication")["master_link_status"] == "up", 20, "the replica's sync")
+            heard.clear()
+            threading.Timer(1.0, lambda: client(server.url).replicaof("no", "one")).start()
+            assert publish(iter([("c", image)]), publisher, outage=heard.append, backoff_cap_s=0.05) == 1
+            assert heard[0].startswith("Redis refuses for now (You can't write against a read only replica.): the node "
+                                       "is a replica now") and heard[-1].startswith("Redis back after"), heard
+        finally:
+            replica_of.stop()
+    finally:
+        server.stop()
+
+
+def test_publish_ends_in_one_line_when_redis_starts_refusing_its_password(frames, tmp_path):
+    """A password set on a running Redis read as an outage ("Redis unreachable (Authentication
+    required)"), retried for ever: no retry gives the tool the new password."""
+    server = RedisServer(tmp_path).start()
+    try:
+        admin = client(server.url)
+
+        def lock_out() -> None:
+            admin.config_set("requirepass", "s3cret")
+            admin.client_kill_filter(_type="normal", skipme=True)  # the publisher connects again, without it
+
+        proc = subprocess.Popen([sys.executable, "-c", "from ustudents.cli import main; main()", "publish", "--stream",
+                                 "pw", str(frames[0]), "--loop", "--fps", "20", "--redis-url", server.url],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for(lambda: admin.xlen("pw") >= 3, 60, "frames published")
+            lock_out()
+            output = proc.communicate(timeout=60)[0]  # the retries never ended
+        finally:
+            proc.kill()
+        assert proc.returncode == 2 and "Redis refuses the password now" in output, output
+        assert re.search(r"published [1-9]\d* frames", output) and "s3cret" not in output
+        assert "Traceback" not in output
+    finally:
+        server.stop()
+
+
+def test_publish_passes_over_a_file_gone_meanwhile_and_sends_names_as_they_are(frames, redis_url, stream, tmp_path,
+                                                                              monkeypatch):
+    """A file a grabber's rotation removed ended the run (Python's text, no count); a file or folder
+    name that is not UTF-8 (a Latin-1 share) ended it with 'surrogates not allowed'; a camera that
+    stopped delivering ended it with exit 0 in silence."""
+    folder = tmp_path / os.fsdecode(b"Pr\xfcf")  # the camera name comes from the folder's
+    folder.mkdir()
+    for name in (b"a.png", b"b_\xff.png", b"c.png"):
+        shutil.copy(frames[0], folder / os.fsdecode(name))
+    warned: list[str] = []
+    source = frames_from(str(folder), warn=warned.append)
+    (folder / "a.png").unlink()  # listed, then gone
+    r = client(redis_url)
+    publisher = FramePublisher(r, stream, camera=folder.name)
+    assert publish(source, publisher) == 2
+    assert warned == [f"{folder / 'a.png'}: cannot be read (No such file or directory); passed over"]
+    sent = [f for _, f in r.xrange(stream)]
+    assert [f[b"frame_id"] for f in sent] == [b"b_\xff", b"c"] and sent[0][b"camera"] == b"Pr\xfcf"
+    gone = frames_from(str(folder), loop=True, warn=warned.append)
+    for f in folder.iterdir():
+        f.unlink()  # the whole folder moved away mid-run: an end, not warnings forever
+    with pytest.raises(ValueError, match="none of its 2 image files could be read any more"):
+        list(gone)
+
+    class Camera:  # delivers three frames, then none: unplugged
+        def __init__(self, index):
+            self.left = 3
+
+        def isOpened(self):
+            return True
+
+        def get(self, prop):
+            return 0
+
+        def read(self):
+            self.left -= 1
+            return (True, np.zeros((32, 32, 3), np.uint8)) if self.left >= 0 else (False, None)
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(cv2, "VideoCapture", Camera)
+    out = CliRunner().invoke(main, ["publish", "--stream", stream, "7", "--fps", "0", "--redis-url", redis_url])
+    assert out.exit_code == 2 and "camera 7: stopped delivering frames after 3 (unplugged" in out.output, out.output
+    assert "published 3 frames" in out.output and "Traceback" not in out.output
 
 
 def test_the_tools_refuse_at_once_what_would_lose_frames_or_leak_a_password(frames, redis_url, stream, tmp_path):

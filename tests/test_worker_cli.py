@@ -406,6 +406,9 @@ def test_publish_sends_at_the_asked_rate_and_resumes_it_after_an_outage_without_
                 raise redis.ConnectionError("Connection refused")
             self.sent.append((frame_id, clock.now, ts))
 
+        def retention_warning(self, frame_bytes, fps):
+            return None  # what Redis keeps fits its cap
+
     sender, told = Publisher(), []
     frames = ((f"f{i}", b"png") for i in range(100))
     assert publish.publish(frames, sender, fps=4.0, count=9, outage=told.append, backoff_cap_s=5.0) == 9

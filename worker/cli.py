@@ -293,6 +293,7 @@ def checked_stream(stream: str) -> str:
 @user_errors
 def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen, inline_max, key_ttl_s, redis_url):
     """Camera stand-in: write frames from SOURCE (image folder, video file or camera index) to a stream."""
+    from .connection import error_line, password_refused
     from .publish import FramePublisher, frames_from, publish
 
     if not source.strip():  # "" (an unset variable in a script) would read the current folder
@@ -317,10 +318,14 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
         pass  # Ctrl-C: the frames sent so far are reported below
     except redis.RedisError as err:
         wrong = "WRONGTYPE" in str(err) and not_a_stream(client, stream)  # the key replaced meanwhile
-        raise InputError(wrong or f"stream {stream}: Redis stopped taking frames ({err})") from None
-    elapsed = time.monotonic() - start
-    n = publisher.sent  # not publish()'s count, which Ctrl-C leaves unreturned
-    click.echo(f"published {n} frames to {stream} in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.1f}/s)")
+        if password_refused(err):
+            wrong = (f"stream {stream}: Redis refuses the password now ({error_line(err)}): it was set or changed "
+                     f"while publishing; give the current one in the URL or {ENV_PREFIX}REDIS_PASSWORD and publish again")
+        raise InputError(wrong or f"stream {stream}: Redis stopped taking frames ({error_line(err)})") from None
+    finally:  # also before an error: what was sent is in the stream, and a rerun sends it again
+        elapsed = time.monotonic() - start
+        n = publisher.sent  # not publish()'s count, which Ctrl-C leaves unreturned
+        click.echo(f"published {n} frames to {stream} in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.1f}/s)")
 
 
 @click.command("results")

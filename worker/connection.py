@@ -164,24 +164,45 @@ class Backoff:
 
 
 def through_outages(call: Callable[[], T], outage: Callable[[str], None], backoff: Backoff, waiting: str,
-                    back: str, clock=time) -> tuple[T, bool]:
-    """call() until Redis is reachable for it: the tools' way through an outage (the worker's is
-    RedisState). Says "Redis unreachable (error); `waiting`" once, and "Redis back after N s; `back`"
-    when it goes through. Returns (call's result, whether it had to wait). `clock`: sleep and
-    monotonic (publish paces frames on its own clock)."""
+                    back: str, clock=time, refused: Callable[[BaseException], None] = lambda err: None) -> tuple[T, bool]:
+    """call() until Redis takes it: the tools' way through an outage or a refusal that passes (the
+    worker's is RedisState). Says "Redis unreachable (error); `waiting`" or "Redis refuses for now
+    (error): what to do; `waiting`" once, and "Redis back after N s; `back`" when it goes through;
+    `refused(err)` hears each refusal (publish makes room at a memory cap). Returns (call's result,
+    whether it had to wait). `clock`: sleep and monotonic (publish paces frames on its own clock)."""
     down_since = None
     while True:
         try:
             result = call()
-        except UNAVAILABLE as err:
+        except (*UNAVAILABLE, redis.ResponseError) as err:
+            unreachable = isinstance(err, UNAVAILABLE)
+            # a password changed under a running tool is no outage: no retry gives it the new one
+            if not (unreachable or refusal(err)) or password_refused(err):
+                raise
             if down_since is None:
                 down_since = clock.monotonic()
-                outage(f"Redis unreachable ({err}); {waiting}")
+                outage(f"Redis unreachable ({err}); {waiting}" if unreachable else
+                       f"Redis refuses for now ({error_line(err)}): {refusal_advice(err) or 'it passes'}; {waiting}")
+            if not unreachable:
+                refused(err)
             clock.sleep(backoff.delay())
             continue
         if down_since is not None:
             outage(f"Redis back after {clock.monotonic() - down_since:.1f} s; {back}")
         return result, down_since is not None
+
+
+def password_refused(err: BaseException) -> bool:
+    """Redis refuses the password (set or changed on a running Redis): redis-py raises some of these
+    as a ConnectionError, which would read as an outage."""
+    return isinstance(err, redis.AuthenticationError) or any(code in str(err) for code in ("NOAUTH", "WRONGPASS"))
+
+
+def error_line(err: BaseException) -> str:
+    """Redis's error without the command a pipeline echoes before it ("Command # 1 (SET key <the
+    frame's bytes>) of pipeline caused error: OOM ..."): the bytes of a frame are no message."""
+    text = str(err)
+    return text.split(" of pipeline caused error: ", 1)[-1]
 
 
 class RedisState:
@@ -223,8 +244,7 @@ class RedisState:
     def failed(self, err: BaseException) -> None:
         # redis-py raises a refused password as a ConnectionError: a password set on a running Redis
         # read as an outage for as long as it lasted, with no word of the password
-        refused = isinstance(err, redis.AuthenticationError) or any(code in str(err)
-                                                                     for code in ("NOAUTH", "WRONGPASS"))
+        refused = password_refused(err)
         if self.up is False and refused == self.password_refused:
             return
         with self._lock:

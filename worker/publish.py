@@ -5,13 +5,19 @@ Frames come from an image folder (the files' bytes as they are), a video file or
 of their own with a TTL and the entry names it in `image_key`; SET and XADD share one MULTI/EXEC so
 an entry never names a key that was not written.
 
-Redis going away mid-run does not end it: the frame in hand is held and sent again with backoff
-until Redis takes it, then publishing resumes at the set rate (the schedule starts again rather
-than bursting the frames the outage cost). A frame whose XADD reached Redis but whose reply was
-lost is sent twice: two entries, one frame_id.
+Redis going away or refusing for now (a failover, its memory cap) does not end a run: the frame in
+hand is held and sent again with backoff until Redis takes it, then publishing resumes at the set
+rate (the schedule starts again rather than bursting the frames the outage cost). At the memory cap
+it makes room by trimming the entries every consumer group has finished with (make_room). A frame
+whose XADD reached Redis but whose reply was lost is sent twice: two entries, one frame_id.
+
+Redis keeps what is published after the workers are done with it (XACK deletes nothing): the last
+`maxlen` entries, and each frame under its own key for `key_ttl_s`. retention_warning says at the
+first frame when that is more than Redis' memory cap.
 """
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +31,8 @@ from ustudents.engines.images import IMAGE_SUFFIXES, image_files, looks_like_ima
 from . import schema
 from .connection import Backoff, through_outages
 
+MB = 1 << 20
+
 
 def frames_from(source: str, fmt: str = "png", loop: bool = False,
                 warn: Callable[[str], None] = print) -> Iterator[tuple[str, bytes]]:
@@ -34,7 +42,8 @@ def frames_from(source: str, fmt: str = "png", loop: bool = False,
     path = Path(source)
     if source.isdigit() and not path.exists():
         return _capture(_open(int(source), f"camera {source}: cannot be opened; check the index (0, 1, ...) and "
-                                           "that no other program holds it"), f"camera{source}", fmt, loop=False)
+                                           "that no other program holds it"), f"camera{source}", fmt, loop=False,
+                        camera=source)
     if path.is_dir():
         files = image_files(path)
         if not files:
@@ -50,14 +59,29 @@ def frames_from(source: str, fmt: str = "png", loop: bool = False,
 
 
 def _files(files: list[Path], loop: bool, warn: Callable[[str], None]) -> Iterator[tuple[str, bytes]]:
-    n = 0
+    """The files' bytes; one that cannot be read (moved away by a grabber's rotation meanwhile) is
+    named (once) and passed over, and a pass that reads none of them ends the run."""
+    n, unread = 0, set()
     while True:
+        sent = 0
         for f in files:
-            data = f.read_bytes()
-            if n == 0 and not looks_like_image(data):  # sent all the same: a camera's bad frame is a case to test
+            try:
+                data = f.read_bytes()
+            except OSError as err:
+                if f not in unread:
+                    unread.add(f)
+                    warn(f"{f}: cannot be read ({err.strerror or err}); passed over")
+                continue
+            if n == 0 and not data:
+                warn(f"{f}: an empty file; sent as it is, so the worker dead-letters it (empty)")
+            elif n == 0 and not looks_like_image(data):  # sent all the same: a camera's bad frame is a case to test
                 warn(f"{f}: not an image file by its first bytes; sent as it is, so the worker dead-letters it "
                      "(decode_error)")
+            sent += 1
             yield (f.stem if n == 0 else f"{f.stem}-{n}"), data
+        if not sent:
+            raise ValueError(f"{files[0].parent}: none of its {len(files)} image files could be read any more "
+                             "(moved or deleted?); check the folder")
         n += 1
         if not loop:
             return
@@ -71,13 +95,18 @@ def _open(source: int | str, error: str) -> cv2.VideoCapture:
 
 
 def _capture(cap: cv2.VideoCapture, name: str, fmt: str, loop: bool, warn: Callable[[str], None] = print,
-             source: str = "") -> Iterator[tuple[str, bytes]]:
+             source: str = "", camera: str | None = None) -> Iterator[tuple[str, bytes]]:
+    """Frames of a video file (`source`) or a camera (`camera`: its index): a camera has no end,
+    so one that stops delivering frames (unplugged, its driver gone) ends the run with an error."""
     index, rewound, in_pass = 0, False, 0
     announced = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if source else 0  # a file's header; cameras: 0 or -1
     try:
         while True:
             ok, bgr = cap.read()
             if not ok:
+                if camera is not None:
+                    raise ValueError(f"camera {camera}: stopped delivering frames after {index} (unplugged, its "
+                                     "driver or power gone?); check the camera and publish again")
                 if in_pass < announced:
                     warn(f"{source}: the video ended after {in_pass} of the {announced} frames its header gives; "
                          "the file is truncated or damaged")
@@ -104,8 +133,10 @@ class FramePublisher:
         self.sent = 0  # entries written: what publish() has done when Ctrl-C leaves it without a return
 
     def send(self, frame_id: str, data: bytes, ts: float | None = None) -> str:
-        """XADD one frame; returns the entry id."""
-        fields: dict[str, str | bytes] = {schema.FRAME_ID: frame_id, schema.CAMERA: self.camera,
+        """XADD one frame; returns the entry id. Names from file names go as their bytes: one that is
+        not UTF-8 (a Latin-1 share) is the producer's id all the same (fsencode undoes the surrogates
+        Python reads it with)."""
+        fields: dict[str, str | bytes] = {schema.FRAME_ID: os.fsencode(frame_id), schema.CAMERA: os.fsencode(self.camera),
                                           schema.TS: repr(time.time() if ts is None else ts)}
         if self.category:
             fields[schema.CATEGORY] = self.category
@@ -122,17 +153,81 @@ class FramePublisher:
         self.sent += 1
         return entry_id.decode()
 
+    def make_room(self) -> int:
+        """At Redis' memory cap under noeviction no XADD goes through, and with it no MAXLEN trimming:
+        the line would stop for frames the workers are done with. Trims the entries every consumer
+        group of the stream has finished with (XTRIM MINID: before each group's oldest pending entry,
+        or after its last delivered one), which Redis allows at its cap; no frame a worker has yet to
+        judge goes. Returns how many went; 0 when the stream has no group."""
+        try:
+            groups = self.r.xinfo_groups(self.stream)
+        except redis.ResponseError:  # no stream yet
+            return 0
+        bounds = []
+        for g in groups:
+            pending = self.r.xpending(self.stream, g["name"])
+            if pending["pending"]:
+                bounds.append(_stream_id(pending["min"]))
+            else:  # everything delivered is acknowledged: the next id is the first one it still needs
+                ms, seq = _stream_id(g["last-delivered-id"])
+                bounds.append((ms, seq + 1))
+        if not bounds:
+            return 0
+        ms, seq = min(bounds)
+        return int(self.r.xtrim(self.stream, minid=f"{ms}-{seq}", approximate=False))
+
+    def retention_warning(self, frame_bytes: int, fps: float) -> str | None:
+        """What Redis keeps of this run (make_room's docstring) measured against its memory cap, for
+        frames the size of the first; None when it fits, Redis has no cap, or will not say (ACL)."""
+        try:
+            cap = int(self.r.info("memory").get("maxmemory", 0))
+        except redis.RedisError:
+            return None
+        if not cap:
+            return None
+        by_key = frame_bytes > self.inline_max
+        if by_key:  # each under its key for its TTL, whether its entry is trimmed or not
+            kept, how = (round(fps * self.key_ttl_s), f"{fps:g} frames/s for --key-ttl-s {self.key_ttl_s}") \
+                if fps else (self.maxlen or 0, f"--maxlen {self.maxlen}")
+        else:
+            kept, how = self.maxlen or 0, f"--maxlen {self.maxlen or 0}"
+        if kept and kept * frame_bytes < cap * 0.8:  # the rest for results, dead letters, Redis itself
+            return None
+        fit = int(cap * 0.8 // frame_bytes)
+        held = "every frame (--maxlen 0: no cap)" if not kept else \
+            f"the last {kept} frames ({how}: {kept * frame_bytes / MB:.0f} MB at {frame_bytes / MB:.2f} MB each)"
+        fix = f"lower --key-ttl-s to about {max(1, int(fit / fps))}" if by_key and fps else f"lower --maxlen to about {fit}"
+        return (f"Redis keeps {held} after the workers are done with them, more than 80% of its memory cap "
+                f"(maxmemory {cap / MB:.0f} MB): at the cap it refuses frames until room is made; {fix}, or raise "
+                "maxmemory")
+
+
+def _quietly(call: Callable[[], int]) -> int:
+    """call(), 0 if Redis fails it: making room is a help, and the retry says what is wrong."""
+    try:
+        return call()
+    except redis.RedisError:
+        return 0
+
+
+def _stream_id(value: bytes | str) -> tuple[int, int]:
+    ms, seq = (value.decode() if isinstance(value, bytes) else value).split("-")
+    return int(ms), int(seq)
+
 
 def publish(frames: Iterator[tuple[str, bytes]], publisher: FramePublisher, fps: float = 0.0, count: int = 0,
             progress: Callable[[int, float], None] = lambda n, elapsed: None, progress_every_s: float = 10.0,
             outage: Callable[[str], None] = lambda message: None, backoff_cap_s: float = 5.0) -> int:
     """Send frames at `fps` (0: as fast as Redis takes them), at most `count` (0: all), holding a
-    frame through Redis outages (`outage` hears when one starts and ends). Returns how many."""
-    start = last_report = time.monotonic()
+    frame through Redis outages and refusals (`outage` hears when one starts and ends, and of the
+    retention_warning). Returns how many."""
+    began = start = last_report = time.monotonic()  # start: the pacing schedule's, moved on by an outage
     n = 0
     for frame_id, data in frames:
         if count and n >= count:
             break
+        if n == 0 and (warning := publisher.retention_warning(len(data), fps)):
+            outage(f"WARNING: {warning}")
         if fps > 0:
             delay = start + n / fps - time.monotonic()
             if delay > 0:
@@ -142,16 +237,22 @@ def publish(frames: Iterator[tuple[str, bytes]], publisher: FramePublisher, fps:
         n += 1
         if time.monotonic() - last_report >= progress_every_s:
             last_report = time.monotonic()
-            progress(n, last_report - start)
+            progress(n, last_report - began)
     return n
 
 
 def send_through_outages(publisher: FramePublisher, frame_id: str, data: bytes, outage: Callable[[str], None],
                          backoff: Backoff) -> bool:
-    """Send one frame, retrying while Redis is unreachable; True if it had to wait. The capture
-    time (`ts`) stays that of the first attempt."""
+    """Send one frame, retrying while Redis is unreachable or refuses for now; True if it had to wait.
+    The capture time (`ts`) stays that of the first attempt."""
     ts = time.time()
+
+    def refused(err: BaseException) -> None:
+        if isinstance(err, redis.OutOfMemoryError) and (trimmed := _quietly(publisher.make_room)):
+            outage(f"made room: trimmed {trimmed} entries of {publisher.stream} every consumer group had finished "
+                   "with (their results stay)")
+
     _, waited = through_outages(lambda: publisher.send(frame_id, data, ts=ts), outage, backoff,
                                 f"holding frame {frame_id} and retrying", f"frame {frame_id} sent, resuming",
-                                clock=time)
+                                clock=time, refused=refused)
     return waited
