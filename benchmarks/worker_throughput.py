@@ -40,7 +40,7 @@ import numpy as np
 import redis
 import torch
 
-from common import free_port, machine, percentiles, write_result
+from common import free_port, machine, percentiles, rss_bytes, start_redis, write_result
 from ustudents.engines.runtime import load_engine
 from ustudents.worker import schema
 from ustudents.worker.streams import replies
@@ -73,31 +73,6 @@ def bare_throughput(engine, decoded: list[np.ndarray], batch: int) -> dict:
     first = min(batch, len(decoded))
     return {"fps": (len(decoded) - first) / (ends[-1] - ends[0]), "batch_latency_s": percentiles(lat),
             "frames": len(decoded)}
-
-
-def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise click.ClickException("no redis-server on PATH; install it or pass --redis-url")
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(200):
-        try:
-            redis.Redis.from_url(url).ping()
-            return proc, url
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    raise click.ClickException("redis-server did not start")
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 class Follower(threading.Thread):

@@ -48,10 +48,11 @@ class EngineError(ValueError):
 class Prediction:
     score: float  # the image score (the bundle's method) of the map at the model's resolution
     anomalous: bool  # score >= the image threshold
-    anomaly_map: np.ndarray  # float32 (H, W) at the frame's own size
+    anomaly_map: np.ndarray | None  # float32 (H, W) at the frame's own size; None from predict(maps=False)
     # float32 (H, W): what the mask thresholds (scoring.mask), and what overlays colour: anomaly_map
-    # itself under the map rule, its position-standardized form under the position_z rule
-    mask_level: np.ndarray
+    # itself under the map rule, its position-standardized form under the position_z rule; None
+    # from predict(maps=False)
+    mask_level: np.ndarray | None
     # bool (H, W): mask_level >= the mask threshold (position_z: on flagged frames only); a flagged frame
     # whose resized peak fell under it keeps its model-size mask, nearest-resized
     mask: np.ndarray
@@ -132,7 +133,10 @@ class Engine:
             WORKSPACE.release()
 
     @torch.no_grad()
-    def predict(self, frames: list[np.ndarray]) -> list[Prediction]:
+    def predict(self, frames: list[np.ndarray], maps: bool = True) -> list[Prediction]:
+        """Score, verdict and mask of each frame, at its own size. `maps=False` leaves out the
+        full-size map and mask level (None): at 4 bytes a pixel each, a batch of tens of megapixels
+        held them in gigabytes where a caller that draws no overlay needs the masks only."""
         frames = frame_list(frames)
         if not frames:
             return []
@@ -152,10 +156,11 @@ class Engine:
                 # Bilinear resizing can lower a peak just over the threshold below it: an anomalous
                 # frame keeps its model-size mask (nearest) rather than come out with none
                 over = F.interpolate(model_mask[None, None].float(), size=tuple(shape), mode="nearest")[0, 0].bool()
-            full_np = full.cpu().numpy()
+            full_np = full.cpu().numpy() if maps else None
             out.append(Prediction(score=score, anomalous=bool(flagged), anomaly_map=full_np,
-                                  mask_level=full_np if self.mask_rule == "map" else level.cpu().numpy(),
+                                  mask_level=None if not maps else full_np if self.mask_rule == "map" else level.cpu().numpy(),
                                   mask=over.cpu().numpy()))
+            del full, level  # before the next frame's: one frame's full-size maps at a time
         return out
 
     def mask_levels(self, fused: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,11 @@ def test_predict_gives_map_score_and_mask_at_the_frames_size(small_bundle, tiny_
         assert pred.anomalous == (pred.score >= engine.image_threshold)
         assert np.array_equal(pred.mask, pred.anomaly_map.astype(np.float64) >= engine.mask_threshold)
     assert engine.image_threshold == engine.mask_threshold  # few validation images: the maximum's rule
+    # maps=False (the worker without overlays): the same verdicts and masks, without the full-size maps
+    for full, lean in zip(preds, engine.predict(frames, maps=False)):
+        assert lean.anomaly_map is None and lean.mask_level is None
+        assert (lean.score, lean.anomalous) == pytest.approx((full.score, full.anomalous), rel=1e-5)
+        assert np.array_equal(lean.mask, full.mask)
     assert preds[3].score == pytest.approx(preds[0].score, abs=1e-5)  # gray = its RGB replica
     assert engine.describe() == "torch fp32 on cpu"
     with pytest.raises(ImageError, match=r"to_8_bit\(frame, engine.bundle.uint16_bits\)"):  # bits: the bundle's

@@ -628,11 +628,11 @@ def test_a_frame_that_kills_its_worker_is_dead_lettered_alone_and_its_batch_mate
     (engine,) = engines.values()
     real, attempts = engine.predict, []
 
-    def dies_on_poison(batch):
+    def dies_on_poison(batch, **kw):
         if any(f.shape[:2] == (37, 41) for f in batch):  # the poison frame: the one of this size
             attempts.append(len(batch))
             raise WorkerKilled("segfault")
-        return real(batch)
+        return real(batch, **kw)
 
     monkeypatch.setattr(engine, "predict", dies_on_poison)
     r = client(redis_url)
@@ -677,11 +677,11 @@ def test_a_frame_that_fails_is_retried_alone_and_dead_lettered_on_its_last_attem
     (engine,) = engines.values()
     real, attempts = engine.predict, []
 
-    def fails_on_poison(batch):
+    def fails_on_poison(batch, **kw):
         if any(f.shape[:2] == (37, 41) for f in batch):
             attempts.append(len(batch))
             raise ValueError("cannot score this one")
-        return real(batch)
+        return real(batch, **kw)
 
     monkeypatch.setattr(engine, "predict", fails_on_poison)
     r = client(redis_url)
@@ -718,10 +718,10 @@ def test_a_stop_while_redelivered_frames_wait_their_turn_leaves_them_pending_and
     (engine,) = engines.values()
     real, started = engine.predict, threading.Event()
 
-    def slow(batch):
+    def slow(batch, **kw):
         started.set()
         time.sleep(1.0)
-        return real(batch)
+        return real(batch, **kw)
 
     monkeypatch.setattr(engine, "predict", slow)
     r = client(redis_url)
@@ -1086,7 +1086,7 @@ def test_a_model_failing_on_every_frame_stops_the_worker_with_the_frames_pending
     restarted worker fails on them again (its model has scored nothing, so they are not charged)."""
     (engine,) = engines.values()
 
-    def broken(batch):
+    def broken(batch, **kw):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(engine, "predict", broken)
@@ -1117,10 +1117,10 @@ def test_frames_waiting_in_a_slow_workers_pipeline_are_not_claimed_and_scored_ag
     (engine,) = engines.values()
     real, scored = engine.predict, []
 
-    def slow(batch):
+    def slow(batch, **kw):
         time.sleep(0.5)
         scored.extend(range(len(batch)))
-        return real(batch)
+        return real(batch, **kw)
 
     monkeypatch.setattr(engine, "predict", slow)
     r = client(redis_url)
@@ -1133,6 +1133,45 @@ def test_frames_waiting_in_a_slow_workers_pipeline_are_not_claimed_and_scored_ag
     assert dead_of(r, stream) == []
 
 
+@pytest.mark.parametrize("inflight_mb", [1, 8])
+def test_large_frames_held_in_flight_stay_within_inflight_mb_and_each_is_answered(engines, frames, redis_url, stream,
+                                                                                   monkeypatch, inflight_mb):
+    """Frames of megapixels behind a slow model: the reader reads only as many as fit in inflight_mb
+    of decoded frames and unpublished results (taking each to be the size of the last), so less than
+    one frame over it is held, but for the first batch, read before any frame's size is known; the
+    bound in batches alone (queue_batches 4, batch 4: 44 frames) held them all. A frame larger than
+    the whole budget still goes through, alone. Scored frames keep their mask only (no overlay):
+    nothing is held once every frame is answered."""
+    (engine,) = engines.values()
+    real = engine.predict
+
+    def slow(batch, **kw):
+        time.sleep(0.2)
+        return real(batch, **kw)
+
+    monkeypatch.setattr(engine, "predict", slow)
+    most, real_add = [0], service.HeldBytes._add
+
+    def add_bytes(self, nbytes):
+        real_add(self, nbytes)
+        most[0] = max(most[0], self.held)
+
+    monkeypatch.setattr(service.HeldBytes, "_add", add_bytes)
+    side = 1000
+    big = cv2.resize(read_image(frames[3]), (side, side), interpolation=cv2.INTER_CUBIC)
+    frame_bytes = big.nbytes
+    payload = cv2.imencode(".png", big[:, :, ::-1])[1].tobytes()
+    r = client(redis_url)
+    ids = [add(r, stream, frame_id=f"big{i}", image=payload) for i in range(8)]
+    with in_process_worker(engines, redis_url, stream, batch=4, queue_batches=4, inflight_mb=inflight_mb) as worker:
+        wait_for(lambda: len(results_of(r, stream)) == len(ids), 120, "a result for every frame")
+        wait_for(lambda: worker.held.held == 0, 10, "nothing held once every frame is published")
+    exactly_one_result_each(r, stream, ids)
+    assert most[0] < max((inflight_mb << 20) + frame_bytes, 4 * frame_bytes + 1), \
+        f"{most[0] / 2**20:.1f} MiB held at once with inflight_mb={inflight_mb} and frames of {frame_bytes / 2**20:.1f} MiB"
+    assert most[0] >= frame_bytes  # the count saw the frames
+
+
 def test_a_hung_inference_fails_healthz_after_stall_timeout_and_recovers_when_it_moves_again(
         engines, frames, redis_url, stream, monkeypatch):
     """Threads alive but nothing moving (a GPU call that never returns) must fail liveness, so the
@@ -1140,9 +1179,9 @@ def test_a_hung_inference_fails_healthz_after_stall_timeout_and_recovers_when_it
     (engine,) = engines.values()
     real, release = engine.predict, threading.Event()
 
-    def hangs(batch):
+    def hangs(batch, **kw):
         release.wait(60)
-        return real(batch)
+        return real(batch, **kw)
 
     monkeypatch.setattr(engine, "predict", hangs)
     # The exit a stall ends in after STALL_EXIT_FACTOR x the timeout is the test below's; here it would
@@ -1167,7 +1206,7 @@ def test_a_worker_stalled_twice_the_timeout_exits_by_itself_and_leaves_its_frame
     good (a GPU call that never returns) sat unhealthy and judged nothing, for months if need be."""
     (engine,) = engines.values()
     release = threading.Event()
-    monkeypatch.setattr(engine, "predict", lambda batch: release.wait(120))
+    monkeypatch.setattr(engine, "predict", lambda batch, **kw: release.wait(120))
     r = client(redis_url)
     config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
                                                "metrics_port": 0, "stall_timeout_s": 0.5, "shutdown_timeout_s": 2})
@@ -1486,7 +1525,7 @@ def test_a_second_signal_exits_at_once_while_the_worker_waits_for_a_stage(engine
     (engine,) = engines.values()
     entered, release = threading.Event(), threading.Event()
 
-    def held(batch):
+    def held(batch, **kw):
         # in the networks for as long as the test needs; never scored, as the real exit would have ended
         # the process (the networks run after the faked exit aborted the test process at its end)
         entered.set()
@@ -2346,7 +2385,7 @@ def test_a_frame_trimmed_while_its_failing_attempt_runs_is_dead_lettered_as_trim
     r = client(redis_url)
     skip_before_redis_7(r)
 
-    def trimmed_then_fails(batch):
+    def trimmed_then_fails(batch, **kw):
         r.xtrim(stream, maxlen=0, approximate=False)
         time.sleep(1.5)  # past claim_idle_ms: the worker's claim finds the entry gone
         raise ValueError("cannot score this one")

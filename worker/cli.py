@@ -191,7 +191,7 @@ def worker_cmd(ctx, env_file, **flags):
     Every setting can also come from an environment variable USTUDENTS_<NAME> (e.g.
     USTUDENTS_CLAIM_IDLE_MS) or a .env file; flags win. Settings without a flag: redis_password,
     block_ms, reap_idle_s, max_failures_in_row, dead_maxlen, dead_image_max_bytes, dedupe_ttl_s,
-    backoff_max_s, decode_threads, queue_batches, metrics_host, stats_interval_s, log_interval_s, log_level,
+    backoff_max_s, decode_threads, queue_batches, inflight_mb, metrics_host, stats_interval_s, log_interval_s, log_level,
     stall_timeout_s.
     """
     from .logs import setup_logging

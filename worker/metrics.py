@@ -33,6 +33,7 @@ METRIC_NAMES = (
     "ustudents_redis_reconnects_total",  # {stream} Redis came back after being unreachable
     "ustudents_model_info",  # gauge = 1 {stream, model, version, category, backend, precision, device}
     "ustudents_gpu_memory_bytes",  # gauge {stream, device, kind=used|reserved}; only on a GPU
+    "ustudents_frames_held_bytes",  # gauge {stream}: decoded frames and unpublished results held (inflight_mb)
     "ustudents_ready",  # gauge {stream}: 1 when the model is loaded and Redis reachable
     "ustudents_serving_since_seconds",  # gauge {stream}: Unix time the worker began reading the stream (model loaded)
 )
@@ -85,6 +86,8 @@ class WorkerMetrics:
                                 ["stream", "model", "version", "category", "backend", "precision", "device"], registry=r)
         self.gpu_memory = Gauge("ustudents_gpu_memory_bytes", "GPU memory: used on the device, reserved by PyTorch.",
                                 ["stream", "device", "kind"], registry=r)
+        self.held = Gauge("ustudents_frames_held_bytes", "Bytes of decoded frames and of results not yet published; "
+                          "the reader waits while inflight_mb of them are held.", ["stream"], registry=r)
         self.ready = Gauge("ustudents_ready", "1 when the model is loaded and Redis reachable.", ["stream"], registry=r)
         # tells a worker that just began serving (whose counters are new) from a Prometheus that just
         # started (to which every counter is new): alerts.yml. Not the process' start: in the GPU image
@@ -93,6 +96,7 @@ class WorkerMetrics:
                                    "Unix time the worker began reading the stream, its model loaded.", ["stream"],
                                    registry=r)
         self.ready.labels(stream).set(0)
+        self.held.labels(stream).set(0)
         self.reconnects.labels(stream)
         self.failures.labels(stream)
         self.trimmed_unread.labels(stream)

@@ -1,8 +1,9 @@
 """The worker process: Redis stream in, one result (or dead letter) per frame out.
 
 Three stages, each a thread, joined by bounded queues, so decoding the next batch and encoding and
-publishing the previous one overlap inference, and memory stays bounded (at most
-`2 * queue_batches + 3` batches in flight):
+publishing the previous one overlap inference, and memory stays bounded: at most
+`2 * queue_batches + 3` batches in flight, and the reader reads no more while the decoded frames and
+unpublished results held reach `inflight_mb` (HeldBytes):
 
     reader ──(decode pool)──► [decoded] ──► inference ──► [scored] ──► publisher
     XREADGROUP / claim script               Engine.predict            PNG, publish + XACK (one script)
@@ -97,11 +98,77 @@ class Work:
 class Outcome:
     kind: str  # "ack" | "dead" | "scored" | "failed"
     dead: schema.DeadLetter | None = None
-    frame: np.ndarray | None = None
-    prediction: Prediction | None = None
+    # "scored": what publishing needs of the prediction and no more, since it waits for the publisher at
+    # the frame's full size: the verdict and mask, and for the overlay the frame and what the mask thresholds
+    score: float = 0.0
+    anomalous: bool = False
+    mask: np.ndarray | None = None
+    frame: np.ndarray | None = None  # only with the overlay (heatmap)
+    mask_level: np.ndarray | None = None  # only with the overlay
     category: str | None = None
     error: str = ""
     uncharge: str | None = None  # "failed": the attempt token to take back (StreamIO.forget_attempts)
+
+    @property
+    def held(self) -> int:
+        """Bytes of the arrays this outcome holds until it is published (HeldBytes)."""
+        return sum(a.nbytes for a in (self.mask, self.frame, self.mask_level) if a is not None)
+
+
+class HeldBytes:
+    """Bytes of decoded frames and of results not yet published: taken when a frame is decoded, moved
+    to its outcome's arrays after inference, given back once it is published. The reader waits for
+    room before it reads (wait_for_room), so that memory is bounded in bytes as well as in batches:
+    frames of tens of megapixels held 2 * queue_batches + 3 batches deep would otherwise take
+    gigabytes (benchmarks/worker_memory.py)."""
+
+    def __init__(self, limit_bytes: int, on_change=None):
+        self.limit = limit_bytes  # 0: no bound
+        self.held = 0
+        self.decoding = 0  # frames handed to the decoders and not yet decoded: their size is not known yet
+        self.frame_bytes = 0  # the last decoded frame's size: what the next one is taken to need (wait_for_room)
+        self.changed = threading.Condition()
+        self.on_change = on_change or (lambda held: None)
+
+    def expect(self, frames: int) -> None:
+        with self.changed:
+            self.decoding += frames
+
+    def decoded(self, nbytes: int) -> None:
+        """One expected frame decoded (nbytes 0: its decoding failed)."""
+        with self.changed:
+            self.decoding -= 1
+            self.frame_bytes = nbytes or self.frame_bytes
+            self._add(nbytes)
+
+    def move(self, give: int, take: int) -> None:
+        with self.changed:
+            self._add(take - give)
+
+    def _add(self, nbytes: int) -> None:
+        self.held += nbytes
+        self.on_change(self.held)
+        self.changed.notify_all()
+
+    def wait_for_room(self, batch: int, nothing_in_flight, stop: threading.Event) -> int:
+        """How many frames to read next, at most `batch`: as many as fit in the room left, counting
+        those still being decoded, if each is the size of the last one decoded. Waits while none fit,
+        unless nothing is in flight (a frame above the whole limit still goes through, alone) or
+        `stop` is set. So the limit is exceeded by less than one frame, unless the frames grow; the
+        first batch is read whole, and the next once one of its frames has told their size."""
+        with self.changed:
+            while True:
+                if not self.limit:
+                    return batch
+                if self.frame_bytes:
+                    fit = (self.limit - self.held - self.decoding * self.frame_bytes) // self.frame_bytes
+                    if fit >= 1:
+                        return min(batch, fit)
+                elif not self.decoding:  # nothing read yet tells the frames' size
+                    return batch
+                if nothing_in_flight() or stop.is_set():
+                    return 1
+                self.changed.wait(0.2)
 
 
 def advice(err: BaseException) -> str:
@@ -151,6 +218,7 @@ class Worker:
         self.decoded: queue.Queue = queue.Queue(maxsize=s.queue_batches)
         self.scored: queue.Queue = queue.Queue(maxsize=s.queue_batches)
         self.pool = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="decode")
+        self.held = HeldBytes(s.inflight_mb << 20, self.metrics.held.labels(s.stream).set)
         self.inflight: set[str] = set()
         self.inflight_lock = threading.Lock()
         # in flight, trimmed from the stream meanwhile (the claim reports them gone): no retry could
@@ -451,6 +519,9 @@ class Worker:
         claim_at, claim_cursor = time.monotonic() + claim_period, "0-0"
         group_ready = had_group = False
         while not self.stopping.is_set():
+            count = self.held.wait_for_room(s.batch, self._nothing_in_flight, self.stopping)
+            if self.stopping.is_set():
+                break
             # what this pass asks of Redis, in order: the last is the one an error came from; each is retried
             # until it goes through (the group made, the pending read, the claim, the new read)
             ops: list[str] = []
@@ -474,7 +545,7 @@ class Worker:
                 deleted: list[str] = []
                 if history is not None:
                     ops.append("pending read")
-                    raw = self.io.read(history, s.batch, None)
+                    raw = self.io.read(history, count, None)
                     source = "pending"
                     if not raw:
                         history = None
@@ -483,7 +554,7 @@ class Worker:
                     history = raw[-1][0].decode()
                 elif time.monotonic() >= claim_at:
                     ops.append("claim")
-                    claim_cursor, raw, deleted = self.io.autoclaim(s.claim_idle_ms, claim_cursor, s.batch)
+                    claim_cursor, raw, deleted = self.io.autoclaim(s.claim_idle_ms, claim_cursor, count)
                     claim_at = time.monotonic() + (0 if claim_cursor != "0-0" else claim_period)
                     source = "claimed"
                     if raw or deleted:
@@ -491,12 +562,12 @@ class Worker:
                                  extra={"event": "claimed", "entries": len(raw) + len(deleted)})
                 else:
                     ops.append("new read")
-                    raw, lost = self.io.read_new(s.batch)
+                    raw, lost = self.io.read_new(count)
                     source = "new"
                     if lost:  # reported before the wait below, which may fail: the gap is counted once
                         self._trimmed_unread(lost)
                     if not raw:  # the same operation: a refusal of it ends when either read goes through
-                        raw = self.io.read(">", s.batch, block_ms)
+                        raw = self.io.read(">", count, block_ms)
                 self._accepted(*ops)
                 backoff.reset()
             except UNAVAILABLE as err:
@@ -539,6 +610,10 @@ class Worker:
             if entries and not (self._send(entries) if source == "new" else self._send_redelivered(entries)):
                 break
         self._put(self.decoded, STOP)
+
+    def _nothing_in_flight(self) -> bool:
+        with self.inflight_lock:
+            return not self.inflight
 
     def _trimmed_unread(self, lost: int) -> None:
         """Frames the producer's MAXLEN cut before any worker read them (StreamIO.read_new): lost, with
@@ -644,13 +719,24 @@ class Worker:
                     item, category = category, None
                 else:
                     data = codec.payload(e.fields, fetched.get(i), s.max_frame_bytes)
+                    if not isinstance(data, schema.DeadLetter):
+                        self.held.expect(1)
                     item = data if isinstance(data, schema.DeadLetter) else \
-                        self.pool.submit(codec.decode, data, f"entry {e.id} of {s.stream}",
+                        self.pool.submit(self._decode, data, f"entry {e.id} of {s.stream}",
                                          self.engines[category].bundle.uint16_bits)
             prepared.append(item)
             categories.append(category)
         self._hold(ids)
         return Work(entries, prepared, categories)
+
+    def _decode(self, data: bytes, source: str, uint16_bits: int | None) -> np.ndarray:
+        """codec.decode, its frame counted as held from here until it is scored (HeldBytes)."""
+        frame = None
+        try:
+            frame = codec.decode(data, source, uint16_bits)
+            return frame
+        finally:
+            self.held.decoded(0 if frame is None else frame.nbytes)
 
     def _category(self, fields: dict[bytes, bytes]) -> str | schema.DeadLetter:
         category = schema.text(fields, schema.CATEGORY) or None  # "": a producer's unset variable, no category
@@ -670,6 +756,7 @@ class Worker:
             if work is STOP:
                 break
             outcomes = self._infer(work)
+            work.prepared = []  # its futures hold the decoded frames, which the outcomes keep only for the overlay
             self._beat()
             if not self._put(self.scored, (work, outcomes)):
                 break
@@ -695,7 +782,7 @@ class Worker:
             frames = [f for _, f in items]
             t0 = time.perf_counter()
             try:
-                predictions: list[Prediction | Exception] = list(engine.predict(frames))
+                predictions: list[Prediction | Exception] = list(engine.predict(frames, maps=self.s.heatmap))
             except Exception as err:  # noqa: BLE001 (isolate the frame that fails)
                 if len(frames) == 1:
                     predictions = [err]
@@ -706,8 +793,8 @@ class Worker:
             self.metrics.inference.labels(self.s.stream).observe(time.perf_counter() - t0)
             self.metrics.batch_size.labels(self.s.stream).observe(len(frames))
             for (i, frame), p in zip(items, predictions):
-                out[i] = self._failed(work.entries[i], p) if isinstance(p, Exception) else \
-                    Outcome("scored", frame=frame, prediction=p, category=category)
+                out[i] = self._failed(work.entries[i], p) if isinstance(p, Exception) else self._scored(frame, p, category)
+                self.held.move(frame.nbytes, out[i].held)
                 self.failures_in_row = self.failures_in_row + 1 if isinstance(p, Exception) else 0
                 self.model_scored = self.model_scored or not isinstance(p, Exception)
             if self.failures_in_row >= self.s.max_failures_in_row:
@@ -721,10 +808,14 @@ class Worker:
                     "Check the model (`ustudents predict MODEL IMAGE`) and the GPU")
         return out  # type: ignore[return-value]
 
-    @staticmethod
-    def _predict_one(engine: Engine, frame: np.ndarray) -> Prediction | Exception:
+    def _scored(self, frame: np.ndarray, p: Prediction, category: str) -> Outcome:
+        overlay = self.s.heatmap  # predict kept the full-size maps only for the overlay
+        return Outcome("scored", score=p.score, anomalous=p.anomalous, mask=p.mask, category=category,
+                       frame=frame if overlay else None, mask_level=p.mask_level if overlay else None)
+
+    def _predict_one(self, engine: Engine, frame: np.ndarray) -> Prediction | Exception:
         try:
-            return engine.predict([frame])[0]
+            return engine.predict([frame], maps=self.s.heatmap)[0]
         except Exception as err:  # noqa: BLE001
             return err
 
@@ -768,6 +859,7 @@ class Worker:
             if written is None:  # abandoned: stays pending
                 break
             self._account(written, {e.id: (e, o) for e, o in zip(work.entries, outcomes)})
+            self.held.move(sum(o.held for o in outcomes), 0)
             self._drop_attempts([e.id for e, o in zip(work.entries, outcomes) if e.attempt > 1 and o.kind != "failed"],
                                 [(e.id, o.uncharge) for e, o in zip(work.entries, outcomes) if o.uncharge])
             with self.inflight_lock:
@@ -793,11 +885,11 @@ class Worker:
         if outcome.kind == "dead":
             return Record(entry.id, self.io.dead, schema.dead_entry(entry.id, entry.fields, outcome.dead, s.dead_image_max_bytes),
                           kind=f"dead:{outcome.dead.reason}", fingerprint=entry.fingerprint)
-        engine, p = self.engines[outcome.category], outcome.prediction
-        heatmap = codec.heatmap_png(outcome.frame, p.mask_level, engine.mask_threshold, p.mask) if s.heatmap else None
+        engine, o = self.engines[outcome.category], outcome
+        heatmap = codec.heatmap_png(o.frame, o.mask_level, engine.mask_threshold, o.mask) if s.heatmap else None
         fields = schema.result_entry(
-            entry.id, entry.fields, score=p.score, anomalous=p.anomalous, threshold=engine.image_threshold,
-            mask_png=codec.mask_png(p.mask), model=engine.info["model"],
+            entry.id, entry.fields, score=o.score, anomalous=o.anomalous, threshold=engine.image_threshold,
+            mask_png=codec.mask_png(o.mask), model=engine.info["model"],
             latency_ms=(time.monotonic() - entry.received) * 1000, consumer=s.consumer, heatmap_png=heatmap)
         return Record(entry.id, self.io.results, fields, received=entry.received, fingerprint=entry.fingerprint)
 
@@ -839,11 +931,11 @@ class Worker:
                 self.throttled.warning(f"dead:{reason}", "entry %s dead-lettered (%s): %s", entry.id, reason,
                                        outcome.dead.error, event="dead_letter", reason=reason, entry_id=entry.id)
                 continue
-            p, category = outcome.prediction, outcome.category
+            category = outcome.category
             m.processed.labels(stream, category).inc()
-            m.score.labels(stream, category).observe(p.score)
+            m.score.labels(stream, category).observe(outcome.score)
             self.totals.processed += 1
-            if p.anomalous:
+            if outcome.anomalous:
                 m.anomalies.labels(stream, category).inc()
                 self.totals.anomalies += 1
             ts = schema.capture_time(entry.fields)

@@ -152,7 +152,8 @@ class WorkerSettings(BaseSettings):
     # pipeline
     heatmap: bool = Field(False, description="Add a `heatmap` PNG (the frame with what the mask thresholds in colour) to each result.")
     decode_threads: int = Field(2, ge=1, le=MAX_COUNT, description="Threads decoding frames while inference runs.")
-    queue_batches: int = Field(2, ge=1, le=MAX_COUNT, description="Decoded batches waiting for inference (bounds memory).")
+    queue_batches: int = Field(2, ge=1, le=MAX_COUNT, description="Decoded batches waiting for inference (bounds memory in batches).")
+    inflight_mb: int = Field(1024, ge=0, le=MAX_COUNT, description="Decoded frames and results not yet published, in MiB: the worker reads only as many frames as fit, each taken to be the size of the last (bounds memory in bytes for large frames, where queue_batches bounds it in batches); 0 = no bound.")
     stall_timeout_s: float = Field(600.0, gt=0, le=MAX_S, allow_inf_nan=False, description="/healthz fails when entries are in flight and no stage has moved for this long (a hung inference or decode), so that Kubernetes restarts the worker; at twice this long the worker exits (code 1) by itself, for compose, which restarts only a container that exits.")
     shutdown_timeout_s: float = Field(30.0, gt=0, le=MAX_S, allow_inf_nan=False, description="SIGTERM: longest time to finish and publish in-flight batches.")
 
