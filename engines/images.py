@@ -320,7 +320,8 @@ def read_mask(path: str | Path) -> np.ndarray:
     data = np.fromfile(path, dtype=np.uint8) if path.is_file() else None
     # cv2.imdecode raises (rather than returning None) on an empty buffer: a zero-byte file.
     # Unchanged, not gray: OpenCV's gray conversion keeps a 16-bit mask's top 8 bits, so 0/255 in a
-    # 16-bit file read as empty. Any nonzero value in a colour channel (not alpha) marks a defect pixel.
+    # 16-bit file read as empty. Any nonzero value in a colour channel marks a defect pixel; alpha does only
+    # where every colour channel is black.
     img = _imdecode(data, str(path)) if data is not None and data.size else None
     if img is None or img.size == 0:
         raise ImageError(f"{path}: cannot be read as a mask image; replace it with a PNG mask")
@@ -331,6 +332,10 @@ def read_mask(path: str | Path) -> np.ndarray:
     _refuse_photo(colour.max(axis=2), path, lossy)
     # float TIFF masks with soft values in (0, 1) count by the nonzero rule too
     mask = (colour >= JPEG_MASK_LEVEL).any(axis=2) if lossy else (colour > 0).any(axis=2)
+    if not mask.any() and img.ndim == 3 and img.shape[2] == 4 and img[:, :, 3].min() < img[:, :, 3].max():
+        # black everywhere, the defect drawn in transparency (a painting tool's layer exported as is): the
+        # alpha channel is the mask, where it was read as an empty one and the defect scored as good
+        mask = img[:, :, 3] > img[:, :, 3].min()
     if mask.all():  # an all-white file: every pixel a defect, and the type's pixel metrics meaningless
         raise ImageError(f"{path}: every pixel is marked defect (an all-white file?); a mask marks the defect's pixels "
                          "only, 0 elsewhere")

@@ -158,6 +158,15 @@ def test_a_16_bit_mask_is_read_as_the_mask_it_holds(tmp_path):
     rgba[1, 1, :3] = 255
     cv2.imwrite(str(tmp_path / "rgba.png"), rgba)
     assert read_mask(tmp_path / "rgba.png").sum() == 1
+    # black everywhere, the defect drawn in transparency (a painting tool's layer): read from its alpha,
+    # where it was read as empty and its defect scored as good pixels
+    layer = np.zeros((8, 8, 4), np.uint8)
+    layer[2:4, 3:6, 3] = 255
+    cv2.imwrite(str(tmp_path / "layer.png"), layer)
+    assert (read_mask(tmp_path / "layer.png") == (layer[..., 3] > 0)).all()
+    layer[..., 3] = 255  # opaque black all over: an empty mask, not an all-defect one
+    cv2.imwrite(str(tmp_path / "black.png"), layer)
+    assert not read_mask(tmp_path / "black.png").any()
 
 
 def test_a_jpeg_mask_is_the_mask_drawn_not_its_compression_ringing(tmp_path):
@@ -717,8 +726,7 @@ def test_elongated_images_are_named_as_squashed_with_what_to_do(tmp_path, caplog
 
 
 def test_an_empty_or_inverted_mask_of_a_defect_image_is_named_once(mvtec, caplog):
-    """A defect image whose mask marks nothing (empty, or drawn in the alpha channel only) had all its
-    pixels scored as defect-free, and an inverted mask (background 255) lowered the pixel AUROC, both
+    """A defect image whose mask marks nothing had all its pixels scored as defect-free, and an inverted mask (background 255) lowered the pixel AUROC, both
     in silence; only a type without any defect pixel, or an all-white mask, was refused."""
     gt = mvtec / CAT / "ground_truth"
     empty, inverted = gt / "scratch" / "000_mask.png", gt / "spot" / "001_mask.png"
@@ -733,7 +741,7 @@ def test_an_empty_or_inverted_mask_of_a_defect_image_is_named_once(mvtec, caplog
                 r.getMessage()]
     assert messages == [
         f"{gt}: 1 mask(s) of defect images have no defect pixel at the model's 32 px (e.g. {empty}), so all their "
-        "pixels are scored as defect-free: an empty mask, one drawn in the alpha channel only, or a defect smaller "
-        "than a pixel at that size; fix those masks, or move the images to test/good if they are good",
+        "pixels are scored as defect-free: an empty mask, or a defect smaller than a pixel at that size; fix those "
+        "masks, or move the images to test/good if they are good",
         f"{gt}: 1 mask(s) mark more than half of their image as defect (e.g. {inverted}): inverted (background 255, "
         "defect 0)? a mask marks the defect's pixels, 0 elsewhere"]
