@@ -780,6 +780,7 @@ def test_a_redis_at_its_memory_cap_between_two_redelivered_frames_is_waited_out(
         assert worker.crashed is None and worker.alive()[0]
         ready, why = worker.ready()
         assert not ready and "redis refuses the reader" in why and "maxmemory" in why, why
+        assert "Redis is at its memory cap (maxmemory): raise it" in why, why  # /readyz says what ends it
         r.config_set("maxmemory", 0)
         wait_for(lambda: len(results_of(r, stream)) == 2, 30, "both results once Redis takes writes again")
         assert worker.ready() == (True, "model loaded, redis reachable")
@@ -850,6 +851,7 @@ def test_a_redis_refusing_writes_for_a_full_disk_is_waited_out_not_ready(engines
         assert refusals.acquire(timeout=60) and refusals.acquire(timeout=30)  # refused, and retried
         ready, why = worker.ready()
         assert not ready and why.startswith("redis refuses the publisher (MISCONF"), why
+        assert why.endswith("free disk space on the Redis host)"), why  # what ends it, as the log line says
         assert worker.crashed is None and worker.alive()[0]
         assert results_of(r, stream) == [] and pending_count(r, stream) == 3
         disk_full.clear()  # the operator frees the disk: the held results go out

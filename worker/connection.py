@@ -267,7 +267,10 @@ class RedisState:
             first = not self.refusing
             if first:
                 self.refused_since = time.monotonic()
-            self.refusing[stage] = str(err)
+            # what /readyz says: Redis' error (without the command a pipeline echoes before it) and what
+            # ends it, as the log line does
+            advice = refusal_advice(err)
+            self.refusing[stage] = error_line(err) + (f": {advice}" if advice else "")
         if first:
             self._on_change(False)
 
