@@ -137,6 +137,22 @@ def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
     raise click.ClickException("redis-server did not start")
 
 
+def wait_ready(port: int, worker: subprocess.Popen, log: Path, timeout_s: float = 300.0) -> None:
+    """Until the worker started on `port` answers /readyz 200; its log's tail if it exits or does not in time."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
+                return
+        except OSError:
+            pass
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise click.ClickException(f"the worker did not get ready: {log.read_text()[-2000:]}")
+        time.sleep(0.1)
+
+
 def rss_bytes(pid: int, field: str = "VmRSS") -> int:
     """A process's resident memory now (VmRSS) or at its peak so far (VmHWM), from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

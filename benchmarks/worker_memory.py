@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 import redis
 import torch
 
-from common import free_port, machine, rss_bytes, start_redis, write_result
+from common import free_port, machine, rss_bytes, start_redis, wait_ready, write_result
 from ustudents.worker import schema
 
 MB = 1 << 20
@@ -55,16 +54,7 @@ def run_once(model: Path, url: str, frame: bytes, frames: int, batch: int, queue
                                "--redis-url", url, "--batch", str(batch), "--metrics-port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
-                    break
-            except OSError:
-                pass
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise click.ClickException(f"the worker did not get ready: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
+        wait_ready(port, worker, log)
         base = rss_bytes(worker.pid)
         t0 = time.monotonic()
         for i in range(frames):

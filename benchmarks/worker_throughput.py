@@ -29,7 +29,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import numpy as np
 import redis
 import torch
 
-from common import free_port, machine, percentiles, rss_bytes, start_redis, write_result
+from common import free_port, machine, percentiles, rss_bytes, start_redis, wait_ready, write_result
 from ustudents.engines.runtime import load_engine
 from ustudents.worker import schema
 from ustudents.worker.streams import replies
@@ -177,15 +176,7 @@ def main(model, backend, device, precision, batch, n_frames, frame_size, paced_s
     follower = Follower(redis_url, stream)
     out: dict = {}
     try:
-        for _ in range(1200):
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
-                    break
-            except OSError:
-                pass
-            if worker.poll() is not None:
-                raise click.ClickException(f"the worker exited: {(tmp / 'worker.log').read_text()[-2000:]}")
-            time.sleep(0.1)
+        wait_ready(port, worker, tmp / "worker.log")
         follower.start()
         rss_start = rss_bytes(worker.pid)
 
