@@ -1904,6 +1904,33 @@ def test_publish_at_redis_memory_cap_makes_room_from_finished_frames_and_holds_t
         server.stop()
 
 
+def test_publish_passes_over_a_frame_larger_than_redis_takes_and_sends_the_rest(frames, tmp_path):
+    """Redis closes the connection on a value above proto-max-bulk-len (512 MB unless set): the frame
+    looked like an outage and was sent again for ever, the line held up behind it. Now it is named
+    and passed over, inline or under its own key, and the frames after it go."""
+    server = RedisServer(tmp_path).start()
+    try:
+        r = client(server.url)
+        r.config_set("proto-max-bulk-len", str(1 << 20))  # Redis' smallest
+        small, big = frames[0].read_bytes(), b"\x89PNG" + bytes(3 << 19)  # 1.5 MB
+        heard: list[str] = []
+        done: list[int] = []
+        for inline_max in (1 << 30, 1 << 20):  # inline, then under its own key
+            publisher = FramePublisher(r, f"big{inline_max}", camera="cam", inline_max=inline_max)
+            run = threading.Thread(target=lambda: done.append(publish(iter([("a", small), ("huge", big), ("b", small)]),
+                                                                      publisher, outage=heard.append,
+                                                                      backoff_cap_s=0.05)), daemon=True)
+            run.start()
+            run.join(30)
+            assert not run.is_alive(), heard[:3]  # sent again for ever
+            assert [f[b"frame_id"] for _, f in r.xrange(publisher.stream)] == [b"a", b"b"]
+        assert done == [2, 2]
+        assert heard == ["huge: 1.5 MB, more than Redis takes in one value (proto-max-bulk-len 1.0 MB): passed over; "
+                         "send smaller frames or raise proto-max-bulk-len"] * 2
+    finally:
+        server.stop()
+
+
 def test_publish_ends_in_one_line_when_redis_starts_refusing_its_password(frames, tmp_path):
     """A password set on a running Redis read as an outage ("Redis unreachable (Authentication
     required)"), retried for ever: no retry gives the tool the new password."""

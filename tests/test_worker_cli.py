@@ -409,6 +409,9 @@ def test_publish_sends_at_the_asked_rate_and_resumes_it_after_an_outage_without_
         def retention_warning(self, frame_bytes, fps):
             return None  # what Redis keeps fits its cap
 
+        def largest_frame(self):
+            return 512 << 20  # Redis' default proto-max-bulk-len
+
     sender, told = Publisher(), []
     frames = ((f"f{i}", b"png") for i in range(100))
     assert publish.publish(frames, sender, fps=4.0, count=9, outage=told.append, backoff_cap_s=5.0) == 9

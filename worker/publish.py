@@ -11,6 +11,8 @@ rate (the schedule starts again rather than bursting the frames the outage cost)
 it makes room by trimming the entries every consumer group has finished with (make_room). A frame
 whose XADD reached Redis but whose reply was lost is sent twice: two entries, one frame_id.
 
+A frame larger than Redis takes in one value (proto-max-bulk-len) is named and passed over.
+
 Redis keeps what is published after the workers are done with it (XACK deletes nothing): the last
 `maxlen` entries, and each frame under its own key for `key_ttl_s`. retention_warning says at the
 first frame when that is more than Redis' memory cap.
@@ -32,6 +34,7 @@ from . import schema
 from .connection import Backoff, through_outages
 
 MB = 1 << 20
+REDIS_BULK_DEFAULT = 512 * MB  # Redis' proto-max-bulk-len unless its config says otherwise
 
 
 def frames_from(source: str, fmt: str = "png", loop: bool = False,
@@ -153,6 +156,15 @@ class FramePublisher:
         self.sent += 1
         return entry_id.decode()
 
+    def largest_frame(self) -> int:
+        """The most bytes Redis takes in one value (proto-max-bulk-len). Redis answers a larger one by
+        closing the connection, which looks like an outage: such a frame was sent again forever and
+        held up the line. Redis' default where the config may not be read (an ACL, a managed Redis)."""
+        try:
+            return int(self.r.config_get("proto-max-bulk-len").get("proto-max-bulk-len", REDIS_BULK_DEFAULT))
+        except (redis.RedisError, ValueError):
+            return REDIS_BULK_DEFAULT
+
     def make_room(self) -> int:
         """At Redis' memory cap under noeviction no XADD goes through, and with it no MAXLEN trimming:
         the line would stop for frames the workers are done with. Trims the entries every consumer
@@ -219,13 +231,19 @@ def publish(frames: Iterator[tuple[str, bytes]], publisher: FramePublisher, fps:
             progress: Callable[[int, float], None] = lambda n, elapsed: None, progress_every_s: float = 10.0,
             outage: Callable[[str], None] = lambda message: None, backoff_cap_s: float = 5.0) -> int:
     """Send frames at `fps` (0: as fast as Redis takes them), at most `count` (0: all), holding a
-    frame through Redis outages and refusals (`outage` hears when one starts and ends, and of the
-    retention_warning). Returns how many."""
+    frame through Redis outages and refusals (`outage` hears when one starts and ends, of the
+    retention_warning, and of a frame too large for Redis ever to take, which is passed over).
+    Returns how many were sent."""
     began = start = last_report = time.monotonic()  # start: the pacing schedule's, moved on by an outage
-    n = 0
+    n, largest = 0, None
     for frame_id, data in frames:
         if count and n >= count:
             break
+        largest = publisher.largest_frame() if largest is None else largest
+        if len(data) > largest:
+            outage(f"{frame_id}: {len(data) / MB:.1f} MB, more than Redis takes in one value (proto-max-bulk-len "
+                   f"{largest / MB:.1f} MB): passed over; send smaller frames or raise proto-max-bulk-len")
+            continue
         if n == 0 and (warning := publisher.retention_warning(len(data), fps)):
             outage(f"WARNING: {warning}")
         if fps > 0:
