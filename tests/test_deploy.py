@@ -253,6 +253,7 @@ def test_dashboard_has_the_panels_operations_needs():
         "Lag and pending": "ustudents_pending_entries",
         "Dead letters by reason, frames lost": "ustudents_frames_dead_lettered_total",
         "GPU memory": "ustudents_gpu_memory_bytes",
+        "Frames held in memory": "ustudents_frames_held_bytes",
         "Worker up": "ustudents_ready",
     }
     for title, metric in wanted.items():
