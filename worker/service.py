@@ -154,8 +154,9 @@ class HeldBytes:
         """How many frames to read next, at most `batch`: as many as fit in the room left, counting
         those still being decoded, if each is the size of the last one decoded. Waits while none fit,
         unless nothing is in flight (a frame above the whole limit still goes through, alone) or
-        `stop` is set. So the limit is exceeded by less than one frame, unless the frames grow; the
-        first batch is read whole, and the next once one of its frames has told their size."""
+        `stop` is set. So the limit is exceeded by less than one frame, unless the frames grow. Until
+        a frame has told their size, one is read at a time: a whole first batch of frames of unknown
+        size could take up to a batch more than the limit."""
         with self.changed:
             while True:
                 if not self.limit:
@@ -164,8 +165,8 @@ class HeldBytes:
                     fit = (self.limit - self.held - self.decoding * self.frame_bytes) // self.frame_bytes
                     if fit >= 1:
                         return min(batch, fit)
-                elif not self.decoding:  # nothing read yet tells the frames' size
-                    return batch
+                elif not self.decoding:  # nothing read yet tells the frames' size: one finds it out
+                    return 1
                 if nothing_in_flight() or stop.is_set():
                     return 1
                 self.changed.wait(0.2)
