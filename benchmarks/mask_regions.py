@@ -5,8 +5,8 @@ model's size (the earlier way, which split thin defects into pieces).
     python benchmarks/mask_regions.py ../shared/datasets/magnetic_tile --size 256 --name mask_regions_magnetic_tile
 
 Per defect type: masks, 8-connected regions at the masks' own size, regions left at --size (a region
-smaller than a pixel there can vanish), and regions counted after shrinking; with the masks whose
-count changed. Writes benchmarks/results/<name>.json and .md, with the machine named.
+smaller than a pixel there gets the pixel it covers most, images.resize_regions; it vanished before
+2026-12-07), and regions counted after shrinking (nearest); with the masks whose count changed. Writes benchmarks/results/<name>.json and .md, with the machine named.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import click
+import ustudents  # noqa: F401  before cv2: importing it caps the pixels OpenCV decodes
+import cv2
 import numpy as np
 import torch
 
@@ -26,7 +28,7 @@ def counts(mask: np.ndarray, size: int) -> tuple[int, int, int]:
     """(regions at the mask's size, of them left at `size`, regions of the mask shrunk to `size`)."""
     regions = defect_regions(mask)
     kept = np.unique(resize_regions(regions, size))
-    shrunk = defect_regions(resize_regions(regions, size) > 0)
+    shrunk = defect_regions(cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0)
     return int(regions.max()), int((kept > 0).sum()), int(shrunk.max())
 
 

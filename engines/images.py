@@ -390,10 +390,22 @@ def defect_regions(mask: np.ndarray) -> np.ndarray:
 
 
 def resize_regions(regions: np.ndarray, size: int) -> np.ndarray:
-    """Region numbers (H, W) int32 -> (size, size), nearest: each pixel keeps one region's number."""
+    """Region numbers (H, W) int32 -> (size, size), nearest: each pixel keeps one region's number.
+    A region that nearest keeps no pixel of (a speck smaller than a pixel at `size`) gets the pixel
+    it covers most, unless that is the last pixel of another: PRO counts every region, as MVTec AD
+    defines it, and the map over a speck, upsampled to the mask's size, is about that pixel's value."""
     if regions.shape == (size, size):
         return regions
-    return cv2.resize(regions, (size, size), interpolation=cv2.INTER_NEAREST)
+    out = cv2.resize(regions, (size, size), interpolation=cv2.INTER_NEAREST)
+    count = np.bincount(out.ravel(), minlength=int(regions.max()) + 1)
+    for r in np.flatnonzero(count[1:] == 0) + 1:
+        cover = cv2.resize((regions == r).astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+        cover[count[out] == 1] = 0  # another region's only pixel
+        if cover.max() > 0:  # else every pixel it touches is some other speck's only one
+            y, x = np.unravel_index(int(np.argmax(cover)), cover.shape)
+            count[out[y, x]] -= 1
+            out[y, x], count[r] = r, 1
+    return out
 
 
 def to_tensor(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:

@@ -262,6 +262,30 @@ def test_at_threshold_reports_what_the_thresholds_do_on_hand_made_masks():
     assert r["defective_images_mask_on_defect"] == 1 / 2  # image 1's mask misses its defect
 
 
+def test_a_speck_smaller_than_a_pixel_at_the_models_size_is_still_a_region(tmp_path):
+    """MVTec AD's PRO weighs every connected region of the ground truth alike. A 2 x 2 px speck at
+    512 px falls between the pixels nearest resizing keeps at 64 px: it vanished, and a map that
+    misses it scored as if the image held the blob alone (AU-PRO 1.0). It now keeps the pixel it
+    covers most, so missing it costs what missing one of two regions does (0.575, as above)."""
+    import cv2
+
+    from ustudents.train.dataset import Sample, load_regions
+
+    mask = np.zeros((512, 512), np.uint8)
+    mask[300:400, 200:300] = 255
+    mask[50:52, 61:63] = 255  # no pixel of it is one nearest resizing keeps (rows and columns 8k + 4)
+    cv2.imwrite(str(tmp_path / "img.png"), np.full((512, 512), 90, np.uint8))
+    cv2.imwrite(str(tmp_path / "mask.png"), mask)
+    samples = [Sample(tmp_path / "img.png", "spot", tmp_path / "mask.png"), Sample(tmp_path / "img.png", "good")]
+    regions = load_regions(samples, 64)
+    assert sorted(np.unique(regions[0])) == [0, 1, 2]
+    speck = regions[0] == regions[0][50 // 8, 61 // 8]
+    assert regions[0][50 // 8, 61 // 8] and speck.sum() == 1
+    maps = np.zeros((2, 64, 64), np.float32)
+    maps[0][(regions[0] > 0) & ~speck] = 1.0  # the blob, not the speck
+    assert au_pro(maps, regions) == pytest.approx(0.575, abs=1e-12)
+
+
 def test_a_thin_scratch_stays_one_region_when_its_mask_is_shrunk_to_the_models_size(tmp_path):
     """Regions are found at the mask's own size: a 2 px scratch across a 512 px image, shrunk
     (nearest) to 64 px first, fell apart into dozens of pieces, each weighed by PRO as a defect of

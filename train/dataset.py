@@ -393,8 +393,8 @@ _checked_masks: set[tuple[Path, int]] = set()  # (ground_truth folder, size) war
 
 def _warn_of_odd_masks(gt: Path, samples: list[Sample], regions: np.ndarray, size: int) -> None:
     """Masks that are no error but likely a mistake, each a warning naming one: a defect image whose
-    mask holds no defect pixel at the model's size (an empty mask, or a defect smaller than a pixel
-    there), whose pixels are then all scored as defect-free; and a mask
+    mask holds no defect pixel (empty: a defect smaller than a pixel at the model's size keeps one,
+    images.resize_regions), whose pixels are then all scored as defect-free; and a mask
     marking most of its image (inverted: background 255, defect 0), which lowered the pixel AUROC
     in silence. Only a type without any defect pixel, or an all-white mask, is refused."""
     if (real_path(gt), size) in _checked_masks:
@@ -404,9 +404,9 @@ def _warn_of_odd_masks(gt: Path, samples: list[Sample], regions: np.ndarray, siz
     empty = [s.mask_path for s, r in defective if not r.any()]
     most = [s.mask_path for s, r in defective if np.count_nonzero(r) > r.size / 2]
     if empty:
-        log.warning("%s: %d mask(s) of defect images have no defect pixel at the model's %d px (e.g. %s), so all their "
-                    "pixels are scored as defect-free: an empty mask, or a defect smaller than a pixel at that size; fix "
-                    "those masks, or move the images to test/good if they are good", gt, len(empty), size, empty[0])
+        log.warning("%s: %d mask(s) of defect images mark no defect pixel (e.g. %s), so all their pixels are scored "
+                    "as defect-free; fix those masks, or move the images to test/good if they are good", gt,
+                    len(empty), empty[0])
     if most:
         log.warning("%s: %d mask(s) mark more than half of their image as defect (e.g. %s): inverted (background 255, "
                     "defect 0)? a mask marks the defect's pixels, 0 elsewhere", gt, len(most), most[0])

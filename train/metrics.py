@@ -83,7 +83,7 @@ def pro_curve(anomaly_maps: np.ndarray, gt_masks: np.ndarray) -> tuple[np.ndarra
             continue  # defect-free image: negatives only
         if given.dtype == bool:
             lab = defect_regions(mask)
-        else:  # numbered consecutively: a region resizing left without a pixel is no region here
+        else:  # numbered consecutively: a region left without a pixel (images.resize_regions: rare) is none here
             numbers, inverse = np.unique(given[i], return_inverse=True)
             lab = (inverse.reshape(mask.shape) + int(numbers[0] != 0)).astype(np.int32)
         region[i] = np.where(lab > 0, lab + n_regions, 0)
