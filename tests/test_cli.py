@@ -1104,16 +1104,28 @@ def test_calibrate_refuses_before_the_network_pass_what_it_could_not_finish(bund
     assert "loading images" not in result.output and (bundle_copy / MANIFEST).read_bytes() == manifest
 
 
-def test_calibrate_on_blank_frames_names_the_images_folder_and_keeps_the_bundle(bundle_copy, tmp_path):
-    """A capture of a closed shutter: the error said "the validation images", which calibrate has none of."""
+def test_calibrate_on_blank_frames_names_the_images_folder_and_keeps_the_bundle(bundle_copy, tiny_mvtec, tmp_path):
+    """Frames of a closed shutter or dropped exposures, collected while the line runs: at one level
+    they were refused by the calibration's numbers ("blank or identical frames?"), at several they
+    recalibrated the bundle in silence, its thresholds set on them. As ustudents-train does with
+    train/good: all blank is refused before the network pass, some is a warning."""
     manifest = (bundle_copy / MANIFEST).read_bytes()
     blank = tmp_path / "blank"
-    for i in range(3):
-        write_image(blank / f"{i}.png", np.full((64, 64), 90, np.uint8))
+    for i, level in enumerate((90, 90, 10, 210)):
+        write_image(blank / f"{i}.png", np.full((64, 64), level, np.uint8))
     result = invoke("calibrate", bundle_copy, "--images", blank)
-    assert_input_error(result, f"--images {blank}: the regression error or predictive variance is the same at "
-                               "every pixel of these images (blank or identical frames?)")
+    assert_input_error(result, f"--images {blank}: every image is one flat colour (blank frames?), so there is "
+                               "nothing to calibrate on; put images of good parts there")
     assert (bundle_copy / MANIFEST).read_bytes() == manifest
+    some = tmp_path / "some"
+    some.mkdir()
+    for f in sorted((tiny_mvtec / TINY_CATEGORY / "test" / "good").iterdir())[:2]:
+        shutil.copy(f, some)
+    write_image(some / "capped.png", np.zeros((64, 64, 3), np.uint8))
+    result = invoke("calibrate", bundle_copy, "--images", some)
+    assert_ok(result)
+    assert f"WARNING: --images {some}: 1 image(s) are one flat colour (blank frames?), e.g. capped.png; calibration " \
+           "takes such a frame as good: remove them and calibrate again" in result.output
 
 
 @pytest.mark.slow

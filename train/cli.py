@@ -362,7 +362,7 @@ def recalibrated_id(model_id: str) -> str:
 def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     from .calibrate import calibrate, check_rate, check_resolvable
     from .dataset import Sample, bit_depths, load_images, refuse_copies
-    from .pipeline import image_fpr_warning, image_score_line, mask_line
+    from .pipeline import check_not_blank, image_fpr_warning, image_score_line, mask_line
 
     if not Path(images).is_dir():
         raise InputError(f"--images {images}: folder not found{missing_folder_hint(images)}; give a folder of good "
@@ -391,6 +391,8 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
         click.echo(warning)
     arr = load_images(samples, bundle.image_size, desc="loading images", bits=bits, dark_hint=False)  # bits: theirs
     refuse_copies(f"--images {images}", samples, arr)
+    # frames collected while the line runs: a capped lens among them would set the thresholds served
+    check_not_blank(f"--images {images}", samples, arr, click.echo, calibrating=True)
     dev = resolve_device(device)
     # the statistics and threshold must hold for the engine that will use them
     bf16 = default_torch_precision(bundle, dev) == "bf16"

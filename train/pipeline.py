@@ -144,16 +144,19 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.folder, self.held, self.written = folder, held, written
 
 
-def check_not_blank(good: Path, samples: list, images: list, log) -> None:
-    """Blank frames (a lens cap, a dropped exposure) in train/good: all blank, there is nothing to learn,
-    which calibration found only after training; some, and the model learns that a blank frame is good."""
+def check_not_blank(good: Path | str, samples: list, images: list, log, calibrating: bool = False) -> None:
+    """Blank frames (a lens cap, a dropped exposure) in train/good, or in `ustudents calibrate`'s
+    images: all blank, there is nothing to learn or calibrate on (training found it only at its
+    calibration); some, and the model learns, or its thresholds take, a blank frame as good."""
     blank = [s.path.name for s, img in zip(samples, images) if img.min() == img.max()]
     if blank and len(blank) == len(samples):
         raise dataset.DatasetError(f"{good}: every image is one flat colour (blank frames?), so there is nothing to "
-                                   "learn; put images of good parts there")
+                                   f"{'calibrate on' if calibrating else 'learn'}; put images of good parts there")
     if blank:
+        taken = "calibration takes such a frame as good: remove them and calibrate again" if calibrating else \
+            "the model learns that such a frame is good: remove them and train again"
         log(f"WARNING: {good}: {len(blank)} image(s) are one flat colour (blank frames?), e.g. {', '.join(blank[:3])}; "
-            "the model learns that such a frame is good: remove them and train again")
+            f"{taken}")
 
 
 def train(cfg: TrainConfig, log=print) -> Path:
