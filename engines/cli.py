@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -58,9 +59,24 @@ def warnings_as_lines() -> None:
         logging.lastResort.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
 
 
+def out_of_memory_line(err: BaseException) -> str | None:
+    """One line for an allocation the machine refused (host memory, or a GPU's), None for any other
+    error: settings too large for this machine (a --batch, an input size), not a bug."""
+    text = str(err)
+    gpu = "CUDA out of memory" in text or type(err).__name__ == "OutOfMemoryError"
+    if not (isinstance(err, MemoryError) or gpu or "can't allocate memory" in text):
+        return None
+    found = re.search(r"tried to allocate (\d+) bytes", text)  # PyTorch's CPU allocator
+    size = f" of {int(found.group(1)) / 2 ** 30:.1f} GiB" if found else \
+        (f" of {m.group(1)}" if (m := re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", text)) else "")
+    return (f"out of memory: an allocation{size} failed{' on the GPU' if gpu else ''}; lower the options that size "
+            "the work (--batch, image or input sizes), or free memory")
+
+
 def user_errors_for(errors: tuple[type[Exception], ...]):
-    """A decorator turning the expected failures `errors` into InputError (one line, exit 2), and
-    Ctrl-C into exit 130; anything else is a bug and keeps its traceback."""
+    """A decorator turning the expected failures `errors`, and memory the machine refused, into
+    InputError (one line, exit 2), and Ctrl-C into exit 130; anything else is a bug and keeps its
+    traceback."""
     def decorator(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -69,6 +85,10 @@ def user_errors_for(errors: tuple[type[Exception], ...]):
                 return fn(*args, **kwargs)
             except errors as err:
                 raise InputError(os_error_line(err)) from None
+            except (MemoryError, RuntimeError) as err:
+                if (line := out_of_memory_line(err)) is None:
+                    raise
+                raise InputError(line) from None
             except KeyboardInterrupt:  # Click's own "Aborted!" exits 1, which reads as a failure, not a stop
                 click.echo("\ninterrupted", err=True)
                 raise SystemExit(130) from None

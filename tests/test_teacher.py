@@ -519,9 +519,9 @@ sys.exit(result.exit_code)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 130, (done.returncode, done.stdout, done.stderr)
-    assert "this run already wrote p=17" in done.stdout
-    assert (tmp_path / "t" / "teacher_p17.safetensors").is_file()
-    assert not (tmp_path / "t" / "teacher_p33.safetensors").exists()
+    assert "this run already wrote p=33" in done.stdout  # the largest scale first (distil)
+    assert (tmp_path / "t" / "teacher_p33.safetensors").is_file()
+    assert not (tmp_path / "t" / "teacher_p17.safetensors").exists()
 
 def _photos(folder, n, rng, size=(40, 48)):
     folder.mkdir(exist_ok=True)
@@ -573,6 +573,45 @@ def test_a_folder_larger_than_the_pool_streams_through_it_in_bounded_memory(tmp_
     for _ in range(5):
         last.advance()
     assert len(last.levels) == 8 and len(last.unreadable) == 9 and len(last.taken) == 9
+
+
+def test_a_folder_too_small_for_one_scale_is_refused_before_any_scale_is_distilled(tmp_path):
+    """--scales 17,33 on photos of 50 px: p=17 was distilled and written first (hours, at real
+    settings), then p=33 refused the folder, and the rerun with the smaller --crop the error asked
+    for was refused for the p=17 teacher now in --out."""
+    from click.testing import CliRunner
+
+    from ustudents.cli import main
+
+    folder = _photos(tmp_path / "photos", 3, np.random.default_rng(2), size=(50, 50))
+    result = CliRunner().invoke(main, ["teacher", "--scales", "17,33", "--steps", "1", "--images", str(folder),
+                                       "--out", str(tmp_path / "t"), "--amp", "off"])
+    assert result.exit_code == 2, result.output
+    assert "no image holds a training window of --crop 32 plus the p=33 patch" in result.output
+    assert "this run already wrote" not in result.output and not (tmp_path / "t").exists()
+
+
+def test_memory_the_machine_refuses_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    """A --batch or --backbone-input far too large ended in PyTorch's allocator traceback, exit 1."""
+    from click.testing import CliRunner
+
+    from ustudents.cli import main
+    from ustudents.train import teacher
+
+    def too_large(cfg):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 240000000000 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(teacher, "train_teacher", too_large)
+    result = CliRunner().invoke(main, ["teacher", "--scales", "17", "--out", str(tmp_path / "t"), "--batch", "100000"])
+    assert result.exit_code == 2 and result.output.splitlines()[-1] == (
+        "Error: out of memory: an allocation of 223.5 GiB failed; lower the options that size the work (--batch, "
+        "image or input sizes), or free memory"), result.output
+
+    def a_bug(cfg):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    monkeypatch.setattr(teacher, "train_teacher", a_bug)
+    result = CliRunner().invoke(main, ["teacher", "--scales", "17", "--out", str(tmp_path / "t")])
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)  # a bug keeps its traceback
 
 
 def test_teacher_distils_from_a_streamed_folder_and_records_what_it_read(tmp_path):

@@ -317,12 +317,15 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
 
 
 def distil(scales: list[int], out: Path, written: list[int], settings: dict) -> None:
-    """Distil and save each scale in turn, appending each saved one to `written`."""
+    """Distil and save each scale in turn, the largest first, appending each saved one to `written`.
+    What the images must hold grows with p (a window of --crop plus the patch, the triplet loss's
+    shifts), so a folder too small for a scale is refused before any scale has been distilled, not
+    after hours of the smaller ones."""
     from .teacher import train_teacher
     from .teacher_files import save_teacher
 
     with sigterm_as_ctrl_c():  # `docker stop`, between scales too: one line and exit 130, as Ctrl-C
-        for p in scales:
+        for p in sorted(scales, reverse=True):
             state, record = train_teacher(TeacherConfig(p=p, **settings))
             path = save_teacher(out, p, state, record)
             written.append(p)
