@@ -2082,6 +2082,82 @@ def test_results_follows_on_through_a_redis_outage(redis_url, stream):
     assert len(said) == 2 and said[0].startswith("Redis unreachable (Error 111") and said[1].startswith("Redis back")
 
 
+def result_fields(entry_id: str, mask: bytes, **extra) -> dict:
+    """A result entry as a worker writes one (no heatmap: results --save draws the overlay itself)."""
+    return {"entry_id": entry_id, "frame_id": f"f{entry_id}", "score": "1.5", "anomalous": "1", "threshold": "1.0",
+            "latency_ms": "12.0", "model": "m", "mask": mask, **extra}
+
+
+def test_results_save_waits_through_a_redis_outage_while_it_reads_the_input_frame(frames, redis_url, stream, tmp_path):
+    """README: through an outage `results` waits and goes on. With --save it ended at once ("lost Redis;
+    run the command again") when Redis went away as it read a result's input frame for the overlay,
+    a mask written without its overlay, and the advice skipped the rest of the batch."""
+    from ustudents.worker.results import follow
+
+    r = client(redis_url)
+    image = frames[0].read_bytes()
+    h, w = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_UNCHANGED).shape[:2]
+    mask = cv2.imencode(".png", np.full((h, w), 255, np.uint8))[1].tobytes()
+    eid = add(r, stream, frame_id="a", image=image)
+    r.xadd(schema.results_stream(stream), result_fields(eid, mask))
+
+    class Restarting:  # Redis away for the first two reads of the input frame
+        def __init__(self):
+            self.down = 0
+
+        def xread(self, *args, **kwargs):
+            return r.xread(*args, **kwargs)
+
+        def xrange(self, *args, **kwargs):
+            if self.down < 2:
+                self.down += 1
+                raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+            return r.xrange(*args, **kwargs)
+
+    lines, said = [], []
+    saved = tmp_path / "saved"
+    assert follow(Restarting(), stream, lines.append, from_start=True, count=1, block_ms=100, save_to=saved,
+                  outage=said.append) == 1
+    assert lines[0].endswith("_overlay.png") and "no overlay" not in lines[0], lines
+    assert sorted(f.name for f in saved.iterdir()) == [f"f{eid}_{eid}_mask.png", f"f{eid}_{eid}_overlay.png"]
+    assert said[0].startswith("Redis unreachable (Error 111") and said[0].endswith("saving again once it is back")
+    assert said[1].startswith("Redis back after") and said[1].endswith("saving on")
+
+
+def test_results_passes_over_an_entry_it_cannot_read_with_a_line_saying_why(frames, redis_url, stream, tmp_path):
+    """Hand-written or foreign result entries ended `results` with a traceback (KeyError: 'mask'; an
+    IndexError where the mask and the input frame differ in size), a bare "could not convert string
+    to float", or wrote their bytes to a .png no viewer opens; the follower stopped, and stopped again
+    on them at every --from-start."""
+    from ustudents.worker.results import follow
+
+    r = client(redis_url)
+    image = frames[0].read_bytes()
+    h, w = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_UNCHANGED).shape[:2]
+    mask = cv2.imencode(".png", np.zeros((h, w), np.uint8))[1].tobytes()
+    other_size = cv2.imencode(".png", np.zeros((h // 2, w), np.uint8))[1].tobytes()
+    eid = add(r, stream, frame_id="a", image=image)
+    results = schema.results_stream(stream)
+    bad = [r.xadd(results, fields).decode() for fields in (
+        {k: v for k, v in result_fields("1-1", mask).items() if k != "mask"}, result_fields("1-2", mask, score="abc"),
+        result_fields("1-3", b"GARBAGE"), result_fields("1-4", mask, heatmap=b"ALSO GARBAGE"))]
+    r.xadd(results, result_fields(eid, other_size))  # its input's image_key written over by another frame
+    r.xadd(results, result_fields(eid, mask))
+    lines = []
+    saved = tmp_path / "saved"
+    assert follow(r, stream, lines.append, from_start=True, count=6, block_ms=100, save_to=saved) == 6
+    for line, entry, why in zip(lines, bad, ("it has no mask field", "its score field is 'abc', not a number",
+                                             "its mask field: cannot be decoded as an image",
+                                             "its heatmap field: cannot be decoded as an image")):
+        assert line.startswith(f"{entry}\tNOT READ: {results} entry {entry}: {why}"), line
+        assert line.endswith("; passed over (not written by a ustudents worker?)"), line
+    assert lines[4].endswith(f"(no overlay: the input frame is now {w}x{h}, the mask {w}x{h // 2}: its image_key was "
+                             "written over by another frame)"), lines[4]
+    assert lines[5].endswith("_overlay.png"), lines[5]
+    names = sorted(f.name for f in saved.iterdir())
+    assert names == [f"f{eid}_{eid}_mask.png", f"f{eid}_{eid}_overlay.png"], names  # nothing of the bad ones
+
+
 def test_publish_skips_hidden_files_and_results_keeps_frames_of_one_name_apart(frames, redis_url, stream, tmp_path):
     """'._x.png' (macOS metadata) was sent as a frame and dead-lettered; two frames named alike (two
     cameras, a folder sent twice) saved one mask over the other."""

@@ -12,7 +12,7 @@ import numpy as np
 import redis
 
 from ustudents.engines.files import write_atomically
-from ustudents.engines.images import is_image_file
+from ustudents.engines.images import decode_image, is_image_file
 
 from . import codec, schema
 from .connection import Backoff, through_outages
@@ -27,15 +27,33 @@ def last_id(client: redis.Redis, key: str) -> str:
         return "0-0"
 
 
+class BadResult(ValueError):
+    """A result entry missing a field, or holding one that is not what a worker writes (a hand-written
+    or foreign entry): said on its line and passed over, so that it does not stop the follower, nor
+    stop it again at every --from-start."""
+
+
 def describe(fields: dict[str, bytes], dead: bool) -> str:
-    """The line printed for one result or dead letter."""
+    """The line printed for one result or dead letter; BadResult if a result's numbers are not numbers."""
     get = lambda k: fields.get(k, b"").decode("utf-8", "replace")  # noqa: E731
     frame = get(schema.FRAME_ID) or get(schema.ENTRY_ID)
     if dead:
         return f"{frame}\tDEAD {get(schema.REASON)}: {get(schema.ERROR)}"
+
+    def number(key: str) -> float:
+        try:
+            return float(get(key))
+        except ValueError:
+            raise BadResult(f"its {key} field is {get(key)[:40]!r}, not a number" if key in fields else
+                            f"it has no {key} field") from None
     verdict = "ANOMALOUS" if get(schema.ANOMALOUS) == "1" else "ok"
-    return (f"{frame}\tscore {float(get(schema.SCORE)):.3f}\t{verdict}\tthreshold {float(get(schema.THRESHOLD)):.3f}"
-            f"\t{float(get(schema.LATENCY_MS)):.1f} ms\t{get(schema.MODEL)}")
+    return (f"{frame}\tscore {number(schema.SCORE):.3f}\t{verdict}\tthreshold {number(schema.THRESHOLD):.3f}"
+            f"\t{number(schema.LATENCY_MS):.1f} ms\t{get(schema.MODEL)}")
+
+
+def passed_over(key: str, entry_id: str, err: BadResult) -> str:
+    """The line of a result entry that cannot be read."""
+    return f"{entry_id}\tNOT READ: {key} entry {entry_id}: {err}; passed over (not written by a ustudents worker?)"
 
 
 SAFE_NAME_MAX = 100  # file systems allow 255 bytes a name; the entry id and the endings follow it
@@ -90,23 +108,43 @@ def check_save_folder(folder: Path) -> None:
                          "images); give an empty folder or one that results --save wrote")
 
 
+def picture(fields: dict[str, bytes], key: str) -> np.ndarray:
+    """The image in field `key`, decoded; BadResult where it is missing or no image: its bytes are not
+    written to a .png that no viewer opens."""
+    if key not in fields:
+        raise BadResult(f"it has no {key} field")
+    try:  # not codec.decode: a picture has no frame's least size
+        return decode_image(fields[key], f"its {key} field", bits=None)
+    except (ValueError, cv2.error) as err:  # ImageError: not an image
+        raise BadResult(str(err).strip().splitlines()[-1]) from None
+
+
 def save(client: redis.Redis, stream: str, fields: dict[str, bytes], folder: Path) -> str:
     """Write <frame>_<entry>_mask.png and <frame>_<entry>_overlay.png; returns what was written, for the
     line. The input entry's id makes the names unique: two cameras, or a folder published twice, send
-    the same frame ids, and safe_name may map two ids to one name."""
+    the same frame ids, and safe_name may map two ids to one name. BadResult, with nothing written,
+    for an entry without an entry_id or with a mask or heatmap that is no image."""
+    if schema.ENTRY_ID not in fields:
+        raise BadResult(f"it has no {schema.ENTRY_ID} field")
+    entry_id = fields[schema.ENTRY_ID].decode("utf-8", "replace")
+    mask = picture(fields, schema.MASK)[:, :, 0] > 0
+    if schema.HEATMAP in fields:
+        picture(fields, schema.HEATMAP)
     frame_id = (fields.get(schema.FRAME_ID) or fields[schema.ENTRY_ID]).decode("utf-8", "replace")
-    stem = f"{safe_name(frame_id)}_{safe_name(fields[schema.ENTRY_ID].decode())}"
+    stem = f"{safe_name(frame_id)}_{safe_name(entry_id)}"
     mask_file = folder / f"{stem}_mask.png"
     write_atomically(mask_file, fields[schema.MASK])
     overlay_file = folder / f"{stem}_overlay.png"
     if schema.HEATMAP in fields:
         write_atomically(overlay_file, fields[schema.HEATMAP])
-    else:
-        frame = input_frame(client, stream, fields[schema.ENTRY_ID].decode())
-        if frame is None:
-            return f"mask {mask_file} (no overlay: the input frame has left the stream)"
-        mask = codec.decode(fields[schema.MASK], str(mask_file), uint16_bits=None)[:, :, 0] > 0
-        write_atomically(overlay_file, codec.png(mask_overlay(frame, mask)))
+        return f"mask {mask_file}, overlay {overlay_file}"
+    frame = input_frame(client, stream, entry_id)
+    if frame is None:
+        return f"mask {mask_file} (no overlay: the input frame has left the stream)"
+    if frame.shape[:2] != mask.shape:  # a producer's image_key written over by a later frame of another size
+        return (f"mask {mask_file} (no overlay: the input frame is now {frame.shape[1]}x{frame.shape[0]}, the mask "
+                f"{mask.shape[1]}x{mask.shape[0]}: its image_key was written over by another frame)")
+    write_atomically(overlay_file, codec.png(mask_overlay(frame, mask)))
     return f"mask {mask_file}, overlay {overlay_file}"
 
 
@@ -115,8 +153,10 @@ def follow(client: redis.Redis, stream: str, echo: Callable[[str], None], *, fro
            outage: Callable[[str], None] = lambda line: None) -> int:
     """Print one line per result and dead letter as they arrive (only new ones unless
     `from_start`); stop after `count` lines (0: never). Returns the number of lines. While Redis is
-    unreachable it waits and says so through `outage`, then goes on after the last line it printed:
-    a follower on a line's screen outlives a Redis restart, as the worker and `publish` do."""
+    unreachable it waits and says so through `outage`, then goes on after the last line it printed
+    (saving too, where the input frame is read for an overlay): a follower on a line's screen
+    outlives a Redis restart, as the worker and `publish` do. An entry that cannot be read gets a
+    line saying so (passed_over) and counts as one."""
     keys = {schema.results_stream(stream): False, schema.dead_stream(stream): True}
     ids = {k: ("0-0" if from_start else last_id(client, k)) for k in keys}
     if save_to is not None:
@@ -132,9 +172,16 @@ def follow(client: redis.Redis, stream: str, echo: Callable[[str], None], *, fro
             for eid, raw in entries:
                 ids[key] = eid.decode()
                 fields = schema.decode_fields(raw)
-                line = describe(fields, dead=keys[key])
-                if save_to is not None and not keys[key]:
-                    line += "\t" + save(client, stream, fields, save_to)
+                try:
+                    line = describe(fields, dead=keys[key])
+                    if save_to is not None and not keys[key]:
+                        saved, waited = through_outages(lambda: save(client, stream, fields, save_to), outage, backoff,
+                                                        "saving again once it is back", "saving on")
+                        if waited:
+                            backoff.reset()
+                        line += "\t" + saved
+                except BadResult as err:
+                    line = passed_over(key, ids[key], err)
                 echo(line)
                 n += 1
                 if count and n >= count:
