@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import ENGINE_DIR, ENGINE_PRECISIONS, Bundle, load_bundle, sha256_file, update_manifest
+from .bundle import (ENGINE_DIR, ENGINE_PRECISIONS, Bundle, load_bundle, manifest_on_disk, sha256_file,
+                     update_manifest)
 from .export import INPUT, export_onnx
 from .model import AnomalyModel
 
@@ -177,6 +178,7 @@ def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
     final = bundle.path / rel
     final.parent.mkdir(exist_ok=True)
     tmp = final.with_name(f".{final.name}.partial")
+    sweep_killed_builds(final.parent)
     # int8: the fp32 export and what the quantizer writes beside it (its shape-inferred copy) go
     # in a folder of their own, removed with everything in it however the build ends
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)) \
@@ -211,23 +213,47 @@ def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
             raise ParityError(f"{final}: ONNX Runtime differs from PyTorch by {result['max_abs_diff']:.3g} "
                               f"(tolerance {result['tolerance']}), {result['mask_flips_beyond_tolerance']} mask "
                               f"pixels flipped; not stored")
-        forget_engine(bundle, "onnx", precision)  # an interrupt next must not leave it naming the new file
-        os.replace(tmp, final)
+        from .runtime import model_digest
+        entry = {"backend": "onnx", "precision": precision, "file": rel, "sha256": sha256_file(tmp),
+                 "model_digest": model_digest(bundle), "max_batch": max_batch, "image_size": bundle.image_size,
+                 "opset": 17, "parity": {**result, "against": "pytorch fp32",
+                                         "on": "real images" if frames else "uniform noise"}}
+        if precision == "int8":
+            from .quantize import HEADROOM
+            entry["calibration"] = {"images": len(calibration),
+                                    "ranges": f"{HEADROOM:g}x the max |activation| over these good images"}
+        # From here the file and its entry change together: an interrupt between them left the engine
+        # file in the bundle and no entry naming it (or, before forget_engine, the old entry naming the
+        # new file), so whatever stops it, a file the manifest does not list goes
+        try:
+            forget_engine(bundle, "onnx", precision)
+            os.replace(tmp, final)
+            record_engine(bundle, entry)
+        except BaseException:
+            if not listed(bundle, rel):
+                final.unlink(missing_ok=True)
+            raise
     finally:
         tmp.unlink(missing_ok=True)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
-    from .runtime import model_digest
-    entry = {"backend": "onnx", "precision": precision, "file": rel, "sha256": sha256_file(final),
-             "model_digest": model_digest(bundle), "max_batch": max_batch, "image_size": bundle.image_size, "opset": 17,
-             "parity": {**result, "against": "pytorch fp32",
-                        "on": "real images" if frames else "uniform noise"}}
-    if precision == "int8":
-        from .quantize import HEADROOM
-        entry["calibration"] = {"images": len(calibration),
-                                "ranges": f"{HEADROOM:g}x the max |activation| over these good images"}
-    record_engine(bundle, entry)
     return entry
+
+
+def listed(bundle: Bundle, rel: str) -> bool:
+    """Whether the manifest on disk now lists an engine in file `rel`."""
+    return any(e.get("file") == rel for e in (manifest_on_disk(bundle.path) or {}).get("engines") or [])
+
+
+def sweep_killed_builds(engines: Path) -> None:
+    """Remove what builds killed outright (SIGKILL, a power cut) left in the bundle's `engines`
+    folder: partial files, and int8 builds' work folders (tens of MB, copied with the bundle ever
+    after). Only one build of a bundle runs at a time (the CLI's lock), so none of them is in use."""
+    for left in engines.glob(".model-*.partial"):
+        if left.is_dir() and not left.is_symlink():
+            shutil.rmtree(left, ignore_errors=True)
+        else:
+            left.unlink(missing_ok=True)
 
 
 def record_engine(bundle: Bundle, entry: dict) -> None:

@@ -536,20 +536,35 @@ def test_two_commands_changing_one_bundle_at_once_lose_nothing(bundle_copy, buil
 @pytest.mark.slow
 def test_an_engine_interrupted_between_its_file_and_its_entry_is_unbuilt_not_damaged(bundle_copy, monkeypatch):
     """The new file replaced the old one, then the build stopped before the manifest was written: the
-    old entry named the new file, and every later run said "checksum mismatch, damaged"."""
+    old entry named the new file, and every later run said "checksum mismatch, damaged". Then the
+    file stayed with no entry naming it (a stray no later command removed). An engine is listed in
+    the manifest or not in the bundle at all, wherever the interrupt lands; and what a build killed
+    outright left (its partial file, an int8 build's work folder) goes at the next build."""
     from ustudents.engines import onnx_engine
 
-    build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2)
-
-    def stop(path):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(onnx_engine, "sha256_file", stop)  # the first step after the file is in place
-    with pytest.raises(KeyboardInterrupt):
+    engine = bundle_copy / "engines" / "model-fp32.onnx"
+    real = {name: getattr(onnx_engine, name) for name in ("forget_engine", "record_engine")}
+    for where in real:
         build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2)
-    monkeypatch.undo()
-    with pytest.raises(EngineError, match="has no onnx engine; build one with") as refused:
-        load_engine(bundle_copy, backend="onnxruntime", device="cpu")
-    assert "damaged" not in str(refused.value)
+        assert engine.is_file()
+
+        def then_stop(*args, where=where):
+            if where == "forget_engine":
+                real[where](*args)  # the old entry forgotten, the new file not yet in place
+            raise KeyboardInterrupt
+        monkeypatch.setattr(onnx_engine, where, then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2)
+        monkeypatch.undo()
+        with pytest.raises(EngineError, match="has no onnx engine; build one with") as refused:
+            load_engine(bundle_copy, backend="onnxruntime", device="cpu")
+        assert "damaged" not in str(refused.value)
+        assert sorted(f.name for f in (bundle_copy / "engines").iterdir()) == [], where
+    (bundle_copy / "engines" / ".model-fp32.onnx.partial").write_bytes(b"cut short")
+    (bundle_copy / "engines" / ".model-int8.onnx.k1ll3d.partial").mkdir()
+    (bundle_copy / "engines" / ".model-int8.onnx.k1ll3d.partial" / "model-fp32.onnx").write_bytes(b"x" * 1000)
+    build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2)
+    assert sorted(f.name for f in (bundle_copy / "engines").iterdir()) == ["model-fp32.onnx"]
 
 
 @pytest.mark.slow
