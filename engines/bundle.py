@@ -343,6 +343,13 @@ def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torc
     engines the old manifest listed and the new one does not are removed last."""
     path = Path(path)
     old = load_bundle(path).manifest
+    # What a rewrite stopped after its manifest's rename (Ctrl-C in the cleanup) or killed outright left:
+    # weights files no manifest names any more, full-size copies that nothing else removes. The caller
+    # holds the bundle's lock, so no other rewrite is writing them now.
+    for left in [*path.glob("weights*.safetensors"), *path.glob(".weights.*.partial")]:
+        if left.name != old["weights"]["file"] and left.is_file() and \
+                (OWN_WEIGHTS.fullmatch(left.name) or left.suffix == ".partial"):
+            left.unlink(missing_ok=True)
     tmp = path / f".weights.{os.getpid()}.partial"
     try:
         record = _save_weights(tmp, tensors, path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .bundle import ENGINE_DIR, MANIFEST, BundleError, changing, is_bundle, load_bundle
+from .bundle import ENGINE_DIR, MANIFEST, BundleError, changing, is_bundle, load_bundle, manifest_on_disk
 from .files import os_error_line, real_path
 from .images import (IMAGE_SUFFIXES, ImageError, first_copy, image_files, missing_folder_hint, read_image,
                      subfolder_hint)
@@ -194,14 +194,23 @@ def changing_bundle(model: Path, command: str):
     the bundle, loaded (and its weights verified) once, under the lock."""
     if not Path(model).is_dir():
         load_bundle(model)  # no folder to lock: its one-line "not a model bundle directory"
+    before = None
     try:
         with changing(model), sigterm_as_ctrl_c():
             bundle = load_bundle(model)
+            before = manifest_on_disk(bundle.path)
             check_bundle_writable(bundle.path, engines_too=command == "build-engines")
             yield bundle
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: {model} holds nothing half-written ({command} replaces each file whole); run "
-                   "the command again to finish", err=True)
+        # calibrate's one manifest write is its change: a stop in the cleanup after its rename said "run
+        # the command again to finish" of a bundle already recalibrated (build-engines may have more to
+        # build after an engine it recorded)
+        if command == "calibrate" and before is not None and manifest_on_disk(model) != before:
+            click.echo(f"\ninterrupted: {model} holds what {command} wrote (its manifest was replaced before the "
+                       "stop); nothing half-written, nothing to run again", err=True)
+        else:
+            click.echo(f"\ninterrupted: {model} holds nothing half-written ({command} replaces each file whole); "
+                       "run the command again to finish", err=True)
         raise SystemExit(130) from None
 
 

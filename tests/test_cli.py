@@ -393,6 +393,35 @@ def test_calibrate_on_enough_images_sets_the_position_score(position_bundle, sma
     assert no_hidden_leftovers(position_bundle) == [] and no_hidden_leftovers(position_bundle.parent) == []
 
 
+def test_a_stop_after_calibrate_replaced_the_manifest_says_so_and_its_old_weights_go_next_time(
+        small_bundle, many_good_images, tmp_path, monkeypatch):
+    """Ctrl-C in the cleanup after the manifest's rename (the weights changed: the position statistics
+    came) said "run the command again to finish" of a bundle already recalibrated, and left the old
+    weights file, a full-size copy no later command removed."""
+    from ustudents.engines import bundle as bundle_module
+    from ustudents.engines.bundle import manifest_on_disk
+
+    bundle = Path(shutil.copytree(small_bundle, tmp_path / "b"))
+    before = manifest_on_disk(bundle)
+    real = bundle_module._fsync_dir
+
+    def stop_once_written(path):
+        real(path)
+        if manifest_on_disk(bundle)["id"] != before["id"]:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(bundle_module, "_fsync_dir", stop_once_written)
+    result = invoke("calibrate", bundle, "--images", many_good_images)
+    monkeypatch.undo()
+    assert result.exit_code == 130, result.output
+    assert f"interrupted: {bundle} holds what calibrate wrote (its manifest was replaced before the stop); nothing " \
+           "half-written, nothing to run again" in result.output
+    after = load_bundle(bundle).manifest
+    assert after["image_score"]["method"] == "position_z_max" and after["weights"] != before["weights"]
+    assert (bundle / before["weights"]["file"]).is_file()  # the stop came before it went
+    assert_ok(invoke("calibrate", bundle, "--images", many_good_images))
+    assert sorted(f.name for f in bundle.glob("weights*")) == [load_bundle(bundle).manifest["weights"]["file"]]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("calibrated,native,want_bf16", [("bf16", True, True), ("bf16", False, False),
                                                          ("fp32", True, False)])
