@@ -2044,7 +2044,7 @@ def test_the_tools_refuse_at_once_what_would_lose_frames_or_leak_a_password(fram
     check_save_folder(saved)
     client(redis_url).set(f"{stream}:results", "not a stream")
     out = runner.invoke(main, ["results", "--stream", stream, "--count", "1", "--redis-url", redis_url])
-    assert out.exit_code == 2 and f"{stream}:results or {stream}:dead is a Redis key of another type" in out.output
+    assert out.exit_code == 2 and f"stream {stream}: {stream}:results is a Redis key of another type" in out.output
     client(redis_url).delete(f"{stream}:results")
     from ustudents.worker.settings import shown_url
     assert shown_url("redis://:s3cr@t@redis:6379/0") == "redis://:***@redis:6379/0"  # an unencoded '@' in it

@@ -313,6 +313,30 @@ def test_publish_names_a_stream_key_of_another_type(tiny_mvtec, redis_stream):
     assert client.get(stream) == b"a value of another program"  # left as it was
 
 
+def test_results_names_the_key_of_another_type_and_a_save_link_to_nothing(redis_stream, tmp_path):
+    """A result whose input stream was replaced by a string blamed '<stream>:results or <stream>:dead',
+    both streams; a --save link to a missing folder said "File exists; a file stands where a folder
+    goes", after connecting, where it is checked before it starts."""
+    import cv2
+    import numpy as np
+
+    url, client, stream = redis_stream
+    mask = cv2.imencode(".png", np.zeros((20, 20), np.uint8))[1].tobytes()
+    client.xadd(f"{stream}:results", {"entry_id": "1-0", "frame_id": "a", "score": "1", "anomalous": "0",
+                                      "threshold": "2", "latency_ms": "3", "model": "m", "mask": mask})
+    client.set(stream, "a value of another program")
+    saved = tmp_path / "saved"
+    args = ["results", "--stream", stream, "--from-start", "--count", "1", "--redis-url", url]
+    result = CliRunner().invoke(main, [*args, "--save", str(saved)])
+    assert one_error(result) == (f"Error: stream {stream}: {stream} is a Redis key of another type, not a stream; "
+                                 "check --stream (and that nothing else writes those keys)")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    result = CliRunner().invoke(main, [*args[:-2], "--redis-url", "redis://127.0.0.1:1/0", "--save",
+                                       str(tmp_path / "link")])
+    assert one_error(result) == (f"Error: --save {tmp_path / 'link'}: a link to {tmp_path / 'nowhere'}, which does "
+                                 "not exist; make that folder, or choose another --save")
+
+
 def test_max_deliveries_below_2_is_refused():
     """A redelivered frame counts its first delivery: with 1, every frame a stopped worker held would
     be dead-lettered without being tried."""

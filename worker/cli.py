@@ -339,9 +339,13 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
 @user_errors
 def results_cmd(stream, save_to, from_start, count, redis_url):
     """Follow <stream>:results and <stream>:dead: one line per frame."""
+    from . import schema
     from .results import check_save_folder, follow
 
     stream = checked_stream(stream)
+    if save_to is not None and save_to.is_symlink() and not save_to.exists():  # mkdir said "File exists", later
+        raise InputError(f"--save {save_to}: a link to {os.readlink(save_to)}, which does not exist; make that folder, "
+                         "or choose another --save")
     check_output(save_to, "--save", folder=True)
     check_outside_bundles(save_to, "--save")
     if save_to is not None:
@@ -355,8 +359,14 @@ def results_cmd(stream, save_to, from_start, count, redis_url):
     except redis.ResponseError as err:
         if "WRONGTYPE" not in str(err):
             raise InputError(f"stream {stream}: Redis refused the read ({err})") from None
-        raise InputError(f"stream {stream}: {stream}:results or {stream}:dead is a Redis key of another type, not a "
-                         "stream; check --stream (and that nothing else writes those keys)") from None
+        try:  # the input stream too, read for --save's overlays: name the key that is not a stream
+            wrong = [k for k in (schema.results_stream(stream), schema.dead_stream(stream), stream)
+                     if client.type(k) not in (b"stream", b"none")]
+        except redis.RedisError:
+            wrong = []
+        named = " and ".join(wrong) if wrong else f"{stream}:results, {stream}:dead or {stream}"
+        raise InputError(f"stream {stream}: {named} {'is a Redis key' if len(wrong) == 1 else 'are Redis keys'} of "
+                         "another type, not a stream; check --stream (and that nothing else writes those keys)") from None
     except redis.RedisError as err:
         raise InputError(f"stream {stream}: lost Redis ({err}); run the command again") from None
 
