@@ -6,7 +6,11 @@ model's size (the earlier way, which split thin defects into pieces).
 
 Per defect type: masks, 8-connected regions at the masks' own size, regions left at --size (a region
 smaller than a pixel there gets the pixel it covers most, images.resize_regions; it vanished before
-2026-12-07), and regions counted after shrinking (nearest); with the masks whose count changed. Writes benchmarks/results/<name>.json and .md, with the machine named.
+2026-12-07), and regions counted after shrinking (nearest); with the masks whose count changed. With --model, also that bundle's AU-PRO (FPR <= 0.3) on ROOT's test set at its own
+size, its fused maps against the regions counted each of the three ways (what the count changes in
+the metric). Writes benchmarks/results/<name>.json and .md, with the machine named.
+
+    python benchmarks/mask_regions.py ../shared/datasets/magnetic_tile --model MODEL --name NAME
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from common import machine, write_result
+from ustudents.engines.bundle import load_bundle
 from ustudents.engines.images import IMAGE_SUFFIXES, defect_regions, read_mask, resize_regions
 
 
@@ -32,11 +37,38 @@ def counts(mask: np.ndarray, size: int) -> tuple[int, int, int]:
     return int(regions.max()), int((kept > 0).sum()), int(shrunk.max())
 
 
+def model_au_pro(model: Path, root: Path) -> dict[str, float]:
+    """The bundle's fused AU-PRO on root's test set, against its regions found at the masks' own size
+    with specks kept (as `ustudents evaluate` counts them), at their own size as nearest resizing
+    leaves them (before 2026-12-07), and found after shrinking the masks (before 2026-12-06)."""
+    from ustudents.engines.runtime import load_engine
+    from ustudents.train import dataset
+    from ustudents.train.evaluate import engine_maps
+    from ustudents.train.metrics import au_pro
+
+    engine = load_engine(model, backend="torch", device="cpu")
+    size = engine.image_size
+    test = dataset.test_samples(root.parent, root.name)
+    fused, _ = engine_maps(engine, dataset.load_images(test, size, bits=engine.bundle.uint16_bits), desc="test maps")
+    kept = dataset.load_regions(test, size)
+    nearest = np.zeros_like(kept)
+    for i, s in enumerate(test):
+        if s.mask_path is not None:
+            nearest[i] = cv2.resize(defect_regions(read_mask(s.mask_path)), (size, size),
+                                    interpolation=cv2.INTER_NEAREST)
+    return {"own size, specks kept": au_pro(fused, kept), "own size, nearest": au_pro(fused, nearest),
+            "after shrinking": au_pro(fused, nearest > 0)}
+
+
 @click.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--size", default=256, show_default=True, type=click.IntRange(16, 4096), help="The model's image size.")
 @click.option("--name", default=None, help="Result file name.  [default: mask_regions_<folder>_<size>]")
-def main(root, size, name):
+@click.option("--model", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A bundle of ROOT's category: its AU-PRO on ROOT's test set with each count (--size is its own).")
+def main(root, size, name, model):
+    if model is not None:
+        size = load_bundle(model).image_size
     by_type: dict[str, dict] = defaultdict(lambda: {"masks": 0, "regions": 0, "kept": 0, "shrunk": 0,
                                                     "masks_split": 0, "masks_losing_a_region": 0})
     for path in sorted((root / "ground_truth").rglob("*")):
@@ -58,11 +90,17 @@ def main(root, size, name):
                       [f"| {t} | {r['masks']} | {r['regions']} | {r['kept']} | {r['shrunk']} | {r['masks_split']} | "
                        f"{r['masks_losing_a_region']} |" for t, r in rows.items()])
     click.echo(table)
+    au_pro_by_count = model_au_pro(model, root) if model is not None else None
+    if au_pro_by_count:
+        table += "\n\n| regions counted | AU-PRO (FPR <= 0.3), fused |\n|---|---|\n" + "\n".join(
+            f"| {how} | {v:.4f} |" for how, v in au_pro_by_count.items())
+        click.echo(table.split("\n\n")[-1])
     name = name or f"mask_regions_{root.name}_{size}"
     command = " ".join(["python", "benchmarks/mask_regions.py"] + sys.argv[1:])
     m = machine(torch.device("cpu"))
-    path = write_result(name, {"summary": total, "machine": m, "root": root.name, "size": size, "by_type": rows,
-                               "command": command},
+    summary = {**total, **({"au_pro_30": au_pro_by_count} if au_pro_by_count else {})}
+    path = write_result(name, {"summary": summary, "machine": m, "root": root.name, "size": size, "by_type": rows,
+                               "model": str(model) if model else None, "command": command},
                         f"# Defect regions: {name}\n\n{root.name} ground truth at {size} px.\n\n{table}\n\n"
                         f"Reproduce: `{command}`\n")
     click.echo(f"wrote {path} and .md")
