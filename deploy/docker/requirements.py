@@ -6,7 +6,11 @@ compiling pycuda) again.
     python3 deploy/docker/requirements.py pyproject.toml worker onnx > requirements.txt
 """
 import sys
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10, on the older TensorRT bases README names for older hosts
+    import tomli as tomllib
 
 
 def requirements(pyproject: str, extras: list[str]) -> list[str]:
