@@ -106,6 +106,7 @@ log = logging.getLogger(__name__)
 UINT16_BITS = 16  # 16-bit data of unknown depth (and bundles from before uint16_bits): its top 8 bits
 _told_of_dark_16_bit = False  # dark_16_bit_hint: once per process
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def _usual_suffix(folder: Path) -> str:
@@ -172,12 +173,19 @@ def without_colour_profile(data: bytes) -> bytes:
     return data
 
 
+# A JPEG is turned as its EXIF orientation says, as every viewer and labelling tool shows it: read as
+# stored (IMREAD_UNCHANGED ignores the tag), a phone's or camera's rotated JPEG lay across the mask
+# drawn on it, and evaluation scored the misplaced map in silence. A JPEG has no alpha to keep.
+JPEG_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+
+
 def _imdecode(data, source: str) -> np.ndarray | None:
-    """cv2.imdecode(IMREAD_UNCHANGED) of encoded bytes (any buffer), or None where OpenCV cannot decode
-    it. OpenCV raises, rather than returning None, where the header claims a size past its limits: a
-    damaged file, mostly."""
+    """cv2.imdecode of encoded bytes (any buffer): IMREAD_UNCHANGED, but a JPEG turned upright by its
+    EXIF orientation (JPEG_FLAGS); None where OpenCV cannot decode it. OpenCV raises, rather than
+    returning None, where the header claims a size past its limits: a damaged file, mostly."""
+    flags = JPEG_FLAGS if bytes(memoryview(data).cast("B")[:3]) == JPEG_MAGIC else cv2.IMREAD_UNCHANGED
     try:
-        return cv2.imdecode(np.frombuffer(without_colour_profile(data), np.uint8), cv2.IMREAD_UNCHANGED)
+        return cv2.imdecode(np.frombuffer(without_colour_profile(data), np.uint8), flags)
     except cv2.error as err:
         if "CV_IO_MAX_IMAGE_PIXELS" in str(err):
             limit = "the" if ustudents.OPENCV_MAX_PIXELS is None else f"{ustudents.OPENCV_MAX_PIXELS:,}"
@@ -282,7 +290,6 @@ def first_copy(images) -> tuple[int, int] | None:
     return None
 
 
-JPEG_MAGIC = b"\xff\xd8\xff"
 # The first bytes of each format in IMAGE_SUFFIXES (WebP: RIFF, a size, then WEBP)
 IMAGE_MAGICS = (b"\x89PNG\r\n\x1a\n", JPEG_MAGIC, b"BM", b"II*\x00", b"MM\x00*")
 

@@ -744,3 +744,27 @@ def test_an_empty_or_inverted_mask_of_a_defect_image_is_named_once(mvtec, caplog
         "as defect-free; fix those masks, or move the images to test/good if they are good",
         f"{gt}: 1 mask(s) mark more than half of their image as defect (e.g. {inverted}): inverted (background 255, "
         "defect 0)? a mask marks the defect's pixels, 0 elsewhere"]
+
+
+def test_a_jpeg_is_read_turned_as_its_exif_orientation_says(tmp_path):
+    """A phone's or camera's JPEG stored rotated, with an EXIF orientation tag that every viewer and
+    labelling tool follows: read as stored, its mask, drawn on the upright picture, was refused ("mask
+    is 60x40 but its image is 40x60"), or on a square image lay across it and evaluation scored the
+    misplaced map in silence (pixel AUROC 0.99 -> 0.61 in an audit)."""
+    from PIL import Image
+
+    from ustudents.train.dataset import load_regions
+
+    y, x = np.mgrid[0:40, 0:60]
+    upright = np.stack([x * 4, y * 6, (x + y) * 2], -1).astype(np.uint8)  # RGB, 60 wide, 40 high
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1)))  # as the sensor lay: 40 wide
+    exif = stored.getexif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to show
+    stored.save(tmp_path / "img.jpg", exif=exif.tobytes(), quality=95)
+    img = read_image(tmp_path / "img.jpg", None)
+    assert img.shape == (40, 60, 3) and np.abs(img.astype(int) - upright).mean() < 2
+    mask = np.zeros((40, 60), np.uint8)
+    mask[5:15, 10:30] = 255  # drawn on the picture as shown
+    cv2.imwrite(str(tmp_path / "img_mask.png"), mask)
+    regions = load_regions([Sample(tmp_path / "img.jpg", "spot", tmp_path / "img_mask.png")], 30)
+    assert np.array_equal(regions[0] > 0, cv2.resize(mask, (30, 30), interpolation=cv2.INTER_NEAREST) > 0)
