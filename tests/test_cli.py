@@ -894,12 +894,19 @@ def test_predict_and_evaluate_never_replace_files_they_did_not_write(small_bundl
     root = Path(shutil.copytree(tiny_mvtec, tmp_path / "root"))
     truth = root / TINY_CATEGORY / "ground_truth" / "scratch"
     image = root / TINY_CATEGORY / "test" / "scratch" / "000.png"
-    before = {p: p.read_bytes() for p in truth.iterdir()}
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     assert (truth / "000_mask.png") in before
-    assert_input_error(invoke("predict", small_bundle, image, "--out", truth),
-                       f"--out {truth}: holds 000_mask.png, which this command would replace and an earlier "
+    # inside the dataset: test/predictions became a defect type without masks, which broke train and evaluate
+    for out, part in ((truth, "ground_truth"), (root / TINY_CATEGORY / "test" / "predictions", "test")):
+        assert_input_error(invoke("predict", small_bundle, image, "--out", out),
+                           f"--out {out}: inside the dataset folder {root / TINY_CATEGORY / part}, where masks and "
+                           "overlays would be read as the category's own images")
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    assert not (root / TINY_CATEGORY / "test" / "predictions").exists()
+    masks = Path(shutil.copytree(truth, tmp_path / "masks"))  # outside a dataset: a mask of that name stays
+    assert_input_error(invoke("predict", small_bundle, image, "--out", masks),
+                       f"--out {masks}: holds 000_mask.png, which this command would replace and an earlier "
                        "`ustudents predict` did not write")
-    assert {p: p.read_bytes() for p in truth.iterdir()} == before
     out = tmp_path / "pred"
     for _ in range(2):  # its own outputs it replaces
         assert_ok(invoke("predict", small_bundle, image, "--out", out))
@@ -1245,10 +1252,11 @@ def test_outputs_never_replace_inputs_the_bundle_or_the_test_set(bundle_copy, ev
     assert (shots / "a_mask.png").read_bytes() == kept
     # no clash of names, but the folder holds images: the outputs would mix with them. A dataset's
     # train/good as --out had predict's masks and overlays trained on as good images.
-    good = eval_root / TINY_CATEGORY / "test" / "good"
-    for folder in (shots, good):
-        assert_input_error(invoke("predict", bundle_copy, shots / "b.png", "--out", folder),
-                           f"--out {folder}: holds images an earlier `ustudents predict` did not write (")
+    assert_input_error(invoke("predict", bundle_copy, shots / "b.png", "--out", shots),
+                       f"--out {shots}: holds images an earlier `ustudents predict` did not write (")
+    good = eval_root / TINY_CATEGORY / "test" / "good"  # a dataset's folder is refused as such
+    assert_input_error(invoke("predict", bundle_copy, shots / "b.png", "--out", good),
+                       f"--out {good}: inside the dataset folder {good.parent}")
     assert sorted(p.name for p in shots.iterdir()) == ["a.png", "a_mask.png", "b.png"]
     assert {p: p.read_bytes() for p in protected} == before
     assert_ok(invoke("predict", bundle_copy, shots / "b.png", "--out", tmp_path / "predictions"))

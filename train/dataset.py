@@ -57,6 +57,19 @@ class Sample:
     mask_path: Path | None = None
 
 
+DATASET_PARTS = ("train", "test", "ground_truth")
+
+
+def dataset_part(path: str | Path) -> Path | None:
+    """The train/, test/ or ground_truth/ folder of an MVTec AD category that `path` is in or under
+    (a category: a folder holding at least two of them), else None. Outputs written there are read
+    as the dataset's own images: a folder under test/ becomes a defect type with no masks."""
+    for folder in [real_path(path), *real_path(path).parents]:
+        if folder.name in DATASET_PARTS and sum((folder.parent / part).is_dir() for part in DATASET_PARTS) >= 2:
+            return folder
+    return None
+
+
 def _require_dir(folder: Path, what: str) -> None:
     if not folder.is_dir():
         raise DatasetError(f"{folder}: folder not found{missing_folder_hint(folder)}; {what}")

@@ -208,6 +208,10 @@ def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: No
     partial output; then they are scored a batch at a time, so memory holds one batch of frames and
     maps, not the whole set (5-megapixel frames and their float maps add up to GBs)."""
     bundle = engine.bundle
+    if (part := dataset.dataset_part(out)) is not None:  # test/predictions became a defect type without masks
+        raise ValueError(f"--out {out}: inside the dataset folder {part}, where masks and overlays would be read as "
+                         f"the category's own images (under test/, a defect type without masks; under train/, good "
+                         "parts); give an --out folder outside the dataset")
     for p in paths:
         read_image(p, bundle.uint16_bits)
     names = [p.stem for p in paths]
