@@ -157,6 +157,22 @@ def redis_stream():
      "--redis-url / USTUDENTS_REDIS_URL: 'unix://' names no socket; use unix:///PATH/TO/redis.sock"),
     (["--redis-url", "redis://127.0.0.1/0?db=x"], {},
      "--redis-url / USTUDENTS_REDIS_URL: 'redis://127.0.0.1/0?db=x': the database 'x' (?db=) is not a number"),
+    # options redis-py hands to its connections as is: a traceback (TypeError) at the first command, the
+    # password shown in full, a socket_timeout in place of the worker's read timeout, a TLS file missing read
+    # as Redis unreachable, ?db= quietly winning over the path's database
+    (["--redis-url", "redis://:hunter2@127.0.0.1:1/0?socket_timeout=0.5"], {},
+     "--redis-url / USTUDENTS_REDIS_URL: 'redis://:***@127.0.0.1:1/0?socket_timeout=0.5': the option "
+     "'socket_timeout' is not one the worker takes; give only ?db= and, with rediss://, the ssl_ options (the worker "
+     "sets its own timeouts)"),
+    (["--redis-url", "redis://127.0.0.1:1/0?ssl_ca_certs=/ca.pem"], {},
+     "--redis-url / USTUDENTS_REDIS_URL: 'redis://127.0.0.1:1/0?ssl_ca_certs=/ca.pem': ssl_ca_certs is a TLS "
+     "option, and redis:// connects without TLS; use rediss://"),
+    (["--redis-url", "rediss://127.0.0.1:1/0?ssl_ca_certs=/nonexistent/ca.pem"], {},
+     "--redis-url / USTUDENTS_REDIS_URL: 'rediss://127.0.0.1:1/0?ssl_ca_certs=/nonexistent/ca.pem': ssl_ca_certs "
+     "'/nonexistent/ca.pem' is no file here; give the path of the PEM file"),
+    (["--redis-url", "redis://127.0.0.1:1/11?db=12"], {},
+     "--redis-url / USTUDENTS_REDIS_URL: 'redis://127.0.0.1:1/11?db=12': two databases, 11 in the path and 12 "
+     "(?db=), of which Redis would use the second; give one"),
     (["--results-maxlen", "99999999999999999999"], {},
      "--results-maxlen / USTUDENTS_RESULTS_MAXLEN: Input should be less than or equal to 9223372036854775807 "
      "(given: 99999999999999999999)"),

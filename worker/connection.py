@@ -17,7 +17,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .settings import check_redis_url
+from .settings import check_redis_url, shown_url
 
 log = logging.getLogger("ustudents.worker")
 T = TypeVar("T")
@@ -140,8 +140,8 @@ def connect(url: str, password: str | None = None, read_timeout_s: float = 10.0)
     try:
         return redis.Redis.from_url(url, socket_timeout=read_timeout_s, socket_connect_timeout=5.0,
                                     retry=Retry(NoBackoff(), 0), **kwargs)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{url!r}: {err}") from None
+    except (ValueError, TypeError) as err:  # never the URL as given: it may hold a password
+        raise ValueError(f"{shown_url(url)!r}: {err}") from None
 
 
 class Backoff:

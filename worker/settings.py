@@ -33,6 +33,13 @@ MAX_MS = int(MAX_S * 1000)
 MAX_BLOCK_MS = 2**31 - 1 - 10_000  # 24.8 days
 
 
+# What a URL may carry after '?': a database, and TLS settings. redis-py hands any other option to its
+# connections as is: an unknown one ended in a TypeError traceback at the first command, and a
+# socket_timeout replaced the worker's own read timeout (at 0.5 s readiness flapped; at 0 never came).
+URL_OPTIONS = {"db", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"}
+TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
 def check_redis_url(url: str) -> str:
     if not url.startswith(REDIS_SCHEMES):
         raise ValueError(f"{shown_url(url)!r} is not a Redis URL; use redis://HOST:PORT/DB, rediss://... (TLS) or "
@@ -53,9 +60,26 @@ def check_redis_url(url: str) -> str:
             port_text = parts.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]
             raise ValueError(f"{shown_url(url)!r}: the port {port_text!r} is not a number from 1 to 65535; use "
                              "redis://HOST:PORT/DB")
-    db = parse_qs(parts.query).get("db")
+    options = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(options) - URL_OPTIONS)
+    if unknown:  # redis-py hands any option to its connections as is
+        raise ValueError(f"{shown_url(url)!r}: the option {unknown[0]!r} is not one the worker takes; give only "
+                         "?db= and, with rediss://, the ssl_ options (the worker sets its own timeouts)")
+    tls = sorted(k for k in options if k.startswith("ssl_"))
+    if tls and not url.startswith("rediss://"):
+        raise ValueError(f"{shown_url(url)!r}: {tls[0]} is a TLS option, and {url.partition(':')[0]}:// connects "
+                         "without TLS; use rediss://")
+    for option in TLS_FILES:  # a missing one read as Redis being unreachable ("No such file or directory")
+        if option in options and not Path(options[option][-1]).is_file():
+            raise ValueError(f"{shown_url(url)!r}: {option} {options[option][-1]!r} is no file here; give the path of "
+                             "the PEM file")
+    db = options.get("db")
     if db is not None and not (len(db) == 1 and db[0].isdigit()):
         raise ValueError(f"{shown_url(url)!r}: the database {','.join(db)!r} (?db=) is not a number")
+    if db is not None and not url.startswith("unix://") and parts.path.strip("/") and \
+            int(parts.path.strip("/")) != int(db[0]):  # a unix:// path is the socket's
+        raise ValueError(f"{shown_url(url)!r}: two databases, {parts.path.strip('/')} in the path and {db[0]} "
+                         "(?db=), of which Redis would use the second; give one")
     return url
 
 
