@@ -1609,6 +1609,32 @@ def test_sigterm_past_the_deadline_mid_inference_exits_1_and_leaves_the_frames_p
     assert pending_count(r, stream, consumer="late") > 0
 
 
+def test_a_redis_first_reached_after_the_start_gets_the_start_up_checks(small_bundle, tmp_path):
+    """Redis down at start (restarting, loading its AOF: the usual case in a cluster), the checks of
+    the start were skipped and never made: the worker then served a stream that had another consumer
+    group as a second group (each frame judged twice, by both groups' workers), and a database
+    Redis lacks crashed it with a traceback. Now they run at first contact: exit 2, one line."""
+    server = RedisServer(tmp_path).start()
+    client(server.url).xgroup_create("line9", "inspection", id="0", mkstream=True)
+    server.stop()  # the group is in its AOF: back with the server
+    worker = spawn_worker(small_bundle, server.url, "line9", "late-redis", tmp_path)
+    lines: list[str] = []
+    try:
+        while not lines or "serving stream line9" not in lines[-1]:  # past the start's checks, Redis away
+            lines.append(worker.stdout.readline())
+            assert lines[-1] or worker.poll() is None, "".join(lines)
+        server.start()
+        code = worker.wait(120)
+        log = "".join(lines) + worker.stdout.read()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        server.stop()
+    assert code == 2, log
+    assert "stream line9 already has consumer group inspection; ustudents serves one group per stream" in log
+    assert "Traceback" not in log
+
+
 def tls_server(folder: Path, password: str | None = None) -> RedisServer:
     """A started RedisServer taking TLS only, with a self-signed certificate for 127.0.0.1 (its CA file
     in the URL); skips the test where openssl or a redis-server built with TLS is missing."""

@@ -89,11 +89,12 @@ def tool_client(redis_url: str | None) -> redis.Redis:
 ACL_NEEDED = "+@stream +@string +@hash +@keyspace +@scripting +@transaction +@connection"
 
 
-def check_redis_setup(settings: WorkerSettings) -> None:
+def check_redis_setup(settings: WorkerSettings) -> bool:
     """What would make the worker fail however long it retried, found before the model loads:
     a wrong password, a database index Redis does not have, a key of the stream's that is not a
-    stream, a Redis user not allowed the commands the worker runs (ACL). Redis being unreachable is
-    not among them (the worker waits for it)."""
+    stream, a Redis user not allowed the commands the worker runs (ACL), a second consumer group.
+    Redis being unreachable is not among them: False then (the worker waits for it, and runs these
+    checks at first contact: Worker.setup_check); True once checked."""
     from . import schema
     from .connection import UNAVAILABLE, connect, missing_database, refusal
     from .streams import SCRIPTS, text_of
@@ -132,7 +133,7 @@ def check_redis_setup(settings: WorkerSettings) -> None:
         raise InputError(f"Redis at {shown_url(settings.redis_url)} refused the worker ({err}); give the password in the URL or "
                          f"{ENV_PREFIX}REDIS_PASSWORD, and a user allowed {ACL_NEEDED}") from None
     except UNAVAILABLE:
-        return  # not up yet: the worker retries with backoff and reports not-ready meanwhile
+        return False  # not up yet: the worker retries with backoff and reports not-ready meanwhile
     except redis.ResponseError as err:
         if missing := missing_database(client, err):
             raise InputError(f"Redis at {shown_url(settings.redis_url)} answers, but has {missing}; give one it has in "
@@ -152,6 +153,19 @@ def check_redis_setup(settings: WorkerSettings) -> None:
             raise InputError(f"Redis key {key} holds a {kind}, not a stream; the worker reads frames from "
                              f"{settings.stream} and writes to {keys[1]} and {keys[2]}: rename or delete that key, "
                              "or choose another --stream")
+    return True
+
+
+def setup_check_at_first_contact(settings: WorkerSettings):
+    """check_redis_setup for a Redis first reached after the start (Worker.setup_check)."""
+    from .service import SetupRefused
+
+    def check() -> bool:
+        try:
+            return check_redis_setup(settings)
+        except InputError as err:
+            raise SetupRefused(err.format_message()) from None
+    return check
 
 
 redis_url_option = click.option("--redis-url", default=None,
@@ -210,7 +224,7 @@ def worker_cmd(ctx, env_file, **flags):
         logging.getLogger("ustudents.worker").warning(
             "%s: not a setting of the worker, ignored (misspelt? the settings: ustudents worker --help, README "
             "'Settings')", ", ".join(unknown))
-    check_redis_setup(settings)
+    checked = check_redis_setup(settings)
     server = None
     if settings.metrics_port:
         try:
@@ -223,7 +237,8 @@ def worker_cmd(ctx, env_file, **flags):
             raise InputError(f"--metrics-port {settings.metrics_port}: cannot listen on {settings.metrics_host}:"
                              f"{settings.metrics_port} ({err.strerror or err}); choose a free port, or 0 for no metrics") from None
     try:
-        worker = Worker(settings, load_engines(settings), server=server)
+        worker = Worker(settings, load_engines(settings), server=server,
+                        setup_check=None if checked else setup_check_at_first_contact(settings))
     except BaseException:
         if server:
             server.stop()

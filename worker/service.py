@@ -28,6 +28,7 @@ import uuid
 from collections import OrderedDict, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import redis
@@ -186,9 +187,17 @@ class Totals:
     dead: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
+class SetupRefused(Exception):
+    """What the start-up checks of Redis refuse (a second group on the stream, a password or database
+    Redis refuses): no retry mends it, so the worker stops with exit code 2, as at start."""
+
+
 class Worker:
     def __init__(self, settings: WorkerSettings, engines: dict[str, Engine], client: redis.Redis | None = None,
-                 server: HealthServer | None = None):
+                 server: HealthServer | None = None, setup_check: Callable[[], bool] | None = None):
+        """`setup_check`: the start-up checks of Redis (worker.cli.check_redis_setup), where Redis could
+        not be reached at start: run at first contact; True once they ran, False while Redis is
+        unreachable, SetupRefused for what they refuse."""
         if not engines:
             raise ValueError("a worker needs at least one model")
         self.s, self.engines = settings, engines
@@ -240,6 +249,8 @@ class Worker:
         self.name_lock = threading.Lock()  # a renewal in flight, against the release at exit
         self.ready_lock = threading.Lock()
         self.name_wait: str | None = None  # why it is not reading yet: its name is another live worker's
+        self.setup_check = setup_check
+        self.setup_refused = False  # exit code 2
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start_server(self) -> None:
@@ -259,7 +270,8 @@ class Worker:
     def run(self) -> int:
         """Serve until stop() or SIGTERM/SIGINT. Returns the exit code: 0 when everything read
         was published, 1 when the deadline passed first or a stage crashed (what was not published
-        stays pending and is reclaimed by another worker)."""
+        stays pending and is reclaimed by another worker), 2 when the start-up checks of a Redis first
+        reached after the start refused it (_checked_setup)."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
@@ -325,7 +337,7 @@ class Worker:
             t.join(2.0)
         if self.server:
             self.server.stop()
-        code = 0 if drained and self.crashed is None else 1
+        code = 2 if self.setup_refused else 0 if drained and self.crashed is None else 1
         log.info("worker stopped (exit %d): %d frames processed, %d dead-lettered", code, self.totals.processed,
                  sum(self.totals.dead.values()), extra={"event": "stop", "exit_code": code})
         return code
@@ -466,6 +478,27 @@ class Worker:
         self.name_stamp += 1
         return self.io.hold_name(self.name_token, NAME_HOLD_S * 1000, self.name_stamp)
 
+    def _checked_setup(self) -> bool:
+        """Redis was unreachable at start, so the start-up checks that refuse a second consumer group on
+        the stream, a database Redis does not have or a password it refuses were skipped: the worker
+        served as a second group, crashed with a traceback, or waited for ever. They run at first
+        contact; what they refuse stops the worker (exit code 2). False when it stops first."""
+        if self.setup_check is None:
+            return True
+        backoff = Backoff(self.s.backoff_max_s)
+        while not self.stopping.is_set():
+            try:
+                if self.setup_check():
+                    return True
+            except SetupRefused as err:
+                log.error("%s", err, extra={"event": "setup_refused"})
+                self.setup_refused = True
+                self.stop()
+                return False
+            if backoff.wait(self.stopping):
+                break
+        return False
+
     def _take_name(self) -> bool:
         """Hold this worker's consumer name before reading (StreamIO.hold_name). Another worker's
         hold is waited out, not ready meanwhile; one that is renewed over a renewal period is a live
@@ -508,7 +541,7 @@ class Worker:
         return False
 
     def _reader(self) -> None:
-        if not self._take_name():
+        if not self._checked_setup() or not self._take_name():
             self._put(self.decoded, STOP)
             return
         s = self.s
