@@ -275,6 +275,22 @@ def test_a_model_directory_with_a_comma_in_its_name_is_one_directory(tiny_bundle
     assert WorkerSettings(_env_file=None, stream="line1", model="/m/a, /m/b").model_dirs == [Path("/m/a"), Path("/m/b")]
 
 
+def test_every_bundle_is_checked_before_any_engine_loads(small_bundle, tmp_path, monkeypatch):
+    """A missing bundle, or a second of one category, was found after the bundles before it were
+    loaded and warmed up (minutes on a CPU, or with a TensorRT plan to build), on every restart of a
+    worker that crash-looped on it."""
+    from ustudents.engines.bundle import BundleError
+    from ustudents.worker import service
+
+    loaded: list[Path] = []
+    monkeypatch.setattr(service, "load_engine", lambda path, **kw: loaded.append(path))
+    for second, error in ((tmp_path / "nonexist", BundleError), (Path(small_bundle), ValueError)):
+        settings = WorkerSettings(_env_file=None, stream="line1", model=[str(small_bundle), str(second)])
+        with pytest.raises(error):
+            service.load_engines(settings)
+    assert loaded == []
+
+
 def test_publish_reports_the_frames_it_sent_when_interrupted(tiny_mvtec, redis_stream, monkeypatch):
     """Ctrl-C printed "published 0 frames" after frames had gone out: the count was publish()'s return."""
     from ustudents.worker import publish

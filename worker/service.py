@@ -28,12 +28,14 @@ import uuid
 from collections import OrderedDict, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import redis
 
 from ustudents import __version__
+from ustudents.engines.bundle import load_bundle
 from ustudents.engines.images import ImageError
 from ustudents.engines.runtime import Engine, Prediction, load_engine
 
@@ -72,15 +74,21 @@ class ModelFailing(RuntimeError):
 
 def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
     """One engine per served bundle, keyed by the bundle's category, each warmed up (Engine.warm_up:
-    so that no real batch is the slow first one). Raises BundleError/EngineError/ValueError."""
-    engines: dict[str, Engine] = {}
+    so that no real batch is the slow first one). Raises BundleError/EngineError/ValueError. Every
+    bundle is read and the categories compared before any engine loads: a missing or second bundle
+    of a category was found after the ones before it were loaded and warmed up (minutes on a CPU or
+    with a plan to build), on every restart of a crash-looping worker."""
+    first: dict[str, Path] = {}
     for path in settings.model_dirs:
+        category = load_bundle(path).manifest["category"]
+        if category in first:
+            raise ValueError(f"{path}: a second model for category {category!r} (also {first[category]}); "
+                             "serve one model per category")
+        first[category] = path
+    engines: dict[str, Engine] = {}
+    for category, path in first.items():
         engine = load_engine(path, backend=settings.backend, device=settings.device,
                              precision=settings.precision, max_batch=settings.batch)
-        category = engine.info["category"]
-        if category in engines:
-            raise ValueError(f"{path}: a second model for category {category!r} (also {engines[category].bundle.path}); "
-                             "serve one model per category")
         engine.warm_up()
         engines[category] = engine
     return engines
