@@ -1502,6 +1502,23 @@ def test_sigterm_publishes_everything_in_flight_and_exits_0(small_bundle, frames
     assert not joined(r, stream, "term")  # a clean exit leaves no consumer behind
 
 
+def test_sighup_stops_the_worker_as_sigterm_does(small_bundle, redis_url, stream, tmp_path):
+    """A closed terminal or a supervisor's reload (SIGHUP) ended the worker at once: exit 129, no log
+    line, its consumer left in the group and its name held until the hold lapsed."""
+    r = client(redis_url)
+    worker = spawn_worker(small_bundle, redis_url, stream, "hup", tmp_path)
+    try:
+        wait_for(lambda: joined(r, stream, "hup") or worker.poll() is not None, 90, "the worker to start")
+        worker.send_signal(signal.SIGHUP)
+        code = worker.wait(60)
+        log = worker.stdout.read()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert code == 0 and "SIGHUP received" in log, log
+    assert not joined(r, stream, "hup")
+
+
 def test_a_second_stop_signal_exits_at_once_unless_it_is_the_first_repeated(monkeypatch):
     """GNU timeout sends SIGTERM to the worker and then to its process group: that one stop, taken as a
     second, force-exited a worker that was finishing its batches (exit 1, frames left pending)."""

@@ -144,6 +144,11 @@ def redis_stream():
     # settings without a flag are named by their variable alone: "--block-ms" sent users to no flag
     ([], {"USTUDENTS_STATS_INTERVAL_S": "inf"},
      "USTUDENTS_STATS_INTERVAL_S: Input should be a finite number (given: 'inf')"),
+    # periods so short that an idle worker kept Redis and its cores busy (8,000 commands a second)
+    ([], {"USTUDENTS_STATS_INTERVAL_S": "0.000001"},
+     "USTUDENTS_STATS_INTERVAL_S: Input should be greater than or equal to 0.1 (given: '0.000001')"),
+    (["--claim-idle-ms", "1"], {},
+     "--claim-idle-ms / USTUDENTS_CLAIM_IDLE_MS: Input should be greater than or equal to 100 (given: 1)"),
     ([], {"USTUDENTS_BLOCK_MS": "99999999999999"},
      "USTUDENTS_BLOCK_MS: Input should be less than or equal to 2147473647 (given: '99999999999999')"),
     # the port and the database as urllib and redis-py word them named no setting; unix:// retried for ever

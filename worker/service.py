@@ -281,7 +281,9 @@ class Worker:
         stays pending and is reclaimed by another worker), 2 when the start-up checks of a Redis first
         reached after the start refused it (_checked_setup)."""
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            # SIGHUP too (a closed terminal, a supervisor's reload): it ended the worker at once, no log
+            # line, its consumer left in the group and its name held until the hold lapsed
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, self._on_signal)
         self.start_server()
         self._update_ready()
