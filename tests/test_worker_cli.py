@@ -214,6 +214,26 @@ def test_a_metrics_address_not_of_this_machine_is_named_not_the_port(tmp_path):
             "); give an address of this machine (0.0.0.0: all of them)"), error
 
 
+def test_the_metrics_server_listens_on_an_ipv6_address():
+    """USTUDENTS_METRICS_HOST=:: (an IPv6-only cluster's probes) was refused: "Address family for
+    hostname not supported"."""
+    import socket
+    import urllib.request
+
+    from ustudents.worker.metrics import HealthServer
+
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 on this machine")
+    server = HealthServer("::1", 0, lambda: b"", lambda: (True, "ok"), lambda: (True, "ready"))
+    server.start()
+    try:
+        assert urllib.request.urlopen(f"http://[::1]:{server.port}/healthz", timeout=5).status == 200
+    finally:
+        server.stop()
+
+
 def test_the_help_names_every_setting_as_a_flag_or_among_those_without_one():
     from ustudents.worker.cli import worker_cmd
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
@@ -108,6 +109,10 @@ class WorkerMetrics:
 Check = Callable[[], tuple[bool, str]]
 
 
+class _IPv6HTTPServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 class HealthServer:
     """GET /metrics (Prometheus text format), /healthz (200 while the worker's threads live),
     /readyz (200 when the model is loaded and Redis reachable, else 503 with the reason).
@@ -134,7 +139,9 @@ class HealthServer:
             def log_message(self, *args):  # probes every few seconds: no access log
                 pass
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        # an IPv6 address (::, ::1: an IPv6-only cluster's probes) was refused as "Address family for
+        # hostname not supported": the server class binds IPv4 unless told otherwise
+        self.server = (_IPv6HTTPServer if ":" in host else ThreadingHTTPServer)((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True)
