@@ -768,3 +768,18 @@ def test_a_jpeg_is_read_turned_as_its_exif_orientation_says(tmp_path):
     cv2.imwrite(str(tmp_path / "img_mask.png"), mask)
     regions = load_regions([Sample(tmp_path / "img.jpg", "spot", tmp_path / "img_mask.png")], 30)
     assert np.array_equal(regions[0] > 0, cv2.resize(mask, (30, 30), interpolation=cv2.INTER_NEAREST) > 0)
+
+
+def test_images_of_a_format_not_read_beside_ones_that_are_are_named(mvtec, caplog):
+    """Four of sixteen train/good images saved as .pgm (a machine-vision camera's format) were left
+    out in silence: training said '11 training and 1 validation images' and nothing more."""
+    good = mvtec / CAT / "train" / "good"
+    for f in sorted(good.iterdir())[:2]:
+        cv2.imwrite(str(f.with_suffix(".pgm")), cv2.imread(str(f), cv2.IMREAD_GRAYSCALE))
+        f.unlink()
+    with caplog.at_level("WARNING", logger="ustudents.train.dataset"):
+        samples = train_samples(mvtec, CAT)
+    names = sorted(f.name for f in good.iterdir() if f.suffix == ".pgm")
+    assert all(s.path.suffix != ".pgm" for s in samples)
+    assert f"{good}: 2 file(s) of an image format not read here (e.g. {names[0]}) are not used; convert them to PNG " \
+           "to use them" in caplog.text
