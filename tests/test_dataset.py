@@ -783,3 +783,26 @@ def test_images_of_a_format_not_read_beside_ones_that_are_are_named(mvtec, caplo
     assert all(s.path.suffix != ".pgm" for s in samples)
     assert f"{good}: 2 file(s) of an image format not read here (e.g. {names[0]}) are not used; convert them to PNG " \
            "to use them" in caplog.text
+
+
+def test_masks_there_under_another_name_are_named_not_asked_for(mvtec):
+    """Masks copied from Windows or macOS, or from another dataset, with their folder or name in
+    another case, or named as their image: each was "missing mask ...; add it"."""
+    gt = mvtec / CAT / "ground_truth"
+    image = mvtec / CAT / "test" / "scratch" / "000.png"
+    mask = gt / "scratch" / "000_mask.png"
+    for moved, shown in ((gt / "scratch" / "000_MASK.png", gt / "scratch" / "000_MASK.png"),
+                         (gt / "scratch" / "000.png", gt / "scratch" / "000.png")):
+        mask.rename(moved)
+        with pytest.raises(DatasetError) as info:
+            test_samples(mvtec, CAT)
+        assert str(info.value) == (f"{mask}: missing mask for test image {image} ({shown} is there: a mask is named "
+                                   "<image name>_mask, case-sensitive; rename it to 000_mask.png)")
+        moved.rename(mask)
+    for folder, renamed in ((gt / "scratch", gt / "Scratch"), (gt, mvtec / CAT / "Ground_Truth")):
+        folder.rename(renamed)
+        with pytest.raises(DatasetError) as info:
+            test_samples(mvtec, CAT)
+        assert str(info.value).startswith(f"{mask}: missing mask for test image {image} ({renamed} is there: names are "
+                                          f"case-sensitive, rename it to {folder.name})"), str(info.value)
+        renamed.rename(folder)

@@ -165,10 +165,19 @@ def _masks_in(gt_dir: Path) -> dict[str, Path]:
 
 
 def _find_mask(masks: dict[str, Path], gt_dir: Path, image: Path) -> Path:
+    """The mask of a defect test image; else an error that names what is there under another name
+    (a folder or file in another case, from Windows or macOS; a mask named as its image), where
+    "missing mask ...; add it" sent users to add masks they had."""
     wanted = f"{image.stem}_mask"
-    if wanted not in masks:
-        raise DatasetError(f"{gt_dir / (wanted + '.png')}: missing mask for test image {image}; add it")
-    return masks[wanted]
+    if wanted in masks:
+        return masks[wanted]
+    if not gt_dir.is_dir():
+        hint = missing_folder_hint(gt_dir) or ("" if gt_dir.parent.is_dir() else missing_folder_hint(gt_dir.parent))
+    else:
+        near = [p for stem, p in masks.items() if stem.lower() == wanted.lower() or stem == image.stem]
+        hint = f" ({near[0]} is there: a mask is named <image name>_mask, case-sensitive; rename it to " \
+               f"{wanted}{near[0].suffix})" if near else ""
+    raise DatasetError(f"{gt_dir / (wanted + '.png')}: missing mask for test image {image}{hint or '; add it'}")
 
 
 def test_samples(root: str | Path, category: str) -> list[Sample]:
