@@ -29,7 +29,7 @@ MAX_COUNT = 2**63 - 1  # Redis' integers (MAXLEN, counts, TTLs)
 MAX_S = threading.TIMEOUT_MAX  # the longest wait Python's threads and sockets take (292 years on Linux)
 MAX_MS = int(MAX_S * 1000)
 # The shortest period of the worker's own loops (the claim, the gauges' refresh, the log summary): at
-# 1 microsecond an idle worker sent Redis 8,000 commands a second and took two cores' worth of time.
+# 1 microsecond an idle worker sent Redis about 8,000 commands a second, with most of a core busy.
 MIN_PERIOD_MS = 100
 # The client's socket timeout is block_ms / 1000 + 10 s; poll() takes it as a C int of ms, and past
 # that the wait wraps round to a short one (a read timing out at random) or overflows
