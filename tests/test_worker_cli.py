@@ -144,6 +144,9 @@ def redis_stream():
     # settings without a flag are named by their variable alone: "--block-ms" sent users to no flag
     ([], {"USTUDENTS_STATS_INTERVAL_S": "inf"},
      "USTUDENTS_STATS_INTERVAL_S: Input should be a finite number (given: 'inf')"),
+    # named by the engine as --backend, whatever set it
+    ([], {"USTUDENTS_BACKEND": "foo"},
+     "--backend / USTUDENTS_BACKEND: 'foo': choose auto, torch, onnxruntime or tensorrt"),
     # periods so short that an idle worker kept Redis and its cores busy (8,000 commands a second)
     ([], {"USTUDENTS_STATS_INTERVAL_S": "0.000001"},
      "USTUDENTS_STATS_INTERVAL_S: Input should be greater than or equal to 0.1 (given: '0.000001')"),
@@ -392,6 +395,13 @@ def test_results_names_the_key_of_another_type_and_a_save_link_to_nothing(redis_
                                        str(tmp_path / "link")])
     assert one_error(result) == (f"Error: --save {tmp_path / 'link'}: a link to {tmp_path / 'nowhere'}, which does "
                                  "not exist; make that folder, or choose another --save")
+
+
+def test_an_empty_backend_or_device_is_auto_as_an_empty_precision_is_the_default():
+    """Compose's ${VAR:-} gives empty strings: an empty USTUDENTS_PRECISION meant the default, while an
+    empty USTUDENTS_BACKEND or USTUDENTS_DEVICE was refused."""
+    settings = WorkerSettings(_env_file=None, stream="line1", model="m", backend="", device=" ", precision="")
+    assert (settings.backend, settings.device, settings.precision) == ("auto", "auto", None)
 
 
 def test_max_deliveries_below_2_is_refused():

@@ -154,8 +154,8 @@ class WorkerSettings(BaseSettings):
     stream: str = Field(description="Input Redis stream, e.g. line1; results go to <stream>:results.")
     # NoDecode: the variable's value is split at commas below, not read as JSON; flags give a list
     model: Annotated[list[str], NoDecode] = Field(description="Model bundle directory; several separated by commas (chosen per frame by `category`). Each `--model` is one directory, commas included: give a directory whose name holds a comma that way.")
-    backend: str = Field("auto", description="auto, torch, onnxruntime or tensorrt.")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    backend: str = Field("auto", description="auto, torch, onnxruntime or tensorrt; empty: auto.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N; empty: auto.")
     precision: str | None = Field(None, description="fp32, bf16, fp16 or int8; empty or unset: the backend's default (on a CPU, the precision the bundle was calibrated in where the CPU has it natively, else fp32).")
     batch: int = Field(8, ge=1, le=256, description="Frames per micro-batch (XREADGROUP COUNT and inference batch).")
 
@@ -214,9 +214,24 @@ class WorkerSettings(BaseSettings):
     def _url(cls, v: str) -> str:
         return check_redis_url(v)
 
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        # checked here, not when the engine loads, where the error named --backend for a value from
+        # the environment; empty, as compose's ${VAR:-} gives: auto, as for precision and device
+        if not v.strip():
+            return "auto"
+        if v != "auto":
+            from ustudents.engines.runtime import BACKENDS  # imports torch: only when a backend is given
+            if v not in BACKENDS:
+                raise ValueError(f"{v!r}: choose auto, {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
+        if not v.strip():
+            return "auto"
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
             raise ValueError(f"{v!r}: choose auto, cpu, cuda or cuda:N")
         return v
