@@ -197,21 +197,30 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
+def device_refusal(device: str | torch.device) -> str | None:
+    """Why `device` cannot run ustudents here, or None: what the CLIs' --device and the worker's
+    USTUDENTS_DEVICE each prefix with their own name."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        return "not a device; give auto, cpu, cuda or cuda:N"
+    if parsed.type not in ("cpu", "cuda"):
+        return "ustudents runs on cpu or cuda; give auto, cpu, cuda or cuda:N"
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        return "PyTorch sees no CUDA GPU here; use cpu or auto"
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        return (f"PyTorch sees {torch.cuda.device_count()} GPU(s) here, cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1} (CUDA_VISIBLE_DEVICES limits and renumbers them)")
+    return None
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise EngineError(f"--device {device}: not a device; give auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise EngineError(f"--device {device}: ustudents runs on cpu or cuda; give auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise EngineError(f"--device {device}: PyTorch sees {torch.cuda.device_count()} GPU(s) here, cuda:0 to "
-                          f"cuda:{torch.cuda.device_count() - 1} (CUDA_VISIBLE_DEVICES limits and renumbers them)")
-    return device
+    refusal = device_refusal(device)
+    if refusal:  # named as given: "cuda:7", not "cuda", when the index is the user's
+        raise EngineError(f"--device {device}: {refusal}")
+    return torch.device(device)
 
 
 def native_bf16(device: torch.device) -> bool:

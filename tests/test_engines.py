@@ -338,7 +338,7 @@ def test_device_takes_cuda_n_as_the_messages_offer_and_refuses_what_is_no_device
     result = invoke("predict", bundle_copy, image, "--out", tmp_path / "p", "--device", "cuda:1")
     assert result.exit_code == 2 and "is not one of" not in result.output, result.output  # checked by load_engine
     if not torch.cuda.is_available():
-        assert "--device cuda: PyTorch sees no CUDA GPU here" in result.output, result.output
+        assert "--device cuda:1: PyTorch sees no CUDA GPU here" in result.output, result.output  # as written
     result = invoke("predict", bundle_copy, image, "--out", tmp_path / "p", "--device", "gpu")
     assert result.exit_code == 2 and "'gpu': give auto, cpu, cuda or cuda:N" in result.output, result.output
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 from click.testing import CliRunner
 
 from ustudents.cli import main
@@ -59,7 +60,7 @@ def damaged_bundle(tiny_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no-stream", "no-model-dir", "damaged-bundle", "bad-url", "bad-batch", "bad-backend",
-                                  "port-taken", "bad-device", "no-env-file", "bad-precision-env"])
+                                  "port-taken", "bad-device", "no-env-file", "bad-precision-env", "absent-gpu-env"])
 def test_bad_input_at_start_is_one_line_and_exit_2(case, tiny_bundle, damaged_bundle, tmp_path):
     empty = tmp_path / "empty.env"
     empty.write_text("")
@@ -68,6 +69,8 @@ def test_bad_input_at_start_is_one_line_and_exit_2(case, tiny_bundle, damaged_bu
             "--metrics-port", "0"]
     bad_precision = tmp_path / "precision.env"
     bad_precision.write_text("USTUDENTS_PRECISION=fp64\n")
+    absent_gpu = tmp_path / "gpu.env"
+    absent_gpu.write_text(f"USTUDENTS_DEVICE=cuda:{torch.cuda.device_count() + 6}\n")  # a GPU past those here
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -90,6 +93,9 @@ def test_bad_input_at_start_is_one_line_and_exit_2(case, tiny_bundle, damaged_bu
         "no-env-file": ([a if a != str(empty) else str(tmp_path / "typo.env") for a in base], "typo.env' does not exist"),
         "bad-precision-env": ([a if a != str(empty) else str(bad_precision) for a in base],
                               "USTUDENTS_PRECISION: 'fp64': choose fp32, bf16, fp16, int8"),
+        # named by the variable and as written (it was '--device cuda: ...' from the engine, whatever set it)
+        "absent-gpu-env": ([a if a != str(empty) else str(absent_gpu) for a in base if a not in ("--device", "cpu")],
+                           f"--device / USTUDENTS_DEVICE: 'cuda:{torch.cuda.device_count() + 6}': PyTorch sees"),
     }[case]
     try:
         result = CliRunner().invoke(main, args)

@@ -234,6 +234,10 @@ class WorkerSettings(BaseSettings):
             return "auto"
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
             raise ValueError(f"{v!r}: choose auto, cpu, cuda or cuda:N")
+        if v.startswith("cuda"):  # checked here, not at the engine's load, so the line names USTUDENTS_DEVICE
+            from ustudents.engines.runtime import device_refusal  # imports torch: only when a GPU is named
+            if refusal := device_refusal(v):
+                raise ValueError(f"{v!r}: {refusal}")
         return v
 
     @field_validator("precision", mode="before")
