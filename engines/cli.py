@@ -167,11 +167,12 @@ def check_bundle_writable(path: Path, engines_too: bool = False) -> None:
 
 
 @contextmanager
-def sigterm_as_ctrl_c():
-    """`docker stop`, systemd and Kubernetes end a job with SIGTERM, which would kill a command where it
-    stands: handled as Ctrl-C instead, each cleans up as on Ctrl-C (training keeps its checkpoint and
-    removes the cached teacher targets; a bundle being changed keeps no partial file). (Signals reach
-    only the main thread; elsewhere nothing changes.)"""
+def stop_signals_as_ctrl_c():
+    """`docker stop`, systemd and Kubernetes end a job with SIGTERM, and a closed terminal (an SSH
+    session dropped) with SIGHUP, either of which would kill a command where it stands: handled as
+    Ctrl-C instead, each cleans up as on Ctrl-C (training keeps its checkpoint and removes the cached
+    teacher targets; a bundle being changed keeps no partial file; a worker loading its models stops
+    its endpoints). (Signals reach only the main thread; elsewhere nothing changes.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -179,11 +180,12 @@ def sigterm_as_ctrl_c():
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    before = signal.signal(signal.SIGTERM, interrupt)
+    before = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 @contextmanager
@@ -196,7 +198,7 @@ def changing_bundle(model: Path, command: str):
         load_bundle(model)  # no folder to lock: its one-line "not a model bundle directory"
     before = None
     try:
-        with changing(model), sigterm_as_ctrl_c():
+        with changing(model), stop_signals_as_ctrl_c():
             bundle = load_bundle(model)
             before = manifest_on_disk(bundle.path)
             check_bundle_writable(bundle.path, engines_too=command == "build-engines")

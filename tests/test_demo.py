@@ -629,6 +629,28 @@ def test_a_second_signal_while_stopping_does_not_cut_the_stop_short(tiny_mvtec, 
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # given back
 
 
+def test_a_closed_terminal_stops_the_demo_as_ctrl_c_does(tiny_mvtec, tmp_path, monkeypatch):
+    """SIGHUP (the terminal closed, an SSH session dropped) ended the demo where it stood, before it
+    stopped what it started; now it stops as on Ctrl-C or SIGTERM."""
+    def hung_up(*a, **kw):
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(1)  # the signal lands here
+        raise AssertionError("the demo went on after SIGHUP")
+
+    def ignore(*args):  # the test's own: without the demo's, SIGHUP would end pytest itself
+        pass
+
+    monkeypatch.setattr(demo, "test_frames", hung_up)
+    before = signal.signal(signal.SIGHUP, ignore)
+    try:
+        result = CliRunner().invoke(demo_cmd, ["--data-root", str(tiny_mvtec), "--category", TINY_CATEGORY,
+                                               "--out", str(tmp_path / "demo")], env={"REDIS_URL": None})
+        assert signal.getsignal(signal.SIGHUP) is ignore  # given back
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert result.exit_code == 130 and result.output == "\ninterrupted\n", (result.output, result.exception)
+
+
 # -- refused before anything runs, not after the training ------------------------------------------------
 def test_a_batch_the_worker_cannot_take_is_refused_before_training(tmp_path):
     """--batch is the worker's micro-batch too: 100000 trained the whole model, then ended in pydantic's

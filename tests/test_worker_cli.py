@@ -568,3 +568,37 @@ def test_results_prints_only_what_arrives_after_it_starts_results_and_dead_lette
     assert out.exit_code == 0, out.output
     assert sorted(out.output.splitlines()) == ["new\tscore 3.250\tANOMALOUS\tthreshold 2.500\t12.0 ms\ttiles-v1",
                                                "new-dead\tDEAD decode_error: not an image"]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_while_the_models_load_is_a_ctrl_c(sig, tiny_bundle, tmp_path, monkeypatch):
+    """Loading takes minutes on a GPU's first start (engines built). A SIGHUP (a closed terminal) or
+    SIGTERM then ended the worker at once (exit 129 or 143, no line); now it stops as on Ctrl-C:
+    its metrics server stopped, one line, exit 130."""
+    import signal
+    import time
+
+    from ustudents.worker import service
+
+    def slow_load(settings):
+        os.kill(os.getpid(), getattr(signal, sig))
+        time.sleep(1)  # the signal lands here
+        raise AssertionError(f"the models went on loading after {sig}")
+
+    monkeypatch.setattr(service, "load_engines", slow_load)
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    # the test's own handler: without the command's, the signal would end pytest itself
+    def ignore(*args):
+        pass
+
+    before = signal.signal(getattr(signal, sig), ignore)
+    try:
+        result = CliRunner().invoke(main, ["worker", "--stream", "line1", "--model", str(tiny_bundle), "--device", "cpu",
+                                           "--env-file", str(empty), "--metrics-port", "0",
+                                           "--redis-url", "redis://127.0.0.1:1/0"])
+        assert signal.getsignal(getattr(signal, sig)) is ignore  # what was there before the command, put back
+    finally:
+        signal.signal(getattr(signal, sig), before)
+    assert result.exit_code == 130 and "interrupted" in result.output, result.output
+    assert "Traceback" not in result.output and "went on loading" not in str(result.exception), result.output

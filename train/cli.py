@@ -18,7 +18,7 @@ import torch
 from ustudents.engines.bundle import (BundleError, check_replaceable, check_writable, load_bundle, locked,
                                       rewrite_bundle)
 from ustudents.engines.cli import (CONTEXT_SETTINGS, InputError, PathArg, changing_bundle, check_apart, check_output,
-                                   check_outside_bundles, engine_options, not_empty, sigterm_as_ctrl_c,
+                                   check_outside_bundles, engine_options, not_empty, stop_signals_as_ctrl_c,
                                    user_errors_for)
 from ustudents.engines.files import real_path
 from ustudents.engines.images import (IMAGE_SUFFIXES, ImageError, image_files, is_image_file, missing_folder_hint,
@@ -183,7 +183,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
         except ValueError as err:
             raise InputError(f"{err} (or train without evaluating: --no-evaluate)") from None
     try:
-        with sigterm_as_ctrl_c():
+        with stop_signals_as_ctrl_c():
             path = train(cfg, log=click.echo)
     except TrainingInterrupted as stop:
         if stop.written is not None:
@@ -198,7 +198,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
     if evaluate:
         from ustudents.engines.runtime import load_engine
         try:
-            with sigterm_as_ctrl_c():
+            with stop_signals_as_ctrl_c():
                 # the precision a worker here runs it in (calibrated bf16 only where bf16 is native)
                 engine = load_engine(path, backend="torch", device=dev, precision=None)
                 results = run_evaluation(engine, data_root, log=click.echo)
@@ -324,7 +324,7 @@ def distil(scales: list[int], out: Path, written: list[int], settings: dict) -> 
     from .teacher import train_teacher
     from .teacher_files import save_teacher
 
-    with sigterm_as_ctrl_c():  # `docker stop`, between scales too: one line and exit 130, as Ctrl-C
+    with stop_signals_as_ctrl_c():  # `docker stop`, between scales too: one line and exit 130, as Ctrl-C
         for p in sorted(scales, reverse=True):
             state, record = train_teacher(TeacherConfig(p=p, **settings))
             path = save_teacher(out, p, state, record)

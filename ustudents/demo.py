@@ -560,7 +560,7 @@ def credit(data_root: Path, category: str) -> str:
 
 # -- the run ---------------------------------------------------------------------------------------
 class Stopped(Exception):
-    """SIGTERM: stop like Ctrl-C."""
+    """SIGTERM, or SIGHUP (its terminal closed): stop like Ctrl-C."""
 
 
 class Demo:
@@ -790,10 +790,10 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
         """While stopping (the worker finishing, Redis cleaned): a second Ctrl-C or SIGTERM would cut it
         short with a traceback and leave the demo's keys in a shared Redis."""
         if previous is not None:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for sig in (signal.SIGINT, *previous):
+                signal.signal(sig, signal.SIG_IGN)
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    previous = {sig: signal.signal(sig, on_sigterm) for sig in (signal.SIGTERM, signal.SIGHUP)} if main_thread else None
     previous_int = signal.getsignal(signal.SIGINT)
     try:
         frames = test_frames(data_root, category)
@@ -877,8 +877,8 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
         hold_signals()
         demo.stop()
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-            signal.signal(signal.SIGINT, previous_int)
+            for sig, handler in {**previous, signal.SIGINT: previous_int}.items():
+                signal.signal(sig, handler)
 
 
 COMMANDS = (demo_cmd,)

@@ -21,7 +21,8 @@ import redis
 from dotenv import dotenv_values
 from pydantic import ValidationError
 
-from ustudents.engines.cli import CONTEXT_SETTINGS, InputError, PathArg, check_output, check_outside_bundles
+from ustudents.engines.cli import (CONTEXT_SETTINGS, InputError, PathArg, check_output, check_outside_bundles,
+                                   stop_signals_as_ctrl_c)
 from ustudents.engines.cli import user_errors as engine_errors
 from ustudents.engines.runtime import BACKENDS, PRECISIONS
 
@@ -237,7 +238,9 @@ def worker_cmd(ctx, env_file, **flags):
             raise InputError(f"--metrics-port {settings.metrics_port}: cannot listen on {settings.metrics_host}:"
                              f"{settings.metrics_port} ({err.strerror or err}); choose a free port, or 0 for no metrics") from None
     try:
-        worker = Worker(settings, load_engines(settings), server=server,
+        with stop_signals_as_ctrl_c():  # minutes on a GPU's first start; Worker.run handles them from then on
+            engines = load_engines(settings)
+        worker = Worker(settings, engines, server=server,
                         setup_check=None if checked else setup_check_at_first_contact(settings))
     except BaseException:
         if server:
