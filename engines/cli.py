@@ -96,12 +96,17 @@ def user_errors_for(errors: tuple[type[Exception], ...]):
     return decorator
 
 
-def check_output(path: Path | None, option: str, folder: bool) -> None:
+def check_output(path: Path | None, option: str, folder: bool, link_to_make: bool = False) -> None:
     """Refuse now, before any work, an output `path` (a folder, or a file when not `folder`) that
-    could not be written at the end: a file where a folder goes or the reverse, or no write access."""
+    could not be written at the end: a file where a folder goes or the reverse, or no write access;
+    and a folder that is a symbolic link to nothing (a share not mounted), which mkdir takes for a
+    file, unless `link_to_make` (training makes the folder a link points to: a plant's `current`)."""
     if path is None:
         return
     path = Path(path)
+    if folder and not link_to_make and path.is_symlink() and not path.exists():
+        raise InputError(f"{option} {path}: a link to {os.readlink(path)}, which does not exist; make that folder, "
+                         f"or choose another {option}")
     if path.exists() and path.is_dir() != folder:
         raise InputError(f"{option} {path}: is a {'file' if folder else 'folder'}; give a "
                          f"{'folder' if folder else 'file name'}")

@@ -1716,6 +1716,21 @@ def test_ctrl_c_while_evaluating_after_training_names_the_written_model_and_exit
     assert result.exit_code == 130 and result.stderr.strip() == "interrupted", result.output
 
 
+@pytest.mark.parametrize("command", ["predict", "teacher"])
+def test_an_output_folder_linking_to_nothing_is_refused_before_any_work(command, tiny_bundle, tiny_mvtec, tmp_path):
+    """predict --out (teacher --out) a link to a folder not there, a share not mounted: predict loaded
+    the model, then said 'out: File exists; a file stands where a folder goes'. One check for every
+    command's output folder now (evaluate --overlays, results --save and the demo's --out had their own)."""
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "nowhere")
+    args = {"predict": ("predict", tiny_bundle, tiny_mvtec / TINY_CATEGORY / "test" / "good" / "000.png", "--out", out),
+            "teacher": ("teacher", "--out", out, "--scales", "17", "--steps", "1")}[command]
+    result = invoke(*args)
+    assert_input_error(result, f"--out {out}: a link to {tmp_path / 'nowhere'}, which does not exist; make that "
+                               "folder, or choose another --out")
+    assert "engine:" not in result.output and not (tmp_path / "nowhere").exists()
+
+
 @pytest.mark.parametrize("where", ["type-file", "type-dangling", "overlays-dangling", "list-folder"])
 def test_evaluate_refuses_overlays_where_a_type_folder_cannot_be_made(where, small_bundle, eval_root, tmp_path):
     """--overlays DIR with a file at DIR/<defect type> (or a link to nothing, or DIR itself one) was found
@@ -1733,7 +1748,8 @@ def test_evaluate_refuses_overlays_where_a_type_folder_cannot_be_made(where, sma
     elif where == "overlays-dangling":
         overlays.rmdir()
         overlays.symlink_to(tmp_path / "nowhere")
-        needle = f"--overlays {overlays}: a link to {tmp_path / 'nowhere'}, which does not exist; make that folder"
+        needle = f"--overlays {overlays}: a link to {tmp_path / 'nowhere'}, which does not exist; make that folder, " \
+                 "or choose another --overlays"
     else:
         (overlays / ".ustudents-overlays.json").mkdir()
         needle = f"--overlays {overlays}: {overlays / '.ustudents-overlays.json'} is a folder, where evaluate lists"

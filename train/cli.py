@@ -161,7 +161,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
                                             weight_decay=weight_decay, crop=crop, amp=resolve_amp(amp, dev), seed=seed,
                                             max_minutes=max_minutes), resume=resume)
     check_config(cfg)
-    check_output(out, "--out", folder=True)
+    check_output(out, "--out", folder=True, link_to_make=True)
     check_replaceable(out)
     if out.is_symlink() and not out.exists():  # a plant's `current` link to the next version, or a share not mounted
         click.echo(f"--out {out}: a symbolic link to {os.readlink(out)}, which does not exist yet: the bundle is made "

@@ -367,13 +367,10 @@ def not_the_demos(out: Path, frames: list[Frame]) -> list[Path]:
 REPORT_FILES = ("report.html", "results.json", PICTURE_LIST)  # the files the demo writes directly in OUT
 
 
-def blocked_out(out: Path, model_given: bool) -> str | None:
+def blocked_out(out: Path) -> str | None:
     """Why the demo could not write its report into OUT, or None: a file (or a link to nothing) where it
-    makes one of its folders, a folder where it writes one of its files, or, with --model, an OUT that
-    is a link to nothing (training makes the folder it points to; without training nothing does).
-    Found only at the first frame, this failed after training, with the last report already deleted."""
-    if model_given and out.is_symlink() and not out.exists():
-        return f"a link to {os.readlink(out)}, which does not exist; make that folder, or choose another --out"
+    makes one of its folders, or a folder where it writes one of its files. Found only at the first
+    frame, this failed after training, with the last report already deleted."""
     for folder in PICTURES:
         path = out / folder
         if (path.exists() or path.is_symlink()) and not path.is_dir():
@@ -775,11 +772,11 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
         raise DemoError(f"--metrics-port {metrics_port}: not a free port on 127.0.0.1; choose another")
     port = metrics_port or (DEFAULT_METRICS_PORT if port_free(DEFAULT_METRICS_PORT) else free_port())
     out = Path(out)
-    check_output(out, "--out", folder=True)
+    check_output(out, "--out", folder=True, link_to_make=model is None)  # training makes the folder linked to
     check_outside_bundles(out, "--out")
     # its frames/, masks/ and ground_truth/ there were read as test types and masks of the dataset
     check_apart(out, "--out", Path(data_root), "the data root")
-    if not train_only and (blocked := blocked_out(out, model is not None)):  # --train-only writes OUT/model alone
+    if not train_only and (blocked := blocked_out(out)):  # --train-only writes OUT/model alone
         raise DemoError(f"--out {out}: {blocked}")
     demo = Demo()
 

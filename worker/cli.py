@@ -361,9 +361,6 @@ def results_cmd(stream, save_to, from_start, count, redis_url):
     from .results import check_save_folder, follow
 
     stream = checked_stream(stream)
-    if save_to is not None and save_to.is_symlink() and not save_to.exists():  # mkdir said "File exists", later
-        raise InputError(f"--save {save_to}: a link to {os.readlink(save_to)}, which does not exist; make that folder, "
-                         "or choose another --save")
     check_output(save_to, "--save", folder=True)
     check_outside_bundles(save_to, "--save")
     if save_to is not None:
