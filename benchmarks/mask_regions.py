@@ -56,7 +56,8 @@ def model_au_pro(model: Path, root: Path) -> dict[str, float]:
         if s.mask_path is not None:
             nearest[i] = cv2.resize(defect_regions(read_mask(s.mask_path)), (size, size),
                                     interpolation=cv2.INTER_NEAREST)
-    return {"own size, specks kept": au_pro(fused, kept), "own size, nearest": au_pro(fused, nearest),
+    return {"own size, specks kept": au_pro(fused, kept, numbered=True),
+            "own size, nearest": au_pro(fused, nearest, numbered=True),
             "after shrinking": au_pro(fused, nearest > 0)}
 
 

@@ -129,6 +129,22 @@ def test_au_pro_by_hand_with_interpolation():
     assert au_pro(HAND_MAP, HAND_MASK, fpr_limit=1.0) == pytest.approx(0.796875, abs=1e-12)
 
 
+def test_a_mask_of_0_and_255_counts_its_regions_as_a_bool_mask_does():
+    """A uint8 mask as read from MVTec AD's PNGs was taken for region numbers: two regions became one
+    (AU-PRO 0.19 where the bool mask gives 0.57). Region numbers are now asked for by name."""
+    masks = np.zeros((1, 4, 4), bool)
+    masks[0, :2, :] = True
+    masks[0, 3, 3] = True
+    finds_small = np.zeros((1, 4, 4))
+    finds_small[0, 3, 3] = 1.0
+    as_png = masks.astype(np.uint8) * 255
+    assert au_pro(finds_small, as_png, fpr_limit=0.5) == au_pro(finds_small, masks, fpr_limit=0.5) == \
+        pytest.approx(0.625, abs=1e-12)
+    assert au_pro(finds_small, as_png, fpr_limit=0.5, numbered=True) < 0.5  # one region, as asked
+    with pytest.raises(ValueError, match="numbered regions must be integers"):
+        au_pro(finds_small, masks.astype(np.float32), numbered=True)
+
+
 def test_au_pro_weighs_large_and_small_regions_equally():
     masks = np.zeros((1, 4, 4), bool)
     masks[0, :2, :] = True  # large region: 8 px
@@ -283,7 +299,7 @@ def test_a_speck_smaller_than_a_pixel_at_the_models_size_is_still_a_region(tmp_p
     assert regions[0][50 // 8, 61 // 8] and speck.sum() == 1
     maps = np.zeros((2, 64, 64), np.float32)
     maps[0][(regions[0] > 0) & ~speck] = 1.0  # the blob, not the speck
-    assert au_pro(maps, regions) == pytest.approx(0.575, abs=1e-12)
+    assert au_pro(maps, regions, numbered=True) == pytest.approx(0.575, abs=1e-12)
 
 
 def test_a_thin_scratch_stays_one_region_when_its_mask_is_shrunk_to_the_models_size(tmp_path):
@@ -308,5 +324,5 @@ def test_a_thin_scratch_stays_one_region_when_its_mask_is_shrunk_to_the_models_s
     assert np.array_equal(masks, regions > 0)
     maps = np.zeros((2, 64, 64), np.float32)
     maps[0][regions[0] == regions[0][45, 35]] = 1.0  # the blob's region, and nothing of the scratch
-    assert au_pro(maps, regions) == pytest.approx(0.575, abs=1e-12)
+    assert au_pro(maps, regions, numbered=True) == pytest.approx(0.575, abs=1e-12)
     assert au_pro(maps, masks) < 0.35  # labelled after shrinking: the scratch's pieces outweigh the blob

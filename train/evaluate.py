@@ -32,7 +32,7 @@ def metrics_for(maps: np.ndarray, regions: np.ndarray, labels: np.ndarray, score
     against the ground truth's defect regions (dataset.load_regions)."""
     return {"image_auroc": image_auroc(max_scores(maps) if scores is None else scores, labels),
             "pixel_auroc": pixel_auroc(maps, regions),
-            "au_pro_30": au_pro(maps, regions, fpr_limit=0.3)}
+            "au_pro_30": au_pro(maps, regions, fpr_limit=0.3, numbered=True)}
 
 
 def at_threshold(predicted: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: np.ndarray,
