@@ -1064,6 +1064,36 @@ def test_a_done_marker_stands_for_its_own_entry_only(redis_url, stream):
     assert schema.fingerprint({b"ab": b"c"}) != schema.fingerprint({b"a": b"bc"})
 
 
+def test_a_frame_key_redis_cannot_answer_for_now_is_waited_for_not_dead_lettered(redis_url, stream):
+    """Redis busy with a slow script (BUSY), loading (LOADING) or without its primary (MASTERDOWN)
+    answered the `image_key` fetch with an error, read as "no image": frames whose keys were there
+    were dead-lettered missing_image. Only WRONGTYPE means that; any other refusal is raised, for the
+    reader's retry to wait out (_retry, as for every other read)."""
+    r = client(redis_url)
+    io = StreamIO(r, stream, "ustudents", "A", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+    r.set(f"{stream}:frame:there", b"png bytes")
+    r.rpush(f"{stream}:frame:list", b"x")
+    keys = [f"{stream}:frame:there".encode(), f"{stream}:frame:list".encode(), f"{stream}:frame:gone".encode()]
+    assert io.fetch_images(keys, 1 << 20) == [b"png bytes", None, None]
+
+    class Busy:
+        """The client, with Redis answering every pipelined command BUSY."""
+        def pipeline(self, **kwargs):
+            pipe = r.pipeline(**kwargs)
+            pipe.execute = lambda raise_on_error=True: [redis.ResponseError(
+                "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSCRIPT.")] * \
+                len(pipe.command_stack)
+            return pipe
+
+        def __getattr__(self, name):
+            return getattr(r, name)
+
+    io.r = Busy()
+    with pytest.raises(redis.ResponseError, match="BUSY") as raised:
+        io.fetch_images(keys, 1 << 20)
+    assert refusal(raised.value)  # what _retry waits out
+
+
 def test_a_results_key_of_the_wrong_type_refuses_the_publish_whole_and_the_frame_waits(redis_url, stream):
     """Redis runs the rest of a transaction after one command fails: a results key that is not a
     stream must refuse the whole publish, not acknowledge the frame with its result lost."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import redis
 
 from . import schema
-from .connection import script_error
+from .connection import error_codes, script_error
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +323,14 @@ class PublishRefused(Exception):
     acknowledged; the message says which key and what to do."""
 
 
+def _not_a_string_as_none(replies: list) -> list:
+    """A pipeline's replies with WRONGTYPE (the key holds no string) as None; any other error raised."""
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError) and "WRONGTYPE" not in error_codes(reply):
+            raise reply
+    return [None if isinstance(r, redis.ResponseError) else r for r in replies]
+
+
 class StreamIO:
     def __init__(self, client: redis.Redis, stream: str, group: str, consumer: str, *,
                  results_maxlen: int, dead_maxlen: int, dedupe_ttl_s: int):
@@ -544,19 +552,21 @@ class StreamIO:
 
     def fetch_images(self, keys: list[bytes], max_bytes: int) -> list[bytes | int | None]:
         """Bytes held at each `image_key`: the bytes, or their length when over `max_bytes` (not
-        fetched), or None when the key is missing or not a string."""
+        fetched), or None when the key is missing or not a string. Any other refusal (BUSY, LOADING,
+        MASTERDOWN: Redis unable to answer for now) is raised, for the caller to wait out: read as
+        "no image", it dead-lettered frames whose keys were there."""
         pipe = self.r.pipeline(transaction=False)
         for k in keys:
             pipe.strlen(k)
-        sizes = pipe.execute(raise_on_error=False)
+        sizes = _not_a_string_as_none(pipe.execute(raise_on_error=False))
         pipe = self.r.pipeline(transaction=False)
         wanted = [i for i, n in enumerate(sizes) if isinstance(n, int) and 0 < n <= max_bytes]
         for i in wanted:
             pipe.get(keys[i])
-        got = dict(zip(wanted, pipe.execute(raise_on_error=False)))
+        got = dict(zip(wanted, _not_a_string_as_none(pipe.execute(raise_on_error=False))))
         out: list[bytes | int | None] = []
         for i, n in enumerate(sizes):
-            if not isinstance(n, int):  # WRONGTYPE
+            if n is None:  # WRONGTYPE
                 out.append(None)
             elif n == 0:  # STRLEN of a missing key is 0 too: tell apart below
                 out.append(None if not self.r.exists(keys[i]) else b"")
