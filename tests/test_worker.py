@@ -1368,6 +1368,27 @@ def test_a_claimer_killed_before_it_dead_letters_a_trimmed_entry_leaves_it_for_t
         assert b.autoclaim(0, "0-0", 10)[2] == [], version
 
 
+def test_a_trimmed_entry_a_live_worker_holds_is_left_to_it_not_dead_lettered_by_another(redis_url, stream):
+    """An entry trimmed while a worker holds it is scored and published by that worker (README). Its
+    keeper leaves gone entries idle, so after claim_idle_ms another worker's claim reported them and
+    dead-lettered them `trimmed`, and the holder's result was then dropped as a second outcome
+    (8 of 31 such frames in the audit's run). Left alone while the holder's name hold stands; taken
+    once it lapses (a dead holder)."""
+    r = client(redis_url)
+    a, b = (StreamIO(r, stream, "ustudents", name, results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+            for name in ("A", "B"))
+    a.ensure_group()
+    ids = [add(r, stream, frame_id=str(i), image=b"x") for i in range(3)]
+    assert a.hold_name("token-a", 60_000, 1) is True
+    assert len(a.read(">", 10, None)) == 3  # A holds all three, scoring them
+    r.xdel(stream, ids[1])  # MAXLEN trimming, or XDEL by hand, meanwhile
+    _, claimed, gone = b.autoclaim(0, "0-0", 10)
+    assert gone == [] and sorted(s(eid) for eid, _ in claimed) == [ids[0], ids[2]]  # idle ones are still taken
+    assert a.autoclaim(0, "0-0", 10)[2] == [ids[1]]  # its holder's own claim reports it (service: gone_in_flight)
+    a.release_name("token-a")  # A dies: its hold lapses
+    assert b.autoclaim(0, "0-0", 10)[2] == [ids[1]]
+
+
 def test_a_claim_looks_at_ten_times_count_pending_entries_at_most(redis_url, stream):
     """The first claim script filtered the pending list by idle time inside Redis, scanning all of it
     in one call (15 ms with 200,000 pending, none idle, with Redis blocked meanwhile)."""

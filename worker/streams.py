@@ -231,7 +231,7 @@ return #redis.call(unpack(call))
 
 # Claim entries left pending by silent consumers (StreamIO.autoclaim). KEYS: input stream. ARGV: group,
 # consumer, min idle ms, start (an id, or '(' and an id: after it), count. Returns {next start ('0-0':
-# done), claimed entries as XCLAIM gives them, ids of entries gone from the stream}. XAUTOCLAIM would
+# done), claimed entries as XCLAIM gives them, {id, consumer} of entries gone from the stream}. XAUTOCLAIM would
 # drop the gone ones from the pending list (Redis 7), so that a worker killed before it dead-lettered
 # them left no trace of those frames: here they stay pending, on whichever consumer held them, until
 # the `trimmed` dead letter that acknowledges them is written (by this worker, or the next one). Like
@@ -245,7 +245,7 @@ local call, gone, taken, cursor = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3]}
 for _, row in ipairs(rows) do
   if row[3] >= min_idle then
     if #redis.call('XRANGE', KEYS[1], row[1], row[1], 'COUNT', 1) > 0 then call[#call + 1] = row[1]
-    else gone[#gone + 1] = row[1] end
+    else gone[#gone + 1] = {row[1], row[2]} end
     taken = taken + 1
     if taken == count then cursor = '(' .. row[1] break end
   end
@@ -503,11 +503,20 @@ class StreamIO:
     def autoclaim(self, min_idle_ms: int, start: str, count: int) -> tuple[str, list[RawEntry], list[str]]:
         """Claim up to `count` entries from `start` idle longer than `min_idle_ms` (CLAIM_SCRIPT): (next
         start, '0-0' when done; claimed entries; ids of entries pending but gone from the stream, left
-        pending for their dead letter to acknowledge). On Redis 6.2 as on 7."""
+        pending for their dead letter to acknowledge). On Redis 6.2 as on 7.
+
+        A gone entry held by another live worker (its name hold stands) is not reported: that worker
+        scores and publishes it (keep_claimed leaves gone entries idle, so they looked abandoned after
+        claim_idle_ms, and were dead-lettered `trimmed` here while their holder scored them, its
+        result then dropped). A dead worker's hold lapses within NAME_HOLD_S; its entries go then."""
         cursor, claimed, gone = self._run(self._claim, [self.stream], [self.group, self.consumer, min_idle_ms, start,
                                                                        count])
         entries = [(eid, dict(zip(fields[::2], fields[1::2]))) for eid, fields in claimed]
-        return text_of(cursor), entries, [text_of(i) for i in gone]
+        gone = [(text_of(eid), text_of(holder)) for eid, holder in gone]
+        others = sorted({holder for _, holder in gone if holder != self.consumer})
+        held = {holder for holder, hold in zip(others, self.r.mget([schema.name_key(self.stream, h) for h in others]))
+                if hold is not None} if others else set()
+        return text_of(cursor), entries, [eid for eid, holder in gone if holder not in held]
 
     def keep_claimed(self, ids: list[str], min_idle_ms: int) -> None:
         """Reset the idle time of entries this worker holds, so that no other worker takes them for
