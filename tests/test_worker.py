@@ -2336,6 +2336,32 @@ def test_a_group_made_again_starts_after_the_newest_outcome(engines, frames, red
     exactly_one_result_each(r, stream, first + [later])
 
 
+def test_a_group_made_again_keeps_the_markers_other_workers_set_meanwhile(redis_url, stream, monkeypatch):
+    """Making the group again scanned the whole keyspace for the stream's markers and removed them: an
+    entry past the newest outcome that another worker published during that scan (seconds, with
+    hundreds of thousands of markers) lost its marker, and the new group scored it a second time."""
+    r = client(redis_url)
+    a = StreamIO(r, stream, "ustudents", "A", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+    a.ensure_group()
+    ids = [add(r, stream, frame_id=str(i), image=b"x") for i in range(3)]
+    entries = [Entry(s(eid), fields) for eid, fields in a.read(">", 10, None)]
+    a.publish([Record(e.id, a.results, {"entry_id": e.id}, fingerprint=e.fingerprint) for e in entries[:2]])
+    r.xgroup_destroy(stream, "ustudents")
+    b = StreamIO(r, stream, "ustudents", "B", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+    real = b.newest_outcome
+
+    def read_then_published_by_another(*args):
+        newest = real(*args)
+        # A, still working, publishes its third entry after B read the newest outcome
+        assert a.publish([Record(ids[2], a.results, {"entry_id": ids[2]}, fingerprint=entries[2].fingerprint)])
+        return newest
+
+    monkeypatch.setattr(b, "newest_outcome", read_then_published_by_another)
+    assert b.ensure_group() == ids[1]
+    again = [Entry(s(eid), fields) for eid, fields in b.read(">", 10, None)]
+    assert [e.id for e in again] == [ids[2]] and b.done(again) == [True]  # acknowledged only, not scored again
+
+
 def test_a_stream_deleted_and_written_again_with_the_producers_ids_is_read_from_its_start(engines, frames,
                                                                                             redis_url, stream, caplog):
     """A camera that sets its own entry ids (its frame counter) starts again at 1-0 after the stream was

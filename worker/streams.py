@@ -23,8 +23,8 @@ is of the wrong type; then nothing can fail. Hence:
   was lost is safe for the same reason. The marker has to outlive that race, not the entry:
   `dedupe_ttl_s` (default 1 h) bounds how long a stalled worker may hold a claimed entry.
 * An id names one entry only within one life of the stream: deleted and written again by a producer
-  that sets its own ids, it can hand out a used id for a new frame. So making a group (which a new
-  stream needs) removes the stream's markers (clear_markers), and a marker holds a digest of its
+  that sets its own ids, it can hand out a used id for a new frame. So making a group from the
+  stream's start (which a new stream needs) removes the stream's markers (clear_markers), and a marker holds a digest of its
   entry's fields (schema.fingerprint) and stands only for that entry, for a worker of the stream's
   earlier life publishing late: the new frame is scored.
 """
@@ -374,16 +374,19 @@ class StreamIO:
             if "BUSYGROUP" in str(err):
                 return None
             raise
-        self.clear_markers()
+        if start == "0":  # a new life of the stream; else every marker is of entries of this one, and
+            self.clear_markers()  # those past `start` that other workers publish meanwhile must keep theirs
         return start
 
     def clear_markers(self) -> int:
-        """Remove the stream's done markers (returns how many), when its group is made: a group is made
-        on a new stream, or on one whose group was destroyed, and a marker of the stream's earlier life
-        would take a new frame under a used id (a producer's frame counter starting again, with the same
-        `image_key` and `frame_id`, so the same fingerprint) for one already published. Entries the new
-        group will read have no outcome yet, so no marker that matters goes; a worker of the old group
-        that publishes later sets its marker again."""
+        """Remove the stream's done markers (returns how many), when its group is made from the start
+        (a new stream, or one written again): a marker of the stream's earlier life would take a new
+        frame under a used id (a producer's frame counter starting again, with the same `image_key` and
+        `frame_id`, so the same fingerprint) for one already published. Entries the new group will read
+        have no outcome yet, so no marker that matters goes; a worker of the old group that publishes
+        later sets its marker again. Not for a group made again on the kept stream: it reads after the
+        newest outcome, and an entry past it that another worker published while the keys were
+        scanned lost its marker and was scored a second time."""
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.stream) + ":done:*"  # a stream name is no glob
         removed, batch = 0, []
         for key in self.r.scan_iter(match=pattern, count=1000):
