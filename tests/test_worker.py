@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -914,6 +915,32 @@ def test_a_redis_user_not_allowed_the_workers_commands_is_refused_in_one_line_at
     finally:
         server.stop()
 
+
+
+def test_a_redis_that_evicts_keys_at_its_cap_is_named_in_a_warning_at_start(tmp_path, caplog):
+    """Under volatile-lru (managed Redis' usual default) the keys with a TTL go first at the memory cap:
+    done markers (results no longer one per frame), attempt counts (a frame that kills workers never
+    reaches max_deliveries), name holds and image_key frames; under allkeys-* the stream itself. The
+    start-up check did not look; only the compose file set noeviction."""
+    from ustudents.worker.cli import check_redis_setup
+
+    server = RedisServer(tmp_path).start()
+    try:
+        admin = client(server.url)
+        settings = WorkerSettings(_env_file=None, stream="line-evict", model="unused", redis_url=server.url)
+        for cap, policy, warned in [(0, "allkeys-lru", False), (100 << 20, "noeviction", False),
+                                    (100 << 20, "volatile-lru", True), (100 << 20, "allkeys-lfu", True)]:
+            admin.config_set("maxmemory", cap)
+            admin.config_set("maxmemory-policy", policy)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="ustudents.worker"):
+                assert check_redis_setup(settings)
+            said = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "redis_evicts"]
+            assert bool(said) == warned, (cap, policy, said)
+            assert not warned or f"evicts keys at its memory cap (maxmemory-policy {policy})" in said[0] and \
+                "set maxmemory-policy noeviction" in said[0]
+    finally:
+        server.stop()
 
 
 def test_two_workers_never_read_as_one_consumer(engines, frames, redis_url, stream, monkeypatch):

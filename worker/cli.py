@@ -90,6 +90,18 @@ def tool_client(redis_url: str | None) -> redis.Redis:
 ACL_NEEDED = "+@stream +@string +@hash +@keyspace +@scripting +@transaction +@connection"
 
 
+def eviction_policy(client: redis.Redis) -> str | None:
+    """Redis' maxmemory-policy where it evicts keys (a memory cap set, a policy other than
+    noeviction), else None; None too where CONFIG is not allowed (a managed Redis, a user without
+    @admin): nothing is known then."""
+    try:
+        config = client.config_get("maxmemory*")  # str keys and values (redis-py decodes CONFIG GET's)
+    except redis.ResponseError:
+        return None
+    policy = config.get("maxmemory-policy")
+    return policy if int(config.get("maxmemory") or 0) > 0 and policy not in (None, "noeviction") else None
+
+
 def check_redis_setup(settings: WorkerSettings) -> bool:
     """What would make the worker fail however long it retried, found before the model loads:
     a wrong password, a database index Redis does not have, a key of the stream's that is not a
@@ -127,6 +139,13 @@ def check_redis_setup(settings: WorkerSettings) -> bool:
                 raise
             # full, a replica, a failed snapshot: the worker waits it out, not ready (its writes then
             # meet the permissions)
+        if evicting := eviction_policy(client):
+            logging.getLogger("ustudents.worker").warning(
+                "Redis at %s evicts keys at its memory cap (maxmemory-policy %s): frames waiting, the done markers "
+                "that keep results to one per frame, attempt counts and name holds (volatile-*: the keys with a "
+                "TTL) may vanish, losing frames or scoring them twice; set maxmemory-policy noeviction (at the cap "
+                "the worker waits, not ready, and the camera's writes are refused)", shown_url(settings.redis_url),
+                evicting, extra={"event": "redis_evicts", "policy": evicting})
     except redis.exceptions.NoPermissionError as err:
         raise InputError(f"Redis at {shown_url(settings.redis_url)}: the user may not run what the worker needs ({err}); "
                          f"allow it {ACL_NEEDED} on the stream's keys ({settings.stream}*)") from None
