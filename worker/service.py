@@ -576,11 +576,13 @@ class Worker:
                     where = "the stream's start" if start == "0" else "the newest with an outcome"
                     if start is not None and had_group:
                         # the group this worker read from is gone: Redis came back without its data (no
-                        # AOF), or the group or stream was deleted. Frames read and not yet judged went
-                        # with it, and the outcomes held for them answer entries that no longer exist.
+                        # AOF), or the group or stream was deleted. Its pending list went with it: frames
+                        # a worker no longer running had read are lost; running workers still publish theirs.
                         log.warning("consumer group %s on %s was gone (Redis restarted without persistence, or the "
-                                    "group or stream deleted): frames not yet judged when it went are lost; made it "
-                                    "again, reading after entry %s (%s). Keep Redis's data with AOF (appendonly yes)",
+                                    "group or stream deleted): made it again, reading after entry %s (%s). Frames "
+                                    "read by a worker no longer running are lost, and where Redis lost its data so "
+                                    "are those it held unread; frames running workers hold are still judged. Keep "
+                                    "Redis's data with AOF (appendonly yes)",
                                     s.group, s.stream, start, where, extra={"event": "group_lost", "entry_id": start})
                     elif start is not None:
                         log.info("created consumer group %s on %s, reading after entry %s (%s)", s.group, s.stream,
