@@ -155,7 +155,8 @@ class Engine:
             if flagged and not over.any() and model_mask.any():
                 # Bilinear resizing can lower a peak just over the threshold below it: an anomalous
                 # frame keeps its model-size mask (nearest) rather than come out with none
-                over = F.interpolate(model_mask[None, None].float(), size=tuple(shape), mode="nearest")[0, 0].bool()
+                over = F.interpolate(model_mask[None, None].float(), size=tuple(shape),
+                                     mode="nearest-exact")[0, 0].bool()  # pixel centres, as map_to_frame
             full_np = full.cpu().numpy() if maps else None
             out.append(Prediction(score=score, anomalous=bool(flagged), anomaly_map=full_np,
                                   mask_level=None if not maps else full_np if self.mask_rule == "map" else level.cpu().numpy(),
