@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -627,6 +628,24 @@ def test_a_second_signal_while_stopping_does_not_cut_the_stop_short(tiny_mvtec, 
     assert result.exit_code == 130 and calls, (result.output, result.exception)
     assert result.output == "\ninterrupted\n"  # stopped before its worker and Redis started
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # given back
+
+
+def test_a_stop_waits_for_the_batch_still_in_the_networks():
+    """The demo gives its worker 10 s to finish; a batch longer than that (a loaded 2-core CPU) was still
+    in torch when the demo exited, and the interpreter's exit under it aborted: exit 134 ("terminate
+    called without an active exception") after Ctrl-C, SIGTERM or a lost Redis, not 130 or 2."""
+    import types
+
+    in_networks = threading.Thread(target=time.sleep, args=(1.5,), daemon=True)  # the inference stage
+    in_networks.start()
+    run = threading.Thread(target=lambda: None)  # the worker's run(), returned at its deadline
+    run.start()
+    run.join()
+    stopper = demo.Demo(echo=lambda text: None)
+    stopper.worker = types.SimpleNamespace(threads=[in_networks], stop=lambda: None, server=None)
+    stopper.worker_thread = run
+    stopper.stop()
+    assert not in_networks.is_alive()
 
 
 def test_a_closed_terminal_stops_the_demo_as_ctrl_c_does(tiny_mvtec, tmp_path, monkeypatch):

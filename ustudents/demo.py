@@ -560,6 +560,9 @@ class Stopped(Exception):
     """SIGTERM, or SIGHUP (its terminal closed): stop like Ctrl-C."""
 
 
+STAGE_WAIT_S = 300  # the longest a stop waits for a batch still in the networks, in seconds
+
+
 class Demo:
     def __init__(self, echo=click.echo):
         self.echo = echo
@@ -694,6 +697,12 @@ class Demo:
             if self.worker_thread.is_alive():
                 self.worker.stop()  # finishes what it holds; its run() then stops the metrics server
                 self.worker_thread.join(15)
+            # A stage still inside the networks when the worker's deadline passed (a batch over 10 s on a
+            # loaded CPU): the interpreter's exit under it aborted the demo (exit 134, "terminate called
+            # without an active exception") where it meant 130 or 2. Its batch ends; the thread then stops.
+            deadline = time.monotonic() + STAGE_WAIT_S
+            for thread in self.worker.threads:
+                thread.join(max(deadline - time.monotonic(), 0))
         elif self.worker is not None and self.worker.server is not None:
             self.worker.server.stop()
         if self.external_stream and self.client is not None:
