@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -159,6 +160,22 @@ def rss_bytes(pid: int, field: str = "VmRSS") -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def free_result_name(ctx, param, name: str) -> str:
+    """--name of every benchmark, checked before any work: a file name not yet in benchmarks/results/.
+    A default name wrote over the committed result README cites (README's own command did), in silence."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise click.BadParameter(f"{name!r}: give a file name (letters, digits, '_', '.', '-'), no folder")
+    taken = next((f for f in (RESULTS / f"{name}.json", RESULTS / f"{name}.md") if f.exists()), None)
+    if taken is not None:
+        raise click.BadParameter(f"{name!r}: {taken} exists (a committed result?); give another --name, or delete "
+                                 "it to measure again under this one")
+    return name
+
+
+name_option = click.option("--name", required=True, callback=free_result_name,
+                           help="Result file name under benchmarks/results/ (a new one: none is replaced).")
 
 
 def write_result(name: str, record: dict, markdown: str) -> Path:

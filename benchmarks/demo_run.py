@@ -20,11 +20,11 @@ from pathlib import Path
 import click
 import torch
 
-from common import device_label, machine, peak_gflops, write_result
+from common import device_label, machine, name_option, peak_gflops, write_result
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
-@click.option("--name", required=True, help="Result file name under benchmarks/results/.")
+@name_option
 @click.argument("demo_args", nargs=-1, type=click.UNPROCESSED)
 def main(name: str, demo_args: tuple[str, ...]) -> None:
     cpu = torch.device("cpu")

@@ -43,7 +43,7 @@ import numpy as np
 import ustudents  # noqa: F401  (first: sets THP_MEM_ALLOC_ENABLE before torch allocates, for every configuration alike)
 import torch
 
-from common import device_label, machine, memory_gbps, peak_gflops, percentiles, sync, write_result  # noqa: E402
+from common import device_label, machine, memory_gbps, name_option, peak_gflops, percentiles, sync, write_result  # noqa: E402
 from ustudents.engines.bundle import load_bundle, write_bundle  # noqa: E402
 from ustudents.engines.model import AnomalyModel, normalize_input  # noqa: E402
 from ustudents.engines.patchnet import PatchNet, split  # noqa: E402
@@ -220,7 +220,7 @@ def in_subprocess(cfg: dict) -> dict:
 @click.option("--fft-chunk-mb", "chunk_mb", default=None, type=click.IntRange(min=1),
               help="Cap the CPU FFT convolutions' complex intermediates at this many MB each (fftconv.CHUNK_BYTES), "
                    "to time the cap against memory.  [default: the code's]")
-@click.option("--name", default=None, help="Result file name.  [default: engines_<device>]")
+@name_option
 @click.option("--from-log", "from_log", type=click.Path(exists=True, path_type=Path), default=None,
               help="Write the result from the log of a run that a time limit cut short (its configurations' "
                    "lines), instead of running; --cuda-graphs says what its torch rows used, --name names it.")

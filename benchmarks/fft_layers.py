@@ -24,7 +24,7 @@ from ustudents.engines.fftconv import SpectralConv  # noqa: E402
 from ustudents.engines.patchnet import PatchNet, timed, worth_fft  # noqa: E402
 import torch  # noqa: E402
 
-from common import device_label, machine, write_result  # noqa: E402
+from common import device_label, machine, name_option, write_result  # noqa: E402
 
 STUDENTS = 3
 
@@ -70,7 +70,7 @@ def time_layers(layers: list[dict], repeats: int) -> list[dict]:
 @click.command()
 @click.option("--image-size", "size", default=256, show_default=True)
 @click.option("--repeats", default=3, show_default=True, help="Timings per layer and way; the best counts.")
-@click.option("--name", default="fft_layers_cpu", show_default=True)
+@name_option
 @click.option("--child", default=None, hidden=True)
 def main(size, repeats, name, child):
     if child:  # one setting, in this process

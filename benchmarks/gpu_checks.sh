@@ -33,6 +33,7 @@ export PYTHONPATH=/tmp/pkg:/tmp/site
 # the rooms, instead of the package above.
 ustudents() { (cd /tmp && python3 -c "from ustudents.cli import main; main()" "$@"); }
 # after each step, so that a call cut short by its time limit still returns what was measured
+STAMP=$(date -u +%Y%m%d_%H%M)  # result names of this run: a benchmark never replaces a committed result
 keep() { tar -cf "$OUT/results.tar" benchmarks/results/*cuda* 2>/dev/null; }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
@@ -43,7 +44,7 @@ echo "== 2. engines benchmark"
 # fp32 is left out: with cuDNN's algorithm search over every form its first batch took 75 s at
 # batch 1 and batch 8 did not finish in 3 minutes (engines_cuda_h200_first_try.log).
 (cd benchmarks && timeout 250 python3 engines.py --device cuda --backends torch --batches 1,8 \
-    --precisions bf16,fp16 --repeats 200 --seconds 3 --name engines_cuda_h200) > "$OUT/engines.log" 2>&1
+    --precisions bf16,fp16 --repeats 200 --seconds 3 --name engines_cuda_$STAMP) > "$OUT/engines.log" 2>&1
 echo "engines exit $?"; keep
 
 echo "== 1. CUDA tests"
@@ -58,7 +59,7 @@ if [ -d .devdata/magnetic_tile ]; then
         --max-minutes 0 --device cuda --amp off --no-evaluate" > "$OUT/train_cuda.log" 2>&1
     echo "train exit $?"; tail -3 "$OUT/train_cuda.log"
     (cd benchmarks && timeout 60 python3 precision_accuracy.py --precision fp16 --device cuda --model /tmp/demo_model \
-        --data-root ../.devdata --image-size 96 --name fp16_accuracy_cuda_demo_model_magnetic_tile) \
+        --data-root ../.devdata --image-size 96 --name fp16_accuracy_cuda_demo_model_magnetic_tile_$STAMP) \
         > "$OUT/fp16_accuracy.log" 2>&1
     echo "fp16 accuracy exit $?"
 fi

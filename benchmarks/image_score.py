@@ -27,7 +27,7 @@ import click
 import numpy as np
 import torch
 
-from common import device_label, machine, position_standardized, validation_and_test_maps, write_result  # noqa: E402
+from common import device_label, machine, name_option, position_standardized, validation_and_test_maps, write_result  # noqa: E402
 
 from ustudents.engines.runtime import load_engine
 from ustudents.engines.scoring import position_z_max
@@ -60,7 +60,7 @@ def score_alternatives(test: np.ndarray, z: np.ndarray, border: int) -> dict[str
 @click.option("--border", default=8, show_default=True, type=click.IntRange(min=0),
               help="Pixels counted as the border.")
 @click.option("--image-fpr", default=DEFAULT_IMAGE_FPR, show_default=True, help="As `ustudents calibrate --image-fpr`.")
-@click.option("--name", default="image_score_cpu", show_default=True)
+@name_option
 def main(model, data_root, test_every, border, image_fpr, name):
     t0 = time.time()
     engine = load_engine(model, backend="torch", device="cpu", max_batch=4)

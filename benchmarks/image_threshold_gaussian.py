@@ -18,7 +18,7 @@ import click
 import numpy as np
 import torch
 
-from common import device_label, machine, write_result
+from common import device_label, machine, name_option, write_result
 from image_threshold import fpr_table, resampled_fpr
 
 from ustudents.train.calibrate import DEFAULT_IMAGE_FPR
@@ -31,7 +31,7 @@ POOL = 400
 @click.option("--sizes", default="30,60,120", show_default=True, help="Calibration set sizes n, comma-separated.")
 @click.option("--trials", default=1000, show_default=True, type=click.IntRange(min=1))
 @click.option("--image-fpr", default=DEFAULT_IMAGE_FPR, show_default=True, help="As `ustudents calibrate --image-fpr`.")
-@click.option("--name", default="image_threshold_gaussian", show_default=True)
+@name_option
 def main(sides, sizes, trials, image_fpr, name):
     t0 = time.time()
     rng = np.random.default_rng(0)

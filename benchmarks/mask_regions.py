@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from common import machine, write_result
+from common import machine, name_option, write_result
 from ustudents.engines.bundle import load_bundle
 from ustudents.engines.images import IMAGE_SUFFIXES, defect_regions, read_mask, resize_regions
 
@@ -64,7 +64,7 @@ def model_au_pro(model: Path, root: Path) -> dict[str, float]:
 @click.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--size", default=256, show_default=True, type=click.IntRange(16, 4096), help="The model's image size.")
-@click.option("--name", default=None, help="Result file name.  [default: mask_regions_<folder>_<size>]")
+@name_option
 @click.option("--model", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A bundle of ROOT's category: its AU-PRO on ROOT's test set with each count (--size is its own).")
 def main(root, size, name, model):

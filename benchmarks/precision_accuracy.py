@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 import torch
 
-from common import REPO, device_label, machine, write_result  # noqa: E402
+from common import REPO, device_label, machine, name_option, write_result  # noqa: E402
 
 KEYS = ("au_pro_30", "image_auroc", "pixel_auroc")
 
@@ -76,7 +76,7 @@ def emulated_fp16_engine(model: Path):
 @click.option("--amp", default="off", show_default=True, help="Training autocast (ustudents train --amp).")
 @click.option("--fp16", "fp16_mode", type=click.Choice(["onnx", "emulated"]), default="onnx", show_default=True,
               help="fp16 on CPU: the fp16 ONNX graph under ONNX Runtime, or fp16 values emulated in PyTorch.")
-@click.option("--name", default=None, help="Result file name.  [default: <precision>_accuracy_<device>]")
+@name_option
 def main(precision, device, data_root, category, model, image_size, epochs, crop, batch, amp, fp16_mode, name):
     cat = data_root / category
     name = name or f"{precision}_accuracy_{torch.device(device).type}"

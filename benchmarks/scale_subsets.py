@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import torch
 
-from common import device_label, machine, position_standardized, validation_and_test_maps, write_result  # noqa: E402
+from common import device_label, machine, name_option, position_standardized, validation_and_test_maps, write_result  # noqa: E402
 
 from ustudents.engines.runtime import load_engine
 from ustudents.train.evaluate import max_scores, metrics_for
@@ -31,7 +31,7 @@ from ustudents.train.metrics import image_auroc
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("--data-root", type=click.Path(path_type=Path), required=True)
 @click.option("--test-every", default=1, show_default=True, help="Use every k-th test image of each type.")
-@click.option("--name", default="scale_subsets_cpu", show_default=True)
+@name_option
 def main(model, data_root, test_every, name):
     t0 = time.time()
     engine = load_engine(model, backend="torch", device="cpu", max_batch=4)

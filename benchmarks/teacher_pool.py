@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 
-from common import device_label, machine, write_result
+from common import device_label, machine, name_option, write_result
 
 RUNS = (  # (label, photos, steps, teacher options)
     ("40 photos held whole", "random40", 20, ["--pool-images", "40"]),
@@ -50,7 +50,7 @@ def run_teacher(images: str, steps: int, options: list[str], out: Path) -> tuple
 
 
 @click.command()
-@click.option("--name", required=True, help="Result file name under benchmarks/results/.")
+@name_option
 def main(name: str) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="teacher-pool-") as tmp:

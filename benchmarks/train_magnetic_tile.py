@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from common import device_label, every_kth_per_type, machine, write_result
+from common import device_label, every_kth_per_type, machine, name_option, write_result
 from ustudents.engines.bundle import load_bundle
 from ustudents.engines.runtime import load_engine, native_bf16, resolve_device
 from ustudents.train import dataset
@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 @click.option("--teachers", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Teacher folder (teacher_p<p>.safetensors per scale); default: the shipped teachers.")
 @click.option("--out", type=click.Path(path_type=Path), default=REPO / "runs" / "magnetic_tile", show_default=True)
-@click.option("--name", default="magnetic_tile_cpu", show_default=True, help="Result file name under benchmarks/results.")
+@name_option
 def main(data_root, category, image_size, epochs, crop, batch, students, scales, precision, device, test_every,
          teachers, out, name):
     if not (data_root / category / "train" / "good").is_dir():

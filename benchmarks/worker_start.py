@@ -26,7 +26,7 @@ import click
 import redis
 import torch
 
-from common import device_label, free_port, machine, write_result
+from common import device_label, free_port, machine, name_option, write_result
 
 DOCKER_CPU_ALLOWANCE_S = 60 + 3 * 15  # deploy/docker/Dockerfile.cpu HEALTHCHECK
 K8S_STARTUP_ALLOWANCE_S = 90 * 10  # deploy/k8s/worker-line1.yaml startupProbe
@@ -75,7 +75,7 @@ def one_start(model: Path, redis_url: str, device: str, timeout_s: float) -> dic
 
 @click.command()
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--name", required=True, help="Result file name under benchmarks/results/.")
+@name_option
 @click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--runs", default=2, show_default=True, help="Starts to time (the first also warms the page cache).")

@@ -39,7 +39,7 @@ import numpy as np
 import redis
 import torch
 
-from common import free_port, machine, percentiles, rss_bytes, start_redis, wait_ready, write_result
+from common import free_port, machine, name_option, percentiles, rss_bytes, start_redis, wait_ready, write_result
 from ustudents.engines.runtime import load_engine
 from ustudents.worker import schema
 from ustudents.worker.streams import replies
@@ -145,7 +145,7 @@ def send_paced(r: redis.Redis, stream: str, frames: list[bytes], fps: float, sec
 @click.option("--soak-minutes", default=0.0, show_default=True, help="Soak duration; 0 = no soak.")
 @click.option("--soak-fps", default=None, type=float, help="Soak frame rate.  [default: half the worker's throughput]")
 @click.option("--redis-url", default=None, help="[default: a redis-server started here]")
-@click.option("--name", default=None, help="Result file name.  [default: worker_<device type>]")
+@name_option
 def main(model, backend, device, precision, batch, n_frames, frame_size, paced_seconds, soak_minutes, soak_fps,
          redis_url, name):
     if n_frames < 3 * batch:  # throughput is timed from the first batch's end: a rate needs batches after it

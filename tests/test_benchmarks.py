@@ -63,7 +63,8 @@ def test_interior_maxima_leave_out_the_border_at_any_width():
 
 def test_a_throughput_run_too_short_for_a_rate_is_refused_before_anything_loads(tmp_path):
     worker_throughput = benchmark_script("worker_throughput")
-    result = CliRunner().invoke(worker_throughput.main, [str(tmp_path / "no-model"), "--batch", "8", "--frames", "16"])
+    result = CliRunner().invoke(worker_throughput.main, [str(tmp_path / "no-model"), "--batch", "8", "--frames", "16",
+                                                         "--name", "never-written"])
     assert result.exit_code == 2 and "give at least 24" in result.output  # not a ZeroDivisionError after the run
 
 
@@ -73,13 +74,31 @@ def test_bf16_training_is_refused_up_front_where_evaluation_could_not_run_it(tmp
     trained = []
     monkeypatch.setattr(bench, "train", lambda cfg, log: trained.append(cfg.student.amp) or sys.exit(0))
     monkeypatch.setattr(bench, "native_bf16", lambda device: False)
-    args = ["--data-root", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "out")]
+    args = ["--data-root", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "out"), "--name", "never-written"]
     refused = CliRunner().invoke(bench.main, [*args, "--precision", "bf16"])
     assert refused.exit_code == 2 and "no native bfloat16" in refused.output and trained == []
     CliRunner().invoke(bench.main, args)  # auto: fp32 training here
     monkeypatch.setattr(bench, "native_bf16", lambda device: True)
     CliRunner().invoke(bench.main, args)  # auto: bf16 where native
     assert trained == [False, True]
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in BENCHMARKS.glob("*.py")
+                                           if p.stem != "common" and ("@name_option" in p.read_text()
+                                                                      or '"--name"' in p.read_text())))
+def test_a_benchmark_never_replaces_a_result(script, tmp_path, monkeypatch):
+    """README's own `worker_throughput.py MODEL --batch 8` wrote over worker_cpu.json, the result its
+    Results table cites, in silence (defaults named committed files). --name is required, and a name
+    taken is refused before any work."""
+    module = benchmark_script(script)
+    monkeypatch.setattr(sys.modules["common"], "RESULTS", tmp_path)
+    (tmp_path / "taken.json").write_text("{}")
+    assert next(p for p in module.main.params if p.name == "name").required
+    for name, says in [("taken", "taken.json exists (a committed result?)"), ("../elsewhere", "give a file name")]:
+        # --name comes first on the line, so Click checks it before the other options: before any work
+        result = CliRunner().invoke(module.main, ["--name", name])
+        assert result.exit_code == 2 and says in result.output, (script, name, result.output)
+    assert (tmp_path / "taken.json").read_text() == "{}"
 
 
 def test_resampled_calibrations_count_new_good_images_at_or_above_the_threshold():
