@@ -16,7 +16,7 @@ import click
 import numpy as np
 import torch
 
-from common import machine, name_option  # noqa: E402
+from common import machine, name_option, one_line_errors  # noqa: E402
 
 from ustudents.engines.bundle import load_bundle
 from ustudents.engines.images import read_image, resize, to_tensor
@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 @click.option("--images", default=40, show_default=True)
 @click.option("--border", default=8, show_default=True)
 @name_option
+@one_line_errors
 def main(model, data_root, scale, images, border, name):
     bundle = load_bundle(model)
     ens = next(e for e in bundle.model().ensembles if e.p == scale)

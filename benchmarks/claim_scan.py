@@ -19,7 +19,7 @@ import click
 import redis
 import torch
 
-from common import device_label, machine, name_option, write_result
+from common import device_label, machine, name_option, one_line_errors, write_result
 from ustudents.worker.streams import StreamIO
 
 COUNT = 8  # the worker's default batch: its claim asks for that many entries a call
@@ -38,6 +38,7 @@ def ms_per_call(fn, calls: int) -> float:
 @click.option("--calls", default=20, show_default=True, help="Calls timed per way.")
 @click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True)
 @name_option
+@one_line_errors
 def main(pending: int, calls: int, redis_url: str, name: str) -> None:
     r = redis.Redis.from_url(redis_url)
     stream, group, hour = f"claim-scan-{uuid.uuid4().hex[:8]}", "ustudents", 3_600_000

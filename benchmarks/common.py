@@ -165,6 +165,8 @@ def rss_bytes(pid: int, field: str = "VmRSS") -> int:
 def free_result_name(ctx, param, name: str) -> str:
     """--name of every benchmark, checked before any work: a file name not yet in benchmarks/results/.
     A default name wrote over the committed result README cites (README's own command did), in silence."""
+    if ctx.params.get("config") or ctx.params.get("child"):  # a benchmark's child process (eager): it writes none
+        return name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise click.BadParameter(f"{name!r}: give a file name (letters, digits, '_', '.', '-'), no folder")
     taken = next((f for f in (RESULTS / f"{name}.json", RESULTS / f"{name}.md") if f.exists()), None)
@@ -176,6 +178,29 @@ def free_result_name(ctx, param, name: str) -> str:
 
 name_option = click.option("--name", required=True, callback=free_result_name,
                            help="Result file name under benchmarks/results/ (a new one: none is replaced).")
+
+
+def check_redis(url: str) -> None:
+    """--redis-url answers, checked before any work: a worker waits for a Redis it cannot reach,
+    healthy and never ready, and the benchmark with it."""
+    from ustudents.engines.cli import InputError
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=5).ping()
+    except (redis.RedisError, ValueError) as err:
+        raise InputError(f"--redis-url {url}: cannot reach Redis ({err}); start it, or give another") from None
+
+
+def one_line_errors(fn):
+    """A benchmark's bad input (a folder that is no bundle, a backend or device not here, a Redis not
+    reached) as one line and exit 2, as the ustudents commands give it, not a traceback."""
+    from ustudents.engines.bundle import BundleError
+    from ustudents.engines.cli import user_errors_for
+    from ustudents.engines.images import ImageError
+    from ustudents.engines.runtime import EngineError
+    from ustudents.train.dataset import DatasetError
+
+    return user_errors_for((BundleError, EngineError, ImageError, DatasetError, redis.ConnectionError))(fn)
 
 
 def write_result(name: str, record: dict, markdown: str) -> Path:

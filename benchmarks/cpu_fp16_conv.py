@@ -19,7 +19,7 @@ import click
 import torch
 import torch.nn.functional as F
 
-from common import device_label, machine, name_option, write_result
+from common import device_label, machine, name_option, one_line_errors, write_result
 from ustudents.engines.export import export_onnx
 from ustudents.engines.model import AnomalyModel
 from ustudents.engines.onnx_engine import model_for_export
@@ -45,6 +45,7 @@ def timed_export(model: AnomalyModel, size: int, path: Path, channels_last: bool
 @click.command()
 @name_option
 @click.option("--export-size", default=32, show_default=True, help="Image side of the timed fp16 export.")
+@one_line_errors
 def main(name: str, export_size: int) -> None:
     torch.manual_seed(0)
     rows = []

@@ -20,12 +20,13 @@ from pathlib import Path
 import click
 import torch
 
-from common import device_label, machine, name_option, peak_gflops, write_result
+from common import device_label, machine, name_option, one_line_errors, peak_gflops, write_result
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
 @name_option
 @click.argument("demo_args", nargs=-1, type=click.UNPROCESSED)
+@one_line_errors
 def main(name: str, demo_args: tuple[str, ...]) -> None:
     cpu = torch.device("cpu")
     # The same 2-core machine varies by more than 2x from day to day: the peak, before and after, says how fast it was.

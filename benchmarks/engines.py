@@ -43,7 +43,7 @@ import numpy as np
 import ustudents  # noqa: F401  (first: sets THP_MEM_ALLOC_ENABLE before torch allocates, for every configuration alike)
 import torch
 
-from common import device_label, machine, memory_gbps, name_option, peak_gflops, percentiles, sync, write_result  # noqa: E402
+from common import device_label, machine, memory_gbps, name_option, one_line_errors, peak_gflops, percentiles, sync, write_result  # noqa: E402
 from ustudents.engines.bundle import load_bundle, write_bundle  # noqa: E402
 from ustudents.engines.model import AnomalyModel, normalize_input  # noqa: E402
 from ustudents.engines.patchnet import PatchNet, split  # noqa: E402
@@ -191,21 +191,37 @@ def run_one(cfg: dict) -> dict:
 
 
 def in_subprocess(cfg: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--config", json.dumps(cfg)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, "--config", json.dumps(cfg), "--name", "child"], capture_output=True,
+                          text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def listed(value: str, choices: tuple[str, ...] | None) -> str:
+    """A comma-separated option, each item one of `choices` (None: a whole number from 1): an unknown
+    backend was passed over in silence, and a batch 'a' ended in a traceback."""
+    items = value.split(",")
+    good = [i.isdigit() and int(i) >= 1 for i in items] if choices is None else [i in choices for i in items]
+    if not all(good):
+        raise click.BadParameter(f"{value!r}: give a comma-separated list of "
+                                 f"{'whole numbers from 1' if choices is None else ', '.join(choices)}")
+    return value
+
+
 @click.command()
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--image-size", "size", default=256, show_default=True)
+@click.option("--image-size", "size", default=256, show_default=True, type=click.IntRange(min=64),
+              help="The model's side (64 and up, as ustudents-train takes).")
 @click.option("--frame-size", "frame_size", default=None, type=click.IntRange(min=1),
               help="Side of the square frames fed in; a size other than --image-size times the engine's resize "
                    "in and the map's resize back too.  [default: --image-size]")
-@click.option("--batches", default="1,2", show_default=True, help="Batch sizes to time.")
-@click.option("--backends", default="torch,onnxruntime", show_default=True)
+@click.option("--batches", default="1,2", show_default=True, callback=lambda c, p, v: listed(v, None),
+              help="Batch sizes to time.")
+@click.option("--backends", default="torch,onnxruntime", show_default=True,
+              callback=lambda c, p, v: listed(v, ("torch", "onnxruntime", "tensorrt")))
 @click.option("--precisions", default="fp32,bf16,int8", show_default=True,
+              callback=lambda c, p, v: listed(v, ("fp32", "bf16", "fp16", "int8")),
               help="Tried per backend where it applies (bf16: torch with native support; fp16: CUDA only; "
                    "int8: onnxruntime and tensorrt, calibrated on random frames).")
 @click.option("--repeats", default=3, show_default=True, help="Timed batches per configuration (after one warm-up).")
@@ -226,7 +242,8 @@ def in_subprocess(cfg: dict) -> dict:
                    "lines), instead of running; --cuda-graphs says what its torch rows used, --name names it.")
 @click.option("--machine-from", "machine_from", type=click.Path(exists=True, path_type=Path), default=None,
               help="With --from-log, for logs without a machine line: a result JSON from the same run's machine.")
-@click.option("--config", default=None, hidden=True)
+@click.option("--config", default=None, hidden=True, is_eager=True)  # before --name: a child writes no result
+@one_line_errors
 def main(device, size, frame_size, batches, backends, precisions, repeats, seconds, per_scale, graphs, chunk_mb, name,
          from_log, machine_from, config):
     if config:  # child process: one configuration

@@ -24,7 +24,7 @@ from ustudents.engines.fftconv import SpectralConv  # noqa: E402
 from ustudents.engines.patchnet import PatchNet, timed, worth_fft  # noqa: E402
 import torch  # noqa: E402
 
-from common import device_label, machine, name_option, write_result  # noqa: E402
+from common import device_label, machine, name_option, one_line_errors, write_result  # noqa: E402
 
 STUDENTS = 3
 
@@ -71,7 +71,8 @@ def time_layers(layers: list[dict], repeats: int) -> list[dict]:
 @click.option("--image-size", "size", default=256, show_default=True)
 @click.option("--repeats", default=3, show_default=True, help="Timings per layer and way; the best counts.")
 @name_option
-@click.option("--child", default=None, hidden=True)
+@click.option("--child", default=None, hidden=True, is_eager=True)  # before --name: a child writes no result
+@one_line_errors
 def main(size, repeats, name, child):
     if child:  # one setting, in this process
         print(json.dumps(time_layers(json.loads(child), repeats)))
@@ -81,7 +82,8 @@ def main(size, repeats, name, child):
     for thp in ("1", "0"):
         click.echo(f"timing {len(layers)} layers with THP_MEM_ALLOC_ENABLE={thp} ...")
         env = {**os.environ, "THP_MEM_ALLOC_ENABLE": thp}
-        proc = subprocess.run([sys.executable, __file__, "--repeats", str(repeats), "--child", json.dumps(layers)],
+        proc = subprocess.run([sys.executable, __file__, "--repeats", str(repeats), "--child", json.dumps(layers),
+                               "--name", "child"],
                               env=env, capture_output=True, text=True, check=True)
         runs[thp] = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = []

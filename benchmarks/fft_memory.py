@@ -21,7 +21,7 @@ from ustudents.engines.model import AnomalyModel  # noqa: E402
 from ustudents.engines.runtime import torch_runner  # noqa: E402
 import torch  # noqa: E402
 
-from common import device_label, machine, name_option, write_result  # noqa: E402
+from common import device_label, machine, name_option, one_line_errors, write_result  # noqa: E402
 
 GB = 1e9
 
@@ -38,6 +38,7 @@ def peak_gb() -> float:
 @click.option("--image-size", "size", default=256, show_default=True)
 @click.option("--frames", default=2, show_default=True, help="Calls after the first (the plan).")
 @name_option
+@one_line_errors
 def main(size, frames, name):
     torch.set_grad_enabled(False)
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ import click
 from ustudents.engines import fftconv  # noqa: E402  (first: ustudents sets THP_MEM_ALLOC_ENABLE)
 import torch  # noqa: E402
 
-from common import memory_gbps, name_option, write_layer_result  # noqa: E402
+from common import memory_gbps, name_option, one_line_errors, write_layer_result  # noqa: E402
 from fft_layers import candidate_layers  # noqa: E402
 
 
@@ -50,6 +50,7 @@ def time_tiles(layer: dict, rounds: int) -> dict:
 @click.option("--image-size", "size", default=256, show_default=True)
 @click.option("--rounds", default=5, show_default=True, help="Alternating rounds over the tile sides.")
 @name_option
+@one_line_errors
 def main(size, rounds, name):
     torch.set_grad_enabled(False)
     bandwidth = [memory_gbps(torch.device("cpu"))]

@@ -25,7 +25,7 @@ import click
 from ustudents.engines import fftconv  # noqa: E402  (first: ustudents sets THP_MEM_ALLOC_ENABLE)
 import torch  # noqa: E402
 
-from common import memory_gbps, name_option, write_layer_result  # noqa: E402
+from common import memory_gbps, name_option, one_line_errors, write_layer_result  # noqa: E402
 from fft_layers import candidate_layers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +74,7 @@ def time_layer(layer: dict, versions: dict, rounds: int) -> dict:
 @click.option("--image-size", "size", default=256, show_default=True)
 @click.option("--rounds", default=3, show_default=True, help="Alternating rounds over the two versions.")
 @name_option
+@one_line_errors
 def main(baseline, size, rounds, name):
     torch.set_grad_enabled(False)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", baseline], check=True,

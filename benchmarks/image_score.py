@@ -27,7 +27,7 @@ import click
 import numpy as np
 import torch
 
-from common import device_label, machine, name_option, position_standardized, validation_and_test_maps, write_result  # noqa: E402
+from common import device_label, machine, name_option, one_line_errors, position_standardized, validation_and_test_maps, write_result  # noqa: E402
 
 from ustudents.engines.runtime import load_engine
 from ustudents.engines.scoring import position_z_max
@@ -61,6 +61,7 @@ def score_alternatives(test: np.ndarray, z: np.ndarray, border: int) -> dict[str
               help="Pixels counted as the border.")
 @click.option("--image-fpr", default=DEFAULT_IMAGE_FPR, show_default=True, help="As `ustudents calibrate --image-fpr`.")
 @name_option
+@one_line_errors
 def main(model, data_root, test_every, border, image_fpr, name):
     t0 = time.time()
     engine = load_engine(model, backend="torch", device="cpu", max_batch=4)

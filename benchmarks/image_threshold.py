@@ -21,7 +21,7 @@ import click
 import numpy as np
 import torch
 
-from common import device_label, machine, name_option, validation_samples, write_result  # noqa: E402
+from common import device_label, machine, name_option, one_line_errors, validation_samples, write_result  # noqa: E402
 
 from ustudents.engines.bundle import POSITION_TENSORS
 from ustudents.engines.runtime import load_engine
@@ -71,6 +71,7 @@ def fpr_table(rows: list[dict], first: str | None = None) -> str:
 @click.option("--trials", default=500, show_default=True, type=click.IntRange(min=1))
 @click.option("--image-fpr", default=DEFAULT_IMAGE_FPR, show_default=True, help="As `ustudents calibrate --image-fpr`.")
 @name_option
+@one_line_errors
 def main(model, data_root, sizes, trials, image_fpr, name):
     t0 = time.time()
     engine = load_engine(model, backend="torch", device="cpu", max_batch=4)

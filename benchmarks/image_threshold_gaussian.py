@@ -18,7 +18,7 @@ import click
 import numpy as np
 import torch
 
-from common import device_label, machine, name_option, write_result
+from common import device_label, machine, name_option, one_line_errors, write_result
 from image_threshold import fpr_table, resampled_fpr
 
 from ustudents.train.calibrate import DEFAULT_IMAGE_FPR
@@ -32,6 +32,7 @@ POOL = 400
 @click.option("--trials", default=1000, show_default=True, type=click.IntRange(min=1))
 @click.option("--image-fpr", default=DEFAULT_IMAGE_FPR, show_default=True, help="As `ustudents calibrate --image-fpr`.")
 @name_option
+@one_line_errors
 def main(sides, sizes, trials, image_fpr, name):
     t0 = time.time()
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import torch
 
-from common import device_label, machine, name_option, write_result
+from common import device_label, machine, name_option, one_line_errors, write_result
 from ustudents.engines.images import IMAGE_SUFFIXES, PHOTO_GREY_SHARE, ImageError, read_image, read_mask
 
 
@@ -37,6 +37,7 @@ def refused(path: Path) -> str | None:
 @click.command()
 @click.argument("category", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @name_option
+@one_line_errors
 def main(category: Path, name: str) -> None:
     masks = sorted(p for p in (category / "ground_truth").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     images = sorted(p for folder in ("train", "test") for p in (category / folder).rglob("*")

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from common import machine, name_option, write_result
+from common import machine, name_option, one_line_errors, write_result
 from ustudents.engines.bundle import load_bundle
 from ustudents.engines.images import IMAGE_SUFFIXES, defect_regions, read_mask, resize_regions
 
@@ -67,9 +67,18 @@ def model_au_pro(model: Path, root: Path) -> dict[str, float]:
 @name_option
 @click.option("--model", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A bundle of ROOT's category: its AU-PRO on ROOT's test set with each count (--size is its own).")
+@one_line_errors
 def main(root, size, name, model):
     if model is not None:
-        size = load_bundle(model).image_size
+        bundle = load_bundle(model)
+        size = bundle.image_size
+        if bundle.manifest["category"] != root.name:  # its AU-PRO on another category's test set means nothing
+            raise click.BadParameter(f"{model}: a bundle of category {bundle.manifest['category']!r}, and ROOT is "
+                                     f"{root.name!r}; give ROOT's bundle", param_hint="--model")
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in (root / "ground_truth").rglob("*")):
+        # a dataset root, or an empty folder: a result of 0 masks was written
+        raise click.BadParameter(f"{root}: no masks under {root / 'ground_truth'}; give a category folder of an "
+                                 "MVTec AD-layout dataset (e.g. ../shared/datasets/magnetic_tile)", param_hint="ROOT")
     by_type: dict[str, dict] = defaultdict(lambda: {"masks": 0, "regions": 0, "kept": 0, "shrunk": 0,
                                                     "masks_split": 0, "masks_losing_a_region": 0})
     for path in sorted((root / "ground_truth").rglob("*")):

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import torch
 
-from common import device_label, machine, name_option, position_standardized, validation_and_test_maps, write_result  # noqa: E402
+from common import device_label, machine, name_option, one_line_errors, position_standardized, validation_and_test_maps, write_result  # noqa: E402
 
 from ustudents.engines.runtime import load_engine
 from ustudents.engines.scoring import mask
@@ -68,6 +68,7 @@ COLUMNS = {"threshold": "thr", "pixel_fpr": "px FPR", "pixel_tpr": "px TPR", "pr
 @click.option("--target-fpr", default=DEFAULT_TARGET_FPR, show_default=True, help="As `ustudents calibrate`.")
 @click.option("--image-fpr", default=DEFAULT_IMAGE_FPR, show_default=True, help="As `ustudents calibrate`.")
 @name_option
+@one_line_errors
 def main(model, data_root, test_every, target_fpr, image_fpr, name):
     t0 = time.time()
     engine = load_engine(model, backend="torch", device="cpu", max_batch=4)

@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 import torch
 
-from common import REPO, device_label, machine, name_option, write_result  # noqa: E402
+from common import REPO, device_label, machine, name_option, one_line_errors, write_result  # noqa: E402
 
 KEYS = ("au_pro_30", "image_auroc", "pixel_auroc")
 
@@ -77,6 +77,7 @@ def emulated_fp16_engine(model: Path):
 @click.option("--fp16", "fp16_mode", type=click.Choice(["onnx", "emulated"]), default="onnx", show_default=True,
               help="fp16 on CPU: the fp16 ONNX graph under ONNX Runtime, or fp16 values emulated in PyTorch.")
 @name_option
+@one_line_errors
 def main(precision, device, data_root, category, model, image_size, epochs, crop, batch, amp, fp16_mode, name):
     cat = data_root / category
     name = name or f"{precision}_accuracy_{torch.device(device).type}"

@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import torch
 
-from common import device_label, machine, name_option, position_standardized, validation_and_test_maps, write_result  # noqa: E402
+from common import device_label, machine, name_option, one_line_errors, position_standardized, validation_and_test_maps, write_result  # noqa: E402
 
 from ustudents.engines.runtime import load_engine
 from ustudents.train.evaluate import max_scores, metrics_for
@@ -32,6 +32,7 @@ from ustudents.train.metrics import image_auroc
 @click.option("--data-root", type=click.Path(path_type=Path), required=True)
 @click.option("--test-every", default=1, show_default=True, help="Use every k-th test image of each type.")
 @name_option
+@one_line_errors
 def main(model, data_root, test_every, name):
     t0 = time.time()
     engine = load_engine(model, backend="torch", device="cpu", max_batch=4)

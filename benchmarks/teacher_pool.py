@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 
-from common import device_label, machine, name_option, write_result
+from common import device_label, machine, name_option, one_line_errors, write_result
 
 RUNS = (  # (label, photos, steps, teacher options)
     ("40 photos held whole", "random40", 20, ["--pool-images", "40"]),
@@ -51,6 +51,7 @@ def run_teacher(images: str, steps: int, options: list[str], out: Path) -> tuple
 
 @click.command()
 @name_option
+@one_line_errors
 def main(name: str) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="teacher-pool-") as tmp:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import device_label, every_kth_per_type, machine, name_option, write_result  # noqa: E402
+from common import device_label, every_kth_per_type, machine, name_option, one_line_errors, write_result  # noqa: E402
 
 from ustudents.engines.images import to_tensor
 from ustudents.engines.model import normalize_input
@@ -123,6 +123,7 @@ def fuse(test_maps: list[torch.Tensor], holdout_maps: list[torch.Tensor]) -> tor
 @click.option("--holdout", default=20, show_default=True, help="Held-out good training images for --fuse.")
 @click.option("--seed", default=0, show_default=True)
 @name_option
+@one_line_errors
 def main(data_root, category, image_size, teacher_dirs, scales, reference, train_images, bank_size,
          test_every, fuse_scales, holdout, seed, name):
     t0 = time.time()

@@ -23,7 +23,7 @@ import click
 import numpy as np
 import torch
 
-from common import device_label, machine, name_option, write_result  # noqa: E402
+from common import device_label, machine, name_option, one_line_errors, write_result  # noqa: E402
 
 from ustudents.engines.model import normalize_input
 from ustudents.engines.patchnet import PatchNet, geometry
@@ -73,6 +73,7 @@ def recovered_share(x_fit, y_fit, x_test, y_test) -> float:
 @click.option("--scales", default="17,33,65", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @name_option
+@one_line_errors
 def main(data_root, category, image_size, category_images, images, teacher_dirs, scales, seed, name):
     t0 = time.time()
     backbone = build_backbone("efficientnet-lite0")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from common import device_label, every_kth_per_type, machine, name_option, write_result
+from common import device_label, every_kth_per_type, machine, name_option, one_line_errors, write_result
 from ustudents.engines.bundle import load_bundle
 from ustudents.engines.runtime import load_engine, native_bf16, resolve_device
 from ustudents.train import dataset
@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
               help="Teacher folder (teacher_p<p>.safetensors per scale); default: the shipped teachers.")
 @click.option("--out", type=click.Path(path_type=Path), default=REPO / "runs" / "magnetic_tile", show_default=True)
 @name_option
+@one_line_errors
 def main(data_root, category, image_size, epochs, crop, batch, students, scales, precision, device, test_every,
          teachers, out, name):
     if not (data_root / category / "train" / "good").is_dir():

@@ -25,8 +25,11 @@ def uniform_starts(gen, size, crop):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] not in ("new", "old"):
-        sys.exit("usage: window_sampler_ab.py new|old USTUDENTS-ARGS...")
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__)
+        sys.exit(0)
+    if sys.argv[1:2] not in (["new"], ["old"]):
+        sys.exit("usage: window_sampler_ab.py new|old USTUDENTS-ARGS... (--help: what it compares)")
     if sys.argv[1] == "old":
         students.crop_window = uniform_starts
     from ustudents.cli import main

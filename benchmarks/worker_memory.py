@@ -29,7 +29,7 @@ import numpy as np
 import redis
 import torch
 
-from common import free_port, machine, name_option, rss_bytes, start_redis, wait_ready, write_result
+from common import free_port, machine, name_option, one_line_errors, rss_bytes, start_redis, wait_ready, write_result
 from ustudents.worker import schema
 
 MB = 1 << 20
@@ -95,6 +95,7 @@ def summary(rows: list[dict]) -> dict:
               help="USTUDENTS_INFLIGHT_MB values, comma-separated; 0 = no budget.")
 @click.option("--heatmap", type=click.Choice(["off", "on", "both"]), default="both", show_default=True)
 @name_option
+@one_line_errors
 def main(model, side, frames, batch, queue_batches, budgets, heatmap, name):
     frame = jpeg_frame(side)
     modes = {"off": [False], "on": [True], "both": [False, True]}[heatmap]

@@ -11,7 +11,6 @@ and <name>.md, with the machine named.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -26,7 +25,8 @@ import click
 import redis
 import torch
 
-from common import device_label, free_port, machine, name_option, write_result
+from common import check_redis, device_label, free_port, machine, name_option, one_line_errors, write_result
+from ustudents.engines.bundle import load_bundle
 
 DOCKER_CPU_ALLOWANCE_S = 60 + 3 * 15  # deploy/docker/Dockerfile.cpu HEALTHCHECK
 K8S_STARTUP_ALLOWANCE_S = 90 * 10  # deploy/k8s/worker-line1.yaml startupProbe
@@ -66,7 +66,10 @@ def one_start(model: Path, redis_url: str, device: str, timeout_s: float) -> dic
     finally:
         proc.terminate()
         out = proc.communicate(timeout=60)[0]
-        redis.Redis.from_url(redis_url).delete(stream)
+        try:
+            redis.Redis.from_url(redis_url).delete(stream)
+        except redis.RedisError:  # gone meanwhile: the error that ended the run says more than this one
+            pass
     engine = re.search(r"engine: (\S+) (\S+) on (\S+)", out)
     if engine:
         seen.update(backend=engine.group(1), precision=engine.group(2), device=engine.group(3))
@@ -78,9 +81,13 @@ def one_start(model: Path, redis_url: str, device: str, timeout_s: float) -> dic
 @name_option
 @click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--runs", default=2, show_default=True, help="Starts to time (the first also warms the page cache).")
+@click.option("--runs", default=2, show_default=True, type=click.IntRange(min=1), help="Starts to time (the first also warms the page cache).")
+@one_line_errors
 def main(model: Path, name: str, redis_url: str, device: str, runs: int) -> None:
-    manifest = json.loads((model / "manifest.json").read_text())
+    manifest = load_bundle(model).manifest  # a folder that is no bundle: one line, not a traceback
+    # the worker waits for an unreachable Redis, healthy and never ready: the run waited its full
+    # allowance (15 minutes) in silence, then failed in its cleanup
+    check_redis(redis_url)
     starts = [one_start(model, redis_url, device, K8S_STARTUP_ALLOWANCE_S) for _ in range(runs)]
     info = machine(torch.device("cpu"))
     rows = [f"| {i + 1} | {s.get('port_s')} | {s.get('healthy_s')} | {s.get('ready_s')} | {s.get('first_answer')} |"

@@ -39,7 +39,7 @@ import numpy as np
 import redis
 import torch
 
-from common import free_port, machine, name_option, percentiles, rss_bytes, start_redis, wait_ready, write_result
+from common import check_redis, free_port, machine, name_option, one_line_errors, percentiles, rss_bytes, start_redis, wait_ready, write_result
 from ustudents.engines.runtime import load_engine
 from ustudents.worker import schema
 from ustudents.worker.streams import replies
@@ -146,10 +146,13 @@ def send_paced(r: redis.Redis, stream: str, frames: list[bytes], fps: float, sec
 @click.option("--soak-fps", default=None, type=float, help="Soak frame rate.  [default: half the worker's throughput]")
 @click.option("--redis-url", default=None, help="[default: a redis-server started here]")
 @name_option
+@one_line_errors
 def main(model, backend, device, precision, batch, n_frames, frame_size, paced_seconds, soak_minutes, soak_fps,
          redis_url, name):
     if n_frames < 3 * batch:  # throughput is timed from the first batch's end: a rate needs batches after it
         raise click.BadParameter(f"{n_frames} frames at batch {batch}: give at least {3 * batch}", param_hint="--frames")
+    if redis_url is not None:
+        check_redis(redis_url)  # before the bare run: it was timed, then the worker waited 300 s for Redis
     engine = load_engine(model, backend=backend, device=device, precision=precision, max_batch=batch)
     info = engine.info
     size = frame_size or engine.image_size

@@ -111,3 +111,24 @@ def test_resampled_calibrations_count_new_good_images_at_or_above_the_threshold(
     assert row["numpy_default"]["mean"] > row["product"]["mean"] + 0.01  # the rule it replaced flags more
     with pytest.raises(Exception, match="needs 30 or more"):
         image_threshold.resampled_fpr(maps, n=29, trials=1, image_fpr=0.05)
+
+
+@pytest.mark.parametrize("case", ["batches", "backends", "size", "no-bundle", "no-masks", "runs", "no-redis"])
+def test_a_benchmarks_bad_input_is_one_line_before_any_work(case, tmp_path):
+    """A batch 'a', a folder without a bundle, a Redis not there: tracebacks after minutes of work, or
+    (an unknown backend) passed over in silence, or (no masks under ROOT) a result of 0 masks written,
+    or (an unreachable Redis) 15 minutes of silence."""
+    script, args, says = {
+        "batches": ("engines", ["--batches", "a"], "'a': give a comma-separated list of whole numbers from 1"),
+        "backends": ("engines", ["--backends", "torch,foo"], "give a comma-separated list of torch, onnxruntime"),
+        "size": ("engines", ["--image-size", "32"], "32 is not in the range x>=64"),
+        "no-bundle": ("worker_start", [str(tmp_path)], "no manifest.json here, so not a model bundle"),
+        "no-masks": ("mask_regions", [str(tmp_path)], "no masks under"),
+        "runs": ("worker_start", [str(tmp_path), "--runs", "0"], "0 is not in the range x>=1"),
+        "no-redis": ("worker_throughput", [str(tmp_path), "--redis-url", "redis://127.0.0.1:1/0"],
+                     "--redis-url redis://127.0.0.1:1/0: cannot reach Redis"),
+    }[case]
+    result = CliRunner().invoke(benchmark_script(script).main, [*args, "--name", f"never-written-{case}"])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert result.exit_code == 2 and len(errors) == 1 and says in errors[0], result.output
+    assert "Traceback" not in result.output and not list((BENCHMARKS / "results").glob("never-written-*"))
