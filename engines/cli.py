@@ -66,7 +66,8 @@ def out_of_memory_line(err: BaseException) -> str | None:
     gpu = "CUDA out of memory" in text or type(err).__name__ == "OutOfMemoryError"
     if not (isinstance(err, MemoryError) or gpu or "can't allocate memory" in text):
         return None
-    found = re.search(r"tried to allocate (\d+) bytes", text)  # PyTorch's CPU allocator
+    # PyTorch's CPU allocator, ONNX Runtime's arena
+    found = re.search(r"tried to allocate (\d+) bytes", text) or re.search(r"requested buffer of size (\d+)", text)
     size = f" of {int(found.group(1)) / 2 ** 30:.1f} GiB" if found else \
         (f" of {m.group(1)}" if (m := re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", text)) else "")
     return (f"out of memory: an allocation{size} failed{' on the GPU' if gpu else ''}; lower the options that size "

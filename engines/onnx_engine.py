@@ -127,9 +127,27 @@ def onnxruntime_runner(path: Path, threads: int | None = None):
     session = onnxruntime_session(path, threads)
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fused, scales = interruptible_run(session, {INPUT: x.cpu().numpy()})
+        try:
+            fused, scales = interruptible_run(session, {INPUT: x.cpu().numpy()})
+        except Exception as err:
+            if not type(err).__module__.startswith("onnxruntime"):
+                raise
+            raise onnxruntime_failure(err, path) from None
         return torch.from_numpy(fused), torch.from_numpy(scales)
     return run
+
+
+def onnxruntime_failure(err: Exception, path: Path) -> Exception:
+    """ONNX Runtime's own error (its classes derive from Exception alone, so the commands' one-line
+    handling passed them by as a traceback) as ours: memory it could not get as MemoryError, which the
+    commands tell as out of memory, as PyTorch's; any other failure as EngineError naming the engine."""
+    from .runtime import EngineError
+
+    text = " ".join(str(err).split())
+    if "Failed to allocate memory" in text or "bad_alloc" in text:
+        return MemoryError(text)
+    return EngineError(f"{path}: ONNX Runtime failed running it ({text[:300]}); build the engine again "
+                       f"(ustudents build-engines {path.parent.parent}), or use --backend torch")
 
 
 def parity(reference: AnomalyModel, runner, images: torch.Tensor, threshold: float | torch.Tensor,

@@ -397,6 +397,34 @@ def test_onnx_engine_matches_pytorch_on_real_images(built_bundle, tiny_mvtec, pr
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("failure", ["memory", "other"])
+def test_an_onnx_runtime_failure_is_one_line_as_pytorchs_is(failure, built_bundle, tiny_mvtec, tmp_path, monkeypatch):
+    """ONNX Runtime's errors derive from Exception alone: out of memory in a run (a small factory PC,
+    a large --batch) ended predict and evaluate in a traceback, exit 1, where the torch backend said
+    'out of memory: ...' in one line, exit 2."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    from ustudents.engines import onnx_engine
+
+    text = {"memory": "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node. "
+                      "Name:'/conv' Status Message: BFCArena::AllocateRawInternal Failed to allocate memory for "
+                      "requested buffer of size 152635392",
+            "other": "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node"}[failure]
+
+    def failing(session, feeds):
+        raise Fail(text)
+
+    monkeypatch.setattr(onnx_engine, "interruptible_run", failing)
+    result = invoke("predict", built_bundle, test_images(tiny_mvtec)[0], "--out", tmp_path / "p",
+                    "--backend", "onnxruntime", "--precision", "fp32")
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0] == ("Error: out of memory: an allocation of 0.1 GiB failed; lower the options that size the "
+                         "work (--batch, image or input sizes), or free memory") if failure == "memory" else \
+        "ONNX Runtime failed running it ([ONNXRuntimeError]" in errors[0] and "build-engines" in errors[0], errors
+
+
+@pytest.mark.slow
 def test_the_fp16_engine_holds_its_networks_in_fp16_and_scores_in_fp32(built_bundle):
     """It was fp32 throughout, only its weights rounded to fp16 values (the export cast the model
     back to float): the same size as the fp32 engine, and a 'strongly typed' TensorRT plan from it
