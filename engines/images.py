@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -198,6 +199,28 @@ def _imdecode(data, source: str) -> np.ndarray | None:
         return None
 
 
+def tiff_bits_per_sample(data) -> int | None:
+    """BitsPerSample (tag 258) of a classic TIFF's first image, None for anything else (BigTIFF too)."""
+    head = bytes(memoryview(data).cast("B")[:8])
+    order = {b"II*\x00": "<", b"MM\x00*": ">"}.get(head[:4])
+    if order is None or len(data) < 8:
+        return None
+    raw = bytes(memoryview(data).cast("B"))
+    (ifd,) = struct.unpack(order + "I", head[4:8])
+    if ifd + 2 > len(raw):
+        return None
+    (count,) = struct.unpack(order + "H", raw[ifd:ifd + 2])
+    for i in range(count):
+        entry = raw[ifd + 2 + 12 * i:ifd + 14 + 12 * i]
+        if len(entry) < 12:
+            return None
+        tag, kind, n = struct.unpack(order + "HHI", entry[:8])
+        if tag == 258 and kind == 3:  # SHORTs: inline when they fit 4 bytes, else at an offset
+            at = ifd + 10 + 12 * i if n <= 2 else struct.unpack(order + "I", entry[8:12])[0]
+            return struct.unpack(order + "H", raw[at:at + 2])[0] if at + 2 <= len(raw) else None
+    return None
+
+
 def _decode_unchanged(data: bytes, source: str) -> np.ndarray:
     if len(data) == 0:
         raise ImageError(f"{source}: empty (0 bytes); replace it with a valid PNG or JPEG image")
@@ -206,6 +229,11 @@ def _decode_unchanged(data: bytes, source: str) -> np.ndarray:
         raise ImageError(f"{source}: cannot be decoded as an image (PNG, JPEG, BMP or TIFF); replace or remove it")
     if img.dtype not in (np.uint8, np.uint16):
         raise ImageError(f"{source}: {img.dtype} pixels; save it as an 8- or 16-bit integer image")
+    if img.dtype == np.uint8 and tiff_bits_per_sample(data) == 16:
+        # OpenCV reads a 16-bit TIFF it has no 16-bit path for (grey with alpha, two samples a pixel)
+        # through an 8-bit fallback: a 12-bit frame came out 16 times darker, judged on that, in silence
+        raise ImageError(f"{source}: a 16-bit TIFF OpenCV reads at 8 bits only (grey with an alpha channel, or "
+                         "another layout of samples); save it as 16-bit grey or RGB, without alpha, or as PNG")
     return img
 
 

@@ -827,3 +827,32 @@ def test_resized_regions_sit_where_the_resized_image_shows_the_defect():
         mask_centre = (mask.sum(1) * rows).sum() / mask.sum()
         offsets.append(mask_centre - shown_centre)
     assert abs(np.mean(offsets)) <= 0.13, offsets
+
+
+def grey_alpha_tiff_16(grey: np.ndarray) -> bytes:
+    """A classic little-endian TIFF of 16-bit grey and an unassociated alpha: 2 samples a pixel."""
+    h, w = grey.shape
+    pixels = np.dstack([grey, np.full_like(grey, 65535)]).astype("<u2").tobytes()
+    entries = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 2, None), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, None),
+               (277, 3, 1, 2), (278, 3, 1, h), (279, 4, 1, len(pixels)), (284, 3, 1, 1), (338, 3, 1, 2)]
+    data_at = 8 + 2 + 12 * len(entries) + 4
+    out = bytearray(b"II*\x00" + struct.pack("<IH", 8, len(entries)))
+    for tag, kind, n, value in entries:
+        if tag == 258:  # BitsPerSample 16, 16: two SHORTs, inline
+            out += struct.pack("<HHIHH", tag, kind, n, 16, 16)
+        else:
+            value = data_at if tag == 273 else value
+            out += struct.pack("<HHI", tag, kind, n) + (struct.pack("<HH", value, 0) if kind == 3 else
+                                                         struct.pack("<I", value))
+    return bytes(out + struct.pack("<I", 0) + pixels)
+
+
+def test_a_16_bit_tiff_opencv_reads_at_8_bits_is_refused_not_judged_dark():
+    """OpenCV has no 16-bit path for grey with alpha in a TIFF: it read the file at 8 bits, so a
+    12-bit frame came out about 16 times darker and was judged on that, the model's uint16_bits and
+    the dark-frame warning passed by. Refused in one line; the same data as 16-bit grey still reads."""
+    grey = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)  # 12-bit data
+    with pytest.raises(ImageError, match="a 16-bit TIFF OpenCV reads at 8 bits only .*save it as 16-bit grey"):
+        decode_image(grey_alpha_tiff_16(grey), "frame.tif", bits=12)
+    ok, plain = cv2.imencode(".tiff", grey)
+    assert ok and decode_image(plain.tobytes(), "frame.tif", bits=12).max() == 255
