@@ -1716,6 +1716,24 @@ def test_ctrl_c_while_evaluating_after_training_names_the_written_model_and_exit
     assert result.exit_code == 130 and result.stderr.strip() == "interrupted", result.output
 
 
+def test_predict_checks_its_images_and_out_before_the_engine_loads(tiny_bundle, tiny_mvtec, tmp_path, monkeypatch):
+    """A typo in an image's name, or an --out holding the user's images, was told only after the engine
+    had loaded (a TensorRT plan: its time on a GPU's first start)."""
+    from ustudents.engines import runtime
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("the engine loaded before the images and --out were checked")
+
+    monkeypatch.setattr(runtime, "load_engine", not_yet)
+    good = tiny_mvtec / TINY_CATEGORY / "test" / "good" / "000.png"
+    assert_input_error(invoke("predict", tiny_bundle, good, tmp_path / "typo.png", "--out", tmp_path / "o"),
+                       f"{tmp_path / 'typo.png'}: no such file")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    shutil.copy(good, theirs / "part.png")
+    assert_input_error(invoke("predict", tiny_bundle, good, "--out", theirs), "holds images an earlier")
+
+
 @pytest.mark.parametrize("command", ["predict", "teacher"])
 def test_an_output_folder_linking_to_nothing_is_refused_before_any_work(command, tiny_bundle, tiny_mvtec, tmp_path):
     """predict --out (teacher --out) a link to a folder not there, a share not mounted: predict loaded

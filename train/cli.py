@@ -475,7 +475,7 @@ def predict_cmd(model, images, out, backend, precision, device):
     """Score IMAGE files: per image its score, verdict, mask PNG and heatmap overlay PNG."""
     from ustudents.engines.runtime import load_engine
 
-    from .evaluate import earlier_predictions, predict
+    from .evaluate import plan_predict, predict
 
     check_output(out, "--out", folder=True)
     check_apart(out, "--out", model, "the model bundle")  # also when MODEL is not a bundle: never over an input
@@ -484,10 +484,11 @@ def predict_cmd(model, images, out, backend, precision, device):
     def line(r: dict) -> None:
         verdict = "ANOMALOUS" if r["anomalous"] else "ok"
         click.echo(f"{r['image']}\tscore {r['score']:.3f}\t{verdict}\tmask {r['mask']}")
+    plan = plan_predict(list(images), out, load_bundle(model).uint16_bits)  # before the engine loads
     engine = load_engine(model, backend, device, precision)
     click.echo(f"engine: {engine.describe()}")
-    replacing = bool(earlier_predictions(out))
-    predict(engine, list(images), out, on_result=line)
+    replacing = bool(plan.earlier)
+    predict(engine, plan, on_result=line)
     if replacing:  # said once done: a refusal would have left the earlier results as they were
         click.echo(f"--out {out}: these results replaced those of the earlier predict there")
 

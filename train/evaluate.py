@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -194,22 +195,27 @@ def _share(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: None) -> list[dict]:
-    """Score images; write <out>/<stem>_mask.png, <stem>_overlay.png and results.json (names are
-    prefixed with index and folder when two images share a file name); `on_result` sees each image's
-    record as it is written. An earlier predict's outputs in `out` are replaced: at the end `out` holds
-    this run's alone. One run at a time per `out`.
+@dataclass
+class PredictPlan:
+    """What predict writes, checked before any work: the images' output names, the images by their
+    real paths (none may be replaced), and the outputs an earlier predict listed in `out`."""
+    paths: list[Path]
+    out: Path
+    names: list[str]
+    inputs: dict[Path, Path]
+    earlier: set[str]
 
-    Every image is decoded once before anything is written, so a bad one among thousands leaves no
-    partial output; then they are scored a batch at a time, so memory holds one batch of frames and
-    maps, not the whole set (5-megapixel frames and their float maps add up to GBs)."""
-    bundle = engine.bundle
+
+def plan_predict(paths: list[Path], out: Path, uint16_bits: int) -> PredictPlan:
+    """predict's checks, needing no engine, so that the command makes them before it loads one (a
+    TensorRT plan, or a large bundle, took its time before a typo in a file name was told): every image
+    decodes, and `out` is a folder its outputs may go to."""
     if (part := dataset.dataset_part(out)) is not None:  # test/predictions became a defect type without masks
         raise ValueError(f"--out {out}: inside the dataset folder {part}, where masks and overlays would be read as "
                          f"the category's own images (under test/, a defect type without masks; under train/, good "
                          "parts); give an --out folder outside the dataset")
     for p in paths:
-        read_image(p, bundle.uint16_bits)
+        read_image(p, uint16_bits)
     names = [p.stem for p in paths]
     if len(set(names)) < len(names):  # e.g. good/000.png and crack/000.png: keep every output apart
         names = [f"{i:04d}_{p.parent.name}_{p.stem}" for i, p in enumerate(paths)]
@@ -234,11 +240,24 @@ def predict(engine: Engine, paths: list[Path], out: Path, on_result=lambda r: No
         raise ValueError(f"--out {out}: holds images an earlier `ustudents predict` did not write ({shown}); masks "
                          "and overlays written beside them would mix with them (in a dataset's folder, be read as "
                          "its images); give an empty --out folder or one an earlier predict wrote")
+    return PredictPlan(list(paths), out, names, inputs, earlier)
+
+
+def predict(engine: Engine, plan: PredictPlan, on_result=lambda r: None) -> list[dict]:
+    """Score the images of `plan` (plan_predict); write <out>/<stem>_mask.png, <stem>_overlay.png and
+    results.json (names are prefixed with index and folder when two images share a file name);
+    `on_result` sees each image's record as it is written. An earlier predict's outputs in `out` are
+    replaced: at the end `out` holds this run's alone. One run at a time per `out`.
+
+    Every image was decoded once by plan_predict before anything is written, so a bad one among
+    thousands leaves no partial output; they are scored a batch at a time, so memory holds one batch
+    of frames and maps, not the whole set (5-megapixel frames and their float maps add up to GBs)."""
+    out = plan.out
     out.mkdir(parents=True, exist_ok=True)
     # one run at a time: two wrote each other's masks under one name, and the first's results.json was lost
     with locked(out, f"--out {out}: another `ustudents predict` is writing there now; wait for it to finish, or "
                      "give another --out"):
-        return _predict(engine, paths, names, out, earlier, inputs, on_result)
+        return _predict(engine, plan.paths, plan.names, out, plan.earlier, plan.inputs, on_result)
 
 
 def _predict(engine: Engine, paths: list[Path], names: list[str], out: Path, earlier: set[str],
