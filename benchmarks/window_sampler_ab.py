@@ -10,7 +10,10 @@ border included, trained on equally often) against `old` (window starts uniform 
         --images 40 --border 4 --name ab_border_$v
     done
 
-The first argument picks the sampler; the rest is an `ustudents` command line.
+The first argument picks the sampler; the rest is an `ustudents` command line. `unweighted` keeps
+the sampler and drops the windows' loss weights (each window's loss its mean alone, as before the
+window share: a border pixel weighed 3.4 times a central one at 64 px with a crop of 16), for the A/B
+in benchmarks/README.md (evaluation_ab.py).
 """
 import sys
 
@@ -28,10 +31,12 @@ if __name__ == "__main__":
     if sys.argv[1:2] in (["-h"], ["--help"]):
         print(__doc__)
         sys.exit(0)
-    if sys.argv[1:2] not in (["new"], ["old"]):
-        sys.exit("usage: window_sampler_ab.py new|old USTUDENTS-ARGS... (--help: what it compares)")
+    if sys.argv[1:2] not in (["new"], ["old"], ["unweighted"]):
+        sys.exit("usage: window_sampler_ab.py new|old|unweighted USTUDENTS-ARGS... (--help: what it compares)")
     if sys.argv[1] == "old":
         students.crop_window = uniform_starts
+    if sys.argv[1] == "unweighted":
+        students.window_share = lambda rows, cols, crop: 1.0
     from ustudents.cli import main
 
     main(sys.argv[2:])

@@ -17,7 +17,7 @@ from ustudents.train.calibrate import errors_and_variances, predicted_share
 from ustudents.train.progress import LOG_INTERVAL_S, progress
 from ustudents.train import checkpoints
 from ustudents.train import students as students_module
-from ustudents.train.students import StudentConfig, another_epoch_fits, crop_window, train_students
+from ustudents.train.students import StudentConfig, another_epoch_fits, crop_window, train_students, window_share
 
 
 def coverage(size: int, crop: int, draws: int = 20000) -> np.ndarray:
@@ -38,6 +38,23 @@ def test_border_pixels_are_trained_on_as_often_as_central_ones():
     expected = 32 / (128 + 32 - 1)
     assert np.abs(cov - expected).max() < 0.02
     assert cov[0] > 0.9 * expected and cov[-1] > 0.9 * expected
+
+
+def test_border_pixels_weigh_in_the_loss_as_central_ones_do():
+    """Eq. 5 weighs every pixel alike. Each window's loss is a mean over its part inside the image:
+    unweighted, the middle of a 64 px image's edge weighed 3.4 times a central pixel (crop 16), a
+    corner 11 times, though each was trained on as often (their edge rows 4.4 times here)."""
+    gen = np.random.default_rng(0)
+    size, crop = 64, 16
+    weight = np.zeros((size, size))
+    for _ in range(20000):
+        (r, rows), (c, cols) = crop_window(gen, size, crop), crop_window(gen, size, crop)
+        part = (rows.stop - rows.start) * (cols.stop - cols.start)
+        weight[r + rows.start:r + rows.stop, c + cols.start:c + cols.stop] += window_share(rows, cols, crop) / part
+    centre = weight[size // 4:-size // 4, size // 4:-size // 4].mean()
+    for rim in (weight[0], weight[-1], weight[:, 0], weight[:, -1]):
+        assert abs(rim.mean() / centre - 1) < 0.1, rim.mean() / centre
+    assert abs(weight[0, 0] / centre - 1) < 0.15  # one pixel, which about 800 of the draws cover
 
 
 def test_a_window_as_large_as_the_image_is_the_whole_image():

@@ -83,7 +83,8 @@ def crop_window(gen: np.random.Generator, size: int, crop: int) -> tuple[int, sl
 
     The window is drawn as if it could hang over the image's edge (start in [-(crop-1), size-1]),
     computed where it fits inside, and trained only on the pixels the drawn window covers. Every
-    pixel is then trained on equally often, border pixels included; with starts drawn in
+    pixel is then trained on equally often, border pixels included (and weighs alike in the loss:
+    window_share); with starts drawn in
     [0, size - crop] a border pixel would be trained on `crop` times less often than a central one,
     and its regression error, hence the image score, would be highest there."""
     if crop >= size:  # whole images (the paper's setting)
@@ -91,6 +92,14 @@ def crop_window(gen: np.random.Generator, size: int, crop: int) -> tuple[int, sl
     drawn = int(gen.integers(-(crop - 1), size))
     start = min(max(drawn, 0), size - crop)
     return start, slice(max(drawn, 0) - start, min(drawn + crop, size) - start)
+
+
+def window_share(rows: slice, cols: slice, crop: int) -> float:
+    """The part of a crop window trained on, as a share of the whole window: the weight of its loss
+    (a mean over that part). Eq. 5 weighs every pixel alike; with each window's mean alone, the one
+    pixel of a window at a corner weighed as much as crop^2 pixels inside (a border pixel 3.4 times a
+    central one, a corner 11 times, at 64 px with a crop of 16)."""
+    return (rows.stop - rows.start) * (cols.stop - cols.start) / crop**2
 
 
 def student_loss(mu: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -181,7 +190,7 @@ def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.nd
                         mu = students.dense(x)
                     loss = student_loss(mu.float()[..., rows, cols], y)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss * window_share(rows, cols, crop)).backward()
                     opt.step()
                     value = loss.item()
                     if not math.isfinite(value):
