@@ -2,6 +2,7 @@
 `evaluate` and `predict` share with it."""
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -97,6 +98,15 @@ def user_errors_for(errors: tuple[type[Exception], ...]):
     return decorator
 
 
+def link_loop(path: Path) -> bool:
+    """Whether `path` is a loop of symbolic links (named as such by real_path, not as a link to nothing)."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        return err.errno == errno.ELOOP
+    return False
+
+
 def check_output(path: Path | None, option: str, folder: bool, link_to_make: bool = False) -> None:
     """Refuse now, before any work, an output `path` (a folder, or a file when not `folder`) that
     could not be written at the end: a file where a folder goes or the reverse, or no write access;
@@ -105,7 +115,7 @@ def check_output(path: Path | None, option: str, folder: bool, link_to_make: boo
     if path is None:
         return
     path = Path(path)
-    if folder and not link_to_make and path.is_symlink() and not path.exists():
+    if folder and not link_to_make and path.is_symlink() and not path.exists() and not link_loop(path):
         raise InputError(f"{option} {path}: a link to {os.readlink(path)}, which does not exist; make that folder, "
                          f"or choose another {option}")
     if path.exists() and path.is_dir() != folder:

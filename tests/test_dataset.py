@@ -767,7 +767,7 @@ def test_a_jpeg_is_read_turned_as_its_exif_orientation_says(tmp_path):
     mask[5:15, 10:30] = 255  # drawn on the picture as shown
     cv2.imwrite(str(tmp_path / "img_mask.png"), mask)
     regions = load_regions([Sample(tmp_path / "img.jpg", "spot", tmp_path / "img_mask.png")], 30)
-    assert np.array_equal(regions[0] > 0, cv2.resize(mask, (30, 30), interpolation=cv2.INTER_NEAREST) > 0)
+    assert np.array_equal(regions[0] > 0, cv2.resize(mask, (30, 30), interpolation=cv2.INTER_NEAREST_EXACT) > 0)
 
 
 def test_images_of_a_format_not_read_beside_ones_that_are_are_named(mvtec, caplog):

@@ -644,6 +644,7 @@ def test_a_stop_waits_for_the_batch_still_in_the_networks():
     stopper = demo.Demo(echo=lambda text: None)
     stopper.worker = types.SimpleNamespace(threads=[in_networks], stop=lambda: None, server=None)
     stopper.worker_thread = run
+    stopper.worker_done.set()
     stopper.stop()
     assert not in_networks.is_alive()
 

@@ -509,7 +509,7 @@ def test_build_engines_cli_and_evaluate_with_onnxruntime(bundle_copy, tiny_mvtec
 
 
 @pytest.mark.slow
-def test_stale_or_damaged_engines_are_refused(bundle_copy):
+def test_stale_or_damaged_engines_are_refused(bundle_copy, tiny_mvtec):
     bundle = load_bundle(bundle_copy)
     entry = build_onnx(bundle, "fp32", max_batch=2)
     # Changed statistics (what `ustudents calibrate` does) make the baked-in engine stale.
@@ -525,7 +525,8 @@ def test_stale_or_damaged_engines_are_refused(bundle_copy):
     load_engine(bundle_copy, backend="onnxruntime", device="cpu")  # current again
     path = bundle_copy / entry["file"]
     path.write_bytes(path.read_bytes()[:-10])
-    result = invoke("predict", bundle_copy, path, "--out", bundle_copy.parent / "out", "--backend", "onnxruntime")
+    result = invoke("predict", bundle_copy, test_images(tiny_mvtec)[0], "--out", bundle_copy.parent / "out",
+                    "--backend", "onnxruntime")
     assert result.exit_code == 2 and "checksum mismatch" in result.output
     assert f"build-engines {bundle_copy} --backend onnx --precision fp32`" in result.output
 

@@ -599,8 +599,10 @@ def test_16_bit_frames_are_read_with_the_bits_of_the_model_they_are_for(small_bu
     add(r, stream, frame_id="12-bit", image=deep.tobytes())
     with in_process_worker({engine.info["category"]: engine}, redis_url, stream):
         wait_for(lambda: len(results_of(r, stream)) == 2, 60, "both results")
-    got = {s(x[schema.FRAME_ID]): (s(x[schema.SCORE]), x[schema.MASK]) for x in results_of(r, stream)}
-    assert got["12-bit"] == got["8-bit"]  # same score, same mask
+    got = {s(x[schema.FRAME_ID]): (float(x[schema.SCORE]), x[schema.MASK]) for x in results_of(r, stream)}
+    # same mask, same score up to float rounding: read in one batch of two or in two of one (a loaded
+    # machine), the networks' sums run in another order (20.657511 against 20.657513 in CI)
+    assert got["12-bit"][1] == got["8-bit"][1] and got["12-bit"][0] == pytest.approx(got["8-bit"][0], rel=1e-5)
 
 
 def test_a_worker_finishes_its_own_pending_entries_first_on_start(engines, frames, redis_url, stream):

@@ -569,6 +569,10 @@ class Demo:
         self.redis: OwnRedis | None = None
         self.worker = None
         self.worker_thread: threading.Thread | None = None
+        # set when the worker's run() has returned: a Thread.join interrupted by a signal marks the thread
+        # finished in Python 3.11, so is_alive() after Ctrl-C in the --serve wait said "stopped" of a
+        # worker still serving, and the stop skipped it
+        self.worker_done = threading.Event()
         self.worker_exit: list[int] = []
         self.tmp: Path | None = None
         self.client = None
@@ -618,13 +622,17 @@ class Demo:
             # demo started at the same time): any free port will do
             self.worker.s.metrics_port = free_port()
             self.worker.start_server()
-        self.worker_thread = threading.Thread(target=lambda: self.worker_exit.append(self.worker.run()),
-                                              name="demo-worker", daemon=True)
+        def serve() -> None:
+            try:
+                self.worker_exit.append(self.worker.run())
+            finally:
+                self.worker_done.set()
+        self.worker_thread = threading.Thread(target=serve, name="demo-worker", daemon=True)
         self.worker_thread.start()
         port = self.worker.server.port
         deadline = time.monotonic() + 30
         while not self.worker.ready()[0]:
-            if not self.worker_thread.is_alive() or time.monotonic() > deadline:
+            if self.worker_done.is_set() or time.monotonic() > deadline:
                 raise DemoError(f"the worker did not become ready: {self.worker.ready()[1]}")
             time.sleep(0.1)
         self.step(f"worker ready (PyTorch fp32 on CPU); metrics: http://127.0.0.1:{port}/metrics, "
@@ -673,7 +681,7 @@ class Demo:
                         last_progress = time.monotonic()
                         self.echo(table_row(row))
                 if not got:
-                    if not self.worker_thread.is_alive():
+                    if self.worker_done.is_set():
                         raise DemoError(f"the worker stopped (exit {self.worker_exit[:1] or '?'}) after {done} of "
                                         f"{len(frames)} frames; see the log above")
                     if sent > done and time.monotonic() - last_progress > idle_timeout_s:  # a frame is awaited
@@ -694,9 +702,8 @@ class Demo:
             return
         self.stopped = True
         if self.worker_thread is not None:
-            if self.worker_thread.is_alive():
-                self.worker.stop()  # finishes what it holds; its run() then stops the metrics server
-                self.worker_thread.join(15)
+            self.worker.stop()  # finishes what it holds; its run() then stops the metrics server
+            self.worker_done.wait(15)
             # A stage still inside the networks when the worker's deadline passed (a batch over 10 s on a
             # loaded CPU): the interpreter's exit under it aborted the demo (exit 134, "terminate called
             # without an active exception") where it meant 130 or 2. Its batch ends; the thread then stops.
@@ -867,8 +874,8 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
                   f"total {time.monotonic() - t0:.0f} s")
         if serve:
             demo.step(f"serving: worker, Redis and http://127.0.0.1:{port}/metrics stay up; Ctrl-C stops them")
-            while demo.worker_thread.is_alive():
-                demo.worker_thread.join(1.0)
+            while not demo.worker_done.wait(1.0):
+                pass
     except (KeyboardInterrupt, Stopped):
         hold_signals()
         # only what was started: while training (or with --train-only) neither the worker nor Redis was
