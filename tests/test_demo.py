@@ -630,6 +630,26 @@ def test_a_second_signal_while_stopping_does_not_cut_the_stop_short(tiny_mvtec, 
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # given back
 
 
+def test_a_training_stopped_after_a_checkpoint_says_what_it_kept(tiny_mvtec, tmp_path, monkeypatch):
+    """Interrupted in training, the demo printed 'interrupted' alone, though OUT/.model.checkpoint kept
+    the students trained so far and the next run continues from them (ustudents-train says so)."""
+    from ustudents.train import pipeline
+
+    folder = tmp_path / "demo" / ".model.checkpoint"
+    folder.mkdir(parents=True)
+    (folder / "p17.safetensors").write_bytes(b"x" * 2048)
+
+    def interrupted(cfg, log):
+        raise pipeline.TrainingInterrupted(folder, "p=17 after epoch 3 of 20")
+
+    monkeypatch.setattr(pipeline, "train", interrupted)
+    result = CliRunner().invoke(demo_cmd, ["--data-root", str(tiny_mvtec), "--category", TINY_CATEGORY, "--out",
+                                           str(tmp_path / "demo"), "--train-only"], env={"REDIS_URL": None})
+    assert result.exit_code == 130, (result.output, result.exception)
+    assert f"interrupted; {folder} holds p=17 after epoch 3 of 20 (" in result.output
+    assert "run the demo again to continue from there" in result.output
+
+
 def test_a_stop_waits_for_the_batch_still_in_the_networks():
     """The demo gives its worker 10 s to finish; a batch longer than that (a loaded 2-core CPU) was still
     in torch when the demo exited, and the interpreter's exit under it aborted: exit 134 ("terminate

@@ -42,6 +42,7 @@ from ustudents.engines.cli import PathArg
 from ustudents.engines.files import listed_outputs, os_error_line, write_atomically
 from ustudents.engines.images import IMAGE_SUFFIXES
 from ustudents.worker.settings import ENV_PREFIX, WorkerSettings, shown_url
+from ustudents.train import checkpoints
 from ustudents.train import cli as train_cli
 
 SAMPLE_ROOT = Path(__file__).resolve().parent / "demo_data"
@@ -876,12 +877,15 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
             demo.step(f"serving: worker, Redis and http://127.0.0.1:{port}/metrics stay up; Ctrl-C stops them")
             while not demo.worker_done.wait(1.0):
                 pass
-    except (KeyboardInterrupt, Stopped):
+    except (KeyboardInterrupt, Stopped) as stop:
         hold_signals()
         # only what was started: while training (or with --train-only) neither the worker nor Redis was
         running = [name for name, started in (("the worker", demo.worker is not None),
                                               ("Redis", demo.redis is not None)) if started]
-        click.echo(f"\ninterrupted{': stopping ' + ' and '.join(running) if running else ''}", err=True)
+        # a training stopped after its first checkpoint: say what is kept, as ustudents-train does
+        kept = (f"; {stop.folder} holds {stop.held} ({checkpoints.size_on_disk(stop.folder)}): run the demo again "
+                "to continue from there, or delete that folder if you will not") if getattr(stop, "held", "") else ""
+        click.echo(f"\ninterrupted{': stopping ' + ' and '.join(running) if running else ''}{kept}", err=True)
         demo.stop()
         sys.exit(130)
     except (DatasetError, BundleError, EngineError, ValueError, OSError) as err:  # OSError: a full disk too
