@@ -63,6 +63,25 @@ def built_bundle(small_bundle, tiny_mvtec, tmp_path_factory) -> Path:
     return made_once(tmp_path_factory, "built-bundle", make) / "model"
 
 
+@pytest.fixture(scope="module")
+def eval_root(tiny_mvtec, tmp_path_factory) -> Path:
+    """tiny_mvtec with its test set cut to two images per type (good, scratch, spot; their masks stay):
+    evaluate still sees every defect type and both labels, at half the forward passes. Read-only."""
+    root = Path(shutil.copytree(tiny_mvtec, tmp_path_factory.mktemp("eval") / "root"))
+    for folder in sorted((root / TINY_CATEGORY / "test").iterdir()):
+        for f in sorted(folder.iterdir())[2:]:
+            f.unlink()
+    return root
+
+
+def good_images(tiny_mvtec: Path, folder: Path, n: int) -> Path:
+    """A folder of the first n of tiny_mvtec's train/good images."""
+    folder.mkdir()
+    for f in sorted((tiny_mvtec / TINY_CATEGORY / "train" / "good").iterdir())[:n]:
+        shutil.copy(f, folder)
+    return folder
+
+
 def built_entry(bundle: Path, precision: str) -> dict:
     (entry,) = [e for e in load_bundle(bundle).manifest["engines"] if e["precision"] == precision]
     return entry
@@ -444,10 +463,13 @@ def test_the_fp16_engine_holds_its_networks_in_fp16_and_scores_in_fp32(built_bun
 
 
 @pytest.mark.slow
-def test_int8_engine_is_symmetric_qdq_calibrated_on_good_images_and_matches_pytorch(bundle_copy, tiny_mvtec):
+def test_int8_engine_is_symmetric_qdq_calibrated_on_good_images_and_matches_pytorch(bundle_copy, tiny_mvtec, tmp_path):
     import onnx
 
-    good = tiny_mvtec / TINY_CATEGORY / "train" / "good"
+    from ustudents.engines.cli import MIN_CALIBRATION_IMAGES
+
+    # as few good images as int8 ranges are built from (each is one calibration step and one parity image)
+    good = good_images(tiny_mvtec, tmp_path / "good", MIN_CALIBRATION_IMAGES)
     refused = invoke("build-engines", bundle_copy, "--precision", "int8")
     assert refused.exit_code == 2 and "--calibration-images" in refused.output
     for args, needle in ((["--calibration-images", good], "only --precision int8 is calibrated (this is fp32)"),
@@ -491,7 +513,7 @@ def test_int8_engine_is_symmetric_qdq_calibrated_on_good_images_and_matches_pyto
 
 
 @pytest.mark.slow
-def test_build_engines_cli_and_evaluate_with_onnxruntime(bundle_copy, tiny_mvtec, tmp_path):
+def test_build_engines_cli_and_evaluate_with_onnxruntime(bundle_copy, tiny_mvtec, eval_root, tmp_path):
     result = invoke("build-engines", bundle_copy, "--max-batch", "4",
                     "--check-images", tiny_mvtec / TINY_CATEGORY / "train" / "good")
     assert result.exit_code == 0, result.output
@@ -499,7 +521,7 @@ def test_build_engines_cli_and_evaluate_with_onnxruntime(bundle_copy, tiny_mvtec
     runs = {}
     for backend in ("torch", "onnxruntime"):
         out = tmp_path / f"{backend}.json"
-        r = invoke("evaluate", bundle_copy, "--data-root", tiny_mvtec, "--backend", backend,
+        r = invoke("evaluate", bundle_copy, "--data-root", eval_root, "--backend", backend,
                    "--precision", "fp32", "--device", "cpu", "--json", out)
         assert r.exit_code == 0, r.output
         runs[backend] = json.loads(out.read_text())
@@ -532,7 +554,7 @@ def test_stale_or_damaged_engines_are_refused(bundle_copy, tiny_mvtec):
 
 
 @pytest.mark.slow
-def test_two_commands_changing_one_bundle_at_once_lose_nothing(bundle_copy, built_bundle, tiny_mvtec):
+def test_two_commands_changing_one_bundle_at_once_lose_nothing(bundle_copy, built_bundle, tiny_mvtec, eval_root):
     """Two build-engines at once (fp32 and fp16) both reported success, and the manifest listed one
     engine: each wrote back the list it had read at its start."""
     from ustudents.engines.bundle import changing
@@ -554,7 +576,7 @@ def test_two_commands_changing_one_bundle_at_once_lose_nothing(bundle_copy, buil
             assert result.exit_code == 2 and "another command is changing this bundle now" in result.output, \
                 result.output
         # evaluate stores its results under the same lock: held, it reports them and does not store them
-        evaluated = invoke("evaluate", bundle_copy, "--data-root", tiny_mvtec)
+        evaluated = invoke("evaluate", bundle_copy, "--data-root", eval_root)
         assert evaluated.exit_code == 0 and "results not stored" in evaluated.output and \
             "another command is changing this bundle now" in evaluated.output, evaluated.output
     assert sorted(e["precision"] for e in load_bundle(bundle_copy).manifest["engines"]) == ["fp16", "fp32"]
@@ -563,7 +585,8 @@ def test_two_commands_changing_one_bundle_at_once_lose_nothing(bundle_copy, buil
 
 
 @pytest.mark.slow
-def test_an_engine_interrupted_between_its_file_and_its_entry_is_unbuilt_not_damaged(bundle_copy, monkeypatch):
+def test_an_engine_interrupted_between_its_file_and_its_entry_is_unbuilt_not_damaged(bundle_copy, tiny_mvtec,
+                                                                                      monkeypatch):
     """The new file replaced the old one, then the build stopped before the manifest was written: the
     old entry named the new file, and every later run said "checksum mismatch, damaged". Then the
     file stayed with no entry naming it (a stray no later command removed). An engine is listed in
@@ -572,9 +595,11 @@ def test_an_engine_interrupted_between_its_file_and_its_entry_is_unbuilt_not_dam
     from ustudents.engines import onnx_engine
 
     engine = bundle_copy / "engines" / "model-fp32.onnx"
+    # each build's parity check on one real image, not four noise images: where it stops is the point here
+    frames = [read_image(test_images(tiny_mvtec)[0])]
     real = {name: getattr(onnx_engine, name) for name in ("forget_engine", "record_engine")}
     for where in real:
-        build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2)
+        build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2, frames=frames)
         assert engine.is_file()
 
         def then_stop(*args, where=where):
@@ -583,7 +608,7 @@ def test_an_engine_interrupted_between_its_file_and_its_entry_is_unbuilt_not_dam
             raise KeyboardInterrupt
         monkeypatch.setattr(onnx_engine, where, then_stop)
         with pytest.raises(KeyboardInterrupt):
-            build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2)
+            build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2, frames=frames)
         monkeypatch.undo()
         with pytest.raises(EngineError, match="has no onnx engine; build one with") as refused:
             load_engine(bundle_copy, backend="onnxruntime", device="cpu")
@@ -592,7 +617,7 @@ def test_an_engine_interrupted_between_its_file_and_its_entry_is_unbuilt_not_dam
     (bundle_copy / "engines" / ".model-fp32.onnx.partial").write_bytes(b"cut short")
     (bundle_copy / "engines" / ".model-int8.onnx.k1ll3d.partial").mkdir()
     (bundle_copy / "engines" / ".model-int8.onnx.k1ll3d.partial" / "model-fp32.onnx").write_bytes(b"x" * 1000)
-    build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2)
+    build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2, frames=frames)
     assert sorted(f.name for f in (bundle_copy / "engines").iterdir()) == ["model-fp32.onnx"]
 
 
@@ -858,7 +883,7 @@ def test_build_engines_refuses_int8_ranges_from_too_few_images_and_a_bundle_made
     assert {p: p.read_bytes() for p in bundle_copy.rglob("*") if p.is_file()} == before
 
 
-def test_a_failed_parity_check_says_whose_to_fix(bundle_copy, tiny_mvtec, monkeypatch):
+def test_a_failed_parity_check_says_whose_to_fix(bundle_copy, tiny_mvtec, tmp_path, monkeypatch):
     """int8 ranges that do not hold come from the user's calibration images: it said "Report this with the
     bundle and precision" (exit 1), as for a bug, with no way forward. fp32 and fp16 failing it is one."""
     from ustudents.engines import onnx_engine
@@ -866,7 +891,9 @@ def test_a_failed_parity_check_says_whose_to_fix(bundle_copy, tiny_mvtec, monkey
     real = onnx_engine.parity
     monkeypatch.setattr(onnx_engine, "parity", lambda *a, **k: {**real(*a, **k), "ok": False})
     before = {p: p.read_bytes() for p in bundle_copy.rglob("*") if p.is_file()}
-    good = tiny_mvtec / TINY_CATEGORY / "train" / "good"
+    from ustudents.engines.cli import MIN_CALIBRATION_IMAGES
+
+    good = good_images(tiny_mvtec, tmp_path / "good", MIN_CALIBRATION_IMAGES)  # as few as int8 ranges are built from
     result = invoke("build-engines", bundle_copy, "--precision", "int8", "--calibration-images", good)
     assert result.exit_code == 2 and "not stored; int8 ranges from --calibration-images did not hold: give more, and " \
         "more varied, good images (e.g. all of train/good), or build fp16 or fp32" in result.output, result.output
