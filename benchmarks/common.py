@@ -138,6 +138,19 @@ def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
     raise click.ClickException("redis-server did not start")
 
 
+def judging_frames_of(model: Path, height: int, width: int, folder: Path) -> Path:
+    """A copy of MODEL in FOLDER that also judges frames of this shape. A worker benchmark's frames are
+    synthetic squares of its chosen size, which a worker serving the model as trained would dead-letter
+    `unexpected_shape` (engines.frame_shapes) and so time dead-lettering, not scoring."""
+    from ustudents.engines.bundle import load_bundle, update_manifest
+    from ustudents.engines.frame_shapes import FrameShapes
+
+    copy = Path(shutil.copytree(model, folder / Path(model).resolve().name))
+    known = FrameShapes.of([(height, width)]).union(load_bundle(copy).frame_shapes)
+    update_manifest(copy, frame_shapes=known.to_json())
+    return copy
+
+
 def wait_ready(port: int, worker: subprocess.Popen, log: Path, timeout_s: float = 300.0) -> None:
     """Until the worker started on `port` answers /readyz 200; its log's tail if it exits or does not in time."""
     import urllib.request

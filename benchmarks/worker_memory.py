@@ -29,7 +29,7 @@ import numpy as np
 import redis
 import torch
 
-from common import free_port, machine, name_option, one_line_errors, rss_bytes, start_redis, wait_ready, write_result
+from common import free_port, judging_frames_of, machine, name_option, one_line_errors, rss_bytes, start_redis, wait_ready, write_result
 from ustudents.worker import schema
 
 MB = 1 << 20
@@ -100,12 +100,13 @@ def main(model, side, frames, batch, queue_batches, budgets, heatmap, name):
     frame = jpeg_frame(side)
     modes = {"off": [False], "on": [True], "both": [False, True]}[heatmap]
     folder = Path(tempfile.mkdtemp(prefix="ustudents-mem-"))
+    served = judging_frames_of(model, side, side, folder)
     proc, url = start_redis(folder)
     rows = []
     try:
         for on in modes:
             for b in (int(v) for v in budgets.split(",")):
-                rows.append(run_once(model, url, frame, frames, batch, queue_batches, b, on, folder))
+                rows.append(run_once(served, url, frame, frames, batch, queue_batches, b, on, folder))
                 row = rows[-1]
                 click.echo(f"budget {b} MB, heatmap {'on' if on else 'off'}: peak {row['peak_mb']:.0f} MB "
                            f"({row['above_base_mb']:.0f} above base), {row['fps']:.2f} frames/s")

@@ -39,7 +39,7 @@ import numpy as np
 import redis
 import torch
 
-from common import check_redis, free_port, machine, name_option, one_line_errors, percentiles, rss_bytes, start_redis, wait_ready, write_result
+from common import check_redis, free_port, judging_frames_of, machine, name_option, one_line_errors, percentiles, rss_bytes, start_redis, wait_ready, write_result
 from ustudents.engines.runtime import load_engine
 from ustudents.worker import schema
 from ustudents.worker.streams import replies
@@ -167,12 +167,13 @@ def main(model, backend, device, precision, batch, n_frames, frame_size, paced_s
         torch.cuda.empty_cache()
 
     tmp = Path(tempfile.mkdtemp(prefix="ustudents-bench-"))
+    served = judging_frames_of(model, size, size, tmp)
     redis_proc = None
     if redis_url is None:
         redis_proc, redis_url = start_redis(tmp)
     r = redis.Redis.from_url(redis_url)
     stream, port = f"bench-{uuid.uuid4().hex[:8]}", free_port()
-    cmd = [sys.executable, "-m", "ustudents.worker", "--stream", stream, "--model", str(model), "--redis-url", redis_url,
+    cmd = [sys.executable, "-m", "ustudents.worker", "--stream", stream, "--model", str(served), "--redis-url", redis_url,
            "--backend", info["backend"], "--device", str(dev), "--precision", info["precision"], "--batch", str(batch),
            "--metrics-port", str(port)]
     worker = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "wb"))
@@ -189,6 +190,9 @@ def main(model, backend, device, precision, batch, n_frames, frame_size, paced_s
             pipe.xadd(stream, {"frame_id": f"b{i}", "ts": repr(time.time()), "image": data})
         ids = [x.decode() for x in pipe.execute()]
         follower.wait_for(ids, timeout=600)
+        if dead := sum(1 for i in ids if i in follower.dead):  # a rate of dead-lettering is no throughput
+            raise click.ClickException(f"{dead} of the {len(ids)} frames were dead-lettered, not scored: the "
+                                       f"worker's log, {tmp / 'worker.log'}, says why")
         times = sorted(follower.results[i][0] for i in ids if i in follower.results)
         first_batch = sum(1 for t in times if t <= times[0])
         worker_fps = (len(times) - first_batch) / max(times[-1] - times[0], 1e-9)

@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .files import real_path, write_atomically
+from .frame_shapes import FrameShapes
 from .images import UINT16_BITS, missing_folder_hint
 from .model import AnomalyModel
 from .patchnet import DESCRIPTOR_DIM, SCALES, PatchNet
@@ -109,6 +110,12 @@ class Bundle:
     def uint16_bits(self) -> int:
         """The bits 16-bit frames hold for this model, as in its training images (engines.images)."""
         return int(_uint16_bits(self.manifest))
+
+    @property
+    def frame_shapes(self) -> FrameShapes | None:
+        """The frame shapes the model knows (engines.frame_shapes); None for a bundle from before the record."""
+        record = self.manifest.get("frame_shapes")
+        return None if record is None else FrameShapes.from_json(record)
 
     @property
     def mask_threshold(self) -> float:
@@ -464,6 +471,11 @@ def bad_value(manifest: dict[str, Any], scales: list[int]) -> str | None:
         return f"students {students!r} is not a whole number from 2 to {MAX_STUDENTS}"
     if not isinstance(manifest.get("input", {}), dict):
         return f"input {manifest['input']!r} is not an object"
+    if manifest.get("frame_shapes") is not None:
+        try:
+            FrameShapes.from_json(manifest["frame_shapes"])
+        except ValueError as err:
+            return str(err)
     for p in scales:
         st = manifest["statistics"][str(p)]
         for key in ("desc_mean", "desc_std"):

@@ -6,11 +6,14 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from ustudents.engines.bundle import (POSITION_TENSORS, BundleError, load_bundle, rewrite_bundle, update_manifest,
                                       write_bundle)
+from ustudents.engines.frame_shapes import FrameShapes, UnexpectedShape
+from ustudents.engines.images import ImageError
 from ustudents.engines.patchnet import PatchNet
 
 
@@ -209,6 +212,11 @@ def test_manifest_claiming_other_shapes_is_refused(tmp_path):
     (lambda m: m.update(image_size=7), "image_size 7 is not a whole number of pixels"),
     (lambda m: m.update(image_size=64.7), "image_size 64.7 is not a whole number of pixels"),
     (lambda m: m.update(input="rgb"), "input 'rgb' is not an object"),
+    (lambda m: m.update(frame_shapes=[64, 64]), "frame_shapes [64, 64] is not an object"),
+    (lambda m: m.update(frame_shapes={"aspect": [1, 1], "width": [64, 48], "height": [64, 64]}),
+     "frame_shapes.width [64, 48] is not a [min, max] pair of numbers above 0"),
+    (lambda m: m.update(frame_shapes={"aspect": [0, 1], "width": [48, 64], "height": [48, 64]}),
+     "frame_shapes.aspect [0, 1] is not a [min, max] pair"),
     (lambda m: m.pop("category"), "missing 'category'"),
     # each of these was a traceback (KeyError, TypeError, or an allocation of image_size² floats)
     (lambda m: m["image_score"].pop("method"), "missing 'method'"),
@@ -498,3 +506,25 @@ def test_an_old_bundle_that_cannot_be_moved_aside_is_named_itself(tmp_path, monk
     assert err.value.filename == str(tmp_path / "b") and err.value.filename2 is None
     monkeypatch.undo()
     assert load_bundle(tmp_path / "b").manifest["id"] == "t-0" and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_frame_shapes_know_the_images_read_with_a_quarter_to_spare_and_refuse_others_saying_what_to_do():
+    """A frame squashed into the square far more than any good image was (a line-scan strip, a changed
+    region of interest) is not judged: its refusal names its shape, the known ones and the fix."""
+    known = FrameShapes.of([(400, 600), (500, 500), (300, 600)])  # (height, width)
+    assert known == FrameShapes((1.0, 2.0), (500, 600), (300, 500))
+    assert FrameShapes.from_json(json.loads(json.dumps(known.to_json()))) == known  # as the manifest keeps it
+    for height, width in [(300, 600), (500, 500), (400, 740), (250, 480), (620, 620)]:  # in, or within 25%
+        assert known.knows(height, width), (height, width)
+    for height, width in [(150, 1200), (250, 740), (500, 390), (700, 700), (300, 300)]:
+        assert not known.knows(height, width), (height, width)
+    strip = np.zeros((300, 4000, 3), np.uint8)
+    with pytest.raises(UnexpectedShape) as refused:
+        known.check(strip, "cam1/frame7.png", "recalibrate it")
+    message = str(refused.value)
+    assert message.startswith("cam1/frame7.png: 4000 x 300 pixels (width/height 13.33)")
+    assert "width/height 1.00 to 2.00, 500 to 600 px wide, 300 to 500 px high, each with 25% to spare" in message
+    assert message.endswith("if the line now makes such frames, recalibrate it, which adds their shapes")
+    assert isinstance(refused.value, ImageError)  # said as a bad image is, never a traceback
+    assert known.union(FrameShapes.of([(100, 50)])) == FrameShapes((0.5, 2.0), (50, 600), (100, 500))
+    assert known.union(None) is known

@@ -27,6 +27,7 @@ from conftest import TINY_CATEGORY, copy_as_png, write_image
 from ustudents.cli import main
 from ustudents.engines.bundle import FORMAT, MANIFEST, WEIGHTS, load_bundle, sha256_file, update_manifest
 from ustudents.engines import images
+from ustudents.engines.frame_shapes import FrameShapes
 from ustudents.engines.images import read_image
 from ustudents.engines.runtime import load_engine
 from ustudents.train import dataset
@@ -381,6 +382,53 @@ def test_calibrate_changes_threshold_and_statistics_only(bundle_copy, tiny_mvtec
         [read_image(f) for f in sorted(good.iterdir())])
     flagged = (fused.double() >= after["threshold"]["value"]).double().mean().item()
     assert flagged == pytest.approx(0.01, abs=2 / fused.numel())
+
+
+def test_a_model_knows_its_images_shapes_predict_refuses_others_and_calibrate_adds_a_new_cameras(
+        small_copy, small_bundle, tiny_mvtec, tmp_path):
+    """Training records the shapes of its images (engines.frame_shapes; the 32 px copy keeps the 64 px
+    bundle's record); predict refuses an image unlike all of them before anything is written, as a worker
+    dead-letters such a frame; recalibrating on good images of a new shape (a new camera) adds theirs, and
+    says so; a bundle from before the record, recalibrated, judges the shapes of the line's frames."""
+    train_good = sorted((tiny_mvtec / TINY_CATEGORY / "train" / "good").iterdir())
+    known = load_bundle(small_copy).frame_shapes
+    assert known == FrameShapes.of([read_image(f).shape[:2] for f in train_good])  # validation images too
+    wide = tmp_path / "wide-camera"
+    wide.mkdir()
+    for f in train_good[:2]:  # four times as wide as they were
+        image = read_image(f)
+        write_image(wide / f"{f.stem}.png", cv2.resize(image, (4 * image.shape[1], image.shape[0])))
+    frame = sorted(wide.iterdir())[0]
+    assert_input_error(invoke("predict", small_copy, frame, "--out", tmp_path / "out"), f"{frame}: ",
+                       "unlike every image the model was trained and calibrated on", known.describe(),
+                       f"(cp -r {small_copy} COPY && ustudents calibrate COPY --images DIR)")
+    assert not (tmp_path / "out").exists()
+
+    calibrated = invoke("calibrate", small_copy, "--images", wide, "--target-fpr", "0.01")
+    assert_ok(calibrated)
+    widened = load_bundle(small_copy).frame_shapes
+    assert widened == known.union(FrameShapes.of([read_image(f).shape[:2] for f in sorted(wide.iterdir())]))
+    assert widened.aspect[1] > 3 and f"frames of {widened.describe()} are judged from now on" in calibrated.output
+    assert_ok(invoke("predict", small_copy, frame, train_good[0], "--out", tmp_path / "out"))
+
+    older = Path(shutil.copytree(small_bundle, tmp_path / "older"))  # from before the record: every shape judged
+    update_manifest(older, frame_shapes=None)
+    calibrated = invoke("calibrate", older, "--images", wide, "--target-fpr", "0.01")
+    assert_ok(calibrated)
+    line = load_bundle(older).frame_shapes
+    assert line == FrameShapes.of([read_image(f).shape[:2] for f in sorted(wide.iterdir())])  # the line's frames alone
+    assert (f"frames of {line.describe()} are judged from now on, others dead-lettered (unexpected_shape); it recorded "
+            "no shapes before, and judged every one") in calibrated.output
+
+
+def test_evaluate_warns_of_test_images_a_worker_would_not_judge(small_bundle, eval_root, tmp_path):
+    """Scored all the same (the test set is the user's), but said: a worker dead-letters such frames."""
+    model = Path(shutil.copytree(small_bundle, tmp_path / "model"))
+    update_manifest(model, frame_shapes={"aspect": [1.0, 1.0], "width": [500, 500], "height": [500, 500]})
+    result = invoke("evaluate", model, "--data-root", eval_root)
+    assert_ok(result)
+    assert "WARNING: 3 of the 3 test images (e.g. " in result.output
+    assert "a worker dead-letters such frames (unexpected_shape): these results include them" in result.output
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ustudents.cli import main
 from ustudents.engines.bundle import load_bundle, update_manifest
+from ustudents.engines.frame_shapes import FrameShapes
 from ustudents.engines.images import read_image
 from ustudents.engines.runtime import load_engine
 from ustudents.worker import schema, service
@@ -417,6 +418,41 @@ def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_goes_on(e
     assert pending_count(r, stream) == 0
 
 
+def test_a_frame_unlike_every_image_its_model_knows_is_dead_lettered_not_judged(engines, small_bundle, frames, redis_url,
+                                                                               stream, tmp_path, caplog):
+    """A strip four times wider than any training image, squashed into the model's square, was scored like
+    any frame (engines.frame_shapes): now it is dead-lettered `unexpected_shape`, naming the shapes the model
+    knows; a frame a little larger than any trained on is scored. A bundle from before the record scores
+    every shape, and the worker says so at start."""
+    (engine,) = engines.values()
+    known = engine.bundle.frame_shapes
+    image = read_image(frames[0])
+    h, w = image.shape[:2]
+    sent = {"strip": cv2.resize(image, (4 * known.width[1], known.height[0])),
+            "larger": cv2.resize(image, (round(w * 1.15), round(h * 1.15))), "as-trained": image}
+    r = client(redis_url)
+    for name, img in sent.items():
+        add(r, stream, frame_id=name, image=cv2.imencode(".png", img[:, :, ::-1])[1].tobytes())
+    with in_process_worker(engines, redis_url, stream, metrics_port=(port := free_port())):
+        wait_for(lambda: len(results_of(r, stream)) + len(dead_of(r, stream)) == len(sent), 60, "every frame's outcome")
+        counted = metric(port, "ustudents_frames_dead_lettered_total", stream=stream, reason=schema.UNEXPECTED_SHAPE)
+    assert {s(x[schema.FRAME_ID]) for x in results_of(r, stream)} == {"larger", "as-trained"}
+    (dead,) = dead_of(r, stream)
+    error = s(dead[schema.ERROR])
+    assert s(dead[schema.FRAME_ID]) == "strip" and s(dead[schema.REASON]) == schema.UNEXPECTED_SHAPE and counted == 1
+    assert f"{4 * known.width[1]} x {known.height[0]} pixels" in error and known.describe() in error
+    assert "recalibrate a copy of the model on good ones (README, Runbook: Recalibrating after a camera change)" in error
+
+    older = Path(shutil.copytree(small_bundle, tmp_path / "older"))
+    update_manifest(older, frame_shapes=None)
+    unchecked = load_engine(older, backend="torch", device="cpu", precision="fp32")
+    add(r, stream, frame_id="strip-again", image=cv2.imencode(".png", sent["strip"][:, :, ::-1])[1].tobytes())
+    with caplog.at_level(logging.WARNING, logger="ustudents.worker"), \
+            in_process_worker({unchecked.info["category"]: unchecked}, redis_url, stream):
+        wait_for(lambda: len(results_of(r, stream)) == 3, 60, "the strip's result")
+    assert [x for x in caplog.records if getattr(x, "event", None) == "shapes_unchecked"]
+
+
 def test_the_stack_check_accounts_for_every_frame_and_catches_a_lost_or_doubled_result(engines, frames, redis_url,
                                                                                        stream, monkeypatch):
     cs, r = deploy_script("check_stack.py"), client(redis_url)  # the operator's check of a running stack
@@ -632,14 +668,14 @@ def test_a_frame_that_kills_its_worker_is_dead_lettered_alone_and_its_batch_mate
     real, attempts = engine.predict, []
 
     def dies_on_poison(batch, **kw):
-        if any(f.shape[:2] == (37, 41) for f in batch):  # the poison frame: the one of this size
+        if any(f.shape[:2] == (41, 43) for f in batch):  # the poison frame: the one of this size
             attempts.append(len(batch))
             raise WorkerKilled("segfault")
         return real(batch, **kw)
 
     monkeypatch.setattr(engine, "predict", dies_on_poison)
     r = client(redis_url)
-    poison_png = cv2.imencode(".png", np.full((37, 41), 99, np.uint8))[1].tobytes()
+    poison_png = cv2.imencode(".png", np.full((41, 43), 99, np.uint8))[1].tobytes()
     good = [add_frame(r, stream, f) for f in frames[:2]]
     poison = add(r, stream, frame_id="poison", image=poison_png)
     good += [add_frame(r, stream, f) for f in frames[2:4]]
@@ -682,14 +718,14 @@ def test_a_frame_that_fails_is_retried_alone_and_dead_lettered_on_its_last_attem
     real, attempts = engine.predict, []
 
     def fails_on_poison(batch, **kw):
-        if any(f.shape[:2] == (37, 41) for f in batch):
+        if any(f.shape[:2] == (41, 43) for f in batch):
             attempts.append(len(batch))
             raise ValueError("cannot score this one")
         return real(batch, **kw)
 
     monkeypatch.setattr(engine, "predict", fails_on_poison)
     r = client(redis_url)
-    poison = add(r, stream, frame_id="poison", image=cv2.imencode(".png", np.zeros((37, 41), np.uint8))[1].tobytes())
+    poison = add(r, stream, frame_id="poison", image=cv2.imencode(".png", np.zeros((41, 43), np.uint8))[1].tobytes())
     good = [add_frame(r, stream, f) for f in frames[:3]]
     # no budget (inflight_mb), whose first read is one frame: here the first batch holds all four
     with in_process_worker(engines, redis_url, stream, max_deliveries=3, claim_idle_ms=300, batch=8, inflight_mb=0):
@@ -1197,8 +1233,8 @@ def test_frames_waiting_in_a_slow_workers_pipeline_are_not_claimed_and_scored_ag
 
 
 @pytest.mark.parametrize("inflight_mb", [1, 8])
-def test_large_frames_held_in_flight_stay_within_inflight_mb_and_each_is_answered(engines, frames, redis_url, stream,
-                                                                                   monkeypatch, inflight_mb):
+def test_large_frames_held_in_flight_stay_within_inflight_mb_and_each_is_answered(small_bundle, frames, redis_url, stream,
+                                                                                   monkeypatch, inflight_mb, tmp_path):
     """Frames of megapixels behind a slow model: the reader reads only as many as fit in inflight_mb
     of decoded frames and unpublished results (taking each to be the size of the last), so less than
     one frame over it is held; the first frame is read alone, to tell their size (a whole first
@@ -1206,7 +1242,11 @@ def test_large_frames_held_in_flight_stay_within_inflight_mb_and_each_is_answere
     44 frames) held them all. A frame larger than
     the whole budget still goes through, alone. Scored frames keep their mask only (no overlay):
     nothing is held once every frame is answered."""
-    (engine,) = engines.values()
+    side = 1000
+    model = Path(shutil.copytree(small_bundle, tmp_path / "model"))  # judging frames far larger than it trained on
+    update_manifest(model, frame_shapes=FrameShapes.of([(side, side)]).to_json())
+    engine = load_engine(model, backend="torch", device="cpu", precision="fp32")
+    engines = {engine.info["category"]: engine}
     real = engine.predict
 
     def slow(batch, **kw):
@@ -1221,7 +1261,6 @@ def test_large_frames_held_in_flight_stay_within_inflight_mb_and_each_is_answere
         most[0] = max(most[0], self.held)
 
     monkeypatch.setattr(service.HeldBytes, "_add", add_bytes)
-    side = 1000
     big = cv2.resize(read_image(frames[3]), (side, side), interpolation=cv2.INTER_CUBIC)
     frame_bytes = big.nbytes
     payload = cv2.imencode(".png", big[:, :, ::-1])[1].tobytes()

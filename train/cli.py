@@ -21,6 +21,7 @@ from ustudents.engines.cli import (CONTEXT_SETTINGS, InputError, PathArg, changi
                                    check_outside_bundles, engine_options, not_empty, stop_signals_as_ctrl_c,
                                    user_errors_for)
 from ustudents.engines.files import real_path
+from ustudents.engines.frame_shapes import FrameShapes
 from ustudents.engines.images import (IMAGE_SUFFIXES, ImageError, image_files, is_image_file, missing_folder_hint,
                                      subfolder_hint)
 from ustudents.engines.runtime import EngineError, default_torch_precision, native_bf16, resolve_device
@@ -392,7 +393,9 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     warning = depths.mixed_warning(f"--images {images}")
     if warning:
         click.echo(warning)
-    arr = load_images(samples, bundle.image_size, desc="loading images", bits=bits, dark_hint=False)  # bits: theirs
+    shapes: list[tuple[int, int]] = []
+    arr = load_images(samples, bundle.image_size, desc="loading images", bits=bits, dark_hint=False,  # bits: theirs
+                      shapes=shapes)
     refuse_copies(f"--images {images}", samples, arr)
     # frames collected while the line runs: a capped lens among them would set the thresholds served
     check_not_blank(f"--images {images}", samples, arr, click.echo, calibrating=True)
@@ -413,12 +416,21 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     manifest = dict(bundle.manifest, statistics=statistics, threshold=threshold, image_score=cal.image_score,
                     evaluation=None, engines=[], input={**bundle.manifest.get("input", {}), "uint16_bits": bits},
                     id=recalibrated_id(bundle.manifest["id"]))
+    # the training images' shapes stay known (the students learned them) and these join them (a new
+    # camera's); a bundle from before the record knows these alone: the line's frames
+    known = FrameShapes.of(shapes).union(bundle.frame_shapes)
+    manifest["frame_shapes"] = known.to_json()
     rewrite_bundle(bundle.path, manifest, {**bundle.network_tensors(), **cal.tensors})
     click.echo(f"{model}: recalibrated on {len(files)} images; {mask_line(threshold)}, non-empty masks on "
                f"{threshold['validation_image_fpr']:.1%} of these images; {image_score_line(cal.image_score)}")
     warning = image_fpr_warning(cal.image_score, image_fpr, "calibrate again with more good images in --images")
     if warning:
         click.echo(warning)
+    if bundle.frame_shapes is None:  # a bundle from before the record judged every shape; these frames are the line's
+        click.echo(f"{model}: frames of {known.describe()} are judged from now on, others dead-lettered "
+                   "(unexpected_shape); it recorded no shapes before, and judged every one")
+    elif known != bundle.frame_shapes:
+        click.echo(f"{model}: frames of {known.describe()} are judged from now on")
     if bits != bundle.uint16_bits:
         click.echo(f"{model}: these images are 16-bit holding {bits} bits (the model read {bundle.uint16_bits}): "
                    "frames are read with that from now on")
@@ -484,7 +496,7 @@ def predict_cmd(model, images, out, backend, precision, device):
     def line(r: dict) -> None:
         verdict = "ANOMALOUS" if r["anomalous"] else "ok"
         click.echo(f"{r['image']}\tscore {r['score']:.3f}\t{verdict}\tmask {r['mask']}")
-    plan = plan_predict(list(images), out, load_bundle(model).uint16_bits)  # before the engine loads
+    plan = plan_predict(list(images), out, load_bundle(model))  # before the engine loads
     engine = load_engine(model, backend, device, precision)
     click.echo(f"engine: {engine.describe()}")
     replacing = bool(plan.earlier)

@@ -320,14 +320,17 @@ def bit_depths(samples: list[Sample]) -> BitDepths:
 
 
 def load_images(samples: list[Sample], size: int, desc: str = "images", bits: int = UINT16_BITS,
-                dark_hint: bool = True) -> np.ndarray:
+                dark_hint: bool = True, shapes: list[tuple[int, int]] | None = None) -> np.ndarray:
     """Read and resize images to uint8 (N, size, size, 3) RGB; gray files become 3 channels, 16-bit
     data holding `bits` bits is scaled to 8 (images module). `dark_hint`: images.dark_16_bit_hint's
-    advice to recalibrate a model, off where the images make one (BitDepths.mixed_warning says it)."""
+    advice to recalibrate a model, off where the images make one (BitDepths.mixed_warning says it).
+    `shapes`, when given, gains each image's (height, width) as read (the model's frame_shapes)."""
     out = np.empty((len(samples), size, size, 3), np.uint8)
     longest = (1.0, None)  # the most elongated image: (long side / short side, its path)
     for i, s in enumerate(progress(samples, desc=desc, unit="img", disable=None)):
         img = _read(s.path, lambda path: read_image(path, bits, dark_hint=dark_hint))
+        if shapes is not None:
+            shapes.append(img.shape[:2])
         ratio = max(img.shape[:2]) / min(img.shape[:2])
         if ratio > longest[0]:
             longest = (ratio, s.path)

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import torch
 
-from ustudents.engines.bundle import BundleError, changing, load_bundle, locked, update_manifest
+from ustudents.engines.bundle import Bundle, BundleError, changing, load_bundle, locked, update_manifest
 from ustudents.engines.files import listed_outputs, os_error_line, real_path, write_atomically
 from ustudents.engines.images import IMAGE_SUFFIXES, read_image
 from ustudents.engines.overlay import heatmap_overlay
@@ -72,7 +72,14 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
     masks = regions > 0
     if overlays is not None:  # before minutes of scoring, not after
         check_overlays(overlays, samples)
-    images = dataset.load_images(samples, size, desc="loading test images", bits=bundle.uint16_bits)
+    shapes: list[tuple[int, int]] = []
+    images = dataset.load_images(samples, size, desc="loading test images", bits=bundle.uint16_bits, shapes=shapes)
+    known = bundle.frame_shapes
+    unknown = [s.path for s, hw in zip(samples, shapes) if known is not None and not known.knows(*hw)]
+    if unknown:  # scored all the same: the test set is the user's to choose, but a worker would not judge them
+        log(f"WARNING: {len(unknown)} of the {len(samples)} test images (e.g. {unknown[0]}) are unlike every image "
+            f"the model was trained and calibrated on ({known.describe()}); a worker dead-letters such frames "
+            "(unexpected_shape): these results include them")
     fused, per_scale = engine_maps(engine, images, desc="evaluating")
     fused_t = torch.from_numpy(fused).to(engine.prep_device)
     scores_t = engine.image_scores(fused_t)
@@ -206,16 +213,21 @@ class PredictPlan:
     earlier: set[str]
 
 
-def plan_predict(paths: list[Path], out: Path, uint16_bits: int) -> PredictPlan:
+def plan_predict(paths: list[Path], out: Path, bundle: Bundle) -> PredictPlan:
     """predict's checks, needing no engine, so that the command makes them before it loads one (a
     TensorRT plan, or a large bundle, took its time before a typo in a file name was told): every image
-    decodes, and `out` is a folder its outputs may go to."""
+    decodes and has a shape the model knows (as a worker checks each frame), and `out` is a folder its
+    outputs may go to."""
     if (part := dataset.dataset_part(out)) is not None:  # test/predictions became a defect type without masks
         raise ValueError(f"--out {out}: inside the dataset folder {part}, where masks and overlays would be read as "
                          f"the category's own images (under test/, a defect type without masks; under train/, good "
                          "parts); give an --out folder outside the dataset")
+    shapes = bundle.frame_shapes
     for p in paths:
-        read_image(p, uint16_bits)
+        image = read_image(p, bundle.uint16_bits)
+        if shapes is not None:
+            shapes.check(image, str(p), f"recalibrate a copy of the model on good ones (cp -r {bundle.path} COPY "
+                                        "&& ustudents calibrate COPY --images DIR)")
     names = [p.stem for p in paths]
     if len(set(names)) < len(names):  # e.g. good/000.png and crack/000.png: keep every output apart
         names = [f"{i:04d}_{p.parent.name}_{p.stem}" for i, p in enumerate(paths)]

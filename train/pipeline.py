@@ -15,6 +15,7 @@ import ustudents
 from ustudents.engines.bundle import (MAX_SERVED_SIZE, MAX_STUDENTS, BundleError, check_writable, manifest_on_disk,
                                       write_bundle)
 from ustudents.engines.files import os_error_line
+from ustudents.engines.frame_shapes import FrameShapes
 from ustudents.engines.images import UINT16_BITS
 from ustudents.engines.model import INPUT_MEAN, INPUT_STD, AnomalyModel
 from ustudents.engines.patchnet import DESCRIPTOR_DIM, SCALES
@@ -227,9 +228,11 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
         warning = depths.mixed_warning(str(good))
         if warning:
             log(warning)
-    fit_images = dataset.load_images(fit, cfg.image_size, desc="loading training images", bits=bits, dark_hint=False)
+    shapes: list[tuple[int, int]] = []  # of the frames the model may judge (engines.frame_shapes)
+    fit_images = dataset.load_images(fit, cfg.image_size, desc="loading training images", bits=bits, dark_hint=False,
+                                     shapes=shapes)
     val_images = dataset.load_images(val, cfg.image_size, desc="loading validation images", bits=bits,
-                                     dark_hint=False)
+                                     dark_hint=False, shapes=shapes)
     check_not_blank(good, fit + val, [*fit_images, *val_images], log)
     dataset.refuse_copies(str(good), fit + val, [*fit_images, *val_images])
 
@@ -305,6 +308,7 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
         "statistics": statistics,
         "threshold": threshold,
         "image_score": cal.image_score,
+        "frame_shapes": FrameShapes.of(shapes).to_json(),
         "training": {"student": asdict(cfg.student), "val_fraction": cfg.val_fraction, "device": str(device),
                      "teachers": {p: teacher_records.get(str(p), {}).get("config", {})
                                   for p in map(str, cfg.scales)},

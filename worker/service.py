@@ -36,6 +36,7 @@ import redis
 
 from ustudents import __version__
 from ustudents.engines.bundle import load_bundle
+from ustudents.engines.frame_shapes import UnexpectedShape
 from ustudents.engines.images import ImageError
 from ustudents.engines.runtime import Engine, Prediction, load_engine
 
@@ -200,6 +201,11 @@ class SetupRefused(Exception):
     Redis refuses): no retry mends it, so the worker stops with exit code 2, as at start."""
 
 
+# what an unexpected_shape dead letter advises: a copy, since the served bundle is the workers' (Runbook)
+RECALIBRATE = ("recalibrate a copy of the model on good ones (README, Runbook: Recalibrating after a camera "
+               "change)")
+
+
 class Worker:
     def __init__(self, settings: WorkerSettings, engines: dict[str, Engine], client: redis.Redis | None = None,
                  server: HealthServer | None = None, setup_check: Callable[[], bool] | None = None):
@@ -210,6 +216,7 @@ class Worker:
             raise ValueError("a worker needs at least one model")
         self.s, self.engines = settings, engines
         self.single = next(iter(engines)) if len(engines) == 1 else None
+        self.shapes = {category: e.bundle.frame_shapes for category, e in engines.items()}  # None: not checked
         s = settings
         self.metrics = WorkerMetrics(s.stream, s.group, [e.image_threshold for e in engines.values()])
         # Every counter series exists from the start at 0: rate() and increase() need a sample before
@@ -293,6 +300,12 @@ class Worker:
                  extra={"event": "start", "stream": s.stream, "group": s.group, "consumer": s.consumer,
                         "models": {c: e.info for c, e in self.engines.items()},
                         "metrics_port": self.server.port if self.server else None})
+        for category, shapes in self.shapes.items():
+            if shapes is None:  # a bundle from before the record (engines.frame_shapes)
+                log.warning("%s records no frame shapes (an earlier ustudents made it): frames of any shape are "
+                            "scored, squashed into its square; %s to have frames unlike them dead-lettered "
+                            "(unexpected_shape)", self.engines[category].bundle.path, RECALIBRATE,
+                            extra={"event": "shapes_unchecked", "category": category})
         stages = [("reader", self._reader), ("inference", self._inference), ("publisher", self._publisher)]
         self.metrics.serving_since.labels(s.stream).set(time.time())  # set before the first read can count a gap
         self.threads = [self._spawn(name, fn) for name, fn in stages]
@@ -768,18 +781,20 @@ class Worker:
                     if not isinstance(data, schema.DeadLetter):
                         self.held.expect(1)
                     item = data if isinstance(data, schema.DeadLetter) else \
-                        self.pool.submit(self._decode, data, f"entry {e.id} of {s.stream}",
-                                         self.engines[category].bundle.uint16_bits)
+                        self.pool.submit(self._decode, data, f"entry {e.id} of {s.stream}", category)
             prepared.append(item)
             categories.append(category)
         self._hold(ids)
         return Work(entries, prepared, categories)
 
-    def _decode(self, data: bytes, source: str, uint16_bits: int | None) -> np.ndarray:
-        """codec.decode, its frame counted as held from here until it is scored (HeldBytes)."""
+    def _decode(self, data: bytes, source: str, category: str) -> np.ndarray:
+        """codec.decode for the category's model, its frame counted as held from here until it is scored
+        (HeldBytes); UnexpectedShape where the model knows no such frames (engines.frame_shapes)."""
         frame = None
+        shapes = self.shapes[category]
         try:
-            frame = codec.decode(data, source, uint16_bits)
+            decoded = codec.decode(data, source, self.engines[category].bundle.uint16_bits)
+            frame = decoded if shapes is None else shapes.check(decoded, source, RECALIBRATE)
             return frame
         finally:
             self.held.decoded(0 if frame is None else frame.nbytes)
@@ -819,6 +834,8 @@ class Worker:
             else:
                 try:
                     by_category[category].append((i, item.result()))
+                except UnexpectedShape as err:
+                    out[i] = Outcome("dead", dead=schema.DeadLetter(schema.UNEXPECTED_SHAPE, str(err)))
                 except ImageError as err:
                     out[i] = Outcome("dead", dead=schema.DeadLetter(schema.DECODE_ERROR, str(err)))
                 except Exception as err:  # noqa: BLE001 (anything else is retried, then dead-lettered)
