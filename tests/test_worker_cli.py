@@ -602,3 +602,133 @@ def test_a_stop_signal_while_the_models_load_is_a_ctrl_c(sig, tiny_bundle, tmp_p
         signal.signal(getattr(signal, sig), before)
     assert result.exit_code == 130 and "interrupted" in result.output, result.output
     assert "Traceback" not in result.output and "went on loading" not in str(result.exception), result.output
+
+
+def test_publish_stopped_by_sigterm_reports_the_frames_it_sent(tiny_mvtec, redis_stream, monkeypatch):
+    """`timeout`, `docker stop` and systemd end a run with SIGTERM: it ended publish at once, exit 143 and
+    no count, where README promises the count however the run ends."""
+    import signal
+    import time
+
+    from ustudents.worker import publish
+
+    url, client, stream = redis_stream
+    source = publish.frames_from
+
+    def terminated_after_3(*args, **kwargs):
+        frames = source(*args, **kwargs)
+        for _ in range(3):
+            yield next(frames)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the signal lands here
+        raise AssertionError("publish went on after SIGTERM")
+
+    monkeypatch.setattr(publish, "frames_from", terminated_after_3)
+    before = signal.signal(signal.SIGTERM, lambda *args: None)  # without the command's, it would end pytest
+    try:
+        result = CliRunner().invoke(main, ["publish", str(tiny_mvtec / "tiles" / "test" / "good"), "--stream", stream,
+                                           "--loop", "--fps", "0", "--redis-url", url])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.exit_code == 0 and client.xlen(stream) == 3, result.output
+    assert result.output.splitlines()[-1].startswith(f"published 3 frames to {stream} in ")
+
+
+def test_results_prints_results_and_dead_letters_in_the_order_they_were_written(redis_stream, tmp_path):
+    """Read stream by stream, a read's results all came before its dead letters, so --count 3 of a result,
+    a dead letter and two more results printed three results and never the dead letter. A result whose
+    entry_id is no stream id ended the follower (Redis refused --save's read of its frame), at every
+    --from-start again: it is passed over on a line of its own."""
+    import cv2
+    import numpy as np
+
+    from ustudents.worker import schema
+
+    url, client, stream = redis_stream
+    mask = cv2.imencode(".png", np.zeros((20, 20), np.uint8))[1].tobytes()
+
+    def result(frame: str, entry_id: str) -> dict:
+        return {schema.SCHEMA: 1, schema.FRAME_ID: frame, schema.ENTRY_ID: entry_id, schema.SCORE: 1.0,
+                schema.ANOMALOUS: 0, schema.THRESHOLD: 2.5, schema.MASK: mask, schema.MODEL: "tiles-v1",
+                schema.LATENCY_MS: 12.0, schema.CONSUMER: "w1"}
+
+    client.xadd(schema.results_stream(stream), result("f1", "1-0"), id="10-0")
+    client.xadd(schema.dead_stream(stream), {schema.FRAME_ID: "f2", schema.REASON: schema.EMPTY,
+                                             schema.ERROR: "zero bytes"}, id="11-0")
+    client.xadd(schema.results_stream(stream), result("f3", "../../etc/passwd"), id="12-0")
+    client.xadd(schema.results_stream(stream), result("f4", "3-0"), id="13-0")
+    args = ["results", "--stream", stream, "--from-start", "--redis-url", url, "--save", str(tmp_path / "saved")]
+    out = CliRunner().invoke(main, [*args, "--count", "3"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["f1", "f2", "12-0"]
+    assert "entry_id '../../etc/passwd' is not a stream entry id (like 1700000000000-0); passed over" in lines[2]
+    out = CliRunner().invoke(main, [*args, "--count", "4"])  # and on past it
+    assert out.exit_code == 0 and out.output.splitlines()[-1].startswith("f4\t"), out.output
+
+
+def test_results_save_is_refused_inside_a_dataset_and_a_write_failing_is_no_redis_outage(redis_stream, tmp_path,
+                                                                                        monkeypatch):
+    """--save into a new folder under a dataset's test/ became a defect type without masks (evaluate then
+    refused the dataset); and a picture --save could not write (a full disk, the folder removed) was said
+    as 'Redis unreachable', the follower waiting for ever on a Redis that was there."""
+    import errno
+
+    import cv2
+    import numpy as np
+
+    from ustudents.worker import results, schema
+
+    url, client, stream = redis_stream
+    mask = cv2.imencode(".png", np.zeros((20, 20), np.uint8))[1].tobytes()
+    client.xadd(schema.results_stream(stream), {
+        schema.SCHEMA: 1, schema.FRAME_ID: "f1", schema.ENTRY_ID: "1-0", schema.SCORE: 1.0, schema.ANOMALOUS: 0,
+        schema.THRESHOLD: 2.5, schema.MASK: mask, schema.MODEL: "tiles-v1", schema.LATENCY_MS: 12.0,
+        schema.CONSUMER: "w1"})
+    for part in ("train/good", "test/good"):
+        (tmp_path / "data" / "tiles" / part).mkdir(parents=True)
+    inside = tmp_path / "data" / "tiles" / "test" / "results"
+    args = ["results", "--stream", stream, "--from-start", "--count", "1", "--redis-url", url]
+    assert one_error(CliRunner().invoke(main, [*args, "--save", str(inside)])) == (
+        f"Error: --save {inside}: inside the dataset folder {tmp_path / 'data' / 'tiles' / 'test'}, where masks and "
+        "overlays would be read as the category's own images (under test/, a defect type without masks; under "
+        "train/, good parts); give a --save folder outside the dataset")
+    assert not inside.exists()
+
+    failures = []
+
+    def full_disk(path, data, mode=None):  # a few times: the old code's wait for Redis then went on
+        if len(failures) < 3:
+            failures.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(results, "write_atomically", full_disk)
+    saved = tmp_path / "saved"
+    result = CliRunner().invoke(main, [*args, "--save", str(saved)])
+    assert one_error(result).startswith(f"Error: --save {saved}: cannot write f1_1-0_mask.png there (No space left "
+                                        "on device")
+    assert "Redis" not in result.output and len(failures) == 1
+
+
+def test_publish_says_why_no_file_of_a_folder_could_be_read_on_its_first_pass(tmp_path, monkeypatch):
+    """Files that cannot be read for an I/O error (or permission) ended the run with 'could be read any more
+    (moved or deleted?)', on the very first pass too; that hint is for files gone."""
+    import errno
+
+    from ustudents.worker.publish import frames_from
+
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+
+    def failing(self):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+    warned: list[str] = []
+    with pytest.raises(ValueError) as refused:
+        list(frames_from(str(folder), warn=warned.append))
+    assert str(refused.value) == (f"{folder}: none of its 2 image files could be read (the lines above say why); "
+                                  "check the folder")
+    assert warned == [f"{folder / n}: cannot be read (Input/output error); passed over" for n in ("a.png", "b.png")]

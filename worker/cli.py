@@ -348,9 +348,10 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
     try:
         if wrong := not_a_stream(client, stream):
             raise InputError(wrong)
-        publish(frames, publisher, fps=fps, count=count,
-                progress=lambda k, t: click.echo(f"{k} frames in {t:.0f} s ({k / t:.1f}/s)", err=True),
-                outage=lambda message: click.echo(message, err=True))
+        with stop_signals_as_ctrl_c():  # `timeout`, `docker stop`, systemd: the count is printed as on Ctrl-C
+            publish(frames, publisher, fps=fps, count=count,
+                    progress=lambda k, t: click.echo(f"{k} frames in {t:.0f} s ({k / t:.1f}/s)", err=True),
+                    outage=lambda message: click.echo(message, err=True))
     except KeyboardInterrupt:
         pass  # Ctrl-C: the frames sent so far are reported below
     except redis.RedisError as err:
@@ -377,7 +378,7 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
 def results_cmd(stream, save_to, from_start, count, redis_url):
     """Follow <stream>:results and <stream>:dead: one line per frame."""
     from . import schema
-    from .results import check_save_folder, follow
+    from .results import SaveFailed, check_save_folder, follow
 
     stream = checked_stream(stream)
     check_output(save_to, "--save", folder=True)
@@ -386,10 +387,13 @@ def results_cmd(stream, save_to, from_start, count, redis_url):
         check_save_folder(save_to)
     client = tool_client(redis_url)
     try:
-        follow(client, stream, click.echo, from_start=from_start, count=count, save_to=save_to,
-               outage=lambda line: click.echo(line, err=True))
+        with stop_signals_as_ctrl_c():  # a picture being saved is finished or left out whole, as on Ctrl-C
+            follow(client, stream, click.echo, from_start=from_start, count=count, save_to=save_to,
+                   outage=lambda line: click.echo(line, err=True))
     except KeyboardInterrupt:
         pass
+    except SaveFailed as err:
+        raise InputError(str(err)) from None
     except redis.ResponseError as err:
         if "WRONGTYPE" not in str(err):
             raise InputError(f"stream {stream}: Redis refused the read ({err})") from None

@@ -66,11 +66,13 @@ def _files(files: list[Path], loop: bool, warn: Callable[[str], None]) -> Iterat
     named (once) and passed over, and a pass that reads none of them ends the run."""
     n, unread = 0, set()
     while True:
-        sent = 0
+        sent, gone = 0, set()
         for f in files:
             try:
                 data = f.read_bytes()
             except OSError as err:
+                if isinstance(err, FileNotFoundError):
+                    gone.add(f)
                 if f not in unread:
                     unread.add(f)
                     warn(f"{f}: cannot be read ({err.strerror or err}); passed over")
@@ -82,9 +84,10 @@ def _files(files: list[Path], loop: bool, warn: Callable[[str], None]) -> Iterat
                      "(decode_error)")
             sent += 1
             yield (f.stem if n == 0 else f"{f.stem}-{n}"), data
-        if not sent:
-            raise ValueError(f"{files[0].parent}: none of its {len(files)} image files could be read any more "
-                             "(moved or deleted?); check the folder")
+        if not sent:  # "moved or deleted?" only where they are gone: not for I/O errors or read permission
+            what = ("could be read any more (moved or deleted?)" if gone >= set(files) else
+                    "could be read (the lines above say why)")
+            raise ValueError(f"{files[0].parent}: none of its {len(files)} image files {what}; check the folder")
         n += 1
         if not loop:
             return

@@ -27,6 +27,13 @@ def last_id(client: redis.Redis, key: str) -> str:
         return "0-0"
 
 
+class SaveFailed(Exception):
+    """A picture `--save` could not write: the disk's fault, not Redis' nor the entry's."""
+
+
+ENTRY_ID = re.compile(r"\d+-\d+")
+
+
 class BadResult(ValueError):
     """A result entry missing a field, or holding one that is not what a worker writes (a hand-written
     or foreign entry): said on its line and passed over, so that it does not stop the follower, nor
@@ -98,7 +105,14 @@ SAVED_NAME = re.compile(r".+_\d+-\d+_(mask|overlay)\.png")  # save's: <frame>_<e
 def check_save_folder(folder: Path) -> None:
     """ValueError where `folder` holds images that `save` did not write: masks and overlays put beside a
     user's images mix with them, and in a dataset's folder are read as its images (trained on as good
-    parts from train/good; in test/<type>, asked for masks of their own). Its own accumulate."""
+    parts from train/good; in test/<type>, asked for masks of their own). Its own accumulate. A folder inside a
+    dataset is refused even empty, as `predict --out` is: under test/ it became a defect type without masks."""
+    from ustudents.train.dataset import dataset_part
+
+    if (part := dataset_part(folder)) is not None:
+        raise ValueError(f"--save {folder}: inside the dataset folder {part}, where masks and overlays would be read "
+                         "as the category's own images (under test/, a defect type without masks; under train/, good "
+                         "parts); give a --save folder outside the dataset")
     theirs = sorted(f.name for f in (folder.iterdir() if folder.is_dir() else ())
                     if is_image_file(f) and not SAVED_NAME.fullmatch(f.name))
     if theirs:
@@ -127,16 +141,18 @@ def save(client: redis.Redis, stream: str, fields: dict[str, bytes], folder: Pat
     if schema.ENTRY_ID not in fields:
         raise BadResult(f"it has no {schema.ENTRY_ID} field")
     entry_id = fields[schema.ENTRY_ID].decode("utf-8", "replace")
+    if not ENTRY_ID.fullmatch(entry_id):  # Redis refuses to read such an id, which ended the follower
+        raise BadResult(f"its {schema.ENTRY_ID} {entry_id!r} is not a stream entry id (like 1700000000000-0)")
     mask = picture(fields, schema.MASK)[:, :, 0] > 0
     if schema.HEATMAP in fields:
         picture(fields, schema.HEATMAP)
     frame_id = (fields.get(schema.FRAME_ID) or fields[schema.ENTRY_ID]).decode("utf-8", "replace")
     stem = f"{safe_name(frame_id)}_{safe_name(entry_id)}"
     mask_file = folder / f"{stem}_mask.png"
-    write_atomically(mask_file, fields[schema.MASK])
+    write(mask_file, fields[schema.MASK])
     overlay_file = folder / f"{stem}_overlay.png"
     if schema.HEATMAP in fields:
-        write_atomically(overlay_file, fields[schema.HEATMAP])
+        write(overlay_file, fields[schema.HEATMAP])
         return f"mask {mask_file}, overlay {overlay_file}"
     frame = input_frame(client, stream, entry_id)
     if frame is None:
@@ -144,8 +160,28 @@ def save(client: redis.Redis, stream: str, fields: dict[str, bytes], folder: Pat
     if frame.shape[:2] != mask.shape:  # a producer's image_key written over by a later frame of another size
         return (f"mask {mask_file} (no overlay: the input frame is now {frame.shape[1]}x{frame.shape[0]}, the mask "
                 f"{mask.shape[1]}x{mask.shape[0]}: its image_key was written over by another frame)")
-    write_atomically(overlay_file, codec.png(mask_overlay(frame, mask)))
+    write(overlay_file, codec.png(mask_overlay(frame, mask)))
     return f"mask {mask_file}, overlay {overlay_file}"
+
+
+def write(path: Path, data: bytes) -> None:
+    """write_atomically, a failure SaveFailed: an OSError is taken for Redis being away (through_outages),
+    and a folder gone or a full disk had the follower wait for a Redis that was there, printing nothing."""
+    try:
+        write_atomically(path, data)
+    except OSError as err:
+        raise SaveFailed(f"--save {path.parent}: cannot write {path.name} there ({err.strerror or err}); the results "
+                         "printed before it are saved: free space on that disk or make the folder again, and follow "
+                         "again (with --from-start, pictures saved already are written again alike)") from None
+
+
+READ_COUNT = 100  # entries read of each stream at a time
+
+
+def id_order(entry_id: bytes) -> tuple[int, int]:
+    """A stream entry id as what orders it: milliseconds, then sequence."""
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 def follow(client: redis.Redis, stream: str, echo: Callable[[str], None], *, from_start: bool = False,
@@ -163,27 +199,36 @@ def follow(client: redis.Redis, stream: str, echo: Callable[[str], None], *, fro
         save_to.mkdir(parents=True, exist_ok=True)
     n, backoff = 0, Backoff()
     while not count or n < count:
-        read, waited = through_outages(lambda: replies(client.xread(ids, count=100, block=block_ms)), outage,
+        read, waited = through_outages(lambda: replies(client.xread(ids, count=READ_COUNT, block=block_ms)), outage,
                                        backoff, "following again once it is back", "following on")
         if waited:
             backoff.reset()
+        # One line per frame in the order the workers wrote them, across both streams (printed stream by
+        # stream, a read's results came before all its dead letters, and --count could end the run before
+        # dead letters written between them). A stream that filled its page may hold more entries older
+        # than the other's last ones: those wait for the next read.
+        merged, page_ends = [], []
         for key, entries in read:
-            key = key.decode()
-            for eid, raw in entries:
-                ids[key] = eid.decode()
-                fields = schema.decode_fields(raw)
-                try:
-                    line = describe(fields, dead=keys[key])
-                    if save_to is not None and not keys[key]:
-                        saved, waited = through_outages(lambda: save(client, stream, fields, save_to), outage, backoff,
-                                                        "saving again once it is back", "saving on")
-                        if waited:
-                            backoff.reset()
-                        line += "\t" + saved
-                except BadResult as err:
-                    line = passed_over(key, ids[key], err)
-                echo(line)
-                n += 1
-                if count and n >= count:
-                    return n
+            merged += [(id_order(eid), key.decode(), eid, raw) for eid, raw in entries]
+            if len(entries) == READ_COUNT:
+                page_ends.append(id_order(entries[-1][0]))
+        for order, key, eid, raw in sorted(merged, key=lambda m: m[:2]):
+            if page_ends and order > min(page_ends):
+                break
+            ids[key] = eid.decode()
+            fields = schema.decode_fields(raw)
+            try:
+                line = describe(fields, dead=keys[key])
+                if save_to is not None and not keys[key]:
+                    saved, waited = through_outages(lambda: save(client, stream, fields, save_to), outage, backoff,
+                                                    "saving again once it is back", "saving on")
+                    if waited:
+                        backoff.reset()
+                    line += "\t" + saved
+            except BadResult as err:
+                line = passed_over(key, ids[key], err)
+            echo(line)
+            n += 1
+            if count and n >= count:
+                return n
     return n
