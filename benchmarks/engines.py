@@ -139,7 +139,7 @@ def run_config(cfg: dict) -> dict:
             if cfg["backend"] in ("onnxruntime", "tensorrt"):  # a TensorRT plan is built from the ONNX engine
                 from ustudents.engines.onnx_engine import build_onnx
                 calibration = frames_for(cfg["size"], 4, seed=1) if cfg["precision"] == "int8" else None
-                build_onnx(load_bundle(path), cfg["precision"], max_batch=cfg["batch"], calibration=calibration)
+                build_onnx(load_bundle(path), cfg["precision"], calibration=calibration)
             if cfg["backend"] == "tensorrt":
                 from ustudents.engines.tensorrt_build import build_tensorrt
                 build_tensorrt(load_bundle(path), cfg["precision"], cfg["batch"])

@@ -289,7 +289,8 @@ def good_frames(folder: Path | None, bits: int, option: str, limit: int = 8) -> 
               help="fp16: the networks in half precision, the scoring head in fp32. int8: quantize/dequantize "
                    "nodes around every convolution, ranges calibrated on --calibration-images.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, MAX_ENGINE_BATCH),
-              help="Largest batch the engine serves (a worker's --batch is at most 256).")
+              help="Largest batch the TensorRT plan serves (a worker's --batch is at most 256); an ONNX engine "
+                   "runs any batch.")
 @click.option("--check-images", type=PathArg(path_type=Path), default=None,
               help="Good images for the parity check against PyTorch.  [default: random noise images; int8: "
                    "the --calibration-images]")
@@ -341,7 +342,7 @@ def _build_engines(bundle, backend, precision, max_batch, check_images, calibrat
     frames = (good_frames(check_images, bundle.uint16_bits, "--check-images") if check_images or precision != "int8"
               else good_frames(calibration_images, bundle.uint16_bits, "--calibration-images"))
     try:
-        entry = build_onnx(bundle, precision, max_batch, frames, calibration)
+        entry = build_onnx(bundle, precision, frames, calibration)
     except ParityError as err:
         if precision == "int8":  # the ranges, set on the user's images, did not hold: theirs to change
             raise InputError(f"{err}; int8 ranges from --calibration-images did not hold: give more, and more "

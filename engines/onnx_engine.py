@@ -2,10 +2,11 @@
 against PyTorch, and run it.
 
 An engine file is `<bundle>/engines/model-<precision>.onnx`, listed in the manifest's `engines`
-with its checksum, batch limit and the parity measured when it was built:
+with its checksum and the parity measured when it was built (no batch limit: its batch axis is
+dynamic, and ONNX Runtime runs any batch):
 
     {"backend": "onnx", "precision": "fp32", "file": "engines/model-fp32.onnx", "sha256": ...,
-     "max_batch": 8, "image_size": 256, "parity": {"max_abs_diff": ..., "tolerance": ..., ...}}
+     "image_size": 256, "parity": {"max_abs_diff": ..., "tolerance": ..., ...}}
 
 Precisions: fp32; fp16 as a mixed-precision graph (networks in fp16, the scoring head in fp32),
 the form a strongly typed TensorRT network builds from unchanged; int8 as explicit quantize/
@@ -181,7 +182,7 @@ def check_images(bundle: Bundle, frames: list[np.ndarray] | None, count: int = 4
     return torch.rand(count, 3, bundle.image_size, bundle.image_size, generator=g)
 
 
-def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
+def build_onnx(bundle: Bundle, precision: str = "fp32",
                frames: list[np.ndarray] | None = None, calibration: list[np.ndarray] | None = None) -> dict:
     """Export, check under ONNX Runtime, and record the engine in the bundle's manifest.
     int8 needs `calibration`: good images whose activations set the quantization ranges.
@@ -233,7 +234,7 @@ def build_onnx(bundle: Bundle, precision: str = "fp32", max_batch: int = 8,
                               f"pixels flipped; not stored")
         from .runtime import model_digest
         entry = {"backend": "onnx", "precision": precision, "file": rel, "sha256": sha256_file(tmp),
-                 "model_digest": model_digest(bundle), "max_batch": max_batch, "image_size": bundle.image_size,
+                 "model_digest": model_digest(bundle), "image_size": bundle.image_size,
                  "opset": 17, "parity": {**result, "against": "pytorch fp32",
                                          "on": "real images" if frames else "uniform noise"}}
         if precision == "int8":

@@ -58,7 +58,7 @@ def built_bundle(small_bundle, tiny_mvtec, tmp_path_factory) -> Path:
         path = Path(shutil.copytree(small_bundle, folder / "model"))
         frames = [read_image(p) for p in test_images(tiny_mvtec)[:2]]
         for precision in ("fp32", "fp16"):
-            build_onnx(load_bundle(path), precision, max_batch=2, frames=frames)
+            build_onnx(load_bundle(path), precision, frames=frames)
 
     return made_once(tmp_path_factory, "built-bundle", make) / "model"
 
@@ -323,7 +323,7 @@ def test_warm_up_pays_the_first_call_once_per_batch_size_the_runner_keeps(tiny_b
 @pytest.mark.slow
 def test_auto_backend_on_cpu_takes_torch_the_fastest_even_with_an_onnx_engine(bundle_copy):
     # PyTorch with FFT convolutions beat ONNX Runtime fp32 in the same benchmark run (README).
-    build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2)
+    build_onnx(load_bundle(bundle_copy), "fp32")
     engine = load_engine(bundle_copy, backend="auto", device="cpu")
     assert (engine.backend, engine.precision) == ("torch", "fp32")
     assert load_engine(bundle_copy, backend="onnxruntime", device="cpu").backend == "onnxruntime"
@@ -518,6 +518,10 @@ def test_build_engines_cli_and_evaluate_with_onnxruntime(bundle_copy, tiny_mvtec
                     "--check-images", tiny_mvtec / TINY_CATEGORY / "train" / "good")
     assert result.exit_code == 0, result.output
     assert "ONNX Runtime vs PyTorch on 8 real images" in result.output
+    # --max-batch bounds a TensorRT plan; the ONNX engine's batch axis is dynamic: it records no limit
+    # it would not keep (a worker batching 8 ran it at 8 beside a recorded 4)
+    assert "max_batch" not in load_bundle(bundle_copy).manifest["engines"][0]
+    assert load_engine(bundle_copy, backend="onnxruntime", device="cpu", max_batch=8).max_batch == 8
     runs = {}
     for backend in ("torch", "onnxruntime"):
         out = tmp_path / f"{backend}.json"
@@ -533,7 +537,7 @@ def test_build_engines_cli_and_evaluate_with_onnxruntime(bundle_copy, tiny_mvtec
 @pytest.mark.slow
 def test_stale_or_damaged_engines_are_refused(bundle_copy, tiny_mvtec):
     bundle = load_bundle(bundle_copy)
-    entry = build_onnx(bundle, "fp32", max_batch=2)
+    entry = build_onnx(bundle, "fp32")
     # Changed statistics (what `ustudents calibrate` does) make the baked-in engine stale.
     stats = bundle.manifest["statistics"]
     first = next(iter(stats))
@@ -561,7 +565,7 @@ def test_two_commands_changing_one_bundle_at_once_lose_nothing(bundle_copy, buil
     from ustudents.engines.onnx_engine import record_engine
 
     first, second = load_bundle(bundle_copy), load_bundle(bundle_copy)  # both read before either writes
-    build_onnx(first, "fp32", max_batch=2)
+    build_onnx(first, "fp32")
     # the second ends as its fp16 build ends (the export of an fp16 network takes ~30 s on a CPU:
     # built_bundle's file stands in for it), recording its engine through the bundle it read first
     fp16 = built_entry(built_bundle, "fp16")
@@ -599,7 +603,7 @@ def test_an_engine_interrupted_between_its_file_and_its_entry_is_unbuilt_not_dam
     frames = [read_image(test_images(tiny_mvtec)[0])]
     real = {name: getattr(onnx_engine, name) for name in ("forget_engine", "record_engine")}
     for where in real:
-        build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2, frames=frames)
+        build_onnx(load_bundle(bundle_copy), "fp32", frames=frames)
         assert engine.is_file()
 
         def then_stop(*args, where=where):
@@ -608,7 +612,7 @@ def test_an_engine_interrupted_between_its_file_and_its_entry_is_unbuilt_not_dam
             raise KeyboardInterrupt
         monkeypatch.setattr(onnx_engine, where, then_stop)
         with pytest.raises(KeyboardInterrupt):
-            build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2, frames=frames)
+            build_onnx(load_bundle(bundle_copy), "fp32", frames=frames)
         monkeypatch.undo()
         with pytest.raises(EngineError, match="has no onnx engine; build one with") as refused:
             load_engine(bundle_copy, backend="onnxruntime", device="cpu")
@@ -617,7 +621,7 @@ def test_an_engine_interrupted_between_its_file_and_its_entry_is_unbuilt_not_dam
     (bundle_copy / "engines" / ".model-fp32.onnx.partial").write_bytes(b"cut short")
     (bundle_copy / "engines" / ".model-int8.onnx.k1ll3d.partial").mkdir()
     (bundle_copy / "engines" / ".model-int8.onnx.k1ll3d.partial" / "model-fp32.onnx").write_bytes(b"x" * 1000)
-    build_onnx(load_bundle(bundle_copy), "fp32", max_batch=2, frames=frames)
+    build_onnx(load_bundle(bundle_copy), "fp32", frames=frames)
     assert sorted(f.name for f in (bundle_copy / "engines").iterdir()) == ["model-fp32.onnx"]
 
 
@@ -797,7 +801,7 @@ def test_an_int8_build_stopped_or_failing_inside_the_quantizer_leaves_nothing_in
     for error in (KeyboardInterrupt(), DecodeError("Error parsing message with type 'onnx.ModelProto'")):
         monkeypatch.setattr(quantize, "quantize_int8", quantizer(error))
         with pytest.raises(type(error) if isinstance(error, KeyboardInterrupt) else EngineError) as raised:
-            build_onnx(load_bundle(bundle_copy), "int8", max_batch=2, calibration=frames)
+            build_onnx(load_bundle(bundle_copy), "int8", calibration=frames)
         assert sorted(p.name for p in bundle_copy.rglob("*")) == sorted(set(before) | {"engines"})  # an empty engines/
         assert load_bundle(bundle_copy).manifest.get("engines", []) == []
     assert str(raised.value).startswith(f"{bundle_copy / 'engines'}: the quantizer could not read back the model it "
