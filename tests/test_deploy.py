@@ -400,7 +400,7 @@ def test_dockerfiles(name):
     if name == "Dockerfile.gpu":
         assert re.search(r"^ARG TENSORRT_IMAGE=nvcr\.io/nvidia/tensorrt:\S+-py3$", text, re.M)
         assert 'ENTRYPOINT ["/opt/ustudents/gpu-entrypoint.sh"]' in text
-        assert "[worker,onnx,tensorrt]" in text
+        assert "[onnx,tensorrt]" in text
     else:
         assert 'ENTRYPOINT ["ustudents-worker"]' in text
         assert "download.pytorch.org/whl/cpu" in text
@@ -442,11 +442,10 @@ def test_gpu_entrypoint_is_valid_sh_and_needs_a_model(tmp_path):
 
 
 def test_the_images_requirements_are_the_projects_with_its_extras():
-    reqs = deploy_script("docker/requirements.py").requirements(str(ROOT / "pyproject.toml"), ["worker", "onnx"])
+    reqs = deploy_script("docker/requirements.py").requirements(str(ROOT / "pyproject.toml"), ["onnx"])
     import tomllib
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert set(reqs) == set(project["dependencies"]) | set(project["optional-dependencies"]["worker"]) | \
-        set(project["optional-dependencies"]["onnx"])
+    assert set(reqs) == set(project["dependencies"]) | set(project["optional-dependencies"]["onnx"])
     assert any(r.startswith("torch") for r in reqs) and any(r.startswith("onnxruntime") for r in reqs)
 
 

@@ -3,7 +3,7 @@
 The images install these in a layer of their own before the ustudents wheel, so that a code change
 rebuilds only the wheel's layer instead of downloading every dependency (and, in the GPU image,
 compiling pycuda) again.
-    python3 deploy/docker/requirements.py pyproject.toml worker onnx > requirements.txt
+    python3 deploy/docker/requirements.py pyproject.toml onnx > requirements.txt
 """
 import sys
 
