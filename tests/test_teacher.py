@@ -222,6 +222,12 @@ def test_resnet18_loads_a_torchvision_format_file(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(BackboneError, match="not torchvision ResNet-18"):
         build_backbone("resnet18", str(path))
+    # a diverged run's checkpoint: named at load, where it read as the teacher's divergence at step 1
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, path)
+    with pytest.raises(BackboneError, match=re.escape(f"{path}: the weights hold NaN or infinite values "
+                                                      "(layer1.0.conv1.weight)")):
+        build_backbone("resnet18", str(path))
 
 
 def test_natural_images_of_a_12_bit_camera_are_read_at_their_own_brightness(tmp_path, caplog):
@@ -290,6 +296,14 @@ def test_resnet18_without_weights_is_refused_before_the_photos_load(monkeypatch)
     monkeypatch.setattr(teacher, "ImagePool", loading)
     with pytest.raises(BackboneError, match="resnet18 needs --backbone-weights"):
         train_teacher(TeacherConfig(p=17, backbone="resnet18"))
+
+
+@pytest.mark.parametrize("seed", [-1, 10 ** 20])
+def test_a_seed_out_of_range_is_named_before_anything_is_seeded(seed):
+    """--seed 99999999999999999999 said only "Overflow when unpacking long long": the generator was seeded
+    before the range was checked."""
+    with pytest.raises(TeacherError, match=re.escape(f"--seed {seed}: must be from 0 to")):
+        train_teacher(TeacherConfig(p=17, seed=seed))
 
 
 @pytest.mark.parametrize("lr, message", [(0.0, "--lr 0: a learning rate must be more than 0"),
@@ -463,7 +477,12 @@ def test_teacher_refuses_the_shipped_folder_and_says_what_a_stopped_run_replaced
     result = CliRunner().invoke(main, ["teacher", "--scales", "17,33", "--out", str(tmp_path), "--steps", "1"])
     assert result.exit_code == 130
     assert (f"{tmp_path}: this run already wrote p=17 (and their records in teachers.json); the other scales there "
-            "are unchanged") in result.output
+            "are unchanged: to distil the rest, run the same command with --scales 33") in result.output
+    # the same command again was refused with "add --replace", which would distil p=17 again (hours)
+    (tmp_path / "teacher_p17.safetensors").write_bytes(b"written")
+    result = CliRunner().invoke(main, ["teacher", "--scales", "17,33", "--out", str(tmp_path), "--steps", "1"])
+    assert result.exit_code == 2 and result.output.rstrip().endswith(
+        "add --replace, or distil only the others with --scales 33"), result.output
 
 
 
@@ -637,3 +656,47 @@ def test_a_teachers_record_keeps_its_whole_loss_curve_thinned_not_only_its_last_
     assert kept[0] == 0 and kept[-1] == 120 and len(kept) <= 41 and kept == sorted(kept)
     assert max(b - a for a, b in zip(kept, kept[1:])) <= 4  # evenly over the whole run
     assert thinned(losses[:7], 40) == losses[:7] and thinned([], 40) == []
+
+
+def test_a_damaged_teachers_advice_is_a_command_that_runs(tmp_path, monkeypatch):
+    """The command a damaged teacher's error gave (`ustudents teacher --scales 17 --out DIR`) was refused
+    for the teacher it was to replace; for the shipped folder it would be refused twice over."""
+    from click.testing import CliRunner
+
+    from ustudents.cli import main
+    from ustudents.engines.patchnet import PatchNet
+    from ustudents.train import cli as train_cli
+    from ustudents.train.teacher_files import DEFAULT_DIR, TeacherFileError, load_teacher, recreate, save_teacher
+
+    folder = tmp_path / "teachers"
+    save_teacher(folder, 17, PatchNet(17).state_dict(), {"steps": 1})
+    (folder / "teacher_p17.safetensors").write_bytes(b"cut short")
+    with pytest.raises(TeacherFileError) as refused:
+        load_teacher(folder, 17)
+    command = re.search(r"`(ustudents teacher [^`]+)`", str(refused.value)).group(1)
+    assert command == f"ustudents teacher --scales 17 --out {folder} --replace"
+    distilled = []
+    monkeypatch.setattr(train_cli, "distil", lambda scales, out, written, settings: distilled.append(scales))
+    result = CliRunner().invoke(main, command.split()[1:] + ["--steps", "1"])
+    assert result.exit_code == 0 and distilled == [[17]], result.output
+    assert recreate(DEFAULT_DIR, 17).startswith("reinstall ustudents")
+
+
+def test_a_teacher_that_learned_nothing_of_p_is_written_with_a_warning(tmp_path, monkeypatch):
+    """A teacher whose descriptors predict P no better than their mean (-3403% in an audit's short run) was
+    written with exit 0 and no word, and students trained on it without one either."""
+    from click.testing import CliRunner
+
+    from ustudents.cli import main
+    from ustudents.engines.patchnet import PatchNet
+    from ustudents.train import teacher
+
+    for share, warned in ((-0.6, True), (0.46, False)):
+        monkeypatch.setattr(teacher, "train_teacher", lambda cfg: (
+            PatchNet(cfg.p).state_dict(), dict(explained_variance_of_P=share, wall_s=1.0)))
+        out = tmp_path / f"t{share}"
+        result = CliRunner().invoke(main, ["teacher", "--scales", "17", "--out", str(out), "--steps", "3"])
+        assert result.exit_code == 0 and (out / "teacher_p17.safetensors").is_file(), result.output
+        assert ("WARNING: p=17: the teacher's descriptors predict P's features no better than their mean: it learned "
+                "nothing of P, and students trained on it detect nothing; distil longer (--steps, now 3)"
+                in result.output) == warned, result.output

@@ -137,7 +137,14 @@ def _load_state(weights: str, head: str, fix: str) -> dict[str, torch.Tensor]:
         raise BackboneError(f"{weights}: holds a {type(state).__name__}, not a state dict of named tensors; {fix}")
     if all(k.startswith("module.") for k in state):  # saved from nn.DataParallel / DistributedDataParallel
         state = {k.removeprefix("module."): v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.startswith(head)}
+    state = {k: v for k, v in state.items() if not k.startswith(head)}
+    # a checkpoint of a training run that diverged: P's maps all NaN, which read as the teacher's own
+    # divergence ("train again with a lower --lr") once every image's maps were computed
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise BackboneError(f"{weights}: the weights hold NaN or infinite values ({bad}), as a diverged training "
+                            f"run's do; {fix}")
+    return state
 
 
 def build_backbone(name: str, weights: str | None = None) -> Backbone:

@@ -289,8 +289,10 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
                          "uses; give another folder (and --teachers it to ustudents-train), or add --replace-shipped")
     held = [p for p in scales if teacher_path(out, p).exists()]
     if held and not (replace or replace_shipped):  # a finished distillation was replaced without a word
+        rest = [p for p in scales if p not in held]  # a run stopped part-way: the scales it did not write
         raise InputError(f"--out {out}: holds teachers for p={','.join(map(str, held))} already, which distilling "
-                         "again would replace; give another --out, or add --replace")
+                         "again would replace; give another --out, or add --replace" +
+                         (f", or distil only the others with --scales {','.join(map(str, rest))}" if rest else ""))
     dev = resolve_device(device)
     made = [f for f in (Path(out), *Path(out).parents) if not f.exists()]  # what mkdir makes, deepest first
     Path(out).mkdir(parents=True, exist_ok=True)  # to lock it: a second run into it read and rewrote teachers.json
@@ -307,8 +309,10 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
                 margin=margin, seed=seed, device=str(dev), amp=resolve_amp(amp, dev)))
     except BaseException:
         if written and set(written) != set(scales):  # scale by scale: say what a stopped run already replaced
+            rest = ",".join(str(p) for p in scales if p not in written)
             click.echo(f"{out}: this run already wrote p={', p='.join(map(str, written))} (and their records in "
-                       "teachers.json); the other scales there are unchanged", err=True)
+                       f"teachers.json); the other scales there are unchanged: to distil the rest, run the same "
+                       f"command with --scales {rest}", err=True)
         raise
     finally:
         for folder in made:  # nothing written: no empty folder of this run's left behind
@@ -332,6 +336,10 @@ def distil(scales: list[int], out: Path, written: list[int], settings: dict) -> 
             written.append(p)
             click.echo(f"p={p}: {path} (decoder recovers {record['explained_variance_of_P']:.1%} of P's variance, "
                        f"{record['wall_s']:.0f} s)")
+            if record["explained_variance_of_P"] <= 0:  # written all the same (a quick smoke run may want it)
+                click.echo(f"WARNING: p={p}: the teacher's descriptors predict P's features no better than their mean: "
+                           f"it learned nothing of P, and students trained on it detect nothing; distil longer "
+                           f"(--steps, now {settings['steps']}) or at another --lr (now {settings['lr']:g})")
 
 
 @click.command("calibrate")

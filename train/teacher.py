@@ -226,8 +226,6 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """Distil one teacher. Returns its PatchNet(1) state dict and a record for the model card."""
     t0 = time.time()
     torch.set_flush_denormal(True)  # see students.train_students: denormals make CPU Adam crawl
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     if cfg.target not in TARGETS:
         raise TeacherError(f"unknown target {cfg.target!r}; choose one of {', '.join(TARGETS)}")
@@ -247,8 +245,10 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     if cfg.lambda_k == 0 and cfg.lambda_m == 0:
         raise TeacherError("--lambda-k 0 and --lambda-m 0: the teacher would learn nothing of P (the compactness "
                            "loss alone only decorrelates); give --lambda-k (default 1) or --lambda-m a weight")
-    if not 0 <= cfg.seed <= MAX_SEED:
+    if not 0 <= cfg.seed <= MAX_SEED:  # before seeding: a larger one was "Overflow when unpacking long long"
         raise TeacherError(f"--seed {cfg.seed}: must be from 0 to {MAX_SEED}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     if cfg.steps < 1:
         raise TeacherError(f"--steps {cfg.steps}: distillation needs at least 1 step")
     if cfg.batch is not None and cfg.batch < 1:

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ustudents.engines.bundle import is_bundle, sha256_file
-from ustudents.engines.files import write_atomically
+from ustudents.engines.files import real_path, write_atomically
 from ustudents.engines.images import missing_folder_hint
 from ustudents.engines.patchnet import PatchNet
 
@@ -88,6 +88,14 @@ def read_records(folder: Path) -> dict:
     return records
 
 
+def recreate(folder: Path, p: int) -> str:
+    """How to replace the damaged teacher for p in `folder`: distilling it again there needs --replace (else
+    refused, as the teacher is there), and the shipped ones are ustudents' own files."""
+    if real_path(folder) == real_path(DEFAULT_DIR):
+        return "reinstall ustudents (pip install --force-reinstall --no-deps ustudents), whose files they are"
+    return f"re-create it with `ustudents teacher --scales {p} --out {folder} --replace`"
+
+
 def load_teacher(folder: Path, p: int) -> dict[str, torch.Tensor]:
     """The PatchNet(p) state dict of a teacher, checked against the architecture."""
     if Path(folder).is_file():
@@ -105,22 +113,19 @@ def load_teacher(folder: Path, p: int) -> dict[str, torch.Tensor]:
     try:
         state = load_file(str(path))
     except Exception as err:
-        raise TeacherFileError(f"{path}: unreadable teacher weights ({err}); re-create them with "
-                               f"`ustudents teacher --scales {p} --out {folder}`") from None
+        raise TeacherFileError(f"{path}: unreadable teacher weights ({err}); {recreate(folder, p)}") from None
     want = {k: v.shape for k, v in PatchNet(p).state_dict().items()}
     if {k: v.shape for k, v in state.items()} != want:
-        raise TeacherFileError(f"{path}: not a p={p} teacher (tensor names or shapes differ); "
-                               f"re-create it with `ustudents teacher --scales {p} --out {folder}`")
+        raise TeacherFileError(f"{path}: not a p={p} teacher (tensor names or shapes differ); {recreate(folder, p)}")
     recorded = read_records(folder).get(str(p), {}).get("sha256")  # records before the field have none
     if recorded is not None and recorded != sha256_file(path):
         if _finish_save(path, recorded):
             return load_teacher(folder, p)
         raise TeacherFileError(f"{path}: not the teacher its record in {Path(folder) / RECORDS} describes (a run "
-                               "stopped between writing the two?); re-create it with "
-                               f"`ustudents teacher --scales {p} --out {folder}`")
+                               f"stopped between writing the two?); {recreate(folder, p)}")
     if not all(torch.isfinite(v).all() for v in state.values()):  # a diverged distillation: every descriptor NaN
-        raise TeacherFileError(f"{path}: the teacher's weights hold NaN or infinite values; re-create it with "
-                               f"`ustudents teacher --scales {p} --out {folder}` (at a lower --lr if it diverged)")
+        raise TeacherFileError(f"{path}: the teacher's weights hold NaN or infinite values; {recreate(folder, p)} "
+                               "(at a lower --lr if it diverged)")
     return state
 
 
