@@ -133,6 +133,16 @@ def test_dense_levels_keep_what_fits_a_window_and_the_memory_cap():
     side = int((DENSE_MAX_PIXELS ** 0.5) * 17 / DENSE_RF)  # the largest square level P may see at p=17
     small, fits, huge = torch.rand(3, 20, 300), torch.rand(3, side, side), torch.rand(3, side + 8, side + 8)
     assert [t.shape for t in dense_levels([small, fits, huge], 17, 40)] == [fits.shape]
+    # a large photo, every level over the cap at p=17 (a 5-megapixel camera photo's pyramid): it was
+    # passed over as too small, and a folder of them refused with "pass larger images"; now its smallest
+    # level, shrunk to fit the cap
+    photo = [torch.rand(3, 1950 // k, 2600 // k) for k in (1, 2, 4)]
+    (shrunk,) = dense_levels(photo, 17, 40)
+    assert shrunk.shape[0] == 3 and shrunk.shape[1] * shrunk.shape[2] * (DENSE_RF / 17) ** 2 <= DENSE_MAX_PIXELS
+    assert shrunk.shape[1] * shrunk.shape[2] * (DENSE_RF / 17) ** 2 > 0.99 * DENSE_MAX_PIXELS
+    assert abs(shrunk.shape[2] / shrunk.shape[1] - 2600 / 1950) < 0.01
+    assert [t.shape for t in dense_levels(photo, 65, 40)] == [t.shape for t in photo[1:]]  # its own levels fit there
+    assert dense_levels([small], 17, 40) == []  # too small stays too small
 
 
 def test_efficientnet_lite0_loads_packaged_imagenet_weights():

@@ -185,11 +185,20 @@ def dense_targets(backbone: nn.Module, levels: list[torch.Tensor], p: int,
 
 
 def dense_levels(levels: list[torch.Tensor], p: int, window: int) -> list[torch.Tensor]:
-    """The pyramid levels a dense target can use: at least one training window in size, and no
-    larger than DENSE_MAX_PIXELS once enlarged for P."""
-    scale = DENSE_RF / p
-    return [t for t in levels if min(t.shape[1:]) >= window
-            and t.shape[1] * t.shape[2] * scale * scale <= DENSE_MAX_PIXELS]
+    """The pyramid levels of an image that a dense target can use: at least one training window in
+    size, and no larger than DENSE_MAX_PIXELS once enlarged for P. Where every level is larger (a photo
+    of more than about 4.7 megapixels at p=17), the smallest is shrunk to fit: such a photo was passed
+    over as too small, and a folder of them refused with "pass larger images"."""
+    most = DENSE_MAX_PIXELS / (DENSE_RF / p) ** 2  # pixels of a level that P may see enlarged
+    kept = [t for t in levels if min(t.shape[1:]) >= window and t.shape[1] * t.shape[2] <= most]
+    if kept or not levels:
+        return kept
+    smallest = min(levels, key=lambda t: t.shape[1] * t.shape[2])
+    if smallest.shape[1] * smallest.shape[2] <= most:  # too small for a window, not too large
+        return []
+    f = math.sqrt(most / (smallest.shape[1] * smallest.shape[2]))
+    h, w = int(smallest.shape[1] * f), int(smallest.shape[2] * f)
+    return [F.interpolate(smallest[None], size=(h, w), mode="area")[0]] if min(h, w) >= window else []
 
 
 def sample_windows(levels: list[torch.Tensor], targets: list[torch.Tensor], p: int, crop: int, n: int,
