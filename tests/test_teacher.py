@@ -232,6 +232,15 @@ def test_resnet18_loads_a_torchvision_format_file(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(BackboneError, match="not torchvision ResNet-18"):
         build_backbone("resnet18", str(path))
+    # another kernel size: the shapes whole (they were cut at their ", ": "torch.Size([64, 3, 3 and 5 more")
+    torch.save({**state, "conv1.weight": torch.zeros(64, 3, 3, 3)}, path)
+    with pytest.raises(BackboneError, match=re.escape("size mismatch for conv1.weight: copying a param with shape "
+                                                      "torch.Size([64, 3, 3, 3]) from checkpoint")):
+        build_backbone("resnet18", str(path))
+    path.write_text("hello world\n")  # a text file: it said "cannot load weights (101)"
+    with pytest.raises(BackboneError, match=re.escape("cannot load weights (not a PyTorch weights file: its bytes "
+                                                      "are no pickle nor zip archive)")):
+        build_backbone("resnet18", str(path))
     # a diverged run's checkpoint: named at load, where it read as the teacher's divergence at step 1
     state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
     torch.save(state, path)

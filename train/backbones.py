@@ -127,6 +127,8 @@ def _load_state(weights: str, head: str, fix: str) -> dict[str, torch.Tensor]:
                 from None
         if unpickler:  # torch's first line is its advice on weights_only, which does not apply
             first = f"not a PyTorch weights file: {unpickler[1].strip()}"
+        elif isinstance(err, KeyError):  # pickle's opcode lookup on bytes that are no pickle: "(101)" said nothing
+            first = "not a PyTorch weights file: its bytes are no pickle nor zip archive"
         else:
             first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
         raise BackboneError(f"{weights}: cannot load weights ({first}){removed}; {fix}") from None
@@ -198,7 +200,8 @@ def _first_mismatch(err: RuntimeError) -> str:
     line = lines[1] if len(lines) > 1 else lines[0]
     head, sep, keys = line.partition(": ")
     names = keys.rstrip(".").split(", ")
-    if sep and len(names) > 3:
+    # only a list of keys is cut: a size mismatch's shapes hold ", " too ("torch.Size([64, 3, 3 and 5 more")
+    if sep and head.startswith(("Missing key", "Unexpected key")) and len(names) > 3:
         return f"{head}: {', '.join(names[:3])} and {len(names) - 3} more"
     return line
 
