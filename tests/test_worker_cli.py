@@ -732,3 +732,33 @@ def test_publish_says_why_no_file_of_a_folder_could_be_read_on_its_first_pass(tm
     assert str(refused.value) == (f"{folder}: none of its 2 image files could be read (the lines above say why); "
                                   "check the folder")
     assert warned == [f"{folder / n}: cannot be read (Input/output error); passed over" for n in ("a.png", "b.png")]
+
+
+def test_results_names_every_line_and_says_why_a_saved_mask_has_no_overlay(redis_stream, tmp_path):
+    """Foreign entries: a dead letter without fields printed a line with no name ('\\tDEAD : '); a NaN score
+    with anomalous 0 printed 'ok', a verdict nobody made; and an input frame still in the stream but no
+    image was said as 'the input frame has left the stream'."""
+    import cv2
+    import numpy as np
+
+    from ustudents.worker import schema
+
+    url, client, stream = redis_stream
+    mask = cv2.imencode(".png", np.zeros((20, 20), np.uint8))[1].tobytes()
+    broken = client.xadd(stream, {schema.IMAGE: b"not an image"}).decode()
+
+    def result(frame: str, entry_id: str, score: str) -> dict:
+        return {schema.SCHEMA: 1, schema.FRAME_ID: frame, schema.ENTRY_ID: entry_id, schema.SCORE: score,
+                schema.ANOMALOUS: 0, schema.THRESHOLD: 2.5, schema.MASK: mask, schema.MODEL: "tiles-v1",
+                schema.LATENCY_MS: 12.0, schema.CONSUMER: "w1"}
+
+    client.xadd(schema.dead_stream(stream), {"x": "y"}, id="5-0")
+    client.xadd(schema.results_stream(stream), result("nan", "1-0", "nan"), id="6-0")
+    client.xadd(schema.results_stream(stream), result("f1", broken, "1.5"), id="7-0")
+    out = CliRunner().invoke(main, ["results", "--stream", stream, "--from-start", "--count", "3", "--redis-url", url,
+                                    "--save", str(tmp_path / "saved")])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert lines[0] == "5-0\tDEAD : "
+    assert lines[1].startswith("6-0\tNOT READ: ") and "its score field is 'nan', not a finite number" in lines[1]
+    assert lines[2].startswith("f1\tscore 1.500\tok") and "(no overlay: the input frame does not decode" in lines[2]

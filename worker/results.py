@@ -3,6 +3,7 @@ optionally save each frame's mask and an overlay picture."""
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from pathlib import Path
 from typing import Callable
@@ -40,19 +41,23 @@ class BadResult(ValueError):
     stop it again at every --from-start."""
 
 
-def describe(fields: dict[str, bytes], dead: bool) -> str:
-    """The line printed for one result or dead letter; BadResult if a result's numbers are not numbers."""
+def describe(fields: dict[str, bytes], dead: bool, own_id: str) -> str:
+    """The line printed for one result or dead letter (`own_id`: its id in its stream, which names it
+    where it has neither frame_id nor entry_id); BadResult if a result's numbers are not finite numbers."""
     get = lambda k: fields.get(k, b"").decode("utf-8", "replace")  # noqa: E731
-    frame = get(schema.FRAME_ID) or get(schema.ENTRY_ID)
+    frame = get(schema.FRAME_ID) or get(schema.ENTRY_ID) or own_id  # a line with no name began with a tab
     if dead:
         return f"{frame}\tDEAD {get(schema.REASON)}: {get(schema.ERROR)}"
 
     def number(key: str) -> float:
         try:
-            return float(get(key))
+            value = float(get(key))
         except ValueError:
             raise BadResult(f"its {key} field is {get(key)[:40]!r}, not a number" if key in fields else
                             f"it has no {key} field") from None
+        if not math.isfinite(value):  # a NaN score with anomalous 0 printed "ok": no verdict was made
+            raise BadResult(f"its {key} field is {get(key)[:40]!r}, not a finite number")
+        return value
     verdict = "ANOMALOUS" if get(schema.ANOMALOUS) == "1" else "ok"
     return (f"{frame}\tscore {number(schema.SCORE):.3f}\t{verdict}\tthreshold {number(schema.THRESHOLD):.3f}"
             f"\t{number(schema.LATENCY_MS):.1f} ms\t{get(schema.MODEL)}")
@@ -84,19 +89,23 @@ def mask_overlay(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def input_frame(client: redis.Redis, stream: str, entry_id: str) -> np.ndarray | None:
-    """The decoded input frame of a result, while its entry (and image_key) still exist."""
+def input_frame(client: redis.Redis, stream: str, entry_id: str) -> np.ndarray | str:
+    """The decoded input frame of a result, or why there is none to draw the overlay on."""
     found = client.xrange(stream, entry_id, entry_id, count=1)
     if not found:
-        return None
+        return "the input frame has left the stream"
     fields = found[0][1]
     data = fields.get(schema.IMAGE.encode())
     if data is None and schema.IMAGE_KEY.encode() in fields:
         data = client.get(fields[schema.IMAGE_KEY.encode()])
+        if not data:
+            return "the input frame's image_key has expired"
+    if not data:
+        return "the input entry holds no image"
     try:
-        return codec.decode(data, entry_id, uint16_bits=None) if data else None  # a picture: its own range
-    except ValueError:
-        return None
+        return codec.decode(data, entry_id, uint16_bits=None)  # a picture: its own range
+    except ValueError as err:  # all of these were said as "left the stream"
+        return f"the input frame does not decode ({str(err).strip().splitlines()[-1]})"
 
 
 SAVED_NAME = re.compile(r".+_\d+-\d+_(mask|overlay)\.png")  # save's: <frame>_<entry id>_<kind>.png
@@ -155,8 +164,8 @@ def save(client: redis.Redis, stream: str, fields: dict[str, bytes], folder: Pat
         write(overlay_file, fields[schema.HEATMAP])
         return f"mask {mask_file}, overlay {overlay_file}"
     frame = input_frame(client, stream, entry_id)
-    if frame is None:
-        return f"mask {mask_file} (no overlay: the input frame has left the stream)"
+    if isinstance(frame, str):
+        return f"mask {mask_file} (no overlay: {frame})"
     if frame.shape[:2] != mask.shape:  # a producer's image_key written over by a later frame of another size
         return (f"mask {mask_file} (no overlay: the input frame is now {frame.shape[1]}x{frame.shape[0]}, the mask "
                 f"{mask.shape[1]}x{mask.shape[0]}: its image_key was written over by another frame)")
@@ -218,7 +227,7 @@ def follow(client: redis.Redis, stream: str, echo: Callable[[str], None], *, fro
             ids[key] = eid.decode()
             fields = schema.decode_fields(raw)
             try:
-                line = describe(fields, dead=keys[key])
+                line = describe(fields, dead=keys[key], own_id=ids[key])
                 if save_to is not None and not keys[key]:
                     saved, waited = through_outages(lambda: save(client, stream, fields, save_to), outage, backoff,
                                                     "saving again once it is back", "saving on")
