@@ -22,9 +22,10 @@ import numpy as np
 
 from .images import ImageError
 
-# How far beyond the known ranges a frame may lie, as a factor: a few percent of jitter in a region of
-# interest, or a camera a few pixels off, is the same picture; a frame a quarter longer or larger than
-# any the model saw is squashed or scaled that much more than any good image was.
+# How far beyond the known ranges a frame may lie, as a factor either way (above the largest, below the
+# smallest): a few percent of jitter in a region of interest, or a camera a few pixels off, is the same
+# picture; a frame a quarter longer or larger than any the model saw is squashed or scaled that much
+# more than any good image was.
 SLACK = 1.25
 
 
@@ -42,7 +43,7 @@ class FrameShapes:
     def of(cls, shapes: Iterable[tuple[int, int]]) -> FrameShapes:
         """The ranges of (height, width) pairs, at least one."""
         heights, widths = zip(*shapes)
-        aspects = [round(w / h, 4) for h, w in zip(heights, widths)]  # as the manifest keeps them
+        aspects = [w / h for h, w in zip(heights, widths)]  # unrounded: JSON keeps a float exactly
         return cls((min(aspects), max(aspects)), (min(widths), max(widths)), (min(heights), max(heights)))
 
     def union(self, other: FrameShapes | None) -> FrameShapes:
@@ -93,6 +94,7 @@ class FrameShapes:
 
     def describe(self) -> str:
         def span(r, fmt="{}"):
-            return fmt.format(r[0]) if r[0] == r[1] else f"{fmt.format(r[0])} to {fmt.format(r[1])}"
+            low, high = fmt.format(r[0]), fmt.format(r[1])
+            return low if low == high else f"{low} to {high}"
         return (f"width/height {span(self.aspect, '{:.2f}')}, {span(self.width)} px wide, "
-                f"{span(self.height)} px high, each with {SLACK - 1:.0%} to spare")
+                f"{span(self.height)} px high, each range widened by a factor of {SLACK} either way")

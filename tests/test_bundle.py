@@ -523,8 +523,14 @@ def test_frame_shapes_know_the_images_read_with_a_quarter_to_spare_and_refuse_ot
         known.check(strip, "cam1/frame7.png", "recalibrate it")
     message = str(refused.value)
     assert message.startswith("cam1/frame7.png: 4000 x 300 pixels (width/height 13.33)")
-    assert "width/height 1.00 to 2.00, 500 to 600 px wide, 300 to 500 px high, each with 25% to spare" in message
+    assert ("width/height 1.00 to 2.00, 500 to 600 px wide, 300 to 500 px high, each range widened by a factor of "
+            "1.25 either way") in message
     assert message.endswith("if the line now makes such frames, recalibrate it, which adds their shapes")
     assert isinstance(refused.value, ImageError)  # said as a bad image is, never a traceback
     assert known.union(FrameShapes.of([(100, 50)])) == FrameShapes((0.5, 2.0), (50, 600), (100, 500))
     assert known.union(None) is known
+    # a strip of 16 x 400000 keeps its width/height (rounded to 4 places it was 0.0, and the bundle
+    # training had just written was refused as damaged); a near-square range reads as one value
+    strip = FrameShapes.of([(400000, 16)])
+    assert FrameShapes.from_json(json.loads(json.dumps(strip.to_json()))) == strip and strip.aspect[0] > 0
+    assert FrameShapes.of([(1000, 997), (997, 1000)]).describe().startswith("width/height 1.00, ")

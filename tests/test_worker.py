@@ -453,6 +453,15 @@ def test_a_frame_unlike_every_image_its_model_knows_is_dead_lettered_not_judged(
     assert [x for x in caplog.records if getattr(x, "event", None) == "shapes_unchecked"]
 
 
+def test_a_frame_of_an_unexpected_shape_still_tells_the_reader_the_frames_size():
+    """Let go at once, its size was not counted as known: a camera whose every frame changed shape had the
+    reader take one frame at a time (wait_for_room), the backlog growing until frames were trimmed."""
+    held = service.HeldBytes(10 << 20)
+    held.expect(1)
+    held.decoded(0, 1 << 20)  # dead-lettered unexpected_shape: nothing held, its size known
+    assert held.held == 0 and held.wait_for_room(8, lambda: False, threading.Event()) == 8
+
+
 def test_the_stack_check_accounts_for_every_frame_and_catches_a_lost_or_doubled_result(engines, frames, redis_url,
                                                                                        stream, monkeypatch):
     cs, r = deploy_script("check_stack.py"), client(redis_url)  # the operator's check of a running stack

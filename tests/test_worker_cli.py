@@ -634,7 +634,7 @@ def test_publish_stopped_by_sigterm_reports_the_frames_it_sent(tiny_mvtec, redis
     assert result.output.splitlines()[-1].startswith(f"published 3 frames to {stream} in ")
 
 
-def test_results_prints_results_and_dead_letters_in_the_order_they_were_written(redis_stream, tmp_path):
+def test_results_prints_results_and_dead_letters_in_the_order_they_were_written(redis_stream, tmp_path, monkeypatch):
     """Read stream by stream, a read's results all came before its dead letters, so --count 3 of a result,
     a dead letter and two more results printed three results and never the dead letter. A result whose
     entry_id is no stream id ended the follower (Redis refused --save's read of its frame), at every
@@ -642,7 +642,7 @@ def test_results_prints_results_and_dead_letters_in_the_order_they_were_written(
     import cv2
     import numpy as np
 
-    from ustudents.worker import schema
+    from ustudents.worker import results, schema
 
     url, client, stream = redis_stream
     mask = cv2.imencode(".png", np.zeros((20, 20), np.uint8))[1].tobytes()
@@ -652,19 +652,30 @@ def test_results_prints_results_and_dead_letters_in_the_order_they_were_written(
                 schema.ANOMALOUS: 0, schema.THRESHOLD: 2.5, schema.MASK: mask, schema.MODEL: "tiles-v1",
                 schema.LATENCY_MS: 12.0, schema.CONSUMER: "w1"}
 
+    def dead(frame: str, entry_id: str) -> dict:
+        return {schema.FRAME_ID: frame, schema.ENTRY_ID: entry_id, schema.REASON: schema.EMPTY,
+                schema.ERROR: "zero bytes"}
+
     client.xadd(schema.results_stream(stream), result("f1", "1-0"), id="10-0")
-    client.xadd(schema.dead_stream(stream), {schema.FRAME_ID: "f2", schema.REASON: schema.EMPTY,
-                                             schema.ERROR: "zero bytes"}, id="11-0")
+    client.xadd(schema.dead_stream(stream), dead("f2", "1-1"), id="11-0")
     client.xadd(schema.results_stream(stream), result("f3", "../../etc/passwd"), id="12-0")
-    client.xadd(schema.results_stream(stream), result("f4", "3-0"), id="13-0")
+    client.xadd(schema.results_stream(stream), result("f4", "99999999999999999999999-0"), id="13-0")  # past 2^64
+    # a worker's batch, written at once: one millisecond, each stream counting its own sequence
+    client.xadd(schema.results_stream(stream), result("f5", "3-0"), id="20-0")
+    client.xadd(schema.dead_stream(stream), dead("f6", "3-1"), id="20-0")
+    client.xadd(schema.results_stream(stream), result("f7", "3-2"), id="20-1")
     args = ["results", "--stream", stream, "--from-start", "--redis-url", url, "--save", str(tmp_path / "saved")]
     out = CliRunner().invoke(main, [*args, "--count", "3"])
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
     assert [line.split("\t")[0] for line in lines] == ["f1", "f2", "12-0"]
     assert "entry_id '../../etc/passwd' is not a stream entry id (like 1700000000000-0); passed over" in lines[2]
-    out = CliRunner().invoke(main, [*args, "--count", "4"])  # and on past it
-    assert out.exit_code == 0 and out.output.splitlines()[-1].startswith("f4\t"), out.output
+    out = CliRunner().invoke(main, [*args, "--count", "7"])  # and on past it, in the batch's own order
+    assert out.exit_code == 0, out.output
+    assert [line.split("\t")[0] for line in out.output.splitlines()[3:]] == ["13-0", "f5", "f6", "f7"], out.output
+    monkeypatch.setattr(results, "READ_COUNT", 2)  # pages that cut through the streams, and through the batch
+    paged = CliRunner().invoke(main, [*args, "--count", "7"])
+    assert paged.output.splitlines() == out.output.splitlines(), paged.output
 
 
 def test_results_save_is_refused_inside_a_dataset_and_a_write_failing_is_no_redis_outage(redis_stream, tmp_path,

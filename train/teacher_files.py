@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import ustudents
 from ustudents.engines.bundle import is_bundle, sha256_file
 from ustudents.engines.files import real_path, write_atomically
 from ustudents.engines.images import missing_folder_hint
@@ -92,7 +93,8 @@ def recreate(folder: Path, p: int) -> str:
     """How to replace the damaged teacher for p in `folder`: distilling it again there needs --replace (else
     refused, as the teacher is there), and the shipped ones are ustudents' own files."""
     if real_path(folder) == real_path(DEFAULT_DIR):
-        return "reinstall ustudents (pip install --force-reinstall --no-deps ustudents), whose files they are"
+        return (f"reinstall ustudents (pip install --force-reinstall --no-deps ustudents=={ustudents.__version__}), "
+                "whose files they are")
     return f"re-create it with `ustudents teacher --scales {p} --out {folder} --replace`"
 
 
@@ -124,8 +126,9 @@ def load_teacher(folder: Path, p: int) -> dict[str, torch.Tensor]:
         raise TeacherFileError(f"{path}: not the teacher its record in {Path(folder) / RECORDS} describes (a run "
                                f"stopped between writing the two?); {recreate(folder, p)}")
     if not all(torch.isfinite(v).all() for v in state.values()):  # a diverged distillation: every descriptor NaN
-        raise TeacherFileError(f"{path}: the teacher's weights hold NaN or infinite values; {recreate(folder, p)} "
-                               "(at a lower --lr if it diverged)")
+        lower = "" if real_path(folder) == real_path(DEFAULT_DIR) else " (at a lower --lr if it diverged)"
+        raise TeacherFileError(f"{path}: the teacher's weights hold NaN or infinite values; {recreate(folder, p)}"
+                               f"{lower}")
     return state
 
 

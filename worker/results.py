@@ -35,6 +35,11 @@ class SaveFailed(Exception):
 ENTRY_ID = re.compile(r"\d+-\d+")
 
 
+def is_entry_id(text: str) -> bool:
+    """Whether Redis reads `text` as a stream entry id: two numbers below 2^64 (a longer one it refuses)."""
+    return bool(ENTRY_ID.fullmatch(text)) and all(int(part) < 2 ** 64 for part in text.split("-"))
+
+
 class BadResult(ValueError):
     """A result entry missing a field, or holding one that is not what a worker writes (a hand-written
     or foreign entry): said on its line and passed over, so that it does not stop the follower, nor
@@ -150,7 +155,7 @@ def save(client: redis.Redis, stream: str, fields: dict[str, bytes], folder: Pat
     if schema.ENTRY_ID not in fields:
         raise BadResult(f"it has no {schema.ENTRY_ID} field")
     entry_id = fields[schema.ENTRY_ID].decode("utf-8", "replace")
-    if not ENTRY_ID.fullmatch(entry_id):  # Redis refuses to read such an id, which ended the follower
+    if not is_entry_id(entry_id):  # Redis refuses to read such an id, which ended the follower
         raise BadResult(f"its {schema.ENTRY_ID} {entry_id!r} is not a stream entry id (like 1700000000000-0)")
     mask = picture(fields, schema.MASK)[:, :, 0] > 0
     if schema.HEATMAP in fields:
@@ -193,6 +198,13 @@ def id_order(entry_id: bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def input_order(raw: dict[bytes, bytes]) -> tuple[int, int]:
+    """Where a result's or dead letter's input entry stands in the input stream (its entry_id); last
+    where it has none that is an entry id (a foreign entry)."""
+    value = raw.get(schema.ENTRY_ID.encode(), b"")
+    return id_order(value) if is_entry_id(value.decode("utf-8", "replace")) else (2 ** 64, 0)
+
+
 def follow(client: redis.Redis, stream: str, echo: Callable[[str], None], *, from_start: bool = False,
            count: int = 0, save_to: Path | None = None, block_ms: int = 1000,
            outage: Callable[[str], None] = lambda line: None) -> int:
@@ -214,16 +226,20 @@ def follow(client: redis.Redis, stream: str, echo: Callable[[str], None], *, fro
             backoff.reset()
         # One line per frame in the order the workers wrote them, across both streams (printed stream by
         # stream, a read's results came before all its dead letters, and --count could end the run before
-        # dead letters written between them). A stream that filled its page may hold more entries older
-        # than the other's last ones: those wait for the next read.
+        # dead letters written between them): by the millisecond written, and within one (a batch's
+        # outcomes, written at once) by their input entries. A stream that filled its page may hold more
+        # of a later millisecond than the other's: those wait for the next read, unless a whole page is
+        # of one millisecond (more than READ_COUNT outcomes in it), which is then printed as it is.
         merged, page_ends = [], []
         for key, entries in read:
-            merged += [(id_order(eid), key.decode(), eid, raw) for eid, raw in entries]
+            merged += [((id_order(eid)[0], input_order(raw), id_order(eid)[1], key.decode()), eid, raw)
+                       for eid, raw in entries]
             if len(entries) == READ_COUNT:
-                page_ends.append(id_order(entries[-1][0]))
-        for order, key, eid, raw in sorted(merged, key=lambda m: m[:2]):
-            if page_ends and order > min(page_ends):
-                break
+                page_ends.append(id_order(entries[-1][0])[0])
+        merged.sort(key=lambda m: m[0])
+        if page_ends and merged[0][0][0] < min(page_ends):
+            merged = [m for m in merged if m[0][0] < min(page_ends)]
+        for (_, _, _, key), eid, raw in merged:
             ids[key] = eid.decode()
             fields = schema.decode_fields(raw)
             try:

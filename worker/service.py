@@ -144,11 +144,12 @@ class HeldBytes:
         with self.changed:
             self.decoding += frames
 
-    def decoded(self, nbytes: int) -> None:
-        """One expected frame decoded (nbytes 0: its decoding failed)."""
+    def decoded(self, nbytes: int, size: int = 0) -> None:
+        """One expected frame decoded, now held (nbytes 0: its decoding failed, or the frame was let go
+        at once; `size`, its size then, tells the frames' size all the same)."""
         with self.changed:
             self.decoding -= 1
-            self.frame_bytes = nbytes or self.frame_bytes
+            self.frame_bytes = nbytes or size or self.frame_bytes
             self._add(nbytes)
 
     def move(self, give: int, take: int) -> None:
@@ -790,14 +791,16 @@ class Worker:
     def _decode(self, data: bytes, source: str, category: str) -> np.ndarray:
         """codec.decode for the category's model, its frame counted as held from here until it is scored
         (HeldBytes); UnexpectedShape where the model knows no such frames (engines.frame_shapes)."""
-        frame = None
+        frame = decoded = None
         shapes = self.shapes[category]
         try:
             decoded = codec.decode(data, source, self.engines[category].bundle.uint16_bits)
             frame = decoded if shapes is None else shapes.check(decoded, source, RECALIBRATE)
             return frame
         finally:
-            self.held.decoded(0 if frame is None else frame.nbytes)
+            # a frame of an unexpected shape is let go, but tells the frames' size: a camera whose every
+            # frame changed shape was read one frame at a time (wait_for_room), its backlog growing
+            self.held.decoded(0 if frame is None else frame.nbytes, 0 if decoded is None else decoded.nbytes)
 
     def _category(self, fields: dict[bytes, bytes]) -> str | schema.DeadLetter:
         category = schema.text(fields, schema.CATEGORY) or None  # "": a producer's unset variable, no category
