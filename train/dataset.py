@@ -73,6 +73,15 @@ def dataset_part(path: str | Path) -> Path | None:
     return None
 
 
+def refuse_inside(path: str | Path, option: str, give: str) -> None:
+    """ValueError where `path` lies in a dataset's train/, test/ or ground_truth/ (dataset_part): masks
+    and overlays written there are read as its images. `give`: the folder to ask for instead."""
+    if (part := dataset_part(path)) is not None:
+        raise ValueError(f"{option} {path}: inside the dataset folder {part}, where masks and overlays would be read "
+                         "as the category's own images (under test/, a defect type without masks; under train/, good "
+                         f"parts); give {give} outside the dataset")
+
+
 def _require_dir(folder: Path, what: str) -> None:
     if not folder.is_dir():
         raise DatasetError(f"{folder}: folder not found{missing_folder_hint(folder)}; {what}")

@@ -218,10 +218,7 @@ def plan_predict(paths: list[Path], out: Path, bundle: Bundle) -> PredictPlan:
     TensorRT plan, or a large bundle, took its time before a typo in a file name was told): every image
     decodes and has a shape the model knows (as a worker checks each frame), and `out` is a folder its
     outputs may go to."""
-    if (part := dataset.dataset_part(out)) is not None:  # test/predictions became a defect type without masks
-        raise ValueError(f"--out {out}: inside the dataset folder {part}, where masks and overlays would be read as "
-                         f"the category's own images (under test/, a defect type without masks; under train/, good "
-                         "parts); give an --out folder outside the dataset")
+    dataset.refuse_inside(out, "--out", "an --out folder")  # test/predictions became a defect type without masks
     shapes = bundle.frame_shapes
     for p in paths:
         image = read_image(p, bundle.uint16_bits)

@@ -89,13 +89,14 @@ def read_records(folder: Path) -> dict:
     return records
 
 
-def recreate(folder: Path, p: int) -> str:
+def recreate(folder: Path, p: int, diverged: bool = False) -> str:
     """How to replace the damaged teacher for p in `folder`: distilling it again there needs --replace (else
     refused, as the teacher is there), and the shipped ones are ustudents' own files."""
     if real_path(folder) == real_path(DEFAULT_DIR):
         return (f"reinstall ustudents (pip install --force-reinstall --no-deps ustudents=={ustudents.__version__}), "
                 "whose files they are")
-    return f"re-create it with `ustudents teacher --scales {p} --out {folder} --replace`"
+    lower = " (at a lower --lr if it diverged)" if diverged else ""
+    return f"re-create it with `ustudents teacher --scales {p} --out {folder} --replace`{lower}"
 
 
 def load_teacher(folder: Path, p: int) -> dict[str, torch.Tensor]:
@@ -126,9 +127,8 @@ def load_teacher(folder: Path, p: int) -> dict[str, torch.Tensor]:
         raise TeacherFileError(f"{path}: not the teacher its record in {Path(folder) / RECORDS} describes (a run "
                                f"stopped between writing the two?); {recreate(folder, p)}")
     if not all(torch.isfinite(v).all() for v in state.values()):  # a diverged distillation: every descriptor NaN
-        lower = "" if real_path(folder) == real_path(DEFAULT_DIR) else " (at a lower --lr if it diverged)"
-        raise TeacherFileError(f"{path}: the teacher's weights hold NaN or infinite values; {recreate(folder, p)}"
-                               f"{lower}")
+        raise TeacherFileError(f"{path}: the teacher's weights hold NaN or infinite values; "
+                               f"{recreate(folder, p, diverged=True)}")
     return state
 
 

@@ -17,7 +17,7 @@ from ustudents.engines.images import decode_image, is_image_file
 
 from . import codec, schema
 from .connection import Backoff, through_outages
-from .streams import replies
+from .streams import id_key, replies
 
 
 def last_id(client: redis.Redis, key: str) -> str:
@@ -121,12 +121,9 @@ def check_save_folder(folder: Path) -> None:
     user's images mix with them, and in a dataset's folder are read as its images (trained on as good
     parts from train/good; in test/<type>, asked for masks of their own). Its own accumulate. A folder inside a
     dataset is refused even empty, as `predict --out` is: under test/ it became a defect type without masks."""
-    from ustudents.train.dataset import dataset_part
+    from ustudents.train.dataset import refuse_inside
 
-    if (part := dataset_part(folder)) is not None:
-        raise ValueError(f"--save {folder}: inside the dataset folder {part}, where masks and overlays would be read "
-                         "as the category's own images (under test/, a defect type without masks; under train/, good "
-                         "parts); give a --save folder outside the dataset")
+    refuse_inside(folder, "--save", "a --save folder")
     theirs = sorted(f.name for f in (folder.iterdir() if folder.is_dir() else ())
                     if is_image_file(f) and not SAVED_NAME.fullmatch(f.name))
     if theirs:
@@ -192,17 +189,12 @@ def write(path: Path, data: bytes) -> None:
 READ_COUNT = 100  # entries read of each stream at a time
 
 
-def id_order(entry_id: bytes) -> tuple[int, int]:
-    """A stream entry id as what orders it: milliseconds, then sequence."""
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms), int(seq or 0)
-
-
 def input_order(raw: dict[bytes, bytes]) -> tuple[int, int]:
     """Where a result's or dead letter's input entry stands in the input stream (its entry_id); last
     where it has none that is an entry id (a foreign entry)."""
     value = raw.get(schema.ENTRY_ID.encode(), b"")
-    return id_order(value) if is_entry_id(value.decode("utf-8", "replace")) else (2 ** 64, 0)
+    text = value.decode("utf-8", "replace")
+    return id_key(text) if is_entry_id(text) else (2 ** 64, 0)
 
 
 def follow(client: redis.Redis, stream: str, echo: Callable[[str], None], *, from_start: bool = False,
@@ -232,10 +224,10 @@ def follow(client: redis.Redis, stream: str, echo: Callable[[str], None], *, fro
         # of one millisecond (more than READ_COUNT outcomes in it), which is then printed as it is.
         merged, page_ends = [], []
         for key, entries in read:
-            merged += [((id_order(eid)[0], input_order(raw), id_order(eid)[1], key.decode()), eid, raw)
+            merged += [((id_key(eid.decode())[0], input_order(raw), id_key(eid.decode())[1], key.decode()), eid, raw)
                        for eid, raw in entries]
             if len(entries) == READ_COUNT:
-                page_ends.append(id_order(entries[-1][0])[0])
+                page_ends.append(id_key(entries[-1][0].decode())[0])
         merged.sort(key=lambda m: m[0])
         if page_ends and merged[0][0][0] < min(page_ends):
             merged = [m for m in merged if m[0][0] < min(page_ends)]
