@@ -146,11 +146,14 @@ def check_image_size(img: np.ndarray, source: str, what: str = "an image") -> np
     return img
 
 
-def read_image(path: str | Path, bits: int | None = UINT16_BITS, dark_hint: bool = True) -> np.ndarray:
+def read_image(path: str | Path, bits: int | None = UINT16_BITS, dark_hint: bool = True,
+               inspection: bool = True) -> np.ndarray:
     """Read a PNG/JPEG/... file as uint8 RGB (H, W, 3); 16-bit data holding `bits` bits (module
-    docstring; None: the bits this file uses, for pictures). One under MIN_IMAGE_SIDE on a side is refused.
+    docstring; None: the bits this file uses, for pictures). An inspection image under MIN_IMAGE_SIDE on
+    a side is refused; `inspection=False` (a teacher's photos, which have their own size rule) reads it.
     `dark_hint`: as decode_image."""
-    return check_image_size(decode_image(_read_bytes(path), str(path), bits, dark_hint), str(path))
+    img = decode_image(_read_bytes(path), str(path), bits, dark_hint)
+    return check_image_size(img, str(path)) if inspection else img
 
 
 def without_colour_profile(data: bytes) -> bytes:

@@ -613,6 +613,23 @@ def test_a_folder_larger_than_the_pool_streams_through_it_in_bounded_memory(tmp_
     assert len(last.levels) == 8 and len(last.unreadable) == 9 and len(last.taken) == 9
 
 
+def test_a_thumbnail_among_the_photos_is_too_small_not_unreadable(tmp_path, capsys):
+    """A photo under 16 px a side was refused by the inspection images' size rule: "skipping ... not an
+    inspection image (a camera or grabber fault ...)", counted unreadable, and a folder of thumbnails
+    said none of its files could be read."""
+    from ustudents.train.teacher_images import ImagePool, natural_image_files
+
+    rng = np.random.default_rng(3)
+    folder = _photos(tmp_path / "photos", 2, rng, size=(64, 64))
+    cv2.imwrite(str(folder / "thumb.png"), rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
+    pool = ImagePool(natural_image_files(str(folder)), p=17, size=8, seed=0, usable=lambda levels: levels)
+    assert len(pool.taken) == 2 and len(pool.unusable) == 1 and not pool.unreadable
+    assert "skipping" not in capsys.readouterr().out
+    thumbs = _photos(tmp_path / "thumbs", 2, rng, size=(12, 12))
+    with pytest.raises(TeacherError, match="no image is at least 25 pixels a side"):
+        train_teacher(TeacherConfig(p=17, images=str(thumbs), target="patch", steps=1, amp=False))
+
+
 def test_a_folder_too_small_for_one_scale_is_refused_before_any_scale_is_distilled(tmp_path):
     """--scales 17,33 on photos of 50 px: p=17 was distilled and written first (hours, at real
     settings), then p=33 refused the folder, and the rerun with the smaller --crop the error asked

@@ -63,9 +63,10 @@ def natural_image_files(source: str) -> list[Path]:
 
 def read_natural_image(path: Path) -> np.ndarray | None:
     """uint8 RGB, or None (with a line naming the file) when it cannot be read: one bad photo among
-    thousands must not stop a distillation."""
+    thousands must not stop a distillation. A tiny one is read: the pool counts it too small for the
+    scale (it was "skipping ... not an inspection image", counted unreadable)."""
     try:  # each picture with the bits its 16-bit data uses: a 12-bit camera's were read 16x too dark
-        return read_image(path, bits=None)
+        return read_image(path, bits=None, inspection=False)
     except ImageError as err:
         tqdm.write(f"skipping {err}")
         return None
