@@ -224,6 +224,18 @@ def tiff_bits_per_sample(data) -> int | None:
     return None
 
 
+def tiff_stack_page(data) -> np.ndarray | None:
+    """A TIFF's second page (OpenCV reads the first alone, skipping to the second without decoding
+    it: about 0.1 ms), None for a one-page TIFF or any other format."""
+    if bytes(memoryview(data).cast("B")[:4]) not in (b"II*\x00", b"MM\x00*"):
+        return None
+    try:
+        found, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED, None, (1, 2))
+    except cv2.error:
+        return None
+    return pages[0] if found and pages else None
+
+
 def _decode_unchanged(data: bytes, source: str) -> np.ndarray:
     if len(data) == 0:
         raise ImageError(f"{source}: empty (0 bytes); replace it with a valid PNG or JPEG image")
@@ -237,6 +249,12 @@ def _decode_unchanged(data: bytes, source: str) -> np.ndarray:
         # through an 8-bit fallback: a 12-bit frame came out 16 times darker, judged on that, in silence
         raise ImageError(f"{source}: a 16-bit TIFF OpenCV reads at 8 bits only (grey with an alpha channel, or "
                          "another layout of samples); save it as 16-bit grey or RGB, without alpha, or as PNG")
+    # a stack of pages of one size (exposures, colour planes, frames) was judged by its first alone, in
+    # silence; a page of another size is a thumbnail or preview, and the first is the image
+    if (page := tiff_stack_page(data)) is not None and page.shape[:2] == img.shape[:2]:
+        raise ImageError(f"{source}: a TIFF holding more than one page of {img.shape[1]} x {img.shape[0]} pixels (a "
+                         "stack of exposures, planes or frames); ustudents judges one image per file: save or send "
+                         "each page as an image of its own")
     return img
 
 

@@ -856,3 +856,18 @@ def test_a_16_bit_tiff_opencv_reads_at_8_bits_is_refused_not_judged_dark():
         decode_image(grey_alpha_tiff_16(grey), "frame.tif", bits=12)
     ok, plain = cv2.imencode(".tiff", grey)
     assert ok and decode_image(plain.tobytes(), "frame.tif", bits=12).max() == 255
+
+
+def test_a_tiff_stack_is_refused_and_a_tiff_with_a_thumbnail_reads_its_image(tmp_path):
+    """A TIFF of several pages of one size (exposures, colour planes, frames of a stack) was judged by its
+    first page alone, in silence. A second page of another size is a thumbnail: the first is read."""
+    rng = np.random.default_rng(0)
+    first, second = (rng.integers(0, 256, (40, 48), dtype=np.uint8) for _ in range(2))
+    assert cv2.imwritemulti(str(tmp_path / "stack.tif"), [first, second])
+    with pytest.raises(ImageError, match=r"stack.tif: a TIFF holding more than one page of 48 x 40 pixels .*save or "
+                                         "send each page as an image of its own"):
+        read_image(tmp_path / "stack.tif")
+    assert cv2.imwritemulti(str(tmp_path / "thumb.tif"), [first, first[::4, ::4]])
+    assert np.array_equal(read_image(tmp_path / "thumb.tif")[:, :, 0], first)
+    assert cv2.imwrite(str(tmp_path / "one.tif"), first) and np.array_equal(read_image(tmp_path / "one.tif")[:, :, 0],
+                                                                            first)
