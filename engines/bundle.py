@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from .files import real_path, write_atomically
 from .frame_shapes import FrameShapes
 from .images import UINT16_BITS, missing_folder_hint
+from .memory import out_of_memory_line
 from .model import AnomalyModel
 from .patchnet import DESCRIPTOR_DIM, SCALES, PatchNet
 from .scoring import IMAGE_SCORES, MASK_RULES
@@ -615,6 +616,8 @@ def _load_bundle(path: str | Path) -> Bundle:
     try:
         tensors = load_file(str(wpath))
     except Exception as err:  # safetensors raises its own error types for malformed files
+        if out_of_memory_line(err):  # the machine, not the file: "restore the bundle" would not help
+            raise
         raise BundleError(f"{wpath}: unreadable safetensors file ({err}); restore the bundle or retrain") from None
     want = expected_shapes(scales, students, image_size, score["method"])
     got = {k: list(v.shape) for k, v in tensors.items()}

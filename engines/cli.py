@@ -6,7 +6,6 @@ import errno
 import functools
 import logging
 import os
-import re
 import signal
 import tempfile
 import threading
@@ -19,6 +18,7 @@ from .bundle import ENGINE_DIR, MANIFEST, BundleError, changing, is_bundle, load
 from .files import os_error_line, real_path
 from .images import (IMAGE_SUFFIXES, ImageError, first_copy, image_files, missing_folder_hint, read_image,
                      subfolder_hint)
+from .memory import out_of_memory_line
 from .runtime import BACKENDS, PRECISIONS, EngineError
 
 
@@ -58,21 +58,6 @@ def warnings_as_lines() -> None:
     message alone. The worker installs its own handler (worker.logs), which this leaves alone."""
     if logging.lastResort is not None:
         logging.lastResort.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-
-
-def out_of_memory_line(err: BaseException) -> str | None:
-    """One line for an allocation the machine refused (host memory, or a GPU's), None for any other
-    error: settings too large for this machine (a --batch, an input size), not a bug."""
-    text = str(err)
-    gpu = "CUDA out of memory" in text or type(err).__name__ == "OutOfMemoryError"
-    if not (isinstance(err, MemoryError) or gpu or "can't allocate memory" in text):
-        return None
-    # PyTorch's CPU allocator, ONNX Runtime's arena
-    found = re.search(r"tried to allocate (\d+) bytes", text) or re.search(r"requested buffer of size (\d+)", text)
-    size = f" of {int(found.group(1)) / 2 ** 30:.1f} GiB" if found else \
-        (f" of {m.group(1)}" if (m := re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", text)) else "")
-    return (f"out of memory: an allocation{size} failed{' on the GPU' if gpu else ''}; lower the options that size "
-            "the work (--batch, image or input sizes), or free memory")
 
 
 def user_errors_for(errors: tuple[type[Exception], ...]):

@@ -534,3 +534,41 @@ def test_frame_shapes_know_the_images_read_with_a_quarter_to_spare_and_refuse_ot
     strip = FrameShapes.of([(400000, 16)])
     assert FrameShapes.from_json(json.loads(json.dumps(strip.to_json()))) == strip and strip.aspect[0] > 0
     assert FrameShapes.of([(1000, 997), (997, 1000)]).describe().startswith("width/height 1.00, ")
+
+
+def test_memory_refused_while_weights_load_is_said_as_such_not_as_a_damaged_file(tmp_path, monkeypatch):
+    """An allocation the machine refused while reading weights read as "unreadable safetensors file ...;
+    restore the bundle or retrain" (a sound bundle), and a training checkpoint's as damaged, the scale
+    then trained again from the start, its saved epochs thrown away."""
+    import cv2
+    import numpy as np
+    from click.testing import CliRunner
+
+    from ustudents.cli import main
+    from ustudents.engines import bundle
+    from ustudents.train import checkpoints, teacher_files
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 240000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    path, _ = make_bundle(tmp_path / "b")
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((64, 64, 3), 128, np.uint8))
+    monkeypatch.setattr(bundle, "load_file", refused)
+    result = CliRunner().invoke(main, ["predict", str(path), str(tmp_path / "a.png"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and result.output.splitlines()[-1] == (
+        "Error: out of memory: an allocation of 223.5 GiB failed; lower the options that size the work (--batch, "
+        "image or input sizes), or free memory"), result.output
+
+    teacher_files.save_teacher(tmp_path / "t", 17, PatchNet(17).state_dict(), {})
+    monkeypatch.setattr(teacher_files, "load_file", refused)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        teacher_files.load_teacher(tmp_path / "t", 17)
+
+    saved = checkpoints.ScaleCheckpoint(tmp_path / "c" / "p17.safetensors", key="k")
+    saved.save(PatchNet(17, 2), None, np.random.default_rng(0), [1.0], [2.0], record={})
+    monkeypatch.setattr(checkpoints, "load_file", refused)
+    logged: list[str] = []
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        saved.load(logged.append)
+    assert not logged and saved.path.is_file()

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save
 import ustudents
 from ustudents.engines.bundle import locked
 from ustudents.engines.files import real_path, write_atomically
+from ustudents.engines.memory import out_of_memory_line
 
 CHECKPOINT_EVERY_S = 120.0  # at most one save per this many seconds (p=17, M=3: 108 MB, 0.5 s to write here)
 
@@ -97,6 +98,8 @@ class ScaleCheckpoint:
                          history=list(meta["history"]), epoch_seconds=list(meta["epoch_seconds"]), done=meta["done"],
                          record=meta["record"], desc_mean=tensors.get("desc_mean"), desc_std=tensors.get("desc_std"))
         except Exception as err:  # noqa: BLE001 (damaged, truncated, foreign: safetensors raises its own types)
+            if out_of_memory_line(err):  # the machine, not the file: the saved training is kept
+                raise
             log(f"{self.path}: unreadable checkpoint ({type(err).__name__}: {err}); training this scale from the start")
             return None
 

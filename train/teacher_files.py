@@ -16,6 +16,7 @@ import ustudents
 from ustudents.engines.bundle import is_bundle, sha256_file
 from ustudents.engines.files import real_path, write_atomically
 from ustudents.engines.images import missing_folder_hint
+from ustudents.engines.memory import out_of_memory_line
 from ustudents.engines.patchnet import PatchNet
 
 DEFAULT_DIR = Path(__file__).parent / "default_teachers"
@@ -116,6 +117,8 @@ def load_teacher(folder: Path, p: int) -> dict[str, torch.Tensor]:
     try:
         state = load_file(str(path))
     except Exception as err:
+        if out_of_memory_line(err):  # the machine, not the file
+            raise
         raise TeacherFileError(f"{path}: unreadable teacher weights ({err}); {recreate(folder, p)}") from None
     want = {k: v.shape for k, v in PatchNet(p).state_dict().items()}
     if {k: v.shape for k, v in state.items()} != want:
