@@ -2105,6 +2105,36 @@ def test_publish_passes_over_a_frame_larger_than_redis_takes_and_sends_the_rest(
         server.stop()
 
 
+def test_publish_names_an_image_file_larger_than_redis_takes_once_and_never_reads_it(frames, tmp_path, monkeypatch):
+    """A 600 MB file was read whole on every pass of --loop and named on each; a sparse one was first
+    said to be "sent as it is, so the worker dead-letters it", then passed over by the next line."""
+    server = RedisServer(tmp_path).start()
+    try:
+        r = client(server.url)
+        r.config_set("proto-max-bulk-len", str(1 << 20))  # Redis' smallest
+        folder = tmp_path / "cam"
+        folder.mkdir()
+        shutil.copy(frames[0], folder / "a.png")
+        with open(folder / "huge.png", "wb") as f:  # sparse: 1.5 MB of zeros, not an image by its first bytes
+            f.truncate(3 << 19)
+        read: list[str] = []
+        read_bytes = Path.read_bytes
+        monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or read_bytes(self))
+        result = CliRunner().invoke(main, ["publish", str(folder), "--stream", "big", "--loop",
+                                                           "--count", "3", "--fps", "0", "--redis-url", server.url])
+        assert result.exit_code == 0, result.output + result.stderr
+        assert result.stderr.splitlines() == [f"{folder / 'huge.png'}: 1.5 MB, more than Redis takes in one value "
+                                              "(proto-max-bulk-len 1.0 MB): passed over; send smaller frames or "
+                                              "raise proto-max-bulk-len"]
+        assert read == ["a.png"] * 3 and r.xlen("big") == 3
+        (folder / "a.png").unlink()  # nothing left to send: the run ends in one line, not a wait
+        result = CliRunner().invoke(main, ["publish", str(folder), "--stream", "big", "--redis-url", server.url])
+        assert result.exit_code == 2 and (f"{folder}: none of its 1 image files could be sent (the lines above say "
+                                          "why)") in result.output, result.output
+    finally:
+        server.stop()
+
+
 def test_publish_ends_in_one_line_when_redis_starts_refusing_its_password(frames, tmp_path):
     """A password set on a running Redis read as an outage ("Redis unreachable (Authentication
     required)"), retried for ever: no retry gives the tool the new password."""

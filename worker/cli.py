@@ -339,7 +339,9 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
     stream = checked_stream(stream)
     if not usable_fps(fps):
         raise InputError(f"--fps {fps}: give 0 (as fast as possible) or a rate from {MIN_FPS} frames/s")
-    frames = frames_from(source, fmt, loop, warn=lambda message: click.echo(message, err=True))
+    # the source is checked before Redis is reached; Redis' value limit is asked at the first frame, below
+    frames = frames_from(source, fmt, loop, warn=lambda message: click.echo(message, err=True),
+                         max_bytes=lambda: publisher.largest_frame())
     client = tool_client(redis_url)
     name = camera or (f"camera{source}" if source.isdigit() else Path(source).stem or "camera")
     publisher = FramePublisher(client, stream, camera=name, category=category, maxlen=maxlen,

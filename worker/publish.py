@@ -37,11 +37,12 @@ MB = 1 << 20
 REDIS_BULK_DEFAULT = 512 * MB  # Redis' proto-max-bulk-len unless its config says otherwise
 
 
-def frames_from(source: str, fmt: str = "png", loop: bool = False,
-                warn: Callable[[str], None] = print) -> Iterator[tuple[str, bytes]]:
+def frames_from(source: str, fmt: str = "png", loop: bool = False, warn: Callable[[str], None] = print,
+                max_bytes: Callable[[], int] | None = None) -> Iterator[tuple[str, bytes]]:
     """(frame_id, encoded bytes) from a folder of images, one image, a video file or a camera
     index. Raises ValueError at once when the source cannot be used; `warn` hears of a video that
-    ends before the frame count its header gives (a truncated or damaged file)."""
+    ends before the frame count its header gives (a truncated or damaged file). `max_bytes`, asked
+    once at the first frame: image files larger are named and passed over unread."""
     path = Path(source)
     if source.isdigit() and not path.exists():
         return _capture(_open(int(source), f"camera {source}: cannot be opened; check the index (0, 1, ...) and "
@@ -52,23 +53,32 @@ def frames_from(source: str, fmt: str = "png", loop: bool = False,
         if not files:
             raise ValueError(f"{path}: no images ({'/'.join(IMAGE_SUFFIXES)}){subfolder_hint(path)}; give a folder "
                              "of frames, a video file or a camera index")
-        return _files(files, loop, warn)
+        return _files(files, loop, warn, max_bytes)
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        return _files([path], loop, warn)
+        return _files([path], loop, warn, max_bytes)
     if path.is_file():
         return _capture(_open(str(path), f"{path}: cannot be opened as a video; give a video OpenCV reads "
                                          "(e.g. .mp4, .avi)"), path.stem, fmt, loop, warn=warn, source=str(path))
     raise ValueError(f"{source}: no such folder, image, video file or camera index")
 
 
-def _files(files: list[Path], loop: bool, warn: Callable[[str], None]) -> Iterator[tuple[str, bytes]]:
-    """The files' bytes; one that cannot be read (moved away by a grabber's rotation meanwhile) is
-    named (once) and passed over, and a pass that reads none of them ends the run."""
-    n, unread = 0, set()
+def _files(files: list[Path], loop: bool, warn: Callable[[str], None],
+           max_bytes: Callable[[], int] | None) -> Iterator[tuple[str, bytes]]:
+    """The files' bytes; one that cannot be read (moved away by a grabber's rotation meanwhile) or is
+    larger than Redis takes is named (once) and passed over, and a pass that sends none ends the run.
+    A file too large is not read: a 600 MB file was read in whole on every pass of --loop, and a sparse
+    one was said to be "sent as it is" on the line before the one that passed it over."""
+    n, unread, too_large = 0, set(), set()
+    largest = max_bytes() if max_bytes else None
     while True:
         sent, gone = 0, set()
         for f in files:
             try:
+                if largest is not None and (size := f.stat().st_size) > largest:
+                    if f not in too_large:
+                        too_large.add(f)
+                        warn(larger_than_redis_takes(str(f), size, largest))
+                    continue
                 data = f.read_bytes()
             except OSError as err:
                 if isinstance(err, FileNotFoundError):
@@ -86,7 +96,7 @@ def _files(files: list[Path], loop: bool, warn: Callable[[str], None]) -> Iterat
             yield (f.stem if n == 0 else f"{f.stem}-{n}"), data
         if not sent:  # "moved or deleted?" only where they are gone: not for I/O errors or read permission
             what = ("could be read any more (moved or deleted?)" if gone >= set(files) else
-                    "could be read (the lines above say why)")
+                    f"could be {'sent' if too_large else 'read'} (the lines above say why)")
             raise ValueError(f"{files[0].parent}: none of its {len(files)} image files {what}; check the folder")
         n += 1
         if not loop:
@@ -239,13 +249,14 @@ def publish(frames: Iterator[tuple[str, bytes]], publisher: FramePublisher, fps:
     Returns how many were sent."""
     began = start = last_report = time.monotonic()  # start: the pacing schedule's, moved on by an outage
     n, largest = 0, None
-    for frame_id, data in frames:
-        if count and n >= count:
+    frames = iter(frames)
+    while not (count and n >= count):  # checked before the next frame is read, not after
+        if (frame := next(frames, None)) is None:
             break
+        frame_id, data = frame
         largest = publisher.largest_frame() if largest is None else largest
         if len(data) > largest:
-            outage(f"{frame_id}: {len(data) / MB:.1f} MB, more than Redis takes in one value (proto-max-bulk-len "
-                   f"{largest / MB:.1f} MB): passed over; send smaller frames or raise proto-max-bulk-len")
+            outage(larger_than_redis_takes(frame_id, len(data), largest))
             continue
         if n == 0 and (warning := publisher.retention_warning(len(data), fps)):
             outage(f"WARNING: {warning}")
@@ -260,6 +271,11 @@ def publish(frames: Iterator[tuple[str, bytes]], publisher: FramePublisher, fps:
             last_report = time.monotonic()
             progress(n, last_report - began)
     return n
+
+
+def larger_than_redis_takes(name: str, nbytes: int, largest: int) -> str:
+    return (f"{name}: {nbytes / MB:.1f} MB, more than Redis takes in one value (proto-max-bulk-len "
+            f"{largest / MB:.1f} MB): passed over; send smaller frames or raise proto-max-bulk-len")
 
 
 def send_through_outages(publisher: FramePublisher, frame_id: str, data: bytes, outage: Callable[[str], None],
