@@ -56,6 +56,22 @@ _OS_ERROR_HINTS = {errno.ENOSPC: "free space on that disk and run the command ag
                    errno.EISDIR: "a folder stands where a file goes: move it"}
 
 
+def reserve_space(path: Path, what: str, folder: Path) -> None:
+    """Give a sparse file (a fresh memory-mapped array) its disk blocks now: on a full disk, writing
+    through the map kills the process with SIGBUS, without a word (a training run died so, caching its
+    teacher targets: "Bus error", exit 135); here it is an OSError naming `what` and `folder` (the one
+    the user knows, not a temporary one inside it).
+    Filesystems that cannot tell (no posix_fallocate) are left as they were."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OSError(err.errno, f"{err.strerror} for {what}", str(folder)) from None
+
+
 def os_error_line(err: BaseException) -> str:
     """An error as one line for the user; an OSError as '<file>: <reason>; <what to do>', not Python's
     '[Errno 28] No space left on device', which names neither the file nor a fix."""

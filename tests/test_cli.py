@@ -1379,6 +1379,9 @@ def test_ctrl_c_during_training_says_how_to_continue_and_the_same_command_does(t
                                                                                monkeypatch):
     from ustudents.train import checkpoints, students
 
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
     out = tmp_path / "m"
     root = copy_dataset(tiny_mvtec, tmp_path / "root", keep_train=6)  # trained four times over: few images
     args = ["train", "--data-root", root, TINY_CATEGORY, "--out", out, "--scales", "17,33", "--students", "2",
@@ -1411,6 +1414,17 @@ def test_ctrl_c_during_training_says_how_to_continue_and_the_same_command_does(t
     assert again.exit_code == 130
     assert f"{saves} holds p=17 done, p=33 after epoch 1 (" in again.output
     assert "): run the command without --no-resume again to continue from there" in again.output
+    # another --epochs, interrupted before it saved anything: what it said it kept (nothing, before) and
+    # what differs (it said only "other settings or data")
+    with monkeypatch.context() as m:
+        m.setattr(students, "dense_descriptors", ctrl_c)
+        other = invoke(*[("3" if a == "2" and args[i - 1] == "--epochs" else a) for i, a in enumerate(args)])
+    assert other.exit_code == 130
+    assert (f"{saves / 'p17.safetensors'}: a checkpoint of other settings or data (--epochs 2, now 3); training this "
+            "scale from the start") in other.output
+    assert (f"interrupted: no model written to {out}; {saves} keeps checkpoints of other settings or data (p=17 done, "
+            f"p=33 after epoch 1; {checkpoints.size_on_disk(saves)}), which this command does not continue from: "
+            "delete that folder unless the command that saved them will run again") in other.output
     resumed = invoke(*args)
     assert_ok(resumed)
     assert "p=17: students trained by an earlier run of this command (2 epochs" in resumed.output
@@ -1732,6 +1746,38 @@ def test_a_full_disk_when_the_bundle_is_written_is_one_line_keeping_the_old_bund
     result = invoke(*args, "--seed", "1")  # the space freed: finished from the checkpoint
     assert_ok(result)
     assert "students p=17" not in result.output and manifest_of(out)["training"]["student"]["seed"] == 1
+
+
+def test_a_full_disk_while_the_teacher_targets_are_cached_is_one_line_not_a_bus_error(tmp_path, tiny_mvtec,
+                                                                                     random_teachers, monkeypatch):
+    """The cached teacher targets are a memory-mapped sparse file: on a full disk, writing them killed
+    the run with SIGBUS ("Bus error", exit 135), no line saying why. Their blocks are reserved first."""
+    import errno
+    import os
+
+    import numpy as np
+
+    from ustudents.engines.files import reserve_space
+
+    sparse = np.lib.format.open_memmap(tmp_path / "t.npy", mode="w+", dtype=np.float16, shape=(64, 1 << 16))
+    before = os.stat(tmp_path / "t.npy")
+    assert before.st_blocks * 512 < before.st_size  # sparse: no blocks for its 8 MB yet
+    reserve_space(tmp_path / "t.npy", "an array", tmp_path)
+    after = os.stat(tmp_path / "t.npy")
+    assert after.st_blocks * 512 >= after.st_size and after.st_size == before.st_size and not sparse.any()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    root = copy_dataset(tiny_mvtec, tmp_path / "root", keep_train=3)
+    out = tmp_path / "m"
+    result = invoke("train", "--data-root", root, TINY_CATEGORY, "--out", out, "--scales", "17", "--students", "2",
+                    "--epochs", "1", "--image-size", "64", "--teachers", random_teachers, "--no-evaluate",
+                    "--amp", "off", "--crop", "8", "--batch", "4")
+    line = assert_input_error(result, f"{tmp_path / '.m.checkpoint'}: No space left on device for the p=17 teacher "
+                                      "targets (", " MB); free space on that disk and run the command again")
+    assert "targets-p17" not in line and not out.exists()
 
 
 def test_a_second_training_to_the_same_out_is_refused_while_the_first_runs(tmp_path, tiny_mvtec, random_teachers,

@@ -167,9 +167,32 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_to_the_same_weights
     assert fresh["resumed_after_epoch"] == 0 and "a checkpoint of other settings or data" in said[-1]
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "no metadata"])
+def test_a_checkpoint_of_other_settings_says_which_differ():
+    """It said only "a checkpoint of other settings or data": which option, or the images, changed went
+    unsaid, and the scale's saved epochs were trained again."""
+    from dataclasses import asdict
+
+    teacher, cpu = PatchNet(17, 1).state_dict(), torch.device("cpu")
+    cfg = StudentConfig(students=2, epochs=3, batch=2)
+    key, inputs = checkpoints.scale_key(17, teacher, asdict(cfg), 64, ["a.png", "b.png"], "f1", 8, cpu)
+    assert checkpoints.scale_key(17, teacher, asdict(cfg), 64, ["b.png", "a.png"], "f1", 8, cpu)[0] == key
+    again = checkpoints.scale_key(17, teacher, {**asdict(cfg), "epochs": 4, "lr": 1e-3, "max_minutes": 5},
+                                  64, ["a.png"], "f2", 8, cpu)
+    assert again[0] != key
+    assert checkpoints.differences(inputs, again[1]) == ("--epochs 3, now 4; --lr 0.0001, now 0.001; the training "
+                                                         "images or their split (--val-fraction); the contents of the "
+                                                         "training images")
+    other_teacher = checkpoints.scale_key(17, PatchNet(17, 1).state_dict(), asdict(cfg), 128, ["a.png", "b.png"],
+                                          "f1", 8, cpu)[1]
+    assert checkpoints.differences(inputs, other_teacher) == "--image-size 64, now 128; the teacher"
+    assert checkpoints.differences(None, inputs) == ""  # saved before the inputs were kept
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "no metadata", "data"])
 def test_a_damaged_checkpoint_restarts_its_scale_and_says_so(tmp_path, damage):
-    """A crash or a full disk can leave any file behind: it must cost the scale's progress, never the run."""
+    """A crash or a full disk can leave any file behind: it must cost the scale's progress, never the run.
+    Damage inside the tensors' data (a bad sector) parsed: a finished scale was used as saved, or the
+    training resumed from weights that diverged at once, and the error said to lower --lr."""
     from safetensors.torch import save_file
 
     images = np.random.default_rng(0).integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
@@ -180,6 +203,9 @@ def test_a_damaged_checkpoint_restarts_its_scale_and_says_so(tmp_path, damage):
     data = ckpt.path.read_bytes()
     if damage == "no metadata":
         save_file({"x": torch.zeros(1)}, str(ckpt.path))
+    elif damage == "data":  # 64 bytes of a weight, past the header, set to 0xFF: NaNs that still parse
+        start = 8 + int.from_bytes(data[:8], "little") + 1000
+        ckpt.path.write_bytes(data[:start] + b"\xff" * 64 + data[start + 64:])
     else:
         ckpt.path.write_bytes({"empty": b"", "truncated": data[:len(data) // 2], "garbage": b"\x07" * 100}[damage])
     said: list[str] = []
@@ -187,6 +213,7 @@ def test_a_damaged_checkpoint_restarts_its_scale_and_says_so(tmp_path, damage):
                                      log=said.append)
     assert record["epochs_trained"] == 1 and record["resumed_after_epoch"] == 0
     assert said[0].startswith(f"{ckpt.path}: unreadable checkpoint (") and said[0].endswith("training this scale from the start")
+    assert ("does not match the checksum saved with it: damaged on disk" in said[0]) == (damage == "data")
     assert checkpoints.describe(tmp_path, {17: "k"}) == "p=17 done"  # replaced by a good one
 
 

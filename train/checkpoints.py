@@ -8,7 +8,9 @@ Adam's state, so the next run trains it on as its time allows). The same command
 from there, and ends with the weights an uninterrupted run would have had (tested). A checkpoint
 counts only for a run with the same inputs (`scale_key`: the scale's teacher, the training images
 and their split, the image size, the student settings except --max-minutes); another run starts that
-scale over and overwrites it. The folder goes once the bundle is written. Safetensors, no pickle.
+scale over and overwrites it, saying what differs (the inputs are kept in the file). The sha256 of
+the tensors, kept too, finds damage inside the data. The folder goes once the bundle is written.
+Safetensors, no pickle.
 """
 from __future__ import annotations
 
@@ -41,17 +43,52 @@ def folder_for(out: Path) -> Path:
 
 
 def scale_key(p: int, teacher_state: dict[str, torch.Tensor], student_settings: dict, image_size: int,
-              fit_names: list[str], data_fingerprint: str, bits: int, device: torch.device) -> str:
-    """What a scale's training depends on: a checkpoint with another key is not this run's. The
-    device type and the ustudents version are in it too: a run continued elsewhere or by other code
-    would be recorded as one it is not."""
+              fit_names: list[str], data_fingerprint: str, bits: int, device: torch.device) -> tuple[str, dict]:
+    """What a scale's training depends on, as a key (a checkpoint with another key is not this run's)
+    and as the inputs themselves, which a checkpoint keeps to say what differs. The device type and
+    the ustudents version are in it too: a run continued elsewhere or by other code would be recorded
+    as one it is not."""
     settings = {k: v for k, v in student_settings.items() if k != "max_minutes"}
-    h = hashlib.sha256(json.dumps({"p": p, "student": settings, "image_size": image_size, "fit": sorted(fit_names),
-                                   "data": data_fingerprint, "bits": bits, "device": device.type,
-                                   "ustudents": ustudents.__version__}, sort_keys=True).encode())
+    inputs = {"p": p, "student": settings, "image_size": image_size, "fit": sorted(fit_names),
+              "data": data_fingerprint, "bits": bits, "device": device.type, "ustudents": ustudents.__version__}
+    h = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode())
+    teacher = hashlib.sha256()
     for name in sorted(teacher_state):
+        for digest in (h, teacher):
+            digest.update(name.encode())
+            digest.update(teacher_state[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest(), {**inputs, "teacher": teacher.hexdigest()}
+
+
+# What differs between a checkpoint's inputs and a run's, in the user's words (student settings by option)
+_INPUT_NAMES = {"image_size": "--image-size", "fit": "the training images or their split (--val-fraction)",
+                "data": "the contents of the training images", "bits": "the images' bit depth",
+                "device": "the device type", "ustudents": "the ustudents version", "teacher": "the teacher"}
+
+
+def differences(saved: dict | None, now: dict) -> str:
+    """'--epochs 4, now 6; the teacher': how the inputs a checkpoint was saved with differ from this
+    run's (empty for a checkpoint saved before they were kept, or where nothing named differs)."""
+    if not isinstance(saved, dict):
+        return ""
+    said = []
+    for field, value in now.items():
+        old = saved.get(field)
+        if field == "student" and isinstance(old, dict):
+            said += [f"--{k.replace('_', '-')} {old.get(k)}, now {v}" for k, v in value.items() if old.get(k) != v]
+        elif old != value and field in _INPUT_NAMES:
+            shown = field in ("image_size", "device", "ustudents")
+            said.append(f"{_INPUT_NAMES[field]} {old}, now {value}" if shown else _INPUT_NAMES[field])
+    return "; ".join(said)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors' names and bytes: damage inside a checkpoint's data (a disk's bad sector)
+    parses, and resumed a scale from weights that diverged at once, or was used as a finished scale."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
         h.update(name.encode())
-        h.update(teacher_state[name].detach().cpu().contiguous().numpy().tobytes())
+        h.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -74,6 +111,7 @@ class Saved:
 class ScaleCheckpoint:
     path: Path
     key: str
+    inputs: dict | None = None  # scale_key's inputs: kept in the file, to say what differs from a later run's
 
     def load(self, log) -> Saved | None:
         """This run's saved training of the scale, or None (none, another run's, or unreadable)."""
@@ -82,9 +120,13 @@ class ScaleCheckpoint:
         try:
             meta = read_meta(self.path)
             if meta["key"] != self.key:
-                log(f"{self.path}: a checkpoint of other settings or data; training this scale from the start")
+                differ = differences(meta.get("inputs"), self.inputs or {})
+                log(f"{self.path}: a checkpoint of other settings or data{f' ({differ})' if differ else ''}; "
+                    "training this scale from the start")
                 return None
             tensors = load_file(str(self.path))
+            if "sha256" in meta and tensors_digest(tensors) != meta["sha256"]:  # checkpoints before it have none
+                raise ValueError("its data does not match the checksum saved with it: damaged on disk")
             opt = None
             if not meta["done"]:
                 state: dict[int, dict[str, torch.Tensor]] = {}
@@ -110,8 +152,8 @@ class ScaleCheckpoint:
         descriptor statistics and no `opt`, once the scale is done."""
         tensors = {f"students.{k}": v.detach().cpu().contiguous() for k, v in students.state_dict().items()}
         tensors["torch_rng"] = torch.get_rng_state()
-        meta = {"key": self.key, "history": history, "epoch_seconds": epoch_seconds, "done": opt is None,
-                "record": record, "numpy_rng": gen.bit_generator.state}
+        meta = {"key": self.key, "inputs": self.inputs, "history": history, "epoch_seconds": epoch_seconds,
+                "done": opt is None, "record": record, "numpy_rng": gen.bit_generator.state}
         if opt is not None:
             sd = opt.state_dict()
             meta["param_groups"] = sd["param_groups"]
@@ -119,6 +161,7 @@ class ScaleCheckpoint:
                             for i, st in sd["state"].items() for k, v in st.items()})
         if desc is not None:
             tensors["desc_mean"], tensors["desc_std"] = (t.detach().cpu().contiguous() for t in desc)
+        meta["sha256"] = tensors_digest(tensors)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(self.path, save(tensors, metadata={"ustudents_checkpoint": json.dumps(meta)}))
 
@@ -191,14 +234,21 @@ def size_on_disk(folder: Path) -> str:
     return f"{total / 1e6:.0f} MB" if total >= 1e6 else f"{total / 1e3:.0f} kB"
 
 
-def describe(folder: Path, keys: dict[int, str]) -> str:
-    """'p=17 done, p=33 after epoch 4': what the folder holds for the scales of `keys` (this run's)."""
-    parts = []
-    for p, key in sorted(keys.items()):
+def _held(folder: Path) -> list[tuple[int, dict]]:
+    """(p, metadata) of each readable checkpoint in the folder, by p."""
+    held = []
+    for path in folder.glob("p*.safetensors"):
         try:
-            meta = read_meta(folder / f"p{p}.safetensors")
-        except Exception:  # noqa: BLE001 (absent or damaged: nothing to continue from)
+            held.append((int(path.name[1:-len(".safetensors")]), read_meta(path)))
+        except Exception:  # noqa: BLE001 (not a scale's, or damaged: nothing to continue from)
             continue
-        if meta["key"] == key:
-            parts.append(f"p={p} " + ("done" if meta["done"] else f"after epoch {len(meta['history'])}"))
-    return ", ".join(parts)
+    return sorted(held, key=lambda item: item[0])
+
+
+def describe(folder: Path, keys: dict[int, str], others: bool = False) -> str:
+    """'p=17 done, p=33 after epoch 4': what the folder holds for the scales of `keys` (this run's), or
+    with `others`, what it holds of other settings or data, which this run does not continue from.
+    Before this run's keys are known (an interrupt while its images load), every checkpoint is said
+    as its own: the same command continues from those that are."""
+    return ", ".join(f"p={p} " + ("done" if meta["done"] else f"after epoch {len(meta['history'])}")
+                     for p, meta in _held(folder) if others == bool(keys and keys.get(p) != meta["key"]))

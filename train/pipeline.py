@@ -137,12 +137,13 @@ def environment() -> dict:
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during training (still a KeyboardInterrupt to callers that stop on one);
-    `held`: what the checkpoint folder keeps for this run; `written`: the bundle's path where the
-    interrupt came after this run's bundle was in place (its last clean-up steps), else None."""
+    `held`: what the checkpoint folder keeps for this run; `other`: what it keeps of other settings or
+    data; `written`: the bundle's path where the interrupt came after this run's bundle was in place
+    (its last clean-up steps), else None."""
 
-    def __init__(self, folder: Path, held: str, written: Path | None = None):
+    def __init__(self, folder: Path, held: str, written: Path | None = None, other: str = ""):
         super().__init__(held)
-        self.folder, self.held, self.written = folder, held, written
+        self.folder, self.held, self.written, self.other = folder, held, written, other
 
 
 def check_not_blank(good: Path | str, samples: list, images: list, log, calibrating: bool = False) -> None:
@@ -181,7 +182,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 raise TrainingInterrupted(saves, "", written=cfg.out) from None
             if run.get("held"):
                 checkpoints.drop_if_empty(saves)
-            raise TrainingInterrupted(saves, checkpoints.describe(saves, keys) if run.get("held") else "") from None
+            held = run.get("held") and saves.is_dir()
+            raise TrainingInterrupted(saves, checkpoints.describe(saves, keys) if held else "",
+                                      other=checkpoints.describe(saves, keys, others=True) if held else "") from None
         except TrainingDiverged:
             checkpoints.remove(saves)  # continuing a run that learned nothing would fail the same way
             raise
@@ -239,9 +242,10 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
     model = AnomalyModel(cfg.scales, cfg.student.students)
     tensors, records = {}, {}
     data_fingerprint = dataset.fingerprint(train_all)
-    keys.update({p: checkpoints.scale_key(p, teachers[p], asdict(cfg.student), cfg.image_size,
-                                          [s.path.name for s in fit], data_fingerprint, bits, device)
-                 for p in cfg.scales})
+    inputs = {}
+    for p in cfg.scales:
+        keys[p], inputs[p] = checkpoints.scale_key(p, teachers[p], asdict(cfg.student), cfg.image_size,
+                                                   [s.path.name for s in fit], data_fingerprint, bits, device)
     end = time.monotonic() + cfg.student.max_minutes * 60
     for i, ens in enumerate(model.ensembles):
         p = ens.p
@@ -251,7 +255,7 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
             deadline = now + max(end - now, 0.0) / (len(model.ensembles) - i)
         students, desc_mean, desc_std, record = train_students(
             p, teachers[p], fit_images, cfg.student, device, workdir=saves, deadline=deadline,
-            checkpoint=checkpoints.ScaleCheckpoint(saves / f"p{p}.safetensors", keys[p]), log=log)
+            checkpoint=checkpoints.ScaleCheckpoint(saves / f"p{p}.safetensors", keys[p], inputs[p]), log=log)
         ens.net.load_state_dict({k: torch.cat([teachers[p][k], students[k]]) for k in students})
         ens.desc_mean.copy_(desc_mean)
         ens.desc_std.copy_(desc_std)

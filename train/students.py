@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ustudents.engines.files import reserve_space
 from ustudents.engines.images import to_tensor
 from ustudents.engines.model import normalize_input
 from ustudents.engines.patchnet import DESCRIPTOR_DIM, PatchNet
@@ -153,6 +154,7 @@ def train_students(p: int, teacher_state: dict[str, torch.Tensor], images: np.nd
         # Teacher targets once (under the same autocast as training), stored as float16 (N, 1, 128, S, S).
         targets = np.lib.format.open_memmap(Path(tmp) / "t.npy", mode="w+", dtype=np.float16,
                                             shape=(n, 1, DESCRIPTOR_DIM, size, size))
+        reserve_space(Path(tmp) / "t.npy", f"the p={p} teacher targets ({targets.nbytes / 1e6:.1f} MB)", workdir)
         dense_descriptors(teacher, images, device, targets, desc=f"teacher p={p}", bf16=cfg.amp)
         desc_mean, desc_std = descriptor_stats(targets)
         del teacher
