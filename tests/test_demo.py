@@ -440,8 +440,13 @@ def test_the_users_redis_is_checked_with_the_password_the_worker_sends(tiny_bund
                 "--category", TINY_CATEGORY, "--redis-url", server.url]
         result = CliRunner().invoke(demo_cmd, args, env={"USTUDENTS_REDIS_PASSWORD": "s3cret"})
         assert result.output.splitlines()[-1] == "Error: the line was reached", result.output
-        result = CliRunner().invoke(demo_cmd, args, env={"USTUDENTS_REDIS_PASSWORD": "wrong"})
-        assert result.exit_code == 2 and "cannot reach Redis" in result.output and "wrong" not in result.output
+        # a wrong password, or none, said "cannot reach Redis ...; start it", of a Redis that was up
+        for env in ({"USTUDENTS_REDIS_PASSWORD": "wrong"}, {"USTUDENTS_REDIS_PASSWORD": None}):
+            result = CliRunner().invoke(demo_cmd, args, env=env)
+            assert result.exit_code == 2 and "wrong" not in result.output and "cannot reach" not in result.output
+            assert result.output.startswith(f"Error: --redis-url / REDIS_URL {server.url}: Redis refuses the password (")
+            assert result.output.rstrip().endswith("give it in the URL (redis://:PASSWORD@HOST:PORT/0) or "
+                                                   "USTUDENTS_REDIS_PASSWORD"), result.output
     finally:
         server.stop()
 
@@ -778,7 +783,7 @@ def test_ctrl_c_names_only_what_was_started(tiny_mvtec, tmp_path, monkeypatch):
     'stopping the worker and Redis'."""
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
-    monkeypatch.setattr(demo, "test_frames", interrupted)
+    monkeypatch.setattr(demo, "train_config", interrupted)  # as the training starts
     for extra in (["--train-only"], []):
         result = CliRunner().invoke(demo_cmd, ["--data-root", str(tiny_mvtec), "--category", TINY_CATEGORY,
                                                "--out", str(tmp_path / "demo"), *extra], env={"REDIS_URL": None})
@@ -814,3 +819,50 @@ def test_the_pictures_removed_are_said_with_a_report_only_where_there_was_one(ti
         assert said.endswith(f"removed the {len(names)} pictures the last run left in {out} (frames, masks, overlays, "
                              f"ground_truth){' and its report' if report else ''}"), said
         assert not any((out / name).exists() for name in names) and not (out / "report.html").exists()
+
+
+def test_frames_whose_names_make_one_file_name_get_pictures_of_their_own(tmp_path, tiny_mvtec):
+    """`Teil ä` and `Teil ö` (every non-ASCII character becomes _), or crack/big_01 and crack_big/01,
+    made one picture name: the report showed the second frame's pictures, mask and ground truth for both."""
+    from ustudents.demo import picture_names, test_frames
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny_mvtec / "tiles", root / "tiles")
+    cat = root / "tiles"
+    for stem in ("Teil ä", "Teil ö"):
+        shutil.copy(cat / "test" / "good" / "000.png", cat / "test" / "good" / f"{stem}.png")
+    for folder, stem in (("spot", "big_01"), ("spot_big", "01")):
+        (cat / "test" / folder).mkdir(exist_ok=True)
+        (cat / "ground_truth" / folder).mkdir(exist_ok=True)
+        shutil.copy(cat / "test" / "spot" / "000.png", cat / "test" / folder / f"{stem}.png")
+        shutil.copy(cat / "ground_truth" / "spot" / "000_mask.png", cat / "ground_truth" / folder / f"{stem}_mask.png")
+    frames = test_frames(root, "tiles")
+    pictures = [path for f in frames for path in picture_names(f).values()]
+    assert len(pictures) == len(set(pictures))  # no two frames share a file
+    names = {f.frame_id: f.name for f in frames}
+    assert names["good/000"] == "good_000" and names["spot/001"] == "spot_001"  # the rest keep their names
+    for a, b in (("good/Teil ä", "good/Teil ö"), ("spot/big_01", "spot_big/01")):
+        assert names[a] != names[b] and names[a].startswith(demo.safe_name(a) + "~")
+    assert test_frames(root, "tiles") == frames  # the same names on every run: a rerun replaces its own pictures
+
+
+def test_options_a_run_would_pass_over_are_refused_and_train_only_needs_no_test_folder(tmp_path, tiny_mvtec,
+                                                                                        tiny_bundle):
+    """`--model M --retrain --epochs 50 --train-only` printed "model ready" and trained nothing; --serve
+    with --train-only was dropped; --train-only refused a dataset without test/, which it never reads."""
+    result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path / "o"), "--model", str(tiny_bundle), "--retrain",
+                                           "--epochs", "50", "--train-only"], env={"REDIS_URL": None})
+    assert result.exit_code == 2 and result.output == (
+        f"Error: --model {tiny_bundle}: serves that bundle as it is, so --retrain, --epochs would do nothing; leave "
+        "them out, or leave out --model to train a model with them\n"), result.output
+    result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path / "o"), "--train-only", "--serve"],
+                                env={"REDIS_URL": None})
+    assert result.exit_code == 2 and "--serve with --train-only" in result.output and not (tmp_path / "o").exists()
+    root = tmp_path / "root"
+    shutil.copytree(tiny_mvtec / TINY_CATEGORY / "train", root / TINY_CATEGORY / "train")
+    result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path / "o"), "--data-root", str(root), "--category",
+                                           TINY_CATEGORY, "--train-only", "--image-size", "64", "--scales", "17",
+                                           "--students", "2", "--epochs", "1", "--crop", "8", "--batch", "16"],
+                                env={"REDIS_URL": None})
+    assert result.exit_code == 0 and "model ready at" in result.output, result.output
+    assert (tmp_path / "o" / "model" / "manifest.json").is_file()

@@ -155,12 +155,16 @@ def redis_client(url: str, password: str | None = None):
 def check_redis_url(url: str, password: str | None = None):
     import redis
 
-    from ustudents.worker.connection import missing_database, tls_hint
+    from ustudents.worker.connection import missing_database, password_refused, tls_hint
+    from ustudents.worker.settings import ENV_PREFIX
 
     client = redis_client(url, password)
     try:
         client.ping()
     except redis.RedisError as err:
+        if password_refused(err):  # up, and asking for a password: "cannot reach Redis; start it" was untrue
+            raise DemoError(f"{REDIS_URL_SOURCE} {shown_url(url)}: Redis refuses the password ({err}); give it in the "
+                            f"URL (redis://:PASSWORD@HOST:PORT/0) or {ENV_PREFIX}REDIS_PASSWORD") from None
         if missing := missing_database(client, err):
             raise DemoError(f"{REDIS_URL_SOURCE} {shown_url(url)}: Redis answers, but has {missing}; give one it has "
                             "in the URL (redis://HOST:PORT/0), or raise `databases` in the server's config") from None
@@ -195,13 +199,28 @@ class Frame:
     path: Path
     truth: str  # "good" or the defect type
     mask_path: Path | None
+    name: str = ""  # its pictures' file name: safe_name(frame_id) unless set (test_frames keeps them apart)
+
+    def __post_init__(self):
+        self.name = self.name or safe_name(self.frame_id)
 
 
 def test_frames(data_root: Path, category: str) -> list[Frame]:
+    """The test images as frames. Their pictures' names are kept apart: `Teil ä` and `Teil ö`, or
+    crack/big_01 and crack_big/01, made one name, and the report showed one frame's pictures for both;
+    a name two frames would share gets a digest of each one's id."""
+    import hashlib
+    from collections import Counter
+
     from ustudents.train import dataset
 
-    return [Frame(f"{s.defect}/{s.path.stem}", s.path, s.defect, s.mask_path)
-            for s in dataset.test_samples(data_root, category)]
+    frames = [Frame(f"{s.defect}/{s.path.stem}", s.path, s.defect, s.mask_path)
+              for s in dataset.test_samples(data_root, category)]
+    shared = Counter(f.name for f in frames)
+    for f in frames:
+        if shared[f.name] > 1:
+            f.name = f"{f.name}~{hashlib.blake2b(f.frame_id.encode(), digest_size=4).hexdigest()}"
+    return frames
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -288,8 +307,8 @@ def record_result(row: Row, fields: dict[str, bytes], out: Path) -> None:
 
 
 def picture_names(frame: Frame, heatmap: bool = True) -> dict[str, str]:
-    """The pictures record_result writes for a frame, relative to OUT: <folder>/<safe_name(frame id)><ending>."""
-    name, suffix = safe_name(frame.frame_id), frame.path.suffix.lower()
+    """The pictures record_result writes for a frame, relative to OUT: <folder>/<frame.name><ending>."""
+    name, suffix = frame.name, frame.path.suffix.lower()
     # browsers show no TIFF in <img>: such frames are re-encoded as PNG
     files = {"mask": f"masks/{name}_mask.png", "frame": f"frames/{name}{suffix if suffix in WEB_SUFFIXES else '.png'}"}
     if heatmap:
@@ -299,8 +318,8 @@ def picture_names(frame: Frame, heatmap: bool = True) -> dict[str, str]:
     return files
 
 
-# The pictures record_result writes: OUT/<folder>/<safe_name(frame id)><ending>.
-_NAME = r"[A-Za-z0-9._~-]+"  # what safe_name leaves (~: before the digest of a long id)
+# The pictures record_result writes: OUT/<folder>/<frame.name><ending>.
+_NAME = r"[A-Za-z0-9._~-]+"  # what safe_name leaves (~: before the digest of a long id, or of one sharing a name)
 WEB_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the frames' formats a browser shows as they are
 PICTURE_LIST = ".ustudents-demo-pictures.json"  # every picture the last run wrote, listed before it was written
 
@@ -729,6 +748,26 @@ class Demo:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+# The options only training uses: given with --model, which serves a bundle as it is, they did nothing
+TRAINING_OPTIONS = ("retrain", "image_size", "scales", "students", "epochs", "crop", "lr", "max_minutes", "seed")
+
+
+def refuse_unused_options(model: Path | None, train_only: bool, serve: bool) -> None:
+    """Options the run would pass over in silence (`--model M --retrain --epochs 50` printed "model
+    ready" and trained nothing): one line naming them. Their defaults are no choice, and pass."""
+    ctx = click.get_current_context()
+    given = [name for name in TRAINING_OPTIONS
+             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]
+    if model is not None and given:
+        shown = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise DemoError(f"--model {model}: serves that bundle as it is, so {shown} would do nothing; leave "
+                        f"{'it' if len(given) == 1 else 'them'} out, or leave out --model to train a model with "
+                        f"{'it' if len(given) == 1 else 'them'}")
+    if train_only and serve:
+        raise DemoError("--serve with --train-only: --train-only stops after training, and nothing is served; give "
+                        "one of them")
+
+
 def _positive(ctx, param, value):
     if value is not None and value < 1:
         raise click.BadParameter(f"{value}: must be at least 1")
@@ -795,6 +834,7 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
     check_apart(out, "--out", Path(data_root), "the data root")
     if not train_only and (blocked := blocked_out(out)):  # --train-only writes OUT/model alone
         raise DemoError(f"--out {out}: {blocked}")
+    refuse_unused_options(model, train_only, serve)
     demo = Demo()
 
     def on_sigterm(signum, frame):
@@ -810,8 +850,9 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
     previous = {sig: signal.signal(sig, on_sigterm) for sig in (signal.SIGTERM, signal.SIGHUP)} if main_thread else None
     previous_int = signal.getsignal(signal.SIGINT)
     try:
-        frames = test_frames(data_root, category)
-        theirs = [] if train_only else not_the_demos(out, frames)  # --train-only writes OUT/model alone
+        # --train-only writes OUT/model alone, and trains without a test/ folder, as ustudents-train does
+        frames = [] if train_only else test_frames(data_root, category)
+        theirs = [] if train_only else not_the_demos(out, frames)
         if theirs:
             raise DemoError(f"--out {out}: {theirs[0]}{f' and {len(theirs) - 1} more' if len(theirs) > 1 else ''} "
                             "would be written over and not the demo's own; move them, or choose another --out")
