@@ -251,9 +251,10 @@ MIN_CALIBRATION_IMAGES = 8
 MAX_ENGINE_BATCH = 256  # the largest batch a worker asks for (its --batch); TensorRT plans size memory by it
 
 
-def good_frames(folder: Path | None, bits: int, option: str, limit: int = 8) -> list:
-    """Up to `limit` images from a folder, for parity checks on real images (16-bit data: `bits`);
-    `option` names it in errors."""
+def good_frames(folder: Path | None, bundle, option: str, limit: int = 8) -> list:
+    """Up to `limit` images from a folder, for parity checks on real images (16-bit data: the bundle's
+    bits), each of a shape the model knows, as the worker judges frames (a 16 x 2000 strip set int8 ranges
+    on textures no frame shows, and passed the parity check made on it); `option` names it in errors."""
     if folder is None:
         return []
     if not Path(folder).is_dir():
@@ -263,7 +264,14 @@ def good_frames(folder: Path | None, bits: int, option: str, limit: int = 8) -> 
     if not files:
         raise InputError(f"{option} {folder}: no images ({'/'.join(IMAGE_SUFFIXES)}){subfolder_hint(folder)}; give a "
                          "folder of good images")
-    return [read_image(f, bits) for f in files[:limit]]
+    shapes = bundle.frame_shapes
+    images = [read_image(f, bundle.uint16_bits) for f in files[:limit]]
+    for f, image in zip(files, images):
+        if shapes is not None:
+            shapes.check(image, str(f), f"give good images of those frames in {option}, after recalibrating a copy of "
+                                        f"the model on them (cp -r {bundle.path} COPY && ustudents calibrate COPY "
+                                        "--images DIR)")
+    return images
 
 
 @click.command("build-engines")
@@ -303,7 +311,7 @@ def _build_engines(bundle, backend, precision, max_batch, check_images, calibrat
     if backend == "tensorrt":
         from .tensorrt_build import require_tensorrt
         require_tensorrt()
-    calibration = (good_frames(calibration_images, bundle.uint16_bits, "--calibration-images", limit=32)
+    calibration = (good_frames(calibration_images, bundle, "--calibration-images", limit=32)
                    if precision == "int8" else None)
     if calibration is not None and len(calibration) < MIN_CALIBRATION_IMAGES:
         # ranges from one image saturate on the next frame's variation, and the parity check then runs
@@ -324,8 +332,8 @@ def _build_engines(bundle, backend, precision, max_batch, check_images, calibrat
                              "the same picture; int8 ranges need varied good images: remove the copies")
     # int8 ranges are set on good images and saturate on noise, so its parity is checked on good
     # images too: --check-images, else the calibration images (on noise the documented command failed it)
-    frames = (good_frames(check_images, bundle.uint16_bits, "--check-images") if check_images or precision != "int8"
-              else good_frames(calibration_images, bundle.uint16_bits, "--calibration-images"))
+    frames = (good_frames(check_images, bundle, "--check-images") if check_images or precision != "int8"
+              else good_frames(calibration_images, bundle, "--calibration-images"))
     try:
         entry = build_onnx(bundle, precision, frames, calibration)
     except ParityError as err:

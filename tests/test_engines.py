@@ -462,6 +462,24 @@ def test_the_fp16_engine_holds_its_networks_in_fp16_and_scores_in_fp32(built_bun
     assert sizes["fp16"] < 0.6 * sizes["fp32"], sizes
 
 
+def test_check_and_calibration_images_of_a_shape_the_model_does_not_know_are_refused(bundle_copy, tmp_path):
+    """predict and the worker refuse such frames, build-engines took them: 16 x 2000 strips of noise set
+    int8 ranges on textures no frame shows, and passed the parity check made on those same strips."""
+    strips = tmp_path / "strips"
+    strips.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        cv2.imwrite(str(strips / f"{i}.png"), rng.integers(0, 256, (16, 400, 3), dtype=np.uint8))
+    for args, option in ((["--check-images", strips], "--check-images"),
+                         (["--precision", "int8", "--calibration-images", strips], "--calibration-images")):
+        result = invoke("build-engines", bundle_copy, *args)
+        assert result.exit_code == 2, result.output
+        assert (f"{strips / '0.png'}: 400 x 16 pixels (width/height 25.00), unlike every image the model was "
+                "trained and calibrated on") in result.output
+        assert f"give good images of those frames in {option}, after recalibrating a copy" in result.output
+        assert not load_bundle(bundle_copy).manifest.get("engines")
+
+
 @pytest.mark.slow
 def test_int8_engine_is_symmetric_qdq_calibrated_on_good_images_and_matches_pytorch(bundle_copy, tiny_mvtec, tmp_path):
     import onnx
