@@ -866,3 +866,20 @@ def test_options_a_run_would_pass_over_are_refused_and_train_only_needs_no_test_
                                 env={"REDIS_URL": None})
     assert result.exit_code == 0 and "model ready at" in result.output, result.output
     assert (tmp_path / "o" / "model" / "manifest.json").is_file()
+
+
+def test_a_model_trained_by_another_ustudents_release_is_trained_again_not_reused(tiny_bundle, tiny_mvtec, tmp_path,
+                                                                                  monkeypatch):
+    """The demo reused a model trained with the same settings and images by the release before an
+    upgrade, passing over the new release's teachers and training."""
+    import ustudents
+
+    model = Path(shutil.copytree(tiny_bundle, tmp_path / "model"))
+    manifest = json.loads((model / "manifest.json").read_text())
+    student = manifest["training"]["student"]
+    cfg = demo.train_config(tiny_mvtec, TINY_CATEGORY, model, manifest["image_size"], manifest["scales"],
+                            student["students"], student["epochs"], student["crop"], student["batch"], student["lr"],
+                            student["max_minutes"], student["seed"])
+    assert demo.reusable(cfg)
+    monkeypatch.setattr(ustudents, "__version__", "99.0.0")
+    assert not demo.reusable(cfg)

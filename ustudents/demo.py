@@ -237,12 +237,15 @@ def train_config(data_root: Path, category: str, out: Path, image_size: int, sca
 
 
 def reusable(cfg) -> bool:
-    """True when cfg.out holds a bundle trained with exactly these settings on exactly these images."""
+    """True when cfg.out holds a bundle trained with exactly these settings on exactly these images, by
+    this ustudents (an upgrade's teachers and training were passed over for the model of the last one)."""
+    import ustudents
     from ustudents.train import dataset
 
     try:
         manifest = json.loads((cfg.out / "manifest.json").read_text())
-        return (manifest["category"] == cfg.category and manifest["image_size"] == cfg.image_size
+        return (manifest["training"]["environment"]["ustudents"] == ustudents.__version__
+                and manifest["category"] == cfg.category and manifest["image_size"] == cfg.image_size
                 and manifest["scales"] == cfg.scales and manifest["training"]["student"] == asdict(cfg.student)
                 and manifest["data"]["fingerprint"] == dataset.fingerprint(dataset.train_samples(cfg.data_root, cfg.category))
                 and (cfg.out / manifest["weights"]["file"]).is_file())  # recalibrated: weights.<sha>.safetensors
