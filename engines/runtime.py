@@ -451,7 +451,8 @@ def require_engine(bundle: Bundle, backend: str, precision: str | None) -> dict:
              and (precision is None or e["precision"] == precision)]
     want = f" {precision}" if precision else ""
     cmd_backend = "onnx" if backend == "onnx" else "tensorrt"
-    stale = [e for e in built if e.get("model_digest") != model_digest(bundle)]
+    stale = sorted((e for e in built if e.get("model_digest") != model_digest(bundle)),
+                   key=lambda e: ENGINE_PRECISIONS.index(e["precision"]))  # as calibrate lists them
     if stale:
         commands = " and ".join(build_command(bundle, cmd_backend, e["precision"]) for e in stale)
         raise EngineError(f"{bundle.path}: its {backend}{want} engine was built before the model's weights or statistics "

@@ -674,8 +674,9 @@ def test_calibrate_drops_engines_that_hold_old_statistics(built_bundle, tiny_mvt
     good = tiny_mvtec / TINY_CATEGORY / "test" / "good"
     result = invoke("calibrate", bundle_copy, "--images", good, "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert (f"rebuild with `ustudents build-engines {bundle_copy} --backend onnx --precision fp16` and `ustudents "
-            f"build-engines {bundle_copy} --backend onnx --precision fp32`") in result.output  # each one that was built
+    # each one that was built, in the order the backends run them (fp32 first), as a stale engine's error lists them
+    assert (f"rebuild with `ustudents build-engines {bundle_copy} --backend onnx --precision fp32` and `ustudents "
+            f"build-engines {bundle_copy} --backend onnx --precision fp16`") in result.output
     assert load_bundle(bundle_copy).manifest["engines"] == []
     assert not (bundle_copy / entry["file"]).exists()  # the stale file went with the rewritten bundle
 

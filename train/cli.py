@@ -452,8 +452,11 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
         click.echo(f"{model}: these images are 16-bit holding {bits} bits (the model read {bundle.uint16_bits}): "
                    "frames are read with that from now on")
     if bundle.manifest.get("engines"):
+        from ustudents.engines.bundle import ENGINE_PRECISIONS
         from ustudents.engines.runtime import build_command
-        built = sorted({(e["backend"], e["precision"]) for e in bundle.manifest["engines"]})
+        # in the order the backends run them when no precision is asked for, as every such list is said
+        built = sorted({(e["backend"], e["precision"]) for e in bundle.manifest["engines"]},
+                       key=lambda b: (b[0], ENGINE_PRECISIONS.index(b[1])))
         click.echo(f"{model}: its built engines held the old statistics and were dropped; rebuild with "
                    + " and ".join(build_command(bundle, *b) for b in built))
 
