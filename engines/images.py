@@ -177,17 +177,27 @@ def without_colour_profile(data: bytes) -> bytes:
     return data
 
 
-# A JPEG is turned as its EXIF orientation says, as every viewer and labelling tool shows it: read as
-# stored (IMREAD_UNCHANGED ignores the tag), a phone's or camera's rotated JPEG lay across the mask
-# drawn on it, and evaluation scored the misplaced map in silence. A JPEG has no alpha to keep.
-JPEG_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+# A JPEG, PNG or WebP is turned as its EXIF orientation says, as every viewer and labelling tool shows
+# it: read as stored (IMREAD_UNCHANGED ignores the tag), a phone's or camera's rotated picture lay across
+# the mask drawn on it, and evaluation scored the misplaced map in silence. These flags keep 16 bits and
+# grey and drop alpha, as decode_image does (same pixels); TIFF and BMP are read unchanged, and so are
+# PNG and WebP masks, whose alpha may hold the defect (read_mask).
+ORIENTED_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
 
 
-def _imdecode(data, source: str) -> np.ndarray | None:
-    """cv2.imdecode of encoded bytes (any buffer): IMREAD_UNCHANGED, but a JPEG turned upright by its
-    EXIF orientation (JPEG_FLAGS); None where OpenCV cannot decode it. OpenCV raises, rather than
-    returning None, where the header claims a size past its limits: a damaged file, mostly."""
-    flags = JPEG_FLAGS if bytes(memoryview(data).cast("B")[:3]) == JPEG_MAGIC else cv2.IMREAD_UNCHANGED
+def _oriented_format(head: bytes, keep_alpha: bool) -> bool:
+    if head.startswith(JPEG_MAGIC):  # no alpha to keep
+        return True
+    return not keep_alpha and (head.startswith(PNG_SIGNATURE) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"))
+
+
+def _imdecode(data, source: str, keep_alpha: bool = False) -> np.ndarray | None:
+    """cv2.imdecode of encoded bytes (any buffer): IMREAD_UNCHANGED, but a JPEG, and unless `keep_alpha`
+    a PNG or WebP, turned upright by its EXIF orientation (ORIENTED_FLAGS); None where OpenCV cannot
+    decode it. OpenCV raises, rather than returning None, where the header claims a size past its
+    limits: a damaged file, mostly."""
+    head = bytes(memoryview(data).cast("B")[:12])
+    flags = ORIENTED_FLAGS if _oriented_format(head, keep_alpha) else cv2.IMREAD_UNCHANGED
     try:
         return cv2.imdecode(np.frombuffer(without_colour_profile(data), np.uint8), flags)
     except cv2.error as err:
@@ -378,7 +388,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     # Unchanged, not gray: OpenCV's gray conversion keeps a 16-bit mask's top 8 bits, so 0/255 in a
     # 16-bit file read as empty. Any nonzero value in a colour channel marks a defect pixel; alpha does only
     # where every colour channel is black.
-    img = _imdecode(data, str(path)) if data is not None and data.size else None
+    img = _imdecode(data, str(path), keep_alpha=True) if data is not None and data.size else None
     if img is None or img.size == 0:
         raise ImageError(f"{path}: cannot be read as a mask image; replace it with a PNG mask")
     # JPEG rings around every edge of a 0/255 mask: "nonzero" grows each defect, while the half level

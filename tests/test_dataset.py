@@ -746,11 +746,13 @@ def test_an_empty_or_inverted_mask_of_a_defect_image_is_named_once(mvtec, caplog
         "defect 0)? a mask marks the defect's pixels, 0 elsewhere"]
 
 
-def test_a_jpeg_is_read_turned_as_its_exif_orientation_says(tmp_path):
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp"])
+def test_a_picture_is_read_turned_as_its_exif_orientation_says(tmp_path, suffix):
     """A phone's or camera's JPEG stored rotated, with an EXIF orientation tag that every viewer and
     labelling tool follows: read as stored, its mask, drawn on the upright picture, was refused ("mask
     is 60x40 but its image is 40x60"), or on a square image lay across it and evaluation scored the
-    misplaced map in silence (pixel AUROC 0.99 -> 0.61 in an audit)."""
+    misplaced map in silence (pixel AUROC 0.99 -> 0.61 in an audit). PNG and WebP carry the tag too,
+    and were read as stored."""
     from PIL import Image
 
     from ustudents.train.dataset import load_regions
@@ -760,14 +762,40 @@ def test_a_jpeg_is_read_turned_as_its_exif_orientation_says(tmp_path):
     stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1)))  # as the sensor lay: 40 wide
     exif = stored.getexif()
     exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to show
-    stored.save(tmp_path / "img.jpg", exif=exif.tobytes(), quality=95)
-    img = read_image(tmp_path / "img.jpg", None)
-    assert img.shape == (40, 60, 3) and np.abs(img.astype(int) - upright).mean() < 2
+    stored.save(tmp_path / f"img{suffix}", exif=exif.tobytes(), **({"quality": 95} if suffix == ".jpg" else
+                                                                    {"lossless": True} if suffix == ".webp" else {}))
+    img = read_image(tmp_path / f"img{suffix}", None)
+    assert img.shape == (40, 60, 3) and np.abs(img.astype(int) - upright).mean() < (2 if suffix == ".jpg" else 1e-9)
     mask = np.zeros((40, 60), np.uint8)
     mask[5:15, 10:30] = 255  # drawn on the picture as shown
     cv2.imwrite(str(tmp_path / "img_mask.png"), mask)
-    regions = load_regions([Sample(tmp_path / "img.jpg", "spot", tmp_path / "img_mask.png")], 30)
+    regions = load_regions([Sample(tmp_path / f"img{suffix}", "spot", tmp_path / "img_mask.png")], 30)
     assert np.array_equal(regions[0] > 0, cv2.resize(mask, (30, 30), interpolation=cv2.INTER_NEAREST_EXACT) > 0)
+
+
+def test_pictures_read_for_their_orientation_keep_every_pixel_as_read_before(tmp_path):
+    """PNG and WebP are now decoded with the flags that apply the EXIF orientation: 16-bit, grey, alpha
+    and palette pictures must give the pixels they gave read unchanged (alpha dropped, as before)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    cases = {"rgba.png": rng.integers(0, 256, (20, 30, 4), dtype=np.uint8),
+             "rgb16.png": rng.integers(0, 4096, (20, 30, 3), dtype=np.uint16),
+             "grey16.png": rng.integers(0, 65536, (20, 30), dtype=np.uint16),
+             "rgba.webp": rng.integers(0, 256, (20, 30, 4), dtype=np.uint8)}
+    for name, pixels in cases.items():
+        params = [cv2.IMWRITE_WEBP_QUALITY, 101] if name.endswith(".webp") else []
+        assert cv2.imwrite(str(tmp_path / name), pixels, params)
+    Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint8)).convert("LA").save(tmp_path / "la.png")
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).convert("P").save(tmp_path / "palette.png")
+    for path in sorted(tmp_path.iterdir()):
+        unchanged = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        bits = 12 if "16" in path.name else 8
+        if unchanged.dtype == np.uint16:
+            unchanged = np.minimum(unchanged >> (bits - 8), 255).astype(np.uint8)
+        expected = (cv2.cvtColor(unchanged, cv2.COLOR_GRAY2RGB) if unchanged.ndim == 2 else
+                    cv2.cvtColor(unchanged, cv2.COLOR_BGRA2RGB if unchanged.shape[2] == 4 else cv2.COLOR_BGR2RGB))
+        assert np.array_equal(decode_image(path.read_bytes(), path.name, bits=bits, dark_hint=False), expected), path.name
 
 
 def test_images_of_a_format_not_read_beside_ones_that_are_are_named(mvtec, caplog):
