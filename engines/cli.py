@@ -253,8 +253,8 @@ MAX_ENGINE_BATCH = 256  # the largest batch a worker asks for (its --batch); Ten
 
 def good_frames(folder: Path | None, bundle, option: str, limit: int = 8) -> list:
     """Up to `limit` images from a folder, for parity checks on real images (16-bit data: the bundle's
-    bits), each of a shape the model knows, as the worker judges frames (a 16 x 2000 strip set int8 ranges
-    on textures no frame shows, and passed the parity check made on it); `option` names it in errors."""
+    bits), each of a shape the model knows, as the worker judges frames (strips 16 px high set int8 ranges
+    on textures no frame shows, and passed the parity check made on them); `option` names it in errors."""
     if folder is None:
         return []
     if not Path(folder).is_dir():
@@ -264,10 +264,9 @@ def good_frames(folder: Path | None, bundle, option: str, limit: int = 8) -> lis
     if not files:
         raise InputError(f"{option} {folder}: no images ({'/'.join(IMAGE_SUFFIXES)}){subfolder_hint(folder)}; give a "
                          "folder of good images")
-    shapes = bundle.frame_shapes
     images = [read_image(f, bundle.uint16_bits) for f in files[:limit]]
-    for f, image in zip(files, images):
-        if shapes is not None:
+    if (shapes := bundle.frame_shapes) is not None:  # a bundle from before the record judges every shape
+        for f, image in zip(files, images):
             shapes.check(image, str(f), f"give good images of those frames in {option}, after recalibrating a copy of "
                                         f"the model on them (cp -r {bundle.path} COPY && ustudents calibrate COPY "
                                         "--images DIR)")

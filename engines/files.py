@@ -60,8 +60,9 @@ def reserve_space(path: Path, what: str, folder: Path) -> None:
     """Give a sparse file (a fresh memory-mapped array) its disk blocks now: on a full disk, writing
     through the map kills the process with SIGBUS, without a word (a training run died so, caching its
     teacher targets: "Bus error", exit 135); here it is an OSError naming `what` and `folder` (the one
-    the user knows, not a temporary one inside it).
-    Filesystems that cannot tell (no posix_fallocate) are left as they were."""
+    the user knows, not a temporary one inside it). Any other error (a filesystem that cannot
+    allocate ahead: EOPNOTSUPP from musl; glibc writes the blocks itself instead, slowly on NFS) leaves
+    the file sparse, as before, and so does a platform without posix_fallocate."""
     if not hasattr(os, "posix_fallocate"):
         return
     with open(path, "r+b") as f:

@@ -237,7 +237,7 @@ def tiff_bits_per_sample(data) -> int | None:
 def tiff_stack_page(data) -> np.ndarray | None:
     """A TIFF's second page (OpenCV reads the first alone, skipping to the second without decoding
     it: about 0.1 ms), None for a one-page TIFF or any other format."""
-    if bytes(memoryview(data).cast("B")[:4]) not in (b"II*\x00", b"MM\x00*"):
+    if bytes(memoryview(data).cast("B")[:4]) not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # and BigTIFF
         return None
     try:
         found, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED, None, (1, 2))

@@ -460,7 +460,8 @@ def require_engine(bundle: Bundle, backend: str, precision: str | None) -> dict:
     if backend == "tensorrt" and built:
         from .tensorrt_build import plan_mismatch
         reasons = "; ".join(f"{e['file']}: {plan_mismatch(e)}" for e in built)
-        commands = " and ".join(build_command(bundle, "tensorrt", e["precision"]) for e in built)
+        commands = " and ".join(build_command(bundle, "tensorrt", e["precision"])
+                                for e in sorted(built, key=lambda e: ENGINE_PRECISIONS.index(e["precision"])))
         raise EngineError(f"{bundle.path}: no usable TensorRT{want} plan ({reasons}); rebuild with {commands}")
     if precision is not None and precision not in ENGINE_PRECISIONS:
         raise EngineError(f"--precision {precision}: built {cmd_backend} engines are {', '.join(ENGINE_PRECISIONS)}; "

@@ -1425,6 +1425,15 @@ def test_ctrl_c_during_training_says_how_to_continue_and_the_same_command_does(t
     assert (f"interrupted: no model written to {out}; {saves} keeps checkpoints of other settings or data (p=17 done, "
             f"p=33 after epoch 1; {checkpoints.size_on_disk(saves)}), which this command does not continue from: "
             "delete that folder unless the command that saved them will run again") in other.output
+    # stopped while the images load, before the settings are compared: the checkpoints are named, not promised
+    from ustudents.train import dataset
+    with monkeypatch.context() as m:
+        m.setattr(dataset, "load_images", ctrl_c)
+        early = invoke(*args)
+    assert early.exit_code == 130
+    assert (f"{saves} holds checkpoints (p=17 done, p=33 after epoch 1; {checkpoints.size_on_disk(saves)}), not yet "
+            "compared with this run's settings: the command that saved them continues from them; delete that folder "
+            "if none will run again") in early.output
     resumed = invoke(*args)
     assert_ok(resumed)
     assert "p=17: students trained by an earlier run of this command (2 epochs" in resumed.output

@@ -899,3 +899,9 @@ def test_a_tiff_stack_is_refused_and_a_tiff_with_a_thumbnail_reads_its_image(tmp
     assert np.array_equal(read_image(tmp_path / "thumb.tif")[:, :, 0], first)
     assert cv2.imwrite(str(tmp_path / "one.tif"), first) and np.array_equal(read_image(tmp_path / "one.tif")[:, :, 0],
                                                                             first)
+    import tifffile  # scikit-image's, a test dependency: OpenCV writes no BigTIFF
+
+    tifffile.imwrite(tmp_path / "big.tif", np.stack([first, second]), bigtiff=True)
+    assert (tmp_path / "big.tif").read_bytes()[:4] == b"II+\x00"
+    with pytest.raises(ImageError, match="big.tif: a TIFF holding more than one page of 48 x 40 pixels"):
+        read_image(tmp_path / "big.tif")

@@ -883,3 +883,18 @@ def test_a_model_trained_by_another_ustudents_release_is_trained_again_not_reuse
     assert demo.reusable(cfg)
     monkeypatch.setattr(ustudents, "__version__", "99.0.0")
     assert not demo.reusable(cfg)
+
+
+def test_memory_refused_while_the_demo_loads_its_model_is_one_line(tiny_bundle, monkeypatch):
+    """The loaders now raise the allocation the machine refused as it is, not as a damaged file, and the
+    demo, which catches the commands' errors itself, ended in its traceback."""
+    from ustudents.engines import bundle
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 240000000000 bytes.")
+
+    monkeypatch.setattr(bundle, "load_file", refused)
+    result = CliRunner().invoke(demo_cmd, ["--model", str(tiny_bundle), "--train-only"], env={"REDIS_URL": None})
+    assert result.exit_code == 2 and result.output == (
+        "Error: out of memory: an allocation of 223.5 GiB failed; lower the options that size the work (--batch, "
+        "image or input sizes), or free memory\n"), result.output

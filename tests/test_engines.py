@@ -667,6 +667,20 @@ def test_sigterm_during_build_engines_leaves_the_bundle_as_it_was_and_no_partial
     assert (bundle_copy / MANIFEST).read_text() == manifest and list((bundle_copy / "engines").iterdir()) == []
 
 
+def test_a_stale_engines_error_lists_the_rebuilds_in_the_order_the_backends_run_them(built_bundle, tmp_path):
+    """calibrate listed them fp16 before fp32, a stale engine's error in the order they were built."""
+    bundle_copy = Path(shutil.copytree(built_bundle, tmp_path / "model"))
+    manifest = json.loads((bundle_copy / MANIFEST).read_text())
+    engines = sorted(manifest["engines"], key=lambda e: e["precision"] != "fp16")  # fp16 built first
+    stats = manifest["statistics"]
+    stats[next(iter(stats))]["e_mu"] += 1.0  # as `ustudents calibrate` changes them
+    update_manifest(bundle_copy, statistics=stats, engines=engines)
+    with pytest.raises(EngineError, match=f"rebuild with `ustudents build-engines {bundle_copy} --backend onnx "
+                                          f"--precision fp32` and `ustudents build-engines {bundle_copy} --backend onnx "
+                                          "--precision fp16`"):
+        load_engine(bundle_copy, backend="onnxruntime", device="cpu")
+
+
 @pytest.mark.slow
 def test_calibrate_drops_engines_that_hold_old_statistics(built_bundle, tiny_mvtec, tmp_path):
     bundle_copy = Path(shutil.copytree(built_bundle, tmp_path / "model"))

@@ -186,6 +186,10 @@ def test_a_checkpoint_of_other_settings_says_which_differ():
                                           "f1", 8, cpu)[1]
     assert checkpoints.differences(inputs, other_teacher) == "--image-size 64, now 128; the teacher"
     assert checkpoints.differences(None, inputs) == ""  # saved before the inputs were kept
+    amp = checkpoints.scale_key(17, teacher, {**asdict(cfg), "amp": False}, 64, ["a.png", "b.png"], "f1", 8, cpu)[1]
+    assert checkpoints.differences(inputs, amp) == "--amp on, now off"  # as the option takes it, not True/False
+    older = {**inputs, "student": {k: v for k, v in inputs["student"].items() if k != "crop"}, "ustudents": "0.0.9"}
+    assert checkpoints.differences(older, inputs) == f"the ustudents version 0.0.9, now {inputs['ustudents']}"
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "no metadata", "data"])
@@ -215,6 +219,9 @@ def test_a_damaged_checkpoint_restarts_its_scale_and_says_so(tmp_path, damage):
     assert said[0].startswith(f"{ckpt.path}: unreadable checkpoint (") and said[0].endswith("training this scale from the start")
     assert ("does not match the checksum saved with it: damaged on disk" in said[0]) == (damage == "data")
     assert checkpoints.describe(tmp_path, {17: "k"}) == "p=17 done"  # replaced by a good one
+    (tmp_path / "p017.safetensors").write_bytes(ckpt.path.read_bytes())  # no scale's name: not a second p=17
+    assert checkpoints.describe(tmp_path, {17: "k"}) == "p=17 done" and not checkpoints.describe(tmp_path, {17: "k"},
+                                                                                                 others=True)
 
 
 def test_a_scale_cut_short_by_the_time_limit_trains_on_in_the_next_run(tmp_path):

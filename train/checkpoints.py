@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,11 @@ _INPUT_NAMES = {"image_size": "--image-size", "fit": "the training images or the
                 "device": "the device type", "ustudents": "the ustudents version", "teacher": "the teacher"}
 
 
+def _shown(value) -> str:
+    """A setting as its option takes it: --amp on/off, not True/False (the value `auto` resolved to)."""
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
 def differences(saved: dict | None, now: dict) -> str:
     """'--epochs 4, now 6; the teacher': how the inputs a checkpoint was saved with differ from this
     run's (empty for a checkpoint saved before they were kept, or where nothing named differs)."""
@@ -74,8 +80,9 @@ def differences(saved: dict | None, now: dict) -> str:
     said = []
     for field, value in now.items():
         old = saved.get(field)
-        if field == "student" and isinstance(old, dict):
-            said += [f"--{k.replace('_', '-')} {old.get(k)}, now {v}" for k, v in value.items() if old.get(k) != v]
+        if field == "student" and isinstance(old, dict):  # one the old release had not: its version line says it
+            said += [f"--{k.replace('_', '-')} {_shown(old[k])}, now {_shown(v)}" for k, v in value.items()
+                     if k in old and old[k] != v]
         elif old != value and field in _INPUT_NAMES:
             shown = field in ("image_size", "device", "ustudents")
             said.append(f"{_INPUT_NAMES[field]} {old}, now {value}" if shown else _INPUT_NAMES[field])
@@ -238,17 +245,17 @@ def _held(folder: Path) -> list[tuple[int, dict]]:
     """(p, metadata) of each readable checkpoint in the folder, by p."""
     held = []
     for path in folder.glob("p*.safetensors"):
+        if (name := re.fullmatch(r"p([1-9][0-9]*)\.safetensors", path.name)) is None:
+            continue  # not a scale's: the files are named p<P>.safetensors
         try:
-            held.append((int(path.name[1:-len(".safetensors")]), read_meta(path)))
-        except Exception:  # noqa: BLE001 (not a scale's, or damaged: nothing to continue from)
+            held.append((int(name.group(1)), read_meta(path)))
+        except Exception:  # noqa: BLE001 (damaged: nothing to continue from)
             continue
     return sorted(held, key=lambda item: item[0])
 
 
 def describe(folder: Path, keys: dict[int, str], others: bool = False) -> str:
     """'p=17 done, p=33 after epoch 4': what the folder holds for the scales of `keys` (this run's), or
-    with `others`, what it holds of other settings or data, which this run does not continue from.
-    Before this run's keys are known (an interrupt while its images load), every checkpoint is said
-    as its own: the same command continues from those that are."""
+    with `others`, what it holds besides (every checkpoint, before this run's keys are known)."""
     return ", ".join(f"p={p} " + ("done" if meta["done"] else f"after epoch {len(meta['history'])}")
-                     for p, meta in _held(folder) if others == bool(keys and keys.get(p) != meta["key"]))
+                     for p, meta in _held(folder) if others == (keys.get(p) != meta["key"]))

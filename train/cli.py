@@ -192,18 +192,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
                 f"; not evaluated: {evaluate_command(out, data_root)} does it" if evaluate else ""), err=True)
             raise SystemExit(130) from None
         how = "the same command" if resume else "the command without --no-resume"
-        size = checkpoints.size_on_disk(stop.folder) if stop.held or stop.other else ""
-        if stop.held:
-            kept = (f"; {stop.folder} holds {stop.held} ({size}" +
-                    (f", with checkpoints of other settings or data: {stop.other}" if stop.other else "") +
-                    f"): run {how} again to continue from there, or delete that folder if you will not")
-        elif stop.other:  # kept, and it takes space: a run of other settings, cut short, may continue from them
-            kept = (f"; {stop.folder} keeps checkpoints of other settings or data ({stop.other}; {size}), which this "
-                    "command does not continue from: delete that folder unless the command that saved them will "
-                    "run again")
-        else:
-            kept = ""
-        click.echo(f"\ninterrupted: no model written to {out}{kept}", err=True)
+        click.echo(f"\ninterrupted: no model written to {out}{stop.kept(how)}", err=True)
         raise SystemExit(130) from None
     if evaluate:
         from ustudents.engines.runtime import load_engine

@@ -138,12 +138,30 @@ def environment() -> dict:
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during training (still a KeyboardInterrupt to callers that stop on one);
     `held`: what the checkpoint folder keeps for this run; `other`: what it keeps of other settings or
-    data; `written`: the bundle's path where the interrupt came after this run's bundle was in place
-    (its last clean-up steps), else None."""
+    data, or, not `checked` (stopped before this run's settings were known: while its images load),
+    every checkpoint it keeps; `written`: the bundle's path where the interrupt came after this run's
+    bundle was in place (its last clean-up steps), else None."""
 
-    def __init__(self, folder: Path, held: str, written: Path | None = None, other: str = ""):
+    def __init__(self, folder: Path, held: str, written: Path | None = None, other: str = "", checked: bool = True):
         super().__init__(held)
-        self.folder, self.held, self.written, self.other = folder, held, written, other
+        self.folder, self.held, self.written, self.other, self.checked = folder, held, written, other, checked
+
+    def kept(self, how: str) -> str:
+        """'; <folder> holds ...': what the checkpoint folder keeps, for the interrupt's line ('' for
+        nothing), with its size, to delete it if no run will continue; `how`: the command that continues."""
+        if not (self.held or self.other):
+            return ""
+        size = checkpoints.size_on_disk(self.folder)
+        if self.held:
+            return (f"; {self.folder} holds {self.held} ({size}" +
+                    (f", with checkpoints of other settings or data: {self.other}" if self.other else "") +
+                    f"): run {how} again to continue from there, or delete that folder if you will not")
+        if not self.checked:
+            return (f"; {self.folder} holds checkpoints ({self.other}; {size}), not yet compared with this run's "
+                    "settings: the command that saved them continues from them; delete that folder if none will run "
+                    "again")
+        return (f"; {self.folder} keeps checkpoints of other settings or data ({self.other}; {size}), which this "
+                "command does not continue from: delete that folder unless the command that saved them will run again")
 
 
 def check_not_blank(good: Path | str, samples: list, images: list, log, calibrating: bool = False) -> None:
@@ -184,7 +202,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 checkpoints.drop_if_empty(saves)
             held = run.get("held") and saves.is_dir()
             raise TrainingInterrupted(saves, checkpoints.describe(saves, keys) if held else "",
-                                      other=checkpoints.describe(saves, keys, others=True) if held else "") from None
+                                      other=checkpoints.describe(saves, keys, others=True) if held else "",
+                                      checked=bool(keys)) from None
         except TrainingDiverged:
             checkpoints.remove(saves)  # continuing a run that learned nothing would fail the same way
             raise

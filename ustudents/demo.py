@@ -41,8 +41,8 @@ import click
 from ustudents.engines.cli import PathArg
 from ustudents.engines.files import listed_outputs, os_error_line, write_atomically
 from ustudents.engines.images import IMAGE_SUFFIXES
+from ustudents.engines.memory import out_of_memory_line
 from ustudents.worker.settings import ENV_PREFIX, WorkerSettings, shown_url
-from ustudents.train import checkpoints
 from ustudents.train import cli as train_cli
 
 SAMPLE_ROOT = Path(__file__).resolve().parent / "demo_data"
@@ -927,13 +927,16 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
         running = [name for name, started in (("the worker", demo.worker is not None),
                                               ("Redis", demo.redis is not None)) if started]
         # a training stopped after its first checkpoint: say what is kept, as ustudents-train does
-        kept = (f"; {stop.folder} holds {stop.held} ({checkpoints.size_on_disk(stop.folder)}): run the demo again "
-                "to continue from there, or delete that folder if you will not") if getattr(stop, "held", "") else ""
+        kept = stop.kept("the demo") if hasattr(stop, "kept") else ""  # a TrainingInterrupted
         click.echo(f"\ninterrupted{': stopping ' + ' and '.join(running) if running else ''}{kept}", err=True)
         demo.stop()
         sys.exit(130)
     except (DatasetError, BundleError, EngineError, ValueError, OSError) as err:  # OSError: a full disk too
         raise DemoError(" ".join(os_error_line(err).split())) from None  # an OSError: its file and what to do
+    except (MemoryError, RuntimeError) as err:  # memory the machine refused is one line, as in every command
+        if (line := out_of_memory_line(err)) is None:
+            raise
+        raise DemoError(line) from None
     finally:
         hold_signals()
         demo.stop()
