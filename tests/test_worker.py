@@ -1218,6 +1218,42 @@ def test_a_model_failing_on_every_frame_stops_the_worker_with_the_frames_pending
     assert dead_of(r, stream) == []
 
 
+def test_one_broken_model_of_several_stops_the_worker_its_frames_pending_not_dead_lettered(
+        small_bundle, frames, redis_url, stream, monkeypatch, tmp_path):
+    """On a worker serving two models, the working one's scored frames reset the count of failures in a
+    row and marked "the model" as one that scores: the broken one's good frames were charged each
+    attempt and dead-lettered (max_deliveries), and the worker stayed up."""
+    plates = Path(shutil.copytree(small_bundle, tmp_path / "plates"))
+    update_manifest(plates, category="plates")
+    tiles = load_engine(small_bundle, backend="torch", device="cpu", precision="fp32")
+    two = {tiles.info["category"]: tiles, "plates": load_engine(plates, backend="torch", device="cpu", precision="fp32")}
+
+    def broken(batch, **kw):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(two["plates"], "predict", broken)
+    r = client(redis_url)
+    categories = [tiles.info["category"], "plates"] * len(frames)
+    ids = [add_frame(r, stream, f, category=category) for f in frames for category in categories[:2]]
+    config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
+                                               "metrics_port": 0, "max_deliveries": 2, "max_failures_in_row": 4,
+                                               "batch": 2})
+    for restart in range(3):
+        worker = Worker(config.model_copy(update={"consumer": "station-9", "claim_idle_ms": 100}), two)
+        codes: list[int] = []
+        thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
+        thread.start()
+        thread.join(60)
+        assert codes == [1] and dead_of(r, stream) == [], restart
+    of_tiles = {i for i, category in zip(ids, categories) if category != "plates"}
+    assert {s(f[schema.ENTRY_ID]) for f in results_of(r, stream)} <= of_tiles  # the working model's frames only
+    monkeypatch.undo()  # mended: every frame gets its one outcome, none was lost
+    with in_process_worker(two, redis_url, stream, consumer="station-9", max_deliveries=2, claim_idle_ms=100):
+        wait_for(lambda: len(results_of(r, stream)) == len(ids), 60, "every frame's result")
+    exactly_one_result_each(r, stream, ids)
+    assert dead_of(r, stream) == []
+
+
 def test_frames_waiting_in_a_slow_workers_pipeline_are_not_claimed_and_scored_again(engines, frames, redis_url,
                                                                                      stream, monkeypatch):
     """A busy worker's queued frames can wait longer than claim_idle_ms (minutes on a CPU); the

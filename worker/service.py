@@ -257,8 +257,10 @@ class Worker:
         self.totals = Totals()
         self.throttled = Throttled(log, s.log_interval_s)
         self.lag_known: bool | None = None  # None: not read yet
-        self.failures_in_row = 0  # frames the model failed on since it last scored one
-        self.model_scored = False  # whether the model has scored a frame in this process (_failed)
+        # by category, each model's own: on a worker serving several, another model's scored frames
+        # hid a broken one, whose good frames were then charged and dead-lettered
+        self.failures_in_row: dict[str, int] = defaultdict(int)  # frames it failed on since it last scored one
+        self.model_scored: set[str] = set()  # the categories whose model has scored a frame in this process
         self.last_beat = time.monotonic()  # when a stage last moved a batch on (alive(): stall check)
         self.name_token = uuid.uuid4().hex  # this worker's hold on its consumer name (_take_name)
         self.name_held, self.name_stamp = False, 0
@@ -842,7 +844,7 @@ class Worker:
                 except ImageError as err:
                     out[i] = Outcome("dead", dead=schema.DeadLetter(schema.DECODE_ERROR, str(err)))
                 except Exception as err:  # noqa: BLE001 (anything else is retried, then dead-lettered)
-                    out[i] = self._failed(entry, err)
+                    out[i] = self._failed(entry, err, category)
         for category, items in by_category.items():
             engine = self.engines[category]
             frames = [f for _, f in items]
@@ -859,16 +861,20 @@ class Worker:
             self.metrics.inference.labels(self.s.stream).observe(time.perf_counter() - t0)
             self.metrics.batch_size.labels(self.s.stream).observe(len(frames))
             for (i, frame), p in zip(items, predictions):
-                out[i] = self._failed(work.entries[i], p) if isinstance(p, Exception) else self._scored(frame, p, category)
+                out[i] = (self._failed(work.entries[i], p, category) if isinstance(p, Exception) else
+                          self._scored(frame, p, category))
                 self.held.move(frame.nbytes, out[i].held)
-                self.failures_in_row = self.failures_in_row + 1 if isinstance(p, Exception) else 0
-                self.model_scored = self.model_scored or not isinstance(p, Exception)
-            if self.failures_in_row >= self.s.max_failures_in_row:
+                self.failures_in_row[category] = self.failures_in_row[category] + 1 if isinstance(p, Exception) else 0
+                if not isinstance(p, Exception):
+                    self.model_scored.add(category)
+            if self.failures_in_row[category] >= self.s.max_failures_in_row:
                 # raised before this batch is published: its frames stay pending, none dead-lettered,
                 # and none charged the attempt the broken model made
                 self._drop_attempts([], [(e.id, e.token) for e in work.entries if e.token])
+                which = self._of(category)
                 raise ModelFailing(
-                    f"the model failed on the last {self.failures_in_row} frames in a row, none scored between "
+                    f"the model{which} failed on the last {self.failures_in_row[category]} {'of its ' if which else ''}"
+                    "frames in a row, none scored between "
                     f"(last: {type(predictions[-1]).__name__}: {predictions[-1]}): the model or the device is broken, not the frames; "
                     "stopping (exit 1) with the frames left pending for a restarted or another worker. "
                     "Check the model (`ustudents predict MODEL IMAGE`) and the GPU")
@@ -885,7 +891,11 @@ class Worker:
         except Exception as err:  # noqa: BLE001
             return err
 
-    def _failed(self, entry: Entry, err: BaseException) -> Outcome:
+    def _of(self, category: str) -> str:
+        """' of category 'x'' where the worker serves several models, else nothing: which model, in lines."""
+        return f" of category {category!r}" if len(self.engines) > 1 else ""
+
+    def _failed(self, entry: Entry, err: BaseException, category: str) -> Outcome:
         """A frame whose processing raised: dead-lettered on its last allowed delivery, else left
         pending (not acknowledged) for another attempt once it has been idle `claim_idle_ms`."""
         self.metrics.failures.labels(self.s.stream).inc()
@@ -893,7 +903,7 @@ class Worker:
         # Nothing scored yet in this process: the fault may be the model's or the device's (a
         # restarted worker whose model fails on every frame), so the attempt is not charged to the
         # frame (its count is taken back); ModelFailing ends such a worker.
-        charged = self.model_scored
+        charged = category in self.model_scored
         with self.inflight_lock:
             gone = entry.id in self.gone_in_flight
         if gone:  # no retry can read it: the stream lost it during this attempt
@@ -909,7 +919,8 @@ class Worker:
             self.last_errors.popitem(last=False)
         self.throttled.warning("frame_failed", "entry %s failed on attempt %d (%s); it stays pending for a retry%s",
                                entry.id, entry.attempt, message,
-                               "" if charged else " (not counted: this worker's model has scored no frame yet)",
+                               "" if charged else f" (not counted: this worker's model{self._of(category)} has scored "
+                                                  "no frame yet)",
                                event="frame_failed", entry_id=entry.id)
         return Outcome("failed", error=message, uncharge=None if charged else entry.token)
 
