@@ -362,6 +362,8 @@ def test_calibrate_changes_threshold_and_statistics_only(bundle_copy, tiny_mvtec
 
     result = invoke("calibrate", bundle_copy, "--images", good, "--target-fpr", "0.01")
     assert_ok(result)
+    assert (f"{bundle_copy}: a worker serving it keeps judging with what it loaded until it restarts" in
+            result.output)  # workers started later load the new one: two thresholds on one line, unsaid
     after = manifest_of(bundle_copy)
     assert after["threshold"]["target_pixel_fpr"] == 0.01
     assert after["threshold"]["value"] != before["threshold"]["value"]

@@ -448,6 +448,10 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
                        key=lambda b: (b[0], ENGINE_PRECISIONS.index(b[1])))
         click.echo(f"{model}: its built engines held the old statistics and were dropped; rebuild with "
                    + " and ".join(build_command(bundle, *b) for b in built))
+    # a worker reads its bundle once: recalibrated under it, a line judged with two thresholds at once
+    # (the running workers' and those started after), and nothing said so
+    click.echo(f"{model}: a worker serving it keeps judging with what it loaded until it restarts; serve a "
+               "recalibrated copy and restart the line's workers together (README: Recalibrating after a camera change)")
 
 
 @click.command("evaluate")
