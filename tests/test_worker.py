@@ -1254,6 +1254,23 @@ def test_one_broken_model_of_several_stops_the_worker_its_frames_pending_not_dea
     assert dead_of(r, stream) == []
 
 
+def test_a_worker_serving_several_models_says_why_a_frame_without_its_category_is_dead_lettered(
+        small_bundle, frames, redis_url, stream, tmp_path):
+    """An empty `category` was told as "no `category` field", the field there; and what to do was unsaid."""
+    plates = Path(shutil.copytree(small_bundle, tmp_path / "plates"))
+    update_manifest(plates, category="plates")
+    tiles = load_engine(small_bundle, backend="torch", device="cpu", precision="fp32")
+    two = {tiles.info["category"]: tiles, "plates": load_engine(plates, backend="torch", device="cpu", precision="fp32")}
+    r = client(redis_url)
+    add_frame(r, stream, frames[0], category="")
+    add_frame(r, stream, frames[1])
+    with in_process_worker(two, redis_url, stream):
+        wait_for(lambda: len(dead_of(r, stream)) == 2, 60, "both dead letters")
+    assert {s(d[schema.ERROR]) for d in dead_of(r, stream)} == {
+        f"no `category` (the field is absent or empty), and this worker serves several: {tiles.info['category']}, "
+        "plates; send the model's category with each frame"}
+
+
 def test_frames_waiting_in_a_slow_workers_pipeline_are_not_claimed_and_scored_again(engines, frames, redis_url,
                                                                                      stream, monkeypatch):
     """A busy worker's queued frames can wait longer than claim_idle_ms (minutes on a CPU); the

@@ -812,7 +812,8 @@ class Worker:
             return category
         served = ", ".join(self.engines)
         if category is None:
-            return schema.DeadLetter(schema.UNKNOWN_CATEGORY, f"no `category` field, and this worker serves several: {served}")
+            return schema.DeadLetter(schema.UNKNOWN_CATEGORY, f"no `category` (the field is absent or empty), and this "
+                                     f"worker serves several: {served}; send the model's category with each frame")
         return schema.DeadLetter(schema.UNKNOWN_CATEGORY, f"category {category!r} is not served here (serving {served})")
 
     # -- stage 2: inference ----------------------------------------------------------------------
