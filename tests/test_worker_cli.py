@@ -300,11 +300,16 @@ def test_a_model_directory_with_a_comma_in_its_name_is_one_directory(tiny_bundle
     bundle = shutil.copytree(tiny_bundle, tmp_path / "m,1")
     empty = tmp_path / "empty.env"
     empty.write_text("")
-    # served twice: both load (no "m: not a model bundle directory"), then one category twice is refused
+    # served twice: both load (no "m: not a model bundle directory"), then refused as given twice (it was
+    # "a second model for category 'tiles'", of the one model); another bundle of that category as a second
+    again = ["--device", "cpu", "--env-file", str(empty), "--metrics-port", "0", "--redis-url", "redis://127.0.0.1:1/0"]
     result = CliRunner().invoke(main, ["worker", "--stream", "line1", "--model", str(bundle), "--model", str(bundle),
-                                       "--device", "cpu", "--env-file", str(empty), "--metrics-port", "0",
-                                       "--redis-url", "redis://127.0.0.1:1/0"])
-    assert one_error(result).startswith(f"Error: {bundle}: a second model for category 'tiles' (also ")
+                                       *again])
+    assert one_error(result) == f"Error: {bundle}: given twice (--model or USTUDENTS_MODEL); give each model once"
+    other = shutil.copytree(tiny_bundle, tmp_path / "other")
+    result = CliRunner().invoke(main, ["worker", "--stream", "line1", "--model", str(bundle), "--model", str(other),
+                                       *again])
+    assert one_error(result).startswith(f"Error: {other}: a second model for category 'tiles' (also ")
     # the variable keeps its documented form: directories separated by commas
     assert WorkerSettings(_env_file=None, stream="line1", model="/m/a, /m/b").model_dirs == [Path("/m/a"), Path("/m/b")]
 

@@ -36,6 +36,7 @@ import redis
 
 from ustudents import __version__
 from ustudents.engines.bundle import load_bundle
+from ustudents.engines.files import real_path
 from ustudents.engines.frame_shapes import UnexpectedShape
 from ustudents.engines.images import ImageError
 from ustudents.engines.runtime import Engine, Prediction, load_engine
@@ -82,6 +83,8 @@ def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
     first: dict[str, Path] = {}
     for path in settings.model_dirs:
         category = load_bundle(path).manifest["category"]
+        if category in first and real_path(first[category]) == real_path(path):
+            raise ValueError(f"{path}: given twice (--model or USTUDENTS_MODEL); give each model once")
         if category in first:
             raise ValueError(f"{path}: a second model for category {category!r} (also {first[category]}); "
                              "serve one model per category")
