@@ -1271,6 +1271,37 @@ def test_a_worker_serving_several_models_says_why_a_frame_without_its_category_i
         "plates; send the model's category with each frame"}
 
 
+def test_workers_of_one_group_serving_other_models_say_so(small_bundle, redis_url, stream, tmp_path, caplog):
+    """A worker dead-letters a frame of a category it does not serve though another worker of its group
+    serves it (a rolling change of the served models), so a frame's verdict hung on which worker read
+    it; nothing said so. Each worker now says which models it serves, and a summary names a difference."""
+    plates = Path(shutil.copytree(small_bundle, tmp_path / "plates"))
+    update_manifest(plates, category="plates")
+    tiles = load_engine(small_bundle, backend="torch", device="cpu", precision="fp32")
+    two = {tiles.info["category"]: tiles, "plates": load_engine(plates, backend="torch", device="cpu", precision="fp32")}
+    one = {tiles.info["category"]: tiles}
+
+    def differ() -> list[str]:
+        return [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "models_differ"]
+
+    with caplog.at_level("WARNING", logger="ustudents.worker"):
+        with in_process_worker(one, redis_url, stream, consumer="old", log_interval_s=0.3), \
+                in_process_worker(one, redis_url, stream, consumer="same", log_interval_s=0.3):
+            time.sleep(2)  # several summaries: the same models, nothing said
+        assert differ() == []
+        with in_process_worker(one, redis_url, stream, consumer="old", log_interval_s=0.3), \
+                in_process_worker(two, redis_url, stream, consumer="new", log_interval_s=0.3):
+            category = tiles.info["category"]
+            old_says, new_says = f"than this one ({category}): new serves", f"than this one (plates, {category}): old"
+            wait_for(lambda: any(old_says in m for m in differ()) and any(new_says in m for m in differ()), 30,
+                     "both workers' lines")
+    assert (f"workers of group ustudents on {stream} serve other models than this one ({category}): new serves "
+            f"plates, {category}; each dead-letters a frame of a category it does not serve (unknown_category), "
+            "whichever worker reads it: serve the same models on every worker of the group (README: Adding "
+            "workers)") in differ()
+    assert any(f"than this one (plates, {category}): old serves {category};" in m for m in differ())
+
+
 def test_frames_waiting_in_a_slow_workers_pipeline_are_not_claimed_and_scored_again(engines, frames, redis_url,
                                                                                      stream, monkeypatch):
     """A busy worker's queued frames can wait longer than claim_idle_ms (minutes on a CPU); the

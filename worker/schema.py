@@ -111,6 +111,11 @@ def name_key(stream: str, consumer: str) -> str:
     return f"{stream}:consumer:{consumer}"
 
 
+def serves_key(stream: str, consumer: str) -> str:
+    """The categories the live worker reading as `consumer` serves, as it last said (StreamIO.announce_models)."""
+    return f"{stream}:serves:{consumer}"
+
+
 def tries_key(stream: str, entry_id: str) -> str:
     """Count of the attempts at a redelivered entry, each made alone (see StreamIO.begin_attempt)."""
     return f"{stream}:tries:{entry_id}"

@@ -505,7 +505,13 @@ class Worker:
     # -- stage 1: reading ------------------------------------------------------------------------
     def _hold_name(self) -> bool | str:
         self.name_stamp += 1
-        return self.io.hold_name(self.name_token, NAME_HOLD_S * 1000, self.name_stamp)
+        held = self.io.hold_name(self.name_token, NAME_HOLD_S * 1000, self.name_stamp)
+        if held is True:
+            try:  # for the group's other workers to compare (_compare_models): a help, never a stop
+                self.io.announce_models(self.engines, NAME_HOLD_S * 1000)
+            except redis.RedisError:
+                pass
+        return held
 
     def _checked_setup(self) -> bool:
         """Redis was unreachable at start, so the start-up checks that refuse a second consumer group on
@@ -1057,6 +1063,7 @@ class Worker:
             at = time.monotonic()
             if at >= next_summary:
                 self._reap_consumers()
+                self._compare_models()
                 t = self.totals
                 dead = dict(t.dead)  # one snapshot for the total and the split (the publisher adds meanwhile)
                 now, span = (t.processed, t.anomalies, sum(dead.values())), at - since
@@ -1115,6 +1122,26 @@ class Worker:
                 log.error("%s; stopping", self.crashed, extra={"event": "consumer_name_lost"})
                 self.stop()
             return True
+
+    def _compare_models(self) -> None:
+        """Once per summary: workers of one group must serve the same models. One that does not serve a
+        frame's category dead-letters it (unknown_category) when it reads it, though another serves it,
+        so the verdict hung on which worker read the frame (an audit: a rolling change of the served
+        models, old and new pods side by side), and nothing said so."""
+        try:
+            others = self.io.models_elsewhere()
+        except (*UNAVAILABLE, redis.ResponseError):
+            return  # Redis away (the gauges report it) or no group yet: the next summary tries again
+        mine = sorted(self.engines)
+        differ = {name: served for name, served in others.items() if served != mine}
+        if differ:
+            self.throttled.warning(
+                "models_differ", "workers of group %s on %s serve other models than this one (%s): %s; each "
+                "dead-letters a frame of a category it does not serve (unknown_category), whichever worker reads "
+                "it: serve the same models on every worker of the group (README: Adding workers)", self.s.group,
+                self.s.stream, ", ".join(mine), "; ".join(f"{name} serves {', '.join(served)}"
+                                                          for name, served in sorted(differ.items())),
+                event="models_differ", consumers=sorted(differ))
 
     def _reap_consumers(self) -> None:
         """Once per summary: remove consumers of workers that died without leaving the group."""

@@ -31,6 +31,7 @@ is of the wrong type; then nothing can fail. Hence:
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import time
@@ -457,6 +458,27 @@ class StreamIO:
 
     def release_name(self, token: str) -> None:
         self._name(keys=[schema.name_key(self.stream, self.consumer)], args=["release", token, 0, 0])
+
+    def announce_models(self, categories, ttl_ms: int) -> None:
+        """Say for `ttl_ms` which models (by category) this worker serves, for the group's other workers
+        to compare (models_elsewhere); renewed with the name hold, gone with the worker."""
+        self.r.set(schema.serves_key(self.stream, self.consumer), json.dumps(sorted(categories)), px=ttl_ms)
+
+    def models_elsewhere(self) -> dict[str, list[str]]:
+        """The categories each other live worker of the group serves, as it said; a worker of a release
+        before the announcement is left out."""
+        others = [name for c in self.r.xinfo_consumers(self.stream, self.group)
+                  if (name := text_of(c["name"])) != self.consumer]
+        said = self.r.mget([schema.serves_key(self.stream, name) for name in others]) if others else []
+        out = {}
+        for name, value in zip(others, said):
+            try:
+                categories = json.loads(value) if value is not None else None
+            except ValueError:
+                continue
+            if isinstance(categories, list):
+                out[name] = sorted(map(str, categories))
+        return out
 
     def delete_consumer_if_idle(self) -> bool:
         """Remove this consumer from the group when nothing is pending on it (clean exit; only this
