@@ -1273,16 +1273,25 @@ def test_a_worker_serving_several_models_says_why_a_frame_without_its_category_i
 
 def test_workers_of_one_group_serving_other_models_say_so(small_bundle, redis_url, stream, tmp_path, caplog):
     """A worker dead-letters a frame of a category it does not serve though another worker of its group
-    serves it (a rolling change of the served models), so a frame's verdict hung on which worker read
-    it; nothing said so. Each worker now says which models it serves, and a summary names a difference."""
+    serves it (a rolling change of the served models), and workers serving another model of a category
+    (a recalibrated copy) judge with another threshold: a frame's verdict hung on which worker read it,
+    and nothing said so. Each worker now says which models it serves; a summary names a difference."""
     plates = Path(shutil.copytree(small_bundle, tmp_path / "plates"))
     update_manifest(plates, category="plates")
+    copy = Path(shutil.copytree(small_bundle, tmp_path / "copy"))
+    update_manifest(copy, id="recalibrated-copy")
     tiles = load_engine(small_bundle, backend="torch", device="cpu", precision="fp32")
-    two = {tiles.info["category"]: tiles, "plates": load_engine(plates, backend="torch", device="cpu", precision="fp32")}
-    one = {tiles.info["category"]: tiles}
+    category, model = tiles.info["category"], tiles.info["model"]
+    two = {category: tiles, "plates": load_engine(plates, backend="torch", device="cpu", precision="fp32")}
+    one = {category: tiles}
+    recalibrated = {category: load_engine(copy, backend="torch", device="cpu", precision="fp32")}
 
     def differ() -> list[str]:
         return [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "models_differ"]
+
+    def settle(*names: str) -> None:
+        for name in names:
+            wait_for(lambda: any(f": {name} serves" in m for m in differ()), 30, f"a line naming {name}")
 
     with caplog.at_level("WARNING", logger="ustudents.worker"):
         with in_process_worker(one, redis_url, stream, consumer="old", log_interval_s=0.3), \
@@ -1291,15 +1300,19 @@ def test_workers_of_one_group_serving_other_models_say_so(small_bundle, redis_ur
         assert differ() == []
         with in_process_worker(one, redis_url, stream, consumer="old", log_interval_s=0.3), \
                 in_process_worker(two, redis_url, stream, consumer="new", log_interval_s=0.3):
-            category = tiles.info["category"]
-            old_says, new_says = f"than this one ({category}): new serves", f"than this one (plates, {category}): old"
-            wait_for(lambda: any(old_says in m for m in differ()) and any(new_says in m for m in differ()), 30,
-                     "both workers' lines")
-    assert (f"workers of group ustudents on {stream} serve other models than this one ({category}): new serves "
-            f"plates, {category}; each dead-letters a frame of a category it does not serve (unknown_category), "
-            "whichever worker reads it: serve the same models on every worker of the group (README: Adding "
-            "workers)") in differ()
-    assert any(f"than this one (plates, {category}): old serves {category};" in m for m in differ())
+            settle("new", "old")
+        served = f"plates ({two['plates'].info['model']}), {category} ({model})"
+        assert any(f"than this one ({category} ({model})): new serves {served};" in m for m in differ())
+        assert any(f"than this one ({served}): old serves {category} ({model});" in m for m in differ())
+        caplog.clear()
+        with in_process_worker(one, redis_url, stream, consumer="old", log_interval_s=0.3), \
+                in_process_worker(recalibrated, redis_url, stream, consumer="cal", log_interval_s=0.3):
+            settle("cal")
+    assert not client(redis_url).exists(*(schema.serves_key(stream, n) for n in ("old", "same", "new", "cal")))
+    assert (f"workers of group ustudents on {stream} serve other models than this one ({category} ({model})): cal "
+            f"serves {category} (recalibrated-copy); one dead-letters a frame of a category it does not serve "
+            "(unknown_category), and each judges with its own model, whichever worker reads the frame: serve the "
+            "same models on every worker of the group (README: Adding workers)") in differ(), differ()
 
 
 def test_frames_waiting_in_a_slow_workers_pipeline_are_not_claimed_and_scored_again(engines, frames, redis_url,

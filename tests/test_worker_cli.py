@@ -306,6 +306,11 @@ def test_a_model_directory_with_a_comma_in_its_name_is_one_directory(tiny_bundle
     result = CliRunner().invoke(main, ["worker", "--stream", "line1", "--model", str(bundle), "--model", str(bundle),
                                        *again])
     assert one_error(result) == f"Error: {bundle}: given twice (--model or USTUDENTS_MODEL); give each model once"
+    (tmp_path / "current").symlink_to(bundle)  # a plant's `current` link beside the folder it names
+    result = CliRunner().invoke(main, ["worker", "--stream", "line1", "--model", str(bundle), "--model",
+                                       str(tmp_path / "current"), *again])
+    assert one_error(result) == (f"Error: {tmp_path / 'current'}: given twice (--model or USTUDENTS_MODEL, also as "
+                                 f"{bundle}); give each model once")
     other = shutil.copytree(tiny_bundle, tmp_path / "other")
     result = CliRunner().invoke(main, ["worker", "--stream", "line1", "--model", str(bundle), "--model", str(other),
                                        *again])

@@ -36,7 +36,6 @@ import redis
 
 from ustudents import __version__
 from ustudents.engines.bundle import load_bundle
-from ustudents.engines.files import real_path
 from ustudents.engines.frame_shapes import UnexpectedShape
 from ustudents.engines.images import ImageError
 from ustudents.engines.runtime import Engine, Prediction, load_engine
@@ -74,6 +73,11 @@ class ModelFailing(RuntimeError):
     device, not the frames, so the worker stops instead of dead-lettering good frames."""
 
 
+def described(models: dict[str, str]) -> str:
+    """'plates (plates-2026...), tiles (tiles-2026...-cal...)': models by category, with their ids."""
+    return ", ".join(f"{category} ({model})" for category, model in sorted(models.items()))
+
+
 def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
     """One engine per served bundle, keyed by the bundle's category, each warmed up (Engine.warm_up:
     so that no real batch is the slow first one). Raises BundleError/EngineError/ValueError. Every
@@ -83,8 +87,9 @@ def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
     first: dict[str, Path] = {}
     for path in settings.model_dirs:
         category = load_bundle(path).manifest["category"]
-        if category in first and real_path(first[category]) == real_path(path):
-            raise ValueError(f"{path}: given twice (--model or USTUDENTS_MODEL); give each model once")
+        if category in first and os.path.samefile(first[category], path):
+            also = "" if str(first[category]) == str(path) else f", also as {first[category]}"
+            raise ValueError(f"{path}: given twice (--model or USTUDENTS_MODEL{also}); give each model once")
         if category in first:
             raise ValueError(f"{path}: a second model for category {category!r} (also {first[category]}); "
                              "serve one model per category")
@@ -220,6 +225,7 @@ class Worker:
             raise ValueError("a worker needs at least one model")
         self.s, self.engines = settings, engines
         self.single = next(iter(engines)) if len(engines) == 1 else None
+        self.models = {category: e.info["model"] for category, e in engines.items()}  # announced (_hold_name)
         self.shapes = {category: e.bundle.frame_shapes for category, e in engines.items()}  # None: not checked
         s = settings
         self.metrics = WorkerMetrics(s.stream, s.group, [e.image_threshold for e in engines.values()])
@@ -508,7 +514,7 @@ class Worker:
         held = self.io.hold_name(self.name_token, NAME_HOLD_S * 1000, self.name_stamp)
         if held is True:
             try:  # for the group's other workers to compare (_compare_models): a help, never a stop
-                self.io.announce_models(self.engines, NAME_HOLD_S * 1000)
+                self.io.announce_models(self.models, NAME_HOLD_S * 1000)
             except redis.RedisError:
                 pass
         return held
@@ -865,8 +871,9 @@ class Worker:
                 if len(frames) == 1:
                     predictions = [err]
                 else:
-                    self.throttled.warning("batch_failed", "a batch of %d frames failed (%s: %s); scoring them one by one",
-                                           len(frames), type(err).__name__, err, event="batch_failed")
+                    self.throttled.warning(f"batch_failed{self._of(category)}", "a batch of %d frames%s failed (%s: %s); "
+                                           "scoring them one by one", len(frames), self._of(category),
+                                           type(err).__name__, err, event="batch_failed")
                     predictions = [self._predict_one(engine, f) for f in frames]
             self.metrics.inference.labels(self.s.stream).observe(time.perf_counter() - t0)
             self.metrics.batch_size.labels(self.s.stream).observe(len(frames))
@@ -927,8 +934,9 @@ class Worker:
         self.last_errors[entry.id] = message
         while len(self.last_errors) > 10_000:
             self.last_errors.popitem(last=False)
-        self.throttled.warning("frame_failed", "entry %s failed on attempt %d (%s); it stays pending for a retry%s",
-                               entry.id, entry.attempt, message,
+        # by model: a working model's retries held back a broken one's lines
+        self.throttled.warning(f"frame_failed{self._of(category)}", "entry %s%s failed on attempt %d (%s); it stays "
+                               "pending for a retry%s", entry.id, self._of(category), entry.attempt, message,
                                "" if charged else f" (not counted: this worker's model{self._of(category)} has scored "
                                                   "no frame yet)",
                                event="frame_failed", entry_id=entry.id)
@@ -1130,18 +1138,16 @@ class Worker:
         models, old and new pods side by side), and nothing said so."""
         try:
             others = self.io.models_elsewhere()
-        except (*UNAVAILABLE, redis.ResponseError):
-            return  # Redis away (the gauges report it) or no group yet: the next summary tries again
-        mine = sorted(self.engines)
-        differ = {name: served for name, served in others.items() if served != mine}
-        if differ:
-            self.throttled.warning(
-                "models_differ", "workers of group %s on %s serve other models than this one (%s): %s; each "
-                "dead-letters a frame of a category it does not serve (unknown_category), whichever worker reads "
-                "it: serve the same models on every worker of the group (README: Adding workers)", self.s.group,
-                self.s.stream, ", ".join(mine), "; ".join(f"{name} serves {', '.join(served)}"
-                                                          for name, served in sorted(differ.items())),
-                event="models_differ", consumers=sorted(differ))
+        except Exception:  # noqa: BLE001 (Redis away, no group yet, an ACL: a help, never a stop; next summary)
+            return
+        differ = {name: served for name, served in others.items() if served != self.models}
+        if differ:  # once per summary, as the summary line itself
+            log.warning("workers of group %s on %s serve other models than this one (%s): %s; one dead-letters a "
+                        "frame of a category it does not serve (unknown_category), and each judges with its own "
+                        "model, whichever worker reads the frame: serve the same models on every worker of the group "
+                        "(README: Adding workers)", self.s.group, self.s.stream, described(self.models),
+                        "; ".join(f"{name} serves {described(served)}" for name, served in sorted(differ.items())),
+                        extra={"event": "models_differ", "consumers": sorted(differ)})
 
     def _reap_consumers(self) -> None:
         """Once per summary: remove consumers of workers that died without leaving the group."""

@@ -458,26 +458,28 @@ class StreamIO:
 
     def release_name(self, token: str) -> None:
         self._name(keys=[schema.name_key(self.stream, self.consumer)], args=["release", token, 0, 0])
+        self.r.delete(schema.serves_key(self.stream, self.consumer))  # gone with the hold: no longer a live worker
 
-    def announce_models(self, categories, ttl_ms: int) -> None:
-        """Say for `ttl_ms` which models (by category) this worker serves, for the group's other workers
-        to compare (models_elsewhere); renewed with the name hold, gone with the worker."""
-        self.r.set(schema.serves_key(self.stream, self.consumer), json.dumps(sorted(categories)), px=ttl_ms)
+    def announce_models(self, models: dict[str, str], ttl_ms: int) -> None:
+        """Say for `ttl_ms` which models this worker serves ({category: model id}), for the group's other
+        workers to compare (models_elsewhere); renewed with the name hold, deleted at its release."""
+        self.r.set(schema.serves_key(self.stream, self.consumer), json.dumps(models, sort_keys=True), px=ttl_ms)
 
-    def models_elsewhere(self) -> dict[str, list[str]]:
-        """The categories each other live worker of the group serves, as it said; a worker of a release
-        before the announcement is left out."""
+    def models_elsewhere(self) -> dict[str, dict[str, str]]:
+        """The models ({category: model id}) each other live worker of the group serves, as it said; a
+        worker of a release before the announcement is left out."""
         others = [name for c in self.r.xinfo_consumers(self.stream, self.group)
-                  if (name := text_of(c["name"])) != self.consumer]
+                  if (name := c["name"].decode(errors="replace") if isinstance(c["name"], bytes) else c["name"])
+                  != self.consumer]
         said = self.r.mget([schema.serves_key(self.stream, name) for name in others]) if others else []
         out = {}
         for name, value in zip(others, said):
             try:
-                categories = json.loads(value) if value is not None else None
+                models = json.loads(value) if value is not None else None
             except ValueError:
                 continue
-            if isinstance(categories, list):
-                out[name] = sorted(map(str, categories))
+            if isinstance(models, dict):
+                out[name] = {str(k): str(v) for k, v in models.items()}
         return out
 
     def delete_consumer_if_idle(self) -> bool:
