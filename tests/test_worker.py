@@ -1315,6 +1315,41 @@ def test_workers_of_one_group_serving_other_models_say_so(small_bundle, redis_ur
             "same models on every worker of the group (README: Adding workers)") in differ(), differ()
 
 
+def test_the_models_check_is_a_help_never_a_stop_and_failing_frames_are_told_per_model(
+        small_bundle, frames, redis_url, stream, tmp_path, caplog, monkeypatch):
+    """A consumer of the group named in bytes that are not UTF-8 (another tool's) must not stop the worker
+    at its summary; and a broken model's failing frames are told in lines of their own, which a working
+    model's failures no longer hold back (one throttle for all models hid them)."""
+    plates = Path(shutil.copytree(small_bundle, tmp_path / "plates"))
+    update_manifest(plates, category="plates")
+    tiles = load_engine(small_bundle, backend="torch", device="cpu", precision="fp32")
+    category = tiles.info["category"]
+    two = {category: tiles, "plates": load_engine(plates, backend="torch", device="cpu", precision="fp32")}
+    r = client(redis_url)
+    r.xgroup_create(stream, "ustudents", id="0", mkstream=True)
+    r.xgroup_createconsumer(stream, "ustudents", b"\xff\xfecam")
+    r.set(schema.serves_key(stream, "\ufffd\ufffdcam"), b"not json")
+
+    def broken(batch, **kw):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    for engine in two.values():
+        monkeypatch.setattr(engine, "predict", broken)
+    with caplog.at_level("WARNING", logger="ustudents.worker"):
+        with in_process_worker(two, redis_url, stream, consumer="w", log_interval_s=0.2, max_failures_in_row=1000,
+                               claim_idle_ms=100, max_deliveries=1000) as worker:
+            worker.throttled.interval = 600  # summaries every 0.2 s (the check runs), warnings of a kind once
+            add_frame(r, stream, frames[0], category=category)
+            add_frame(r, stream, frames[1], category="plates")
+            wait_for(lambda: sum(getattr(x, "event", None) == "frame_failed" for x in caplog.records) >= 2, 30,
+                     "a line for each model's failing frame")
+            time.sleep(1.5)  # several summaries, each reading the group's consumers
+            assert worker.alive()[0]
+    failed = [x.getMessage() for x in caplog.records if getattr(x, "event", None) == "frame_failed"]
+    assert any(f"of category '{category}' failed on attempt" in m for m in failed), failed
+    assert any("of category 'plates' failed on attempt" in m for m in failed), failed
+
+
 def test_frames_waiting_in_a_slow_workers_pipeline_are_not_claimed_and_scored_again(engines, frames, redis_url,
                                                                                      stream, monkeypatch):
     """A busy worker's queued frames can wait longer than claim_idle_ms (minutes on a CPU); the
