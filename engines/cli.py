@@ -16,6 +16,7 @@ import click
 
 from .bundle import ENGINE_DIR, MANIFEST, BundleError, changing, is_bundle, load_bundle, manifest_on_disk
 from .files import os_error_line, real_path
+from .frame_shapes import recalibrate_copy
 from .images import (IMAGE_SUFFIXES, ImageError, first_copy, image_files, missing_folder_hint, read_image,
                      subfolder_hint)
 from .memory import out_of_memory_line
@@ -268,8 +269,7 @@ def good_frames(folder: Path | None, bundle, option: str, limit: int = 8) -> lis
     if (shapes := bundle.frame_shapes) is not None:  # a bundle from before the record judges every shape
         for f, image in zip(files, images):
             shapes.check(image, str(f), f"give good images of those frames in {option}, after recalibrating a copy of "
-                                        f"the model on them (cp -r {bundle.path} COPY && ustudents calibrate COPY "
-                                        "--images DIR)")
+                                        f"the model on them ({recalibrate_copy(bundle.path)})")
     return images
 
 

@@ -29,6 +29,11 @@ from .images import ImageError
 SLACK = 1.25
 
 
+def recalibrate_copy(bundle_path) -> str:
+    """The commands that add a line's frame shapes to a copy of a model, for the refusals' advice."""
+    return f"cp -r {bundle_path} COPY && ustudents calibrate COPY --images DIR"
+
+
 class UnexpectedShape(ImageError):
     """A frame outside the shapes its model knows (FrameShapes.check)."""
 

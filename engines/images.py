@@ -185,10 +185,15 @@ def without_colour_profile(data: bytes) -> bytes:
 ORIENTED_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
 
 
+def is_webp(head: bytes) -> bool:
+    """Whether bytes start as a WebP file: RIFF, a size, then WEBP."""
+    return head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+
+
 def _oriented_format(head: bytes, keep_alpha: bool) -> bool:
     if head.startswith(JPEG_MAGIC):  # no alpha to keep
         return True
-    return not keep_alpha and (head.startswith(PNG_SIGNATURE) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"))
+    return not keep_alpha and (head.startswith(PNG_SIGNATURE) or is_webp(head))
 
 
 def _imdecode(data, source: str, keep_alpha: bool = False) -> np.ndarray | None:
@@ -355,7 +360,7 @@ IMAGE_MAGICS = (b"\x89PNG\r\n\x1a\n", JPEG_MAGIC, b"BM", b"II*\x00", b"MM\x00*")
 
 def looks_like_image(data: bytes) -> bool:
     """Whether `data` starts as an image file of a format ustudents reads (not whether it decodes)."""
-    return data.startswith(IMAGE_MAGICS) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+    return data.startswith(IMAGE_MAGICS) or is_webp(data)
 JPEG_MASK_LEVEL = 128  # lossy masks: a defect pixel is one at least this bright (see read_mask)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from ustudents.engines.bundle import Bundle, BundleError, changing, load_bundle, locked, update_manifest
 from ustudents.engines.files import listed_outputs, os_error_line, real_path, write_atomically
+from ustudents.engines.frame_shapes import recalibrate_copy
 from ustudents.engines.images import IMAGE_SUFFIXES, read_image
 from ustudents.engines.overlay import heatmap_overlay
 from ustudents.engines.runtime import Engine, map_to_frame, model_digest
@@ -223,8 +224,7 @@ def plan_predict(paths: list[Path], out: Path, bundle: Bundle) -> PredictPlan:
     for p in paths:
         image = read_image(p, bundle.uint16_bits)
         if shapes is not None:
-            shapes.check(image, str(p), f"recalibrate a copy of the model on good ones (cp -r {bundle.path} COPY "
-                                        "&& ustudents calibrate COPY --images DIR)")
+            shapes.check(image, str(p), f"recalibrate a copy of the model on good ones ({recalibrate_copy(bundle.path)})")
     names = [p.stem for p in paths]
     if len(set(names)) < len(names):  # e.g. good/000.png and crack/000.png: keep every output apart
         names = [f"{i:04d}_{p.parent.name}_{p.stem}" for i, p in enumerate(paths)]
