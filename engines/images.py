@@ -239,10 +239,14 @@ def tiff_bits_per_sample(data) -> int | None:
     return None
 
 
+# TIFF in either byte order, then BigTIFF (a camera's files over 4 GiB; OpenCV reads both)
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
 def tiff_stack_page(data) -> np.ndarray | None:
     """A TIFF's second page (OpenCV reads the first alone, skipping to the second without decoding
     it: about 0.1 ms), None for a one-page TIFF or any other format."""
-    if bytes(memoryview(data).cast("B")[:4]) not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # and BigTIFF
+    if bytes(memoryview(data).cast("B")[:4]) not in TIFF_MAGICS:
         return None
     try:
         found, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED, None, (1, 2))
@@ -355,7 +359,7 @@ def first_copy(images) -> tuple[int, int] | None:
 
 
 # The first bytes of each format in IMAGE_SUFFIXES (WebP: RIFF, a size, then WEBP)
-IMAGE_MAGICS = (b"\x89PNG\r\n\x1a\n", JPEG_MAGIC, b"BM", b"II*\x00", b"MM\x00*")
+IMAGE_MAGICS = (b"\x89PNG\r\n\x1a\n", JPEG_MAGIC, b"BM") + TIFF_MAGICS
 
 
 def looks_like_image(data: bytes) -> bool:

@@ -229,6 +229,16 @@ def test_every_image_format_read_is_told_by_its_first_bytes():
         assert ok and looks_like_image(buf.tobytes()), suffix
     for data in (b"", b"notapng", b"RIFF\x00\x00\x00\x00WAVE", b"\x89PN"):
         assert not looks_like_image(data), data
+    # a BigTIFF, which OpenCV reads: `publish` called it "not an image file" that the worker dead-letters
+    import io
+
+    import tifffile  # scikit-image's, a test dependency: OpenCV writes no BigTIFF
+    for byteorder in "<>":
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, image, bigtiff=True, byteorder=byteorder)
+        data = buf.getvalue()
+        assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).shape == image.shape
+        assert looks_like_image(data), byteorder
 
 
 def _move_files_into(folder: Path, sub: str) -> None:
