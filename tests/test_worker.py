@@ -1337,17 +1337,20 @@ def test_the_models_check_is_a_help_never_a_stop_and_failing_frames_are_told_per
         monkeypatch.setattr(engine, "predict", broken)
     with caplog.at_level("WARNING", logger="ustudents.worker"):
         with in_process_worker(two, redis_url, stream, consumer="w", log_interval_s=0.2, max_failures_in_row=1000,
-                               claim_idle_ms=100, max_deliveries=1000) as worker:
+                               claim_idle_ms=100, max_deliveries=1000, inflight_mb=0) as worker:  # 0: no one-frame first read
             worker.throttled.interval = 600  # summaries every 0.2 s (the check runs), warnings of a kind once
-            add_frame(r, stream, frames[0], category=category)
-            add_frame(r, stream, frames[1], category="plates")
+            with r.pipeline(transaction=True) as tx:  # one read takes all four: a failing batch of two per model
+                for path, which in zip(frames[:2] * 2, (category,) * 2 + ("plates",) * 2):
+                    tx.xadd(stream, {"frame_id": path.stem, "image": path.read_bytes(), "category": which})
+                tx.execute()
             wait_for(lambda: sum(getattr(x, "event", None) == "frame_failed" for x in caplog.records) >= 2, 30,
                      "a line for each model's failing frame")
             time.sleep(1.5)  # several summaries, each reading the group's consumers
             assert worker.alive()[0]
-    failed = [x.getMessage() for x in caplog.records if getattr(x, "event", None) == "frame_failed"]
-    assert any(f"of category '{category}' failed on attempt" in m for m in failed), failed
-    assert any("of category 'plates' failed on attempt" in m for m in failed), failed
+    for event in ("batch_failed", "frame_failed"):
+        lines = [x.getMessage() for x in caplog.records if getattr(x, "event", None) == event]
+        assert any(f"of category '{category}'" in m for m in lines), (event, lines)
+        assert any("of category 'plates'" in m for m in lines), (event, lines)
 
 
 def test_frames_waiting_in_a_slow_workers_pipeline_are_not_claimed_and_scored_again(engines, frames, redis_url,
