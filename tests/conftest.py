@@ -23,6 +23,11 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
+    import tomli as tomllib
+
 TINY_CATEGORY = "tiles"
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -224,3 +229,8 @@ def position_bundle(small_bundle, many_good_images, tmp_path_factory) -> Path:
         assert result.exit_code == 0, result.output + repr(result.exception)
 
     return made_once(tmp_path_factory, "position-bundle", make) / "tiles-32"
+
+
+def pyproject() -> dict:
+    """The repository's pyproject.toml, parsed."""
+    return tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())

@@ -23,7 +23,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import TINY_CATEGORY, copy_as_png, write_image
+from conftest import TINY_CATEGORY, copy_as_png, pyproject, write_image
 from ustudents.cli import main
 from ustudents.engines.bundle import FORMAT, MANIFEST, WEIGHTS, load_bundle, sha256_file, update_manifest
 from ustudents.engines import images
@@ -1908,13 +1908,12 @@ def test_every_command_starts_with_the_core_dependencies_alone():
     traceback on `import redis`: every room's commands register with `ustudents` at start, and redis was
     the worker's extra. The modules only an extra brings are blocked here; the commands must still start."""
     import importlib.metadata as metadata
-    import tomllib
     from collections import defaultdict
 
     def name(requirement: str) -> str:
         return re.sub(r"[-_.]+", "-", re.split(r"[<>=!~;\[ (]", requirement, maxsplit=1)[0]).lower()
 
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    project = pyproject()["project"]
     needed, todo = set(), [name(r) for r in project["dependencies"]]
     while todo:  # the core and what it requires in turn (torch needs filelock, which the test extra names)
         dist = todo.pop()

@@ -29,12 +29,7 @@ from ustudents.train.calibrate import MIN_POSITION_IMAGES
 from ustudents.train.dataset import split_train_val, train_samples
 from ustudents.train.pipeline import TrainConfig
 
-from conftest import TINY_CATEGORY
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
-    import tomli as tomllib
+from conftest import TINY_CATEGORY, pyproject
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "ustudents" / "demo_data" / "magnetic_tile"
@@ -63,7 +58,7 @@ def test_sample_ships_complete_small_and_credited():
     assert "Huang, Qiu and Yuan" in credit and "The Visual Computer 2020" in credit
     assert demo.credit(SAMPLE.parent, "magnetic_tile").startswith("Source: the Magnetic Tile Defect dataset")
     # every file is package data, so a wheel install has the sample too
-    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ustudents"]
+    patterns = pyproject()["tool"]["setuptools"]["package-data"]["ustudents"]
     for f in files:
         rel = f.relative_to(ROOT / "ustudents").as_posix()
         assert any(fnmatch.fnmatchcase(rel, p) and rel.count("/") == p.count("/") for p in patterns), rel

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import deploy_script
+from conftest import deploy_script, pyproject
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -443,8 +443,7 @@ def test_gpu_entrypoint_is_valid_sh_and_needs_a_model(tmp_path):
 
 def test_the_images_requirements_are_the_projects_with_its_extras():
     reqs = deploy_script("docker/requirements.py").requirements(str(ROOT / "pyproject.toml"), ["onnx"])
-    import tomllib
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = pyproject()["project"]
     assert set(reqs) == set(project["dependencies"]) | set(project["optional-dependencies"]["onnx"])
     assert any(r.startswith("torch") for r in reqs) and any(r.startswith("onnxruntime") for r in reqs)
 
