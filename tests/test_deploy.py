@@ -216,13 +216,13 @@ def test_every_metric_in_the_dashboard_and_the_rules_is_exported_by_the_worker()
     assert len(rules) >= 6 and len(dash) >= 10
     assert unknown_metrics(rules | dash, set(METRIC_NAMES)) == set()
     # and the worker's live registry exposes them under those names (histograms as _bucket/_sum/_count)
-    metrics = WorkerMetrics("line1", "ustudents", [1.0])
+    metrics = WorkerMetrics("line1", "ustudents", ["tiles"])
     metrics.processed.labels("line1", "tiles").inc()
     metrics.dead_lettered.labels("line1", "decode_error").inc()
     metrics.anomalies.labels("line1", "tiles").inc()
     for hist in (metrics.inference, metrics.end_to_end, metrics.batch_size):
         hist.labels("line1").observe(1)
-    metrics.score.labels("line1", "tiles").observe(1)
+    metrics.observe_score("tiles", 2.0, 4.0)
     metrics.lag.labels("line1", "ustudents").set(0)
     metrics.pending.labels("line1", "ustudents").set(0)
     metrics.length.labels("line1").set(0)
@@ -249,7 +249,7 @@ def test_dashboard_has_the_panels_operations_needs():
         "Frames/s per line": "ustudents_frames_processed_total",
         "Latency p50 / p99": "ustudents_end_to_end_seconds_bucket",
         "Anomaly rate": "ustudents_anomalies_total",
-        "Score distribution: $stream": "ustudents_anomaly_score_bucket",
+        "Score distribution: $stream": "ustudents_anomaly_score_ratio_bucket",
         "Lag and pending": "ustudents_pending_entries",
         "Dead letters by reason, frames lost": "ustudents_frames_dead_lettered_total",
         "GPU memory": "ustudents_gpu_memory_bytes",
@@ -262,7 +262,7 @@ def test_dashboard_has_the_panels_operations_needs():
     assert "ustudents_consumer_lag_entries" in panels["Lag and pending"]
     assert "by (stream, reason)" in panels["Dead letters by reason, frames lost"]
     assert "ustudents_frames_trimmed_unread_total" in panels["Dead letters by reason, frames lost"]
-    # score buckets are multiples of each model's threshold: one line (one model) per panel, never summed
+    # one panel per line: each line's drift apart
     score = next(p for p in dashboard()["panels"] if p["title"] == "Score distribution: $stream")
     assert score["repeat"] == "stream"
     ids = [p["id"] for p in dashboard()["panels"]]

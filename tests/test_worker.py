@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -1503,9 +1504,9 @@ def test_the_port_answers_while_the_models_load_and_the_worker_takes_it_over(eng
         server.stop()
 
 
-def test_counters_exist_at_zero_before_the_first_event(engines, redis_url, stream):
+def test_counters_and_histograms_exist_at_zero_before_the_first_event(engines, redis_url, stream):
     """rate() and increase() need a sample before an event: a series born at its first increment
-    hides that event (a restarted worker's first anomaly or dead letter)."""
+    hides that event (a restarted worker's first anomaly or dead letter, its first scrape's latencies)."""
     from prometheus_client import generate_latest
 
     config = WorkerSettings(_env_file=None, **{**FAST, "stream": stream, "model": "unused", "redis_url": redis_url,
@@ -1515,10 +1516,46 @@ def test_counters_exist_at_zero_before_the_first_event(engines, redis_url, strea
                for f in text_string_to_metric_families(generate_latest(worker.metrics.registry).decode())
                for x in f.samples}
     (category,) = engines
-    for name in ("ustudents_frames_processed_total", "ustudents_anomalies_total"):
-        assert samples[(name, (("category", category), ("stream", stream)))] == 0
+    for name in ("ustudents_frames_processed_total", "ustudents_anomalies_total", "ustudents_frame_failures_total",
+                 "ustudents_anomaly_score_ratio_count"):
+        assert samples[(name, (("category", category), ("stream", stream)))] == 0, name
     for reason in schema.REASONS:
         assert samples[("ustudents_frames_dead_lettered_total", (("reason", reason), ("stream", stream)))] == 0
+    for name in ("ustudents_inference_seconds_count", "ustudents_end_to_end_seconds_count", "ustudents_batch_size_count"):
+        assert samples[(name, (("stream", stream),))] == 0, name
+
+
+def test_scores_are_recorded_in_multiples_of_their_models_threshold(engines, frames, redis_url, stream):
+    """The score histogram's buckets are the same for every model: absolute scores bucketed at each
+    served model's multiples gave a worker of two models the union of both sets, and their sum (the
+    dashboard's heatmap) fell as `le` rose. A frame's score lands at score / threshold."""
+    from ustudents.worker.metrics import SCORE_MULTIPLES, WorkerMetrics
+
+    two = WorkerMetrics(stream, "ustudents", ["tiles", "plates"])
+    two.observe_score("tiles", 1.0, 2.0)  # 0.5
+    two.observe_score("plates", 9.0, 3.0)  # 3.0
+    two.observe_score("plates", -1.0, -2.0)  # a threshold that is not positive would read reversed: left out
+    buckets: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for family in text_string_to_metric_families(two.exposition().decode()):
+        for x in family.samples:
+            if x.name == "ustudents_anomaly_score_ratio_bucket":
+                buckets[x.labels["category"]].append((float(x.labels["le"]), x.value))
+    bounds = [*SCORE_MULTIPLES, math.inf]
+    assert [le for le, _ in buckets["tiles"]] == [le for le, _ in buckets["plates"]] == bounds
+    summed = [a + b for (_, a), (_, b) in zip(buckets["tiles"], buckets["plates"])]
+    assert summed == sorted(summed) and summed[-1] == 2
+    assert dict(buckets["tiles"])[0.5] == 1 and dict(buckets["tiles"])[0.25] == 0
+    assert dict(buckets["plates"])[3.0] == 1 and dict(buckets["plates"])[2.0] == 0
+
+    r = client(redis_url)
+    port = free_port()
+    add_frame(r, stream, frames[0])
+    with in_process_worker(engines, redis_url, stream, metrics_port=port) as worker:
+        wait_for(lambda: worker.ready()[0], 20, "the worker to be ready")
+        wait_for(lambda: metric(port, "ustudents_anomaly_score_ratio_count", stream=stream) == 1, 60, "the score")
+        recorded = metric(port, "ustudents_anomaly_score_ratio_sum", stream=stream)
+    (result,) = results_of(r, stream)
+    assert recorded == pytest.approx(float(result[schema.SCORE]) / float(result[schema.THRESHOLD]), rel=1e-6)
 
 
 def test_the_reader_goes_on_when_its_stream_is_deleted_under_a_blocked_read(engines, frames, redis_url, stream):
@@ -2076,6 +2113,35 @@ def test_a_lag_redis_cannot_tell_is_withdrawn_not_left_stale(engines, redis_url,
     assert exported(old_redis) == []
     assert events(caplog.records).count("lag_unsupported") == 1 and "lag_unknown" not in events(caplog.records)
     assert all(r.levelname == "INFO" for r in caplog.records if getattr(r, "event", None) == "lag_unsupported")
+
+
+def test_a_worker_that_cannot_read_the_streams_state_withdraws_it(engines, frames, redis_url, stream, monkeypatch):
+    """Lag, pending and length are the group's, and the alerts take their max over its workers: a worker
+    cut off from Redis (its network, a frozen proxy) that kept exporting its last values paged
+    UstudentsLineStalled and UstudentsBacklogNearStreamCap on a line its other workers had drained. It
+    withdraws them while it cannot read them, and while the group is gone, and exports them again after."""
+    gauges = ("ustudents_consumer_lag_entries", "ustudents_pending_entries", "ustudents_stream_length_entries")
+    r = client(redis_url)
+
+    def exported(worker) -> set[str]:
+        return {f.name for f in text_string_to_metric_families(worker.metrics.exposition().decode())
+                if f.name in gauges and f.samples}
+
+    add_frame(r, stream, frames[0])
+    with in_process_worker(engines, redis_url, stream) as worker:
+        wait_for(lambda: exported(worker) == set(gauges), 20, "the stream's gauges")
+        real = worker.io.group_info
+
+        def cut_off():
+            raise redis.ConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+
+        monkeypatch.setattr(worker.io, "group_info", cut_off)
+        wait_for(lambda: not exported(worker), 10, "the gauges withdrawn while Redis is unreachable")
+        monkeypatch.setattr(worker.io, "group_info", real)
+        wait_for(lambda: exported(worker) == set(gauges), 10, "the gauges back with Redis")
+        monkeypatch.setattr(worker.io, "group_info", lambda: {})  # the group deleted (XGROUP DESTROY)
+        wait_for(lambda: not exported(worker), 10, "the gauges withdrawn while the group is gone")
+        monkeypatch.setattr(worker.io, "group_info", real)
 
 
 def test_redis_unreachable_at_start_is_not_fatal(engines):

@@ -16,18 +16,20 @@ from typing import Callable
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                generate_latest)
 
+from . import schema
+
 log = logging.getLogger("ustudents.worker")
 
 METRIC_NAMES = (
     "ustudents_frames_processed_total",  # {stream, category} frames scored and published
     "ustudents_frames_dead_lettered_total",  # {stream, reason} frames sent to <stream>:dead
-    "ustudents_frame_failures_total",  # {stream} processing attempts that raised (entry retried later)
+    "ustudents_frame_failures_total",  # {stream, category} processing attempts that raised (entry retried later)
     "ustudents_frames_trimmed_unread_total",  # {stream} entries that left the input stream before any worker read them
     "ustudents_anomalies_total",  # {stream, category} published results with anomalous=1
     "ustudents_inference_seconds",  # histogram {stream}: Engine.predict per batch
     "ustudents_end_to_end_seconds",  # histogram {stream}: publish time - the frame's `ts`
     "ustudents_batch_size",  # histogram {stream}: frames per inference batch
-    "ustudents_anomaly_score",  # histogram {stream, category}: image scores (drift)
+    "ustudents_anomaly_score_ratio",  # histogram {stream, category}: image score / the model's threshold (drift)
     "ustudents_consumer_lag_entries",  # gauge {stream, group}: entries not yet delivered to the group
     "ustudents_pending_entries",  # gauge {stream, group}: delivered, not yet acknowledged
     "ustudents_stream_length_entries",  # gauge {stream}: entries the input stream holds (XLEN)
@@ -40,15 +42,19 @@ METRIC_NAMES = (
 )
 
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-E2E_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# 1 and 5 s, the latency objectives (alerts.yml), are bounds; 120 s, so that a backlog's p99 is not
+# read off a bucket from 60 to 300 s (a mean of 107 s showed as a p99 of 297 s)
+E2E_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# anomaly-score buckets as multiples of each served model's image threshold: drift shows as mass moving
-# towards 1.0 x threshold before frames start being flagged
+# Image scores as multiples of their model's image threshold: drift shows as mass moving towards 1.0
+# before frames start being flagged. One set of buckets for every model: absolute scores, bucketed at
+# each served model's multiples, gave a worker of two models (or a group mid-recalibration) the union
+# of both sets, and their sum in the dashboard's heatmap decreased with `le`.
 SCORE_MULTIPLES = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 
 
 class WorkerMetrics:
-    def __init__(self, stream: str, group: str, thresholds: list[float], registry: CollectorRegistry | None = None):
+    def __init__(self, stream: str, group: str, categories: list[str], registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         self.stream, self.group = stream, group
         r = self.registry
@@ -62,7 +68,7 @@ class WorkerMetrics:
                                       "them: lost frames, counted by the worker that read next (Redis >= 7).",
                                       ["stream"], registry=r)
         self.failures = Counter("ustudents_frame_failures", "Processing attempts that raised; the entry is retried.",
-                                ["stream"], registry=r)
+                                ["stream", "category"], registry=r)
         self.anomalies = Counter("ustudents_anomalies", "Published results with anomalous=1.",
                                  ["stream", "category"], registry=r)
         self.inference = Histogram("ustudents_inference_seconds", "Engine.predict time per batch.",
@@ -71,9 +77,9 @@ class WorkerMetrics:
                                     ["stream"], buckets=E2E_SECONDS, registry=r)
         self.batch_size = Histogram("ustudents_batch_size", "Frames per inference batch.",
                                     ["stream"], buckets=BATCH_SIZES, registry=r)
-        buckets = sorted({round(m * t, 6) for t in thresholds for m in SCORE_MULTIPLES}) or [1.0]
-        self.score = Histogram("ustudents_anomaly_score", "Image anomaly scores (buckets: multiples of the threshold).",
-                               ["stream", "category"], buckets=buckets, registry=r)
+        self.score = Histogram("ustudents_anomaly_score_ratio",
+                               "Image anomaly score divided by its model's image threshold (1 = the threshold).",
+                               ["stream", "category"], buckets=SCORE_MULTIPLES, registry=r)
         self.lag = Gauge("ustudents_consumer_lag_entries", "Entries of the stream not yet delivered to the group.",
                          ["stream", "group"], registry=r)
         self.pending = Gauge("ustudents_pending_entries", "Entries delivered to the group and not yet acknowledged.",
@@ -96,11 +102,36 @@ class WorkerMetrics:
         self.serving_since = Gauge("ustudents_serving_since_seconds",
                                    "Unix time the worker began reading the stream, its model loaded.", ["stream"],
                                    registry=r)
+        # Every counter and histogram series exists from the start at 0: rate() and increase() need a
+        # sample before the first event, or a restarted worker's first anomaly, dead letter or
+        # latencies (a scrape's worth) go uncounted
         self.ready.labels(stream).set(0)
         self.held.labels(stream).set(0)
-        self.reconnects.labels(stream)
-        self.failures.labels(stream)
-        self.trimmed_unread.labels(stream)
+        for per_stream in (self.reconnects, self.trimmed_unread, self.inference, self.end_to_end, self.batch_size):
+            per_stream.labels(stream)
+        for category in categories:
+            for per_model in (self.processed, self.anomalies, self.failures, self.score):
+                per_model.labels(stream, category)
+        for reason in schema.REASONS:
+            self.dead_lettered.labels(stream, reason)
+
+    def observe_score(self, category: str, score: float, threshold: float) -> None:
+        """The score in multiples of the threshold. Calibration gives positive thresholds (high quantiles
+        of standardized errors); a model whose threshold is not would have its order reversed: left out."""
+        if threshold > 0:
+            self.score.labels(self.stream, category).observe(score / threshold)
+
+    def forget_stream_state(self) -> None:
+        """Withdraw the lag, pending and length gauges (this worker cannot read them now: Redis is
+        unreachable from it). Kept at their last values, they outlived the outage: the alerts take the
+        max over the group's workers, so one cut-off worker's frozen backlog paged UstudentsLineStalled
+        and UstudentsBacklogNearStreamCap on a line its other workers had drained."""
+        for gauge, labels in ((self.lag, (self.stream, self.group)), (self.pending, (self.stream, self.group)),
+                              (self.length, (self.stream,))):
+            try:
+                gauge.remove(*labels)
+            except KeyError:
+                pass  # never set
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -228,14 +228,7 @@ class Worker:
         self.models = {category: e.info["model"] for category, e in engines.items()}  # announced (_hold_name)
         self.shapes = {category: e.bundle.frame_shapes for category, e in engines.items()}  # None: not checked
         s = settings
-        self.metrics = WorkerMetrics(s.stream, s.group, [e.image_threshold for e in engines.values()])
-        # Every counter series exists from the start at 0: rate() and increase() need a sample before
-        # the first event, or a worker's first anomaly or dead letter after a restart goes uncounted
-        for category in engines:
-            self.metrics.processed.labels(s.stream, category)
-            self.metrics.anomalies.labels(s.stream, category)
-        for reason in schema.REASONS:
-            self.metrics.dead_lettered.labels(s.stream, reason)
+        self.metrics = WorkerMetrics(s.stream, s.group, list(engines))
         for engine in engines.values():
             info = engine.info
             self.metrics.model_info.labels(s.stream, info["model"], __version__, info["category"], info["backend"],
@@ -915,7 +908,7 @@ class Worker:
     def _failed(self, entry: Entry, err: BaseException, category: str) -> Outcome:
         """A frame whose processing raised: dead-lettered on its last allowed delivery, else left
         pending (not acknowledged) for another attempt once it has been idle `claim_idle_ms`."""
-        self.metrics.failures.labels(self.s.stream).inc()
+        self.metrics.failures.labels(self.s.stream, category).inc()
         message = f"{type(err).__name__}: {err}"
         # Nothing scored yet in this process: the fault may be the model's or the device's (a
         # restarted worker whose model fails on every frame), so the attempt is not charged to the
@@ -1028,7 +1021,7 @@ class Worker:
                 continue
             category = outcome.category
             m.processed.labels(stream, category).inc()
-            m.score.labels(stream, category).observe(outcome.score)
+            m.observe_score(category, outcome.score, self.engines[category].image_threshold)
             self.totals.processed += 1
             if outcome.anomalous:
                 m.anomalies.labels(stream, category).inc()
@@ -1062,11 +1055,14 @@ class Worker:
                     m.pending.labels(s.stream, s.group).set(int(info.get("pending", 0)))
                     self._report_lag(info)
                     m.length.labels(s.stream).set(self.io.length())
+                else:  # the group is gone (deleted, or Redis lost its data): nothing to report until it is back
+                    m.forget_stream_state()
                 self.redis_state.ok()
             except UNAVAILABLE as err:
+                m.forget_stream_state()
                 self.redis_state.failed(err)
             except redis.ResponseError:
-                pass  # the stream does not exist yet
+                m.forget_stream_state()  # the stream does not exist (yet, or any more)
             self._gpu_memory()
             at = time.monotonic()
             if at >= next_summary:
