@@ -950,6 +950,87 @@ def test_a_predict_into_an_earlier_ones_out_replaces_its_results_whole_and_one_r
     assert {p: p.read_bytes() for p in out.iterdir()} == kept
 
 
+def test_a_predict_stopped_part_way_leaves_no_results_json_naming_its_new_masks(small_bundle, tiny_mvtec, tmp_path,
+                                                                                  monkeypatch):
+    """A predict stopped part-way into an earlier one's --out left that run's results.json, which then
+    named this run's new masks with the old run's scores and verdicts. It goes before the first picture
+    is replaced, and the stop says where the scores are."""
+    from ustudents.train import evaluate as evaluate_module
+
+    test = tiny_mvtec / TINY_CATEGORY / "test"
+    out = tmp_path / "pred"
+    assert_ok(invoke("predict", small_bundle, test / "scratch" / "000.png", test / "scratch" / "001.jpg", "--out", out))
+    real, written = evaluate_module.write_png, []
+
+    def stop_after_one_image(path, image):
+        if len(written) == 2:  # its mask and overlay written
+            raise KeyboardInterrupt
+        written.append(path.name)
+        return real(path, image)
+
+    monkeypatch.setattr(evaluate_module, "write_png", stop_after_one_image)
+    stopped = invoke("predict", small_bundle, test / "good" / "000.png", test / "good" / "001.jpg", "--out", out)
+    monkeypatch.undo()
+    assert stopped.exit_code == 130 and written == ["000_mask.png", "000_overlay.png"]
+    assert (f"--out {out}: stopped part-way, so it holds no results.json (written once every image is scored); the "
+            "lines above give the scores of those done") in stopped.output
+    assert not (out / "results.json").exists()
+    assert_ok(invoke("predict", small_bundle, test / "good" / "000.png", "--out", out))  # and it runs again
+    assert sorted(p.name for p in out.iterdir()) == [PREDICT_OUTPUTS, "000_mask.png", "000_overlay.png", "results.json"]
+
+
+def test_evaluate_leaves_only_its_own_run_in_the_overlays_folder(small_copy, eval_root, tmp_path):
+    """A second evaluate into the same --overlays kept the first's overlays of images no longer in the
+    test set beside its own (an old model's verdicts, read as the new one's)."""
+    from ustudents.train.evaluate import OVERLAY_OUTPUTS
+
+    overlays = tmp_path / "overlays"
+    assert_ok(invoke("evaluate", small_copy, "--data-root", eval_root, "--overlays", overlays))
+    assert {p.parent.name for p in overlays.rglob("*.png")} == {"good", "scratch", "spot"}
+    fewer = copy_dataset(eval_root, tmp_path / "fewer")
+    shutil.rmtree(fewer / TINY_CATEGORY / "test" / "spot")
+    shutil.rmtree(fewer / TINY_CATEGORY / "ground_truth" / "spot")
+    (overlays / "notes.txt").write_text("mine")
+    assert_ok(invoke("evaluate", small_copy, "--data-root", fewer, "--overlays", overlays))
+    kept = sorted(p.relative_to(overlays).as_posix() for p in overlays.rglob("*") if p.is_file())
+    wanted = sorted(f"{p.parent.name}/{p.stem}.png" for p in (fewer / TINY_CATEGORY / "test").rglob("*.*"))
+    assert kept == sorted([*wanted, OVERLAY_OUTPUTS, "notes.txt"])
+    assert not (overlays / "spot").exists()
+    assert json.loads((overlays / OVERLAY_OUTPUTS).read_text()) == wanted
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_predict_and_evaluate_stop_on_sigterm_as_on_ctrl_c(command, small_copy, eval_root, tmp_path, monkeypatch):
+    """`docker stop`, a Kubernetes Job's end or a dropped SSH session (SIGTERM, SIGHUP) killed them
+    where they stood: no line, exit 143, a hidden partial file left. They stop as on Ctrl-C."""
+    from ustudents.train import evaluate as evaluate_module
+
+    class Killed(Exception):
+        pass
+
+    def default(signum, frame):  # stands for the default action, which would end this test process
+        raise Killed
+
+    before = signal.signal(signal.SIGTERM, default)  # restored below, whatever happens
+    real = evaluate_module.write_png
+
+    def terminated(path, image):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(path, image)
+
+    monkeypatch.setattr(evaluate_module, "write_png", terminated)
+    try:
+        image = eval_root / TINY_CATEGORY / "test" / "good" / "000.png"
+        args = (("predict", small_copy, image, "--out", tmp_path / "out") if command == "predict" else
+                ("evaluate", small_copy, "--data-root", eval_root, "--overlays", tmp_path / "out"))
+        stopped = invoke(*args)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.exit_code == 130, (stopped.output, repr(stopped.exception))
+    assert stopped.output.rstrip().endswith("interrupted")
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".partial")]
+
+
 def test_predict_and_evaluate_never_replace_files_they_did_not_write(small_bundle, tiny_mvtec, eval_root, tmp_path):
     """MVTec's ground truth is named <stem>_mask.png, as predict's masks are: --out the ground-truth
     folder replaced the masks with predictions. And evaluate checked its outputs against the model's

@@ -482,12 +482,13 @@ def evaluate_cmd(model, data_root, json_file, overlays, batch, backend, precisio
                                                            or real_path(overlays) in real_path(json_file).parents):
         raise InputError(f"--json {json_file}: the --overlays folder or inside it, where an overlay could replace it; "
                          "give it a path apart")
-    engine = load_engine(bundle, backend, device, precision, max_batch=batch)
-    click.echo(f"engine: {engine.describe()}")
-    results = evaluate(engine, data_root, overlays, log=click.echo)
-    click.echo(format_table(results))
-    if json_file:
-        write_json(json_file, results)
+    with stop_signals_as_ctrl_c():  # `docker stop`, a closed terminal: one line, exit 130, no partial file
+        engine = load_engine(bundle, backend, device, precision, max_batch=batch)
+        click.echo(f"engine: {engine.describe()}")
+        results = evaluate(engine, data_root, overlays, log=click.echo)
+        click.echo(format_table(results))
+        if json_file:
+            write_json(json_file, results)
 
 
 @click.command("predict")
@@ -510,10 +511,18 @@ def predict_cmd(model, images, out, backend, precision, device):
         verdict = "ANOMALOUS" if r["anomalous"] else "ok"
         click.echo(f"{r['image']}\tscore {r['score']:.3f}\t{verdict}\tmask {r['mask']}")
     plan = plan_predict(list(images), out, load_bundle(model))  # before the engine loads
-    engine = load_engine(model, backend, device, precision)
-    click.echo(f"engine: {engine.describe()}")
-    replacing = bool(plan.earlier)
-    predict(engine, plan, on_result=line)
+    with stop_signals_as_ctrl_c():  # `docker stop`, a closed terminal: as Ctrl-C
+        engine = load_engine(model, backend, device, precision)
+        click.echo(f"engine: {engine.describe()}")
+        replacing = bool(plan.earlier)
+        try:
+            predict(engine, plan, on_result=line)
+        except (KeyboardInterrupt, OSError):  # a stop, a full disk
+            if not (out / "results.json").exists():
+                click.echo(f"--out {out}: stopped part-way, so it holds no results.json (written once every image "
+                           "is scored); the lines above give the scores of those done. Run again to replace the "
+                           "outputs", err=True)
+            raise
     if replacing:  # said once done: a refusal would have left the earlier results as they were
         click.echo(f"--out {out}: these results replaced those of the earlier predict there")
 

@@ -169,9 +169,9 @@ def write_overlays(folder: Path, samples: list[dataset.Sample], engine: Engine, 
     image's own size (as `ustudents predict` draws them)."""
     levels, verdicts = engine.mask_levels(fused), engine.verdicts(scores)
     folder.mkdir(parents=True, exist_ok=True)
-    earlier = listed_outputs(folder / OVERLAY_OUTPUTS)
+    earlier, own = listed_outputs(folder / OVERLAY_OUTPUTS), set(overlay_names(samples))
     # listed before the first is written: a run stopped part-way must be allowed to replace its own
-    write_json(folder / OVERLAY_OUTPUTS, sorted(earlier | set(overlay_names(samples))))
+    write_json(folder / OVERLAY_OUTPUTS, sorted(earlier | own))
     for s, level, flagged in zip(samples, levels, verdicts):
         frame = read_image(s.path, engine.bundle.uint16_bits)
         full = map_to_frame(level, frame.shape[:2])
@@ -179,6 +179,18 @@ def write_overlays(folder: Path, samples: list[dataset.Sample], engine: Engine, 
         out = folder / s.defect / f"{s.path.stem}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         write_png(out, heatmap_overlay(frame, full.cpu().numpy(), engine.mask_threshold, over.cpu().numpy()))
+    # the folder holds this run's overlays alone: an earlier run's of images no longer in the test set
+    # (or of another model) stayed beside them, read as this run's
+    for name in sorted(earlier - own):
+        parts = Path(name).parts
+        if len(parts) != 2 or not name.endswith(".png") or any(p in (".", "..") for p in parts):
+            continue  # not a name evaluate writes (an edited list): nothing outside <type>/<stem>.png is removed
+        (folder / name).unlink(missing_ok=True)
+        try:
+            (folder / parts[0]).rmdir()  # a type the test set no longer has, now empty
+        except OSError:
+            pass  # holds other overlays, or files of the user's
+    write_json(folder / OVERLAY_OUTPUTS, sorted(own))
 
 
 def format_table(results: dict) -> str:
@@ -277,6 +289,9 @@ def _predict(engine: Engine, paths: list[Path], names: list[str], out: Path, ear
     # its results.json, written last, does not name, and the run again must be allowed to replace them
     own = {f"{n}_{kind}.png" for n in names for kind in ("mask", "overlay")}
     write_json(out / PREDICT_OUTPUTS, sorted(earlier | own))
+    # an earlier run's results.json goes before the first picture is replaced: left there by a run stopped
+    # part-way, it named this run's new masks with the old run's scores and verdicts
+    (out / "results.json").unlink(missing_ok=True)
     results = []
     for start in range(0, len(paths), engine.max_batch):
         batch = slice(start, start + engine.max_batch)
