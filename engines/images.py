@@ -260,7 +260,7 @@ def _decode_unchanged(data: bytes, source: str) -> np.ndarray:
         raise ImageError(f"{source}: empty (0 bytes); replace it with a valid PNG or JPEG image")
     img = _imdecode(data, source)
     if img is None or img.size == 0:
-        raise ImageError(f"{source}: cannot be decoded as an image (PNG, JPEG, BMP or TIFF); replace or remove it")
+        raise ImageError(f"{source}: cannot be decoded as an image (PNG, JPEG, BMP, TIFF or WebP); replace or remove it")
     if img.dtype not in (np.uint8, np.uint16):
         raise ImageError(f"{source}: {img.dtype} pixels; save it as an 8- or 16-bit integer image")
     if img.dtype == np.uint8 and tiff_bits_per_sample(data) == 16:

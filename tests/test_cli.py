@@ -999,6 +999,24 @@ def test_evaluate_leaves_only_its_own_run_in_the_overlays_folder(small_copy, eva
     assert json.loads((overlays / OVERLAY_OUTPUTS).read_text()) == wanted
 
 
+def test_evaluate_checks_the_test_set_before_the_engine_loads(small_copy, eval_root, tmp_path, monkeypatch):
+    """A test set evaluate cannot use (good images alone, no such category) was refused after the engine
+    had loaded: with TensorRT, after its plan's load."""
+    from ustudents.engines import runtime
+
+    def never(*a, **k):
+        raise AssertionError("the engine loaded before the test set was checked")
+
+    monkeypatch.setattr(runtime, "load_engine", never)
+    good_only = copy_dataset(eval_root, tmp_path / "good-only")
+    for defect in ("scratch", "spot"):
+        shutil.rmtree(good_only / TINY_CATEGORY / "test" / defect)
+    assert_input_error(invoke("evaluate", small_copy, "--data-root", good_only),
+                       f"{good_only / TINY_CATEGORY / 'test'}: needs both good and defective images")
+    result = invoke("evaluate", small_copy, "--data-root", tmp_path / "good-only-not-there")
+    assert result.exit_code == 2 and "engine:" not in result.output and "AssertionError" not in result.output
+
+
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
 def test_predict_and_evaluate_stop_on_sigterm_as_on_ctrl_c(command, small_copy, eval_root, tmp_path, monkeypatch):
     """`docker stop`, a Kubernetes Job's end or a dropped SSH session (SIGTERM, SIGHUP) killed them

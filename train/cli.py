@@ -466,7 +466,7 @@ def evaluate_cmd(model, data_root, json_file, overlays, batch, backend, precisio
     """Image AUROC, pixel AUROC and AU-PRO (FPR <= 0.3) of MODEL on its category's test set."""
     from ustudents.engines.runtime import load_engine
 
-    from .evaluate import evaluate, format_table, write_json
+    from .evaluate import checked_for, evaluate, format_table, write_json
 
     if batch < 1:
         raise InputError(f"--batch {batch}: must be at least 1")
@@ -483,9 +483,10 @@ def evaluate_cmd(model, data_root, json_file, overlays, batch, backend, precisio
         raise InputError(f"--json {json_file}: the --overlays folder or inside it, where an overlay could replace it; "
                          "give it a path apart")
     with stop_signals_as_ctrl_c():  # `docker stop`, a closed terminal: one line, exit 130, no partial file
+        checked = checked_for(bundle, data_root, overlays)  # before the engine loads (a TensorRT plan's wait)
         engine = load_engine(bundle, backend, device, precision, max_batch=batch)
         click.echo(f"engine: {engine.describe()}")
-        results = evaluate(engine, data_root, overlays, log=click.echo)
+        results = evaluate(engine, data_root, overlays, log=click.echo, checked=checked)
         click.echo(format_table(results))
         if json_file:
             write_json(json_file, results)

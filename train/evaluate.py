@@ -62,17 +62,26 @@ def engine_maps(engine: Engine, images: np.ndarray, desc: str | None = None) -> 
     return np.concatenate(fused), np.concatenate(scales)
 
 
+def checked_for(bundle, data_root: Path, overlays: Path | None = None,
+                samples: list[dataset.Sample] | None = None) -> tuple[list[dataset.Sample], np.ndarray, np.ndarray]:
+    """The bundle's test set under DATA_ROOT (or `samples` of it), checked (dataset.checked_test_set), and
+    the --overlays folder checked against it: before the engine loads and minutes of scoring, not after."""
+    checked = dataset.checked_test_set(data_root, bundle.manifest["category"], bundle.image_size, samples)
+    if overlays is not None:
+        check_overlays(overlays, checked[0])
+    return checked
+
+
 def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=print,
-             samples: list[dataset.Sample] | None = None) -> dict:
+             samples: list[dataset.Sample] | None = None, checked: tuple | None = None) -> dict:
     """Evaluate the engine's bundle on DATA_ROOT/<category>/test (or on `samples` of it, a subset a
-    benchmark chose); returns the results and stores them in the bundle's manifest."""
+    benchmark chose; `checked`: what checked_for returned, where the caller checked before loading the
+    engine); returns the results and stores them in the bundle's manifest."""
     t0 = time.time()
     bundle = engine.bundle
     category, size = bundle.manifest["category"], bundle.image_size
-    samples, labels, regions = dataset.checked_test_set(data_root, category, size, samples)
+    samples, labels, regions = checked or checked_for(bundle, data_root, overlays, samples)
     masks = regions > 0
-    if overlays is not None:  # before minutes of scoring, not after
-        check_overlays(overlays, samples)
     shapes: list[tuple[int, int]] = []
     images = dataset.load_images(samples, size, desc="loading test images", bits=bundle.uint16_bits, shapes=shapes)
     known = bundle.frame_shapes
