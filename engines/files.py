@@ -21,8 +21,11 @@ def write_atomically(path: str | Path, data: bytes | str, mode: int | None = Non
         if mode is not None:
             tmp.chmod(mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None and err.errno is not None:
+            # write() and fsync() name no file: a full disk read "writing the output: No space left on device"
+            raise OSError(err.errno, err.strerror, str(path)) from None
         raise
 
 

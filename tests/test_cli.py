@@ -1225,6 +1225,22 @@ def test_a_full_disk_loses_overlays_not_the_evaluation_and_is_named_with_a_fix(s
                        "writing the output: No space left on device; free space on that disk and run the command again")
 
 
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
+    """write() and fsync() raise without a file name: a full disk under predict read "writing the output:
+    No space left on device", naming no folder. The file is named, and no partial file stays."""
+    from ustudents.engines.files import os_error_line, write_atomically
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as raised:
+        write_atomically(tmp_path / "results.json", "[]")
+    assert os_error_line(raised.value) == (f"{tmp_path / 'results.json'}: No space left on device; free space on that "
+                                           "disk and run the command again")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_os_error_without_a_file_name_is_not_blamed_on_writing_unless_only_writing_raises_it():
     """A disk I/O error reading the bundle was reported as "writing the output: Input/output error"."""
     from ustudents.engines.files import os_error_line
