@@ -92,8 +92,9 @@ class RedisServer:
     """A redis-server of the test's own, on a free port, persisting to `folder` (AOF, fsync always),
     so that stopping and starting it again is a Redis restart with nothing lost."""
 
-    def __init__(self, folder: Path, password: str | None = None, tls: dict | None = None, exe: str | None = None):
-        self.folder, self.password, self.tls = folder, password, tls
+    def __init__(self, folder: Path, password: str | None = None, tls: dict | None = None, exe: str | None = None,
+                 args: tuple[str, ...] = ()):
+        self.folder, self.password, self.tls, self.args = folder, password, tls, args
         self.exe = exe or redis_server_binaries()[0]
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -114,6 +115,7 @@ class RedisServer:
             else ["--port", str(self.port)]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.args
         log = self.folder / "redis-server.log"
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
@@ -963,6 +965,26 @@ def test_a_redis_user_not_allowed_the_workers_commands_is_refused_in_one_line_at
     finally:
         server.stop()
 
+
+
+def test_a_redis_cluster_is_refused_in_one_line_at_start(small_bundle, tmp_path):
+    """A line's keys lie in other hash slots, which a cluster spreads over nodes: the worker's first
+    look at them read "CLUSTERDOWN Hash slot not served" (or MOVED) as if Redis were broken, and a node
+    holding them all refuses the publish script (CROSSSLOT). It is named as what ustudents does not support."""
+    server = RedisServer(tmp_path, args=("--cluster-enabled", "yes", "--cluster-config-file",
+                                         str(tmp_path / "nodes.conf")))
+    while server.port > 55_000:  # a node's cluster bus listens on its port + 10000
+        server.port = free_port()
+    server.start()
+    try:
+        out = CliRunner().invoke(main, ["worker", "--stream", "line1", "--model", str(small_bundle), "--redis-url",
+                                        server.url, "--metrics-port", "0", "--device", "cpu"])
+    finally:
+        server.stop()
+    assert out.exit_code == 2, out.output
+    assert (f"Redis at {server.url} is a Redis Cluster node, which ustudents does not support" in out.output
+            and "use a standalone Redis" in out.output), out.output
+    assert "Traceback" not in out.output and len(out.output.strip().splitlines()) == 1, out.output
 
 
 def test_a_redis_that_evicts_keys_at_its_cap_is_named_in_a_warning_at_start(tmp_path, caplog):

@@ -102,10 +102,19 @@ def eviction_policy(client: redis.Redis) -> str | None:
     return policy if int(config.get("maxmemory") or 0) > 0 and policy not in (None, "noeviction") else None
 
 
+def cluster_enabled(client: redis.Redis) -> bool:
+    """Whether this Redis is a node of a Redis Cluster (INFO cluster); False where INFO is not allowed."""
+    try:
+        return int(client.info("cluster").get("cluster_enabled", 0)) == 1
+    except redis.ResponseError:
+        return False
+
+
 def check_redis_setup(settings: WorkerSettings) -> bool:
     """What would make the worker fail however long it retried, found before the model loads:
-    a wrong password, a database index Redis does not have, a key of the stream's that is not a
-    stream, a Redis user not allowed the commands the worker runs (ACL), a second consumer group.
+    a wrong password, a database index Redis does not have, a Redis Cluster, a key of the stream's
+    that is not a stream, a Redis user not allowed the commands the worker runs (ACL), a second
+    consumer group.
     Redis being unreachable is not among them: False then (the worker waits for it, and runs these
     checks at first contact: Worker.setup_check); True once checked."""
     from . import schema
@@ -115,6 +124,14 @@ def check_redis_setup(settings: WorkerSettings) -> bool:
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     client = connect(settings.redis_url, password)
     try:
+        if cluster_enabled(client):
+            # its keys' hash slots spread a line's keys over nodes: the first TYPE read "MOVED 7186 ..." or
+            # "CLUSTERDOWN Hash slot not served", and a node holding them all refuses the publish script (CROSSSLOT)
+            raise InputError(f"Redis at {shown_url(settings.redis_url)} is a Redis Cluster node, which ustudents does not "
+                             f"support: a frame's result, its done marker and its acknowledgement are written in one "
+                             f"script, over keys ({settings.stream}, {schema.results_stream(settings.stream)}, "
+                             f"{settings.stream}:done:...) that a cluster spreads over nodes; use a standalone Redis "
+                             "(replicas and Sentinel for failover)")
         pipe = client.pipeline(transaction=False)
         keys = [settings.stream, schema.results_stream(settings.stream), schema.dead_stream(settings.stream)]
         for key in keys:
