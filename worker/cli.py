@@ -131,7 +131,7 @@ def check_redis_setup(settings: WorkerSettings) -> bool:
                              f"support: a frame's result, its done marker and its acknowledgement are written in one "
                              f"script, over keys ({settings.stream}, {schema.results_stream(settings.stream)}, "
                              f"{settings.stream}:done:...) that a cluster spreads over nodes; use a standalone Redis "
-                             "(replicas and Sentinel for failover)")
+                             "(one primary, which may have replicas)")
         pipe = client.pipeline(transaction=False)
         keys = [settings.stream, schema.results_stream(settings.stream), schema.dead_stream(settings.stream)]
         for key in keys:
