@@ -168,6 +168,11 @@ def check_bundle_writable(path: Path, engines_too: bool = False) -> None:
                          "the copy")
 
 
+def nohup(sig: int) -> bool:
+    """SIGHUP set to be ignored (`nohup`): then a closed terminal must not stop a long run, nor a worker."""
+    return sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN
+
+
 @contextmanager
 def stop_signals_as_ctrl_c():
     """`docker stop`, systemd and Kubernetes end a job with SIGTERM, and a closed terminal (an SSH
@@ -182,7 +187,7 @@ def stop_signals_as_ctrl_c():
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    before = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    before = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP) if not nohup(sig)}
     try:
         yield
     finally:

@@ -972,8 +972,8 @@ def test_a_predict_stopped_part_way_leaves_no_results_json_naming_its_new_masks(
     stopped = invoke("predict", small_bundle, test / "good" / "000.png", test / "good" / "001.jpg", "--out", out)
     monkeypatch.undo()
     assert stopped.exit_code == 130 and written == ["000_mask.png", "000_overlay.png"]
-    assert (f"--out {out}: stopped part-way, so it holds no results.json (written once every image is scored); the "
-            "lines above give the scores of those done") in stopped.output
+    assert (f"--out {out}: stopped part-way, after 1 of 2 images, so it holds no results.json (written once every "
+            "image is scored); the lines above give the scores of those done") in stopped.output
     assert not (out / "results.json").exists()
     assert_ok(invoke("predict", small_bundle, test / "good" / "000.png", "--out", out))  # and it runs again
     assert sorted(p.name for p in out.iterdir()) == [PREDICT_OUTPUTS, "000_mask.png", "000_overlay.png", "results.json"]
@@ -997,6 +997,18 @@ def test_evaluate_leaves_only_its_own_run_in_the_overlays_folder(small_copy, eva
     assert kept == sorted([*wanted, OVERLAY_OUTPUTS, "notes.txt"])
     assert not (overlays / "spot").exists()
     assert json.loads((overlays / OVERLAY_OUTPUTS).read_text()) == wanted
+    # an edited list removes nothing outside <type>/<stem>.png in the folder: not an absolute name, not
+    # through '..', nor through a <type> folder that links elsewhere
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victims = [outside / "victim.png", tmp_path / "up.png", outside / "linked.png"]
+    for victim in victims:
+        victim.write_bytes(b"mine")
+    (overlays / "elsewhere").symlink_to(outside)
+    names = [str(victims[0]), "../up.png", "scratch/../../up.png", "elsewhere/linked.png"]
+    (overlays / OVERLAY_OUTPUTS).write_text(json.dumps(wanted + names))
+    assert_ok(invoke("evaluate", small_copy, "--data-root", fewer, "--overlays", overlays))
+    assert all(victim.read_bytes() == b"mine" for victim in victims)
 
 
 def test_evaluate_checks_the_test_set_before_the_engine_loads(small_copy, eval_root, tmp_path, monkeypatch):

@@ -49,7 +49,7 @@ from ustudents.worker.connection import refusal
 from ustudents.worker.metrics import METRIC_NAMES, starting
 from ustudents.worker.publish import FramePublisher, frames_from, publish
 from ustudents.worker.service import Worker
-from ustudents.worker.settings import WorkerSettings
+from ustudents.worker.settings import WorkerSettings, shown_url
 from ustudents.worker.streams import Entry, PublishRefused, Record, StreamIO
 
 FAST = dict(block_ms=100, backoff_max_s=0.3, stats_interval_s=0.2, shutdown_timeout_s=20)
@@ -286,14 +286,17 @@ def in_process_worker(engines, redis_url: str, stream: str, **settings):
     assert codes == [0], f"worker exit code {codes}"
 
 
-def spawn_worker(small_bundle: Path, redis_url: str, stream: str, consumer: str, cwd: Path, *args: str) -> subprocess.Popen:
-    """`python -m ustudents.worker` as a process of its own (for kill -9 and SIGTERM)."""
+def spawn_worker(small_bundle: Path, redis_url: str, stream: str, consumer: str, cwd: Path, *args: str,
+                 sighup=signal.SIG_DFL) -> subprocess.Popen:
+    """`python -m ustudents.worker` as a process of its own (for kill -9 and SIGTERM); `sighup`: SIGHUP's
+    disposition it starts with (SIG_IGN: under `nohup`)."""
     cmd = [sys.executable, "-m", "ustudents.worker", "--stream", stream, "--model", str(small_bundle),
            "--redis-url", redis_url, "--consumer", consumer, "--backend", "torch", "--device", "cpu",
            "--precision", "fp32", "--metrics-port", "0", *args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("USTUDENTS_")}
     env["USTUDENTS_BLOCK_MS"] = "100"
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, sighup))
 
 
 def joined(r: redis.Redis, stream: str, consumer: str) -> bool:
@@ -970,21 +973,26 @@ def test_a_redis_user_not_allowed_the_workers_commands_is_refused_in_one_line_at
 def test_a_redis_cluster_is_refused_in_one_line_at_start(small_bundle, tmp_path):
     """A line's keys lie in other hash slots, which a cluster spreads over nodes: the worker's first
     look at them read "CLUSTERDOWN Hash slot not served" (or MOVED) as if Redis were broken, and a node
-    holding them all refuses the publish script (CROSSSLOT). It is named as what ustudents does not support."""
+    holding them all refuses the publish script (CROSSSLOT). It is named as what ustudents does not support,
+    also to a user given the worker's ACL alone, which may not run INFO."""
     server = RedisServer(tmp_path, args=("--cluster-enabled", "yes", "--cluster-config-file",
                                          str(tmp_path / "nodes.conf")))
     while server.port > 55_000:  # a node's cluster bus listens on its port + 10000
         server.port = free_port()
     server.start()
     try:
-        out = CliRunner().invoke(main, ["worker", "--stream", "line1", "--model", str(small_bundle), "--redis-url",
-                                        server.url, "--metrics-port", "0", "--device", "cpu"])
+        from ustudents.worker.cli import ACL_NEEDED
+        client(server.url).execute_command("ACL", "SETUSER", "line", "on", ">pw", "~line1*", *ACL_NEEDED.split())
+        outs = {url: CliRunner().invoke(main, ["worker", "--stream", "line1", "--model", str(small_bundle),
+                                               "--redis-url", url, "--metrics-port", "0", "--device", "cpu"])
+                for url in (server.url, f"redis://line:pw@127.0.0.1:{server.port}/0")}
     finally:
         server.stop()
-    assert out.exit_code == 2, out.output
-    assert (f"Redis at {server.url} is a Redis Cluster node, which ustudents does not support" in out.output
-            and "use a standalone Redis" in out.output), out.output
-    assert "Traceback" not in out.output and len(out.output.strip().splitlines()) == 1, out.output
+    for url, out in outs.items():
+        assert out.exit_code == 2, out.output
+        assert (f"Redis at {shown_url(url)} is a Redis Cluster node, which ustudents does not support" in out.output
+                and "use a standalone Redis" in out.output), out.output
+        assert "Traceback" not in out.output and len(out.output.strip().splitlines()) == 1, out.output
 
 
 def test_a_redis_that_evicts_keys_at_its_cap_is_named_in_a_warning_at_start(tmp_path, caplog):
@@ -1841,6 +1849,40 @@ def test_sighup_stops_the_worker_as_sigterm_does(small_bundle, redis_url, stream
     assert not joined(r, stream, "hup")
 
 
+def test_a_worker_started_under_nohup_outlives_its_terminal(small_bundle, redis_url, stream, tmp_path):
+    """`nohup ustudents-worker ... &` ignores SIGHUP so that closing the terminal leaves the worker
+    serving; the worker's own SIGHUP handler replaced that, and a closed terminal stopped the line."""
+    r = client(redis_url)
+    worker = spawn_worker(small_bundle, redis_url, stream, "nohup", tmp_path, sighup=signal.SIG_IGN)
+    try:
+        wait_for(lambda: joined(r, stream, "nohup") or worker.poll() is not None, 90, "the worker to start")
+        worker.send_signal(signal.SIGHUP)
+        time.sleep(1.5)
+        assert worker.poll() is None and joined(r, stream, "nohup")
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(60)
+        log = worker.stdout.read()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert code == 0 and "SIGHUP" not in log and "SIGTERM received" in log, log
+
+
+def test_stop_signals_as_ctrl_c_leave_an_ignored_sighup_ignored():
+    """predict, evaluate, train, calibrate and build-engines take SIGTERM and SIGHUP as Ctrl-C, but under
+    `nohup` (SIGHUP ignored) a closed terminal must not stop them."""
+    from ustudents.engines.cli import stop_signals_as_ctrl_c
+
+    before, term = signal.signal(signal.SIGHUP, signal.SIG_IGN), signal.getsignal(signal.SIGTERM)
+    try:
+        with stop_signals_as_ctrl_c():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (term, signal.SIG_IGN)  # SIGTERM is taken as Ctrl-C
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_a_second_stop_signal_exits_at_once_unless_it_is_the_first_repeated(monkeypatch):
     """GNU timeout sends SIGTERM to the worker and then to its process group: that one stop, taken as a
     second, force-exited a worker that was finishing its batches (exit 1, frames left pending)."""
@@ -2141,7 +2183,9 @@ def test_a_worker_that_cannot_read_the_streams_state_withdraws_it(engines, frame
     """Lag, pending and length are the group's, and the alerts take their max over its workers: a worker
     cut off from Redis (its network, a frozen proxy) that kept exporting its last values paged
     UstudentsLineStalled and UstudentsBacklogNearStreamCap on a line its other workers had drained. It
-    withdraws them while it cannot read them, and while the group is gone, and exports them again after."""
+    withdraws them once it has not read them for three refresh periods (Redis unreachable, or the group
+    gone), and exports them again after. One failed read withdraws nothing: a scrape without them resets
+    the backlog alerts' clocks, and a Redis too busy to answer every read kept them from firing."""
     gauges = ("ustudents_consumer_lag_entries", "ustudents_pending_entries", "ustudents_stream_length_entries")
     r = client(redis_url)
 
@@ -2152,10 +2196,26 @@ def test_a_worker_that_cannot_read_the_streams_state_withdraws_it(engines, frame
     add_frame(r, stream, frames[0])
     with in_process_worker(engines, redis_url, stream) as worker:
         wait_for(lambda: exported(worker) == set(gauges), 20, "the stream's gauges")
-        real = worker.io.group_info
+        real, calls = worker.io.group_info, []
 
         def cut_off():
+            calls.append(1)
             raise redis.ConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+
+        def one_timeout():
+            if not calls:
+                calls.append(1)
+                raise redis.TimeoutError("Timeout reading from socket")
+            calls.append(1)
+            return real()
+
+        monkeypatch.setattr(worker.io, "group_info", one_timeout)
+        seen = []
+        while len(calls) < 4:  # the failed read and three after it (stats_interval_s 0.2)
+            seen.append(exported(worker))
+            time.sleep(0.02)
+        assert all(x == set(gauges) for x in seen), seen
+        calls.clear()
 
         monkeypatch.setattr(worker.io, "group_info", cut_off)
         wait_for(lambda: not exported(worker), 10, "the gauges withdrawn while Redis is unreachable")

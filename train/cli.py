@@ -511,19 +511,16 @@ def predict_cmd(model, images, out, backend, precision, device):
     def line(r: dict) -> None:
         verdict = "ANOMALOUS" if r["anomalous"] else "ok"
         click.echo(f"{r['image']}\tscore {r['score']:.3f}\t{verdict}\tmask {r['mask']}")
-    plan = plan_predict(list(images), out, load_bundle(model))  # before the engine loads
+    def stopped(done: int) -> None:
+        click.echo(f"--out {out}: stopped part-way, after {done} of {len(plan.paths)} images, so it holds no "
+                   "results.json (written once every image is scored); the lines above give the scores of those "
+                   "done. Run again to replace the outputs", err=True)
     with stop_signals_as_ctrl_c():  # `docker stop`, a closed terminal: as Ctrl-C
+        plan = plan_predict(list(images), out, load_bundle(model))  # before the engine loads
         engine = load_engine(model, backend, device, precision)
         click.echo(f"engine: {engine.describe()}")
         replacing = bool(plan.earlier)
-        try:
-            predict(engine, plan, on_result=line)
-        except (KeyboardInterrupt, OSError):  # a stop, a full disk
-            if not (out / "results.json").exists():
-                click.echo(f"--out {out}: stopped part-way, so it holds no results.json (written once every image "
-                           "is scored); the lines above give the scores of those done. Run again to replace the "
-                           "outputs", err=True)
-            raise
+        predict(engine, plan, on_result=line, on_stop=stopped)
     if replacing:  # said once done: a refusal would have left the earlier results as they were
         click.echo(f"--out {out}: these results replaced those of the earlier predict there")
 

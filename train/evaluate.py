@@ -178,6 +178,14 @@ def write_overlays(folder: Path, samples: list[dataset.Sample], engine: Engine, 
     image's own size (as `ustudents predict` draws them)."""
     levels, verdicts = engine.mask_levels(fused), engine.verdicts(scores)
     folder.mkdir(parents=True, exist_ok=True)
+    # one evaluate at a time writes there: each removes what it did not write, the other's overlays too
+    with locked(folder, f"--overlays {folder}: another `ustudents evaluate` is writing overlays there; waiting "
+                        "for it to finish", wait=True):
+        _write_overlays(folder, samples, engine, levels, verdicts)
+
+
+def _write_overlays(folder: Path, samples: list[dataset.Sample], engine: Engine, levels, verdicts) -> None:
+    """write_overlays' writing, once it holds the folder."""
     earlier, own = listed_outputs(folder / OVERLAY_OUTPUTS), set(overlay_names(samples))
     # listed before the first is written: a run stopped part-way must be allowed to replace its own
     write_json(folder / OVERLAY_OUTPUTS, sorted(earlier | own))
@@ -190,13 +198,17 @@ def write_overlays(folder: Path, samples: list[dataset.Sample], engine: Engine, 
         write_png(out, heatmap_overlay(frame, full.cpu().numpy(), engine.mask_threshold, over.cpu().numpy()))
     # the folder holds this run's overlays alone: an earlier run's of images no longer in the test set
     # (or of another model) stayed beside them, read as this run's
+    home = real_path(folder)
     for name in sorted(earlier - own):
-        parts = Path(name).parts
-        if len(parts) != 2 or not name.endswith(".png") or any(p in (".", "..") for p in parts):
-            continue  # not a name evaluate writes (an edited list): nothing outside <type>/<stem>.png is removed
-        (folder / name).unlink(missing_ok=True)
+        path = folder / name
+        # only what evaluate writes, <type>/<stem>.png in this folder: not a name an edited list holds
+        # (absolute, '..'), nor one through a <type> folder that links elsewhere
+        if (Path(name).is_absolute() or len(Path(name).parts) != 2 or not name.endswith(".png")
+                or ".." in Path(name).parts or real_path(path.parent).parent != home):
+            continue
+        path.unlink(missing_ok=True)
         try:
-            (folder / parts[0]).rmdir()  # a type the test set no longer has, now empty
+            path.parent.rmdir()  # a type the test set no longer has, now empty
         except OSError:
             pass  # holds other overlays, or files of the user's
     write_json(folder / OVERLAY_OUTPUTS, sorted(own))
@@ -273,11 +285,12 @@ def plan_predict(paths: list[Path], out: Path, bundle: Bundle) -> PredictPlan:
     return PredictPlan(list(paths), out, names, inputs, earlier)
 
 
-def predict(engine: Engine, plan: PredictPlan, on_result=lambda r: None) -> list[dict]:
+def predict(engine: Engine, plan: PredictPlan, on_result=lambda r: None, on_stop=lambda done: None) -> list[dict]:
     """Score the images of `plan` (plan_predict); write <out>/<stem>_mask.png, <stem>_overlay.png and
     results.json (names are prefixed with index and folder when two images share a file name);
-    `on_result` sees each image's record as it is written. An earlier predict's outputs in `out` are
-    replaced: at the end `out` holds this run's alone. One run at a time per `out`.
+    `on_result` sees each image's record as it is written, `on_stop` how many were done where the run
+    stops part-way (Ctrl-C, a full disk, any error), which leaves no results.json. An earlier predict's
+    outputs in `out` are replaced: at the end `out` holds this run's alone. One run at a time per `out`.
 
     Every image was decoded once by plan_predict before anything is written, so a bad one among
     thousands leaves no partial output; they are scored a batch at a time, so memory holds one batch
@@ -287,11 +300,11 @@ def predict(engine: Engine, plan: PredictPlan, on_result=lambda r: None) -> list
     # one run at a time: two wrote each other's masks under one name, and the first's results.json was lost
     with locked(out, f"--out {out}: another `ustudents predict` is writing there now; wait for it to finish, or "
                      "give another --out"):
-        return _predict(engine, plan.paths, plan.names, out, plan.earlier, plan.inputs, on_result)
+        return _predict(engine, plan.paths, plan.names, out, plan.earlier, plan.inputs, on_result, on_stop)
 
 
 def _predict(engine: Engine, paths: list[Path], names: list[str], out: Path, earlier: set[str],
-             inputs: dict[Path, Path], on_result) -> list[dict]:
+             inputs: dict[Path, Path], on_result, on_stop) -> list[dict]:
     """predict's writing, once its checks passed and it holds `out`."""
     bundle = engine.bundle
     # listed before the first is written: a run stopped part-way (Ctrl-C, a full disk) leaves outputs that
@@ -302,20 +315,24 @@ def _predict(engine: Engine, paths: list[Path], names: list[str], out: Path, ear
     # part-way, it named this run's new masks with the old run's scores and verdicts
     (out / "results.json").unlink(missing_ok=True)
     results = []
-    for start in range(0, len(paths), engine.max_batch):
-        batch = slice(start, start + engine.max_batch)
-        frames = [read_image(p, bundle.uint16_bits) for p in paths[batch]]
-        for path, name, frame, pr in zip(paths[batch], names[batch], frames, engine.predict(frames)):
-            mask_file = out / f"{name}_mask.png"
-            overlay_file = out / f"{name}_overlay.png"
-            write_png(mask_file, pr.mask.astype(np.uint8) * 255)
-            write_png(overlay_file, heatmap_overlay(frame, pr.mask_level, bundle.mask_threshold, pr.mask))
-            results.append({"image": str(path), "score": pr.score, "anomalous": bool(pr.anomalous),
-                            "threshold": bundle.image_threshold, "mask_threshold": bundle.mask_threshold,
-                            "mask": str(mask_file), "overlay": str(overlay_file),
-                            "model": bundle.manifest["id"], "engine": engine.describe()})
-            on_result(results[-1])
-    write_json(out / "results.json", results)
+    try:
+        for start in range(0, len(paths), engine.max_batch):
+            batch = slice(start, start + engine.max_batch)
+            frames = [read_image(p, bundle.uint16_bits) for p in paths[batch]]
+            for path, name, frame, pr in zip(paths[batch], names[batch], frames, engine.predict(frames)):
+                mask_file = out / f"{name}_mask.png"
+                overlay_file = out / f"{name}_overlay.png"
+                write_png(mask_file, pr.mask.astype(np.uint8) * 255)
+                write_png(overlay_file, heatmap_overlay(frame, pr.mask_level, bundle.mask_threshold, pr.mask))
+                results.append({"image": str(path), "score": pr.score, "anomalous": bool(pr.anomalous),
+                                "threshold": bundle.image_threshold, "mask_threshold": bundle.mask_threshold,
+                                "mask": str(mask_file), "overlay": str(overlay_file),
+                                "model": bundle.manifest["id"], "engine": engine.describe()})
+                on_result(results[-1])
+        write_json(out / "results.json", results)
+    except BaseException:
+        on_stop(len(results))
+        raise
     # --out holds this run's results alone: an earlier run's masks and overlays left beside them, which
     # results.json no longer names, would read as this run's
     for name in sorted(earlier - own - {"results.json"}):

@@ -102,6 +102,27 @@ def eviction_policy(client: redis.Redis) -> str | None:
     return policy if int(config.get("maxmemory") or 0) > 0 and policy not in (None, "noeviction") else None
 
 
+def is_cluster_error(err: redis.ResponseError) -> bool:
+    """What a Redis Cluster node answers for a key of another node's slot (MOVED, ASK), a slot no node
+    serves (CLUSTERDOWN), or keys of several slots in one call (CROSSSLOT). Not MASTERDOWN, which redis-py
+    files under CLUSTERDOWN: a replica of a standalone Redis that lost its primary says it too."""
+    return (isinstance(err, (redis.exceptions.ClusterDownError, redis.exceptions.AskError,
+                             redis.exceptions.ClusterCrossSlotError))
+            and not isinstance(err, redis.exceptions.MasterDownError))
+
+
+def cluster_refused(settings: WorkerSettings) -> str:
+    """Why a Redis Cluster is refused. Its hash slots spread a line's keys over nodes: the first look at
+    them read "Hash slot not served" (or MOVED) as if Redis were broken, and a node holding them all
+    refuses the publish script (CROSSSLOT)."""
+    from . import schema
+
+    return (f"Redis at {shown_url(settings.redis_url)} is a Redis Cluster node, which ustudents does not support: "
+            f"a frame's result, its done marker and its acknowledgement are written in one script, over keys "
+            f"({settings.stream}, {schema.results_stream(settings.stream)}, {settings.stream}:done:...) that a "
+            "cluster spreads over nodes; use a standalone Redis (one primary, which may have replicas)")
+
+
 def cluster_enabled(client: redis.Redis) -> bool:
     """Whether this Redis is a node of a Redis Cluster (INFO cluster); False where INFO is not allowed."""
     try:
@@ -125,13 +146,7 @@ def check_redis_setup(settings: WorkerSettings) -> bool:
     client = connect(settings.redis_url, password)
     try:
         if cluster_enabled(client):
-            # its keys' hash slots spread a line's keys over nodes: the first TYPE read "MOVED 7186 ..." or
-            # "CLUSTERDOWN Hash slot not served", and a node holding them all refuses the publish script (CROSSSLOT)
-            raise InputError(f"Redis at {shown_url(settings.redis_url)} is a Redis Cluster node, which ustudents does not "
-                             f"support: a frame's result, its done marker and its acknowledgement are written in one "
-                             f"script, over keys ({settings.stream}, {schema.results_stream(settings.stream)}, "
-                             f"{settings.stream}:done:...) that a cluster spreads over nodes; use a standalone Redis "
-                             "(one primary, which may have replicas)")
+            raise InputError(cluster_refused(settings))
         pipe = client.pipeline(transaction=False)
         keys = [settings.stream, schema.results_stream(settings.stream), schema.dead_stream(settings.stream)]
         for key in keys:
@@ -172,6 +187,8 @@ def check_redis_setup(settings: WorkerSettings) -> bool:
     except UNAVAILABLE:
         return False  # not up yet: the worker retries with backoff and reports not-ready meanwhile
     except redis.ResponseError as err:
+        if is_cluster_error(err):  # a user not allowed INFO (the worker's ACL) finds the cluster here
+            raise InputError(cluster_refused(settings)) from None
         if missing := missing_database(client, err):
             raise InputError(f"Redis at {shown_url(settings.redis_url)} answers, but has {missing}; give one it has in "
                              "the URL (redis://HOST:PORT/0)") from None

@@ -36,6 +36,7 @@ import redis
 
 from ustudents import __version__
 from ustudents.engines.bundle import load_bundle
+from ustudents.engines.cli import nohup
 from ustudents.engines.frame_shapes import UnexpectedShape
 from ustudents.engines.images import ImageError
 from ustudents.engines.runtime import Engine, Prediction, load_engine
@@ -63,6 +64,9 @@ JOIN_SLICE_S = 0.2  # the longest a signal handler waits while the main thread w
 NAME_HOLD_S, NAME_RENEW_S = 20, 5
 
 STOP = object()  # end of a queue
+# The group's lag, pending and length are withdrawn from /metrics once this many refresh periods
+# (stats_interval_s) have passed without a read of them (_monitor).
+STATE_GRACE_READS = 3
 # A `ts` this far ahead of the worker's clock (skewed camera clocks) or behind it (a backlog of a day)
 # is still a capture time; beyond, it is another unit (milliseconds) or an unset clock (0).
 TS_SKEW_S, TS_MAX_AGE_S = 300, 86_400
@@ -296,7 +300,8 @@ class Worker:
             # SIGHUP too (a closed terminal, a supervisor's reload): it ended the worker at once, no log
             # line, its consumer left in the group and its name held until the hold lapsed
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, self._on_signal)
+                if not nohup(sig):
+                    signal.signal(sig, self._on_signal)
         self.start_server()
         self._update_ready()
         s = self.s
@@ -1048,6 +1053,10 @@ class Worker:
         s, m = self.s, self.metrics
         since = time.monotonic()
         next_summary, last, last_dead = since + s.log_interval_s, (0, 0, 0), {}
+        # The stream's gauges are withdrawn once unread for this long, not at the first failed read: a
+        # scrape without them resets the backlog alerts' `for:` clocks, and a Redis too busy to answer
+        # every read (when backlogs happen) kept UstudentsBacklogNearStreamCap from ever firing
+        read_at, grace = since, STATE_GRACE_READS * s.stats_interval_s
         while True:
             try:
                 info = self.io.group_info()
@@ -1055,14 +1064,15 @@ class Worker:
                     m.pending.labels(s.stream, s.group).set(int(info.get("pending", 0)))
                     self._report_lag(info)
                     m.length.labels(s.stream).set(self.io.length())
-                else:  # the group is gone (deleted, or Redis lost its data): nothing to report until it is back
-                    m.forget_stream_state()
+                    read_at = time.monotonic()
+                # else the group is gone (deleted, or Redis lost its data): nothing to report until it is back
                 self.redis_state.ok()
             except UNAVAILABLE as err:
-                m.forget_stream_state()
                 self.redis_state.failed(err)
             except redis.ResponseError:
-                m.forget_stream_state()  # the stream does not exist (yet, or any more)
+                pass  # the stream does not exist (yet, or any more)
+            if time.monotonic() - read_at > grace:
+                m.forget_stream_state()
             self._gpu_memory()
             at = time.monotonic()
             if at >= next_summary:
