@@ -1832,40 +1832,32 @@ def test_sigterm_publishes_everything_in_flight_and_exits_0(small_bundle, frames
     assert not joined(r, stream, "term")  # a clean exit leaves no consumer behind
 
 
-def test_sighup_stops_the_worker_as_sigterm_does(small_bundle, redis_url, stream, tmp_path):
+@pytest.mark.parametrize("nohup", [False, True])
+def test_sighup_stops_the_worker_as_sigterm_does_unless_it_runs_under_nohup(nohup, small_bundle, redis_url, stream,
+                                                                           tmp_path):
     """A closed terminal or a supervisor's reload (SIGHUP) ended the worker at once: exit 129, no log
-    line, its consumer left in the group and its name held until the hold lapsed."""
+    line, its consumer left in the group and its name held until the hold lapsed. But `nohup
+    ustudents-worker ... &` ignores SIGHUP so that closing the terminal leaves the worker serving; the
+    worker's own handler replaced that, and a closed terminal stopped the line."""
     r = client(redis_url)
-    worker = spawn_worker(small_bundle, redis_url, stream, "hup", tmp_path)
+    name = "nohup" if nohup else "hup"
+    worker = spawn_worker(small_bundle, redis_url, stream, name, tmp_path,
+                          sighup=signal.SIG_IGN if nohup else signal.SIG_DFL)
     try:
-        wait_for(lambda: joined(r, stream, "hup") or worker.poll() is not None, 90, "the worker to start")
+        wait_for(lambda: joined(r, stream, name) or worker.poll() is not None, 90, "the worker to start")
         worker.send_signal(signal.SIGHUP)
+        if nohup:
+            time.sleep(1.5)
+            assert worker.poll() is None and joined(r, stream, name)
+            worker.send_signal(signal.SIGTERM)
         code = worker.wait(60)
         log = worker.stdout.read()
     finally:
         if worker.poll() is None:
             worker.kill()
-    assert code == 0 and "SIGHUP received" in log, log
-    assert not joined(r, stream, "hup")
-
-
-def test_a_worker_started_under_nohup_outlives_its_terminal(small_bundle, redis_url, stream, tmp_path):
-    """`nohup ustudents-worker ... &` ignores SIGHUP so that closing the terminal leaves the worker
-    serving; the worker's own SIGHUP handler replaced that, and a closed terminal stopped the line."""
-    r = client(redis_url)
-    worker = spawn_worker(small_bundle, redis_url, stream, "nohup", tmp_path, sighup=signal.SIG_IGN)
-    try:
-        wait_for(lambda: joined(r, stream, "nohup") or worker.poll() is not None, 90, "the worker to start")
-        worker.send_signal(signal.SIGHUP)
-        time.sleep(1.5)
-        assert worker.poll() is None and joined(r, stream, "nohup")
-        worker.send_signal(signal.SIGTERM)
-        code = worker.wait(60)
-        log = worker.stdout.read()
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-    assert code == 0 and "SIGHUP" not in log and "SIGTERM received" in log, log
+    assert code == 0 and f"{'SIGTERM' if nohup else 'SIGHUP'} received" in log, log
+    assert not nohup or "SIGHUP" not in log, log
+    assert not joined(r, stream, name)
 
 
 def test_stop_signals_as_ctrl_c_leave_an_ignored_sighup_ignored():
