@@ -2753,17 +2753,20 @@ def test_a_stream_deleted_and_written_again_with_the_producers_ids_is_read_from_
     r = client(redis_url)
     old = [r.xadd(stream, {"frame_id": f.stem, "image": f.read_bytes()}, id=f"{i + 1}-0").decode()
            for i, f in enumerate(frames[:3])]
-    with in_process_worker(engines, redis_url, stream):
+    with in_process_worker(engines, redis_url, stream) as worker:
         wait_for(lambda: len(results_of(r, stream)) == 3, 60, "three results")
         r.delete(stream)
         new = [r.xadd(stream, {"frame_id": f"again-{f.stem}", "image": f.read_bytes()}, id=f"{i + 1}-0").decode()
                for i, f in enumerate(frames[3:5])]
         wait_for(lambda: len(results_of(r, stream)) == 5, 60, "the new stream's two results")
+        # what UstudentsConsumerGroupLost reads
+        lost_count = worker.metrics.registry.get_sample_value("ustudents_consumer_group_lost_total", {"stream": stream})
     assert old[:2] == new and sorted(s(x["frame_id"]) for x in results_of(r, stream)) == sorted(
         [f.stem for f in frames[:3]] + [f"again-{f.stem}" for f in frames[3:5]])
     assert pending_count(r, stream) == 0
     lost = [rec for rec in caplog.records if getattr(rec, "event", None) == "group_lost"]
     # the frames this running worker held were judged: the line says who loses frames, not "all in flight"
+    assert lost_count == 1
     assert len(lost) == 1 and lost[0].levelname == "WARNING" and "Frames read by a worker no longer running are " \
         "lost" in lost[0].getMessage() and "frames running workers hold are still judged" in lost[0].getMessage() \
         and "AOF" in lost[0].getMessage()

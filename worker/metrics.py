@@ -34,6 +34,7 @@ METRIC_NAMES = (
     "ustudents_pending_entries",  # gauge {stream, group}: delivered, not yet acknowledged
     "ustudents_stream_length_entries",  # gauge {stream}: entries the input stream holds (XLEN)
     "ustudents_redis_reconnects_total",  # {stream} Redis came back after being unreachable
+    "ustudents_consumer_group_lost_total",  # {stream} the group was gone and made again (Redis lost its data)
     "ustudents_model_info",  # gauge = 1 {stream, model, version, category, backend, precision, device}
     "ustudents_gpu_memory_bytes",  # gauge {stream, device, kind=used|reserved}; only on a GPU
     "ustudents_frames_held_bytes",  # gauge {stream}: decoded frames and unpublished results held (inflight_mb)
@@ -89,6 +90,10 @@ class WorkerMetrics:
                             ["stream"], registry=r)
         self.reconnects = Counter("ustudents_redis_reconnects", "Times Redis became reachable again after an outage.",
                                   ["stream"], registry=r)
+        self.group_lost = Counter("ustudents_consumer_group_lost",
+                                  "Times the worker found its consumer group gone (Redis restarted without its data, "
+                                  "or the group or stream deleted) and made it again: frames may be lost.",
+                                  ["stream"], registry=r)
         self.model_info = Gauge("ustudents_model_info", "The served model (value 1).",
                                 ["stream", "model", "version", "category", "backend", "precision", "device"], registry=r)
         self.gpu_memory = Gauge("ustudents_gpu_memory_bytes", "GPU memory: used on the device, reserved by PyTorch.",
@@ -107,7 +112,8 @@ class WorkerMetrics:
         # latencies (a scrape's worth) go uncounted
         self.ready.labels(stream).set(0)
         self.held.labels(stream).set(0)
-        for per_stream in (self.reconnects, self.trimmed_unread, self.inference, self.end_to_end, self.batch_size):
+        for per_stream in (self.reconnects, self.group_lost, self.trimmed_unread, self.inference, self.end_to_end,
+                           self.batch_size):
             per_stream.labels(stream)
         for category in categories:
             for per_model in (self.processed, self.anomalies, self.failures, self.score):

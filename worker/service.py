@@ -613,6 +613,7 @@ class Worker:
                                     "are those it held unread; frames running workers hold are still judged. Keep "
                                     "Redis's data with AOF (appendonly yes)",
                                     s.group, s.stream, start, where, extra={"event": "group_lost", "entry_id": start})
+                        self.metrics.group_lost.labels(s.stream).inc()
                     elif start is not None:
                         log.info("created consumer group %s on %s, reading after entry %s (%s)", s.group, s.stream,
                                  start, where, extra={"event": "group_created", "entry_id": start})
