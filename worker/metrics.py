@@ -128,8 +128,8 @@ class WorkerMetrics:
             self.score.labels(self.stream, category).observe(score / threshold)
 
     def forget_stream_state(self) -> None:
-        """Withdraw the lag, pending and length gauges (this worker cannot read them now: Redis is
-        unreachable from it). Kept at their last values, they outlived the outage: the alerts take the
+        """Withdraw the lag, pending and length gauges (this worker has not read them for a while: Redis
+        is unreachable from it, or the group is gone). Kept at their last values, they outlived the outage: the alerts take the
         max over the group's workers, so one cut-off worker's frozen backlog paged UstudentsLineStalled
         and UstudentsBacklogNearStreamCap on a line its other workers had drained."""
         for gauge, labels in ((self.lag, (self.stream, self.group)), (self.pending, (self.stream, self.group)),
