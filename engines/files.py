@@ -23,7 +23,7 @@ def write_atomically(path: str | Path, data: bytes | str, mode: int | None = Non
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None:
+        if isinstance(err, OSError) and err.filename is None and err.errno is not None:
             err.filename = str(path)  # write() and fsync() name no file: a full disk read "writing the output: ..."
         raise
 

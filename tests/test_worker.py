@@ -2175,9 +2175,10 @@ def test_a_worker_that_cannot_read_the_streams_state_withdraws_it(engines, frame
     """Lag, pending and length are the group's, and the alerts take their max over its workers: a worker
     cut off from Redis (its network, a frozen proxy) that kept exporting its last values paged
     UstudentsLineStalled and UstudentsBacklogNearStreamCap on a line its other workers had drained. It
-    withdraws them once it has not read them for three refresh periods (Redis unreachable, or the group
-    gone), and exports them again after. One failed read withdraws nothing: a scrape without them resets
-    the backlog alerts' clocks, and a Redis too busy to answer every read kept them from firing."""
+    withdraws them after three refreshes in a row that could not read them (Redis unreachable, or the group
+    gone), and exports them again after. One failed read withdraws nothing, however long it took to time
+    out: a scrape without them resets the backlog alerts' clocks, and a Redis too busy to answer every
+    read kept them from firing."""
     gauges = ("ustudents_consumer_lag_entries", "ustudents_pending_entries", "ustudents_stream_length_entries")
     r = client(redis_url)
 
@@ -2197,6 +2198,7 @@ def test_a_worker_that_cannot_read_the_streams_state_withdraws_it(engines, frame
         def one_timeout():
             if not calls:
                 calls.append(1)
+                time.sleep(0.7)  # longer than three refresh periods: the worker's socket timeout is 11 s
                 raise redis.TimeoutError("Timeout reading from socket")
             calls.append(1)
             return real()

@@ -512,9 +512,10 @@ def predict_cmd(model, images, out, backend, precision, device):
         verdict = "ANOMALOUS" if r["anomalous"] else "ok"
         click.echo(f"{r['image']}\tscore {r['score']:.3f}\t{verdict}\tmask {r['mask']}")
     def stopped(done: int) -> None:
-        click.echo(f"--out {out}: stopped part-way, after {done} of {len(plan.paths)} images, so it holds no "
-                   "results.json (written once every image is scored); the lines above give the scores of those "
-                   "done. Run again to replace the outputs", err=True)
+        if not (out / "results.json").exists():  # a stop as it was written (after its rename) leaves it whole
+            click.echo(f"--out {out}: stopped part-way, after {done} of {len(plan.paths)} images, so it holds no "
+                       "results.json (written once every image is scored); the lines above give the scores of "
+                       "those done. Run again to replace the outputs", err=True)
     with stop_signals_as_ctrl_c():  # `docker stop`, a closed terminal: as Ctrl-C
         plan = plan_predict(list(images), out, load_bundle(model))  # before the engine loads
         engine = load_engine(model, backend, device, precision)

@@ -289,7 +289,8 @@ def predict(engine: Engine, plan: PredictPlan, on_result=lambda r: None, on_stop
     """Score the images of `plan` (plan_predict); write <out>/<stem>_mask.png, <stem>_overlay.png and
     results.json (names are prefixed with index and folder when two images share a file name);
     `on_result` sees each image's record as it is written, `on_stop` how many were done where the run
-    stops part-way (Ctrl-C, a full disk, any error), which leaves no results.json. An earlier predict's
+    stops part-way (Ctrl-C, a full disk, any error), which leaves no results.json (unless the stop came
+    as it was written: a signal is taken after the rename that put it in place). An earlier predict's
     outputs in `out` are replaced: at the end `out` holds this run's alone. One run at a time per `out`.
 
     Every image was decoded once by plan_predict before anything is written, so a bad one among
@@ -311,11 +312,11 @@ def _predict(engine: Engine, paths: list[Path], names: list[str], out: Path, ear
     # its results.json, written last, does not name, and the run again must be allowed to replace them
     own = {f"{n}_{kind}.png" for n in names for kind in ("mask", "overlay")}
     write_json(out / PREDICT_OUTPUTS, sorted(earlier | own))
-    # an earlier run's results.json goes before the first picture is replaced: left there by a run stopped
-    # part-way, it named this run's new masks with the old run's scores and verdicts
-    (out / "results.json").unlink(missing_ok=True)
     results = []
     try:
+        # an earlier run's results.json goes before the first picture is replaced: left there by a run
+        # stopped part-way, it named this run's new masks with the old run's scores and verdicts
+        (out / "results.json").unlink(missing_ok=True)
         for start in range(0, len(paths), engine.max_batch):
             batch = slice(start, start + engine.max_batch)
             frames = [read_image(p, bundle.uint16_bits) for p in paths[batch]]

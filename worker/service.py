@@ -64,8 +64,8 @@ JOIN_SLICE_S = 0.2  # the longest a signal handler waits while the main thread w
 NAME_HOLD_S, NAME_RENEW_S = 20, 5
 
 STOP = object()  # end of a queue
-# The group's lag, pending and length are withdrawn from /metrics once this many refresh periods
-# (stats_interval_s) have passed without a read of them (_monitor).
+# The group's lag, pending and length are withdrawn from /metrics after this many refreshes in a row
+# (every stats_interval_s) that could not read them (_monitor).
 STATE_GRACE_READS = 3
 # A `ts` this far ahead of the worker's clock (skewed camera clocks) or behind it (a backlog of a day)
 # is still a capture time; beyond, it is another unit (milliseconds) or an unset clock (0).
@@ -590,7 +590,7 @@ class Worker:
         # a stop waits for the blocked read: within half the shutdown deadline, whatever block_ms says
         block_ms = max(1, min(s.block_ms, int(s.shutdown_timeout_s * 500)))
         claim_at, claim_cursor = time.monotonic() + claim_period, "0-0"
-        group_ready = had_group = False
+        group_ready = had_group = group_missing = False
         while not self.stopping.is_set():
             count = self.held.wait_for_room(s.batch, self._nothing_in_flight, self.stopping)
             if self.stopping.is_set():
@@ -603,6 +603,10 @@ class Worker:
                     ops.append("group check")
                     start = self.io.ensure_group()
                     where = "the stream's start" if start == "0" else "the newest with an outcome"
+                    if had_group and (start is not None or group_missing):
+                        # counted by each worker that was reading the group: the one that makes it again, and
+                        # those that found it missing (NOGROUP) and another had made it again meanwhile
+                        self.metrics.group_lost.labels(s.stream).inc()
                     if start is not None and had_group:
                         # the group this worker read from is gone: Redis came back without its data (no
                         # AOF), or the group or stream was deleted. Its pending list went with it: frames
@@ -613,11 +617,11 @@ class Worker:
                                     "are those it held unread; frames running workers hold are still judged. Keep "
                                     "Redis's data with AOF (appendonly yes)",
                                     s.group, s.stream, start, where, extra={"event": "group_lost", "entry_id": start})
-                        self.metrics.group_lost.labels(s.stream).inc()
                     elif start is not None:
                         log.info("created consumer group %s on %s, reading after entry %s (%s)", s.group, s.stream,
                                  start, where, extra={"event": "group_created", "entry_id": start})
                     group_ready = had_group = True
+                    group_missing = False
                 deleted: list[str] = []
                 if history is not None:
                     ops.append("pending read")
@@ -660,7 +664,7 @@ class Worker:
                     self._accepted(*ops[:-1])
                     self._refused(err, ops[-1])
                 elif "NOGROUP" in str(err):  # said where the group is made again (or by the worker that does)
-                    pass
+                    group_missing = had_group
                 elif unblocked(err):
                     log.warning("Redis ended the blocked read (%s); checking the group and reading on", err,
                                 extra={"event": "read_unblocked", "error": str(err)})
@@ -1054,10 +1058,12 @@ class Worker:
         s, m = self.s, self.metrics
         since = time.monotonic()
         next_summary, last, last_dead = since + s.log_interval_s, (0, 0, 0), {}
-        # The stream's gauges are withdrawn once unread for this long, not at the first failed read: a
-        # scrape without them resets the backlog alerts' `for:` clocks, and a Redis too busy to answer
-        # every read (when backlogs happen) kept UstudentsBacklogNearStreamCap from ever firing
-        read_at, grace = since, STATE_GRACE_READS * s.stats_interval_s
+        # The stream's gauges are withdrawn after STATE_GRACE_READS refreshes in a row that could not read
+        # them, not at the first: a scrape without them resets the backlog alerts' `for:` clocks, and a
+        # Redis too busy to answer every read (when backlogs happen) kept UstudentsBacklogNearStreamCap
+        # from ever firing. Counted in refreshes, not seconds: one read that times out takes longer than
+        # three periods.
+        unread = 0  # refreshes in a row that read nothing
         while True:
             try:
                 info = self.io.group_info()
@@ -1065,14 +1071,15 @@ class Worker:
                     m.pending.labels(s.stream, s.group).set(int(info.get("pending", 0)))
                     self._report_lag(info)
                     m.length.labels(s.stream).set(self.io.length())
-                    read_at = time.monotonic()
+                    unread = -1
                 # else the group is gone (deleted, or Redis lost its data): nothing to report until it is back
                 self.redis_state.ok()
             except UNAVAILABLE as err:
                 self.redis_state.failed(err)
             except redis.ResponseError:
                 pass  # the stream does not exist (yet, or any more)
-            if time.monotonic() - read_at > grace:
+            unread += 1
+            if unread >= STATE_GRACE_READS:
                 m.forget_stream_state()
             self._gpu_memory()
             at = time.monotonic()
