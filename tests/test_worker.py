@@ -2774,6 +2774,32 @@ def test_a_stream_deleted_and_written_again_with_the_producers_ids_is_read_from_
         and "AOF" in lost[0].getMessage()
 
 
+def test_a_worker_that_finds_its_group_missing_counts_the_loss_though_another_made_it_again(engines, frames,
+                                                                                          redis_url, stream,
+                                                                                          monkeypatch):
+    """The loss of a group was counted only by the worker that made it again: a running worker that met
+    NOGROUP and found the group made again by another (say one just started, which knew no group and
+    logged only 'created') counted nothing, and the alert could stay silent."""
+    r = client(redis_url)
+    add_frame(r, stream, frames[0])
+    with in_process_worker(engines, redis_url, stream) as worker:
+        wait_for(lambda: len(results_of(r, stream)) == 1, 60, "the first result")
+        real, met = worker.io.read, []
+
+        def nogroup_once(last_id, count, block_ms):
+            if not met:
+                met.append(1)
+                raise redis.ResponseError(f"NOGROUP No such key '{stream}' or consumer group 'ustudents' in "
+                                          "XREADGROUP with GROUP option")
+            return real(last_id, count, block_ms)
+
+        monkeypatch.setattr(worker.io, "read", nogroup_once)
+        add_frame(r, stream, frames[1])  # the group is in place again when the worker looks: another made it
+        wait_for(lambda: len(results_of(r, stream)) == 2, 60, "the second result")
+        lost = worker.metrics.registry.get_sample_value("ustudents_consumer_group_lost_total", {"stream": stream})
+    assert met and lost == 1
+
+
 def test_the_lag_is_checked_against_the_stream(redis_url, stream):
     """Redis 7.0 counted entries trimmed before the group read them as lag for good
     (redis/redis#13957), holding the lag alert and KEDA's scale-out up."""
