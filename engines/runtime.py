@@ -447,12 +447,12 @@ def require_engine(bundle: Bundle, backend: str, precision: str | None) -> dict:
     entry = find_engine(bundle, backend, precision)
     if entry is not None:
         return entry
-    built = [e for e in bundle.manifest.get("engines", []) if e["backend"] == backend
-             and (precision is None or e["precision"] == precision)]
+    built = sorted((e for e in bundle.manifest.get("engines", []) if e["backend"] == backend
+                    and (precision is None or e["precision"] == precision)),
+                   key=lambda e: ENGINE_PRECISIONS.index(e["precision"]))  # listed as calibrate lists them
     want = f" {precision}" if precision else ""
     cmd_backend = "onnx" if backend == "onnx" else "tensorrt"
-    stale = sorted((e for e in built if e.get("model_digest") != model_digest(bundle)),
-                   key=lambda e: ENGINE_PRECISIONS.index(e["precision"]))  # as calibrate lists them
+    stale = [e for e in built if e.get("model_digest") != model_digest(bundle)]
     if stale:
         commands = " and ".join(build_command(bundle, cmd_backend, e["precision"]) for e in stale)
         raise EngineError(f"{bundle.path}: its {backend}{want} engine was built before the model's weights or statistics "
@@ -460,8 +460,7 @@ def require_engine(bundle: Bundle, backend: str, precision: str | None) -> dict:
     if backend == "tensorrt" and built:
         from .tensorrt_build import plan_mismatch
         reasons = "; ".join(f"{e['file']}: {plan_mismatch(e)}" for e in built)
-        commands = " and ".join(build_command(bundle, "tensorrt", e["precision"])
-                                for e in sorted(built, key=lambda e: ENGINE_PRECISIONS.index(e["precision"])))
+        commands = " and ".join(build_command(bundle, "tensorrt", e["precision"]) for e in built)
         raise EngineError(f"{bundle.path}: no usable TensorRT{want} plan ({reasons}); rebuild with {commands}")
     if precision is not None and precision not in ENGINE_PRECISIONS:
         raise EngineError(f"--precision {precision}: built {cmd_backend} engines are {', '.join(ENGINE_PRECISIONS)}; "

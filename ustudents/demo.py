@@ -156,7 +156,6 @@ def check_redis_url(url: str, password: str | None = None):
     import redis
 
     from ustudents.worker.connection import missing_database, password_refused, tls_hint
-    from ustudents.worker.settings import ENV_PREFIX
 
     client = redis_client(url, password)
     try:

@@ -112,7 +112,8 @@ def name_key(stream: str, consumer: str) -> str:
 
 
 def serves_key(stream: str, consumer: str) -> str:
-    """The categories the live worker reading as `consumer` serves, as it last said (StreamIO.announce_models)."""
+    """The models ({category: model id}) the live worker reading as `consumer` serves, as it last said
+    (StreamIO.announce_models)."""
     return f"{stream}:serves:{consumer}"
 
 
