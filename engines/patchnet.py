@@ -32,6 +32,10 @@ from .fftconv import MAX_COST_RATIO, SpectralConv, cost_ratio
 
 log = logging.getLogger(__name__)
 MEASURING = threading.Lock()  # PatchNet.dense: one form measurement at a time
+# Verdicts of the measured plans (FFT or direct per layer, the dense pass's form) in this process, by
+# all that decides them and never by weights: a network of the same shapes measured again (a worker's
+# second model, an engine loaded again, `train`'s evaluation after its calibration) takes the verdict.
+PLANS: dict[tuple, object] = {}
 
 DESCRIPTOR_DIM = 128  # d in the paper
 LEAKY_SLOPE = 5e-3  # LeakyReLU slope from the paper
@@ -114,7 +118,9 @@ class PatchNet(nn.Module):
         keeps the FFT only where it was faster, freeing the other spectra (a plan by measurement, as
         FFTW's planner or cuDNN's benchmark mode make one). Which way wins depends on the CPU's
         arithmetic against its memory bandwidth and on huge pages: on a 2-core AVX-512 EPYC the FFT
-        won all 8 candidate layers with them and lost 4 without (benchmarks/results/fft_layers_cpu.json)."""
+        won all 8 candidate layers with them and lost 4 without (benchmarks/results/fft_layers_cpu.json).
+        A layer of the same shapes on an input of the same shape measured before in this process
+        takes that verdict (PLANS)."""
         self.spectral = None
         if enable:
             self.spectral = [SpectralConv(c.weight, c.bias, c.groups) if worth_fft(c) else None
@@ -134,7 +140,8 @@ class PatchNet(nn.Module):
         autocast had measured slower, the networks apart on channels-last in bf16 won every scale too;
         on an H200 in half precision the networks apart on channels-last won every
         scale at batch 8 (README: Engines). So the first dense pass times every form on its real
-        input and keeps the fastest, freeing the others, as `use_fft` does. The forms copy the
+        input and keeps the fastest, freeing the others, as `use_fft` does (and takes the verdict of a
+        network of the same shapes measured before in this process, PLANS). The forms copy the
         current weights, dtype included: call this after casting them."""
         state = self.state_dict()
         forms = {}
@@ -166,17 +173,22 @@ class PatchNet(nn.Module):
             return F.conv2d(x, conv.weight, conv.bias, dilation=step, groups=conv.groups)
         if spectral.chosen:
             return spectral(x, step)
-        # Each way twice, alternating, the best of each counting: first calls pay one-off costs (the
-        # FFT's transform plans, oneDNN's primitives, fresh pages), and on a shared 2-core machine one
-        # timing was seen a third off (benchmarks/results/engines_cpu_avx2_planned.json).
-        direct_s = fft_s = float("inf")
-        for _ in range(2):
-            y, seconds = timed(F.conv2d, x, conv.weight, conv.bias, dilation=step, groups=conv.groups)
-            direct_s = min(direct_s, seconds)
-            fft_s = min(fft_s, timed(spectral, x, step)[1])
-        keep = fft_s < direct_s
-        log.info("p=%d conv %d on %s: FFT (tiles of %d) %.3f s, direct %.3f s: %s", self.p, i, tuple(x.shape),
-                 spectral.tile_for(x, step), fft_s, direct_s, "FFT" if keep else "direct")
+        key = plan_key(x, "fft", tuple(conv.weight.shape), conv.groups, step)
+        keep = PLANS.get(key)
+        if keep is not None:
+            y = spectral(x, step) if keep else F.conv2d(x, conv.weight, conv.bias, dilation=step, groups=conv.groups)
+        else:
+            # Each way twice, alternating, the best of each counting: first calls pay one-off costs (the
+            # FFT's transform plans, oneDNN's primitives, fresh pages), and on a shared 2-core machine one
+            # timing was seen a third off (benchmarks/results/engines_cpu_avx2_planned.json).
+            direct_s = fft_s = float("inf")
+            for _ in range(2):
+                y, seconds = timed(F.conv2d, x, conv.weight, conv.bias, dilation=step, groups=conv.groups)
+                direct_s = min(direct_s, seconds)
+                fft_s = min(fft_s, timed(spectral, x, step)[1])
+            keep = PLANS[key] = fft_s < direct_s
+            log.info("p=%d conv %d on %s: FFT (tiles of %d) %.3f s, direct %.3f s: %s", self.p, i, tuple(x.shape),
+                     spectral.tile_for(x, step), fft_s, direct_s, "FFT" if keep else "direct")
         if keep:
             spectral.chosen = True
         else:
@@ -219,18 +231,20 @@ class PatchNet(nn.Module):
             # one measurement at a time: a second thread's first call would look up a form that
             # the first thread's measurement has just freed
             with MEASURING:
-                if self.form is None:
+                key = plan_key(padded, "form", self.p, self.n, self.in_channels, self.convs[0].weight.dtype)
+                if self.form is None and key not in PLANS:
                     seconds = {}
                     for form in self.forms:
                         if padded.is_cuda:  # a first call pays cuDNN's algorithm search for its shapes
                             self._dense_in_form(form, padded)
                         y, seconds[form] = timed(self._dense_in_form, form, padded)
-                    self.form = min(seconds, key=seconds.get)
-                    self.forms = {self.form: self.forms[self.form]}  # frees the other copies
+                    self.form = PLANS[key] = min(seconds, key=seconds.get)
                     log.info("p=%d dense on %s: %s; fastest: %s", self.p, tuple(padded.shape),
                              ", ".join(f"{k} {v:.3f} s" for k, v in seconds.items()), self.form)
                 else:
+                    self.form = self.form or PLANS[key]
                     y = self._dense_in_form(self.form, padded)
+                self.forms = {self.form: self.forms[self.form]}  # frees the other copies
         return y.reshape(y.shape[0], self.n, DESCRIPTOR_DIM, y.shape[-2], y.shape[-1])
 
     def pad(self, image: torch.Tensor, mode: str = "reflect") -> torch.Tensor:
@@ -248,6 +262,12 @@ def worth_fft(conv: nn.Conv2d) -> bool:
     layers: with few input channels (the first layer reads 3) the per-channel transforms cost more
     than the channel mixing saves."""
     return cost_ratio(1024, 1024, conv.kernel_size[0]) <= MAX_COST_RATIO and conv.in_channels // conv.groups >= 32
+
+
+def plan_key(x: torch.Tensor, *what) -> tuple:
+    """The key of a plan measured on input x: what is planned (and its shapes), and x's shape, dtype and
+    device, and the threads torch computes with."""
+    return (*what, tuple(x.shape), x.dtype, str(x.device), torch.get_num_threads())
 
 
 def timed(fn, *args, **kwargs) -> tuple[object, float]:

@@ -54,6 +54,7 @@ def test_the_fastest_form_is_measured_once_and_kept(fastest, monkeypatch):
         timed_forms.append(form)
         return fn(form, *args), 1.0 if form == fastest else 2.0
     monkeypatch.setattr(patchnet, "timed", fake_timed)
+    monkeypatch.setattr(patchnet, "PLANS", {})
     with torch.no_grad():
         want = net.dense_image(image)
         net.use_fastest_form()
@@ -63,6 +64,30 @@ def test_the_fastest_form_is_measured_once_and_kept(fastest, monkeypatch):
     assert net.form == fastest and list(net.forms) == [fastest]  # the other copies are freed
     for got in (first, second):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_a_network_of_measured_shapes_takes_the_fastest_form_without_timing_again(monkeypatch):
+    timed_forms = []
+
+    def fake_timed(fn, form, *args):
+        timed_forms.append(form)
+        return fn(form, *args), 1.0 if form == FORMS[-1] else 2.0
+    monkeypatch.setattr(patchnet, "timed", fake_timed)
+    monkeypatch.setattr(patchnet, "PLANS", {})
+    image = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        PatchNet(17, n=2).eval().use_fastest_form().dense_image(image)
+        assert timed_forms == FORMS
+        torch.manual_seed(1)
+        second = PatchNet(17, n=2).eval()
+        want = second.dense_image(image)
+        got = second.use_fastest_form().dense_image(image)
+        assert timed_forms == FORMS  # not timed again
+        assert second.form == FORMS[-1] and list(second.forms) == [FORMS[-1]]
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+        PatchNet(17, n=3).eval().use_fastest_form().dense_image(image)  # other networks: measured
+        assert timed_forms == FORMS * 2
 
 
 @pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="this CPU has no native bfloat16 (no bf16 engine)")

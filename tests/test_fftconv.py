@@ -142,6 +142,7 @@ def test_the_cpu_fp32_torch_engine_plans_fft_once_and_matches_the_reference_maps
         ens.score_stats.copy_(torch.tensor([2.0, 3.0, 0.5, 0.25]))
     images = torch.rand(2, 3, 64, 64)
     measured = []
+    monkeypatch.setattr(patchnet, "PLANS", {})  # nothing measured before in this process
     real_timed = patchnet.timed
     monkeypatch.setattr(patchnet, "timed", lambda fn, *a, **k: measured.append(fn) or real_timed(fn, *a, **k))
     with torch.no_grad():
@@ -168,6 +169,7 @@ def test_fft_is_kept_only_where_it_measured_faster(fft_faster, monkeypatch):
             is_fft = isinstance(fn, SpectralConv)
             return fn(*args, **kwargs), 1.0 if is_fft == fft_faster else 2.0
         monkeypatch.setattr(patchnet, "timed", fake_timed)
+        monkeypatch.setattr(patchnet, "PLANS", {})
         net.use_fft()
         candidates = [s is not None for s in net.spectral]
         first = net.dense_image(image)
@@ -180,6 +182,34 @@ def test_fft_is_kept_only_where_it_measured_faster(fft_faster, monkeypatch):
     assert len(calls) == (3 if fft_faster else 0)
     for got in (first, second):
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("fft_faster", [True, False])
+def test_a_network_of_measured_shapes_takes_the_verdict_and_new_shapes_are_measured(fft_faster, monkeypatch):
+    # A worker's second model, or an engine loaded again, paid the whole measurement again (seconds a
+    # model on a CPU): the verdict depends on shapes, not weights.
+    timings = []
+
+    def fake_timed(fn, *args, **kwargs):
+        timings.append(fn)
+        return fn(*args, **kwargs), 1.0 if isinstance(fn, SpectralConv) == fft_faster else 2.0
+    monkeypatch.setattr(patchnet, "timed", fake_timed)
+    monkeypatch.setattr(patchnet, "PLANS", {})
+    image = torch.randn(1, 3, 60, 60)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        PatchNet(17, n=2).eval().use_fft().dense_image(image)
+        assert timings
+        timings.clear()
+        torch.manual_seed(1)
+        second = PatchNet(17, n=2).eval()
+        want = second.dense_image(image)
+        got = second.use_fft().dense_image(image)
+        assert timings == []
+        assert [s is not None for s in second.spectral] == [False, fft_faster, fft_faster, fft_faster]
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+        PatchNet(17, n=2).eval().use_fft().dense_image(torch.randn(1, 3, 64, 60))  # another frame size
+        assert timings
 
 
 def test_the_plan_times_both_ways_alike_so_a_slow_first_direct_call_does_not_pick_the_fft(monkeypatch):
@@ -196,6 +226,7 @@ def test_the_plan_times_both_ways_alike_so_a_slow_first_direct_call_does_not_pic
         seen[key] = seen.get(key, 0) + 1
         return fn(*args, **kwargs), 3.0 if seen[key] == 1 else 1.0
     monkeypatch.setattr(patchnet, "timed", fake_timed)
+    monkeypatch.setattr(patchnet, "PLANS", {})
     with torch.no_grad():
         net.use_fft().dense_image(torch.randn(1, 3, 60, 60))
     assert seen and all(n == 2 for n in seen.values())
