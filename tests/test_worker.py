@@ -957,9 +957,20 @@ def test_a_redis_user_not_allowed_the_workers_commands_is_refused_in_one_line_at
         check_redis_setup(WorkerSettings(_env_file=None, stream="line-acl", model="unused", redis_url=url))
         assert admin.keys("line-acl*") == []
         ids = [add_frame(admin, "line-acl", f) for f in frames[:2]]
+        # A frame by a key outside the user's pattern crashed the worker, on it, at every restart: its
+        # own dead letter now, with the fix. One by a key of the line's is scored.
+        admin.set("cam1:img:1", frames[0].read_bytes())
+        admin.set("line-acl:img:2", frames[1].read_bytes())
+        denied = add(admin, "line-acl", frame_id="outside", image_key="cam1:img:1")
+        ids.append(add(admin, "line-acl", frame_id="inside", image_key="line-acl:img:2"))
         with in_process_worker(engines, url, "line-acl", consumer="station-acl"):
-            wait_for(lambda: len(results_of(admin, "line-acl")) == len(ids), 60, "the results, as that user")
+            wait_for(lambda: len(results_of(admin, "line-acl")) == len(ids) and dead_of(admin, "line-acl"), 60,
+                     "the results, as that user")
         exactly_one_result_each(admin, "line-acl", ids)
+        [letter] = dead_of(admin, "line-acl")
+        assert (s(letter[schema.ENTRY_ID]), s(letter[schema.REASON])) == (denied, schema.KEY_DENIED)
+        assert "Redis refuses the worker's user the image_key 'cam1:img:1'" in s(letter[schema.ERROR])
+        assert "within the key pattern its ACL grants" in s(letter[schema.ERROR])
         # a Redis refusing writes for now (full here) is the worker's to wait out, not a refusal to start
         admin.config_set("maxmemory-policy", "noeviction")
         admin.config_set("maxmemory", 1)

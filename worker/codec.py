@@ -7,10 +7,10 @@ import numpy as np
 from ustudents.engines.images import ImageError, check_image_size, decode_image
 from ustudents.engines.overlay import heatmap_overlay
 
-from .schema import EMPTY, IMAGE, IMAGE_KEY, INVALID_ENTRY, MISSING_IMAGE, TOO_LARGE, DeadLetter
+from .schema import EMPTY, IMAGE, IMAGE_KEY, INVALID_ENTRY, KEY_DENIED, MISSING_IMAGE, TOO_LARGE, DeadLetter
 
 
-def payload(fields: dict[bytes, bytes], fetched: bytes | int | None, max_bytes: int) -> bytes | DeadLetter:
+def payload(fields: dict[bytes, bytes], fetched: bytes | int | None | Exception, max_bytes: int) -> bytes | DeadLetter:
     """The encoded image of an entry, or why there is none. `fetched` is what its `image_key` held
     (see StreamIO.fetch_images) when the entry names one instead of carrying `image`."""
     data = fields.get(IMAGE.encode())
@@ -25,6 +25,10 @@ def payload(fields: dict[bytes, bytes], fetched: bytes | int | None, max_bytes: 
         where = f"image_key {key.decode('utf-8', 'replace')!r}"
         if fetched is None:
             return DeadLetter(MISSING_IMAGE, f"{where} holds no image (expired, deleted or not a string)")
+        if isinstance(fetched, Exception):  # NOPERM
+            return DeadLetter(KEY_DENIED, f"Redis refuses the worker's user the {where} ({fetched}): name image keys "
+                                          "within the key pattern its ACL grants (the line's keys, e.g. line1:img:..., "
+                                          "for ~line1*), or grant it theirs")
         if isinstance(fetched, int):
             return DeadLetter(TOO_LARGE, f"{where} holds {fetched} bytes, more than max_frame_bytes={max_bytes}")
         data = fetched

@@ -50,12 +50,13 @@ EMPTY = "empty"  # zero bytes
 TOO_LARGE = "too_large"  # more than max_frame_bytes
 MISSING_IMAGE = "missing_image"  # neither image nor image_key, or image_key holds nothing (expired)
 INVALID_ENTRY = "invalid_entry"  # both image and image_key, or a schema version this worker does not read
+KEY_DENIED = "key_denied"  # image_key names a key the worker's Redis user may not read (its ACL)
 UNKNOWN_CATEGORY = "unknown_category"  # no model served here for the entry's category
 UNEXPECTED_SHAPE = "unexpected_shape"  # a frame unlike every image its model was trained and calibrated on
 MAX_DELIVERIES = "max_deliveries"  # failed, or its worker died, on each of max_deliveries attempts
 TRIMMED = "trimmed"  # the entry left the input stream (MAXLEN) before it was processed, or while a failed attempt did
-REASONS = (DECODE_ERROR, EMPTY, TOO_LARGE, MISSING_IMAGE, INVALID_ENTRY, UNKNOWN_CATEGORY, UNEXPECTED_SHAPE,
-           MAX_DELIVERIES, TRIMMED)
+REASONS = (DECODE_ERROR, EMPTY, TOO_LARGE, MISSING_IMAGE, KEY_DENIED, INVALID_ENTRY, UNKNOWN_CATEGORY,
+           UNEXPECTED_SHAPE, MAX_DELIVERIES, TRIMMED)
 
 
 def results_stream(stream: str) -> str:

@@ -324,12 +324,16 @@ class PublishRefused(Exception):
     acknowledged; the message says which key and what to do."""
 
 
-def _not_a_string_as_none(replies: list) -> list:
-    """A pipeline's replies with WRONGTYPE (the key holds no string) as None; any other error raised."""
+def _as_fetched(replies: list) -> list:
+    """A pipeline's replies with WRONGTYPE (the key holds no string) as None, and NOPERM (the worker's
+    Redis user may not read the key: its ACL) kept as the error, which no retry changes; any other
+    error raised."""
     for reply in replies:
-        if isinstance(reply, redis.ResponseError) and "WRONGTYPE" not in error_codes(reply):
+        if (isinstance(reply, redis.ResponseError) and not isinstance(reply, redis.exceptions.NoPermissionError)
+                and "WRONGTYPE" not in error_codes(reply)):
             raise reply
-    return [None if isinstance(r, redis.ResponseError) else r for r in replies]
+    return [r if isinstance(r, redis.exceptions.NoPermissionError) else None if isinstance(r, redis.ResponseError)
+            else r for r in replies]
 
 
 class StreamIO:
@@ -586,31 +590,33 @@ class StreamIO:
         markers = self.r.mget([schema.done_key(self.stream, e.id) for e in entries])
         return [schema.marks_entry(m, e.fingerprint) for m, e in zip(markers, entries)]
 
-    def fetch_images(self, keys: list[bytes], max_bytes: int) -> list[bytes | int | None]:
+    def fetch_images(self, keys: list[bytes], max_bytes: int) -> list[bytes | int | None | Exception]:
         """Bytes held at each `image_key`: the bytes, or their length when over `max_bytes` (not
-        fetched), or None when the key is missing or not a string. Any other refusal (BUSY, LOADING,
-        MASTERDOWN: Redis unable to answer for now) is raised, for the caller to wait out: read as
-        "no image", it dead-lettered frames whose keys were there."""
+        fetched), or None when the key is missing or not a string, or Redis' NOPERM error when the
+        worker's user may not read it (a key outside its ACL's pattern: raised, it crashed the worker
+        on that frame at every restart). Any other refusal (BUSY, LOADING, MASTERDOWN: Redis unable to
+        answer for now) is raised, for the caller to wait out: read as "no image", it dead-lettered
+        frames whose keys were there."""
         pipe = self.r.pipeline(transaction=False)
         for k in keys:
             pipe.strlen(k)
-        sizes = _not_a_string_as_none(pipe.execute(raise_on_error=False))
+        sizes = _as_fetched(pipe.execute(raise_on_error=False))
         pipe = self.r.pipeline(transaction=False)
         wanted = [i for i, n in enumerate(sizes) if isinstance(n, int) and 0 < n <= max_bytes]
         for i in wanted:
             pipe.get(keys[i])
-        got = dict(zip(wanted, _not_a_string_as_none(pipe.execute(raise_on_error=False))))
-        out: list[bytes | int | None] = []
+        got = dict(zip(wanted, _as_fetched(pipe.execute(raise_on_error=False))))
+        out: list[bytes | int | None | Exception] = []
         for i, n in enumerate(sizes):
-            if n is None:  # WRONGTYPE
-                out.append(None)
+            if n is None or isinstance(n, Exception):  # WRONGTYPE, NOPERM
+                out.append(n)
             elif n == 0:  # STRLEN of a missing key is 0 too: tell apart below
                 out.append(None if not self.r.exists(keys[i]) else b"")
             elif n > max_bytes:
                 out.append(n)
             else:
                 v = got.get(i)
-                out.append(v if isinstance(v, bytes) else None)
+                out.append(v if isinstance(v, (bytes, Exception)) else None)
         return out
 
     # -- writing ---------------------------------------------------------------------------------
