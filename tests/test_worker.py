@@ -1708,7 +1708,9 @@ def test_a_redis_setup_no_retry_can_fix_is_one_line_and_exit_2_before_the_model_
         expected = f"Redis key {schema.results_stream(stream)} holds a string, not a stream"
     elif case == "another-group":  # its frames would be acknowledged without results (shared markers)
         r.xgroup_create(stream, "canary", id="0", mkstream=True)
-        expected = f"stream {stream} already has consumer group canary; ustudents serves one group per stream"
+        r.hset(schema.groups_key(stream), "canary", 1)  # as a worker run with --group canary leaves it
+        expected = (f"stream {stream} already has consumer group canary of ustudents workers; ustudents serves one "
+                    "group per stream: start this worker with --group canary")
     else:
         url, expected = redis_url.rsplit("/", 1)[0] + "/9999", "answers, but has no database 9999 (it has 16: 0 to 15)"
     empty = tmp_path / "empty.env"
@@ -1724,6 +1726,29 @@ def test_a_redis_setup_no_retry_can_fix_is_one_line_and_exit_2_before_the_model_
             result = CliRunner().invoke(main, [*tool, "--stream", stream, "--redis-url", url])
             assert result.exit_code == 2 and expected in result.output and "cannot reach" not in result.output, \
                 result.output
+
+
+def test_another_programs_consumer_group_reads_beside_the_workers_and_a_second_one_of_theirs_is_refused(
+        engines, frames, redis_url, stream, caplog):
+    """An archiver reading the camera's stream with a group of its own stopped the line at the workers'
+    next restart (exit 2: "already has consumer group"): only a second group of ustudents workers is
+    one (its frames would find the first group's done markers: acknowledged without results)."""
+    from ustudents.engines.cli import InputError
+    from ustudents.worker.cli import check_redis_setup
+
+    r = client(redis_url)
+    r.xgroup_create(stream, "archiver", id="0", mkstream=True)
+    ids = [add_frame(r, stream, f) for f in frames[:2]]
+    settings = {"_env_file": None, "stream": stream, "model": "unused", "redis_url": redis_url}
+    with caplog.at_level(logging.INFO, logger="ustudents.worker"):
+        assert check_redis_setup(WorkerSettings(**settings))
+    assert f"stream {stream} also has consumer group archiver, which no ustudents worker reads with" in caplog.text
+    with in_process_worker(engines, redis_url, stream):
+        wait_for(lambda: len(results_of(r, stream)) == len(ids), 60, "the results")
+    exactly_one_result_each(r, stream, ids)
+    assert [eid.decode() for eid, _ in r.xreadgroup("archiver", "a1", {stream: ">"})[0][1]] == ids  # all its own
+    with pytest.raises(InputError, match=f"stream {stream} already has consumer group ustudents of ustudents workers"):
+        check_redis_setup(WorkerSettings(**settings, group="canary"))
 
 
 def test_kill_9_mid_batch_a_second_worker_reclaims_and_every_frame_gets_exactly_one_result(
@@ -2000,6 +2025,7 @@ def test_a_redis_first_reached_after_the_start_gets_the_start_up_checks(small_bu
     Redis lacks crashed it with a traceback. Now they run at first contact: exit 2, one line."""
     server = RedisServer(tmp_path).start()
     client(server.url).xgroup_create("line9", "inspection", id="0", mkstream=True)
+    client(server.url).hset(schema.groups_key("line9"), "inspection", 1)  # ustudents workers' group
     server.stop()  # the group is in its AOF: back with the server
     worker = spawn_worker(small_bundle, server.url, "line9", "late-redis", tmp_path)
     lines: list[str] = []
@@ -2015,7 +2041,7 @@ def test_a_redis_first_reached_after_the_start_gets_the_start_up_checks(small_bu
             worker.kill()
         server.stop()
     assert code == 2, log
-    assert "stream line9 already has consumer group inspection; ustudents serves one group per stream" in log
+    assert "stream line9 already has consumer group inspection of ustudents workers; ustudents serves one group" in log
     assert "Traceback" not in log
 
 

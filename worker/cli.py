@@ -135,7 +135,7 @@ def check_redis_setup(settings: WorkerSettings) -> bool:
     """What would make the worker fail however long it retried, found before the model loads:
     a wrong password, a database index Redis does not have, a Redis Cluster, a key of the stream's
     that is not a stream, a Redis user not allowed the commands the worker runs (ACL), a second
-    consumer group.
+    consumer group of ustudents workers (schema.groups_key; another program's group is its own).
     Redis being unreachable is not among them: False then (the worker waits for it, and runs these
     checks at first contact: Worker.setup_check); True once checked."""
     from . import schema
@@ -153,6 +153,7 @@ def check_redis_setup(settings: WorkerSettings) -> bool:
             pipe.type(key)
         kinds = [text_of(k) for k in pipe.execute()]
         groups = [text_of(g["name"]) for g in (client.xinfo_groups(settings.stream) if kinds[0] == "stream" else [])]
+        ours = {text_of(g) for g in client.hkeys(schema.groups_key(settings.stream))} if groups else set()
         # One command of each kind the worker writes with, on a scratch key of the stream's (so that an
         # ACL key pattern applies), gone at once: a user without them passed this check, then crashed
         # on its first frame, and on every restart.
@@ -195,13 +196,20 @@ def check_redis_setup(settings: WorkerSettings) -> bool:
         raise InputError(f"Redis at {shown_url(settings.redis_url)}: {err}") from None
     finally:
         client.close()
-    others = [g for g in groups if g != settings.group]
+    others = [g for g in groups if g != settings.group and g in ours]
     if others:
         # results and done markers are per stream: a second group's frames would find the first
         # group's markers and be acknowledged without a result of their own
-        raise InputError(f"stream {settings.stream} already has consumer group {', '.join(others)}; ustudents serves "
-                         f"one group per stream: use --group {others[0]}, or if no worker uses it, remove it with "
+        raise InputError(f"stream {settings.stream} already has consumer group {', '.join(others)} of ustudents "
+                         f"workers; ustudents serves one group per stream: start this worker with --group {others[0]}, "
+                         f"or, if no worker uses that group any more, remove it with "
                          f"XGROUP DESTROY {settings.stream} {others[0]}")
+    if foreign := [g for g in groups if g != settings.group]:
+        # an archiver's or a second system's own reading: it stopped the line at the next restart
+        logging.getLogger("ustudents.worker").info(
+            "stream %s also has consumer group %s, which no ustudents worker reads with: another program's, "
+            "reading the frames on its own beside group %s", settings.stream, ", ".join(foreign), settings.group,
+            extra={"event": "other_groups", "groups": foreign})
     for key, kind in zip(keys, kinds):
         if kind not in ("stream", "none"):
             raise InputError(f"Redis key {key} holds a {kind}, not a stream; the worker reads frames from "

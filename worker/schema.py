@@ -49,8 +49,8 @@ DECODE_ERROR = "decode_error"  # the bytes are not a PNG/JPEG/... image
 EMPTY = "empty"  # zero bytes
 TOO_LARGE = "too_large"  # more than max_frame_bytes
 MISSING_IMAGE = "missing_image"  # neither image nor image_key, or image_key holds nothing (expired)
-INVALID_ENTRY = "invalid_entry"  # both image and image_key, or a schema version this worker does not read
 KEY_DENIED = "key_denied"  # image_key names a key the worker's Redis user may not read (its ACL)
+INVALID_ENTRY = "invalid_entry"  # both image and image_key, or a schema version this worker does not read
 UNKNOWN_CATEGORY = "unknown_category"  # no model served here for the entry's category
 UNEXPECTED_SHAPE = "unexpected_shape"  # a frame unlike every image its model was trained and calibrated on
 MAX_DELIVERIES = "max_deliveries"  # failed, or its worker died, on each of max_deliveries attempts
@@ -105,6 +105,12 @@ def marks_entry(marker: bytes | None, fp: str) -> bool:
         return False
     marked, sep, _ = marker.decode("ascii", "replace").partition(" ")
     return not sep or ANY_ENTRY in (marked, fp) or marked == fp
+
+
+def groups_key(stream: str) -> str:
+    """A hash of the consumer groups ustudents workers have read the stream with (StreamIO.ensure_group):
+    a group on the stream not named there is another program's, which reads the frames on its own."""
+    return f"{stream}:groups"
 
 
 def name_key(stream: str, consumer: str) -> str:

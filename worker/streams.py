@@ -361,6 +361,8 @@ class StreamIO:
         Unless the stream never reached that id: then it is a new stream (deleted and written again, ids
         set by the producer starting over) and every entry in it is new."""
         info = self.stream_info()
+        # named ustudents' (the start's check tells another program's groups from a second one of ours)
+        self.r.hsetnx(schema.groups_key(self.stream), self.group, int(time.time()))
         # Called again after every Redis outage: when the group exists, nothing else is read (the
         # newest outcome reads the last results and dead letters, their masks and heatmaps too)
         if info is not None and self.group in self.group_names():
