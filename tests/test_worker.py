@@ -2717,7 +2717,10 @@ def test_hand_written_entries_get_one_honest_outcome(engines, frames, redis_url,
         "words": add(r, stream, frame_id="words", image=good, ts="yesterday"),
         "millis": add(r, stream, frame_id="millis", image=good, ts=repr(now * 1000)),
         "zero": add(r, stream, frame_id="zero", image=good, ts="0"),
-        "fine": add(r, stream, frame_id="fine", image=good, ts=repr(now)),
+        # Python's float() reads these: copied, they failed a consumer in another language
+        "underscored": add(r, stream, frame_id="underscored", image=good, ts=f"{int(now):_d}"),
+        "spaced": add(r, stream, frame_id="spaced", image=good, ts=f" {now!r}"),
+        "fine": add(r, stream, frame_id="fine", image=good, ts=repr(now), category=""),  # "": none, not copied
     }
     port = free_port()
     with in_process_worker(engines, redis_url, stream, metrics_port=port):
@@ -2726,7 +2729,8 @@ def test_hand_written_entries_get_one_honest_outcome(engines, frames, redis_url,
         latency_sum = metric(port, "ustudents_end_to_end_seconds_sum", stream=stream)
     dead = {s(x[schema.FRAME_ID]): x for x in dead_of(r, stream)}
     res = {s(x[schema.FRAME_ID]): x for x in results_of(r, stream)}
-    assert sorted(dead) == ["collide", "pixel"] and sorted(res) == ["fine", "keyed", "millis", "words", "zero"]
+    assert sorted(dead) == ["collide", "pixel"]
+    assert sorted(res) == ["fine", "keyed", "millis", "spaced", "underscored", "words", "zero"]
     plain = redis.Redis.from_url(redis_url)
     plain.set_response_callback("XRANGE", lambda reply, **kw: reply)  # field lists as stored, not dicts
     raw = {s(f[f.index(b"frame_id") + 1]): f for _, f in plain.xrange(schema.dead_stream(stream))}
@@ -2735,6 +2739,8 @@ def test_hand_written_entries_get_one_honest_outcome(engines, frames, redis_url,
     assert s(dead["collide"][schema.REASON]) == schema.INVALID_ENTRY and s(dead["collide"][schema.SCHEMA]) == "1"
     assert s(dead["pixel"][schema.REASON]) == schema.DECODE_ERROR and "1 x 1 pixels" in s(dead["pixel"][schema.ERROR])
     assert schema.TS not in res["words"] and float(res["fine"][schema.TS]) == now
+    assert schema.TS not in res["underscored"] and schema.TS not in res["spaced"]
+    assert schema.CATEGORY not in res["fine"]
     assert latencies == 1 and 0 <= latency_sum < 60  # only the real capture time counts
     said = [rec.getMessage() for rec in caplog.records if getattr(rec, "event", None) == "bad_ts"]
     assert any(f"entry {ids['words']}: ts 'yesterday' is not a number; give the capture time in Unix seconds" in m

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 
 SCHEMA_VERSION = 1
@@ -134,14 +135,18 @@ def text(fields: dict[bytes, bytes], name: str) -> str | None:
     return None if value is None else value.decode("utf-8", "replace")
 
 
+# A number as JSON and every language's parser write one. Python's float() also takes "1_700_000_000"
+# and " 1700000000 ", which a consumer in another language then failed to parse from the result.
+NUMBER = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def capture_time(fields: dict[bytes, bytes]) -> float | None:
-    """The `ts` field as Unix seconds, or None when absent or not a finite number."""
+    """The `ts` field as Unix seconds, or None when absent or not a finite number (NUMBER)."""
     value = text(fields, TS)
-    try:
-        ts = float(value) if value is not None else None
-    except ValueError:
+    if value is None or not NUMBER.fullmatch(value):
         return None
-    return ts if ts is not None and math.isfinite(ts) else None
+    ts = float(value)
+    return ts if math.isfinite(ts) else None
 
 
 @dataclass
@@ -171,7 +176,8 @@ def result_entry(entry_id: str, fields: dict[bytes, bytes], *, score: float, ano
         MASK: mask_png, MODEL: model, LATENCY_MS: f"{latency_ms:.3f}", CONSUMER: consumer}
     for name in PASSED_THROUGH:
         value = fields.get(name.encode())
-        if value is not None and (name != TS or capture_time(fields) is not None):  # ts: a float, as documented
+        # ts: a number, as documented; an empty category is none
+        if value is not None and (name != TS or capture_time(fields) is not None) and (name != CATEGORY or value):
             out[name] = value
     if heatmap_png is not None:
         out[HEATMAP] = heatmap_png
