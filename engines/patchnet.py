@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 MEASURING = threading.Lock()  # PatchNet.dense: one form measurement at a time
 # Verdicts of the measured plans (FFT or direct per layer, the dense pass's form) in this process, by
 # all that decides them and never by weights: a network of the same shapes measured again (a worker's
-# second model, an engine loaded again, `train`'s evaluation after its calibration) takes the verdict.
+# second model, an engine loaded again in one process) takes the verdict.
 PLANS: dict[tuple, object] = {}
 
 DESCRIPTOR_DIM = 128  # d in the paper

@@ -939,6 +939,7 @@ def test_a_redis_user_not_allowed_the_workers_commands_is_refused_in_one_line_at
     """An ACL user allowed stream commands but not scripts (nor SET, HSETNX) passed the start-up
     check, loaded the model, then crashed with a traceback on its first frame, and on every restart.
     A user given what the message names serves the line (MULTI/EXEC was missing from it: review)."""
+    from ustudents.engines.cli import InputError
     from ustudents.worker.cli import check_redis_setup
 
     server = RedisServer(tmp_path).start()
@@ -971,11 +972,21 @@ def test_a_redis_user_not_allowed_the_workers_commands_is_refused_in_one_line_at
         assert (s(letter[schema.ENTRY_ID]), s(letter[schema.REASON])) == (denied, schema.KEY_DENIED)
         assert "Redis refuses the worker's user the image_key 'cam1:img:1'" in s(letter[schema.ERROR])
         assert "within the key pattern its ACL grants" in s(letter[schema.ERROR])
-        # a Redis refusing writes for now (full here) is the worker's to wait out, not a refusal to start
+        # a Redis refusing writes for now (full here) is the worker's to wait out, not a refusal to start,
+        # nor does it stop a worker finding its group after an outage (it names the group when it can)
         admin.config_set("maxmemory-policy", "noeviction")
         admin.config_set("maxmemory", 1)
         check_redis_setup(WorkerSettings(_env_file=None, stream="line-acl", model="unused", redis_url=url))
+        io = StreamIO(client(url), "line-acl", "ustudents", "B", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+        admin.delete(schema.groups_key("line-acl"))
+        assert io.ensure_group() is None and not admin.exists(schema.groups_key("line-acl"))
         admin.config_set("maxmemory", 0)
+        assert io.ensure_group() is None and admin.hexists(schema.groups_key("line-acl"), "ustudents")
+        # A user that may not run a command an image_key's frame needs is refused at start: at its first
+        # such frame the refusal read as a key it may not read (a key_denied letter with the wrong fix)
+        admin.execute_command("ACL", "SETUSER", "line", "-strlen")
+        with pytest.raises(InputError, match=r"the user may not run what the worker needs .*'strlen'"):
+            check_redis_setup(WorkerSettings(_env_file=None, stream="line-acl", model="unused", redis_url=url))
     finally:
         server.stop()
 
@@ -1748,6 +1759,11 @@ def test_another_programs_consumer_group_reads_beside_the_workers_and_a_second_o
     exactly_one_result_each(r, stream, ids)
     assert [eid.decode() for eid, _ in r.xreadgroup("archiver", "a1", {stream: ">"})[0][1]] == ids  # all its own
     with pytest.raises(InputError, match=f"stream {stream} already has consumer group ustudents of ustudents workers"):
+        check_redis_setup(WorkerSettings(**settings, group="canary"))
+    # Workers from before <stream>:groups named none: on a stream they served, every group is theirs,
+    # so a rollout that changes the group name beside them is refused as before
+    r.delete(schema.groups_key(stream))
+    with pytest.raises(InputError, match=f"stream {stream} already has consumer group archiver, ustudents of "):
         check_redis_setup(WorkerSettings(**settings, group="canary"))
 
 
@@ -2743,8 +2759,18 @@ def test_hand_written_entries_get_one_honest_outcome(engines, frames, redis_url,
     assert schema.CATEGORY not in res["fine"]
     assert latencies == 1 and 0 <= latency_sum < 60  # only the real capture time counts
     said = [rec.getMessage() for rec in caplog.records if getattr(rec, "event", None) == "bad_ts"]
-    assert any(f"entry {ids['words']}: ts 'yesterday' is not a number; give the capture time in Unix seconds" in m
-               for m in said), said  # it was left out without a word
+    assert any(f"entry {ids['words']}: ts 'yesterday' is not a number as JSON writes one; give the capture time in "
+               "Unix seconds" in m for m in said), said  # it was left out without a word
+
+
+@pytest.mark.parametrize("ts,want", [
+    ("1733580000.25", 1733580000.25), ("1.73358e9", 1.73358e9), ("-1", -1.0), ("0", 0.0),
+    ("+1733580000", None), ("1733580000.", None), (".5", None), ("1_733_580_000", None), (" 1733580000", None),
+    ("\u0661\u0667\u0663\u0663", None), ("\uff11\uff17", None), ("nan", None), ("1e999", None), ("", None),
+    # a failed match stays linear: a pattern splitting digits two ways took 6 s at 16,000, growing as the square
+    ("1" * 100_000 + "x", None)])
+def test_ts_is_a_number_as_json_writes_one(ts, want):
+    assert schema.capture_time({b"ts": ts.encode()}) == want
 
 
 def test_a_group_made_again_starts_after_the_newest_outcome(engines, frames, redis_url, stream):

@@ -153,7 +153,10 @@ def check_redis_setup(settings: WorkerSettings) -> bool:
             pipe.type(key)
         kinds = [text_of(k) for k in pipe.execute()]
         groups = [text_of(g["name"]) for g in (client.xinfo_groups(settings.stream) if kinds[0] == "stream" else [])]
-        ours = {text_of(g) for g in client.hkeys(schema.groups_key(settings.stream))} if groups else set()
+        named = {text_of(g) for g in client.hkeys(schema.groups_key(settings.stream))} if groups else set()
+        # Workers from before groups_key named none: on a stream they served (it has results) every group
+        # counts as theirs, as they took it (a rollout changing USTUDENTS_GROUP beside them is refused)
+        ours = named or (set(groups) if kinds[1] == "stream" else set())
         # One command of each kind the worker writes with, on a scratch key of the stream's (so that an
         # ACL key pattern applies), gone at once: a user without them passed this check, then crashed
         # on its first frame, and on every restart.
@@ -164,7 +167,8 @@ def check_redis_setup(settings: WorkerSettings) -> bool:
                 pipe.script_load(script)
             pipe.execute()
             pipe = client.pipeline(transaction=True)  # MULTI/EXEC, as the worker's own pipelines
-            pipe.set(scratch, 1, px=1000).hsetnx(f"{scratch}:h", "f", 1).expire(f"{scratch}:h", 1)
+            pipe.set(scratch, 1, px=1000).strlen(scratch).get(scratch).exists(scratch)  # and an image_key's reads
+            pipe.hsetnx(f"{scratch}:h", "f", 1).expire(f"{scratch}:h", 1)
             pipe.delete(scratch, f"{scratch}:h")
             pipe.execute()
         except redis.ResponseError as err:

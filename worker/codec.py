@@ -25,7 +25,7 @@ def payload(fields: dict[bytes, bytes], fetched: bytes | int | None | Exception,
         where = f"image_key {key.decode('utf-8', 'replace')!r}"
         if fetched is None:
             return DeadLetter(MISSING_IMAGE, f"{where} holds no image (expired, deleted or not a string)")
-        if isinstance(fetched, Exception):  # NOPERM
+        if isinstance(fetched, Exception):  # NOPERM for the key (StreamIO.fetch_images)
             return DeadLetter(KEY_DENIED, f"Redis refuses the worker's user the {where} ({fetched}): name image keys "
                                           "within the key pattern its ACL grants (the line's keys, e.g. line1:img:..., "
                                           "for ~line1*), or grant it theirs")

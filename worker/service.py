@@ -1045,8 +1045,9 @@ class Worker:
                                        "of the end-to-end latency", entry.id, ts, TS_SKEW_S, TS_MAX_AGE_S,
                                        event="bad_ts", entry_id=entry.id)
             elif schema.text(entry.fields, schema.TS) is not None:  # an ISO date: the latency alert never fired
-                self.throttled.warning("ts_not_a_number", "entry %s: ts %r is not a number; give the capture time in "
-                                       "Unix seconds (e.g. %.1f); left out of the result and the end-to-end latency",
+                self.throttled.warning("ts_not_a_number", "entry %s: ts %r is not a number as JSON writes one; give the "
+                                       "capture time in Unix seconds (e.g. %.1f); left out of the result and the "
+                                       "end-to-end latency",
                                        entry.id, schema.text(entry.fields, schema.TS)[:40], now, event="bad_ts",
                                        entry_id=entry.id)
         for entry_id, (_, outcome) in by_id.items():

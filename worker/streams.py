@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import redis
 
 from . import schema
-from .connection import error_codes, script_error
+from .connection import error_codes, refusal, script_error
 
 log = logging.getLogger(__name__)
 
@@ -324,16 +324,20 @@ class PublishRefused(Exception):
     acknowledged; the message says which key and what to do."""
 
 
+def key_denied(err: BaseException) -> bool:
+    """NOPERM for a key the Redis user may not access (its ACL's key pattern), not for a command it may
+    not run ("... permissions to run the 'get' command", which no frame's key changes)."""
+    return isinstance(err, redis.exceptions.NoPermissionError) and "to run the" not in str(err)
+
+
 def _as_fetched(replies: list) -> list:
-    """A pipeline's replies with WRONGTYPE (the key holds no string) as None, and NOPERM (the worker's
-    Redis user may not read the key: its ACL) kept as the error, which no retry changes; any other
-    error raised."""
+    """A pipeline's replies with WRONGTYPE (the key holds no string) as None, and a key the worker's
+    Redis user may not read (key_denied) kept as the error, which no retry changes; any other error
+    raised."""
     for reply in replies:
-        if (isinstance(reply, redis.ResponseError) and not isinstance(reply, redis.exceptions.NoPermissionError)
-                and "WRONGTYPE" not in error_codes(reply)):
+        if isinstance(reply, redis.ResponseError) and not key_denied(reply) and "WRONGTYPE" not in error_codes(reply):
             raise reply
-    return [r if isinstance(r, redis.exceptions.NoPermissionError) else None if isinstance(r, redis.ResponseError)
-            else r for r in replies]
+    return [r if key_denied(r) else None if isinstance(r, redis.ResponseError) else r for r in replies]
 
 
 class StreamIO:
@@ -343,6 +347,7 @@ class StreamIO:
         self.results, self.dead = schema.results_stream(stream), schema.dead_stream(stream)
         self.maxlen = {self.results: results_maxlen, self.dead: dead_maxlen}
         self.dedupe_ttl_s = dedupe_ttl_s
+        self._group_named = False  # in schema.groups_key (_name_group)
         self._reap = client.register_script(REAP_SCRIPT)
         self._repair_lag = client.register_script(REPAIR_LAG_SCRIPT)
         self._gap = client.register_script(GAP_SCRIPT)
@@ -361,11 +366,10 @@ class StreamIO:
         Unless the stream never reached that id: then it is a new stream (deleted and written again, ids
         set by the producer starting over) and every entry in it is new."""
         info = self.stream_info()
-        # named ustudents' (the start's check tells another program's groups from a second one of ours)
-        self.r.hsetnx(schema.groups_key(self.stream), self.group, int(time.time()))
         # Called again after every Redis outage: when the group exists, nothing else is read (the
         # newest outcome reads the last results and dead letters, their masks and heatmaps too)
         if info is not None and self.group in self.group_names():
+            self._name_group()
             return None
         info = info or {}
         start = self.newest_outcome()
@@ -379,11 +383,27 @@ class StreamIO:
             self.r.xgroup_create(self.stream, self.group, id=start, mkstream=True, entries_read=before)
         except redis.ResponseError as err:
             if "BUSYGROUP" in str(err):
+                self._name_group()
                 return None
             raise
+        self._group_named = False  # a Redis that lost the group lost its name with it
+        self._name_group()
         if start == "0":  # a new life of the stream; else every marker is of entries of this one, and
             self.clear_markers()  # those past `start` that other workers publish meanwhile must keep theirs
         return start
+
+    def _name_group(self) -> None:
+        """Name the group ustudents' in schema.groups_key (the start's check tells another program's
+        groups from a second one of ours), once per worker and group made. A Redis refusing writes for
+        now (at its memory cap) is asked again at the next call: reading goes on meanwhile."""
+        if self._group_named:
+            return
+        try:
+            self.r.hsetnx(schema.groups_key(self.stream), self.group, int(time.time()))
+            self._group_named = True
+        except redis.ResponseError as err:
+            if not refusal(err):
+                raise
 
     def clear_markers(self) -> int:
         """Remove the stream's done markers (returns how many), when its group is made from the start
