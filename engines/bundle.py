@@ -354,23 +354,24 @@ def rewrite_bundle(path: Path, manifest: dict[str, Any], tensors: dict[str, torc
     # What a rewrite stopped after its manifest's rename (Ctrl-C in the cleanup) or killed outright left:
     # weights files no manifest names any more, full-size copies that nothing else removes. The caller
     # holds the bundle's lock, so no other rewrite is writing them now.
-    for left in [*path.glob("weights*.safetensors"), *path.glob(".weights.*.partial")]:
-        if left.name != old["weights"]["file"] and left.is_file() and \
-                (OWN_WEIGHTS.fullmatch(left.name) or left.suffix == ".partial"):
+    for left in path.glob("weights*.safetensors"):
+        if left.name != old["weights"]["file"] and left.is_file() and OWN_WEIGHTS.fullmatch(left.name):
             left.unlink(missing_ok=True)
-    tmp = path / f".weights.{os.getpid()}.partial"
+    for left in path.glob(".weights.*.partial"):  # staging folders (files, before safetensors 0.8 wrote via .tmp*)
+        shutil.rmtree(left) if left.is_dir() and not left.is_symlink() else left.unlink(missing_ok=True)
+    # A folder of its own to write in: safetensors writes through a temporary file beside its target
+    # (.tmpXXXXXX), which a kill left in the bundle, full size, one more per kill, never removed
+    stage = path / f".weights.{os.getpid()}.partial"
     try:
-        record = _save_weights(tmp, tensors, path)
+        stage.mkdir()
+        record = _save_weights(stage / WEIGHTS, tensors, path)
         sha = record["sha256"]
         name = old["weights"]["file"] if sha == old["weights"]["sha256"] else f"weights.{sha[:12]}.safetensors"
-        if name == old["weights"]["file"]:
-            tmp.unlink()
-        else:
-            os.replace(tmp, path / name)
+        if name != old["weights"]["file"]:
+            os.replace(stage / WEIGHTS, path / name)
             _fsync_dir(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, weights=dict(record, file=name))
     try:
         write_atomically(path / MANIFEST, json.dumps(manifest, indent=2) + "\n", mode=0o644)

@@ -30,8 +30,8 @@ SLACK = 1.25
 
 
 def recalibrate_copy(bundle_path) -> str:
-    """The commands that add a line's frame shapes to a copy of a model, for the refusals' advice."""
-    return f"cp -r {bundle_path} COPY && ustudents calibrate COPY --images DIR"
+    """The command that adds a line's frame shapes to a copy of a model, for the refusals' advice."""
+    return f"ustudents calibrate {bundle_path} --images DIR --out COPY"
 
 
 class UnexpectedShape(ImageError):

@@ -340,8 +340,8 @@ def dark_16_bit_hint(img: np.ndarray, bits: int, source: str) -> None:
     if used <= bits - 3:
         _told_of_dark_16_bit = True
         log.warning("%s: 16-bit data using %d bits, read with the model's %d, so it looks %dx darker than it is; "
-                    "if the camera changed, recalibrate on its frames (ustudents calibrate MODEL --images DIR: the "
-                    "bundle then reads %d bits)", source, used, bits, 1 << (bits - used), used)
+                    "if the camera changed, recalibrate on its frames (ustudents calibrate MODEL --images DIR --out COPY: "
+                    "the copy then reads %d bits)", source, used, bits, 1 << (bits - used), used)
 
 
 def first_copy(images) -> tuple[int, int] | None:

@@ -343,6 +343,50 @@ def test_what_a_killed_write_left_beside_a_bundle_is_cleared_or_put_back_by_the_
     assert load_bundle(path).manifest["id"] == "t-new"
 
 
+# A process killed inside safetensors' save_file: since 0.8 it writes a temporary file beside its
+# target (.tmpXXXXXX, seen on a SIGKILL mid-write), then renames it; the kill leaves that file
+KILLED_IN_SAVE_FILE = """
+import os, sys
+from pathlib import Path
+import {module} as m
+
+def killed(tensors, target):
+    (Path(target).parent / ".tmpK1LLED").write_bytes(b"half a weights file")
+    os._exit(9)
+
+m.save_file = killed
+"""
+
+
+def test_what_a_kill_inside_the_weights_write_left_is_gone_after_the_next_write(tmp_path):
+    """Killed mid-write, calibrate left safetensors' .tmpXXXXXX in the bundle (36 MB at 64 px, one per kill,
+    hidden, never removed; audit), and `ustudents teacher` one in the teachers' folder."""
+    import subprocess
+    import sys
+
+    from ustudents.train.teacher_files import save_teacher
+
+    path, tensors = make_bundle(tmp_path / "b")
+    recalibrate = KILLED_IN_SAVE_FILE.format(module="ustudents.engines.bundle") + (
+        "from ustudents.engines.bundle import load_bundle, rewrite_bundle\n"
+        "b = load_bundle(sys.argv[1])\n"
+        "rewrite_bundle(Path(sys.argv[1]), dict(b.manifest, threshold={'value': 5.0}), "
+        "{k: v + 1 for k, v in b.tensors.items()})\n")
+    assert subprocess.run([sys.executable, "-c", recalibrate, str(path)]).returncode == 9
+    assert load_bundle(path).mask_threshold == 3.0  # the bundle as it was
+    rewrite_bundle(path, dict(load_bundle(path).manifest, threshold={"value": 5.0}), tensors)
+    assert load_bundle(path).mask_threshold == 5.0
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "weights.safetensors"]
+
+    save_teacher(tmp_path / "t", 17, PatchNet(17).state_dict(), {"steps": 1})
+    distil = KILLED_IN_SAVE_FILE.format(module="ustudents.train.teacher_files") + (
+        "from ustudents.engines.patchnet import PatchNet\n"
+        "m.save_teacher(Path(sys.argv[1]), 17, PatchNet(17).state_dict(), {'steps': 2})\n")
+    assert subprocess.run([sys.executable, "-c", distil, str(tmp_path / "t")]).returncode == 9
+    save_teacher(tmp_path / "t", 17, PatchNet(17).state_dict(), {"steps": 3})
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["teacher_p17.safetensors", "teachers.json"]
+
+
 def test_update_manifest_keeps_weights(tmp_path):
     path, _ = make_bundle(tmp_path / "b")
     update_manifest(path, evaluation={"au_pro_30": 0.5})

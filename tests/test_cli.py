@@ -386,6 +386,41 @@ def test_calibrate_changes_threshold_and_statistics_only(bundle_copy, tiny_mvtec
     assert flagged == pytest.approx(0.01, abs=2 / fused.numel())
 
 
+def test_calibrate_out_writes_the_recalibrated_bundle_there_and_leaves_the_model_as_it_was(small_copy, tiny_mvtec,
+                                                                                         tmp_path):
+    """The runbook's copy for a new camera was `cp -r MODEL COPY && ustudents calibrate COPY`: run a second
+    time (after a refusal, at the next camera change) it copied the bundle into COPY, a hidden second
+    bundle in the served folder (audit). --out writes the copy, replaced whole when run again."""
+    files = {p.name: sha256_file(p) for p in small_copy.iterdir()}
+    good = tmp_path / "cam2"
+    good.mkdir()
+    for f in sorted((tiny_mvtec / TINY_CATEGORY / "test" / "good").iterdir())[:2]:
+        shutil.copy(f, good)
+    out = tmp_path / "models" / "bundle-cam2"
+    for _ in range(2):
+        result = invoke("calibrate", small_copy, "--images", good, "--target-fpr", "0.01", "--out", out)
+        assert_ok(result)
+        assert f"{out}: recalibrated on 2 images" in result.output
+        assert f"{out}: point the line's workers at it and restart them together" in result.output
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "weights.safetensors"]
+        assert no_hidden_leftovers(out.parent) == []
+    assert {p.name: sha256_file(p) for p in small_copy.iterdir()} == files  # the model as it was
+    copied = manifest_of(out)
+    assert_ok(invoke("calibrate", small_copy, "--images", good, "--target-fpr", "0.01"))  # the same, in place
+    in_place = manifest_of(small_copy)
+    for field in ("statistics", "threshold", "image_score", "frame_shapes", "input"):
+        assert copied[field] == in_place[field], field
+    assert copied["weights"]["sha256"] == in_place["weights"]["sha256"]
+    assert load_bundle(out).mask_threshold == load_bundle(small_copy).mask_threshold
+    assert_input_error(invoke("calibrate", small_copy, "--images", good, "--out", small_copy),
+                       f"--out {small_copy}: that is MODEL itself; leave --out out to recalibrate it in place")
+    assert_input_error(invoke("calibrate", small_copy, "--images", good, "--out", small_copy / "cam2"),
+                       f"--out {small_copy / 'cam2'}")
+    assert_input_error(invoke("calibrate", small_copy, "--images", good, "--out", good / "model"),
+                       f"--out {good / 'model'}")
+    assert sorted(p.name for p in small_copy.iterdir()) == sorted(files) and len(list(good.iterdir())) == 2
+
+
 def test_a_model_knows_its_images_shapes_predict_refuses_others_and_calibrate_adds_a_new_cameras(
         small_copy, small_bundle, tiny_mvtec, tmp_path):
     """Training records the shapes of its images (engines.frame_shapes; the 32 px copy keeps the 64 px
@@ -403,7 +438,7 @@ def test_a_model_knows_its_images_shapes_predict_refuses_others_and_calibrate_ad
     frame = sorted(wide.iterdir())[0]
     assert_input_error(invoke("predict", small_copy, frame, "--out", tmp_path / "out"), f"{frame}: ",
                        "unlike every image the model was trained and calibrated on", known.describe(),
-                       f"(cp -r {small_copy} COPY && ustudents calibrate COPY --images DIR)")
+                       f"(ustudents calibrate {small_copy} --images DIR --out COPY)")
     assert not (tmp_path / "out").exists()
 
     calibrated = invoke("calibrate", small_copy, "--images", wide, "--target-fpr", "0.01")

@@ -16,7 +16,7 @@ import click
 import torch
 
 from ustudents.engines.bundle import (BundleError, check_replaceable, check_writable, load_bundle, locked,
-                                      rewrite_bundle)
+                                      manifest_on_disk, rewrite_bundle, write_bundle)
 from ustudents.engines.cli import (CONTEXT_SETTINGS, InputError, PathArg, changing_bundle, check_apart, check_output,
                                    check_outside_bundles, engine_options, not_empty, stop_signals_as_ctrl_c,
                                    user_errors_for)
@@ -349,16 +349,40 @@ def distil(scales: list[int], out: Path, written: list[int], settings: dict) -> 
 @click.option("--image-fpr", default=None, type=float,
               help="Share of good images flagged anomalous (position score).  [default: the bundle's, else "
                    f"{DEFAULT_IMAGE_FPR}]")
+@click.option("--out", type=PathArg(path_type=Path), default=None,
+              help="Write the recalibrated bundle here (a new folder, or a bundle there replaced whole), MODEL left "
+                   "as it is.  [default: MODEL, rewritten in place]")
 @device_option
 @user_errors
-def calibrate_cmd(model, images, target_fpr, image_fpr, device):
+def calibrate_cmd(model, images, target_fpr, image_fpr, out, device):
     """Re-estimate e/v statistics, thresholds and image score of MODEL on new good images, without retraining.
 
     Runs in the precision the bundle runs in on this machine: bf16 where it was calibrated in bf16 and
-    the device has it natively, else fp32. The bundle is rewritten atomically; its built engines
-    held the old statistics and are dropped."""
-    with changing_bundle(model, "calibrate") as bundle:  # not beside a build-engines: its engine would hold old statistics
-        _calibrate(bundle, model, images, target_fpr, image_fpr, device)
+    the device has it natively, else fp32. The bundle is rewritten atomically (with --out, written
+    there, as a new bundle); its built engines held the old statistics and are dropped."""
+    if out is None:
+        with changing_bundle(model, "calibrate") as bundle:  # not beside a build-engines: its engine would hold old statistics
+            _calibrate(bundle, model, images, target_fpr, image_fpr, device)
+        return
+    # A copy for a second camera, or the line's next version beside the served one: `cp -r` then calibrate
+    # in place, run twice (after a refusal, at the next camera change), copied the bundle into the copy
+    bundle = load_bundle(model)
+    if real_path(out) == real_path(bundle.path):
+        raise InputError(f"--out {out}: that is MODEL itself; leave --out out to recalibrate it in place")
+    check_output(out, "--out", folder=True, link_to_make=True)
+    check_replaceable(out)
+    check_apart(out, "--out", images, "the images calibrated on")
+    check_outside_bundles(out, "--out", replaces_itself=True)
+    check_writable(out)
+    before = manifest_on_disk(out)
+    try:
+        with stop_signals_as_ctrl_c():
+            _calibrate(bundle, model, images, target_fpr, image_fpr, device, out=out)
+    except KeyboardInterrupt:
+        done = manifest_on_disk(out) != before  # write_bundle replaces it whole: old or new, never half
+        click.echo(f"\ninterrupted: {out} " + ("holds the recalibrated bundle" if done else "is as it was") +
+                   f"; {model} is unchanged" + ("" if done else "; run the command again"), err=True)
+        raise SystemExit(130) from None
 
 
 def recalibrated_id(model_id: str) -> str:
@@ -369,7 +393,8 @@ def recalibrated_id(model_id: str) -> str:
     return f"{trained}-cal{datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
 
 
-def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
+def _calibrate(bundle, model, images, target_fpr, image_fpr, device, out: Path | None = None) -> None:
+    """Calibrate `bundle` (loaded from `model`) on `images`: rewritten in place, or written to `out`."""
     from .calibrate import calibrate, check_rate, check_resolvable
     from .dataset import Sample, bit_depths, load_images, refuse_copies
     from .pipeline import check_not_blank, image_fpr_warning, image_score_line, mask_line
@@ -426,7 +451,9 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
     # camera's); a bundle from before the record knows these alone: the line's frames
     known = FrameShapes.of(shapes).union(bundle.frame_shapes)
     manifest["frame_shapes"] = known.to_json()
-    rewrite_bundle(bundle.path, manifest, {**bundle.network_tensors(), **cal.tensors})
+    tensors = {**bundle.network_tensors(), **cal.tensors}
+    rewrite_bundle(bundle.path, manifest, tensors) if out is None else write_bundle(out, manifest, tensors)
+    model = model if out is None else out  # the bundle the lines below speak of
     click.echo(f"{model}: recalibrated on {len(files)} images; {mask_line(threshold)}, non-empty masks on "
                f"{threshold['validation_image_fpr']:.1%} of these images; {image_score_line(cal.image_score)}")
     warning = image_fpr_warning(cal.image_score, image_fpr, "calibrate again with more good images in --images")
@@ -446,12 +473,20 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device) -> None:
         # in the order the backends run them when no precision is asked for, as every such list is said
         built = sorted({(e["backend"], e["precision"]) for e in bundle.manifest["engines"]},
                        key=lambda b: (b[0], ENGINE_PRECISIONS.index(b[1])))
-        click.echo(f"{model}: its built engines held the old statistics and were dropped; rebuild with "
-                   + " and ".join(build_command(bundle, *b) for b in built))
+        written = bundle if out is None else load_bundle(out)
+        click.echo(f"{model}: {'its' if out is None else 'the'} built engines held the old statistics and "
+                   f"{'were dropped' if out is None else 'are not copied'}; "
+                   f"{'rebuild' if out is None else 'build them'} with "
+                   + " and ".join(build_command(written, *b) for b in built))
+    if out is not None:
+        click.echo(f"{model}: point the line's workers at it and restart them together (README: Recalibrating after "
+                   "a camera change)")
+        return
     # a worker reads its bundle once: recalibrated under it, a line judged with two thresholds at once
     # (the running workers' and those started after), and nothing said so
     click.echo(f"{model}: a worker serving it keeps judging with what it loaded until it restarts; serve a "
-               "recalibrated copy and restart the line's workers together (README: Recalibrating after a camera change)")
+               "recalibrated copy (--out) and restart the line's workers together (README: Recalibrating after a "
+               "camera change)")
 
 
 @click.command("evaluate")

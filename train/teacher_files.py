@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -41,8 +42,14 @@ def save_teacher(folder: Path, p: int, state: dict[str, torch.Tensor], record: d
     before = json.dumps(records, indent=2) + "\n"
     path = teacher_path(folder, p)
     tmp = path.with_suffix(".partial")
+    # safetensors writes through a temporary file beside its target (.tmpXXXXXX), which a kill left in
+    # the teachers' folder for good: it writes in a folder of its own, emptied at the next save
+    stage = folder / f".{path.stem}.stage"
+    shutil.rmtree(stage, ignore_errors=True)
     try:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        stage.mkdir()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(stage / path.name))
+        os.replace(stage / path.name, tmp)
         tmp.chmod(0o644)  # safetensors writes 0600; teachers are read by other users too
         with open(tmp, "rb") as f:  # on disk before it replaces a good teacher: a power cut must not leave a torn one
             os.fsync(f.fileno())
@@ -58,6 +65,8 @@ def save_teacher(folder: Path, p: int, state: dict[str, torch.Tensor], record: d
             with contextlib.suppress(OSError):
                 write_atomically(folder / RECORDS, before)
         raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return path
 
 
