@@ -2188,6 +2188,41 @@ def test_the_summary_splits_dead_letters_by_reason(engines, frames, redis_url, s
     assert any(re.search(r"\d dead-lettered \((decode_error \d(, )?)?(unknown_category 1)?\)$", rec.getMessage())
                for rec in summaries if rec.dead_lettered), [rec.getMessage() for rec in summaries]
 
+def test_a_line_no_worker_reads_is_said_by_the_worker_publish_and_results(engines, frames, redis_url, stream, caplog):
+    """A typo in --stream, or another Redis database than the camera's: the worker was ready on an empty
+    stream of its own, publish and results said nothing (results waited forever), and the line went
+    uninspected (audit). And a source that ends before --count stopped short in silence."""
+    published = CliRunner().invoke(main, ["publish", "--stream", stream, str(frames[0]), "--count", "3", "--fps", "0",
+                                          "--redis-url", redis_url])
+    assert published.exit_code == 0, published.output
+    assert re.search(f"note: no worker has read {stream} at Redis .+ database \\d+ yet \\(no consumer group\\): its "
+                     "frames wait there for a worker started with this --stream and Redis database", published.output)
+    assert f"{frames[0]}: ended after 1 of the 3 frames --count asks for (--loop starts it" in published.output
+    typo = f"{stream}:typo"
+    caplog.set_level("INFO", logger="ustudents.worker")
+    for name in (stream, typo, typo):  # the line's frames waiting, a stream no one writes, that one again
+
+        def started() -> bool:
+            return any(getattr(rec, "event", None) == "start" and rec.stream == name for rec in caplog.records)
+        with in_process_worker(engines, redis_url, name) as worker:
+            wait_for(lambda: worker.ready()[0] and started(), 20, "the worker ready")
+            wait_for(lambda: joined(worker.io.r, name, worker.s.consumer), 20, "the worker reading")  # group checked
+    events = [(getattr(rec, "event", None), rec.getMessage()) for rec in caplog.records]
+    made = [message for event, message in events if event == "stream_created"]
+    assert len(made) == 1 and made[0].startswith(f"stream {typo} did not exist at Redis {shown_url(redis_url)}: "
+                                                 "made it, empty, with consumer group ustudents"), made
+    assert any(event == "group_created" and f"on {stream}, reading after entry 0" in m for event, m in events), events
+    assert sum(event == "start" and f"at Redis {shown_url(redis_url)} with" in m for event, m in events) == 3
+    results = subprocess.Popen([sys.executable, "-c", "from ustudents.cli import main; main()", "results", "--stream",
+                                f"{stream}:other", "--redis-url", redis_url], stderr=subprocess.PIPE, text=True)
+    try:
+        said = results.stderr.readline()
+    finally:
+        results.kill()
+        results.wait()
+    assert said.startswith(f"waiting: no worker has published an outcome of {stream}:other at Redis "), said
+
+
 def test_a_lag_redis_cannot_tell_is_withdrawn_not_left_stale(engines, redis_url, stream, caplog):
     """After a Redis restart during a backlog, XINFO GROUPS answers lag = nil (the AOF replay drops
     the group's read counter). The gauge must then vanish, not keep its last value, with one
@@ -2453,9 +2488,10 @@ def test_publish_names_an_image_file_larger_than_redis_takes_once_and_never_read
         result = CliRunner().invoke(main, ["publish", str(folder), "--stream", "big", "--loop",
                                                            "--count", "3", "--fps", "0", "--redis-url", server.url])
         assert result.exit_code == 0, result.output + result.stderr
-        assert result.stderr.splitlines() == [f"{folder / 'huge.png'}: 1.5 MB, more than Redis takes in one value "
-                                              "(proto-max-bulk-len 1.0 MB): passed over; send smaller frames or "
-                                              "raise proto-max-bulk-len"]
+        note, *said = result.stderr.splitlines()  # the note: no worker reads the stream "big"
+        assert note.startswith("note: no worker has read big at Redis")
+        assert said == [f"{folder / 'huge.png'}: 1.5 MB, more than Redis takes in one value (proto-max-bulk-len 1.0 MB): "
+                        "passed over; send smaller frames or raise proto-max-bulk-len"]
         assert read == ["a.png"] * 3 and r.xlen("big") == 3
         (folder / "a.png").unlink()  # nothing left to send: the run ends in one line, not a wait
         result = CliRunner().invoke(main, ["publish", str(folder), "--stream", "big", "--redis-url", server.url])

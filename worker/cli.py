@@ -85,6 +85,13 @@ def tool_client(redis_url: str | None) -> redis.Redis:
     return client
 
 
+def redis_of(client: redis.Redis) -> str:
+    """Where a tool's client reads and writes, as its notes name it (no password)."""
+    kw = client.connection_pool.connection_kwargs
+    place = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
+    return f"{place} database {kw.get('db', 0)}"
+
+
 # The ACL categories of the commands the worker runs: its streams, done markers (strings), attempt
 # counts (hashes), TTLs and deletes (keyspace), its Lua scripts, MULTI/EXEC, PING.
 ACL_NEEDED = "+@stream +@string +@hash +@keyspace +@scripting +@transaction +@connection"
@@ -331,6 +338,17 @@ def usable_fps(fps: float) -> bool:
     return fps == 0 or MIN_FPS <= fps < math.inf  # NaN is neither
 
 
+def read_by_none(client: redis.Redis, stream: str) -> bool:
+    """Whether no consumer group reads the stream (it has none, or there is no stream yet); False
+    where Redis cannot say (away: publish holds the frame; a user not allowed XINFO)."""
+    try:
+        return not client.xinfo_groups(stream)
+    except redis.ResponseError as err:
+        return "no such key" in str(err).lower()
+    except redis.RedisError:
+        return False
+
+
 def not_a_stream(client: redis.Redis, stream: str) -> str | None:
     """The error for a --stream whose key holds another type (a string, a list), else None: Redis'
     WRONGTYPE read as "Redis stopped taking frames"."""
@@ -361,7 +379,8 @@ def checked_stream(stream: str) -> str:
 @click.option("--fps", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Frames per second; 0 = as fast as possible.")
 @click.option("--loop", is_flag=True, help="Start the folder or video again at its end.")
 @click.option("--count", type=click.IntRange(min=0, max=MAX_COUNT), default=0, show_default=True,
-              help="Stop after this many frames; 0 = all.")
+              help="Stop after this many frames; 0 = all. A source that ends first ends the run (said; --loop "
+                   "repeats it).")
 @click.option("--camera", default=None, help="`camera` field.  [default: the source's name]")
 @click.option("--category", default=None, help="`category` field: the model, where a worker serves several.")
 @click.option("--format", "fmt", type=click.Choice(["png", "jpg"]), default="png", show_default=True,
@@ -396,10 +415,18 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
     try:
         if wrong := not_a_stream(client, stream):
             raise InputError(wrong)
+        if read_by_none(client, stream):
+            # a typo in --stream, or another database than the workers': published, and read by no one
+            click.echo(f"note: no worker has read {stream} at Redis {redis_of(client)} yet (no consumer group): its "
+                       "frames wait there for a worker started with this --stream and Redis database; where the "
+                       "line's workers run, one of the two differs", err=True)
         with stop_signals_as_ctrl_c():  # `timeout`, `docker stop`, systemd: the count is printed as on Ctrl-C
-            publish(frames, publisher, fps=fps, count=count,
-                    progress=lambda k, t: click.echo(f"{k} frames in {t:.0f} s ({k / t:.1f}/s)", err=True),
-                    outage=lambda message: click.echo(message, err=True))
+            sent = publish(frames, publisher, fps=fps, count=count,
+                           progress=lambda k, t: click.echo(f"{k} frames in {t:.0f} s ({k / t:.1f}/s)", err=True),
+                           outage=lambda message: click.echo(message, err=True))
+        if count and sent < count:  # the source ended first (--count only stops)
+            click.echo(f"{source}: ended after {sent} of the {count} frames --count asks for"
+                       + ("" if loop else " (--loop starts it again at its end)"), err=True)
     except KeyboardInterrupt:
         pass  # Ctrl-C: the frames sent so far are reported below
     except redis.RedisError as err:
@@ -435,6 +462,11 @@ def results_cmd(stream, save_to, from_start, count, redis_url):
         check_save_folder(save_to)
     client = tool_client(redis_url)
     try:
+        if not client.exists(schema.results_stream(stream), schema.dead_stream(stream)):
+            # it waited in silence: a typo in --stream, or another database than the workers'
+            click.echo(f"waiting: no worker has published an outcome of {stream} at Redis {redis_of(client)} yet "
+                       f"({schema.results_stream(stream)} and {schema.dead_stream(stream)} do not exist); check "
+                       "--stream and the Redis database if the line's workers run", err=True)
         with stop_signals_as_ctrl_c():  # a picture being saved is finished or left out whole, as on Ctrl-C
             follow(client, stream, click.echo, from_start=from_start, count=count, save_to=save_to,
                    outage=lambda line: click.echo(line, err=True))

@@ -45,7 +45,7 @@ from . import codec, schema
 from .connection import UNAVAILABLE, Backoff, RedisState, connect, refusal, refusal_advice, unblocked
 from .logs import Throttled
 from .metrics import HealthServer, WorkerMetrics
-from .settings import WorkerSettings
+from .settings import WorkerSettings, shown_url
 from .streams import Entry, PublishRefused, Record, StreamIO
 
 log = logging.getLogger("ustudents.worker")
@@ -305,9 +305,11 @@ class Worker:
         self.start_server()
         self._update_ready()
         s = self.s
-        log.info("worker %s serving stream %s (group %s) with %s; batch %d", s.consumer, s.stream, s.group,
+        log.info("worker %s serving stream %s (group %s) at Redis %s with %s; batch %d", s.consumer, s.stream, s.group,
+                 shown_url(s.redis_url),
                  ", ".join(f"{c}: {e.info['model']} on {e.describe()}" for c, e in self.engines.items()), s.batch,
                  extra={"event": "start", "stream": s.stream, "group": s.group, "consumer": s.consumer,
+                        "redis": shown_url(s.redis_url),
                         "models": {c: e.info for c, e in self.engines.items()},
                         "metrics_port": self.server.port if self.server else None})
         for category, shapes in self.shapes.items():
@@ -617,6 +619,13 @@ class Worker:
                                     "are those it held unread; frames running workers hold are still judged. Keep "
                                     "Redis's data with AOF (appendonly yes)",
                                     s.group, s.stream, start, where, extra={"event": "group_lost", "entry_id": start})
+                    elif start is not None and self.io.made_stream:
+                        # a typo in --stream, or the database left out of the Redis URL: the worker was ready
+                        # on an empty stream of its own, the line unserved, and nothing said so
+                        log.warning("stream %s did not exist at Redis %s: made it, empty, with consumer group %s. "
+                                    "If a camera already publishes to this line, check the stream's name and the "
+                                    "Redis URL's database (its frames wait there for a worker)", s.stream,
+                                    shown_url(s.redis_url), s.group, extra={"event": "stream_created"})
                     elif start is not None:
                         log.info("created consumer group %s on %s, reading after entry %s (%s)", s.group, s.stream,
                                  start, where, extra={"event": "group_created", "entry_id": start})
