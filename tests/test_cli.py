@@ -397,11 +397,11 @@ def test_calibrate_out_writes_the_recalibrated_bundle_there_and_leaves_the_model
     for f in sorted((tiny_mvtec / TINY_CATEGORY / "test" / "good").iterdir())[:2]:
         shutil.copy(f, good)
     out = tmp_path / "models" / "bundle-cam2"
-    for _ in range(2):
+    for then in ("point the line's workers at it and restart them together",  # a new copy
+                 "a worker serving it keeps judging with what it loaded until it restarts; restart the line's"):
         result = invoke("calibrate", small_copy, "--images", good, "--target-fpr", "0.01", "--out", out)
         assert_ok(result)
-        assert f"{out}: recalibrated on 2 images" in result.output
-        assert f"{out}: point the line's workers at it and restart them together" in result.output
+        assert f"{out}: recalibrated on 2 images" in result.output and f"{out}: {then}" in result.output
         assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "weights.safetensors"]
         assert no_hidden_leftovers(out.parent) == []
     assert {p.name: sha256_file(p) for p in small_copy.iterdir()} == files  # the model as it was
@@ -418,6 +418,13 @@ def test_calibrate_out_writes_the_recalibrated_bundle_there_and_leaves_the_model
                        f"--out {small_copy / 'cam2'}")
     assert_input_error(invoke("calibrate", small_copy, "--images", good, "--out", good / "model"),
                        f"--out {good / 'model'}")
+    assert_input_error(invoke("calibrate", small_copy, "--images", good, "--out", "."),
+                       "--out .: names no folder of its own")
+    other = Path(shutil.copytree(small_copy, tmp_path / "models" / "line2"))  # a typo naming another line's model
+    update_manifest(other, id="line2-model")
+    assert_input_error(invoke("calibrate", small_copy, "--images", good, "--out", other),
+                       f"--out {other}: holds the bundle of another training (line2-model; MODEL is ")
+    assert manifest_of(other)["id"] == "line2-model"
     assert sorted(p.name for p in small_copy.iterdir()) == sorted(files) and len(list(good.iterdir())) == 2
 
 

@@ -2192,12 +2192,21 @@ def test_a_line_no_worker_reads_is_said_by_the_worker_publish_and_results(engine
     """A typo in --stream, or another Redis database than the camera's: the worker was ready on an empty
     stream of its own, publish and results said nothing (results waited forever), and the line went
     uninspected (audit). And a source that ends before --count stopped short in silence."""
-    published = CliRunner().invoke(main, ["publish", "--stream", stream, str(frames[0]), "--count", "3", "--fps", "0",
-                                          "--redis-url", redis_url])
-    assert published.exit_code == 0, published.output
-    assert re.search(f"note: no worker has read {stream} at Redis .+ database \\d+ yet \\(no consumer group\\): its "
-                     "frames wait there for a worker started with this --stream and Redis database", published.output)
-    assert f"{frames[0]}: ended after 1 of the 3 frames --count asks for (--loop starts it" in published.output
+    import select
+
+    from ustudents.worker.connection import redis_of
+
+    def publish_to(name: str) -> str:
+        published = CliRunner().invoke(main, ["publish", "--stream", name, str(frames[0]), "--count", "3", "--fps", "0",
+                                              "--redis-url", redis_url])
+        assert published.exit_code == 0, published.output
+        return published.output
+
+    where = redis_of(client(redis_url))
+    said = publish_to(stream)
+    assert (f"note: no worker has read {stream} at Redis {where} yet (no consumer group): its frames wait there for a "
+            "worker started with this --stream and Redis database") in said, said
+    assert f"{frames[0]}: ended after 1 of the 3 frames --count asks for (--loop starts it" in said
     typo = f"{stream}:typo"
     caplog.set_level("INFO", logger="ustudents.worker")
     for name in (stream, typo, typo):  # the line's frames waiting, a stream no one writes, that one again
@@ -2208,19 +2217,28 @@ def test_a_line_no_worker_reads_is_said_by_the_worker_publish_and_results(engine
             wait_for(lambda: worker.ready()[0] and started(), 20, "the worker ready")
             wait_for(lambda: joined(worker.io.r, name, worker.s.consumer), 20, "the worker reading")  # group checked
     events = [(getattr(rec, "event", None), rec.getMessage()) for rec in caplog.records]
-    made = [message for event, message in events if event == "stream_created"]
-    assert len(made) == 1 and made[0].startswith(f"stream {typo} did not exist at Redis {shown_url(redis_url)}: "
-                                                 "made it, empty, with consumer group ustudents"), made
+    unwritten = [message for event, message in events if event == "no_frames_yet"]
+    assert unwritten == [f"stream {typo} at Redis {where} has received no frame yet. If a camera already publishes to "
+                         "this line, check the stream's name and the Redis database: its frames wait there for a "
+                         "worker"] * 2, unwritten
     assert any(event == "group_created" and f"on {stream}, reading after entry 0" in m for event, m in events), events
-    assert sum(event == "start" and f"at Redis {shown_url(redis_url)} with" in m for event, m in events) == 3
-    results = subprocess.Popen([sys.executable, "-c", "from ustudents.cli import main; main()", "results", "--stream",
-                                f"{stream}:other", "--redis-url", redis_url], stderr=subprocess.PIPE, text=True)
-    try:
-        said = results.stderr.readline()
-    finally:
-        results.kill()
-        results.wait()
-    assert said.startswith(f"waiting: no worker has published an outcome of {stream}:other at Redis "), said
+    assert sum(event == "start" and f"at Redis {where} with" in m for event, m in events) == 3
+    assert "note:" not in publish_to(stream)  # read by the workers' group now
+
+    def first_line_of_results(name: str, *args: str) -> str:
+        results = subprocess.Popen([sys.executable, "-c", "from ustudents.cli import main; main()", "results",
+                                    "--stream", name, "--redis-url", redis_url, *args], stderr=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)
+        try:
+            assert select.select([results.stderr, results.stdout], [], [], 30)[0], "results said nothing in 30 s"
+            return (results.stderr if select.select([results.stderr], [], [], 0)[0] else results.stdout).readline()
+        finally:
+            results.kill()
+            results.wait()
+
+    assert first_line_of_results(f"{stream}:other").startswith(
+        f"waiting: no worker has published an outcome of {stream}:other at Redis {where} yet")
+    assert not first_line_of_results(stream, "--from-start").startswith("waiting")  # its results follow
 
 
 def test_a_lag_redis_cannot_tell_is_withdrawn_not_left_stale(engines, redis_url, stream, caplog):

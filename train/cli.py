@@ -5,6 +5,7 @@ naming the file and the fix, with exit code 2; tracebacks are left for bugs.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -367,7 +368,10 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, out, device):
     # A copy for a second camera, or the line's next version beside the served one: `cp -r` then calibrate
     # in place, run twice (after a refusal, at the next camera change), copied the bundle into the copy
     bundle = load_bundle(model)
-    if real_path(out) == real_path(bundle.path):
+    if out.name in ("", ".", ".."):  # as ustudents-train's --out: found after the network pass, not before
+        raise InputError(f"--out {out}: names no folder of its own (a bundle replaces its folder whole); give the "
+                         f"copy's folder, e.g. --out ./{bundle.path.resolve().name}-cam2")
+    if real_path(out) == real_path(bundle.path) or (out.exists() and os.path.samefile(out, bundle.path)):
         raise InputError(f"--out {out}: that is MODEL itself; leave --out out to recalibrate it in place")
     check_output(out, "--out", folder=True, link_to_make=True)
     check_replaceable(out)
@@ -375,9 +379,17 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, out, device):
     check_outside_bundles(out, "--out", replaces_itself=True)
     check_writable(out)
     before = manifest_on_disk(out)
-    try:
-        with stop_signals_as_ctrl_c():
-            _calibrate(bundle, model, images, target_fpr, image_fpr, device, out=out)
+    trained = recalibrated_id(bundle.manifest["id"]).rpartition("-cal")[0]
+    if before is not None and recalibrated_id(str(before.get("id"))).rpartition("-cal")[0] != trained:
+        # a typo naming another line's bundle replaced that model whole
+        raise InputError(f"--out {out}: holds the bundle of another training ({before.get('id')}; MODEL is "
+                         f"{bundle.manifest['id']}), which it would replace; choose another --out")
+    parent = real_path(out).parent
+    try:  # two calibrations into one folder: each removed what it took for the other's killed leftovers
+        with locked(parent, f"--out {out}: another calibrate is writing a bundle in {parent} now; run this one when "
+                            "it has finished") if parent.is_dir() else contextlib.nullcontext(), \
+                stop_signals_as_ctrl_c():
+            _calibrate(bundle, model, images, target_fpr, image_fpr, device, out=out, replacing=before)
     except KeyboardInterrupt:
         done = manifest_on_disk(out) != before  # write_bundle replaces it whole: old or new, never half
         click.echo(f"\ninterrupted: {out} " + ("holds the recalibrated bundle" if done else "is as it was") +
@@ -393,8 +405,10 @@ def recalibrated_id(model_id: str) -> str:
     return f"{trained}-cal{datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
 
 
-def _calibrate(bundle, model, images, target_fpr, image_fpr, device, out: Path | None = None) -> None:
-    """Calibrate `bundle` (loaded from `model`) on `images`: rewritten in place, or written to `out`."""
+def _calibrate(bundle, model, images, target_fpr, image_fpr, device, out: Path | None = None,
+               replacing: dict | None = None) -> None:
+    """Calibrate `bundle` (loaded from `model`) on `images`: rewritten in place, or written to `out`
+    (replacing the manifest of a bundle there, None where there was none)."""
     from .calibrate import calibrate, check_rate, check_resolvable
     from .dataset import Sample, bit_depths, load_images, refuse_copies
     from .pipeline import check_not_blank, image_fpr_warning, image_score_line, mask_line
@@ -467,26 +481,26 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device, out: Path |
     if bits != bundle.uint16_bits:
         click.echo(f"{model}: these images are 16-bit holding {bits} bits (the model read {bundle.uint16_bits}): "
                    "frames are read with that from now on")
-    if bundle.manifest.get("engines"):
+    if engines := bundle.manifest.get("engines") or (replacing or {}).get("engines"):
         from ustudents.engines.bundle import ENGINE_PRECISIONS
         from ustudents.engines.runtime import build_command
         # in the order the backends run them when no precision is asked for, as every such list is said
-        built = sorted({(e["backend"], e["precision"]) for e in bundle.manifest["engines"]},
+        built = sorted({(e["backend"], e["precision"]) for e in engines},
                        key=lambda b: (b[0], ENGINE_PRECISIONS.index(b[1])))
         written = bundle if out is None else load_bundle(out)
         click.echo(f"{model}: {'its' if out is None else 'the'} built engines held the old statistics and "
                    f"{'were dropped' if out is None else 'are not copied'}; "
                    f"{'rebuild' if out is None else 'build them'} with "
                    + " and ".join(build_command(written, *b) for b in built))
-    if out is not None:
+    if out is not None and replacing is None:
         click.echo(f"{model}: point the line's workers at it and restart them together (README: Recalibrating after "
                    "a camera change)")
         return
     # a worker reads its bundle once: recalibrated under it, a line judged with two thresholds at once
     # (the running workers' and those started after), and nothing said so
-    click.echo(f"{model}: a worker serving it keeps judging with what it loaded until it restarts; serve a "
-               "recalibrated copy (--out) and restart the line's workers together (README: Recalibrating after a "
-               "camera change)")
+    click.echo(f"{model}: a worker serving it keeps judging with what it loaded until it restarts; "
+               + ("serve a recalibrated copy (--out) and " if out is None else "")
+               + "restart the line's workers together (README: Recalibrating after a camera change)")
 
 
 @click.command("evaluate")

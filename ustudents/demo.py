@@ -631,7 +631,7 @@ class Demo:
         from ustudents.worker.logs import setup_logging
         from ustudents.worker.service import Worker, load_engines
 
-        setup_logging("WARNING", quiet_events=("stream_created",))  # the demo's stream is new by design
+        setup_logging("WARNING")
         settings = worker_settings(stream, model, redis_url, metrics_port, batch)
         self.worker = Worker(settings, load_engines(settings))
         try:

@@ -85,12 +85,6 @@ def tool_client(redis_url: str | None) -> redis.Redis:
     return client
 
 
-def redis_of(client: redis.Redis) -> str:
-    """Where a tool's client reads and writes, as its notes name it (no password)."""
-    kw = client.connection_pool.connection_kwargs
-    place = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
-    return f"{place} database {kw.get('db', 0)}"
-
 
 # The ACL categories of the commands the worker runs: its streams, done markers (strings), attempt
 # counts (hashes), TTLs and deletes (keyspace), its Lua scripts, MULTI/EXEC, PING.
@@ -395,7 +389,7 @@ def checked_stream(stream: str) -> str:
 @user_errors
 def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen, inline_max, key_ttl_s, redis_url):
     """Camera stand-in: write frames from SOURCE (image folder, video file or camera index) to a stream."""
-    from .connection import error_line, password_refused
+    from .connection import error_line, password_refused, redis_of
     from .publish import FramePublisher, frames_from, publish
 
     if not source.strip():  # "" (an unset variable in a script) would read the current folder
@@ -453,6 +447,7 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
 def results_cmd(stream, save_to, from_start, count, redis_url):
     """Follow <stream>:results and <stream>:dead: one line per frame."""
     from . import schema
+    from .connection import redis_of
     from .results import SaveFailed, check_save_folder, follow
 
     stream = checked_stream(stream)

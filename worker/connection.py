@@ -130,6 +130,13 @@ def tls_hint(url: str, err: BaseException) -> str:
     return ""
 
 
+def redis_of(client: redis.Redis) -> str:
+    """Where a client reads and writes, with the database (a URL may leave it out: 0), no password."""
+    kw = client.connection_pool.connection_kwargs
+    place = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
+    return f"{place} database {kw.get('db', 0)}"
+
+
 def connect(url: str, password: str | None = None, read_timeout_s: float = 10.0) -> redis.Redis:
     """A client for `url` (redis://, rediss:// with TLS, unix://; a password in the URL or given
     here). Raises ValueError for a malformed URL; connecting happens on first use."""

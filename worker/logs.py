@@ -34,12 +34,9 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
-def setup_logging(level: str = "INFO", as_json: bool = False, quiet_events: tuple[str, ...] = ()) -> None:
-    """Log to stderr; replaces a handler installed by an earlier call, leaves others alone. Records of
-    `quiet_events` (their `event`) are not written."""
+def setup_logging(level: str = "INFO", as_json: bool = False) -> None:
+    """Log to stderr; replaces a handler installed by an earlier call, leaves others alone."""
     handler = _Stderr()
-    if quiet_events:
-        handler.addFilter(lambda record: getattr(record, "event", None) not in quiet_events)
     handler.setFormatter(JsonFormatter() if as_json else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -42,10 +42,10 @@ from ustudents.engines.images import ImageError
 from ustudents.engines.runtime import Engine, Prediction, load_engine
 
 from . import codec, schema
-from .connection import UNAVAILABLE, Backoff, RedisState, connect, refusal, refusal_advice, unblocked
+from .connection import UNAVAILABLE, Backoff, RedisState, connect, redis_of, refusal, refusal_advice, unblocked
 from .logs import Throttled
 from .metrics import HealthServer, WorkerMetrics
-from .settings import WorkerSettings, shown_url
+from .settings import WorkerSettings
 from .streams import Entry, PublishRefused, Record, StreamIO
 
 log = logging.getLogger("ustudents.worker")
@@ -306,10 +306,10 @@ class Worker:
         self._update_ready()
         s = self.s
         log.info("worker %s serving stream %s (group %s) at Redis %s with %s; batch %d", s.consumer, s.stream, s.group,
-                 shown_url(s.redis_url),
+                 redis_of(self.client),
                  ", ".join(f"{c}: {e.info['model']} on {e.describe()}" for c, e in self.engines.items()), s.batch,
                  extra={"event": "start", "stream": s.stream, "group": s.group, "consumer": s.consumer,
-                        "redis": shown_url(s.redis_url),
+                        "redis": redis_of(self.client),
                         "models": {c: e.info for c, e in self.engines.items()},
                         "metrics_port": self.server.port if self.server else None})
         for category, shapes in self.shapes.items():
@@ -619,16 +619,16 @@ class Worker:
                                     "are those it held unread; frames running workers hold are still judged. Keep "
                                     "Redis's data with AOF (appendonly yes)",
                                     s.group, s.stream, start, where, extra={"event": "group_lost", "entry_id": start})
-                    elif start is not None and self.io.made_stream:
-                        # a typo in --stream, or the database left out of the Redis URL: the worker was ready
-                        # on an empty stream of its own, the line unserved, and nothing said so
-                        log.warning("stream %s did not exist at Redis %s: made it, empty, with consumer group %s. "
-                                    "If a camera already publishes to this line, check the stream's name and the "
-                                    "Redis URL's database (its frames wait there for a worker)", s.stream,
-                                    shown_url(s.redis_url), s.group, extra={"event": "stream_created"})
                     elif start is not None:
                         log.info("created consumer group %s on %s, reading after entry %s (%s)", s.group, s.stream,
                                  start, where, extra={"event": "group_created", "entry_id": start})
+                    if not had_group and self.io.unwritten:
+                        # a typo in --stream, or a Redis URL without the camera's database: the worker was
+                        # ready on an empty stream of its own, the line unserved, and nothing said so. Not a
+                        # WARNING: workers started before their camera (the runbook's order) see the same
+                        log.info("stream %s at Redis %s has received no frame yet. If a camera already publishes "
+                                 "to this line, check the stream's name and the Redis database: its frames wait "
+                                 "there for a worker", s.stream, redis_of(self.client), extra={"event": "no_frames_yet"})
                     group_ready = had_group = True
                     group_missing = False
                 deleted: list[str] = []

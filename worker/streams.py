@@ -348,7 +348,7 @@ class StreamIO:
         self.maxlen = {self.results: results_maxlen, self.dead: dead_maxlen}
         self.dedupe_ttl_s = dedupe_ttl_s
         self._group_named = False  # in schema.groups_key (_name_group)
-        self.made_stream = False  # whether the last ensure_group made the stream too: it was not there
+        self.unwritten = False  # whether the stream had never held an entry at the last ensure_group
         self._reap = client.register_script(REAP_SCRIPT)
         self._repair_lag = client.register_script(REPAIR_LAG_SCRIPT)
         self._gap = client.register_script(GAP_SCRIPT)
@@ -366,8 +366,9 @@ class StreamIO:
         score the whole kept stream again, and publish second outcomes once their done markers expired.
         Unless the stream never reached that id: then it is a new stream (deleted and written again, ids
         set by the producer starting over) and every entry in it is new."""
-        self.made_stream = False
         info = self.stream_info()
+        # no stream, or one that never held an entry (made by a worker, no frame since): Redis 6.2 too
+        self.unwritten = text_of((info or {}).get("last-generated-id", "0-0")) == "0-0"
         # Called again after every Redis outage: when the group exists, nothing else is read (the
         # newest outcome reads the last results and dead letters, their masks and heatmaps too)
         if info is not None and self.group in self.group_names():
@@ -388,7 +389,6 @@ class StreamIO:
                 self._name_group()
                 return None
             raise
-        self.made_stream = not info  # stream_info: None where there was no stream
         self._group_named = False  # a Redis that lost the group lost its name with it
         self._name_group()
         if start == "0":  # a new life of the stream; else every marker is of entries of this one, and
