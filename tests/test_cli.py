@@ -425,6 +425,10 @@ def test_calibrate_out_writes_the_recalibrated_bundle_there_and_leaves_the_model
     assert_input_error(invoke("calibrate", small_copy, "--images", good, "--out", other),
                        f"--out {other}: holds the bundle of another training (line2-model; MODEL is ")
     assert manifest_of(other)["id"] == "line2-model"
+    from ustudents.engines.bundle import locked
+    with locked(out.parent, "held"):  # another calibrate --out into that folder: it swept this one's work folder
+        assert_input_error(invoke("calibrate", small_copy, "--images", good, "--out", out),
+                           f"--out {out}: another calibrate is writing a bundle in {out.parent.resolve()} now")
     assert sorted(p.name for p in small_copy.iterdir()) == sorted(files) and len(list(good.iterdir())) == 2
 
 
