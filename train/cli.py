@@ -379,8 +379,7 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, out, device):
     check_outside_bundles(out, "--out", replaces_itself=True)
     check_writable(out)
     before = manifest_on_disk(out)
-    trained = recalibrated_id(bundle.manifest["id"]).rpartition("-cal")[0]
-    if before is not None and recalibrated_id(str(before.get("id"))).rpartition("-cal")[0] != trained:
+    if before is not None and trained_id(str(before.get("id"))) != trained_id(bundle.manifest["id"]):
         # a typo naming another line's bundle replaced that model whole
         raise InputError(f"--out {out}: holds the bundle of another training ({before.get('id')}; MODEL is "
                          f"{bundle.manifest['id']}), which it would replace; choose another --out")
@@ -397,12 +396,16 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, out, device):
         raise SystemExit(130) from None
 
 
+def trained_id(model_id: str) -> str:
+    """The id of the training a model comes from: its id without a calibration's suffix."""
+    return re.sub(r"-cal\d{8}T\d{6}Z$", "", model_id)
+
+
 def recalibrated_id(model_id: str) -> str:
     """The trained model's id with the time of this calibration: results and ustudents_model_info tell
     the new thresholds from the old (two workers of a rolling update, a copy recalibrated for a second
     camera), and still name the training they share."""
-    trained = re.sub(r"-cal\d{8}T\d{6}Z$", "", model_id)
-    return f"{trained}-cal{datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    return f"{trained_id(model_id)}-cal{datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
 
 
 def _calibrate(bundle, model, images, target_fpr, image_fpr, device, out: Path | None = None,
@@ -487,11 +490,13 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device, out: Path |
         # in the order the backends run them when no precision is asked for, as every such list is said
         built = sorted({(e["backend"], e["precision"]) for e in engines},
                        key=lambda b: (b[0], ENGINE_PRECISIONS.index(b[1])))
-        written = bundle if out is None else load_bundle(out)
-        click.echo(f"{model}: {'its' if out is None else 'the'} built engines held the old statistics and "
-                   f"{'were dropped' if out is None else 'are not copied'}; "
-                   f"{'rebuild' if out is None else 'build them'} with "
-                   + " and ".join(build_command(written, *b) for b in built))
+        if out is None:
+            click.echo(f"{model}: its built engines held the old statistics and were dropped; rebuild with "
+                       + " and ".join(build_command(bundle, *b) for b in built))
+        else:
+            copy = load_bundle(out)
+            click.echo(f"{model}: the built engines held the old statistics and are not copied; build them with "
+                       + " and ".join(build_command(copy, *b) for b in built))
     if out is not None and replacing is None:
         click.echo(f"{model}: point the line's workers at it and restart them together (README: Recalibrating after "
                    "a camera change)")
