@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -428,8 +429,39 @@ def test_calibrate_out_writes_the_recalibrated_bundle_there_and_leaves_the_model
     from ustudents.engines.bundle import locked
     with locked(out.parent, "held"):  # another calibrate --out into that folder: it swept this one's work folder
         assert_input_error(invoke("calibrate", small_copy, "--images", good, "--out", out),
-                           f"--out {out}: another calibrate is writing a bundle in {out.parent.resolve()} now")
+                           f"--out {out}: another calibrate (or a training) is writing a bundle in {out.parent.resolve()} now")
     assert sorted(p.name for p in small_copy.iterdir()) == sorted(files) and len(list(good.iterdir())) == 2
+
+
+def test_a_training_waits_to_write_its_bundle_while_a_calibrate_writes_one_in_that_folder(eval_root, random_teachers,
+                                                                                          tmp_path, caplog):
+    """ustudents-train --out X and calibrate --out X at once: the training's write removed the calibration's
+    work folder (.X.xxxxxxxx.partial, which it took for a killed write's) from under it. The training
+    waits for the folder, as calibrate --out holds it, and then writes."""
+    import threading
+
+    from ustudents.engines.bundle import locked
+
+    root = copy_dataset(eval_root, tmp_path / "root", keep_train=6)
+    out = tmp_path / "models" / "line1"
+    work = out.parent / ".line1.k1x9q2w7.partial"  # the calibration's bundle in the making
+    work.mkdir(parents=True)
+    (work / "weights.safetensors").write_bytes(b"being written")
+    trained = []
+    training = threading.Thread(target=lambda: trained.append(invoke(
+        "train", "--data-root", root, TINY_CATEGORY, "--out", out, "--scales", "17", "--students", "2", "--epochs",
+        "1", "--image-size", "64", "--teachers", random_teachers, "--no-evaluate", "--amp", "off", "--crop", "8",
+        "--batch", "16", "--val-fraction", "0.3")))
+    waiting = f"--out {out}: a calibrate --out is writing a bundle in {out.parent.resolve()}; this model is written"
+    with locked(out.parent, "held"):  # the calibration, writing
+        training.start()
+        while training.is_alive() and not any(waiting in r.getMessage() for r in caplog.records):
+            time.sleep(0.05)
+        assert training.is_alive(), trained[0].output  # it wrote beside the calibration
+        assert (work / "weights.safetensors").read_bytes() == b"being written" and not out.exists()
+    training.join(120)
+    assert_ok(trained[0])
+    assert manifest_of(out)["category"] == TINY_CATEGORY
 
 
 def test_a_model_knows_its_images_shapes_predict_refuses_others_and_calibrate_adds_a_new_cameras(

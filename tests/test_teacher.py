@@ -533,6 +533,28 @@ def test_a_second_teacher_run_into_the_same_out_is_refused_while_the_first_runs(
     assert result.exit_code == 130 and not (tmp_path / "new").exists()  # nor the parent it made
 
 
+def test_a_killed_runs_staging_folder_is_gone_before_the_next_run_distils(tmp_path, monkeypatch):
+    """A kill inside a teacher's save left its staging folder (with safetensors' full-size .tmpXXXXXX)
+    until that same scale was saved again: a next run of other scales, or one stopped, kept it."""
+    from click.testing import CliRunner
+
+    from ustudents.cli import main
+    from ustudents.train import cli as train_cli
+
+    out = tmp_path / "teachers"
+    (out / ".teacher_p65.stage").mkdir(parents=True)
+    (out / ".teacher_p65.stage" / ".tmpk1ll3d").write_bytes(b"\0" * 1024)  # as a kill inside save_file leaves it
+    seen = []
+
+    def stopped(scales, folder, written, settings):
+        seen.append(sorted(p.name for p in folder.iterdir()))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_cli, "distil", stopped)
+    result = CliRunner().invoke(main, ["teacher", "--scales", "17", "--out", str(out), "--steps", "1"])
+    assert result.exit_code == 130, result.output
+    assert seen == [[]] and not any(out.iterdir())
+
+
 def test_sigterm_between_two_teachers_stops_as_ctrl_c_and_says_what_was_written(tmp_path):
     """`docker stop` while one scale's teacher was being reported, after it was saved and before the
     next began, killed the command outright: no word of what it had replaced, exit 143."""

@@ -265,7 +265,7 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
                 pool_refresh, patches, steps, batch, lr, schedule, weight_decay, lambda_k, lambda_c, lambda_m, margin, seed,
                 replace_shipped, replace, device, amp):
     """Distil teacher patch networks from a pretrained ImageNet CNN."""
-    from .teacher_files import read_records, teacher_path
+    from .teacher_files import read_records, sweep_stages, teacher_path
 
     # an option of the other target changes nothing: a user giving it meant something it will not do
     ctx = click.get_current_context()
@@ -300,6 +300,7 @@ def teacher_cmd(scales, out, backbone, backbone_weights, target, target_strides,
         with locked(out, f"--out {out}: another `ustudents teacher` is writing teachers there now; wait for it to "
                          "finish, or give another --out"):
             read_records(out)  # a damaged teachers.json there is reported now, not after distillation
+            sweep_stages(out)
             distil(scales, out, written, dict(
                 backbone=backbone, backbone_weights=backbone_weights, target=target, target_strides=target_strides,
                 backbone_input=backbone_input, crop=crop, images=images, pool_images=pool_images,
@@ -385,8 +386,8 @@ def calibrate_cmd(model, images, target_fpr, image_fpr, out, device):
                          f"{bundle.manifest['id']}), which it would replace; choose another --out")
     parent = real_path(out).parent
     try:  # two calibrations into one folder: each removed what it took for the other's killed leftovers
-        with locked(parent, f"--out {out}: another calibrate is writing a bundle in {parent} now; run this one when "
-                            "it has finished") if parent.is_dir() else contextlib.nullcontext(), \
+        with locked(parent, f"--out {out}: another calibrate (or a training) is writing a bundle in {parent} now; run "
+                            "this one when it has finished") if parent.is_dir() else contextlib.nullcontext(), \
                 stop_signals_as_ctrl_c():
             _calibrate(bundle, model, images, target_fpr, image_fpr, device, out=out, replacing=before)
     except KeyboardInterrupt:

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 import ustudents
-from ustudents.engines.bundle import (MAX_SERVED_SIZE, MAX_STUDENTS, BundleError, check_writable, manifest_on_disk,
-                                      write_bundle)
-from ustudents.engines.files import os_error_line
+from ustudents.engines.bundle import (MAX_SERVED_SIZE, MAX_STUDENTS, BundleError, check_writable, locked,
+                                      manifest_on_disk, write_bundle)
+from ustudents.engines.files import os_error_line, real_path
 from ustudents.engines.frame_shapes import FrameShapes
 from ustudents.engines.images import UINT16_BITS
 from ustudents.engines.model import INPUT_MEAN, INPUT_STD, AnomalyModel
@@ -343,7 +343,13 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
     }
     run["bundle_id"] = manifest["id"]
     try:
-        path = write_bundle(cfg.out, manifest, tensors)
+        parent = real_path(cfg.out).parent  # the folder write_bundle writes in, through a link as it does
+        parent.mkdir(parents=True, exist_ok=True)
+        # one writer of bundles in the folder at a time, as calibrate --out holds it: each one's write
+        # removes what it takes for a killed write's work folder, the other's that is being written
+        with locked(parent, f"--out {cfg.out}: a calibrate --out is writing a bundle in {parent}; this model is "
+                            "written when it has finished", wait=True):
+            path = write_bundle(cfg.out, manifest, tensors)
     except (OSError, BundleError) as err:  # a full disk; a file put into --out meanwhile: the students stay
         kept = checkpoints.describe(saves, keys)
         raise OSError(f"{os_error_line(err)}; no model was written to {cfg.out}" + (

@@ -70,6 +70,14 @@ def save_teacher(folder: Path, p: int, state: dict[str, torch.Tensor], record: d
     return path
 
 
+def sweep_stages(folder: Path) -> None:
+    """Remove the staging folders of saves that were killed (each save_teacher empties its own scale's
+    only, so a killed scale's stayed until that scale was saved again). Only with the folder locked
+    (`ustudents teacher` holds it): another run's save may be writing in its stage."""
+    for stage in Path(folder).glob(".teacher_p*.stage"):
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def _finish_save(path: Path, recorded: str) -> bool:
     """A save_teacher stopped (killed, a power cut) between replacing the record and the weights left
     the new teacher complete beside the old one, as the record describes: put it in place. False
