@@ -1057,6 +1057,30 @@ def test_a_predict_stopped_part_way_leaves_no_results_json_naming_its_new_masks(
     assert sorted(p.name for p in out.iterdir()) == [PREDICT_OUTPUTS, "000_mask.png", "000_overlay.png", "results.json"]
 
 
+def test_an_evaluate_waits_for_another_writing_overlays_into_the_same_folder(small_copy, eval_root, tmp_path, caplog):
+    """Two evaluates into one --overlays: each removes the overlays it did not write, the other's too.
+    The second waits for the first, says so, and then writes its own."""
+    import threading
+
+    from ustudents.engines.bundle import locked
+
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    evaluated = []
+    evaluation = threading.Thread(target=lambda: evaluated.append(invoke(
+        "evaluate", small_copy, "--data-root", eval_root, "--overlays", overlays)))
+    waiting = f"--overlays {overlays}: another `ustudents evaluate` is writing overlays there; waiting"
+    with locked(overlays, "held"):  # the first evaluate, writing
+        evaluation.start()
+        while evaluation.is_alive() and not any(waiting in r.getMessage() for r in caplog.records):
+            time.sleep(0.05)
+        assert evaluation.is_alive(), evaluated[0].output  # it wrote beside the first
+        assert not any(overlays.iterdir())
+    evaluation.join(120)
+    assert_ok(evaluated[0])
+    assert {p.parent.name for p in overlays.rglob("*.png")} == {"good", "scratch", "spot"}
+
+
 def test_evaluate_leaves_only_its_own_run_in_the_overlays_folder(small_copy, eval_root, tmp_path):
     """A second evaluate into the same --overlays kept the first's overlays of images no longer in the
     test set beside its own (an old model's verdicts, read as the new one's)."""
