@@ -417,9 +417,9 @@ def read_mask(path: str | Path) -> np.ndarray:
     return mask
 
 
-def frame_tensor(frame: np.ndarray, source: str = "frame") -> torch.Tensor:
-    """A decoded camera frame, uint8 (H, W), (H, W, 1) or (H, W, 3) RGB, at least MIN_IMAGE_SIDE on a
-    side, as uint8 RGB (3, H, W); `source` names it in errors."""
+def checked_frame(frame: np.ndarray, source: str = "frame") -> np.ndarray:
+    """`frame` as an array where an engine reads it as it is meant: uint8 (H, W), (H, W, 1) or (H, W, 3)
+    RGB, at least MIN_IMAGE_SIDE on a side; else ImageError saying what it is and what to do."""
     arr = np.asarray(frame)
     if arr.dtype == np.uint16:
         raise ImageError(f"{source}: dtype uint16 and shape {arr.shape}: engines take 8-bit frames; convert with "
@@ -433,6 +433,12 @@ def frame_tensor(frame: np.ndarray, source: str = "frame") -> torch.Tensor:
         raise ImageError(f"{source}: dtype {arr.dtype} and shape {arr.shape}: expected a non-empty uint8 image "
                          "(H, W) gray or (H, W, 3) RGB, as decode_image returns")
     check_image_size(arr, source, "a frame")
+    return arr
+
+
+def frame_tensor(frame: np.ndarray, source: str = "frame") -> torch.Tensor:
+    """A decoded camera frame (checked_frame) as uint8 RGB (3, H, W); `source` names it in errors."""
+    arr = checked_frame(frame, source)
     # a read-only buffer (np.frombuffer over a camera's memory) is copied: torch warns of undefined
     # behaviour on one it wraps, though nothing here writes the frame
     arr = np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy()

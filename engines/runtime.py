@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import platform
 import shlex
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 from .bundle import ENGINE_PRECISIONS, Bundle, load_bundle
 from .cuda_graphs import GraphedRunner
 from .fftconv import WORKSPACE
-from .images import ImageError, frame_tensor, resize_tensor
+from .frame_shapes import recalibrate_copy
+from .images import ImageError, checked_frame, frame_tensor, resize_tensor
 from .scoring import mask, max_score, position_z, position_z_max, reaches
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,9 @@ class Engine:
         self.mask_rule = bundle.mask_rule
         position = bundle.position_statistics()
         self.position = None if position is None else tuple(t.to(self.prep_device) for t in position)
+        # One call in the networks at a time: a CUDA graph's and a TensorRT plan's input and output
+        # buffers are the runner's own, so two threads' batches of one size would overwrite each other
+        self.running = threading.Lock()
 
     @property
     def info(self) -> dict[str, str]:
@@ -112,11 +117,22 @@ class Engine:
         if not frames:
             raise ValueError("Engine.maps: no frames given")
         fused, scales = [], []  # on prep_device
-        for i in range(0, len(frames), self.max_batch):
-            f, s = self.runner(preprocess(frames[i:i + self.max_batch], self.image_size, self.prep_device, first=i))
-            fused.append(f.float())
-            scales.append(s.float())
-        return torch.cat(fused), torch.cat(scales)
+        with self.running:  # until the runner's outputs are copied out (torch.cat)
+            for i in range(0, len(frames), self.max_batch):
+                f, s = self.runner(preprocess(frames[i:i + self.max_batch], self.image_size, self.prep_device, first=i))
+                fused.append(f.float())
+                scales.append(s.float())
+            return torch.cat(fused), torch.cat(scales)
+
+    def check_frame(self, frame: np.ndarray, source: str = "frame") -> None:
+        """ImageError where predict would refuse `frame`, and UnexpectedShape (an ImageError) where the
+        model knows no frame of its shape: predict judges any shape, which the worker dead-letters
+        (`unexpected_shape`) and `ustudents predict` refuses. For a capture loop of one's own, which
+        can then drop a bad frame before it fails its whole batch."""
+        arr = checked_frame(frame, source)
+        shapes = self.bundle.frame_shapes
+        if shapes is not None:
+            shapes.check(arr, source, f"recalibrate a copy of the model on good ones ({recalibrate_copy(self.bundle.path)})")
 
     def warm_up(self) -> None:
         """Pay before real frames arrive what a first call costs: the plans the model measures, cuDNN's

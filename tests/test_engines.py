@@ -3,6 +3,7 @@ engines built into the bundle and checked against PyTorch; TensorRT decisions (t
 TensorRT) and the TensorRT path itself where TensorRT exists."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -11,6 +12,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -183,6 +185,63 @@ def test_frames_the_engine_would_misread_are_refused_by_their_place_in_the_list(
         warnings.simplefilter("error")  # torch's "not writable ... undefined behavior" warning
         got = engine.predict(iter([read_only, frame]))  # any iterable of frames
     assert got[0].score == got[1].score
+
+
+def test_check_frame_refuses_what_predict_refuses_and_a_shape_the_model_never_saw(small_bundle, tiny_mvtec):
+    """An integrator's capture loop had no way to drop a bad frame before it failed its batch, and
+    predict judges a frame of any shape, which the worker dead-letters and `ustudents predict`
+    refuses (a 40 x 600 strip got a confident verdict through the API; audit)."""
+    from ustudents.engines.frame_shapes import UnexpectedShape
+
+    engine = load_engine(small_bundle, backend="torch", device="cpu", precision="fp32")
+    frame = read_image(test_images(tiny_mvtec)[0])
+    bad = [frame.astype(np.float32), frame.astype(np.uint16), np.dstack([frame, frame[..., :1]]),
+           np.zeros((15, 40), np.uint8), frame[..., :2], np.zeros((0, 0), np.uint8)]
+    for i, f in enumerate([frame, frame[:, ::-1], frame[..., 0]] + bad):
+        said = None
+        try:
+            engine.check_frame(f, f"frame {i}")
+        except ImageError as err:
+            said = str(err)
+        with pytest.raises(ImageError) if said else contextlib.nullcontext():
+            engine.predict([f])
+        assert (said is None) == (i < 3) and (said is None or said.startswith(f"frame {i}: ")), said
+    strip = np.zeros((600, 40, 3), np.uint8)
+    with pytest.raises(UnexpectedShape, match=rf"cam7: 40 x 600 pixels .*\(ustudents calibrate {re.escape(str(small_bundle))} "
+                                              r"--images DIR --out COPY"):
+        engine.check_frame(strip, "cam7")
+    assert len(engine.predict([strip])) == 1  # predict itself judges it: the check is the caller's
+
+
+def test_one_engine_shared_by_threads_gives_each_its_own_maps(small_bundle):
+    """A CUDA graph's and a TensorRT plan's output buffers belong to the runner: two threads' batches
+    of one size overwrote each other's maps before they were copied out (audit, by reading). Here a
+    runner with one shared output buffer, as theirs."""
+    engine = load_engine(small_bundle, backend="torch", device="cpu", precision="fp32")
+    size = engine.image_size
+    shared_fused, shared_scales = torch.empty(1, size, size), torch.empty(1, 1, size, size)
+
+    def runner(x):
+        shared_fused.copy_(x.mean().expand(1, size, size))  # each thread's frame says which it is
+        time.sleep(0.02)  # another thread's batch gets in here
+        shared_scales.copy_(shared_fused[:, None])
+        return shared_fused, shared_scales
+    engine.runner = runner
+    frames = {k: np.full((size, size, 3), 40 * k, np.uint8) for k in range(1, 5)}
+    got, errors = {}, []
+
+    def call(k):
+        try:
+            got[k] = [engine.maps([frames[k]])[0][0, 0, 0].item() for _ in range(5)]
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+    threads = [threading.Thread(target=call, args=(k,)) for k in frames]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert got == {k: [pytest.approx(40 * k / 255)] * 5 for k in frames}
 
 
 @pytest.mark.slow
