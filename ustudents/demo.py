@@ -284,7 +284,7 @@ def record_result(row: Row, fields: dict[str, bytes], out: Path) -> None:
     import numpy as np
 
     from ustudents.engines.images import read_image, read_mask
-    from ustudents.worker import schema
+    from ustudents.worker import codec, schema
 
     row.score = float(fields[schema.SCORE])
     row.anomalous = fields[schema.ANOMALOUS] == b"1"
@@ -296,12 +296,12 @@ def record_result(row: Row, fields: dict[str, bytes], out: Path) -> None:
     if web:
         _write(out / files["frame"], row.frame.path.read_bytes())
     else:
-        _write(out / files["frame"], cv2.imencode(".png", read_image(row.frame.path, None)[:, :, ::-1])[1].tobytes())
+        _write(out / files["frame"], codec.png(read_image(row.frame.path, None)))
     if schema.HEATMAP in fields:
         _write(out / files["overlay"], fields[schema.HEATMAP])
     if row.frame.mask_path is not None:
         truth = read_mask(row.frame.mask_path)  # as PNG whatever its file's format, as its name says
-        _write(out / files["truth"], cv2.imencode(".png", truth.astype(np.uint8) * 255)[1].tobytes())
+        _write(out / files["truth"], codec.mask_png(truth))
         pred = cv2.imdecode(np.frombuffer(fields[schema.MASK], np.uint8), cv2.IMREAD_GRAYSCALE) > 0
         if pred.shape == truth.shape and truth.any():
             row.defect_covered = float((pred & truth).sum() / truth.sum())
@@ -448,13 +448,13 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def image_auroc(rows: list[Row]) -> float | None:
-    """Probability that a defective frame scores above a good one (ties count half)."""
-    pos = [r.score for r in rows if r.score is not None and r.defective]
-    neg = [r.score for r in rows if r.score is not None and not r.defective]
-    if not pos or not neg:
+    """The image AUROC of the frames scored (train.metrics), None without both good and defective ones."""
+    from ustudents.train.metrics import image_auroc as auroc
+
+    scored = [r for r in rows if r.score is not None]
+    if len({r.defective for r in scored}) < 2:
         return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
+    return auroc([r.score for r in scored], [r.defective for r in scored])
 
 
 @dataclass

@@ -37,7 +37,6 @@ PASSED_THROUGH = (CAMERA, TS, CATEGORY)
 # result
 SCHEMA, ENTRY_ID, SCORE, ANOMALOUS, THRESHOLD, MASK, MODEL, LATENCY_MS, CONSUMER, HEATMAP = (
     "schema", "entry_id", "score", "anomalous", "threshold", "mask", "model", "latency_ms", "consumer", "heatmap")
-RESULT_FIELDS = (SCHEMA, FRAME_ID, ENTRY_ID, SCORE, ANOMALOUS, THRESHOLD, MASK, MODEL, LATENCY_MS, CONSUMER)
 # dead letter
 REASON, ERROR, IMAGE_BYTES, FIELDS_DROPPED = "reason", "error", "image_bytes", "fields_dropped"
 # Producer fields a dead letter copies at most. Redis' Lua refuses to unpack about 8,000 values, so

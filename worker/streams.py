@@ -316,7 +316,7 @@ return 1
 """
 
 # Every script the worker runs (the start-up check loads them: a user not allowed scripts is told then)
-SCRIPTS = (REAP_SCRIPT, REPAIR_LAG_SCRIPT, GAP_SCRIPT, PUBLISH_SCRIPT, NAME_SCRIPT)
+SCRIPTS = (REAP_SCRIPT, REPAIR_LAG_SCRIPT, GAP_SCRIPT, PUBLISH_SCRIPT, NAME_SCRIPT, KEEP_SCRIPT, CLAIM_SCRIPT)
 
 
 class PublishRefused(Exception):
