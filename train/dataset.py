@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ustudents.engines.bundle import sha256_file
 from ustudents.engines.files import real_path
 from ustudents.engines.images import (
     IMAGE_SUFFIXES,
@@ -453,16 +454,6 @@ def _warn_of_odd_masks(gt: Path, samples: list[Sample], regions: np.ndarray, siz
                     "defect 0)? a mask marks the defect's pixels, 0 elsewhere", gt, len(most), most[0])
 
 
-def _file_digest(path: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-            n += len(chunk)
-    return n, h.hexdigest()
-
-
 def fingerprint(samples: list[Sample]) -> str:
     """sha256 hex over (name, size in bytes, sha256 of content) of every image and mask file.
     Names are relative to the category folder (e.g. "test/crack/001.png"), so identical
@@ -470,6 +461,6 @@ def fingerprint(samples: list[Sample]) -> str:
     h = hashlib.sha256()
     files = [s.path for s in samples] + [s.mask_path for s in samples if s.mask_path is not None]
     for name, path in sorted(("/".join(Path(p).parts[-3:]), Path(p)) for p in files):
-        size, digest = _file_digest(path)
+        size, digest = path.stat().st_size, sha256_file(path)
         h.update(f"{name}\t{size}\t{digest}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()

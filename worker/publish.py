@@ -32,6 +32,7 @@ from ustudents.engines.images import IMAGE_SUFFIXES, image_files, looks_like_ima
 
 from . import schema
 from .connection import Backoff, through_outages
+from .streams import id_key, text_of
 
 MB = 1 << 20
 REDIS_BULK_DEFAULT = 512 * MB  # Redis' proto-max-bulk-len unless its config says otherwise
@@ -192,9 +193,9 @@ class FramePublisher:
         for g in groups:
             pending = self.r.xpending(self.stream, g["name"])
             if pending["pending"]:
-                bounds.append(_stream_id(pending["min"]))
+                bounds.append(id_key(text_of(pending["min"])))
             else:  # everything delivered is acknowledged: the next id is the first one it still needs
-                ms, seq = _stream_id(g["last-delivered-id"])
+                ms, seq = id_key(text_of(g["last-delivered-id"]))
                 bounds.append((ms, seq + 1))
         if not bounds:
             return 0
@@ -233,11 +234,6 @@ def _quietly(call: Callable[[], int]) -> int:
         return call()
     except redis.RedisError:
         return 0
-
-
-def _stream_id(value: bytes | str) -> tuple[int, int]:
-    ms, seq = (value.decode() if isinstance(value, bytes) else value).split("-")
-    return int(ms), int(seq)
 
 
 def publish(frames: Iterator[tuple[str, bytes]], publisher: FramePublisher, fps: float = 0.0, count: int = 0,
