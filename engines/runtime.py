@@ -97,8 +97,9 @@ class Engine:
         self.mask_rule = bundle.mask_rule
         position = bundle.position_statistics()
         self.position = None if position is None else tuple(t.to(self.prep_device) for t in position)
-        # One call in the networks at a time: a CUDA graph's and a TensorRT plan's input and output
-        # buffers are the runner's own, so two threads' batches of one size would overwrite each other
+        # One call in the networks at a time: a CUDA graph's static input and a TensorRT plan's host and
+        # device buffers (and its input shape) are the runner's own, as are the measurements a first call
+        # makes, so two threads' batches of one size would overwrite each other's input
         self.running = threading.Lock()
 
     @property
@@ -117,7 +118,7 @@ class Engine:
         if not frames:
             raise ValueError("Engine.maps: no frames given")
         fused, scales = [], []  # on prep_device
-        with self.running:  # until the runner's outputs are copied out (torch.cat)
+        with self.running:  # and until the outputs are copied out (torch.cat), where a runner returns its own
             for i in range(0, len(frames), self.max_batch):
                 f, s = self.runner(preprocess(frames[i:i + self.max_batch], self.image_size, self.prep_device, first=i))
                 fused.append(f.float())

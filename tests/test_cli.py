@@ -452,14 +452,17 @@ def test_a_training_waits_to_write_its_bundle_while_a_calibrate_writes_one_in_th
         "train", "--data-root", root, TINY_CATEGORY, "--out", out, "--scales", "17", "--students", "2", "--epochs",
         "1", "--image-size", "64", "--teachers", random_teachers, "--no-evaluate", "--amp", "off", "--crop", "8",
         "--batch", "16", "--val-fraction", "0.3")))
-    waiting = f"--out {out}: a calibrate --out is writing a bundle in {out.parent.resolve()}; this model is written"
+    waiting = f"--out {out}: another command holds {out.parent.resolve()} (a calibrate --out or a training writing"
     with locked(out.parent, "held"):  # the calibration, writing
         training.start()
+        deadline = time.monotonic() + 300
         while training.is_alive() and not any(waiting in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the training neither wrote nor said it waits"
             time.sleep(0.05)
         assert training.is_alive(), trained[0].output  # it wrote beside the calibration
         assert (work / "weights.safetensors").read_bytes() == b"being written" and not out.exists()
     training.join(120)
+    assert not training.is_alive()
     assert_ok(trained[0])
     assert manifest_of(out)["category"] == TINY_CATEGORY
 
@@ -1072,11 +1075,14 @@ def test_an_evaluate_waits_for_another_writing_overlays_into_the_same_folder(sma
     waiting = f"--overlays {overlays}: another `ustudents evaluate` is writing overlays there; waiting"
     with locked(overlays, "held"):  # the first evaluate, writing
         evaluation.start()
+        deadline = time.monotonic() + 300
         while evaluation.is_alive() and not any(waiting in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the evaluate neither wrote nor said it waits"
             time.sleep(0.05)
         assert evaluation.is_alive(), evaluated[0].output  # it wrote beside the first
         assert not any(overlays.iterdir())
     evaluation.join(120)
+    assert not evaluation.is_alive()
     assert_ok(evaluated[0])
     assert {p.parent.name for p in overlays.rglob("*.png")} == {"good", "scratch", "spot"}
 

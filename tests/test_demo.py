@@ -128,6 +128,9 @@ def test_summary_counts_detections_false_alarms_and_auroc(tmp_path):
     assert s.detection_rate == pytest.approx(2 / 3) and s.false_alarm_rate == 0.5
     # pairs (defective, good): 4>1 4>3 2>1 2<3 5>1 5>3 -> 5 of 6
     assert s.auroc == pytest.approx(5 / 6)
+    broken = rows(tmp_path)[2]
+    broken.score = float("nan")  # a broken model's score: left out, not the end of the demo
+    assert demo.summarize(rows(tmp_path) + [broken]).auroc == pytest.approx(5 / 6)
     lines = demo.summary_lines(s, 2.5)
     assert lines[0] == ("detection rate: 2/3 defective frames flagged (67%); false alarms: 1/2 good frames flagged "
                         "(50%); threshold 2.500")

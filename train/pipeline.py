@@ -347,8 +347,8 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
         parent.mkdir(parents=True, exist_ok=True)
         # one writer of bundles in the folder at a time, as calibrate --out holds it: each one's write
         # removes what it takes for a killed write's work folder, the other's that is being written
-        with locked(parent, f"--out {cfg.out}: a calibrate --out is writing a bundle in {parent}; this model is "
-                            "written when it has finished", wait=True):
+        with locked(parent, f"--out {cfg.out}: another command holds {parent} (a calibrate --out or a training "
+                            "writing its bundle there); this model is written when it lets go", wait=True):
             path = write_bundle(cfg.out, manifest, tensors)
     except (OSError, BundleError) as err:  # a full disk; a file put into --out meanwhile: the students stay
         kept = checkpoints.describe(saves, keys)

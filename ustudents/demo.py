@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import html
 import json
+import math
 import os
 import re
 import shutil
@@ -451,7 +452,7 @@ def image_auroc(rows: list[Row]) -> float | None:
     """The image AUROC of the frames scored (train.metrics), None without both good and defective ones."""
     from ustudents.train.metrics import image_auroc as auroc
 
-    scored = [r for r in rows if r.score is not None]
+    scored = [r for r in rows if r.score is not None and math.isfinite(r.score)]  # a broken model's NaN
     if len({r.defective for r in scored}) < 2:
         return None
     return auroc([r.score for r in scored], [r.defective for r in scored])
