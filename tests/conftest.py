@@ -7,6 +7,7 @@ changing anything), as every session fixture's folder.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import shutil
 import sys
@@ -30,6 +31,22 @@ except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
 
 TINY_CATEGORY = "tiles"
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+@pytest.fixture(autouse=True)
+def worker_logging_removed():
+    """A test that runs a worker in this process leaves its stderr handler on the root logger, at INFO
+    (worker.logs.setup_logging): a later test's command then printed the worker's lines in its own
+    output, and a test asserting that output failed, or not, by the order the tests ran in."""
+    from ustudents.worker.logs import _Stderr
+
+    root, ours = logging.getLogger(), logging.getLogger("ustudents")
+    levels = root.level, ours.level
+    yield
+    for handler in [h for h in root.handlers if isinstance(h, _Stderr)]:
+        root.removeHandler(handler)
+    root.setLevel(levels[0])
+    ours.setLevel(levels[1])
 
 
 def deploy_script(relative: str):
