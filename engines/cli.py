@@ -278,7 +278,7 @@ def good_frames(folder: Path | None, bundle, option: str, limit: int = 8) -> lis
     return images
 
 
-@click.command("build-engines")
+@click.command("build-engines", short_help="Build MODEL's ONNX or TensorRT engine.")
 @click.argument("model", type=PathArg(path_type=Path))
 @click.option("--backend", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
               help="onnx: an ONNX Runtime engine (any machine); tensorrt: a plan for this machine's GPU.")

@@ -71,7 +71,7 @@ def resolve_amp(amp: str, device: torch.device) -> bool:
 
 
 scales_option = click.option("--scales", default="17,33,65", show_default=True, callback=parse_scales,
-                             help="Receptive fields p of the scales to use.")
+                             metavar="P[,P...]", help="Receptive fields p of the scales, separated by commas: any of 17, 33, 65.")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                              show_default=True, help="auto = cuda when PyTorch sees a GPU, else cpu.")
 amp_option = click.option("--amp", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -100,16 +100,16 @@ def evaluate_command(model: Path, data_root: Path) -> str:
     return f"`ustudents evaluate {shlex.quote(str(model))} --data-root {shlex.quote(str(data_root))}`"
 
 
-@click.command("train")
+@click.command("train", short_help="Train and calibrate a model of CATEGORY.")
 @click.argument("category")
 @click.option("--data-root", type=PathArg(path_type=Path), required=True,
               help="MVTec AD root: DIR/CATEGORY/train/good, DIR/CATEGORY/test/<type>, DIR/CATEGORY/ground_truth.")
 @click.option("--out", type=PathArg(path_type=Path), default=None,
               help="Bundle directory to write.  [default: models/CATEGORY]")
 @scales_option
-@click.option("--students", default=3, show_default=True, help="M, students per scale.")
+@click.option("--students", default=3, show_default=True, help="M, students per scale (2 to 16).")
 @click.option("--epochs", default=100, show_default=True, help="Passes over the training images (paper: 100).")
-@click.option("--image-size", default=256, show_default=True, help="Images are resized to this square side.")
+@click.option("--image-size", default=256, show_default=True, help="Images are resized to this square side (64 to 1024).")
 @device_option
 @click.option("--seed", default=0, show_default=True, help="Seeds initialization, crops and the validation split.")
 @click.option("--batch", default=1, show_default=True, help="Images per student step (paper: 1).")
@@ -215,21 +215,22 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
         click.echo(format_table(results))
 
 
-@click.command("teacher")
+@click.command("teacher", short_help="Distil teacher networks from an ImageNet CNN.")
 @scales_option
 @click.option("--out", type=PathArg(path_type=Path), default=Path("teachers"), show_default=True,
               help="Folder to write teacher_p<P>.safetensors and teachers.json into.")
 @click.option("--backbone", type=click.Choice(BACKBONES), default="efficientnet-lite0", show_default=True,
               help="Pretrained ImageNet network P to distil.")
 @click.option("--backbone-weights", default=None, callback=not_empty,
-              help="Weights file or URL for P (torchvision format for resnet18).  [default: efficientnet-lite0's packaged weights]")
+              metavar="FILE|URL", help="Weights file or URL for P (torchvision format for resnet18).  [default: "
+                                       "efficientnet-lite0: its packaged weights; resnet18: required]")
 @click.option("--target", type=click.Choice(TARGETS), default="dense", show_default=True,
               help="What the teacher learns from P: 'dense' = P's stride-8/16 feature maps of whole images, learnt "
                    "densely on windows; 'patch' = P's global descriptor of each patch (the paper's). README: Teachers.")
 @click.option("--target-strides", default="8,16", show_default=True, callback=parse_ints,
               help="Which of P's feature maps the dense target holds: 8, 16 or 8,16 (README: Teachers).")
 @click.option("--backbone-input", default=128, show_default=True,
-              help="Side patches are resized to before P sees them (--target patch).")
+              help="Square side, in pixels, that patches are resized to before P sees them (--target patch).")
 @click.option("--crop", default=32, show_default=True, help="Side of each training window's output (--target dense).")
 @click.option("--images", default=SKIMAGE_SOURCE, show_default=True, callback=not_empty,
               help="Natural images to cut patches from: a folder of any size (e.g. an ImageNet train folder; it "
@@ -252,9 +253,9 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
 @click.option("--lambda-c", default=1.0, show_default=True, help="Weight of the compactness loss.")
 @click.option("--lambda-m", default=0.0, show_default=True, help="Weight of the triplet (metric learning) loss.")
 @click.option("--margin", default=1.0, show_default=True, help="Triplet margin delta.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seeds initialization and the patches' sampling.")
 @click.option("--replace-shipped", is_flag=True,
-              help="Allow --out to be the shipped default teachers' folder, which every ustudents-train without "
+              help="Allow --out to be the shipped default teachers' folder, which every training without "
                    "--teachers uses (to remake them, as their model card does).")
 @click.option("--replace", is_flag=True,
               help="Replace teachers of these scales that --out already holds (else refused: each took hours).")
@@ -342,12 +343,13 @@ def distil(scales: list[int], out: Path, written: list[int], settings: dict) -> 
                            f"(--steps, now {settings['steps']}) or at another --lr (now {settings['lr']:g})")
 
 
-@click.command("calibrate")
+@click.command("calibrate", short_help="Recalibrate MODEL on new good images.")
 @click.argument("model", type=PathArg(path_type=Path))
 @click.option("--images", type=PathArg(path_type=Path), required=True,
               help="Folder of defect-free images from the new setup (camera, lighting).")
 @click.option("--target-fpr", default=None, type=float,
-              help="Share of pixels allowed above the mask threshold.  [default: the bundle's]")
+              help="Share of pixels allowed above the mask threshold.  [default: the bundle's, else "
+                   f"{DEFAULT_TARGET_FPR:g}]")
 @click.option("--image-fpr", default=None, type=float,
               help="Share of good images flagged anomalous (position score).  [default: the bundle's, else "
                    f"{DEFAULT_IMAGE_FPR}]")
@@ -509,7 +511,7 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device, out: Path |
                + "restart the line's workers together (README: Recalibrating after a camera change)")
 
 
-@click.command("evaluate")
+@click.command("evaluate", short_help="Image/pixel AUROC and AU-PRO of MODEL on a test set.")
 @click.argument("model", type=PathArg(path_type=Path))
 @click.option("--data-root", type=PathArg(path_type=Path), required=True, help="MVTec AD root holding the bundle's category.")
 @click.option("--json", "json_file", type=PathArg(path_type=Path), default=None, help="Also write the results here.")
@@ -547,9 +549,9 @@ def evaluate_cmd(model, data_root, json_file, overlays, batch, backend, precisio
             write_json(json_file, results)
 
 
-@click.command("predict")
+@click.command("predict", short_help="Score image files: verdicts, masks, overlays.")
 @click.argument("model", type=PathArg(path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=PathArg(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=PathArg(path_type=Path), metavar="IMAGE...")
 @click.option("--out", type=PathArg(path_type=Path), required=True, help="Folder for masks, overlays and results.json.")
 @engine_options
 @user_errors

@@ -777,7 +777,7 @@ def _positive(ctx, param, value):
     return value
 
 
-@click.command("demo")
+@click.command("demo", short_help="Train, serve and judge a real sample, end to end.")
 @click.option("--out", type=PathArg(path_type=Path), default=Path("ustudents-demo"), show_default=True,
               help="Folder for the model (OUT/model), report.html, results.json, masks and overlays.")
 @click.option("--data-root", type=PathArg(path_type=Path), default=SAMPLE_ROOT, show_default=False,
@@ -788,11 +788,11 @@ def _positive(ctx, param, value):
 @click.option("--retrain", is_flag=True, help="Train even if OUT/model was trained with the same settings and data.")
 @click.option("--train-only", is_flag=True, help="Stop after training (used by the compose stack's demo-model service).")
 @click.option("--image-size", default=DEFAULTS["image_size"], show_default=True, callback=_positive,
-              help="Side images are resized to (at least 64).")
+              help="Square side, in pixels, images are resized to (64 to 1024).")
 @click.option("--scales", default=DEFAULTS["scales"], show_default=True, callback=train_cli.parse_scales,
-              help="Receptive fields p of the scales to train.")
+              metavar="P[,P...]", help="Receptive fields p of the scales to train, separated by commas: any of 17, 33, 65.")
 @click.option("--students", default=DEFAULTS["students"], show_default=True, callback=_positive,
-              help="M, students per scale (at least 2).")
+              help="M, students per scale (2 to 16).")
 @click.option("--epochs", default=DEFAULTS["epochs"], show_default=True, callback=_positive,
               help="Passes over the training images.")
 @click.option("--crop", default=DEFAULTS["crop"], show_default=True, help="Training crop side; 0 = whole images.")

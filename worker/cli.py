@@ -240,23 +240,26 @@ redis_url_option = click.option("--redis-url", default=None,
                                      "redis://127.0.0.1:6379/0]")
 
 
-@click.command("worker")
-@click.option("--stream", default=None, help="Input stream, e.g. line1 (results: <stream>:results).")
+@click.command("worker", short_help="Serve models on a Redis stream.")
+@click.option("--stream", default=None, help="Input stream, e.g. line1 (results: <stream>:results).  [required: this "
+                                             "or USTUDENTS_STREAM]")
 @click.option("--model", multiple=True, type=PathArg(path_type=Path),
               help="Model bundle directory; repeat to serve several categories (chosen by each frame's `category`). "
-                   "Each value is one directory, commas included.")
+                   "Each value is one directory, commas included.  [required: this or USTUDENTS_MODEL]")
 @redis_url_option
 @click.option("--group", default=None, help="Consumer group shared by the workers of a stream.  [default: ustudents]")
 @click.option("--consumer", default=None, help="This worker's name in the group.  [default: HOSTNAME-PID]")
 @click.option("--batch", type=int, default=None, help="Frames per micro-batch.  [default: 8]")
 @click.option("--backend", type=click.Choice(("auto",) + BACKENDS), default=None, help="Inference backend.  [default: auto]")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="[default: the backend's]")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="Network precision.  [default: the backend's; torch on a CPU: the one the bundle was calibrated in "
+                   "where the CPU runs it natively, else fp32]")
 @click.option("--metrics-port", type=int, default=None, help="Port of /metrics, /healthz, /readyz; 0 = off.  [default: 9108]")
 @click.option("--claim-idle-ms", type=int, default=None,
               help="Claim entries pending this long on a silent consumer.  [default: 60000]")
 @click.option("--max-deliveries", type=int, default=None, help="Dead-letter a frame that fails, or kills its worker, this often.  [default: 3]")
-@click.option("--max-frame-bytes", type=int, default=None, help="Dead-letter larger encoded frames.  [default: 32 MiB]")
+@click.option("--max-frame-bytes", type=int, default=None, help="Dead-letter larger encoded frames, in bytes.  [default: 33554432 (32 MiB)]")
 @click.option("--results-maxlen", type=int, default=None, help="MAXLEN ~ of <stream>:results.  [default: 100000]")
 @click.option("--shutdown-timeout-s", type=float, default=None,
               help="SIGTERM: time to finish and publish the batches in flight.  [default: 30]")
@@ -367,13 +370,13 @@ def checked_stream(stream: str) -> str:
         raise InputError(f"--stream: {err}") from None
 
 
-@click.command("publish")
+@click.command("publish", short_help="Camera stand-in: send frames to a stream.")
 @click.argument("source")
 @click.option("--stream", required=True, help="Stream to write, e.g. line1.")
 @click.option("--fps", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Frames per second; 0 = as fast as possible.")
 @click.option("--loop", is_flag=True, help="Start the folder or video again at its end.")
 @click.option("--count", type=click.IntRange(min=0, max=MAX_COUNT), default=0, show_default=True,
-              help="Stop after this many frames; 0 = all. A source that ends first ends the run (said; --loop "
+              help="Stop after this many frames; 0 = all. A source that ends first ends the run, with a note (--loop "
                    "repeats it).")
 @click.option("--camera", default=None, help="`camera` field.  [default: the source's name]")
 @click.option("--category", default=None, help="`category` field: the model, where a worker serves several.")
@@ -435,7 +438,7 @@ def publish_cmd(source, stream, fps, loop, count, camera, category, fmt, maxlen,
         click.echo(f"published {n} frames to {stream} in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.1f}/s)")
 
 
-@click.command("results")
+@click.command("results", short_help="Follow a stream's results and dead letters.")
 @click.option("--stream", required=True, help="Input stream whose results to follow, e.g. line1.")
 @click.option("--save", "save_to", type=PathArg(path_type=Path), default=None,
               help="Write <frame>_<entry id>_mask.png and <frame>_<entry id>_overlay.png here.")
