@@ -2171,3 +2171,11 @@ def test_every_command_starts_with_the_core_dependencies_alone():
                 f"main({command!r}, prog_name='ustudents')")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "Usage: ustudents" in done.stdout, (command, done.stderr[-800:])
+
+
+def test_the_command_list_gives_every_command_a_whole_summary():
+    """Click cut every summary of `ustudents --help` at about 45 characters ('Export MODEL's fused
+    ensemble to ONNX, check it against...'), at any terminal width."""
+    listed = CliRunner().invoke(main, ["--help"], terminal_width=80).output.split("Commands:\n", 1)[1]
+    names = [line.split()[0] for line in listed.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    assert sorted(names) == sorted(main.commands) and "..." not in listed, listed
