@@ -49,6 +49,30 @@ def assert_ok(result):
     assert result.exit_code == 0, result.output + repr(result.exception)
 
 
+def started_until_waiting(caplog, waiting: str, what: str, *args):
+    """`ustudents ARGS` started in a thread and returned, with the list its result goes into, once it logs
+    `waiting` (for a lock the test holds); it ending first (it wrote beside the lock's holder) or 300 s
+    passing fails the test."""
+    import threading
+
+    done = []
+    thread = threading.Thread(target=lambda: done.append(invoke(*args)))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while thread.is_alive() and not any(waiting in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, f"the {what} neither wrote nor said it waits"
+        time.sleep(0.05)
+    assert thread.is_alive(), done[0].output
+    return thread, done
+
+
+def finished(thread, done: list):
+    """The result of a command started_until_waiting started, once it has ended."""
+    thread.join(120)
+    assert not thread.is_alive()
+    return done[0]
+
+
 def assert_input_error(result, *needles: str) -> str:
     """Exit code 2, no traceback, and the error as the last line, one line holding every needle."""
     assert result.exit_code == 2, result.output + repr(result.exception)
@@ -438,8 +462,6 @@ def test_a_training_waits_to_write_its_bundle_while_a_calibrate_writes_one_in_th
     """ustudents-train --out X and calibrate --out X at once: the training's write removed the calibration's
     work folder (.X.xxxxxxxx.partial, which it took for a killed write's) from under it. The training
     waits for the folder, as calibrate --out holds it, and then writes."""
-    import threading
-
     from ustudents.engines.bundle import locked
 
     root = copy_dataset(eval_root, tmp_path / "root", keep_train=6)
@@ -447,23 +469,14 @@ def test_a_training_waits_to_write_its_bundle_while_a_calibrate_writes_one_in_th
     work = out.parent / ".line1.k1x9q2w7.partial"  # the calibration's bundle in the making
     work.mkdir(parents=True)
     (work / "weights.safetensors").write_bytes(b"being written")
-    trained = []
-    training = threading.Thread(target=lambda: trained.append(invoke(
-        "train", "--data-root", root, TINY_CATEGORY, "--out", out, "--scales", "17", "--students", "2", "--epochs",
-        "1", "--image-size", "64", "--teachers", random_teachers, "--no-evaluate", "--amp", "off", "--crop", "8",
-        "--batch", "16", "--val-fraction", "0.3")))
     waiting = f"--out {out}: another command holds {out.parent.resolve()} (a calibrate --out or a training writing"
     with locked(out.parent, "held"):  # the calibration, writing
-        training.start()
-        deadline = time.monotonic() + 300
-        while training.is_alive() and not any(waiting in r.getMessage() for r in caplog.records):
-            assert time.monotonic() < deadline, "the training neither wrote nor said it waits"
-            time.sleep(0.05)
-        assert training.is_alive(), trained[0].output  # it wrote beside the calibration
+        training = started_until_waiting(
+            caplog, waiting, "training", "train", "--data-root", root, TINY_CATEGORY, "--out", out, "--scales", "17",
+            "--students", "2", "--epochs", "1", "--image-size", "64", "--teachers", random_teachers, "--no-evaluate",
+            "--amp", "off", "--crop", "8", "--batch", "16", "--val-fraction", "0.3")
         assert (work / "weights.safetensors").read_bytes() == b"being written" and not out.exists()
-    training.join(120)
-    assert not training.is_alive()
-    assert_ok(trained[0])
+    assert_ok(finished(*training))
     assert manifest_of(out)["category"] == TINY_CATEGORY
 
 
@@ -1063,27 +1076,16 @@ def test_a_predict_stopped_part_way_leaves_no_results_json_naming_its_new_masks(
 def test_an_evaluate_waits_for_another_writing_overlays_into_the_same_folder(small_copy, eval_root, tmp_path, caplog):
     """Two evaluates into one --overlays: each removes the overlays it did not write, the other's too.
     The second waits for the first, says so, and then writes its own."""
-    import threading
-
     from ustudents.engines.bundle import locked
 
     overlays = tmp_path / "overlays"
     overlays.mkdir()
-    evaluated = []
-    evaluation = threading.Thread(target=lambda: evaluated.append(invoke(
-        "evaluate", small_copy, "--data-root", eval_root, "--overlays", overlays)))
     waiting = f"--overlays {overlays}: another `ustudents evaluate` is writing overlays there; waiting"
     with locked(overlays, "held"):  # the first evaluate, writing
-        evaluation.start()
-        deadline = time.monotonic() + 300
-        while evaluation.is_alive() and not any(waiting in r.getMessage() for r in caplog.records):
-            assert time.monotonic() < deadline, "the evaluate neither wrote nor said it waits"
-            time.sleep(0.05)
-        assert evaluation.is_alive(), evaluated[0].output  # it wrote beside the first
+        evaluation = started_until_waiting(caplog, waiting, "evaluate", "evaluate", small_copy, "--data-root", eval_root,
+                                           "--overlays", overlays)
         assert not any(overlays.iterdir())
-    evaluation.join(120)
-    assert not evaluation.is_alive()
-    assert_ok(evaluated[0])
+    assert_ok(finished(*evaluation))
     assert {p.parent.name for p in overlays.rglob("*.png")} == {"good", "scratch", "spot"}
 
 
