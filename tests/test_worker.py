@@ -299,6 +299,18 @@ def spawn_worker(small_bundle: Path, redis_url: str, stream: str, consumer: str,
                             preexec_fn=lambda: signal.signal(signal.SIGHUP, sighup))
 
 
+def exit_code(worker: subprocess.Popen, timeout: float) -> int:
+    """The spawned worker's exit code within `timeout` s; a worker that has not exited by then is made
+    to print every thread's stack (SIGUSR1), killed, and the test fails with its output."""
+    try:
+        return worker.wait(timeout)
+    except subprocess.TimeoutExpired:
+        worker.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        worker.kill()
+        pytest.fail(f"the worker did not exit within {timeout:g} s; its output and stacks:\n{worker.stdout.read()[-6000:]}")
+
+
 def joined(r: redis.Redis, stream: str, consumer: str) -> bool:
     try:
         return any(s(c["name"]) == consumer for c in r.xinfo_consumers(stream, "ustudents"))
@@ -1888,7 +1900,7 @@ def test_sigterm_publishes_everything_in_flight_and_exits_0(small_bundle, frames
         t0 = time.monotonic()
         worker.send_signal(signal.SIGTERM)
         worker.send_signal(signal.SIGTERM)  # as GNU timeout sends it: to the worker, then to its group
-        code = worker.wait(60)
+        code = exit_code(worker, 60)
         elapsed = time.monotonic() - t0
         log = worker.stdout.read()
     finally:
@@ -1904,32 +1916,38 @@ def test_sigterm_publishes_everything_in_flight_and_exits_0(small_bundle, frames
     assert not joined(r, stream, "term")  # a clean exit leaves no consumer behind
 
 
-@pytest.mark.parametrize("nohup", [False, True])
-def test_sighup_stops_the_worker_as_sigterm_does_unless_it_runs_under_nohup(nohup, small_bundle, redis_url, stream,
-                                                                           tmp_path):
+@pytest.mark.parametrize("sent, nohup", [(signal.SIGHUP, False), (signal.SIGHUP, True), (signal.SIGUSR1, False)])
+def test_sighup_stops_the_worker_as_sigterm_does_unless_under_nohup_and_sigusr1_prints_its_stacks(
+        sent, nohup, small_bundle, redis_url, stream, tmp_path):
     """A closed terminal or a supervisor's reload (SIGHUP) ended the worker at once: exit 129, no log
     line, its consumer left in the group and its name held until the hold lapsed. But `nohup
     ustudents-worker ... &` ignores SIGHUP so that closing the terminal leaves the worker serving; the
-    worker's own handler replaced that, and a closed terminal stopped the line."""
+    worker's own handler replaced that, and a closed terminal stopped the line. SIGUSR1, the runbook's
+    look into a worker stuck without an error, prints each thread's stack to its log and the worker
+    serves on (SIGUSR1's default ended it)."""
     r = client(redis_url)
-    name = "nohup" if nohup else "hup"
+    name = {signal.SIGUSR1: "stacks", signal.SIGHUP: "nohup" if nohup else "hup"}[sent]
+    serves_on = nohup or sent == signal.SIGUSR1
     worker = spawn_worker(small_bundle, redis_url, stream, name, tmp_path,
                           sighup=signal.SIG_IGN if nohup else signal.SIG_DFL)
     try:
         wait_for(lambda: joined(r, stream, name) or worker.poll() is not None, 90, "the worker to start")
-        worker.send_signal(signal.SIGHUP)
-        if nohup:
+        worker.send_signal(sent)
+        if serves_on:
             time.sleep(1.5)
             assert worker.poll() is None and joined(r, stream, name)
             worker.send_signal(signal.SIGTERM)
-        code = worker.wait(60)
+        code = exit_code(worker, 60)
         log = worker.stdout.read()
     finally:
         if worker.poll() is None:
             worker.kill()
-    assert code == 0 and f"{'SIGTERM' if nohup else 'SIGHUP'} received" in log, log
+    assert code == 0 and f"{'SIGTERM' if serves_on else 'SIGHUP'} received" in log, log
     assert not nohup or "SIGHUP" not in log, log
     assert not joined(r, stream, name)
+    if sent == signal.SIGUSR1:
+        assert log.count("(most recent call first)") >= 4, log  # main, reader, inference, publisher, ...
+        assert all(f"in _{stage}" in log for stage in ("reader", "inference", "publisher")), log
 
 
 def test_stop_signals_as_ctrl_c_leave_an_ignored_sighup_ignored():
@@ -1951,9 +1969,7 @@ def test_a_second_stop_signal_exits_at_once_unless_it_is_the_first_repeated(monk
     """GNU timeout sends SIGTERM to the worker and then to its process group: that one stop, taken as a
     second, force-exited a worker that was finishing its batches (exit 1, frames left pending)."""
 
-    worker = service.Worker.__new__(service.Worker)  # only the signal handling, no model or Redis
-    worker.stopping, worker.signalled_at = threading.Event(), None
-    worker.stop = worker.stopping.set
+    worker = signal_handling_only()
     exits = []
     monkeypatch.setattr(service.os, "_exit", exits.append)
     now = [100.0]
@@ -1961,10 +1977,35 @@ def test_a_second_stop_signal_exits_at_once_unless_it_is_the_first_repeated(monk
     worker._on_signal(signal.SIGTERM, None)
     now[0] += 0.01
     worker._on_signal(signal.SIGTERM, None)  # the same stop, repeated
-    assert worker.stopping.is_set() and exits == []
+    assert worker.stop_signal == signal.SIGTERM and exits == []
     now[0] += service.REPEATED_SIGNAL_S
     worker._on_signal(signal.SIGINT, None)  # a person's second Ctrl-C
     assert exits == [1]
+
+
+def signal_handling_only() -> Worker:
+    """A Worker with only what its signal handler uses: no model, no Redis."""
+    worker = service.Worker.__new__(service.Worker)
+    worker.stopping, worker.signalled_at, worker.stop_signal = threading.Event(), None, None
+    return worker
+
+
+def test_the_stop_signal_handler_takes_no_lock_the_thread_it_interrupts_may_hold():
+    """Python runs a signal's handler in the main thread between two of its bytecodes, also while that
+    thread holds a lock. Worker.run's loop waits in Event.wait, which holds the Event's own lock at
+    moments: a SIGTERM handled then called stop() (Event.set) and waited for that lock for ever, a
+    worker that never exited (the likely cause of a CI run's worker not exiting within 60 s of its
+    SIGTERM). The handler now only records the stop."""
+    worker = signal_handling_only()
+
+    def interrupted_inside_event_wait():
+        with worker.stopping._cond:  # where Event.wait holds it when the signal's handler runs
+            worker._on_signal(signal.SIGTERM, None)
+    handler = threading.Thread(target=interrupted_inside_event_wait, daemon=True)  # stuck for good on a failure
+    handler.start()
+    handler.join(10)
+    assert not handler.is_alive(), "the signal handler waited for a lock its own thread holds"
+    assert worker.stop_signal == signal.SIGTERM  # for Worker.run's loop to stop the worker
 
 
 def test_a_second_signal_exits_at_once_while_the_worker_waits_for_a_stage(engines, frames, redis_url, stream,
@@ -2044,7 +2085,7 @@ def test_sigterm_past_the_deadline_mid_inference_exits_1_and_leaves_the_frames_p
         wait_for(lambda: pending_count(r, stream, consumer="late"), 30, "frames in flight")
         time.sleep(0.5)  # inside the first batch
         worker.send_signal(signal.SIGTERM)
-        code = worker.wait(60)
+        code = exit_code(worker, 60)
         log = worker.stdout.read()
     finally:
         if worker.poll() is None:
@@ -2070,7 +2111,7 @@ def test_a_redis_first_reached_after_the_start_gets_the_start_up_checks(small_bu
             lines.append(worker.stdout.readline())
             assert lines[-1] or worker.poll() is None, "".join(lines)
         server.start()
-        code = worker.wait(120)
+        code = exit_code(worker, 120)
         log = "".join(lines) + worker.stdout.read()
     finally:
         if worker.poll() is None:

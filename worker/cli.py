@@ -7,10 +7,12 @@ one of them for the worker: it retries with backoff and reports not-ready meanwh
 from __future__ import annotations
 
 import errno
+import faulthandler
 import functools
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -288,6 +290,10 @@ def worker_cmd(ctx, env_file, **flags):
     check_env_file(env_file or ".env")
     settings = WorkerSettings(_env_file=env_file or ".env", **values)
     setup_logging(settings.log_level, settings.log_json)
+    # a view into a worker that hangs, where no debugger is: `kill -USR1 PID` prints every thread's
+    # stack to the process's stderr and the worker goes on (README runbook)
+    if sys.__stderr__ is not None:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     env_path = Path(env_file or ".env")
     unknown = unknown_variables([*os.environ, *(dotenv_values(env_path) if env_path.is_file() else ())])
     if unknown:

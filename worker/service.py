@@ -58,6 +58,7 @@ STALL_EXIT_FACTOR = 2
 # join that did not wake for it: JOIN_SLICE_S now bounds that), so 1.0 took it for a second stop.
 REPEATED_SIGNAL_S = 3.0
 JOIN_SLICE_S = 0.2  # the longest a signal handler waits while the main thread waits for the stages
+SIGNAL_POLL_S = 0.2  # the longest Worker.run takes to act on a stop signal its handler recorded
 # A worker holds its consumer name in Redis for NAME_HOLD_S, renewed every NAME_RENEW_S (a failed
 # renewal is tried again within a second) (StreamIO.hold_name): a dead worker's name is free again
 # within NAME_HOLD_S.
@@ -246,6 +247,7 @@ class Worker:
                            dead_maxlen=s.dead_maxlen, dedupe_ttl_s=s.dedupe_ttl_s)
         self.stopping = threading.Event()  # stop reading; finish what was read
         self.signalled_at: float | None = None  # monotonic time of the first SIGTERM/SIGINT
+        self.stop_signal: int | None = None  # that signal, for run()'s loop to act on
         self.abandon = threading.Event()  # give up on what is in flight (deadline passed, or a stage crashed)
         self.decoded: queue.Queue = queue.Queue(maxsize=s.queue_batches)
         self.scored: queue.Queue = queue.Queue(maxsize=s.queue_batches)
@@ -322,7 +324,11 @@ class Worker:
         self.metrics.serving_since.labels(s.stream).set(time.time())  # set before the first read can count a gap
         self.threads = [self._spawn(name, fn) for name, fn in stages]
         helpers = [self._spawn("monitor", self._monitor), self._spawn("keeper", self._keep_inflight_claimed)]
-        while not self.stopping.wait(0.5):
+        while not self.stopping.wait(SIGNAL_POLL_S):
+            if self.stop_signal is not None:
+                log.info("%s received", signal.Signals(self.stop_signal).name, extra={"event": "signal"})
+                self.stop()
+                continue
             stalled = self.stalled_s()
             if stalled > STALL_EXIT_FACTOR * s.stall_timeout_s:
                 # /healthz has failed for stall_timeout_s and nothing restarted the worker (compose
@@ -378,19 +384,21 @@ class Worker:
         return code
 
     def _on_signal(self, signum, frame) -> None:
+        # Python runs this in the main thread between two of its bytecodes, also while that thread holds
+        # a lock: Event.wait in run()'s loop holds the Event's own lock at moments, and stop() (Event.set)
+        # here then waited for it for ever, a worker that never exited. So no lock is taken here: the
+        # stop is recorded, and run()'s loop stops the worker.
         now = time.monotonic()
         if self.signalled_at is not None and now - self.signalled_at < REPEATED_SIGNAL_S:
             # one stop sent twice: GNU timeout signals the worker, then its own process group, and so
             # do some supervisors; a person's second Ctrl-C comes later
             log.info("%s again at once: taken as the same stop", signal.Signals(signum).name, extra={"event": "signal"})
             return
-        if self.stopping.is_set():
+        if self.stopping.is_set() or self.stop_signal is not None:
             log.warning("second %s: exiting now; unpublished entries stay pending for other workers",
                         signal.Signals(signum).name, extra={"event": "forced_exit"})
             os._exit(1)
-        self.signalled_at = now
-        log.info("%s received", signal.Signals(signum).name, extra={"event": "signal"})
-        self.stop()
+        self.signalled_at, self.stop_signal = now, signum
 
     def _spawn(self, name: str, target) -> threading.Thread:
         def run():
