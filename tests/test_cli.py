@@ -1749,6 +1749,22 @@ def test_device_cuda_without_gpu(tmp_path, tiny_mvtec, random_teachers, tiny_bun
     assert_input_error(result, "--device cuda")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_teacher_and_calibrate_take_cuda_n_as_evaluate_does(tmp_path, tiny_mvtec, random_teachers, tiny_bundle):
+    """--device cuda:N, which evaluate, predict and the worker take, was refused by train, teacher and
+    calibrate as not one of auto, cpu, cuda: on a machine of several GPUs only the first could train."""
+    good = tiny_mvtec / TINY_CATEGORY / "train" / "good"
+    commands = {"train": train_args(tiny_mvtec, tmp_path / "m", random_teachers),
+                "teacher": ("teacher", "--out", tmp_path / "t", "--scales", "17", "--steps", "1"),
+                "calibrate": ("calibrate", tiny_bundle, "--images", good, "--out", tmp_path / "c")}
+    for name, args in commands.items():
+        result = invoke(*args, "--device", "cuda:1")
+        assert_input_error(result, "--device cuda:1: PyTorch sees no CUDA GPU here")  # as evaluate refuses it here
+        result = invoke(*args, "--device", "gpu")
+        assert result.exit_code == 2 and "'gpu': give auto, cpu, cuda or cuda:N" in result.output, (name, result.output)
+    assert not any((tmp_path / d).exists() for d in ("m", "t", "c"))
+
+
 # ------------------------------------------------------------------------------------- re-train
 
 @pytest.mark.slow

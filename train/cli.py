@@ -19,8 +19,8 @@ import torch
 from ustudents.engines.bundle import (BundleError, check_replaceable, check_writable, load_bundle, locked,
                                       manifest_on_disk, rewrite_bundle, write_bundle)
 from ustudents.engines.cli import (CONTEXT_SETTINGS, InputError, PathArg, changing_bundle, check_apart, check_output,
-                                   check_outside_bundles, engine_options, not_empty, stop_signals_as_ctrl_c,
-                                   user_errors_for)
+                                   check_outside_bundles, device_form, engine_options, not_empty,
+                                   stop_signals_as_ctrl_c, user_errors_for)
 from ustudents.engines.files import real_path
 from ustudents.engines.frame_shapes import FrameShapes
 from ustudents.engines.images import (IMAGE_SUFFIXES, ImageError, image_files, is_image_file, missing_folder_hint,
@@ -72,8 +72,8 @@ def resolve_amp(amp: str, device: torch.device) -> bool:
 
 scales_option = click.option("--scales", default="17,33,65", show_default=True, callback=parse_scales,
                              metavar="P[,P...]", help="Receptive fields p of the scales, separated by commas: any of 17, 33, 65.")
-device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                             show_default=True, help="auto = cuda when PyTorch sees a GPU, else cpu.")
+device_option = click.option("--device", default="auto", show_default=True, callback=device_form,
+                             help="auto, cpu, cuda or cuda:N; auto = cuda when PyTorch sees a GPU, else cpu.")
 amp_option = click.option("--amp", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                           help="bfloat16 autocast for training passes; auto = on where the CPU/GPU has native "
                                "bfloat16. Targets, statistics and scores stay float32.")
