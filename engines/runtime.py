@@ -238,7 +238,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     refusal = device_refusal(device)
     if refusal:  # named as given: "cuda:7", not "cuda", when the index is the user's
         raise EngineError(f"--device {device}: {refusal}")
-    return torch.device(device)
+    parsed = torch.device(device)
+    if parsed.type == "cuda" and parsed.index is not None:
+        # the process's current GPU made this one: what takes no device acts on the current one
+        # (torch.cuda.synchronize in the dense forms' timing, CUDA graph capture and its memory pool)
+        torch.cuda.set_device(parsed)
+    return parsed
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -424,9 +424,23 @@ def test_device_takes_cuda_n_as_the_messages_offer_and_refuses_what_is_no_device
 def test_a_gpu_index_past_the_visible_gpus_is_refused_with_what_is_there(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     assert runtime.resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(EngineError, match=r"--device cuda:1: PyTorch sees 1 GPU\(s\) here, cuda:0 to cuda:0"):
         runtime.resolve_device("cuda:1")
+
+
+def test_a_gpu_chosen_by_index_becomes_the_processs_current_one(monkeypatch):
+    """--device cuda:1 put the networks on GPU 1 while what takes no device (torch.cuda.synchronize in
+    the timing of the dense forms, CUDA graph capture) acted on GPU 0, the current one."""
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    assert runtime.resolve_device("cuda:1") == torch.device("cuda:1")
+    assert made_current == [torch.device("cuda:1")]
+    runtime.resolve_device("cuda")  # PyTorch's current GPU: left as it is
+    assert made_current == [torch.device("cuda:1")]
 
 
 def test_a_write_error_inside_the_onnx_exporter_names_the_engine_file(bundle_copy, monkeypatch):
