@@ -108,6 +108,35 @@ def test_own_redis_reports_a_failed_start_in_one_line(tmp_path):
         OwnRedis(str(bad), tmp_path).start(timeout_s=5)
 
 
+def test_the_folder_of_a_killed_demo_is_removed_by_the_next_and_no_other(tmp_path, monkeypatch):
+    """A demo killed by SIGKILL left its Redis folder in the temporary directory for good. The next demo
+    removes it, and not the folder of a demo still running, nor a folder of the user's that only
+    shares the name's start."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(demo.tempfile, "tempdir", None)  # read TMPDIR again
+    running = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from ustudents.demo import private_folder; "
+         "folder, _ = private_folder(); (folder / 'redis.log').write_text('started'); print(folder, flush=True); "
+         "time.sleep(120)"], stdout=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        killed = Path(running.stdout.readline().strip())
+        users = tmp_path / f"{demo.TMP_PREFIX}mine"
+        users.mkdir()
+        (users / "report.html").write_text("kept")
+        mine, fd = demo.private_folder()  # beside a demo that runs
+        os.close(fd)
+        assert killed.is_dir() and (killed / "redis.log").exists()
+        running.kill()  # SIGKILL: no clean-up of its own
+        running.wait(10)
+        again, fd = demo.private_folder()
+        os.close(fd)
+    finally:
+        running.kill()
+    assert not killed.exists() and not mine.exists()  # `mine`'s lock was let go with its descriptor
+    assert (users / "report.html").read_text() == "kept"
+    assert again.is_dir() and again.name.startswith(demo.TMP_PREFIX) and stat.S_IMODE(again.stat().st_mode) == 0o700
+
+
 # -- table, summary, report -----------------------------------------------------------------------------
 def rows(tmp_path) -> list[Row]:
     def row(frame_id, truth, score, anomalous, covered=None):

@@ -93,10 +93,11 @@ class OwnRedis:
     persisted. Its own session, so a terminal's Ctrl-C reaches the demo first and the demo stops
     it after the worker."""
 
+    FILES = ("redis.sock", "redis.log")  # all it writes in its folder
+
     def __init__(self, binary: str, folder: Path):
         self.binary, self.folder = binary, folder
-        self.socket = folder / "redis.sock"
-        self.log = folder / "redis.log"
+        self.socket, self.log = (folder / name for name in self.FILES)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -138,6 +139,40 @@ class OwnRedis:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+TMP_PREFIX = "ustudents-demo-redis-"
+
+
+def private_folder() -> tuple[Path, int]:
+    """A new temporary folder for the demo's Redis, and a descriptor holding an flock on it while this
+    process lives: the OS lets go however the demo ends. A demo killed (SIGKILL, a power cut) left its
+    folder behind; the next demo removes such folders, the ones no process holds, before making its own."""
+    import fcntl
+
+    tmp = Path(tempfile.gettempdir())
+    for old in tmp.glob(TMP_PREFIX + "*"):
+        try:
+            if not {p.name for p in old.iterdir()} <= set(OwnRedis.FILES):  # not a folder only the demo makes
+                continue
+            fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # another user's (mode 700), or gone meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a running demo's
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(old, ignore_errors=True)
+    # made under another name and locked before it takes the name the sweep looks for, so that no
+    # other demo's sweep removes it between the two
+    made = Path(tempfile.mkdtemp(prefix="." + TMP_PREFIX))
+    fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    folder = made.with_name(made.name[1:])
+    made.rename(folder)
+    return folder, fd
 
 
 REDIS_URL_SOURCE = "--redis-url / REDIS_URL"  # the option, or the variable it reads: errors name both
@@ -619,7 +654,7 @@ class Demo:
             self.step(f"Redis: {shown_url(redis_url)} ({REDIS_URL_SOURCE})")
             return redis_url
         binary = redis_binary()
-        self.tmp = Path(tempfile.mkdtemp(prefix="ustudents-demo-"))
+        self.tmp, self.tmp_lock = private_folder()
         self.redis = OwnRedis(binary, self.tmp)
         self.redis.start()
         self.client = redis_client(self.redis.url)
@@ -749,6 +784,7 @@ class Demo:
             self.redis.stop()
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            os.close(self.tmp_lock)
 
 
 # The options only training uses: given with --model, which serves a bundle as it is, they did nothing
