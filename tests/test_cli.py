@@ -964,6 +964,21 @@ def test_ctrl_c_while_a_command_loads_exits_130_in_one_line(monkeypatch, capsys)
         assert stop.value.code == 130 and capsys.readouterr().err == "\ninterrupted while loading; nothing was done\n"
 
 
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["predict"], 2)])
+def test_ctrl_c_while_the_interpreter_exits_ends_it_with_the_commands_status_and_no_traceback(args, code):
+    """A command done, Ctrl-C during the interpreter's exit callbacks (PyTorch's, ONNX Runtime's: a
+    second or more after a build) printed "Exception ignored in atexit callback" and a traceback."""
+    script = ("import atexit, os, signal, sys, time; from ustudents import entry; "
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5))); "  # Ctrl-C in a callback
+              f"sys.argv = ['ustudents', *{args!r}]; entry.ustudents()")
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
+    assert "Usage: ustudents" in done.stdout + done.stderr  # what the command said is kept
+    assert time.monotonic() - t0 < 60
+
+
 def test_a_broken_image_is_named_once_without_opencvs_own_log_line(tiny_bundle, tmp_path):
     """OpenCV printed "[ERROR:0@0.397] ... IHDR chunk shall be first" to stderr before ustudents' own
     message about the same file (it writes to the process's stderr, hence a real process here)."""

@@ -3,6 +3,8 @@ so that Ctrl-C during that import exits 130 with one line, as Ctrl-C does once t
 instead of a traceback from deep inside an import."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 
@@ -11,12 +13,34 @@ def _interrupted_while_loading() -> None:
     raise SystemExit(130)
 
 
+def _run(main) -> None:
+    """main() (a Click command in standalone mode: it always ends in SystemExit), then a Ctrl-C while
+    the interpreter exits (PyTorch's and ONNX Runtime's exit callbacks, a second or more after a
+    build) ends the process at once with the command's own exit status. It printed a traceback
+    ("Exception ignored in atexit callback ... KeyboardInterrupt") where nothing was left to stop."""
+    code = 1
+    try:
+        main()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+        raise
+    finally:
+        def exit_now(signum, frame):
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001 (a closed pipe: nothing more to say)
+                    pass
+            os._exit(code)
+        signal.signal(signal.SIGINT, exit_now)
+
+
 def ustudents() -> None:
     try:
         from ustudents.cli import main
     except KeyboardInterrupt:
         _interrupted_while_loading()
-    main()
+    _run(main)
 
 
 def ustudents_train() -> None:
@@ -24,7 +48,7 @@ def ustudents_train() -> None:
         from ustudents.train.cli import train_main
     except KeyboardInterrupt:
         _interrupted_while_loading()
-    train_main()
+    _run(train_main)
 
 
 def ustudents_worker() -> None:
@@ -32,4 +56,4 @@ def ustudents_worker() -> None:
         from ustudents.worker.cli import worker_main
     except KeyboardInterrupt:
         _interrupted_while_loading()
-    worker_main()
+    _run(worker_main)
