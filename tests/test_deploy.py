@@ -212,7 +212,8 @@ def test_every_metric_in_the_dashboard_and_the_rules_is_exported_by_the_worker()
     from ustudents.worker.metrics import METRIC_NAMES, WorkerMetrics
 
     rules = referenced_metrics([r["expr"] for r in alert_rules()])
-    dash = referenced_metrics(dashboard_exprs() + [dashboard()["templating"]["list"][0]["definition"]])
+    dash = referenced_metrics(dashboard_exprs() + [v["definition"] for v in dashboard()["templating"]["list"]
+                                                           if v["type"] == "query"])
     assert len(rules) >= 6 and len(dash) >= 10
     assert unknown_metrics(rules | dash, set(METRIC_NAMES)) == set()
     # and the worker's live registry exposes them under those names (histograms as _bucket/_sum/_count)
@@ -273,9 +274,15 @@ def test_grafana_provisioning_matches_the_dashboard_and_compose():
     prov = DEPLOY / "grafana" / "provisioning"
     (ds,) = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())["datasources"]
     assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
+    # every query through the dashboard's datasource variable, which picks the provisioned one in the
+    # stack and lets a plant's own Grafana (the Kubernetes path ships none) pick its Prometheus
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
     uids = {p["datasource"]["uid"] for p in dashboard()["panels"]} | \
-           {t["datasource"]["uid"] for p in dashboard()["panels"] for t in p["targets"]}
-    assert uids == {ds["uid"]}
+           {t["datasource"]["uid"] for p in dashboard()["panels"] for t in p["targets"]} | \
+           {v["datasource"]["uid"] for v in variables.values() if "datasource" in v}
+    assert uids == {"${datasource}"}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == ds["type"]
+    assert variables["datasource"]["current"]["value"] == ds["uid"]
     (provider,) = yaml.safe_load((prov / "dashboards" / "ustudents.yml").read_text())["providers"]
     grafana = compose()["services"]["grafana"]
     mounts = dict(v.split(":")[:2][::-1] for v in grafana["volumes"])
@@ -667,6 +674,13 @@ def test_k8s_worker_scaled_object_service_and_scrape_fit_together():
     # found through the Service only: an annotation-based cluster job would scrape each worker twice
     assert not any(k.startswith("prometheus.io/") for k in pod["metadata"].get("annotations", {}))
     assert so["spec"]["minReplicaCount"] >= 1
+    # a pod may build its TensorRT plan for minutes: load must last before pods are added, a few at a time
+    up = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleUp"]
+    assert up["stabilizationWindowSeconds"] >= 60 and all(p["type"] == "Pods" for p in up["policies"])
+    # spread over the GPU machines: the constraint selects this line's pods
+    (spread,) = pod["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     triggers = so["spec"]["triggers"]
     assert any("pendingEntriesCount" in t["metadata"] for t in triggers)
     for t in triggers:
