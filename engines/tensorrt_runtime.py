@@ -51,7 +51,8 @@ def build_plan(onnx_path: Path, image_size: int, max_batch: int, cache_path: Pat
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
+    # the file's path too, where TensorRT finds weights kept beside an export over 2 GB (ONNX external data)
+    if not parser.parse(Path(onnx_path).read_bytes(), path=str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"{onnx_path}: TensorRT cannot parse the ONNX export: {errors}; rebuild it with "
                           "`ustudents build-engines MODEL` (same --precision), then the plan")
@@ -103,6 +104,9 @@ class TensorRTRunner:
             raise EngineError(f"{plan_path}: TensorRT cannot load this plan; rebuild it with "
                               "`ustudents build-engines MODEL --backend tensorrt`")
         self.context = self.engine.create_execution_context()
+        if self.context is None:  # its activations did not fit: TensorRT returns None, raises nothing
+            raise EngineError(f"{plan_path}: TensorRT could not create an execution context (its messages are "
+                              "above; most often the GPU's memory is taken by other processes: nvidia-smi)")
         self.stream = self.cuda.Stream()
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]

@@ -872,6 +872,25 @@ def test_tensorrt_plan_matches_pytorch(bundle_copy, tiny_mvtec, precision):
     assert float((trt.maps(frames)[0] - ref.maps(frames)[0].cpu()).abs().max()) <= TOLERANCE[precision]
 
 
+def test_a_plan_whose_execution_context_cannot_be_made_is_refused_in_one_line(tmp_path, monkeypatch):
+    """TensorRT's create_execution_context returns None, raising nothing, where the plan's activations do
+    not fit in the GPU's free memory: the runner went on to an AttributeError on None. Run here on a
+    stand-in for the TensorRT API (TensorRT cannot be installed here); the check itself is ustudents'."""
+    import types
+
+    from ustudents.engines import tensorrt_runtime
+
+    engine = types.SimpleNamespace(create_execution_context=lambda: None)
+    fake_trt = types.SimpleNamespace(Runtime=lambda logger: types.SimpleNamespace(
+        deserialize_cuda_engine=lambda data: engine))
+    monkeypatch.setattr(tensorrt_runtime, "_trt", lambda: (fake_trt, None))
+    plan = tmp_path / "engine.fp16.plan"
+    plan.write_bytes(b"plan")
+    runner = tensorrt_runtime.TensorRTRunner.__new__(tensorrt_runtime.TensorRTRunner)  # no CUDA context here
+    with pytest.raises(EngineError, match=r"engine.fp16.plan: TensorRT could not create an execution context .*nvidia-smi"):
+        runner._load(plan, 4)
+
+
 def test_native_bfloat16_on_x86_means_bf16_instructions_not_onednns_emulation(monkeypatch):
     """oneDNN reports bf16 support on any AVX-512 core (Skylake, Cascade Lake) and emulates it there; with
     the compose stack's fp32 pin gone, such a CPU would have run a bf16 bundle emulated."""
