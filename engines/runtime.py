@@ -118,12 +118,16 @@ class Engine:
         if not frames:
             raise ValueError("Engine.maps: no frames given")
         fused, scales = [], []  # on prep_device
-        with self.running:  # and until the outputs are copied out (torch.cat), where a runner returns its own
-            for i in range(0, len(frames), self.max_batch):
-                f, s = self.runner(preprocess(frames[i:i + self.max_batch], self.image_size, self.prep_device, first=i))
-                fused.append(f.float())
-                scales.append(s.float())
-            return torch.cat(fused), torch.cat(scales)
+        for i in range(0, len(frames), self.max_batch):
+            # resized and uploaded outside the lock: one thread's frames are made ready while another's run
+            x = preprocess(frames[i:i + self.max_batch], self.image_size, self.prep_device, first=i)
+            with self.running:  # and until the outputs are copied out: a runner may return buffers of its own
+                f, s = self.runner(x)
+                fused.append(f.to(torch.float32, copy=True))
+                scales.append(s.to(torch.float32, copy=True))
+        if len(fused) == 1:
+            return fused[0], scales[0]
+        return torch.cat(fused), torch.cat(scales)
 
     def check_frame(self, frame: np.ndarray, source: str = "frame") -> None:
         """ImageError where predict would refuse `frame`, and UnexpectedShape (an ImageError) where the

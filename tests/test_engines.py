@@ -244,6 +244,36 @@ def test_one_engine_shared_by_threads_gives_each_its_own_maps(small_bundle):
     assert got == {k: [pytest.approx(40 * k / 255)] * 5 for k in frames}
 
 
+def test_a_threads_frames_are_resized_while_another_threads_run_in_the_networks(small_bundle, monkeypatch):
+    """The engine's lock (one call in the networks at a time) also held the resizing and upload, so
+    threads sharing an engine waited on each other's preprocessing (36 MP frames: seconds) too."""
+    engine = load_engine(small_bundle, backend="torch", device="cpu", precision="fp32")
+    size = engine.image_size
+    inside, prepared_meanwhile = threading.Event(), threading.Event()
+    overlapped = []
+
+    def preprocess(frames, *args, **kwargs):
+        if inside.is_set():
+            prepared_meanwhile.set()
+        return real(frames, *args, **kwargs)
+    real = runtime.preprocess
+    monkeypatch.setattr(runtime, "preprocess", preprocess)
+
+    def runner(x):
+        if not inside.is_set():  # the first thread's call: the second's frames are resized meanwhile
+            inside.set()
+            overlapped.append(prepared_meanwhile.wait(10))
+        return torch.zeros(len(x), size, size), torch.zeros(len(x), 1, size, size)
+    engine.runner = runner
+    frame = np.zeros((size, size, 3), np.uint8)
+    first = threading.Thread(target=engine.maps, args=([frame],))
+    first.start()
+    assert inside.wait(30)
+    engine.maps([frame])
+    first.join(30)
+    assert overlapped == [True]
+
+
 @pytest.mark.slow
 def test_position_score_is_the_standardized_maximum_against_the_image_threshold(position_bundle, tiny_mvtec):
     engine = load_engine(position_bundle, backend="torch", device="cpu", precision="fp32")
