@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,10 @@ def onnxruntime_session(path: Path):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+POLL_S = 0.01  # how often interruptible_run looks whether the run has ended
+START_WAIT_S = 2.0  # how long a stopped interruptible_run waits for a run that has not begun
+
+
 def interruptible_run(session, feeds: dict) -> list:
     """session.run(None, feeds), stoppable by Ctrl-C.
 
@@ -89,32 +94,36 @@ def interruptible_run(session, feeds: dict) -> list:
     for an fp16 graph on a CPU without fp16 arithmetic) would hold Ctrl-C until it ended. The run
     goes to a thread while the main thread waits; on KeyboardInterrupt ONNX Runtime is told to stop
     before its next node (RunOptions.terminate) and the run's end is awaited, so nothing runs on
-    behind (a run still inside ONNX Runtime at interpreter exit aborts the process). The wait is
-    on an Event, not Thread.join: Python 3.11's join marks a thread finished when a signal
-    interrupts it."""
+    behind (a run still inside ONNX Runtime at interpreter exit aborts the process). The main thread
+    polls a flag: a KeyboardInterrupt landing inside Event.wait (or Thread.join) can leave that
+    Event's own lock held, and the wait after it then never returned (CPython bpo-29988)."""
     import onnxruntime as ort
 
     if threading.current_thread() is not threading.main_thread():  # no signal reaches it there
         return session.run(None, feeds)
-    options, outcome, done = ort.RunOptions(), {}, threading.Event()
+    options, outcome = ort.RunOptions(), {}
 
     def target():
+        outcome["began"] = True
         try:
             outcome["outputs"] = session.run(None, feeds, options)
         except BaseException as exc:  # re-raised by the caller's thread
             outcome["error"] = exc
         finally:
-            done.set()
-    threading.Thread(target=target, name="onnxruntime-run", daemon=True).start()
+            outcome["done"] = True
+    run = threading.Thread(target=target, name="onnxruntime-run", daemon=True)
     try:
-        while not done.wait(0.2):
-            pass
+        run.start()  # inside the try: a Ctrl-C inside start() left the run going, never told to stop
+        while "done" not in outcome:
+            time.sleep(POLL_S)
     except KeyboardInterrupt:
-        options.terminate = True
-        while True:
+        options.terminate = True  # ONNX Runtime stops before its next node, or at once where it has not begun
+        # the run's end; not for ever where it never began (a Ctrl-C inside start() can leave the thread
+        # unstarted), as a run that begins now stops at once
+        unstarted_by = time.monotonic() + START_WAIT_S
+        while "done" not in outcome and ("began" in outcome or time.monotonic() < unstarted_by):
             try:
-                done.wait()
-                break
+                time.sleep(POLL_S)
             except KeyboardInterrupt:  # a second Ctrl-C waits for the same stop
                 continue
         raise

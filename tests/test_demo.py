@@ -723,6 +723,54 @@ def test_a_closed_terminal_stops_the_demo_as_ctrl_c_does(tiny_mvtec, tmp_path, m
     assert result.exit_code == 130 and result.output == "\ninterrupted\n", (result.output, result.exception)
 
 
+def test_two_stop_signals_at_once_stop_the_demo_once(tiny_mvtec, tmp_path, monkeypatch):
+    """A stop sent twice at once (Ctrl-C and SIGTERM together): the second, handled before the first's
+    stop held the signals, raised again inside it: a traceback and exit 1 where the demo meant 130."""
+    import hashlib
+
+    def send_both():
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def two_stops(*a, **kw):
+        sender = threading.Thread(target=send_both)
+        sender.start()
+        # a C call of a few seconds that takes no signal: both come in it, and Python runs their
+        # handlers one after the other once it returns (SIGINT's first)
+        hashlib.pbkdf2_hmac("sha256", b"frames", b"salt", 3_000_000)
+        sender.join()
+        time.sleep(1)
+        raise AssertionError("the demo went on after two stop signals")
+
+    monkeypatch.setattr(demo, "test_frames", two_stops)
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    result = CliRunner().invoke(demo_cmd, ["--data-root", str(tiny_mvtec), "--category", TINY_CATEGORY,
+                                           "--out", str(tmp_path / "demo")], env={"REDIS_URL": None})
+    assert result.exit_code == 130 and result.output == "\ninterrupted\n", (result.output, result.exception)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # given back
+
+
+def test_under_nohup_a_closed_terminal_leaves_the_demo_running(tiny_mvtec, tmp_path, monkeypatch):
+    """`nohup ustudents demo --serve &` ignores SIGHUP so that closing the terminal leaves it serving;
+    the demo's own handler replaced that, as the worker's once did."""
+    seen = []
+
+    def running(*a, **kw):
+        seen.append(signal.getsignal(signal.SIGHUP))
+        raise KeyboardInterrupt  # ends the run here
+
+    monkeypatch.setattr(demo, "test_frames", running)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        result = CliRunner().invoke(demo_cmd, ["--data-root", str(tiny_mvtec), "--category", TINY_CATEGORY,
+                                               "--out", str(tmp_path / "demo")], env={"REDIS_URL": None})
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert result.exit_code == 130 and seen == [signal.SIG_IGN], (seen, result.output)
+
+
 # -- refused before anything runs, not after the training ------------------------------------------------
 def test_a_batch_the_worker_cannot_take_is_refused_before_training(tmp_path):
     """--batch is the worker's micro-batch too: 100000 trained the whole model, then ended in pydantic's

@@ -106,3 +106,34 @@ def test_ctrl_c_stops_an_onnxruntime_run_at_once():
     assert proc.returncode == 130, (proc.returncode, out, err)
     assert out.startswith("stopped after") and "terminate called" not in err, (out, err)
     assert waited < 10, waited
+
+
+def test_a_ctrl_c_as_the_run_starts_still_stops_it(monkeypatch):
+    """A Ctrl-C landing inside Thread.start (which waits for the new thread) left interruptible_run
+    before its stop was armed: the run went on, never told to terminate. Here the signal is played
+    by start() raising once the thread runs."""
+    import threading
+    import time
+
+    from ustudents.engines import onnx_engine
+
+    class Session:
+        terminated = None
+
+        def run(self, names, feeds, options):
+            deadline = time.monotonic() + 10
+            while not options.terminate and time.monotonic() < deadline:
+                time.sleep(0.01)
+            Session.terminated = options.terminate
+            return []
+
+    start = threading.Thread.start
+
+    def interrupted_start(thread):
+        start(thread)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(onnx_engine.threading.Thread, "start", interrupted_start)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        onnx_engine.interruptible_run(Session(), {})
+    assert Session.terminated is True and time.monotonic() - t0 < 5

@@ -1950,6 +1950,44 @@ def test_sighup_stops_the_worker_as_sigterm_does_unless_under_nohup_and_sigusr1_
         assert all(f"in _{stage}" in log for stage in ("reader", "inference", "publisher")), log
 
 
+STACKS_UNDER_THREAD_CHURN = """
+import os, signal, sys, threading, time
+from ustudents.worker.cli import print_stacks_on_sigusr1
+print_stacks_on_sigusr1()
+print("ready", flush=True)
+end = time.monotonic() + 5
+while time.monotonic() < end:  # threads start and end, as the health server's one per request
+    threads = [threading.Thread(target=sum, args=(range(200),)) for _ in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+print("done", flush=True)
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the signals still coming while the process exits
+"""
+
+
+def test_sigusr1_prints_the_stacks_safely_while_threads_come_and_go():
+    """faulthandler.register's handler reads every thread from C, at any moment: a thread ending
+    meanwhile crashed the process (a segfault within a few hundred signals; the worker starts and
+    ends a thread per /healthz request). The worker's handler runs in Python, with the GIL held."""
+    proc = subprocess.Popen([sys.executable, "-c", STACKS_UNDER_THREAD_CHURN], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        sent = 0
+        while proc.poll() is None and sent < 20_000:
+            try:
+                proc.send_signal(signal.SIGUSR1)
+            except ProcessLookupError:
+                break
+            sent += 1
+            time.sleep(0.0005)
+        out = proc.stdout.read()
+        code = proc.wait(30)
+    finally:
+        proc.kill()
+    assert code == 0 and "done" in out, f"exit {code} after {sent} SIGUSR1"
+
+
 def test_stop_signals_as_ctrl_c_leave_an_ignored_sighup_ignored():
     """predict, evaluate, train, calibrate and build-engines take SIGTERM and SIGHUP as Ctrl-C, but under
     `nohup` (SIGHUP ignored) a closed terminal must not stop them."""

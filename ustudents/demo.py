@@ -39,7 +39,7 @@ from pathlib import Path
 
 import click
 
-from ustudents.engines.cli import PathArg
+from ustudents.engines.cli import PathArg, nohup
 from ustudents.engines.files import listed_outputs, os_error_line, write_atomically
 from ustudents.engines.images import IMAGE_SUFFIXES
 from ustudents.engines.memory import out_of_memory_line
@@ -614,8 +614,9 @@ def credit(data_root: Path, category: str) -> str:
 
 
 # -- the run ---------------------------------------------------------------------------------------
-class Stopped(Exception):
-    """SIGTERM, or SIGHUP (its terminal closed): stop like Ctrl-C."""
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, or SIGHUP (its terminal closed): stop like Ctrl-C, a training keeping its checkpoint as
+    on Ctrl-C; a KeyboardInterrupt, so that no `except Exception` on its way passes over it."""
 
 
 STAGE_WAIT_S = 300  # the longest a stop waits for a batch still in the networks, in seconds
@@ -876,18 +877,25 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
     refuse_unused_options(model, train_only, serve)
     demo = Demo()
 
-    def on_sigterm(signum, frame):
-        raise Stopped()
+    stopping: list[int] = []
+
+    def on_stop(signum, frame):
+        # The first only: a second, coming before the stop below holds the signals, raised again inside
+        # it (a traceback, exit 1, and the demo's keys left in a shared Redis where a third came)
+        if not stopping:
+            stopping.append(signum)
+            raise KeyboardInterrupt() if signum == signal.SIGINT else Stopped()
 
     def hold_signals() -> None:
         """While stopping (the worker finishing, Redis cleaned): a second Ctrl-C or SIGTERM would cut it
         short with a traceback and leave the demo's keys in a shared Redis."""
         if previous is not None:
-            for sig in (signal.SIGINT, *previous):
+            for sig in previous:
                 signal.signal(sig, signal.SIG_IGN)
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, on_sigterm) for sig in (signal.SIGTERM, signal.SIGHUP)} if main_thread else None
-    previous_int = signal.getsignal(signal.SIGINT)
+    # SIGHUP stays ignored under nohup: a closed terminal must not stop `nohup ustudents demo --serve &`
+    previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                if not nohup(sig)} if main_thread else None
     try:
         # --train-only writes OUT/model alone, and trains without a test/ folder, as ustudents-train does
         frames = [] if train_only else test_frames(data_root, category)
@@ -955,9 +963,9 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
                   f"total {time.monotonic() - t0:.0f} s")
         if serve:
             demo.step(f"serving: worker, Redis and http://127.0.0.1:{port}/metrics stay up; Ctrl-C stops them")
-            while not demo.worker_done.wait(1.0):
-                pass
-    except (KeyboardInterrupt, Stopped) as stop:
+            while not demo.worker_done.is_set():  # polled: a signal's exception inside Event.wait can leave
+                time.sleep(0.5)                   # its lock held, and Demo.stop's wait on it never returned
+    except KeyboardInterrupt as stop:  # Stopped too
         hold_signals()
         # only what was started: while training (or with --train-only) neither the worker nor Redis was
         running = [name for name, started in (("the worker", demo.worker is not None),
@@ -977,7 +985,7 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
         hold_signals()
         demo.stop()
         if previous is not None:
-            for sig, handler in {**previous, signal.SIGINT: previous_int}.items():
+            for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
 

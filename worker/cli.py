@@ -290,10 +290,7 @@ def worker_cmd(ctx, env_file, **flags):
     check_env_file(env_file or ".env")
     settings = WorkerSettings(_env_file=env_file or ".env", **values)
     setup_logging(settings.log_level, settings.log_json)
-    # a view into a worker that hangs, where no debugger is: `kill -USR1 PID` prints every thread's
-    # stack to the process's stderr and the worker goes on (README runbook)
-    if sys.__stderr__ is not None:
-        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    print_stacks_on_sigusr1()
     env_path = Path(env_file or ".env")
     unknown = unknown_variables([*os.environ, *(dotenv_values(env_path) if env_path.is_file() else ())])
     if unknown:
@@ -331,6 +328,15 @@ def worker_cmd(ctx, env_file, **flags):
         sys.stderr.flush()
         os._exit(code)
     ctx.exit(code)
+
+
+def print_stacks_on_sigusr1() -> None:
+    """A view into a worker that hangs, where no debugger is: `kill -USR1 PID` prints every thread's
+    stack to the process's stderr and the worker goes on (README runbook). From a Python handler, run
+    in the main thread with the GIL held: faulthandler.register's own handler reads the threads from C
+    at any moment, and one ending meanwhile (a thread per /healthz request) crashed the process."""
+    if sys.__stderr__ is not None:
+        signal.signal(signal.SIGUSR1, lambda signum, frame: faulthandler.dump_traceback(sys.__stderr__, all_threads=True))
 
 
 MIN_FPS = 1e-3  # one frame in 1000 s; slower is a typo, and 1e-300 overflowed the pacing clock
