@@ -117,14 +117,16 @@ def interruptible_run(session, feeds: dict) -> list:
         while "done" not in outcome:
             time.sleep(POLL_S)
     except KeyboardInterrupt:
-        options.terminate = True  # ONNX Runtime stops before its next node, or at once where it has not begun
         # the run's end; not for ever where it never began (a Ctrl-C inside start() can leave the thread
-        # unstarted), as a run that begins now stops at once
+        # unstarted), as a run that begins once told to terminate stops at once
         unstarted_by = time.monotonic() + START_WAIT_S
-        while "done" not in outcome and ("began" in outcome or time.monotonic() < unstarted_by):
-            try:
+        while True:
+            try:  # all of it: a second Ctrl-C anywhere here waits for the same stop
+                options.terminate = True  # ONNX Runtime stops before its next node
+                if "done" in outcome or ("began" not in outcome and time.monotonic() > unstarted_by):
+                    break
                 time.sleep(POLL_S)
-            except KeyboardInterrupt:  # a second Ctrl-C waits for the same stop
+            except KeyboardInterrupt:
                 continue
         raise
     if "error" in outcome:

@@ -14,6 +14,7 @@ per-scale maps (B, n_scales, S, S).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import platform
@@ -121,8 +122,8 @@ class Engine:
         for i in range(0, len(frames), self.max_batch):
             # resized and uploaded outside the lock: one thread's frames are made ready while another's run
             x = preprocess(frames[i:i + self.max_batch], self.image_size, self.prep_device, first=i)
-            with self.running:  # and until the outputs are copied out: a runner may return buffers of its own
-                f, s = self.runner(x)
+            with self.running, current_gpu(self.device):  # and until the outputs are copied out: a runner
+                f, s = self.runner(x)                             # may return buffers of its own
                 fused.append(f.to(torch.float32, copy=True))
                 scales.append(s.to(torch.float32, copy=True))
         if len(fused) == 1:
@@ -244,10 +245,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise EngineError(f"--device {device}: {refusal}")
     parsed = torch.device(device)
     if parsed.type == "cuda" and parsed.index is not None:
-        # the process's current GPU made this one: what takes no device acts on the current one
+        # the calling thread's current GPU made this one (the current GPU is per thread: Engine.maps makes
+        # it current in the threads that call it): what takes no device acts on the current one
         # (torch.cuda.synchronize in the dense forms' timing, CUDA graph capture and its memory pool)
         torch.cuda.set_device(parsed)
     return parsed
+
+
+def current_gpu(device: torch.device):
+    """A block in which `device`, where it is a GPU, is the calling thread's current one (see resolve_device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def native_bf16(device: torch.device) -> bool:

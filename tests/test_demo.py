@@ -137,6 +137,25 @@ def test_the_folder_of_a_killed_demo_is_removed_by_the_next_and_no_other(tmp_pat
     assert again.is_dir() and again.name.startswith(demo.TMP_PREFIX) and stat.S_IMODE(again.stat().st_mode) == 0o700
 
 
+def test_the_demo_starts_where_the_file_system_has_no_locks(tmp_path, monkeypatch):
+    """A temporary folder on NFS without locks (or some FUSE file systems): the demo's lock on its folder
+    failed with 'No locks available' and the demo did not start."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(demo.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    folder, fd = demo.private_folder()
+    os.close(fd)
+    assert folder.is_dir() and [p.name for p in tmp_path.iterdir()] == [folder.name]
+    again, fd = demo.private_folder()  # an unheld folder there: left alone, as no lock can tell it is dead
+    os.close(fd)
+    assert folder.is_dir() and again.is_dir()
+
+
 # -- table, summary, report -----------------------------------------------------------------------------
 def rows(tmp_path) -> list[Row]:
     def row(frame_id, truth, score, anomalous, covered=None):

@@ -473,6 +473,28 @@ def test_a_gpu_chosen_by_index_becomes_the_processs_current_one(monkeypatch):
     assert made_current == [torch.device("cuda:1")]
 
 
+def test_the_engines_gpu_is_current_in_every_thread_that_calls_it(small_bundle, monkeypatch):
+    """torch.cuda.set_device is per thread: --device cuda:1 made GPU 1 current in the thread that loaded
+    the engine, while a worker's inference thread ran it with GPU 0 current (a CUDA graph captured, a
+    synchronize timed, on GPU 0). Faked here: the calls made current, by thread."""
+    import contextlib
+
+    made_current = []
+
+    @contextlib.contextmanager
+    def current(device):
+        made_current.append((threading.current_thread().name, torch.device(device)))
+        yield
+    monkeypatch.setattr(torch.cuda, "device", current)
+    engine = load_engine(small_bundle, backend="torch", device="cpu", precision="fp32")
+    engine.device = torch.device("cuda:1")  # its networks' device; frames stay on the CPU (prep_device) here
+    frame = np.zeros((engine.image_size, engine.image_size, 3), np.uint8)
+    inference = threading.Thread(target=engine.maps, args=([frame],), name="worker-inference")
+    inference.start()
+    inference.join(60)
+    assert made_current == [("worker-inference", torch.device("cuda:1"))]
+
+
 def test_a_write_error_inside_the_onnx_exporter_names_the_engine_file(bundle_copy, monkeypatch):
     """The exporter's own OSError (a full disk, `ulimit -f`) has no file name: the line read only
     'writing the output: File too large'."""

@@ -1932,6 +1932,7 @@ def test_sighup_stops_the_worker_as_sigterm_does_unless_under_nohup_and_sigusr1_
                           sighup=signal.SIG_IGN if nohup else signal.SIG_DFL)
     try:
         wait_for(lambda: joined(r, stream, name) or worker.poll() is not None, 90, "the worker to start")
+        time.sleep(0.5)  # its other stages started too (the reader joins the group first)
         worker.send_signal(sent)
         if serves_on:
             time.sleep(1.5)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import click
 
-from ustudents.engines.cli import PathArg, nohup
+from ustudents.engines.cli import PathArg
 from ustudents.engines.files import listed_outputs, os_error_line, write_atomically
 from ustudents.engines.images import IMAGE_SUFFIXES
 from ustudents.engines.memory import out_of_memory_line
@@ -153,25 +153,35 @@ def private_folder() -> tuple[Path, int]:
     tmp = Path(tempfile.gettempdir())
     for old in tmp.glob(TMP_PREFIX + "*"):
         try:
-            if not {p.name for p in old.iterdir()} <= set(OwnRedis.FILES):  # not a folder only the demo makes
+            # not a folder only the demo makes (an empty one is taken: it loses nothing)
+            if not {p.name for p in old.iterdir()} <= set(OwnRedis.FILES):
                 continue
             fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:  # another user's (mode 700), or gone meanwhile
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # a running demo's
+        except OSError:  # a running demo's, or no locks on this file system: left alone
             continue
         finally:
             os.close(fd)
         shutil.rmtree(old, ignore_errors=True)
     # made under another name and locked before it takes the name the sweep looks for, so that no
     # other demo's sweep removes it between the two
-    made = Path(tempfile.mkdtemp(prefix="." + TMP_PREFIX))
-    fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    folder = made.with_name(made.name[1:])
-    made.rename(folder)
+    made, fd = Path(tempfile.mkdtemp(prefix="." + TMP_PREFIX)), -1
+    try:
+        fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no locks here (NFS without them, some FUSE): unheld, which every sweep leaves alone
+            pass
+        folder = made.with_name(made.name[1:])
+        made.rename(folder)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        shutil.rmtree(made, ignore_errors=True)
+        raise
     return folder, fd
 
 
@@ -893,9 +903,10 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
             for sig in previous:
                 signal.signal(sig, signal.SIG_IGN)
     main_thread = threading.current_thread() is threading.main_thread()
-    # SIGHUP stays ignored under nohup: a closed terminal must not stop `nohup ustudents demo --serve &`
+    # a signal ignored stays ignored: SIGHUP under nohup (a closed terminal must not stop `nohup ustudents
+    # demo --serve &`), SIGINT in a script's background job
     previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-                if not nohup(sig)} if main_thread else None
+                if signal.getsignal(sig) is not signal.SIG_IGN} if main_thread else None
     try:
         # --train-only writes OUT/model alone, and trains without a test/ folder, as ustudents-train does
         frames = [] if train_only else test_frames(data_root, category)

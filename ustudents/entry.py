@@ -32,7 +32,8 @@ def _run(main) -> None:
                 except Exception:  # noqa: BLE001 (a closed pipe: nothing more to say)
                     pass
             os._exit(code)
-        signal.signal(signal.SIGINT, exit_now)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored (a script's background job): left so
+            signal.signal(signal.SIGINT, exit_now)
 
 
 def ustudents() -> None:

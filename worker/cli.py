@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -335,7 +336,7 @@ def print_stacks_on_sigusr1() -> None:
     stack to the process's stderr and the worker goes on (README runbook). From a Python handler, run
     in the main thread with the GIL held: faulthandler.register's own handler reads the threads from C
     at any moment, and one ending meanwhile (a thread per /healthz request) crashed the process."""
-    if sys.__stderr__ is not None:
+    if sys.__stderr__ is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGUSR1, lambda signum, frame: faulthandler.dump_traceback(sys.__stderr__, all_threads=True))
 
 

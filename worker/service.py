@@ -395,9 +395,11 @@ class Worker:
             log.info("%s again at once: taken as the same stop", signal.Signals(signum).name, extra={"event": "signal"})
             return
         if self.stopping.is_set() or self.stop_signal is not None:
-            log.warning("second %s: exiting now; unpublished entries stay pending for other workers",
-                        signal.Signals(signum).name, extra={"event": "forced_exit"})
-            os._exit(1)
+            try:
+                log.warning("second %s: exiting now; unpublished entries stay pending for other workers",
+                            signal.Signals(signum).name, extra={"event": "forced_exit"})
+            finally:  # whatever the line met (a log handler that raised): the exit asked for
+                os._exit(1)
         self.signalled_at, self.stop_signal = now, signum
 
     def _spawn(self, name: str, target) -> threading.Thread:
