@@ -122,8 +122,9 @@ class Engine:
         for i in range(0, len(frames), self.max_batch):
             # resized and uploaded outside the lock: one thread's frames are made ready while another's run
             x = preprocess(frames[i:i + self.max_batch], self.image_size, self.prep_device, first=i)
-            with self.running, current_gpu(self.device):  # and until the outputs are copied out: a runner
-                f, s = self.runner(x)                             # may return buffers of its own
+            # the lock until the outputs are copied out, as a runner may return buffers of its own
+            with self.running, current_gpu(self.device):
+                f, s = self.runner(x)
                 fused.append(f.to(torch.float32, copy=True))
                 scales.append(s.to(torch.float32, copy=True))
         if len(fused) == 1:

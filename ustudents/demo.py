@@ -974,8 +974,10 @@ def demo_cmd(out, data_root, category, model, retrain, train_only, image_size, s
                   f"total {time.monotonic() - t0:.0f} s")
         if serve:
             demo.step(f"serving: worker, Redis and http://127.0.0.1:{port}/metrics stay up; Ctrl-C stops them")
-            while not demo.worker_done.is_set():  # polled: a signal's exception inside Event.wait can leave
-                time.sleep(0.5)                   # its lock held, and Demo.stop's wait on it never returned
+            # polled: a signal's exception inside Event.wait can leave the Event's lock held, and
+            # Demo.stop's wait on it then never returned
+            while not demo.worker_done.is_set():
+                time.sleep(0.5)
     except KeyboardInterrupt as stop:  # Stopped too
         hold_signals()
         # only what was started: while training (or with --train-only) neither the worker nor Redis was

@@ -386,8 +386,8 @@ class Worker:
     def _on_signal(self, signum, frame) -> None:
         # Python runs this in the main thread between two of its bytecodes, also while that thread holds
         # a lock: Event.wait in run()'s loop holds the Event's own lock at moments, and stop() (Event.set)
-        # here then waited for it for ever, a worker that never exited. So no lock is taken here: the
-        # stop is recorded, and run()'s loop stops the worker.
+        # here then waited for it for ever, a worker that never exited. So no such lock is taken here
+        # (logging's are re-entrant): the stop is recorded, and run()'s loop stops the worker.
         now = time.monotonic()
         if self.signalled_at is not None and now - self.signalled_at < REPEATED_SIGNAL_S:
             # one stop sent twice: GNU timeout signals the worker, then its own process group, and so
