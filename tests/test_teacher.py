@@ -14,8 +14,9 @@ from torch import nn
 from ustudents.engines.patchnet import geometry
 from ustudents.train.backbones import BackboneError, ResNet18Features, build_backbone
 from ustudents.train.teacher import (DENSE_MAX_PIXELS, DENSE_RF, TeacherConfig, TeacherError, compactness_loss,
-                                     dense_levels, dense_targets, knowledge_distillation_loss, sample_patches,
-                                     sample_windows, train_teacher, triplet_loss)
+                                     TRIPLET_LUMINANCE, TRIPLET_NOISE, dense_levels, dense_targets,
+                                     knowledge_distillation_loss, sample_patches, sample_triplets, sample_windows,
+                                     train_teacher, triplet_loss)
 
 
 def test_knowledge_distillation_loss_is_mean_squared_error_per_dimension():
@@ -68,6 +69,28 @@ def test_sample_patches_are_windows_of_the_image_and_positives_the_same_window_s
     assert (moves.amax(1) > 0).float().mean() > 0.5 and moves.max() == shift  # shifts are drawn, up to `shift`
     plain, none = sample_patches(levels, p, 4, torch.Generator().manual_seed(0))
     assert plain.shape == (4, 3, p, p) and none.numel() == 0  # no shift: no positives
+
+
+def test_triplets_take_positives_shifted_and_relit_and_negatives_from_another_photo():
+    """The paper's sampling: the positive is the anchor moved a little, its luminance changed and
+    noise added; the negative a patch of a different image. Each photo here is one flat grey, so a
+    patch shows which photo it was cut from; the negative came from the anchor's own one in 1 of 19
+    draws with scikit-image's photos before."""
+    greys = [0.2, 0.4, 0.6]
+    levels = [torch.full((3, 40, 40), g) for g in greys for _ in range(2)]  # two pyramid levels per photo
+    photos = [i for i in range(3) for _ in range(2)]
+    n, p = 600, 9
+    anchors, positives, negatives = sample_triplets(levels, photos, p, n, torch.Generator().manual_seed(0), shift=2)
+    assert anchors.shape == positives.shape == negatives.shape == (n, 3, p, p)
+    anchor_photo = [greys.index(round(a.mean().item(), 1)) for a in anchors]
+    negative_photo = [greys.index(round(x.mean().item(), 1)) for x in negatives]
+    assert all(a != b for a, b in zip(anchor_photo, negative_photo))
+    assert len(set(zip(anchor_photo, negative_photo))) == 6  # each other photo is drawn
+    gain = positives.mean((1, 2, 3)) / anchors.mean((1, 2, 3))  # the noise averages out over a patch
+    assert gain.min() >= 1 - TRIPLET_LUMINANCE - 0.01 and gain.max() <= 1 + TRIPLET_LUMINANCE + 0.01
+    assert gain.min() < 1 - TRIPLET_LUMINANCE / 2 and gain.max() > 1 + TRIPLET_LUMINANCE / 2  # drawn over the range
+    noise = positives - gain[:, None, None, None] * anchors
+    assert noise.std().item() == pytest.approx(TRIPLET_NOISE, rel=0.05)
 
 
 @pytest.mark.parametrize("p", [17, 33, 65])
@@ -371,17 +394,22 @@ def test_a_distillation_that_breaks_the_weights_on_its_last_step_writes_nothing(
 def test_the_triplet_loss_takes_its_shifted_patches_only_from_images_with_room_for_them(tmp_path):
     """The pyramid keeps images of p + 8 px a side; the triplet positives, shifted by p // 8 both ways,
     need p + 2 (p // 8): at p = 65 a 75 px image (scikit-image's photos have three at 1/4) crashed the
-    run with a RuntimeError traceback at whatever step first drew it."""
+    run with a RuntimeError traceback at whatever step first drew it. Its negatives come from another
+    image than their anchors', so one large image is not enough either."""
     images = tmp_path / "photos"
     images.mkdir()
     rng = np.random.default_rng(0)
     cv2.imwrite(str(images / "small.png"), rng.integers(0, 256, (75, 75, 3), dtype=np.uint8))
     cfg = dict(p=65, backbone="efficientnet-lite0", images=str(images), target="patch", patches=4, backbone_input=32,
                batch=2, steps=3, lambda_m=1.0, amp=False)
-    with pytest.raises(TeacherError, match=r"the triplet loss \(--lambda-m 1\) at p=65 needs images at least 81 "
-                                           r"pixels a side, and none is; use larger images or --lambda-m 0"):
+    refused = (r"the triplet loss \(--lambda-m 1\) at p=65 needs two images at least 81 pixels a side \(its negatives "
+               r"come from another image than their anchors'\), and fewer are; use more or larger images, or --lambda-m 0")
+    with pytest.raises(TeacherError, match=refused):
         train_teacher(TeacherConfig(**cfg))
     cv2.imwrite(str(images / "large.png"), rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    with pytest.raises(TeacherError, match=refused):
+        train_teacher(TeacherConfig(**cfg))
+    cv2.imwrite(str(images / "large2.png"), rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
     state, record = train_teacher(TeacherConfig(**cfg))  # the small one still serves the other losses
     assert all(torch.isfinite(v).all() for v in state.values())
 
@@ -609,6 +637,9 @@ def test_a_folder_larger_than_the_pool_streams_through_it_in_bounded_memory(tmp_
         assert len(pool.levels) == len(pool.targets) == 3  # never more than the pool's size
         held = [tuple(t[0, :2, :2].flatten().tolist()) for t in pool.levels]
         assert len(set(held)) == 3  # no image held twice
+        for level, photo in zip(pool.levels, pool.photos, strict=True):  # each level names its photo (triplets)
+            corner = cv2.imread(str(files[photo]))[:2, :2, ::-1].copy()
+            assert torch.equal(level[:, :2, :2], torch.from_numpy(corner).permute(2, 0, 1).float() / 255)
         seen.update(held)
     assert len(seen) == 9 and len(pool.taken) == 9  # every readable photo came through
     assert pool.unreadable == {files.index(folder / "broken.png")}  # tried once, not at every pass

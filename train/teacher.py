@@ -10,8 +10,9 @@ Loss = lambda_k L_k + lambda_c L_c + lambda_m L_m with
   the plain sums; measured here (p=17, 300 steps), its signed sum of c_ij drove itself to its lower bound
   -d and cut the share of P's variance the decoder recovers from 0.21 to 0.08, and the sum of c_ij^2
   (floor ~d^2/batch) swamped L_k entirely (README: departures);
-- L_m (triplet, optional): max(0, delta + d+ - d-) with the positive a slightly shifted, noisy copy of
-  the anchor patch and the negative a random patch, d- the smaller distance to either.
+- L_m (triplet, optional): max(0, delta + d+ - d-), d- the smaller distance to either of anchor and
+  positive. As the paper samples them: the positive is the anchor patch slightly shifted, its
+  luminance changed and Gaussian noise added; the negative a random patch of a different photo.
 
 Two kinds of distillation target P(p) (`--target`):
 - `patch`, the paper's: P's global descriptor of the patch itself, resized to `backbone_input`
@@ -54,6 +55,10 @@ DENSE_RF = 64  # dense targets: images are enlarged by DENSE_RF / p before P see
 STD_FLOOR = 1e-3  # dense targets: a channel's std is at least this share of the median channel's
 LOSS_HISTORY_POINTS = 40  # losses a teacher's record keeps (read every 50 steps): the whole curve, thinned
 DENSE_MAX_PIXELS = 2048 * 2048  # dense targets: pyramid levels P would see larger than this are left out (memory)
+# The triplet positives' augmentation (the paper gives no amounts): a luminance gain drawn from
+# [1 - LUMINANCE, 1 + LUMINANCE] and Gaussian noise of this std, on pixels in [0, 1]
+TRIPLET_LUMINANCE = 0.1
+TRIPLET_NOISE = 0.02
 
 
 @dataclass
@@ -86,11 +91,12 @@ class TeacherConfig:
 
 
 def sample_patches(levels: list[torch.Tensor], p: int, n: int, gen: torch.Generator,
-                   shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """n random p x p patches (n, 3, p, p) in [0, 1]; with shift > 0 also copies translated by up
-    to `shift` pixels (the triplet positives), else an empty tensor."""
+                   shift: int = 0, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random p x p patches (n, 3, p, p) in [0, 1], from the levels `idx` names (random ones when
+    None); with shift > 0 also copies translated by up to `shift` pixels, else an empty tensor."""
     out, shifted = [], []
-    idx = torch.randint(len(levels), (n,), generator=gen)
+    if idx is None:
+        idx = torch.randint(len(levels), (n,), generator=gen)
     for i in idx.tolist():
         img = levels[i]
         h, w = img.shape[1:]
@@ -108,6 +114,23 @@ def sample_patches(levels: list[torch.Tensor], p: int, n: int, gen: torch.Genera
         pos[flips] = pos[flips].flip(-1)
         return patches, pos
     return patches, torch.empty(0)
+
+
+def sample_triplets(levels: list[torch.Tensor], photos: list[int], p: int, n: int, gen: torch.Generator,
+                    shift: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n (anchor, positive, negative) patches for the triplet loss, each (n, 3, p, p) in [0, 1]: the
+    positive is the anchor shifted by up to `shift` pixels (flipped with it), its luminance scaled
+    and noise added; the negative comes from a level of another photo (`photos[i]`: level i's
+    photo). Needs levels of at least two photos."""
+    idx = torch.randint(len(levels), (n,), generator=gen)
+    anchors, positives = sample_patches(levels, p, n, gen, shift=shift, idx=idx)
+    gain = 1 + TRIPLET_LUMINANCE * (2 * torch.rand(n, 1, 1, 1, generator=gen) - 1)
+    positives = (positives * gain + TRIPLET_NOISE * torch.randn(positives.shape, generator=gen)).clamp(0, 1)
+    photo = torch.tensor(photos)
+    others = [(photo != photo[i]).nonzero()[:, 0] for i in idx.tolist()]
+    negative_idx = torch.stack([o[torch.randint(len(o), (1,), generator=gen)[0]] for o in others])
+    negatives, _ = sample_patches(levels, p, n, gen, idx=negative_idx)
+    return anchors, positives, negatives
 
 
 def knowledge_distillation_loss(decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -296,12 +319,16 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     # the triplet loss's positives are shifted copies: they need p + 2 shifts of room, not the pyramid's p + 8
     shift = max(1, cfg.p // 8)
 
-    def triplet_levels() -> list[torch.Tensor]:
-        return [t for t in images.levels if min(t.shape[1:]) >= cfg.p + 2 * shift]
+    def triplet_levels() -> tuple[list[torch.Tensor], list[int]]:
+        """The levels with room for the shifted positives, and the photo of each; none unless they
+        come from two photos at least (a negative is from another photo than its anchor's)."""
+        roomy = [(t, i) for t, i in zip(images.levels, images.photos) if min(t.shape[1:]) >= cfg.p + 2 * shift]
+        return ([t for t, _ in roomy], [i for _, i in roomy]) if len({i for _, i in roomy}) >= 2 else ([], [])
 
-    if cfg.lambda_m > 0 and not triplet_levels():
-        raise TeacherError(f"{cfg.images}: the triplet loss (--lambda-m {cfg.lambda_m:g}) at p={cfg.p} needs images at "
-                           f"least {cfg.p + 2 * shift} pixels a side, and none is; use larger images or --lambda-m 0")
+    if cfg.lambda_m > 0 and not triplet_levels()[0]:
+        raise TeacherError(f"{cfg.images}: the triplet loss (--lambda-m {cfg.lambda_m:g}) at p={cfg.p} needs two images "
+                           f"at least {cfg.p + 2 * shift} pixels a side (its negatives come from another image than "
+                           "their anchors'), and fewer are; use more or larger images, or --lambda-m 0")
     if cfg.target == "dense":
         maps = p_maps(backbone, images.levels, cfg.p, cfg.target_strides)
         mean, std = channel_stats(maps)  # of the first pool: the images streamed in later are standardized alike
@@ -353,11 +380,9 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
         desc = desc.float()  # the losses in float32: correlations and squared norms need the range
         l_k = knowledge_distillation_loss(decoded.float(), target.to(device))
         loss = cfg.lambda_k * l_k + cfg.lambda_c * compactness_loss(desc)
-        roomy = triplet_levels() if cfg.lambda_m > 0 else []
-        if roomy:  # (empty only while a streamed pool holds no image large enough: that step goes without)
-            anchors, positives = sample_patches(roomy, cfg.p, cfg.batch, gen, shift=shift)
-            positives = (positives + 0.02 * torch.randn(positives.shape, generator=gen)).clamp(0, 1)
-            negatives, _ = sample_patches(roomy, cfg.p, cfg.batch, gen)
+        roomy, photos = triplet_levels() if cfg.lambda_m > 0 else ([], [])
+        if roomy:  # (empty only while a streamed pool holds fewer than two images large enough: that step goes without)
+            anchors, positives, negatives = sample_triplets(roomy, photos, cfg.p, cfg.batch, gen, shift)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                 a, pp, n = (net(normalize_input(t.to(device)))[:, 0].float() for t in (anchors, positives, negatives))
             loss = loss + cfg.lambda_m * triplet_loss(a, pp, n, cfg.margin)

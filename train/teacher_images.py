@@ -104,7 +104,9 @@ class ImagePool:
     `usable` keeps the levels of an image that training can use (an image with none is passed over).
     Targets, when the training has per-pixel ones, are set with `assign` for the images held and made
     by `targets_of` for each image taken in later. `levels` and `targets` list every held image's, in
-    the order the images came in. A file that cannot be read, or has no usable level, is tried once.
+    the order the images came in, and `photos` the file each level was cut from (the triplet loss
+    draws its negatives from another photo). A file that cannot be read, or has no usable level, is
+    tried once.
     """
 
     def __init__(self, files: list[Path], p: int, size: int, seed: int,
@@ -119,6 +121,7 @@ class ImagePool:
         self.unreadable: set[int] = set()
         self.unusable: set[int] = set()  # read, but no level training can use (too small)
         self.levels: list[torch.Tensor] = []
+        self.photos: list[int] = []  # per level: the index of its file in `files`
         self.targets: list[torch.Tensor] = []
         while len(self._held) < size and self._take_next():
             pass
@@ -166,6 +169,7 @@ class ImagePool:
 
     def _flatten(self) -> None:
         self.levels = [t for _, levels, _ in self._held for t in levels]
+        self.photos = [i for i, levels, _ in self._held for _ in levels]
         self.targets = [t for _, _, targets in self._held if targets is not None for t in targets]
 
     def assign(self, targets: list[torch.Tensor]) -> None:
