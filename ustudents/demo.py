@@ -629,6 +629,7 @@ class Stopped(KeyboardInterrupt):
     on Ctrl-C; a KeyboardInterrupt, so that no `except Exception` on its way passes over it."""
 
 
+DEMO_LEFT_PENDING = "the demo stops without scoring them (its stream goes with it)"
 STAGE_WAIT_S = 300  # the longest a stop waits for a batch still in the networks, in seconds
 
 
@@ -680,7 +681,7 @@ class Demo:
 
         setup_logging("WARNING")
         settings = worker_settings(stream, model, redis_url, metrics_port, batch)
-        self.worker = Worker(settings, load_engines(settings))
+        self.worker = Worker(settings, load_engines(settings), left_pending=DEMO_LEFT_PENDING)
         try:
             self.worker.start_server()
         except OSError as err:  # taken since the check before training

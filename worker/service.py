@@ -65,6 +65,8 @@ SIGNAL_POLL_S = 0.2  # the longest Worker.run takes to act on a stop signal its 
 NAME_HOLD_S, NAME_RENEW_S = 20, 5
 
 STOP = object()  # end of a queue
+# What becomes of the entries a stop leaves unpublished (its log line), where the group outlives the worker
+LEFT_PENDING = "they stay pending and another worker claims them after claim_idle_ms"
 # The group's lag, pending and length are withdrawn from /metrics after this many refreshes in a row
 # (every stats_interval_s) that could not read them (_monitor).
 STATE_GRACE_READS = 3
@@ -222,13 +224,15 @@ RECALIBRATE = ("recalibrate a copy of the model on good ones (README, Runbook: R
 
 class Worker:
     def __init__(self, settings: WorkerSettings, engines: dict[str, Engine], client: redis.Redis | None = None,
-                 server: HealthServer | None = None, setup_check: Callable[[], bool] | None = None):
+                 server: HealthServer | None = None, setup_check: Callable[[], bool] | None = None,
+                 left_pending: str = LEFT_PENDING):
         """`setup_check`: the start-up checks of Redis (worker.cli.check_redis_setup), where Redis could
         not be reached at start: run at first contact; True once they ran, False while Redis is
-        unreachable, SetupRefused for what they refuse."""
+        unreachable, SetupRefused for what they refuse. `left_pending`: what becomes of the entries
+        a stop leaves unpublished, for its log line (the demo drops them with its stream)."""
         if not engines:
             raise ValueError("a worker needs at least one model")
-        self.s, self.engines = settings, engines
+        self.s, self.engines, self.left_pending = settings, engines, left_pending
         self.single = next(iter(engines)) if len(engines) == 1 else None
         self.models = {category: e.info["model"] for category, e in engines.items()}  # announced (_hold_name)
         self.shapes = {category: e.bundle.frame_shapes for category, e in engines.items()}  # None: not checked
@@ -356,8 +360,8 @@ class Worker:
             with self.inflight_lock:
                 left = len(self.inflight)
             why = "a stage stopped" if self.crashed is not None else "shutdown deadline passed"
-            log.warning("%s with %d entries unpublished; they stay pending and another worker claims them "
-                        "after claim_idle_ms", why, left, extra={"event": "stop_incomplete", "left": left})
+            log.warning("%s with %d entries unpublished; %s", why, left, self.left_pending,
+                        extra={"event": "stop_incomplete", "left": left})
         elif self.name_held:  # never another live worker's consumer, whose just-read entries would go with it
             try:
                 self.io.delete_consumer_if_idle()
