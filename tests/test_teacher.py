@@ -340,6 +340,24 @@ def test_resnet18_without_weights_is_refused_before_the_photos_load(monkeypatch)
         train_teacher(TeacherConfig(p=17, backbone="resnet18"))
 
 
+@pytest.mark.parametrize("option", [dict(batch=10 ** 10), dict(target="patch", backbone_input=10 ** 6),
+                                    dict(target="patch", batch=10 ** 11)])
+def test_a_step_too_large_for_memory_fails_before_the_photos_load(option, monkeypatch):
+    """An impossible dense --batch failed only after the photos had loaded and P's maps of them had
+    been made (2.5 minutes at p = 65); --backbone-input, after P's descriptors of the patch pool.
+    (Each size is past any machine's address space: no allocation of it can succeed.)"""
+    import ustudents.train.teacher as teacher
+    from ustudents.engines.memory import out_of_memory_line
+
+    def loading(*args, **kwargs):
+        raise AssertionError("the photos were loaded before a step was tried")
+
+    monkeypatch.setattr(teacher, "ImagePool", loading)
+    with pytest.raises(RuntimeError) as refused:
+        train_teacher(TeacherConfig(p=17, steps=1, amp=False, **option))
+    assert out_of_memory_line(refused.value), refused.value
+
+
 @pytest.mark.parametrize("seed", [-1, 10 ** 20])
 def test_a_seed_out_of_range_is_named_before_anything_is_seeded(seed):
     """--seed 99999999999999999999 said only "Overflow when unpacking long long": the generator was seeded

@@ -179,6 +179,25 @@ def p_maps(backbone: nn.Module, levels: list[torch.Tensor], p: int,
     return maps
 
 
+def rehearse_step(cfg: TeacherConfig, backbone: nn.Module, window: int) -> None:
+    """A step's largest allocations, on random input and a throwaway network, before the photos load
+    and P's maps of them are made (minutes at p = 65): a --batch or --backbone-input too large for
+    this machine fails now with the one-line out-of-memory error, not after those minutes."""
+    device = next(backbone.buffers()).device
+    net = PatchNet(cfg.p, n=1).to(device)
+    if cfg.target == "dense":
+        x = torch.rand(cfg.batch, 3, window, window, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            desc = net.dense(normalize_input(x))[:, 0]
+    else:  # P's descriptors of the patch pool, a batch of them at a time (backbone_descriptors); then the step
+        with torch.no_grad():
+            backbone(torch.rand(min(cfg.patches, 128), 3, cfg.backbone_input, cfg.backbone_input, device=device))
+        x = torch.rand(cfg.batch * (3 if cfg.lambda_m > 0 else 1), 3, cfg.p, cfg.p, device=device)  # triplets: 3 sets
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            desc = net(normalize_input(x))[:, 0]
+    desc.float().square().mean().backward()
+
+
 def channel_stats(maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std over every pixel of every map, accumulated in float64."""
     n = sum(m[0].numel() for m in maps)
@@ -306,6 +325,7 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
     # before the photos load (a minute at p = 65): a resnet18 without --backbone-weights, or a bad file
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights).to(device)
     window = cfg.crop + geometry(cfg.p).rf - 1
+    rehearse_step(cfg, backbone, window)
     usable = (lambda levels: dense_levels(levels, cfg.p, window)) if cfg.target == "dense" else (lambda levels: levels)
     images = ImagePool(files, cfg.p, cfg.pool_images, cfg.seed, usable)
     if not images.levels:
