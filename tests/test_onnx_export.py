@@ -108,6 +108,43 @@ def test_ctrl_c_stops_an_onnxruntime_run_at_once():
     assert waited < 10, waited
 
 
+def test_a_second_ctrl_c_while_the_run_stops_waits_for_the_same_stop():
+    """A second Ctrl-C while the first one's stop is awaited must not leave the run going (a run still
+    inside ONNX Runtime at interpreter exit aborts the process): interruptible_run returns only once
+    the run has ended, with one KeyboardInterrupt. Here the run takes 1 s to stop once told to, and
+    both Ctrl-Cs are played by interrupt_main (as SIGINT's handler raises them), the second inside
+    the wait for the first's stop."""
+    import _thread
+    import threading
+    import time
+
+    from ustudents.engines import onnx_engine
+
+    told, ended = threading.Event(), threading.Event()
+
+    class Session:
+        def run(self, names, feeds, options):
+            while not options.terminate:
+                time.sleep(0.01)
+            told.set()
+            time.sleep(1.0)  # a node that takes its time to finish
+            ended.set()
+            return []
+
+    def press_twice():
+        time.sleep(0.3)  # inside the run
+        _thread.interrupt_main()
+        if told.wait(10):
+            time.sleep(0.2)  # inside the wait for the stop
+            _thread.interrupt_main()
+    presser = threading.Thread(target=press_twice, daemon=True)
+    presser.start()
+    with pytest.raises(KeyboardInterrupt):
+        onnx_engine.interruptible_run(Session(), {})
+    assert ended.is_set(), "interruptible_run returned while the run was still going"
+    presser.join(5)
+
+
 def test_a_ctrl_c_as_the_run_starts_still_stops_it(monkeypatch):
     """A Ctrl-C landing inside Thread.start (which waits for the new thread) left interruptible_run
     before its stop was armed: the run went on, never told to terminate. Here the signal is played
