@@ -358,6 +358,20 @@ def test_a_step_too_large_for_memory_fails_before_the_photos_load(option, monkey
     assert out_of_memory_line(refused.value), refused.value
 
 
+def test_trying_a_step_first_leaves_the_distillation_as_it_was():
+    """The step tried before the photos load (rehearse_step) must not change the teacher a seed gives:
+    it draws no random number of the run's (the teacher's initialization comes after it)."""
+    import ustudents.train.teacher as teacher
+
+    backbone = build_backbone("efficientnet-lite0")
+    for target in ("dense", "patch"):
+        torch.manual_seed(7)
+        state = torch.get_rng_state()
+        cfg = TeacherConfig(p=17, target=target, batch=2, crop=4, patches=4, backbone_input=32, lambda_m=1.0, amp=False)
+        teacher.rehearse_step(cfg, backbone, 4 + geometry(17).rf - 1)
+        assert torch.equal(torch.get_rng_state(), state), target
+
+
 @pytest.mark.parametrize("seed", [-1, 10 ** 20])
 def test_a_seed_out_of_range_is_named_before_anything_is_seeded(seed):
     """--seed 99999999999999999999 said only "Overflow when unpacking long long": the generator was seeded

@@ -180,19 +180,21 @@ def p_maps(backbone: nn.Module, levels: list[torch.Tensor], p: int,
 
 
 def rehearse_step(cfg: TeacherConfig, backbone: nn.Module, window: int) -> None:
-    """A step's largest allocations, on random input and a throwaway network, before the photos load
+    """A step's largest allocations, on blank input and a throwaway network, before the photos load
     and P's maps of them are made (minutes at p = 65): a --batch or --backbone-input too large for
-    this machine fails now with the one-line out-of-memory error, not after those minutes."""
+    this machine fails now with the one-line out-of-memory error, not after those minutes. The random
+    numbers the run draws stay as they were (the teacher's initialization: a distillation reproduces)."""
     device = next(backbone.buffers()).device
-    net = PatchNet(cfg.p, n=1).to(device)
+    with torch.random.fork_rng(devices=[]):  # the throwaway network's initialization draws from the CPU's
+        net = PatchNet(cfg.p, n=1).to(device)
     if cfg.target == "dense":
-        x = torch.rand(cfg.batch, 3, window, window, device=device)
+        x = torch.zeros(cfg.batch, 3, window, window, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             desc = net.dense(normalize_input(x))[:, 0]
     else:  # P's descriptors of the patch pool, a batch of them at a time (backbone_descriptors); then the step
         with torch.no_grad():
-            backbone(torch.rand(min(cfg.patches, 128), 3, cfg.backbone_input, cfg.backbone_input, device=device))
-        x = torch.rand(cfg.batch * (3 if cfg.lambda_m > 0 else 1), 3, cfg.p, cfg.p, device=device)  # triplets: 3 sets
+            backbone(torch.zeros(min(cfg.patches, 128), 3, cfg.backbone_input, cfg.backbone_input, device=device))
+        x = torch.zeros(cfg.batch * (3 if cfg.lambda_m > 0 else 1), 3, cfg.p, cfg.p, device=device)  # triplets: 3 sets
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             desc = net(normalize_input(x))[:, 0]
     desc.float().square().mean().backward()
