@@ -3143,16 +3143,21 @@ def test_a_worker_counts_and_reports_frames_trimmed_before_it_read_them(engines,
     r.xgroup_create(stream, "ustudents", id="0", mkstream=True)  # the line's group, its workers all down
     kept = [r.xadd(stream, {"frame_id": f.stem, "image": f.read_bytes()}, maxlen=2, approximate=False).decode()
             for f in frames[:5]][-2:]
-    started = time.time()
+    started = time.monotonic()
     with caplog.at_level("WARNING", logger="ustudents.worker"):
         with in_process_worker(engines, redis_url, stream) as worker:
             wait_for(lambda: len(results_of(r, stream)) == 2, 60, "the two kept frames' results")
             exposition = worker.metrics.exposition().decode()
+            time.sleep(1.0)
+            later = worker.metrics.exposition().decode()
+            within = time.monotonic() - started
     exactly_one_result_each(r, stream, kept)
     assert f'ustudents_frames_trimmed_unread_total{{stream="{stream}"}} 3.0' in exposition
-    # when it began serving, which tells the alert a new counter is news (a worker just back), not old
-    since = float(re.search(rf'ustudents_serving_since_seconds{{stream="{stream}"}} (\S+)', exposition).group(1))
-    assert started <= since <= time.time()
+    # how long it has served, which tells the alert a new counter is news (a worker just back), not old:
+    # read at each scrape, on the worker's own clock (a time of day was compared with Prometheus's)
+    served = [float(re.search(rf'ustudents_serving_for_seconds{{stream="{stream}"}} (\S+)', text).group(1))
+              for text in (exposition, later)]
+    assert 0 < served[0] and served[0] + 1.0 <= served[1] <= within
     (line,) = [x for x in caplog.records if getattr(x, "event", None) == "trimmed_unread"]
     assert line.entries == 3 and f"3 entries left stream {stream} before any worker read them" in line.getMessage()
 

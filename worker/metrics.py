@@ -39,7 +39,7 @@ METRIC_NAMES = (
     "ustudents_gpu_memory_bytes",  # gauge {stream, device, kind=used|reserved}; only on a GPU
     "ustudents_frames_held_bytes",  # gauge {stream}: decoded frames and unpublished results held (inflight_mb)
     "ustudents_ready",  # gauge {stream}: 1 when the model is loaded and Redis reachable
-    "ustudents_serving_since_seconds",  # gauge {stream}: Unix time the worker began reading the stream (model loaded)
+    "ustudents_serving_for_seconds",  # gauge {stream}: seconds since the worker began reading the stream (model loaded)
 )
 
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -103,10 +103,12 @@ class WorkerMetrics:
         self.ready = Gauge("ustudents_ready", "1 when the model is loaded and Redis reachable.", ["stream"], registry=r)
         # tells a worker that just began serving (whose counters are new) from a Prometheus that just
         # started (to which every counter is new): alerts.yml. Not the process' start: in the GPU image
-        # that comes before minutes of plan building
-        self.serving_since = Gauge("ustudents_serving_since_seconds",
-                                   "Unix time the worker began reading the stream, its model loaded.", ["stream"],
-                                   registry=r)
+        # that comes before minutes of plan building. A duration on the worker's monotonic clock, read
+        # at each scrape: a time of day compared with Prometheus's time() was off by the two
+        # machines' clock difference (10 minutes off: the alert silent, or paging for old losses)
+        self.serving_for = Gauge("ustudents_serving_for_seconds",
+                                 "Seconds since the worker began reading the stream, its model loaded.", ["stream"],
+                                 registry=r)
         # Every counter and histogram series exists from the start at 0: rate() and increase() need a
         # sample before the first event, or a restarted worker's first anomaly, dead letter or
         # latencies (a scrape's worth) go uncounted

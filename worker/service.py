@@ -325,7 +325,8 @@ class Worker:
                             "(unexpected_shape)", self.engines[category].bundle.path, RECALIBRATE,
                             extra={"event": "shapes_unchecked", "category": category})
         stages = [("reader", self._reader), ("inference", self._inference), ("publisher", self._publisher)]
-        self.metrics.serving_since.labels(s.stream).set(time.time())  # set before the first read can count a gap
+        began = time.monotonic()  # before the first read can count a gap
+        self.metrics.serving_for.labels(s.stream).set_function(lambda: time.monotonic() - began)
         self.threads = [self._spawn(name, fn) for name, fn in stages]
         helpers = [self._spawn("monitor", self._monitor), self._spawn("keeper", self._keep_inflight_claimed)]
         while not self.stopping.wait(SIGNAL_POLL_S):
