@@ -2911,10 +2911,37 @@ def test_hand_written_entries_get_one_honest_outcome(engines, frames, redis_url,
     assert schema.TS not in res["words"] and float(res["fine"][schema.TS]) == now
     assert schema.TS not in res["underscored"] and schema.TS not in res["spaced"]
     assert schema.CATEGORY not in res["fine"]
-    assert latencies == 1 and 0 <= latency_sum < 60  # only the real capture time counts
+    assert latencies == len(res) and 0 <= latency_sum < 60 * len(res)  # from arrival: whatever `ts` says
     said = [rec.getMessage() for rec in caplog.records if getattr(rec, "event", None) == "bad_ts"]
     assert any(f"entry {ids['words']}: ts 'yesterday' is not a number as JSON writes one; give the capture time in "
                "Unix seconds" in m for m in said), said  # it was left out without a word
+
+
+def test_the_end_to_end_latency_is_measured_on_redis_clock_whatever_the_camera_and_worker_clocks(
+        engines, frames, redis_url, stream, caplog, monkeypatch):
+    """It ran from the camera's `ts` to the worker's clock (helper-107's audit of time): a camera 30 s
+    behind read as 30 s of latency for every frame, 10 minutes behind as the top bucket (the latency
+    alert firing for ever), one ahead as 0 or nothing at all; and so did the worker's own clock
+    stepped. Now from the entry's arrival (its id) to the result, both on Redis's clock. An id a
+    producer made itself, not a time, is left out with a warning."""
+    r = client(redis_url)
+    now = time.time()
+    image = frames[0].read_bytes()
+    ids = [add(r, stream, frame_id=f"skew{skew}", image=image, ts=repr(now + skew)) for skew in (-600, -30, 30, 600)]
+    foreign = r.xadd(stream, {"frame_id": "own-id", "image": image}, id=f"{int((now + 7200) * 1000)}-0").decode()
+    monkeypatch.setattr(time, "time", lambda real=time.time: real() + 3600)  # the worker's clock an hour ahead
+    port = free_port()
+    with caplog.at_level("WARNING", logger="ustudents.worker"):
+        with in_process_worker(engines, redis_url, stream, metrics_port=port):
+            wait_for(lambda: len(results_of(r, stream)) == len(ids) + 1, 60, "every result")
+            latencies = metric(port, "ustudents_end_to_end_seconds_count", stream=stream)
+            latency_sum = metric(port, "ustudents_end_to_end_seconds_sum", stream=stream)
+            slowest = metric(port, "ustudents_end_to_end_seconds_bucket", stream=stream, le="60.0")
+    assert latencies == len(ids) and slowest == len(ids), (latencies, slowest)  # each under a minute
+    assert latency_sum < 60 * len(ids)
+    said = [rec.getMessage() for rec in caplog.records if getattr(rec, "event", None) == "foreign_id"]
+    assert said == [f"entry {foreign}: its id is not one Redis made (its time is more than 1 s ahead of Redis's "
+                    "clock or 86400 s behind it); left out of the end-to-end latency"], said
 
 
 @pytest.mark.parametrize("ts,want", [

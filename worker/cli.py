@@ -90,8 +90,9 @@ def tool_client(redis_url: str | None) -> redis.Redis:
 
 
 # The ACL categories of the commands the worker runs: its streams, done markers (strings), attempt
-# counts (hashes), TTLs and deletes (keyspace), its Lua scripts, MULTI/EXEC, PING.
-ACL_NEEDED = "+@stream +@string +@hash +@keyspace +@scripting +@transaction +@connection"
+# counts (hashes), TTLs and deletes (keyspace), its Lua scripts, MULTI/EXEC, PING; and TIME, Redis's
+# clock, which the end-to-end latency is measured on.
+ACL_NEEDED = "+@stream +@string +@hash +@keyspace +@scripting +@transaction +@connection +time"
 
 
 def eviction_policy(client: redis.Redis) -> str | None:
@@ -169,6 +170,7 @@ def check_redis_setup(settings: WorkerSettings) -> bool:
             pipe = client.pipeline(transaction=False)
             for script in SCRIPTS:
                 pipe.script_load(script)
+            pipe.time()
             pipe.execute()
             pipe = client.pipeline(transaction=True)  # MULTI/EXEC, as the worker's own pipelines
             pipe.set(scratch, 1, px=1000).strlen(scratch).get(scratch).exists(scratch)  # and an image_key's reads

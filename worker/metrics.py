@@ -27,7 +27,7 @@ METRIC_NAMES = (
     "ustudents_frames_trimmed_unread_total",  # {stream} entries that left the input stream before any worker read them
     "ustudents_anomalies_total",  # {stream, category} published results with anomalous=1
     "ustudents_inference_seconds",  # histogram {stream}: Engine.predict per batch
-    "ustudents_end_to_end_seconds",  # histogram {stream}: publish time - the frame's `ts`
+    "ustudents_end_to_end_seconds",  # histogram {stream}: publish time - the entry's arrival (Redis's clock)
     "ustudents_batch_size",  # histogram {stream}: frames per inference batch
     "ustudents_anomaly_score_ratio",  # histogram {stream, category}: image score / the model's threshold (drift)
     "ustudents_consumer_lag_entries",  # gauge {stream, group}: entries not yet delivered to the group
@@ -74,7 +74,8 @@ class WorkerMetrics:
                                  ["stream", "category"], registry=r)
         self.inference = Histogram("ustudents_inference_seconds", "Engine.predict time per batch.",
                                    ["stream"], buckets=SECONDS, registry=r)
-        self.end_to_end = Histogram("ustudents_end_to_end_seconds", "From the frame's capture time `ts` to its result.",
+        self.end_to_end = Histogram("ustudents_end_to_end_seconds",
+                                    "From the frame's arrival in Redis (its entry id) to its result, on Redis's clock.",
                                     ["stream"], buckets=E2E_SECONDS, registry=r)
         self.batch_size = Histogram("ustudents_batch_size", "Frames per inference batch.",
                                     ["stream"], buckets=BATCH_SIZES, registry=r)

@@ -70,9 +70,11 @@ LEFT_PENDING = "they stay pending and another worker claims them after claim_idl
 # The group's lag, pending and length are withdrawn from /metrics after this many refreshes in a row
 # (every stats_interval_s) that could not read them (_monitor).
 STATE_GRACE_READS = 3
-# A `ts` this far ahead of the worker's clock (skewed camera clocks) or behind it (a backlog of a day)
-# is still a capture time; beyond, it is another unit (milliseconds) or an unset clock (0).
-TS_SKEW_S, TS_MAX_AGE_S = 300, 86_400
+# The end-to-end latency runs from an entry's arrival (the time in its id, Redis's clock) to its result,
+# on Redis's clock too (StreamIO.clock_offset): the camera's and the worker's clocks play no part (a
+# camera's `ts` 30 s behind read as 30 s of latency, for ever). An arrival further ahead than the
+# offset's error, or older than a day, is no Redis-made id's (a producer's own ids): left out.
+ARRIVAL_AHEAD_S, ARRIVAL_MAX_AGE_S = 1.0, 86_400
 
 
 class ModelFailing(RuntimeError):
@@ -267,6 +269,7 @@ class Worker:
         self.threads: list[threading.Thread] = []
         self.server = server  # the endpoints served while the models loaded (metrics.starting), taken over
         self.totals = Totals()
+        self.redis_offset: float | None = None  # Redis's clock less time.monotonic() (_monitor refreshes it)
         self.throttled = Throttled(log, s.log_interval_s)
         self.lag_known: bool | None = None  # None: not read yet
         # by category, each model's own: on a worker serving several, another model's scored frames
@@ -1042,8 +1045,18 @@ class Worker:
             if backoff.wait(self.abandon):
                 return None
 
+    def _redis_now(self) -> float | None:
+        """Redis's clock now (Unix seconds), from the offset _monitor keeps; None while Redis has not
+        told it (asked here once results were published, so Redis answers)."""
+        if self.redis_offset is None:
+            try:
+                self.redis_offset = self.io.clock_offset()
+            except UNAVAILABLE:
+                return None
+        return time.monotonic() + self.redis_offset
+
     def _account(self, written: list[Record], by_id: dict[str, tuple[Entry, Outcome]]) -> None:
-        m, stream, now = self.metrics, self.s.stream, time.time()
+        m, stream, now = self.metrics, self.s.stream, self._redis_now()
         for rec in written:
             entry, outcome = by_id[rec.entry_id]
             if outcome.kind == "dead":
@@ -1060,20 +1073,19 @@ class Worker:
             if outcome.anomalous:
                 m.anomalies.labels(stream, category).inc()
                 self.totals.anomalies += 1
-            ts = schema.capture_time(entry.fields)
-            if ts is not None and -TS_SKEW_S <= now - ts <= TS_MAX_AGE_S:
-                m.end_to_end.labels(stream).observe(max(0.0, now - ts))  # a clock a little ahead counts as 0
-            elif ts is not None:
-                self.throttled.warning("ts", "entry %s: ts %r is not a capture time in Unix seconds within %d s ahead "
-                                       "or %d s behind this worker's clock (milliseconds? an unset clock?); left out "
-                                       "of the end-to-end latency", entry.id, ts, TS_SKEW_S, TS_MAX_AGE_S,
-                                       event="bad_ts", entry_id=entry.id)
-            elif schema.text(entry.fields, schema.TS) is not None:  # an ISO date: the latency alert never fired
-                self.throttled.warning("ts_not_a_number", "entry %s: ts %r is not a number as JSON writes one; give the "
-                                       "capture time in Unix seconds (e.g. %.1f); left out of the result and the "
-                                       "end-to-end latency",
-                                       entry.id, schema.text(entry.fields, schema.TS)[:40], now, event="bad_ts",
+            age = None if now is None else now - StreamIO.arrival(entry.id)
+            if age is not None and -ARRIVAL_AHEAD_S <= age <= ARRIVAL_MAX_AGE_S:
+                m.end_to_end.labels(stream).observe(max(0.0, age))  # below 0 by the offset's error only: 0
+            elif age is not None:
+                self.throttled.warning("arrival", "entry %s: its id is not one Redis made (its time is more than %g s "
+                                       "ahead of Redis's clock or %d s behind it); left out of the end-to-end latency",
+                                       entry.id, ARRIVAL_AHEAD_S, ARRIVAL_MAX_AGE_S, event="foreign_id",
                                        entry_id=entry.id)
+            if schema.capture_time(entry.fields) is None and schema.text(entry.fields, schema.TS) is not None:
+                self.throttled.warning("ts_not_a_number", "entry %s: ts %r is not a number as JSON writes one; give the "
+                                       "capture time in Unix seconds (e.g. %.1f); left out of the result",
+                                       entry.id, schema.text(entry.fields, schema.TS)[:40], time.time(),
+                                       event="bad_ts", entry_id=entry.id)
         for entry_id, (_, outcome) in by_id.items():
             if outcome.kind != "failed":
                 self.last_errors.pop(entry_id, None)
@@ -1091,6 +1103,7 @@ class Worker:
         unread = 0  # refreshes in a row that read nothing
         while True:
             try:
+                self.redis_offset = self.io.clock_offset()  # a step of Redis's clock is followed within a period
                 info = self.io.group_info()
                 if info:
                     m.pending.labels(s.stream, s.group).set(int(info.get("pending", 0)))

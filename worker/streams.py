@@ -473,6 +473,18 @@ class StreamIO:
     def length(self) -> int:
         return int(self.r.xlen(self.stream))
 
+    def clock_offset(self) -> float:
+        """Redis's clock (TIME) less this process' monotonic clock, in seconds, at the middle of the
+        call: time.monotonic() plus it reads Redis's clock, the one entry ids are stamped with."""
+        before = time.monotonic()
+        seconds, micros = self.r.time()
+        return seconds + micros / 1e6 - (before + time.monotonic()) / 2
+
+    @staticmethod
+    def arrival(entry_id: str) -> float:
+        """When Redis added an entry, on its clock, in Unix seconds: the milliseconds of its id."""
+        return int(entry_id.split("-", 1)[0]) / 1000
+
     def has_own_pending(self) -> bool:
         return bool(self.r.xpending_range(self.stream, self.group, min="-", max="+", count=1,
                                           consumername=self.consumer))
