@@ -36,6 +36,8 @@ import yaml
 
 from ustudents.engines.files import os_error_line, real_path, write_atomically
 from ustudents.worker import schema
+from ustudents.worker.connection import connect
+from ustudents.worker.settings import ENV_PREFIX, REDIS_SCHEMES, shown_url
 from ustudents.worker.schema import dead_stream, results_stream
 
 DEPLOY = Path(__file__).resolve().parent
@@ -284,6 +286,14 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+def shown_arg(arg: str) -> str:
+    """A command-line argument as the report records it: a Redis URL's password replaced by ***."""
+    option, eq, value = arg.partition("=")
+    if eq and option.startswith("--"):
+        return f"{option}={shown_arg(value)}"
+    return shown_url(arg) if arg.startswith(REDIS_SCHEMES) else arg
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -297,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {problem}", file=sys.stderr)
         return 2
     try:
-        r = redis.Redis.from_url(args.redis_url)
+        # the worker's client: its URL checks, TLS options and password setting (a URL's password alone
+        # went into the --json report's command)
+        r = connect(args.redis_url, password=os.environ.get(f"{ENV_PREFIX}REDIS_PASSWORD") or None)
         r.ping()
         if problem := redis_too_old(r):
             print(f"Error: {problem}", file=sys.stderr)
@@ -314,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         report = json.dumps({
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": {"host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(), "os": platform.platform()},
-            "command": "python deploy/check_stack.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": "python deploy/check_stack.py " + " ".join(shown_arg(a) for a in (sys.argv[1:] if argv is None
+                                                                                       else argv)),
             "stream": args.stream, "watch_s": args.watch, "checks": [asdict(c) for c in checks]}, indent=2) + "\n"
         try:  # atomically: an interrupted write leaves the earlier report whole
             write_atomically(real_path(args.json), report)

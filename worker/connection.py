@@ -145,10 +145,13 @@ def connect(url: str, password: str | None = None, read_timeout_s: float = 10.0)
     if not url.startswith("unix://"):  # TCP keepalive notices a dead peer; redis-py refuses it on unix sockets
         kwargs["socket_keepalive"] = True
     try:
-        return redis.Redis.from_url(url, socket_timeout=read_timeout_s, socket_connect_timeout=5.0,
-                                    retry=Retry(NoBackoff(), 0), **kwargs)
+        client = redis.Redis.from_url(url, socket_timeout=read_timeout_s, socket_connect_timeout=5.0,
+                                      retry=Retry(NoBackoff(), 0), **kwargs)
     except (ValueError, TypeError) as err:  # never the URL as given: it may hold a password
         raise ValueError(f"{shown_url(url)!r}: {err}") from None
+    if password:  # it overrides one in the URL, as documented: from_url let the URL's win
+        client.connection_pool.connection_kwargs["password"] = password
+    return client
 
 
 class Backoff:

@@ -48,6 +48,10 @@ def check_redis_url(url: str) -> str:
         raise ValueError(f"{shown_url(url)!r} is not a Redis URL; use redis://HOST:PORT/DB, rediss://... (TLS) or "
                          "unix://PATH")
     parts = urlsplit(url)
+    if cut_short(url):  # the other checks would quote a piece of the password as a port, database or option
+        raise ValueError(f"{shown_url(url)!r}: its password holds a '/', '?' or '#', where a URL's address ends; "
+                         "percent-encode them (%2F, %3F, %23) or give the password in "
+                         "USTUDENTS_REDIS_PASSWORD")
     if url.startswith("unix://"):
         if not parts.path:  # unix:// retried connecting to "" for ever
             raise ValueError(f"{shown_url(url)!r} names no socket; use unix:///PATH/TO/redis.sock")
@@ -86,8 +90,22 @@ def check_redis_url(url: str) -> str:
     return url
 
 
+def cut_short(url: str) -> bool:
+    """Whether a TCP URL's address ends before its '@': a password holding an unencoded '/', '?' or
+    '#' (a generated one: base64 has '/'), whose rest a URL parser reads as the path, the options or
+    the fragment. None of those holds an '@' of its own, except an option's value (a file's path)."""
+    if not url.startswith(("redis://", "rediss://")):
+        return False
+    parts = urlsplit(url)
+    return "@" in parts.path or "@" in parts.fragment or \
+        any("@" in key for key in parse_qs(parts.query, keep_blank_values=True))
+
+
 def shown_url(url: str) -> str:
     """The URL as messages and logs show it: a password in it replaced by ***."""
+    if cut_short(url):  # where the user name ends is not known either: all before the last '@' goes
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
     parts = urlsplit(url)
     if parts.password is None:
         return url
