@@ -2264,6 +2264,57 @@ def test_a_tls_mismatch_is_said_with_the_fix(redis_url, tmp_path, caplog):
         server.stop()
 
 
+def test_client_certificates_are_checked_at_start_and_asked_for_by_the_server_said(tmp_path):
+    """Mutual TLS (helper-106's audit): an encrypted key made OpenSSL ask for its passphrase at the
+    terminal (a tool hung for 10 minutes; a worker printed the prompt into its log, retrying for
+    ever); a key of another certificate, a certificate without its key or a CA file that is not PEM
+    read as Redis being unreachable ("start it"). Each is now one line at start. A server that
+    requires a client certificate, given none, is said to."""
+    from ustudents.worker.connection import connect
+    from ustudents.worker.settings import check_redis_url
+
+    (tmp_path / "server").mkdir()
+    server = tls_server(tmp_path / "server")  # skips without openssl or a TLS redis-server
+    server.stop()
+
+    def pair(name: str) -> tuple[str, str]:
+        cert, key = str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+                        "-keyout", key, "-out", cert], check=True, capture_output=True)
+        return cert, key
+    cert, key = pair("client")
+    other_cert, other_key = pair("other")
+    locked = str(tmp_path / "locked.key")
+    subprocess.run(["openssl", "pkey", "-in", key, "-aes256", "-passout", "pass:pw", "-out", locked], check=True)
+    base = "rediss://127.0.0.1:1/0?"
+    for query, said in ((f"ssl_certfile={cert}&ssl_keyfile={locked}", f"ssl_keyfile {locked!r} is encrypted"),
+                        (f"ssl_certfile={cert}&ssl_keyfile={other_key}", f"ssl_keyfile {other_key!r} is not the key of "
+                                                                         f"ssl_certfile {cert!r}"),
+                        (f"ssl_certfile={cert}", f"ssl_certfile {cert!r} holds no private key"),
+                        (f"ssl_keyfile={key}", "ssl_keyfile without ssl_certfile"),
+                        (f"ssl_ca_certs={key}", f"ssl_ca_certs {key!r} holds no PEM certificate")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            check_redis_url(base + query)
+    assert check_redis_url(base + f"ssl_certfile={cert}&ssl_keyfile={key}&ssl_ca_certs={other_cert}")
+    # a server requiring client certificates (signed by the CA it trusts: here the client's own)
+    port = free_port()
+    proc = subprocess.Popen([server.exe, "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(port), "--save", "",
+                             "--tls-cert-file", server.tls["cert"], "--tls-key-file", server.tls["key"],
+                             "--tls-ca-cert-file", cert, "--tls-auth-clients", "yes", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={server.tls['ca']}"
+        with_cert = f"{url}&ssl_certfile={cert}&ssl_keyfile={key}"
+        wait_for(lambda: reachable(with_cert), 20, "the TLS server requiring client certificates")
+        result = CliRunner().invoke(main, ["results", "--stream", "line1", "--redis-url", url])
+        assert result.exit_code == 2 and "the server may require a client certificate: add it and its key to the URL" \
+            in result.output, result.output
+        assert connect(with_cert).ping()  # the fix the hint gives works
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_consumers_of_dead_workers_are_reaped_but_none_holding_frames(engines, redis_url, stream):
     """Workers that die without leaving the group (kill -9, a crashed container) stay in it as
     consumers for as long as the line runs; the reaper removes those idle past the limit with

@@ -176,8 +176,17 @@ def redis_stream():
     # as Redis unreachable, ?db= quietly winning over the path's database
     (["--redis-url", "redis://:hunter2@127.0.0.1:1/0?socket_timeout=0.5"], {},
      "--redis-url / USTUDENTS_REDIS_URL: 'redis://:***@127.0.0.1:1/0?socket_timeout=0.5': the option "
-     "'socket_timeout' is not one the worker takes; give only ?db= and, with rediss://, the ssl_ options (the worker "
-     "sets its own timeouts)"),
+     "'socket_timeout' is not one the worker takes; give only ?db= and, with rediss://, ssl_ca_certs, ssl_ca_path, "
+     "ssl_cert_reqs, ssl_certfile, ssl_check_hostname, ssl_keyfile (the worker sets its own timeouts)"),
+    (["--redis-url", "rediss://127.0.0.1:1/0?ssl_cert_reqs=bogus"], {},  # a traceback at start (helper-106)
+     "--redis-url / USTUDENTS_REDIS_URL: 'rediss://127.0.0.1:1/0?ssl_cert_reqs=bogus': ssl_cert_reqs 'bogus' is not "
+     "none, optional or required"),
+    (["--redis-url", "rediss://127.0.0.1:1/0?ssl_check_hostname=maybe"], {},  # taken as true
+     "--redis-url / USTUDENTS_REDIS_URL: 'rediss://127.0.0.1:1/0?ssl_check_hostname=maybe': ssl_check_hostname "
+     "'maybe' is not true or false"),
+    (["--redis-url", "redis://127.0.0.1:1/0?db=1&db=2"], {},
+     "--redis-url / USTUDENTS_REDIS_URL: 'redis://127.0.0.1:1/0?db=1&db=2': the option 'db' is given 2 times; give "
+     "it once"),
     (["--redis-url", "redis://127.0.0.1:1/0?ssl_ca_certs=/ca.pem"], {},
      "--redis-url / USTUDENTS_REDIS_URL: 'redis://127.0.0.1:1/0?ssl_ca_certs=/ca.pem': ssl_ca_certs is a TLS "
      "option, and redis:// connects without TLS; use rediss://"),

@@ -123,6 +123,11 @@ def tls_hint(url: str, err: BaseException) -> str:
     if url.startswith("rediss://") and "CERTIFICATE_VERIFY_FAILED" in text:
         return ("; the server's certificate is not trusted here: give the CA that signed it in the URL "
                 "(?ssl_ca_certs=/path/ca.pem), and the host name the certificate names")
+    if url.startswith("rediss://") and "ssl_certfile" not in url and (
+            "CERTIFICATE_REQUIRED" in text or "EOF occurred in violation of protocol" in text):
+        # TLS 1.3 says so (an alert) on the first read, or cuts the handshake: seen on Redis 7.0
+        return ("; the server may require a client certificate: add it and its key to the URL "
+                "(&ssl_certfile=/path/client.pem&ssl_keyfile=/path/client.key)")
     if url.startswith("rediss://") and isinstance(err, redis.TimeoutError):
         return "; rediss:// is Redis over TLS: if this server does not use TLS, use redis://"
     if url.startswith("redis://") and "reset by peer" in text:

@@ -71,7 +71,12 @@ def check_redis_url(url: str) -> str:
     unknown = sorted(set(options) - URL_OPTIONS)
     if unknown:  # redis-py hands any option to its connections as is
         raise ValueError(f"{shown_url(url)!r}: the option {unknown[0]!r} is not one the worker takes; give only "
-                         "?db= and, with rediss://, the ssl_ options (the worker sets its own timeouts)")
+                         f"?db= and, with rediss://, {', '.join(sorted(URL_OPTIONS - {'db'}))} (the worker sets its "
+                         "own timeouts)")
+    repeated = sorted(k for k, v in options.items() if len(v) > 1)
+    if repeated:  # redis-py takes the first, a reader the last
+        raise ValueError(f"{shown_url(url)!r}: the option {repeated[0]!r} is given {len(options[repeated[0]])} times; "
+                         "give it once")
     tls = sorted(k for k in options if k.startswith("ssl_"))
     if tls and not url.startswith("rediss://"):
         raise ValueError(f"{shown_url(url)!r}: {tls[0]} is a TLS option, and {url.partition(':')[0]}:// connects "
@@ -80,6 +85,8 @@ def check_redis_url(url: str) -> str:
         if option in options and not Path(options[option][-1]).is_file():
             raise ValueError(f"{shown_url(url)!r}: {option} {options[option][-1]!r} is no file here; give the path of "
                              "the PEM file")
+    if tls:
+        check_tls_options(url, {k: v[-1] for k, v in options.items()})
     db = options.get("db")
     if db is not None and not (len(db) == 1 and db[0].isdigit()):
         raise ValueError(f"{shown_url(url)!r}: the database {','.join(db)!r} (?db=) is not a number")
@@ -88,6 +95,56 @@ def check_redis_url(url: str) -> str:
         raise ValueError(f"{shown_url(url)!r}: two databases, {parts.path.strip('/')} in the path and {db[0]} "
                          "(?db=), of which Redis would use the second; give one")
     return url
+
+
+class _Encrypted(Exception):
+    pass
+
+
+def _no_passphrase() -> str:
+    raise _Encrypted  # OpenSSL would ask for it at the terminal: a tool hung, a worker logged the prompt
+
+
+def check_tls_options(url: str, options: dict[str, str]) -> None:
+    """The TLS options' values and files, read as the connection will read them: a bad one read as
+    Redis being unreachable (retried for ever by a worker), an encrypted key asked for its passphrase
+    at the terminal, and an unknown word of ssl_cert_reqs ended the worker in a traceback."""
+    import ssl
+
+    where = f"{shown_url(url)!r}:"
+    reqs, hostname = options.get("ssl_cert_reqs"), options.get("ssl_check_hostname")
+    if reqs is not None and reqs not in ("none", "optional", "required"):  # redis-py's words, in lower case
+        raise ValueError(f"{where} ssl_cert_reqs {reqs!r} is not none, optional or required")
+    if hostname is not None and hostname.lower() not in ("true", "false", "yes", "no", "1", "0"):
+        raise ValueError(f"{where} ssl_check_hostname {hostname!r} is not true or false")
+    ca_path = options.get("ssl_ca_path")
+    if ca_path is not None and not Path(ca_path).is_dir():
+        raise ValueError(f"{where} ssl_ca_path {ca_path!r} is no folder here; give the folder of CA certificates")
+    cert, key, ca = options.get("ssl_certfile"), options.get("ssl_keyfile"), options.get("ssl_ca_certs")
+    if key and not cert:
+        raise ValueError(f"{where} ssl_keyfile without ssl_certfile; give the client certificate too")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        if ca:
+            context.load_verify_locations(cafile=ca)
+    except ssl.SSLError as err:
+        raise ValueError(f"{where} ssl_ca_certs {ca!r} holds no PEM certificate OpenSSL reads ({err.reason or err}); "
+                         "give the CA's certificate in PEM") from None
+    try:
+        if cert:
+            context.load_cert_chain(cert, key, password=_no_passphrase)
+    except _Encrypted:
+        raise ValueError(f"{where} ssl_keyfile {key or cert!r} is encrypted; the worker takes an unencrypted key: "
+                         "`openssl pkey -in KEY -out PLAIN.key`, readable only by the worker's user") from None
+    except ssl.SSLError as err:
+        if key and "KEY_VALUES_MISMATCH" in str(err):
+            why = f"ssl_keyfile {key!r} is not the key of ssl_certfile {cert!r}; give the certificate's own key"
+        elif not key:
+            why = f"ssl_certfile {cert!r} holds no private key OpenSSL reads ({err.reason or err}); give ssl_keyfile too"
+        else:
+            why = (f"ssl_certfile {cert!r} and ssl_keyfile {key!r} do not load ({err.reason or err}); give the PEM "
+                   "certificate and its key")
+        raise ValueError(f"{where} {why}") from None
 
 
 def cut_short(url: str) -> bool:
