@@ -262,7 +262,7 @@ class WorkerSettings(BaseSettings):
     # observability
     metrics_port: int = Field(9108, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz; 0 = off.")
     metrics_host: str = Field("0.0.0.0", description="Address the metrics server binds (IPv4, or IPv6 such as :: for all).")
-    stats_interval_s: float = Field(5.0, ge=MIN_PERIOD_MS / 1000, le=MAX_S, allow_inf_nan=False, description="Refresh period of lag, pending and GPU gauges.")
+    stats_interval_s: float = Field(5.0, ge=MIN_PERIOD_MS / 1000, le=MAX_S, allow_inf_nan=False, description="Refresh period of lag, pending and GPU gauges, and of the offset to Redis's clock the end-to-end latency is measured on.")
     log_interval_s: float = Field(60.0, ge=MIN_PERIOD_MS / 1000, le=MAX_S, allow_inf_nan=False, description="Period of the one-line throughput summary in the log.")
     log_json: bool = Field(False, description="One JSON object per log line.")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
