@@ -111,7 +111,7 @@ def test_ctrl_c_stops_an_onnxruntime_run_at_once():
 def test_a_second_ctrl_c_while_the_run_stops_waits_for_the_same_stop():
     """A second Ctrl-C while the first one's stop is awaited must not leave the run going (a run still
     inside ONNX Runtime at interpreter exit aborts the process): interruptible_run returns only once
-    the run has ended, with one KeyboardInterrupt. Here the run takes 1 s to stop once told to, and
+    the run has ended, with one KeyboardInterrupt. Here the run ends 0.5 s after the second Ctrl-C, and
     both Ctrl-Cs are played by interrupt_main (as SIGINT's handler raises them), the second inside
     the wait for the first's stop."""
     import _thread
@@ -120,14 +120,15 @@ def test_a_second_ctrl_c_while_the_run_stops_waits_for_the_same_stop():
 
     from ustudents.engines import onnx_engine
 
-    told, ended = threading.Event(), threading.Event()
+    told, second, ended = threading.Event(), threading.Event(), threading.Event()
 
     class Session:
         def run(self, names, feeds, options):
             while not options.terminate:
                 time.sleep(0.01)
             told.set()
-            time.sleep(1.0)  # a node that takes its time to finish
+            second.wait(10)  # a node that takes its time to finish: until the second Ctrl-C has landed
+            time.sleep(0.5)
             ended.set()
             return []
 
@@ -137,6 +138,7 @@ def test_a_second_ctrl_c_while_the_run_stops_waits_for_the_same_stop():
         if told.wait(10):
             time.sleep(0.2)  # inside the wait for the stop
             _thread.interrupt_main()
+            second.set()
     presser = threading.Thread(target=press_twice, daemon=True)
     presser.start()
     with pytest.raises(KeyboardInterrupt):

@@ -442,6 +442,9 @@ def test_the_triplet_loss_takes_its_shifted_patches_only_from_images_with_room_f
     with pytest.raises(TeacherError, match=refused):
         train_teacher(TeacherConfig(**cfg))
     cv2.imwrite(str(images / "large2.png"), rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    with pytest.raises(TeacherError, match=r"--pool-images 1 with --lambda-m 1: the triplet loss takes its negatives "
+                                           r"from another image than their anchors', so the pool must hold 2 at least"):
+        train_teacher(TeacherConfig(**cfg, pool_images=1))  # said of the folder's images before (review)
     state, record = train_teacher(TeacherConfig(**cfg))  # the small one still serves the other losses
     assert all(torch.isfinite(v).all() for v in state.values())
 

@@ -187,17 +187,15 @@ def rehearse_step(cfg: TeacherConfig, backbone: nn.Module, window: int) -> None:
     device = next(backbone.buffers()).device
     with torch.random.fork_rng(devices=[]):  # the throwaway network's initialization draws from the CPU's
         net = PatchNet(cfg.p, n=1).to(device)
-    if cfg.target == "dense":
-        x = torch.zeros(cfg.batch, 3, window, window, device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            desc = net.dense(normalize_input(x))[:, 0]
-    else:  # P's descriptors of the patch pool, a batch of them at a time (backbone_descriptors); then the step
+    blank = lambda n, side: normalize_input(torch.zeros(n, 3, side, side, device=device))  # noqa: E731
+    if cfg.target == "patch":  # P's descriptors of the patch pool, a batch of them at a time (backbone_descriptors)
         with torch.no_grad():
-            backbone(torch.zeros(min(cfg.patches, 128), 3, cfg.backbone_input, cfg.backbone_input, device=device))
-        x = torch.zeros(cfg.batch * (3 if cfg.lambda_m > 0 else 1), 3, cfg.p, cfg.p, device=device)  # triplets: 3 sets
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            desc = net(normalize_input(x))[:, 0]
-    desc.float().square().mean().backward()
+            backbone(blank(min(cfg.patches, 128), cfg.backbone_input))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+        outs = [net.dense(blank(cfg.batch, window)) if cfg.target == "dense" else net(blank(cfg.batch, cfg.p))]
+        if cfg.lambda_m > 0:  # the triplets' anchors, positives and negatives, in the same graph as a step's
+            outs.append(net(blank(3 * cfg.batch, cfg.p)))
+    sum(out.float().square().mean() for out in outs).backward()
 
 
 def channel_stats(maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,6 +319,9 @@ def train_teacher(cfg: TeacherConfig) -> tuple[dict[str, torch.Tensor], dict]:
                            "pixels a side (its coarsest map has stride 32)")
     if cfg.pool_images < 1:
         raise TeacherError(f"--pool-images {cfg.pool_images}: the pool must hold at least 1 image")
+    if cfg.pool_images < 2 and cfg.lambda_m > 0:  # its negatives come from another photo than their anchors'
+        raise TeacherError(f"--pool-images {cfg.pool_images} with --lambda-m {cfg.lambda_m:g}: the triplet loss takes "
+                           "its negatives from another image than their anchors', so the pool must hold 2 at least")
     if cfg.pool_refresh < 0:
         raise TeacherError(f"--pool-refresh {cfg.pool_refresh}: steps per replaced image, 0 (never) or more")
     files = natural_image_files(cfg.images)
