@@ -1881,12 +1881,11 @@ def test_a_password_with_a_slash_hash_or_question_mark_is_never_shown(frames, tm
         assert not any(p in message for p in pieces) and not any(p in shown_url(url) for p in pieces), (url, message)
         out = CliRunner().invoke(main, ["publish", "--stream", "line1", str(frames[0]), "--redis-url", url])
         assert out.exit_code == 2 and not any(p in out.output for p in pieces), out.output
-    ca = tmp_path / "certs@site" / "ca.pem"
-    ca.parent.mkdir()
-    ca.write_text("")
-    fine = f"rediss://:pw@h:6380/0?ssl_ca_certs={ca}"
-    assert check_redis_url(fine) == fine and shown_url(fine) == f"rediss://:***@h:6380/0?ssl_ca_certs={ca}"
-    assert shown_url(f"rediss://h:6380/0?ssl_ca_certs={ca}") == f"rediss://h:6380/0?ssl_ca_certs={ca}"
+    certs = tmp_path / "certs@site"  # a folder of CA certificates (ssl_ca_path)
+    certs.mkdir()
+    fine = f"rediss://:pw@h:6380/0?ssl_ca_path={certs}"
+    assert check_redis_url(fine) == fine and shown_url(fine) == f"rediss://:***@h:6380/0?ssl_ca_path={certs}"
+    assert shown_url(f"rediss://h:6380/0?ssl_ca_path={certs}") == f"rediss://h:6380/0?ssl_ca_path={certs}"
 
 
 def test_the_password_setting_overrides_one_in_the_url(tmp_path):
