@@ -1870,7 +1870,8 @@ def test_a_password_with_a_slash_hash_or_question_mark_is_never_shown(frames, tm
     from ustudents.worker.settings import check_redis_url
 
     cut = ["redis://:Xy9/Tq#w2@127.0.0.1:6379/0", "redis://:pa55#w0rd@127.0.0.1:6379/0", "redis://user:pa55?w0rd@h:6379/0",
-           "redis://user:4471?zq7x@h:6379/0", "redis://user:4471/zq7x@h:6379/0", "rediss://:Ab3/xYz+9@h:6380/0"]
+           "redis://user:4471?zq7x@h:6379/0", "redis://user:4471/zq7x@h:6379/0", "rediss://:Ab3/xYz+9@h:6380/0",
+           "redis://:Zq9?k3=7x@h:6379/0", "redis://:a1/b2?db=1@h:6379/0", "unix://:s3/cr3t@/tmp/none.sock"]  # review
     for url in cut:
         secret = url.split("://")[1].rpartition("@")[0].partition(":")[2]
         pieces = [p for p in re.split(r"[/?#]", secret) if p]

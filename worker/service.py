@@ -271,6 +271,7 @@ class Worker:
         self.server = server  # the endpoints served while the models loaded (metrics.starting), taken over
         self.totals = Totals()
         self.redis_offset: float | None = None  # Redis's clock less time.monotonic() (_monitor refreshes it)
+        self.time_refused = False  # Redis refused TIME (an ACL without +time)
         self.throttled = Throttled(log, s.log_interval_s)
         self.lag_known: bool | None = None  # None: not read yet
         # by category, each model's own: on a worker serving several, another model's scored frames
@@ -1051,17 +1052,18 @@ class Worker:
         it measured on Redis's clock: the start's check asks for +time, the demo's does not) the
         end-to-end latency goes unmeasured, said in the log, and nothing else stops."""
         try:
-            self.redis_offset = self.io.clock_offset()
+            self.redis_offset, self.time_refused = self.io.clock_offset(), False
         except UNAVAILABLE:
             pass  # said by whatever else failed
         except redis.RedisError as err:
+            self.time_refused = True  # asked again by the monitor only, not at every batch
             self.throttled.warning("time_refused", "Redis refused TIME (%s): the end-to-end latency is not measured; "
                                    "allow the worker's user +time", err, event="time_refused")
 
     def _redis_now(self) -> float | None:
         """Redis's clock now (Unix seconds), from the offset _monitor keeps; None while it has none (read
         here once, as results were published: Redis answers)."""
-        if self.redis_offset is None:
+        if self.redis_offset is None and not self.time_refused:
             self._read_redis_clock()
         return None if self.redis_offset is None else time.monotonic() + self.redis_offset
 
@@ -1113,6 +1115,7 @@ class Worker:
         # three periods.
         unread = 0  # refreshes in a row that read nothing
         while True:
+            reached = False
             try:
                 info = self.io.group_info()
                 if info:
@@ -1122,14 +1125,16 @@ class Worker:
                     unread = -1
                 # else the group is gone (deleted, or Redis lost its data): nothing to report until it is back
                 self.redis_state.ok()
+                reached = True
             except UNAVAILABLE as err:
                 self.redis_state.failed(err)
             except redis.ResponseError:
-                pass  # the stream does not exist (yet, or any more)
+                reached = True  # the stream does not exist (yet, or any more)
             unread += 1
             if unread >= STATE_GRACE_READS:
                 m.forget_stream_state()
-            self._read_redis_clock()  # a step of Redis's clock is followed within a period
+            if reached:  # not a second read timeout where Redis hangs
+                self._read_redis_clock()  # a step of Redis's clock is followed within a period
             self._gpu_memory()
             at = time.monotonic()
             if at >= next_summary:

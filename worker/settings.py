@@ -41,6 +41,8 @@ MAX_BLOCK_MS = 2**31 - 1 - 10_000  # 24.8 days
 # socket_timeout replaced the worker's own read timeout (at 0.5 s readiness flapped; at 0 never came).
 URL_OPTIONS = {"db", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"}
 TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+PATH_OPTIONS = (*TLS_FILES, "ssl_ca_path")  # the options whose values are paths, which may hold an '@'
+
 
 
 def check_redis_url(url: str) -> str:
@@ -124,6 +126,10 @@ def check_tls_options(url: str, options: dict[str, str]) -> None:
     if key and not cert:
         raise ValueError(f"{where} ssl_keyfile without ssl_certfile; give the client certificate too")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for option in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):  # OpenSSL's error names no file
+        if options.get(option) and not os.access(options[option], os.R_OK):
+            raise ValueError(f"{where} {option} {options[option]!r} cannot be read by this user; make it readable "
+                             "by the worker's user (a Secret's defaultMode, the file's owner)")
     try:
         if ca:
             context.load_verify_locations(cafile=ca)
@@ -148,14 +154,18 @@ def check_tls_options(url: str, options: dict[str, str]) -> None:
 
 
 def cut_short(url: str) -> bool:
-    """Whether a TCP URL's address ends before its '@': a password holding an unencoded '/', '?' or
-    '#' (a generated one: base64 has '/'), whose rest a URL parser reads as the path, the options or
-    the fragment. None of those holds an '@' of its own, except an option's value (a file's path)."""
+    """Whether a URL's address ends before its '@': a password holding an unencoded '/', '?' or '#'
+    (a generated one: base64 has '/'), whose rest a URL parser reads as the path, the options or the
+    fragment. None of those holds an '@' of its own, except a file option's value (a path); a unix://
+    socket's path may, where no password comes before it."""
+    parts = urlsplit(url)
+    if url.startswith("unix://"):
+        return bool(parts.netloc) and "@" not in parts.netloc and "@" in parts.path
     if not url.startswith(("redis://", "rediss://")):
         return False
-    parts = urlsplit(url)
-    return "@" in parts.path or "@" in parts.fragment or \
-        any("@" in key for key in parse_qs(parts.query, keep_blank_values=True))
+    query = parse_qs(parts.query, keep_blank_values=True)
+    return "@" in parts.path or "@" in parts.fragment or any(
+        "@" in key or (key not in PATH_OPTIONS and any("@" in v for v in values)) for key, values in query.items())
 
 
 def shown_url(url: str) -> str:
