@@ -184,6 +184,8 @@ def redis_stream():
     (["--redis-url", "rediss://127.0.0.1:1/0?ssl_check_hostname=maybe"], {},  # taken as true
      "--redis-url / USTUDENTS_REDIS_URL: 'rediss://127.0.0.1:1/0?ssl_check_hostname=maybe': ssl_check_hostname "
      "'maybe' is not true or false"),
+    (["--redis-url", "REDISS://:pw@127.0.0.1:1/0"], {},  # shown as 'rediss://...' "is not a Redis URL"
+     "--redis-url / USTUDENTS_REDIS_URL: the URL's scheme 'REDISS': write it in lower case, rediss://"),
     (["--redis-url", "redis://127.0.0.1:1/0?db=1&db=2"], {},
      "--redis-url / USTUDENTS_REDIS_URL: 'redis://127.0.0.1:1/0?db=1&db=2': the option 'db' is given 2 times; give "
      "it once"),

@@ -47,6 +47,9 @@ PATH_OPTIONS = (*TLS_FILES, "ssl_ca_path")  # the options whose values are paths
 
 def check_redis_url(url: str) -> str:
     if not url.startswith(REDIS_SCHEMES):
+        scheme = url.partition("://")[0]
+        if f"{scheme.lower()}://" in REDIS_SCHEMES:  # it was shown lower-cased: "'rediss://...' is not a Redis URL"
+            raise ValueError(f"the URL's scheme {scheme!r}: write it in lower case, {scheme.lower()}://")
         raise ValueError(f"{shown_url(url)!r} is not a Redis URL; use redis://HOST:PORT/DB, rediss://... (TLS) or "
                          "unix://PATH")
     parts = urlsplit(url)
