@@ -1467,6 +1467,29 @@ def test_frames_waiting_in_a_slow_workers_pipeline_are_not_claimed_and_scored_ag
     assert dead_of(r, stream) == []
 
 
+def test_a_forward_step_of_redis_clock_postpones_the_claim_until_the_keepers_refresh(engines, redis_url, stream,
+                                                                                      monkeypatch, caplog):
+    """Redis times pending entries' idle on its own clock: stepped forward (an NTP step on the Redis
+    host), every in-flight frame of the live workers looked abandoned to the next claim, which took
+    and scored them again (helper-107's audit, with a shim stepping Redis's clock). A leap of Redis's
+    clock against the worker's monotonic one now postpones the claim by claim_idle_ms / 2, past the
+    keepers' refresh (claim_idle_ms / 3)."""
+    real_offset, leap, claims = StreamIO.clock_offset, [0.0], []
+    monkeypatch.setattr(StreamIO, "clock_offset", lambda self: real_offset(self) + leap[0])
+    real_claim = StreamIO.autoclaim
+    monkeypatch.setattr(StreamIO, "autoclaim", lambda self, *a: claims.append(time.monotonic()) or real_claim(self, *a))
+    with caplog.at_level("WARNING", logger="ustudents.worker"):
+        with in_process_worker(engines, redis_url, stream, claim_idle_ms=1000):  # a claim every 0.5 s
+            wait_for(lambda: len(claims) >= 2, 10, "claims at their period")
+            leap[0] = 3600.0
+            stepped = time.monotonic()
+            wait_for(lambda: any(t > stepped + 0.6 for t in claims), 10, "the claims again, after the pause")
+    before, after = max(t for t in claims if t <= stepped), min(t for t in claims if t > stepped)
+    assert after - before >= 0.9, after - before  # the round due after the step (0.5 s) put off by another 0.5 s
+    said = [r for r in caplog.records if getattr(r, "event", None) == "redis_clock_leap"]
+    assert len(said) == 1 and "Redis's clock leapt 3600 s forward" in said[0].getMessage()
+
+
 @pytest.mark.parametrize("inflight_mb", [1, 8])
 def test_large_frames_held_in_flight_stay_within_inflight_mb_and_each_is_answered(small_bundle, frames, redis_url, stream,
                                                                                    monkeypatch, inflight_mb, tmp_path):

@@ -76,6 +76,9 @@ STATE_GRACE_READS = 3
 # offset's error is no arrival time: an id a producer set, or one Redis made after it (Redis's ids
 # never go below the last one's), or Redis's clock stepped back; such entries are left out.
 ARRIVAL_AHEAD_S = 1.0
+# A forward step of Redis's clock larger than this (against the worker's monotonic one, between two
+# claims) postpones the claim (_reader): readings of the offset agree within milliseconds
+CLOCK_LEAP_S = 2.0
 
 
 class ModelFailing(RuntimeError):
@@ -612,6 +615,7 @@ class Worker:
         # a stop waits for the blocked read: within half the shutdown deadline, whatever block_ms says
         block_ms = max(1, min(s.block_ms, int(s.shutdown_timeout_s * 500)))
         claim_at, claim_cursor = time.monotonic() + claim_period, "0-0"
+        claim_clock: float | None = None  # Redis's clock less the monotonic one at the last claim
         group_ready = had_group = group_missing = False
         while not self.stopping.is_set():
             count = self.held.wait_for_room(s.batch, self._nothing_in_flight, self.stopping)
@@ -661,8 +665,15 @@ class Worker:
                         self._accepted(*ops)
                         continue
                     history = raw[-1][0].decode()
+                elif time.monotonic() >= claim_at and self._redis_clock_leapt(claim_clock):
+                    # Redis times the entries' idle on its clock: stepped forward, every pending entry
+                    # looks abandoned, live workers' in-flight ones too. Their keepers refresh them within
+                    # claim_idle_ms / 3: claim after that, not before (they were scored twice: helper-107)
+                    claim_clock, claim_at = None, time.monotonic() + s.claim_idle_ms / 2000
+                    continue
                 elif time.monotonic() >= claim_at:
                     ops.append("claim")
+                    claim_clock = self._redis_clock()
                     claim_cursor, raw, deleted = self.io.autoclaim(s.claim_idle_ms, claim_cursor, count)
                     claim_at = time.monotonic() + (0 if claim_cursor != "0-0" else claim_period)
                     source = "claimed"
@@ -1059,6 +1070,25 @@ class Worker:
             self.time_refused = True  # asked again by the monitor only, not at every batch
             self.throttled.warning("time_refused", "Redis refused TIME (%s): the end-to-end latency is not measured; "
                                    "allow the worker's user +time", err, event="time_refused")
+
+    def _redis_clock(self) -> float | None:
+        """Redis's clock less the monotonic one, read now; None where Redis refuses TIME."""
+        try:
+            return self.io.clock_offset()
+        except redis.ResponseError:  # refused (no +time): said by _read_redis_clock
+            return None
+
+    def _redis_clock_leapt(self, before: float | None) -> bool:
+        """Whether Redis's clock went forward by more than CLOCK_LEAP_S against the monotonic one since
+        `before` (_redis_clock at the last claim); said in the log."""
+        now = self._redis_clock() if before is not None else None
+        if now is None or now - before <= CLOCK_LEAP_S:
+            return False
+        log.warning("Redis's clock leapt %.0f s forward: its pending entries' idle times did too, so claiming now "
+                    "would take live workers' frames for abandoned ones; claiming after their keepers refresh them. "
+                    "Let the Redis host's clock slew, not step (README, Operations)", now - before,
+                    extra={"event": "redis_clock_leap", "leap_s": round(now - before, 1)})
+        return True
 
     def _redis_now(self) -> float | None:
         """Redis's clock now (Unix seconds), from the offset _monitor keeps; None while it has none (read
