@@ -1751,6 +1751,31 @@ def test_a_trimmed_entry_a_live_worker_holds_is_left_to_it_not_dead_lettered_by_
     assert b.autoclaim(0, "0-0", 10)[2] == [ids[1]]
 
 
+def test_a_hold_redis_keeps_past_its_time_is_taken_over_by_the_worker_of_that_name(engines, frames, redis_url,
+                                                                                     stream, monkeypatch, caplog):
+    """A hold's TTL runs on Redis's clock: stepped back an hour just after a worker died, its hold on
+    the consumer name lived an hour longer, and the worker restarted under that name (--consumer, or
+    compose's hostname-pid default) waited, not ready, its frames held (helper-107's audit). A hold
+    unrenewed on the waiter's own clock for longer than a hold lasts is now taken over; its frames,
+    pending on the name, are judged."""
+    monkeypatch.setattr(service, "NAME_HOLD_S", 2)  # the wait is NAME_HOLD_S + NAME_RENEW_S: 2 + 1 s here
+    monkeypatch.setattr(service, "NAME_RENEW_S", 1)
+    r = client(redis_url)
+    dead = StreamIO(r, stream, "ustudents", "station-3", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+    dead.ensure_group()
+    ids = [add_frame(r, stream, f) for f in frames[:2]]
+    assert dead.hold_name("dead-token", 3_600_000, 7) is True  # as Redis's clock stepped back an hour makes it
+    assert len(dead.read(">", 10, None)) == 2  # read by the dead worker, never answered
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="ustudents.worker"):
+        with in_process_worker(engines, redis_url, stream, consumer="station-3"):
+            wait_for(lambda: len(results_of(r, stream)) == 2, 60, "the dead worker's frames judged")
+    assert time.monotonic() - started >= 3  # not before the hold went unrenewed for longer than one lasts
+    exactly_one_result_each(r, stream, ids)
+    said = [x.getMessage() for x in caplog.records if getattr(x, "event", None) == "consumer_name_stale"]
+    assert len(said) == 1 and said[0].startswith("consumer name station-3: its hold went unrenewed for"), said
+
+
 def test_a_claim_looks_at_ten_times_count_pending_entries_at_most(redis_url, stream):
     """The first claim script filtered the pending list by idle time inside Redis, scanning all of it
     in one call (15 ms with 200,000 pending, none idle, with Redis blocked meanwhile)."""

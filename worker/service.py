@@ -532,9 +532,9 @@ class Worker:
                 return None
 
     # -- stage 1: reading ------------------------------------------------------------------------
-    def _hold_name(self) -> bool | str:
+    def _hold_name(self, stale: str = "") -> bool | str:
         self.name_stamp += 1
-        held = self.io.hold_name(self.name_token, NAME_HOLD_S * 1000, self.name_stamp)
+        held = self.io.hold_name(self.name_token, NAME_HOLD_S * 1000, self.name_stamp, stale)
         if held is True:
             try:  # for the group's other workers to compare (_compare_models): a help, never a stop
                 self.io.announce_models(self.models, NAME_HOLD_S * 1000)
@@ -570,13 +570,21 @@ class Worker:
         pid 1) then gets a random suffix, a name given by --consumer is waited for as long as it is
         held. One that is not renewed (a dead worker's) lapses within NAME_HOLD_S. False when
         stopped first."""
-        given, seen = "consumer" in self.s.model_fields_set, None
+        given, seen, seen_since = "consumer" in self.s.model_fields_set, None, 0.0
         while not self.stopping.is_set():
-            held = self._retry(self._hold_name, self.stopping, "name hold")
+            # a hold unrenewed, on this worker's clock, for longer than a hold lasts is a dead worker's,
+            # though Redis's clock stepped back keeps it (helper-107: an hour, the line not served)
+            stale = seen if seen is not None and time.monotonic() - seen_since > NAME_HOLD_S + NAME_RENEW_S else ""
+            held = self._retry(lambda: self._hold_name(stale), self.stopping, "name hold")
             if held is None:
                 return False
             if held is True:
-                if self.name_wait:
+                if stale:
+                    log.warning("consumer name %s: its hold went unrenewed for %.0f s, longer than a hold lasts, yet "
+                                "Redis kept it (its clock stepped back?): a dead worker's, taken over", self.s.consumer,
+                                time.monotonic() - seen_since,
+                                extra={"event": "consumer_name_stale", "consumer": self.s.consumer})
+                elif self.name_wait:
                     log.info("consumer name %s is free: reading", self.s.consumer,
                              extra={"event": "consumer_name_free", "consumer": self.s.consumer})
                 self.name_held, self.name_wait = True, None
@@ -599,7 +607,8 @@ class Worker:
                                   "workers given one --consumer would share one pending list: give each its own)")
                 log.warning("%s", self.name_wait, extra={"event": "consumer_name_held", "consumer": self.s.consumer})
             self._update_ready()
-            seen = held
+            if held != seen:
+                seen, seen_since = held, time.monotonic()
             if self.stopping.wait(1.0):
                 return False
         return False

@@ -301,8 +301,9 @@ return written
 
 # A worker's hold on its consumer name (StreamIO.hold_name). The value is "<token> <stamp>", the
 # stamp new at each renewal, so a hold whose value changes is a live worker's. ARGV: 'hold' or
-# 'release', token, TTL ms, stamp. A hold is never taken from another worker: it is taken once it
-# has lapsed (a dead worker's), so a live worker that could not renew for a while keeps its name.
+# 'release', token, TTL ms, stamp, and a stale value: a hold is taken from another worker once it has
+# lapsed (a dead worker's), or where it still holds the stale value, which the caller saw unrenewed
+# for longer than a hold lasts (its TTL runs on Redis's clock, which a step back stretches).
 NAME_SCRIPT = """
 local held = redis.call('GET', KEYS[1])
 local mine = held and string.match(held, '^(%S+)') == ARGV[2]
@@ -310,7 +311,7 @@ if ARGV[1] == 'release' then
   if mine then redis.call('DEL', KEYS[1]) end
   return 1
 end
-if held and not mine then return held end
+if held and not mine and held ~= ARGV[5] then return held end
 redis.call('SET', KEYS[1], ARGV[2] .. ' ' .. ARGV[4], 'PX', ARGV[3])
 return 1
 """
@@ -489,16 +490,18 @@ class StreamIO:
         return bool(self.r.xpending_range(self.stream, self.group, min="-", max="+", count=1,
                                           consumername=self.consumer))
 
-    def hold_name(self, token: str, ttl_ms: int, stamp: int) -> bool | str:
+    def hold_name(self, token: str, ttl_ms: int, stamp: int, stale: str = "") -> bool | str:
         """Take or renew this consumer name for the worker of `token` for `ttl_ms`; True, or the value
-        of another worker's hold. Two workers reading as one consumer share a pending list: each takes
-        the other's in-flight entries for a dead worker's, and the first to leave the group (XGROUP
-        DELCONSUMER) drops the other's entries from it, unacknowledged, for good."""
-        got = self._name(keys=[schema.name_key(self.stream, self.consumer)], args=["hold", token, ttl_ms, stamp])
+        of another worker's hold (taken over where it is `stale`: see NAME_SCRIPT). Two workers reading
+        as one consumer share a pending list: each takes the other's in-flight entries for a dead
+        worker's, and the first to leave the group (XGROUP DELCONSUMER) drops the other's entries from
+        it, unacknowledged, for good."""
+        got = self._name(keys=[schema.name_key(self.stream, self.consumer)],
+                         args=["hold", token, ttl_ms, stamp, stale])
         return True if got == 1 else text_of(got)
 
     def release_name(self, token: str) -> None:
-        self._name(keys=[schema.name_key(self.stream, self.consumer)], args=["release", token, 0, 0])
+        self._name(keys=[schema.name_key(self.stream, self.consumer)], args=["release", token, 0, 0, ""])
         self.r.delete(schema.serves_key(self.stream, self.consumer))  # gone with the hold: no longer a live worker
 
     def announce_models(self, models: dict[str, str], ttl_ms: int) -> None:
