@@ -1481,13 +1481,15 @@ def test_a_forward_step_of_redis_clock_postpones_the_claim_until_the_keepers_ref
     with caplog.at_level("WARNING", logger="ustudents.worker"):
         with in_process_worker(engines, redis_url, stream, claim_idle_ms=1000):  # a claim every 0.5 s
             wait_for(lambda: len(claims) >= 2, 10, "claims at their period")
+            seen = len(claims)
+            wait_for(lambda: len(claims) > seen, 10, "a claim")  # just after one: the step falls between two
             leap[0] = 3600.0
             stepped = time.monotonic()
             wait_for(lambda: any(t > stepped + 0.6 for t in claims), 10, "the claims again, after the pause")
     before, after = max(t for t in claims if t <= stepped), min(t for t in claims if t > stepped)
     assert after - before >= 0.9, after - before  # the round due after the step (0.5 s) put off by another 0.5 s
     said = [r for r in caplog.records if getattr(r, "event", None) == "redis_clock_leap"]
-    assert len(said) == 1 and "Redis's clock leapt 3600 s forward" in said[0].getMessage()
+    assert len(said) == 1 and "Redis's clock leapt 3600.0 s forward" in said[0].getMessage()
 
 
 @pytest.mark.parametrize("inflight_mb", [1, 8])

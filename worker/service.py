@@ -77,7 +77,8 @@ STATE_GRACE_READS = 3
 # never go below the last one's), or Redis's clock stepped back; such entries are left out.
 ARRIVAL_AHEAD_S = 1.0
 # A forward step of Redis's clock larger than this (against the worker's monotonic one, between two
-# claims) postpones the claim (_reader): readings of the offset agree within milliseconds
+# claims; less where claim_idle_ms is short) postpones the claim (_reader): readings of the offset
+# agree within milliseconds
 CLOCK_LEAP_S = 2.0
 
 
@@ -568,8 +569,9 @@ class Worker:
         hold is waited out, not ready meanwhile; one that is renewed over a renewal period is a live
         worker's: a default name (hostname-pid; containers on the host's network share hostname and
         pid 1) then gets a random suffix, a name given by --consumer is waited for as long as it is
-        held. One that is not renewed (a dead worker's) lapses within NAME_HOLD_S. False when
-        stopped first."""
+        renewed. One that is not renewed (a dead worker's) lapses within NAME_HOLD_S, or is taken
+        over once seen unrenewed for longer (a hold Redis keeps past its time). False when stopped
+        first."""
         given, seen, seen_since = "consumer" in self.s.model_fields_set, None, 0.0
         while not self.stopping.is_set():
             # a hold unrenewed, on this worker's clock, for longer than a hold lasts is a dead worker's,
@@ -665,6 +667,8 @@ class Worker:
                     group_ready = had_group = True
                     group_missing = False
                 deleted: list[str] = []
+                if claim_clock is None and not self.time_refused:  # the first claim's leap is measured too
+                    claim_clock = self._redis_clock()
                 if history is not None:
                     ops.append("pending read")
                     raw = self.io.read(history, count, None)
@@ -674,15 +678,16 @@ class Worker:
                         self._accepted(*ops)
                         continue
                     history = raw[-1][0].decode()
-                elif time.monotonic() >= claim_at and self._redis_clock_leapt(claim_clock):
-                    # Redis times the entries' idle on its clock: stepped forward, every pending entry
-                    # looks abandoned, live workers' in-flight ones too. Their keepers refresh them within
-                    # claim_idle_ms / 3: claim after that, not before (they were scored twice: helper-107)
-                    claim_clock, claim_at = None, time.monotonic() + s.claim_idle_ms / 2000
-                    continue
                 elif time.monotonic() >= claim_at:
                     ops.append("claim")
-                    claim_clock = self._redis_clock()
+                    leapt, claim_clock = self._redis_clock_leap(claim_clock)
+                    if leapt:
+                        # Redis times the entries' idle on its clock: stepped forward, every pending entry
+                        # looks abandoned, live workers' in-flight ones too. Their keepers refresh them
+                        # within claim_idle_ms / 3: claim after that (they were scored twice: helper-107)
+                        claim_at = time.monotonic() + s.claim_idle_ms / 2000
+                        self._accepted(*ops[:-1])
+                        continue
                     claim_cursor, raw, deleted = self.io.autoclaim(s.claim_idle_ms, claim_cursor, count)
                     claim_at = time.monotonic() + (0 if claim_cursor != "0-0" else claim_period)
                     source = "claimed"
@@ -1081,23 +1086,30 @@ class Worker:
                                    "allow the worker's user +time", err, event="time_refused")
 
     def _redis_clock(self) -> float | None:
-        """Redis's clock less the monotonic one, read now; None where Redis refuses TIME."""
+        """Redis's clock less the monotonic one, read now; None where Redis refuses TIME (not asked
+        again here, once refused: the monitor asks)."""
+        if self.time_refused:
+            return None
         try:
-            return self.io.clock_offset()
-        except redis.ResponseError:  # refused (no +time): said by _read_redis_clock
+            self.redis_offset = self.io.clock_offset()  # unreachable: raised, for the reader's own handling
+            return self.redis_offset
+        except redis.ResponseError:
+            self._read_redis_clock()  # refused: says so, and marks it
             return None
 
-    def _redis_clock_leapt(self, before: float | None) -> bool:
-        """Whether Redis's clock went forward by more than CLOCK_LEAP_S against the monotonic one since
-        `before` (_redis_clock at the last claim); said in the log."""
-        now = self._redis_clock() if before is not None else None
-        if now is None or now - before <= CLOCK_LEAP_S:
-            return False
-        log.warning("Redis's clock leapt %.0f s forward: its pending entries' idle times did too, so claiming now "
+    def _redis_clock_leap(self, before: float | None) -> tuple[bool, float | None]:
+        """Whether Redis's clock went forward against the monotonic one since `before` (the reading at
+        the last claim) by more than a keeper's period allows (claim_idle_ms / 3 can leave an entry
+        claimable: half of it, CLOCK_LEAP_S at most), said in the log; and the reading now."""
+        now = self._redis_clock()
+        limit = max(0.05, min(CLOCK_LEAP_S, self.s.claim_idle_ms / 6000))
+        if before is None or now is None or now - before <= limit:
+            return False, now
+        log.warning("Redis's clock leapt %.1f s forward: its pending entries' idle times did too, so claiming now "
                     "would take live workers' frames for abandoned ones; claiming after their keepers refresh them. "
                     "Let the Redis host's clock slew, not step (README, Operations)", now - before,
                     extra={"event": "redis_clock_leap", "leap_s": round(now - before, 1)})
-        return True
+        return True, now
 
     def _redis_now(self) -> float | None:
         """Redis's clock now (Unix seconds), from the offset _monitor keeps; None while it has none (read
