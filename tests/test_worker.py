@@ -1778,6 +1778,49 @@ def test_a_hold_redis_keeps_past_its_time_is_taken_over_by_the_worker_of_that_na
     assert len(said) == 1 and said[0].startswith("consumer name station-3: its hold went unrenewed for"), said
 
 
+def test_a_holder_that_keeps_renewing_keeps_its_name_past_the_takeover_time(engines, redis_url, stream, monkeypatch):
+    """The takeover of a stale hold must never take a live worker's: a hold renewed meanwhile (its value
+    changes at every renewal) is waited for past NAME_HOLD_S + NAME_RENEW_S, and taken once released."""
+    monkeypatch.setattr(service, "NAME_HOLD_S", 2)  # a takeover after 3 s unrenewed
+    monkeypatch.setattr(service, "NAME_RENEW_S", 1)
+    r = client(redis_url)
+    live = StreamIO(r, stream, "ustudents", "station-4", results_maxlen=100, dead_maxlen=100, dedupe_ttl_s=60)
+    live.ensure_group()
+    stamp = [1]
+    assert live.hold_name("live-token", 2000, stamp[0]) is True
+    with in_process_worker(engines, redis_url, stream, consumer="station-4") as worker:
+        until = time.monotonic() + 6
+        while time.monotonic() < until:  # twice the takeover time, renewing as a live worker does
+            stamp[0] += 1
+            assert live.hold_name("live-token", 2000, stamp[0]) is True, "the live holder lost its name"
+            time.sleep(0.5)
+        assert not worker.ready()[0] and not worker.name_held
+        live.release_name("live-token")
+        wait_for(lambda: worker.ready()[0], 10, "the name taken once released")
+
+
+def test_a_redis_refusing_time_is_not_asked_at_every_claim(engines, tmp_path, monkeypatch):
+    """The claim reads Redis's clock to see a leap; where TIME is refused (no +time), asking at every
+    claim added a refused call (and an ACL LOG entry) per claim, twice per claim (helper-110)."""
+    server = RedisServer(tmp_path).start()
+    try:
+        admin = client(server.url)
+        admin.execute_command("ACL", "SETUSER", "line", "on", ">pw", "~*", "+@all", "-time")
+        real, by_reader = StreamIO.clock_offset, []
+
+        def counted(self):
+            if threading.current_thread().name == "worker-reader":
+                by_reader.append(time.monotonic())
+            return real(self)
+        monkeypatch.setattr(StreamIO, "clock_offset", counted)
+        url = f"redis://line:pw@127.0.0.1:{server.port}/0"
+        with in_process_worker(engines, url, "line1", claim_idle_ms=200):  # a claim every 0.1 s
+            time.sleep(2.0)
+        assert len(by_reader) <= 2, len(by_reader)  # its first pass, and the first claim's
+    finally:
+        server.stop()
+
+
 def test_a_claim_looks_at_ten_times_count_pending_entries_at_most(redis_url, stream):
     """The first claim script filtered the pending list by idle time inside Redis, scanning all of it
     in one call (15 ms with 200,000 pending, none idle, with Redis blocked meanwhile)."""
