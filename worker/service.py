@@ -1072,29 +1072,23 @@ class Worker:
             if backoff.wait(self.abandon):
                 return None
 
-    def _read_redis_clock(self) -> None:
-        """Refresh redis_offset. Where Redis refuses TIME (a user allowed what the worker needed before
-        it measured on Redis's clock: the start's check asks for +time, the demo's does not) the
-        end-to-end latency goes unmeasured, said in the log, and nothing else stops."""
-        try:
-            self.redis_offset, self.time_refused = self.io.clock_offset(), False
-        except UNAVAILABLE:
-            pass  # said by whatever else failed
-        except redis.RedisError as err:
-            self.time_refused = True  # asked again by the monitor only, not at every batch
-            self.throttled.warning("time_refused", "Redis refused TIME (%s): the end-to-end latency is not measured; "
-                                   "allow the worker's user +time", err, event="time_refused")
-
-    def _redis_clock(self) -> float | None:
-        """Redis's clock less the monotonic one, read now; None where Redis refuses TIME (not asked
-        again here, once refused: the monitor asks)."""
-        if self.time_refused:
+    def _redis_clock(self, ask_if_refused: bool = False) -> float | None:
+        """Redis's clock less the monotonic one, read now (and kept in redis_offset); None where Redis
+        refuses TIME (a user allowed what the worker needed before it measured on Redis's clock: the
+        start's check asks for +time, the demo's does not): the end-to-end latency then goes
+        unmeasured, said in the log, and nothing else stops. Once refused, asked again only where
+        `ask_if_refused` (the monitor), not at every batch or claim. Unreachable: raised."""
+        if self.time_refused and not ask_if_refused:
             return None
         try:
-            self.redis_offset = self.io.clock_offset()  # unreachable: raised, for the reader's own handling
+            self.redis_offset, self.time_refused = self.io.clock_offset(), False
             return self.redis_offset
-        except redis.ResponseError:
-            self._read_redis_clock()  # refused: says so, and marks it
+        except UNAVAILABLE:
+            raise
+        except redis.RedisError as err:
+            self.time_refused = True
+            self.throttled.warning("time_refused", "Redis refused TIME (%s): the end-to-end latency is not measured; "
+                                   "allow the worker's user +time", err, event="time_refused")
             return None
 
     def _redis_clock_leap(self, before: float | None) -> tuple[bool, float | None]:
@@ -1114,8 +1108,11 @@ class Worker:
     def _redis_now(self) -> float | None:
         """Redis's clock now (Unix seconds), from the offset _monitor keeps; None while it has none (read
         here once, as results were published: Redis answers)."""
-        if self.redis_offset is None and not self.time_refused:
-            self._read_redis_clock()
+        if self.redis_offset is None:
+            try:
+                self._redis_clock()
+            except UNAVAILABLE:
+                return None
         return None if self.redis_offset is None else time.monotonic() + self.redis_offset
 
     def _account(self, written: list[Record], by_id: dict[str, tuple[Entry, Outcome]]) -> None:
@@ -1185,7 +1182,10 @@ class Worker:
             if unread >= STATE_GRACE_READS:
                 m.forget_stream_state()
             if reached:  # not a second read timeout where Redis hangs
-                self._read_redis_clock()  # a step of Redis's clock is followed within a period
+                try:  # a step of Redis's clock is followed within a period
+                    self._redis_clock(ask_if_refused=True)
+                except UNAVAILABLE:
+                    pass  # said by the next read that fails
             self._gpu_memory()
             at = time.monotonic()
             if at >= next_summary:
