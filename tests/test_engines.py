@@ -162,6 +162,61 @@ def test_an_anomalous_frame_has_a_mask_and_a_good_one_none_at_the_threshold_itse
     rows, cols = np.nonzero(pred.mask)  # the peak's pixel, nearest-resized: where the defect is
     assert 5 * 3 <= rows.min() <= rows.max() <= 6 * 3 + 1 and 7 * 2 <= cols.min() <= cols.max() <= 8 * 2 + 1
 
+def _peak_engine(bundle, peak: torch.Tensor) -> Engine:
+    """An Engine of `bundle` whose networks give the map `peak` for every frame."""
+    return Engine(bundle, lambda x: (peak.expand(len(x), -1, -1), peak.expand(len(x), 1, -1, -1)), "torch", "fp32",
+                  torch.device("cpu"))
+
+
+def test_an_anomalous_frame_smaller_than_the_model_has_a_mask_wherever_its_peak_is(small_bundle):
+    """Shrinking the map to a frame smaller than the model (images of a small part, a Python caller's
+    crop) stepped over a one-pixel peak, and the fallback, nearest resizing, skipped the same model
+    rows: an anomalous frame with an empty mask at 136 of 361 peak positions on a 48 x 48 frame of a
+    64 px model (an audit). The mask now holds the frame pixels whose footprint holds the peak."""
+    bundle = load_bundle(small_bundle)
+    size, level = bundle.image_size, 15.5
+    h, w = size * 3 // 4, size // 2 + 3  # 24 x 19 at 32 px: both sides shrink, by different factors
+    for r in range(size):
+        for c in range(size):
+            peak = torch.zeros(size, size)
+            peak[r, c] = level + 0.01
+            engine = _peak_engine(bundle, peak)
+            engine.mask_threshold = engine.image_threshold = level
+            (pred,) = engine.predict([np.zeros((h, w, 3), np.uint8)])
+            assert pred.anomalous and pred.mask.shape == (h, w), (r, c)
+            rows, cols = np.nonzero(pred.mask)
+            assert len(rows), (r, c)
+            # frame pixel i covers model rows [i * size / h, (i + 1) * size / h)
+            assert all(i * size // h <= r < -(-(i + 1) * size // h) for i in rows), (r, c, rows)
+            assert all(j * size // w <= c < -(-(j + 1) * size // w) for j in cols), (c, cols)
+
+
+def test_evaluate_overlays_draw_the_mask_predict_gives(small_bundle, tmp_path):
+    """`evaluate --overlays` thresholded the resized map alone, without predict's fallback for a peak
+    that resizing lowers below the threshold: predict gave an anomalous frame a mask, the overlay of
+    the same image outlined nothing (an audit). Both draw one mask now."""
+    from ustudents.engines.overlay import heatmap_overlay
+    from ustudents.train.dataset import Sample
+    from ustudents.train.evaluate import write_overlays
+
+    bundle = load_bundle(small_bundle)
+    size, level = bundle.image_size, 15.5
+    peak = torch.zeros(size, size)
+    peak[5, 7] = level + 0.01
+    engine = _peak_engine(bundle, peak)
+    engine.mask_threshold = engine.image_threshold = level
+    image = tmp_path / "part.png"
+    cv2.imwrite(str(image), np.full((3 * size + 1, 2 * size + 3, 3), 90, np.uint8))
+    frame = read_image(image, bundle.uint16_bits)
+    (pred,) = engine.predict([frame])
+    assert pred.anomalous and pred.mask.any() and pred.anomaly_map.max() < level  # the fallback's case
+    fused, _ = engine.maps([frame])
+    write_overlays(tmp_path / "overlays", [Sample(image, "spot")], engine, fused, engine.image_scores(fused))
+    drawn = cv2.imread(str(tmp_path / "overlays" / "spot" / "part.png"), cv2.IMREAD_COLOR)
+    expected = heatmap_overlay(frame, pred.mask_level, engine.mask_threshold, pred.mask)
+    assert np.array_equal(drawn, cv2.cvtColor(expected, cv2.COLOR_RGB2BGR))
+
+
 def test_frames_the_engine_would_misread_are_refused_by_their_place_in_the_list(small_bundle, tiny_mvtec):
     """Resized to the model's size, a 1 x 5000 strip or a 1-pixel frame got a confident verdict; a
     4-channel frame was read as RGBA, where OpenCV and most camera SDKs give BGRA; one array passed

@@ -16,7 +16,7 @@ from ustudents.engines.files import listed_outputs, os_error_line, real_path, wr
 from ustudents.engines.frame_shapes import recalibrate_copy
 from ustudents.engines.images import IMAGE_SUFFIXES, read_image
 from ustudents.engines.overlay import heatmap_overlay
-from ustudents.engines.runtime import Engine, map_to_frame, model_digest
+from ustudents.engines.runtime import Engine, frame_mask, map_to_frame, model_digest
 from ustudents.engines.scoring import mask
 
 from . import dataset
@@ -192,7 +192,8 @@ def _write_overlays(folder: Path, samples: list[dataset.Sample], engine: Engine,
     for s, level, flagged in zip(samples, levels, verdicts):
         frame = read_image(s.path, engine.bundle.uint16_bits)
         full = map_to_frame(level, frame.shape[:2])
-        over = mask(full[None], engine.mask_threshold, engine.mask_rule, flagged[None])[0]
+        model_mask = mask(level[None], engine.mask_threshold, engine.mask_rule, flagged[None])[0]
+        over = frame_mask(full, model_mask, engine.mask_threshold, engine.mask_rule, flagged)
         out = folder / s.defect / f"{s.path.stem}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         write_png(out, heatmap_overlay(frame, full.cpu().numpy(), engine.mask_threshold, over.cpu().numpy()))
