@@ -416,7 +416,7 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device, out: Path |
     """Calibrate `bundle` (loaded from `model`) on `images`: rewritten in place, or written to `out`
     (replacing the manifest of a bundle there, None where there was none)."""
     from .calibrate import calibrate, check_rate, check_resolvable
-    from .dataset import Sample, bit_depths, load_images, refuse_copies
+    from .dataset import Sample, bit_depths, fingerprint, load_images, refuse_copies
     from .pipeline import check_not_blank, image_fpr_warning, image_score_line, mask_line
 
     if not Path(images).is_dir():
@@ -460,7 +460,8 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device, out: Path |
     statistics = bundle.manifest["statistics"]
     for p, s in cal.stats.items():
         statistics[str(p)].update(e_mu=s.e_mu, e_sigma=s.e_sigma, v_mu=s.v_mu, v_sigma=s.v_sigma)
-    threshold = dict(cal.threshold, source=str(images))
+    # which images: the path as the machine sees it, and their contents (the path may hold others later)
+    threshold = dict(cal.threshold, source=str(Path(images).absolute()), fingerprint=fingerprint(samples, images))
     # The stored evaluation described the old calibration, and built engines bake the old statistics
     # in: neither applies any more. The position statistics are tensors, so weights and manifest are
     # rewritten, in place (rewrite_bundle: the folder and what else it holds stay).

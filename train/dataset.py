@@ -454,13 +454,16 @@ def _warn_of_odd_masks(gt: Path, samples: list[Sample], regions: np.ndarray, siz
                     "defect 0)? a mask marks the defect's pixels, 0 elsewhere", gt, len(most), most[0])
 
 
-def fingerprint(samples: list[Sample]) -> str:
-    """sha256 hex over (name, size in bytes, sha256 of content) of every image and mask file.
-    Names are relative to the category folder (e.g. "test/crack/001.png"), so identical
-    files give the same fingerprint on any machine and under any root."""
+def fingerprint(samples: list[Sample], root: Path | None = None) -> str:
+    """sha256 hex over (name, size in bytes, sha256 of content) of every image and mask file of
+    `samples`. Names are relative to `root`, by default to the category folder (e.g.
+    "test/crack/001.png"), so identical files give the same fingerprint on any machine and under any
+    root. Training records its training images' (data.fingerprint), evaluation its test images' and
+    masks' (evaluation.data.fingerprint), calibrate its images' (threshold.fingerprint)."""
     h = hashlib.sha256()
     files = [s.path for s in samples] + [s.mask_path for s in samples if s.mask_path is not None]
-    for name, path in sorted(("/".join(Path(p).parts[-3:]), Path(p)) for p in files):
+    named = (Path(p).relative_to(root).as_posix() if root is not None else "/".join(Path(p).parts[-3:]) for p in files)
+    for name, path in sorted(zip(named, map(Path, files))):
         size, digest = path.stat().st_size, sha256_file(path)
         h.update(f"{name}\t{size}\t{digest}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()

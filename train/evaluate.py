@@ -95,6 +95,8 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
     scores_t = engine.image_scores(fused_t)
     scores, predicted = scores_t.cpu().numpy(), engine.masks(fused_t, scores_t).cpu().numpy()
     results = {"category": category, "bundle": bundle.manifest["id"], "test_images": len(samples),
+               # what was scored: a test set whose images or masks changed gives other figures
+               "data": {"root": str(Path(data_root).absolute()), "fingerprint": dataset.fingerprint(samples)},
                "image_size": size, "image_score": bundle.image_score,
                "backend": engine.backend, "precision": engine.precision, "device": engine.describe(),
                **metrics_for(fused, regions, labels, scores)}

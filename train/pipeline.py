@@ -336,7 +336,7 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
                      "teachers": {p: teacher_records.get(str(p), {}).get("config", {})
                                   for p in map(str, cfg.scales)},
                      "per_scale": records, "wall_s": round(time.time() - t0, 1), "environment": environment()},
-        "data": {"root": str(cfg.data_root), "train_images": len(fit), "validation_images": len(val),
+        "data": {"root": str(Path(cfg.data_root).absolute()), "train_images": len(fit), "validation_images": len(val),
                  "validation_files": [s.path.name for s in val],
                  "fingerprint": data_fingerprint},
         "evaluation": None,
