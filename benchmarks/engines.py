@@ -76,7 +76,7 @@ def naive_runner(bundle, device: torch.device):
     nets = {}
     for ens in model.ensembles:
         parts = split(ens.net.state_dict(), STUDENTS + 1)
-        nets[ens.p] = [PatchNet(ens.p).eval().to(device) for _ in parts]
+        nets[ens.p] = [PatchNet(ens.p, alignment=bundle.alignment).eval().to(device) for _ in parts]
         for net, state in zip(nets[ens.p], parts):
             net.load_state_dict(state)
     model.to(device)

@@ -41,14 +41,14 @@ from .frame_shapes import FrameShapes
 from .images import UINT16_BITS, missing_folder_hint
 from .memory import out_of_memory_line
 from .model import AnomalyModel
-from .patchnet import DESCRIPTOR_DIM, SCALES, PatchNet
+from .patchnet import ALIGNMENTS, DESCRIPTOR_DIM, SCALES, PatchNet
 from .scoring import IMAGE_SCORES, MASK_RULES
 
 POSITION_TENSORS = ("image_score.position_mean", "image_score.position_std")
 
 FORMAT = "ustudents-bundle"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 # manifest threshold.method -> scoring.MASK_RULES
 MASK_RULE_OF = {"pixel_fpr": "map", "position_z_pixel_fpr": "position_z"}
 MANIFEST = "manifest.json"
@@ -114,6 +114,12 @@ class Bundle:
         return int(_uint16_bits(self.manifest))
 
     @property
+    def alignment(self) -> str:
+        """Where the dense networks put a pixel's descriptor (patchnet.ALIGNMENTS): the manifest's
+        input.alignment; "patch" for bundles from before it (format version 4)."""
+        return _alignment(self.manifest)
+
+    @property
     def frame_shapes(self) -> FrameShapes | None:
         """The frame shapes the model knows (engines.frame_shapes); None for a bundle from before the record."""
         record = self.manifest.get("frame_shapes")
@@ -164,7 +170,7 @@ class Bundle:
 
     def model(self) -> AnomalyModel:
         """The fused inference module with statistics loaded, in eval mode."""
-        model = AnomalyModel(self.scales, self.students)
+        model = AnomalyModel(self.scales, self.students, self.alignment)
         for ens in model.ensembles:
             teacher, students = self.network_state(ens.p, "teacher"), self.network_state(ens.p, "students")
             ens.net.load_state_dict({k: torch.cat([teacher[k], students[k]]) for k in teacher})
@@ -456,6 +462,11 @@ def _uint16_bits(manifest: dict[str, Any]) -> Any:
     return manifest.get("input", {}).get("uint16_bits", UINT16_BITS)
 
 
+def _alignment(manifest: dict[str, Any]) -> Any:
+    """The manifest's input.alignment; "patch" for bundles from before it (load_bundle checks it)."""
+    return manifest.get("input", {}).get("alignment", "patch")
+
+
 MIN_SERVED_SIZE = 32  # the smallest image size a bundle is served at (the tests serve at 32 px)
 MAX_SERVED_SIZE = 1024  # the largest ustudents-train makes (pipeline.MAX_IMAGE_SIZE); a larger one is an edit
 MAX_STUDENTS = 16  # the most ustudents-train makes; more is an edit, and each is a network held in memory
@@ -474,6 +485,8 @@ def bad_value(manifest: dict[str, Any], scales: list[int]) -> str | None:
         return f"students {students!r} is not a whole number from 2 to {MAX_STUDENTS}"
     if not isinstance(manifest.get("input", {}), dict):
         return f"input {manifest['input']!r} is not an object"
+    if _alignment(manifest) not in ALIGNMENTS:
+        return f"input.alignment {_alignment(manifest)!r} is not one of {', '.join(ALIGNMENTS)}"
     if manifest.get("frame_shapes") is not None:
         try:
             FrameShapes.from_json(manifest["frame_shapes"])

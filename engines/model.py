@@ -12,7 +12,7 @@ import functools
 import torch
 from torch import nn
 
-from .patchnet import DESCRIPTOR_DIM, PatchNet
+from .patchnet import ALIGNMENT, DESCRIPTOR_DIM, PatchNet
 from .scoring import ScoreStats, fuse, predictive_variance, regression_error, scale_score, standardize
 
 # Teacher input normalization: ImageNet statistics, as for the network it was distilled from.
@@ -37,10 +37,10 @@ def input_statistics(device: torch.device, dtype: torch.dtype) -> tuple[torch.Te
 class ScaleEnsemble(nn.Module):
     """Teacher + M students of one receptive field p, with their calibration statistics."""
 
-    def __init__(self, p: int, students: int):
+    def __init__(self, p: int, students: int, alignment: str = ALIGNMENT):
         super().__init__()
         self.p, self.students = p, students
-        self.net = PatchNet(p, n=students + 1)
+        self.net = PatchNet(p, n=students + 1, alignment=alignment)
         self.register_buffer("desc_mean", torch.zeros(DESCRIPTOR_DIM))
         self.register_buffer("desc_std", torch.ones(DESCRIPTOR_DIM))
         self.register_buffer("score_stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))  # e_mu, e_sigma, v_mu, v_sigma
@@ -65,10 +65,10 @@ class AnomalyModel(nn.Module):
     """All scales of a bundle. forward: images in [0, 1] (B, 3, S, S) -> fused map (B, S, S) and the
     per-scale maps (B, n_scales, S, S)."""
 
-    def __init__(self, scales: list[int], students: int):
+    def __init__(self, scales: list[int], students: int, alignment: str = ALIGNMENT):
         super().__init__()
         self.scales = list(scales)
-        self.ensembles = nn.ModuleList(ScaleEnsemble(p, students) for p in self.scales)
+        self.ensembles = nn.ModuleList(ScaleEnsemble(p, students, alignment) for p in self.scales)
 
     def use_fft(self, enable: bool = True, measure: bool = True) -> "AnomalyModel":
         """FFT convolutions in every scale's dense networks where they are faster (PatchNet.use_fft);

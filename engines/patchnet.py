@@ -52,6 +52,15 @@ ARCHITECTURES: dict[int, list[tuple[str, int, int]]] = {
 SCALES = tuple(sorted(ARCHITECTURES))
 
 
+# Where a dense output pixel's descriptor comes from (Geometry.pad_before). "receptive_field": the
+# rf x rf window the network reads is centred on the pixel. "patch": the p x p patch is centred on
+# it, and the network reads that patch's top-left rf x rf: p = 65's map answered a defect 2.5 pixels
+# down and right of it (an audit; p = 17 and 33 pad alike either way). Bundles record theirs
+# (Bundle.alignment); those written before the record are "patch".
+ALIGNMENTS = ("receptive_field", "patch")
+ALIGNMENT = ALIGNMENTS[0]  # what training writes
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Where the dense output of a scale sits relative to the image.
@@ -59,39 +68,44 @@ class Geometry:
     `rf` is the extent of input that one output really depends on. It is smaller than p for p=65
     (60) and p=33 (32): the paper's stride-2 pools floor odd sizes and drop the last row. Padding the
     image by `pad_before` above/left and `pad_after` below/right makes the dense output exactly the
-    image's size, with pixel (r, c) described by the p x p patch centred on it.
+    image's size, pixel (r, c) described by the p x p patch whose top-left is (r, c) - pad_before:
+    under `alignment` "receptive_field" the rf x rf part the network reads is centred on (r, c) (half
+    a pixel up and left where rf is even), under "patch" the whole p x p patch is.
     """
 
     p: int
     rf: int
+    alignment: str = ALIGNMENT
 
     @property
     def pad_before(self) -> int:
-        return self.p // 2
+        return self.rf // 2 if self.alignment == "receptive_field" else self.p // 2
 
     @property
     def pad_after(self) -> int:
-        return self.rf - 1 - self.p // 2
+        return self.rf - 1 - self.pad_before
 
 
-def geometry(p: int) -> Geometry:
+def geometry(p: int, alignment: str = ALIGNMENT) -> Geometry:
     if p not in ARCHITECTURES:
         raise ValueError(f"no patch network for p={p}; choose one of {SCALES}")
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"no alignment {alignment!r}; choose one of {ALIGNMENTS}")
     # Walk back from one output pixel: a conv of kernel k needs k-1 more inputs, a stride-2 pool
     # doubles what it needs.
     need = 1
     for kind, k, _ in reversed(ARCHITECTURES[p]):
         need = need + k - 1 if kind == "conv" else need * 2
-    return Geometry(p=p, rf=need)
+    return Geometry(p=p, rf=need, alignment=alignment)
 
 
 class PatchNet(nn.Module):
     """`n` patch networks with receptive field `p`, fused by grouped convolutions."""
 
-    def __init__(self, p: int, n: int = 1, in_channels: int = 3):
+    def __init__(self, p: int, n: int = 1, in_channels: int = 3, alignment: str = ALIGNMENT):
         super().__init__()
         self.p, self.n, self.in_channels = p, n, in_channels
-        self.geometry = geometry(p)
+        self.geometry = geometry(p, alignment)
         convs = []
         c_in, first = in_channels, True
         for kind, k, c_out in ARCHITECTURES[p]:
@@ -153,7 +167,7 @@ class PatchNet(nn.Module):
         return self
 
     def _copy(self, n: int, state: dict[str, torch.Tensor]) -> "PatchNet":
-        net = PatchNet(self.p, n, self.in_channels)
+        net = PatchNet(self.p, n, self.in_channels, self.geometry.alignment)
         net.load_state_dict(state, assign=True)  # assign: keep the tensors' dtype and memory format
         return net.requires_grad_(False).eval()
 

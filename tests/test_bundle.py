@@ -421,6 +421,21 @@ def test_position_image_score_round_trip_and_its_tensors_are_checked(tmp_path):
         load_bundle(plain)
 
 
+def test_a_bundle_runs_its_networks_with_the_alignment_it_was_trained_with(tmp_path):
+    """Format 4 centres what p = 65's network reads on each pixel (patchnet.ALIGNMENTS); a bundle from
+    before keeps its p x p patches centred, as it was trained and calibrated (its map 2.5 px down-right
+    of a defect, its statistics measured so); an alignment this version does not know is refused."""
+    path, _ = make_bundle(tmp_path / "b", scales=(17, 65))
+    assert load_bundle(path).alignment == "patch"  # the writer here records none: a bundle from before the record
+    pads = lambda b: [(e.net.geometry.pad_before, e.net.geometry.pad_after) for e in b.model().ensembles]
+    assert pads(load_bundle(path)) == [(8, 8), (32, 27)]
+    edit_manifest(path, lambda m: m.update(input={"alignment": "receptive_field"}))
+    assert pads(load_bundle(path)) == [(8, 8), (30, 29)]
+    edit_manifest(path, lambda m: m.update(input={"alignment": "centre"}))
+    with pytest.raises(BundleError, match="input.alignment 'centre' is not one of receptive_field, patch"):
+        load_bundle(path)
+
+
 def test_a_version_1_bundle_reads_as_the_maximum_against_the_mask_threshold(tmp_path):
     path, _ = make_bundle(tmp_path / "b")
     def as_version_1(m):

@@ -96,7 +96,8 @@ def test_triplets_take_positives_shifted_and_relit_and_negatives_from_another_ph
 @pytest.mark.parametrize("p", [17, 33, 65])
 def test_dense_windows_pair_every_output_pixel_with_the_target_of_its_patch_centre(p):
     # The image's channels hold each pixel's own row and column, and so do the targets: the pixel at
-    # the centre of the patch behind dense output (i, j) must carry the coordinates its target has.
+    # the centre of what the network reads for dense output (i, j) must carry the coordinates its
+    # target has (p = 65 reads 60 x 60 pixels: the target 2 pixels up-left of the p x p patch's centre).
     h, w = 150, 170
     rows = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
     cols = torch.arange(w, dtype=torch.float32)[None, :].expand(h, w)
@@ -105,8 +106,9 @@ def test_dense_windows_pair_every_output_pixel_with_the_target_of_its_patch_cent
     crop, g = 12, geometry(p)
     images, wanted = sample_windows([level], [targets], p, crop, 5, torch.Generator().manual_seed(0))
     assert images.shape == (5, 3, crop + g.rf - 1, crop + g.rf - 1) and wanted.shape == (5, 2, crop, crop)
-    # the dense output at (i, j) is the patch network on the patch whose top-left is (i, j) (test_fdfe)
-    centres = images[:, :2, p // 2:p // 2 + crop, p // 2:p // 2 + crop]
+    # the dense output at (i, j) is the patch network on the patch whose top-left is (i, j) (test_fdfe),
+    # which reads its top-left rf x rf
+    centres = images[:, :2, g.rf // 2:g.rf // 2 + crop, g.rf // 2:g.rf // 2 + crop]
     assert torch.equal(centres, wanted)
     assert len({int(t[0, 0, 0]) for t in wanted}) > 1  # windows are drawn at different places
 

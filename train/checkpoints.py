@@ -31,6 +31,7 @@ import ustudents
 from ustudents.engines.bundle import locked
 from ustudents.engines.files import real_path, write_atomically
 from ustudents.engines.memory import out_of_memory_line
+from ustudents.engines.patchnet import ALIGNMENT
 
 CHECKPOINT_EVERY_S = 120.0  # at most one save per this many seconds (p=17, M=3: 108 MB, 0.5 s to write here)
 
@@ -51,7 +52,8 @@ def scale_key(p: int, teacher_state: dict[str, torch.Tensor], student_settings: 
     as one it is not."""
     settings = {k: v for k, v in student_settings.items() if k != "max_minutes"}
     inputs = {"p": p, "student": settings, "image_size": image_size, "fit": sorted(fit_names),
-              "data": data_fingerprint, "bits": bits, "device": device.type, "ustudents": ustudents.__version__}
+              "data": data_fingerprint, "bits": bits, "device": device.type, "ustudents": ustudents.__version__,
+              "alignment": ALIGNMENT}
     h = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode())
     teacher = hashlib.sha256()
     for name in sorted(teacher_state):
@@ -64,7 +66,8 @@ def scale_key(p: int, teacher_state: dict[str, torch.Tensor], student_settings: 
 # What differs between a checkpoint's inputs and a run's, in the user's words (student settings by option)
 _INPUT_NAMES = {"image_size": "--image-size", "fit": "the training images or their split (--val-fraction)",
                 "data": "the contents of the training images", "bits": "the images' bit depth",
-                "device": "the device type", "ustudents": "the ustudents version", "teacher": "the teacher"}
+                "device": "the device type", "ustudents": "the ustudents version", "teacher": "the teacher",
+                "alignment": "where the dense networks put a descriptor (README: Networks)"}
 
 
 def _shown(value) -> str:

@@ -18,7 +18,7 @@ from ustudents.engines.files import os_error_line, real_path
 from ustudents.engines.frame_shapes import FrameShapes
 from ustudents.engines.images import UINT16_BITS
 from ustudents.engines.model import INPUT_MEAN, INPUT_STD, AnomalyModel
-from ustudents.engines.patchnet import DESCRIPTOR_DIM, SCALES
+from ustudents.engines.patchnet import ALIGNMENT, DESCRIPTOR_DIM, SCALES
 from ustudents.engines.runtime import resolve_device
 
 from . import checkpoints, dataset
@@ -258,7 +258,7 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
     check_not_blank(good, fit + val, [*fit_images, *val_images], log)
     dataset.refuse_copies(str(good), fit + val, [*fit_images, *val_images])
 
-    model = AnomalyModel(cfg.scales, cfg.student.students)
+    model = AnomalyModel(cfg.scales, cfg.student.students, ALIGNMENT)
     tensors, records = {}, {}
     data_fingerprint = dataset.fingerprint(train_all)
     inputs = {}
@@ -327,7 +327,7 @@ def _train(cfg: TrainConfig, log, saves: Path, keys: dict[int, str], lock: conte
         "students": cfg.student.students,
         "input": {"channels": "RGB", "range": [0, 1], "mean": list(INPUT_MEAN), "std": list(INPUT_STD),
                   "resize": "square, bilinear with antialiasing (images.resize_tensor)", "padding": "reflect",
-                  "uint16_bits": bits},
+                  "alignment": ALIGNMENT, "uint16_bits": bits},
         "statistics": statistics,
         "threshold": threshold,
         "image_score": cal.image_score,

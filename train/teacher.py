@@ -255,7 +255,8 @@ def sample_windows(levels: list[torch.Tensor], targets: list[torch.Tensor], p: i
         r = int(torch.randint(h - side + 1, (1,), generator=gen))
         c = int(torch.randint(w - side + 1, (1,), generator=gen))
         images.append(levels[i][:, r:r + side, c:c + side])
-        # the dense output at (i, j) is the patch whose top-left is (r + i, c + j): centred p // 2 further
+        # the dense output at (i, j) is the patch whose top-left is (r + i, c + j); what the network reads
+        # of it is centred pad_before further (patchnet.Geometry)
         r, c = r + g.pad_before, c + g.pad_before
         wanted.append(targets[i][:, r:r + crop, c:c + crop])
     return torch.stack(images), torch.stack(wanted).float()
