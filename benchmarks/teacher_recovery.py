@@ -47,7 +47,9 @@ def descriptor_target_pairs(net: PatchNet, levels: list[torch.Tensor], targets: 
         with torch.autocast("cpu", dtype=torch.bfloat16):  # as the teachers were trained (--amp on)
             desc = net.dense(normalize_input(level[None]))[0, 0].float()  # unpadded: output (i, j) = patch at (i, j)
         h, w = desc.shape[1:]
-        target = target[:, g.pad_before:g.pad_before + h, g.pad_before:g.pad_before + w].float()  # patch centres
+        # the centres of what the network reads (patchnet.Geometry: for p = 65, 2 px up-left of the patch
+        # centres the shipped teacher was distilled against, so its figures before 2709d7f differ)
+        target = target[:, g.pad_before:g.pad_before + h, g.pad_before:g.pad_before + w].float()
         idx = torch.randint(h * w, (PIXELS_PER_IMAGE,), generator=gen)
         xs.append(desc.reshape(desc.shape[0], -1)[:, idx].T)
         ys.append(target.reshape(target.shape[0], -1)[:, idx].T)

@@ -57,7 +57,7 @@ class Prediction:
     # from predict(maps=False)
     mask_level: np.ndarray | None
     # bool (H, W): mask_level >= the mask threshold (position_z: on flagged frames only); a flagged frame
-    # whose resized peak fell under it keeps its model-size mask, nearest-resized
+    # whose resized peak fell under it keeps its model-size mask's footprint (frame_mask)
     mask: np.ndarray
 
 
@@ -440,8 +440,11 @@ def model_digest(bundle: Bundle) -> str:
     digest differs from its bundle's (e.g. after `ustudents calibrate`) is stale."""
     import hashlib
     import json
-    stats = json.dumps({"weights": bundle.manifest["weights"]["sha256"], "statistics": bundle.manifest["statistics"],
-                        "image_size": bundle.image_size}, sort_keys=True)
+    baked = {"weights": bundle.manifest["weights"]["sha256"], "statistics": bundle.manifest["statistics"],
+             "image_size": bundle.image_size}
+    if "alignment" in bundle.manifest.get("input", {}):  # the padding; absent before format 4 (digests kept)
+        baked["alignment"] = bundle.alignment
+    stats = json.dumps(baked, sort_keys=True)
     return hashlib.sha256(stats.encode()).hexdigest()
 
 

@@ -1,4 +1,5 @@
 """The bundle format: round trip, atomic replacement, and refusal of damaged bundles."""
+import hashlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from ustudents.engines.bundle import (POSITION_TENSORS, BundleError, load_bundle
 from ustudents.engines.frame_shapes import FrameShapes, UnexpectedShape
 from ustudents.engines.images import ImageError
 from ustudents.engines.patchnet import PatchNet
+from ustudents.engines.runtime import model_digest
 
 
 def make_bundle(path, scales=(17,), students=2, seed=0, position=False):
@@ -429,8 +431,14 @@ def test_a_bundle_runs_its_networks_with_the_alignment_it_was_trained_with(tmp_p
     assert load_bundle(path).alignment == "patch"  # the writer here records none: a bundle from before the record
     pads = lambda b: [(e.net.geometry.pad_before, e.net.geometry.pad_after) for e in b.model().ensembles]
     assert pads(load_bundle(path)) == [(8, 8), (32, 27)]
+    before = load_bundle(path)
+    # engines built before format 4 stay current: their digest is what it was (weights, statistics, size)
+    baked = {"weights": before.manifest["weights"]["sha256"], "statistics": before.manifest["statistics"],
+             "image_size": before.image_size}
+    assert model_digest(before) == hashlib.sha256(json.dumps(baked, sort_keys=True).encode()).hexdigest()
     edit_manifest(path, lambda m: m.update(input={"alignment": "receptive_field"}))
     assert pads(load_bundle(path)) == [(8, 8), (30, 29)]
+    assert model_digest(load_bundle(path)) != model_digest(before)  # an engine of the other padding is stale
     edit_manifest(path, lambda m: m.update(input={"alignment": "centre"}))
     with pytest.raises(BundleError, match="input.alignment 'centre' is not one of receptive_field, patch"):
         load_bundle(path)

@@ -253,7 +253,7 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
 @click.option("--lambda-c", default=1.0, show_default=True, help="Weight of the compactness loss.")
 @click.option("--lambda-m", default=0.0, show_default=True, help="Weight of the triplet (metric learning) loss.")
 @click.option("--margin", default=1.0, show_default=True, help="Triplet margin delta.")
-@click.option("--seed", default=0, show_default=True, help="Seeds initialization and the patches' sampling.")
+@click.option("--seed", default=0, show_default=True, help="Seeds everything random: initialization, the photos' order, the windows, patches and triplets drawn.")
 @click.option("--replace-shipped", is_flag=True,
               help="Allow --out to be the shipped default teachers' folder, which every training without "
                    "--teachers uses (to remake them, as their model card does).")
@@ -448,6 +448,9 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device, out: Path |
     arr = load_images(samples, bundle.image_size, desc="loading images", bits=bits, dark_hint=False,  # bits: theirs
                       shapes=shapes)
     refuse_copies(f"--images {images}", samples, arr)
+    # the files as they were read, before minutes of network passes: a line's frame folder may lose one to
+    # its retention job meanwhile (the calibration then ended without a word written)
+    taken = fingerprint(samples, images)
     # frames collected while the line runs: a capped lens among them would set the thresholds served
     check_not_blank(f"--images {images}", samples, arr, click.echo, calibrating=True)
     dev = resolve_device(device)
@@ -461,7 +464,7 @@ def _calibrate(bundle, model, images, target_fpr, image_fpr, device, out: Path |
     for p, s in cal.stats.items():
         statistics[str(p)].update(e_mu=s.e_mu, e_sigma=s.e_sigma, v_mu=s.v_mu, v_sigma=s.v_sigma)
     # which images: the path as the machine sees it, and their contents (the path may hold others later)
-    threshold = dict(cal.threshold, source=str(Path(images).absolute()), fingerprint=fingerprint(samples, images))
+    threshold = dict(cal.threshold, source=str(Path(images).absolute()), fingerprint=taken)
     # The stored evaluation described the old calibration, and built engines bake the old statistics
     # in: neither applies any more. The position statistics are tensors, so weights and manifest are
     # rewritten, in place (rewrite_bundle: the folder and what else it holds stay).

@@ -84,6 +84,7 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
     masks = regions > 0
     shapes: list[tuple[int, int]] = []
     images = dataset.load_images(samples, size, desc="loading test images", bits=bundle.uint16_bits, shapes=shapes)
+    tested = dataset.fingerprint(samples)  # the files as they were read, not after the minutes of scoring
     known = bundle.frame_shapes
     unknown = [s.path for s, hw in zip(samples, shapes) if known is not None and not known.knows(*hw)]
     if unknown:  # scored all the same: the test set is the user's to choose, but a worker would not judge them
@@ -96,7 +97,7 @@ def evaluate(engine: Engine, data_root: Path, overlays: Path | None = None, log=
     scores, predicted = scores_t.cpu().numpy(), engine.masks(fused_t, scores_t).cpu().numpy()
     results = {"category": category, "bundle": bundle.manifest["id"], "test_images": len(samples),
                # what was scored: a test set whose images or masks changed gives other figures
-               "data": {"root": str(Path(data_root).absolute()), "fingerprint": dataset.fingerprint(samples)},
+               "data": {"root": str(Path(data_root).absolute()), "fingerprint": tested},
                "image_size": size, "image_score": bundle.image_score,
                "backend": engine.backend, "precision": engine.precision, "device": engine.describe(),
                **metrics_for(fused, regions, labels, scores)}
