@@ -253,7 +253,8 @@ def train_cmd(category, data_root, out, scales, students, epochs, image_size, de
 @click.option("--lambda-c", default=1.0, show_default=True, help="Weight of the compactness loss.")
 @click.option("--lambda-m", default=0.0, show_default=True, help="Weight of the triplet (metric learning) loss.")
 @click.option("--margin", default=1.0, show_default=True, help="Triplet margin delta.")
-@click.option("--seed", default=0, show_default=True, help="Seeds everything random: initialization, the photos' order, the windows, patches and triplets drawn.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seeds everything random: initialization, the photos' order, the windows, patches and triplets drawn.")
 @click.option("--replace-shipped", is_flag=True,
               help="Allow --out to be the shipped default teachers' folder, which every training without "
                    "--teachers uses (to remake them, as their model card does).")

@@ -21,9 +21,10 @@ Two kinds of distillation target P(p) (`--target`):
 - `dense`: P's mid-level feature maps (strides 8 and 16) of the whole natural image, enlarged by
   DENSE_RF / p first so that the stride-8 features' receptive field (about 67 px) spans about a
   p x p patch, brought back to the image's pixels; P's feature at a pixel is the target of the patch
-  whose part the network reads is centred on it (patchnet.Geometry). T^ then trains in its dense (FDFE) form on windows of the images, which yields
-  a descriptor per pixel at a fraction of the per-patch cost (p=17: about 6 MFLOP against 160 per
-  descriptor), so a CPU budget covers far more of the images. Targets are standardized per channel
+  whose part the network reads is centred on it (patchnet.Geometry). T^ then trains in its dense
+  (FDFE) form on windows of the images, which yields a descriptor per pixel at a fraction of the
+  per-patch cost (p=17: about 6 MFLOP against 160 per descriptor), so a CPU budget covers far more
+  of the images. Targets are standardized per channel
   so that every channel of P weighs the same (mean and std of the first pool of images). The maps are
   computed once per image, as it comes into the image pool (teacher_images: a folder of any size
   streams through a pool of bounded memory).
